@@ -1,0 +1,28 @@
+"""umi — memory for LLM agents, as an embedded Python library."""
+
+from importlib.metadata import PackageNotFoundError as _PNF
+from importlib.metadata import version as _version
+
+from .errors import *  # noqa: F401,F403
+from .errors import __all__ as _errors_all
+from .options import MemoryConfig, RecallOptions, RememberOptions
+from .types import Entity, EntityType, EvolutionRelation, EvolutionType, RememberResult, Usage
+
+try:
+    __version__ = _version("umi")
+except _PNF:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "__version__",
+    *_errors_all,
+    "Entity",
+    "EntityType",
+    "EvolutionRelation",
+    "EvolutionType",
+    "RememberResult",
+    "Usage",
+    "MemoryConfig",
+    "RememberOptions",
+    "RecallOptions",
+]

@@ -1,0 +1,243 @@
+"""The umi exception tree.
+
+Every error umi raises on purpose is a :class:`UmiError`. Messages say what was
+wrong and what the limit is; lower-level exceptions are chained with
+``raise ... from exc``. Wrong *types* (an int where ``bytes`` is expected) raise
+the builtin :class:`TypeError`, as Python does.
+
+::
+
+    UmiError
+    ├── ValidationError                (also a ValueError)
+    │   ├── EmptyTextError
+    │   ├── TextTooLongError           .limit, .actual
+    │   ├── EmptyQueryError
+    │   ├── InvalidLimitError          .limit, .actual
+    │   ├── InvalidLabelError          .label
+    │   ├── InvalidKeyError            .key
+    │   ├── ValueTooLargeError         .limit, .actual
+    │   ├── InvalidTTLError            .limit, .actual
+    │   ├── InvalidImportanceError     .actual
+    │   ├── InvalidConfidenceError     .actual
+    │   ├── InvalidEntityTypeError     .actual
+    │   ├── InvalidEvolutionTypeError  .actual
+    │   ├── InvalidFilterError
+    │   └── InvalidConfigError
+    ├── CapacityError
+    │   ├── CoreMemoryFullError        .over_by, .limit
+    │   └── WorkingMemoryFullError     .over_by, .limit, .key
+    ├── StorageError
+    │   ├── StorageLockedError         .path
+    │   └── SchemaVersionError         .found, .supported
+    ├── EmbeddingError
+    └── ProviderError                  .status, .request_id, .provider
+        ├── ProviderTimeoutError
+        ├── RateLimitError
+        ├── InvalidResponseError
+        └── ProviderNotInstalledError  .extra
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "UmiError",
+    "ValidationError",
+    "EmptyTextError",
+    "TextTooLongError",
+    "EmptyQueryError",
+    "InvalidLimitError",
+    "InvalidLabelError",
+    "InvalidKeyError",
+    "ValueTooLargeError",
+    "InvalidTTLError",
+    "InvalidImportanceError",
+    "InvalidConfidenceError",
+    "InvalidEntityTypeError",
+    "InvalidEvolutionTypeError",
+    "InvalidFilterError",
+    "InvalidConfigError",
+    "CapacityError",
+    "CoreMemoryFullError",
+    "WorkingMemoryFullError",
+    "StorageError",
+    "StorageLockedError",
+    "SchemaVersionError",
+    "EmbeddingError",
+    "ProviderError",
+    "ProviderTimeoutError",
+    "RateLimitError",
+    "InvalidResponseError",
+    "ProviderNotInstalledError",
+]
+
+
+class UmiError(Exception):
+    """Root of every error umi raises on purpose."""
+
+
+# --- validation -------------------------------------------------------------
+
+
+class ValidationError(UmiError, ValueError):
+    """An argument was out of range or malformed. Nothing was changed."""
+
+
+class EmptyTextError(ValidationError):
+    """Text to remember was empty or only whitespace."""
+
+
+class TextTooLongError(ValidationError):
+    def __init__(self, message: str, *, limit: int, actual: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.actual = actual
+
+
+class EmptyQueryError(ValidationError):
+    """A recall query was empty or only whitespace."""
+
+
+class InvalidLimitError(ValidationError):
+    def __init__(self, message: str, *, limit: tuple[int, int] | int, actual: object) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.actual = actual
+
+
+class InvalidLabelError(ValidationError):
+    def __init__(self, message: str, *, label: object = None) -> None:
+        super().__init__(message)
+        self.label = label
+
+
+class InvalidKeyError(ValidationError):
+    def __init__(self, message: str, *, key: object = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class ValueTooLargeError(ValidationError):
+    def __init__(self, message: str, *, limit: int, actual: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.actual = actual
+
+
+class InvalidTTLError(ValidationError):
+    def __init__(self, message: str, *, limit: float, actual: object) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.actual = actual
+
+
+class InvalidImportanceError(ValidationError):
+    def __init__(self, message: str, *, actual: object = None) -> None:
+        super().__init__(message)
+        self.actual = actual
+
+
+class InvalidConfidenceError(ValidationError):
+    def __init__(self, message: str, *, actual: object = None) -> None:
+        super().__init__(message)
+        self.actual = actual
+
+
+class InvalidEntityTypeError(ValidationError):
+    def __init__(self, message: str, *, actual: object = None) -> None:
+        super().__init__(message)
+        self.actual = actual
+
+
+class InvalidEvolutionTypeError(ValidationError):
+    def __init__(self, message: str, *, actual: object = None) -> None:
+        super().__init__(message)
+        self.actual = actual
+
+
+class InvalidFilterError(ValidationError):
+    """A search filter was malformed (e.g. a non-scalar metadata value)."""
+
+
+class InvalidConfigError(ValidationError):
+    """A configuration value was out of range."""
+
+
+# --- capacity ---------------------------------------------------------------
+
+
+class CapacityError(UmiError):
+    """A bounded memory tier is full. Nothing was changed."""
+
+
+class CoreMemoryFullError(CapacityError):
+    def __init__(self, message: str, *, over_by: int, limit: int) -> None:
+        super().__init__(message)
+        self.over_by = over_by
+        self.limit = limit
+
+
+class WorkingMemoryFullError(CapacityError):
+    def __init__(self, message: str, *, over_by: int, limit: int, key: str | None = None) -> None:
+        super().__init__(message)
+        self.over_by = over_by
+        self.limit = limit
+        self.key = key
+
+
+# --- storage / providers ----------------------------------------------------
+
+
+class StorageError(UmiError):
+    """The storage backend failed. A failed write leaves nothing half-written."""
+
+
+class StorageLockedError(StorageError):
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class SchemaVersionError(StorageError):
+    def __init__(self, message: str, *, found: int, supported: int) -> None:
+        super().__init__(message)
+        self.found = found
+        self.supported = supported
+
+
+class EmbeddingError(UmiError):
+    """An embedding provider failed or returned unusable vectors."""
+
+
+class ProviderError(UmiError):
+    """An LLM or embedding provider call failed after its retries."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        request_id: str | None = None,
+        provider: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.request_id = request_id
+        self.provider = provider
+
+
+class ProviderTimeoutError(ProviderError):
+    """The provider did not answer within the timeout."""
+
+
+class RateLimitError(ProviderError):
+    """Rate-limited (429) or overloaded (529) past ``max_retries``."""
+
+
+class InvalidResponseError(ProviderError):
+    """The provider answered, but not with output matching the requested schema."""
+
+
+class ProviderNotInstalledError(ProviderError):
+    def __init__(self, message: str, *, extra: str) -> None:
+        super().__init__(message)
+        self.extra = extra

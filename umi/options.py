@@ -1,0 +1,223 @@
+"""Configuration and per-call options.
+
+All three are immutable. Build them with keywords (``RecallOptions(limit=5)``) or
+with chainable methods that return a new object (``RecallOptions().with_limit(5)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Mapping
+
+from .errors import InvalidConfigError, InvalidImportanceError, InvalidLimitError
+from .types import EntityType, MetadataValue, validate_metadata
+
+__all__ = [
+    "MemoryConfig",
+    "RememberOptions",
+    "RecallOptions",
+    "TEXT_BYTES_MAX",
+    "RECALL_LIMIT_MIN",
+    "RECALL_LIMIT_MAX",
+]
+
+TEXT_BYTES_MAX = 100_000
+RECALL_LIMIT_MIN = 1
+RECALL_LIMIT_MAX = 100
+
+
+def check_limit(limit: object) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise TypeError(f"limit must be an int, not {type(limit).__name__}")
+    if not (RECALL_LIMIT_MIN <= limit <= RECALL_LIMIT_MAX):
+        raise InvalidLimitError(
+            f"limit must be between {RECALL_LIMIT_MIN} and {RECALL_LIMIT_MAX}, got {limit}",
+            limit=(RECALL_LIMIT_MIN, RECALL_LIMIT_MAX),
+            actual=limit,
+        )
+    return limit
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Sizes and knobs of a :class:`umi.Memory`. Every field is honoured."""
+
+    core_memory_bytes: int = 32 * 1024
+    working_memory_bytes: int = 1 << 20
+    working_memory_entries: int = 10_000
+    working_memory_ttl: timedelta = timedelta(hours=1)
+    recall_limit: int = 10
+    text_bytes_max: int = TEXT_BYTES_MAX
+    #: candidates per new entity considered for evolution (same name + nearest vectors)
+    evolution_candidates: int = 5
+    #: vectors nearer than this (cosine) are evolution candidates even with another name
+    evolution_similarity: float = 0.80
+    #: below this many vectors the exact kernel is used instead of HNSW
+    hnsw_threshold: int = 20_000
+    #: reciprocal rank fusion constant
+    rrf_k: int = 60
+    #: auto deep search: a question whose best fused score is under this runs the deep path
+    deep_search_threshold: float = 0.025
+    embedding_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        def rng(name: str, lo: float, hi: float) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo <= v <= hi) or (
+                isinstance(v, float) and math.isnan(v)
+            ):
+                raise InvalidConfigError(f"MemoryConfig.{name} must be in [{lo}, {hi}], got {v!r}")
+
+        rng("core_memory_bytes", 1024, 16 * 1024 * 1024)
+        rng("working_memory_bytes", 1024, 1 << 30)
+        rng("working_memory_entries", 1, 10_000_000)
+        rng("recall_limit", RECALL_LIMIT_MIN, RECALL_LIMIT_MAX)
+        rng("text_bytes_max", 1, TEXT_BYTES_MAX)
+        rng("evolution_candidates", 0, 100)
+        rng("evolution_similarity", 0.0, 1.0)
+        rng("hnsw_threshold", 0, 1 << 31)
+        rng("rrf_k", 1, 10_000)
+        rng("deep_search_threshold", 0.0, 1.0)
+        rng("embedding_batch_size", 1, 4096)
+        ttl = self.working_memory_ttl
+        if isinstance(ttl, (int, float)) and not isinstance(ttl, bool):
+            object.__setattr__(self, "working_memory_ttl", timedelta(seconds=ttl))
+        elif not isinstance(ttl, timedelta):
+            raise TypeError("working_memory_ttl must be a timedelta or seconds")
+        secs = self.working_memory_ttl.total_seconds()
+        if not (0 < secs <= 7 * 86400):
+            raise InvalidConfigError(f"working_memory_ttl must be in (0, 7 days], got {secs} s")
+
+    def _with(self, **kw: Any) -> "MemoryConfig":
+        return dataclasses.replace(self, **kw)
+
+    def with_core_memory_bytes(self, n: int) -> "MemoryConfig":
+        return self._with(core_memory_bytes=n)
+
+    def with_working_memory_bytes(self, n: int) -> "MemoryConfig":
+        return self._with(working_memory_bytes=n)
+
+    def with_working_memory_entries(self, n: int) -> "MemoryConfig":
+        return self._with(working_memory_entries=n)
+
+    def with_working_memory_ttl(self, ttl: timedelta | float) -> "MemoryConfig":
+        return self._with(working_memory_ttl=ttl)
+
+    def with_recall_limit(self, n: int) -> "MemoryConfig":
+        return self._with(recall_limit=n)
+
+    def with_hnsw_threshold(self, n: int) -> "MemoryConfig":
+        return self._with(hnsw_threshold=n)
+
+
+def _check_importance(x: object) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"importance must be a float in [0, 1], not {type(x).__name__}")
+    if not (0.0 <= float(x) <= 1.0):
+        raise InvalidImportanceError(f"importance must be in [0, 1], got {x!r}", actual=x)
+    return float(x)
+
+
+@dataclass(frozen=True)
+class RememberOptions:
+    extract_entities: bool = True
+    generate_embeddings: bool = True
+    detect_evolutions: bool = True
+    importance: float = 0.5
+    metadata: Mapping[str, MetadataValue] | None = None
+    event_time: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "importance", _check_importance(self.importance))
+        if self.metadata is not None:
+            object.__setattr__(self, "metadata", validate_metadata(self.metadata))
+        if self.event_time is not None and (
+            isinstance(self.event_time, bool) or not isinstance(self.event_time, int)
+        ):
+            raise TypeError("event_time must be int milliseconds since the epoch")
+
+    def without_extraction(self) -> "RememberOptions":
+        return dataclasses.replace(self, extract_entities=False)
+
+    def without_evolution(self) -> "RememberOptions":
+        return dataclasses.replace(self, detect_evolutions=False)
+
+    def without_embeddings(self) -> "RememberOptions":
+        return dataclasses.replace(self, generate_embeddings=False)
+
+    def with_embeddings(self) -> "RememberOptions":
+        return dataclasses.replace(self, generate_embeddings=True)
+
+    def with_importance(self, importance: float) -> "RememberOptions":
+        return dataclasses.replace(self, importance=importance)
+
+    def with_metadata(self, metadata: Mapping[str, MetadataValue]) -> "RememberOptions":
+        return dataclasses.replace(self, metadata=metadata)
+
+    def with_event_time(self, event_time_ms: int) -> "RememberOptions":
+        return dataclasses.replace(self, event_time=event_time_ms)
+
+
+@dataclass(frozen=True)
+class RecallOptions:
+    limit: int | None = None
+    use_vector_search: bool = True
+    deep_search: bool | None = None
+    entity_types: tuple[EntityType, ...] | None = None
+    time_range: tuple[int | None, int | None] | None = None
+    metadata: Mapping[str, MetadataValue] | None = None
+    include_superseded: bool = False
+    as_of: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.limit is not None:
+            check_limit(self.limit)
+        if self.entity_types is not None:
+            if isinstance(self.entity_types, (str, EntityType)):
+                types: Any = (self.entity_types,)
+            else:
+                types = self.entity_types
+            object.__setattr__(self, "entity_types", tuple(EntityType.parse(t) for t in types))
+        if self.time_range is not None:
+            tr = tuple(self.time_range)
+            if len(tr) != 2 or any(
+                v is not None and (isinstance(v, bool) or not isinstance(v, int)) for v in tr
+            ):
+                raise TypeError("time_range must be (start_ms | None, end_ms | None)")
+            if tr[0] is not None and tr[1] is not None and tr[0] > tr[1]:
+                raise InvalidConfigError(f"time_range start {tr[0]} is after end {tr[1]}")
+            object.__setattr__(self, "time_range", tr)
+        if self.metadata is not None:
+            object.__setattr__(self, "metadata", validate_metadata(self.metadata, what="metadata filter"))
+        if self.as_of is not None and (isinstance(self.as_of, bool) or not isinstance(self.as_of, int)):
+            raise TypeError("as_of must be int milliseconds since the epoch")
+
+    def with_limit(self, limit: int) -> "RecallOptions":
+        return dataclasses.replace(self, limit=limit)
+
+    def with_deep_search(self) -> "RecallOptions":
+        return dataclasses.replace(self, deep_search=True)
+
+    def fast_only(self) -> "RecallOptions":
+        return dataclasses.replace(self, deep_search=False)
+
+    def without_vector_search(self) -> "RecallOptions":
+        return dataclasses.replace(self, use_vector_search=False)
+
+    def with_time_range(self, start_ms: int | None, end_ms: int | None) -> "RecallOptions":
+        return dataclasses.replace(self, time_range=(start_ms, end_ms))
+
+    def with_entity_types(self, *types: EntityType | str) -> "RecallOptions":
+        return dataclasses.replace(self, entity_types=tuple(types))
+
+    def with_metadata(self, metadata: Mapping[str, MetadataValue]) -> "RecallOptions":
+        return dataclasses.replace(self, metadata=metadata)
+
+    def with_superseded(self) -> "RecallOptions":
+        return dataclasses.replace(self, include_superseded=True)
+
+    def with_as_of(self, as_of_ms: int) -> "RecallOptions":
+        return dataclasses.replace(self, as_of=as_of_ms)

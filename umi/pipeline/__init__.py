@@ -1,0 +1,1 @@
+"""Pure pipeline logic: extraction, retrieval, evolution. No I/O of its own."""

@@ -1,0 +1,384 @@
+"""Archival memory's value types: entities, evolution relations, results.
+
+An :class:`Entity` is one fact about one named thing. Its id is a UUIDv5 of its
+type, normalised name and normalised content, so the same fact told twice is one
+entity and a new fact about the same name is a new one.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+import time
+import unicodedata
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Union
+
+import numpy as np
+
+from .errors import (
+    InvalidConfidenceError,
+    InvalidEntityTypeError,
+    InvalidEvolutionTypeError,
+    InvalidFilterError,
+    InvalidImportanceError,
+    ValidationError,
+)
+
+__all__ = [
+    "EntityType",
+    "EvolutionType",
+    "Entity",
+    "EvolutionRelation",
+    "RememberResult",
+    "Usage",
+    "MetadataValue",
+    "UMI_NAMESPACE",
+    "normalize_name",
+    "normalize_content",
+    "entity_id_for",
+    "now_ms",
+    "validate_metadata",
+]
+
+#: Namespace of every id umi derives (UUIDv5). Fixed forever: changing it changes every id.
+UMI_NAMESPACE = uuid.UUID("6d1f3c2e-5b0a-5c8e-9f4e-0a7b1c2d3e4f")
+
+ENTITY_NAME_BYTES_MAX = 512
+ENTITY_CONTENT_BYTES_MAX = 100_000
+
+MetadataValue = Union[str, int, float, bool, None]
+
+
+class EntityType(str, enum.Enum):
+    SELF = "self"
+    PERSON = "person"
+    ORGANIZATION = "organization"
+    PROJECT = "project"
+    TOPIC = "topic"
+    LOCATION = "location"
+    EVENT = "event"
+    NOTE = "note"
+    TASK = "task"
+
+    @classmethod
+    def parse(cls, value: "EntityType | str") -> "EntityType":
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, str):
+            raise TypeError(f"entity type must be an EntityType or str, not {type(value).__name__}")
+        try:
+            return cls(value.strip().lower())
+        except ValueError:
+            allowed = ", ".join(t.value for t in cls)
+            raise InvalidEntityTypeError(
+                f"unknown entity type {value!r}; expected one of: {allowed}", actual=value
+            ) from None
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class EvolutionType(str, enum.Enum):
+    UPDATE = "update"
+    EXTEND = "extend"
+    DERIVE = "derive"
+    CONTRADICT = "contradict"
+
+    @classmethod
+    def parse(cls, value: "EvolutionType | str") -> "EvolutionType":
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, str):
+            raise TypeError(
+                f"evolution type must be an EvolutionType or str, not {type(value).__name__}"
+            )
+        try:
+            return cls(value.strip().lower())
+        except ValueError:
+            allowed = ", ".join(t.value for t in cls)
+            raise InvalidEvolutionTypeError(
+                f"unknown evolution type {value!r}; expected one of: {allowed}", actual=value
+            ) from None
+
+    @property
+    def supersedes(self) -> bool:
+        """``update`` and ``contradict`` retire the older fact; ``extend``/``derive`` keep both."""
+        return self in (EvolutionType.UPDATE, EvolutionType.CONTRADICT)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_WS = re.compile(r"\s+")
+
+
+def normalize_name(name: str) -> str:
+    """NFKC, case-folded, whitespace collapsed: 'Alice  Smith' == 'alice smith'."""
+    return _WS.sub(" ", unicodedata.normalize("NFKC", name)).strip().casefold()
+
+
+def normalize_content(content: str) -> str:
+    """As :func:`normalize_name`, and trailing sentence punctuation ignored."""
+    return normalize_name(content).rstrip(" .!;")
+
+
+def entity_id_for(entity_type: EntityType | str, name: str, content: str) -> str:
+    et = EntityType.parse(entity_type)
+    key = f"{et.value}\x1f{normalize_name(name)}\x1f{normalize_content(content)}"
+    return str(uuid.uuid5(UMI_NAMESPACE, key))
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _check_unit(value: float, what: str, exc: type[ValidationError]) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a float in [0, 1], not {type(value).__name__}")
+    v = float(value)
+    if not (0.0 <= v <= 1.0) or math.isnan(v):
+        raise exc(f"{what} must be in [0, 1], got {value!r}", actual=value)  # type: ignore[call-arg]
+    return v
+
+
+def validate_metadata(metadata: Mapping[str, Any] | None, *, what: str = "metadata") -> dict[str, MetadataValue]:
+    """Return a copy of ``metadata`` after checking it is a flat str -> scalar mapping.
+
+    Dicts, lists and operator-looking keys (``$gt``) are rejected: metadata is for
+    equality filters, and a value that looks like a query operator is an injection attempt.
+    """
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"{what} must be a dict of str -> scalar, not {type(metadata).__name__}")
+    out: dict[str, MetadataValue] = {}
+    for k, v in metadata.items():
+        if not isinstance(k, str) or not k or len(k.encode()) > 128:
+            raise InvalidFilterError(f"{what} keys must be non-empty str of at most 128 bytes, got {k!r}")
+        if k.startswith("$") or any(c in k for c in "\"'`;\\\x00"):
+            raise InvalidFilterError(f"{what} key {k!r} contains characters that are not allowed")
+        if v is not None and not isinstance(v, (str, int, float, bool)):
+            raise InvalidFilterError(
+                f"{what}[{k!r}] must be a scalar (str, int, float, bool or None), "
+                f"not {type(v).__name__}"
+            )
+        if isinstance(v, float) and not math.isfinite(v):
+            raise InvalidFilterError(f"{what}[{k!r}] must be finite, got {v!r}")
+        out[k] = v
+    return out
+
+
+@dataclass(eq=False)
+class Entity:
+    """One fact about one named thing.
+
+    ``id`` is derived (UUIDv5 of type, normalised name, normalised content) unless given.
+    Times are integer milliseconds since the Unix epoch. ``valid_to`` is set when a
+    newer fact updates or contradicts this one; the entity is kept, never deleted.
+    ``score`` is filled in by ``recall`` (the fused retrieval score).
+    """
+
+    entity_type: EntityType
+    name: str
+    content: str
+    metadata: dict[str, MetadataValue] = field(default_factory=dict)
+    embedding: np.ndarray | None = None
+    importance: float = 0.5
+    confidence: float = 1.0
+    created_at: int = -1
+    updated_at: int = -1
+    event_time: int | None = None
+    valid_from: int | None = None
+    valid_to: int | None = None
+    source_id: str | None = None
+    id: str = ""
+    score: float | None = None
+
+    def __post_init__(self) -> None:
+        self.entity_type = EntityType.parse(self.entity_type)
+        for what in ("name", "content"):
+            v = getattr(self, what)
+            if not isinstance(v, str):
+                raise TypeError(f"Entity.{what} must be str, not {type(v).__name__}")
+        if not self.name.strip():
+            raise ValidationError("Entity.name must not be empty")
+        if len(self.name.encode()) > ENTITY_NAME_BYTES_MAX:
+            raise ValidationError(f"Entity.name is {len(self.name.encode())} bytes; the limit is {ENTITY_NAME_BYTES_MAX}")
+        if len(self.content.encode()) > ENTITY_CONTENT_BYTES_MAX:
+            raise ValidationError(
+                f"Entity.content is {len(self.content.encode())} bytes; the limit is {ENTITY_CONTENT_BYTES_MAX}"
+            )
+        self.metadata = validate_metadata(self.metadata)
+        self.importance = _check_unit(self.importance, "importance", InvalidImportanceError)
+        self.confidence = _check_unit(self.confidence, "confidence", InvalidConfidenceError)
+        if self.embedding is not None:
+            emb = np.ascontiguousarray(self.embedding, dtype=np.float32)
+            if emb.ndim != 1 or emb.size == 0 or not np.all(np.isfinite(emb)):
+                raise ValidationError("Entity.embedding must be a non-empty 1-d finite float vector")
+            self.embedding = emb
+        if self.created_at < 0:
+            self.created_at = now_ms()
+        if self.updated_at < 0:
+            self.updated_at = self.created_at
+        if self.valid_from is None:
+            self.valid_from = self.event_time if self.event_time is not None else self.created_at
+        if not self.id:
+            self.id = entity_id_for(self.entity_type, self.name, self.content)
+
+    @property
+    def is_current(self) -> bool:
+        return self.valid_to is None
+
+    def is_valid_at(self, t_ms: int) -> bool:
+        vf = self.valid_from if self.valid_from is not None else self.created_at
+        return self.created_at <= t_ms and vf <= t_ms and (self.valid_to is None or t_ms < self.valid_to)
+
+    def text_for_embedding(self) -> str:
+        return f"{self.name}: {self.content}"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Entity):
+            return NotImplemented
+        same_emb = (self.embedding is None and other.embedding is None) or (
+            self.embedding is not None
+            and other.embedding is not None
+            and self.embedding.shape == other.embedding.shape
+            and bool(np.array_equal(self.embedding, other.embedding))
+        )
+        return same_emb and all(
+            getattr(self, f) == getattr(other, f)
+            for f in (
+                "id", "entity_type", "name", "content", "metadata", "importance", "confidence",
+                "created_at", "updated_at", "event_time", "valid_from", "valid_to", "source_id",
+            )
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def to_dict(self, *, with_embedding: bool = False) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "id": self.id,
+            "entity_type": self.entity_type.value,
+            "name": self.name,
+            "content": self.content,
+            "metadata": dict(self.metadata),
+            "importance": self.importance,
+            "confidence": self.confidence,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "event_time": self.event_time,
+            "valid_from": self.valid_from,
+            "valid_to": self.valid_to,
+            "source_id": self.source_id,
+        }
+        if self.score is not None:
+            d["score"] = self.score
+        if with_embedding and self.embedding is not None:
+            d["embedding"] = [float(x) for x in self.embedding]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Entity":
+        emb = d.get("embedding")
+        return cls(
+            entity_type=d["entity_type"],
+            name=d["name"],
+            content=d["content"],
+            metadata=dict(d.get("metadata") or {}),
+            embedding=None if emb is None else np.asarray(emb, dtype=np.float32),
+            importance=d.get("importance", 0.5),
+            confidence=d.get("confidence", 1.0),
+            created_at=d.get("created_at", -1),
+            updated_at=d.get("updated_at", -1),
+            event_time=d.get("event_time"),
+            valid_from=d.get("valid_from"),
+            valid_to=d.get("valid_to"),
+            source_id=d.get("source_id"),
+            id=d.get("id", ""),
+        )
+
+
+@dataclass(eq=True)
+class EvolutionRelation:
+    """``source`` is the older entity, ``target`` the newer; never the same."""
+
+    source_id: str
+    target_id: str
+    evolution_type: EvolutionType
+    reason: str = ""
+    confidence: float = 1.0
+    id: str = ""
+    created_at: int = -1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source_id, str) or not isinstance(self.target_id, str):
+            raise TypeError("source_id and target_id must be str")
+        if not self.source_id or not self.target_id:
+            raise ValidationError("source_id and target_id must not be empty")
+        if self.source_id == self.target_id:
+            raise ValidationError(
+                f"an evolution relation links two different entities; source and target are both {self.source_id}"
+            )
+        self.evolution_type = EvolutionType.parse(self.evolution_type)
+        if not isinstance(self.reason, str):
+            raise TypeError(f"reason must be str, not {type(self.reason).__name__}")
+        self.confidence = _check_unit(self.confidence, "confidence", InvalidConfidenceError)
+        if self.created_at < 0:
+            self.created_at = now_ms()
+        if not self.id:
+            key = f"rel\x1f{self.source_id}\x1f{self.target_id}\x1f{self.evolution_type.value}"
+            self.id = str(uuid.uuid5(UMI_NAMESPACE, key))
+
+    @property
+    def type(self) -> EvolutionType:
+        return self.evolution_type
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "source_id": self.source_id,
+            "target_id": self.target_id,
+            "evolution_type": self.evolution_type.value,
+            "reason": self.reason,
+            "confidence": self.confidence,
+            "created_at": self.created_at,
+        }
+
+
+@dataclass
+class Usage:
+    """Tokens spent by provider calls (added up over one ``remember``/``recall``)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    calls: int = 0
+
+    def add(self, other: "Usage") -> None:
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        self.cache_read_input_tokens += other.cache_read_input_tokens
+        self.cache_creation_input_tokens += other.cache_creation_input_tokens
+        self.calls += other.calls
+
+
+@dataclass
+class RememberResult:
+    entities: list[Entity] = field(default_factory=list)
+    evolutions: list[EvolutionRelation] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    source_id: str | None = None
+    duplicate: bool = False
+    usage: Usage = field(default_factory=Usage)
+
+    @property
+    def entity_count(self) -> int:
+        return len(self.entities)
+
+    @property
+    def has_evolutions(self) -> bool:
+        return bool(self.evolutions)
