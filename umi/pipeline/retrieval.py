@@ -1,0 +1,104 @@
+"""Retrieval logic: query analysis, reciprocal rank fusion, the deep-search rule, rule rewrites.
+
+Deep search rule (``RecallOptions(deep_search=None)``, the default): run the deep
+path when the query is a *question* (ends with '?', or starts with a question word
+or auxiliary) **and** the fast path answered weakly: fewer results than asked for,
+or a best fused score under ``MemoryConfig.deep_search_threshold`` (0.025 by
+default). With k=60, a result ranked first by one signal scores 1/61 ≈ 0.016 and
+one ranked first by two signals ≈ 0.033, so the default threshold means "no result
+was agreed on by two signals".
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Sequence
+
+from .extraction import _name_spans
+
+__all__ = ["rrf_fuse", "is_question", "needs_deep_search", "rule_rewrite", "query_names"]
+
+_QWORDS = frozenset(
+    "who whom whose what which when where why how is are was were do does did can could should would "
+    "will has have had".split()
+)
+_STOP = frozenset(
+    "a an the is are was were be been being do does did of in on at to for from with by about as and or "
+    "who whom whose what which when where why how can could should would will has have had me my i you "
+    "your it its this that there their they them he she his her we our us any some tell know".split()
+)
+_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'\-]*")
+SYNONYMS = {
+    "job": ["works", "work"],
+    "work": ["works", "job"],
+    "works": ["work", "job"],
+    "employer": ["works at", "company"],
+    "company": ["works at", "organization"],
+    "live": ["lives", "moved"],
+    "lives": ["live", "moved"],
+    "home": ["lives", "moved"],
+    "married": ["wife", "husband", "spouse"],
+    "pet": ["dog", "cat"],
+    "like": ["likes", "loves", "prefers"],
+    "likes": ["loves", "prefers"],
+    "favorite": ["likes", "loves", "prefers"],
+}
+
+
+def is_question(query: str) -> bool:
+    q = query.strip()
+    if q.endswith("?"):
+        return True
+    first = q.split(maxsplit=1)[0].lower() if q else ""
+    return first in _QWORDS
+
+
+def query_names(query: str) -> list[str]:
+    """Capitalised name spans in the query, in order, without repeats."""
+    seen: list[str] = []
+    for _, _, name in _name_spans(query):
+        if name not in seen:
+            seen.append(name)
+    return seen
+
+
+def rrf_fuse(ranked: Iterable[Sequence[str]], k: int = 60) -> list[tuple[str, float]]:
+    """Reciprocal rank fusion: score(id) = Σ 1 / (k + rank). Ties break by id."""
+    scores: dict[str, float] = {}
+    for ids in ranked:
+        for rank, id_ in enumerate(ids, start=1):
+            scores[id_] = scores.get(id_, 0.0) + 1.0 / (k + rank)
+    return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def needs_deep_search(query: str, fused: Sequence[tuple[str, float]], limit: int, threshold: float) -> bool:
+    if not is_question(query):
+        return False
+    return len(fused) < limit or not fused or fused[0][1] < threshold
+
+
+def rule_rewrite(query: str) -> list[str]:
+    """2–4 variants of a query without an LLM: keywords, names, synonyms, statement form."""
+    words = _WORD.findall(query)
+    keywords = [w for w in words if w.lower() not in _STOP]
+    variants: list[str] = []
+
+    def add(v: str) -> None:
+        v = " ".join(v.split())
+        if v and v.lower() != query.strip().lower() and v.lower() not in (x.lower() for x in variants):
+            variants.append(v)
+
+    add(" ".join(keywords))
+    names = query_names(query)
+    if names:
+        add(" ".join(names))
+    syn: list[str] = []
+    for w in keywords:
+        syn.extend(SYNONYMS.get(w.lower(), []))
+    if syn:
+        add(" ".join(names + syn))
+    if len(variants) < 2:
+        add(query.strip().rstrip("?"))
+    if len(variants) < 2:
+        add(" ".join(w.lower() for w in keywords) + " facts")
+    return variants[:4]
