@@ -5,7 +5,9 @@ from importlib.metadata import version as _version
 
 from .errors import *  # noqa: F401,F403
 from .errors import __all__ as _errors_all
+from .memory import Memory, MemoryBuilder
 from .options import MemoryConfig, RecallOptions, RememberOptions
+from .providers.sim import SimEmbeddingProvider, SimLLMProvider
 from .types import Entity, EntityType, EvolutionRelation, EvolutionType, RememberResult, Usage
 
 try:
@@ -22,6 +24,10 @@ __all__ = [
     "EvolutionType",
     "RememberResult",
     "Usage",
+    "Memory",
+    "MemoryBuilder",
+    "SimLLMProvider",
+    "SimEmbeddingProvider",
     "MemoryConfig",
     "RememberOptions",
     "RecallOptions",

@@ -1,0 +1,122 @@
+"""The recall pipeline.
+
+Fast path: vector top-k + BM25 top-k + exact name match, fused by reciprocal rank
+fusion, with filters applied inside each search. Deep path (asked for, or by the
+rule in :mod:`umi.pipeline.retrieval`): the query is rewritten into 2–4 variants
+(LLM, or rules when there is none), each searched the fast way, and every list is
+fused together. Results carry their fused score; ties break by id.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+
+from ..errors import EmptyQueryError, ProviderError, UmiError
+from ..options import RecallOptions, check_limit
+from ..storage.base import SearchFilters
+from ..types import Entity, Usage
+from . import schemas
+from .context import PipelineContext
+from .retrieval import needs_deep_search, query_names, rrf_fuse, rule_rewrite
+
+__all__ = ["validate_query", "recall", "filters_for"]
+
+log = logging.getLogger("umi.recall")
+QUERY_BYTES_MAX = 10_000
+
+
+def validate_query(query: object) -> str:
+    if not isinstance(query, str):
+        raise TypeError(f"query must be str, not {type(query).__name__}")
+    if not query.strip():
+        raise EmptyQueryError("recall query is empty or only whitespace")
+    n = len(query.encode("utf-8"))
+    if n > QUERY_BYTES_MAX:
+        from ..errors import TextTooLongError
+
+        raise TextTooLongError(f"query is {n} UTF-8 bytes; the limit is {QUERY_BYTES_MAX}",
+                               limit=QUERY_BYTES_MAX, actual=n)
+    return query
+
+
+def filters_for(opts: RecallOptions) -> SearchFilters:
+    return SearchFilters(
+        entity_types=opts.entity_types,
+        time_range=opts.time_range,
+        metadata=opts.metadata,
+        include_superseded=opts.include_superseded,
+        as_of=opts.as_of,
+    )
+
+
+def _ranked_lists(ctx: PipelineContext, query: str, qvec: np.ndarray | None, filters: SearchFilters,
+                  k: int) -> list[list[str]]:
+    """The three fast-path signals for one query, each a ranked id list."""
+    lists: list[list[str]] = []
+    if qvec is not None:
+        lists.append([i for i, _ in ctx.storage.search_vector(qvec, k, filters)])
+    lists.append([i for i, _ in ctx.storage.search_text(query, k, filters)])
+    named: list[Entity] = []
+    for name in query_names(query):
+        named.extend(ctx.storage.find_by_name(name, filters=filters))
+    named.sort(key=lambda e: (-e.created_at, e.id))
+    lists.append(list(dict.fromkeys(e.id for e in named))[:k])
+    return lists
+
+
+async def _embed_queries(ctx: PipelineContext, queries: list[str], opts: RecallOptions) -> list[np.ndarray | None]:
+    if not opts.use_vector_search or ctx.embedder is None or ctx.storage.dim is None:
+        return [None] * len(queries)
+    try:
+        vecs = await ctx.embed(queries, "query")
+    except UmiError as exc:
+        log.warning("query embedding failed, recalling by keywords and names only: %s", exc)
+        return [None] * len(queries)
+    if vecs.shape[1] != ctx.storage.dim:
+        log.warning("embedder dim %d differs from stored dim %d; vector search skipped", vecs.shape[1], ctx.storage.dim)
+        return [None] * len(queries)
+    return list(vecs)
+
+
+async def recall(ctx: PipelineContext, query: str, opts: RecallOptions) -> list[Entity]:
+    limit = check_limit(opts.limit) if opts.limit is not None else ctx.config.recall_limit
+    filters = filters_for(opts)
+    k = max(limit * 3, 20)
+    (qvec,) = await _embed_queries(ctx, [query], opts)
+    lists = await ctx.io(_ranked_lists, ctx, query, qvec, filters, k)
+    fused = rrf_fuse(lists, ctx.config.rrf_k)
+
+    deep = opts.deep_search
+    if deep is None:
+        deep = needs_deep_search(query, fused, limit, ctx.config.deep_search_threshold)
+    if deep:
+        variants: list[str] = []
+        if ctx.llm is not None:
+            try:
+                data = await ctx.ask("rewrite_query", schemas.rewrite_prompt(query), Usage())
+                variants = [v for v in data.get("queries", []) if isinstance(v, str) and v.strip()][:4]
+            except ProviderError as exc:
+                log.warning("query rewriting failed, using rule rewrites: %s", exc)
+        if not variants:
+            variants = rule_rewrite(query)
+        variants = [v for v in dict.fromkeys(variants) if v.strip().lower() != query.strip().lower()]
+        if variants:
+            vvecs = await _embed_queries(ctx, variants, opts)
+            for v, vv in zip(variants, vvecs):
+                lists.extend(await ctx.io(_ranked_lists, ctx, v, vv, filters, k))
+            fused = rrf_fuse(lists, ctx.config.rrf_k)
+
+    top = fused[:limit]
+    ents = await ctx.io(ctx.storage.get_many, [i for i, _ in top])
+    by_id = {e.id: e for e in ents}
+    out: list[Entity] = []
+    for id_, score in top:
+        e = by_id.get(id_)
+        if e is not None:
+            e = copy.copy(e)  # never mutate a backend's cached object
+            e.score = score
+            out.append(e)
+    return out
