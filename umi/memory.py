@@ -115,7 +115,8 @@ class Memory:
         self.storage = storage
         self.clock = clock
         seconds = clock if clock is not None else time.time
-        self._now_ms = _Clock(lambda: seconds() * 1000.0)
+        exact_ms = getattr(clock, "now_ms", None)  # a SimClock keeps integer ms: no float round trip
+        self._now_ms = _Clock(exact_ms if callable(exact_ms) else (lambda: round(seconds() * 1000.0)))
         self.core: CoreMemory = CoreMemory(max_bytes=config.core_memory_bytes)
         self.working: WorkingMemory = WorkingMemory(
             max_bytes=config.working_memory_bytes,

@@ -1,0 +1,230 @@
+"""bench_memory: what a Memory costs end to end, against chromadb on the same vectors.
+
+Measures, in one run:
+
+* remember throughput, per call through ``Memory.remember_sync``: raw notes
+  (``without_extraction``) and with Sim extraction + evolution detection, on the
+  embedded DuckDB store, with the Sim embedder (its cost is shown separately, and
+  the local e5 embedder's texts/s is shown beside it, since that is what the
+  embedded default pays per text);
+* bulk ingest rows/s excluding embedding: umi's storage ``upsert`` (DuckDB, Arrow bulk
+  path, index and keyword postings kept in step) against chromadb's ``collection.add``
+  (embedded, persistent, hnswlib-based), same precomputed 384-d vectors and texts;
+* recall latency p50/p95 at 10k and 100k stored memories through ``Memory.recall_sync``
+  (vector + BM25 + name match, fused, hydrated), with the query embedding excluded
+  (query vectors are precomputed; their embedding time is shown separately), against
+  chromadb ``collection.query`` (vector only) on the same vectors.
+
+Vectors come from the Sim embedder (token-hashed, 384-d), computed once per text.
+``--full`` adds nothing yet beyond 100k; ``--sizes 10000`` runs a subset.
+Results: a table on stdout and JSON in benchmarks/results/bench_memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import umi
+from umi import Entity, RecallOptions, RememberOptions
+from umi.providers.base import EmbeddingProvider
+
+RESULTS = Path(__file__).parent / "results"
+FIRST = "Alice Bob Carol Dan Erin Frank Grace Heidi Ivan Judy Kim Liam Mia Noah Olga Pete Quinn Rosa Sam Tina".split()
+ORGS = "Acme Initech Globex Hooli Umbrella Stark Wayne Wonka Cyberdyne Soylent".split()
+CITIES = "Berlin Paris Lisbon Munich Oslo Madrid Rome Vienna Prague Dublin".split()
+HOBBIES = "chess climbing violin painting running sailing baking cycling poetry gardening".split()
+
+
+def corpus(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        p = f"{rng.choice(FIRST)}{i}"
+        kind = i % 3
+        if kind == 0:
+            out.append(f"{p} works at {rng.choice(ORGS)} Corp as an engineer")
+        elif kind == 1:
+            out.append(f"{p} lives in {rng.choice(CITIES)} and enjoys {rng.choice(HOBBIES)}")
+        else:
+            out.append(f"{p} is learning {rng.choice(HOBBIES)} with {rng.choice(FIRST)}")
+    return out
+
+
+class PrecomputedEmbedder(EmbeddingProvider):
+    """Serves vectors computed ahead of time, so timings exclude embedding."""
+
+    name = "precomputed"
+
+    def __init__(self, table: dict[str, np.ndarray], dim: int) -> None:
+        self.table, self.dim = table, dim
+
+    def embed(self, texts, *, kind="passage"):
+        return np.stack([self.table[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def time_remember(n: int, extract: bool, sim_emb: umi.SimEmbeddingProvider, tmp: str) -> dict:
+    texts = corpus(n, seed=1 if extract else 2)
+    with umi.Memory(os.path.join(tmp, f"rem{int(extract)}.duckdb"), llm=umi.SimLLMProvider(1),
+                    embedder=sim_emb) as m:
+        opts = RememberOptions() if extract else RememberOptions().without_extraction()
+        t0 = time.perf_counter()
+        for t in texts:
+            m.remember_sync(t, opts)
+        dt = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for t in texts:  # what the Sim embedder alone costs for the same texts
+        sim_emb.embed([t])
+    emb = time.perf_counter() - t0
+    return {"texts": n, "per_s": n / dt, "per_s_excl_embedding": n / max(1e-9, dt - emb),
+            "embed_share": emb / dt}
+
+
+def local_embedder_speed(texts: list[str]) -> dict:
+    try:
+        from umi.providers.local import LocalEmbeddingProvider
+    except ImportError:
+        return {}
+    e = LocalEmbeddingProvider(cache_size=0)
+    t0 = time.perf_counter()
+    e.embed(texts[:8])
+    load = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    e.embed(texts, kind="passage")
+    return {"texts_per_s": len(texts) / (time.perf_counter() - t0), "first_call_s": load}
+
+
+def build_umi(n: int, texts: list[str], vecs: np.ndarray, tmp: str, table: dict) -> tuple[umi.Memory, float]:
+    from umi.storage.duckdb import DuckDBStorageBackend
+
+    st = DuckDBStorageBackend.connect(os.path.join(tmp, f"umi{n}.duckdb"), dim=vecs.shape[1])
+    ents = [Entity("note", t.split()[0], t, embedding=vecs[i], created_at=1_700_000_000_000 + i)
+            for i, t in enumerate(texts)]
+    t0 = time.perf_counter()
+    for i in range(0, n, 5000):
+        with st.transaction():
+            st.upsert(ents[i : i + 5000])
+    dt = time.perf_counter() - t0
+    m = umi.Memory(storage=st, embedder=PrecomputedEmbedder(table, vecs.shape[1]))
+    return m, n / dt
+
+
+def build_chroma(n: int, texts: list[str], vecs: np.ndarray, tmp: str):
+    import chromadb
+
+    client = chromadb.PersistentClient(path=os.path.join(tmp, f"chroma{n}"))
+    col = client.create_collection(f"bench{n}", metadata={"hnsw:space": "cosine"})
+    ids = [f"id{i}" for i in range(n)]
+    t0 = time.perf_counter()
+    step = 5000
+    for i in range(0, n, step):
+        col.add(ids=ids[i : i + step], embeddings=vecs[i : i + step], documents=texts[i : i + step],
+                metadatas=[{"entity_type": "note"}] * len(ids[i : i + step]))
+    return col, n / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="10000,100000")
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--remember-n", type=int, default=500)
+    ap.add_argument("--no-chroma", action="store_true")
+    args = ap.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    sim = umi.SimEmbeddingProvider(0, 384)
+    res: dict = {"machine": {"python": sys.version.split()[0], "cpus": os.cpu_count(), "platform": platform.platform()}}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="umi-bench-") as tmp:
+        raw = time_remember(args.remember_n, False, sim, tmp)
+        ext = time_remember(args.remember_n, True, sim, tmp)
+        res["remember"] = {"raw_note": raw, "sim_extraction": ext}
+        rows.append(("remember(), raw note (per call)", f"{raw['per_s']:.0f}/s", f"{raw['per_s_excl_embedding']:.0f}/s excl. Sim embedding", ""))
+        rows.append(("remember(), Sim extraction + evolution", f"{ext['per_s']:.0f}/s", f"{ext['per_s_excl_embedding']:.0f}/s excl. Sim embedding", ""))
+        local = local_embedder_speed(corpus(256, seed=9))
+        if local:
+            res["local_embedder"] = local
+            rows.append(("local e5 embedder (passages)", f"{local['texts_per_s']:.0f} texts/s", "the embedded default's ingest ceiling", ""))
+
+        for n in sizes:
+            texts = corpus(n, seed=3)
+            t0 = time.perf_counter()
+            vecs = sim.embed(texts)
+            emb_rate = n / (time.perf_counter() - t0)
+            rng = random.Random(5)
+            queries = []
+            for _ in range(args.queries):
+                t = texts[rng.randrange(n)].split()
+                queries.append(" ".join(t[2:5]) + " " + t[0][:-1])
+            qt0 = time.perf_counter()
+            qv = sim.embed(queries, kind="query")
+            q_embed_ms = (time.perf_counter() - qt0) / len(queries) * 1e3
+            table = {q: qv[i] for i, q in enumerate(queries)}
+            m, umi_ingest = build_umi(n, texts, vecs, tmp, table)
+            opts = RecallOptions(limit=10, deep_search=False)
+            for q in queries[:10]:
+                m.recall_sync(q, opts)
+            lat = []
+            for q in queries:
+                t0 = time.perf_counter()
+                m.recall_sync(q, opts)
+                lat.append((time.perf_counter() - t0) * 1e3)
+            st = m.storage
+            vlat = []
+            for i in range(len(queries)):
+                t0 = time.perf_counter()
+                hits = st.search_vector(qv[i], 10)
+                st.get_many([h for h, _ in hits])
+                vlat.append((time.perf_counter() - t0) * 1e3)
+            m.close()
+            r = {"n": n, "umi_ingest_rows_s": umi_ingest, "sim_embed_texts_s": emb_rate,
+                 "query_embed_ms": q_embed_ms,
+                 "umi_recall_p50_ms": pct(lat, 50), "umi_recall_p95_ms": pct(lat, 95),
+                 "umi_vector_hydrate_p50_ms": pct(vlat, 50), "umi_vector_hydrate_p95_ms": pct(vlat, 95)}
+            if not args.no_chroma:
+                col, chroma_ingest = build_chroma(n, texts, vecs, tmp)
+                for i in range(10):
+                    col.query(query_embeddings=qv[i : i + 1], n_results=10)
+                clat = []
+                for i in range(len(queries)):
+                    t0 = time.perf_counter()
+                    col.query(query_embeddings=qv[i : i + 1], n_results=10)
+                    clat.append((time.perf_counter() - t0) * 1e3)
+                r.update({"chroma_ingest_rows_s": chroma_ingest, "chroma_query_p50_ms": pct(clat, 50),
+                          "chroma_query_p95_ms": pct(clat, 95)})
+            res[f"n{n}"] = r
+            chroma_i = f"{r['chroma_ingest_rows_s']:.0f} rows/s" if "chroma_ingest_rows_s" in r else "-"
+            rows.append((f"bulk ingest excl. embedding, {n:,}", f"{umi_ingest:.0f} rows/s", f"chromadb {chroma_i}",
+                         f"{umi_ingest / r['chroma_ingest_rows_s']:.1f}x" if "chroma_ingest_rows_s" in r else ""))
+            cq = (f"chromadb vector-only p50 {r['chroma_query_p50_ms']:.2f} / p95 {r['chroma_query_p95_ms']:.2f} ms"
+                  if "chroma_query_p50_ms" in r else "-")
+            rows.append((f"recall p50/p95 excl. query embedding, {n:,}",
+                         f"{r['umi_recall_p50_ms']:.2f} / {r['umi_recall_p95_ms']:.2f} ms", cq, ""))
+            rows.append((f"  of which vector search + hydrate, {n:,}",
+                         f"{r['umi_vector_hydrate_p50_ms']:.3f} / {r['umi_vector_hydrate_p95_ms']:.3f} ms",
+                         f"query embedding (Sim) {q_embed_ms:.3f} ms", ""))
+    w = [max(len(str(r[i])) for r in rows) for i in range(4)]
+    print(f"{'measure':<{w[0]}}  {'umi':<{w[1]}}  {'compared with':<{w[2]}}  ratio")
+    for r in rows:
+        print(f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:<{w[2]}}  {r[3]}")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "bench_memory.json").write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
