@@ -22,7 +22,8 @@ the builtin :class:`TypeError`, as Python does.
     │   ├── InvalidEntityTypeError     .actual
     │   ├── InvalidEvolutionTypeError  .actual
     │   ├── InvalidFilterError
-    │   └── InvalidConfigError
+    │   ├── InvalidConfigError
+    │   └── NotAnIntegerError          .key
     ├── CapacityError
     │   ├── CoreMemoryFullError        .over_by, .limit
     │   └── WorkingMemoryFullError     .over_by, .limit, .key
@@ -56,6 +57,7 @@ __all__ = [
     "InvalidEvolutionTypeError",
     "InvalidFilterError",
     "InvalidConfigError",
+    "NotAnIntegerError",
     "CapacityError",
     "CoreMemoryFullError",
     "WorkingMemoryFullError",
@@ -160,6 +162,15 @@ class InvalidFilterError(ValidationError):
 
 class InvalidConfigError(ValidationError):
     """A configuration value was out of range."""
+
+
+class NotAnIntegerError(ValidationError):
+    """``WorkingMemory.incr`` met a value that is not a signed 64-bit ASCII decimal
+    integer, or its result would leave that range."""
+
+    def __init__(self, message: str, *, key: object = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 # --- capacity ---------------------------------------------------------------
