@@ -1,0 +1,361 @@
+#include "umi_core.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+static const char *const KNOWN[UMI_CORE_N_KNOWN] = {"system", "persona", "human",
+                                                    "facts",  "goals",   "scratch"};
+
+static const char XML_HEAD[] = "<core_memory>\n";
+static const char XML_TAIL[] = "</core_memory>";
+static const char MD_HEAD[] = "# Core Memory\n";
+
+static int label_eq(const void *ctx, uint32_t id, const char *key, size_t len) {
+    const umi_core *c = (const umi_core *)ctx;
+    const umi_block *b = &c->blocks[id];
+    return b->label_len == len && memcmp(b->label, key, len) == 0;
+}
+
+int umi_core_label_ok(const char *label, size_t len) {
+    if (len == 0 || len > UMI_CORE_LABEL_BYTES_MAX) return 0;
+    for (size_t i = 0; i < len; i++) {
+        unsigned char ch = (unsigned char)label[i];
+        int ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+                 ch == '_' || ch == '.' || ch == '-';
+        if (!ok) return 0;
+    }
+    return 1;
+}
+
+static int known_index(const char *label, size_t len) {
+    for (int i = 0; i < UMI_CORE_N_KNOWN; i++) {
+        if (strlen(KNOWN[i]) == len && memcmp(KNOWN[i], label, len) == 0) return i;
+    }
+    return -1;
+}
+
+umi_rc umi_core_init(umi_core *c, uint64_t max_bytes, uint64_t max_tokens, uint64_t seed) {
+    memset(c, 0, sizeof(*c));
+    umi_arena_init(&c->arena, max_bytes);
+    for (int i = 0; i < UMI_CORE_N_KNOWN; i++) c->known[i] = UMI_ID_NONE;
+    c->max_tokens = max_tokens;
+    c->seed = seed;
+    return umi_hindex_init(&c->index, 16);
+}
+
+static void drop_fragments(umi_block *b) {
+    for (int f = 0; f < 2; f++) {
+        free(b->frag[f]);
+        b->frag[f] = NULL;
+        b->frag_len[f] = 0;
+    }
+}
+
+static void drop_all_fragments(umi_core *c) {
+    for (uint32_t id = 0; id < c->arena.next_id && id < c->blocks_cap; id++) {
+        drop_fragments(&c->blocks[id]);
+    }
+}
+
+void umi_core_free(umi_core *c) {
+    drop_all_fragments(c);
+    umi_arena_free(&c->arena);
+    umi_hindex_free(&c->index);
+    free(c->blocks);
+    free(c->others);
+    free(c->out);
+    c->blocks = NULL;
+    c->others = NULL;
+    c->out = NULL;
+    c->blocks_cap = c->others_cap = c->n_others = c->out_cap = 0;
+}
+
+void umi_core_clear(umi_core *c) {
+    drop_all_fragments(c);
+    umi_arena_clear(&c->arena);
+    umi_hindex_clear(&c->index);
+    for (int i = 0; i < UMI_CORE_N_KNOWN; i++) c->known[i] = UMI_ID_NONE;
+    c->n_others = 0;
+    c->used_tokens = 0;
+    c->version++;
+}
+
+uint32_t umi_core_find(const umi_core *c, const char *label, size_t llen) {
+    uint64_t h = umi_hash_bytes(label, llen, c->seed);
+    return umi_hindex_find(&c->index, h, label, llen, label_eq, c);
+}
+
+static umi_rc grow_blocks(umi_core *c, size_t n) {
+    if (n <= c->blocks_cap) return UMI_OK;
+    umi_block *nb = (umi_block *)realloc(c->blocks, n * sizeof(umi_block));
+    if (!nb) return UMI_ERR_NOMEM;
+    memset(nb + c->blocks_cap, 0, (n - c->blocks_cap) * sizeof(umi_block));
+    c->blocks = nb;
+    c->blocks_cap = n;
+    return UMI_OK;
+}
+
+static umi_rc grow_others(umi_core *c, size_t n) {
+    if (n <= c->others_cap) return UMI_OK;
+    size_t nc = c->others_cap ? c->others_cap * 2 : 16;
+    while (nc < n) nc *= 2;
+    uint32_t *no = (uint32_t *)realloc(c->others, nc * sizeof(uint32_t));
+    if (!no) return UMI_ERR_NOMEM;
+    c->others = no;
+    c->others_cap = nc;
+    return UMI_OK;
+}
+
+umi_rc umi_core_set(umi_core *c, const char *label, size_t llen, const char *content,
+                    size_t clen, double importance, const char *importance_text,
+                    uint64_t tokens, umi_err_detail *err) {
+    if (!umi_core_label_ok(label, llen)) return UMI_ERR_INVALID;
+    if (strlen(importance_text) >= UMI_CORE_IMPORTANCE_CHARS) return UMI_ERR_INVALID;
+    uint64_t h = umi_hash_bytes(label, llen, c->seed);
+    uint32_t id = umi_hindex_find(&c->index, h, label, llen, label_eq, c);
+    int exists = id != UMI_ID_NONE;
+    umi_arena *a = &c->arena;
+
+    /* Budgets first (pure checks), then every allocation, then the change. */
+    uint64_t old_bytes = exists ? umi_arena_len(a, id) : 0;
+    uint64_t need_bytes = a->used_bytes - old_bytes + clen;
+    if (need_bytes > a->max_bytes) {
+        err->over_by = need_bytes - a->max_bytes;
+        err->limit = a->max_bytes;
+        return UMI_ERR_BYTES_FULL;
+    }
+    uint64_t old_tokens = exists ? c->blocks[id].tokens : 0;
+    uint64_t need_tokens = c->used_tokens - old_tokens + tokens;
+    if (c->max_tokens && need_tokens > c->max_tokens) {
+        err->over_by = need_tokens - c->max_tokens;
+        err->limit = c->max_tokens;
+        return UMI_ERR_TOKENS_FULL;
+    }
+    int known = known_index(label, llen);
+    umi_rc rc = umi_arena_reserve(a, !exists, clen);
+    if (rc != UMI_OK) return rc;
+    rc = grow_blocks(c, a->rec_cap);
+    if (rc != UMI_OK) return rc;
+    if (!exists) {
+        rc = umi_hindex_reserve(&c->index, 1);
+        if (rc != UMI_OK) return rc;
+        if (known < 0) {
+            rc = grow_others(c, c->n_others + 1);
+            if (rc != UMI_OK) return rc;
+        }
+    }
+
+    if (exists) {
+        rc = umi_arena_resize(a, id, clen, 0, err);
+        if (rc != UMI_OK) return rc; /* unreachable: budget and space checked */
+    } else {
+        rc = umi_arena_alloc(a, clen, 0, &id, err);
+        if (rc != UMI_OK) return rc; /* unreachable: budget and space checked */
+        umi_block *nb = &c->blocks[id];
+        memcpy(nb->label, label, llen);
+        nb->label_len = (uint32_t)llen;
+        nb->known = known;
+        nb->hash = h;
+        umi_hindex_insert(&c->index, h, id);
+        if (known >= 0) c->known[known] = id;
+        else c->others[c->n_others++] = id;
+    }
+    umi_block *b = &c->blocks[id];
+    memcpy(umi_arena_data(a, id), content, clen);
+    b->importance = importance;
+    strcpy(b->importance_text, importance_text);
+    b->tokens = tokens;
+    c->used_tokens = need_tokens;
+    drop_fragments(b);
+    c->version++;
+    return UMI_OK;
+}
+
+int umi_core_remove(umi_core *c, const char *label, size_t llen) {
+    uint32_t id = umi_core_find(c, label, llen);
+    if (id == UMI_ID_NONE) return 0;
+    umi_block *b = &c->blocks[id];
+    umi_hindex_remove(&c->index, b->hash, id);
+    if (b->known >= 0) {
+        c->known[b->known] = UMI_ID_NONE;
+    } else {
+        size_t i = 0;
+        while (c->others[i] != id) i++;
+        memmove(c->others + i, c->others + i + 1, (c->n_others - i - 1) * sizeof(uint32_t));
+        c->n_others--;
+    }
+    c->used_tokens -= b->tokens;
+    drop_fragments(b);
+    umi_arena_release(&c->arena, id);
+    c->version++;
+    return 1;
+}
+
+void umi_core_order(const umi_core *c, uint32_t *out) {
+    size_t n = 0;
+    for (int i = 0; i < UMI_CORE_N_KNOWN; i++) {
+        if (c->known[i] != UMI_ID_NONE) out[n++] = c->known[i];
+    }
+    for (size_t i = 0; i < c->n_others; i++) out[n++] = c->others[i];
+}
+
+/* --- escaping ---------------------------------------------------------- */
+
+size_t umi_escape_xml(const char *s, size_t n, char *out) {
+    size_t o = 0;
+    size_t run = 0; /* start of the pending run of plain bytes */
+    for (size_t i = 0; i < n; i++) {
+        const char *rep;
+        size_t rlen;
+        switch (s[i]) {
+            case '&': rep = "&amp;"; rlen = 5; break;
+            case '<': rep = "&lt;"; rlen = 4; break;
+            case '>': rep = "&gt;"; rlen = 4; break;
+            default: continue;
+        }
+        if (out) {
+            memcpy(out + o, s + run, i - run);
+            memcpy(out + o + (i - run), rep, rlen);
+        }
+        o += (i - run) + rlen;
+        run = i + 1;
+    }
+    if (out) memcpy(out + o, s + run, n - run);
+    return o + (n - run);
+}
+
+/* A line (starting at j, after its indentation) that is only a run of c and
+ * then spaces or tabs: a setext heading underline when c is '=' or '-'. */
+static int underline_rest(const char *s, size_t j, size_t n, char c) {
+    size_t k = j;
+    while (k < n && s[k] == c) k++;
+    while (k < n && (s[k] == ' ' || s[k] == '\t')) k++;
+    return k == n || s[k] == '\n' || s[k] == '\r';
+}
+
+/* Markdown cannot be escaped as cleanly as XML. What matters is that content
+ * cannot start a heading (ATX '#', or a setext '==='/'---' underline turning
+ * the line above into one) or open a block that swallows the headings after
+ * it (a ``` or ~~~ fence, a raw HTML block). So at the start of every line,
+ * after up to three spaces, a backslash goes before '#', '`', '~', '<', and
+ * before the first character of a line that is a run of '=' or '-'. Lines end
+ * at '\n' or '\r', as in CommonMark. */
+size_t umi_escape_markdown(const char *s, size_t n, char *out) {
+    size_t o = 0;
+    size_t i = 0;
+    while (i < n) {
+        /* i is at the start of a line. */
+        size_t j = i;
+        while (j < n && j - i < 3 && s[j] == ' ') j++;
+        int esc = 0;
+        if (j < n) {
+            char c = s[j];
+            esc = c == '#' || c == '`' || c == '~' || c == '<' ||
+                  ((c == '=' || c == '-') && underline_rest(s, j, n, c));
+        }
+        size_t end = j;
+        while (end < n && s[end] != '\n' && s[end] != '\r') end++;
+        if (end < n) end++; /* include the line ending */
+        if (esc) {
+            if (out) {
+                memcpy(out + o, s + i, j - i);
+                out[o + (j - i)] = '\\';
+                memcpy(out + o + (j - i) + 1, s + j, end - j);
+            }
+            o += (end - i) + 1;
+        } else {
+            if (out) memcpy(out + o, s + i, end - i);
+            o += end - i;
+        }
+        i = end;
+    }
+    return o;
+}
+
+/* --- render ------------------------------------------------------------ */
+
+static umi_rc build_fragment(umi_core *c, uint32_t id, umi_core_format fmt) {
+    umi_block *b = &c->blocks[id];
+    size_t clen;
+    const char *content = umi_core_content(c, id, &clen);
+    size_t body, len;
+    char *p;
+    if (fmt == UMI_CORE_XML) {
+        /* <block label="L" importance="I">\nBODY\n</block>\n */
+        static const char a1[] = "<block label=\"", a2[] = "\" importance=\"", a3[] = "\">\n",
+                          a4[] = "\n</block>\n";
+        size_t ilen = strlen(b->importance_text);
+        body = umi_escape_xml(content, clen, NULL);
+        len = (sizeof a1 - 1) + b->label_len + (sizeof a2 - 1) + ilen + (sizeof a3 - 1) + body +
+              (sizeof a4 - 1);
+        p = (char *)malloc(len ? len : 1);
+        if (!p) return UMI_ERR_NOMEM;
+        size_t o = 0;
+        memcpy(p + o, a1, sizeof a1 - 1); o += sizeof a1 - 1;
+        memcpy(p + o, b->label, b->label_len); o += b->label_len;
+        memcpy(p + o, a2, sizeof a2 - 1); o += sizeof a2 - 1;
+        memcpy(p + o, b->importance_text, ilen); o += ilen;
+        memcpy(p + o, a3, sizeof a3 - 1); o += sizeof a3 - 1;
+        o += umi_escape_xml(content, clen, p + o);
+        memcpy(p + o, a4, sizeof a4 - 1);
+    } else {
+        /* \n## L\n\nBODY\n */
+        static const char m1[] = "\n## ", m2[] = "\n\n", m3[] = "\n";
+        body = umi_escape_markdown(content, clen, NULL);
+        len = (sizeof m1 - 1) + b->label_len + (sizeof m2 - 1) + body + (sizeof m3 - 1);
+        p = (char *)malloc(len);
+        if (!p) return UMI_ERR_NOMEM;
+        size_t o = 0;
+        memcpy(p + o, m1, sizeof m1 - 1); o += sizeof m1 - 1;
+        memcpy(p + o, b->label, b->label_len); o += b->label_len;
+        memcpy(p + o, m2, sizeof m2 - 1); o += sizeof m2 - 1;
+        o += umi_escape_markdown(content, clen, p + o);
+        memcpy(p + o, m3, sizeof m3 - 1);
+    }
+    b->frag[fmt] = p;
+    b->frag_len[fmt] = len;
+    return UMI_OK;
+}
+
+umi_rc umi_core_render(umi_core *c, umi_core_format fmt, const char **out, size_t *len) {
+    if (fmt != UMI_CORE_XML && fmt != UMI_CORE_MARKDOWN) return UMI_ERR_INVALID;
+    const char *head = fmt == UMI_CORE_XML ? XML_HEAD : MD_HEAD;
+    const char *tail = fmt == UMI_CORE_XML ? XML_TAIL : "";
+    size_t head_len = strlen(head), tail_len = strlen(tail);
+    size_t total = head_len + tail_len;
+
+    /* Walk the render order directly (no scratch array). */
+    for (int pass = 0; pass < 2; pass++) {
+        size_t o = head_len;
+        if (pass == 1) {
+            if (total > c->out_cap) {
+                size_t nc = c->out_cap ? c->out_cap : 256;
+                while (nc < total) nc *= 2;
+                char *nb = (char *)realloc(c->out, nc);
+                if (!nb) return UMI_ERR_NOMEM;
+                c->out = nb;
+                c->out_cap = nc;
+            }
+            memcpy(c->out, head, head_len);
+        }
+        for (size_t k = 0; k < UMI_CORE_N_KNOWN + c->n_others; k++) {
+            uint32_t id = k < UMI_CORE_N_KNOWN ? c->known[k] : c->others[k - UMI_CORE_N_KNOWN];
+            if (id == UMI_ID_NONE) continue;
+            umi_block *b = &c->blocks[id];
+            if (pass == 0) {
+                if (!b->frag[fmt]) {
+                    umi_rc rc = build_fragment(c, id, fmt);
+                    if (rc != UMI_OK) return rc;
+                }
+                total += b->frag_len[fmt];
+            } else {
+                memcpy(c->out + o, b->frag[fmt], b->frag_len[fmt]);
+                o += b->frag_len[fmt];
+            }
+        }
+        if (pass == 1) memcpy(c->out + o, tail, tail_len);
+    }
+    *out = c->out;
+    *len = total;
+    return UMI_OK;
+}
