@@ -7,6 +7,7 @@ from .errors import *  # noqa: F401,F403
 from .errors import __all__ as _errors_all
 from .memory import Memory, MemoryBuilder
 from .options import MemoryConfig, RecallOptions, RememberOptions
+from .providers.local import LocalEmbeddingProvider
 from .providers.sim import SimEmbeddingProvider, SimLLMProvider
 from .types import Entity, EntityType, EvolutionRelation, EvolutionType, RememberResult, Usage
 
@@ -28,6 +29,7 @@ __all__ = [
     "MemoryBuilder",
     "SimLLMProvider",
     "SimEmbeddingProvider",
+    "LocalEmbeddingProvider",
     "MemoryConfig",
     "RememberOptions",
     "RecallOptions",
