@@ -29,7 +29,8 @@ the builtin :class:`TypeError`, as Python does.
     │   └── WorkingMemoryFullError     .over_by, .limit, .key
     ├── StorageError
     │   ├── StorageLockedError         .path
-    │   └── SchemaVersionError         .found, .supported
+    │   ├── SchemaVersionError         .found, .supported
+    │   └── IndexCacheError            .path
     ├── EmbeddingError
     └── ProviderError                  .status, .request_id, .provider
         ├── ProviderTimeoutError
@@ -64,6 +65,7 @@ __all__ = [
     "StorageError",
     "StorageLockedError",
     "SchemaVersionError",
+    "IndexCacheError",
     "EmbeddingError",
     "ProviderError",
     "ProviderTimeoutError",
@@ -213,6 +215,17 @@ class SchemaVersionError(StorageError):
         super().__init__(message)
         self.found = found
         self.supported = supported
+
+
+class IndexCacheError(StorageError):
+    """A saved vector index is missing, truncated, corrupt or for another dimension.
+
+    The index is a cache of the store: the caller rebuilds it from the store.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class EmbeddingError(UmiError):

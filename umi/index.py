@@ -1,0 +1,691 @@
+"""VectorIndex: an in-process cosine index, exact (numba) when small, HNSW (hnswlib) when large.
+
+The index is a *cache* of the durable store: ids and L2-normalised float32 vectors
+live in one ``(capacity, dim)`` array addressed by integer *slots*, and every search
+result is scored exactly from that array.
+
+Path selection (``search`` / ``search_many``), with ``eligible`` the number of live
+slots the mask lets through (all live slots when there is no mask):
+
+* **exact** — the fused numba scan (:mod:`umi.kernels`) when ``len(index) <
+  hnsw_threshold``, or when the mask is selective: ``eligible < hnsw_threshold`` or
+  ``eligible < EXACT_SELECTIVITY * len(index)`` (10 %). A masked scan only reads the
+  rows it lets through, so it costs about ``eligible`` rows, while a filtered HNSW
+  walk visits about ``1 / selectivity`` times more nodes and loses recall.
+* **hnsw** — otherwise. Without a mask, hnswlib returns ``k`` candidates. With a
+  mask, it over-fetches ``k * len / eligible * 2`` candidates (bounded by
+  ``len``) and keeps those the mask allows; if that leaves fewer than ``k``, it asks
+  again with hnswlib's filter callback, and falls back to the exact scan if hnswlib
+  still cannot fill ``k``. Candidates are re-scored exactly from the stored vectors.
+
+Results are ``(id, cosine)`` ordered by score descending, then id ascending; on the
+exact path the selection itself honours that order at a tie on the k-th score.
+
+Slots: a new id takes the lowest free slot (slots freed by :meth:`remove` are reused,
+so ``capacity`` stays bounded by the peak number of live ids); re-adding an existing
+id keeps its slot. In the HNSW graph a slot's label is the slot number; a removed
+slot is ``mark_deleted`` and, when reused, hnswlib updates that node in place.
+
+The graph is built lazily, the first time a search needs it (or by
+:meth:`build_graph`), from the live slots in slot order with one thread, and is kept
+up to date incrementally afterwards (``add_items``/``mark_deleted``, one thread). One
+thread makes construction deterministic: the same adds in the same order with the
+same ``seed`` give the same graph and the same results.
+
+Persistence: :meth:`save` writes ``path`` (header, ids, vectors, CRC-32) and, when
+the graph is built, a sibling ``<path>.<token>.hnsw`` that the header names together
+with its size and CRC-32; each file is written to a temp file in the same directory,
+fsynced and ``os.replace``-d, the graph first, so a crash leaves either the old pair
+or the new pair. :meth:`load` verifies everything and raises
+:class:`umi.errors.IndexCacheError` on any mismatch; the caller then rebuilds from
+the store. A graph that was not saved is rebuilt lazily after load.
+
+A :class:`VectorIndex` guards itself with a lock: calls from several threads are
+serialised.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import struct
+import threading
+import zlib
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import kernels
+from .errors import IndexCacheError, InvalidConfigError, InvalidLimitError, ValidationError
+
+__all__ = ["VectorIndex", "EXACT_SELECTIVITY", "INDEX_DIM_MAX", "SEARCH_K_MAX"]
+
+#: masks letting through less than this fraction of the live vectors use the exact scan
+EXACT_SELECTIVITY = 0.10
+
+#: largest ``k`` a search accepts
+SEARCH_K_MAX = 10_000
+
+#: largest vector dimension accepted
+INDEX_DIM_MAX = 65_536
+
+_MAGIC = b"UMIVIDX\x01"
+_END = b"UMIVEND\x01"
+_FORMAT_VERSION = 1
+_MIN_GROW = 64
+_CHUNK = 1 << 24  # bytes per read when checksumming
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if value < lo or (hi is not None and value > hi):
+        bound = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise InvalidConfigError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def _normalise_rows(vectors: np.ndarray, what: str) -> np.ndarray:
+    """float32 copy with unit rows; rejects non-finite values and zero rows."""
+    if not np.all(np.isfinite(vectors)):
+        bad = int(np.argwhere(~np.isfinite(vectors))[0][0]) if vectors.ndim == 2 else 0
+        raise ValidationError(f"{what} must be finite; row {bad} has NaN or inf")
+    v64 = vectors.astype(np.float64, copy=False)
+    norms = np.sqrt(np.einsum("ij,ij->i", v64, v64))
+    zero = np.flatnonzero(norms == 0.0)
+    if zero.size:
+        raise ValidationError(f"{what} must be non-zero to be normalised; row {int(zero[0])} is all zeros")
+    return np.ascontiguousarray((v64 / norms[:, None]).astype(np.float32))
+
+
+class VectorIndex:
+    """Cosine top-k over string ids; see the module docstring for paths, slots and files."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        hnsw_threshold: int = 20_000,
+        M: int = 16,
+        ef_construction: int = 200,
+        ef_search: int = 128,
+        seed: int = 0,
+    ) -> None:
+        self.dim = _check_int("dim", dim, 1, INDEX_DIM_MAX)
+        self.hnsw_threshold = _check_int("hnsw_threshold", hnsw_threshold, 0)
+        self.M = _check_int("M", M, 2, 1024)
+        self.ef_construction = _check_int("ef_construction", ef_construction, 1)
+        self.ef_search = _check_int("ef_search", ef_search, 1)
+        self.seed = _check_int("seed", seed, 0, 2**31 - 1)
+        self._lock = threading.RLock()
+        self._vectors = np.zeros((0, self.dim), np.float32)
+        self._live = np.zeros(0, np.bool_)
+        self._ids: list[str | None] = []  # slot -> id; len == high-water mark
+        self._slot: dict[str, int] = {}
+        self._free: list[int] = []  # freed slots, kept sorted descending (pop() = lowest)
+        self._graph: Any = None  # hnswlib.Index once built
+        self._in_graph = np.zeros(0, np.bool_)  # slot has a node (live or deleted) in the graph
+
+    # --- size ---------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._slot)
+
+    @property
+    def capacity(self) -> int:
+        """Slots allocated; valid slot ids are ``0 .. capacity - 1`` and masks are at least this long."""
+        return int(self._vectors.shape[0])
+
+    @property
+    def graph_built(self) -> bool:
+        return self._graph is not None
+
+    def __repr__(self) -> str:
+        return (
+            f"VectorIndex(dim={self.dim}, len={len(self)}, capacity={self.capacity}, "
+            f"hnsw_threshold={self.hnsw_threshold}, graph_built={self.graph_built})"
+        )
+
+    # --- validation -----------------------------------------------------------
+    @staticmethod
+    def _check_ids(ids: Sequence[str]) -> list[str]:
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+            raise TypeError(f"ids must be a sequence of str, got {type(ids).__name__}")
+        out = list(ids)
+        for i in out:
+            if not isinstance(i, str):
+                raise TypeError(f"every id must be a str, got {type(i).__name__}")
+            if not i:
+                raise ValidationError("ids must be non-empty strings")
+        return out
+
+    def _check_matrix(self, vectors: Any, what: str) -> np.ndarray:
+        if not isinstance(vectors, np.ndarray):
+            raise TypeError(f"{what} must be a numpy array, got {type(vectors).__name__}")
+        if not np.issubdtype(vectors.dtype, np.floating):
+            raise TypeError(f"{what} must have a float dtype, got {vectors.dtype}")
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ValidationError(f"{what} must have shape (n, {self.dim}), got {vectors.shape}")
+        return vectors
+
+    def _check_query(self, query: Any) -> np.ndarray:
+        if not isinstance(query, np.ndarray):
+            raise TypeError(f"query must be a numpy array, got {type(query).__name__}")
+        if not np.issubdtype(query.dtype, np.floating):
+            raise TypeError(f"query must have a float dtype, got {query.dtype}")
+        if query.shape != (self.dim,):
+            raise ValidationError(f"query must have shape ({self.dim},), got {query.shape}")
+        return _normalise_rows(query[None, :], "query")[0]
+
+    @staticmethod
+    def _check_k(k: Any) -> int:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise TypeError(f"k must be an int, got {type(k).__name__}")
+        if not 1 <= k <= SEARCH_K_MAX:
+            raise InvalidLimitError(f"k must be in [1, {SEARCH_K_MAX}], got {k}", limit=(1, SEARCH_K_MAX), actual=int(k))
+        return int(k)
+
+    def _check_mask(self, mask: Any) -> np.ndarray | None:
+        if mask is None:
+            return None
+        if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_:
+            raise TypeError(f"mask must be a numpy bool array, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        if mask.ndim != 1 or mask.shape[0] < self.capacity:
+            raise ValidationError(
+                f"mask must be 1-D with length >= capacity ({self.capacity}), got shape {mask.shape}"
+            )
+        return mask
+
+    # --- writes ---------------------------------------------------------------
+    def add(self, ids: Sequence[str], vectors: np.ndarray) -> np.ndarray:
+        """Insert or replace vectors; returns the slot of each id (int64, same order as ``ids``).
+
+        Rows are L2-normalised here (zero rows and non-finite values are rejected). An
+        id already present keeps its slot and gets the new vector; when an id repeats
+        within the call, its last row wins. Nothing changes if validation fails.
+        """
+        id_list = self._check_ids(ids)
+        vectors = self._check_matrix(vectors, "vectors")
+        if vectors.shape[0] != len(id_list):
+            raise ValidationError(f"got {len(id_list)} ids but {vectors.shape[0]} vectors; they must match")
+        if not id_list:
+            return np.empty(0, np.int64)
+        unit = _normalise_rows(vectors, "vectors")
+        with self._lock:
+            last_row: dict[str, int] = {}
+            for row, i in enumerate(id_list):
+                last_row[i] = row  # dict keeps first-appearance order, value = last row
+            new_ids = [i for i in last_row if i not in self._slot]
+            self._reserve(len(self._slot) + len(new_ids))
+            assigned: dict[str, int] = {}
+            free = self._free
+            for i in new_ids:
+                if free:
+                    assigned[i] = free.pop()
+                else:
+                    assigned[i] = len(self._ids)
+                    self._ids.append(None)
+            for i, s in assigned.items():
+                self._ids[s] = i
+                self._slot[i] = s
+            slots_unique = np.fromiter((self._slot[i] for i in last_row), np.int64, len(last_row))
+            rows_unique = np.fromiter(last_row.values(), np.int64, len(last_row))
+            self._vectors[slots_unique] = unit[rows_unique]
+            self._live[slots_unique] = True
+            if self._graph is not None:
+                self._graph_add(slots_unique)
+            return np.fromiter((self._slot[i] for i in id_list), np.int64, len(id_list))
+
+    def remove(self, ids: Sequence[str]) -> int:
+        """Remove ids (absent ones are ignored); returns how many were removed.
+
+        The slot is freed and reused by a later new id (lowest slot first).
+        """
+        id_list = self._check_ids(ids)
+        removed = 0
+        with self._lock:
+            for i in dict.fromkeys(id_list):
+                s = self._slot.pop(i, None)
+                if s is None:
+                    continue
+                self._ids[s] = None
+                self._live[s] = False
+                self._vectors[s] = 0.0
+                if self._graph is not None and self._in_graph[s]:
+                    self._graph.mark_deleted(s)
+                self._free.append(s)
+                removed += 1
+            if removed:
+                self._free.sort(reverse=True)
+        return removed
+
+    def clear(self) -> None:
+        """Remove everything (capacity and graph are dropped too)."""
+        with self._lock:
+            self._vectors = np.zeros((0, self.dim), np.float32)
+            self._live = np.zeros(0, np.bool_)
+            self._ids = []
+            self._slot = {}
+            self._free = []
+            self._graph = None
+            self._in_graph = np.zeros(0, np.bool_)
+
+    def _reserve(self, needed: int) -> None:
+        """Make room for ``needed`` live slots, growing geometrically."""
+        high_water_needed = len(self._ids) + max(0, needed - len(self._slot) - len(self._free))
+        cap = self.capacity
+        if high_water_needed <= cap:
+            return
+        new_cap = max(high_water_needed, 2 * cap, _MIN_GROW)
+        vec = np.zeros((new_cap, self.dim), np.float32)
+        vec[:cap] = self._vectors
+        live = np.zeros(new_cap, np.bool_)
+        live[:cap] = self._live
+        in_graph = np.zeros(new_cap, np.bool_)
+        in_graph[:cap] = self._in_graph
+        if self._graph is not None:
+            self._graph.resize_index(new_cap)
+        self._vectors, self._live, self._in_graph = vec, live, in_graph
+
+    # --- reads --------------------------------------------------------------------
+    def slot_of(self, id: str) -> int:
+        if not isinstance(id, str):
+            raise TypeError(f"id must be a str, got {type(id).__name__}")
+        return self._slot.get(id, -1)
+
+    def id_at(self, slot: int) -> str | None:
+        if isinstance(slot, bool) or not isinstance(slot, (int, np.integer)):
+            raise TypeError(f"slot must be an int, got {type(slot).__name__}")
+        if 0 <= slot < len(self._ids):
+            return self._ids[slot]
+        return None
+
+    def __contains__(self, id: object) -> bool:
+        return isinstance(id, str) and id in self._slot
+
+    def ids(self) -> list[str]:
+        """Live ids in slot order."""
+        with self._lock:
+            return [i for i in self._ids if i is not None]
+
+    def get_vector(self, id: str) -> np.ndarray | None:
+        """A copy of the stored (normalised) vector, or None when absent."""
+        s = self.slot_of(id)
+        if s < 0:
+            return None
+        with self._lock:
+            return self._vectors[s].copy()
+
+    # --- search -----------------------------------------------------------------------
+    def search(self, query: np.ndarray, k: int, mask: np.ndarray | None = None) -> list[tuple[str, float]]:
+        """Top-``k`` ``(id, cosine)`` for one query; see the module docstring for the path rule."""
+        q = self._check_query(query)
+        k = self._check_k(k)
+        mask = self._check_mask(mask)
+        with self._lock:
+            eligible = self._eligible(mask)
+            if eligible == 0:
+                return []
+            if self._use_exact(eligible):
+                return self._exact(q, k, mask)
+            return self._hnsw(q, k, mask, eligible)
+
+    def search_many(
+        self, queries: np.ndarray, k: int, mask: np.ndarray | None = None
+    ) -> list[list[tuple[str, float]]]:
+        """:meth:`search` for each row of ``queries`` ``(m, dim)``, sharing one pass over the vectors."""
+        qs = self._check_matrix(queries, "queries")
+        k = self._check_k(k)
+        mask = self._check_mask(mask)
+        if qs.shape[0] == 0:
+            return []
+        qs = _normalise_rows(qs, "queries")
+        with self._lock:
+            eligible = self._eligible(mask)
+            if eligible == 0:
+                return [[] for _ in range(qs.shape[0])]
+            if self._use_exact(eligible):
+                return self._exact_many(qs, k, mask)
+            return [self._hnsw(q, k, mask, eligible) for q in qs]
+
+    def path_for(self, mask: np.ndarray | None = None) -> str:
+        """``"exact"`` or ``"hnsw"``: the path a search with this mask would take now."""
+        mask = self._check_mask(mask)
+        with self._lock:
+            return "exact" if self._use_exact(self._eligible(mask)) else "hnsw"
+
+    def _eligible(self, mask: np.ndarray | None) -> int:
+        if mask is None:
+            return len(self._slot)
+        hw = len(self._ids)
+        return int(np.count_nonzero(mask[:hw] & self._live[:hw]))
+
+    def _use_exact(self, eligible: int) -> bool:
+        n = len(self._slot)
+        return n < self.hnsw_threshold or eligible < self.hnsw_threshold or eligible < EXACT_SELECTIVITY * n
+
+    def _scan_args(self, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        hw = len(self._ids)
+        live = self._live[:hw]
+        return self._vectors[:hw], live, (mask[:hw] if mask is not None else live)
+
+    def _rank(self, slots: np.ndarray, scores: np.ndarray, k: int) -> list[tuple[str, float]]:
+        ids = self._ids
+        pairs = [(ids[s], float(v)) for s, v in zip(slots.tolist(), scores.tolist())]
+        pairs.sort(key=lambda p: (-p[1], p[0]))  # type: ignore[arg-type,return-value]
+        return pairs[:k]  # type: ignore[return-value]
+
+    def _exact(self, q: np.ndarray, k: int, mask: np.ndarray | None) -> list[tuple[str, float]]:
+        vecs, live, m = self._scan_args(mask)
+        fetch = k + 1
+        while True:
+            slots, scores = kernels.topk(vecs, q, fetch, m, valid=live)
+            # The kernel breaks ties by slot, the index by id. When the k-th score ties
+            # with the (k+1)-th, widen the fetch until the whole tied group is in hand.
+            if (
+                slots.shape[0] <= k
+                or scores[k] != scores[k - 1]
+                or scores[-1] != scores[k - 1]
+                or slots.shape[0] < fetch
+                or fetch == kernels.TOPK_K_MAX
+            ):
+                return self._rank(slots, scores, k)
+            fetch = min(fetch * 4, kernels.TOPK_K_MAX)
+
+    def _exact_many(self, qs: np.ndarray, k: int, mask: np.ndarray | None) -> list[list[tuple[str, float]]]:
+        vecs, live, m = self._scan_args(mask)
+        slots, scores = kernels.topk_many(vecs, qs, k + 1, m, valid=live)
+        out = []
+        for r in range(qs.shape[0]):
+            if slots.shape[1] > k and scores[r, k] == scores[r, k - 1]:
+                out.append(self._exact(qs[r], k, mask))  # tie at the boundary: settle it by id
+            else:
+                out.append(self._rank(slots[r], scores[r], k))
+        return out
+
+    # --- hnsw -------------------------------------------------------------------------
+    def build_graph(self) -> None:
+        """Build the HNSW graph now (normally built on the first search that needs it)."""
+        with self._lock:
+            if self._graph is None:
+                self._build_graph()
+
+    def _build_graph(self) -> None:
+        import hnswlib
+
+        graph = hnswlib.Index(space="ip", dim=self.dim)
+        graph.init_index(
+            max_elements=max(self.capacity, 1), M=self.M, ef_construction=self.ef_construction, random_seed=self.seed
+        )
+        graph.set_ef(self.ef_search)
+        slots = np.flatnonzero(self._live[: len(self._ids)]).astype(np.int64)
+        if slots.size:
+            graph.add_items(self._vectors[slots], slots, num_threads=1)
+        in_graph = np.zeros(self.capacity, np.bool_)
+        in_graph[slots] = True
+        self._graph, self._in_graph = graph, in_graph
+
+    def _graph_add(self, slots: np.ndarray) -> None:
+        try:
+            self._graph.add_items(self._vectors[slots], slots, num_threads=1)
+        except (RuntimeError, MemoryError):
+            # The vectors are stored and are what searches score from; a graph that
+            # missed an update is dropped and rebuilt by the next search needing it.
+            self._graph = None
+            self._in_graph[:] = False
+            return
+        self._in_graph[slots] = True
+
+    def _hnsw(self, q: np.ndarray, k: int, mask: np.ndarray | None, eligible: int) -> list[tuple[str, float]]:
+        if self._graph is None:
+            self._build_graph()
+        graph = self._graph
+        n = len(self._slot)
+        want = min(k, eligible)
+        if mask is None:
+            fetch = want
+        else:
+            fetch = min(n, max(want, math.ceil(want * n / eligible * 2)))
+        labels = self._knn(graph, q, fetch)
+        if labels is not None and mask is not None:
+            labels = labels[mask[labels]]
+            if labels.shape[0] < want:
+                elig = mask[: self.capacity] & self._live
+                labels = self._knn(graph, q, want, filter=lambda label: bool(elig[label]))
+        if labels is None or labels.shape[0] < want:
+            return self._exact(q, k, mask)
+        scores = kernels.dot_rows(self._vectors, q, labels)
+        return self._rank(labels, scores, k)
+
+    def _knn(self, graph: Any, q: np.ndarray, fetch: int, filter: Any = None) -> np.ndarray | None:
+        graph.set_ef(max(self.ef_search, fetch))
+        try:
+            labels, _ = graph.knn_query(q, k=fetch, num_threads=1, filter=filter)
+        except RuntimeError:
+            return None  # hnswlib could not find `fetch` neighbours (deletions, strict filter)
+        return labels[0].astype(np.int64)
+
+    # --- persistence ---------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str], generation: int) -> None:
+        """Write the index to ``path`` atomically, tagged with the store ``generation``."""
+        generation = _check_int("generation", generation, 0)
+        path = Path(os.fspath(path))
+        directory = path.parent
+        if not directory.is_dir():
+            raise IndexCacheError(f"cannot save index: directory {str(directory)!r} does not exist", path=str(path))
+        with self._lock:
+            hw = len(self._ids)
+            graph_meta = None
+            graph_tmp = None
+            token = secrets.token_hex(6)
+            try:
+                if self._graph is not None:
+                    graph_name = f"{path.name}.{token}.hnsw"
+                    graph_tmp = directory / f".{graph_name}.tmp"
+                    self._graph.save_index(str(graph_tmp))
+                    size, crc = _file_crc(graph_tmp)
+                    graph_meta = {"file": graph_name, "size": size, "crc32": crc}
+                ids_blob = json.dumps(self._ids, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+                header = {
+                    "format": _FORMAT_VERSION,
+                    "dim": self.dim,
+                    "high_water": hw,
+                    "count": len(self._slot),
+                    "generation": generation,
+                    "params": {
+                        "hnsw_threshold": self.hnsw_threshold,
+                        "M": self.M,
+                        "ef_construction": self.ef_construction,
+                        "ef_search": self.ef_search,
+                        "seed": self.seed,
+                    },
+                    "capacity": self.capacity,
+                    "ids_bytes": len(ids_blob),
+                    "vector_bytes": hw * self.dim * 4,
+                    "graph": graph_meta,
+                }
+                head_blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+                main_tmp = directory / f".{path.name}.{token}.tmp"
+                with open(main_tmp, "wb") as f:
+                    crc = 0
+                    for chunk in (_MAGIC, struct.pack("<Q", len(head_blob)), head_blob, ids_blob):
+                        f.write(chunk)
+                        crc = zlib.crc32(chunk, crc)
+                    vec = memoryview(np.ascontiguousarray(self._vectors[:hw])).cast("B")
+                    f.write(vec)
+                    crc = zlib.crc32(vec, crc)
+                    f.write(struct.pack("<I", crc) + _END)
+                    f.flush()
+                    os.fsync(f.fileno())
+                if graph_tmp is not None:
+                    _fsync_file(graph_tmp)
+                    os.replace(graph_tmp, directory / graph_meta["file"])  # type: ignore[index]
+                    graph_tmp = None
+                os.replace(main_tmp, path)
+                _fsync_dir(directory)
+            except OSError as exc:
+                for p in (graph_tmp, directory / f".{path.name}.{token}.tmp"):
+                    if p is not None:
+                        try:
+                            os.unlink(p)
+                        except OSError:
+                            pass
+                raise IndexCacheError(f"cannot save index to {str(path)!r}: {exc}", path=str(path)) from exc
+            # graphs of older saves are no longer referenced
+            keep = graph_meta["file"] if graph_meta else None
+            for old in directory.glob(f"{path.name}.*.hnsw"):
+                if old.name != keep:
+                    try:
+                        old.unlink()
+                    except OSError:
+                        pass
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, dim: int | None = None) -> tuple["VectorIndex", int]:
+        """Read an index written by :meth:`save`; returns ``(index, generation)``.
+
+        Raises :class:`umi.errors.IndexCacheError` when the file is missing, truncated,
+        fails its checksum, or holds vectors of a dimension other than ``dim``.
+        """
+        if dim is not None:
+            dim = _check_int("dim", dim, 1, INDEX_DIM_MAX)
+        path = Path(os.fspath(path))
+        spath = str(path)
+        try:
+            f = open(path, "rb")
+        except OSError as exc:
+            raise IndexCacheError(f"no index cache at {spath!r}: {exc}", path=spath) from exc
+        with f:
+            try:
+                total = os.fstat(f.fileno()).st_size
+                magic = f.read(len(_MAGIC))
+                if magic != _MAGIC:
+                    raise IndexCacheError(f"{spath!r} is not a umi index file (bad magic)", path=spath)
+                raw_len = f.read(8)
+                if len(raw_len) != 8:
+                    raise IndexCacheError(f"index file {spath!r} is truncated", path=spath)
+                (head_len,) = struct.unpack("<Q", raw_len)
+                if head_len > total:
+                    raise IndexCacheError(f"index file {spath!r} is truncated or corrupt (header length)", path=spath)
+                head_blob = f.read(head_len)
+                crc = zlib.crc32(magic)
+                crc = zlib.crc32(raw_len, crc)
+                crc = zlib.crc32(head_blob, crc)
+                try:
+                    header = json.loads(head_blob)
+                    fdim = int(header["dim"])
+                    hw = int(header["high_water"])
+                    cap = int(header["capacity"])
+                    ids_bytes = int(header["ids_bytes"])
+                    vector_bytes = int(header["vector_bytes"])
+                    params = header["params"]
+                    generation = int(header["generation"])
+                    fmt = int(header["format"])
+                    graph_meta = header["graph"]
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise IndexCacheError(f"index file {spath!r} has a corrupt header", path=spath) from exc
+                if fmt != _FORMAT_VERSION:
+                    raise IndexCacheError(
+                        f"index file {spath!r} has format {fmt}, this umi reads {_FORMAT_VERSION}", path=spath
+                    )
+                expected = len(_MAGIC) + 8 + head_len + ids_bytes + vector_bytes + 4 + len(_END)
+                if total != expected or vector_bytes != hw * fdim * 4 or cap < hw:
+                    raise IndexCacheError(
+                        f"index file {spath!r} is truncated or corrupt: {total} bytes, expected {expected}", path=spath
+                    )
+                if dim is not None and fdim != dim:
+                    raise IndexCacheError(
+                        f"index file {spath!r} holds {fdim}-d vectors, expected {dim}-d", path=spath
+                    )
+                ids_blob = f.read(ids_bytes)
+                crc = zlib.crc32(ids_blob, crc)
+                vectors = np.zeros((cap, fdim), np.float32)
+                view = memoryview(vectors[:hw].reshape(-1)).cast("B")
+                if f.readinto(view) != vector_bytes:
+                    raise IndexCacheError(f"index file {spath!r} is truncated", path=spath)
+                crc = zlib.crc32(view, crc)
+                trailer = f.read(4 + len(_END))
+            except OSError as exc:
+                raise IndexCacheError(f"cannot read index cache {spath!r}: {exc}", path=spath) from exc
+        if len(trailer) != 4 + len(_END) or trailer[4:] != _END or struct.unpack("<I", trailer[:4])[0] != crc:
+            raise IndexCacheError(f"index file {spath!r} failed its checksum", path=spath)
+        try:
+            ids = json.loads(ids_blob.decode("utf-8"))
+            if not isinstance(ids, list) or len(ids) != hw or not all(i is None or isinstance(i, str) for i in ids):
+                raise ValueError("ids")
+            index = cls(fdim, **params)
+        except (ValueError, TypeError, InvalidConfigError) as exc:
+            raise IndexCacheError(f"index file {spath!r} has corrupt contents", path=spath) from exc
+        live = np.zeros(cap, np.bool_)
+        slot_of: dict[str, int] = {}
+        for s, i in enumerate(ids):
+            if i is not None:
+                slot_of[i] = s
+                live[s] = True
+        if len(slot_of) != int(header.get("count", -1)):
+            raise IndexCacheError(f"index file {spath!r} has corrupt contents (duplicate ids)", path=spath)
+        index._vectors = vectors
+        index._live = live
+        index._ids = ids
+        index._slot = slot_of
+        index._free = sorted((s for s, i in enumerate(ids) if i is None), reverse=True)
+        index._in_graph = np.zeros(cap, np.bool_)
+        if graph_meta is not None:
+            index._load_graph(path.parent / str(graph_meta["file"]), graph_meta, spath)
+        return index, generation
+
+    def _load_graph(self, gpath: Path, meta: dict[str, Any], spath: str) -> None:
+        import hnswlib
+
+        try:
+            size, crc = _file_crc(gpath)
+        except OSError as exc:
+            raise IndexCacheError(f"graph file of index {spath!r} is missing: {exc}", path=spath) from exc
+        if size != meta.get("size") or crc != meta.get("crc32"):
+            raise IndexCacheError(f"graph file {str(gpath)!r} failed its checksum", path=spath)
+        graph = hnswlib.Index(space="ip", dim=self.dim)
+        try:
+            graph.load_index(str(gpath), max_elements=max(self.capacity, 1))
+        except RuntimeError as exc:
+            raise IndexCacheError(f"graph file {str(gpath)!r} could not be loaded: {exc}", path=spath) from exc
+        graph.set_ef(self.ef_search)
+        labels = np.asarray(graph.get_ids_list(), dtype=np.int64)
+        if labels.size and (labels.min() < 0 or labels.max() >= self.capacity):
+            raise IndexCacheError(f"graph file {str(gpath)!r} has labels outside the index", path=spath)
+        self._in_graph[labels] = True
+        self._graph = graph
+
+
+def _file_crc(path: Path) -> tuple[int, int]:
+    crc = 0
+    size = 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(_CHUNK)
+            if not chunk:
+                break
+            size += len(chunk)
+            crc = zlib.crc32(chunk, crc)
+    return size, crc
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # platforms without directory fds
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
