@@ -30,7 +30,8 @@ the builtin :class:`TypeError`, as Python does.
     ├── StorageError
     │   ├── StorageLockedError         .path
     │   ├── SchemaVersionError         .found, .supported
-    │   └── IndexCacheError            .path
+    │   ├── IndexCacheError            .path
+    │   └── BackendNotInstalledError   .extra
     ├── EmbeddingError
     └── ProviderError                  .status, .request_id, .provider
         ├── ProviderTimeoutError
@@ -66,6 +67,7 @@ __all__ = [
     "StorageLockedError",
     "SchemaVersionError",
     "IndexCacheError",
+    "BackendNotInstalledError",
     "EmbeddingError",
     "ProviderError",
     "ProviderTimeoutError",
@@ -215,6 +217,14 @@ class SchemaVersionError(StorageError):
         super().__init__(message)
         self.found = found
         self.supported = supported
+
+
+class BackendNotInstalledError(StorageError):
+    """A storage backend's optional dependencies are missing; ``.extra`` names the pip extra."""
+
+    def __init__(self, message: str, *, extra: str) -> None:
+        super().__init__(message)
+        self.extra = extra
 
 
 class IndexCacheError(StorageError):
