@@ -7,7 +7,9 @@ from .errors import *  # noqa: F401,F403
 from .errors import __all__ as _errors_all
 from .memory import Memory, MemoryBuilder
 from .options import MemoryConfig, RecallOptions, RememberOptions
+from .providers.anthropic import AnthropicProvider
 from .providers.local import LocalEmbeddingProvider
+from .providers.openai import OpenAIEmbeddingProvider, OpenAIProvider
 from .providers.sim import SimEmbeddingProvider, SimLLMProvider
 from .types import Entity, EntityType, EvolutionRelation, EvolutionType, RememberResult, Usage
 
@@ -30,6 +32,9 @@ __all__ = [
     "SimLLMProvider",
     "SimEmbeddingProvider",
     "LocalEmbeddingProvider",
+    "AnthropicProvider",
+    "OpenAIProvider",
+    "OpenAIEmbeddingProvider",
     "MemoryConfig",
     "RememberOptions",
     "RecallOptions",

@@ -51,6 +51,10 @@ class LLMProvider(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release clients and connections."""
 
+    async def aclose(self) -> None:
+        """Release async clients too: await it on the loop the async calls ran on, before that loop closes."""
+        self.close()
+
 
 class EmbeddingProvider(abc.ABC):
     """``embed(texts, kind=...)`` -> float32 array (n, dim), rows L2-normalised.
@@ -70,6 +74,10 @@ class EmbeddingProvider(abc.ABC):
 
     def close(self) -> None:  # noqa: B027
         """Release clients and models."""
+
+    async def aclose(self) -> None:
+        """Release async clients too: await it on the loop the async calls ran on, before that loop closes."""
+        self.close()
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
