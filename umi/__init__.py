@@ -5,6 +5,8 @@ from importlib.metadata import version as _version
 
 from .errors import *  # noqa: F401,F403
 from .errors import __all__ as _errors_all
+from .core_memory import CoreMemory
+from .working_memory import WorkingMemory
 from .memory import Memory, MemoryBuilder
 from .options import MemoryConfig, RecallOptions, RememberOptions
 from .providers.anthropic import AnthropicProvider
@@ -21,6 +23,8 @@ except _PNF:  # running from a source tree that was never installed
 __all__ = [
     "__version__",
     *_errors_all,
+    "CoreMemory",
+    "WorkingMemory",
     "Entity",
     "EntityType",
     "EvolutionRelation",

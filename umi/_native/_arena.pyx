@@ -10,12 +10,14 @@ tokenizer is configured.
 
 import os
 
+from cpython.exc cimport PyErr_Clear
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_Check, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_Check
 from cpython.long cimport PyLong_Check
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.unicode cimport PyUnicode_Check, PyUnicode_DecodeUTF8, PyUnicode_GET_LENGTH
 from libc.math cimport isfinite
+from libc.string cimport strncpy
 from libc.stdint cimport INT64_MAX, INT64_MIN, int64_t, uint32_t, uint64_t
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
@@ -103,23 +105,47 @@ cdef int _check(umi_rc rc, const umi_err_detail *d, int arena, object name) exce
 
 # --- argument coercion -------------------------------------------------------
 
+# PyUnicode_AsUTF8AndSize is declared without an exception clause so the fast
+# path has no try block; a NULL result (a lone surrogate) is handled by the
+# cold functions below, which turn the pending UnicodeEncodeError into ours.
+cdef extern from "Python.h":
+    const char *_utf8_or_null "PyUnicode_AsUTF8AndSize"(object s, Py_ssize_t *size)
+
+
+cdef int _raise_not_utf8(str what, object value, type error) except -1:
+    try:
+        PyUnicode_AsUTF8AndSize(value, NULL)
+    except UnicodeEncodeError as exc:
+        if error is InvalidKeyError:
+            raise InvalidKeyError(f"{what} is not encodable as UTF-8: {exc.reason}",
+                                  key=value) from exc
+        if error is InvalidLabelError:
+            raise InvalidLabelError(
+                f"label must be 1-{_LABEL_MAX} bytes of [A-Za-z0-9_.-], got {value!r}",
+                label=value) from exc
+        raise ValidationError(f"{what} is not encodable as UTF-8: {exc.reason}") from exc
+    raise SystemError("PyUnicode_AsUTF8AndSize failed without an error")
+
+
+cdef int _raise_type(str what, object value, str expected) except -1:
+    raise TypeError(f"{what} must be {expected}, not {type(value).__name__}")
+
+
 cdef inline const char *_utf8(object s, Py_ssize_t *n, str what) except NULL:
     if not PyUnicode_Check(s):
-        raise TypeError(f"{what} must be str, not {type(s).__name__}")
-    try:
-        return PyUnicode_AsUTF8AndSize(s, n)
-    except UnicodeEncodeError as exc:
-        raise ValidationError(f"{what} is not encodable as UTF-8: {exc.reason}") from exc
+        _raise_type(what, s, "str")
+    cdef const char *p = _utf8_or_null(s, n)
+    if p == NULL:
+        _raise_not_utf8(what, s, ValidationError)
+    return p
 
 
 cdef inline const char *_key(object key, Py_ssize_t *n) except NULL:
-    cdef const char *p
     if not PyUnicode_Check(key):
-        raise TypeError(f"key must be str, not {type(key).__name__}")
-    try:
-        p = PyUnicode_AsUTF8AndSize(key, n)
-    except UnicodeEncodeError as exc:
-        raise InvalidKeyError(f"key is not encodable as UTF-8: {exc.reason}", key=key) from exc
+        _raise_type("key", key, "str")
+    cdef const char *p = _utf8_or_null(key, n)
+    if p == NULL:
+        _raise_not_utf8("key", key, InvalidKeyError)
     if n[0] == 0 or n[0] > _KEY_MAX:
         raise InvalidKeyError(
             f"key must be 1-{_KEY_MAX} UTF-8 bytes, got {n[0]} bytes", key=key)
@@ -127,15 +153,11 @@ cdef inline const char *_key(object key, Py_ssize_t *n) except NULL:
 
 
 cdef inline const char *_label(object label, Py_ssize_t *n) except NULL:
-    cdef const char *p
     if not PyUnicode_Check(label):
-        raise TypeError(f"label must be str, not {type(label).__name__}")
-    try:
-        p = PyUnicode_AsUTF8AndSize(label, n)
-    except UnicodeEncodeError as exc:
-        raise InvalidLabelError(
-            f"label must be 1-{_LABEL_MAX} bytes of [A-Za-z0-9_.-], got {label!r}",
-            label=label) from exc
+        _raise_type("label", label, "str")
+    cdef const char *p = _utf8_or_null(label, n)
+    if p == NULL:
+        _raise_not_utf8("label", label, InvalidLabelError)
     if not umi_core_label_ok(p, <size_t>n[0]):
         raise InvalidLabelError(
             f"label must be 1-{_LABEL_MAX} bytes of [A-Za-z0-9_.-], got {label!r} "
@@ -230,13 +252,14 @@ cdef class CoreMemory:
         cdef uint64_t tokens = self._tokens(content)
         cdef umi_err_detail err
         # Python's own float formatting: locale-independent, correctly rounded.
-        cdef char *imp_text = PyOS_double_to_string(imp, b'f', 2, 0, NULL)
-        cdef umi_rc rc
-        try:
-            rc = umi_core_set(&self._core, lp, <size_t>llen, cp, <size_t>clen, imp, imp_text,
-                              tokens, &err)
-        finally:
-            PyMem_Free(imp_text)
+        # In [0, 1] with two decimals it is always four characters.
+        cdef char imp_text[8]
+        cdef char *formatted = PyOS_double_to_string(imp, b'f', 2, 0, NULL)
+        strncpy(imp_text, formatted, 7)
+        imp_text[7] = 0
+        PyMem_Free(formatted)
+        cdef umi_rc rc = umi_core_set(&self._core, lp, <size_t>llen, cp, <size_t>clen, imp,
+                                      imp_text, tokens, &err)
         _check(rc, &err, _CORE, label)
 
     def get_block(self, label):
@@ -331,10 +354,10 @@ cdef class CoreMemory:
         cdef Py_ssize_t llen
         cdef const char *lp
         if not PyUnicode_Check(label):
-            raise TypeError(f"label must be str, not {type(label).__name__}")
-        try:
-            lp = PyUnicode_AsUTF8AndSize(label, &llen)
-        except UnicodeEncodeError:
+            _raise_type("label", label, "str")
+        lp = _utf8_or_null(label, &llen)
+        if lp == NULL:
+            PyErr_Clear()  # not UTF-8, so not a label
             return False
         if not umi_core_label_ok(lp, <size_t>llen):
             return False
@@ -534,10 +557,10 @@ cdef class WorkingMemory:
         cdef Py_ssize_t klen
         cdef const char *kp
         if not PyUnicode_Check(key):
-            raise TypeError(f"key must be str, not {type(key).__name__}")
-        try:
-            kp = PyUnicode_AsUTF8AndSize(key, &klen)
-        except UnicodeEncodeError:
+            _raise_type("key", key, "str")
+        kp = _utf8_or_null(key, &klen)
+        if kp == NULL:
+            PyErr_Clear()  # not UTF-8, so not a key
             return False
         if klen == 0 or klen > _KEY_MAX:
             return False
