@@ -10,7 +10,7 @@ SCRIPT = [
     "Carol manages Project Apollo at Initech",
     "Bob no longer lives in Berlin; he moved to Munich",
     "My sister Dana is a doctor in Paris",
-    "Dana does not live in Paris",
+    "Dana is not a doctor in Paris",
 ]
 QUERIES = ["Where does Alice work?", "Bob", "Initech", "Who is a doctor?", "chess"]
 

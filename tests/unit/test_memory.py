@@ -162,7 +162,7 @@ def test_validation_errors_name_the_limit(memory):
         memory.remember_sync(b"bytes")
     with pytest.raises(TypeError):
         memory.recall_sync("x", {"limit": 3})
-    assert memory.count_sync() == 2  # only the accepted 100,000-byte text
+    assert memory.count_sync() == 1  # only the accepted 100,000-byte text, as one note
 
 
 def test_forget_removes_from_storage_and_search(memory):
