@@ -77,15 +77,18 @@ _END = b"UMIVEND\x01"
 _FORMAT_VERSION = 1
 _MIN_GROW = 64
 _CHUNK = 1 << 24  # bytes per read when checksumming
+_UNIT_TOLERANCE = 4e-7  # |norm - 1| within which a row counts as normalised (~3 float32 ulps)
 
 
-def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
+def _check_int(
+    name: str, value: Any, lo: int, hi: int | None = None, error: type[ValidationError] = InvalidConfigError
+) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     value = int(value)
     if value < lo or (hi is not None and value > hi):
         bound = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise InvalidConfigError(f"{name} must be {bound}, got {value}")
+        raise error(f"{name} must be {bound}, got {value}")
     return value
 
 
@@ -99,7 +102,10 @@ def _normalise_rows(vectors: np.ndarray, what: str) -> np.ndarray:
     zero = np.flatnonzero(norms == 0.0)
     if zero.size:
         raise ValidationError(f"{what} must be non-zero to be normalised; row {int(zero[0])} is all zeros")
-    return np.ascontiguousarray((v64 / norms[:, None]).astype(np.float32))
+    # Rows already unit length to float32 precision are kept bit for bit, so that adding
+    # back a vector read from the index (or from the store) reproduces it exactly.
+    scale = np.where(np.abs(norms - 1.0) <= _UNIT_TOLERANCE, 1.0, norms)
+    return np.ascontiguousarray((v64 / scale[:, None]).astype(np.float32))
 
 
 class VectorIndex:
@@ -471,7 +477,7 @@ class VectorIndex:
     # --- persistence ---------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str], generation: int) -> None:
         """Write the index to ``path`` atomically, tagged with the store ``generation``."""
-        generation = _check_int("generation", generation, 0)
+        generation = _check_int("generation", generation, 0, 2**63 - 1, ValidationError)
         path = Path(os.fspath(path))
         directory = path.parent
         if not directory.is_dir():
@@ -514,7 +520,7 @@ class VectorIndex:
                     for chunk in (_MAGIC, struct.pack("<Q", len(head_blob)), head_blob, ids_blob):
                         f.write(chunk)
                         crc = zlib.crc32(chunk, crc)
-                    vec = memoryview(np.ascontiguousarray(self._vectors[:hw])).cast("B")
+                    vec = np.ascontiguousarray(self._vectors[:hw]).reshape(-1).view(np.uint8)
                     f.write(vec)
                     crc = zlib.crc32(vec, crc)
                     f.write(struct.pack("<I", crc) + _END)
@@ -603,7 +609,7 @@ class VectorIndex:
                 ids_blob = f.read(ids_bytes)
                 crc = zlib.crc32(ids_blob, crc)
                 vectors = np.zeros((cap, fdim), np.float32)
-                view = memoryview(vectors[:hw].reshape(-1)).cast("B")
+                view = vectors[:hw].reshape(-1).view(np.uint8)
                 if f.readinto(view) != vector_bytes:
                     raise IndexCacheError(f"index file {spath!r} is truncated", path=spath)
                 crc = zlib.crc32(view, crc)
