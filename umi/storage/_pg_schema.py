@@ -1,0 +1,154 @@
+"""The Postgres backend's tables, migrations and fixed SQL (see :mod:`umi.storage.postgres`).
+
+Migrations are forward-only: a store written by a newer umi (a higher version in the
+``migrations`` table) is refused with :class:`SchemaVersionError`; an older one is brought
+forward inside one transaction, under an advisory lock so that processes opening the same
+store at once do not race.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ..errors import InvalidConfigError, SchemaVersionError, StorageError
+from ..types import now_ms
+
+__all__ = ["SCHEMA_VERSION", "TableNames", "prepare_extension", "migrate", "fix_dim"]
+
+SCHEMA_VERSION = 1
+VECTOR_DIM_MAX = 16_000  # pgvector's limit for the `vector` type
+HNSW_DIM_MAX = 2_000  # pgvector's limit for an HNSW index on `vector`; above it searches are exact scans
+
+ENTITY_COLUMNS = ("id, entity_type, name, content, metadata_json, embedding, importance, confidence, created_at, "
+                  "updated_at, event_time, valid_from, valid_to, source_id")
+
+UPSERT_ENTITIES = (
+    "INSERT INTO {entities} (id, entity_type, name, name_norm, content, metadata, metadata_json, embedding, "
+    "importance, confidence, created_at, updated_at, event_time, valid_from, valid_to, source_id, tsv, "
+    "term_freqs, doc_len) "
+    "SELECT id, typ, nam, norm, con, meta::jsonb, mj, emb::vector, imp, conf, cr, up, ev, vf, vt, src, "
+    "array_to_tsvector(string_to_array(terms, ' ')), tf::jsonb, len "
+    "FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], "
+    "%s::text[], %s::float8[], %s::float8[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], "
+    "%s::bigint[], %s::text[], %s::text[], %s::text[], %s::integer[]) "
+    "AS v(id, typ, nam, norm, con, meta, mj, emb, imp, conf, cr, up, ev, vf, vt, src, terms, tf, len) "
+    "ON CONFLICT (id) DO UPDATE SET entity_type = EXCLUDED.entity_type, name = EXCLUDED.name, "
+    "name_norm = EXCLUDED.name_norm, content = EXCLUDED.content, metadata = EXCLUDED.metadata, "
+    "metadata_json = EXCLUDED.metadata_json, embedding = EXCLUDED.embedding, "
+    "importance = EXCLUDED.importance, confidence = EXCLUDED.confidence, created_at = EXCLUDED.created_at, "
+    "updated_at = EXCLUDED.updated_at, event_time = EXCLUDED.event_time, valid_from = EXCLUDED.valid_from, "
+    "valid_to = EXCLUDED.valid_to, source_id = EXCLUDED.source_id, tsv = EXCLUDED.tsv, "
+    "term_freqs = EXCLUDED.term_freqs, doc_len = EXCLUDED.doc_len"
+)
+
+_TABLES = ("entities", "sources", "relations", "history", "state", "migrations")
+
+
+class TableNames:
+    """Quoted, schema-qualified table names, and SQL templates that use them as ``{entities}`` etc."""
+
+    def __init__(self, sql: Any, schema: str | None, prefix: str) -> None:
+        self.sql = sql
+        self.schema = schema
+        self.prefix = prefix
+        self._tables = {n: self.table(n) for n in _TABLES}
+
+    def table(self, name: str) -> Any:
+        full = self.prefix + name
+        return self.sql.Identifier(self.schema, full) if self.schema else self.sql.Identifier(full)
+
+    def index(self, name: str) -> Any:
+        return self.sql.Identifier(self.prefix + name)
+
+    def q(self, template: str, **extra: Any) -> Any:
+        return self.sql.SQL(template).format(**self._tables, **extra)
+
+
+def prepare_extension(conn: Any) -> bool:
+    """Make sure pgvector is installed; True when it has ``hnsw.iterative_scan`` (>= 0.8)."""
+    import psycopg
+
+    row = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()
+    if row is None:
+        try:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateObject):
+            pass  # another process created it at the same moment
+        except psycopg.Error as exc:
+            raise StorageError(
+                "the pgvector extension is not installed in this database and could not be created "
+                f"(a superuser can run CREATE EXTENSION vector there): {exc}") from exc
+        row = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()
+    major_minor = tuple(int(p) for p in re.findall(r"\d+", row[0])[:2])
+    return major_minor >= (0, 8)
+
+
+def _migrations(n: TableNames) -> list[tuple[int, str, list[Any]]]:
+    """Forward-only. Never edit a released step; append a new one."""
+    q = n.q
+    v1 = [
+        q("CREATE TABLE {state} (singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton), "
+          "generation bigint NOT NULL, dim integer, n_docs bigint NOT NULL, total_len bigint NOT NULL)"),
+        q("INSERT INTO {state} (generation, dim, n_docs, total_len) VALUES (0, NULL, 0, 0)"),
+        # ids compare by code point (COLLATE "C"), as Python's str does: ties break the same way everywhere
+        q("CREATE TABLE {entities} (id text COLLATE \"C\" PRIMARY KEY, entity_type text NOT NULL, "
+          "name text NOT NULL, name_norm text NOT NULL, content text NOT NULL, metadata jsonb NOT NULL, "
+          "metadata_json text NOT NULL, embedding vector, importance double precision NOT NULL, "
+          "confidence double precision NOT NULL, created_at bigint NOT NULL, updated_at bigint NOT NULL, "
+          "event_time bigint, valid_from bigint, valid_to bigint, source_id text, "
+          "tsv tsvector NOT NULL, term_freqs jsonb NOT NULL, doc_len integer NOT NULL)"),
+        q("CREATE INDEX {i} ON {entities} (created_at, id)", i=n.index("entities_created")),
+        q("CREATE INDEX {i} ON {entities} (name_norm)", i=n.index("entities_name")),
+        q("CREATE INDEX {i} ON {entities} USING gin (tsv)", i=n.index("entities_tsv")),
+        q("CREATE INDEX {i} ON {entities} USING gin (metadata jsonb_path_ops)", i=n.index("entities_meta")),
+        q("CREATE TABLE {sources} (id text COLLATE \"C\" PRIMARY KEY, text_hash text NOT NULL, "
+          "text text NOT NULL, created_at bigint NOT NULL, metadata_json text NOT NULL)"),
+        q("CREATE INDEX {i} ON {sources} (text_hash, created_at, id)", i=n.index("sources_hash")),
+        q("CREATE TABLE {relations} (id text COLLATE \"C\" PRIMARY KEY, source_id text NOT NULL, "
+          "target_id text NOT NULL, evolution_type text NOT NULL, reason text NOT NULL, "
+          "confidence double precision NOT NULL, created_at bigint NOT NULL)"),
+        q("CREATE INDEX {i} ON {relations} (source_id)", i=n.index("relations_source")),
+        q("CREATE INDEX {i} ON {relations} (target_id)", i=n.index("relations_target")),
+        q("CREATE TABLE {history} (entity_id text COLLATE \"C\" NOT NULL, seq integer NOT NULL, "
+          "op text NOT NULL, at bigint NOT NULL, snapshot text NOT NULL, PRIMARY KEY (entity_id, seq))"),
+    ]
+    return [(1, "initial schema", v1)]
+
+
+def migrate(conn: Any, n: TableNames, lock_key: int, dim: int | None, *,
+            supported: int = SCHEMA_VERSION) -> int | None:
+    """Create or bring forward the tables; returns the stored dimension (fixing ``dim`` if none is)."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s::bigint)", (lock_key,))
+        if n.schema:
+            conn.execute(n.sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(n.sql.Identifier(n.schema)))
+        conn.execute(n.q("CREATE TABLE IF NOT EXISTS {migrations} (version integer PRIMARY KEY, "
+                         "name text NOT NULL, applied_at bigint NOT NULL)"))
+        found = int(conn.execute(n.q("SELECT coalesce(max(version), 0) FROM {migrations}")).fetchone()[0])
+        if found > supported:
+            raise SchemaVersionError(
+                f"this store has schema version {found}, written by a newer umi; this umi reads versions up to "
+                f"{supported}: upgrade umi", found=found, supported=supported)
+        for version, name, statements in _migrations(n):
+            if found < version <= supported:
+                for stmt in statements:
+                    conn.execute(stmt)
+                conn.execute(n.q("INSERT INTO {migrations} (version, name, applied_at) VALUES (%s, %s, %s)"),
+                             (version, name, now_ms()))
+        stored = conn.execute(n.q("SELECT dim FROM {state}")).fetchone()[0]
+        if dim is not None and stored is not None and stored != dim:
+            raise InvalidConfigError(f"this store holds {stored}-d vectors; it cannot be opened with dim={dim}")
+        if stored is None and dim is not None:
+            fix_dim(conn, n, dim)
+            stored = dim
+    return None if stored is None else int(stored)
+
+
+def fix_dim(conn: Any, n: TableNames, dim: int) -> None:
+    """Type the embedding column ``vector(dim)`` and build its HNSW index (in the caller's transaction)."""
+    conn.execute(n.q("ALTER TABLE {entities} ALTER COLUMN embedding TYPE vector({d})", d=n.sql.Literal(dim)))
+    if dim <= HNSW_DIM_MAX:
+        conn.execute(n.q("CREATE INDEX IF NOT EXISTS {i} ON {entities} USING hnsw (embedding vector_cosine_ops)",
+                         i=n.index("entities_embedding_hnsw")))
+    conn.execute(n.q("UPDATE {state} SET dim = %s", ), (dim,))

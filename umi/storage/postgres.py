@@ -1,0 +1,814 @@
+"""PostgreSQL + pgvector storage: one memory shared by many processes on many hosts.
+
+``PostgresStorageBackend.connect("postgresql://user:pw@host:5432/db", dim=384)`` opens a
+``psycopg_pool.ConnectionPool`` and creates (or migrates) the tables. Needs ``umi[postgres]``
+(psycopg 3 with its pool) and the ``vector`` extension: ``connect`` runs
+``CREATE EXTENSION IF NOT EXISTS vector``, which needs that right the first time.
+
+Tables, named ``{table_prefix}…`` inside ``schema`` (default: ``umi_…`` in the connection's
+``search_path``); the SQL is in :mod:`umi.storage._pg_schema`::
+
+    migrations  version, name, applied_at          forward-only; newer than we know -> SchemaVersionError
+    state       generation, dim, n_docs, total_len one row: the write counter and BM25 corpus stats
+    entities    … embedding vector(dim) + HNSW index (vector_cosine_ops),
+                tsv tsvector (GIN) + term_freqs jsonb + doc_len for keyword search,
+                metadata jsonb (GIN, jsonb_path_ops) for @> equality filters
+    sources, relations, history (append-only)
+
+Concurrency is Postgres's. A write method called outside :meth:`transaction` is one
+transaction; a ``transaction()`` block is one transaction on one pooled connection (nested
+blocks join it, and an exception inside any of them rolls the whole block back). Writers of
+one entity are serialised by a transaction-scoped advisory lock on its id, so history sequence
+numbers and the corpus statistics stay exact. When Postgres aborts a transaction for a deadlock
+or a serialization failure, the backend rolls back, waits a little and *replays* the writes
+the block has made (it records them), up to ``max_retries`` times; then it raises
+:class:`StorageError`. Reads inside a block see the block's own writes.
+
+Vector search ranks by pgvector's cosine distance (``<=>``): an exact scan below
+``exact_search_rows`` rows, above it the HNSW index with ``SET LOCAL hnsw.ef_search`` and, on
+pgvector >= 0.8, ``hnsw.iterative_scan`` so that filtered searches keep walking the graph; if
+the walk still returns fewer than ``k`` hits, an exact scan answers. The hits are re-scored in
+float64 (pgvector sums in float32). Keyword search selects candidates by full-text search (a
+``tsvector`` of the shared tokenizer's terms, GIN, ``@@``) and scores them with exactly the BM25
+of :mod:`umi.storage.text` (IDF over every stored entity): the same doubles as the reference.
+``ts_rank_cd`` is not used: it has no IDF, so it would rank differently from every other backend.
+
+Metadata filters use ``metadata @> %s::jsonb`` over typed strings (``{"n": "int:1"}``), which
+keep ``1``, ``1.0`` and ``True`` apart as :meth:`SearchFilters.matches` does; the exact values
+are kept beside them as JSON text. Text may hold NUL characters (stored escaped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import random
+import re
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from ..errors import InvalidConfigError, StorageError, UmiError, ValidationError
+from ..types import Entity, EntityType, EvolutionRelation, normalize_name, now_ms
+from . import _pg_schema as S
+from . import _rows as R
+from ._common import (
+    check_entities,
+    check_id,
+    check_ids,
+    check_k,
+    check_limit_offset,
+    check_query_text,
+    check_query_vector,
+    check_relations,
+    check_source,
+    check_time,
+    snapshot_of,
+)
+from .base import HistoryRecord, SearchFilters, Source, StorageBackend
+from .text import BM25_B, BM25_K1, bm25_idf, document_terms, query_terms
+
+if TYPE_CHECKING:  # pragma: no cover
+    from psycopg_pool import ConnectionPool
+
+__all__ = ["PostgresStorageBackend"]
+
+POOL_SIZE_MAX = 256
+EF_SEARCH_MAX = 1000  # pgvector's limit for hnsw.ef_search
+BATCH_ROWS = 500
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,39}$")
+_PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_]{0,29})?$")
+
+
+@dataclass
+class _Tx:
+    """The open ``transaction()`` block of one thread."""
+
+    conn: Any
+    depth: int = 1
+    ops: list[Callable[[Any], Any]] = field(default_factory=list)
+    changed: bool = False  # some write changed a row: the commit bumps the generation
+    rollback_only: bool = False
+    n_delta: int = 0
+    len_delta: int = 0
+    dim: int | None = None  # a dimension this transaction fixed (kept only if it commits)
+
+    def reset(self) -> None:
+        self.changed = False
+        self.n_delta = self.len_delta = 0
+        self.dim = None
+
+
+class PostgresStorageBackend(StorageBackend):
+    """Archival memory in PostgreSQL with pgvector. Create it with :meth:`connect`."""
+
+    #: every write inside ``transaction()`` commits together or not at all, across processes
+    supports_transactions = True
+    #: several processes (and hosts) may read and write one store at once
+    supports_concurrent_writers = True
+
+    def __init__(self, pool: "ConnectionPool", *, schema: str | None, table_prefix: str,
+                 exact_search_rows: int, ef_search: int, max_retries: int, iterative_scan: bool) -> None:
+        from psycopg import sql
+
+        self._pool = pool
+        self._sql = sql
+        self._schema = schema
+        self._prefix = table_prefix
+        self.dim: int | None = None
+        self._exact_rows = exact_search_rows
+        self._ef_search = ef_search
+        self._max_retries = max_retries
+        self._iterative = iterative_scan
+        self._local = threading.local()
+        self._closed = False
+        self._names = S.TableNames(sql, schema, table_prefix)
+        self._lock_ns = int.from_bytes(hashlib.blake2b(f"{schema}.{table_prefix}".encode(), digest_size=4).digest(),
+                                       "big", signed=True)
+
+    # --- opening ------------------------------------------------------------------
+    @classmethod
+    def connect(cls, url: str, *, dim: int | None = None, schema: str | None = None,
+                table_prefix: str = "umi_", pool_size: int = 4, exact_search_rows: int = 20_000,
+                ef_search: int = 100, max_retries: int = 5,
+                connect_timeout_secs: float = 10.0) -> "PostgresStorageBackend":
+        """Open (creating or migrating the tables) a store in the database at ``url``.
+
+        ``dim`` fixes the embedding dimension now (else the first vector written fixes it);
+        ``schema`` (created if missing) and ``table_prefix`` keep several stores apart in one
+        database; ``pool_size`` is the most connections this process holds at once.
+        """
+        if not isinstance(url, str):
+            raise TypeError(f"url must be str, not {type(url).__name__}")
+        if not url.strip():
+            raise InvalidConfigError("url must be a PostgreSQL connection string or URL, got an empty string")
+        for what, v, lo, hi in (("pool_size", pool_size, 1, POOL_SIZE_MAX),
+                                ("exact_search_rows", exact_search_rows, 0, 2**62),
+                                ("ef_search", ef_search, 1, EF_SEARCH_MAX), ("max_retries", max_retries, 0, 100)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{what} must be an int, not {type(v).__name__}")
+            if not lo <= v <= hi:
+                raise InvalidConfigError(f"{what} must be between {lo} and {hi}, got {v}")
+        if dim is not None:
+            if isinstance(dim, bool) or not isinstance(dim, int):
+                raise TypeError(f"dim must be an int or None, not {type(dim).__name__}")
+            if not 1 <= dim <= S.VECTOR_DIM_MAX:
+                raise InvalidConfigError(f"dim must be between 1 and {S.VECTOR_DIM_MAX} (pgvector's limit), got {dim}")
+        if schema is not None:
+            if not isinstance(schema, str):
+                raise TypeError(f"schema must be str or None, not {type(schema).__name__}")
+            if not _IDENT.match(schema):
+                raise InvalidConfigError(f"schema must match {_IDENT.pattern}, got {schema!r}")
+        if not isinstance(table_prefix, str):
+            raise TypeError(f"table_prefix must be str, not {type(table_prefix).__name__}")
+        if not _PREFIX.match(table_prefix):
+            raise InvalidConfigError(f"table_prefix must match {_PREFIX.pattern}, got {table_prefix!r}")
+        if isinstance(connect_timeout_secs, bool) or not isinstance(connect_timeout_secs, (int, float)):
+            raise TypeError(f"connect_timeout_secs must be a number, not {type(connect_timeout_secs).__name__}")
+        if not 0 < connect_timeout_secs <= 3600:
+            raise InvalidConfigError(f"connect_timeout_secs must be in (0, 3600], got {connect_timeout_secs}")
+        try:
+            import psycopg
+            from psycopg_pool import ConnectionPool, PoolTimeout
+        except ImportError as exc:
+            from ..errors import BackendNotInstalledError
+
+            raise BackendNotInstalledError(
+                "the Postgres backend needs psycopg 3 and psycopg_pool: pip install 'umi[postgres]'",
+                extra="postgres") from exc
+        try:
+            psycopg.conninfo.conninfo_to_dict(url)
+        except psycopg.ProgrammingError as exc:
+            raise InvalidConfigError(f"url is not a valid PostgreSQL connection string: {exc}") from None
+
+        pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=False, name="umi",
+                              kwargs={"autocommit": True, "connect_timeout": max(1, round(connect_timeout_secs))},
+                              timeout=max(float(connect_timeout_secs), 30.0))
+        try:
+            pool.open(wait=True, timeout=connect_timeout_secs)
+        except PoolTimeout as exc:
+            pool.close()
+            raise StorageError(f"could not connect to PostgreSQL within {connect_timeout_secs} s: {exc}") from exc
+        try:
+            with pool.connection() as conn:
+                iterative = S.prepare_extension(conn)
+            self = cls(pool, schema=schema, table_prefix=table_prefix, exact_search_rows=exact_search_rows,
+                       ef_search=ef_search, max_retries=max_retries, iterative_scan=iterative)
+            with pool.connection() as conn:
+                self.dim = S.migrate(conn, self._names, self._lock_ns, dim)
+        except psycopg.Error as exc:
+            pool.close()
+            raise StorageError(f"could not prepare the umi tables in PostgreSQL: {exc}") from exc
+        except BaseException:
+            pool.close()
+            raise
+        return self
+
+    def _q(self, template: str, **extra: Any) -> Any:
+        return self._names.q(template, **extra)
+
+    # --- transactions -------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageError("this PostgresStorageBackend is closed")
+
+    def _tx(self) -> _Tx | None:
+        return getattr(self._local, "tx", None)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One Postgres transaction. Nested blocks join the outer one; see the module docstring."""
+        self._check_open()
+        tx = self._tx()
+        if tx is not None:
+            tx.depth += 1
+            try:
+                yield
+            except BaseException:
+                tx.rollback_only = True
+                raise
+            finally:
+                tx.depth -= 1
+            return
+        import psycopg
+
+        try:
+            with self._pool.connection() as conn:
+                tx = _Tx(conn)
+                self._local.tx = tx
+                try:
+                    conn.execute("BEGIN")
+                    try:
+                        yield
+                    except BaseException as exc:
+                        _rollback(conn)
+                        if isinstance(exc, UmiError) or not isinstance(exc, Exception):
+                            raise
+                        raise StorageError(f"transaction rolled back: {type(exc).__name__}: {exc}") from exc
+                    if tx.rollback_only:
+                        _rollback(conn)
+                        raise StorageError("transaction rolled back: a write inside it failed (and the error "
+                                           "was caught)")
+                    self._commit(tx)
+                except psycopg.Error as exc:
+                    _rollback(conn)
+                    raise StorageError(f"transaction rolled back: {exc}") from exc
+                finally:
+                    self._local.tx = None
+        except psycopg.Error as exc:  # taking a pooled connection failed (PoolTimeout is one)
+            raise StorageError(f"no PostgreSQL connection could be had: {exc}") from exc
+
+    def _commit(self, tx: _Tx) -> None:
+        attempt = 0
+        while True:
+            try:
+                if tx.changed:
+                    tx.conn.execute(self._q("UPDATE {state} SET generation = generation + 1, "
+                                            "n_docs = n_docs + %s, total_len = total_len + %s"),
+                                    (tx.n_delta, tx.len_delta))
+                tx.conn.execute("COMMIT")
+            except Exception as exc:
+                attempt = self._retry_or_raise(exc, attempt)
+                self._replay(tx, len(tx.ops))
+                continue
+            if tx.dim is not None:
+                self.dim = tx.dim
+            return
+
+    def _retry_or_raise(self, exc: BaseException, attempt: int) -> int:
+        """Back off and return the next attempt number; re-raise what is not worth retrying."""
+        import psycopg
+
+        if not isinstance(exc, (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)):
+            raise exc
+        if attempt >= self._max_retries:
+            raise StorageError(
+                f"gave up after {attempt + 1} attempts: {type(exc).__name__} kept recurring "
+                f"(max_retries={self._max_retries}): {exc}") from exc
+        # Jittered exponential backoff: the jitter only spreads retries out, it never changes a result.
+        time.sleep(min(0.5, 0.005 * 2**attempt) * (1.0 + random.random()))
+        return attempt + 1
+
+    def _replay(self, tx: _Tx, n_ops: int) -> None:
+        """Roll back and redo the block's first ``n_ops`` writes in a new transaction."""
+        tx.conn.execute("ROLLBACK")
+        tx.reset()
+        tx.conn.execute("BEGIN")
+        for op in tx.ops[:n_ops]:
+            op(tx.conn)
+
+    def _write(self, op: Callable[[Any], Any]) -> Any:
+        """Run a write inside the open block (recorded for replay), or as a block of its own."""
+        self._check_open()
+        tx = self._tx()
+        if tx is None:
+            with self.transaction():
+                return self._write(op)
+        import psycopg
+
+        if tx.rollback_only:
+            raise StorageError("an earlier write in this transaction failed; the transaction will be rolled back")
+        tx.ops.append(op)
+        attempt = 0
+        try:
+            while True:
+                try:
+                    if attempt:
+                        self._replay(tx, len(tx.ops) - 1)
+                    return op(tx.conn)
+                except psycopg.Error as exc:
+                    attempt = self._retry_or_raise(exc, attempt)
+        except BaseException as exc:
+            tx.ops.pop()
+            tx.rollback_only = True
+            _rollback(tx.conn)
+            tx.conn.execute("BEGIN")  # an empty transaction, so the block can end normally
+            if isinstance(exc, psycopg.Error):
+                raise StorageError(f"the write failed, and its transaction is rolled back: {exc}") from exc
+            raise
+
+    @contextmanager
+    def _reading(self, snapshot: bool = False) -> Iterator[Any]:
+        """A connection for reads: the block's own inside ``transaction()``, else a pooled one.
+
+        ``snapshot=True`` runs the reads in one REPEATABLE READ READ ONLY transaction, so that
+        several statements see the same data (read-only: it never fails to serialise).
+        """
+        import psycopg
+
+        self._check_open()
+        tx = self._tx()
+        try:
+            if tx is not None:
+                yield tx.conn
+                return
+            with self._pool.connection() as conn:
+                if snapshot:
+                    with conn.transaction():
+                        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                        yield conn
+                else:
+                    yield conn
+        except psycopg.Error as exc:
+            raise StorageError(f"a read from PostgreSQL failed: {exc}") from exc
+
+    def _lock_ids(self, conn: Any, ids: Sequence[str]) -> None:
+        """Transaction-scoped advisory locks on entity ids, always taken in one order."""
+        keys = sorted({int.from_bytes(hashlib.blake2b(i.encode(), digest_size=4).digest(), "big", signed=True)
+                       for i in ids})
+        conn.execute("SELECT count(pg_advisory_xact_lock(%s, k)) FROM (SELECT unnest(%s::integer[]) AS k "
+                     "ORDER BY 1) s", (self._lock_ns, keys))
+
+    def _current_dim(self) -> int | None:
+        tx = self._tx()
+        return self.dim if self.dim is not None else (tx.dim if tx is not None else None)
+
+    # --- entities -----------------------------------------------------------------
+    def upsert(self, entities: Sequence[Entity]) -> None:
+        ents, dim = check_entities(entities, self._current_dim())
+        R.check_metadata_text(ents)
+        if not ents:
+            return
+        # An id twice in one batch is written twice, in order (create, then update), as the
+        # other backends do; each chunk holds an id at most once.
+        chunks: list[list[Entity]] = [[]]
+        seen: set[str] = set()
+        for e in ents:
+            if e.id in seen or len(chunks[-1]) >= BATCH_ROWS:
+                chunks.append([])
+                seen = set()
+            chunks[-1].append(e)
+            seen.add(e.id)
+
+        def op(conn: Any) -> None:
+            tx = self._tx()
+            assert tx is not None
+            if dim is not None and self.dim is None and tx.dim is None:
+                stored = conn.execute(self._q("SELECT dim FROM {state} FOR UPDATE")).fetchone()[0]
+                if stored is None:
+                    S.fix_dim(conn, self._names, dim)
+                elif stored != dim:
+                    raise ValidationError(f"the store holds {stored}-d vectors; these entities carry {dim}-d ones")
+                tx.dim = dim
+            for chunk in chunks:
+                self._upsert_chunk(conn, tx, chunk)
+
+        self._write(op)
+
+    def _upsert_chunk(self, conn: Any, tx: _Tx, chunk: list[Entity]) -> None:
+        ids = [e.id for e in chunk]
+        self._lock_ids(conn, ids)
+        old = dict(conn.execute(self._q("SELECT id, doc_len FROM {entities} WHERE id = ANY(%s)"), (ids,)).fetchall())
+        names = ("id", "typ", "nam", "norm", "con", "meta", "mj", "emb", "imp", "conf", "cr", "up", "ev", "vf",
+                 "vt", "src", "terms", "tf", "len")
+        cols: dict[str, list[Any]] = {c: [] for c in names}
+        ops, snaps = [], []
+        for e in chunk:
+            tf, length = document_terms(e.name, e.content)
+            for c, v in zip(names, (
+                    e.id, e.entity_type.value, R.encode_text(e.name), R.encode_text(normalize_name(e.name)),
+                    R.encode_text(e.content), _metadata_filter_json(R.tagged_metadata(e.metadata)), R.dumps(e.metadata),
+                    None if e.embedding is None else _vector_text(e.embedding), e.importance, e.confidence,
+                    e.created_at, e.updated_at, e.event_time, e.valid_from, e.valid_to, e.source_id,
+                    " ".join(tf), R.dumps(tf), length)):
+                cols[c].append(v)
+            ops.append("update" if e.id in old else "create")
+            snaps.append(R.dumps(snapshot_of(e)))
+            tx.len_delta += length - old.get(e.id, 0)
+            tx.n_delta += 0 if e.id in old else 1
+        conn.execute(self._q(S.UPSERT_ENTITIES), [cols[c] for c in names])
+        self._append_history(conn, ids, ops, cols["up"], snaps)
+        tx.changed = True
+
+    def _append_history(self, conn: Any, ids: list[str], ops: list[str], ats: list[int], snaps: list[str]) -> None:
+        conn.execute(self._q(
+            "INSERT INTO {history} (entity_id, seq, op, at, snapshot) "
+            "SELECT v.id, coalesce((SELECT max(h.seq) FROM {history} h WHERE h.entity_id = v.id), 0) + 1, "
+            "v.op, v.at, v.snap FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[]) AS v(id, op, at, snap)"),
+            (ids, ops, ats, snaps))
+
+    def get(self, entity_id: str) -> Entity | None:
+        eid = check_id(entity_id)
+        with self._reading() as conn:
+            got = self._select(conn, "id = %s", [eid])
+        return got[0] if got else None
+
+    def get_many(self, entity_ids: Sequence[str]) -> list[Entity]:
+        ids = check_ids(entity_ids)
+        if not ids:
+            return []
+        found: dict[str, Entity] = {}
+        with self._reading() as conn:
+            unique = list(dict.fromkeys(ids))
+            for start in range(0, len(unique), BATCH_ROWS * 4):
+                found.update((e.id, e) for e in self._select(conn, "id = ANY(%s)", [unique[start:start + BATCH_ROWS * 4]]))
+        out = []
+        for i in ids:  # a repeated id gets its own copy
+            e = found.get(i)
+            if e is not None:
+                out.append(e if not any(o is e for o in out) else _copy_entity(e))
+        return out
+
+    def _select(self, conn: Any, where: str | Any, params: Sequence[Any], tail: str = "") -> list[Entity]:
+        query = self._sql.SQL("SELECT " + S.ENTITY_COLUMNS + " FROM {t} WHERE {w} " + tail).format(
+            t=self._names.table("entities"), w=self._sql.SQL(where) if isinstance(where, str) else where)
+        cur = conn.cursor(binary=True)
+        cur.execute(query, list(params))
+        return [_row_to_entity(r) for r in cur.fetchall()]
+
+    def delete(self, entity_id: str, at: int | None = None) -> bool:
+        eid = check_id(entity_id)
+        when = check_time(at, "at", optional=True)
+        when = now_ms() if when is None else when
+
+        def op(conn: Any) -> bool:
+            tx = self._tx()
+            assert tx is not None
+            self._lock_ids(conn, [eid])
+            got = self._select(conn, "id = %s", [eid])
+            if not got:
+                return False
+            length = conn.execute(self._q("DELETE FROM {entities} WHERE id = %s RETURNING doc_len"),
+                                  (eid,)).fetchone()[0]
+            tx.n_delta -= 1
+            tx.len_delta -= int(length)
+            self._append_history(conn, [eid], ["delete"], [when], [R.dumps(snapshot_of(got[0]))])
+            tx.changed = True
+            return True
+
+        return bool(self._write(op))
+
+    def supersede(self, entity_id: str, valid_to: int) -> bool:
+        eid = check_id(entity_id)
+        vt = check_time(valid_to, "valid_to")
+
+        def op(conn: Any) -> bool:
+            tx = self._tx()
+            assert tx is not None
+            self._lock_ids(conn, [eid])
+            hit = conn.execute(self._q("UPDATE {entities} SET valid_to = %s, updated_at = greatest(updated_at, %s) "
+                                       "WHERE id = %s AND valid_to IS NULL RETURNING id"), (vt, vt, eid)).fetchone()
+            if hit is None:
+                return False
+            e = self._select(conn, "id = %s", [eid])[0]
+            self._append_history(conn, [eid], ["supersede"], [vt], [R.dumps(snapshot_of(e))])
+            tx.changed = True
+            return True
+
+        return bool(self._write(op))
+
+    # --- filters, lists -------------------------------------------------------------
+    def _where(self, filters: object) -> tuple[Any, list[Any]]:
+        p = R.plan_filters(filters)
+        if p.none:
+            return self._sql.SQL("false"), []
+        parts: list[str] = []
+        params: list[Any] = []
+        if p.entity_types is not None:
+            parts.append("entity_type = ANY(%s)")
+            params.append(list(p.entity_types))
+        col = "created_at" if p.time_field == "created_at" else "event_time"
+        if p.time_required:
+            parts.append(f"{col} IS NOT NULL")
+        if p.time_lo is not None:
+            parts.append(f"{col} >= %s")
+            params.append(p.time_lo)
+        if p.time_hi is not None:
+            parts.append(f"{col} <= %s")
+            params.append(p.time_hi)
+        if p.metadata:
+            parts.append("metadata @> %s::jsonb")
+            params.append(_metadata_filter_json(p.metadata))
+        if p.as_of is not None:
+            parts.append("created_at <= %s AND (valid_to IS NULL OR valid_to > %s)")
+            params.extend([p.as_of, p.as_of])
+        elif p.current_only:
+            parts.append("valid_to IS NULL")
+        return self._sql.SQL(" AND ".join(parts) if parts else "true"), params
+
+    def list(self, filters: SearchFilters | None = None, limit: int = 100, offset: int = 0) -> list[Entity]:
+        limit, offset = check_limit_offset(limit, offset)
+        where, params = self._where(filters)
+        with self._reading() as conn:
+            return self._select(conn, where, [*params, limit, offset], "ORDER BY created_at, id LIMIT %s OFFSET %s")
+
+    def count(self, filters: SearchFilters | None = None) -> int:
+        where, params = self._where(filters)
+        with self._reading() as conn:
+            row = conn.execute(self._sql.SQL("SELECT count(*) FROM {t} WHERE {w}").format(
+                t=self._names.table("entities"), w=where), params).fetchone()
+        return int(row[0])
+
+    def find_by_name(self, name: str, entity_type: EntityType | str | None = None,
+                     filters: SearchFilters | None = None) -> list[Entity]:
+        if not isinstance(name, str):
+            raise TypeError(f"name must be str, not {type(name).__name__}")
+        norm = normalize_name(name)
+        if not norm:
+            raise ValidationError("name must not be empty or only whitespace")
+        R.check_utf8(norm, "name")
+        etype = None if entity_type is None else EntityType.parse(entity_type)
+        where, params = self._where(filters)
+        clause = self._sql.SQL("name_norm = %s AND ") + where
+        params = [R.encode_text(norm), *params]
+        if etype is not None:
+            clause = self._sql.SQL("entity_type = %s AND ") + clause
+            params = [etype.value, *params]
+        with self._reading() as conn:
+            return self._select(conn, clause, params, "ORDER BY created_at, id")
+
+    # --- search -------------------------------------------------------------------
+    def search_vector(self, vector: np.ndarray, k: int, filters: SearchFilters | None = None) -> list[tuple[str, float]]:
+        k = check_k(k)
+        where, params = self._where(filters)
+        dim = self._current_dim()
+        if dim is None:
+            dim = self._stored_dim()
+        q = check_query_vector(vector, dim)
+        if q is None:
+            return []
+        qtext = _vector_text(q)
+        margin = max(16, k)  # re-scored in float64 below; the margin absorbs pgvector's float32 rounding
+        table = self._names.table("entities")
+        with self._reading(snapshot=True) as conn:
+            hits: list[Any] | None = None
+            if self._use_index(conn, dim):
+                ef = min(EF_SEARCH_MAX, max(self._ef_search, k + margin))
+                conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef),))
+                if self._iterative:
+                    conn.execute("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)")
+                cur = conn.cursor(binary=True)
+                cur.execute(self._sql.SQL("SELECT id, embedding FROM {t} WHERE embedding IS NOT NULL AND {w} "
+                                          "ORDER BY embedding <=> %s::vector LIMIT %s").format(t=table, w=where),
+                            [*params, qtext, k + margin])
+                hits = cur.fetchall()
+                if len(hits) < k:
+                    hits = None  # the graph walk ran dry under the filter: answer exactly instead
+            if hits is None:
+                cur = conn.cursor(binary=True)
+                cur.execute(self._sql.SQL("SELECT id, embedding FROM {t} WHERE embedding IS NOT NULL AND {w} "
+                                          # "+ 0" keeps the planner off the (approximate) index
+                                          "ORDER BY (embedding <=> %s::vector) + 0, id LIMIT %s").format(
+                                              t=table, w=where),
+                            [*params, qtext, k + margin])
+                hits = cur.fetchall()
+        if not hits:
+            return []
+        scores = R.cosine_scores(np.stack([_vector_from_binary(h[1]) for h in hits]), q)
+        return R.top_k([(h[0], float(s)) for h, s in zip(hits, scores)], k)
+
+    def _stored_dim(self) -> int | None:
+        with self._reading() as conn:
+            dim = conn.execute(self._q("SELECT dim FROM {state}")).fetchone()[0]
+        if dim is not None and self._tx() is None:
+            self.dim = dim
+        return dim
+
+    def _use_index(self, conn: Any, dim: int) -> bool:
+        if dim > S.HNSW_DIM_MAX:
+            return False
+        row = conn.execute("SELECT reltuples FROM pg_class WHERE oid = %s::regclass",
+                           (self._names.table("entities").as_string(conn),)).fetchone()
+        return row is not None and row[0] >= self._exact_rows
+
+    def search_text(self, query: str, k: int, filters: SearchFilters | None = None) -> list[tuple[str, float]]:
+        query = check_query_text(query)
+        k = check_k(k)
+        where, params = self._where(filters)
+        terms = query_terms(query)
+        if not terms:
+            return []
+        lexemes = [_tsquery_lexeme(t) for t in terms]
+        with self._reading(snapshot=True) as conn:
+            n_docs, total_len = conn.execute(self._q("SELECT n_docs, total_len FROM {state}")).fetchone()
+            if n_docs <= 0:
+                return []
+            dfs = dict(conn.execute(self._q(
+                "SELECT q.t, (SELECT count(*) FROM {entities} e WHERE e.tsv @@ q.lx::tsquery) "
+                "FROM unnest(%s::text[], %s::text[]) AS q(t, lx)"), (terms, lexemes)).fetchall())
+            avgdl = total_len / n_docs
+            # score = c_1 + c_2 + … in query-term order, each c_i made of the reference formula's
+            # operations in the same order: the doubles equal umi.storage.text.bm25_scores bit for bit.
+            tf = "(term_freqs ->> %s)::float8"
+            if avgdl > 0:
+                norm = "(%s::float8 * ((1.0::float8 - %s::float8) + %s::float8 * doc_len::float8 / %s::float8))"
+                norm_params: list[Any] = [BM25_K1, BM25_B, BM25_B, avgdl]
+            else:
+                norm, norm_params = "%s::float8", [BM25_K1]
+            contrib: list[str] = []
+            cparams: list[Any] = []
+            for t in terms:
+                contrib.append(f"(CASE WHEN term_freqs ? %s THEN %s::float8 * {tf} * %s::float8 / ({tf} + {norm}) "
+                               "ELSE 0::float8 END)")
+                cparams.extend([t, bm25_idf(n_docs, int(dfs.get(t, 0))), t, BM25_K1 + 1.0, t, *norm_params])
+            rows = conn.execute(self._sql.SQL(
+                "SELECT id, " + " + ".join(contrib) + " AS score FROM {t} WHERE tsv @@ %s::tsquery AND {w} "
+                "ORDER BY score DESC, id LIMIT %s").format(t=self._names.table("entities"), w=where),
+                [*cparams, " | ".join(lexemes), *params, k]).fetchall()
+        return [(r[0], float(r[1])) for r in rows]
+
+    # --- sources ------------------------------------------------------------------
+    def add_source(self, source: Source) -> None:
+        s = check_source(source)
+        R.check_utf8(s.text, "source.text")
+
+        def op(conn: Any) -> None:
+            hit = conn.execute(self._q(
+                "INSERT INTO {sources} (id, text_hash, text, created_at, metadata_json) VALUES (%s, %s, %s, %s, %s) "
+                "ON CONFLICT (id) DO NOTHING RETURNING id"),
+                (s.id, s.text_hash, R.encode_text(s.text), s.created_at, R.dumps(dict(s.metadata)))).fetchone()
+            if hit is not None:
+                tx = self._tx()
+                assert tx is not None
+                tx.changed = True
+
+        self._write(op)
+
+    def get_source(self, source_id: str) -> Source | None:
+        return self._source_where("id = %s", check_id(source_id, "source_id"))
+
+    def find_source_by_hash(self, text_hash: str) -> Source | None:
+        if not isinstance(text_hash, str):
+            raise TypeError(f"text_hash must be str, not {type(text_hash).__name__}")
+        if "\x00" in text_hash:
+            return None
+        R.check_utf8(text_hash, "text_hash")
+        return self._source_where("text_hash = %s", text_hash)
+
+    def _source_where(self, where: str, value: str) -> Source | None:
+        with self._reading() as conn:
+            row = conn.execute(self._sql.SQL(
+                "SELECT id, text_hash, text, created_at, metadata_json FROM {t} WHERE " + where +
+                " ORDER BY created_at, id LIMIT 1").format(t=self._names.table("sources")), (value,)).fetchone()
+        if row is None:
+            return None
+        return Source(row[0], row[1], R.decode_text(row[2]), int(row[3]), dict(json.loads(row[4])))
+
+    # --- evolution ----------------------------------------------------------------
+    def add_relations(self, relations: Sequence[EvolutionRelation]) -> None:
+        rels = check_relations(relations)
+        if not rels:
+            return
+        for r in rels:
+            R.check_utf8(r.reason, f"relation {r.id} reason")
+        ends = sorted({e for r in rels for e in (r.source_id, r.target_id)})
+        with self._reading() as conn:
+            have = {row[0] for row in conn.execute(self._q("SELECT id FROM {entities} WHERE id = ANY(%s)"),
+                                                   (ends,)).fetchall()}
+        for r in rels:
+            for end in (r.source_id, r.target_id):
+                if end not in have:
+                    raise ValidationError(f"relation {r.id} refers to entity {end}, which is not stored")
+
+        rels = list({r.id: r for r in rels}.values())  # a later duplicate of an id replaces an earlier one
+
+        def op(conn: Any) -> None:
+            conn.execute(self._q(
+                "INSERT INTO {relations} (id, source_id, target_id, evolution_type, reason, confidence, created_at) "
+                "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::float8[], "
+                "%s::bigint[]) ON CONFLICT (id) DO UPDATE SET source_id = EXCLUDED.source_id, "
+                "target_id = EXCLUDED.target_id, evolution_type = EXCLUDED.evolution_type, "
+                "reason = EXCLUDED.reason, confidence = EXCLUDED.confidence, created_at = EXCLUDED.created_at"),
+                ([r.id for r in rels], [r.source_id for r in rels], [r.target_id for r in rels],
+                 [r.evolution_type.value for r in rels], [R.encode_text(r.reason) for r in rels],
+                 [r.confidence for r in rels], [r.created_at for r in rels]))
+            tx = self._tx()
+            assert tx is not None
+            tx.changed = True
+
+        self._write(op)
+
+    def relations_for(self, entity_id: str) -> list[EvolutionRelation]:
+        eid = check_id(entity_id)
+        with self._reading() as conn:
+            rows = conn.execute(self._q(
+                "SELECT id, source_id, target_id, evolution_type, reason, confidence, created_at FROM {relations} "
+                "WHERE source_id = %s OR target_id = %s ORDER BY created_at, id"), (eid, eid)).fetchall()
+        return [EvolutionRelation(source_id=r[1], target_id=r[2], evolution_type=r[3], reason=R.decode_text(r[4]),
+                                  confidence=r[5], id=r[0], created_at=int(r[6])) for r in rows]
+
+    def history(self, entity_id: str) -> list[HistoryRecord]:
+        eid = check_id(entity_id)
+        with self._reading() as conn:
+            rows = conn.execute(self._q(
+                "SELECT entity_id, seq, op, at, snapshot FROM {history} WHERE entity_id = %s ORDER BY seq"),
+                (eid,)).fetchall()
+        return [HistoryRecord(r[0], int(r[1]), r[2], int(r[3]), json.loads(r[4])) for r in rows]
+
+    # --- lifecycle ----------------------------------------------------------------
+    @property
+    def generation(self) -> int:
+        with self._reading() as conn:
+            return int(conn.execute(self._q("SELECT generation FROM {state}")).fetchone()[0])
+
+    @property
+    def schema_version(self) -> int:
+        with self._reading() as conn:
+            return int(conn.execute(self._q("SELECT coalesce(max(version), 0) FROM {migrations}")).fetchone()[0])
+
+    def close(self) -> None:
+        """Close the pool. Safe to call twice; every later call raises StorageError."""
+        if not self._closed:
+            self._closed = True
+            self._pool.close()
+
+    def __repr__(self) -> str:
+        where = f"{self._schema}." if self._schema else ""
+        return f"<PostgresStorageBackend {where}{self._prefix}* dim={self.dim}>"
+
+
+# --- helpers -----------------------------------------------------------------------
+
+
+def _rollback(conn: Any) -> None:
+    import psycopg
+
+    with contextlib.suppress(psycopg.Error):
+        if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            conn.execute("ROLLBACK")
+
+
+def _vector_text(v: np.ndarray) -> str:
+    # repr of each float32 widened to a double is exact, and pgvector parses it back to the same float32
+    return "[" + ",".join(map(repr, np.asarray(v, dtype=np.float32).astype(np.float64).tolist())) + "]"
+
+
+def _vector_from_binary(b: Any) -> np.ndarray:
+    """pgvector's binary form: int16 dim, int16 unused, dim big-endian float32."""
+    raw = bytes(b)
+    dim = int.from_bytes(raw[:2], "big")
+    return np.frombuffer(raw, dtype=">f4", count=dim, offset=4).astype(np.float32)
+
+
+def _metadata_filter_json(tagged: dict[str, str]) -> str:
+    """The JSONB that ``@>`` compares: typed strings, NUL escaped (JSONB strings cannot hold it)."""
+    return R.dumps({R.encode_text(k): R.encode_text(v) for k, v in tagged.items()})
+
+
+def _tsquery_lexeme(term: str) -> str:
+    # tokens are \w+ runs; quoting still makes any character literal
+    return "'" + term.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def _copy_entity(e: Entity) -> Entity:
+    from ._common import clone_entity
+
+    return clone_entity(e, e.embedding)
+
+
+def _row_to_entity(r: Sequence[Any]) -> Entity:
+    from ._common import make_entity
+
+    (eid, etype, name, content, meta_json, emb, imp, conf, created, updated, event, vfrom, vto, src) = r
+    return make_entity({
+        "entity_type": EntityType(etype), "name": R.decode_text(name), "content": R.decode_text(content),
+        "metadata": dict(json.loads(meta_json)),
+        "embedding": None if emb is None else _vector_from_binary(emb),
+        "importance": float(imp), "confidence": float(conf), "created_at": int(created), "updated_at": int(updated),
+        "event_time": None if event is None else int(event), "valid_from": None if vfrom is None else int(vfrom),
+        "valid_to": None if vto is None else int(vto), "source_id": src, "id": eid, "score": None})
