@@ -13,6 +13,9 @@ from .providers.anthropic import AnthropicProvider
 from .providers.local import LocalEmbeddingProvider
 from .providers.openai import OpenAIEmbeddingProvider, OpenAIProvider
 from .providers.sim import SimEmbeddingProvider, SimLLMProvider
+from .storage.base import SearchFilters, StorageBackend
+from .storage.duckdb import DuckDBStorageBackend
+from .storage.sim import SimStorageBackend
 from .types import Entity, EntityType, EvolutionRelation, EvolutionType, RememberResult, Usage
 
 try:
@@ -42,4 +45,8 @@ __all__ = [
     "MemoryConfig",
     "RememberOptions",
     "RecallOptions",
+    "StorageBackend",
+    "SearchFilters",
+    "DuckDBStorageBackend",
+    "SimStorageBackend",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any, MutableSequence, Sequence, TypeVar
 
-import numpy as np
+import numpy as _np
 
 __all__ = ["SimRng"]
 
@@ -23,7 +23,7 @@ class SimRng:
             raise TypeError(f"seed must be an int or str, not {type(seed).__name__}")
         self.seed = seed
         self._py = random.Random(f"umi-sim:{seed}")
-        self._np = np.random.default_rng(self._py.getrandbits(128))
+        self._np = _np.random.default_rng(self._py.getrandbits(128))
 
     def fork(self, name: str) -> "SimRng":
         if not isinstance(name, str):
@@ -35,7 +35,7 @@ class SimRng:
         return self._py
 
     @property
-    def np(self) -> np.random.Generator:
+    def np(self) -> _np.random.Generator:
         return self._np
 
     def random(self) -> float:
@@ -60,13 +60,13 @@ class SimRng:
     def bernoulli(self, p: float) -> bool:
         return self._py.random() < p
 
-    def normal(self, size: int | tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
+    def normal(self, size: int | tuple[int, ...], dtype: Any = _np.float32) -> _np.ndarray:
         return self._np.standard_normal(size).astype(dtype)
 
-    def unit_vectors(self, n: int, dim: int) -> np.ndarray:
+    def unit_vectors(self, n: int, dim: int) -> _np.ndarray:
         """``n`` random L2-normalised float32 vectors of ``dim``."""
-        v = self._np.standard_normal((n, dim)).astype(np.float32)
-        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        v = self._np.standard_normal((n, dim)).astype(_np.float32)
+        v /= _np.linalg.norm(v, axis=1, keepdims=True)
         return v
 
     def __repr__(self) -> str:

@@ -1,0 +1,360 @@
+"""Input checks and small helpers shared by the storage backends.
+
+Every public backend method validates with these, so every backend rejects the
+same inputs with the same errors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import (
+    EmptyQueryError,
+    InvalidFilterError,
+    InvalidLimitError,
+    TextTooLongError,
+    ValidationError,
+)
+from ..types import Entity, EntityType, EvolutionRelation, MetadataValue, validate_metadata
+from .base import SearchFilters, Source, text_hash
+
+__all__ = [
+    "SEARCH_K_MAX",
+    "LIST_LIMIT_MAX",
+    "GET_MANY_IDS_MAX",
+    "ID_CHARS_MAX",
+    "TIME_MS_MIN",
+    "TIME_MS_MAX",
+    "QUERY_BYTES_MAX",
+    "NormFilters",
+    "check_k",
+    "check_limit_offset",
+    "check_filters",
+    "check_id",
+    "check_ids",
+    "check_time",
+    "check_entities",
+    "check_relations",
+    "check_source",
+    "check_query_vector",
+    "check_query_text",
+    "meta_key",
+    "clone_entity",
+    "make_entity",
+    "snapshot_of",
+    "dumps",
+]
+
+#: largest k a search accepts
+SEARCH_K_MAX = 10_000
+#: largest page list() returns
+LIST_LIMIT_MAX = 100_000
+#: most ids one get_many() call takes
+GET_MANY_IDS_MAX = 100_000
+#: longest id (entity, source or relation), in characters
+ID_CHARS_MAX = 256
+#: stored times (ms since the epoch) must lie in [TIME_MS_MIN, TIME_MS_MAX] (about ±146 million years)
+TIME_MS_MIN = -(2**62)
+TIME_MS_MAX = 2**62
+#: longest keyword query, in UTF-8 bytes
+QUERY_BYTES_MAX = 100_000
+
+_I64_MIN = -(2**63)
+_I64_MAX = 2**63 - 1
+
+
+def dumps(obj: Any) -> str:
+    """Compact, key-sorted JSON (stable text for the same value)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def meta_key(value: MetadataValue) -> tuple[str, str]:
+    """(type tag, canonical text) of a metadata value: equal exactly when ``SearchFilters.matches``
+    calls two values equal (same JSON type and ``==``). Subclasses compare as their base type."""
+    if value is None:
+        return ("null", "")
+    if isinstance(value, bool):
+        return ("bool", "true" if value else "false")
+    if isinstance(value, int):
+        return ("int", str(int(value)))
+    if isinstance(value, float):
+        v = float(value)
+        return ("float", "0.0" if v == 0.0 else repr(v))
+    if isinstance(value, str):
+        return ("str", str.__str__(value))
+    raise InvalidFilterError(f"metadata values must be scalars, not {type(value).__name__}")
+
+
+def _base_value(value: MetadataValue) -> MetadataValue:
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    return str.__str__(value)  # type: ignore[arg-type]
+
+
+def check_k(k: object, what: str = "k") -> int:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"{what} must be an int, not {type(k).__name__}")
+    if not 1 <= k <= SEARCH_K_MAX:
+        raise InvalidLimitError(f"{what} must be between 1 and {SEARCH_K_MAX}, got {k}",
+                                limit=(1, SEARCH_K_MAX), actual=k)
+    return k
+
+
+def check_limit_offset(limit: object, offset: object) -> tuple[int, int]:
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise TypeError(f"limit must be an int, not {type(limit).__name__}")
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise TypeError(f"offset must be an int, not {type(offset).__name__}")
+    if not 1 <= limit <= LIST_LIMIT_MAX:
+        raise InvalidLimitError(f"limit must be between 1 and {LIST_LIMIT_MAX}, got {limit}",
+                                limit=(1, LIST_LIMIT_MAX), actual=limit)
+    if offset < 0:
+        raise InvalidLimitError(f"offset must be >= 0, got {offset}", limit=0, actual=offset)
+    return limit, min(offset, _I64_MAX)
+
+
+def check_id(value: object, what: str = "entity_id") -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be str, not {type(value).__name__}")
+    if not value or len(value) > ID_CHARS_MAX or "\x00" in value:
+        raise ValidationError(
+            f"{what} must be a non-empty str of at most {ID_CHARS_MAX} characters without NUL, "
+            f"got {value[:40]!r}{'...' if len(value) > 40 else ''} ({len(value)} characters)"
+        )
+    return value
+
+
+def check_ids(values: object, what: str = "entity_ids") -> list[str]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"{what} must be a sequence of str, not {type(values).__name__}")
+    if len(values) > GET_MANY_IDS_MAX:
+        raise InvalidLimitError(f"{what} holds {len(values)} ids; the limit is {GET_MANY_IDS_MAX}",
+                                limit=GET_MANY_IDS_MAX, actual=len(values))
+    return [check_id(v, what[:-1] if what.endswith("s") else what) for v in values]
+
+
+def check_time(value: object, what: str, *, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be int milliseconds, not {type(value).__name__}")
+    if not TIME_MS_MIN <= value <= TIME_MS_MAX:
+        raise ValidationError(f"{what} must be between {TIME_MS_MIN} and {TIME_MS_MAX} ms, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class NormFilters:
+    """A :class:`SearchFilters` checked and brought into int64 range, ready for a backend.
+
+    ``empty`` is True when no entity can match (e.g. a time range past the int64 range).
+    ``metadata`` holds ``(key, type tag, canonical text)`` triples sorted by key.
+    """
+
+    entity_types: tuple[EntityType, ...] | None
+    time_field: str
+    time_lo: int | None
+    time_hi: int | None
+    metadata: tuple[tuple[str, str, str], ...]
+    include_superseded: bool
+    as_of: int | None
+    empty: bool
+
+    @property
+    def cache_key(self) -> tuple[Any, ...]:
+        return (self.entity_types, self.time_field, self.time_lo, self.time_hi, self.metadata,
+                self.include_superseded, self.as_of, self.empty)
+
+
+def check_filters(filters: object) -> NormFilters:
+    """``None`` means ``SearchFilters()``. The caller's object is only read."""
+    if filters is None:
+        filters = SearchFilters()
+    if not isinstance(filters, SearchFilters):
+        raise TypeError(f"filters must be a SearchFilters or None, not {type(filters).__name__}")
+    if not isinstance(filters.include_superseded, bool):
+        raise TypeError("SearchFilters.include_superseded must be a bool")
+    empty = False
+    lo = hi = None
+    if filters.time_range is not None:
+        lo, hi = filters.time_range
+        if lo is not None and lo > _I64_MAX or hi is not None and hi < _I64_MIN:
+            empty = True
+        if lo is not None and lo < _I64_MIN:
+            lo = None
+        if hi is not None and hi > _I64_MAX:
+            hi = None
+        if lo is not None and hi is not None and lo > hi:
+            empty = True
+        lo = None if lo is None else min(lo, _I64_MAX)
+        hi = None if hi is None else max(hi, _I64_MIN)
+    as_of = filters.as_of
+    if as_of is not None:
+        if as_of < 0:
+            empty = True  # every created_at is >= 0
+        as_of = min(max(as_of, _I64_MIN), _I64_MAX)
+    meta: tuple[tuple[str, str, str], ...] = ()
+    if filters.metadata:
+        checked = validate_metadata(filters.metadata, what="metadata filter")
+        meta = tuple(sorted((k, *meta_key(v)) for k, v in checked.items()))
+    types = filters.entity_types
+    if types is not None and len(types) == 0:
+        empty = True
+    return NormFilters(types, filters.time_field, lo, hi, meta, filters.include_superseded, as_of, empty)
+
+
+def check_query_vector(vector: object, dim: int | None) -> np.ndarray | None:
+    """A unit float32 copy of the query; None when the store holds no vectors yet."""
+    if not isinstance(vector, (np.ndarray, list, tuple)):
+        raise TypeError(f"vector must be a numpy array or a sequence of floats, not {type(vector).__name__}")
+    try:
+        q = np.asarray(vector, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"vector must hold floats: {exc}") from exc
+    if q.ndim != 1 or q.size == 0:
+        raise ValidationError(f"vector must be a non-empty 1-d array, got shape {q.shape}")
+    if not np.all(np.isfinite(q)):
+        raise ValidationError("vector must hold finite values (no NaN or inf)")
+    if dim is not None and q.shape[0] != dim:
+        raise ValidationError(f"query vector has {q.shape[0]} dimensions but the store holds {dim}-d vectors")
+    norm = float(np.linalg.norm(q.astype(np.float64)))
+    if norm == 0.0:
+        raise ValidationError("query vector has zero length; cosine similarity is undefined")
+    if dim is None:
+        return None
+    return (q / np.float32(norm)).astype(np.float32)
+
+
+def check_query_text(query: object) -> str:
+    if not isinstance(query, str):
+        raise TypeError(f"query must be str, not {type(query).__name__}")
+    if not query.strip():
+        raise EmptyQueryError("query must not be empty or only whitespace")
+    n = len(query.encode("utf-8"))
+    if n > QUERY_BYTES_MAX:
+        raise TextTooLongError(f"query is {n} bytes; the limit is {QUERY_BYTES_MAX}", limit=QUERY_BYTES_MAX, actual=n)
+    return query
+
+
+def _check_entity(e: object, dim: int | None, pos: int) -> tuple[Entity, int | None]:
+    if not isinstance(e, Entity):
+        raise TypeError(f"entities[{pos}] must be an Entity, not {type(e).__name__}")
+    check_id(e.id, f"entities[{pos}].id")
+    for what in ("created_at", "updated_at"):
+        check_time(getattr(e, what), f"entities[{pos}].{what}")
+    for what in ("event_time", "valid_from", "valid_to"):
+        check_time(getattr(e, what), f"entities[{pos}].{what}", optional=True)
+    if e.source_id is not None:
+        check_id(e.source_id, f"entities[{pos}].source_id")
+    if not isinstance(e.metadata, Mapping):
+        raise TypeError(f"entities[{pos}].metadata must be a dict, not {type(e.metadata).__name__}")
+    emb = e.embedding
+    if emb is not None:
+        if not isinstance(emb, np.ndarray):
+            raise TypeError(f"entities[{pos}].embedding must be a numpy array, not {type(emb).__name__}")
+        emb = np.array(emb, dtype=np.float32, copy=True)
+        if emb.ndim != 1 or emb.size == 0 or not np.all(np.isfinite(emb)):
+            raise ValidationError(f"entities[{pos}].embedding must be a non-empty 1-d finite float vector")
+        if dim is not None and emb.shape[0] != dim:
+            raise ValidationError(
+                f"entities[{pos}].embedding has {emb.shape[0]} dimensions but the store holds {dim}-d vectors"
+            )
+        if float(np.linalg.norm(emb.astype(np.float64))) == 0.0:
+            raise ValidationError(f"entities[{pos}].embedding has zero length; cosine similarity is undefined")
+        emb.flags.writeable = False
+        dim = emb.shape[0]
+    # Rebuilding through the constructor re-runs every check of Entity (the caller may have
+    # changed fields after construction) and gives the store its own copy.
+    copy = Entity(
+        entity_type=e.entity_type, name=e.name, content=e.content,
+        metadata={k: _base_value(v) for k, v in validate_metadata(e.metadata).items()},
+        embedding=None, importance=e.importance, confidence=e.confidence,
+        created_at=e.created_at, updated_at=e.updated_at, event_time=e.event_time,
+        valid_from=e.valid_from, valid_to=e.valid_to, source_id=e.source_id, id=e.id,
+    )
+    copy.embedding = emb
+    return copy, dim
+
+
+def check_entities(entities: object, dim: int | None) -> tuple[list[Entity], int | None]:
+    """Private, validated copies of ``entities`` (embeddings float32, read-only) and the
+    dimension they fix (the store's, or the first vector's when the store has none)."""
+    if isinstance(entities, (str, bytes, Entity)) or not isinstance(entities, Sequence):
+        raise TypeError(f"entities must be a sequence of Entity, not {type(entities).__name__}")
+    out = []
+    for pos, e in enumerate(entities):
+        c, dim = _check_entity(e, dim, pos)
+        out.append(c)
+    return out, dim
+
+
+def check_relations(relations: object) -> list[EvolutionRelation]:
+    if isinstance(relations, (str, bytes, EvolutionRelation)) or not isinstance(relations, Sequence):
+        raise TypeError(f"relations must be a sequence of EvolutionRelation, not {type(relations).__name__}")
+    out = []
+    for pos, r in enumerate(relations):
+        if not isinstance(r, EvolutionRelation):
+            raise TypeError(f"relations[{pos}] must be an EvolutionRelation, not {type(r).__name__}")
+        check_id(r.id, f"relations[{pos}].id")
+        check_id(r.source_id, f"relations[{pos}].source_id")
+        check_id(r.target_id, f"relations[{pos}].target_id")
+        check_time(r.created_at, f"relations[{pos}].created_at")
+        out.append(EvolutionRelation(
+            source_id=r.source_id, target_id=r.target_id, evolution_type=r.evolution_type,
+            reason=r.reason, confidence=r.confidence, id=r.id, created_at=r.created_at,
+        ))
+    return out
+
+
+def check_source(source: object) -> Source:
+    if not isinstance(source, Source):
+        raise TypeError(f"source must be a Source, not {type(source).__name__}")
+    check_id(source.id, "source.id")
+    if not isinstance(source.text, str):
+        raise TypeError(f"source.text must be str, not {type(source.text).__name__}")
+    if not isinstance(source.text_hash, str):
+        raise TypeError(f"source.text_hash must be str, not {type(source.text_hash).__name__}")
+    want = text_hash(source.text)
+    if source.text_hash != want:
+        raise ValidationError(f"source.text_hash {source.text_hash[:16]!r}... is not the sha256 of source.text")
+    check_time(source.created_at, "source.created_at")
+    meta = {k: _base_value(v) for k, v in validate_metadata(source.metadata, what="source.metadata").items()}
+    return Source(source.id, source.text_hash, source.text, source.created_at, meta)
+
+
+_ENTITY_NEW = object.__new__
+
+
+def clone_entity(e: Entity, embedding: np.ndarray | None) -> Entity:
+    """A copy for a caller (metadata dict and embedding are the caller's own); skips re-validation."""
+    c = _ENTITY_NEW(Entity)
+    d = c.__dict__
+    d.update(e.__dict__)
+    d["metadata"] = dict(e.metadata)
+    d["embedding"] = None if embedding is None else np.array(embedding, dtype=np.float32, copy=True)
+    d["score"] = None
+    return c
+
+
+def make_entity(fields: dict[str, Any]) -> Entity:
+    """An Entity from trusted stored fields (already validated when written); skips re-validation."""
+    c = _ENTITY_NEW(Entity)
+    c.__dict__.update(fields)
+    return c
+
+
+def snapshot_of(e: Entity) -> dict[str, Any]:
+    d = e.to_dict()
+    d.pop("score", None)
+    return d

@@ -1,0 +1,187 @@
+"""DuckDB schema of umi's archival store: tables, forward migrations, filter SQL.
+
+Schema versions (``umi_schema.version``, one row per applied migration):
+
+1. ``umi_state`` (generation, vector dim, database uuid), ``entities`` (one row per
+   entity; ``embedding FLOAT[dim]`` is added when the dimension is first known;
+   ``updated_generation`` is the generation of the row's last write), ``entity_metadata``
+   (one typed row per metadata key, for exact filtering), ``postings`` (BM25 terms),
+   ``sources``, ``relations``, ``history`` (append-only; its ``generation`` column makes
+   "what changed since generation g" one query, deletions included).
+2. Secondary indexes for the point lookups (source by hash, relations by endpoint).
+
+A file written by a newer umi (higher version) is refused with
+:class:`~umi.errors.SchemaVersionError`; an older one is migrated forward in one
+transaction per step. Every statement with a value in it is parameterised.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Callable
+
+from ..errors import SchemaVersionError
+from ._common import NormFilters
+
+__all__ = ["SCHEMA_VERSION", "read_version", "migrate", "where_sql", "add_embedding_column", "ENTITY_COLUMNS"]
+
+SCHEMA_VERSION = 2
+
+#: entity columns in table order (``embedding`` comes last, once the dimension is known)
+ENTITY_COLUMNS = (
+    "id", "entity_type", "name", "name_norm", "content", "metadata", "importance", "confidence",
+    "created_at", "updated_at", "event_time", "valid_from", "valid_to", "source_id", "doc_len",
+    "updated_generation",
+)
+
+
+def _v1(con: Any) -> None:
+    con.execute("""
+        CREATE TABLE umi_state (
+            id INTEGER PRIMARY KEY,
+            generation BIGINT NOT NULL,
+            dim INTEGER,
+            db_uuid VARCHAR NOT NULL
+        )""")
+    con.execute("INSERT INTO umi_state VALUES (1, 0, NULL, ?)", [str(uuid.uuid4())])
+    con.execute("""
+        CREATE TABLE entities (
+            id VARCHAR PRIMARY KEY,
+            entity_type VARCHAR NOT NULL,
+            name VARCHAR NOT NULL,
+            name_norm VARCHAR NOT NULL,
+            content VARCHAR NOT NULL,
+            metadata VARCHAR NOT NULL,
+            importance DOUBLE NOT NULL,
+            confidence DOUBLE NOT NULL,
+            created_at BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL,
+            event_time BIGINT,
+            valid_from BIGINT,
+            valid_to BIGINT,
+            source_id VARCHAR,
+            doc_len INTEGER NOT NULL,
+            updated_generation BIGINT NOT NULL
+        )""")
+    con.execute("""
+        CREATE TABLE entity_metadata (
+            entity_id VARCHAR NOT NULL,
+            key VARCHAR NOT NULL,
+            vtype VARCHAR NOT NULL,
+            vtext VARCHAR NOT NULL
+        )""")
+    con.execute("""
+        CREATE TABLE postings (
+            term VARCHAR NOT NULL,
+            entity_id VARCHAR NOT NULL,
+            tf INTEGER NOT NULL
+        )""")
+    con.execute("""
+        CREATE TABLE sources (
+            id VARCHAR PRIMARY KEY,
+            text_hash VARCHAR NOT NULL,
+            text VARCHAR NOT NULL,
+            created_at BIGINT NOT NULL,
+            metadata VARCHAR NOT NULL
+        )""")
+    con.execute("""
+        CREATE TABLE relations (
+            id VARCHAR PRIMARY KEY,
+            source_id VARCHAR NOT NULL,
+            target_id VARCHAR NOT NULL,
+            evolution_type VARCHAR NOT NULL,
+            reason VARCHAR NOT NULL,
+            confidence DOUBLE NOT NULL,
+            created_at BIGINT NOT NULL
+        )""")
+    con.execute("""
+        CREATE TABLE history (
+            entity_id VARCHAR NOT NULL,
+            seq INTEGER NOT NULL,
+            op VARCHAR NOT NULL,
+            at_ms BIGINT NOT NULL,
+            snapshot VARCHAR NOT NULL,
+            generation BIGINT NOT NULL,
+            PRIMARY KEY (entity_id, seq)
+        )""")
+
+
+def _v2(con: Any) -> None:
+    con.execute("CREATE INDEX sources_by_hash ON sources (text_hash)")
+    con.execute("CREATE INDEX relations_by_source ON relations (source_id)")
+    con.execute("CREATE INDEX relations_by_target ON relations (target_id)")
+
+
+MIGRATIONS: dict[int, Callable[[Any], None]] = {1: _v1, 2: _v2}
+
+
+def read_version(con: Any) -> int:
+    """The schema version of the open database; 0 for an empty one."""
+    has = con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'main' AND table_name = 'umi_schema'"
+    ).fetchall()[0][0]
+    if not has:
+        return 0
+    row = con.execute("SELECT max(version) FROM umi_schema").fetchall()[0]
+    return int(row[0] or 0)
+
+
+def migrate(con: Any, found: int, now_ms: int, *, upto: int = SCHEMA_VERSION) -> int:
+    """Apply migrations ``found + 1 .. upto``, each in its own transaction. Returns the new version."""
+    if found > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"the database has schema version {found}, newer than this umi supports ({SCHEMA_VERSION}); "
+            "upgrade umi to open it",
+            found=found, supported=SCHEMA_VERSION,
+        )
+    for v in range(found + 1, upto + 1):
+        con.execute("BEGIN TRANSACTION")
+        try:
+            if v == 1:
+                con.execute("CREATE TABLE umi_schema (version INTEGER NOT NULL, applied_at BIGINT NOT NULL)")
+            MIGRATIONS[v](con)
+            con.execute("INSERT INTO umi_schema VALUES (?, ?)", [v, now_ms])
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+    return max(found, upto)
+
+
+def add_embedding_column(con: Any, dim: int) -> None:
+    """Fix the store's vector dimension (inside the caller's transaction)."""
+    con.execute(f"ALTER TABLE entities ADD COLUMN embedding FLOAT[{int(dim)}]")
+    con.execute("UPDATE umi_state SET dim = ? WHERE id = 1", [int(dim)])
+
+
+def where_sql(nf: NormFilters, alias: str = "e") -> tuple[str, list[Any]]:
+    """A WHERE clause (without the keyword) and its parameters for ``nf`` over ``entities AS alias``."""
+    if nf.empty:
+        return "FALSE", []
+    a = alias
+    clauses: list[str] = []
+    params: list[Any] = []
+    if nf.entity_types is not None:
+        clauses.append(f"{a}.entity_type IN ({', '.join('?' for _ in nf.entity_types)})")
+        params.extend(t.value for t in nf.entity_types)
+    if nf.time_lo is not None or nf.time_hi is not None:
+        col = f"{a}.event_time" if nf.time_field == "event_time" else f"{a}.created_at"
+        clauses.append(f"{col} IS NOT NULL")
+        if nf.time_lo is not None:
+            clauses.append(f"{col} >= ?")
+            params.append(nf.time_lo)
+        if nf.time_hi is not None:
+            clauses.append(f"{col} <= ?")
+            params.append(nf.time_hi)
+    for key, vtype, vtext in nf.metadata:
+        clauses.append(
+            f"EXISTS (SELECT 1 FROM entity_metadata m WHERE m.entity_id = {a}.id "
+            "AND m.key = ? AND m.vtype = ? AND m.vtext = ?)"
+        )
+        params.extend((key, vtype, vtext))
+    if nf.as_of is not None:
+        clauses.append(f"{a}.created_at <= ? AND ({a}.valid_to IS NULL OR {a}.valid_to > ?)")
+        params.extend((nf.as_of, nf.as_of))
+    elif not nf.include_superseded:
+        clauses.append(f"{a}.valid_to IS NULL")
+    return (" AND ".join(clauses) if clauses else "TRUE"), params

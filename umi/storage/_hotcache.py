@@ -1,0 +1,649 @@
+"""The in-process read path of archival memory: entities, filter columns, postings, vectors.
+
+:class:`EntityCache` holds every stored entity in a form that answers the hot
+queries without touching disk: entity objects by row, numpy column arrays aligned
+to rows (type, times, liveness, document length) that turn a filter into a bool
+mask in a few vectorised operations, per-key metadata value codes, a name index,
+BM25 postings, the original embeddings and the :class:`umi.index.VectorIndex`
+whose slots map to rows. The Sim backend keeps its entities here; the DuckDB
+backend keeps it in step with every commit and rebuilds it from DuckDB on open.
+
+Transactions: :meth:`begin` starts a journal that records each touched entity's
+state before its first change; :meth:`rollback` puts those states back (and drops
+a vector dimension fixed inside the transaction), :meth:`commit` forgets them.
+
+Not thread-safe on its own: its owner serialises access.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from ..errors import StorageError
+from ..types import Entity, EntityType, normalize_name
+from ._bm25 import bm25_candidates, top_rows
+from ._common import NormFilters, clone_entity, meta_key
+from .text import bm25_idf, document_terms
+
+__all__ = ["EntityCache", "TYPE_CODES"]
+
+I64_MAX = np.iinfo(np.int64).max
+TYPE_CODES: dict[EntityType, int] = {t: i for i, t in enumerate(EntityType)}
+_MASK_CACHE_SIZE = 32
+_EMPTY = np.zeros(0, dtype=bool)
+
+
+class _Postings:
+    """One term's postings: row -> tf, kept as arrays until first changed, then as a dict
+    whose arrays are rebuilt lazily for the next query."""
+
+    __slots__ = ("rows", "tfs", "d")
+
+    def __init__(self, rows: np.ndarray | None = None, tfs: np.ndarray | None = None) -> None:
+        self.rows = rows
+        self.tfs = tfs
+        self.d: dict[int, int] | None = None if rows is not None else {}
+
+    def _dict(self) -> dict[int, int]:
+        if self.d is None:
+            assert self.rows is not None and self.tfs is not None
+            self.d = dict(zip(self.rows.tolist(), self.tfs.astype(np.int64).tolist()))
+        self.rows = self.tfs = None
+        return self.d
+
+    def set(self, row: int, tf: int) -> None:
+        self._dict()[row] = tf
+
+    def discard(self, row: int) -> None:
+        self._dict().pop(row, None)
+
+    def df(self) -> int:
+        return len(self.d) if self.d is not None else len(self.rows)  # type: ignore[arg-type]
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.rows is None:
+            d = self.d or {}
+            self.rows = np.fromiter(d.keys(), dtype=np.int64, count=len(d))
+            self.tfs = np.fromiter(d.values(), dtype=np.float64, count=len(d))
+        return self.rows, self.tfs  # type: ignore[return-value]
+
+
+class EntityCache:
+    """Every entity of a store, indexed for filtered vector, keyword and name lookups.
+
+    ``index_factory(dim)`` makes the vector index once the dimension is known.
+    """
+
+    def __init__(self, *, dim: int | None, index_factory: Callable[[int], Any]) -> None:
+        self.dim = dim
+        self._index_factory = index_factory
+        self.index: Any = None
+        self.version = 0
+        self._reset_rows(16)
+
+    # --- storage of rows -------------------------------------------------------------
+    def _reset_rows(self, cap: int) -> None:
+        self._row_of: dict[str, int] = {}
+        self._ents: list[Entity | None] = []
+        self._n = 0
+        self._cap = 0
+        self._alive = np.zeros(0, bool)
+        self._type = np.zeros(0, np.int8)
+        self._created = np.zeros(0, np.int64)
+        self._event = np.zeros(0, np.int64)
+        self._has_event = np.zeros(0, bool)
+        self._valid_to = np.zeros(0, np.int64)
+        self._doc_len = np.zeros(0, np.float64)
+        self._has_vec = np.zeros(0, bool)
+        self._row_slot = np.zeros(0, np.int64)
+        self._vecs: np.ndarray | None = None
+        self._slot_row = np.full(0, -1, np.int64)
+        self._by_name: dict[str, set[int]] = {}
+        self._meta_codes: dict[str, np.ndarray] = {}
+        self._meta_vals: dict[str, dict[tuple[str, str], int]] = {}
+        self._post: dict[str, _Postings] = {}
+        self._n_alive = 0
+        self._n_vecs = 0
+        self._total_len = 0
+        self._masks: OrderedDict[Any, tuple[int, np.ndarray, Any]] = OrderedDict()
+        self._journal: dict[str, tuple[Entity | None, np.ndarray | None]] | None = None
+        self._journal_dim: int | None = None
+        self._grow(cap)
+
+    def _grow(self, need: int) -> None:
+        if need <= self._cap:
+            return
+        cap = max(16, need, int(self._cap * 1.5))
+
+        def g(a: np.ndarray, fill: Any = 0) -> np.ndarray:
+            out = np.full(cap, fill, a.dtype)
+            out[: a.shape[0]] = a
+            return out
+
+        self._alive = g(self._alive, False)
+        self._type = g(self._type)
+        self._created = g(self._created)
+        self._event = g(self._event)
+        self._has_event = g(self._has_event, False)
+        self._valid_to = g(self._valid_to, I64_MAX)
+        self._doc_len = g(self._doc_len)
+        self._has_vec = g(self._has_vec, False)
+        self._row_slot = g(self._row_slot, -1)
+        for k, arr in self._meta_codes.items():
+            self._meta_codes[k] = g(arr)
+        if self._vecs is not None:
+            v = np.zeros((cap, self._vecs.shape[1]), np.float32)
+            v[: self._vecs.shape[0]] = self._vecs
+            self._vecs = v
+        self._cap = cap
+
+    def _ensure_dim(self, dim: int) -> None:
+        if self.dim is None:
+            self.dim = dim
+        if self.dim != dim:  # checked by the backend before; a bug if reached
+            raise StorageError(f"vector of {dim} dimensions in a {self.dim}-d store")
+        if self._vecs is None:
+            self._vecs = np.zeros((self._cap, dim), np.float32)
+        if self.index is None:
+            self.index = self._index_factory(dim)
+
+    def _map_slot(self, row: int, slot: int) -> None:
+        if slot >= self._slot_row.shape[0]:
+            grown = np.full(max(slot + 1, int(self._slot_row.shape[0] * 1.5), 16), -1, np.int64)
+            grown[: self._slot_row.shape[0]] = self._slot_row
+            self._slot_row = grown
+        self._slot_row[slot] = row
+        self._row_slot[row] = slot
+
+    def _unmap_slot(self, row: int) -> None:
+        slot = int(self._row_slot[row])
+        if slot >= 0:
+            if slot < self._slot_row.shape[0] and self._slot_row[slot] == row:
+                self._slot_row[slot] = -1
+            self._row_slot[row] = -1
+
+    # --- indexing one row ------------------------------------------------------------
+    def _index_row(self, row: int, e: Entity) -> None:
+        self._ents[row] = e
+        self._alive[row] = True
+        self._type[row] = TYPE_CODES[e.entity_type]
+        self._created[row] = e.created_at
+        self._has_event[row] = e.event_time is not None
+        self._event[row] = 0 if e.event_time is None else e.event_time
+        self._valid_to[row] = I64_MAX if e.valid_to is None else e.valid_to
+        self._by_name.setdefault(normalize_name(e.name), set()).add(row)
+        for k, v in e.metadata.items():
+            vals = self._meta_vals.setdefault(k, {})
+            code = vals.setdefault(meta_key(v), len(vals) + 1)
+            codes = self._meta_codes.get(k)
+            if codes is None:
+                codes = self._meta_codes[k] = np.zeros(self._cap, np.int32)
+            codes[row] = code
+        tfs, dl = document_terms(e.name, e.content)
+        for t, tf in tfs.items():
+            p = self._post.get(t)
+            if p is None:
+                p = self._post[t] = _Postings()
+            p.set(row, tf)
+        self._doc_len[row] = dl
+        self._total_len += dl
+        self._n_alive += 1
+
+    def _unindex_row(self, row: int, e: Entity) -> None:
+        names = self._by_name.get(normalize_name(e.name))
+        if names is not None:
+            names.discard(row)
+            if not names:
+                del self._by_name[normalize_name(e.name)]
+        for k in e.metadata:
+            self._meta_codes[k][row] = 0
+        tfs, dl = document_terms(e.name, e.content)
+        for t in tfs:
+            p = self._post.get(t)
+            if p is not None:
+                p.discard(row)
+                if p.df() == 0:
+                    del self._post[t]
+        self._total_len -= dl
+        self._n_alive -= 1
+        self._alive[row] = False
+
+    def _apply(self, eid: str, new: Entity | None, vec: np.ndarray | None) -> None:
+        """Make ``eid`` hold ``new`` (``None``: absent) with vector ``vec``."""
+        row = self._row_of.get(eid)
+        old = self._ents[row] if row is not None else None
+        had_vec = row is not None and bool(self._has_vec[row])
+        slot = -1
+        # the vector index first: it is the only step that can fail for a reason of its own
+        if new is not None and vec is not None:
+            self._ensure_dim(vec.shape[0])
+            slot = int(np.asarray(self.index.add([eid], vec[None, :]))[0])
+        elif had_vec:
+            self.index.remove([eid])
+        self.version += 1
+        if old is not None:
+            assert row is not None
+            self._unindex_row(row, old)
+            self._unmap_slot(row)
+            if had_vec:
+                self._has_vec[row] = False
+                self._n_vecs -= 1
+        if new is None:
+            if row is not None:
+                self._ents[row] = None
+                del self._row_of[eid]
+            return
+        if row is None:
+            row = self._n
+            self._grow(row + 1)
+            self._n += 1
+            self._ents.append(None)
+            self._row_of[eid] = row
+        self._index_row(row, new)
+        if vec is not None:
+            assert self._vecs is not None
+            self._vecs[row] = vec
+            self._has_vec[row] = True
+            self._n_vecs += 1
+            self._map_slot(row, slot)
+
+    # --- transactions ----------------------------------------------------------------
+    @property
+    def in_transaction(self) -> bool:
+        return self._journal is not None
+
+    def begin(self) -> None:
+        if self._journal is not None:
+            raise StorageError("cache transaction already open")
+        self._journal = {}
+        self._journal_dim = self.dim
+
+    def commit(self) -> None:
+        self._journal = None
+
+    def rollback(self) -> None:
+        """Put every entity touched since :meth:`begin` back as it was."""
+        journal, self._journal = self._journal, None
+        if not journal:
+            return
+        for eid, (old, vec) in reversed(list(journal.items())):
+            self._apply(eid, old, vec)
+        if self._journal_dim is None and self.dim is not None:
+            # the first vector arrived inside the rolled-back transaction
+            if self._n_vecs:
+                raise StorageError("cache rollback left vectors behind in a store that had none")
+            self.dim = None
+            self.index = None
+            self._vecs = None
+            self._slot_row = np.full(0, -1, np.int64)
+        self.version += 1
+
+    def _touch(self, eid: str) -> None:
+        j = self._journal
+        if j is not None and eid not in j:
+            row = self._row_of.get(eid)
+            if row is None:
+                j[eid] = (None, None)
+            else:
+                vec = self._vecs[row].copy() if self._has_vec[row] else None  # type: ignore[index]
+                j[eid] = (self._ents[row], vec)
+
+    # --- writes ----------------------------------------------------------------------
+    def put(self, e: Entity) -> bool:
+        """Insert or replace; ``e`` is a private validated copy whose embedding (if any) has the
+        store's dimension. Returns True when the id was new."""
+        vec = e.embedding
+        stored = e if vec is None else clone_entity(e, None)
+        stored.embedding = None
+        self._touch(e.id)
+        is_new = e.id not in self._row_of
+        self._apply(e.id, stored, vec)
+        return is_new
+
+    def remove(self, eid: str) -> Entity | None:
+        """Remove; returns the removed entity (with its embedding) or None."""
+        row = self._row_of.get(eid)
+        if row is None:
+            return None
+        old = self._entity_at(row)
+        self._touch(eid)
+        self._apply(eid, None, None)
+        return old
+
+    def set_valid_to(self, eid: str, valid_to: int) -> Entity | None:
+        """Supersede a current entity; returns its new state, or None if absent or already superseded."""
+        row = self._row_of.get(eid)
+        if row is None:
+            return None
+        old = self._ents[row]
+        assert old is not None
+        if old.valid_to is not None:
+            return None
+        new = clone_entity(old, None)
+        new.embedding = None
+        new.valid_to = valid_to
+        new.updated_at = max(old.updated_at, valid_to)
+        self._touch(eid)
+        # only the row's columns change: name, metadata, text and vector are the same
+        self.version += 1
+        self._ents[row] = new
+        self._valid_to[row] = valid_to
+        vec = self._vecs[row] if self._has_vec[row] else None  # type: ignore[index]
+        return clone_entity(new, vec)
+
+    # --- reads -----------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._n_alive
+
+    def __contains__(self, eid: object) -> bool:
+        return eid in self._row_of
+
+    @property
+    def vector_count(self) -> int:
+        return self._n_vecs
+
+    def _entity_at(self, row: int) -> Entity:
+        e = self._ents[row]
+        assert e is not None
+        return clone_entity(e, self._vecs[row] if self._has_vec[row] else None)  # type: ignore[index]
+
+    def peek(self, eid: str) -> Entity | None:
+        """The stored entity itself (no embedding). Callers must not change it."""
+        row = self._row_of.get(eid)
+        return None if row is None else self._ents[row]
+
+    def has_vector(self, eid: str) -> bool:
+        row = self._row_of.get(eid)
+        return row is not None and bool(self._has_vec[row])
+
+    def vector(self, eid: str) -> np.ndarray | None:
+        row = self._row_of.get(eid)
+        if row is None or not self._has_vec[row]:
+            return None
+        return self._vecs[row].copy()  # type: ignore[index]
+
+    def get(self, eid: str) -> Entity | None:
+        row = self._row_of.get(eid)
+        return None if row is None else self._entity_at(row)
+
+    def get_many(self, ids: Sequence[str]) -> list[Entity]:
+        out = []
+        row_of = self._row_of
+        for eid in ids:
+            row = row_of.get(eid)
+            if row is not None:
+                out.append(self._entity_at(row))
+        return out
+
+    def ids(self) -> list[str]:
+        return sorted(self._row_of)
+
+    # --- filters -----------------------------------------------------------------------
+    def row_mask(self, nf: NormFilters) -> np.ndarray:
+        """Rows (0..n-1) that match; cached until the next change."""
+        key = nf.cache_key
+        hit = self._masks.get(key)
+        if hit is not None and hit[0] == self.version:
+            self._masks.move_to_end(key)
+            return hit[1]
+        m = self._compute_mask(nf)
+        self._masks[key] = (self.version, m, None)
+        self._masks.move_to_end(key)
+        while len(self._masks) > _MASK_CACHE_SIZE:
+            self._masks.popitem(last=False)
+        return m
+
+    def _compute_mask(self, nf: NormFilters) -> np.ndarray:
+        n = self._n
+        m = self._alive[:n].copy()
+        if nf.empty:
+            m[:] = False
+            return m
+        if nf.entity_types is not None and len(nf.entity_types) < len(TYPE_CODES):
+            col = self._type[:n]
+            tm = np.zeros(n, bool)
+            for t in nf.entity_types:
+                tm |= col == TYPE_CODES[t]
+            m &= tm
+        if nf.time_lo is not None or nf.time_hi is not None:
+            if nf.time_field == "event_time":
+                col = self._event[:n]
+                m &= self._has_event[:n]
+            else:
+                col = self._created[:n]
+            if nf.time_lo is not None:
+                m &= col >= nf.time_lo
+            if nf.time_hi is not None:
+                m &= col <= nf.time_hi
+        for k, vt, vx in nf.metadata:
+            code = self._meta_vals.get(k, {}).get((vt, vx))
+            if code is None:
+                m[:] = False
+                return m
+            m &= self._meta_codes[k][:n] == code
+        if nf.as_of is not None:
+            m &= self._created[:n] <= nf.as_of
+            m &= self._valid_to[:n] > nf.as_of
+        elif not nf.include_superseded:
+            m &= self._valid_to[:n] == I64_MAX
+        return m
+
+    def _matches(self, row: int, nf: NormFilters) -> bool:
+        """One row against the filters (same semantics as :meth:`row_mask`)."""
+        if nf.empty or not self._alive[row]:
+            return False
+        e = self._ents[row]
+        assert e is not None
+        if nf.entity_types is not None and e.entity_type not in nf.entity_types:
+            return False
+        if nf.time_lo is not None or nf.time_hi is not None:
+            t = e.created_at if nf.time_field == "created_at" else e.event_time
+            if t is None or (nf.time_lo is not None and t < nf.time_lo) or (
+                    nf.time_hi is not None and t > nf.time_hi):
+                return False
+        for k, vt, vx in nf.metadata:
+            if k not in e.metadata or meta_key(e.metadata[k]) != (vt, vx):
+                return False
+        if nf.as_of is not None:
+            return e.created_at <= nf.as_of and (e.valid_to is None or e.valid_to > nf.as_of)
+        return nf.include_superseded or e.valid_to is None
+
+    def _slot_mask(self, nf: NormFilters) -> tuple[bool, np.ndarray | None]:
+        """(any eligible, mask in slot space or None for 'every live vector')."""
+        rm = self.row_mask(nf)
+        key = nf.cache_key
+        ver, _, cached = self._masks[key]
+        if cached is not None:
+            return cached
+        n = self._n
+        eligible = int(np.count_nonzero(rm & self._has_vec[:n]))
+        if eligible == 0:
+            out: tuple[bool, np.ndarray | None] = (False, None)
+        elif eligible == self._n_vecs:
+            out = (True, None)
+        else:
+            cap = max(int(self.index.capacity), 1)
+            if self._slot_row.shape[0] < cap:
+                grown = np.full(cap, -1, np.int64)
+                grown[: self._slot_row.shape[0]] = self._slot_row
+                self._slot_row = grown
+            ext = np.zeros(n + 1, bool)  # slot_row == -1 reads ext[-1], which is False
+            ext[:n] = rm
+            out = (True, ext[self._slot_row[:cap]])
+        self._masks[key] = (ver, rm, out)
+        return out
+
+    # --- queries -----------------------------------------------------------------------
+    def count(self, nf: NormFilters) -> int:
+        return int(np.count_nonzero(self.row_mask(nf)))
+
+    def _ordered_rows(self, rows: Iterable[int]) -> list[int]:
+        ents, created = self._ents, self._created
+        return sorted(rows, key=lambda r: (int(created[r]), ents[r].id))  # type: ignore[union-attr]
+
+    def list(self, nf: NormFilters, limit: int, offset: int) -> list[Entity]:
+        rows = np.flatnonzero(self.row_mask(nf))
+        if offset >= rows.shape[0]:
+            return []
+        created = self._created[rows]
+        order = np.argsort(created, kind="stable")
+        # exact order needs created_at then id; sort the prefix we need, ties included
+        need = offset + limit
+        if need < rows.shape[0]:
+            cutoff = created[order[need - 1]]
+            keep = created <= cutoff
+            rows = rows[keep]
+        picked = self._ordered_rows(rows.tolist())[offset:offset + limit]
+        return [self._entity_at(r) for r in picked]
+
+    def find_by_name(self, norm_name: str, etype: EntityType | None, nf: NormFilters) -> list[Entity]:
+        rows = self._by_name.get(norm_name)
+        if not rows:
+            return []
+        code = None if etype is None else TYPE_CODES[etype]
+        hits = [r for r in rows if (code is None or self._type[r] == code) and self._matches(r, nf)]
+        return [self._entity_at(r) for r in self._ordered_rows(hits)]
+
+    def search_vector(self, q: np.ndarray, k: int, nf: NormFilters) -> list[tuple[str, float]]:
+        if self.index is None or self._n_vecs == 0 or nf.empty:
+            return []
+        any_eligible, mask = self._slot_mask(nf)
+        if not any_eligible:
+            return []
+        res = self.index.search(q, k, mask=mask)
+        out = [(str(i), float(s)) for i, s in res]
+        out.sort(key=lambda t: (-t[1], t[0]))
+        return out[:k]
+
+    def search_text(self, terms: Sequence[str], k: int, nf: NormFilters) -> list[tuple[str, float]]:
+        if not terms or nf.empty or self._n_alive == 0:
+            return []
+        plist = [self._post[t] for t in terms if t in self._post]
+        if not plist:
+            return []
+        n_docs = self._n_alive
+        avgdl = self._total_len / n_docs
+        arrays = [p.arrays() for p in plist]
+        ptr = np.zeros(len(arrays) + 1, np.int64)
+        np.cumsum([a[0].shape[0] for a in arrays], out=ptr[1:])
+        rows = np.concatenate([a[0] for a in arrays]) if len(arrays) > 1 else arrays[0][0]
+        tfs = np.concatenate([a[1] for a in arrays]) if len(arrays) > 1 else arrays[0][1]
+        idfs = np.array([bm25_idf(n_docs, a[0].shape[0]) for a in arrays], np.float64)
+        mask = self.row_mask(nf)
+        cand, scores = bm25_candidates(rows, tfs, ptr, idfs, self._doc_len[: self._n], avgdl, mask)
+        if cand.shape[0] == 0:
+            return []
+        sel = top_rows(scores, k)
+        ents = self._ents
+        out = [(ents[int(cand[i])].id, float(scores[i])) for i in sel]  # type: ignore[union-attr]
+        out.sort(key=lambda t: (-t[1], t[0]))
+        return out[:k]
+
+    # --- bulk load and the vector index -------------------------------------------------
+    def bulk_load(self, entities: list[Entity], vectors: np.ndarray | None, has_vec: np.ndarray,
+                  postings: dict[str, tuple[np.ndarray, np.ndarray]], doc_len: np.ndarray) -> None:
+        """Replace everything with ``entities`` (internal copies without embeddings; row i is
+        entities[i]), their vectors (row-aligned, ``has_vec`` marks real ones), postings per term
+        (rows, tfs) and document lengths. The vector index is left unset (see adopt_index)."""
+        n = len(entities)
+        self._reset_rows(n + 16)
+        self.index = None
+        self.version += 1
+        self._n = n
+        self._ents = list(entities)
+        self._row_of = {e.id: i for i, e in enumerate(entities)}
+        if n:
+            self._alive[:n] = True
+            self._type[:n] = np.fromiter((TYPE_CODES[e.entity_type] for e in entities), np.int8, n)
+            self._created[:n] = np.fromiter((e.created_at for e in entities), np.int64, n)
+            ev = [e.event_time for e in entities]
+            self._has_event[:n] = np.fromiter((t is not None for t in ev), bool, n)
+            self._event[:n] = np.fromiter((0 if t is None else t for t in ev), np.int64, n)
+            self._valid_to[:n] = np.fromiter((I64_MAX if e.valid_to is None else e.valid_to for e in entities),
+                                             np.int64, n)
+            self._doc_len[:n] = doc_len
+        self._n_alive = n
+        self._total_len = int(doc_len.sum()) if n else 0
+        by_name = self._by_name
+        for i, e in enumerate(entities):
+            by_name.setdefault(normalize_name(e.name), set()).add(i)
+            for k, v in e.metadata.items():
+                vals = self._meta_vals.setdefault(k, {})
+                code = vals.setdefault(meta_key(v), len(vals) + 1)
+                codes = self._meta_codes.get(k)
+                if codes is None:
+                    codes = self._meta_codes[k] = np.zeros(self._cap, np.int32)
+                codes[i] = code
+        self._post = {t: _Postings(r.astype(np.int64, copy=False), f.astype(np.float64, copy=False))
+                      for t, (r, f) in postings.items() if r.shape[0]}
+        if vectors is not None and self.dim is None:
+            self.dim = int(vectors.shape[1])
+        if self.dim is not None:
+            self._vecs = np.zeros((self._cap, self.dim), np.float32)
+            if vectors is not None and n:
+                self._vecs[:n] = vectors[:n]
+        self._has_vec[:n] = has_vec[:n]
+        self._n_vecs = int(np.count_nonzero(has_vec[:n]))
+
+    def rebuild_index(self) -> None:
+        """A fresh vector index from the cached vectors."""
+        self.index = None
+        self._row_slot[:] = -1
+        self._slot_row = np.full(0, -1, np.int64)
+        self.version += 1
+        if self.dim is None:
+            return
+        self.index = self._index_factory(self.dim)
+        rows = np.flatnonzero(self._has_vec[: self._n])
+        if rows.shape[0] == 0:
+            return
+        ids = [self._ents[int(r)].id for r in rows]  # type: ignore[union-attr]
+        slots = np.asarray(self.index.add(ids, self._vecs[rows]))  # type: ignore[index]
+        for r, s in zip(rows.tolist(), slots.tolist()):
+            self._map_slot(r, int(s))
+
+    def adopt_index(self, index: Any, changed_ids: Iterable[str], *, check_sample: int = 32) -> bool:
+        """Use a loaded index after replaying ``changed_ids`` (ids written since it was saved).
+        Returns False (and leaves no index) when it does not agree with the cached vectors."""
+        if self.dim is None or int(index.dim) != self.dim:
+            return False
+        for eid in sorted(set(changed_ids)):
+            row = self._row_of.get(eid)
+            if row is not None and self._has_vec[row]:
+                index.add([eid], self._vecs[row][None, :])  # type: ignore[index]
+            elif index.slot_of(eid) >= 0:
+                index.remove([eid])
+        if len(index) != self._n_vecs:
+            return False
+        self._row_slot[:] = -1
+        self._slot_row = np.full(max(int(index.capacity), 1), -1, np.int64)
+        rows = np.flatnonzero(self._has_vec[: self._n]).tolist()
+        for r in rows:
+            slot = int(index.slot_of(self._ents[r].id))  # type: ignore[union-attr]
+            if slot < 0:
+                return False
+            self._map_slot(r, slot)
+        if rows:
+            rng = random.Random(len(rows))
+            for r in rng.sample(rows, min(check_sample, len(rows))):
+                got = index.get_vector(self._ents[r].id)  # type: ignore[union-attr]
+                want = self._vecs[r]  # type: ignore[index]
+                if got is None or not _same_direction(np.asarray(got, np.float32), want):
+                    return False
+        self.index = index
+        self.version += 1
+        return True
+
+
+def _same_direction(a: np.ndarray, b: np.ndarray) -> bool:
+    if a.shape != b.shape:
+        return False
+    na = float(np.linalg.norm(a))
+    nb = float(np.linalg.norm(b))
+    if na == 0.0 or nb == 0.0:
+        return False
+    return float(np.dot(a / na, b / nb)) > 1.0 - 1e-5
