@@ -235,7 +235,7 @@ int umi_parse_int64(const char *s, size_t n, int64_t *out) {
         neg = 1;
         i = 1;
     }
-    if (i == n || n > 20) return 0;
+    if (i == n) return 0;
     /* Accumulate negatively so INT64_MIN parses. */
     int64_t acc = 0;
     for (; i < n; i++) {

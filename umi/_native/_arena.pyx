@@ -1,4 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: autotestdict=False, auto_pickle=False
 """Compiled core- and working-memory arenas over csrc/.
 
 Private: import :class:`umi.CoreMemory` and :class:`umi.WorkingMemory`. These
@@ -35,7 +36,6 @@ from umi.errors import (
 )
 
 cdef extern from "Python.h":
-    const char *PyUnicode_AsUTF8AndSize(object s, Py_ssize_t *size) except NULL
     char *PyOS_double_to_string(double val, char format_code, int precision, int flags,
                                 int *ptype) except NULL
 
@@ -113,8 +113,9 @@ cdef extern from "Python.h":
 
 
 cdef int _raise_not_utf8(str what, object value, type error) except -1:
+    PyErr_Clear()  # the pending error is recreated below, with a traceback
     try:
-        PyUnicode_AsUTF8AndSize(value, NULL)
+        value.encode("utf-8")
     except UnicodeEncodeError as exc:
         if error is InvalidKeyError:
             raise InvalidKeyError(f"{what} is not encodable as UTF-8: {exc.reason}",
@@ -124,7 +125,7 @@ cdef int _raise_not_utf8(str what, object value, type error) except -1:
                 f"label must be 1-{_LABEL_MAX} bytes of [A-Za-z0-9_.-], got {value!r}",
                 label=value) from exc
         raise ValidationError(f"{what} is not encodable as UTF-8: {exc.reason}") from exc
-    raise SystemError("PyUnicode_AsUTF8AndSize failed without an error")
+    raise SystemError(f"{what}: PyUnicode_AsUTF8AndSize failed on a UTF-8-encodable str")
 
 
 cdef int _raise_type(str what, object value, str expected) except -1:
@@ -227,6 +228,11 @@ cdef class CoreMemory:
         # Start with versions that cannot match, so the first render builds.
         self._render_xml_version = self._core.version - 1
         self._render_markdown_version = self._core.version - 1
+
+    def __init__(self, max_bytes=32 * 1024, *, max_tokens=None, tokenizer=None):
+        # __cinit__ has already validated and applied the arguments; this
+        # signature is here so introspection (help, stubtest) sees them.
+        pass
 
     def __dealloc__(self):
         if self._ready:
@@ -426,6 +432,12 @@ cdef class WorkingMemory:
         self._clock = clock
         _check(umi_wm_init(&self._wm, mb, me, _SEED), NULL, _WORKING, None)
         self._ready = True
+
+    def __init__(self, max_bytes=1 << 20, max_entries=10_000, default_ttl_secs=3600,
+                 on_full="error", clock=None):
+        # __cinit__ has already validated and applied the arguments; this
+        # signature is here so introspection (help, stubtest) sees them.
+        pass
 
     def __dealloc__(self):
         if self._ready:
