@@ -456,15 +456,20 @@ def text_vector(text: str, dim: int) -> np.ndarray:
 
 
 def openai_embeddings(vectors: Iterable[np.ndarray], *, encoding_format: str = "float",
-                      order: list[int] | None = None, model: str = "text-embedding-3-small",
-                      prompt_tokens: int = 10) -> dict[str, Any]:
+                      order: list[int] | None = None, labels: list[int] | None = None,
+                      model: str = "text-embedding-3-small", prompt_tokens: int = 10) -> dict[str, Any]:
+    """An embeddings response listing ``vectors[i]`` for i in ``order`` (default: input order).
+
+    Each entry's ``index`` is its input position, or ``labels[k]`` for the k-th entry listed
+    (to forge repeated or out-of-range indices).
+    """
     vecs = [np.asarray(v, dtype=np.float32) for v in vectors]
     idx = list(range(len(vecs))) if order is None else order
     data = []
-    for i in idx:
+    for k, i in enumerate(idx):
         v = vecs[i]
         emb: Any = base64.b64encode(v.tobytes()).decode() if encoding_format == "base64" else [float(x) for x in v]
-        data.append({"object": "embedding", "index": i, "embedding": emb})
+        data.append({"object": "embedding", "index": i if labels is None else labels[k], "embedding": emb})
     return {"object": "list", "data": data, "model": model,
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
 

@@ -23,7 +23,7 @@ import json
 import threading
 from typing import Any, Mapping
 
-from ..errors import InvalidConfigError, InvalidResponseError
+from ..errors import InvalidResponseError
 from ..types import Usage
 from . import _common
 from ._common import RetryPolicy, SchemaViolation
@@ -61,7 +61,6 @@ class AnthropicProvider(LLMProvider):
         max_retries: int = 3,
         max_tokens: int = 4096,
         max_retry_wait: float = _common.DEFAULT_MAX_RETRY_WAIT_SECS,
-        temperature: float | None = None,
     ) -> None:
         self.model = _common.check_model(model)
         self.base_url = _common.check_base_url(base_url)
@@ -69,12 +68,6 @@ class AnthropicProvider(LLMProvider):
         self.max_retries = _common.check_max_retries(max_retries)
         self.max_tokens = _common.check_positive_int(max_tokens, "max_tokens", 1, ANTHROPIC_MAX_TOKENS_LIMIT)
         wait = _common.check_wait(max_retry_wait, "max_retry_wait")
-        if temperature is not None:
-            if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-                raise TypeError(f"temperature must be a float or None, not {type(temperature).__name__}")
-            if not 0.0 <= float(temperature) <= 1.0:
-                raise InvalidConfigError(f"temperature must be in [0, 1], got {temperature!r}")
-        self.temperature = None if temperature is None else float(temperature)
         self._sdk = _common.import_sdk("anthropic", "anthropic")
         self._api_key = _common.resolve_api_key(api_key, env=_KEY_ENV, provider="anthropic")
         self.retry = RetryPolicy(max_retries=self.max_retries, max_wait_secs=wait)
@@ -151,8 +144,6 @@ class AnthropicProvider(LLMProvider):
         }
         if system.strip():  # the API refuses empty text blocks
             request["system"] = [{"type": "text", "text": system, "cache_control": dict(_EPHEMERAL)}]
-        if self.temperature is not None:
-            request["temperature"] = self.temperature
         return request
 
     def _result(self, message: Any, schema: Mapping[str, Any], task: str) -> LLMResult:
