@@ -132,10 +132,10 @@ def check_metadata_text(entities: Sequence[Entity]) -> None:
                 check_utf8(v, f"entity {e.id} metadata[{k!r}]")
 
 
-def cosine_scores(matrix: np.ndarray, unit_query: np.ndarray) -> np.ndarray:
-    """Cosine similarity of each row with a unit query, in float64."""
+def cosine_scores(matrix: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row with a non-zero ``query``, in float64."""
     m = np.asarray(matrix, dtype=np.float64)
-    q = np.asarray(unit_query, dtype=np.float64)
+    q = np.asarray(query, dtype=np.float64)
     q = q / math.sqrt(float(q @ q))
     norms = np.sqrt(np.einsum("ij,ij->i", m, m))
     out = np.zeros(m.shape[0], dtype=np.float64)

@@ -599,7 +599,8 @@ class PostgresStorageBackend(StorageBackend):
                 hits = cur.fetchall()
         if not hits:
             return []
-        scores = R.cosine_scores(np.stack([_vector_from_binary(h[1]) for h in hits]), q)
+        scores = R.cosine_scores(np.stack([_vector_from_binary(h[1]) for h in hits]),
+                                 np.asarray(vector, dtype=np.float32))
         return R.top_k([(h[0], float(s)) for h, s in zip(hits, scores)], k)
 
     def _stored_dim(self) -> int | None:
