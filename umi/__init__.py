@@ -15,6 +15,8 @@ from .providers.openai import OpenAIEmbeddingProvider, OpenAIProvider
 from .providers.sim import SimEmbeddingProvider, SimLLMProvider
 from .storage.base import SearchFilters, StorageBackend
 from .storage.duckdb import DuckDBStorageBackend
+from .storage.lance import LanceStorageBackend
+from .storage.postgres import PostgresStorageBackend
 from .storage.sim import SimStorageBackend
 from .types import Entity, EntityType, EvolutionRelation, EvolutionType, RememberResult, Usage
 
@@ -49,4 +51,6 @@ __all__ = [
     "SearchFilters",
     "DuckDBStorageBackend",
     "SimStorageBackend",
+    "PostgresStorageBackend",
+    "LanceStorageBackend",
 ]

@@ -1,12 +1,15 @@
 """Archival storage: the protocol and its backends.
 
 ``DuckDBStorageBackend`` (the default, one file) and ``SimStorageBackend`` (in memory,
-with fault injection) import eagerly; backends with optional dependencies (Postgres,
-Lance) are imported from their own modules.
+with fault injection) import eagerly. ``PostgresStorageBackend`` and ``LanceStorageBackend``
+import too, but their drivers (psycopg, lancedb) load only in ``connect()``, which raises
+:class:`umi.BackendNotInstalledError` naming the extra when a driver is missing.
 """
 
 from .base import HistoryRecord, SearchFilters, Source, StorageBackend, source_id_for, text_hash
 from .duckdb import DuckDBStorageBackend
+from .lance import LanceStorageBackend
+from .postgres import PostgresStorageBackend
 from .sim import SimStorageBackend
 
 __all__ = [
@@ -18,4 +21,6 @@ __all__ = [
     "text_hash",
     "DuckDBStorageBackend",
     "SimStorageBackend",
+    "PostgresStorageBackend",
+    "LanceStorageBackend",
 ]

@@ -35,7 +35,6 @@ Transactions, and what Lance cannot do:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -169,6 +168,8 @@ class LanceStorageBackend(StorageBackend):
         if ann_index_rows < 256:
             raise InvalidConfigError(f"ann_index_rows must be at least 256 (IVF training needs rows), got {ann_index_rows}")
         try:
+            import fcntl
+
             import lancedb
             import pyarrow  # noqa: F401
         except ImportError as exc:
@@ -784,6 +785,8 @@ class LanceStorageBackend(StorageBackend):
             self._closed = True
             self._t.clear()
             self._db = None
+            import fcntl
+
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
 
