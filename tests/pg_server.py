@@ -192,7 +192,8 @@ def _start_embedded() -> PostgresServer:
         for _ in range(START_ATTEMPTS):
             port = _free_port()
             # fsync off: a test server thrown away at the end needs no durability, and it is faster.
-            opts = f"-h 127.0.0.1 -p {port} -k '' -c fsync=off -c synchronous_commit=off -c max_connections=200"
+            opts = (f"-h 127.0.0.1 -p {port} -k '' -c fsync=off -c synchronous_commit=off "
+                    "-c max_connections=200 -c deadlock_timeout=100ms")
             try:
                 _run([str(bin_dir / "pg_ctl"), "-D", str(data_dir), "-l", str(log), "-o", opts,
                       "-w", "-t", "60", "start"], os_user)
