@@ -77,6 +77,7 @@ _END = b"UMIVEND\x01"
 _FORMAT_VERSION = 1
 _MIN_GROW = 64
 _CHUNK = 1 << 24  # bytes per read when checksumming
+_BATCH_PAD = 8  # extra candidates per query fetched by the batch scan
 _UNIT_TOLERANCE = 4e-7  # |norm - 1| within which a row counts as normalised (~3 float32 ulps)
 
 
@@ -403,13 +404,22 @@ class VectorIndex:
 
     def _exact_many(self, qs: np.ndarray, k: int, mask: np.ndarray | None) -> list[list[tuple[str, float]]]:
         vecs, live, m = self._scan_args(mask)
-        slots, scores = kernels.topk_many(vecs, qs, k + 1, m, valid=live)
+        fetch = min(k + _BATCH_PAD, kernels.TOPK_K_MAX)
+        slots, batch_scores = kernels.topk_many(vecs, qs, fetch, m, valid=live)
+        # The batch kernel's arithmetic may differ from the single-query kernel's in the
+        # last bit. Re-score its candidates the single-query way; the answer is settled
+        # when every row left out scores below the k-th candidate even allowing for that
+        # difference, else that query is re-run on the single-query kernel.
+        slack = 4.0 * self.dim * 2.0**-24
         out = []
         for r in range(qs.shape[0]):
-            if slots.shape[1] > k and scores[r, k] == scores[r, k - 1]:
-                out.append(self._exact(qs[r], k, mask))  # tie at the boundary: settle it by id
+            cand = slots[r]
+            exact = kernels.dot_rows(vecs, qs[r], cand)
+            ranked = self._rank(cand, exact, cand.shape[0])
+            if cand.shape[0] < fetch or float(batch_scores[r, -1]) + slack < ranked[min(k, len(ranked)) - 1][1]:
+                out.append(ranked[:k])
             else:
-                out.append(self._rank(slots[r], scores[r], k))
+                out.append(self._exact(qs[r], k, mask))
         return out
 
     # --- hnsw -------------------------------------------------------------------------

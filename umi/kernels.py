@@ -12,9 +12,15 @@ ascending. Selection uses the same comparator, so the chosen set at a tie on the
 k-th score is the one with the lowest slots, whatever the number of threads.
 
 The dot products use ``fastmath`` reassociation (so the loop vectorises); a score is a
-deterministic function of the two vectors on a given machine and is bit-identical
-between :func:`topk`, :func:`topk_many` and :func:`dot_rows`, but may differ in the last
-bits from numpy's BLAS dot. :func:`topk_reference` is the plain numpy reference.
+deterministic function of the two vectors on a given machine, bit-identical between
+:func:`topk` and :func:`dot_rows`, and within float32 rounding (``dim * 2**-24``) of
+numpy's BLAS dot and of :func:`topk_many`. :func:`topk_reference` is the plain numpy
+reference.
+
+Threads: scans of at least ``PARALLEL_MIN_FLOATS`` floats use one block per numba
+thread; ``numba.set_num_threads(1)`` makes every scan single-threaded (advisable when
+the cores are shared with other busy processes, where a parallel region can wait a
+whole scheduler time slice for its second thread).
 
 Nothing is compiled at import: numba compiles each kernel on first call (and caches
 the machine code on disk, ``cache=True``). :func:`warmup` compiles them eagerly.
@@ -41,9 +47,10 @@ __all__ = [
 #: largest ``k`` a top-k call accepts (the per-thread heaps are ``k`` long)
 TOPK_K_MAX = 100_000
 
-#: scans smaller than this many floats (rows x dim) run on one thread: below it the
-#: cost of waking the thread pool (~10 us) outweighs the work.
-PARALLEL_MIN_FLOATS = 1 << 19
+#: scans smaller than this many floats (rows x dim; 16 MiB) run on one thread. Below it
+#: the work is a few hundred microseconds, mostly from cache, and waking the thread
+#: pool costs more than it saves (on a busy machine, a whole scheduler time slice).
+PARALLEL_MIN_FLOATS = 1 << 22
 
 # Only reassociation (plus its harmless companions): the heap code compares floats
 # and must not be told that infinities and NaNs cannot occur.
@@ -185,21 +192,76 @@ def _topk_parallel(vectors, query, k, valid, mask, nblocks):  # pragma: no cover
 
 
 @njit(inline="always", cache=True)
+def _offer(hs, hi, cnts, q, k, s, i):  # pragma: no cover - compiled
+    c = cnts[q]
+    if c == k and s <= hs[q, 0]:
+        return
+    cnts[q] = _push(hs[q], hi[q], c, k, s, i)
+
+
+@njit(inline="always", cache=True)
 def _scan_block_many(vectors, queries, k, valid, mask, start, end, hs, hi, cnts):  # pragma: no cover
-    m = queries.shape[0]
+    m, d = queries.shape
     for i in range(start, end):
         if not (valid[i] and mask[i]):
             continue
-        for q in range(m):
-            s = _dot(vectors, i, queries[q])
-            c = cnts[q]
-            if c == k and s <= hs[q, 0]:
-                continue
-            cnts[q] = _push(hs[q], hi[q], c, k, s, i)
+        # Four queries per pass over the row: the row element is loaded once for four
+        # products, which roughly halves the loads per multiply-add.
+        q = 0
+        while q + 4 <= m:
+            s0 = np.float32(0.0)
+            s1 = np.float32(0.0)
+            s2 = np.float32(0.0)
+            s3 = np.float32(0.0)
+            for j in range(d):
+                r = vectors[i, j]
+                s0 += r * queries[q, j]
+                s1 += r * queries[q + 1, j]
+                s2 += r * queries[q + 2, j]
+                s3 += r * queries[q + 3, j]
+            _offer(hs, hi, cnts, q, k, s0, i)
+            _offer(hs, hi, cnts, q + 1, k, s1, i)
+            _offer(hs, hi, cnts, q + 2, k, s2, i)
+            _offer(hs, hi, cnts, q + 3, k, s3, i)
+            q += 4
+        while q < m:
+            _offer(hs, hi, cnts, q, k, _dot(vectors, i, queries[q]), i)
+            q += 1
+
+
+@njit(inline="always", cache=True)
+def _merge_many(bs, bi, bc, k, m):  # pragma: no cover - compiled
+    nblocks = bs.shape[0]
+    # every query sees the same eligible rows, so all end with the same count
+    total = 0
+    for b in range(nblocks):
+        total += bc[b, 0]
+    kk = min(k, total)
+    out_s = np.empty((m, kk), np.float32)
+    out_i = np.empty((m, kk), np.int64)
+    hs = np.empty(k, np.float32)
+    hi = np.empty(k, np.int64)
+    for q in range(m):
+        cnt = 0
+        for b in range(nblocks):
+            for t in range(bc[b, q]):
+                cnt = _push(hs, hi, cnt, k, bs[b, q, t], bi[b, q, t])
+        _drain_sorted(hs, hi, cnt, out_s[q], out_i[q])
+    return out_i, out_s
+
+
+@njit(fastmath=_FASTMATH, cache=True)
+def _topk_many_serial(vectors, queries, k, valid, mask):  # pragma: no cover - compiled
+    m = queries.shape[0]
+    bs = np.empty((1, m, k), np.float32)
+    bi = np.empty((1, m, k), np.int64)
+    bc = np.zeros((1, m), np.int64)
+    _scan_block_many(vectors, queries, k, valid, mask, 0, vectors.shape[0], bs[0], bi[0], bc[0])
+    return _merge_many(bs, bi, bc, k, m)
 
 
 @njit(fastmath=_FASTMATH, parallel=True, cache=True)
-def _topk_many(vectors, queries, k, valid, mask, nblocks):  # pragma: no cover - compiled
+def _topk_many_parallel(vectors, queries, k, valid, mask, nblocks):  # pragma: no cover - compiled
     n = vectors.shape[0]
     m = queries.shape[0]
     per = (n + nblocks - 1) // nblocks
@@ -210,22 +272,7 @@ def _topk_many(vectors, queries, k, valid, mask, nblocks):  # pragma: no cover -
         start = b * per
         end = min(n, start + per)
         _scan_block_many(vectors, queries, k, valid, mask, start, end, bs[b], bi[b], bc[b])
-    # every query sees the same eligible rows, so all end with the same count
-    total = 0
-    for b in range(nblocks):
-        total += bc[b, 0] if m > 0 else 0
-    kk = min(k, total)
-    out_s = np.empty((m, kk), np.float32)
-    out_i = np.empty((m, kk), np.int64)
-    for q in prange(m):
-        hs = np.empty(k, np.float32)
-        hi = np.empty(k, np.int64)
-        cnt = 0
-        for b in range(nblocks):
-            for t in range(bc[b, q]):
-                cnt = _push(hs, hi, cnt, k, bs[b, q, t], bi[b, q, t])
-        _drain_sorted(hs, hi, cnt, out_s[q], out_i[q])
-    return out_i, out_s
+    return _merge_many(bs, bi, bc, k, m)
 
 
 @njit(fastmath=_FASTMATH, cache=True)
@@ -333,7 +380,10 @@ def topk_many(
     """:func:`topk` for a batch of ``(m, dim)`` queries in one pass over ``vectors``.
 
     Returns ``(rows, scores)`` of shape ``(m, min(k, eligible))``, each row of the result
-    ordered as :func:`topk` orders it; scores are bit-identical to :func:`topk`'s.
+    ordered as :func:`topk` orders it. Queries are scored four at a time, so a score may
+    differ from :func:`topk`'s in the last bit (both are within float32 rounding of the
+    true dot product); callers that need :func:`topk`'s exact choice at near-ties
+    re-score candidates with :func:`dot_rows` (``VectorIndex.search_many`` does).
     """
     vectors = _check_vectors(vectors)
     n, dim = vectors.shape
@@ -344,9 +394,11 @@ def topk_many(
     if n == 0 or nq == 0:
         kk = 0 if n == 0 else min(k, int(np.count_nonzero(v & m)))
         return np.empty((nq, kk), np.int64), np.empty((nq, kk), np.float32)
-    # one block per thread, but never let the per-block heaps dwarf the block itself
-    nb = _nblocks(n * nq, dim)
-    return _topk_many(vectors, queries, k, v, m, nb)  # type: ignore[no-any-return]
+    # the scan is compute-bound from about four queries on: size the thread choice by work
+    nb = _nblocks(n * max(1, nq // 4), dim)
+    if nb == 1:
+        return _topk_many_serial(vectors, queries, k, v, m)  # type: ignore[no-any-return]
+    return _topk_many_parallel(vectors, queries, k, v, m, nb)  # type: ignore[no-any-return]
 
 
 def dot_rows(vectors: np.ndarray, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -390,5 +442,6 @@ def warmup(dim: int = 8) -> None:
     ones = np.ones(4, np.bool_)
     _topk_serial(vecs, q, 2, ones, ones)
     _topk_parallel(vecs, q, 2, ones, ones, 2)
-    _topk_many(vecs, vecs[:2].copy(), 2, ones, ones, 2)
+    _topk_many_serial(vecs, vecs[:2].copy(), 2, ones, ones)
+    _topk_many_parallel(vecs, vecs[:2].copy(), 2, ones, ones, 2)
     _dot_rows(vecs, q, np.arange(2, dtype=np.int64))

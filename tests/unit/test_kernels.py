@@ -155,20 +155,36 @@ def test_non_contiguous_input_is_accepted(path):
     assert rows.tolist() == ref_rows.tolist() and scores.tolist() == ref_scores.tolist()
 
 
-def test_topk_many_is_bit_identical_to_topk(path):
+def test_topk_many_agrees_with_topk(path):
     rng = np.random.default_rng(6)
     vecs = gaussian_unit(rng, 2000, 48)
-    queries = gaussian_unit(rng, 5, 48)
+    queries = gaussian_unit(rng, 6, 48)  # one group of four queries and two single ones
     mask = rng.random(2000) < 0.3
     for m in (None, mask):
         rows, scores = kernels.topk_many(vecs, queries, 12, m)
-        assert rows.shape == (5, 12)
+        assert rows.shape == (6, 12) and scores.shape == (6, 12)
         for i, q in enumerate(queries):
             r1, s1 = kernels.topk(vecs, q, 12, m)
-            assert rows[i].tolist() == r1.tolist()
-            assert scores[i].tolist() == s1.tolist()
+            np.testing.assert_allclose(scores[i], s1, rtol=0, atol=48 * 2.0**-24)
+            # rows agree except where two scores are within rounding of each other
+            close = np.abs(s1[:, None] - s1[None, :]) <= 48 * 2.0**-23
+            differ = rows[i] != r1
+            assert not differ.any() or all(close[j].sum() > 1 or j == 11 for j in np.flatnonzero(differ))
     rows, _ = kernels.topk_many(vecs, queries[:0], 3)
     assert rows.shape == (0, 3)
+
+
+def test_topk_many_equals_reference_on_exact_data(path):
+    rng = np.random.default_rng(12)
+    vecs = exact_vectors(rng, 200)
+    queries = exact_vectors(rng, 9)
+    mask = rng.random(200) < 0.5
+    for m in (None, mask):
+        rows, scores = kernels.topk_many(vecs, queries, 15, m)
+        for i, q in enumerate(queries):
+            ref_rows, ref_scores = kernels.topk_reference(vecs, q, 15, m)
+            assert rows[i].tolist() == ref_rows.tolist()
+            assert scores[i].tolist() == ref_scores.tolist()
 
 
 @settings(max_examples=60, deadline=None)
@@ -188,10 +204,11 @@ def test_property_topk_matches_reference(n, k, seed, density, parallel):
     kernels.PARALLEL_MIN_FLOATS = 0 if parallel else 1 << 40
     try:
         rows, scores = kernels.topk(vecs, q, k, mask)
-        many_rows, many_scores = kernels.topk_many(vecs, np.stack([q, q]), k, mask)
+        many_rows, many_scores = kernels.topk_many(vecs, np.stack([q] * 5), k, mask)
     finally:
         kernels.PARALLEL_MIN_FLOATS = old
     ref_rows, ref_scores = kernels.topk_reference(vecs, q, k, mask)
     assert rows.tolist() == ref_rows.tolist()
     assert scores.tolist() == ref_scores.tolist()
-    assert many_rows[1].tolist() == ref_rows.tolist()
+    assert all(r.tolist() == ref_rows.tolist() for r in many_rows)
+    assert all(s.tolist() == ref_scores.tolist() for s in many_scores)

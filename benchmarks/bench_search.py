@@ -1,0 +1,457 @@
+"""Vector search: umi's exact numba kernel and HNSW index against numpy and faiss.
+
+What it measures, side by side in one run, on 384-d float32 unit vectors at 10k and
+100k rows (1M with ``--full``):
+
+* **Memory read bandwidth** of this machine, measured first in the same run: the best
+  of a one-thread and an all-threads numba sum over a 1 GiB buffer, and numpy's
+  ``sum`` over the same buffer (numpy's pairwise sum is compute-bound, so it is shown
+  but not used as the reference). The reference is the fastest read.
+* **Exact top-10, one query**: ``umi.kernels.topk`` (fused dot + selection, one pass,
+  all threads), the same through ``VectorIndex.search`` (validation, query
+  normalisation, ids), numpy (``V @ q`` + ``argpartition``) and faiss ``IndexFlatIP``.
+  Reported as p50 latency and effective GB/s = bytes of vectors scanned / p50;
+  the target is >= 80 % of the measured read bandwidth.
+* **Exact top-10, 32 queries at once**: ``kernels.topk_many`` (one pass for all
+  queries) vs numpy (``V @ Q.T`` + ``argpartition``) vs faiss flat.
+* **HNSW top-10**: ``VectorIndex`` on its HNSW path (hnswlib, M=16, ef_construction=200,
+  ef_search=128, one build thread, exact re-scoring of candidates) vs faiss
+  ``IndexHNSWFlat`` with the same M / efConstruction / efSearch: build time, p50 and
+  p95 latency, recall@10 against the exact result.
+* **Filtered search** through ``VectorIndex``: a mask letting 50 % of slots through
+  (HNSW path with over-fetch) and 5 % (exact path).
+* **DuckDB store** (``umi.storage.duckdb``, at the largest size run, ``--skip-duckdb``
+  to leave out): bulk upsert rows/s, search + hydrate (``search_vector`` then
+  ``get_many`` of the 10 hits) p50, and reopen time with a valid index cache and
+  with the cache deleted. Targets: search + hydrate p50 <= 1 ms at 100k, reopen with a
+  valid cache <= 2 s at 100k.
+
+Vectors are clustered like real sentence embeddings (a shared mean direction, one
+gaussian centroid per ~100 rows, per-row noise), never uniform random: HNSW recall
+on uniform random vectors says nothing about real data. Queries are 200 fresh draws
+from the same distribution. Latencies are per call, ``time.perf_counter``, after a
+warm-up; the machine is shared, so p50 is the figure to read.
+
+Run: ``python benchmarks/bench_search.py [--full] [--sizes 10000,100000] [--skip-duckdb]``.
+Prints a table and writes ``benchmarks/results/bench_search.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+sys.path.insert(0, str(ROOT))  # run from a source tree without installing
+
+import numba  # noqa: E402
+from numba import njit, prange  # noqa: E402
+
+from umi import kernels  # noqa: E402
+from umi.index import VectorIndex  # noqa: E402
+
+DIM = 384
+K = 10
+N_QUERIES = 200
+
+
+# --- memory bandwidth --------------------------------------------------------------------
+
+
+@njit(fastmath=True, cache=True)
+def _sum_1t(a):  # pragma: no cover - compiled
+    s = np.float32(0.0)
+    for i in range(a.shape[0]):
+        s += a[i]
+    return s
+
+
+@njit(fastmath=True, parallel=True, cache=True)
+def _sum_nt(a):  # pragma: no cover - compiled
+    s = np.float32(0.0)
+    for i in prange(a.shape[0]):
+        s += a[i]
+    return s
+
+
+def best_rate(fn: Callable[[], Any], nbytes: int, reps: int = 7) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best / 1e9
+
+
+def measure_bandwidth() -> dict[str, float]:
+    buf = np.ones((1 << 30) // 4, np.float32)  # 1 GiB: far beyond any cache
+    out = {
+        "numba_sum_1thread_GBps": best_rate(lambda: _sum_1t(buf), buf.nbytes),
+        "numba_sum_all_threads_GBps": best_rate(lambda: _sum_nt(buf), buf.nbytes),
+        "numpy_sum_GBps": best_rate(lambda: buf.sum(), buf.nbytes, reps=3),
+        "threads": numba.get_num_threads(),
+    }
+    out["reference_GBps"] = max(out["numba_sum_1thread_GBps"], out["numba_sum_all_threads_GBps"])
+    del buf
+    return out
+
+
+# --- data ---------------------------------------------------------------------------------
+
+
+def clustered(n: int, n_queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and queries shaped like sentence embeddings: common direction + clusters + noise."""
+    rng = np.random.default_rng(seed)
+    n_centroids = max(16, n // 100)
+    mean = rng.standard_normal(DIM).astype(np.float32) * 0.6
+    centroids = (rng.standard_normal((n_centroids, DIM)) * rng.uniform(0.5, 1.5, (n_centroids, 1))).astype(np.float32)
+
+    def draw(m: int) -> np.ndarray:
+        out = np.empty((m, DIM), np.float32)
+        for a in range(0, m, 100_000):
+            b = min(m, a + 100_000)
+            v = mean + centroids[rng.integers(0, n_centroids, b - a)]
+            v += 0.55 * rng.standard_normal((b - a, DIM)).astype(np.float32)
+            v /= np.linalg.norm(v, axis=1, keepdims=True)
+            out[a:b] = v
+        return out
+
+    return draw(n), draw(n_queries)
+
+
+# --- timing helpers -----------------------------------------------------------------------
+
+
+def latencies(fn: Callable[[Any], Any], args: list[Any], warmup: int = 3) -> np.ndarray:
+    for a in args[:warmup]:
+        fn(a)
+    out = np.empty(len(args))
+    for i, a in enumerate(args):
+        t = time.perf_counter()
+        fn(a)
+        out[i] = time.perf_counter() - t
+    return out
+
+
+def pct(ts: np.ndarray, p: float) -> float:
+    return float(np.percentile(ts, p) * 1e3)
+
+
+def recall_at_k(got: list[list[int]], want: list[list[int]]) -> float:
+    return float(np.mean([len(set(g) & set(w)) / len(w) for g, w in zip(got, want)]))
+
+
+def numpy_topk(vectors: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    scores = vectors @ q
+    part = np.argpartition(-scores, k)[:k]
+    return part[np.lexsort((part, -scores[part]))]
+
+
+def numpy_topk_many(vectors: np.ndarray, qs: np.ndarray, k: int) -> np.ndarray:
+    scores = qs @ vectors.T
+    part = np.argpartition(-scores, k, axis=1)[:, :k]
+    ps = np.take_along_axis(scores, part, 1)
+    order = np.argsort(-ps, axis=1, kind="stable")
+    return np.take_along_axis(part, order, 1)
+
+
+def try_faiss() -> Any:
+    try:
+        import faiss  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return faiss
+
+
+# --- one size -------------------------------------------------------------------------------
+
+
+def bench_size(n: int, bandwidth: dict[str, float], seed: int) -> dict[str, Any]:
+    print(f"\n== {n:,} x {DIM} float32 ({n * DIM * 4 / 1e6:.0f} MB) ==", flush=True)
+    data, queries = clustered(n, N_QUERIES, seed)
+    qlist = list(queries)
+    nbytes = data.nbytes
+    rows: dict[str, Any] = {"n": n, "dim": DIM, "vector_MB": nbytes / 1e6}
+    truth = [kernels.topk(data, q, K)[0].tolist() for q in qlist]
+
+    def exact_row(name: str, ts: np.ndarray) -> None:
+        p50 = pct(ts, 50)
+        gbps = nbytes / (p50 / 1e3) / 1e9
+        rows[name] = {
+            "p50_ms": p50,
+            "p95_ms": pct(ts, 95),
+            "GBps": gbps,
+            "pct_of_bandwidth": 100 * gbps / bandwidth["reference_GBps"],
+        }
+
+    # exact, one query
+    exact_row("exact_umi_kernel", latencies(lambda q: kernels.topk(data, q, K), qlist))
+    exact_idx = VectorIndex(DIM, hnsw_threshold=10**12)
+    ids = [f"e{i:08d}" for i in range(n)]
+    exact_idx.add(ids, data)
+    exact_row("exact_umi_index", latencies(lambda q: exact_idx.search(q, K), qlist))
+    exact_row("exact_numpy", latencies(lambda q: numpy_topk(data, q, K), qlist[:50]))
+    np_res = [numpy_topk(data, q, K).tolist() for q in qlist[:50]]
+    rows["exact_numpy"]["recall_vs_umi"] = recall_at_k(np_res, truth[:50])
+    faiss = try_faiss()
+    if faiss is not None:
+        flat = faiss.IndexFlatIP(DIM)
+        flat.add(data)
+        exact_row("exact_faiss_flat", latencies(lambda q: flat.search(q[None, :], K), qlist[:50]))
+
+    # exact, 32 queries per call
+    batches = [queries[i : i + 32] for i in range(0, N_QUERIES - 31, 32)]
+
+    def batch_row(name: str, fn: Callable[[np.ndarray], Any]) -> None:
+        ts = latencies(fn, batches, warmup=1)
+        p50 = pct(ts, 50)
+        rows[name] = {"p50_ms_per_32": p50, "qps": 32 / (p50 / 1e3)}
+
+    batch_row("batch32_umi_kernel", lambda qs: kernels.topk_many(data, qs, K))
+    batch_row("batch32_numpy", lambda qs: numpy_topk_many(data, qs, K))
+    if faiss is not None:
+        batch_row("batch32_faiss_flat", lambda qs: flat.search(qs, K))
+        del flat
+
+    # HNSW through VectorIndex (threshold forced below n so the graph path is used)
+    hn = VectorIndex(DIM, hnsw_threshold=min(n, 20_000), M=16, ef_construction=200, ef_search=128, seed=0)
+    hn.add(ids, data)
+    t = time.perf_counter()
+    hn.build_graph()
+    build_s = time.perf_counter() - t
+    assert hn.path_for() == "hnsw"
+    ts = latencies(lambda q: hn.search(q, K), qlist)
+    got = [[int(i[1:]) for i, _ in hn.search(q, K)] for q in qlist]
+    rows["hnsw_umi_index"] = {
+        "build_s": build_s,
+        "build_threads": 1,
+        "p50_ms": pct(ts, 50),
+        "p95_ms": pct(ts, 95),
+        "recall@10": recall_at_k(got, truth),
+    }
+
+    # filtered through VectorIndex
+    rng = np.random.default_rng(seed + 1)
+    for frac in (0.5, 0.05):
+        mask = rng.random(hn.capacity) < frac
+        path = hn.path_for(mask)
+        ts = latencies(lambda q: hn.search(q, K, mask), qlist[:100])
+        fgot = [[int(i[1:]) for i, _ in hn.search(q, K, mask)] for q in qlist[:100]]
+        ftruth = [kernels.topk(data, q, K, mask[:n])[0].tolist() for q in qlist[:100]]
+        rows[f"filtered_{int(frac * 100)}pct_umi_index"] = {
+            "path": path,
+            "p50_ms": pct(ts, 50),
+            "p95_ms": pct(ts, 95),
+            "recall@10": recall_at_k(fgot, ftruth),
+        }
+    del hn, exact_idx
+
+    if faiss is not None:
+        fh = faiss.IndexHNSWFlat(DIM, 16, faiss.METRIC_INNER_PRODUCT)
+        fh.hnsw.efConstruction = 200
+        t = time.perf_counter()
+        fh.add(data)
+        build_s = time.perf_counter() - t
+        fh.hnsw.efSearch = 128
+        ts = latencies(lambda q: fh.search(q[None, :], K), qlist)
+        got = [fh.search(q[None, :], K)[1][0].tolist() for q in qlist]
+        rows["hnsw_faiss"] = {
+            "build_s": build_s,
+            "build_threads": faiss.omp_get_max_threads(),
+            "p50_ms": pct(ts, 50),
+            "p95_ms": pct(ts, 95),
+            "recall@10": recall_at_k(got, truth),
+        }
+        del fh
+    return rows
+
+
+# --- DuckDB store ---------------------------------------------------------------------------
+
+
+def bench_duckdb(n: int, seed: int) -> dict[str, Any]:
+    """Store-level figures; needs umi.storage.duckdb (skipped with a note when it is absent)."""
+    try:
+        from umi.storage.duckdb import INDEX_SUFFIX, DuckDBStorageBackend
+        from umi.types import Entity, EntityType
+    except ImportError as exc:
+        return {"skipped": f"umi.storage.duckdb not importable: {exc}"}
+    print(f"\n== DuckDB store, {n:,} entities ==", flush=True)
+    data, queries = clustered(n, N_QUERIES, seed + 7)
+    words = np.array("alpha beta gamma delta kappa sigma omega river stone cloud lamp tree".split())
+    rng = np.random.default_rng(seed)
+    t0 = 1_700_000_000_000
+    ents = [
+        Entity(
+            entity_type=EntityType.NOTE,
+            name=f"item {i}",
+            content=" ".join(words[rng.integers(0, len(words), 8)]) + f" #{i}",
+            embedding=data[i],
+            created_at=t0 + i,
+        )
+        for i in range(n)
+    ]
+    tmp = Path(tempfile.mkdtemp(prefix="umi-bench-"))
+    path = tmp / "bench.duckdb"
+    out: dict[str, Any] = {"n": n}
+    try:
+        store = DuckDBStorageBackend.connect(path, dim=DIM)
+        batch = 10_000
+        t = time.perf_counter()
+        for a in range(0, n, batch):
+            store.upsert(ents[a : a + batch])
+        out["bulk_upsert_rows_per_s"] = n / (time.perf_counter() - t)
+        out["upsert_batch"] = batch
+        t = time.perf_counter()
+        store.search_vector(queries[0], K)  # builds the HNSW graph when n >= threshold
+        out["first_search_s (graph build)"] = time.perf_counter() - t
+
+        def search_hydrate(q: np.ndarray) -> list[Any]:
+            hits = store.search_vector(q, K)
+            return store.get_many([i for i, _ in hits])
+
+        ts = latencies(search_hydrate, list(queries))
+        out["search_hydrate_p50_ms"] = pct(ts, 50)
+        out["search_hydrate_p95_ms"] = pct(ts, 95)
+        ts = latencies(lambda q: store.search_vector(q, K), list(queries))
+        out["search_only_p50_ms"] = pct(ts, 50)
+        t = time.perf_counter()
+        store.close()
+        out["close_s (saves cache)"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        store = DuckDBStorageBackend.connect(path)
+        out["reopen_valid_cache_s"] = time.perf_counter() - t
+        out["reopen_valid_cache_status"] = store.index_load_status
+        t = time.perf_counter()
+        store.search_vector(queries[1], K)
+        out["first_search_after_valid_reopen_s"] = time.perf_counter() - t
+        store.close()
+
+        for p in tmp.iterdir():
+            if p.name.startswith(path.name + INDEX_SUFFIX):
+                p.unlink()
+        t = time.perf_counter()
+        store = DuckDBStorageBackend.connect(path)
+        out["reopen_missing_cache_s"] = time.perf_counter() - t
+        out["reopen_missing_cache_status"] = store.index_load_status
+        store.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# --- report --------------------------------------------------------------------------------
+
+
+def print_report(result: dict[str, Any]) -> None:
+    bw = result["bandwidth"]
+    print("\nMemory read bandwidth (1 GiB buffer, best of 7):")
+    print(f"  numba sum, 1 thread            {bw['numba_sum_1thread_GBps']:6.1f} GB/s")
+    print(f"  numba sum, {bw['threads']} threads           {bw['numba_sum_all_threads_GBps']:6.1f} GB/s")
+    print(f"  numpy sum (compute-bound)      {bw['numpy_sum_GBps']:6.1f} GB/s")
+    print(f"  reference (fastest read)       {bw['reference_GBps']:6.1f} GB/s")
+    for r in result["sizes"]:
+        n = r["n"]
+        print(f"\n{n:,} x {r['dim']}  ({r['vector_MB']:.0f} MB of vectors), top-{K}")
+        print(f"  {'method':<34}{'p50 ms':>9}{'p95 ms':>9}{'GB/s':>8}{'% bw':>7}{'recall':>8}{'build s':>9}")
+        for key, label in [
+            ("exact_umi_kernel", "exact  umi.kernels.topk"),
+            ("exact_umi_index", "exact  VectorIndex.search"),
+            ("exact_numpy", "exact  numpy V@q + argpartition"),
+            ("exact_faiss_flat", "exact  faiss IndexFlatIP"),
+        ]:
+            if key in r:
+                x = r[key]
+                rec = f"{x['recall_vs_umi']:.3f}" if "recall_vs_umi" in x else "1.000"
+                print(
+                    f"  {label:<34}{x['p50_ms']:9.3f}{x['p95_ms']:9.3f}{x['GBps']:8.1f}"
+                    f"{x['pct_of_bandwidth']:7.0f}{rec:>8}{'':>9}"
+                )
+        for key, label in [("hnsw_umi_index", "hnsw   VectorIndex (hnswlib)"), ("hnsw_faiss", "hnsw   faiss IndexHNSWFlat")]:
+            if key in r:
+                x = r[key]
+                print(
+                    f"  {label:<34}{x['p50_ms']:9.3f}{x['p95_ms']:9.3f}{'':>8}{'':>7}"
+                    f"{x['recall@10']:8.3f}{x['build_s']:9.1f}"
+                )
+        for key in sorted(k for k in r if k.startswith("filtered_")):
+            x = r[key]
+            label = f"filter {key.split('_')[1].replace('pct', '%')} VectorIndex ({x['path']})"
+            print(f"  {label:<34}{x['p50_ms']:9.3f}{x['p95_ms']:9.3f}{'':>8}{'':>7}{x['recall@10']:8.3f}")
+        print(f"  {'32 queries per call':<34}{'p50 ms':>9}{'q/s':>9}")
+        for key, label in [
+            ("batch32_umi_kernel", "exact  umi.kernels.topk_many"),
+            ("batch32_numpy", "exact  numpy Q@V.T + argpartition"),
+            ("batch32_faiss_flat", "exact  faiss IndexFlatIP"),
+        ]:
+            if key in r:
+                x = r[key]
+                print(f"  {label:<34}{x['p50_ms_per_32']:9.2f}{x['qps']:9.0f}")
+    db = result.get("duckdb")
+    if db:
+        print(f"\nDuckDB store ({db.get('n', 0):,} entities, {DIM}-d)")
+        for k, v in db.items():
+            if k == "n":
+                continue
+            print(f"  {k:<38}{v:>12.3f}" if isinstance(v, float) else f"  {k:<38}{v!s:>12}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--full", action="store_true", help="also run 1M rows (needs ~4 GB RAM and several minutes)")
+    ap.add_argument("--sizes", default="", help="comma-separated row counts (default 10000,100000)")
+    ap.add_argument("--skip-duckdb", action="store_true", help="leave out the DuckDB store rows")
+    ap.add_argument("--seed", type=int, default=20261101)
+    ap.add_argument("--out", default=str(RESULTS / "bench_search.json"))
+    args = ap.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",") if s] or [10_000, 100_000]
+    if args.full and 1_000_000 not in sizes:
+        sizes.append(1_000_000)
+
+    kernels.warmup()
+    result: dict[str, Any] = {
+        "benchmark": "bench_search",
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "numba": numba.__version__,
+            "numpy": np.__version__,
+            "numba_threads": numba.get_num_threads(),
+            "load_avg_1m_at_start": os.getloadavg()[0],
+        },
+        "k": K,
+        "queries": N_QUERIES,
+    }
+    faiss = try_faiss()
+    result["machine"]["faiss"] = faiss.__version__ if faiss is not None else None
+    print("measuring memory read bandwidth ...", flush=True)
+    result["bandwidth"] = measure_bandwidth()
+    result["sizes"] = [bench_size(n, result["bandwidth"], args.seed) for n in sizes]
+    if not args.skip_duckdb:
+        result["duckdb"] = bench_duckdb(max(sizes), args.seed)
+    result["machine"]["load_avg_1m_at_end"] = os.getloadavg()[0]
+    print_report(result)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
