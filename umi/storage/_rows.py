@@ -141,7 +141,7 @@ def cosine_scores(matrix: np.ndarray, query: np.ndarray) -> np.ndarray:
     out = np.zeros(m.shape[0], dtype=np.float64)
     ok = norms > 0
     out[ok] = (m[ok] @ q) / norms[ok]
-    return out
+    return np.clip(out, -1.0, 1.0, out=out)  # rounding can step just past ±1
 
 
 def top_k(scored: Sequence[tuple[str, float]], k: int) -> list[tuple[str, float]]:

@@ -772,7 +772,9 @@ class LanceStorageBackend(StorageBackend):
             if dim is not None and not ents.list_indices():
                 n_vec = ents.count_rows("embedding IS NOT NULL")
                 if n_vec >= self._ann_rows:
-                    ents.create_index(metric="cosine", vector_column_name="embedding", index_type="IVF_HNSW_SQ")
+                    from lancedb.index import HnswSq
+
+                    ents.create_index("embedding", config=HnswSq(distance_type="cosine"))
 
     def close(self) -> None:
         """Release the store (and its lock). Safe to call twice."""
