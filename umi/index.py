@@ -100,6 +100,9 @@ def _normalise_rows(vectors: np.ndarray, what: str) -> np.ndarray:
         raise ValidationError(f"{what} must be finite; row {bad} has NaN or inf")
     v64 = vectors.astype(np.float64, copy=False)
     norms = np.sqrt(np.einsum("ij,ij->i", v64, v64))
+    huge = np.flatnonzero(~np.isfinite(norms))
+    if huge.size:
+        raise ValidationError(f"{what} must have a finite norm; row {int(huge[0])} overflows float64")
     zero = np.flatnonzero(norms == 0.0)
     if zero.size:
         raise ValidationError(f"{what} must be non-zero to be normalised; row {int(zero[0])} is all zeros")
@@ -185,7 +188,16 @@ class VectorIndex:
             raise TypeError(f"query must have a float dtype, got {query.dtype}")
         if query.shape != (self.dim,):
             raise ValidationError(f"query must have shape ({self.dim},), got {query.shape}")
-        return _normalise_rows(query[None, :], "query")[0]
+        q64 = query.astype(np.float64)
+        norm2 = float(q64 @ q64)  # NaN or inf when any entry is
+        if not math.isfinite(norm2):
+            raise ValidationError("query must be finite with a finite norm; it has NaN, inf or huge values")
+        if norm2 == 0.0:
+            raise ValidationError("query must be non-zero to be normalised; it is all zeros")
+        norm = math.sqrt(norm2)
+        if abs(norm - 1.0) <= _UNIT_TOLERANCE:
+            return query.astype(np.float32)  # a fresh writable array: one compiled kernel type
+        return (q64 / norm).astype(np.float32)
 
     @staticmethod
     def _check_k(k: Any) -> int:
@@ -204,6 +216,8 @@ class VectorIndex:
             raise ValidationError(
                 f"mask must be 1-D with length >= capacity ({self.capacity}), got shape {mask.shape}"
             )
+        if not (mask.flags.c_contiguous and mask.flags.writeable):
+            mask = mask.copy()  # strided or read-only arrays would each compile another kernel
         return mask
 
     # --- writes ---------------------------------------------------------------
@@ -389,7 +403,7 @@ class VectorIndex:
         vecs, live, m = self._scan_args(mask)
         fetch = k + 1
         while True:
-            slots, scores = kernels.topk(vecs, q, fetch, m, valid=live)
+            slots, scores = kernels.topk_unchecked(vecs, q, fetch, live, m)
             # The kernel breaks ties by slot, the index by id. When the k-th score ties
             # with the (k+1)-th, widen the fetch until the whole tied group is in hand.
             if (
@@ -405,7 +419,7 @@ class VectorIndex:
     def _exact_many(self, qs: np.ndarray, k: int, mask: np.ndarray | None) -> list[list[tuple[str, float]]]:
         vecs, live, m = self._scan_args(mask)
         fetch = min(k + _BATCH_PAD, kernels.TOPK_K_MAX)
-        slots, batch_scores = kernels.topk_many(vecs, qs, fetch, m, valid=live)
+        slots, batch_scores = kernels.topk_many_unchecked(vecs, qs, fetch, live, m)
         # The batch kernel's arithmetic may differ from the single-query kernel's in the
         # last bit. Re-score its candidates the single-query way; the answer is settled
         # when every row left out scores below the k-th candidate even allowing for that
@@ -414,7 +428,7 @@ class VectorIndex:
         out = []
         for r in range(qs.shape[0]):
             cand = slots[r]
-            exact = kernels.dot_rows(vecs, qs[r], cand)
+            exact = kernels.dot_rows_unchecked(vecs, qs[r], cand)
             ranked = self._rank(cand, exact, cand.shape[0])
             if cand.shape[0] < fetch or float(batch_scores[r, -1]) + slack < ranked[min(k, len(ranked)) - 1][1]:
                 out.append(ranked[:k])
@@ -473,7 +487,7 @@ class VectorIndex:
                 labels = self._knn(graph, q, want, filter=lambda label: bool(elig[label]))
         if labels is None or labels.shape[0] < want:
             return self._exact(q, k, mask)
-        scores = kernels.dot_rows(self._vectors, q, labels)
+        scores = kernels.dot_rows_unchecked(self._vectors, q, labels)
         return self._rank(labels, scores, k)
 
     def _knn(self, graph: Any, q: np.ndarray, fetch: int, filter: Any = None) -> np.ndarray | None:

@@ -40,6 +40,9 @@ __all__ = [
     "topk",
     "topk_many",
     "dot_rows",
+    "topk_unchecked",
+    "topk_many_unchecked",
+    "dot_rows_unchecked",
     "topk_reference",
     "warmup",
 ]
@@ -361,12 +364,25 @@ def topk(
     query = _check_query(query, dim, 1)
     k = _check_k(k)
     v, m = _masks(valid, mask, n)
+    return topk_unchecked(vectors, query, k, v, m)
+
+
+def topk_unchecked(
+    vectors: np.ndarray, query: np.ndarray, k: int, valid: np.ndarray, mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`topk` without argument checks, for callers that keep the invariants.
+
+    ``vectors`` C-contiguous float32 ``(n, dim)``, ``query`` contiguous float32 ``(dim,)``,
+    ``valid`` and ``mask`` contiguous bool of length ``n`` (the same array may be passed
+    twice), ``1 <= k <= TOPK_K_MAX``.
+    """
+    n, dim = vectors.shape
     if n == 0:
         return np.empty(0, np.int64), np.empty(0, np.float32)
     nb = _nblocks(n, dim)
     if nb == 1:
-        return _topk_serial(vectors, query, k, v, m)  # type: ignore[no-any-return]
-    return _topk_parallel(vectors, query, k, v, m, nb)  # type: ignore[no-any-return]
+        return _topk_serial(vectors, query, k, valid, mask)  # type: ignore[no-any-return]
+    return _topk_parallel(vectors, query, k, valid, mask, nb)  # type: ignore[no-any-return]
 
 
 def topk_many(
@@ -390,7 +406,16 @@ def topk_many(
     queries = _check_query(queries, dim, 2)
     k = _check_k(k)
     v, m = _masks(valid, mask, n)
+    return topk_many_unchecked(vectors, queries, k, v, m)
+
+
+def topk_many_unchecked(
+    vectors: np.ndarray, queries: np.ndarray, k: int, valid: np.ndarray, mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`topk_many` without argument checks (see :func:`topk_unchecked`)."""
+    n, dim = vectors.shape
     nq = queries.shape[0]
+    v, m = valid, mask
     if n == 0 or nq == 0:
         kk = 0 if n == 0 else min(k, int(np.count_nonzero(v & m)))
         return np.empty((nq, kk), np.int64), np.empty((nq, kk), np.float32)
@@ -411,6 +436,11 @@ def dot_rows(vectors: np.ndarray, query: np.ndarray, rows: np.ndarray) -> np.nda
         raise ValidationError(f"rows must be 1-D, got shape {rows.shape}")
     if rows.size and (rows.min() < 0 or rows.max() >= n):
         raise ValidationError(f"rows must be in [0, {n}), got values in [{rows.min()}, {rows.max()}]")
+    return _dot_rows(vectors, query, rows)  # type: ignore[no-any-return]
+
+
+def dot_rows_unchecked(vectors: np.ndarray, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """:func:`dot_rows` without argument checks (``rows`` int64, all in range)."""
     return _dot_rows(vectors, query, rows)  # type: ignore[no-any-return]
 
 

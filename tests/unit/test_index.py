@@ -89,6 +89,7 @@ def test_add_validates_and_leaves_state_unchanged():
         (["b", "c"], np.ones((1, 4), np.float32), ValidationError, "2 ids but 1 vectors"),
         (["b"], np.array([[1, np.nan, 0, 0]], np.float32), ValidationError, "finite"),
         (["b", "c"], np.array([[1, 0, 0, 0], [0, 0, 0, 0]], np.float32), ValidationError, "row 1 is all zeros"),
+        (["b"], np.full((1, 4), 1e300), ValidationError, "row 0 overflows"),
         (["b"], np.ones((1, 4), np.int64), TypeError, "float dtype"),
         (["b"], [[1.0, 0.0, 0.0, 0.0]], TypeError, "numpy array"),
         ("b", np.ones((1, 4), np.float32), TypeError, "sequence of str"),
@@ -171,6 +172,15 @@ def test_search_validates():
         idx.search(q, 1.5)
     with pytest.raises(ValidationError, match="non-zero"):
         idx.search(np.zeros(2, np.float32), 1)
+    with pytest.raises(ValidationError, match="finite"):
+        idx.search(np.array([np.inf, 0.0], np.float32), 1)
+    with pytest.raises(ValidationError, match="finite"):
+        idx.search(np.array([np.nan, 1.0]), 1)
+    # read-only and strided inputs are accepted (copied), float64 queries are normalised
+    ro = np.ones(idx.capacity * 2, bool)[::2]
+    q_ro = np.array([2.0, 0.0])
+    q_ro.flags.writeable = False
+    assert idx.search(q_ro, 1, ro) == [("a", 1.0)]
     with pytest.raises(ValidationError, match=r"shape \(2,\)"):
         idx.search(np.ones(3, np.float32), 1)
     with pytest.raises(TypeError, match="bool"):
