@@ -23,9 +23,10 @@ import json
 import re
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterable, Union
+from typing import Any
 
 import numpy as np
 
@@ -59,7 +60,7 @@ class Recorded:
     error: str | None = None  # why the request was rejected as malformed, if it was
 
 
-Responder = Union[Reply, Callable[[Recorded], Reply]]
+Responder = Reply | Callable[[Recorded], Reply]
 
 
 class LoopbackAPI:
@@ -79,13 +80,13 @@ class LoopbackAPI:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, as the SDKs' connection pools expect
 
-            def do_POST(self) -> None:  # noqa: N802 - http.server naming
+            def do_POST(self) -> None:
                 api._handle(self)
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 api._send(self, Reply(404, {"error": {"type": "not_found_error", "message": "not found"}}))
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
+            def log_message(self, format: str, *args: Any) -> None:
                 pass
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

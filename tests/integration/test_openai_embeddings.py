@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from loopback_api import OPENAI_EMBEDDINGS, Reply, embeddings_responder, openai_embeddings, openai_error, text_vector
+from loopback_api import (
+    OPENAI_EMBEDDINGS,
+    Reply,
+    embeddings_responder,
+    openai_embeddings,
+    openai_error,
+    text_vector,
+)
 from provider_harness import API_KEY, record_sleeps, run_embed
 
 import umi

@@ -12,7 +12,14 @@ import json
 import warnings
 
 import pytest
-from loopback_api import ANTHROPIC_MESSAGES, Recorded, Reply, anthropic_error, anthropic_tool_message, anthropic_usage
+from loopback_api import (
+    ANTHROPIC_MESSAGES,
+    Recorded,
+    Reply,
+    anthropic_error,
+    anthropic_tool_message,
+    anthropic_usage,
+)
 from provider_harness import API_KEY, record_sleeps
 
 import umi

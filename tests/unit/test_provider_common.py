@@ -260,6 +260,15 @@ def test_classify_reads_request_id_retry_after_and_the_error_body():
     assert classify_failure(exc, openai).request_id == "req_2"
 
 
+def test_an_exhausted_quota_is_not_retried():
+    body = {"error": {"type": "insufficient_quota", "code": "insufficient_quota",
+                      "message": "You exceeded your current quota"}}
+    f = classify_failure(_status_error(openai, 429, {}, body), openai)
+    assert (f.status, f.retryable) == (429, False)
+    err = failure_to_error(f, provider="openai", attempts=1, timeout_secs=1, key_env="OPENAI_API_KEY")
+    assert type(err) is umi.RateLimitError and "exceeded your current quota" in str(err)
+
+
 def test_classify_transport_failures_and_leaves_other_exceptions_alone():
     request = httpx2.Request("POST", "http://127.0.0.1/v1/messages")
     assert classify_failure(anthropic.APITimeoutError(request), anthropic).kind == "timeout"

@@ -18,15 +18,17 @@ import asyncio
 import email.utils
 import importlib
 import json
+import logging
 import math
 import os
 import random
 import re
 import threading
 import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Awaitable, Callable, Iterator, Mapping, TypeVar
+from typing import Any, TypeVar
 
 from ..errors import (
     InvalidConfigError,
@@ -39,28 +41,29 @@ from ..errors import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger("umi.providers")
 
 __all__ = [
-    "SchemaViolation",
-    "validate_json",
-    "check_schema",
-    "iter_json_objects",
-    "parse_json_reply",
-    "RetryPolicy",
     "Failure",
+    "LoopClients",
+    "RetryPolicy",
+    "SchemaViolation",
+    "acall_with_retries",
+    "call_with_retries",
+    "check_call_args",
+    "check_max_retries",
+    "check_model",
+    "check_positive_int",
+    "check_schema",
+    "check_timeout",
     "classify_failure",
     "failure_to_error",
-    "call_with_retries",
-    "acall_with_retries",
-    "parse_retry_after",
     "import_sdk",
+    "iter_json_objects",
+    "parse_json_reply",
+    "parse_retry_after",
     "resolve_api_key",
-    "check_model",
-    "check_timeout",
-    "check_max_retries",
-    "check_positive_int",
-    "check_call_args",
-    "LoopClients",
+    "validate_json",
 ]
 
 #: Upper bound on ``max_retries``: past this a caller wants a queue, not retries.
@@ -200,7 +203,7 @@ def _short(value: Any, limit: int = 60) -> str:
 
 # --- JSON out of model text ---------------------------------------------------
 
-_FENCE = re.compile(r"```[ \t]*(?:json|JSON|json5)?[ \t]*\r?\n?(.*?)```", re.S)
+_FENCE = re.compile(r"```[ \t]*(?:json|JSON|json5)?[ \t]*\r?\n?(.*?)```", re.DOTALL)
 
 
 def iter_json_objects(text: str) -> Iterator[dict[str, Any]]:
@@ -361,17 +364,18 @@ def classify_failure(exc: BaseException, sdk: ModuleType) -> Failure | None:
         response = getattr(exc, "response", None)
         headers = getattr(response, "headers", None)
         status = int(exc.status_code)
-        should = headers.get("x-should-retry") if headers is not None else None
-        if should == "true":
-            retryable = True
-        elif should == "false":
-            retryable = False
-        else:
-            retryable = status in _RETRY_STATUSES or status >= 500
         body = getattr(exc, "body", None)
         err = body.get("error") if isinstance(body, dict) else None
         message = err.get("message") if isinstance(err, dict) else None
         etype = err.get("type") if isinstance(err, dict) else None
+        code = err.get("code") if isinstance(err, dict) else None
+        should = headers.get("x-should-retry") if headers is not None else None
+        if should == "true":
+            retryable = True
+        elif should == "false" or code == "insufficient_quota":  # OpenAI's 429 for an exhausted budget
+            retryable = False
+        else:
+            retryable = status in _RETRY_STATUSES or status >= 500
         return Failure(
             "status",
             retryable,
@@ -530,10 +534,11 @@ def check_base_url(base_url: object) -> str | None:
 
 def check_call_args(system: object, prompt: object, schema: object, task: object) -> None:
     """Input checks shared by every ``complete_json``: types, a usable task name, a supported schema."""
-    for what, v in (("system", system), ("prompt", prompt)):
-        if not isinstance(v, str):
-            raise TypeError(f"{what} must be a str, not {type(v).__name__}")
-    if not prompt.strip():  # type: ignore[union-attr]
+    if not isinstance(system, str):
+        raise TypeError(f"system must be a str, not {type(system).__name__}")
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, not {type(prompt).__name__}")
+    if not prompt.strip():
         raise ValidationError("prompt must not be empty")
     if not isinstance(task, str):
         raise TypeError(f"task must be a str, not {type(task).__name__}")
@@ -558,6 +563,7 @@ class LoopClients:
     def __init__(self, factory: Callable[[], Any]) -> None:
         self._factory = factory
         self._clients: dict[int, tuple[asyncio.AbstractEventLoop, Any]] = {}
+        self._closing: set[asyncio.Task[Any]] = set()
         self._lock = threading.Lock()
 
     def get(self) -> Any:
@@ -593,15 +599,17 @@ class LoopClients:
             if loop.is_closed():
                 continue
             if loop.is_running():
-                if loop is current:
-                    loop.create_task(client.close())  # cannot block our own loop: close soon
+                if loop is current:  # cannot block our own loop: close soon, keeping the task alive
+                    task = loop.create_task(client.close())
+                    self._closing.add(task)
+                    task.add_done_callback(self._closing.discard)
                     continue
                 try:
                     asyncio.run_coroutine_threadsafe(client.close(), loop).result(timeout_secs)
-                except Exception:  # noqa: BLE001 - closing is best effort; the loop may be stopping
-                    pass
+                except Exception as exc:  # noqa: BLE001 - closing is best effort; the loop may be stopping
+                    log.debug("could not close an async client on its loop: %r", exc)
             else:
                 try:
                     loop.run_until_complete(client.close())
-                except RuntimeError:  # another loop runs in this thread; the client is dropped
-                    pass
+                except RuntimeError as exc:  # another loop runs in this thread; the client is dropped
+                    log.debug("could not close an async client on its loop: %r", exc)

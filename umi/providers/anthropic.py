@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ..errors import InvalidResponseError
 from ..types import Usage
@@ -29,7 +30,7 @@ from . import _common
 from ._common import RetryPolicy, SchemaViolation
 from .base import LLMProvider, LLMResult, Task
 
-__all__ = ["AnthropicProvider", "DEFAULT_ANTHROPIC_MODEL"]
+__all__ = ["DEFAULT_ANTHROPIC_MODEL", "AnthropicProvider"]
 
 #: Fast and cheap, and good at extraction; pass ``model=`` for another.
 DEFAULT_ANTHROPIC_MODEL = "claude-haiku-4-5"

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import threading
-from typing import Any, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -37,10 +39,10 @@ from ._common import RetryPolicy, SchemaViolation
 from .base import EmbeddingProvider, EmbedKind, LLMProvider, LLMResult, Task, normalize_rows
 
 __all__ = [
-    "OpenAIProvider",
-    "OpenAIEmbeddingProvider",
-    "DEFAULT_OPENAI_MODEL",
     "DEFAULT_OPENAI_EMBEDDING_MODEL",
+    "DEFAULT_OPENAI_MODEL",
+    "OpenAIEmbeddingProvider",
+    "OpenAIProvider",
     "strict_schema",
 ]
 
@@ -354,7 +356,7 @@ class OpenAIEmbeddingProvider(EmbeddingProvider):
         for chunk in chunks:
             request = self._request(chunk)
             resp = _common.call_with_retries(
-                lambda: client.embeddings.create(**request),
+                functools.partial(client.embeddings.create, **request),
                 policy=self.retry, sdk=self._sdk, provider="openai", timeout_secs=self.timeout, key_env=_KEY_ENV,
             )
             parts.append(self._decode(resp, len(chunk)))
@@ -366,9 +368,8 @@ class OpenAIEmbeddingProvider(EmbeddingProvider):
         parts = []
         for chunk in chunks:
             request = self._request(chunk)
-            call: Callable[[], Awaitable[Any]] = lambda: client.embeddings.create(**request)  # noqa: E731
             resp = await _common.acall_with_retries(
-                call, policy=self.retry, sdk=self._sdk, provider="openai", timeout_secs=self.timeout,
+                functools.partial(client.embeddings.create, **request), policy=self.retry, sdk=self._sdk, provider="openai", timeout_secs=self.timeout,
                 key_env=_KEY_ENV,
             )
             parts.append(self._decode(resp, len(chunk)))
