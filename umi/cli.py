@@ -75,9 +75,9 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
                     out.write(f", evolutions: {kinds}")
                 out.write("\n")
                 for ev in r.evolutions:
-                    old = memory.get_sync(ev.source_id)
-                    out.write(f"    {ev.evolution_type.value}: {old.content if old else ev.source_id!r} "
-                              f"-> ({ev.reason}, confidence {ev.confidence:.2f})\n")
+                    old, new = memory.get_sync(ev.source_id), memory.get_sync(ev.target_id)
+                    out.write(f"    {ev.evolution_type.value} of [{old.name}] {old.content!r} "
+                              f"by [{new.name}] ({ev.reason}; confidence {ev.confidence:.2f})\n")
             for q in ("Where does Alice work?", "Who lives in Berlin?"):
                 out.write(f"\nrecall: {q!r}\n")
                 for e in memory.recall_sync(q, RecallOptions(limit=3)):

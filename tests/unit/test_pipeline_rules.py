@@ -156,3 +156,16 @@ def test_sim_embedder_is_seeded_normalised_and_lexical():
         e.embed("not a list")
     with pytest.raises(TypeError):
         e.embed([1])
+
+
+def test_updates_need_the_facts_to_speak_of_the_same_thing():
+    acme_new = Candidate("n", "Acme Corp", "organization", "Alice left Acme Corp and now works at Initech")
+    alice_old = Candidate("a", "Acme Corp", "organization", "Alice is a software engineer at Acme Corp")
+    carol_old = Candidate("c", "Acme Corp", "organization", "Carol manages the Apollo project at Acme Corp")
+    got = {d.candidate_id: d.evolution_type for d in rule_classify(acme_new, [alice_old, carol_old])}
+    assert got == {"a": EvolutionType.UPDATE, "c": EvolutionType.EXTEND}
+    moved = Candidate("n", "Bob", "person", "Bob moved to Munich")
+    home = Candidate("h", "Bob", "person", "Bob lives in Berlin")
+    hobby = Candidate("x", "Bob", "person", "Bob plays chess")
+    got = {d.candidate_id: d.evolution_type for d in rule_classify(moved, [home, hobby])}
+    assert got == {"h": EvolutionType.UPDATE, "x": EvolutionType.EXTEND}

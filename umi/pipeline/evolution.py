@@ -52,8 +52,46 @@ class EvolutionDecision:
     confidence: float
 
 
+#: Words that state the same kind of thing, so "moved to Munich" and "lives in Berlin" compare.
+PREDICATE_CLASSES = {
+    "residence": "live lives lived living moved move moving moves relocated relocate based home address".split(),
+    "job": ("work works worked working job employed employer hired joined left quit engineer manager "
+            "ceo cto developer designer role position").split(),
+    "relationship": "married wife husband spouse partner girlfriend boyfriend dating divorced engaged".split(),
+    "preference": "likes like loves love prefers prefer favorite favourite hates hate enjoys enjoy".split(),
+}
+_CLASS_OF = {w: c for c, words in PREDICATE_CLASSES.items() for w in words}
+
+
 def _content_words(text: str) -> set[str]:
     return {t for t in _TOKEN.findall(text.lower()) if t not in _STOP}
+
+
+def _predicates(text: str, names: set[str]) -> set[str]:
+    """Content words that are not names, mapped to their predicate class, stemmed to 5 letters."""
+    out = set()
+    for t in _content_words(text):
+        if t in names or t in ("now", "no", "longer", "anymore", "instead"):
+            continue
+        out.add(_CLASS_OF.get(t, t[:5]))
+    return out
+
+
+def _names_in(text: str) -> set[str]:
+    from .extraction import _name_spans
+
+    return {normalize_name(n) for _, _, n in _name_spans(text)}
+
+
+def _related(new: Candidate, old: Candidate) -> bool:
+    """Do two facts about one name speak of the same thing (another shared name, or a shared
+    predicate)? Only then can one update, contradict or derive from the other."""
+    own = normalize_name(new.name)
+    new_names, old_names = _names_in(new.content) - {own}, _names_in(old.content) - {own}
+    if new_names & old_names:
+        return True
+    words = {w for n in new_names | old_names | {own} for w in n.split()}
+    return bool(_predicates(new.content, words) & _predicates(old.content, words))
 
 
 def rule_classify(new: Candidate, candidates: Sequence[Candidate]) -> list[EvolutionDecision]:
@@ -66,22 +104,22 @@ def rule_classify(new: Candidate, candidates: Sequence[Candidate]) -> list[Evolu
     for c in candidates:
         if c.id == new.id:
             continue
-        same_name = normalize_name(c.name) == normalize_name(new.name)
-        mentions = normalize_name(c.name) in normalize_name(new.content)
+        # Rules only relate facts about the same name; an LLM may relate more (vector neighbours).
+        if normalize_name(c.name) != normalize_name(new.name):
+            continue
         old_words = _content_words(c.content)
         overlap = len(new_words & old_words) / max(1, len(old_words | new_words))
-        if not same_name and not mentions:
+        if not _related(new, c):
+            out.append(EvolutionDecision(c.id, EvolutionType.EXTEND, "another fact about the same name", 0.7))
             continue
         if negated and not NEGATION.search(c.content) and overlap >= 0.5 and not update_cue:
             et, why, conf = EvolutionType.CONTRADICT, f"negates: {negated.group(0)!r}", 0.85
         elif update_cue:
-            et, why, conf = EvolutionType.UPDATE, f"update cue {update_cue.group(0)!r}", 0.8 if same_name else 0.65
+            et, why, conf = EvolutionType.UPDATE, f"update cue {update_cue.group(0)!r}", 0.8
         elif derive_cue and overlap > 0:
             et, why, conf = EvolutionType.DERIVE, f"derived: {derive_cue.group(0)!r}", 0.6
-        elif same_name:
-            et, why, conf = EvolutionType.EXTEND, "another fact about the same name", 0.7
         else:
-            continue
+            et, why, conf = EvolutionType.EXTEND, "another fact about the same name", 0.7
         out.append(EvolutionDecision(c.id, et, why, conf))
     return out
 
