@@ -192,6 +192,7 @@ def test_hnsw_path_with_selective_filter_falls_back_to_exact(postgres_url: str, 
     b = PostgresStorageBackend.connect(url, schema=pg_schema, exact_search_rows=1, ef_search=40)
     ents = [_ent(i, entity_type="note" if i % 50 == 0 else "person") for i in range(400)]
     b.upsert(ents)
+    assert b.build_vector_index() is True  # also started in the background by the commit
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f'ANALYZE "{pg_schema}".umi_entities')
         plan = "\n".join(r[0] for r in conn.execute(
@@ -362,3 +363,25 @@ def test_relations_need_stored_endpoints(backend: PostgresStorageBackend) -> Non
     r = EvolutionRelation(a.id, b.id, "update", reason="nul\x00 reason", created_at=3)
     backend.add_relations([r])
     assert backend.relations_for(a.id) == [r] == backend.relations_for(b.id)
+
+
+def test_hnsw_index_is_built_in_the_background_at_the_threshold(postgres_url: str, pg_schema: str) -> None:
+    import time
+
+    from umi.storage import _pg_schema
+
+    b = PostgresStorageBackend.connect(postgres_url, schema=pg_schema, dim=8, exact_search_rows=60)
+    b.upsert([_ent(i) for i in range(59)])
+    with b._pool.connection() as conn:
+        assert _pg_schema.hnsw_state(conn, b._names) is None  # below the threshold: no index, exact scans
+    b.upsert([_ent(59)])  # the 60th entity: the commit starts the build
+    deadline = time.monotonic() + 60
+    while b._builder is not None and b._builder.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with b._pool.connection() as conn:
+        assert _pg_schema.hnsw_state(conn, b._names) is True
+    b.close()
+    # a second process opening the store finds the index and uses it
+    again = PostgresStorageBackend.connect(postgres_url, schema=pg_schema)
+    assert again._index_valid is True
+    again.close()

@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import random
 import re
 import threading
@@ -77,6 +78,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from psycopg_pool import ConnectionPool
 
 __all__ = ["PostgresStorageBackend"]
+
+log = logging.getLogger("umi.storage.postgres")
 
 POOL_SIZE_MAX = 256
 EF_SEARCH_MAX = 1000  # pgvector's limit for hnsw.ef_search
@@ -127,6 +130,10 @@ class PostgresStorageBackend(StorageBackend):
         self._iterative = iterative_scan
         self._local = threading.local()
         self._closed = False
+        self._index_valid = False
+        self._builder: threading.Thread | None = None
+        self._builder_conn: Any = None
+        self._builder_lock = threading.Lock()
         self._names = S.TableNames(sql, schema, table_prefix)
         self._lock_ns = int.from_bytes(hashlib.blake2b(f"{schema}.{table_prefix}".encode(), digest_size=4).digest(),
                                        "big", signed=True)
@@ -201,6 +208,9 @@ class PostgresStorageBackend(StorageBackend):
                        ef_search=ef_search, max_retries=max_retries, iterative_scan=iterative)
             with pool.connection() as conn:
                 self.dim = S.migrate(conn, self._names, self._lock_ns, dim)
+                n_docs = conn.execute(self._q("SELECT n_docs FROM {state}")).fetchone()[0]
+                self._index_valid = S.hnsw_state(conn, self._names) is True
+            self._maybe_build_index(int(n_docs))
         except psycopg.Error as exc:
             pool.close()
             raise StorageError(f"could not prepare the umi tables in PostgreSQL: {exc}") from exc
@@ -267,10 +277,11 @@ class PostgresStorageBackend(StorageBackend):
         attempt = 0
         while True:
             try:
+                n_docs = None
                 if tx.changed:
-                    tx.conn.execute(self._q("UPDATE {state} SET generation = generation + 1, "
-                                            "n_docs = n_docs + %s, total_len = total_len + %s"),
-                                    (tx.n_delta, tx.len_delta))
+                    n_docs = tx.conn.execute(self._q(
+                        "UPDATE {state} SET generation = generation + 1, n_docs = n_docs + %s, "
+                        "total_len = total_len + %s RETURNING n_docs"), (tx.n_delta, tx.len_delta)).fetchone()[0]
                 tx.conn.execute("COMMIT")
             except Exception as exc:
                 attempt = self._retry_or_raise(exc, attempt)
@@ -278,7 +289,52 @@ class PostgresStorageBackend(StorageBackend):
                 continue
             if tx.dim is not None:
                 self.dim = tx.dim
+            if n_docs is not None:
+                self._maybe_build_index(int(n_docs))
             return
+
+    # --- the HNSW index -------------------------------------------------------------
+    def _maybe_build_index(self, n_docs: int) -> None:
+        """Once the store reaches ``exact_search_rows``, build the HNSW index in the background."""
+        if (self._index_valid or n_docs < self._exact_rows or self.dim is None or self.dim > S.HNSW_DIM_MAX
+                or self._closed):
+            return
+        with self._builder_lock:
+            if self._builder is not None and self._builder.is_alive():
+                return
+            self._builder = threading.Thread(target=self._build_in_background, name="umi-pg-hnsw", daemon=True)
+            self._builder.start()
+
+    def _build_in_background(self) -> None:
+        import psycopg
+
+        try:
+            with psycopg.connect(self._pool.conninfo, **self._pool.kwargs) as conn:  # autocommit, like the pool
+                self._builder_conn = conn
+                self._index_valid = S.build_hnsw(conn, self._names, self._lock_ns ^ 0x48_4E_53_57)
+        except Exception as exc:  # a background build must not take the process down; the next commit retries
+            if not self._closed:
+                log.warning("building the HNSW index of %r failed (searches stay exact): %s", self, exc)
+        finally:
+            self._builder_conn = None
+
+    def build_vector_index(self) -> bool:
+        """Build the HNSW index now (writers are not blocked), whatever the store's size.
+
+        Normally it is built in the background once the store holds ``exact_search_rows``
+        entities. Returns True when a valid index exists.
+        """
+        self._check_open()
+        if self.dim is None or self.dim > S.HNSW_DIM_MAX:
+            return False
+        import psycopg
+
+        try:
+            with self._pool.connection() as conn:
+                self._index_valid = S.build_hnsw(conn, self._names, self._lock_ns ^ 0x48_4E_53_57)
+        except psycopg.Error as exc:
+            raise StorageError(f"building the HNSW index failed: {exc}") from exc
+        return self._index_valid
 
     def _retry_or_raise(self, exc: BaseException, attempt: int) -> int:
         """Back off and return the next attempt number; re-raise what is not worth retrying."""
@@ -613,6 +669,10 @@ class PostgresStorageBackend(StorageBackend):
     def _use_index(self, conn: Any, dim: int) -> bool:
         if dim > S.HNSW_DIM_MAX:
             return False
+        if not self._index_valid:
+            self._index_valid = S.hnsw_state(conn, self._names) is True  # maybe another process built it
+            if not self._index_valid:
+                return False
         row = conn.execute("SELECT reltuples FROM pg_class WHERE oid = %s::regclass",
                            (self._names.table("entities").as_string(conn),)).fetchone()
         return row is not None and row[0] >= self._exact_rows
@@ -756,6 +816,12 @@ class PostgresStorageBackend(StorageBackend):
         """Close the pool. Safe to call twice; every later call raises StorageError."""
         if not self._closed:
             self._closed = True
+            builder, conn = self._builder, self._builder_conn
+            if builder is not None and builder.is_alive():
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.cancel_safe()  # an interrupted build leaves an invalid index: the next one redoes it
+                builder.join(10)
             self._pool.close()
 
     def __repr__(self) -> str:
