@@ -46,8 +46,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -56,11 +57,11 @@ ROOT = HERE.parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(ROOT))  # run from a source tree without installing
 
-import numba  # noqa: E402
-from numba import njit, prange  # noqa: E402
+import numba
+from numba import njit, prange
 
-from umi import kernels  # noqa: E402
-from umi.index import VectorIndex  # noqa: E402
+from umi import kernels
+from umi.index import VectorIndex
 
 DIM = 384
 K = 10
@@ -105,7 +106,6 @@ def measure_bandwidth() -> dict[str, float]:
         "threads": numba.get_num_threads(),
     }
     out["reference_GBps"] = max(out["numba_sum_1thread_GBps"], out["numba_sum_all_threads_GBps"])
-    del buf
     return out
 
 
@@ -117,7 +117,9 @@ def clustered(n: int, n_queries: int, seed: int) -> tuple[np.ndarray, np.ndarray
     rng = np.random.default_rng(seed)
     n_centroids = max(16, n // 100)
     mean = rng.standard_normal(DIM).astype(np.float32) * 0.6
-    centroids = (rng.standard_normal((n_centroids, DIM)) * rng.uniform(0.5, 1.5, (n_centroids, 1))).astype(np.float32)
+    centroids = (
+        rng.standard_normal((n_centroids, DIM)) * rng.uniform(0.5, 1.5, (n_centroids, 1))
+    ).astype(np.float32)
 
     def draw(m: int) -> np.ndarray:
         out = np.empty((m, DIM), np.float32)
@@ -224,10 +226,11 @@ def bench_size(n: int, bandwidth: dict[str, float], seed: int) -> dict[str, Any]
     batch_row("batch32_numpy", lambda qs: numpy_topk_many(data, qs, K))
     if faiss is not None:
         batch_row("batch32_faiss_flat", lambda qs: flat.search(qs, K))
-        del flat
 
     # HNSW through VectorIndex (threshold forced below n so the graph path is used)
-    hn = VectorIndex(DIM, hnsw_threshold=min(n, 20_000), M=16, ef_construction=200, ef_search=128, seed=0)
+    hn = VectorIndex(
+        DIM, hnsw_threshold=min(n, 20_000), M=16, ef_construction=200, ef_search=128, seed=0
+    )
     hn.add(ids, data)
     t = time.perf_counter()
     hn.build_graph()
@@ -248,7 +251,7 @@ def bench_size(n: int, bandwidth: dict[str, float], seed: int) -> dict[str, Any]
     for frac in (0.5, 0.05):
         mask = rng.random(hn.capacity) < frac
         path = hn.path_for(mask)
-        ts = latencies(lambda q: hn.search(q, K, mask), qlist[:100])
+        ts = latencies(lambda q, mask=mask: hn.search(q, K, mask), qlist[:100])
         fgot = [[int(i[1:]) for i, _ in hn.search(q, K, mask)] for q in qlist[:100]]
         ftruth = [kernels.topk(data, q, K, mask[:n])[0].tolist() for q in qlist[:100]]
         rows[f"filtered_{int(frac * 100)}pct_umi_index"] = {
@@ -257,7 +260,6 @@ def bench_size(n: int, bandwidth: dict[str, float], seed: int) -> dict[str, Any]
             "p95_ms": pct(ts, 95),
             "recall@10": recall_at_k(fgot, ftruth),
         }
-    del hn, exact_idx
 
     if faiss is not None:
         fh = faiss.IndexHNSWFlat(DIM, 16, faiss.METRIC_INNER_PRODUCT)
@@ -275,7 +277,6 @@ def bench_size(n: int, bandwidth: dict[str, float], seed: int) -> dict[str, Any]
             "p95_ms": pct(ts, 95),
             "recall@10": recall_at_k(got, truth),
         }
-        del fh
     return rows
 
 
@@ -291,7 +292,9 @@ def bench_duckdb(n: int, seed: int) -> dict[str, Any]:
         return {"skipped": f"umi.storage.duckdb not importable: {exc}"}
     print(f"\n== DuckDB store, {n:,} entities ==", flush=True)
     data, queries = clustered(n, N_QUERIES, seed + 7)
-    words = np.array("alpha beta gamma delta kappa sigma omega river stone cloud lamp tree".split())
+    words = np.array(
+        ["alpha", "beta", "gamma", "delta", "kappa", "sigma", "omega", "river", "stone", "cloud"]
+    )
     rng = np.random.default_rng(seed)
     t0 = 1_700_000_000_000
     ents = [
@@ -361,13 +364,17 @@ def print_report(result: dict[str, Any]) -> None:
     bw = result["bandwidth"]
     print("\nMemory read bandwidth (1 GiB buffer, best of 7):")
     print(f"  numba sum, 1 thread            {bw['numba_sum_1thread_GBps']:6.1f} GB/s")
-    print(f"  numba sum, {bw['threads']} threads           {bw['numba_sum_all_threads_GBps']:6.1f} GB/s")
+    print(
+        f"  numba sum, {bw['threads']} threads           {bw['numba_sum_all_threads_GBps']:6.1f} GB/s"
+    )
     print(f"  numpy sum (compute-bound)      {bw['numpy_sum_GBps']:6.1f} GB/s")
     print(f"  reference (fastest read)       {bw['reference_GBps']:6.1f} GB/s")
     for r in result["sizes"]:
         n = r["n"]
         print(f"\n{n:,} x {r['dim']}  ({r['vector_MB']:.0f} MB of vectors), top-{K}")
-        print(f"  {'method':<34}{'p50 ms':>9}{'p95 ms':>9}{'GB/s':>8}{'% bw':>7}{'recall':>8}{'build s':>9}")
+        print(
+            f"  {'method':<34}{'p50 ms':>9}{'p95 ms':>9}{'GB/s':>8}{'% bw':>7}{'recall':>8}{'build s':>9}"
+        )
         for key, label in [
             ("exact_umi_kernel", "exact  umi.kernels.topk"),
             ("exact_umi_index", "exact  VectorIndex.search"),
@@ -381,7 +388,10 @@ def print_report(result: dict[str, Any]) -> None:
                     f"  {label:<34}{x['p50_ms']:9.3f}{x['p95_ms']:9.3f}{x['GBps']:8.1f}"
                     f"{x['pct_of_bandwidth']:7.0f}{rec:>8}{'':>9}"
                 )
-        for key, label in [("hnsw_umi_index", "hnsw   VectorIndex (hnswlib)"), ("hnsw_faiss", "hnsw   faiss IndexHNSWFlat")]:
+        for key, label in [
+            ("hnsw_umi_index", "hnsw   VectorIndex (hnswlib)"),
+            ("hnsw_faiss", "hnsw   faiss IndexHNSWFlat"),
+        ]:
             if key in r:
                 x = r[key]
                 print(
@@ -391,7 +401,9 @@ def print_report(result: dict[str, Any]) -> None:
         for key in sorted(k for k in r if k.startswith("filtered_")):
             x = r[key]
             label = f"filter {key.split('_')[1].replace('pct', '%')} VectorIndex ({x['path']})"
-            print(f"  {label:<34}{x['p50_ms']:9.3f}{x['p95_ms']:9.3f}{'':>8}{'':>7}{x['recall@10']:8.3f}")
+            print(
+                f"  {label:<34}{x['p50_ms']:9.3f}{x['p95_ms']:9.3f}{'':>8}{'':>7}{x['recall@10']:8.3f}"
+            )
         print(f"  {'32 queries per call':<34}{'p50 ms':>9}{'q/s':>9}")
         for key, label in [
             ("batch32_umi_kernel", "exact  umi.kernels.topk_many"),
@@ -412,7 +424,9 @@ def print_report(result: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--full", action="store_true", help="also run 1M rows (needs ~4 GB RAM and several minutes)")
+    ap.add_argument(
+        "--full", action="store_true", help="also run 1M rows (needs ~4 GB RAM and several minutes)"
+    )
     ap.add_argument("--sizes", default="", help="comma-separated row counts (default 10000,100000)")
     ap.add_argument("--skip-duckdb", action="store_true", help="leave out the DuckDB store rows")
     ap.add_argument("--seed", type=int, default=20261101)

@@ -53,15 +53,16 @@ import secrets
 import struct
 import threading
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from . import kernels
 from .errors import IndexCacheError, InvalidConfigError, InvalidLimitError, ValidationError
 
-__all__ = ["VectorIndex", "EXACT_SELECTIVITY", "INDEX_DIM_MAX", "SEARCH_K_MAX"]
+__all__ = ["EXACT_SELECTIVITY", "INDEX_DIM_MAX", "SEARCH_K_MAX", "VectorIndex"]
 
 #: masks letting through less than this fraction of the live vectors use the exact scan
 EXACT_SELECTIVITY = 0.10
@@ -82,7 +83,11 @@ _UNIT_TOLERANCE = 4e-7  # |norm - 1| within which a row counts as normalised (~3
 
 
 def _check_int(
-    name: str, value: Any, lo: int, hi: int | None = None, error: type[ValidationError] = InvalidConfigError
+    name: str,
+    value: Any,
+    lo: int,
+    hi: int | None = None,
+    error: type[ValidationError] = InvalidConfigError,
 ) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -102,10 +107,14 @@ def _normalise_rows(vectors: np.ndarray, what: str) -> np.ndarray:
     norms = np.sqrt(np.einsum("ij,ij->i", v64, v64))
     huge = np.flatnonzero(~np.isfinite(norms))
     if huge.size:
-        raise ValidationError(f"{what} must have a finite norm; row {int(huge[0])} overflows float64")
+        raise ValidationError(
+            f"{what} must have a finite norm; row {int(huge[0])} overflows float64"
+        )
     zero = np.flatnonzero(norms == 0.0)
     if zero.size:
-        raise ValidationError(f"{what} must be non-zero to be normalised; row {int(zero[0])} is all zeros")
+        raise ValidationError(
+            f"{what} must be non-zero to be normalised; row {int(zero[0])} is all zeros"
+        )
     # Rows already unit length to float32 precision are kept bit for bit, so that adding
     # back a vector read from the index (or from the store) reproduces it exactly.
     scale = np.where(np.abs(norms - 1.0) <= _UNIT_TOLERANCE, 1.0, norms)
@@ -191,7 +200,9 @@ class VectorIndex:
         q64 = query.astype(np.float64)
         norm2 = float(q64 @ q64)  # NaN or inf when any entry is
         if not math.isfinite(norm2):
-            raise ValidationError("query must be finite with a finite norm; it has NaN, inf or huge values")
+            raise ValidationError(
+                "query must be finite with a finite norm; it has NaN, inf or huge values"
+            )
         if norm2 == 0.0:
             raise ValidationError("query must be non-zero to be normalised; it is all zeros")
         norm = math.sqrt(norm2)
@@ -204,14 +215,18 @@ class VectorIndex:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
             raise TypeError(f"k must be an int, got {type(k).__name__}")
         if not 1 <= k <= SEARCH_K_MAX:
-            raise InvalidLimitError(f"k must be in [1, {SEARCH_K_MAX}], got {k}", limit=(1, SEARCH_K_MAX), actual=int(k))
+            raise InvalidLimitError(
+                f"k must be in [1, {SEARCH_K_MAX}], got {k}", limit=(1, SEARCH_K_MAX), actual=int(k)
+            )
         return int(k)
 
     def _check_mask(self, mask: Any) -> np.ndarray | None:
         if mask is None:
             return None
         if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_:
-            raise TypeError(f"mask must be a numpy bool array, got {getattr(mask, 'dtype', type(mask).__name__)}")
+            raise TypeError(
+                f"mask must be a numpy bool array, got {getattr(mask, 'dtype', type(mask).__name__)}"
+            )
         if mask.ndim != 1 or mask.shape[0] < self.capacity:
             raise ValidationError(
                 f"mask must be 1-D with length >= capacity ({self.capacity}), got shape {mask.shape}"
@@ -231,7 +246,9 @@ class VectorIndex:
         id_list = self._check_ids(ids)
         vectors = self._check_matrix(vectors, "vectors")
         if vectors.shape[0] != len(id_list):
-            raise ValidationError(f"got {len(id_list)} ids but {vectors.shape[0]} vectors; they must match")
+            raise ValidationError(
+                f"got {len(id_list)} ids but {vectors.shape[0]} vectors; they must match"
+            )
         if not id_list:
             return np.empty(0, np.int64)
         unit = _normalise_rows(vectors, "vectors")
@@ -341,7 +358,9 @@ class VectorIndex:
             return self._vectors[s].copy()
 
     # --- search -----------------------------------------------------------------------
-    def search(self, query: np.ndarray, k: int, mask: np.ndarray | None = None) -> list[tuple[str, float]]:
+    def search(
+        self, query: np.ndarray, k: int, mask: np.ndarray | None = None
+    ) -> list[tuple[str, float]]:
         """Top-``k`` ``(id, cosine)`` for one query; see the module docstring for the path rule."""
         q = self._check_query(query)
         k = self._check_k(k)
@@ -386,7 +405,11 @@ class VectorIndex:
 
     def _use_exact(self, eligible: int) -> bool:
         n = len(self._slot)
-        return n < self.hnsw_threshold or eligible < self.hnsw_threshold or eligible < EXACT_SELECTIVITY * n
+        return (
+            n < self.hnsw_threshold
+            or eligible < self.hnsw_threshold
+            or eligible < EXACT_SELECTIVITY * n
+        )
 
     def _scan_args(self, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         hw = len(self._ids)
@@ -395,9 +418,11 @@ class VectorIndex:
 
     def _rank(self, slots: np.ndarray, scores: np.ndarray, k: int) -> list[tuple[str, float]]:
         ids = self._ids
-        pairs = [(ids[s], float(v)) for s, v in zip(slots.tolist(), scores.tolist())]
-        pairs.sort(key=lambda p: (-p[1], p[0]))  # type: ignore[arg-type,return-value]
-        return pairs[:k]  # type: ignore[return-value]
+        pairs: list[tuple[str, float]] = [
+            (ids[s], v) for s, v in zip(slots.tolist(), scores.tolist())
+        ]
+        pairs.sort(key=lambda p: (-p[1], p[0]))
+        return pairs[:k]
 
     def _exact(self, q: np.ndarray, k: int, mask: np.ndarray | None) -> list[tuple[str, float]]:
         vecs, live, m = self._scan_args(mask)
@@ -416,7 +441,9 @@ class VectorIndex:
                 return self._rank(slots, scores, k)
             fetch = min(fetch * 4, kernels.TOPK_K_MAX)
 
-    def _exact_many(self, qs: np.ndarray, k: int, mask: np.ndarray | None) -> list[list[tuple[str, float]]]:
+    def _exact_many(
+        self, qs: np.ndarray, k: int, mask: np.ndarray | None
+    ) -> list[list[tuple[str, float]]]:
         vecs, live, m = self._scan_args(mask)
         fetch = min(k + _BATCH_PAD, kernels.TOPK_K_MAX)
         slots, batch_scores = kernels.topk_many_unchecked(vecs, qs, fetch, live, m)
@@ -430,7 +457,10 @@ class VectorIndex:
             cand = slots[r]
             exact = kernels.dot_rows_unchecked(vecs, qs[r], cand)
             ranked = self._rank(cand, exact, cand.shape[0])
-            if cand.shape[0] < fetch or float(batch_scores[r, -1]) + slack < ranked[min(k, len(ranked)) - 1][1]:
+            if (
+                cand.shape[0] < fetch
+                or float(batch_scores[r, -1]) + slack < ranked[min(k, len(ranked)) - 1][1]
+            ):
                 out.append(ranked[:k])
             else:
                 out.append(self._exact(qs[r], k, mask))
@@ -444,11 +474,12 @@ class VectorIndex:
                 self._build_graph()
 
     def _build_graph(self) -> None:
-        import hnswlib
-
-        graph = hnswlib.Index(space="ip", dim=self.dim)
+        graph = _hnswlib().Index(space="ip", dim=self.dim)
         graph.init_index(
-            max_elements=max(self.capacity, 1), M=self.M, ef_construction=self.ef_construction, random_seed=self.seed
+            max_elements=max(self.capacity, 1),
+            M=self.M,
+            ef_construction=self.ef_construction,
+            random_seed=self.seed,
         )
         graph.set_ef(self.ef_search)
         slots = np.flatnonzero(self._live[: len(self._ids)]).astype(np.int64)
@@ -469,7 +500,9 @@ class VectorIndex:
             return
         self._in_graph[slots] = True
 
-    def _hnsw(self, q: np.ndarray, k: int, mask: np.ndarray | None, eligible: int) -> list[tuple[str, float]]:
+    def _hnsw(
+        self, q: np.ndarray, k: int, mask: np.ndarray | None, eligible: int
+    ) -> list[tuple[str, float]]:
         if self._graph is None:
             self._build_graph()
         graph = self._graph
@@ -505,7 +538,9 @@ class VectorIndex:
         path = Path(os.fspath(path))
         directory = path.parent
         if not directory.is_dir():
-            raise IndexCacheError(f"cannot save index: directory {str(directory)!r} does not exist", path=str(path))
+            raise IndexCacheError(
+                f"cannot save index: directory {str(directory)!r} does not exist", path=str(path)
+            )
         with self._lock:
             hw = len(self._ids)
             graph_meta = None
@@ -518,7 +553,9 @@ class VectorIndex:
                     self._graph.save_index(str(graph_tmp))
                     size, crc = _file_crc(graph_tmp)
                     graph_meta = {"file": graph_name, "size": size, "crc32": crc}
-                ids_blob = json.dumps(self._ids, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+                ids_blob = json.dumps(self._ids, ensure_ascii=False, separators=(",", ":")).encode(
+                    "utf-8"
+                )
                 header = {
                     "format": _FORMAT_VERSION,
                     "dim": self.dim,
@@ -544,7 +581,7 @@ class VectorIndex:
                     for chunk in (_MAGIC, struct.pack("<Q", len(head_blob)), head_blob, ids_blob):
                         f.write(chunk)
                         crc = zlib.crc32(chunk, crc)
-                    vec = np.ascontiguousarray(self._vectors[:hw]).reshape(-1).view(np.uint8)
+                    vec = np.ascontiguousarray(self._vectors[:hw]).reshape(-1).view(np.uint8).data
                     f.write(vec)
                     crc = zlib.crc32(vec, crc)
                     f.write(struct.pack("<I", crc) + _END)
@@ -552,7 +589,7 @@ class VectorIndex:
                     os.fsync(f.fileno())
                 if graph_tmp is not None:
                     _fsync_file(graph_tmp)
-                    os.replace(graph_tmp, directory / graph_meta["file"])  # type: ignore[index]
+                    os.replace(graph_tmp, directory / graph_name)
                     graph_tmp = None
                 os.replace(main_tmp, path)
                 _fsync_dir(directory)
@@ -563,7 +600,9 @@ class VectorIndex:
                             os.unlink(p)
                         except OSError:
                             pass
-                raise IndexCacheError(f"cannot save index to {str(path)!r}: {exc}", path=str(path)) from exc
+                raise IndexCacheError(
+                    f"cannot save index to {str(path)!r}: {exc}", path=str(path)
+                ) from exc
             # graphs of older saves are no longer referenced
             keep = graph_meta["file"] if graph_meta else None
             for old in directory.glob(f"{path.name}.*.hnsw"):
@@ -574,7 +613,9 @@ class VectorIndex:
                         pass
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, dim: int | None = None) -> tuple["VectorIndex", int]:
+    def load(
+        cls, path: str | os.PathLike[str], *, dim: int | None = None
+    ) -> tuple[VectorIndex, int]:
         """Read an index written by :meth:`save`; returns ``(index, generation)``.
 
         Raises :class:`umi.errors.IndexCacheError` when the file is missing, truncated,
@@ -585,66 +626,25 @@ class VectorIndex:
         path = Path(os.fspath(path))
         spath = str(path)
         try:
-            f = open(path, "rb")
-        except OSError as exc:
+            with open(path, "rb") as f:
+                header, ids_blob, vectors = _read_index_file(f, spath, dim)
+        except FileNotFoundError as exc:
             raise IndexCacheError(f"no index cache at {spath!r}: {exc}", path=spath) from exc
-        with f:
-            try:
-                total = os.fstat(f.fileno()).st_size
-                magic = f.read(len(_MAGIC))
-                if magic != _MAGIC:
-                    raise IndexCacheError(f"{spath!r} is not a umi index file (bad magic)", path=spath)
-                raw_len = f.read(8)
-                if len(raw_len) != 8:
-                    raise IndexCacheError(f"index file {spath!r} is truncated", path=spath)
-                (head_len,) = struct.unpack("<Q", raw_len)
-                if head_len > total:
-                    raise IndexCacheError(f"index file {spath!r} is truncated or corrupt (header length)", path=spath)
-                head_blob = f.read(head_len)
-                crc = zlib.crc32(magic)
-                crc = zlib.crc32(raw_len, crc)
-                crc = zlib.crc32(head_blob, crc)
-                try:
-                    header = json.loads(head_blob)
-                    fdim = int(header["dim"])
-                    hw = int(header["high_water"])
-                    cap = int(header["capacity"])
-                    ids_bytes = int(header["ids_bytes"])
-                    vector_bytes = int(header["vector_bytes"])
-                    params = header["params"]
-                    generation = int(header["generation"])
-                    fmt = int(header["format"])
-                    graph_meta = header["graph"]
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise IndexCacheError(f"index file {spath!r} has a corrupt header", path=spath) from exc
-                if fmt != _FORMAT_VERSION:
-                    raise IndexCacheError(
-                        f"index file {spath!r} has format {fmt}, this umi reads {_FORMAT_VERSION}", path=spath
-                    )
-                expected = len(_MAGIC) + 8 + head_len + ids_bytes + vector_bytes + 4 + len(_END)
-                if total != expected or vector_bytes != hw * fdim * 4 or cap < hw:
-                    raise IndexCacheError(
-                        f"index file {spath!r} is truncated or corrupt: {total} bytes, expected {expected}", path=spath
-                    )
-                if dim is not None and fdim != dim:
-                    raise IndexCacheError(
-                        f"index file {spath!r} holds {fdim}-d vectors, expected {dim}-d", path=spath
-                    )
-                ids_blob = f.read(ids_bytes)
-                crc = zlib.crc32(ids_blob, crc)
-                vectors = np.zeros((cap, fdim), np.float32)
-                view = vectors[:hw].reshape(-1).view(np.uint8)
-                if f.readinto(view) != vector_bytes:
-                    raise IndexCacheError(f"index file {spath!r} is truncated", path=spath)
-                crc = zlib.crc32(view, crc)
-                trailer = f.read(4 + len(_END))
-            except OSError as exc:
-                raise IndexCacheError(f"cannot read index cache {spath!r}: {exc}", path=spath) from exc
-        if len(trailer) != 4 + len(_END) or trailer[4:] != _END or struct.unpack("<I", trailer[:4])[0] != crc:
-            raise IndexCacheError(f"index file {spath!r} failed its checksum", path=spath)
+        except OSError as exc:
+            raise IndexCacheError(f"cannot read index cache {spath!r}: {exc}", path=spath) from exc
+        fdim, hw, cap = int(header["dim"]), int(header["high_water"]), int(header["capacity"])
+        params, generation, graph_meta = (
+            header["params"],
+            int(header["generation"]),
+            header["graph"],
+        )
         try:
             ids = json.loads(ids_blob.decode("utf-8"))
-            if not isinstance(ids, list) or len(ids) != hw or not all(i is None or isinstance(i, str) for i in ids):
+            if (
+                not isinstance(ids, list)
+                or len(ids) != hw
+                or not all(i is None or (isinstance(i, str) and i) for i in ids)
+            ):
                 raise ValueError("ids")
             index = cls(fdim, **params)
         except (ValueError, TypeError, InvalidConfigError) as exc:
@@ -656,7 +656,9 @@ class VectorIndex:
                 slot_of[i] = s
                 live[s] = True
         if len(slot_of) != int(header.get("count", -1)):
-            raise IndexCacheError(f"index file {spath!r} has corrupt contents (duplicate ids)", path=spath)
+            raise IndexCacheError(
+                f"index file {spath!r} has corrupt contents (duplicate ids)", path=spath
+            )
         index._vectors = vectors
         index._live = live
         index._ids = ids
@@ -664,29 +666,108 @@ class VectorIndex:
         index._free = sorted((s for s, i in enumerate(ids) if i is None), reverse=True)
         index._in_graph = np.zeros(cap, np.bool_)
         if graph_meta is not None:
-            index._load_graph(path.parent / str(graph_meta["file"]), graph_meta, spath)
+            # the graph is always a sibling: a name with directories in it is not ours
+            index._load_graph(
+                path.parent / Path(str(graph_meta.get("file"))).name, graph_meta, spath
+            )
         return index, generation
 
     def _load_graph(self, gpath: Path, meta: dict[str, Any], spath: str) -> None:
-        import hnswlib
-
         try:
             size, crc = _file_crc(gpath)
         except OSError as exc:
-            raise IndexCacheError(f"graph file of index {spath!r} is missing: {exc}", path=spath) from exc
+            raise IndexCacheError(
+                f"graph file of index {spath!r} is missing: {exc}", path=spath
+            ) from exc
         if size != meta.get("size") or crc != meta.get("crc32"):
             raise IndexCacheError(f"graph file {str(gpath)!r} failed its checksum", path=spath)
-        graph = hnswlib.Index(space="ip", dim=self.dim)
+        graph = _hnswlib().Index(space="ip", dim=self.dim)
         try:
             graph.load_index(str(gpath), max_elements=max(self.capacity, 1))
         except RuntimeError as exc:
-            raise IndexCacheError(f"graph file {str(gpath)!r} could not be loaded: {exc}", path=spath) from exc
+            raise IndexCacheError(
+                f"graph file {str(gpath)!r} could not be loaded: {exc}", path=spath
+            ) from exc
         graph.set_ef(self.ef_search)
         labels = np.asarray(graph.get_ids_list(), dtype=np.int64)
         if labels.size and (labels.min() < 0 or labels.max() >= self.capacity):
-            raise IndexCacheError(f"graph file {str(gpath)!r} has labels outside the index", path=spath)
+            raise IndexCacheError(
+                f"graph file {str(gpath)!r} has labels outside the index", path=spath
+            )
         self._in_graph[labels] = True
         self._graph = graph
+
+
+def _hnswlib() -> Any:
+    import hnswlib  # type: ignore[import-untyped]  # imported on first use: it is only needed above the threshold
+
+    return hnswlib
+
+
+def _read_index_file(
+    f: Any, spath: str, dim: int | None
+) -> tuple[dict[str, Any], bytes, np.ndarray]:
+    """Parse and verify the main file: (header, ids JSON bytes, vectors (capacity, dim))."""
+
+    def corrupt(why: str) -> IndexCacheError:
+        return IndexCacheError(f"index file {spath!r} is truncated or corrupt: {why}", path=spath)
+
+    total = os.fstat(f.fileno()).st_size
+    magic = f.read(len(_MAGIC))
+    if magic != _MAGIC:
+        raise IndexCacheError(f"{spath!r} is not a umi index file (bad magic)", path=spath)
+    raw_len = f.read(8)
+    if len(raw_len) != 8:
+        raise corrupt("no header length")
+    (head_len,) = struct.unpack("<Q", raw_len)
+    if head_len > total:
+        raise corrupt(f"header length {head_len} exceeds the file size {total}")
+    head_blob = f.read(head_len)
+    crc = zlib.crc32(head_blob, zlib.crc32(raw_len, zlib.crc32(magic)))
+    try:
+        header = json.loads(head_blob)
+        fmt = int(header["format"])
+        fdim, hw, cap = int(header["dim"]), int(header["high_water"]), int(header["capacity"])
+        ids_bytes, vector_bytes = int(header["ids_bytes"]), int(header["vector_bytes"])
+        int(header["generation"]), int(header["count"])
+        if not isinstance(header["params"], dict) or not (
+            header["graph"] is None or isinstance(header["graph"], dict)
+        ):
+            raise TypeError("params/graph")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise corrupt("unreadable header") from exc
+    if fmt != _FORMAT_VERSION:
+        raise IndexCacheError(
+            f"index file {spath!r} has format {fmt}, this umi reads {_FORMAT_VERSION}", path=spath
+        )
+    expected = len(_MAGIC) + 8 + head_len + ids_bytes + vector_bytes + 4 + len(_END)
+    if total != expected:
+        raise corrupt(f"{total} bytes, the header promises {expected}")
+    if not (
+        1 <= fdim <= INDEX_DIM_MAX
+        and 0 <= hw <= cap <= max(2 * hw, _MIN_GROW)
+        and vector_bytes == hw * fdim * 4
+    ):
+        raise corrupt(f"inconsistent sizes (dim {fdim}, slots {hw}, capacity {cap})")
+    if dim is not None and fdim != dim:
+        raise IndexCacheError(
+            f"index file {spath!r} holds {fdim}-d vectors, expected {dim}-d", path=spath
+        )
+    ids_blob = f.read(ids_bytes)
+    crc = zlib.crc32(ids_blob, crc)
+    vectors = np.zeros((cap, fdim), np.float32)
+    view = vectors[:hw].reshape(-1).view(np.uint8).data
+    if f.readinto(view) != vector_bytes:
+        raise corrupt("vectors cut short")
+    crc = zlib.crc32(view, crc)
+    trailer = f.read(4 + len(_END))
+    if (
+        len(trailer) != 4 + len(_END)
+        or trailer[4:] != _END
+        or struct.unpack("<I", trailer[:4])[0] != crc
+    ):
+        raise IndexCacheError(f"index file {spath!r} failed its checksum", path=spath)
+    return header, ids_blob, vectors
 
 
 def _file_crc(path: Path) -> tuple[int, int]:

@@ -35,15 +35,15 @@ from numba import njit, prange
 from .errors import InvalidLimitError, ValidationError
 
 __all__ = [
-    "TOPK_K_MAX",
     "PARALLEL_MIN_FLOATS",
+    "TOPK_K_MAX",
+    "dot_rows",
+    "dot_rows_unchecked",
     "topk",
     "topk_many",
-    "dot_rows",
-    "topk_unchecked",
     "topk_many_unchecked",
-    "dot_rows_unchecked",
     "topk_reference",
+    "topk_unchecked",
     "warmup",
 ]
 
@@ -146,10 +146,9 @@ def _scan_block(vectors, query, k, valid, mask, start, end, hs, hi):  # pragma: 
         if not (valid[i] and mask[i]):
             continue
         s = _dot(vectors, i, query)
-        if cnt == k:
-            # fast reject: rows are scanned in slot order, so a tie never displaces
-            if s <= hs[0]:
-                continue
+        # fast reject: rows are scanned in slot order, so a tie never displaces the root
+        if cnt == k and s <= hs[0]:
+            continue
         cnt = _push(hs, hi, cnt, k, s, i)
     return cnt
 
@@ -203,7 +202,9 @@ def _offer(hs, hi, cnts, q, k, s, i):  # pragma: no cover - compiled
 
 
 @njit(inline="always", cache=True)
-def _scan_block_many(vectors, queries, k, valid, mask, start, end, hs, hi, cnts):  # pragma: no cover
+def _scan_block_many(
+    vectors, queries, k, valid, mask, start, end, hs, hi, cnts
+):  # pragma: no cover
     m, d = queries.shape
     for i in range(start, end):
         if not (valid[i] and mask[i]):
@@ -314,7 +315,9 @@ def _check_k(k: int) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if not 1 <= k <= TOPK_K_MAX:
-        raise InvalidLimitError(f"k must be in [1, {TOPK_K_MAX}], got {k}", limit=(1, TOPK_K_MAX), actual=int(k))
+        raise InvalidLimitError(
+            f"k must be in [1, {TOPK_K_MAX}], got {k}", limit=(1, TOPK_K_MAX), actual=int(k)
+        )
     return int(k)
 
 
@@ -322,13 +325,19 @@ def _check_mask(mask: np.ndarray | None, n: int, name: str) -> np.ndarray | None
     if mask is None:
         return None
     if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_:
-        raise TypeError(f"{name} must be a numpy bool array, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        raise TypeError(
+            f"{name} must be a numpy bool array, got {getattr(mask, 'dtype', type(mask).__name__)}"
+        )
     if mask.ndim != 1 or mask.shape[0] < n:
-        raise ValidationError(f"{name} must be 1-D with length >= {n} (rows), got shape {mask.shape}")
+        raise ValidationError(
+            f"{name} must be 1-D with length >= {n} (rows), got shape {mask.shape}"
+        )
     return np.ascontiguousarray(mask[:n])
 
 
-def _masks(valid: np.ndarray | None, mask: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
+def _masks(
+    valid: np.ndarray | None, mask: np.ndarray | None, n: int
+) -> tuple[np.ndarray, np.ndarray]:
     valid = _check_mask(valid, n, "valid")
     mask = _check_mask(mask, n, "mask")
     if valid is None and mask is None:
@@ -381,8 +390,8 @@ def topk_unchecked(
         return np.empty(0, np.int64), np.empty(0, np.float32)
     nb = _nblocks(n, dim)
     if nb == 1:
-        return _topk_serial(vectors, query, k, valid, mask)  # type: ignore[no-any-return]
-    return _topk_parallel(vectors, query, k, valid, mask, nb)  # type: ignore[no-any-return]
+        return _topk_serial(vectors, query, k, valid, mask)
+    return _topk_parallel(vectors, query, k, valid, mask, nb)
 
 
 def topk_many(
@@ -422,8 +431,8 @@ def topk_many_unchecked(
     # the scan is compute-bound from about four queries on: size the thread choice by work
     nb = _nblocks(n * max(1, nq // 4), dim)
     if nb == 1:
-        return _topk_many_serial(vectors, queries, k, v, m)  # type: ignore[no-any-return]
-    return _topk_many_parallel(vectors, queries, k, v, m, nb)  # type: ignore[no-any-return]
+        return _topk_many_serial(vectors, queries, k, v, m)
+    return _topk_many_parallel(vectors, queries, k, v, m, nb)
 
 
 def dot_rows(vectors: np.ndarray, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -435,13 +444,15 @@ def dot_rows(vectors: np.ndarray, query: np.ndarray, rows: np.ndarray) -> np.nda
     if rows.ndim != 1:
         raise ValidationError(f"rows must be 1-D, got shape {rows.shape}")
     if rows.size and (rows.min() < 0 or rows.max() >= n):
-        raise ValidationError(f"rows must be in [0, {n}), got values in [{rows.min()}, {rows.max()}]")
-    return _dot_rows(vectors, query, rows)  # type: ignore[no-any-return]
+        raise ValidationError(
+            f"rows must be in [0, {n}), got values in [{rows.min()}, {rows.max()}]"
+        )
+    return _dot_rows(vectors, query, rows)
 
 
 def dot_rows_unchecked(vectors: np.ndarray, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """:func:`dot_rows` without argument checks (``rows`` int64, all in range)."""
-    return _dot_rows(vectors, query, rows)  # type: ignore[no-any-return]
+    return _dot_rows(vectors, query, rows)
 
 
 def topk_reference(

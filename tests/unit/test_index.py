@@ -37,7 +37,9 @@ def exact_vectors(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarra
     return out
 
 
-def clustered(rng: np.random.Generator, n: int, dim: int, centroids: np.ndarray, noise: float) -> np.ndarray:
+def clustered(
+    rng: np.random.Generator, n: int, dim: int, centroids: np.ndarray, noise: float
+) -> np.ndarray:
     v = centroids[rng.integers(0, len(centroids), n)] + noise * rng.standard_normal((n, dim))
     v = v.astype(np.float32)
     return v / np.linalg.norm(v, axis=1, keepdims=True)
@@ -88,7 +90,12 @@ def test_add_validates_and_leaves_state_unchanged():
         (["b"], np.ones((1, 5), np.float32), ValidationError, r"shape \(n, 4\)"),
         (["b", "c"], np.ones((1, 4), np.float32), ValidationError, "2 ids but 1 vectors"),
         (["b"], np.array([[1, np.nan, 0, 0]], np.float32), ValidationError, "finite"),
-        (["b", "c"], np.array([[1, 0, 0, 0], [0, 0, 0, 0]], np.float32), ValidationError, "row 1 is all zeros"),
+        (
+            ["b", "c"],
+            np.array([[1, 0, 0, 0], [0, 0, 0, 0]], np.float32),
+            ValidationError,
+            "row 1 is all zeros",
+        ),
         (["b"], np.full((1, 4), 1e300), ValidationError, "row 0 overflows"),
         (["b"], np.ones((1, 4), np.int64), TypeError, "float dtype"),
         (["b"], [[1.0, 0.0, 0.0, 0.0]], TypeError, "numpy array"),
@@ -144,7 +151,11 @@ def test_remove_frees_lowest_slot_first_and_never_returns_removed():
     assert len(idx) == 4 and idx.slot_of("i1") == -1 and idx.id_at(1) is None
     hits = idx.search(np.array([1.0, 0.0], np.float32), 10)
     assert [i for i, _ in hits] == ["i0", "i2", "i3", "i5"]
-    assert idx.add(["new1", "new2", "new3"], np.eye(2, dtype=np.float32)[[0, 1, 0]]).tolist() == [1, 4, 6]
+    assert idx.add(["new1", "new2", "new3"], np.eye(2, dtype=np.float32)[[0, 1, 0]]).tolist() == [
+        1,
+        4,
+        6,
+    ]
     with pytest.raises(TypeError):
         idx.remove("i0")
 
@@ -232,7 +243,9 @@ def clustered_pair():
 
 
 def recall(got, want):
-    return np.mean([len({i for i, _ in g} & {i for i, _ in w}) / max(1, len(w)) for g, w in zip(got, want)])
+    return np.mean(
+        [len({i for i, _ in g} & {i for i, _ in w}) / max(1, len(w)) for g, w in zip(got, want)]
+    )
 
 
 def test_hnsw_recall_at_10_on_clustered_vectors(clustered_pair):
@@ -337,7 +350,11 @@ class IndexModel(RuleBasedStateMachine):
         self.index = VectorIndex(DIM, hnsw_threshold=self.threshold, seed=0)
         self.model: dict[str, np.ndarray] = {}
 
-    @rule(batch=st.lists(st.tuples(st.sampled_from(POOL_IDS), st.integers(0, len(POOL_VECS) - 1)), max_size=5))
+    @rule(
+        batch=st.lists(
+            st.tuples(st.sampled_from(POOL_IDS), st.integers(0, len(POOL_VECS) - 1)), max_size=5
+        )
+    )
     def add(self, batch):
         ids = [i for i, _ in batch]
         vecs = POOL_VECS[[v for _, v in batch]] if batch else np.zeros((0, DIM), np.float32)
@@ -370,7 +387,9 @@ class IndexModel(RuleBasedStateMachine):
                         mask[s] = True
         got = self.index.search(query, k, mask)
         self.check(got, model_topk(self.model, query, k, allowed), allowed)
-        many = self.index.search_many(np.stack([query, POOL_VECS[(q + 1) % len(POOL_VECS)]]), k, mask)
+        many = self.index.search_many(
+            np.stack([query, POOL_VECS[(q + 1) % len(POOL_VECS)]]), k, mask
+        )
         assert many[0] == got
 
     def check(self, got, want, allowed):
@@ -406,11 +425,17 @@ class HnswIndexModel(IndexModel):
 
 TestIndexModel = IndexModel.TestCase
 TestIndexModel.settings = settings(
-    max_examples=60, stateful_step_count=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=60,
+    stateful_step_count=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
 )
 TestHnswIndexModel = HnswIndexModel.TestCase
 TestHnswIndexModel.settings = settings(
-    max_examples=40, stateful_step_count=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=40,
+    stateful_step_count=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
 )
 
 
@@ -437,8 +462,18 @@ def test_save_load_round_trip(tmp_path, with_graph):
     assert generation == 42
     assert loaded.graph_built == with_graph
     assert (loaded.dim, len(loaded), loaded.capacity) == (12, len(idx), idx.capacity)
-    assert (loaded.M, loaded.ef_construction, loaded.ef_search, loaded.seed, loaded.hnsw_threshold) == (
-        8, 50, 40, 9, idx.hnsw_threshold,
+    assert (
+        loaded.M,
+        loaded.ef_construction,
+        loaded.ef_search,
+        loaded.seed,
+        loaded.hnsw_threshold,
+    ) == (
+        8,
+        50,
+        40,
+        9,
+        idx.hnsw_threshold,
     )
     assert loaded.ids() == idx.ids()
     for i in idx.ids():
