@@ -7,9 +7,9 @@ same inputs with the same errors.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -170,11 +170,13 @@ class NormFilters:
     include_superseded: bool
     as_of: int | None
     empty: bool
+    #: a time range was given: entities without a value in ``time_field`` never match
+    has_time: bool = False
 
     @property
     def cache_key(self) -> tuple[Any, ...]:
         return (self.entity_types, self.time_field, self.time_lo, self.time_hi, self.metadata,
-                self.include_superseded, self.as_of, self.empty)
+                self.include_superseded, self.as_of, self.empty, self.has_time)
 
 
 def check_filters(filters: object) -> NormFilters:
@@ -211,7 +213,8 @@ def check_filters(filters: object) -> NormFilters:
     types = filters.entity_types
     if types is not None and len(types) == 0:
         empty = True
-    return NormFilters(types, filters.time_field, lo, hi, meta, filters.include_superseded, as_of, empty)
+    return NormFilters(types, filters.time_field, lo, hi, meta, filters.include_superseded, as_of, empty,
+                       filters.time_range is not None)
 
 
 def check_query_vector(vector: object, dim: int | None) -> np.ndarray | None:

@@ -164,7 +164,7 @@ def where_sql(nf: NormFilters, alias: str = "e") -> tuple[str, list[Any]]:
     if nf.entity_types is not None:
         clauses.append(f"{a}.entity_type IN ({', '.join('?' for _ in nf.entity_types)})")
         params.extend(t.value for t in nf.entity_types)
-    if nf.time_lo is not None or nf.time_hi is not None:
+    if nf.has_time:
         col = f"{a}.event_time" if nf.time_field == "event_time" else f"{a}.created_at"
         clauses.append(f"{col} IS NOT NULL")
         if nf.time_lo is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -29,7 +30,7 @@ from ._bm25 import bm25_candidates, top_rows
 from ._common import NormFilters, clone_entity, meta_key
 from .text import bm25_idf, document_terms
 
-__all__ = ["EntityCache", "TYPE_CODES"]
+__all__ = ["EntityCache", "LoadedRows", "TYPE_CODES"]
 
 I64_MAX = np.iinfo(np.int64).max
 TYPE_CODES: dict[EntityType, int] = {t: i for i, t in enumerate(EntityType)}
@@ -88,7 +89,9 @@ class EntityCache:
     # --- storage of rows -------------------------------------------------------------
     def _reset_rows(self, cap: int) -> None:
         self._row_of: dict[str, int] = {}
-        self._ents: list[Entity | None] = []
+        self._ents: list[Entity | None] = []  # None: not materialised yet (see bulk_load) or dead
+        self._row_ids: list[str] = []  # row -> id (also for dead rows)
+        self._lazy: Callable[[int], Entity] | None = None
         self._n = 0
         self._cap = 0
         self._alive = np.zeros(0, bool)
@@ -106,6 +109,11 @@ class EntityCache:
         self._meta_codes: dict[str, np.ndarray] = {}
         self._meta_vals: dict[str, dict[tuple[str, str], int]] = {}
         self._post: dict[str, _Postings] = {}
+        # postings loaded in bulk (CSR) and not touched since: term -> position in _base_off
+        self._base_terms: dict[str, int] = {}
+        self._base_off = np.zeros(1, np.int64)
+        self._base_rows = np.zeros(0, np.int64)
+        self._base_tfs = np.zeros(0, np.float64)
         self._n_alive = 0
         self._n_vecs = 0
         self._total_len = 0
@@ -166,8 +174,34 @@ class EntityCache:
                 self._slot_row[slot] = -1
             self._row_slot[row] = -1
 
+    def _ent(self, row: int) -> Entity:
+        """The stored entity of a live row (built from the bulk-loaded columns on first use)."""
+        e = self._ents[row]
+        if e is None:
+            assert self._lazy is not None and self._alive[row]
+            e = self._ents[row] = self._lazy(row)
+        return e
+
+    def _postings(self, term: str, create: bool) -> _Postings | None:
+        p = self._post.get(term)
+        if p is None:
+            i = self._base_terms.pop(term, None)
+            if i is not None:
+                a, b = int(self._base_off[i]), int(self._base_off[i + 1])
+                p = self._post[term] = _Postings(self._base_rows[a:b], self._base_tfs[a:b])
+            elif create:
+                p = self._post[term] = _Postings()
+        return p
+
+    def _df(self, term: str) -> int:
+        p = self._post.get(term)
+        if p is not None:
+            return p.df()
+        i = self._base_terms.get(term)
+        return 0 if i is None else int(self._base_off[i + 1] - self._base_off[i])
+
     # --- indexing one row ------------------------------------------------------------
-    def _index_row(self, row: int, e: Entity) -> None:
+    def _index_row(self, row: int, e: Entity, terms: tuple[dict[str, int], int] | None) -> None:
         self._ents[row] = e
         self._alive[row] = True
         self._type[row] = TYPE_CODES[e.entity_type]
@@ -183,12 +217,9 @@ class EntityCache:
             if codes is None:
                 codes = self._meta_codes[k] = np.zeros(self._cap, np.int32)
             codes[row] = code
-        tfs, dl = document_terms(e.name, e.content)
+        tfs, dl = terms if terms is not None else document_terms(e.name, e.content)
         for t, tf in tfs.items():
-            p = self._post.get(t)
-            if p is None:
-                p = self._post[t] = _Postings()
-            p.set(row, tf)
+            self._postings(t, True).set(row, tf)  # type: ignore[union-attr]
         self._doc_len[row] = dl
         self._total_len += dl
         self._n_alive += 1
@@ -203,7 +234,7 @@ class EntityCache:
             self._meta_codes[k][row] = 0
         tfs, dl = document_terms(e.name, e.content)
         for t in tfs:
-            p = self._post.get(t)
+            p = self._postings(t, False)
             if p is not None:
                 p.discard(row)
                 if p.df() == 0:
@@ -212,18 +243,21 @@ class EntityCache:
         self._n_alive -= 1
         self._alive[row] = False
 
-    def _apply(self, eid: str, new: Entity | None, vec: np.ndarray | None) -> None:
-        """Make ``eid`` hold ``new`` (``None``: absent) with vector ``vec``."""
+    def _apply(self, eid: str, new: Entity | None, vec: np.ndarray | None,
+               terms: tuple[dict[str, int], int] | None = None, slot: int | None = None) -> None:
+        """Make ``eid`` hold ``new`` (``None``: absent) with vector ``vec``. ``slot`` is given when
+        the caller already put ``vec`` into the vector index (batched writes)."""
         row = self._row_of.get(eid)
-        old = self._ents[row] if row is not None else None
+        old = self._ent(row) if row is not None else None
         had_vec = row is not None and bool(self._has_vec[row])
-        slot = -1
         # the vector index first: it is the only step that can fail for a reason of its own
-        if new is not None and vec is not None:
-            self._ensure_dim(vec.shape[0])
-            slot = int(np.asarray(self.index.add([eid], vec[None, :]))[0])
-        elif had_vec:
-            self.index.remove([eid])
+        if slot is None:
+            slot = -1
+            if new is not None and vec is not None:
+                self._ensure_dim(vec.shape[0])
+                slot = int(np.asarray(self.index.add([eid], vec[None, :]))[0])
+            elif had_vec:
+                self.index.remove([eid])
         self.version += 1
         if old is not None:
             assert row is not None
@@ -242,8 +276,9 @@ class EntityCache:
             self._grow(row + 1)
             self._n += 1
             self._ents.append(None)
+            self._row_ids.append(eid)
             self._row_of[eid] = row
-        self._index_row(row, new)
+        self._index_row(row, new, terms)
         if vec is not None:
             assert self._vecs is not None
             self._vecs[row] = vec
@@ -290,19 +325,45 @@ class EntityCache:
                 j[eid] = (None, None)
             else:
                 vec = self._vecs[row].copy() if self._has_vec[row] else None  # type: ignore[index]
-                j[eid] = (self._ents[row], vec)
+                j[eid] = (self._ent(row), vec)
 
     # --- writes ----------------------------------------------------------------------
+    def put_many(self, ents: Sequence[Entity],
+                 terms: Sequence[tuple[dict[str, int], int]] | None = None) -> list[bool]:
+        """Insert or replace, in order (a repeated id: the last one stays). ``ents`` are private
+        validated copies whose embeddings (if any) have the store's dimension; ``terms`` their
+        :func:`~umi.storage.text.document_terms` when the caller has them. Returns, per entity,
+        whether its id was new at that point. Vectors go to the index in one batch."""
+        for e in ents:
+            self._touch(e.id)
+        last: dict[str, int] = {e.id: pos for pos, e in enumerate(ents)}
+        add_ids = [i for i, pos in last.items() if ents[pos].embedding is not None]
+        drop_ids = [i for i, pos in last.items() if ents[pos].embedding is None and self.has_vector(i)]
+        slots: dict[str, int] = {}
+        if add_ids:
+            self._ensure_dim(ents[last[add_ids[0]]].embedding.shape[0])  # type: ignore[union-attr]
+            mat = np.stack([ents[last[i]].embedding for i in add_ids])  # type: ignore[misc]
+            got = np.asarray(self.index.add(add_ids, mat))
+            slots = dict(zip(add_ids, got.tolist()))
+        if drop_ids:
+            self.index.remove(drop_ids)
+        out = []
+        seen: set[str] = set()
+        for e in ents:
+            out.append(e.id not in seen and e.id not in self._row_of)
+            seen.add(e.id)
+        for eid, pos in last.items():
+            e = ents[pos]
+            vec = e.embedding
+            stored = e if vec is None else clone_entity(e, None)
+            stored.embedding = None
+            self._apply(eid, stored, vec, None if terms is None else terms[pos],
+                        slot=slots[eid] if vec is not None else -1)
+        return out
+
     def put(self, e: Entity) -> bool:
-        """Insert or replace; ``e`` is a private validated copy whose embedding (if any) has the
-        store's dimension. Returns True when the id was new."""
-        vec = e.embedding
-        stored = e if vec is None else clone_entity(e, None)
-        stored.embedding = None
-        self._touch(e.id)
-        is_new = e.id not in self._row_of
-        self._apply(e.id, stored, vec)
-        return is_new
+        """Insert or replace one entity; True when the id was new."""
+        return self.put_many([e])[0]
 
     def remove(self, eid: str) -> Entity | None:
         """Remove; returns the removed entity (with its embedding) or None."""
@@ -319,8 +380,7 @@ class EntityCache:
         row = self._row_of.get(eid)
         if row is None:
             return None
-        old = self._ents[row]
-        assert old is not None
+        old = self._ent(row)
         if old.valid_to is not None:
             return None
         new = clone_entity(old, None)
@@ -347,14 +407,12 @@ class EntityCache:
         return self._n_vecs
 
     def _entity_at(self, row: int) -> Entity:
-        e = self._ents[row]
-        assert e is not None
-        return clone_entity(e, self._vecs[row] if self._has_vec[row] else None)  # type: ignore[index]
+        return clone_entity(self._ent(row), self._vecs[row] if self._has_vec[row] else None)  # type: ignore[index]
 
     def peek(self, eid: str) -> Entity | None:
         """The stored entity itself (no embedding). Callers must not change it."""
         row = self._row_of.get(eid)
-        return None if row is None else self._ents[row]
+        return None if row is None else self._ent(row)
 
     def has_vector(self, eid: str) -> bool:
         row = self._row_of.get(eid)
@@ -409,7 +467,7 @@ class EntityCache:
             for t in nf.entity_types:
                 tm |= col == TYPE_CODES[t]
             m &= tm
-        if nf.time_lo is not None or nf.time_hi is not None:
+        if nf.has_time:
             if nf.time_field == "event_time":
                 col = self._event[:n]
                 m &= self._has_event[:n]
@@ -436,11 +494,10 @@ class EntityCache:
         """One row against the filters (same semantics as :meth:`row_mask`)."""
         if nf.empty or not self._alive[row]:
             return False
-        e = self._ents[row]
-        assert e is not None
+        e = self._ent(row)
         if nf.entity_types is not None and e.entity_type not in nf.entity_types:
             return False
-        if nf.time_lo is not None or nf.time_hi is not None:
+        if nf.has_time:
             t = e.created_at if nf.time_field == "created_at" else e.event_time
             if t is None or (nf.time_lo is not None and t < nf.time_lo) or (
                     nf.time_hi is not None and t > nf.time_hi):
@@ -482,8 +539,8 @@ class EntityCache:
         return int(np.count_nonzero(self.row_mask(nf)))
 
     def _ordered_rows(self, rows: Iterable[int]) -> list[int]:
-        ents, created = self._ents, self._created
-        return sorted(rows, key=lambda r: (int(created[r]), ents[r].id))  # type: ignore[union-attr]
+        ids, created = self._row_ids, self._created
+        return sorted(rows, key=lambda r: (int(created[r]), ids[r]))
 
     def list(self, nf: NormFilters, limit: int, offset: int) -> list[Entity]:
         rows = np.flatnonzero(self.row_mask(nf))
@@ -522,12 +579,20 @@ class EntityCache:
     def search_text(self, terms: Sequence[str], k: int, nf: NormFilters) -> list[tuple[str, float]]:
         if not terms or nf.empty or self._n_alive == 0:
             return []
-        plist = [self._post[t] for t in terms if t in self._post]
-        if not plist:
+        arrays = []
+        for t in terms:
+            p = self._post.get(t)
+            if p is not None:
+                arrays.append(p.arrays())
+                continue
+            i = self._base_terms.get(t)
+            if i is not None:
+                a, b = int(self._base_off[i]), int(self._base_off[i + 1])
+                arrays.append((self._base_rows[a:b], self._base_tfs[a:b]))
+        if not arrays:
             return []
         n_docs = self._n_alive
         avgdl = self._total_len / n_docs
-        arrays = [p.arrays() for p in plist]
         ptr = np.zeros(len(arrays) + 1, np.int64)
         np.cumsum([a[0].shape[0] for a in arrays], out=ptr[1:])
         rows = np.concatenate([a[0] for a in arrays]) if len(arrays) > 1 else arrays[0][0]
@@ -538,105 +603,148 @@ class EntityCache:
         if cand.shape[0] == 0:
             return []
         sel = top_rows(scores, k)
-        ents = self._ents
-        out = [(ents[int(cand[i])].id, float(scores[i])) for i in sel]  # type: ignore[union-attr]
+        ids = self._row_ids
+        out = [(ids[int(cand[i])], float(scores[i])) for i in sel]
         out.sort(key=lambda t: (-t[1], t[0]))
         return out[:k]
 
     # --- bulk load and the vector index -------------------------------------------------
-    def bulk_load(self, entities: list[Entity], vectors: np.ndarray | None, has_vec: np.ndarray,
-                  postings: dict[str, tuple[np.ndarray, np.ndarray]], doc_len: np.ndarray) -> None:
-        """Replace everything with ``entities`` (internal copies without embeddings; row i is
-        entities[i]), their vectors (row-aligned, ``has_vec`` marks real ones), postings per term
-        (rows, tfs) and document lengths. The vector index is left unset (see adopt_index)."""
-        n = len(entities)
+    def bulk_load(self, rows: "LoadedRows") -> None:
+        """Replace everything with column data read in bulk (see :class:`LoadedRows`). Entity
+        objects are built on first use. The vector index is left unset (see adopt_index)."""
+        n = len(rows.ids)
         self._reset_rows(n + 16)
         self.index = None
         self.version += 1
         self._n = n
-        self._ents = list(entities)
-        self._row_of = {e.id: i for i, e in enumerate(entities)}
-        if n:
-            self._alive[:n] = True
-            self._type[:n] = np.fromiter((TYPE_CODES[e.entity_type] for e in entities), np.int8, n)
-            self._created[:n] = np.fromiter((e.created_at for e in entities), np.int64, n)
-            ev = [e.event_time for e in entities]
-            self._has_event[:n] = np.fromiter((t is not None for t in ev), bool, n)
-            self._event[:n] = np.fromiter((0 if t is None else t for t in ev), np.int64, n)
-            self._valid_to[:n] = np.fromiter((I64_MAX if e.valid_to is None else e.valid_to for e in entities),
-                                             np.int64, n)
-            self._doc_len[:n] = doc_len
+        self._ents = [None] * n
+        self._row_ids = list(rows.ids)
+        self._row_of = dict(zip(rows.ids, range(n)))
+        self._lazy = rows.materialise
+        self._alive[:n] = True
+        self._type[:n] = rows.type_codes
+        self._created[:n] = rows.created
+        self._has_event[:n] = rows.has_event
+        self._event[:n] = rows.event
+        self._valid_to[:n] = rows.valid_to
+        self._doc_len[:n] = rows.doc_len
         self._n_alive = n
-        self._total_len = int(doc_len.sum()) if n else 0
+        self._total_len = int(rows.doc_len.sum()) if n else 0
         by_name = self._by_name
-        for i, e in enumerate(entities):
-            by_name.setdefault(normalize_name(e.name), set()).add(i)
-            for k, v in e.metadata.items():
-                vals = self._meta_vals.setdefault(k, {})
-                code = vals.setdefault(meta_key(v), len(vals) + 1)
-                codes = self._meta_codes.get(k)
-                if codes is None:
-                    codes = self._meta_codes[k] = np.zeros(self._cap, np.int32)
-                codes[i] = code
-        self._post = {t: _Postings(r.astype(np.int64, copy=False), f.astype(np.float64, copy=False))
-                      for t, (r, f) in postings.items() if r.shape[0]}
-        if vectors is not None and self.dim is None:
-            self.dim = int(vectors.shape[1])
+        for i, nm in enumerate(rows.name_norm):
+            s = by_name.get(nm)
+            if s is None:
+                by_name[nm] = {i}
+            else:
+                s.add(i)
+        for key, (codes, vals) in rows.metadata.items():
+            col = np.zeros(self._cap, np.int32)
+            col[:n] = codes
+            self._meta_codes[key] = col
+            self._meta_vals[key] = dict(vals)
+        self._base_terms = dict(zip(rows.terms, range(len(rows.terms))))
+        self._base_off = rows.term_offsets
+        self._base_rows = rows.posting_rows
+        self._base_tfs = rows.posting_tfs
+        if rows.vectors is not None and self.dim is None:
+            self.dim = int(rows.vectors.shape[1])
         if self.dim is not None:
             self._vecs = np.zeros((self._cap, self.dim), np.float32)
-            if vectors is not None and n:
-                self._vecs[:n] = vectors[:n]
-        self._has_vec[:n] = has_vec[:n]
-        self._n_vecs = int(np.count_nonzero(has_vec[:n]))
+            if rows.vectors is not None and n:
+                self._vecs[:n] = rows.vectors[:n]
+        self._has_vec[:n] = rows.has_vec[:n]
+        self._n_vecs = int(np.count_nonzero(rows.has_vec[:n]))
+
+    def _vector_rows(self) -> tuple[np.ndarray, list[str]]:
+        rows = np.flatnonzero(self._has_vec[: self._n])
+        ids = self._row_ids
+        return rows, [ids[r] for r in rows.tolist()]
+
+    def _map_slots(self, rows: np.ndarray, slots: np.ndarray) -> None:
+        self._row_slot[:] = -1
+        cap = max(int(self.index.capacity) if self.index is not None else 0, int(slots.max(initial=-1)) + 1, 1)
+        self._slot_row = np.full(cap, -1, np.int64)
+        if rows.shape[0]:
+            self._slot_row[slots] = rows
+            self._row_slot[rows] = slots
 
     def rebuild_index(self) -> None:
         """A fresh vector index from the cached vectors."""
         self.index = None
+        self.version += 1
         self._row_slot[:] = -1
         self._slot_row = np.full(0, -1, np.int64)
-        self.version += 1
         if self.dim is None:
             return
         self.index = self._index_factory(self.dim)
-        rows = np.flatnonzero(self._has_vec[: self._n])
+        rows, ids = self._vector_rows()
         if rows.shape[0] == 0:
             return
-        ids = [self._ents[int(r)].id for r in rows]  # type: ignore[union-attr]
-        slots = np.asarray(self.index.add(ids, self._vecs[rows]))  # type: ignore[index]
-        for r, s in zip(rows.tolist(), slots.tolist()):
-            self._map_slot(r, int(s))
+        slots = np.asarray(self.index.add(ids, self._vecs[rows]), np.int64)  # type: ignore[index]
+        self._map_slots(rows, slots)
 
     def adopt_index(self, index: Any, changed_ids: Iterable[str], *, check_sample: int = 32) -> bool:
         """Use a loaded index after replaying ``changed_ids`` (ids written since it was saved).
-        Returns False (and leaves no index) when it does not agree with the cached vectors."""
+        Returns False (and leaves no index) when it does not agree with the cached vectors:
+        a different count, an id missing, or a sampled vector pointing elsewhere."""
         if self.dim is None or int(index.dim) != self.dim:
             return False
+        add_ids, drop_ids = [], []
         for eid in sorted(set(changed_ids)):
-            row = self._row_of.get(eid)
-            if row is not None and self._has_vec[row]:
-                index.add([eid], self._vecs[row][None, :])  # type: ignore[index]
+            if self.has_vector(eid):
+                add_ids.append(eid)
             elif index.slot_of(eid) >= 0:
-                index.remove([eid])
+                drop_ids.append(eid)
+        if add_ids:
+            mat = np.stack([self._vecs[self._row_of[i]] for i in add_ids])  # type: ignore[index]
+            index.add(add_ids, mat)
+        if drop_ids:
+            index.remove(drop_ids)
         if len(index) != self._n_vecs:
             return False
-        self._row_slot[:] = -1
-        self._slot_row = np.full(max(int(index.capacity), 1), -1, np.int64)
-        rows = np.flatnonzero(self._has_vec[: self._n]).tolist()
-        for r in rows:
-            slot = int(index.slot_of(self._ents[r].id))  # type: ignore[union-attr]
-            if slot < 0:
-                return False
-            self._map_slot(r, slot)
-        if rows:
-            rng = random.Random(len(rows))
-            for r in rng.sample(rows, min(check_sample, len(rows))):
-                got = index.get_vector(self._ents[r].id)  # type: ignore[union-attr]
-                want = self._vecs[r]  # type: ignore[index]
-                if got is None or not _same_direction(np.asarray(got, np.float32), want):
+        rows, ids = self._vector_rows()
+        slot_of = index.slot_of
+        slots = np.fromiter((slot_of(i) for i in ids), np.int64, len(ids))
+        if slots.shape[0] and int(slots.min()) < 0:
+            return False
+        if rows.shape[0]:
+            rng = random.Random(len(ids))
+            for k in rng.sample(range(len(ids)), min(check_sample, len(ids))):
+                got = index.get_vector(ids[k])
+                if got is None or not _same_direction(np.asarray(got, np.float32), self._vecs[rows[k]]):  # type: ignore[index]
                     return False
         self.index = index
+        self._map_slots(rows, slots)
         self.version += 1
         return True
+
+
+@dataclass
+class LoadedRows:
+    """Everything :meth:`EntityCache.bulk_load` needs, as columns (row i = ``ids[i]``).
+
+    ``materialise(i)`` builds row i's Entity (without embedding) when first needed.
+    ``metadata`` maps each key to (int32 value codes per row, 0 = absent; (type tag,
+    canonical text) -> code). Postings are CSR: term i owns
+    ``posting_rows[term_offsets[i]:term_offsets[i + 1]]`` (and the same slice of ``posting_tfs``).
+    """
+
+    ids: list[str]
+    name_norm: list[str]
+    type_codes: np.ndarray
+    created: np.ndarray
+    has_event: np.ndarray
+    event: np.ndarray
+    valid_to: np.ndarray
+    doc_len: np.ndarray
+    vectors: np.ndarray | None
+    has_vec: np.ndarray
+    metadata: dict[str, tuple[np.ndarray, dict[tuple[str, str], int]]]
+    terms: list[str]
+    term_offsets: np.ndarray
+    posting_rows: np.ndarray
+    posting_tfs: np.ndarray
+    materialise: Callable[[int], Entity] = field(repr=False, default=None)  # type: ignore[assignment]
 
 
 def _same_direction(a: np.ndarray, b: np.ndarray) -> bool:

@@ -36,6 +36,7 @@ from typing import Any, Iterator, Sequence
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..errors import (
     IndexCacheError,
@@ -63,7 +64,7 @@ from ._common import (
     snapshot_of,
 )
 from ._duckdb_schema import ENTITY_COLUMNS, SCHEMA_VERSION, add_embedding_column, migrate, read_version, where_sql
-from ._hotcache import EntityCache
+from ._hotcache import TYPE_CODES, EntityCache, LoadedRows
 from ._reads import CachedReads
 from .base import HistoryRecord, SearchFilters, Source, StorageBackend
 from .text import BM25_B, BM25_K1, document_terms, query_terms
@@ -226,50 +227,100 @@ class DuckDBStorageBackend(CachedReads, StorageBackend):
         return VectorIndex(dim, **self._index_params)
 
     def _load_cache(self) -> None:
-        """Fill the cache from DuckDB (all entities, their vectors and postings)."""
+        """Fill the cache from DuckDB: columns, vectors, metadata codes and postings, all read
+        in bulk through Arrow; Entity objects are built on first use."""
         con = self._con
         dim = self._cache.dim
-        cols = ", ".join(c for c in ENTITY_COLUMNS if c not in ("name_norm", "updated_generation"))
-        tbl = con.sql(f"SELECT {cols}{', embedding' if dim else ''} FROM entities ORDER BY id").to_arrow_table()
+        tbl = con.sql(
+            "SELECT id, entity_type, name, name_norm, content, metadata, importance, confidence, created_at, "
+            "updated_at, event_time, valid_from, valid_to, source_id, doc_len"
+            f"{', embedding' if dim else ''} FROM entities ORDER BY id").to_arrow_table()
         n = tbl.num_rows
-        c = {name: tbl.column(name).to_pylist() for name in tbl.column_names if name != "embedding"}
-        ents = []
-        types = _TYPES
-        for i in range(n):
-            ents.append(make_entity({
-                "entity_type": types[c["entity_type"][i]], "name": c["name"][i], "content": c["content"][i],
-                "metadata": json.loads(c["metadata"][i]), "embedding": None,
-                "importance": c["importance"][i], "confidence": c["confidence"][i],
-                "created_at": c["created_at"][i], "updated_at": c["updated_at"][i],
-                "event_time": c["event_time"][i], "valid_from": c["valid_from"][i],
-                "valid_to": c["valid_to"][i], "source_id": c["source_id"][i], "id": c["id"][i], "score": None,
-            }))
-        doc_len = np.asarray(c.get("doc_len", []), dtype=np.float64)
-        vectors = None
+        ids = tbl.column("id").to_pylist()
+        etype = tbl.column("entity_type").combine_chunks().dictionary_encode()
+        lut = np.array([TYPE_CODES[_TYPES[v]] for v in etype.dictionary.to_pylist()] or [0], np.int8)
+        type_codes = lut[etype.indices.to_numpy(zero_copy_only=False)] if n else np.zeros(0, np.int8)
+        ev = tbl.column("event_time")
+        vt = tbl.column("valid_to")
         has_vec = np.zeros(n, bool)
+        vectors = None
         if dim and n:
             col = tbl.column("embedding").combine_chunks()
-            has_vec = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-            flat = col.flatten() if col.null_count == 0 else col.fill_null(
-                pa.scalar([0.0] * dim, type=col.type)).flatten()
-            vectors = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(n, dim)
-        post = con.sql("""
-            SELECT p.term, r.rn, p.tf FROM postings p
-            JOIN (SELECT id, row_number() OVER (ORDER BY id) - 1 AS rn FROM entities) r ON p.entity_id = r.id
-            ORDER BY p.term, r.rn""").to_arrow_table()
-        postings: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        if post.num_rows:
-            terms = post.column("term").combine_chunks().dictionary_encode()
-            codes = terms.indices.to_numpy(zero_copy_only=False)
-            words = terms.dictionary.to_pylist()
-            rows = post.column("rn").to_numpy().astype(np.int64)
-            tfs = post.column("tf").to_numpy().astype(np.float64)
-            bounds = np.concatenate(([0], np.flatnonzero(np.diff(codes)) + 1, [codes.shape[0]]))
-            for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-                postings[words[codes[a]]] = (rows[a:b], tfs[a:b])
-        self._cache.bulk_load(ents, vectors, has_vec, postings, doc_len)
-        self._seq = {str(k): int(v) for k, v in
-                     con.execute("SELECT entity_id, max(seq) FROM history GROUP BY entity_id").fetchall()}
+            has_vec = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+            flat = col.values if col.offset == 0 else col.flatten()
+            vectors = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)[:n]
+        lists = {c: tbl.column(c).to_pylist() for c in (
+            "name", "content", "metadata", "importance", "confidence", "created_at", "updated_at",
+            "event_time", "valid_from", "valid_to", "source_id")}
+        meta = self._load_metadata_codes(n)
+        terms, offsets, prow, ptf = self._load_postings()
+        types = [_TYPES[v] for v in etype.dictionary.to_pylist()]
+        tidx = etype.indices.to_numpy(zero_copy_only=False).tolist() if n else []
+
+        def materialise(i: int) -> Entity:
+            return make_entity({
+                "entity_type": types[tidx[i]], "name": lists["name"][i], "content": lists["content"][i],
+                "metadata": json.loads(lists["metadata"][i]), "embedding": None,
+                "importance": lists["importance"][i], "confidence": lists["confidence"][i],
+                "created_at": lists["created_at"][i], "updated_at": lists["updated_at"][i],
+                "event_time": lists["event_time"][i], "valid_from": lists["valid_from"][i],
+                "valid_to": lists["valid_to"][i], "source_id": lists["source_id"][i], "id": ids[i], "score": None,
+            })
+
+        self._cache.bulk_load(LoadedRows(
+            ids=ids,
+            name_norm=tbl.column("name_norm").to_pylist(),
+            type_codes=type_codes,
+            created=tbl.column("created_at").to_numpy(),
+            has_event=np.asarray(ev.is_valid().to_numpy(zero_copy_only=False), bool),
+            event=pc.fill_null(ev, 0).to_numpy(),
+            valid_to=pc.fill_null(vt, pa.scalar(np.iinfo(np.int64).max, pa.int64())).to_numpy(),
+            doc_len=tbl.column("doc_len").to_numpy().astype(np.float64),
+            vectors=vectors, has_vec=has_vec, metadata=meta,
+            terms=terms, term_offsets=offsets, posting_rows=prow, posting_tfs=ptf,
+            materialise=materialise,
+        ))
+        seq = con.sql("SELECT entity_id, max(seq) AS s FROM history GROUP BY entity_id").to_arrow_table()
+        self._seq = dict(zip(seq.column("entity_id").to_pylist(), seq.column("s").to_pylist()))
+
+    def _load_metadata_codes(self, n: int) -> dict[str, tuple[np.ndarray, dict[tuple[str, str], int]]]:
+        tbl = self._con.sql("""
+            WITH r AS (SELECT id, row_number() OVER (ORDER BY id) - 1 AS rn FROM entities)
+            SELECT m.key, m.vtype, m.vtext, r.rn FROM entity_metadata m JOIN r ON m.entity_id = r.id
+            ORDER BY m.key""").to_arrow_table()
+        out: dict[str, tuple[np.ndarray, dict[tuple[str, str], int]]] = {}
+        if tbl.num_rows == 0:
+            return out
+        keys = tbl.column("key").combine_chunks().dictionary_encode()
+        kidx = keys.indices.to_numpy(zero_copy_only=False)
+        bounds = np.concatenate(([0], np.flatnonzero(np.diff(kidx)) + 1, [kidx.shape[0]]))
+        pair = pc.binary_join_element_wise(tbl.column("vtype"), tbl.column("vtext"), "\x1f").combine_chunks()
+        rn = tbl.column("rn").to_numpy()
+        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            enc = pair.slice(a, b - a).dictionary_encode()
+            codes = np.zeros(n, np.int32)
+            codes[rn[a:b]] = enc.indices.to_numpy(zero_copy_only=False) + 1
+            vals = {tuple(v.split("\x1f", 1)): c + 1 for c, v in enumerate(enc.dictionary.to_pylist())}
+            out[keys.dictionary[int(kidx[a])].as_py()] = (codes, vals)  # type: ignore[misc]
+        return out
+
+    def _load_postings(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        tbl = self._con.sql("""
+            WITH r AS (SELECT id, row_number() OVER (ORDER BY id) - 1 AS rn FROM entities)
+            SELECT p.term, list(r.rn) AS rows, list(p.tf) AS tfs
+            FROM postings p JOIN r ON p.entity_id = r.id GROUP BY p.term""").to_arrow_table()
+        if tbl.num_rows == 0:
+            return [], np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
+        rows = tbl.column("rows").combine_chunks()
+        tfs = tbl.column("tfs").combine_chunks()
+        offsets = rows.offsets.to_numpy().astype(np.int64)
+        flat_rows = rows.values.to_numpy(zero_copy_only=False).astype(np.int64)
+        flat_tfs = tfs.values.to_numpy(zero_copy_only=False).astype(np.float64)
+        if int(offsets[0]) != 0:  # a sliced list array: rebase
+            flat_rows = flat_rows[offsets[0]:offsets[-1]]
+            flat_tfs = flat_tfs[offsets[0]:offsets[-1]]
+            offsets = offsets - offsets[0]
+        return tbl.column("term").to_pylist(), offsets, flat_rows, flat_tfs
 
     def _open_index(self) -> None:
         cache = self._cache
@@ -479,21 +530,21 @@ class DuckDBStorageBackend(CachedReads, StorageBackend):
             ents, dim = check_entities(entities, self._cache.dim)
             if not ents:
                 return
+            terms = [document_terms(e.name, e.content) for e in ents]
             with self._writing("upsert"):
                 if dim is not None and self._dim_stored is None:
                     add_embedding_column(self._con, dim)
-                self._write_entities(ents, dim)
-                recs = []
-                for e in ents:
-                    is_new = self._cache.put(e)
-                    recs.append((e.id, "create" if is_new else "update", e.updated_at, snapshot_of(e)))
-                self._history_rows(recs)
+                self._write_entities(ents, terms, dim)
+                fresh = self._cache.put_many(ents, terms)
+                self._history_rows([(e.id, "create" if new else "update", e.updated_at, snapshot_of(e))
+                                    for e, new in zip(ents, fresh)])
                 if dim is not None and self._dim_stored is None:
                     self._dim_stored = dim
 
-    def _write_entities(self, ents: list[Entity], dim: int | None) -> None:
-        last = {e.id: e for e in ents}  # a repeated id: the last one is stored
-        batch = list(last.values())
+    def _write_entities(self, ents: list[Entity], ents_terms: list[tuple[dict[str, int], int]],
+                        dim: int | None) -> None:
+        last = {e.id: (e, t) for e, t in zip(ents, ents_terms)}  # a repeated id: the last one is stored
+        batch = [v[0] for v in last.values()]
         gen = self._pending_gen
         cols: dict[str, pa.Array] = {
             "id": pa.array([e.id for e in batch], pa.string()),
@@ -511,12 +562,8 @@ class DuckDBStorageBackend(CachedReads, StorageBackend):
             "valid_to": pa.array([e.valid_to for e in batch], pa.int64()),
             "source_id": pa.array([e.source_id for e in batch], pa.string()),
         }
-        terms = []
-        doc_lens = []
-        for e in batch:
-            tf, dl = document_terms(e.name, e.content)
-            terms.append(tf)
-            doc_lens.append(dl)
+        terms = [v[1][0] for v in last.values()]
+        doc_lens = [v[1][1] for v in last.values()]
         cols["doc_len"] = pa.array(doc_lens, pa.int32())
         cols["updated_generation"] = pa.array([gen] * len(batch), pa.int64())
         if dim is not None:
@@ -528,7 +575,15 @@ class DuckDBStorageBackend(CachedReads, StorageBackend):
             values = pa.array(mat.reshape(-1), pa.float32())
             cols["embedding"] = pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(~has))
         data = pa.table(cols)
-        self._insert_arrow("entities", data.column_names, data, replace=True)
+        # INSERT OR REPLACE costs ~2.5x a plain INSERT in DuckDB: use it only for ids already stored
+        known = np.array([e.id in self._cache for e in batch], bool)
+        if not known.any():
+            self._insert_arrow("entities", data.column_names, data)
+        elif known.all():
+            self._insert_arrow("entities", data.column_names, data, replace=True)
+        else:
+            self._insert_arrow("entities", data.column_names, data.filter(pa.array(~known)))
+            self._insert_arrow("entities", data.column_names, data.filter(pa.array(known)), replace=True)
         existing = [e.id for e in batch if e.id in self._cache]
         if existing:
             ids = pa.table({"id": pa.array(existing, pa.string())})

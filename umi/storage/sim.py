@@ -225,11 +225,12 @@ class SimStorageBackend(CachedReads, StorageBackend):
                 return
             with self._writing("upsert"):
                 fail_at = self._write_fault_at(len(ents))
-                for i, e in enumerate(ents):
-                    if i == fail_at:
-                        self._fail("upsert")
-                    is_new = self._cache.put(e)
-                    self._add_history(e.id, "create" if is_new else "update", e.updated_at, snapshot_of(e))
+                done = ents if fail_at is None else ents[:fail_at]
+                fresh = self._cache.put_many(done)
+                for e, new in zip(done, fresh):
+                    self._add_history(e.id, "create" if new else "update", e.updated_at, snapshot_of(e))
+                if fail_at is not None:
+                    self._fail("upsert")
 
     def delete(self, entity_id: str, at: int | None = None) -> bool:
         eid = check_id(entity_id)

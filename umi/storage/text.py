@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from collections import Counter
 from typing import Iterable
 
 __all__ = [
@@ -71,17 +70,46 @@ def _stem(tok: str) -> str:
     return tok
 
 
+_TERM_OF: dict[str, str] = {}  # raw word -> indexed term ("" = dropped); bounded memo
+_TERM_MEMO_MAX = 200_000
+
+
+def _term(raw: str) -> str:
+    if raw in STOP_WORDS or (len(raw) == 1 and raw.isascii() and raw.isalpha()):
+        t = ""
+    else:
+        t = _stem(raw[:TOKEN_CHARS_MAX])
+        if t in STOP_WORDS:
+            t = ""
+    if len(_TERM_OF) >= _TERM_MEMO_MAX:
+        _TERM_OF.clear()
+    _TERM_OF[raw] = t
+    return t
+
+
+# ASCII fast path: for ASCII text, \w is exactly [A-Za-z0-9_]; every other byte becomes a space
+_ASCII_WORDS = bytes(c if (chr(c).isalnum() or c == 95) else 32 for c in range(128)) + bytes([32]) * 128
+
+
+def _words(text: str) -> list[str]:
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    if folded.isascii():
+        return folded.encode("ascii").translate(_ASCII_WORDS).decode("ascii").split()
+    return _WORD.findall(folded)
+
+
 def tokenize(text: str) -> list[str]:
     """The terms of ``text`` in order (with repeats). See the module docstring for the rules."""
     if not isinstance(text, str):
         raise TypeError(f"text must be str, not {type(text).__name__}")
+    memo = _TERM_OF
     out: list[str] = []
-    for raw in _WORD.findall(unicodedata.normalize("NFKC", text).casefold()):
-        if raw in STOP_WORDS or (len(raw) == 1 and raw.isascii() and raw.isalpha()):
-            continue
-        tok = _stem(raw[:TOKEN_CHARS_MAX])
-        if tok not in STOP_WORDS:
-            out.append(tok)
+    for raw in _words(text):
+        t = memo.get(raw)
+        if t is None:
+            t = _term(raw)
+        if t:
+            out.append(t)
     return out
 
 
@@ -91,15 +119,20 @@ def query_terms(query: str) -> list[str]:
 
 
 def term_frequencies(text: str) -> dict[str, int]:
-    """term -> count, sorted by term (so every caller iterates in the same order)."""
-    return dict(sorted(Counter(tokenize(text)).items()))
+    """term -> count, in first-seen order."""
+    tf: dict[str, int] = {}
+    for t in tokenize(text):
+        tf[t] = tf.get(t, 0) + 1
+    return tf
 
 
 def document_terms(name: str, content: str) -> tuple[dict[str, int], int]:
     """The indexed document of an entity: (term -> tf over name + content, length in terms)."""
-    tf = Counter(tokenize(name))
-    tf.update(tokenize(content))
-    return dict(sorted(tf.items())), sum(tf.values())
+    toks = tokenize(name + "\n" + content)  # a newline never joins two words
+    tf: dict[str, int] = {}
+    for t in toks:
+        tf[t] = tf.get(t, 0) + 1
+    return tf, len(toks)
 
 
 def bm25_idf(n_docs: int, df: int) -> float:
