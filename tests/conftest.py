@@ -28,3 +28,8 @@ def postgres_url(postgres_server: pg_server.PostgresServer) -> str:
 def pg_schema(postgres_server: pg_server.PostgresServer) -> str:
     """A fresh schema name for one test's tables (dropped when the session ends)."""
     return postgres_server.new_schema_name()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop the server however it was started (a fixture, or a contract-suite factory)."""
+    pg_server.shutdown()

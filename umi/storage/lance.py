@@ -634,8 +634,9 @@ class LanceStorageBackend(StorageBackend):
     def search_vector(self, vector: np.ndarray, k: int, filters: SearchFilters | None = None) -> list[tuple[str, float]]:
         k = check_k(k)
         where = self._filter_sql(R.plan_filters(filters))
-        with self._reading():
+        with self._mutex:
             q = check_query_vector(vector, self._dim_now())
+        with self._reading():
             if q is None or where == "false":
                 return []
             margin = max(16, k)  # hits are re-scored in float64; the margin absorbs Lance's float32 ranking
