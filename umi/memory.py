@@ -321,13 +321,14 @@ class Memory:
         if self._closed:
             return
         self._closed = True
-        self._runner.close()
         try:
-            self.storage.close()
-        finally:
+            # Async SDK clients' connections belong to our loop: release them on it, before it stops.
             for p in (self.llm, self.embedder):
                 if p is not None:
-                    p.close()
+                    self._runner.run(p.aclose())
+        finally:
+            self._runner.close()
+            self.storage.close()
 
     async def aclose(self) -> None:
         import asyncio
