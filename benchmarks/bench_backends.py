@@ -33,8 +33,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -45,10 +46,10 @@ from umi.storage.base import SearchFilters, StorageBackend
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 DIM = 384
-FIRST = "Alice Bob Carol Dan Erin Frank Grace Heidi Ivan Judy Kim Liam Mia Noah Olga Pete Quinn Rosa Sam Tina".split()
-ORGS = "Acme Initech Globex Hooli Umbrella Stark Wayne Wonka Cyberdyne Soylent".split()
-CITIES = "Berlin Paris Lisbon Munich Oslo Madrid Rome Vienna Prague Dublin".split()
-HOBBIES = "chess climbing violin painting running sailing baking cycling poetry gardening".split()
+FIRST = ["Alice", "Bob", "Carol", "Dan", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy", "Kim", "Liam", "Mia", "Noah", "Olga", "Pete", "Quinn", "Rosa", "Sam", "Tina"]
+ORGS = ["Acme", "Initech", "Globex", "Hooli", "Umbrella", "Stark", "Wayne", "Wonka", "Cyberdyne", "Soylent"]
+CITIES = ["Berlin", "Paris", "Lisbon", "Munich", "Oslo", "Madrid", "Rome", "Vienna", "Prague", "Dublin"]
+HOBBIES = ["chess", "climbing", "violin", "painting", "running", "sailing", "baking", "cycling", "poetry", "gardening"]
 
 
 def facts(n: int, seed: int) -> list[tuple[str, str]]:
@@ -68,7 +69,7 @@ def facts(n: int, seed: int) -> list[tuple[str, str]]:
 
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
 def timed(fn: Callable[[], Any], reps: list[Any]) -> list[float]:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Iterator
-
-import pytest
+from collections.abc import Iterator
 
 import pg_server
+import pytest
 
 
 @pytest.fixture(scope="session")

@@ -34,9 +34,9 @@ import subprocess
 import tempfile
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 ENV_URL = "UMI_TEST_POSTGRES_URL"
 ENV_OS_USER = "UMI_TEST_POSTGRES_OS_USER"

@@ -100,14 +100,13 @@ def test_rollback_restores_every_table_and_the_dimension(tmp_path: Path) -> None
     plain = Entity("note", "plain", "no vector here")
     b.upsert([plain])
     gen = b.generation
-    with pytest.raises(umi.StorageError, match="RuntimeError: boom"):
-        with b.transaction():
-            b.upsert([_ent(1)])
-            assert b.dim == 8
-            b.supersede(plain.id, 50)
-            b.add_source(Source.for_text("src", 1))
-            b.add_relations([EvolutionRelation(plain.id, _ent(1).id, "extend")])
-            raise RuntimeError("boom")
+    with pytest.raises(umi.StorageError, match="RuntimeError: boom"), b.transaction():
+        b.upsert([_ent(1)])
+        assert b.dim == 8
+        b.supersede(plain.id, 50)
+        b.add_source(Source.for_text("src", 1))
+        b.add_relations([EvolutionRelation(plain.id, _ent(1).id, "extend")])
+        raise RuntimeError("boom")
     assert (b.dim, b.generation, b.count(), b.get(plain.id).valid_to) == (None, gen, 1, None)
     assert b.find_source_by_hash(Source.for_text("src", 1).text_hash) is None
     assert b.relations_for(plain.id) == []
@@ -191,9 +190,8 @@ def test_optimize_compacts_and_builds_the_ann_index(tmp_path: Path) -> None:
     after = b.search_vector(q, 5)
     assert after[0] == (_ent(42).id, 1.0) == before[0]
     assert b.count() == 300 and b.get(_ent(7).id) == _ent(7)
-    with pytest.raises(umi.StorageError, match="inside a transaction"):
-        with b.transaction():
-            b.optimize()
+    with pytest.raises(umi.StorageError, match="inside a transaction"), b.transaction():
+        b.optimize()
     b.close()
 
 

@@ -243,28 +243,26 @@ def test_transaction_rolls_back_everything_and_generation_stays(backend: Postgre
     a = _ent(1)
     backend.upsert([a])
     gen = backend.generation
-    with pytest.raises(umi.StorageError, match="RuntimeError: boom"):
-        with backend.transaction():
-            backend.upsert([_ent(2)])
-            backend.supersede(a.id, 5_000)
-            backend.add_source(Source.for_text("t", 1))
-            assert backend.count() == 1  # the block sees its own writes
-            raise RuntimeError("boom")
+    with pytest.raises(umi.StorageError, match="RuntimeError: boom"), backend.transaction():
+        backend.upsert([_ent(2)])
+        backend.supersede(a.id, 5_000)
+        backend.add_source(Source.for_text("t", 1))
+        assert backend.count() == 1  # the block sees its own writes
+        raise RuntimeError("boom")
     assert (backend.count(), backend.get(a.id).valid_to, backend.generation) == (1, None, gen)
     assert backend.find_source_by_hash(Source.for_text("t", 1).text_hash) is None
     assert [h.op for h in backend.history(a.id)] == ["create"]
 
 
 def test_nested_failure_dooms_the_outer_block(backend: PostgresStorageBackend) -> None:
-    with pytest.raises(umi.StorageError, match="a write inside it failed"):
-        with backend.transaction():
-            backend.upsert([_ent(1)])
-            try:
-                with backend.transaction():
-                    backend.upsert([_ent(2)])
-                    raise ValueError("inner")
-            except ValueError:
-                pass
+    with pytest.raises(umi.StorageError, match="a write inside it failed"), backend.transaction():
+        backend.upsert([_ent(1)])
+        try:
+            with backend.transaction():
+                backend.upsert([_ent(2)])
+                raise ValueError("inner")
+        except ValueError:
+            pass
     assert backend.count() == 0
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from ..errors import InvalidConfigError, SchemaVersionError, StorageError
 from ..types import now_ms
 
-__all__ = ["SCHEMA_VERSION", "TableNames", "prepare_extension", "migrate", "fix_dim", "hnsw_state", "build_hnsw"]
+__all__ = ["SCHEMA_VERSION", "TableNames", "build_hnsw", "fix_dim", "hnsw_state", "migrate", "prepare_extension"]
 
 SCHEMA_VERSION = 1
 VECTOR_DIM_MAX = 16_000  # pgvector's limit for the `vector` type

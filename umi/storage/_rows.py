@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -21,8 +22,18 @@ from ..types import Entity, EntityType, MetadataValue
 from ._common import check_filters, meta_key
 from .base import SearchFilters
 
-__all__ = ["FilterPlan", "plan_filters", "encode_text", "decode_text", "tagged_metadata", "dumps",
-           "cosine_scores", "top_k", "check_utf8", "check_metadata_text"]
+__all__ = [
+    "FilterPlan",
+    "check_metadata_text",
+    "check_utf8",
+    "cosine_scores",
+    "decode_text",
+    "dumps",
+    "encode_text",
+    "plan_filters",
+    "tagged_metadata",
+    "top_k",
+]
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1

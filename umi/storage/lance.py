@@ -34,20 +34,29 @@ Transactions, and what Lance cannot do:
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import hashlib
 import json
 import os
 import threading
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidConfigError, SchemaVersionError, StorageError, StorageLockedError, UmiError, ValidationError
-from ..types import Entity, EntityType, EvolutionRelation, MetadataValue, normalize_name, now_ms
+from ..errors import (
+    InvalidConfigError,
+    SchemaVersionError,
+    StorageError,
+    StorageLockedError,
+    UmiError,
+    ValidationError,
+)
+from ..types import Entity, EntityType, EvolutionRelation, normalize_name, now_ms
 from . import _rows as R
 from ._common import (
     check_entities,
@@ -87,9 +96,9 @@ def _name_key(name: str) -> str:
     return hashlib.sha256(normalize_name(name).encode("utf-8")).hexdigest()
 
 
-def _meta_tags(md: Mapping[str, MetadataValue] | Mapping[str, str], tagged: bool = False) -> list[str]:
-    items = md.items() if tagged else R.tagged_metadata(md).items()  # type: ignore[arg-type]
-    return [f"|{_hex(k)}={_hex(v)}|" for k, v in sorted(items)]  # type: ignore[arg-type]
+def _meta_tags(tagged: Mapping[str, str]) -> list[str]:
+    """``|hex(key)=hex(typed value)|`` per key: filters match them with strpos, so no quoting is needed."""
+    return [f"|{_hex(k)}={_hex(v)}|" for k, v in sorted(tagged.items())]
 
 
 @dataclass
@@ -154,7 +163,7 @@ class LanceStorageBackend(StorageBackend):
     # --- opening ------------------------------------------------------------------
     @classmethod
     def connect(cls, path: str | os.PathLike[str], *, dim: int | None = None,
-                ann_index_rows: int = 100_000) -> "LanceStorageBackend":
+                ann_index_rows: int = 100_000) -> LanceStorageBackend:
         """Open or create the store in folder ``path``; ``dim`` fixes the embedding dimension now."""
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
@@ -171,7 +180,7 @@ class LanceStorageBackend(StorageBackend):
             import fcntl
 
             import lancedb
-            import pyarrow  # noqa: F401
+            import pyarrow  # type: ignore[import-untyped]  # noqa: F401
         except ImportError as exc:
             from ..errors import BackendNotInstalledError
 
@@ -320,7 +329,7 @@ class LanceStorageBackend(StorageBackend):
         if self._closed:
             raise StorageError("this LanceStorageBackend is closed")
 
-    def _scan(self, table: str, where: str | None, columns: list[str] | None = None) -> list[dict[str, Any]]:
+    def _scan(self, table: str, where: str | None, columns: builtins.list[str] | None = None) -> builtins.list[dict[str, Any]]:
         q = self._t[table].search()
         if where is not None:
             q = q.where(where)
@@ -331,7 +340,7 @@ class LanceStorageBackend(StorageBackend):
     def _filter_sql(self, p: R.FilterPlan) -> str:
         if p.none:
             return "false"
-        parts: list[str] = []
+        parts: builtins.list[str] = []
         if p.entity_types is not None:
             parts.append("entity_type IN (" + ", ".join(_lit(t) for t in p.entity_types) + ")")
         col = "created_at" if p.time_field == "created_at" else "event_time"
@@ -341,7 +350,7 @@ class LanceStorageBackend(StorageBackend):
             parts.append(f"{col} >= {int(p.time_lo)}")
         if p.time_hi is not None:
             parts.append(f"{col} <= {int(p.time_hi)}")
-        for tag in _meta_tags(p.metadata, tagged=True):
+        for tag in _meta_tags(p.metadata):
             parts.append(f"strpos(meta_tags, {_lit(tag)}) > 0")  # hex digits, '|' and '=' only
         if p.as_of is not None:
             parts.append(f"created_at <= {int(p.as_of)} AND (valid_to IS NULL OR valid_to > {int(p.as_of)})")
@@ -349,7 +358,7 @@ class LanceStorageBackend(StorageBackend):
             parts.append("valid_to IS NULL")
         return " AND ".join(f"({x})" for x in parts) if parts else "true"
 
-    def _entities_where(self, where: str) -> list[Entity]:
+    def _entities_where(self, where: str) -> builtins.list[Entity]:
         cols = [f.name for f in self._t["entities"].schema]
         return [_row_to_entity(r) for r in self._scan("entities", where, [c for c in cols if c != "terms_json"])]
 
@@ -442,9 +451,8 @@ class LanceStorageBackend(StorageBackend):
         with self._mutex:
             self._check_open()
             if not self._depth:
-                with self.transaction():
-                    with self._writing():
-                        yield
+                with self.transaction(), self._writing():
+                    yield
                 return
             if self._rollback_only:
                 raise StorageError("an earlier write in this transaction failed; the transaction will be rolled back")
@@ -489,7 +497,7 @@ class LanceStorageBackend(StorageBackend):
             with self._writing():
                 if dim is not None and self._dim_now() is None:
                     self._fix_dim(dim)
-                chunk: list[Entity] = []
+                chunk: builtins.list[Entity] = []
                 for e in ents:  # an id twice in one batch is written twice, in order
                     if any(c.id == e.id for c in chunk):
                         self._upsert_chunk(chunk)
@@ -498,24 +506,24 @@ class LanceStorageBackend(StorageBackend):
                 self._upsert_chunk(chunk)
                 self._changed = True
 
-    def _upsert_chunk(self, chunk: list[Entity]) -> None:
+    def _upsert_chunk(self, chunk: builtins.list[Entity]) -> None:
         import pyarrow as pa
 
         schema = self._schema("entities")
-        docs: list[tuple[str, _Doc]] = []
+        docs: builtins.list[tuple[str, _Doc]] = []
         rows: dict[str, list[Any]] = {f.name: [] for f in schema}
         for e in chunk:
             tf, length = document_terms(e.name, e.content)
             tagged = R.tagged_metadata(e.metadata)
             values = {"id": e.id, "entity_type": e.entity_type.value, "name": e.name, "name_key": _name_key(e.name),
                       "content": e.content, "metadata_json": R.dumps(e.metadata),
-                      "meta_tags": "".join(_meta_tags(tagged, tagged=True)), "importance": e.importance,
+                      "meta_tags": "".join(_meta_tags(tagged)), "importance": e.importance,
                       "confidence": e.confidence, "created_at": e.created_at, "updated_at": e.updated_at,
                       "event_time": e.event_time, "valid_from": e.valid_from, "valid_to": e.valid_to,
                       "source_id": e.source_id, "terms_json": R.dumps(tf), "doc_len": length,
                       "embedding": None if e.embedding is None else e.embedding.tolist()}
-            for name in rows:
-                rows[name].append(values[name])
+            for name, column in rows.items():
+                column.append(values[name])
             docs.append((e.id, _Doc(tf, length, e.entity_type.value, e.created_at, e.event_time, e.valid_to, tagged)))
         batch = pa.table(rows, schema=schema)
         self._t["entities"].merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(
@@ -525,7 +533,7 @@ class LanceStorageBackend(StorageBackend):
         for eid, d in docs:
             self._index_doc(eid, d)
 
-    def _append_history(self, recs: list[tuple[str, str, int, dict[str, Any]]]) -> None:
+    def _append_history(self, recs: builtins.list[tuple[str, str, int, dict[str, Any]]]) -> None:
         import pyarrow as pa
 
         rows: dict[str, list[Any]] = {"entity_id": [], "seq": [], "op": [], "at": [], "snapshot": []}
@@ -543,7 +551,7 @@ class LanceStorageBackend(StorageBackend):
             got = self._entities_where(f"id = {_lit(eid)}")
         return got[0] if got else None
 
-    def get_many(self, entity_ids: Sequence[str]) -> list[Entity]:
+    def get_many(self, entity_ids: Sequence[str]) -> builtins.list[Entity]:
         ids = check_ids(entity_ids)
         if not ids:
             return []
@@ -553,7 +561,7 @@ class LanceStorageBackend(StorageBackend):
             for start in range(0, len(unique), 1000):
                 part = unique[start:start + 1000]
                 found.update((e.id, e) for e in self._entities_where("id IN (" + ", ".join(map(_lit, part)) + ")"))
-        out: list[Entity] = []
+        out: builtins.list[Entity] = []
         used: set[str] = set()
         for i in ids:
             e = found.get(i)
@@ -598,7 +606,7 @@ class LanceStorageBackend(StorageBackend):
             return True
 
     # --- lists and counts ---------------------------------------------------------------
-    def list(self, filters: SearchFilters | None = None, limit: int = 100, offset: int = 0) -> list[Entity]:
+    def list(self, filters: SearchFilters | None = None, limit: int = 100, offset: int = 0) -> builtins.list[Entity]:
         limit, offset = check_limit_offset(limit, offset)
         where = self._filter_sql(R.plan_filters(filters))
         with self._reading():
@@ -615,7 +623,7 @@ class LanceStorageBackend(StorageBackend):
             return int(self._t["entities"].count_rows(where))
 
     def find_by_name(self, name: str, entity_type: EntityType | str | None = None,
-                     filters: SearchFilters | None = None) -> list[Entity]:
+                     filters: SearchFilters | None = None) -> builtins.list[Entity]:
         if not isinstance(name, str):
             raise TypeError(f"name must be str, not {type(name).__name__}")
         norm = normalize_name(name)
@@ -631,7 +639,7 @@ class LanceStorageBackend(StorageBackend):
         return sorted(got, key=lambda e: (e.created_at, e.id))
 
     # --- search ---------------------------------------------------------------------------
-    def search_vector(self, vector: np.ndarray, k: int, filters: SearchFilters | None = None) -> list[tuple[str, float]]:
+    def search_vector(self, vector: np.ndarray, k: int, filters: SearchFilters | None = None) -> builtins.list[tuple[str, float]]:
         k = check_k(k)
         where = self._filter_sql(R.plan_filters(filters))
         with self._mutex:
@@ -650,7 +658,7 @@ class LanceStorageBackend(StorageBackend):
         scores = R.cosine_scores(mat, np.asarray(vector, dtype=np.float32))
         return R.top_k([(i, float(s)) for i, s in zip(ids, scores)], k)
 
-    def search_text(self, query: str, k: int, filters: SearchFilters | None = None) -> list[tuple[str, float]]:
+    def search_text(self, query: str, k: int, filters: SearchFilters | None = None) -> builtins.list[tuple[str, float]]:
         query = check_query_text(query)
         k = check_k(k)
         plan = R.plan_filters(filters)
@@ -662,7 +670,7 @@ class LanceStorageBackend(StorageBackend):
             avgdl = self._total_len / n_docs
             idf = {t: bm25_idf(n_docs, len(self._post.get(t, ()))) for t in terms}
             cands = sorted({eid for t in terms for eid in self._post.get(t, ())})
-            scored: list[tuple[str, float]] = []
+            scored: builtins.list[tuple[str, float]] = []
             for eid in cands:
                 d = self._docs[eid]
                 if not _doc_matches(d, plan):
@@ -736,7 +744,7 @@ class LanceStorageBackend(StorageBackend):
                     .when_not_matched_insert_all().execute(batch)
                 self._changed = True
 
-    def relations_for(self, entity_id: str) -> list[EvolutionRelation]:
+    def relations_for(self, entity_id: str) -> builtins.list[EvolutionRelation]:
         eid = check_id(entity_id)
         with self._reading():
             rows = self._scan("relations", f"source_id = {_lit(eid)} OR target_id = {_lit(eid)}")
@@ -745,7 +753,7 @@ class LanceStorageBackend(StorageBackend):
                                   evolution_type=r["evolution_type"], reason=r["reason"], confidence=r["confidence"],
                                   id=r["id"], created_at=int(r["created_at"])) for r in rows]
 
-    def history(self, entity_id: str) -> list[HistoryRecord]:
+    def history(self, entity_id: str) -> builtins.list[HistoryRecord]:
         eid = check_id(entity_id)
         with self._reading():
             rows = self._scan("history", f"entity_id = {_lit(eid)}")

@@ -40,6 +40,7 @@ are kept beside them as JSON text. Text may hold NUL characters (stored escaped)
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import hashlib
 import json
@@ -48,9 +49,10 @@ import random
 import re
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -115,7 +117,7 @@ class PostgresStorageBackend(StorageBackend):
     #: several processes (and hosts) may read and write one store at once
     supports_concurrent_writers = True
 
-    def __init__(self, pool: "ConnectionPool", *, schema: str | None, table_prefix: str,
+    def __init__(self, pool: ConnectionPool, *, schema: str | None, table_prefix: str,
                  exact_search_rows: int, ef_search: int, max_retries: int, iterative_scan: bool) -> None:
         from psycopg import sql
 
@@ -134,6 +136,8 @@ class PostgresStorageBackend(StorageBackend):
         self._builder: threading.Thread | None = None
         self._builder_conn: Any = None
         self._builder_lock = threading.Lock()
+        self._conninfo = ""
+        self._conn_kwargs: dict[str, Any] = {}
         self._names = S.TableNames(sql, schema, table_prefix)
         self._lock_ns = int.from_bytes(hashlib.blake2b(f"{schema}.{table_prefix}".encode(), digest_size=4).digest(),
                                        "big", signed=True)
@@ -143,7 +147,7 @@ class PostgresStorageBackend(StorageBackend):
     def connect(cls, url: str, *, dim: int | None = None, schema: str | None = None,
                 table_prefix: str = "umi_", pool_size: int = 4, exact_search_rows: int = 20_000,
                 ef_search: int = 100, max_retries: int = 5,
-                connect_timeout_secs: float = 10.0) -> "PostgresStorageBackend":
+                connect_timeout_secs: float = 10.0) -> PostgresStorageBackend:
         """Open (creating or migrating the tables) a store in the database at ``url``.
 
         ``dim`` fixes the embedding dimension now (else the first vector written fixes it);
@@ -193,8 +197,8 @@ class PostgresStorageBackend(StorageBackend):
         except psycopg.ProgrammingError as exc:
             raise InvalidConfigError(f"url is not a valid PostgreSQL connection string: {exc}") from None
 
-        pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=False, name="umi",
-                              kwargs={"autocommit": True, "connect_timeout": max(1, round(connect_timeout_secs))},
+        pool_kwargs: dict[str, Any] = {"autocommit": True, "connect_timeout": max(1, round(connect_timeout_secs))}
+        pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=False, name="umi", kwargs=pool_kwargs,
                               timeout=max(float(connect_timeout_secs), 30.0))
         try:
             pool.open(wait=True, timeout=connect_timeout_secs)
@@ -206,9 +210,11 @@ class PostgresStorageBackend(StorageBackend):
                 iterative = S.prepare_extension(conn)
             self = cls(pool, schema=schema, table_prefix=table_prefix, exact_search_rows=exact_search_rows,
                        ef_search=ef_search, max_retries=max_retries, iterative_scan=iterative)
+            self._conninfo = url
+            self._conn_kwargs = dict(pool_kwargs)
             with pool.connection() as conn:
                 self.dim = S.migrate(conn, self._names, self._lock_ns, dim)
-                n_docs = conn.execute(self._q("SELECT n_docs FROM {state}")).fetchone()[0]
+                n_docs = _one(conn, self._q("SELECT n_docs FROM {state}"))
                 self._index_valid = S.hnsw_state(conn, self._names) is True
             self._maybe_build_index(int(n_docs))
         except psycopg.Error as exc:
@@ -274,6 +280,8 @@ class PostgresStorageBackend(StorageBackend):
             raise StorageError(f"no PostgreSQL connection could be had: {exc}") from exc
 
     def _commit(self, tx: _Tx) -> None:
+        import psycopg
+
         attempt = 0
         while True:
             try:
@@ -283,7 +291,7 @@ class PostgresStorageBackend(StorageBackend):
                         "UPDATE {state} SET generation = generation + 1, n_docs = n_docs + %s, "
                         "total_len = total_len + %s RETURNING n_docs"), (tx.n_delta, tx.len_delta)).fetchone()[0]
                 tx.conn.execute("COMMIT")
-            except Exception as exc:
+            except psycopg.Error as exc:
                 attempt = self._retry_or_raise(exc, attempt)
                 self._replay(tx, len(tx.ops))
                 continue
@@ -309,10 +317,10 @@ class PostgresStorageBackend(StorageBackend):
         import psycopg
 
         try:
-            with psycopg.connect(self._pool.conninfo, **self._pool.kwargs) as conn:  # autocommit, like the pool
+            with psycopg.connect(self._conninfo, **self._conn_kwargs) as conn:  # autocommit, like the pool
                 self._builder_conn = conn
                 self._index_valid = S.build_hnsw(conn, self._names, self._lock_ns ^ 0x48_4E_53_57)
-        except Exception as exc:  # a background build must not take the process down; the next commit retries
+        except Exception as exc:  # noqa: BLE001 - a background build must never take the process down
             if not self._closed:
                 log.warning("building the HNSW index of %r failed (searches stay exact): %s", self, exc)
         finally:
@@ -432,7 +440,7 @@ class PostgresStorageBackend(StorageBackend):
             return
         # An id twice in one batch is written twice, in order (create, then update), as the
         # other backends do; each chunk holds an id at most once.
-        chunks: list[list[Entity]] = [[]]
+        chunks: builtins.list[list[Entity]] = [[]]
         seen: set[str] = set()
         for e in ents:
             if e.id in seen or len(chunks[-1]) >= BATCH_ROWS:
@@ -456,7 +464,7 @@ class PostgresStorageBackend(StorageBackend):
 
         self._write(op)
 
-    def _upsert_chunk(self, conn: Any, tx: _Tx, chunk: list[Entity]) -> None:
+    def _upsert_chunk(self, conn: Any, tx: _Tx, chunk: builtins.list[Entity]) -> None:
         ids = [e.id for e in chunk]
         self._lock_ids(conn, ids)
         old = dict(conn.execute(self._q("SELECT id, doc_len FROM {entities} WHERE id = ANY(%s)"), (ids,)).fetchall())
@@ -481,7 +489,7 @@ class PostgresStorageBackend(StorageBackend):
         self._append_history(conn, ids, ops, cols["up"], snaps)
         tx.changed = True
 
-    def _append_history(self, conn: Any, ids: list[str], ops: list[str], ats: list[int], snaps: list[str]) -> None:
+    def _append_history(self, conn: Any, ids: builtins.list[str], ops: builtins.list[str], ats: builtins.list[int], snaps: builtins.list[str]) -> None:
         conn.execute(self._q(
             "INSERT INTO {history} (entity_id, seq, op, at, snapshot) "
             "SELECT v.id, coalesce((SELECT max(h.seq) FROM {history} h WHERE h.entity_id = v.id), 0) + 1, "
@@ -494,7 +502,7 @@ class PostgresStorageBackend(StorageBackend):
             got = self._select(conn, "id = %s", [eid])
         return got[0] if got else None
 
-    def get_many(self, entity_ids: Sequence[str]) -> list[Entity]:
+    def get_many(self, entity_ids: Sequence[str]) -> builtins.list[Entity]:
         ids = check_ids(entity_ids)
         if not ids:
             return []
@@ -503,14 +511,14 @@ class PostgresStorageBackend(StorageBackend):
             unique = list(dict.fromkeys(ids))
             for start in range(0, len(unique), BATCH_ROWS * 4):
                 found.update((e.id, e) for e in self._select(conn, "id = ANY(%s)", [unique[start:start + BATCH_ROWS * 4]]))
-        out = []
+        out: builtins.list[Entity] = []
         for i in ids:  # a repeated id gets its own copy
             e = found.get(i)
             if e is not None:
                 out.append(e if not any(o is e for o in out) else _copy_entity(e))
         return out
 
-    def _select(self, conn: Any, where: str | Any, params: Sequence[Any], tail: str = "") -> list[Entity]:
+    def _select(self, conn: Any, where: str | Any, params: Sequence[Any], tail: str = "") -> builtins.list[Entity]:
         query = self._sql.SQL("SELECT " + S.ENTITY_COLUMNS + " FROM {t} WHERE {w} " + tail).format(
             t=self._names.table("entities"), w=self._sql.SQL(where) if isinstance(where, str) else where)
         cur = conn.cursor(binary=True)
@@ -519,8 +527,8 @@ class PostgresStorageBackend(StorageBackend):
 
     def delete(self, entity_id: str, at: int | None = None) -> bool:
         eid = check_id(entity_id)
-        when = check_time(at, "at", optional=True)
-        when = now_ms() if when is None else when
+        at_ms = check_time(at, "at", optional=True)
+        when: int = now_ms() if at_ms is None else at_ms
 
         def op(conn: Any) -> bool:
             tx = self._tx()
@@ -541,7 +549,7 @@ class PostgresStorageBackend(StorageBackend):
 
     def supersede(self, entity_id: str, valid_to: int) -> bool:
         eid = check_id(entity_id)
-        vt = check_time(valid_to, "valid_to")
+        vt: int = check_time(valid_to, "valid_to")  # type: ignore[assignment]  # never None here
 
         def op(conn: Any) -> bool:
             tx = self._tx()
@@ -563,8 +571,8 @@ class PostgresStorageBackend(StorageBackend):
         p = R.plan_filters(filters)
         if p.none:
             return self._sql.SQL("false"), []
-        parts: list[str] = []
-        params: list[Any] = []
+        parts: builtins.list[str] = []
+        params: builtins.list[Any] = []
         if p.entity_types is not None:
             parts.append("entity_type = ANY(%s)")
             params.append(list(p.entity_types))
@@ -587,7 +595,7 @@ class PostgresStorageBackend(StorageBackend):
             parts.append("valid_to IS NULL")
         return self._sql.SQL(" AND ".join(parts) if parts else "true"), params
 
-    def list(self, filters: SearchFilters | None = None, limit: int = 100, offset: int = 0) -> list[Entity]:
+    def list(self, filters: SearchFilters | None = None, limit: int = 100, offset: int = 0) -> builtins.list[Entity]:
         limit, offset = check_limit_offset(limit, offset)
         where, params = self._where(filters)
         with self._reading() as conn:
@@ -601,7 +609,7 @@ class PostgresStorageBackend(StorageBackend):
         return int(row[0])
 
     def find_by_name(self, name: str, entity_type: EntityType | str | None = None,
-                     filters: SearchFilters | None = None) -> list[Entity]:
+                     filters: SearchFilters | None = None) -> builtins.list[Entity]:
         if not isinstance(name, str):
             raise TypeError(f"name must be str, not {type(name).__name__}")
         norm = normalize_name(name)
@@ -619,20 +627,20 @@ class PostgresStorageBackend(StorageBackend):
             return self._select(conn, clause, params, "ORDER BY created_at, id")
 
     # --- search -------------------------------------------------------------------
-    def search_vector(self, vector: np.ndarray, k: int, filters: SearchFilters | None = None) -> list[tuple[str, float]]:
+    def search_vector(self, vector: np.ndarray, k: int, filters: SearchFilters | None = None) -> builtins.list[tuple[str, float]]:
         k = check_k(k)
         where, params = self._where(filters)
         dim = self._current_dim()
         if dim is None:
             dim = self._stored_dim()
         q = check_query_vector(vector, dim)
-        if q is None:
+        if q is None or dim is None:
             return []
         qtext = _vector_text(q)
         margin = max(16, k)  # re-scored in float64 below; the margin absorbs pgvector's float32 rounding
         table = self._names.table("entities")
         with self._reading(snapshot=True) as conn:
-            hits: list[Any] | None = None
+            hits: builtins.list[Any] | None = None
             if self._use_index(conn, dim):
                 ef = min(EF_SEARCH_MAX, max(self._ef_search, k + margin))
                 conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef),))
@@ -677,7 +685,7 @@ class PostgresStorageBackend(StorageBackend):
                            (self._names.table("entities").as_string(conn),)).fetchone()
         return row is not None and row[0] >= self._exact_rows
 
-    def search_text(self, query: str, k: int, filters: SearchFilters | None = None) -> list[tuple[str, float]]:
+    def search_text(self, query: str, k: int, filters: SearchFilters | None = None) -> builtins.list[tuple[str, float]]:
         query = check_query_text(query)
         k = check_k(k)
         where, params = self._where(filters)
@@ -698,11 +706,11 @@ class PostgresStorageBackend(StorageBackend):
             tf = "(term_freqs ->> %s)::float8"
             if avgdl > 0:
                 norm = "(%s::float8 * ((1.0::float8 - %s::float8) + %s::float8 * doc_len::float8 / %s::float8))"
-                norm_params: list[Any] = [BM25_K1, BM25_B, BM25_B, avgdl]
+                norm_params: builtins.list[Any] = [BM25_K1, BM25_B, BM25_B, avgdl]
             else:
                 norm, norm_params = "%s::float8", [BM25_K1]
-            contrib: list[str] = []
-            cparams: list[Any] = []
+            contrib: builtins.list[str] = []
+            cparams: builtins.list[Any] = []
             for t in terms:
                 contrib.append(f"(CASE WHEN term_freqs ? %s THEN %s::float8 * {tf} * %s::float8 / ({tf} + {norm}) "
                                "ELSE 0::float8 END)")
@@ -784,7 +792,7 @@ class PostgresStorageBackend(StorageBackend):
 
         self._write(op)
 
-    def relations_for(self, entity_id: str) -> list[EvolutionRelation]:
+    def relations_for(self, entity_id: str) -> builtins.list[EvolutionRelation]:
         eid = check_id(entity_id)
         with self._reading() as conn:
             rows = conn.execute(self._q(
@@ -793,7 +801,7 @@ class PostgresStorageBackend(StorageBackend):
         return [EvolutionRelation(source_id=r[1], target_id=r[2], evolution_type=r[3], reason=R.decode_text(r[4]),
                                   confidence=r[5], id=r[0], created_at=int(r[6])) for r in rows]
 
-    def history(self, entity_id: str) -> list[HistoryRecord]:
+    def history(self, entity_id: str) -> builtins.list[HistoryRecord]:
         eid = check_id(entity_id)
         with self._reading() as conn:
             rows = conn.execute(self._q(
@@ -830,6 +838,13 @@ class PostgresStorageBackend(StorageBackend):
 
 
 # --- helpers -----------------------------------------------------------------------
+
+
+def _one(conn: Any, query: Any, params: Sequence[Any] = ()) -> Any:
+    """The first column of the one row ``query`` returns."""
+    row = conn.execute(query, params).fetchone()
+    assert row is not None
+    return row[0]
 
 
 def _rollback(conn: Any) -> None:
