@@ -63,7 +63,7 @@ _FASTMATH = {"reassoc", "nsz", "contract", "arcp"}
 # --- building blocks (inlined into the kernels) -----------------------------------
 
 
-@njit(fastmath=_FASTMATH, inline="always", cache=True)
+@njit(fastmath=_FASTMATH, cache=True)
 def _dot(vectors, i, query):  # pragma: no cover - compiled
     s = np.float32(0.0)
     for j in range(query.shape[0]):
@@ -71,13 +71,13 @@ def _dot(vectors, i, query):  # pragma: no cover - compiled
     return s
 
 
-@njit(inline="always", cache=True)
+@njit(cache=True)
 def _worse(sa, ia, sb, ib):  # pragma: no cover - compiled
     """True when candidate a ranks after candidate b (lower score, or same score, higher slot)."""
     return sa < sb or (sa == sb and ia > ib)
 
 
-@njit(inline="always", cache=True)
+@njit(cache=True)
 def _sift_down(hs, hi, pos, cnt):  # pragma: no cover - compiled
     # min-heap on rank: the root is the worst candidate kept so far
     while True:
@@ -99,7 +99,7 @@ def _sift_down(hs, hi, pos, cnt):  # pragma: no cover - compiled
             break
 
 
-@njit(inline="always", cache=True)
+@njit(cache=True)
 def _push(hs, hi, cnt, k, s, i):  # pragma: no cover - compiled
     """Offer (s, i) to a heap holding ``cnt`` of at most ``k``; returns the new count."""
     if cnt < k:
@@ -126,7 +126,7 @@ def _push(hs, hi, cnt, k, s, i):  # pragma: no cover - compiled
     return cnt
 
 
-@njit(inline="always", cache=True)
+@njit(cache=True)
 def _drain_sorted(hs, hi, cnt, out_s, out_i):  # pragma: no cover - compiled
     """Empty the heap into out_* best-first (pops the worst into the last free place)."""
     n = cnt
@@ -139,7 +139,7 @@ def _drain_sorted(hs, hi, cnt, out_s, out_i):  # pragma: no cover - compiled
         _sift_down(hs, hi, 0, n)
 
 
-@njit(inline="always", cache=True)
+@njit(fastmath=_FASTMATH, cache=True)
 def _scan_block(vectors, query, k, valid, mask, start, end, hs, hi):  # pragma: no cover
     cnt = 0
     for i in range(start, end):
@@ -193,7 +193,7 @@ def _topk_parallel(vectors, query, k, valid, mask, nblocks):  # pragma: no cover
 # --- several queries: each row is read once and scored against every query ---------
 
 
-@njit(inline="always", cache=True)
+@njit(cache=True)
 def _offer(hs, hi, cnts, q, k, s, i):  # pragma: no cover - compiled
     c = cnts[q]
     if c == k and s <= hs[q, 0]:
@@ -201,7 +201,7 @@ def _offer(hs, hi, cnts, q, k, s, i):  # pragma: no cover - compiled
     cnts[q] = _push(hs[q], hi[q], c, k, s, i)
 
 
-@njit(inline="always", cache=True)
+@njit(fastmath=_FASTMATH, cache=True)
 def _scan_block_many(
     vectors, queries, k, valid, mask, start, end, hs, hi, cnts
 ):  # pragma: no cover
@@ -233,7 +233,7 @@ def _scan_block_many(
             q += 1
 
 
-@njit(inline="always", cache=True)
+@njit(cache=True)
 def _merge_many(bs, bi, bc, k, m):  # pragma: no cover - compiled
     nblocks = bs.shape[0]
     # every query sees the same eligible rows, so all end with the same count
@@ -428,6 +428,9 @@ def topk_many_unchecked(
     if n == 0 or nq == 0:
         kk = 0 if n == 0 else min(k, int(np.count_nonzero(v & m)))
         return np.empty((nq, kk), np.int64), np.empty((nq, kk), np.float32)
+    if nq == 1:  # the single-query kernel is the faster loop for one query
+        rows, scores = topk_unchecked(vectors, queries[0], k, v, m)
+        return rows[None, :], scores[None, :]
     # the scan is compute-bound from about four queries on: size the thread choice by work
     nb = _nblocks(n * max(1, nq // 4), dim)
     if nb == 1:
