@@ -37,12 +37,32 @@ def _sim(tmp: Path) -> StorageBackend:
     return SimStorageBackend(seed=0)
 
 
+def _postgres(tmp: Path) -> StorageBackend:
+    # one throwaway PostgreSQL + pgvector server per session (tests/pg_server.py), a fresh schema per store;
+    # skips when no server can be had, and fails instead when $CI is set
+    import pg_server
+
+    from umi.storage.postgres import PostgresStorageBackend
+
+    server = pg_server.require_server()
+    return PostgresStorageBackend.connect(server.url, schema=server.new_schema_name(), pool_size=2)
+
+
+def _lance(tmp: Path) -> StorageBackend:
+    pytest.importorskip("lancedb", reason="the lance extra (lancedb) is not installed")
+    from umi.storage.lance import LanceStorageBackend
+
+    return LanceStorageBackend.connect(tmp / "lance")
+
+
 #: name -> factory(tmp_path). Append new backends here.
 BACKEND_FACTORIES: dict[str, BackendFactory] = {
     "duckdb-file": _duckdb_file,
     "duckdb-memory": _duckdb_memory,
     "duckdb-sql-bm25": _duckdb_sql_bm25,
     "sim": _sim,
+    "postgres": _postgres,
+    "lance": _lance,
 }
 
 
