@@ -29,10 +29,6 @@ def _duckdb_memory(tmp: Path) -> StorageBackend:
     return DuckDBStorageBackend.connect(":memory:")
 
 
-def _duckdb_sql_bm25(tmp: Path) -> StorageBackend:
-    return DuckDBStorageBackend.connect(tmp / "umi.duckdb", bm25="sql")
-
-
 def _sim(tmp: Path) -> StorageBackend:
     return SimStorageBackend(seed=0)
 
@@ -59,7 +55,6 @@ def _lance(tmp: Path) -> StorageBackend:
 BACKEND_FACTORIES: dict[str, BackendFactory] = {
     "duckdb-file": _duckdb_file,
     "duckdb-memory": _duckdb_memory,
-    "duckdb-sql-bm25": _duckdb_sql_bm25,
     "sim": _sim,
     "postgres": _postgres,
     "lance": _lance,

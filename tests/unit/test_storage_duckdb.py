@@ -1,0 +1,400 @@
+"""DuckDBStorageBackend: what is particular to it (the shared behaviour is the contract suite):
+file locking, read_only, the vector index cache, schema versions, persistence, bulk writes,
+and SQL BM25 agreeing with the numba kernel."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from umi.errors import InvalidConfigError, SchemaVersionError, StorageError, StorageLockedError, ValidationError
+from umi.index import VectorIndex
+from umi.storage._duckdb_schema import SCHEMA_VERSION, migrate
+from umi.storage.base import SearchFilters, Source
+from umi.storage.duckdb import INDEX_SUFFIX, DuckDBStorageBackend
+from umi.types import Entity, EvolutionRelation
+
+T0 = 1_700_000_000_000
+
+
+def ent(i: int, *, emb: np.ndarray | None = None, content: str | None = None, meta: dict | None = None) -> Entity:
+    return Entity("person", f"name {i}", content or f"fact number {i}", metadata=meta or {}, embedding=emb,
+                  created_at=T0 + i)
+
+
+def unit(rng: np.random.Generator, n: int, dim: int = 8) -> np.ndarray:
+    v = rng.standard_normal((n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "umi.duckdb"
+
+
+def fill(path: Path, n: int, seed: int = 0, **connect: Any) -> list[Entity]:
+    rng = np.random.default_rng(seed)
+    vecs = unit(rng, n)
+    ents = [ent(i, emb=vecs[i]) for i in range(n)]
+    with DuckDBStorageBackend.connect(path, **connect) as b:
+        b.upsert(ents)
+    return ents
+
+
+def search_all(b: DuckDBStorageBackend, ents: list[Entity]) -> list[list[str]]:
+    return [[i for i, _ in b.search_vector(e.embedding, 3)] for e in ents if e.embedding is not None]
+
+
+# --- locking and read_only ------------------------------------------------------------------
+
+
+def test_a_file_held_by_another_process_raises_storage_locked(db: Path) -> None:
+    fill(db, 3)
+    with subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, duckdb
+            con = duckdb.connect({str(db)!r})
+            print("ready", flush=True)
+            sys.stdin.readline()
+        """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    ) as holder:
+        assert holder.stdout is not None and holder.stdin is not None
+        try:
+            assert holder.stdout.readline().strip() == "ready"
+            for read_only in (False, True):
+                with pytest.raises(StorageLockedError) as info:
+                    DuckDBStorageBackend.connect(db, read_only=read_only)
+                assert info.value.path == str(db)
+                assert "locked by another process" in str(info.value)
+                assert isinstance(info.value, StorageError)
+        finally:
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+            holder.wait(timeout=30)
+    with DuckDBStorageBackend.connect(db) as b:  # free again
+        assert b.count() == 3
+
+
+def test_read_only_reads_and_refuses_writes(db: Path) -> None:
+    ents = fill(db, 5)
+    with DuckDBStorageBackend.connect(db, read_only=True) as b:
+        assert b.read_only and b.count() == 5
+        assert b.get(ents[2].id) == ents[2]
+        assert [i for i, _ in b.search_vector(ents[1].embedding, 1)] == [ents[1].id]
+        assert [i for i, _ in b.search_text("number", 5)] != []
+        g = b.generation
+        for write in (lambda: b.upsert([ent(9)]), lambda: b.delete(ents[0].id), lambda: b.supersede(ents[0].id, T0),
+                      lambda: b.add_source(Source.for_text("x", T0)), lambda: b.checkpoint()):
+            with pytest.raises(StorageError, match="read_only"):
+                write()
+        with pytest.raises(StorageError, match="read_only"):
+            with b.transaction():
+                pass
+        assert b.save_index() is False
+        assert b.generation == g and b.count() == 5
+
+
+def test_read_only_cannot_create_or_migrate(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.duckdb"
+    duckdb.connect(str(empty)).close()
+    with pytest.raises(SchemaVersionError, match="not a umi database"):
+        DuckDBStorageBackend.connect(empty, read_only=True)
+    with pytest.raises(StorageError):
+        DuckDBStorageBackend.connect(tmp_path / "missing.duckdb", read_only=True)
+
+
+# --- schema -----------------------------------------------------------------------------------
+
+
+def test_a_newer_schema_is_refused(db: Path) -> None:
+    fill(db, 1)
+    con = duckdb.connect(str(db))
+    con.execute("INSERT INTO umi_schema VALUES (99, 0)")
+    con.close()
+    with pytest.raises(SchemaVersionError) as info:
+        DuckDBStorageBackend.connect(db)
+    assert info.value.found == 99 and info.value.supported == SCHEMA_VERSION
+    assert "99" in str(info.value) and str(SCHEMA_VERSION) in str(info.value)
+
+
+def test_an_older_schema_is_migrated_forward(db: Path) -> None:
+    con = duckdb.connect(str(db))
+    assert migrate(con, 0, T0, upto=1) == 1
+    con.close()
+    with pytest.raises(SchemaVersionError) as info:
+        DuckDBStorageBackend.connect(db, read_only=True)
+    assert info.value.found == 1
+    with DuckDBStorageBackend.connect(db) as b:
+        b.upsert([ent(1)])
+    con = duckdb.connect(str(db))
+    versions = [r[0] for r in con.execute("SELECT version FROM umi_schema ORDER BY version").fetchall()]
+    indexes = {r[0] for r in con.execute("SELECT index_name FROM duckdb_indexes()").fetchall()}
+    con.close()
+    assert versions == list(range(1, SCHEMA_VERSION + 1))
+    assert {"sources_by_hash", "relations_by_source", "relations_by_target"} <= indexes
+
+
+def test_dim_at_connect_is_fixed_and_checked(db: Path) -> None:
+    with DuckDBStorageBackend.connect(db, dim=4) as b:
+        assert b.dim == 4
+        with pytest.raises(ValidationError, match="4"):
+            b.upsert([ent(1, emb=np.ones(3, np.float32))])
+    con = duckdb.connect(str(db))
+    coltype = con.execute("SELECT data_type FROM duckdb_columns() WHERE table_name = 'entities' "
+                          "AND column_name = 'embedding'").fetchall()
+    con.close()
+    assert coltype == [("FLOAT[4]",)]
+    with pytest.raises(InvalidConfigError) as info:
+        DuckDBStorageBackend.connect(db, dim=8)
+    assert "4" in str(info.value) and "8" in str(info.value)
+    with DuckDBStorageBackend.connect(db, dim=4) as b:
+        assert b.dim == 4
+
+
+def test_connect_validates_its_arguments(db: Path) -> None:
+    with pytest.raises(TypeError):
+        DuckDBStorageBackend.connect(42)  # type: ignore[arg-type]
+    with pytest.raises(InvalidConfigError):
+        DuckDBStorageBackend.connect(db, dim=0)
+    with pytest.raises(InvalidConfigError):
+        DuckDBStorageBackend.connect(db, bm25="fts")
+    with pytest.raises(TypeError):
+        DuckDBStorageBackend.connect(db, read_only="no")  # type: ignore[arg-type]
+    with pytest.raises(InvalidConfigError):
+        DuckDBStorageBackend.connect(db, save_index_every=0)
+
+
+# --- persistence -------------------------------------------------------------------------------
+
+
+def test_everything_survives_reopening(db: Path) -> None:
+    rng = np.random.default_rng(3)
+    a = Entity(
+        "organization", "Acme", "makes anvils", metadata={"k": 1.5, "b": False, "s": "é"},
+        embedding=unit(rng, 1)[0], created_at=T0, event_time=T0 - 5, source_id="s1")
+    b_ = ent(2, content="Acme was founded in 1950")
+    src = Source.for_text("Acme makes anvils", T0, {"via": "chat"})
+    with DuckDBStorageBackend.connect(db) as s:
+        s.upsert([a, b_])
+        s.supersede(b_.id, T0 + 10)
+        s.add_relations([EvolutionRelation(b_.id, a.id, "extend", reason="r", created_at=T0 + 1)])
+        s.add_source(src)
+        gen = s.generation
+        hist = s.history(b_.id)
+    with DuckDBStorageBackend.connect(db) as s:
+        assert s.generation == gen
+        assert s.get(a.id) == a
+        got_b = s.get(b_.id)
+        assert got_b is not None and got_b.valid_to == T0 + 10
+        assert s.history(b_.id) == hist
+        assert [r.reason for r in s.relations_for(a.id)] == ["r"]
+        assert s.get_source(src.id) == src
+        assert s.find_by_name("ACME")[0].id == a.id
+        assert [i for i, _ in s.search_text("anvils", 3)] == [a.id]
+        assert [i for i, _ in s.search_text("founded", 3, SearchFilters(include_superseded=True))] == [b_.id]
+        assert s.list(SearchFilters(metadata={"k": 1.5}))[0].id == a.id
+        s.upsert([ent(3)])  # writes after a lazy load keep every structure in step
+        assert s.count() == 2
+
+
+def test_generation_lives_in_duckdb(db: Path) -> None:
+    with DuckDBStorageBackend.connect(db) as b:
+        for i in range(3):
+            b.upsert([ent(i)])
+        with b.transaction():
+            b.upsert([ent(10)])
+            b.upsert([ent(11)])
+        gen = b.generation
+    assert gen == 4
+    con = duckdb.connect(str(db))
+    assert con.execute("SELECT generation FROM umi_state").fetchall() == [(4,)]
+    assert con.execute("SELECT DISTINCT generation FROM history WHERE entity_id IN (?, ?)",
+                       [ent(10).id, ent(11).id]).fetchall() == [(4,)]
+    con.close()
+
+
+def test_rolled_back_dimension_is_not_persisted(db: Path) -> None:
+    with DuckDBStorageBackend.connect(db) as b:
+        with pytest.raises(StorageError):
+            with b.transaction():
+                b.upsert([ent(1, emb=np.ones(5, np.float32))])
+                raise RuntimeError("no")
+    with DuckDBStorageBackend.connect(db) as b:
+        assert b.dim is None and b.count() == 0
+        b.upsert([ent(1, emb=np.ones(2, np.float32))])
+        assert b.dim == 2
+
+
+def test_close_inside_a_transaction_rolls_it_back(db: Path) -> None:
+    b = DuckDBStorageBackend.connect(db)
+    with pytest.raises(StorageError):
+        with b.transaction():
+            b.upsert([ent(1)])
+            b.close()
+    with DuckDBStorageBackend.connect(db) as b2:
+        assert b2.count() == 0
+
+
+# --- bulk writes ---------------------------------------------------------------------------------
+
+
+class _CountingConnection:
+    """Forwards to a DuckDB connection and counts the statements sent."""
+
+    def __init__(self, con: Any) -> None:
+        self._con = con
+        self.statements: list[str] = []
+        self.executemany_calls = 0
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        self.statements.append(sql)
+        return self._con.execute(sql, *args)
+
+    def executemany(self, *args: Any) -> Any:  # pragma: no cover - must not be used
+        self.executemany_calls += 1
+        return self._con.executemany(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._con, name)
+
+
+def test_upsert_uses_a_constant_number_of_bulk_statements(db: Path) -> None:
+    rng = np.random.default_rng(1)
+    with DuckDBStorageBackend.connect(db, dim=8) as b:
+        spy = _CountingConnection(b._con)
+        b._con = spy
+        vecs = unit(rng, 750)
+        b.upsert([ent(i, emb=vecs[i], meta={"i": i}) for i in range(500)])
+        first = len(spy.statements)
+        spy.statements.clear()
+        b.upsert([ent(i, emb=vecs[i], meta={"i": -i}) for i in range(250, 750)])  # half new, half replaced
+        second = len(spy.statements)
+        b._con = spy._con
+        assert spy.executemany_calls == 0
+        assert first <= 8 and second <= 12
+        assert b.count() == 750
+        assert b.list(SearchFilters(metadata={"i": -300}))[0].id == ent(300).id
+        assert b.list(SearchFilters(metadata={"i": 300})) == []
+
+
+# --- the vector index cache -------------------------------------------------------------------------
+
+
+def test_valid_cache_is_loaded_not_rebuilt(db: Path) -> None:
+    ents = fill(db, 40)
+    assert os.path.exists(str(db) + INDEX_SUFFIX)
+    with DuckDBStorageBackend.connect(db) as b:
+        assert b.index_load_status == "loaded"
+        assert all(r[0] == e.id for r, e in zip(search_all(b, ents), ents))
+
+
+def test_cache_behind_is_caught_up_including_deletions(db: Path) -> None:
+    ents = fill(db, 30)
+    idx = str(db) + INDEX_SUFFIX
+    stale = Path(str(db) + ".stale")
+    shutil.copy(idx, stale)
+    rng = np.random.default_rng(9)
+    extra = [ent(100 + i, emb=unit(rng, 1)[0]) for i in range(5)]
+    with DuckDBStorageBackend.connect(db) as b:
+        b.upsert(extra)
+        b.delete(ents[0].id)
+        b.upsert([ent(1, emb=-ents[1].embedding)])  # type: ignore[operator]  # vector changed
+        b.upsert([ent(2)])  # vector dropped
+        want_gen = b.generation
+    shutil.copy(stale, idx)  # as if the process had died before saving the index
+    _, stale_gen = VectorIndex.load(idx)
+    assert stale_gen < want_gen
+    with DuckDBStorageBackend.connect(db) as b:
+        assert b.index_load_status == "caught_up"
+        live = [e for e in ents[3:] + extra]
+        assert all(r[0] == e.id for r, e in zip(search_all(b, live), live))
+        assert ents[0].id not in {i for i, _ in b.search_vector(ents[0].embedding, 40)}
+        assert ents[2].id not in {i for i, _ in b.search_vector(ents[2].embedding, 40)}
+        assert b.search_vector(-ents[1].embedding, 1)[0][0] == ents[1].id  # type: ignore[operator]
+        assert len(b.search_vector(ents[5].embedding, 100)) == 30 - 2 + 5  # no phantoms
+    _, saved_gen = VectorIndex.load(idx)
+    assert saved_gen == want_gen  # close saved the caught-up index
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "garbage", "other_database", "future"])
+def test_unusable_cache_is_rebuilt(db: Path, tmp_path: Path, damage: str) -> None:
+    ents = fill(db, 25)
+    idx = Path(str(db) + INDEX_SUFFIX)
+    if damage == "missing":
+        idx.unlink()
+    elif damage == "truncated":
+        idx.write_bytes(idx.read_bytes()[:100])
+    elif damage == "garbage":
+        data = bytearray(idx.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        idx.write_bytes(bytes(data))
+    elif damage == "other_database":  # same generation, different vectors
+        other = tmp_path / "other.duckdb"
+        fill(other, 25, seed=5)
+        shutil.copy(str(other) + INDEX_SUFFIX, idx)
+    elif damage == "future":
+        index, gen = VectorIndex.load(idx)
+        index.save(idx, gen + 10)
+    with DuckDBStorageBackend.connect(db) as b:
+        assert b.index_load_status == "rebuilt"
+        assert all(r[0] == e.id for r, e in zip(search_all(b, ents), ents))
+    with DuckDBStorageBackend.connect(db) as b:
+        assert b.index_load_status == "loaded"
+
+
+def test_save_index_every_n_commits(db: Path) -> None:
+    rng = np.random.default_rng(2)
+    with DuckDBStorageBackend.connect(db, save_index_every=3) as b:
+        for i in range(7):
+            b.upsert([ent(i, emb=unit(rng, 1)[0])])
+        _, gen = VectorIndex.load(str(db) + INDEX_SUFFIX)
+        assert gen == 6
+        assert b.save_index() is True
+        assert VectorIndex.load(str(db) + INDEX_SUFFIX)[1] == 7
+        with pytest.raises(StorageError, match="transaction"):
+            with b.transaction():
+                b.save_index()
+
+
+def test_in_memory_store_has_no_index_file(tmp_path: Path) -> None:
+    with DuckDBStorageBackend.connect(":memory:") as b:
+        b.upsert([ent(1, emb=np.ones(3, np.float32))])
+        assert b.index_path is None and b.save_index() is False
+        b.checkpoint()
+
+
+# --- keyword search: SQL and numba agree --------------------------------------------------------------
+
+WORDS = ["apple", "banana", "cherry", "date", "elder", "fig", "grape", "apples", "the", "Zoë"]
+
+
+@settings(max_examples=15, deadline=None)
+@given(docs=st.lists(st.lists(st.sampled_from(WORDS), min_size=1, max_size=8), min_size=1, max_size=25),
+       query=st.lists(st.sampled_from(WORDS), min_size=1, max_size=3), k=st.integers(1, 10),
+       team=st.one_of(st.none(), st.integers(0, 2)))
+def test_sql_bm25_equals_the_numba_kernel(tmp_path_factory: pytest.TempPathFactory, docs: list[list[str]],
+                                          query: list[str], k: int, team: int | None) -> None:
+    path = tmp_path_factory.mktemp("bm25") / "b.duckdb"
+    with DuckDBStorageBackend.connect(path) as b:
+        b.upsert([Entity("note", f"doc {i}", " ".join(d), metadata={"team": i % 3}, created_at=T0 + i)
+                  for i, d in enumerate(docs)])
+        f = SearchFilters(metadata=None if team is None else {"team": team})
+        q = " ".join(query)
+        fast = b.search_text(q, k, f)
+        slow = b.search_text_sql(q, k, f)
+    assert [s for _, s in fast] == pytest.approx([s for _, s in slow], rel=1e-9)
+    scores = dict(fast)
+    for (i, s), (j, t) in zip(fast, slow):
+        assert i == j or s == pytest.approx(t, rel=1e-9) and scores.get(j) == pytest.approx(t, rel=1e-9)
