@@ -38,7 +38,8 @@ with its size and CRC-32; each file is written to a temp file in the same direct
 fsynced and ``os.replace``-d, the graph first, so a crash leaves either the old pair
 or the new pair. :meth:`load` verifies everything and raises
 :class:`umi.errors.IndexCacheError` on any mismatch; the caller then rebuilds from
-the store. A graph that was not saved is rebuilt lazily after load.
+the store. A graph that was not saved is built by :meth:`load` when the index has
+reached ``hnsw_threshold`` (or left to the first search, ``build_graph=False``).
 
 A :class:`VectorIndex` guards itself with a lock: calls from several threads are
 serialised.
@@ -614,15 +615,21 @@ class VectorIndex:
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike[str], *, dim: int | None = None
+        cls, path: str | os.PathLike[str], *, dim: int | None = None, build_graph: bool = True
     ) -> tuple[VectorIndex, int]:
         """Read an index written by :meth:`save`; returns ``(index, generation)``.
+
+        When the file holds no graph but the index has reached its ``hnsw_threshold``,
+        the graph is built here (``build_graph=False`` leaves that to the first search
+        that needs it, or to :meth:`build_graph`).
 
         Raises :class:`umi.errors.IndexCacheError` when the file is missing, truncated,
         fails its checksum, or holds vectors of a dimension other than ``dim``.
         """
         if dim is not None:
             dim = _check_int("dim", dim, 1, INDEX_DIM_MAX)
+        if not isinstance(build_graph, bool):
+            raise TypeError(f"build_graph must be a bool, got {type(build_graph).__name__}")
         path = Path(os.fspath(path))
         spath = str(path)
         try:
@@ -670,6 +677,8 @@ class VectorIndex:
             index._load_graph(
                 path.parent / Path(str(graph_meta.get("file"))).name, graph_meta, spath
             )
+        elif build_graph and len(index) >= index.hnsw_threshold and len(index) > 0:
+            index._build_graph()
         return index, generation
 
     def _load_graph(self, gpath: Path, meta: dict[str, Any], spath: str) -> None:

@@ -497,6 +497,20 @@ def test_graph_is_built_lazily_after_loading_a_file_without_one(tmp_path):
     assert loaded.graph_built
 
 
+def test_load_builds_a_missing_graph_above_the_threshold_unless_told_not_to(tmp_path):
+    idx, queries = small_index(threshold=50)
+    assert not idx.graph_built  # no search yet, so nothing built and nothing saved
+    idx.save(tmp_path / "v.idx", 1)
+    assert not any(p.endswith(".hnsw") for p in os.listdir(tmp_path))
+    eager, _ = VectorIndex.load(tmp_path / "v.idx")
+    assert eager.graph_built
+    lazy, _ = VectorIndex.load(tmp_path / "v.idx", build_graph=False)
+    assert not lazy.graph_built
+    assert eager.search_many(queries, 4) == lazy.search_many(queries, 4)
+    with pytest.raises(TypeError, match="build_graph"):
+        VectorIndex.load(tmp_path / "v.idx", build_graph=1)
+
+
 def test_resave_replaces_graph_file_and_leaves_no_temp_files(tmp_path):
     idx, _ = small_index(threshold=50)
     idx.build_graph()
