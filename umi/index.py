@@ -11,7 +11,8 @@ slots the mask lets through (all live slots when there is no mask):
   hnsw_threshold``, or when the mask is selective: ``eligible < hnsw_threshold`` or
   ``eligible < EXACT_SELECTIVITY * len(index)`` (10 %). A masked scan only reads the
   rows it lets through, so it costs about ``eligible`` rows, while a filtered HNSW
-  walk visits about ``1 / selectivity`` times more nodes and loses recall.
+  walk visits about ``1 / selectivity`` times more nodes and loses recall. Also
+  when ``k > 256`` and ``k > len(index) / 16``: such a walk visits most of the graph.
 * **hnsw** — otherwise. Without a mask, hnswlib returns ``k`` candidates. With a
   mask, it over-fetches ``k * len / eligible * 2`` candidates (bounded by
   ``len``) and keeps those the mask allows; if that leaves fewer than ``k``, it asks
@@ -79,6 +80,7 @@ _END = b"UMIVEND\x01"
 _FORMAT_VERSION = 1
 _MIN_GROW = 64
 _CHUNK = 1 << 24  # bytes per read when checksumming
+_HNSW_K_MIN_EXACT = 256  # k above this and above len/16 goes exact
 _BATCH_PAD = 8  # extra candidates per query fetched by the batch scan
 _UNIT_TOLERANCE = 4e-7  # |norm - 1| within which a row counts as normalised (~3 float32 ulps)
 
@@ -370,7 +372,7 @@ class VectorIndex:
             eligible = self._eligible(mask)
             if eligible == 0:
                 return []
-            if self._use_exact(eligible):
+            if self._use_exact(eligible, k):
                 return self._exact(q, k, mask)
             return self._hnsw(q, k, mask, eligible)
 
@@ -388,15 +390,16 @@ class VectorIndex:
             eligible = self._eligible(mask)
             if eligible == 0:
                 return [[] for _ in range(qs.shape[0])]
-            if self._use_exact(eligible):
+            if self._use_exact(eligible, k):
                 return self._exact_many(qs, k, mask)
             return [self._hnsw(q, k, mask, eligible) for q in qs]
 
-    def path_for(self, mask: np.ndarray | None = None) -> str:
-        """``"exact"`` or ``"hnsw"``: the path a search with this mask would take now."""
+    def path_for(self, mask: np.ndarray | None = None, k: int = 10) -> str:
+        """``"exact"`` or ``"hnsw"``: the path a search with this mask and k would take now."""
         mask = self._check_mask(mask)
+        k = self._check_k(k)
         with self._lock:
-            return "exact" if self._use_exact(self._eligible(mask)) else "hnsw"
+            return "exact" if self._use_exact(self._eligible(mask), k) else "hnsw"
 
     def _eligible(self, mask: np.ndarray | None) -> int:
         if mask is None:
@@ -404,8 +407,10 @@ class VectorIndex:
         hw = len(self._ids)
         return int(np.count_nonzero(mask[:hw] & self._live[:hw]))
 
-    def _use_exact(self, eligible: int) -> bool:
+    def _use_exact(self, eligible: int, k: int) -> bool:
         n = len(self._slot)
+        if k > _HNSW_K_MIN_EXACT and k * 16 > n:
+            return True  # the walk would visit most of the graph: a scan is cheaper
         return (
             n < self.hnsw_threshold
             or eligible < self.hnsw_threshold

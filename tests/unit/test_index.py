@@ -293,6 +293,8 @@ def test_selectivity_rule():
     assert idx.path_for(mask) == "exact"
     mask[: int(EXACT_SELECTIVITY * 400)] = True
     assert idx.path_for(mask) == "hnsw"
+    assert idx.path_for(k=256) == "hnsw"  # k up to 256 never forces the exact path
+    assert idx.path_for(k=300) == "exact"  # a large k would walk most of the graph
     small = VectorIndex(8, hnsw_threshold=401)
     small.add([f"i{n}" for n in range(400)], data)
     assert small.path_for() == "exact"
