@@ -692,33 +692,31 @@ class PostgresStorageBackend(StorageBackend):
         terms = query_terms(query)
         if not terms:
             return []
-        lexemes = [_tsquery_lexeme(t) for t in terms]
-        with self._reading(snapshot=True) as conn:
-            n_docs, total_len = conn.execute(self._q("SELECT n_docs, total_len FROM {state}")).fetchone()
-            if n_docs <= 0:
-                return []
-            dfs = dict(conn.execute(self._q(
-                "SELECT q.t, (SELECT count(*) FROM {entities} e WHERE e.tsv @@ q.lx::tsquery) "
-                "FROM unnest(%s::text[], %s::text[]) AS q(t, lx)"), (terms, lexemes)).fetchall())
-            avgdl = total_len / n_docs
-            # score = c_1 + c_2 + … in query-term order, each c_i made of the reference formula's
-            # operations in the same order: the doubles equal umi.storage.text.bm25_scores bit for bit.
-            tf = "(term_freqs ->> %s)::float8"
-            if avgdl > 0:
-                norm = "(%s::float8 * ((1.0::float8 - %s::float8) + %s::float8 * doc_len::float8 / %s::float8))"
-                norm_params: builtins.list[Any] = [BM25_K1, BM25_B, BM25_B, avgdl]
-            else:
-                norm, norm_params = "%s::float8", [BM25_K1]
-            contrib: builtins.list[str] = []
-            cparams: builtins.list[Any] = []
-            for t in terms:
-                contrib.append(f"(CASE WHEN term_freqs ? %s THEN %s::float8 * {tf} * %s::float8 / ({tf} + {norm}) "
-                               "ELSE 0::float8 END)")
-                cparams.extend([t, bm25_idf(n_docs, int(dfs.get(t, 0))), t, BM25_K1 + 1.0, t, *norm_params])
-            rows = conn.execute(self._sql.SQL(
-                "SELECT id, " + " + ".join(contrib) + " AS score FROM {t} WHERE tsv @@ %s::tsquery AND {w} "
-                "ORDER BY score DESC, id LIMIT %s").format(t=self._names.table("entities"), w=where),
-                [*cparams, " | ".join(lexemes), *params, k]).fetchall()
+        lexemes = " | ".join(_tsquery_lexeme(t) for t in terms)
+        n = len(terms)
+        # One statement, one pass over the candidates (every entity holding a query term):
+        #  c: each candidate's term frequencies (NULL where absent) and filter columns;
+        #  d: N and the average length (kept in {state}), and each term's df and IDF over all of c;
+        #  the score of each candidate that passes the filters: c_1 + c_2 + … in query-term order,
+        #  each c_i the reference formula's operations in the same order, so the doubles equal
+        #  umi.storage.text.bm25_scores (same libm `log` on both sides).
+        tfs = ", ".join(f"(term_freqs ->> %s)::float8 AS f{i}" for i in range(n))
+        idfs = ", ".join(f"ln(1.0::float8 + ((s.n_docs - count(c.f{i})) + 0.5::float8) / "
+                         f"(count(c.f{i}) + 0.5::float8)) AS i{i}" for i in range(n))
+        norm = "(%s::float8 * ((1.0::float8 - %s::float8) + %s::float8 * c.doc_len::float8 / d.avgdl))"
+        score = " + ".join(f"(CASE WHEN c.f{i} IS NULL THEN 0::float8 ELSE d.i{i} * c.f{i} * %s::float8 / "
+                           f"(c.f{i} + {norm}) END)" for i in range(n))
+        score_params: builtins.list[Any] = [BM25_K1 + 1.0, BM25_K1, BM25_B, BM25_B] * n
+        query_sql = self._sql.SQL(
+            "WITH c AS MATERIALIZED (SELECT id, doc_len, entity_type, created_at, event_time, valid_to, metadata, "
+            + tfs + " FROM {t} WHERE tsv @@ %s::tsquery), "
+            "d AS (SELECT s.total_len::float8 / s.n_docs::float8 AS avgdl, " + idfs +
+            " FROM c CROSS JOIN {st} s GROUP BY s.n_docs, s.total_len) "
+            "SELECT c.id, " + score + " AS score FROM c CROSS JOIN d WHERE {w} "
+            "ORDER BY score DESC, c.id LIMIT %s").format(
+                t=self._names.table("entities"), st=self._names.table("state"), w=where)
+        with self._reading() as conn:
+            rows = conn.execute(query_sql, [*terms, lexemes, *score_params, *params, k]).fetchall()
         return [(r[0], float(r[1])) for r in rows]
 
     # --- sources ------------------------------------------------------------------
