@@ -74,7 +74,7 @@ from ._common import (
     snapshot_of,
 )
 from .base import HistoryRecord, SearchFilters, Source, StorageBackend
-from .text import BM25_B, BM25_K1, bm25_idf, document_terms, query_terms
+from .text import BM25_B, BM25_K1, document_terms, query_terms
 
 if TYPE_CHECKING:  # pragma: no cover
     from psycopg_pool import ConnectionPool
