@@ -4,8 +4,9 @@
  * Block contents live in an arena whose budget is the core's max_bytes; a
  * block's id is its arena record id. Render order: the known labels (system,
  * persona, human, facts, goals, scratch) in that order, then the rest in
- * insertion order. Each block caches its escaped fragment per format, so a
- * render after one change re-escapes one block and concatenates the rest.
+ * insertion order. A rendering is a head, one fragment per block and a tail;
+ * each block carries a generation stamp that changes whenever the block does,
+ * so a caller can keep rendered fragments and rebuild only the changed ones.
  */
 #ifndef UMI_CORE_H
 #define UMI_CORE_H
@@ -27,8 +28,7 @@ typedef struct umi_block {
     char importance_text[UMI_CORE_IMPORTANCE_CHARS]; /* "0.50", as rendered */
     uint64_t tokens;
     uint64_t hash;
-    char *frag[2];  /* cached rendered fragment per format, NULL when stale */
-    size_t frag_len[2];
+    uint64_t gen;  /* the core's version when this block last changed: unique per change */
 } umi_block;
 
 typedef struct umi_core {
@@ -43,7 +43,7 @@ typedef struct umi_core {
     uint64_t used_tokens;
     uint64_t max_tokens;  /* 0: no token budget */
     uint64_t version;     /* bumped by every change */
-    char *out;
+    char *out;            /* scratch buffer for umi_core_fragment */
     size_t out_cap;
     uint64_t seed;
 } umi_core;
@@ -75,8 +75,15 @@ static inline const char *umi_core_content(const umi_core *c, uint32_t id, size_
 /* Block ids in render order; out must hold umi_core_count() ids. */
 void umi_core_order(const umi_core *c, uint32_t *out);
 
-/* Render into an internal buffer, valid until the next change. */
-umi_rc umi_core_render(umi_core *c, umi_core_format fmt, const char **out, size_t *len);
+/* Text before the first and after the last fragment of a rendering. */
+const char *umi_core_head(umi_core_format fmt);
+const char *umi_core_tail(umi_core_format fmt);
+
+/* Render block id as one fragment into an internal buffer, valid until the
+ * next call on c. A full rendering is head + fragments in umi_core_order +
+ * tail. UMI_ERR_INVALID for an unknown format. */
+umi_rc umi_core_fragment(umi_core *c, uint32_t id, umi_core_format fmt, const char **out,
+                         size_t *len);
 
 /* Escapers, exposed for tests: write into out (when not NULL), return length. */
 size_t umi_escape_xml(const char *s, size_t n, char *out);

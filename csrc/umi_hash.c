@@ -43,7 +43,7 @@ static umi_rc alloc_slots(size_t cap, umi_hslot **out) {
     umi_hslot *s = (umi_hslot *)malloc(cap * sizeof(umi_hslot));
     if (!s) return UMI_ERR_NOMEM;
     for (size_t i = 0; i < cap; i++) {
-        s[i].hash = 0;
+        s[i].tag = 0;
         s[i].id = UMI_ID_NONE;
     }
     *out = s;
@@ -74,10 +74,10 @@ void umi_hindex_clear(umi_hindex *ix) {
     ix->count = 0;
 }
 
-static void place(umi_hslot *slots, size_t mask, uint64_t hash, uint32_t id) {
-    size_t i = (size_t)hash & mask;
+static void place(umi_hslot *slots, size_t mask, uint32_t tag, uint32_t id) {
+    size_t i = (size_t)tag & mask;
     while (slots[i].id != UMI_ID_NONE) i = (i + 1) & mask;
-    slots[i].hash = hash;
+    slots[i].tag = tag;
     slots[i].id = id;
 }
 
@@ -88,14 +88,14 @@ umi_rc umi_hindex_reserve(umi_hindex *ix, size_t extra) {
     if (need * 2 <= cap) return UMI_OK;
     size_t new_cap = cap;
     while (need * 2 > new_cap) {
-        if (new_cap > ((size_t)-1) / 4) return UMI_ERR_NOMEM;
+        if (new_cap > ((size_t)1 << 31)) return UMI_ERR_NOMEM; /* homes come from 32 bits */
         new_cap <<= 1;
     }
     umi_hslot *ns;
     umi_rc rc = alloc_slots(new_cap, &ns);
     if (rc != UMI_OK) return rc;
     for (size_t i = 0; i < cap; i++) {
-        if (ix->slots[i].id != UMI_ID_NONE) place(ns, new_cap - 1, ix->slots[i].hash, ix->slots[i].id);
+        if (ix->slots[i].id != UMI_ID_NONE) place(ns, new_cap - 1, ix->slots[i].tag, ix->slots[i].id);
     }
     free(ix->slots);
     ix->slots = ns;
@@ -103,25 +103,14 @@ umi_rc umi_hindex_reserve(umi_hindex *ix, size_t extra) {
     return UMI_OK;
 }
 
-uint32_t umi_hindex_find(const umi_hindex *ix, uint64_t hash, const char *key, size_t len,
-                         umi_key_eq_fn eq, const void *ctx) {
-    size_t i = (size_t)hash & ix->mask;
-    for (;;) {
-        const umi_hslot *s = &ix->slots[i];
-        if (s->id == UMI_ID_NONE) return UMI_ID_NONE;
-        if (s->hash == hash && eq(ctx, s->id, key, len)) return s->id;
-        i = (i + 1) & ix->mask;
-    }
-}
-
 void umi_hindex_insert(umi_hindex *ix, uint64_t hash, uint32_t id) {
-    place(ix->slots, ix->mask, hash, id);
+    place(ix->slots, ix->mask, umi_hash_tag(hash), id);
     ix->count++;
 }
 
 int umi_hindex_remove(umi_hindex *ix, uint64_t hash, uint32_t id) {
     size_t mask = ix->mask;
-    size_t i = (size_t)hash & mask;
+    size_t i = (size_t)umi_hash_tag(hash) & mask;
     for (;;) {
         if (ix->slots[i].id == UMI_ID_NONE) return 0;
         if (ix->slots[i].id == id) break;
@@ -134,7 +123,7 @@ int umi_hindex_remove(umi_hindex *ix, uint64_t hash, uint32_t id) {
     for (;;) {
         j = (j + 1) & mask;
         if (ix->slots[j].id == UMI_ID_NONE) break;
-        size_t home = (size_t)ix->slots[j].hash & mask;
+        size_t home = (size_t)ix->slots[j].tag & mask;
         int movable = (hole <= j) ? (home <= hole || home > j) : (home <= hole && home > j);
         if (movable) {
             ix->slots[hole] = ix->slots[j];

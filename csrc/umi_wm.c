@@ -3,7 +3,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int key_eq(const void *ctx, uint32_t id, const char *key, size_t len) {
+static inline int key_eq(const void *ctx, uint32_t id, const char *key, size_t len) {
     const umi_wm *wm = (const umi_wm *)ctx;
     return umi_arena_aux(&wm->arena, id) == len &&
            memcmp(umi_arena_data(&wm->arena, id), key, len) == 0;
@@ -23,11 +23,8 @@ void umi_wm_free(umi_wm *wm) {
     umi_arena_free(&wm->arena);
     umi_hindex_free(&wm->index);
     umi_heap_free(&wm->heap);
-    free(wm->hashes);
-    free(wm->prev);
-    free(wm->next);
-    wm->hashes = NULL;
-    wm->prev = wm->next = NULL;
+    free(wm->meta);
+    wm->meta = NULL;
     wm->meta_cap = 0;
     wm->lru_head = wm->lru_tail = UMI_ID_NONE;
 }
@@ -42,17 +39,19 @@ void umi_wm_clear(umi_wm *wm) {
 /* --- LRU list --------------------------------------------------------- */
 
 static inline void lru_unlink(umi_wm *wm, uint32_t id) {
-    uint32_t p = wm->prev[id], n = wm->next[id];
-    if (p != UMI_ID_NONE) wm->next[p] = n;
+    umi_wm_meta *m = wm->meta;
+    uint32_t p = m[id].prev, n = m[id].next;
+    if (p != UMI_ID_NONE) m[p].next = n;
     else wm->lru_head = n;
-    if (n != UMI_ID_NONE) wm->prev[n] = p;
+    if (n != UMI_ID_NONE) m[n].prev = p;
     else wm->lru_tail = p;
 }
 
 static inline void lru_append(umi_wm *wm, uint32_t id) {
-    wm->prev[id] = wm->lru_tail;
-    wm->next[id] = UMI_ID_NONE;
-    if (wm->lru_tail != UMI_ID_NONE) wm->next[wm->lru_tail] = id;
+    umi_wm_meta *m = wm->meta;
+    m[id].prev = wm->lru_tail;
+    m[id].next = UMI_ID_NONE;
+    if (wm->lru_tail != UMI_ID_NONE) m[wm->lru_tail].next = id;
     else wm->lru_head = id;
     wm->lru_tail = id;
 }
@@ -66,7 +65,7 @@ static inline void lru_touch(umi_wm *wm, uint32_t id) {
 /* --- internals -------------------------------------------------------- */
 
 static void remove_entry(umi_wm *wm, uint32_t id) {
-    umi_hindex_remove(&wm->index, wm->hashes[id], id);
+    umi_hindex_remove(&wm->index, wm->meta[id].hash, id);
     umi_heap_remove(&wm->heap, id);
     lru_unlink(wm, id);
     umi_arena_release(&wm->arena, id);
@@ -76,10 +75,21 @@ size_t umi_wm_expire(umi_wm *wm, double now) {
     size_t n = 0;
     uint32_t id;
     while ((id = umi_heap_peek_expired(&wm->heap, now)) != UMI_ID_NONE) {
-        remove_entry(wm, id);
-        n++;
+        double expires_at = wm->meta[id].expires_at;
+        if (expires_at <= now) {
+            remove_entry(wm, id);
+            n++;
+        } else {
+            umi_heap_update(&wm->heap, id, expires_at); /* lazily deferred re-key */
+        }
     }
     return n;
+}
+
+/* Give live entry id the expiry `at` (see the lazy keying note in umi_wm.h). */
+static inline void set_expiry(umi_wm *wm, uint32_t id, double at) {
+    if (at < umi_heap_time_of(&wm->heap, id)) umi_heap_update(&wm->heap, id, at);
+    wm->meta[id].expires_at = at;
 }
 
 static inline uint32_t lookup(const umi_wm *wm, const char *key, size_t klen, uint64_t *hash) {
@@ -89,15 +99,9 @@ static inline uint32_t lookup(const umi_wm *wm, const char *key, size_t klen, ui
 
 static umi_rc grow_meta(umi_wm *wm, size_t n) {
     if (n <= wm->meta_cap) return UMI_OK;
-    uint64_t *h = (uint64_t *)realloc(wm->hashes, n * sizeof(uint64_t));
-    if (!h) return UMI_ERR_NOMEM;
-    wm->hashes = h;
-    uint32_t *p = (uint32_t *)realloc(wm->prev, n * sizeof(uint32_t));
-    if (!p) return UMI_ERR_NOMEM;
-    wm->prev = p;
-    uint32_t *x = (uint32_t *)realloc(wm->next, n * sizeof(uint32_t));
-    if (!x) return UMI_ERR_NOMEM;
-    wm->next = x;
+    umi_wm_meta *m = (umi_wm_meta *)realloc(wm->meta, n * sizeof(umi_wm_meta));
+    if (!m) return UMI_ERR_NOMEM;
+    wm->meta = m;
     wm->meta_cap = n;
     return UMI_OK;
 }
@@ -145,7 +149,7 @@ static umi_rc store(umi_wm *wm, const char *key, size_t klen, uint64_t hash, uin
 
     while (need_bytes > a->max_bytes || need_count > wm->max_entries) {
         uint32_t victim = wm->lru_head;
-        if (victim == id) victim = wm->next[victim];
+        if (victim == id) victim = wm->meta[victim].next;
         need_bytes -= umi_arena_len(a, victim);
         need_count -= 1;
         remove_entry(wm, victim);
@@ -155,7 +159,7 @@ static umi_rc store(umi_wm *wm, const char *key, size_t klen, uint64_t hash, uin
         rc = umi_arena_resize(a, id, (size_t)entry, klen, err);
         if (rc != UMI_OK) return rc; /* unreachable: budget and space checked */
         memcpy(umi_arena_data(a, id) + klen, val, vlen);
-        if (!keep_expiry) umi_heap_update(&wm->heap, id, expires_at);
+        if (!keep_expiry) set_expiry(wm, id, expires_at);
         lru_touch(wm, id);
         return UMI_OK;
     }
@@ -165,7 +169,8 @@ static umi_rc store(umi_wm *wm, const char *key, size_t klen, uint64_t hash, uin
     unsigned char *p = umi_arena_data(a, nid);
     memcpy(p, key, klen);
     memcpy(p + klen, val, vlen);
-    wm->hashes[nid] = hash;
+    wm->meta[nid].hash = hash;
+    wm->meta[nid].expires_at = expires_at;
     umi_hindex_insert(&wm->index, hash, nid);
     umi_heap_push(&wm->heap, nid, expires_at);
     lru_append(wm, nid);
@@ -214,7 +219,7 @@ umi_rc umi_wm_ttl(umi_wm *wm, double now, const char *key, size_t klen, double *
     uint64_t hash;
     uint32_t id = lookup(wm, key, klen, &hash);
     if (id == UMI_ID_NONE) return UMI_ERR_NOT_FOUND;
-    *left = umi_heap_time_of(&wm->heap, id) - now;
+    *left = wm->meta[id].expires_at - now;
     return UMI_OK;
 }
 
@@ -223,7 +228,7 @@ umi_rc umi_wm_touch(umi_wm *wm, double now, const char *key, size_t klen, double
     uint64_t hash;
     uint32_t id = lookup(wm, key, klen, &hash);
     if (id == UMI_ID_NONE) return UMI_ERR_NOT_FOUND;
-    umi_heap_update(&wm->heap, id, now + ttl);
+    set_expiry(wm, id, now + ttl);
     lru_touch(wm, id);
     return UMI_OK;
 }

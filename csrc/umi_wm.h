@@ -9,6 +9,14 @@
  * Storage: one arena record per entry (key bytes then value bytes; aux = key
  * length), a hash index over keys, an indexed min-heap of expiry times and a
  * doubly-linked LRU list, all indexed by the arena's record id.
+ *
+ * The heap is keyed lazily: an entry's true expiry lives in its meta record,
+ * and its heap node holds a time at or before it. Moving an expiry later (the
+ * common case: a set or touch restarts a TTL) only writes the meta record;
+ * the node is re-keyed when it reaches the top of the heap. Moving it earlier
+ * updates the node at once. So the heap top is never later than any entry's
+ * expiry, and finding what has expired stays O(log n) per entry, while
+ * replacing a value costs O(1) instead of a sift to the bottom.
  */
 #ifndef UMI_WM_H
 #define UMI_WM_H
@@ -17,13 +25,18 @@
 #include "umi_hash.h"
 #include "umi_heap.h"
 
+typedef struct umi_wm_meta {
+    uint64_t hash;      /* hash of the key */
+    double expires_at;  /* the entry's expiry (its heap node may hold an earlier time) */
+    uint32_t prev;      /* LRU links; umi_wm.lru_head is the least recently used */
+    uint32_t next;
+} umi_wm_meta;
+
 typedef struct umi_wm {
     umi_arena arena;
     umi_hindex index;
     umi_heap heap;
-    uint64_t *hashes;  /* hashes[id]: hash of id's key */
-    uint32_t *prev;    /* LRU links; lru_head is the least recently used */
-    uint32_t *next;
+    umi_wm_meta *meta; /* meta[id], one cache line holds all of it */
     size_t meta_cap;
     uint32_t lru_head;
     uint32_t lru_tail;
@@ -64,7 +77,7 @@ umi_rc umi_wm_incr(umi_wm *wm, double now, const char *key, size_t klen, int64_t
 
 /* Walk live entries from least to most recently used (after umi_wm_expire). */
 static inline uint32_t umi_wm_first(const umi_wm *wm) { return wm->lru_head; }
-static inline uint32_t umi_wm_next(const umi_wm *wm, uint32_t id) { return wm->next[id]; }
+static inline uint32_t umi_wm_next(const umi_wm *wm, uint32_t id) { return wm->meta[id].next; }
 static inline const char *umi_wm_key(const umi_wm *wm, uint32_t id, size_t *klen) {
     *klen = umi_arena_aux(&wm->arena, id);
     return (const char *)umi_arena_data(&wm->arena, id);

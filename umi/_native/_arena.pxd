@@ -65,6 +65,7 @@ cdef extern from "umi_core.h" nogil:
         char label[64]
         uint32_t label_len
         double importance
+        uint64_t gen
 
     ctypedef struct umi_core:
         umi_arena arena
@@ -86,7 +87,10 @@ cdef extern from "umi_core.h" nogil:
     uint64_t umi_core_used_bytes(const umi_core *c)
     const char *umi_core_content(const umi_core *c, uint32_t id, size_t *length)
     void umi_core_order(const umi_core *c, uint32_t *out)
-    umi_rc umi_core_render(umi_core *c, umi_core_format fmt, const char **out, size_t *length)
+    const char *umi_core_head(umi_core_format fmt)
+    const char *umi_core_tail(umi_core_format fmt)
+    umi_rc umi_core_fragment(umi_core *c, uint32_t id, umi_core_format fmt, const char **out,
+                             size_t *length)
     size_t umi_escape_xml(const char *s, size_t n, char *out)
     size_t umi_escape_markdown(const char *s, size_t n, char *out)
 
@@ -95,13 +99,13 @@ cdef class CoreMemory:
     cdef umi_core _core
     cdef bint _ready
     cdef object _tokenizer
-    cdef object _render_xml
-    cdef object _render_markdown
-    cdef uint64_t _render_xml_version
-    cdef uint64_t _render_markdown_version
+    cdef list _rendered    # per format: the last rendering (str) or None
+    cdef uint64_t _rendered_version[2]
+    cdef list _fragments   # per format: {block id: (generation, str)}
 
     cdef uint64_t _tokens(self, object content) except? 0
     cdef str _label_of(self, uint32_t bid)
+    cdef str _render(self, umi_core_format fmt)
 
 
 cdef class WorkingMemory:

@@ -18,7 +18,7 @@ from cpython.long cimport PyLong_Check
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.unicode cimport PyUnicode_Check, PyUnicode_DecodeUTF8, PyUnicode_GET_LENGTH
 from libc.math cimport isfinite
-from libc.string cimport strncpy
+from libc.string cimport strlen, strncpy
 from libc.stdint cimport INT64_MAX, INT64_MIN, int64_t, uint32_t, uint64_t
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
@@ -221,13 +221,12 @@ cdef class CoreMemory:
         if tokenizer is not None and not callable(tokenizer):
             raise TypeError(f"tokenizer must be callable, not {type(tokenizer).__name__}")
         self._tokenizer = tokenizer
-        self._render_xml = None
-        self._render_markdown = None
+        self._rendered = [None, None]
+        self._fragments = [{}, {}]
         _check(umi_core_init(&self._core, mb, mt, _SEED), NULL, _CORE, None)
         self._ready = True
-        # Start with versions that cannot match, so the first render builds.
-        self._render_xml_version = self._core.version - 1
-        self._render_markdown_version = self._core.version - 1
+        # Versions that cannot match yet, so the first render builds.
+        self._rendered_version[0] = self._rendered_version[1] = self._core.version - 1
 
     def __init__(self, max_bytes=32 * 1024, *, max_tokens=None, tokenizer=None):
         # __cinit__ has already validated and applied the arguments; this
@@ -293,7 +292,13 @@ cdef class CoreMemory:
         """Remove block ``label``; True if it existed."""
         cdef Py_ssize_t llen
         cdef const char *lp = _label(label, &llen)
-        return bool(umi_core_remove(&self._core, lp, <size_t>llen))
+        cdef uint32_t bid = umi_core_find(&self._core, lp, <size_t>llen)
+        if bid == UMI_ID_NONE:
+            return False
+        umi_core_remove(&self._core, lp, <size_t>llen)
+        for kept in self._fragments:
+            (<dict>kept).pop(bid, None)
+        return True
 
     def labels(self):
         """Block labels in render order."""
@@ -321,6 +326,7 @@ cdef class CoreMemory:
     def clear(self):
         """Remove every block."""
         umi_core_clear(&self._core)
+        self._fragments = [{}, {}]
 
     def render(self, format="xml"):
         """The blocks as one prompt-ready string: ``"xml"`` or ``"markdown"``.
@@ -328,30 +334,56 @@ cdef class CoreMemory:
         Same state, same string: known labels first (system, persona, human,
         facts, goals, scratch), then the others in insertion order.
         """
-        cdef umi_core_format fmt
-        cdef const char *out
-        cdef size_t n
+        cdef int f
         if format == "xml":
-            if self._render_xml_version == self._core.version:
-                return self._render_xml
-            fmt = UMI_CORE_XML
+            f = UMI_CORE_XML
         elif format == "markdown":
-            if self._render_markdown_version == self._core.version:
-                return self._render_markdown
-            fmt = UMI_CORE_MARKDOWN
+            f = UMI_CORE_MARKDOWN
         elif not PyUnicode_Check(format):
             raise TypeError(f"format must be str, not {type(format).__name__}")
         else:
             raise ValidationError(f"format must be 'xml' or 'markdown', got {format!r}")
-        _check(umi_core_render(&self._core, fmt, &out, &n), NULL, _CORE, format)
-        text = PyUnicode_DecodeUTF8(out, <Py_ssize_t>n, NULL)
-        if fmt == UMI_CORE_XML:
-            self._render_xml = text
-            self._render_xml_version = self._core.version
-        else:
-            self._render_markdown = text
-            self._render_markdown_version = self._core.version
+        if self._rendered_version[f] == self._core.version:
+            return self._rendered[f]
+        text = self._render(<umi_core_format>f)
+        self._rendered[f] = text
+        self._rendered_version[f] = self._core.version
         return text
+
+    cdef str _render(self, umi_core_format fmt):
+        # Each block's fragment is escaped and decoded once per change of the
+        # block (its generation); a render joins the kept fragments.
+        cdef size_t n = umi_core_count(&self._core), i, flen
+        cdef uint32_t stack_ids[32]
+        cdef uint32_t *ids = stack_ids
+        cdef uint32_t bid
+        cdef uint64_t gen
+        cdef const char *fp
+        cdef dict kept = <dict>self._fragments[<int>fmt]
+        cdef const char *head = umi_core_head(fmt)
+        cdef const char *tail = umi_core_tail(fmt)
+        parts = [PyUnicode_DecodeUTF8(head, <Py_ssize_t>strlen(head), NULL)]
+        if n > 32:
+            ids = <uint32_t *>PyMem_Malloc(n * sizeof(uint32_t))
+            if ids == NULL:
+                raise MemoryError("umi arena: out of memory")
+        try:
+            umi_core_order(&self._core, ids)
+            for i in range(n):
+                bid = ids[i]
+                gen = self._core.blocks[bid].gen
+                entry = kept.get(bid)
+                if entry is None or <uint64_t>(<tuple>entry)[0] != gen:
+                    _check(umi_core_fragment(&self._core, bid, fmt, &fp, &flen), NULL, _CORE,
+                           None)
+                    entry = (gen, PyUnicode_DecodeUTF8(fp, <Py_ssize_t>flen, NULL))
+                    kept[bid] = entry
+                parts.append((<tuple>entry)[1])
+        finally:
+            if ids != stack_ids:
+                PyMem_Free(ids)
+        parts.append(PyUnicode_DecodeUTF8(tail, <Py_ssize_t>strlen(tail), NULL))
+        return "".join(parts)
 
     def __len__(self):
         return umi_core_count(&self._core)
