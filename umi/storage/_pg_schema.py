@@ -166,14 +166,17 @@ def hnsw_state(conn: Any, n: TableNames) -> bool | None:
     return None if row is None else bool(row[0])
 
 
-def build_hnsw(conn: Any, n: TableNames, lock_key: int) -> bool:
+def build_hnsw(conn: Any, n: TableNames, lock_key: int, *, wait: bool = False) -> bool:
     """Build the HNSW index without blocking writers (``CONCURRENTLY``), once per store.
 
     ``conn`` must be in autocommit mode. Only one process builds at a time (a session advisory
-    lock); a failed earlier build (an invalid index) is dropped first. True when a valid index
-    exists afterwards.
+    lock: ``wait=False`` leaves the build to whoever holds it, ``wait=True`` waits for them and
+    then checks); a failed earlier build (an invalid index) is dropped first. True when a valid
+    index exists afterwards.
     """
-    if not conn.execute("SELECT pg_try_advisory_lock(%s::bigint)", (lock_key,)).fetchone()[0]:
+    if wait:
+        conn.execute("SELECT pg_advisory_lock(%s::bigint)", (lock_key,))
+    elif not conn.execute("SELECT pg_try_advisory_lock(%s::bigint)", (lock_key,)).fetchone()[0]:
         return bool(hnsw_state(conn, n))  # another process is building it
     try:
         state = hnsw_state(conn, n)

@@ -25,12 +25,18 @@ the block has made (it records them), up to ``max_retries`` times; then it raise
 :class:`StorageError`. Reads inside a block see the block's own writes.
 
 Vector search ranks by pgvector's cosine distance (``<=>``): an exact scan below
-``exact_search_rows`` rows, above it the HNSW index with ``SET LOCAL hnsw.ef_search`` and, on
-pgvector >= 0.8, ``hnsw.iterative_scan`` so that filtered searches keep walking the graph; if
-the walk still returns fewer than ``k`` hits, an exact scan answers. The hits are re-scored in
-float64 (pgvector sums in float32). Keyword search selects candidates by full-text search (a
-``tsvector`` of the shared tokenizer's terms, GIN, ``@@``) and scores them with exactly the BM25
-of :mod:`umi.storage.text` (IDF over every stored entity): the same doubles as the reference.
+``exact_search_rows`` rows, above it the HNSW index (``vector_cosine_ops``) with
+``SET LOCAL hnsw.ef_search`` and, on pgvector >= 0.8, ``hnsw.iterative_scan`` so that filtered
+searches keep walking the graph; if the walk still returns fewer than ``k`` hits, an exact scan
+answers. The index is built once the store reaches ``exact_search_rows`` entities, with
+``CREATE INDEX CONCURRENTLY`` in a background thread (one builder per store across processes;
+writers are not blocked), or at once by :meth:`build_vector_index`: maintaining it below the
+threshold would slow every insert about 2.5x for nothing. The hits are re-scored in float64
+(pgvector sums in float32). Keyword search selects candidates by full-text search (a
+``tsvector`` of the shared tokenizer's terms, GIN, ``@@``) and scores them, in one statement,
+with exactly the BM25 of :mod:`umi.storage.text` (IDF over every stored entity, N and the
+average length kept in ``state``): the same doubles as the reference. Its cost grows with the
+number of entities holding any query term.
 ``ts_rank_cd`` is not used: it has no IDF, so it would rank differently from every other backend.
 
 Metadata filters use ``metadata @> %s::jsonb`` over typed strings (``{"n": "int:1"}``), which
@@ -337,9 +343,12 @@ class PostgresStorageBackend(StorageBackend):
             return False
         import psycopg
 
+        builder = self._builder
+        if builder is not None:
+            builder.join()  # a background build of this process: let it finish first
         try:
             with self._pool.connection() as conn:
-                self._index_valid = S.build_hnsw(conn, self._names, self._lock_ns ^ 0x48_4E_53_57)
+                self._index_valid = S.build_hnsw(conn, self._names, self._lock_ns ^ 0x48_4E_53_57, wait=True)
         except psycopg.Error as exc:
             raise StorageError(f"building the HNSW index failed: {exc}") from exc
         return self._index_valid
