@@ -322,8 +322,21 @@ class DuckDBStorageBackend(CachedReads, StorageBackend):
             offsets = offsets - offsets[0]
         return tbl.column("term").to_pylist(), offsets, flat_rows, flat_tfs
 
+    def _remove_stale_temp_files(self) -> None:
+        """Temp files of index saves cut short by a crash (we hold the write lock: no save is running)."""
+        if self.index_path is None or self.read_only:
+            return
+        directory, name = os.path.split(os.path.abspath(self.index_path))
+        try:
+            for entry in os.scandir(directory):
+                if entry.name.startswith(f".{name}.") and entry.name.endswith(".tmp"):
+                    os.unlink(entry.path)
+        except OSError as exc:
+            log.warning("could not remove stale index temp files in %s: %s", directory, exc)
+
     def _open_index(self) -> None:
         cache = self._cache
+        self._remove_stale_temp_files()
         if cache.dim is None or self.index_path is None or not os.path.exists(self.index_path):
             self._rebuild_index()
             return
