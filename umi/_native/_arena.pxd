@@ -115,5 +115,5 @@ cdef class WorkingMemory:
     cdef double _default_ttl_secs
     cdef bint _evict_lru
 
-    cdef double _now(self) except? -1.0
+    cdef inline double _now(self) except? -1.0
     cdef double _ttl_or_default(self, object ttl_secs) except? -1.0

@@ -432,6 +432,27 @@ cdef class CoreMemory:
 
 # --- WorkingMemory ------------------------------------------------------------
 
+cdef inline double _monotonic() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
+
+cdef double _user_time(object clock) except? -1.0:
+    cdef double t
+    v = clock()
+    if PyFloat_Check(v):
+        t = PyFloat_AS_DOUBLE(v)
+    elif _is_real(v):
+        t = float(v)
+    else:
+        raise TypeError(f"clock() must return a number of seconds, not {type(v).__name__}")
+    if not isfinite(t):
+        raise InvalidConfigError(f"clock() must return finite seconds, got {v!r}")
+    return t
+
+
+
 cdef class WorkingMemory:
     """A session key-value store with per-entry TTLs, a byte budget and an entry cap.
 
@@ -476,22 +497,10 @@ cdef class WorkingMemory:
             umi_wm_free(&self._wm)
             self._ready = False
 
-    cdef double _now(self) except? -1.0:
-        cdef timespec ts
-        cdef double t
-        if self._clock is None:
-            clock_gettime(CLOCK_MONOTONIC, &ts)
-            return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
-        v = self._clock()
-        if PyFloat_Check(v):
-            t = PyFloat_AS_DOUBLE(v)
-        elif _is_real(v):
-            t = float(v)
-        else:
-            raise TypeError(f"clock() must return a number of seconds, not {type(v).__name__}")
-        if not isfinite(t):
-            raise InvalidConfigError(f"clock() must return finite seconds, got {v!r}")
-        return t
+    cdef inline double _now(self) except? -1.0:
+        if self._clock is None:  # the default: C monotonic clock, no Python call
+            return _monotonic()
+        return _user_time(self._clock)
 
     cdef double _ttl_or_default(self, object ttl_secs) except? -1.0:
         if ttl_secs is None:
