@@ -46,8 +46,8 @@ import platform
 import sys
 import time
 import timeit
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable
 
 from cachetools import TTLCache
 
@@ -57,15 +57,19 @@ RESULTS = Path(__file__).parent / "results" / "bench_arenas.json"
 KNOWN = ("system", "persona", "human", "facts", "goals", "scratch")
 
 
-def best_ns(cases: dict[str, tuple[str, dict, int, Callable[[], None] | None]],
-            rounds: int) -> dict[str, float]:
+Case = tuple[str, dict, int, Callable[[], None] | None]
+
+
+def best_ns(cases: Mapping[str, Case], rounds: int) -> dict[str, float]:
     """Interleave the cases round by round; per case keep the fastest round (ns/op).
 
     A case is (statement, namespace, ops per run, reset): reset (untimed) restores
     its state before each timed run, for cases that consume state (eviction).
     """
-    timers = {name: (timeit.Timer(stmt, globals=ns), ops, reset)
-              for name, (stmt, ns, ops, reset) in cases.items()}
+    timers = {
+        name: (timeit.Timer(stmt, globals=ns), ops, reset)
+        for name, (stmt, ns, ops, reset) in cases.items()
+    }
     best = {name: float("inf") for name in cases}
     for _ in range(rounds):
         for name, (timer, ops, reset) in timers.items():
@@ -83,7 +87,7 @@ def bench_working(n_keys: int, rounds: int) -> dict[str, dict[str, float | None]
 
     wm = umi.WorkingMemory(max_bytes=budget, max_entries=n_keys)
     wm_py = umi.WorkingMemory(max_bytes=budget, max_entries=n_keys, clock=time.monotonic)
-    ttl = TTLCache(maxsize=n_keys, ttl=3600)
+    ttl: TTLCache[str, bytes] = TTLCache(maxsize=n_keys, ttl=3600)
     d: dict[str, bytes] = {}
     for k in keys:
         wm.set(k, value)
@@ -99,14 +103,23 @@ def bench_working(n_keys: int, rounds: int) -> dict[str, dict[str, float | None]
 
     def reset_evict() -> None:
         w = umi.WorkingMemory(max_bytes=budget, max_entries=cap, on_full="evict_lru")
-        t = TTLCache(maxsize=cap, ttl=3600)
+        t: TTLCache[str, bytes] = TTLCache(maxsize=cap, ttl=3600)
         for k in keys[:cap]:
             w.set(k, value)
             t[k] = value
         ev_umi["wm"], ev_ttl["ttl"] = w, t
 
-    ns = {"wm": wm, "wm_py": wm_py, "ttl": ttl, "d": d, "keys": keys, "missing": missing,
-          "v": value, "k0": keys[n_keys // 2], "reps": range(n_keys)}
+    ns = {
+        "wm": wm,
+        "wm_py": wm_py,
+        "ttl": ttl,
+        "d": d,
+        "keys": keys,
+        "missing": missing,
+        "v": value,
+        "k0": keys[n_keys // 2],
+        "reps": range(n_keys),
+    }
     n = n_keys
     cases = {
         "get_hit/umi": ("for k in keys: wm.get(k)", ns, n, None),
@@ -174,12 +187,27 @@ def bench_core(rounds: int) -> dict[str, float]:
     reps = 2000
     ns = {"core": core, "alt": alt, "reps": reps, "blocks": blocks, "python_render": python_render}
     cases = {
-        "set_block": ("for i in range(reps): core.set_block('scratch', alt[i & 1])", ns, reps,
-                      None),
-        "set_block+render": ("for i in range(reps): core.set_block('scratch', alt[i & 1]); "
-                             "core.render()", ns, reps, None),
-        "set_block+render_md": ("for i in range(reps): core.set_block('scratch', alt[i & 1]); "
-                                "core.render('markdown')", ns, reps, None),
+        "set_block": (
+            "for i in range(reps): core.set_block('scratch', alt[i & 1])",
+            ns,
+            reps,
+            None,
+        ),
+        "set_block+render": (
+            ("for i in range(reps): core.set_block('scratch', alt[i & 1]); core.render()"),
+            ns,
+            reps,
+            None,
+        ),
+        "set_block+render_md": (
+            (
+                "for i in range(reps): core.set_block('scratch', alt[i & 1]); "
+                "core.render('markdown')"
+            ),
+            ns,
+            reps,
+            None,
+        ),
         "render_cached": ("for i in range(reps): core.render()", ns, reps, None),
         "python_render": ("for i in range(20): python_render(blocks)", ns, 20, None),
     }
@@ -224,6 +252,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for op, row in wm_rows.items():
         u, t, d = row["umi"], row["ttlcache"], row["dict"]
+        assert u is not None
         vs_t = f"{t / u:.1f}× faster" if t else "—"
         vs_d = f"{u / d:.2f}× dict" if d else "—"
         print(f"| {labels[op]} | {fmt_ns(u)} | {fmt_ns(t)} | {fmt_ns(d)} | {vs_t} | {vs_d} |")
@@ -235,13 +264,20 @@ def main() -> None:
     print(f"| set_block (1 KiB block replaced) | {fmt_ns(core_rows['set_block'])} |")
     print(f"| render() xml, unchanged state | {fmt_ns(core_rows['render_unchanged'])} |")
     print(f"| render() xml after one block changed | {fmt_ns(core_rows['render_after_change'])} |")
-    print("| render(\"markdown\") after one block changed | "
-          f"{fmt_ns(core_rows['render_markdown_after_change'])} |")
+    print(
+        '| render("markdown") after one block changed | '
+        f"{fmt_ns(core_rows['render_markdown_after_change'])} |"
+    )
     print(f"| plain-Python xml render (for scale) | {fmt_ns(core_rows['python_render'])} |")
 
-    get_vs_ttl = wm_rows["get_hit"]["ttlcache"] / wm_rows["get_hit"]["umi"]  # type: ignore[operator]
-    set_vs_ttl = wm_rows["set"]["ttlcache"] / wm_rows["set"]["umi"]  # type: ignore[operator]
-    get_vs_dict = wm_rows["get_hit"]["umi"] / wm_rows["get_hit"]["dict"]  # type: ignore[operator]
+    def ratio(op: str, a: str, b: str) -> float:
+        x, y = wm_rows[op][a], wm_rows[op][b]
+        assert x is not None and y is not None
+        return x / y
+
+    get_vs_ttl = ratio("get_hit", "ttlcache", "umi")
+    set_vs_ttl = ratio("set", "ttlcache", "umi")
+    get_vs_dict = ratio("get_hit", "umi", "dict")
     render_us = core_rows["render_after_change"] / 1000
     targets = {
         "get >= 8x TTLCache": get_vs_ttl >= 8,
@@ -255,18 +291,24 @@ def main() -> None:
 
     if not args.no_save:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps({
-            "benchmark": "bench_arenas",
-            "python": sys.version.split()[0],
-            "platform": platform.platform(),
-            "machine": platform.machine(),
-            "keys": args.keys,
-            "rounds": args.rounds,
-            "unit": "ns per operation (best round)",
-            "working_memory": wm_rows,
-            "core_memory": core_rows,
-            "targets": targets,
-        }, indent=2) + "\n")
+        RESULTS.write_text(
+            json.dumps(
+                {
+                    "benchmark": "bench_arenas",
+                    "python": sys.version.split()[0],
+                    "platform": platform.platform(),
+                    "machine": platform.machine(),
+                    "keys": args.keys,
+                    "rounds": args.rounds,
+                    "unit": "ns per operation (best round)",
+                    "working_memory": wm_rows,
+                    "core_memory": core_rows,
+                    "targets": targets,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         print(f"\nsaved {RESULTS}")
 
 

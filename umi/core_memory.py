@@ -30,11 +30,11 @@ from ._native._arena import (
 from ._native._arena import CoreMemory as _CompiledCoreMemory
 
 __all__ = [
-    "CoreMemory",
     "CORE_MEMORY_LABEL_BYTES_MAX",
-    "CORE_MEMORY_MAX_BYTES_MIN",
     "CORE_MEMORY_MAX_BYTES_MAX",
+    "CORE_MEMORY_MAX_BYTES_MIN",
     "KNOWN_LABELS",
+    "CoreMemory",
 ]
 
 #: Labels rendered first, in this order.

@@ -22,7 +22,7 @@ use). ``keys()`` lists live keys least recently used first.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from ._native._arena import (
     WORKING_MEMORY_KEY_BYTES_MAX,
@@ -35,13 +35,13 @@ from ._native._arena import (
 from ._native._arena import WorkingMemory as _CompiledWorkingMemory
 
 __all__ = [
-    "WorkingMemory",
     "WORKING_MEMORY_KEY_BYTES_MAX",
-    "WORKING_MEMORY_VALUE_BYTES_MAX",
-    "WORKING_MEMORY_TTL_SECS_MAX",
-    "WORKING_MEMORY_MAX_BYTES_MIN",
     "WORKING_MEMORY_MAX_BYTES_MAX",
+    "WORKING_MEMORY_MAX_BYTES_MIN",
     "WORKING_MEMORY_MAX_ENTRIES_MAX",
+    "WORKING_MEMORY_TTL_SECS_MAX",
+    "WORKING_MEMORY_VALUE_BYTES_MAX",
+    "WorkingMemory",
 ]
 
 

@@ -120,9 +120,7 @@ class WorkingModel:
         self.purge(now)
         if key in self.entries:
             value, expires_at = self.entries[key]
-            if not re.fullmatch(rb"-?[0-9]+", value) or not (
-                INT64_MIN <= int(value) <= INT64_MAX
-            ):
+            if not re.fullmatch(rb"-?[0-9]+", value) or not (INT64_MIN <= int(value) <= INT64_MAX):
                 raise NotInteger()
             current = int(value)
         else:
@@ -150,7 +148,7 @@ WM_KEYS = st.sampled_from(["a", "b", "c", "d", "e", "f", "é", "日本", "k" * 4
 WM_VALUES = st.one_of(
     st.binary(max_size=8),
     st.integers(min_value=0, max_value=700).map(lambda n: b"v" * n),
-    st.integers(min_value=-10**6, max_value=10**6).map(lambda n: str(n).encode()),
+    st.integers(min_value=-(10**6), max_value=10**6).map(lambda n: str(n).encode()),
     st.sampled_from([b"9223372036854775807", b"-9223372036854775808", b"00012", b"1.5"]),
 )
 WM_TTLS = st.one_of(st.none(), st.sampled_from([0.25, 0.5, 1.0, 2.0, 3.5, 10.0]))
@@ -212,7 +210,9 @@ class WorkingMemoryMachine(RuleBasedStateMachine):
     def touch(self, key, ttl):
         assert self.wm.touch(key, ttl_secs=ttl) == self.model.touch(self.now, key, ttl)
 
-    @rule(key=WM_KEYS, delta=st.one_of(st.integers(-5, 5), st.sampled_from([INT64_MAX, -INT64_MAX])))
+    @rule(
+        key=WM_KEYS, delta=st.one_of(st.integers(-5, 5), st.sampled_from([INT64_MAX, -INT64_MAX]))
+    )
     def incr(self, key, delta):
         try:
             expected = self.model.incr(self.now, key, delta)
@@ -331,8 +331,9 @@ class CoreModel:
         return "".join(parts)
 
 
-LABELS = st.sampled_from(["system", "persona", "human", "facts", "goals", "scratch",
-                          "notes", "a.b-c_d", "X" * 64, "z9"])
+LABELS = st.sampled_from(
+    ["system", "persona", "human", "facts", "goals", "scratch", "notes", "a.b-c_d", "X" * 64, "z9"]
+)
 CONTENT_ALPHABET = st.sampled_from(
     list("ab #`~<>&=-\t\n\r") + ["é", "€", "😀", "   ", "## ", "```", "---", "==="]
 )

@@ -19,7 +19,7 @@ def test_stubtest_passes():
     cmd = [sys.executable, "-m", "mypy.stubtest", "umi._native._arena"]
     if ALLOWLIST.exists():
         cmd += ["--allowlist", str(ALLOWLIST)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Success: no issues found" in result.stdout
 

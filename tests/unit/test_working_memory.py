@@ -187,7 +187,7 @@ def test_contains(clock):
     assert "x" * 300 not in wm
     assert "\ud800" not in wm
     with pytest.raises(TypeError):
-        _ = b"k" in wm  # type: ignore[operator]
+        _ = b"k" in wm
 
 
 def test_multibyte_keys_accounting(clock):
@@ -248,8 +248,9 @@ def test_incr_int64_edges(clock):
         wm.incr("o")
 
 
-@pytest.mark.parametrize("value", [b"", b"-", b"1.5", b" 1", b"1 ", b"+1", b"0x10", b"abc",
-                                   b"\xff", "١".encode()])
+@pytest.mark.parametrize(
+    "value", [b"", b"-", b"1.5", b" 1", b"1 ", b"+1", b"0x10", b"abc", b"\xff", "١".encode()]
+)
 def test_incr_non_integer(clock, value):
     wm = make(clock)
     wm.set("n", value)
@@ -262,7 +263,7 @@ def test_incr_non_integer(clock, value):
 def test_incr_types(clock):
     wm = make(clock)
     with pytest.raises(TypeError):
-        wm.incr("n", 1.0)  # type: ignore[arg-type]
+        wm.incr("n", 1.0)
     with pytest.raises(TypeError):
         wm.incr("n", True)
     assert "n" not in wm
@@ -345,17 +346,17 @@ def test_ttl_limits(clock):
 def test_wrong_types(clock):
     wm = make(clock)
     with pytest.raises(TypeError):
-        wm.set(b"k", b"v")  # type: ignore[arg-type]
+        wm.set(b"k", b"v")
     with pytest.raises(TypeError):
-        wm.set("k", "v")  # type: ignore[arg-type]
+        wm.set("k", "v")
     with pytest.raises(TypeError):
-        wm.set("k", bytearray(b"v"))  # type: ignore[arg-type]
+        wm.set("k", bytearray(b"v"))
     with pytest.raises(TypeError):
-        wm.set("k", b"v", ttl_secs="10")  # type: ignore[arg-type]
+        wm.set("k", b"v", ttl_secs="10")
     with pytest.raises(TypeError):
         wm.set("k", b"v", ttl_secs=True)
     with pytest.raises(TypeError):
-        wm.get(1)  # type: ignore[arg-type]
+        wm.get(1)
     assert len(wm) == 0
 
 
@@ -383,15 +384,15 @@ def test_config_boundaries_and_types():
     assert (wm.max_entries, wm.default_ttl_secs, wm.on_full) == (1, 7 * DAY, "evict_lru")
     assert umi.WorkingMemory().on_full == "error"
     with pytest.raises(TypeError):
-        umi.WorkingMemory(max_bytes=1.5)  # type: ignore[arg-type]
+        umi.WorkingMemory(max_bytes=1.5)
     with pytest.raises(TypeError):
-        umi.WorkingMemory(on_full=None)  # type: ignore[arg-type]
+        umi.WorkingMemory(on_full=None)
     with pytest.raises(TypeError):
-        umi.WorkingMemory(clock=123.0)  # type: ignore[arg-type]
+        umi.WorkingMemory(clock=123.0)
 
 
 def test_bad_clock_results():
-    wm = umi.WorkingMemory(clock=lambda: "now")  # type: ignore[arg-type,return-value]
+    wm = umi.WorkingMemory(clock=lambda: "now")
     with pytest.raises(TypeError):
         wm.set("k", b"v")
     wm = umi.WorkingMemory(clock=lambda: math.nan)

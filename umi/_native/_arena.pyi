@@ -4,7 +4,8 @@ Hand-written; ``python -m mypy.stubtest umi._native._arena`` checks them
 against the built module (tests/unit/test_stubs.py).
 """
 
-from typing import Callable, Final, Literal
+from collections.abc import Callable
+from typing import Final, Literal
 
 from typing_extensions import disjoint_base
 
