@@ -23,6 +23,10 @@ cdef extern from "umi_status.h" nogil:
     uint32_t UMI_ID_NONE
 
 
+cdef extern from "umi_clock.h" nogil:
+    double umi_monotonic_secs()
+
+
 cdef extern from "umi_arena.h" nogil:
     ctypedef struct umi_arena:
         uint32_t live

@@ -20,7 +20,6 @@ from cpython.unicode cimport PyUnicode_Check, PyUnicode_DecodeUTF8, PyUnicode_GE
 from libc.math cimport isfinite
 from libc.string cimport strlen, strncpy
 from libc.stdint cimport INT64_MAX, INT64_MIN, int64_t, uint32_t, uint64_t
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from umi.errors import (
     CoreMemoryFullError,
@@ -432,12 +431,6 @@ cdef class CoreMemory:
 
 # --- WorkingMemory ------------------------------------------------------------
 
-cdef inline double _monotonic() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
-
-
 cdef double _user_time(object clock) except? -1.0:
     cdef double t
     v = clock()
@@ -499,7 +492,7 @@ cdef class WorkingMemory:
 
     cdef inline double _now(self) except? -1.0:
         if self._clock is None:  # the default: C monotonic clock, no Python call
-            return _monotonic()
+            return umi_monotonic_secs()
         return _user_time(self._clock)
 
     cdef double _ttl_or_default(self, object ttl_secs) except? -1.0:
