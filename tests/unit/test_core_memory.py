@@ -69,6 +69,14 @@ def test_empty_content_is_a_block():
     assert core.render("markdown") == "# Core Memory\n\n## scratch\n\n\n"
 
 
+def test_nul_and_control_characters_round_trip():
+    core = umi.CoreMemory()
+    core.set_block("raw", "a\x00b\x01\r\n")
+    assert core.get_block("raw") == "a\x00b\x01\r\n"
+    assert core.used_bytes == 6
+    assert "a\x00b\x01\r\n" in core.render()
+
+
 def test_known_labels_first_then_insertion_order():
     core = umi.CoreMemory()
     for label in [

@@ -190,6 +190,15 @@ def test_contains(clock):
         _ = b"k" in wm
 
 
+def test_keys_differing_after_nul(clock):
+    wm = make(clock)
+    wm.set("a\x00b", b"1")
+    wm.set("a\x00c", b"2")
+    wm.set("a", b"3")
+    assert (wm.get("a\x00b"), wm.get("a\x00c"), wm.get("a")) == (b"1", b"2", b"3")
+    assert wm.used_bytes == 3 + 1 + 3 + 1 + 1 + 1
+
+
 def test_multibyte_keys_accounting(clock):
     wm = make(clock)
     wm.set("é", b"12")

@@ -97,8 +97,6 @@ cdef int _check(umi_rc rc, const umi_err_detail *d, int arena, object name) exce
         raise NotAnIntegerError(
             f"incr: the result for key {name!r} would leave the signed 64-bit range "
             f"[-2**63, 2**63 - 1]", key=name)
-    if rc == UMI_ERR_NOT_FOUND:
-        raise KeyError(name)
     raise ValidationError(f"umi arena: invalid argument for {name!r} (code {<int>rc})")
 
 
