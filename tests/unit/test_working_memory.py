@@ -548,3 +548,16 @@ def test_heavy_churn_keeps_accounting(clock):
     assert wm.used_bytes == sum(len(k.encode()) + len(expected[k]) for k in live)
     for k in live:
         assert wm.get(k) == expected[k]
+
+
+def test_clock_stepping_backwards_keeps_expiry_consistent(clock):
+    wm = make(clock)
+    wm.set("k", b"v", ttl_secs=10)  # expires at 1010
+    clock.tick(-500)  # a skewed clock: now 500
+    assert wm.ttl("k") == 510
+    wm.set("soon", b"v", ttl_secs=5)  # expires at 505
+    wm.touch("k", ttl_secs=1)  # moves k's expiry earlier, to 501
+    clock.tick(2)
+    assert wm.keys() == ["soon"]
+    clock.tick(4)
+    assert wm.keys() == []
