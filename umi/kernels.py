@@ -223,13 +223,20 @@ def _scan_block_many(
                 s1 += r * queries[q + 1, j]
                 s2 += r * queries[q + 2, j]
                 s3 += r * queries[q + 3, j]
-            _offer(hs, hi, cnts, q, k, s0, i)
-            _offer(hs, hi, cnts, q + 1, k, s1, i)
-            _offer(hs, hi, cnts, q + 2, k, s2, i)
-            _offer(hs, hi, cnts, q + 3, k, s3, i)
+            # the cheap reject is written out here: a call per score costs more than the score
+            if cnts[q] < k or s0 > hs[q, 0]:
+                _offer(hs, hi, cnts, q, k, s0, i)
+            if cnts[q + 1] < k or s1 > hs[q + 1, 0]:
+                _offer(hs, hi, cnts, q + 1, k, s1, i)
+            if cnts[q + 2] < k or s2 > hs[q + 2, 0]:
+                _offer(hs, hi, cnts, q + 2, k, s2, i)
+            if cnts[q + 3] < k or s3 > hs[q + 3, 0]:
+                _offer(hs, hi, cnts, q + 3, k, s3, i)
             q += 4
         while q < m:
-            _offer(hs, hi, cnts, q, k, _dot(vectors, i, queries[q]), i)
+            s = _dot(vectors, i, queries[q])
+            if cnts[q] < k or s > hs[q, 0]:
+                _offer(hs, hi, cnts, q, k, s, i)
             q += 1
 
 
