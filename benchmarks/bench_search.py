@@ -397,7 +397,13 @@ def bench_duckdb(n: int, seed: int) -> dict[str, Any]:
 
 def print_report(result: dict[str, Any]) -> None:
     bw = result["bandwidth"]
-    print("\nMemory read bandwidth (1 GiB buffer, best of 7):")
+    m = result["machine"]
+    print(
+        f"\nMachine: {m['cpus']} CPUs, numba {m['numba']} ({m['numba_threads']} threads), "
+        f"faiss {m['faiss']}; load average {m['load_avg_1m_at_start']:.1f} at start, "
+        f"{m['load_avg_1m_at_end']:.1f} at end (other processes share the cores)"
+    )
+    print("Memory read bandwidth (1 GiB buffer, best of 7):")
     print(f"  numba sum, 1 thread            {bw['numba_sum_1thread_GBps']:6.1f} GB/s")
     print(
         f"  numba sum, {bw['threads']} threads           {bw['numba_sum_all_threads_GBps']:6.1f} GB/s"

@@ -48,6 +48,7 @@ serialised.
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import os
@@ -148,7 +149,7 @@ class VectorIndex:
         self._live = np.zeros(0, np.bool_)
         self._ids: list[str | None] = []  # slot -> id; len == high-water mark
         self._slot: dict[str, int] = {}
-        self._free: list[int] = []  # freed slots, kept sorted descending (pop() = lowest)
+        self._free: list[int] = []  # freed slots, a min-heap: the lowest is reused first
         self._graph: Any = None  # hnswlib.Index once built
         self._in_graph = np.zeros(0, np.bool_)  # slot has a node (live or deleted) in the graph
 
@@ -265,7 +266,7 @@ class VectorIndex:
             free = self._free
             for i in new_ids:
                 if free:
-                    assigned[i] = free.pop()
+                    assigned[i] = heapq.heappop(free)
                 else:
                     assigned[i] = len(self._ids)
                     self._ids.append(None)
@@ -297,10 +298,8 @@ class VectorIndex:
                 self._vectors[s] = 0.0
                 if self._graph is not None and self._in_graph[s]:
                     self._graph.mark_deleted(s)
-                self._free.append(s)
+                heapq.heappush(self._free, s)
                 removed += 1
-            if removed:
-                self._free.sort(reverse=True)
         return removed
 
     def clear(self) -> None:
@@ -354,11 +353,11 @@ class VectorIndex:
 
     def get_vector(self, id: str) -> np.ndarray | None:
         """A copy of the stored (normalised) vector, or None when absent."""
-        s = self.slot_of(id)
-        if s < 0:
-            return None
+        if not isinstance(id, str):
+            raise TypeError(f"id must be a str, got {type(id).__name__}")
         with self._lock:
-            return self._vectors[s].copy()
+            s = self._slot.get(id, -1)
+            return None if s < 0 else self._vectors[s].copy()
 
     # --- search -----------------------------------------------------------------------
     def search(
@@ -675,7 +674,7 @@ class VectorIndex:
         index._live = live
         index._ids = ids
         index._slot = slot_of
-        index._free = sorted((s for s, i in enumerate(ids) if i is None), reverse=True)
+        index._free = [s for s, i in enumerate(ids) if i is None]  # ascending: already a heap
         index._in_graph = np.zeros(cap, np.bool_)
         if graph_meta is not None:
             # the graph is always a sibling: a name with directories in it is not ours
