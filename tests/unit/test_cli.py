@@ -77,5 +77,6 @@ def test_demo_runs_as_a_console_script(tmp_path):
     out = proc.stdout
     assert "<core_memory>" in out and "&lt;distributed systems&gt; &amp; databases" in out
     assert "otp=None" in out and "session_id=b'abc123'" in out
-    assert "evolutions: update" in out
+    assert "update of [Alice] 'Alice is a software engineer at Acme Corp.' by [Alice]" in out
+    assert "Carol manages the Apollo project at Acme Corp." in out.split("recall:")[0]
     assert "[superseded]" in out
