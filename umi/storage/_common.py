@@ -15,12 +15,22 @@ import numpy as np
 
 from ..errors import (
     EmptyQueryError,
+    InvalidConfidenceError,
     InvalidFilterError,
+    InvalidImportanceError,
     InvalidLimitError,
     TextTooLongError,
     ValidationError,
 )
-from ..types import Entity, EntityType, EvolutionRelation, MetadataValue, validate_metadata
+from ..types import (
+    ENTITY_CONTENT_BYTES_MAX,
+    ENTITY_NAME_BYTES_MAX,
+    Entity,
+    EntityType,
+    EvolutionRelation,
+    MetadataValue,
+    validate_metadata,
+)
 from .base import SearchFilters, Source, text_hash
 
 __all__ = [
@@ -250,44 +260,66 @@ def check_query_text(query: object) -> str:
     return query
 
 
+def _unit(value: object, what: str, exc: type[ValidationError]) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a float in [0, 1], not {type(value).__name__}")
+    v = float(value)
+    if not 0.0 <= v <= 1.0:  # NaN fails too
+        raise exc(f"{what} must be in [0, 1], got {value!r}", actual=value)  # type: ignore[call-arg]
+    return v
+
+
+def _text(value: object, what: str, limit: int) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be str, not {type(value).__name__}")
+    if len(value) * 4 > limit:  # only long text can be over the byte limit
+        n = len(value.encode("utf-8"))
+        if n > limit:
+            raise ValidationError(f"{what} is {n} bytes; the limit is {limit}")
+    return value
+
+
 def _check_entity(e: object, dim: int | None, pos: int) -> tuple[Entity, int | None]:
+    """Every check of ``Entity.__post_init__`` again (the caller may have changed fields after
+    construction), plus the store's own (ids, time range, vector dimension); returns a private copy."""
     if not isinstance(e, Entity):
         raise TypeError(f"entities[{pos}] must be an Entity, not {type(e).__name__}")
-    check_id(e.id, f"entities[{pos}].id")
+    d = dict(e.__dict__)
+    et = d["entity_type"]
+    d["entity_type"] = et if type(et) is EntityType else EntityType.parse(et)
+    name = _text(d["name"], f"entities[{pos}].name", ENTITY_NAME_BYTES_MAX)
+    if not name.strip():
+        raise ValidationError(f"entities[{pos}].name must not be empty")
+    _text(d["content"], f"entities[{pos}].content", ENTITY_CONTENT_BYTES_MAX)
+    check_id(d["id"], f"entities[{pos}].id")
     for what in ("created_at", "updated_at"):
-        check_time(getattr(e, what), f"entities[{pos}].{what}")
+        check_time(d[what], f"entities[{pos}].{what}")
     for what in ("event_time", "valid_from", "valid_to"):
-        check_time(getattr(e, what), f"entities[{pos}].{what}", optional=True)
-    if e.source_id is not None:
-        check_id(e.source_id, f"entities[{pos}].source_id")
-    if not isinstance(e.metadata, Mapping):
-        raise TypeError(f"entities[{pos}].metadata must be a dict, not {type(e.metadata).__name__}")
-    emb = e.embedding
+        check_time(d[what], f"entities[{pos}].{what}", optional=True)
+    if d["source_id"] is not None:
+        check_id(d["source_id"], f"entities[{pos}].source_id")
+    d["importance"] = _unit(d["importance"], f"entities[{pos}].importance", InvalidImportanceError)
+    d["confidence"] = _unit(d["confidence"], f"entities[{pos}].confidence", InvalidConfidenceError)
+    d["metadata"] = {k: _base_value(v) for k, v in
+                     validate_metadata(d["metadata"], what=f"entities[{pos}].metadata").items()}
+    emb = d["embedding"]
     if emb is not None:
         if not isinstance(emb, np.ndarray):
             raise TypeError(f"entities[{pos}].embedding must be a numpy array, not {type(emb).__name__}")
         emb = np.array(emb, dtype=np.float32, copy=True)
-        if emb.ndim != 1 or emb.size == 0 or not np.all(np.isfinite(emb)):
+        if emb.ndim != 1 or emb.size == 0 or not np.isfinite(emb).all():
             raise ValidationError(f"entities[{pos}].embedding must be a non-empty 1-d finite float vector")
         if dim is not None and emb.shape[0] != dim:
             raise ValidationError(
                 f"entities[{pos}].embedding has {emb.shape[0]} dimensions but the store holds {dim}-d vectors"
             )
-        if float(np.linalg.norm(emb.astype(np.float64))) == 0.0:
+        if not emb.any():
             raise ValidationError(f"entities[{pos}].embedding has zero length; cosine similarity is undefined")
         emb.flags.writeable = False
         dim = emb.shape[0]
-    # Rebuilding through the constructor re-runs every check of Entity (the caller may have
-    # changed fields after construction) and gives the store its own copy.
-    copy = Entity(
-        entity_type=e.entity_type, name=e.name, content=e.content,
-        metadata={k: _base_value(v) for k, v in validate_metadata(e.metadata).items()},
-        embedding=None, importance=e.importance, confidence=e.confidence,
-        created_at=e.created_at, updated_at=e.updated_at, event_time=e.event_time,
-        valid_from=e.valid_from, valid_to=e.valid_to, source_id=e.source_id, id=e.id,
-    )
-    copy.embedding = emb
-    return copy, dim
+    d["embedding"] = emb
+    d["score"] = None
+    return make_entity(d), dim
 
 
 def check_entities(entities: object, dim: int | None) -> tuple[list[Entity], int | None]:

@@ -218,8 +218,17 @@ class EntityCache:
                 codes = self._meta_codes[k] = np.zeros(self._cap, np.int32)
             codes[row] = code
         tfs, dl = terms if terms is not None else document_terms(e.name, e.content)
+        post = self._post
         for t, tf in tfs.items():
-            self._postings(t, True).set(row, tf)  # type: ignore[union-attr]
+            p = post.get(t)
+            if p is None:
+                p = self._postings(t, True)
+            d = p.d  # type: ignore[union-attr]
+            if d is None:
+                d = p._dict()  # type: ignore[union-attr]
+            else:
+                p.rows = p.tfs = None  # type: ignore[union-attr]
+            d[row] = tf
         self._doc_len[row] = dl
         self._total_len += dl
         self._n_alive += 1
@@ -649,9 +658,12 @@ class EntityCache:
         if rows.vectors is not None and self.dim is None:
             self.dim = int(rows.vectors.shape[1])
         if self.dim is not None:
-            self._vecs = np.zeros((self._cap, self.dim), np.float32)
+            self._vecs = np.empty((self._cap, self.dim), np.float32)
             if rows.vectors is not None and n:
                 self._vecs[:n] = rows.vectors[:n]
+                self._vecs[n:] = 0.0
+            else:
+                self._vecs[:] = 0.0
         self._has_vec[:n] = rows.has_vec[:n]
         self._n_vecs = int(np.count_nonzero(rows.has_vec[:n]))
 

@@ -26,12 +26,13 @@ commit or rollback and never see uncommitted state.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import threading
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import duckdb
 import numpy as np
@@ -77,6 +78,12 @@ log = logging.getLogger("umi.storage.duckdb")
 INDEX_SUFFIX = ".umiidx"
 
 _TYPES = {t.value: t for t in EntityType}
+
+
+def _make_index(params: dict[str, int], dim: int) -> Any:
+    from ..index import VectorIndex
+
+    return VectorIndex(dim, **params)
 
 
 def _check_pos_int(name: str, value: object, lo: int, hi: int) -> int:
@@ -221,10 +228,10 @@ class DuckDBStorageBackend(CachedReads, StorageBackend):
             stored_dim = dim
         self._dim_stored = None if stored_dim is None else int(stored_dim)
 
-    def _new_index(self, dim: int) -> Any:
-        from ..index import VectorIndex
-
-        return VectorIndex(dim, **self._index_params)
+    @property
+    def _new_index(self) -> Callable[[int], Any]:
+        # a partial, not a bound method: the cache must not hold the backend (and its connection) in a cycle
+        return functools.partial(_make_index, dict(self._index_params))
 
     def _load_cache(self) -> None:
         """Fill the cache from DuckDB: columns, vectors, metadata codes and postings, all read
@@ -234,8 +241,16 @@ class DuckDBStorageBackend(CachedReads, StorageBackend):
         tbl = con.sql(
             "SELECT id, entity_type, name, name_norm, content, metadata, importance, confidence, created_at, "
             "updated_at, event_time, valid_from, valid_to, source_id, doc_len"
-            f"{', embedding' if dim else ''} FROM entities ORDER BY id").to_arrow_table()
+            f"{', embedding' if dim else ''} FROM entities").to_arrow_table()
         n = tbl.num_rows
+        # rows are numbered in the order read (sorting wide rows costs more than the rest of the load);
+        # the metadata and postings queries join on this numbering
+        self._con.register("_umi_rowmap", pa.table({"id": tbl.column("id"), "rn": pa.array(np.arange(n))}))
+        try:
+            meta = self._load_metadata_codes(n)
+            terms, offsets, prow, ptf = self._load_postings()
+        finally:
+            self._con.unregister("_umi_rowmap")
         ids = tbl.column("id").to_pylist()
         etype = tbl.column("entity_type").combine_chunks().dictionary_encode()
         lut = np.array([TYPE_CODES[_TYPES[v]] for v in etype.dictionary.to_pylist()] or [0], np.int8)
@@ -252,8 +267,6 @@ class DuckDBStorageBackend(CachedReads, StorageBackend):
         lists = {c: tbl.column(c).to_pylist() for c in (
             "name", "content", "metadata", "importance", "confidence", "created_at", "updated_at",
             "event_time", "valid_from", "valid_to", "source_id")}
-        meta = self._load_metadata_codes(n)
-        terms, offsets, prow, ptf = self._load_postings()
         types = [_TYPES[v] for v in etype.dictionary.to_pylist()]
         tidx = etype.indices.to_numpy(zero_copy_only=False).tolist() if n else []
 
@@ -285,8 +298,7 @@ class DuckDBStorageBackend(CachedReads, StorageBackend):
 
     def _load_metadata_codes(self, n: int) -> dict[str, tuple[np.ndarray, dict[tuple[str, str], int]]]:
         tbl = self._con.sql("""
-            WITH r AS (SELECT id, row_number() OVER (ORDER BY id) - 1 AS rn FROM entities)
-            SELECT m.key, m.vtype, m.vtext, r.rn FROM entity_metadata m JOIN r ON m.entity_id = r.id
+            SELECT m.key, m.vtype, m.vtext, r.rn FROM entity_metadata m JOIN _umi_rowmap r ON m.entity_id = r.id
             ORDER BY m.key""").to_arrow_table()
         out: dict[str, tuple[np.ndarray, dict[tuple[str, str], int]]] = {}
         if tbl.num_rows == 0:
@@ -306,9 +318,8 @@ class DuckDBStorageBackend(CachedReads, StorageBackend):
 
     def _load_postings(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
         tbl = self._con.sql("""
-            WITH r AS (SELECT id, row_number() OVER (ORDER BY id) - 1 AS rn FROM entities)
             SELECT p.term, list(r.rn) AS rows, list(p.tf) AS tfs
-            FROM postings p JOIN r ON p.entity_id = r.id GROUP BY p.term""").to_arrow_table()
+            FROM postings p JOIN _umi_rowmap r ON p.entity_id = r.id GROUP BY p.term""").to_arrow_table()
         if tbl.num_rows == 0:
             return [], np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
         rows = tbl.column("rows").combine_chunks()
@@ -343,7 +354,8 @@ class DuckDBStorageBackend(CachedReads, StorageBackend):
         from ..index import VectorIndex
 
         try:
-            index, gen = VectorIndex.load(self.index_path, dim=cache.dim)
+            # a file without a graph gets one from the first search that needs it, not here
+            index, gen = VectorIndex.load(self.index_path, dim=cache.dim, build_graph=False)
         except IndexCacheError as exc:
             log.warning("vector index cache unusable, rebuilding from the database: %s", exc)
             self._rebuild_index()
