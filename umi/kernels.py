@@ -17,16 +17,23 @@ deterministic function of the two vectors on a given machine, bit-identical betw
 numpy's BLAS dot and of :func:`topk_many`. :func:`topk_reference` is the plain numpy
 reference.
 
-Threads: scans of at least ``PARALLEL_MIN_FLOATS`` floats use one block per numba
-thread; ``numba.set_num_threads(1)`` makes every scan single-threaded (advisable when
-the cores are shared with other busy processes, where a parallel region can wait a
-whole scheduler time slice for its second thread).
+Threads: scans under ``PARALLEL_MIN_FLOATS`` floats run on one thread. Larger ones run
+on one thread or on all numba threads (one row block each), whichever has been faster
+lately: each choice keeps a moving average of its cost per float, and the other one is
+re-tried every ``_Threads.PROBE_EVERY`` calls. On an idle machine the parallel scan
+wins; on cores shared with busy processes a parallel region can wait a whole
+scheduler time slice for its second thread, and the one-thread scan wins. Results do
+not depend on the choice (selection uses a total order and each score is computed by
+the same loop). ``THREADS = "one"`` / ``"all"`` pins it; ``numba.set_num_threads``
+bounds it.
 
 Nothing is compiled at import: numba compiles each kernel on first call (and caches
 the machine code on disk, ``cache=True``). :func:`warmup` compiles them eagerly.
 """
 
 from __future__ import annotations
+
+import time
 
 import numba
 import numpy as np
@@ -36,6 +43,7 @@ from .errors import InvalidLimitError, ValidationError
 
 __all__ = [
     "PARALLEL_MIN_FLOATS",
+    "THREADS",
     "TOPK_K_MAX",
     "dot_rows",
     "dot_rows_unchecked",
@@ -54,6 +62,10 @@ TOPK_K_MAX = 100_000
 #: the work is a few hundred microseconds, mostly from cache, and waking the thread
 #: pool costs more than it saves (on a busy machine, a whole scheduler time slice).
 PARALLEL_MIN_FLOATS = 1 << 22
+
+#: ``"auto"`` (measure and pick), ``"one"`` or ``"all"`` threads for scans above
+#: ``PARALLEL_MIN_FLOATS``
+THREADS = "auto"
 
 # Only reassociation (plus its harmless companions): the heap code compares floats
 # and must not be told that infinities and NaNs cannot occur.
@@ -353,10 +365,39 @@ def _masks(
     return (valid if valid is not None else mask), (mask if mask is not None else valid)  # type: ignore[return-value]
 
 
-def _nblocks(n: int, dim: int) -> int:
-    if n * dim < PARALLEL_MIN_FLOATS:
-        return 1
-    return max(1, min(numba.get_num_threads(), n))
+class _Threads:
+    """Chooses one thread or all of them for a large scan, by measured cost per float."""
+
+    PROBE_EVERY = 32
+    _DECAY = 0.25
+
+    def __init__(self) -> None:
+        self.cost: dict[int, float] = {}  # blocks -> moving average of seconds per float
+        self.calls = 0
+
+    def blocks(self, work: int, rows: int) -> int:
+        if work < PARALLEL_MIN_FLOATS or THREADS == "one":
+            return 1
+        nt = max(1, min(numba.get_num_threads(), rows))
+        if nt == 1 or THREADS == "all":
+            return nt
+        self.calls += 1
+        one, many = self.cost.get(1), self.cost.get(nt)
+        if one is None:
+            return 1
+        if many is None:
+            return nt
+        best, other = (1, nt) if one <= many else (nt, 1)
+        return other if self.calls % self.PROBE_EVERY == 0 else best
+
+    def record(self, blocks: int, work: int, seconds: float) -> None:
+        per = seconds / work
+        old = self.cost.get(blocks)
+        self.cost[blocks] = per if old is None else old + self._DECAY * (per - old)
+
+
+_single_threads = _Threads()
+_batch_threads = _Threads()
 
 
 def topk(
@@ -395,10 +436,17 @@ def topk_unchecked(
     n, dim = vectors.shape
     if n == 0:
         return np.empty(0, np.int64), np.empty(0, np.float32)
-    nb = _nblocks(n, dim)
-    if nb == 1:
+    work = n * dim
+    nb = _single_threads.blocks(work, n)
+    if work < PARALLEL_MIN_FLOATS:
         return _topk_serial(vectors, query, k, valid, mask)
-    return _topk_parallel(vectors, query, k, valid, mask, nb)
+    t = time.perf_counter()
+    if nb == 1:
+        out = _topk_serial(vectors, query, k, valid, mask)
+    else:
+        out = _topk_parallel(vectors, query, k, valid, mask, nb)
+    _single_threads.record(nb, work, time.perf_counter() - t)
+    return out
 
 
 def topk_many(
@@ -439,10 +487,17 @@ def topk_many_unchecked(
         rows, scores = topk_unchecked(vectors, queries[0], k, v, m)
         return rows[None, :], scores[None, :]
     # the scan is compute-bound from about four queries on: size the thread choice by work
-    nb = _nblocks(n * max(1, nq // 4), dim)
-    if nb == 1:
+    work = n * dim * max(1, nq // 4)
+    nb = _batch_threads.blocks(work, n)
+    if work < PARALLEL_MIN_FLOATS:
         return _topk_many_serial(vectors, queries, k, v, m)
-    return _topk_many_parallel(vectors, queries, k, v, m, nb)
+    t = time.perf_counter()
+    if nb == 1:
+        out = _topk_many_serial(vectors, queries, k, v, m)
+    else:
+        out = _topk_many_parallel(vectors, queries, k, v, m, nb)
+    _batch_threads.record(nb, work, time.perf_counter() - t)
+    return out
 
 
 def dot_rows(vectors: np.ndarray, query: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -43,6 +43,7 @@ def select_reference(scores: np.ndarray, k: int, eligible: np.ndarray):
 def path(request, monkeypatch):
     """Run each test on the one-thread kernel and on the prange kernel."""
     monkeypatch.setattr(kernels, "PARALLEL_MIN_FLOATS", 1 << 40 if request.param == "serial" else 0)
+    monkeypatch.setattr(kernels, "THREADS", "all")
     return request.param
 
 
@@ -202,15 +203,38 @@ def test_property_topk_matches_reference(n, k, seed, density, parallel):
     vecs = exact_vectors(rng, n)
     q = exact_vectors(rng, 1)[0]
     mask = rng.random(n) < density
-    old = kernels.PARALLEL_MIN_FLOATS
+    old = kernels.PARALLEL_MIN_FLOATS, kernels.THREADS
     kernels.PARALLEL_MIN_FLOATS = 0 if parallel else 1 << 40
+    kernels.THREADS = "all"
     try:
         rows, scores = kernels.topk(vecs, q, k, mask)
         many_rows, many_scores = kernels.topk_many(vecs, np.stack([q] * 5), k, mask)
     finally:
-        kernels.PARALLEL_MIN_FLOATS = old
+        kernels.PARALLEL_MIN_FLOATS, kernels.THREADS = old
     ref_rows, ref_scores = kernels.topk_reference(vecs, q, k, mask)
     assert rows.tolist() == ref_rows.tolist()
     assert scores.tolist() == ref_scores.tolist()
     assert all(r.tolist() == ref_rows.tolist() for r in many_rows)
     assert all(s.tolist() == ref_scores.tolist() for s in many_scores)
+
+
+def test_thread_choice_follows_measured_cost(monkeypatch):
+    monkeypatch.setattr(kernels, "THREADS", "auto")
+    monkeypatch.setattr(kernels.numba, "get_num_threads", lambda: 2)
+    t = kernels._Threads()
+    big = kernels.PARALLEL_MIN_FLOATS
+    assert t.blocks(big - 1, 10_000) == 1  # small scans never go parallel
+    assert t.blocks(big, 10_000) == 1  # first measure one thread ...
+    t.record(1, big, 2.0)
+    assert t.blocks(big, 10_000) == 2  # ... then all threads
+    t.record(2, big, 1.0)
+    picks = [t.blocks(big, 10_000) for _ in range(2 * t.PROBE_EVERY)]
+    assert picks.count(1) == 2 and picks.count(2) == 2 * t.PROBE_EVERY - 2  # probes only
+    for _ in range(20):  # the parallel scan gets slow (busy cores): one thread takes over
+        t.record(2, big, 5.0)
+    assert t.blocks(big, 10_000) == 1 or t.calls % t.PROBE_EVERY == 0
+    assert t.blocks(big, 1) == 1  # never more blocks than rows
+    monkeypatch.setattr(kernels, "THREADS", "all")
+    assert t.blocks(big, 10_000) == 2
+    monkeypatch.setattr(kernels, "THREADS", "one")
+    assert t.blocks(big, 10_000) == 1
