@@ -83,6 +83,7 @@ def make_backend(backend_name: str, tmp_path: Path) -> Iterator[Callable[[], Sto
     yield make
     for b in made:
         b.close()
+    made.clear()  # `make` may outlive the test (hypothesis caches state machine classes)
 
 
 @pytest.fixture
