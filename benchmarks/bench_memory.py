@@ -72,6 +72,9 @@ class PrecomputedEmbedder(EmbeddingProvider):
     def embed(self, texts, *, kind="passage"):
         return np.stack([self.table[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
 
+    async def aembed(self, texts, *, kind="passage"):  # a dict lookup: no worker-thread hop
+        return self.embed(texts, kind=kind)
+
 
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)

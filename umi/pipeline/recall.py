@@ -81,37 +81,8 @@ async def _embed_queries(ctx: PipelineContext, queries: list[str], opts: RecallO
     return list(vecs)
 
 
-async def recall(ctx: PipelineContext, query: str, opts: RecallOptions) -> list[Entity]:
-    limit = check_limit(opts.limit) if opts.limit is not None else ctx.config.recall_limit
-    filters = filters_for(opts)
-    k = max(limit * 3, 20)
-    (qvec,) = await _embed_queries(ctx, [query], opts)
-    lists = await ctx.io(_ranked_lists, ctx, query, qvec, filters, k)
-    fused = rrf_fuse(lists, ctx.config.rrf_k)
-
-    deep = opts.deep_search
-    if deep is None:
-        deep = needs_deep_search(query, fused, limit, ctx.config.deep_search_threshold)
-    if deep:
-        variants: list[str] = []
-        if ctx.llm is not None:
-            try:
-                data = await ctx.ask("rewrite_query", schemas.rewrite_prompt(query), Usage())
-                variants = [v for v in data.get("queries", []) if isinstance(v, str) and v.strip()][:4]
-            except ProviderError as exc:
-                log.warning("query rewriting failed, using rule rewrites: %s", exc)
-        if not variants:
-            variants = rule_rewrite(query)
-        variants = [v for v in dict.fromkeys(variants) if v.strip().lower() != query.strip().lower()]
-        if variants:
-            vvecs = await _embed_queries(ctx, variants, opts)
-            for v, vv in zip(variants, vvecs):
-                lists.extend(await ctx.io(_ranked_lists, ctx, v, vv, filters, k))
-            fused = rrf_fuse(lists, ctx.config.rrf_k)
-
-    top = fused[:limit]
-    ents = await ctx.io(ctx.storage.get_many, [i for i, _ in top])
-    by_id = {e.id: e for e in ents}
+def _hydrate(ctx: PipelineContext, top: list[tuple[str, float]]) -> list[Entity]:
+    by_id = {e.id: e for e in ctx.storage.get_many([i for i, _ in top])}
     out: list[Entity] = []
     for id_, score in top:
         e = by_id.get(id_)
@@ -120,3 +91,42 @@ async def recall(ctx: PipelineContext, query: str, opts: RecallOptions) -> list[
             e.score = score
             out.append(e)
     return out
+
+
+def _fast_path(ctx: PipelineContext, query: str, qvec: np.ndarray | None, filters: SearchFilters, k: int,
+               limit: int, deep: bool | None) -> tuple[list[list[str]], bool, list[Entity] | None]:
+    """Search, fuse, decide on the deep path, and hydrate when it is not needed — in one I/O hop."""
+    lists = _ranked_lists(ctx, query, qvec, filters, k)
+    fused = rrf_fuse(lists, ctx.config.rrf_k)
+    if deep is None:
+        deep = needs_deep_search(query, fused, limit, ctx.config.deep_search_threshold)
+    if deep:
+        return lists, True, None
+    return lists, False, _hydrate(ctx, fused[:limit])
+
+
+async def recall(ctx: PipelineContext, query: str, opts: RecallOptions) -> list[Entity]:
+    limit = check_limit(opts.limit) if opts.limit is not None else ctx.config.recall_limit
+    filters = filters_for(opts)
+    k = max(limit * 3, 20)
+    (qvec,) = await _embed_queries(ctx, [query], opts)
+    lists, deep, found = await ctx.io(_fast_path, ctx, query, qvec, filters, k, limit, opts.deep_search)
+    if not deep:
+        assert found is not None
+        return found
+    variants: list[str] = []
+    if ctx.llm is not None:
+        try:
+            data = await ctx.ask("rewrite_query", schemas.rewrite_prompt(query), Usage())
+            variants = [v for v in data.get("queries", []) if isinstance(v, str) and v.strip()][:4]
+        except ProviderError as exc:
+            log.warning("query rewriting failed, using rule rewrites: %s", exc)
+    if not variants:
+        variants = rule_rewrite(query)
+    variants = [v for v in dict.fromkeys(variants) if v.strip().lower() != query.strip().lower()]
+    if variants:
+        vvecs = await _embed_queries(ctx, variants, opts)
+        for v, vv in zip(variants, vvecs):
+            lists.extend(await ctx.io(_ranked_lists, ctx, v, vv, filters, k))
+    fused = rrf_fuse(lists, ctx.config.rrf_k)
+    return await ctx.io(_hydrate, ctx, fused[:limit])

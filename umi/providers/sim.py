@@ -185,3 +185,7 @@ class SimEmbeddingProvider(EmbeddingProvider):
         for i, t in enumerate(texts):
             out[i] = self._one(t)
         return out
+
+    async def aembed(self, texts: Sequence[str], *, kind: EmbedKind = "passage") -> np.ndarray:
+        """Inline: hashing a few texts costs microseconds, less than a hop to a worker thread."""
+        return self.embed(texts, kind=kind)
