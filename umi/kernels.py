@@ -72,7 +72,7 @@ THREADS = "auto"
 _FASTMATH = {"reassoc", "nsz", "contract", "arcp"}
 
 
-# --- building blocks (inlined into the kernels) -----------------------------------
+# --- building blocks, compiled once and called by the kernels (LLVM inlines _dot) --
 
 
 @njit(fastmath=_FASTMATH, cache=True)
