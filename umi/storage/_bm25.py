@@ -1,20 +1,23 @@
-"""BM25 scoring kernel (numba) over in-memory postings.
+"""In-memory BM25: the postings of every term and the numba scoring kernel.
 
-The postings of the query's terms arrive concatenated (``rows``, ``tfs``) with
-``term_ptr`` marking where each term's list starts; each row appears at most once
-per term. Scores accumulate in a dense per-row array; only rows that the filter
-``mask`` lets through are returned. Formula and constants: :mod:`umi.storage.text`.
+:class:`PostingsIndex` maps each term to its postings (row -> tf). Postings read in
+bulk stay in one CSR block until a term is first changed; a changed term keeps a dict
+and rebuilds its arrays lazily for the next query. The kernel takes the postings of
+the query's terms concatenated (``rows``, ``tfs``) with ``term_ptr`` marking where each
+term's list starts (a row appears at most once per term), accumulates scores in a dense
+per-row array and returns only rows that the filter ``mask`` lets through. Formula and
+constants: :mod:`umi.storage.text`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .text import BM25_B, BM25_K1
+from .text import BM25_B, BM25_K1, bm25_idf
 
-__all__ = ["bm25_candidates", "top_rows"]
+__all__ = ["PostingsIndex", "bm25_candidates", "top_rows"]
 
 _kernel: Any = None
 
@@ -69,3 +72,110 @@ def top_rows(scores: np.ndarray, k: int) -> np.ndarray:
         return np.arange(n)
     kth = np.partition(scores, n - k)[n - k]
     return np.flatnonzero(scores >= kth)
+
+
+class _Postings:
+    """One term's postings: row -> tf, kept as arrays until first changed, then as a dict
+    whose arrays are rebuilt lazily for the next query."""
+
+    __slots__ = ("rows", "tfs", "d")
+
+    def __init__(self, rows: np.ndarray | None = None, tfs: np.ndarray | None = None) -> None:
+        self.rows = rows
+        self.tfs = tfs
+        self.d: dict[int, int] | None = None if rows is not None else {}
+
+    def writable(self) -> dict[int, int]:
+        """The dict form (the arrays are dropped: they would go stale)."""
+        if self.d is None:
+            assert self.rows is not None and self.tfs is not None
+            self.d = dict(zip(self.rows.tolist(), self.tfs.astype(np.int64).tolist()))
+        self.rows = self.tfs = None
+        return self.d
+
+    def df(self) -> int:
+        return len(self.d) if self.d is not None else len(self.rows)  # type: ignore[arg-type]
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.rows is None:
+            d = self.d or {}
+            self.rows = np.fromiter(d.keys(), dtype=np.int64, count=len(d))
+            self.tfs = np.fromiter(d.values(), dtype=np.float64, count=len(d))
+        return self.rows, self.tfs  # type: ignore[return-value]
+
+
+class PostingsIndex:
+    """term -> postings (row -> tf) for every stored document, and BM25 over them."""
+
+    def __init__(self) -> None:
+        self._post: dict[str, _Postings] = {}
+        # postings loaded in bulk (CSR) and not touched since: term -> position in _base_off
+        self._base_terms: dict[str, int] = {}
+        self._base_off = np.zeros(1, np.int64)
+        self._base_rows = np.zeros(0, np.int64)
+        self._base_tfs = np.zeros(0, np.float64)
+
+    def load(self, terms: list[str], offsets: np.ndarray, rows: np.ndarray, tfs: np.ndarray) -> None:
+        """Replace everything with CSR postings: term i owns ``rows[offsets[i]:offsets[i + 1]]``."""
+        self._post = {}
+        self._base_terms = dict(zip(terms, range(len(terms))))
+        self._base_off, self._base_rows, self._base_tfs = offsets, rows, tfs
+
+    def _base(self, term: str, pop: bool) -> tuple[np.ndarray, np.ndarray] | None:
+        i = self._base_terms.pop(term, None) if pop else self._base_terms.get(term)
+        if i is None:
+            return None
+        a, b = int(self._base_off[i]), int(self._base_off[i + 1])
+        return self._base_rows[a:b], self._base_tfs[a:b]
+
+    def _term(self, term: str, create: bool) -> _Postings | None:
+        p = self._post.get(term)
+        if p is None:
+            base = self._base(term, pop=True)
+            if base is not None:
+                p = self._post[term] = _Postings(*base)
+            elif create:
+                p = self._post[term] = _Postings()
+        return p
+
+    def add_doc(self, row: int, tfs: dict[str, int]) -> None:
+        post = self._post
+        for t, tf in tfs.items():
+            p = post.get(t)
+            if p is None:
+                p = self._term(t, True)
+            p.writable()[row] = tf  # type: ignore[union-attr]
+
+    def remove_doc(self, row: int, terms: Iterable[str]) -> None:
+        for t in terms:
+            p = self._term(t, False)
+            if p is not None:
+                d = p.writable()
+                d.pop(row, None)
+                if not d:
+                    del self._post[t]
+
+    def df(self, term: str) -> int:
+        p = self._post.get(term)
+        if p is not None:
+            return p.df()
+        base = self._base(term, pop=False)
+        return 0 if base is None else int(base[0].shape[0])
+
+    def score(self, terms: Sequence[str], n_docs: int, avg_doc_len: float, doc_len: np.ndarray,
+              mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, BM25 scores) of the rows in ``mask`` holding at least one of ``terms`` (distinct)."""
+        arrays = []
+        for t in terms:
+            p = self._post.get(t)
+            got = p.arrays() if p is not None else self._base(t, pop=False)
+            if got is not None:
+                arrays.append(got)
+        if not arrays:
+            return np.zeros(0, np.int64), np.zeros(0, np.float64)
+        ptr = np.zeros(len(arrays) + 1, np.int64)
+        np.cumsum([a[0].shape[0] for a in arrays], out=ptr[1:])
+        rows = np.concatenate([a[0] for a in arrays]) if len(arrays) > 1 else arrays[0][0]
+        tfs = np.concatenate([a[1] for a in arrays]) if len(arrays) > 1 else arrays[0][1]
+        idfs = np.array([bm25_idf(n_docs, a[0].shape[0]) for a in arrays], np.float64)
+        return bm25_candidates(rows, tfs, ptr, idfs, doc_len, avg_doc_len, mask)

@@ -20,10 +20,14 @@ from __future__ import annotations
 import uuid
 from typing import Any, Callable
 
-from ..errors import SchemaVersionError
+import duckdb
+
+from ..errors import InvalidConfigError, SchemaVersionError, StorageError, StorageLockedError, UmiError
+from ..types import now_ms
 from ._common import NormFilters
 
-__all__ = ["SCHEMA_VERSION", "read_version", "migrate", "where_sql", "add_embedding_column", "ENTITY_COLUMNS"]
+__all__ = ["SCHEMA_VERSION", "open_connection", "prepare", "read_version", "migrate", "where_sql",
+           "add_embedding_column", "ENTITY_COLUMNS"]
 
 SCHEMA_VERSION = 2
 
@@ -113,6 +117,68 @@ def _v2(con: Any) -> None:
 
 
 MIGRATIONS: dict[int, Callable[[Any], None]] = {1: _v1, 2: _v2}
+
+
+def open_connection(path: str | None, read_only: bool) -> Any:
+    """A DuckDB connection to ``path`` (``None``: in memory); a lock held by another process
+    raises :class:`~umi.errors.StorageLockedError`."""
+    try:
+        if path is None:
+            return duckdb.connect(":memory:")
+        return duckdb.connect(path, read_only=read_only)
+    except duckdb.IOException as exc:
+        msg = str(exc)
+        if "lock" in msg.lower():
+            raise StorageLockedError(
+                f"the database {path!r} is locked by another process: {msg}. DuckDB lets one process "
+                "write a file at a time; close it there, or open it read_only=True once no process "
+                "holds it for writing",
+                path=path,
+            ) from exc
+        raise StorageError(f"cannot open database {path!r}: {msg}") from exc
+    except duckdb.Error as exc:
+        raise StorageError(f"cannot open database {path!r}: {exc}") from exc
+
+
+def prepare(con: Any, path: str, read_only: bool, dim: int | None) -> tuple[int, int | None, str]:
+    """Create or migrate the schema (refusing a newer one), check or fix the vector dimension.
+    Returns (generation, dim, database uuid)."""
+    try:
+        found = read_version(con)
+        if found > SCHEMA_VERSION:
+            migrate(con, found, now_ms())  # raises SchemaVersionError
+        if found < SCHEMA_VERSION:
+            if read_only:
+                what = "is not a umi database yet" if found == 0 else f"has schema version {found}"
+                raise SchemaVersionError(
+                    f"{path!r} {what}; this umi needs version {SCHEMA_VERSION}. Open it once "
+                    "without read_only to create or migrate it",
+                    found=found, supported=SCHEMA_VERSION,
+                )
+            migrate(con, found, now_ms())
+        gen, stored_dim, db_uuid = con.execute(
+            "SELECT generation, dim, db_uuid FROM umi_state WHERE id = 1").fetchall()[0]
+    except UmiError:
+        raise
+    except duckdb.Error as exc:
+        raise StorageError(f"cannot read the schema of {path!r}: {exc}") from exc
+    if stored_dim is not None and dim is not None and int(stored_dim) != dim:
+        raise InvalidConfigError(
+            f"{path!r} holds {int(stored_dim)}-d vectors but dim={dim} was asked for; "
+            "open it with the dimension it was built with"
+        )
+    if stored_dim is None and dim is not None:
+        if read_only:
+            raise StorageError(f"{path!r} has no vector dimension yet and is open read_only; cannot fix dim={dim}")
+        con.execute("BEGIN TRANSACTION")
+        try:
+            add_embedding_column(con, dim)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        stored_dim = dim
+    return int(gen), None if stored_dim is None else int(stored_dim), str(db_uuid)
 
 
 def read_version(con: Any) -> int:

@@ -26,51 +26,15 @@ import numpy as np
 
 from ..errors import StorageError
 from ..types import Entity, EntityType, normalize_name
-from ._bm25 import bm25_candidates, top_rows
+from ._bm25 import PostingsIndex, top_rows
 from ._common import NormFilters, clone_entity, meta_key
-from .text import bm25_idf, document_terms
+from .text import document_terms
 
 __all__ = ["EntityCache", "LoadedRows", "TYPE_CODES"]
 
 I64_MAX = np.iinfo(np.int64).max
 TYPE_CODES: dict[EntityType, int] = {t: i for i, t in enumerate(EntityType)}
 _MASK_CACHE_SIZE = 32
-_EMPTY = np.zeros(0, dtype=bool)
-
-
-class _Postings:
-    """One term's postings: row -> tf, kept as arrays until first changed, then as a dict
-    whose arrays are rebuilt lazily for the next query."""
-
-    __slots__ = ("rows", "tfs", "d")
-
-    def __init__(self, rows: np.ndarray | None = None, tfs: np.ndarray | None = None) -> None:
-        self.rows = rows
-        self.tfs = tfs
-        self.d: dict[int, int] | None = None if rows is not None else {}
-
-    def _dict(self) -> dict[int, int]:
-        if self.d is None:
-            assert self.rows is not None and self.tfs is not None
-            self.d = dict(zip(self.rows.tolist(), self.tfs.astype(np.int64).tolist()))
-        self.rows = self.tfs = None
-        return self.d
-
-    def set(self, row: int, tf: int) -> None:
-        self._dict()[row] = tf
-
-    def discard(self, row: int) -> None:
-        self._dict().pop(row, None)
-
-    def df(self) -> int:
-        return len(self.d) if self.d is not None else len(self.rows)  # type: ignore[arg-type]
-
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        if self.rows is None:
-            d = self.d or {}
-            self.rows = np.fromiter(d.keys(), dtype=np.int64, count=len(d))
-            self.tfs = np.fromiter(d.values(), dtype=np.float64, count=len(d))
-        return self.rows, self.tfs  # type: ignore[return-value]
 
 
 class EntityCache:
@@ -108,12 +72,7 @@ class EntityCache:
         self._by_name: dict[str, set[int]] = {}
         self._meta_codes: dict[str, np.ndarray] = {}
         self._meta_vals: dict[str, dict[tuple[str, str], int]] = {}
-        self._post: dict[str, _Postings] = {}
-        # postings loaded in bulk (CSR) and not touched since: term -> position in _base_off
-        self._base_terms: dict[str, int] = {}
-        self._base_off = np.zeros(1, np.int64)
-        self._base_rows = np.zeros(0, np.int64)
-        self._base_tfs = np.zeros(0, np.float64)
+        self._postings = PostingsIndex()
         self._n_alive = 0
         self._n_vecs = 0
         self._total_len = 0
@@ -182,24 +141,6 @@ class EntityCache:
             e = self._ents[row] = self._lazy(row)
         return e
 
-    def _postings(self, term: str, create: bool) -> _Postings | None:
-        p = self._post.get(term)
-        if p is None:
-            i = self._base_terms.pop(term, None)
-            if i is not None:
-                a, b = int(self._base_off[i]), int(self._base_off[i + 1])
-                p = self._post[term] = _Postings(self._base_rows[a:b], self._base_tfs[a:b])
-            elif create:
-                p = self._post[term] = _Postings()
-        return p
-
-    def _df(self, term: str) -> int:
-        p = self._post.get(term)
-        if p is not None:
-            return p.df()
-        i = self._base_terms.get(term)
-        return 0 if i is None else int(self._base_off[i + 1] - self._base_off[i])
-
     # --- indexing one row ------------------------------------------------------------
     def _index_row(self, row: int, e: Entity, terms: tuple[dict[str, int], int] | None) -> None:
         self._ents[row] = e
@@ -218,17 +159,7 @@ class EntityCache:
                 codes = self._meta_codes[k] = np.zeros(self._cap, np.int32)
             codes[row] = code
         tfs, dl = terms if terms is not None else document_terms(e.name, e.content)
-        post = self._post
-        for t, tf in tfs.items():
-            p = post.get(t)
-            if p is None:
-                p = self._postings(t, True)
-            d = p.d  # type: ignore[union-attr]
-            if d is None:
-                d = p._dict()  # type: ignore[union-attr]
-            else:
-                p.rows = p.tfs = None  # type: ignore[union-attr]
-            d[row] = tf
+        self._postings.add_doc(row, tfs)
         self._doc_len[row] = dl
         self._total_len += dl
         self._n_alive += 1
@@ -242,12 +173,7 @@ class EntityCache:
         for k in e.metadata:
             self._meta_codes[k][row] = 0
         tfs, dl = document_terms(e.name, e.content)
-        for t in tfs:
-            p = self._postings(t, False)
-            if p is not None:
-                p.discard(row)
-                if p.df() == 0:
-                    del self._post[t]
+        self._postings.remove_doc(row, tfs)
         self._total_len -= dl
         self._n_alive -= 1
         self._alive[row] = False
@@ -588,27 +514,9 @@ class EntityCache:
     def search_text(self, terms: Sequence[str], k: int, nf: NormFilters) -> list[tuple[str, float]]:
         if not terms or nf.empty or self._n_alive == 0:
             return []
-        arrays = []
-        for t in terms:
-            p = self._post.get(t)
-            if p is not None:
-                arrays.append(p.arrays())
-                continue
-            i = self._base_terms.get(t)
-            if i is not None:
-                a, b = int(self._base_off[i]), int(self._base_off[i + 1])
-                arrays.append((self._base_rows[a:b], self._base_tfs[a:b]))
-        if not arrays:
-            return []
-        n_docs = self._n_alive
-        avgdl = self._total_len / n_docs
-        ptr = np.zeros(len(arrays) + 1, np.int64)
-        np.cumsum([a[0].shape[0] for a in arrays], out=ptr[1:])
-        rows = np.concatenate([a[0] for a in arrays]) if len(arrays) > 1 else arrays[0][0]
-        tfs = np.concatenate([a[1] for a in arrays]) if len(arrays) > 1 else arrays[0][1]
-        idfs = np.array([bm25_idf(n_docs, a[0].shape[0]) for a in arrays], np.float64)
         mask = self.row_mask(nf)
-        cand, scores = bm25_candidates(rows, tfs, ptr, idfs, self._doc_len[: self._n], avgdl, mask)
+        cand, scores = self._postings.score(terms, self._n_alive, self._total_len / self._n_alive,
+                                            self._doc_len[: self._n], mask)
         if cand.shape[0] == 0:
             return []
         sel = top_rows(scores, k)
@@ -651,10 +559,7 @@ class EntityCache:
             col[:n] = codes
             self._meta_codes[key] = col
             self._meta_vals[key] = dict(vals)
-        self._base_terms = dict(zip(rows.terms, range(len(rows.terms))))
-        self._base_off = rows.term_offsets
-        self._base_rows = rows.posting_rows
-        self._base_tfs = rows.posting_tfs
+        self._postings.load(rows.terms, rows.term_offsets, rows.posting_rows, rows.posting_tfs)
         if rows.vectors is not None and self.dim is None:
             self.dim = int(rows.vectors.shape[1])
         if self.dim is not None:

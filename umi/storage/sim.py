@@ -25,7 +25,7 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
-from ..errors import StorageError, UmiError, ValidationError
+from ..errors import StorageError, ValidationError
 from ..sim.clock import SimClock
 from ..sim.faults import FaultInjector, FaultType
 from ..sim.rng import SimRng
@@ -42,12 +42,13 @@ from ._common import (
 )
 from ._hotcache import EntityCache
 from ._reads import CachedReads
+from ._txn import TransactionMixin
 from .base import HistoryRecord, SearchFilters, Source, StorageBackend
 
 __all__ = ["SimStorageBackend"]
 
 
-class SimStorageBackend(CachedReads, StorageBackend):
+class SimStorageBackend(CachedReads, TransactionMixin, StorageBackend):
     """In-memory storage for deterministic tests; passes the same contract as DuckDB."""
 
     def __init__(self, seed: int = 0, faults: FaultInjector | None = None, *, clock: SimClock | None = None,
@@ -83,10 +84,7 @@ class SimStorageBackend(CachedReads, StorageBackend):
         self._history: dict[str, list[HistoryRecord]] = {}
         self._generation = 0
         self._lock = threading.RLock()
-        self._depth = 0
         self._undo: list[Callable[[], None]] = []
-        self._wrote = False
-        self._rollback_only = False
         self._closed = False
 
     # --- plumbing --------------------------------------------------------------------
@@ -128,82 +126,26 @@ class SimStorageBackend(CachedReads, StorageBackend):
     def _fail(op: str) -> None:
         raise StorageError(f"injected storage write failure in {op}()")
 
-    def _begin(self) -> None:
-        self._depth = 1
+    def _check_writable(self) -> None:
+        self._check_open()
+
+    def _begin_tx(self) -> None:
         self._undo = []
-        self._wrote = False
-        self._rollback_only = False
         self._cache.begin()
 
-    def _rollback(self) -> None:
+    def _commit_tx(self, wrote: bool) -> None:
+        self._cache.commit()
+        self._undo = []
+        if wrote:
+            self._generation += 1
+
+    def _rollback_tx(self) -> None:
         try:
             self._cache.rollback()
             for fn in reversed(self._undo):
                 fn()
         finally:
             self._undo = []
-            self._depth = 0
-            self._wrote = False
-            self._rollback_only = False
-
-    def _commit(self) -> None:
-        self._cache.commit()
-        if self._wrote:
-            self._generation += 1
-        self._undo = []
-        self._depth = 0
-        self._wrote = False
-
-    @contextmanager
-    def _writing(self, op: str) -> Iterator[None]:
-        with self._lock:
-            self._check_open()
-            if self._depth:
-                try:
-                    yield
-                except BaseException:
-                    self._rollback_only = True
-                    raise
-                self._wrote = True
-                return
-            self._begin()
-            try:
-                yield
-            except BaseException as exc:
-                self._rollback()
-                if isinstance(exc, UmiError) or not isinstance(exc, Exception):
-                    raise
-                raise StorageError(f"{op}() failed and was rolled back: {type(exc).__name__}: {exc}") from exc
-            self._wrote = True
-            self._commit()
-
-    @contextmanager
-    def transaction(self) -> Iterator[None]:
-        """Everything inside commits together or not at all. Nested use joins the outer one."""
-        with self._lock:
-            self._check_open()
-            if self._depth:
-                self._depth += 1
-                try:
-                    yield
-                except BaseException:
-                    self._rollback_only = True
-                    raise
-                finally:
-                    self._depth -= 1
-                return
-            self._begin()
-            try:
-                yield
-            except BaseException as exc:
-                self._rollback()
-                if isinstance(exc, UmiError) or not isinstance(exc, Exception):
-                    raise
-                raise StorageError(f"transaction rolled back: {type(exc).__name__}: {exc}") from exc
-            if self._rollback_only:
-                self._rollback()
-                raise StorageError("transaction rolled back: a write inside it failed (and the error was caught)")
-            self._commit()
 
     def _add_history(self, eid: str, op: str, at: int, snapshot: dict[str, Any]) -> None:
         recs = self._history.setdefault(eid, [])
@@ -368,7 +310,7 @@ class SimStorageBackend(CachedReads, StorageBackend):
             if self._closed:
                 return
             if self._depth:
-                self._rollback()
+                self._finish(commit=False)
             self._closed = True
 
     def __repr__(self) -> str:
