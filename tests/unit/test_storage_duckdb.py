@@ -398,3 +398,39 @@ def test_sql_bm25_equals_the_numba_kernel(tmp_path_factory: pytest.TempPathFacto
     scores = dict(fast)
     for (i, s), (j, t) in zip(fast, slow):
         assert i == j or s == pytest.approx(t, rel=1e-9) and scores.get(j) == pytest.approx(t, rel=1e-9)
+
+
+def test_a_failure_half_way_through_a_write_rolls_everything_back(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import umi.storage.duckdb as mod
+
+    real = mod.insert_arrow
+
+    def failing(con: Any, table: str, data: Any, *, replace: bool = False) -> None:
+        if table == "postings":  # entities are already inserted at this point
+            raise RuntimeError("disk full")
+        real(con, table, data, replace=replace)
+
+    with DuckDBStorageBackend.connect(db) as b:
+        keep = ent(0, emb=np.ones(4, np.float32))
+        b.upsert([keep])
+        monkeypatch.setattr(mod, "insert_arrow", failing)
+        with pytest.raises(StorageError, match="rolled back") as info:
+            b.upsert([ent(1, emb=np.ones(4, np.float32)), ent(2)])
+        assert isinstance(info.value.__cause__, RuntimeError)
+        with pytest.raises(StorageError, match="rolled back"):
+            with b.transaction():
+                assert b.supersede(keep.id, T0 + 1)
+                with pytest.raises(StorageError, match="disk full") as inner:
+                    b.upsert([ent(4)])
+                assert isinstance(inner.value.__cause__, RuntimeError)
+        monkeypatch.setattr(mod, "insert_arrow", real)
+        assert b.count() == 1 and b.generation == 1
+        assert b.get(keep.id) == keep  # the supersession was rolled back too
+        assert [i for i, _ in b.search_vector(np.ones(4, np.float32), 10)] == [keep.id]
+        assert b.search_text("fact", 10) == [(keep.id, pytest.approx(b.search_text("fact", 1)[0][1]))]
+        b.upsert([ent(5)])
+        assert b.count() == 2
+    con = duckdb.connect(str(db), read_only=True)
+    assert con.execute("SELECT count(*) FROM entities").fetchall() == [(2,)]
+    assert con.execute("SELECT count(DISTINCT entity_id) FROM history").fetchall() == [(2,)]
+    con.close()

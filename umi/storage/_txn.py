@@ -73,9 +73,12 @@ class TransactionMixin:
             if self._depth:
                 try:
                     yield
-                except BaseException:
+                except BaseException as exc:
                     self._rollback_only = True
-                    raise
+                    wrapped = self._wrap(exc, f"{op}() failed; the transaction will roll back")
+                    if wrapped is exc:
+                        raise
+                    raise wrapped from exc
                 self._wrote = True
                 return
             self._start()
