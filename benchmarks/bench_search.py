@@ -167,6 +167,28 @@ def latencies(fn: Callable[[Any], Any], args: list[Any], warmup: int = 3) -> np.
     return out
 
 
+def interleaved(
+    fns: dict[str, Callable[[Any], Any]], args: list[Any], warmup: int = 3
+) -> dict[str, np.ndarray]:
+    """Per-call latencies of several functions, taken in rotation on each argument.
+
+    The machine is shared: timing one method after another lets a neighbour's load
+    land on one method only. In rotation, every method sees the same conditions.
+    """
+    names = list(fns)
+    for a in args[:warmup]:
+        for name in names:
+            fns[name](a)
+    out = {name: np.empty(len(args)) for name in names}
+    for i, a in enumerate(args):
+        for j in range(len(names)):
+            name = names[(i + j) % len(names)]  # rotate who goes first
+            t = time.perf_counter()
+            fns[name](a)
+            out[name][i] = time.perf_counter() - t
+    return out
+
+
 def pct(ts: np.ndarray, p: float) -> float:
     return float(np.percentile(ts, p) * 1e3)
 
@@ -208,68 +230,93 @@ def bench_size(n: int, bandwidth: dict[str, float], seed: int) -> dict[str, Any]
     rows: dict[str, Any] = {"n": n, "dim": DIM, "vector_MB": nbytes / 1e6}
     truth = [kernels.topk(data, q, K)[0].tolist() for q in qlist]
 
-    # The same bytes may be served partly from a large last-level cache, so the read
-    # rate of this very array counts too: each reference is the faster of the two.
-    flat = data.reshape(-1)
-    same_1t = best_rate(lambda: _sum_1t(flat), nbytes)
-    same_all = best_rate(lambda: _sum_nt(flat), nbytes)
-    refs = {
-        "one": max(bandwidth["numba_sum_1thread_GBps"], same_1t),
-        "all": max(bandwidth["numba_sum_all_threads_GBps"], same_all),
-    }
-    refs["best"] = max(refs["one"], refs["all"])
-    rows["read_bandwidth_GBps"] = {
-        "same_array_1thread": same_1t,
-        "same_array_all_threads": same_all,
-        **refs,
-    }
-
-    def exact_row(name: str, ts: np.ndarray, reference: str = "best") -> None:
-        p50 = pct(ts, 50)
-        gbps = nbytes / (p50 / 1e3) / 1e9
-        rows[name] = {
-            "p50_ms": p50,
-            "p95_ms": pct(ts, 95),
-            "GBps": gbps,
-            "pct_of_bandwidth": 100 * gbps / refs[reference],
-            "bandwidth_reference": reference,
-        }
-
-    # exact, one query: pinned to one thread, pinned to all, and the default (measured choice)
-    for threads in ("one", "all"):
-        kernels.THREADS = threads
-        exact_row(
-            f"exact_umi_kernel_{threads}",
-            latencies(lambda q: kernels.topk(data, q, K), qlist),
-            threads,
-        )
-    kernels.THREADS = "auto"
-    exact_row("exact_umi_kernel", latencies(lambda q: kernels.topk(data, q, K), qlist))
-    exact_idx = VectorIndex(DIM, hnsw_threshold=10**12)
     ids = [f"e{i:08d}" for i in range(n)]
+    exact_idx = VectorIndex(DIM, hnsw_threshold=10**12)
     exact_idx.add(ids, data)
-    exact_row("exact_umi_index", latencies(lambda q: exact_idx.search(q, K), qlist))
-    exact_row("exact_numpy", latencies(lambda q: numpy_topk(data, q, K), qlist[:50]))
-    np_res = [numpy_topk(data, q, K).tolist() for q in qlist[:50]]
-    rows["exact_numpy"]["recall_vs_umi"] = recall_at_k(np_res, truth[:50])
     faiss = try_faiss()
+    flat = None
     if faiss is not None:
         flat = faiss.IndexFlatIP(DIM)
         flat.add(data)
-        exact_row("exact_faiss_flat", latencies(lambda q: flat.search(q[None, :], K), qlist[:50]))
+
+    # The kernel, numpy and the plain reads all scan the index's own array, so that every
+    # row below reads the same memory (faiss keeps its own copy).
+    shared = exact_idx._vectors[:n]
+    assert np.array_equal(shared, data)
+
+    def pinned(threads: str) -> Callable[[np.ndarray], Any]:
+        def run(q: np.ndarray) -> Any:
+            saved = kernels.THREADS, kernels.PARALLEL_MIN_FLOATS
+            kernels.THREADS, kernels.PARALLEL_MIN_FLOATS = threads, 0
+            try:
+                return kernels.topk(shared, q, K)
+            finally:
+                kernels.THREADS, kernels.PARALLEL_MIN_FLOATS = saved
+
+        return run
+
+    # Exact, one query, everything in rotation with a plain read of the same array (one
+    # thread and all threads): the read is the bandwidth reference, taken under the
+    # same conditions. The array may sit partly in a large last-level cache, so each
+    # reference is the faster of that read and the 1 GiB DRAM read measured at start.
+    flat_data = shared.reshape(-1)
+    fns: dict[str, Callable[[Any], Any]] = {
+        "read_1thread": lambda q: _sum_1t(flat_data),
+        "read_all_threads": lambda q: _sum_nt(flat_data),
+        "exact_umi_kernel_one": pinned("one"),
+        "exact_umi_kernel_all": pinned("all"),
+        "exact_umi_kernel": lambda q: kernels.topk(shared, q, K),
+        "exact_umi_index": lambda q: exact_idx.search(q, K),
+        "exact_numpy": lambda q: numpy_topk(shared, q, K),
+    }
+    if flat is not None:
+        fns["exact_faiss_flat"] = lambda q: flat.search(q[None, :], K)
+    ts = interleaved(fns, qlist[:100])
+
+    def rate(name: str) -> float:
+        return nbytes / (pct(ts[name], 50) / 1e3) / 1e9
+
+    refs = {
+        "one": max(bandwidth["numba_sum_1thread_GBps"], rate("read_1thread")),
+        "all": max(bandwidth["numba_sum_all_threads_GBps"], rate("read_all_threads")),
+    }
+    refs["best"] = max(refs["one"], refs["all"])
+    rows["read_bandwidth_GBps"] = {
+        "same_array_1thread_p50": rate("read_1thread"),
+        "same_array_all_threads_p50": rate("read_all_threads"),
+        **refs,
+    }
+    for name, reference in [
+        ("exact_umi_kernel_one", "one"),
+        ("exact_umi_kernel_all", "all"),
+        ("exact_umi_kernel", "best"),
+        ("exact_umi_index", "best"),
+        ("exact_numpy", "best"),
+        ("exact_faiss_flat", "best"),
+    ]:
+        if name in ts:
+            rows[name] = {
+                "p50_ms": pct(ts[name], 50),
+                "p95_ms": pct(ts[name], 95),
+                "GBps": rate(name),
+                "pct_of_bandwidth": 100 * rate(name) / refs[reference],
+                "bandwidth_reference": reference,
+            }
+    np_res = [numpy_topk(data, q, K).tolist() for q in qlist[:50]]
+    rows["exact_numpy"]["recall_vs_umi"] = recall_at_k(np_res, truth[:50])
 
     # exact, 32 queries per call
     batches = [queries[i : i + 32] for i in range(0, N_QUERIES - 31, 32)]
 
-    def batch_row(name: str, fn: Callable[[np.ndarray], Any]) -> None:
-        ts = latencies(fn, batches, warmup=1)
-        p50 = pct(ts, 50)
-        rows[name] = {"p50_ms_per_32": p50, "qps": 32 / (p50 / 1e3)}
-
-    batch_row("batch32_umi_kernel", lambda qs: kernels.topk_many(data, qs, K))
-    batch_row("batch32_numpy", lambda qs: numpy_topk_many(data, qs, K))
-    if faiss is not None:
-        batch_row("batch32_faiss_flat", lambda qs: flat.search(qs, K))
+    bfns: dict[str, Callable[[Any], Any]] = {
+        "batch32_umi_kernel": lambda qs: kernels.topk_many(data, qs, K),
+        "batch32_numpy": lambda qs: numpy_topk_many(data, qs, K),
+    }
+    if flat is not None:
+        bfns["batch32_faiss_flat"] = lambda qs: flat.search(qs, K)
+    bts = interleaved(bfns, batches, warmup=1)
+    for name, t32 in bts.items():
+        rows[name] = {"p50_ms_per_32": pct(t32, 50), "qps": 32 / (pct(t32, 50) / 1e3)}
 
     # HNSW through VectorIndex (threshold forced below n so the graph path is used)
     hn = VectorIndex(
@@ -280,15 +327,34 @@ def bench_size(n: int, bandwidth: dict[str, float], seed: int) -> dict[str, Any]
     hn.build_graph()
     build_s = time.perf_counter() - t
     assert hn.path_for() == "hnsw"
-    ts = latencies(lambda q: hn.search(q, K), qlist)
+    hfns: dict[str, Callable[[Any], Any]] = {"hnsw_umi_index": lambda q: hn.search(q, K)}
+    fh = None
+    if faiss is not None:
+        fh = faiss.IndexHNSWFlat(DIM, 16, faiss.METRIC_INNER_PRODUCT)
+        fh.hnsw.efConstruction = 200
+        t = time.perf_counter()
+        fh.add(data)
+        faiss_build_s = time.perf_counter() - t
+        fh.hnsw.efSearch = 128
+        hfns["hnsw_faiss"] = lambda q: fh.search(q[None, :], K)
+    hts = interleaved(hfns, qlist)
     got = [[int(i[1:]) for i, _ in hn.search(q, K)] for q in qlist]
     rows["hnsw_umi_index"] = {
         "build_s": build_s,
         "build_threads": 1,
-        "p50_ms": pct(ts, 50),
-        "p95_ms": pct(ts, 95),
+        "p50_ms": pct(hts["hnsw_umi_index"], 50),
+        "p95_ms": pct(hts["hnsw_umi_index"], 95),
         "recall@10": recall_at_k(got, truth),
     }
+    if fh is not None:
+        got = [fh.search(q[None, :], K)[1][0].tolist() for q in qlist]
+        rows["hnsw_faiss"] = {
+            "build_s": faiss_build_s,
+            "build_threads": faiss.omp_get_max_threads(),
+            "p50_ms": pct(hts["hnsw_faiss"], 50),
+            "p95_ms": pct(hts["hnsw_faiss"], 95),
+            "recall@10": recall_at_k(got, truth),
+        }
 
     # the index file: save and load with the graph
     tmp = Path(tempfile.mkdtemp(prefix="umi-bench-idx-"))
@@ -326,22 +392,6 @@ def bench_size(n: int, bandwidth: dict[str, float], seed: int) -> dict[str, Any]
             "recall@10": recall_at_k(fgot, ftruth),
         }
 
-    if faiss is not None:
-        fh = faiss.IndexHNSWFlat(DIM, 16, faiss.METRIC_INNER_PRODUCT)
-        fh.hnsw.efConstruction = 200
-        t = time.perf_counter()
-        fh.add(data)
-        build_s = time.perf_counter() - t
-        fh.hnsw.efSearch = 128
-        ts = latencies(lambda q: fh.search(q[None, :], K), qlist)
-        got = [fh.search(q[None, :], K)[1][0].tolist() for q in qlist]
-        rows["hnsw_faiss"] = {
-            "build_s": build_s,
-            "build_threads": faiss.omp_get_max_threads(),
-            "p50_ms": pct(ts, 50),
-            "p95_ms": pct(ts, 95),
-            "recall@10": recall_at_k(got, truth),
-        }
     return rows
 
 
@@ -445,8 +495,9 @@ def print_report(result: dict[str, Any]) -> None:
         rb = r["read_bandwidth_GBps"]
         print(f"\n{n:,} x {r['dim']}  ({r['vector_MB']:.0f} MB of vectors), top-{K}")
         print(
-            f"  read rate of this array: {rb['same_array_1thread']:.1f} GB/s (1 thread), "
-            f"{rb['same_array_all_threads']:.1f} GB/s (all); % bw below is against "
+            f"  read rate of this array (p50, in rotation with the searches): "
+            f"{rb['same_array_1thread_p50']:.1f} GB/s (1 thread), "
+            f"{rb['same_array_all_threads_p50']:.1f} GB/s (all); % bw below is against "
             f"{rb['one']:.1f} / {rb['all']:.1f} / {rb['best']:.1f} GB/s (1 thread / all / best)"
         )
         print(
