@@ -109,7 +109,7 @@ def _base_value(value: MetadataValue) -> MetadataValue:
         return int(value)
     if isinstance(value, float):
         return float(value)
-    return str.__str__(value)  # type: ignore[arg-type]
+    return str.__str__(value)
 
 
 def check_k(k: object, what: str = "k") -> int:

@@ -229,7 +229,7 @@ def _metadata_codes(con: Any, n: int) -> dict[str, tuple[np.ndarray, dict[tuple[
         codes = np.zeros(n, np.int32)
         codes[rn[a:b]] = enc.indices.to_numpy(zero_copy_only=False) + 1
         vals = {tuple(v.split("\x1f", 1)): c + 1 for c, v in enumerate(enc.dictionary.to_pylist())}
-        out[keys.dictionary[int(kidx[a])].as_py()] = (codes, vals)  # type: ignore[misc]
+        out[keys.dictionary[int(kidx[a])].as_py()] = (codes, vals)
     return out
 
 

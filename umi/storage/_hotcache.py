@@ -17,6 +17,7 @@ Not thread-safe on its own: its owner serialises access.
 
 from __future__ import annotations
 
+import builtins
 import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -397,10 +398,10 @@ class EntityCache:
             m[:] = False
             return m
         if nf.entity_types is not None and len(nf.entity_types) < len(TYPE_CODES):
-            col = self._type[:n]
+            types = self._type[:n]
             tm = np.zeros(n, bool)
             for t in nf.entity_types:
-                tm |= col == TYPE_CODES[t]
+                tm |= types == TYPE_CODES[t]
             m &= tm
         if nf.has_time:
             if nf.time_field == "event_time":
@@ -492,7 +493,7 @@ class EntityCache:
         picked = self._ordered_rows(rows.tolist())[offset:offset + limit]
         return [self._entity_at(r) for r in picked]
 
-    def find_by_name(self, norm_name: str, etype: EntityType | None, nf: NormFilters) -> list[Entity]:
+    def find_by_name(self, norm_name: str, etype: EntityType | None, nf: NormFilters) -> builtins.list[Entity]:
         rows = self._by_name.get(norm_name)
         if not rows:
             return []
@@ -500,7 +501,7 @@ class EntityCache:
         hits = [r for r in rows if (code is None or self._type[r] == code) and self._matches(r, nf)]
         return [self._entity_at(r) for r in self._ordered_rows(hits)]
 
-    def search_vector(self, q: np.ndarray, k: int, nf: NormFilters) -> list[tuple[str, float]]:
+    def search_vector(self, q: np.ndarray, k: int, nf: NormFilters) -> builtins.list[tuple[str, float]]:
         if self.index is None or self._n_vecs == 0 or nf.empty:
             return []
         any_eligible, mask = self._slot_mask(nf)
@@ -511,7 +512,7 @@ class EntityCache:
         out.sort(key=lambda t: (-t[1], t[0]))
         return out[:k]
 
-    def search_text(self, terms: Sequence[str], k: int, nf: NormFilters) -> list[tuple[str, float]]:
+    def search_text(self, terms: Sequence[str], k: int, nf: NormFilters) -> builtins.list[tuple[str, float]]:
         if not terms or nf.empty or self._n_alive == 0:
             return []
         mask = self.row_mask(nf)
@@ -572,7 +573,7 @@ class EntityCache:
         self._has_vec[:n] = rows.has_vec[:n]
         self._n_vecs = int(np.count_nonzero(rows.has_vec[:n]))
 
-    def _vector_rows(self) -> tuple[np.ndarray, list[str]]:
+    def _vector_rows(self) -> tuple[np.ndarray, builtins.list[str]]:
         rows = np.flatnonzero(self._has_vec[: self._n])
         ids = self._row_ids
         return rows, [ids[r] for r in rows.tolist()]

@@ -26,6 +26,7 @@ commit or rollback and never see uncommitted state.
 
 from __future__ import annotations
 
+import builtins
 import functools
 import json
 import logging
@@ -405,12 +406,12 @@ class DuckDBStorageBackend(CachedReads, TransactionMixin, StorageBackend):
         with self._reading("count"):
             return int(self._con.execute(f"SELECT count(*) FROM entities e WHERE {where}", params).fetchall()[0][0])
 
-    def search_text(self, query: str, k: int, filters: SearchFilters | None = None) -> list[tuple[str, float]]:
+    def search_text(self, query: str, k: int, filters: SearchFilters | None = None) -> builtins.list[tuple[str, float]]:
         if self.bm25 == "numba":
             return super().search_text(query, k, filters)
         return self.search_text_sql(query, k, filters)
 
-    def search_text_sql(self, query: str, k: int, filters: SearchFilters | None = None) -> list[tuple[str, float]]:
+    def search_text_sql(self, query: str, k: int, filters: SearchFilters | None = None) -> builtins.list[tuple[str, float]]:
         """BM25 scored in DuckDB over the postings table (same formula as the numba kernel)."""
         query = check_query_text(query)
         k = check_k(k)
@@ -469,7 +470,7 @@ class DuckDBStorageBackend(CachedReads, TransactionMixin, StorageBackend):
             with self._writing("add_relations"):
                 insert_arrow(self._con, "relations", relations_table(last), replace=True)
 
-    def relations_for(self, entity_id: str) -> list[EvolutionRelation]:
+    def relations_for(self, entity_id: str) -> builtins.list[EvolutionRelation]:
         eid = check_id(entity_id)
         with self._reading("relations_for"):
             rows = self._con.execute(
@@ -478,7 +479,7 @@ class DuckDBStorageBackend(CachedReads, TransactionMixin, StorageBackend):
         return [EvolutionRelation(source_id=r[1], target_id=r[2], evolution_type=r[3], reason=r[4],
                                   confidence=r[5], id=r[0], created_at=r[6]) for r in rows]
 
-    def history(self, entity_id: str) -> list[HistoryRecord]:
+    def history(self, entity_id: str) -> builtins.list[HistoryRecord]:
         eid = check_id(entity_id)
         with self._reading("history"):
             rows = self._con.execute(

@@ -20,6 +20,7 @@ ends, so other threads never see uncommitted state.
 
 from __future__ import annotations
 
+import builtins
 import copy
 import threading
 from contextlib import contextmanager
@@ -104,7 +105,7 @@ class SimStorageBackend(CachedReads, TransactionMixin, StorageBackend):
     def _latency(self) -> None:
         f = self.faults
         if f is not None and f.should_fail(FaultType.STORAGE_LATENCY):
-            self.clock.advance(f.latency_ms)  # type: ignore[union-attr]
+            self.clock.advance(f.latency_ms)
 
     @contextmanager
     def _reading(self, op: str) -> Iterator[None]:
@@ -290,7 +291,7 @@ class SimStorageBackend(CachedReads, TransactionMixin, StorageBackend):
 
         self._undo.append(undo)
 
-    def relations_for(self, entity_id: str) -> list[EvolutionRelation]:
+    def relations_for(self, entity_id: str) -> builtins.list[EvolutionRelation]:
         eid = check_id(entity_id)
         with self._reading("relations_for"):
             rels = [self._relations[i] for i in self._rels_of.get(eid, ())]
@@ -298,7 +299,7 @@ class SimStorageBackend(CachedReads, TransactionMixin, StorageBackend):
             rels.sort(key=lambda r: (r.created_at, r.id))
             return [EvolutionRelation(**r.to_dict()) for r in rels]
 
-    def history(self, entity_id: str) -> list[HistoryRecord]:
+    def history(self, entity_id: str) -> builtins.list[HistoryRecord]:
         eid = check_id(entity_id)
         with self._reading("history"):
             return [HistoryRecord(r.entity_id, r.seq, r.op, r.at, copy.deepcopy(dict(r.snapshot)))
