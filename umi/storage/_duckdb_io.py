@@ -177,7 +177,7 @@ def load_rows(con: Any, dim: int | None) -> tuple[LoadedRows, dict[str, int]]:
     if dim and n:
         col = tbl.column("embedding").combine_chunks()
         has_vec = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-        flat = col.values if col.offset == 0 else col.flatten()
+        flat = col.values.slice(col.offset * dim, n * dim)  # null rows keep their (unused) slots
         vectors = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)[:n]
     lists = {c: tbl.column(c).to_pylist() for c in (
         "name", "content", "metadata", "importance", "confidence", "created_at", "updated_at",

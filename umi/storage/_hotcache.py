@@ -104,9 +104,7 @@ class EntityCache:
         for k, arr in self._meta_codes.items():
             self._meta_codes[k] = g(arr)
         if self._vecs is not None:
-            v = np.zeros((cap, self._vecs.shape[1]), np.float32)
-            v[: self._vecs.shape[0]] = self._vecs
-            self._vecs = v
+            self._own_vectors(cap)
         self._cap = cap
 
     def _ensure_dim(self, dim: int) -> None:
@@ -118,6 +116,17 @@ class EntityCache:
             self._vecs = np.zeros((self._cap, dim), np.float32)
         if self.index is None:
             self.index = self._index_factory(dim)
+
+    def _own_vectors(self, cap: int) -> None:
+        """A writable vector matrix of ``cap`` rows (after a bulk load ``_vecs`` may be a read-only
+        view of the loaded Arrow buffer, shorter than the other columns: copied on first write)."""
+        v = self._vecs
+        assert v is not None
+        if v.shape[0] >= cap and v.flags.writeable:
+            return
+        grown = np.zeros((cap, v.shape[1]), np.float32)
+        grown[: v.shape[0]] = v
+        self._vecs = grown
 
     def _map_slot(self, row: int, slot: int) -> None:
         if slot >= self._slot_row.shape[0]:
@@ -216,8 +225,8 @@ class EntityCache:
             self._row_of[eid] = row
         self._index_row(row, new, terms)
         if vec is not None:
-            assert self._vecs is not None
-            self._vecs[row] = vec
+            self._own_vectors(self._cap)
+            self._vecs[row] = vec  # type: ignore[index]
             self._has_vec[row] = True
             self._n_vecs += 1
             self._map_slot(row, slot)
@@ -564,12 +573,10 @@ class EntityCache:
         if rows.vectors is not None and self.dim is None:
             self.dim = int(rows.vectors.shape[1])
         if self.dim is not None:
-            self._vecs = np.empty((self._cap, self.dim), np.float32)
             if rows.vectors is not None and n:
-                self._vecs[:n] = rows.vectors[:n]
-                self._vecs[n:] = 0.0
+                self._vecs = rows.vectors[:n]  # may be read-only: copied on the first write (_own_vectors)
             else:
-                self._vecs[:] = 0.0
+                self._vecs = np.zeros((self._cap, self.dim), np.float32)
         self._has_vec[:n] = rows.has_vec[:n]
         self._n_vecs = int(np.count_nonzero(rows.has_vec[:n]))
 
