@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Coroutine, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
 from .errors import InvalidConfigError, UmiError, ValidationError
 from .options import MemoryConfig, RecallOptions, RememberOptions
@@ -216,7 +216,7 @@ class Memory:
         if self._closed:
             raise UmiError("this Memory is closed")
 
-    async def _locked(self, coro: Coroutine[Any, Any, T]) -> T:
+    async def _locked(self, coro: Awaitable[T]) -> T:
         import asyncio
 
         if self._write_lock is None:

@@ -426,10 +426,11 @@ def test_one_provider_serves_several_event_loops_and_threads_of_calls(api, make)
     assert len(api.requests_to(ANTHROPIC_MESSAGES)) == 6
 
 
-def test_import_umi_does_not_import_the_sdk():
+def test_import_umi_does_not_import_the_sdk(tmp_path):
     import subprocess
 
     code = "import sys, umi; print('anthropic' in sys.modules, 'openai' in sys.modules)"
+    # cwd outside the repository, so the installed umi is imported (not the uncompiled source tree)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**__import__("os").environ, "PYTHONPATH": ":".join(sys.path)})
+                         cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": ":".join(sys.path)})
     assert out.stdout.split() == ["False", "False"]

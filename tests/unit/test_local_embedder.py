@@ -437,10 +437,14 @@ def test_aembed_validates():
 # --- lazy, shared loading (fresh interpreters) --------------------------------------------------
 
 
+UMI_HOME = Path(umi.__file__).resolve().parent.parent
+
+
 def run_python(code: str) -> str:
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120, check=False,
-        cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        # the directory umi was imported from: the source tree (editable) or site-packages (CI)
+        cwd=UMI_HOME, env={"PYTHONPATH": str(UMI_HOME), "PATH": "/usr/bin:/bin"},
     )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip()

@@ -19,6 +19,7 @@ Rules every backend keeps:
 from __future__ import annotations
 
 import abc
+import builtins
 import hashlib
 import uuid
 from contextlib import AbstractContextManager
@@ -154,7 +155,7 @@ class StorageBackend(abc.ABC):
     def get(self, entity_id: str) -> Entity | None: ...
 
     @abc.abstractmethod
-    def get_many(self, entity_ids: Sequence[str]) -> list[Entity]:
+    def get_many(self, entity_ids: Sequence[str]) -> builtins.list[Entity]:
         """Entities in the order of ``entity_ids``; ids with no entity are skipped."""
 
     @abc.abstractmethod
@@ -162,7 +163,7 @@ class StorageBackend(abc.ABC):
         """Remove an entity (and its vector); False if there was none. History keeps a record."""
 
     @abc.abstractmethod
-    def list(self, filters: SearchFilters | None = None, limit: int = 100, offset: int = 0) -> list[Entity]:
+    def list(self, filters: SearchFilters | None = None, limit: int = 100, offset: int = 0) -> builtins.list[Entity]:
         """Entities matching ``filters``, ordered by ``created_at`` then ``id``."""
 
     @abc.abstractmethod
@@ -171,16 +172,16 @@ class StorageBackend(abc.ABC):
 
     @abc.abstractmethod
     def find_by_name(self, name: str, entity_type: EntityType | str | None = None,
-                     filters: SearchFilters | None = None) -> list[Entity]:
+                     filters: SearchFilters | None = None) -> builtins.list[Entity]:
         """Entities whose normalised name equals ``normalize_name(name)``; current only by default."""
 
     # --- search ------------------------------------------------------------
     @abc.abstractmethod
-    def search_vector(self, vector: np.ndarray, k: int, filters: SearchFilters | None = None) -> list[tuple[str, float]]:
+    def search_vector(self, vector: np.ndarray, k: int, filters: SearchFilters | None = None) -> builtins.list[tuple[str, float]]:
         """Top-k (id, cosine similarity) among entities with an embedding that match ``filters``."""
 
     @abc.abstractmethod
-    def search_text(self, query: str, k: int, filters: SearchFilters | None = None) -> list[tuple[str, float]]:
+    def search_text(self, query: str, k: int, filters: SearchFilters | None = None) -> builtins.list[tuple[str, float]]:
         """Top-k (id, BM25 score) over name + content among entities that match ``filters``."""
 
     # --- sources -----------------------------------------------------------
@@ -198,7 +199,7 @@ class StorageBackend(abc.ABC):
     def add_relations(self, relations: Sequence[EvolutionRelation]) -> None: ...
 
     @abc.abstractmethod
-    def relations_for(self, entity_id: str) -> list[EvolutionRelation]:
+    def relations_for(self, entity_id: str) -> builtins.list[EvolutionRelation]:
         """Relations where the entity is source or target, ordered by created_at then id."""
 
     @abc.abstractmethod
@@ -206,7 +207,7 @@ class StorageBackend(abc.ABC):
         """Set ``valid_to`` on a current entity (never delete it). False if absent or already superseded."""
 
     @abc.abstractmethod
-    def history(self, entity_id: str) -> list[HistoryRecord]:
+    def history(self, entity_id: str) -> builtins.list[HistoryRecord]:
         """Every change to the entity, oldest first."""
 
     # --- lifecycle ---------------------------------------------------------
