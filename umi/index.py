@@ -125,6 +125,11 @@ def _normalise_rows(vectors: np.ndarray, what: str) -> np.ndarray:
     return np.ascontiguousarray((v64 / scale[:, None]).astype(np.float32))
 
 
+#: From this many vectors on, a missing graph is built on a background thread while searches
+#: stay exact; below it, the first search that needs the graph builds it (a few seconds at most).
+BACKGROUND_BUILD_MIN = 5_000
+
+
 class VectorIndex:
     """Cosine top-k over string ids; see the module docstring for paths, slots and files."""
 
@@ -152,6 +157,9 @@ class VectorIndex:
         self._free: list[int] = []  # freed slots, a min-heap: the lowest is reused first
         self._graph: Any = None  # hnswlib.Index once built
         self._in_graph = np.zeros(0, np.bool_)  # slot has a node (live or deleted) in the graph
+        # A graph being built in the background: the thread, and the slots written meanwhile.
+        self._building: threading.Thread | None = None
+        self._build_log: list[np.ndarray] | None = None
 
     # --- size ---------------------------------------------------------------
     def __len__(self) -> int:
@@ -279,6 +287,8 @@ class VectorIndex:
             self._live[slots_unique] = True
             if self._graph is not None:
                 self._graph_add(slots_unique)
+            elif self._build_log is not None:
+                self._build_log.append(slots_unique)
             return np.fromiter((self._slot[i] for i in id_list), np.int64, len(id_list))
 
     def remove(self, ids: Sequence[str]) -> int:
@@ -298,6 +308,8 @@ class VectorIndex:
                 self._vectors[s] = 0.0
                 if self._graph is not None and self._in_graph[s]:
                     self._graph.mark_deleted(s)
+                elif self._build_log is not None:
+                    self._build_log.append(np.array([s], np.int64))
                 heapq.heappush(self._free, s)
                 removed += 1
         return removed
@@ -312,6 +324,7 @@ class VectorIndex:
             self._free = []
             self._graph = None
             self._in_graph = np.zeros(0, np.bool_)
+            self._building, self._build_log = None, None  # a running build is discarded
 
     def _reserve(self, needed: int) -> None:
         """Make room for ``needed`` live slots, growing geometrically."""
@@ -474,9 +487,69 @@ class VectorIndex:
     # --- hnsw -------------------------------------------------------------------------
     def build_graph(self) -> None:
         """Build the HNSW graph now (normally built on the first search that needs it)."""
+        self.wait_for_graph()
         with self._lock:
             if self._graph is None:
                 self._build_graph()
+
+    def wait_for_graph(self, timeout: float | None = None) -> bool:
+        """Wait for a background graph build, if one is running. True when none is running now."""
+        t = self._building
+        if t is not None:
+            t.join(timeout)
+        return self._building is None
+
+    def _start_background_build(self) -> None:
+        """Build the graph on a thread from a snapshot; writes made meanwhile are replayed into it.
+
+        Until it is ready, searches take the exact path: a large store never stalls a search for
+        the seconds to minutes a single-threaded build takes (~0.5 ms per vector here).
+        """
+        if self._building is not None:
+            return
+        hw = len(self._ids)
+        slots = np.flatnonzero(self._live[:hw]).astype(np.int64)
+        vectors = self._vectors[slots].copy()
+        log: list[np.ndarray] = []
+        self._build_log = log
+        t = threading.Thread(target=self._background_build, args=(slots, vectors, self.capacity, log),
+                             name="umi-hnsw-build", daemon=True)
+        self._building = t
+        t.start()
+
+    def _background_build(self, slots: np.ndarray, vectors: np.ndarray, cap: int,
+                          log: list[np.ndarray]) -> None:
+        try:
+            graph = _hnswlib().Index(space="ip", dim=self.dim)
+            graph.init_index(max_elements=max(cap, 1), M=self.M, ef_construction=self.ef_construction,
+                             random_seed=self.seed)
+            graph.set_ef(self.ef_search)
+            if slots.size:
+                graph.add_items(vectors, slots, num_threads=1)
+        except (RuntimeError, MemoryError):
+            graph = None  # searches stay exact; the next one that needs a graph tries again
+        with self._lock:
+            if self._build_log is not log:  # cleared while building: discard
+                return
+            self._building, self._build_log = None, None
+            if graph is None:
+                return
+            if self.capacity > cap:
+                graph.resize_index(self.capacity)
+            in_graph = np.zeros(self.capacity, np.bool_)
+            in_graph[slots] = True
+            touched = np.unique(np.concatenate(log)) if log else np.empty(0, np.int64)
+            live = touched[self._live[touched]]
+            dead = touched[~self._live[touched] & in_graph[touched]]
+            try:
+                if live.size:
+                    graph.add_items(self._vectors[live], live, num_threads=1)  # updates, un-deletes
+                    in_graph[live] = True
+                for d in dead:
+                    graph.mark_deleted(int(d))
+            except (RuntimeError, MemoryError):
+                return
+            self._graph, self._in_graph = graph, in_graph
 
     def _build_graph(self) -> None:
         graph = _hnswlib().Index(space="ip", dim=self.dim)
@@ -509,7 +582,11 @@ class VectorIndex:
         self, q: np.ndarray, k: int, mask: np.ndarray | None, eligible: int
     ) -> list[tuple[str, float]]:
         if self._graph is None:
-            self._build_graph()
+            if len(self._slot) < BACKGROUND_BUILD_MIN:
+                self._build_graph()
+            else:
+                self._start_background_build()
+                return self._exact(q, k, mask)
         graph = self._graph
         n = len(self._slot)
         want = min(k, eligible)
