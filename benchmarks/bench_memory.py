@@ -123,6 +123,7 @@ def build_umi(n: int, texts: list[str], vecs: np.ndarray, tmp: str, table: dict)
         with st.transaction():
             st.upsert(ents[i : i + 5000])
     dt = time.perf_counter() - t0
+    st.build_vector_index()  # HNSW above 20k: build the graph before timing searches
     m = umi.Memory(storage=st, embedder=PrecomputedEmbedder(table, vecs.shape[1]))
     return m, n / dt
 

@@ -54,3 +54,16 @@ def test_clear_discards_a_running_build(monkeypatch):
     assert idx.wait_for_graph(timeout=120)
     assert not idx.graph_built and len(idx) == 0
     assert idx.search(vecs[0], 3) == []
+
+
+def test_duckdb_build_vector_index_waits_for_the_graph(tmp_path):
+    from umi import Entity
+    from umi.storage.duckdb import DuckDBStorageBackend
+
+    vecs = clustered(300, seed=4)
+    with DuckDBStorageBackend.connect(str(tmp_path / "g.duckdb"), dim=32, hnsw_threshold=100) as st:
+        assert st.build_vector_index() is False  # empty: below the threshold
+        st.upsert([Entity("note", f"n{i}", f"fact {i}", embedding=vecs[i]) for i in range(300)])
+        assert st.build_vector_index() is True
+        assert st._cache.index.graph_built
+        assert st.search_vector(vecs[42], 1)[0][1] > 0.999

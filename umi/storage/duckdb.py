@@ -523,6 +523,16 @@ class DuckDBStorageBackend(CachedReads, TransactionMixin, StorageBackend):
                 raise StorageError(f"checkpoint failed: {exc}") from exc
             self._save_index_quietly()
 
+    def build_vector_index(self) -> bool:
+        """Build the HNSW graph now, waiting for it (searches build it on a thread when first
+        needed, serving exact results meanwhile). False when the store is below ``hnsw_threshold``."""
+        with self._lock:
+            index = self._cache.index
+        if index is None or len(index) < index.hnsw_threshold:
+            return False
+        index.build_graph()
+        return True
+
     def close(self) -> None:
         """Roll back an open transaction, save the index cache, close the file. Idempotent."""
         with self._lock:
