@@ -434,3 +434,19 @@ def test_a_failure_half_way_through_a_write_rolls_everything_back(db: Path, monk
     assert con.execute("SELECT count(*) FROM entities").fetchall() == [(2,)]
     assert con.execute("SELECT count(DISTINCT entity_id) FROM history").fetchall() == [(2,)]
     con.close()
+
+
+def test_bm25_ties_past_k_are_broken_by_id(tmp_path):
+    """Many equal documents tie at the k-th score: the smallest ids win, after every better row."""
+    from umi import Entity
+    from umi.storage.duckdb import DuckDBStorageBackend
+
+    with DuckDBStorageBackend.connect(str(tmp_path / "ties.duckdb")) as st:
+        same = [Entity("note", f"n{i:03d}", "alpha beta gamma") for i in range(60)]
+        best = Entity("note", "best", "alpha alpha beta gamma")
+        st.upsert(same + [best])
+        got = st.search_text("alpha", 5)
+        assert got[0][0] == best.id and got[0][1] > got[1][1]
+        tied = sorted(e.id for e in same)[:4]
+        assert [i for i, _ in got[1:]] == tied
+        assert len({s for _, s in got[1:]}) == 1

@@ -17,6 +17,8 @@ Not thread-safe on its own: its owner serialises access.
 
 from __future__ import annotations
 
+from operator import itemgetter
+
 import builtins
 import random
 from collections import OrderedDict
@@ -531,9 +533,22 @@ class EntityCache:
             return []
         sel = top_rows(scores, k)
         ids = self._row_ids
-        out = [(ids[int(cand[i])], float(scores[i])) for i in sel]
+        if sel.shape[0] <= k:
+            out = [(ids[int(cand[i])], float(scores[i])) for i in sel]
+            out.sort(key=lambda t: (-t[1], t[0]))
+            return out
+        # More rows tie with the k-th score than fit (common: BM25 gives equal scores to equal
+        # documents). Rank those above the tie in Python, and pick the tied rows with the
+        # smallest ids by a C-level sort of their id strings, never a per-row Python loop.
+        sub = scores[sel]
+        kth = sub.min()
+        above = sel[sub > kth]
+        out = [(ids[int(cand[i])], float(scores[i])) for i in above]
         out.sort(key=lambda t: (-t[1], t[0]))
-        return out[:k]
+        tied_rows = cand[sel[sub == kth]].tolist()
+        tied_ids = itemgetter(*tied_rows)(ids) if len(tied_rows) > 1 else (ids[tied_rows[0]],)
+        out.extend((i, float(kth)) for i in sorted(tied_ids)[: k - len(out)])
+        return out
 
     # --- bulk load and the vector index -------------------------------------------------
     def bulk_load(self, rows: "LoadedRows") -> None:
