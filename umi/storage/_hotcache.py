@@ -17,6 +17,7 @@ Not thread-safe on its own: its owner serialises access.
 
 from __future__ import annotations
 
+import heapq
 from operator import itemgetter
 
 import builtins
@@ -539,7 +540,7 @@ class EntityCache:
             return out
         # More rows tie with the k-th score than fit (common: BM25 gives equal scores to equal
         # documents). Rank those above the tie in Python, and pick the tied rows with the
-        # smallest ids by a C-level sort of their id strings, never a per-row Python loop.
+        # smallest ids with a bounded heap over their id strings (no sort of every tied row).
         sub = scores[sel]
         kth = sub.min()
         above = sel[sub > kth]
@@ -547,7 +548,7 @@ class EntityCache:
         out.sort(key=lambda t: (-t[1], t[0]))
         tied_rows = cand[sel[sub == kth]].tolist()
         tied_ids = itemgetter(*tied_rows)(ids) if len(tied_rows) > 1 else (ids[tied_rows[0]],)
-        out.extend((i, float(kth)) for i in sorted(tied_ids)[: k - len(out)])
+        out.extend((i, float(kth)) for i in heapq.nsmallest(k - len(out), tied_ids))
         return out
 
     # --- bulk load and the vector index -------------------------------------------------
