@@ -177,7 +177,7 @@ async def remember(ctx: PipelineContext, text: str, opts: RememberOptions) -> Re
     relations: list[EvolutionRelation] = []
     supersede: list[tuple[str, int]] = []
     if entities and opts.detect_evolutions and opts.extract_entities:
-        cand_lists = [await ctx.io(_candidates_for, ctx, e) for e in entities]
+        cand_lists = await ctx.io(lambda: [_candidates_for(ctx, e) for e in entities])  # one I/O hop
         todo = [(e, c) for e, c in zip(entities, cand_lists) if c]
         decided = await asyncio.gather(*(_classify(ctx, e, c, result) for e, c in todo))
         done: set[str] = set()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 from contextlib import AbstractContextManager
 from typing import Sequence
 
@@ -22,6 +23,13 @@ class CachedReads:
     check, injected faults)."""
 
     _cache: EntityCache
+    _lock: threading.RLock
+    _generation: int
+
+    @property
+    def generation(self) -> int:
+        with self._lock:
+            return self._generation
 
     def _reading(self, op: str) -> AbstractContextManager[None]:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -234,11 +234,6 @@ class DuckDBStorageBackend(CachedReads, TransactionMixin, StorageBackend):
     def dim(self) -> int | None:  # type: ignore[override]
         return self._cache.dim
 
-    @property
-    def generation(self) -> int:
-        with self._lock:
-            return self._generation
-
     def _check_open(self) -> None:
         if self._closed:
             raise StorageError(f"the DuckDB store {self.path!r} is closed")
