@@ -15,8 +15,11 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
 from .errors import InvalidConfigError, UmiError, ValidationError
 from .options import MemoryConfig, RecallOptions, RememberOptions
+from .pipeline import forget as _forget
 from .pipeline import recall as _recall
 from .pipeline import remember as _remember
+from .pipeline import transfer as _transfer
+from .pipeline.recall import RecallResult
 from .pipeline.context import PipelineContext
 from .providers.base import EmbeddingProvider, LLMProvider
 from .storage.base import HistoryRecord, SearchFilters, StorageBackend
@@ -125,7 +128,6 @@ class Memory:
             clock=clock,
         )
         self._runner = LoopThread()
-        self._write_lock: Any = None  # an asyncio.Lock, made on the loop on first use
         self._ctx = PipelineContext(storage, llm, embedder, config, self._runner.io, self._now_ms)
         self._closed = False
 
@@ -217,18 +219,16 @@ class Memory:
             raise UmiError("this Memory is closed")
 
     async def _locked(self, coro: Awaitable[T]) -> T:
-        import asyncio
-
-        if self._write_lock is None:
-            self._write_lock = asyncio.Lock()
-        async with self._write_lock:
+        """Await ``coro`` under the store's write lock (shared with the pipelines). Pass a coroutine
+        that has not started: an ``io(...)`` future would already be running before the lock."""
+        async with self._ctx.write_lock:
             return await coro
 
     # --- remember ------------------------------------------------------------
     async def _remember(self, text: str, options: RememberOptions | None) -> RememberResult:
         opts = _opts(options, RememberOptions)
         text = _remember.validate_text(text, self.config.text_bytes_max)
-        return await self._locked(_remember.remember(self._ctx, text, opts))
+        return await _remember.remember(self._ctx, text, opts)  # locks around read plan → commit only
 
     async def remember(self, text: str, options: RememberOptions | None = None) -> RememberResult:
         """Extract facts from ``text``, store them, and link them to the facts they update."""
@@ -240,17 +240,18 @@ class Memory:
         return self._runner.run(self._remember(text, options))
 
     # --- recall --------------------------------------------------------------
-    async def _recall(self, query: str, options: RecallOptions | None) -> list[Entity]:
+    async def _recall(self, query: str, options: RecallOptions | None) -> RecallResult:
         opts = _opts(options, RecallOptions)
         query = _recall.validate_query(query)
         return await _recall.recall(self._ctx, query, opts)
 
-    async def recall(self, query: str, options: RecallOptions | None = None) -> list[Entity]:
-        """Current facts relevant to ``query``, best first, each with its fused ``score``."""
+    async def recall(self, query: str, options: RecallOptions | None = None) -> RecallResult:
+        """Current statements relevant to ``query``, best first, each once with its fused ``score``
+        and the names it ``mentions``; ``result.warnings`` says how the recall degraded, if it did."""
         self._check_open()
         return await self._runner.arun(self._recall(query, options))
 
-    def recall_sync(self, query: str, options: RecallOptions | None = None) -> list[Entity]:
+    def recall_sync(self, query: str, options: RecallOptions | None = None) -> RecallResult:
         self._check_open()
         return self._runner.run(self._recall(query, options))
 
@@ -266,18 +267,105 @@ class Memory:
         self._check_open()
         return self._runner.run(self._get(entity_id))
 
-    async def _forget(self, entity_id: str) -> bool:
-        _check_id(entity_id)
-        return await self._locked(self._ctx.io(self.storage.delete, entity_id, self._now_ms()))
+    async def _forget(self, entity_id: str | None, where: SearchFilters | None) -> Any:
+        ctx = self._ctx
+        if where is not None:
+            if entity_id is not None:
+                raise TypeError("forget takes an entity id or where=, not both")
+            if not isinstance(where, SearchFilters):
+                raise TypeError(f"where must be a SearchFilters, not {type(where).__name__}")
+            async with ctx.write_lock:
+                return await ctx.io(lambda: _forget.forget_ids(ctx, _forget.filter_ids(ctx, where), self._now_ms()))
+        eid = _check_id(entity_id)
+        async with ctx.write_lock:  # issue 14: the read and the delete both inside the lock
+            return await ctx.io(lambda: _forget.forget_ids(ctx, _forget.statement_ids(ctx, eid), self._now_ms())) > 0
 
-    async def forget(self, entity_id: str) -> bool:
-        """Delete an entity from storage and the index. False when nothing had that id."""
+    async def forget(self, entity_id: str | None = None, *, where: SearchFilters | None = None) -> Any:
+        """Forget a fact — with the other facets of its statement — everywhere it is stored, and
+        revive what only it had superseded: True, or False when nothing had that id. With
+        ``where=SearchFilters(...)``, forget every fact the filters match and return how many."""
         self._check_open()
-        return await self._runner.arun(self._forget(entity_id))
+        return await self._runner.arun(self._forget(entity_id, where))
 
-    def forget_sync(self, entity_id: str) -> bool:
+    def forget_sync(self, entity_id: str | None = None, *, where: SearchFilters | None = None) -> Any:
         self._check_open()
-        return self._runner.run(self._forget(entity_id))
+        return self._runner.run(self._forget(entity_id, where))
+
+    async def _forget_source(self, source_id: str) -> int:
+        sid = _check_id(source_id)
+        ctx = self._ctx
+        async with ctx.write_lock:
+            return await ctx.io(lambda: _forget.forget_ids(ctx, _forget.source_ids(ctx, sid), self._now_ms(),
+                                                           source_id=sid))
+
+    async def forget_source(self, source_id: str) -> int:
+        """Forget everything one remembered text produced (``RememberResult.source_id``), and the
+        text itself. Returns how many facts were forgotten."""
+        self._check_open()
+        return await self._runner.arun(self._forget_source(source_id))
+
+    def forget_source_sync(self, source_id: str) -> int:
+        self._check_open()
+        return self._runner.run(self._forget_source(source_id))
+
+    # --- export / import -----------------------------------------------------
+    async def _export(self, out: Any, embeddings: bool) -> int:
+        ctx = self._ctx
+        async with ctx.write_lock:  # one consistent state
+            records = await ctx.io(lambda: _transfer.export_records(ctx, embeddings=embeddings))
+        if isinstance(out, (str, os.PathLike)):
+            def write() -> None:
+                with open(out, "w", encoding="utf-8") as f:
+                    f.writelines(_transfer.dumps(r) + "\n" for r in records)
+            await ctx.io(write)
+        else:
+            out.writelines(_transfer.dumps(r) + "\n" for r in records)
+        return len(records)
+
+    async def export(self, out: Any, *, embeddings: bool = False) -> int:
+        """Write everything this view sees — sources, facts (superseded too), relations, history —
+        as JSONL to a path or a text file; vectors only with ``embeddings=True``. Returns lines written."""
+        self._check_open()
+        return await self._runner.arun(self._export(out, embeddings))
+
+    def export_sync(self, out: Any, *, embeddings: bool = False) -> int:
+        self._check_open()
+        return self._runner.run(self._export(out, embeddings))
+
+    async def _import(self, src: Any, progress: Callable[[int, int], None] | None) -> dict[str, int]:
+        ctx = self._ctx
+        if isinstance(src, (str, os.PathLike)):
+            def read() -> _transfer.ImportPlan:
+                with open(src, encoding="utf-8") as f:
+                    return _transfer.parse_lines(f, os.fspath(src))
+            plan = await ctx.io(read)
+        else:
+            plan = _transfer.parse_lines(src, getattr(src, "name", "<input>"))
+        await ctx.io(_transfer.check_consistent, plan, ctx)
+        embedded = await _transfer.embed_missing(ctx, plan, progress)
+        if plan.records:
+            async with ctx.write_lock:
+                await ctx.io(_transfer.restore, ctx, plan)
+        counts = {"sources": len(plan.sources), "entities": len(plan.entities), "relations": len(plan.relations),
+                  "history": len(plan.history), "embedded": embedded, "remembered": 0, "duplicates": 0}
+        for i, (_, rec) in enumerate(plan.texts, start=1):  # resumable, not atomic: a rerun skips what is there
+            opts = RememberOptions(metadata=rec.get("metadata"), event_time=rec.get("event_time"))
+            r = await self._remember(rec["text"], opts)
+            counts["duplicates" if r.duplicate else "remembered"] += 1
+            if progress is not None:
+                progress(i, len(plan.texts))
+        return counts
+
+    async def import_(self, src: Any, *, progress: Callable[[int, int], None] | None = None) -> dict[str, int]:
+        """Import what :meth:`export` wrote (or JSONL texts to remember). Records go in all-or-nothing:
+        every line is checked first, facts without vectors are embedded (``progress(done, total)``),
+        then one transaction writes them. Returns counts by kind."""
+        self._check_open()
+        return await self._runner.arun(self._import(src, progress))
+
+    def import_sync(self, src: Any, *, progress: Callable[[int, int], None] | None = None) -> dict[str, int]:
+        self._check_open()
+        return self._runner.run(self._import(src, progress))
 
     async def _count(self, include_superseded: bool) -> int:
         return await self._ctx.io(self.storage.count, SearchFilters(include_superseded=include_superseded))
