@@ -53,7 +53,7 @@ def validate_query(query: object) -> str:
     return query
 
 
-class RecallResult(list):  # type: ignore[type-arg]
+class RecallResult(list[Entity]):
     """What ``recall`` returns: a ``list[Entity]`` of statements, best first, plus ``warnings``
     — how this recall degraded (empty when it did not)."""
 

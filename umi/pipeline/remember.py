@@ -256,13 +256,7 @@ def _restated_relation(old: Entity, back: Entity, at: int) -> EvolutionRelation:
     rid = str(uuid.uuid5(UMI_NAMESPACE, f"restate\x1f{old.id}\x1f{back.id}\x1f{at}"))
     return EvolutionRelation(old.id, back.id, EvolutionType.UPDATE,
                              f"restated: {back.content[:200]!r} is current again", 1.0, id=rid,
-                             created_at=at, **ctx_scope_of(back))
-
-
-def ctx_scope_of(e: Entity) -> dict[str, object]:
-    """A relation lives in the scope of its newer fact."""
-    scope = getattr(e, "scope", None)
-    return {} if scope is None else {"scope": scope}
+                             created_at=at, scope=back.scope)  # a relation lives in its newer fact's scope
 
 
 async def _decide(ctx: PipelineContext, plan: Plan, entities: list[Entity], source: Source,
@@ -291,7 +285,7 @@ async def _decide(ctx: PipelineContext, plan: Plan, entities: list[Entity], sour
                 ch.supersede.append(f.id)
                 ch.relations.append(EvolutionRelation(
                     f.id, by.target_id, by.evolution_type, f"same statement as superseded fact {old.id}",
-                    by.confidence, created_at=now, **ctx_scope_of(f)))
+                    by.confidence, created_at=now, scope=f.scope))
 
     for old in plan.known.values():
         if old.valid_to is None:
@@ -307,7 +301,7 @@ async def _decide(ctx: PipelineContext, plan: Plan, entities: list[Entity], sour
         by_id = {c.id: c for c in cands}
         for d in decisions:
             rel = EvolutionRelation(d.candidate_id, e.id, d.evolution_type, d.reason, d.confidence,
-                                    created_at=now, **ctx_scope_of(e))
+                                    created_at=now, scope=e.scope)
             if d.evolution_type.supersedes and d.confidence >= threshold and d.candidate_id not in ch.revive:
                 retire(by_id[d.candidate_id], rel)
             elif rel.id not in {r.id for r in ch.relations}:

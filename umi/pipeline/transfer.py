@@ -192,7 +192,8 @@ def check_consistent(plan: ImportPlan, ctx: PipelineContext) -> None:
         if e.embedding is not None and ((theirs is not None and theirs != ours) or e.embedding.size != dim):
             e.embedding = None
     if ctx.scope is not None:
-        for what in (*plan.entities, *plan.sources):
+        scoped: list[Entity | Source] = [*plan.entities, *plan.sources]
+        for what in scoped:
             if not ctx.scope.contains(what.scope):
                 raise ValidationError(f"record {what.id} belongs to scope {what.scope.to_dict()}, outside this "
                                       f"view's scope {ctx.scope.to_dict()}")
