@@ -413,3 +413,24 @@ def test_two_writers_with_a_slow_llm_do_not_wait_for_each_other():
 
     serial, concurrent = asyncio.run(main())
     assert concurrent < 0.4 * serial, (serial, concurrent)  # holding the lock across the LLM: ~0.6
+
+
+def test_remember_many_is_remembering_one_by_one():
+    from umi.pipeline import remember as pipeline
+
+    texts = ["Alice works at Acme Corp.", "Alice now works at Initech", "Bob lives in Berlin",
+             "Alice works at Acme Corp.", "Bob moved to Munich", "Bob lives in Berlin", "we agreed on a budget"]
+    with _mem(None, SimEmbeddingProvider(4, 64)) as one, _mem(None, SimEmbeddingProvider(4, 64)) as many:
+        singles = [one.remember_sync(t) for t in texts]
+        batch = many._runner.run(pipeline.remember_many(many._ctx, texts, RememberOptions()))
+        def outcome(rs):
+            return [(r.duplicate, sorted(e.id for e in r.entities),
+                     sorted((x.source_id, x.target_id, x.evolution_type) for x in r.evolutions)) for r in rs]
+
+        assert outcome(batch) == outcome(singles)
+
+        def shape(m):  # times differ (one clock tick per call); the facts, validity and links do not
+            return sorted((r["kind"], r.get("source_id"), r.get("target_id"), r.get("entity_id"), r.get("name"),
+                           r.get("valid_to") is None, r.get("op")) for r in state(m))
+
+        assert shape(many) == shape(one)

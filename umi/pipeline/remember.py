@@ -44,7 +44,7 @@ from .context import PipelineContext, provider_failure
 from .evolution import Candidate, EvolutionDecision, parse_evolution, rule_classify
 from .extraction import ExtractedEntity, note_for, parse_extraction, rule_extract, with_leftovers
 
-__all__ = ["validate_text", "remember", "statement_key", "OPTIMISTIC_ATTEMPTS"]
+__all__ = ["validate_text", "remember", "remember_many", "statement_key", "OPTIMISTIC_ATTEMPTS"]
 
 #: read-plan rounds without the lock before a writer holds it from plan to commit
 OPTIMISTIC_ATTEMPTS = 3
@@ -109,7 +109,7 @@ def _build_entities(ctx: PipelineContext, found: Sequence[ExtractedEntity], opts
             updated_at=now,
             event_time=opts.event_time,
             source_id=source_id,
-            **ctx.entity_scope(),
+            scope=ctx.scope,
         )
         if e.id not in seen:
             seen.add(e.id)
@@ -166,16 +166,16 @@ def _candidates_for(ctx: PipelineContext, e: Entity, exclude: set[str]) -> list[
     if cap == 0:
         return []
     current = ctx.user_filters()
-    user = ctx.user_id()
     same = [c for c in ctx.storage.find_by_name(e.name, filters=current)
-            if c.id not in exclude and ctx.same_user(c, user)]
+            if c.id not in exclude and ctx.same_user(c)]
     same.sort(key=lambda c: (-c.created_at, c.id))
     picked = {c.id: c for c in same[:cap]}
     if e.embedding is not None and len(picked) < cap:
-        near = [cid for cid, score in ctx.storage.search_vector(e.embedding, cap + len(exclude), current)
+        deeper = 1 if ctx.scope.user_id is not None else 4  # other users' facts are skipped below
+        near = [cid for cid, score in ctx.storage.search_vector(e.embedding, cap * deeper + len(exclude), current)
                 if cid not in exclude and cid not in picked and score >= ctx.config.evolution_similarity]
         for c in ctx.storage.get_many(near):
-            if len(picked) < cap and ctx.same_user(c, user):
+            if len(picked) < cap and ctx.same_user(c):
                 picked[c.id] = c
     return list(picked.values())
 
@@ -373,33 +373,60 @@ async def _attempt(ctx: PipelineContext, source: Source, entities: list[Entity],
     return True
 
 
-async def remember(ctx: PipelineContext, text: str, opts: RememberOptions) -> RememberResult:
-    """Run the pipeline. Takes the write lock itself, only around read plan → commit."""
-    result = RememberResult()
-    source = ctx.source_for(text, ctx.now_ms(), opts.metadata)
-    result.source_id = source.id
-    if await ctx.io(is_duplicate, ctx, source):
-        result.duplicate = True
-        result.warnings.append("this exact text was remembered before; nothing new was stored")
-        return result
-
-    found = await _extract(ctx, text, opts, result)
-    entities = _build_entities(ctx, found, opts, source.id, ctx.now_ms())
-    if entities and opts.generate_embeddings and ctx.embedder is not None:
-        try:
-            vecs = await ctx.embed([e.text_for_embedding() for e in entities], "passage")
-            for e, v in zip(entities, vecs):
-                e.embedding = np.ascontiguousarray(v)
-        except (EmbeddingError, ProviderError) as exc:
-            result.warnings.append(f"embedding failed, stored without vectors (keyword search still works): "
-                                   f"{provider_failure(exc)}")
-
+async def _settle(ctx: PipelineContext, source: Source, entities: list[Entity], opts: RememberOptions,
+                  result: RememberResult) -> None:
+    """Read plan → decide → commit, optimistically; the lock is held throughout only after
+    ``OPTIMISTIC_ATTEMPTS`` rounds in which other writers changed what the plan read."""
     base_warnings = list(result.warnings)
     for _ in range(OPTIMISTIC_ATTEMPTS):
         result.warnings = list(base_warnings)
         if await _attempt(ctx, source, entities, opts, result, holding_lock=False):
-            return result
+            return
     result.warnings = list(base_warnings)
     async with ctx.write_lock:  # a busy store: hold the lock from plan to commit this time
         await _attempt(ctx, source, entities, opts, result, holding_lock=True)
+
+
+async def _embed_all(ctx: PipelineContext, groups: list[list[Entity]], results: list[RememberResult]) -> None:
+    """One embedding batch for the facts of every text; a failure is reported on each text."""
+    flat = [e for g in groups for e in g]
+    if not flat or ctx.embedder is None:
+        return
+    try:
+        vecs = await ctx.embed([e.text_for_embedding() for e in flat], "passage")
+    except (EmbeddingError, ProviderError) as exc:
+        for g, r in zip(groups, results):
+            if g:
+                r.warnings.append("embedding failed, stored without vectors (keyword search still works): "
+                                  f"{provider_failure(exc)}")
+        return
+    for e, v in zip(flat, vecs):
+        e.embedding = np.ascontiguousarray(v)
+
+
+async def remember_many(ctx: PipelineContext, texts: Sequence[str], opts: RememberOptions) -> list[RememberResult]:
+    """Remember validated texts, in order, with one result each: exact duplicates found in one
+    I/O hop, every text extracted at once (LLM calls run concurrently), every fact embedded in
+    one batch; then each text's read plan → decide → commit in turn, so each is compared with
+    the store as the texts before it left it — the outcome of remembering them one by one."""
+    sources = [ctx.source_for(t, ctx.now_ms(), opts.metadata) for t in texts]
+    results = [RememberResult(source_id=s.id) for s in sources]
+    dup = await ctx.io(lambda: [is_duplicate(ctx, s) for s in sources])
+    for d, r in zip(dup, results):
+        if d:
+            r.duplicate = True
+            r.warnings.append("this exact text was remembered before; nothing new was stored")
+    live = [i for i, d in enumerate(dup) if not d]
+    found = await asyncio.gather(*(_extract(ctx, texts[i], opts, results[i]) for i in live))
+    groups = [_build_entities(ctx, f, opts, sources[i].id, ctx.now_ms()) for i, f in zip(live, found)]
+    if opts.generate_embeddings:
+        await _embed_all(ctx, groups, [results[i] for i in live])
+    for i, entities in zip(live, groups):
+        await _settle(ctx, sources[i], entities, opts, results[i])
+    return results
+
+
+async def remember(ctx: PipelineContext, text: str, opts: RememberOptions) -> RememberResult:
+    """Remember one text. Takes the write lock itself, only around read plan → commit."""
+    (result,) = await remember_many(ctx, [text], opts)
     return result
