@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar, overload
 
 from .errors import InvalidConfigError, UmiError, ValidationError
 from .options import MemoryConfig, RecallOptions, RememberOptions
@@ -280,12 +280,22 @@ class Memory:
         async with ctx.write_lock:  # issue 14: the read and the delete both inside the lock
             return await ctx.io(lambda: _forget.forget_ids(ctx, _forget.statement_ids(ctx, eid), self._now_ms())) > 0
 
+    @overload
+    async def forget(self, entity_id: str) -> bool: ...
+    @overload
+    async def forget(self, *, where: SearchFilters) -> int: ...
+
     async def forget(self, entity_id: str | None = None, *, where: SearchFilters | None = None) -> Any:
         """Forget a fact — with the other facets of its statement — everywhere it is stored, and
         revive what only it had superseded: True, or False when nothing had that id. With
         ``where=SearchFilters(...)``, forget every fact the filters match and return how many."""
         self._check_open()
         return await self._runner.arun(self._forget(entity_id, where))
+
+    @overload
+    def forget_sync(self, entity_id: str) -> bool: ...
+    @overload
+    def forget_sync(self, *, where: SearchFilters) -> int: ...
 
     def forget_sync(self, entity_id: str | None = None, *, where: SearchFilters | None = None) -> Any:
         self._check_open()

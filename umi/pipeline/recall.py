@@ -141,7 +141,11 @@ def _statements(ctx: PipelineContext, fused: list[tuple[str, float]], limit: int
         by_id = {e.id: e for e in ctx.storage.get_many([i for i, _ in part])}
         for id_, score in part:
             e = by_id.get(id_)
-            if e is None or (as_of is not None and not current_at(ctx.storage.history(e.id), as_of)):
+            if e is None:
+                continue
+            # The store's as_of reads created_at/valid_to; a fact changed after as_of (superseded,
+            # then revived) may have been superseded *at* as_of: its history says.
+            if as_of is not None and e.updated_at > as_of and not current_at(ctx.storage.history(e.id), as_of):
                 continue
             key = statement_key(e)
             got = groups.get(key)
