@@ -220,7 +220,8 @@ class RecallOptions:
         return dataclasses.replace(self, time_range=(start_ms, end_ms))
 
     def with_entity_types(self, *types: EntityType | str) -> "RecallOptions":
-        return dataclasses.replace(self, entity_types=tuple(types))
+        parsed: tuple[EntityType, ...] = tuple(EntityType.parse(t) for t in types)
+        return dataclasses.replace(self, entity_types=parsed)
 
     def with_metadata(self, metadata: Mapping[str, MetadataValue]) -> "RecallOptions":
         return dataclasses.replace(self, metadata=metadata)
