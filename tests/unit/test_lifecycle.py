@@ -280,8 +280,25 @@ def test_cli_export_refuses_its_own_database_and_round_trips(tmp_path, capsys):
     from umi.cli import main
 
     db = str(tmp_path / "own.duckdb")
+    for text in ("Bob lives in Berlin", "Bob moved to Munich", "Alice, Bob and Carol founded Zephyr Labs."):
+        assert main(["remember", text, "--db", db], out=io.StringIO()) == 0
     assert main(["export", "--db", db, "--out", db], out=io.StringIO()) == 2
     assert "own database" in capsys.readouterr().err
+    with umi.Memory(db) as m:
+        m.forget_sync(m.recall_sync("Zephyr Labs")[0].id)
+    dump = tmp_path / "dump.jsonl"
+    assert main(["export", "--db", db, "--out", str(dump)], out=io.StringIO()) == 0  # no vectors in the file
+    assert "embedding" not in dump.read_text() and "Zephyr" not in dump.read_text()
+    other = str(tmp_path / "other.duckdb")
+    out = io.StringIO()
+    assert main(["import", str(dump), "--db", other], out=out) == 0
+    assert "embedded=2" in out.getvalue() and "2/2" in capsys.readouterr().err  # re-embedded, with a progress bar
+    again = tmp_path / "again.jsonl"
+    assert main(["export", "--db", other, "--out", str(again)], out=io.StringIO()) == 0
+    assert again.read_text() == dump.read_text()
+    with umi.Memory(db) as a, umi.Memory(other) as b:
+        q = "Where does Bob live?"
+        assert [(h.id, round(h.score, 6)) for h in a.recall_sync(q)] == [(h.id, round(h.score, 6)) for h in b.recall_sync(q)]
 
 
 # --- 6. uniform degradation ------------------------------------------------------------------
