@@ -292,7 +292,8 @@ def test_cli_export_refuses_its_own_database_and_round_trips(tmp_path, capsys):
     other = str(tmp_path / "other.duckdb")
     out = io.StringIO()
     assert main(["import", str(dump), "--db", other], out=out) == 0
-    assert "embedded=2" in out.getvalue() and "2/2" in capsys.readouterr().err  # re-embedded, with a progress bar
+    assert "entities=4" in out.getvalue() and "embedded=4" in out.getvalue()  # re-embedded...
+    assert "4/4" in capsys.readouterr().err  # ...with a progress bar
     again = tmp_path / "again.jsonl"
     assert main(["export", "--db", other, "--out", str(again)], out=io.StringIO()) == 0
     assert again.read_text() == dump.read_text()
