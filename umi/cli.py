@@ -18,10 +18,11 @@ from .errors import UmiError, ValidationError
 __all__ = ["main"]
 
 
-def _memory(db: str) -> Any:
+def _memory(db: str, args: argparse.Namespace | None = None) -> Any:
+    """The Memory a command works on: the whole store, or the scope of ``--user`` / ``--agent``."""
     from .memory import Memory
 
-    return Memory(db)
+    return Memory(db, user_id=getattr(args, "user", None), agent_id=getattr(args, "agent", None))
 
 
 def _print_entity(e: Any, out: TextIO, *, with_score: bool = True) -> None:
@@ -99,7 +100,7 @@ def cmd_remember(args: argparse.Namespace, out: TextIO) -> int:
     opts = RememberOptions(importance=args.importance)
     if args.raw:
         opts = opts.without_extraction()
-    with _memory(args.db) as memory:
+    with _memory(args.db, args) as memory:
         r = memory.remember_sync(args.text, opts)
     out.write(f"stored {r.entity_count} entities, {len(r.evolutions)} evolutions\n")
     for e in r.entities:
@@ -115,7 +116,7 @@ def cmd_recall(args: argparse.Namespace, out: TextIO) -> int:
     from .options import RecallOptions
 
     opts = RecallOptions(limit=args.limit, include_superseded=args.all)
-    with _memory(args.db) as memory:
+    with _memory(args.db, args) as memory:
         hits = memory.recall_sync(args.query, opts)
     if args.json:
         for e in hits:
@@ -132,12 +133,12 @@ def cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
     from .storage.base import SearchFilters
     from .types import EntityType
 
-    with _memory(args.db) as memory:
+    with _memory(args.db, args) as memory:
         total = memory.count_sync()
         current = memory.count_sync(include_superseded=False)
         out.write(f"db: {args.db}\nentities: {total} (current {current}, superseded {total - current})\n")
         for t in EntityType:
-            n = memory.storage.count(SearchFilters(entity_types=(t,), include_superseded=True))
+            n = memory.count_sync(where=SearchFilters(entity_types=(t,), include_superseded=True))
             if n:
                 out.write(f"  {t.value}: {n}\n")
         out.write(f"embedding dim: {memory.storage.dim}\n")
@@ -181,7 +182,7 @@ def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
     records = list(_read_jsonl(args.file))
     err = sys.stderr
     counts = {"remembered": 0, "duplicates": 0, "entities": 0, "relations": 0}
-    with _memory(args.db) as memory:
+    with _memory(args.db, args) as memory:
         relations = []
         for i, (n, rec) in enumerate(records, start=1):
             kind = rec.get("kind", "text")
@@ -212,23 +213,11 @@ def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_export(args: argparse.Namespace, out: TextIO) -> int:
-    with _memory(args.db) as memory:
+    with _memory(args.db, args) as memory:
         target = open(args.out, "w", encoding="utf-8") if args.out else out
         try:
-            seen_rel: set[str] = set()
-            rels = []
-            for e in memory.storage.iter_all():
-                d = e.to_dict(with_embedding=args.embeddings)
-                d["kind"] = "entity"
+            for d in memory.export_sync(embeddings=args.embeddings):
                 target.write(json.dumps(d, sort_keys=True, ensure_ascii=False) + "\n")
-                for r in memory.storage.relations_for(e.id):
-                    if r.id not in seen_rel:
-                        seen_rel.add(r.id)
-                        rels.append(r)
-            for r in sorted(rels, key=lambda r: (r.created_at, r.id)):
-                d = r.to_dict()
-                d["kind"] = "relation"
-                target.write(json.dumps(d, sort_keys=True) + "\n")
         finally:
             if target is not out:
                 target.close()
@@ -248,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_db(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sp.add_argument("--db", default="umi.duckdb", help="DuckDB file (default: ./umi.duckdb)")
+        sp.add_argument("--user", default=None, help="work in this user's scope (default: every scope)")
+        sp.add_argument("--agent", default=None, help="work in this agent's scope (default: every scope)")
         return sp
 
     r = with_db(sub.add_parser("remember", help="remember a text"))

@@ -7,7 +7,17 @@ generated from it by :func:`_sync` — there is no second implementation. Writes
 serialised by one lock; reads run concurrently.
 
 What a Memory shares with its views lives in one :class:`_Engine` (store, providers,
-loop, write lock, clock); a :class:`Memory` object is a face over it.
+loop, write lock, clock, the core memories); a :class:`Memory` object is a face over it
+with a :class:`~umi.Scope`. ``memory.scoped(user_id=...)`` makes another face over the
+same engine: cheap, and closing it leaves the store open.
+
+Scopes. A record's unset component means "not owned at that level". A view sees the
+records whose components equal every component the view sets (unset in the view: any);
+``Memory(path)`` without a scope sees every scope. Writes through a view are stamped with
+its scope; exact-duplicate texts are per exact scope; evolution compares facts of one
+``user_id`` (a user's agent- and session-level facts do see each other). Core memory
+belongs to ``Scope(user_id, agent_id)`` and is stored; working memory is a per-process
+session cache, one per view scope, never stored.
 """
 
 from __future__ import annotations
@@ -16,20 +26,21 @@ import functools
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Concatenate, Coroutine, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Concatenate, Coroutine, Iterable, ParamSpec, TypeVar
 
-from .errors import InvalidConfigError, UmiError, ValidationError
+from .errors import CoreMemoryFullError, InvalidConfigError, InvalidScopeError, UmiError, ValidationError
 from .options import MemoryConfig, RecallOptions, RememberOptions
 from .pipeline import recall as _recall
 from .pipeline import remember as _remember
-from .pipeline.context import PipelineContext
+from .pipeline import update as _update
+from .pipeline.context import PipelineContext, narrow_scope
 from .providers.base import EmbeddingProvider, LLMProvider
 from .storage.base import HistoryRecord, SearchFilters, StorageBackend
-from .types import Entity, EvolutionRelation, RememberResult
+from .types import CoreHistoryRecord, Entity, EvolutionRelation, RememberResult, Scope
 
 if TYPE_CHECKING:
     from ._loop import LoopThread
-    from .core_memory import CoreMemory
+    from .core_memory import PersistentCoreMemory
     from .working_memory import WorkingMemory
 
 T = TypeVar("T")
@@ -38,6 +49,13 @@ P = ParamSpec("P")
 __all__ = ["Memory", "MemoryBuilder"]
 
 SIM_EPOCH_MS = 1_700_000_000_000  # 2023-11-14: where every Sim clock starts
+#: store metadata key of the embedder's identity, ``"name|model|dim"``
+EMBEDDER_META_KEY = "embedder"
+#: texts per chunk of ``remember_many`` (one embedding batch and one transaction each)
+REMEMBER_MANY_CHUNK = 128
+REMEMBER_MANY_CHUNK_MAX = 10_000
+_LIST_PAGE = 1000
+_KEEP: Any = object()  # "this scope component was not given"
 
 
 def _check_id(entity_id: object) -> str:
@@ -46,6 +64,30 @@ def _check_id(entity_id: object) -> str:
     if not entity_id.strip():
         raise ValidationError("entity id must not be empty")
     return entity_id
+
+
+def embedder_identity(embedder: EmbeddingProvider) -> str:
+    """``name|model|dim``: what a store records of the embedder its vectors came from. ``model``
+    is the provider's ``model`` attribute, or ``seed=N`` for a seeded one (the Sim embedder)."""
+    model = getattr(embedder, "model", None)
+    if model is None and getattr(embedder, "seed", None) is not None:
+        model = f"seed={embedder.seed}"  # type: ignore[attr-defined]
+    return f"{embedder.name}|{model or ''}|{embedder.dim}"
+
+
+def _check_embedder(storage: StorageBackend, embedder: EmbeddingProvider) -> None:
+    if storage.dim is not None and storage.dim != embedder.dim:
+        raise InvalidConfigError(
+            f"the store holds {storage.dim}-d vectors but the embedder makes {embedder.dim}-d ones; "
+            "use the embedder the store was built with"
+        )
+    stored = storage.get_meta(EMBEDDER_META_KEY)
+    mine = embedder_identity(embedder)
+    if stored is not None and stored != mine:
+        raise InvalidConfigError(
+            f"the store was written with the embedder {stored!r} (name|model|dim) but this Memory's is "
+            f"{mine!r}; vectors of different models cannot be compared: open the store with its embedder"
+        )
 
 
 def _opts(options: Any, cls: type[T]) -> T:
@@ -89,19 +131,78 @@ class _Engine:
         self.now_ms = _Clock(exact_ms if callable(exact_ms) else (lambda: round(seconds() * 1000.0)))
         self.runner: LoopThread = LoopThread()
         self._write_lock: Any = None  # an asyncio.Lock, made on the loop on first use
+        self._parts_lock = threading.Lock()
+        self._cores: dict[Scope, PersistentCoreMemory] = {}
+        self._workings: dict[Scope, WorkingMemory] = {}
+        self._embedder_recorded = embedder is None
         self.closed = False
 
-    async def locked(self, coro: Awaitable[T]) -> T:
-        """Await ``coro`` holding the write lock (on the loop)."""
+    async def locked(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Await ``coro`` holding the write lock (on the loop). The first write records the
+        embedder's identity in the store."""
         import asyncio
 
         if self._write_lock is None:
             self._write_lock = asyncio.Lock()
         async with self._write_lock:
+            if not self._embedder_recorded:
+                try:
+                    await self.io(self._record_embedder)
+                except BaseException:
+                    coro.close()
+                    raise
             return await coro
+
+    def _record_embedder(self) -> None:
+        assert self.embedder is not None
+        if self.storage.get_meta(EMBEDDER_META_KEY) is None:
+            self.storage.set_meta(EMBEDDER_META_KEY, embedder_identity(self.embedder))
+        self._embedder_recorded = True
+
+    def check_open(self) -> None:
+        if self.closed:
+            raise UmiError("this Memory is closed")
+
+    def core_for(self, scope: Scope) -> "PersistentCoreMemory":
+        """The core memory of ``Scope(user_id, agent_id)``: one per engine, loaded on first use."""
+        from .core_memory import PersistentCoreMemory
+
+        with self._parts_lock:
+            core = self._cores.get(scope)
+            if core is None:
+                core = PersistentCoreMemory(max_bytes=self.config.core_memory_bytes)
+                try:
+                    core._bind(_StoredBlocks(self, scope))
+                except CoreMemoryFullError as exc:
+                    raise InvalidConfigError(
+                        f"the stored core blocks of {scope} do not fit core_memory_bytes="
+                        f"{self.config.core_memory_bytes}: {exc}") from exc
+                self._cores[scope] = core
+            return core
+
+    def working_for(self, scope: Scope) -> "WorkingMemory":
+        """The working memory of a view scope: in this process only, one per scope."""
+        from .working_memory import WorkingMemory
+
+        with self._parts_lock:
+            wm = self._workings.get(scope)
+            if wm is None:
+                cfg = self.config
+                wm = WorkingMemory(max_bytes=cfg.working_memory_bytes, max_entries=cfg.working_memory_entries,
+                                   default_ttl_secs=cfg.working_memory_ttl.total_seconds(), clock=self.clock)
+                self._workings[scope] = wm
+            return wm
 
     def io(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
         return self.runner.io(fn, *args)
+
+    async def locked_io(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on an I/O thread, started only once the write lock is held."""
+
+        async def call() -> T:
+            return await self.io(fn, *args)
+
+        return await self.locked(call())
 
     def close(self) -> None:
         if self.closed:
@@ -115,6 +216,33 @@ class _Engine:
         finally:
             self.runner.close()
             self.storage.close()
+
+
+class _StoredBlocks:
+    """The store's core blocks of one scope, as a :class:`~umi.core_memory.PersistentCoreMemory`
+    writes them: each call is one transaction of the store (called from the caller's thread;
+    the store's own lock orders it with the other writers)."""
+
+    def __init__(self, engine: _Engine, scope: Scope) -> None:
+        self._engine = engine
+        self._scope = scope
+
+    def load(self) -> list[tuple[str, str, float]]:
+        self._engine.check_open()
+        blocks = sorted(self._engine.storage.core_blocks(self._scope), key=lambda b: b.position)
+        return [(b.name, b.content, b.importance) for b in blocks]
+
+    def set(self, label: str, content: str, importance: float) -> None:
+        self._engine.check_open()
+        self._engine.storage.set_core_block(self._scope, label, content, importance, self._engine.now_ms())
+
+    def remove(self, label: str) -> bool:
+        self._engine.check_open()
+        return self._engine.storage.remove_core_block(self._scope, label, self._engine.now_ms())
+
+    def clear(self) -> int:
+        self._engine.check_open()
+        return self._engine.storage.clear_core_blocks(self._scope, self._engine.now_ms())
 
 
 def _on_loop(fn: Callable[Concatenate["Memory", P], Coroutine[Any, Any, T]]
@@ -158,12 +286,16 @@ class Memory:
         self,
         path: str | os.PathLike[str] = "umi.duckdb",
         *,
+        user_id: str | None = None,
+        agent_id: str | None = None,
+        session_id: str | None = None,
         config: MemoryConfig | None = None,
         llm: LLMProvider | None = None,
         embedder: EmbeddingProvider | None = None,
         storage: StorageBackend | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
+        scope = Scope(user_id, agent_id, session_id)  # validated before anything is opened
         config = config if config is not None else MemoryConfig()
         if not isinstance(config, MemoryConfig):
             raise TypeError(f"config must be a MemoryConfig, not {type(config).__name__}")
@@ -177,6 +309,7 @@ class Memory:
             embedder = LocalEmbeddingProvider()
         elif not isinstance(embedder, EmbeddingProvider):
             raise TypeError(f"embedder must be an EmbeddingProvider, not {type(embedder).__name__}")
+        opened = storage is None
         if storage is None:
             if not isinstance(path, (str, os.PathLike)):
                 raise TypeError(f"path must be str or PathLike, not {type(path).__name__}")
@@ -187,40 +320,70 @@ class Memory:
             )
         elif not isinstance(storage, StorageBackend):
             raise TypeError(f"storage must be a StorageBackend, not {type(storage).__name__}")
-        if storage.dim is not None and storage.dim != embedder.dim:
-            raise InvalidConfigError(
-                f"the store holds {storage.dim}-d vectors but the embedder makes {embedder.dim}-d ones; "
-                "use the embedder the store was built with"
-            )
-        self._attach(_Engine(config, llm, embedder, storage, clock), owner=True)
+        try:
+            _check_embedder(storage, embedder)
+        except BaseException:
+            if opened:  # a store the caller passed stays theirs until a Memory is made of it
+                storage.close()
+            raise
+        engine = _Engine(config, llm, embedder, storage, clock)
+        try:
+            self._attach(engine, scope, owner=True)
+        except BaseException:
+            engine.close()
+            raise
 
-    def _attach(self, engine: _Engine, *, owner: bool) -> None:
-        from .core_memory import CoreMemory
-        from .working_memory import WorkingMemory
-
-        config = engine.config
+    def _attach(self, engine: _Engine, scope: Scope, *, owner: bool) -> None:
         self._engine = engine
         self._owner = owner  # only the Memory that opened the engine closes it
         self._closed = False
-        self._ctx = PipelineContext(engine.storage, engine.llm, engine.embedder, config, engine.io, engine.now_ms)
-        self.core: CoreMemory = CoreMemory(max_bytes=config.core_memory_bytes)
-        self.working: WorkingMemory = WorkingMemory(
-            max_bytes=config.working_memory_bytes,
-            max_entries=config.working_memory_entries,
-            default_ttl_secs=config.working_memory_ttl.total_seconds(),
-            clock=engine.clock,
-        )
+        self._ctx = PipelineContext(engine.storage, engine.llm, engine.embedder, engine.config, engine.io,
+                                    engine.now_ms, scope)
+        #: this view's core memory: the blocks of ``Scope(user_id, agent_id)``, stored (see the module doc)
+        self.core: PersistentCoreMemory = engine.core_for(scope.core)
+        #: this view's working memory: a session cache in this process, never stored
+        self.working: WorkingMemory = engine.working_for(scope)
+
+    @property
+    def scope(self) -> Scope:
+        """Whose memory this is: what every read is limited to and every write is stamped with."""
+        return self._ctx.scope
+
+    def scoped(self, *, user_id: str | None = _KEEP, agent_id: str | None = _KEEP,
+               session_id: str | None = _KEEP) -> "Memory":
+        """A view of this memory for one user / agent / session: it shares this Memory's store,
+        loop and providers (cheap to make), reads only what its scope sees and stamps its scope on
+        what it writes. A view can narrow its scope, never leave it (InvalidScopeError). Closing a
+        view does not close the store; closing the Memory that opened the store closes its views."""
+        self._check_open()
+        given = {"user_id": user_id, "agent_id": agent_id, "session_id": session_id}
+        parts = {}
+        for name, value in given.items():
+            mine = getattr(self.scope, name)
+            if value is _KEEP or value == mine:
+                parts[name] = mine
+            elif mine is not None:
+                raise InvalidScopeError(f"this view has {name}={mine!r}; a view of it cannot have "
+                                        f"{name}={value!r} (make views from the unscoped Memory)",
+                                        component=name, value=value)
+            else:
+                parts[name] = value
+        view = Memory.__new__(Memory)
+        view._attach(self._engine, Scope(**parts), owner=False)
+        return view
 
     # --- constructors --------------------------------------------------------
     @classmethod
     def sim(cls, seed: int = 42, *, config: MemoryConfig | None = None, faults: Any = None,
-            dim: int = 384) -> "Memory":
+            dim: int = 384, user_id: str | None = None, agent_id: str | None = None,
+            session_id: str | None = None) -> "Memory":
         """Sim LLM, Sim embedder, Sim storage and a Sim clock: deterministic, in memory, no network."""
         from .providers.sim import SimEmbeddingProvider, SimLLMProvider
         from .sim.clock import SimClock
         from .storage.sim import SimStorageBackend
 
-        return cls(config=config, llm=SimLLMProvider(seed, faults=faults),
+        return cls(user_id=user_id, agent_id=agent_id, session_id=session_id,
+                   config=config, llm=SimLLMProvider(seed, faults=faults),
                    embedder=SimEmbeddingProvider(seed, dim, faults=faults),
                    storage=SimStorageBackend(seed=seed, faults=faults), clock=SimClock(start_ms=SIM_EPOCH_MS))
 
@@ -283,65 +446,226 @@ class Memory:
         if self._closed or self._engine.closed:
             raise UmiError("this Memory is closed")
 
-    def _locked(self, coro: Awaitable[T]) -> Awaitable[T]:
+    def _locked(self, coro: Coroutine[Any, Any, T]) -> Awaitable[T]:
         return self._engine.locked(coro)
+
+    def _io(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
+        return self._engine.io(fn, *args)
+
+    def _visible(self, entity: Entity | None) -> Entity | None:
+        return entity if entity is not None and self._ctx.sees(entity.scope) else None
+
+    def _filters(self, filters: SearchFilters) -> SearchFilters:
+        return self._ctx.within(filters)
 
     # --- remember ------------------------------------------------------------
     @_on_loop
     async def remember(self, text: str, options: RememberOptions | None = None) -> RememberResult:
-        """Extract facts from ``text``, store them, and link them to the facts they update."""
+        """Extract facts from ``text``, store them in this view's scope, and link them to the facts
+        of the same user they update."""
         opts = _opts(options, RememberOptions)
         text = _remember.validate_text(text, self.config.text_bytes_max)
         return await self._locked(_remember.remember(self._ctx, text, opts))
 
     remember_sync = _sync(remember)
 
+    @_on_loop
+    async def remember_many(self, texts: Iterable[str], options: RememberOptions | None = None, *,
+                            progress: Callable[[int, int], object] | None = None,
+                            chunk_size: int = REMEMBER_MANY_CHUNK) -> list[RememberResult]:
+        """Remember many texts: a result per text, in order, as remembering them one by one would.
+
+        Texts go in chunks of ``chunk_size`` (1-10,000): one embedding batch and one transaction
+        per chunk, so a crash loses at most the chunk in flight and the chunks before it stay.
+        Every text is validated before anything is stored. ``progress(done, total)`` is called
+        after each chunk commits (on umi's loop thread: keep it quick)."""
+        opts = _opts(options, RememberOptions)
+        if isinstance(texts, (str, bytes)):
+            raise TypeError("texts must be an iterable of str (e.g. a list), not a single str")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+            raise TypeError(f"chunk_size must be an int, not {type(chunk_size).__name__}")
+        if not 1 <= chunk_size <= REMEMBER_MANY_CHUNK_MAX:
+            raise InvalidConfigError(f"chunk_size must be in [1, {REMEMBER_MANY_CHUNK_MAX}], got {chunk_size}")
+        if progress is not None and not callable(progress):
+            raise TypeError("progress must be a callable progress(done, total)")
+        todo: list[str] = []
+        for i, text in enumerate(texts):
+            try:
+                todo.append(_remember.validate_text(text, self.config.text_bytes_max))
+            except (UmiError, TypeError) as exc:
+                exc.add_note(f"texts[{i}]; nothing was stored")
+                raise
+        results: list[RememberResult] = []
+        for start in range(0, len(todo), chunk_size):
+            chunk = todo[start : start + chunk_size]
+            results += await self._locked(_remember.remember_many(self._ctx, chunk, opts))
+            if progress is not None:
+                progress(len(results), len(todo))
+        return results
+
+    remember_many_sync = _sync(remember_many)
+
+    @_on_loop
+    async def update(self, entity_id: str, content: str) -> RememberResult:
+        """Correct a fact: ``content`` supersedes the current fact ``entity_id`` (kept, with an
+        ``update`` relation and history), re-embedded, in the old fact's scope. Raises
+        ValidationError when this view sees no such fact or it was superseded already."""
+        content = _remember.validate_text(content, self.config.text_bytes_max)
+        return await self._locked(_update.update(self._ctx, _check_id(entity_id), content))
+
+    update_sync = _sync(update)
+
     # --- recall --------------------------------------------------------------
     @_on_loop
     async def recall(self, query: str, options: RecallOptions | None = None) -> list[Entity]:
-        """Current facts relevant to ``query``, best first, each with its fused ``score``."""
+        """Current facts of this view's scope relevant to ``query``, best first, each with its
+        fused ``score``."""
         opts = _opts(options, RecallOptions)
         query = _recall.validate_query(query)
         return await _recall.recall(self._ctx, query, opts)
 
     recall_sync = _sync(recall)
 
-    # --- get / forget / count / history --------------------------------------
+    # --- reads ---------------------------------------------------------------
     @_on_loop
     async def get(self, entity_id: str) -> Entity | None:
-        """The entity with this id, or None."""
-        return await self._engine.io(self.storage.get, _check_id(entity_id))
+        """The entity with this id, or None (also when it belongs to a scope this view cannot see)."""
+        return self._visible(await self._io(self.storage.get, _check_id(entity_id)))
 
     get_sync = _sync(get)
 
     @_on_loop
-    async def forget(self, entity_id: str) -> bool:
-        """Delete an entity from storage and the index. False when nothing had that id."""
-        _check_id(entity_id)
-        return await self._locked(self._engine.io(self.storage.delete, entity_id, self._engine.now_ms()))
-
-    forget_sync = _sync(forget)
-
-    @_on_loop
-    async def count(self, *, include_superseded: bool = True) -> int:
-        """Entities stored (superseded facts too, unless ``include_superseded=False``)."""
-        return await self._engine.io(self.storage.count, SearchFilters(include_superseded=include_superseded))
+    async def count(self, where: SearchFilters | None = None, *, include_superseded: bool = True) -> int:
+        """Entities in this view's scope (superseded facts too, unless ``include_superseded=False``);
+        with ``where``, those the filters match (the filters say whether superseded ones count)."""
+        if where is None:
+            where = SearchFilters(include_superseded=include_superseded)
+        elif not isinstance(where, SearchFilters):
+            raise TypeError(f"where must be a SearchFilters, not {type(where).__name__}")
+        return await self._io(self.storage.count, self._filters(where))
 
     count_sync = _sync(count)
 
     @_on_loop
     async def history(self, entity_id: str) -> list[HistoryRecord]:
-        """Every change to an entity, oldest first."""
-        return await self._engine.io(self.storage.history, _check_id(entity_id))
+        """Every change to an entity of this view's scope, oldest first ([] for another scope's)."""
+        records = await self._io(self.storage.history, _check_id(entity_id))
+        return [h for h in records if self._ctx.sees(h.scope)]
 
     history_sync = _sync(history)
 
     @_on_loop
     async def relations(self, entity_id: str) -> list[EvolutionRelation]:
-        """Evolution relations where the entity is the older or the newer fact."""
-        return await self._engine.io(self.storage.relations_for, _check_id(entity_id))
+        """Evolution relations of this view's scope where the entity is the older or the newer fact."""
+        rels = await self._io(self.storage.relations_for, _check_id(entity_id))
+        return [r for r in rels if self._ctx.sees(r.scope)]
 
     relations_sync = _sync(relations)
+
+    @_on_loop
+    async def core_history(self, label: str | None = None) -> list[CoreHistoryRecord]:
+        """Every stored change to this view's core blocks (or to block ``label``), oldest first."""
+        if label is not None and not isinstance(label, str):
+            raise TypeError(f"label must be str or None, not {type(label).__name__}")
+        return await self._io(self.storage.core_history, self.scope.core, label)
+
+    core_history_sync = _sync(core_history)
+
+    @_on_loop
+    async def export(self, *, embeddings: bool = False) -> list[dict[str, Any]]:
+        """This view's entities (superseded too; ``kind="entity"``) then the relations among them
+        (``kind="relation"``), as JSON-ready dicts: what ``umi export`` writes."""
+
+        def collect() -> list[dict[str, Any]]:
+            out: list[dict[str, Any]] = []
+            rels: dict[str, EvolutionRelation] = {}
+            for e in self._matching(SearchFilters(include_superseded=True)):
+                d = e.to_dict(with_embedding=embeddings)
+                d["kind"] = "entity"
+                out.append(d)
+                for r in self.storage.relations_for(e.id):
+                    if self._ctx.sees(r.scope):
+                        rels[r.id] = r
+            for r in sorted(rels.values(), key=lambda r: (r.created_at, r.id)):
+                d = r.to_dict()
+                d["kind"] = "relation"
+                out.append(d)
+            return out
+
+        return await self._io(collect)
+
+    export_sync = _sync(export)
+
+    # --- forget --------------------------------------------------------------
+    def _matching(self, filters: SearchFilters) -> Iterable[Entity]:
+        """Every entity of this view matching ``filters``, page by page (on an I/O thread)."""
+        filters = self._filters(filters)
+        offset = 0
+        while True:
+            page = self.storage.list(filters, limit=_LIST_PAGE, offset=offset)
+            yield from page
+            if len(page) < _LIST_PAGE:
+                return
+            offset += len(page)
+
+    async def _forget_matching(self, filters: SearchFilters) -> int:
+        def run() -> int:
+            ids = [e.id for e in self._matching(filters)]
+            at = self._engine.now_ms()
+            with self.storage.transaction():
+                return sum(bool(self.storage.delete(i, at)) for i in ids)
+
+        return await self._engine.locked_io(run)
+
+    @_on_loop
+    async def forget(self, entity_id: str | None = None, *, where: SearchFilters | None = None) -> int:
+        """``forget(entity_id)``: remove one fact of this view's scope (True), or False when the view
+        sees none with that id. ``forget(where=filters)``: remove every fact of this view's scope that
+        the filters match (superseded ones only with ``include_superseded=True``), in one
+        transaction; returns how many."""
+        if (entity_id is None) == (where is None):
+            raise TypeError("forget() takes an entity id or where=SearchFilters(...), not both or neither")
+        if where is not None:
+            if not isinstance(where, SearchFilters):
+                raise TypeError(f"where must be a SearchFilters, not {type(where).__name__}")
+            return await self._forget_matching(where)
+        _check_id(entity_id)
+
+        def run() -> bool:
+            if self._visible(self.storage.get(entity_id)) is None:
+                return False
+            return bool(self.storage.delete(entity_id, self._engine.now_ms()))
+
+        return await self._engine.locked_io(run)
+
+    forget_sync = _sync(forget)
+
+    @_on_loop
+    async def forget_source(self, source_id: str) -> int:
+        """Remove every fact that one remembered text produced (in this view's scope); how many."""
+        if not isinstance(source_id, str):
+            raise TypeError(f"source_id must be str, not {type(source_id).__name__}")
+        return await self._forget_matching(SearchFilters(source_id=source_id, include_superseded=True))
+
+    forget_source_sync = _sync(forget_source)
+
+    @_on_loop
+    async def forget_scope(self, *, user_id: str | None = None, agent_id: str | None = None,
+                           session_id: str | None = None) -> int:
+        """Remove every fact (superseded too) of one scope inside this view — e.g.
+        ``memory.forget_scope(user_id="alice")`` — and, when the scope names no session, the core
+        blocks of ``Scope(user_id, agent_id)``. Returns how many facts were removed. Another scope's
+        records are never touched; an unscoped Memory must name a scope."""
+        target = narrow_scope(self.scope, Scope(user_id, agent_id, session_id))
+        if target is None:
+            raise InvalidScopeError("forget_scope() needs a scope: pass user_id, agent_id or session_id "
+                                    "(this Memory is unscoped, and this call never forgets every scope)")
+        n = await self._forget_matching(SearchFilters(scope=target, include_superseded=True))
+        if target.session_id is None:
+            await self._engine.locked_io(lambda: self._engine.core_for(target.core).clear())
+        return n
+
+    forget_scope_sync = _sync(forget_scope)
 
     # --- lifecycle -----------------------------------------------------------
     def close(self) -> None:
@@ -372,7 +696,9 @@ class Memory:
     def __repr__(self) -> str:
         llm = self.llm.name if self.llm is not None else "rules"
         emb = self.embedder.name if self.embedder is not None else "none"
-        return f"<umi.Memory storage={type(self.storage).__name__} llm={llm} embedder={emb}>"
+        scope = "" if self.scope.is_unset else " " + " ".join(
+            f"{k}={v}" for k, v in self.scope.to_dict().items() if v is not None)
+        return f"<umi.Memory storage={type(self.storage).__name__} llm={llm} embedder={emb}{scope}>"
 
 
 def _embedder_for(openai_key: str | None, *, openai: bool = False) -> EmbeddingProvider:
@@ -426,6 +752,12 @@ class MemoryBuilder:
         if not isinstance(config, MemoryConfig):
             raise TypeError(f"config must be a MemoryConfig, not {type(config).__name__}")
         return self._with(config=config)
+
+    def with_scope(self, *, user_id: str | None = None, agent_id: str | None = None,
+                   session_id: str | None = None) -> "MemoryBuilder":
+        """Whose memory the built Memory is (see :meth:`Memory.scoped`)."""
+        Scope(user_id, agent_id, session_id)  # validate now, where the mistake is
+        return self._with(user_id=user_id, agent_id=agent_id, session_id=session_id)
 
     def with_clock(self, clock: Callable[[], float]) -> "MemoryBuilder":
         """Seconds as a float (``time.time`` by default); a ``umi.sim.SimClock`` in tests."""
