@@ -22,7 +22,9 @@ session cache, one per view scope, never stored.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 import os
 import threading
 import time
@@ -30,10 +32,13 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Concatenate, Corouti
 
 from .errors import CoreMemoryFullError, InvalidConfigError, InvalidScopeError, UmiError, ValidationError
 from .options import MemoryConfig, RecallOptions, RememberOptions
+from .pipeline import forget as _forget
 from .pipeline import recall as _recall
 from .pipeline import remember as _remember
+from .pipeline import transfer as _transfer
 from .pipeline import update as _update
-from .pipeline.context import PipelineContext, narrow_scope
+from .pipeline.context import PipelineContext, WriteLock
+from .pipeline.recall import RecallResult
 from .providers.base import EmbeddingProvider, LLMProvider
 from .storage.base import HistoryRecord, SearchFilters, StorageBackend
 from .types import CoreHistoryRecord, Entity, EvolutionRelation, RememberResult, Scope
@@ -54,8 +59,8 @@ EMBEDDER_META_KEY = "embedder"
 #: texts per chunk of ``remember_many`` (one embedding batch and one transaction each)
 REMEMBER_MANY_CHUNK = 128
 REMEMBER_MANY_CHUNK_MAX = 10_000
-_LIST_PAGE = 1000
 _KEEP: Any = object()  # "this scope component was not given"
+_SCOPE_PARTS = ("user_id", "agent_id", "session_id")
 
 
 def _check_id(entity_id: object) -> str:
@@ -64,6 +69,12 @@ def _check_id(entity_id: object) -> str:
     if not entity_id.strip():
         raise ValidationError("entity id must not be empty")
     return entity_id
+
+
+def _text_options(rec: Any) -> tuple[Any, Any]:
+    """The options of one ``{"text": ...}`` import line, comparable: (metadata items, event_time)."""
+    meta = rec.get("metadata")
+    return (tuple(sorted(meta.items())) if isinstance(meta, dict) else meta, rec.get("event_time"))
 
 
 def embedder_identity(embedder: EmbeddingProvider) -> str:
@@ -88,6 +99,21 @@ def _check_embedder(storage: StorageBackend, embedder: EmbeddingProvider) -> Non
             f"the store was written with the embedder {stored!r} (name|model|dim) but this Memory's is "
             f"{mine!r}; vectors of different models cannot be compared: open the store with its embedder"
         )
+
+
+def narrow_scope(view: Scope, asked: Scope | None) -> Scope | None:
+    """The scope a view may reach when a caller asks for ``asked``: each part the view sets
+    stays, ``asked`` may set the parts the view leaves open; asking for another value of a part
+    the view sets raises InvalidScopeError. None when nothing is set (every scope)."""
+    parts = {}
+    for name in _SCOPE_PARTS:
+        mine, theirs = getattr(view, name), None if asked is None else getattr(asked, name)
+        if mine is not None and theirs is not None and mine != theirs:
+            raise InvalidScopeError(f"{name}={theirs!r} is outside this view's scope ({name}={mine!r})",
+                                    component=name, value=theirs)
+        parts[name] = mine if mine is not None else theirs
+    scope = Scope(**parts)
+    return None if scope.is_unset else scope
 
 
 def _opts(options: Any, cls: type[T]) -> T:
@@ -130,7 +156,7 @@ class _Engine:
         exact_ms = getattr(clock, "now_ms", None)  # a SimClock keeps integer ms: no float round trip
         self.now_ms = _Clock(exact_ms if callable(exact_ms) else (lambda: round(seconds() * 1000.0)))
         self.runner: LoopThread = LoopThread()
-        self._write_lock: Any = None  # an asyncio.Lock, made on the loop on first use
+        self.write_lock = WriteLock()  # one per store: every view's pipelines share it
         self._parts_lock = threading.Lock()
         self._cores: dict[Scope, PersistentCoreMemory] = {}
         self._workings: dict[Scope, WorkingMemory] = {}
@@ -138,20 +164,16 @@ class _Engine:
         self.closed = False
 
     async def locked(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Await ``coro`` holding the write lock (on the loop). The first write records the
-        embedder's identity in the store."""
-        import asyncio
-
-        if self._write_lock is None:
-            self._write_lock = asyncio.Lock()
-        async with self._write_lock:
-            if not self._embedder_recorded:
-                try:
-                    await self.io(self._record_embedder)
-                except BaseException:
-                    coro.close()
-                    raise
+        """Await ``coro`` holding the store's write lock (on the loop)."""
+        async with self.write_lock:
             return await coro
+
+    async def before_write(self) -> None:
+        """Once per engine, before its first write: record the embedder's identity in the store."""
+        if not self._embedder_recorded:
+            async with self.write_lock:
+                if not self._embedder_recorded:
+                    await self.io(self._record_embedder)
 
     def _record_embedder(self) -> None:
         assert self.embedder is not None
@@ -337,8 +359,10 @@ class Memory:
         self._engine = engine
         self._owner = owner  # only the Memory that opened the engine closes it
         self._closed = False
+        self._scope = scope
         self._ctx = PipelineContext(engine.storage, engine.llm, engine.embedder, engine.config, engine.io,
-                                    engine.now_ms, scope)
+                                    engine.now_ms, write_lock=engine.write_lock,
+                                    scope=None if scope.is_unset else scope)
         #: this view's core memory: the blocks of ``Scope(user_id, agent_id)``, stored (see the module doc)
         self.core: PersistentCoreMemory = engine.core_for(scope.core)
         #: this view's working memory: a session cache in this process, never stored
@@ -347,7 +371,7 @@ class Memory:
     @property
     def scope(self) -> Scope:
         """Whose memory this is: what every read is limited to and every write is stamped with."""
-        return self._ctx.scope
+        return self._scope
 
     def scoped(self, *, user_id: str | None = _KEEP, agent_id: str | None = _KEEP,
                session_id: str | None = _KEEP) -> "Memory":
@@ -446,17 +470,19 @@ class Memory:
         if self._closed or self._engine.closed:
             raise UmiError("this Memory is closed")
 
-    def _locked(self, coro: Coroutine[Any, Any, T]) -> Awaitable[T]:
-        return self._engine.locked(coro)
-
     def _io(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
         return self._engine.io(fn, *args)
 
+    def _sees(self, scope: Scope) -> bool:
+        return self._scope.contains(scope)
+
     def _visible(self, entity: Entity | None) -> Entity | None:
-        return entity if entity is not None and self._ctx.sees(entity.scope) else None
+        return entity if entity is not None and self._sees(entity.scope) else None
 
     def _filters(self, filters: SearchFilters) -> SearchFilters:
-        return self._ctx.within(filters)
+        """``filters`` kept inside this view: a filter's scope may narrow the view, never leave it."""
+        scope = narrow_scope(self._scope, filters.scope)
+        return filters if scope == filters.scope else dataclasses.replace(filters, scope=scope)
 
     # --- remember ------------------------------------------------------------
     @_on_loop
@@ -465,7 +491,8 @@ class Memory:
         of the same user they update."""
         opts = _opts(options, RememberOptions)
         text = _remember.validate_text(text, self.config.text_bytes_max)
-        return await self._locked(_remember.remember(self._ctx, text, opts))
+        await self._engine.before_write()
+        return await _remember.remember(self._ctx, text, opts)  # locks around read plan → commit only
 
     remember_sync = _sync(remember)
 
@@ -473,10 +500,10 @@ class Memory:
     async def remember_many(self, texts: Iterable[str], options: RememberOptions | None = None, *,
                             progress: Callable[[int, int], object] | None = None,
                             chunk_size: int = REMEMBER_MANY_CHUNK) -> list[RememberResult]:
-        """Remember many texts: a result per text, in order, as remembering them one by one would.
+        """Remember many texts: a result per text, in order — what remembering them one by one gives.
 
         Texts go in chunks of ``chunk_size`` (1-10,000): one embedding batch and one transaction
-        per chunk, so a crash loses at most the chunk in flight and the chunks before it stay.
+        per chunk, so a failure loses at most the chunk in flight and the chunks before it stay.
         Every text is validated before anything is stored. ``progress(done, total)`` is called
         after each chunk commits (on umi's loop thread: keep it quick)."""
         opts = _opts(options, RememberOptions)
@@ -495,10 +522,11 @@ class Memory:
             except (UmiError, TypeError) as exc:
                 exc.add_note(f"texts[{i}]; nothing was stored")
                 raise
+        if todo:
+            await self._engine.before_write()
         results: list[RememberResult] = []
         for start in range(0, len(todo), chunk_size):
-            chunk = todo[start : start + chunk_size]
-            results += await self._locked(_remember.remember_many(self._ctx, chunk, opts))
+            results += await _remember.remember_many(self._ctx, todo[start : start + chunk_size], opts)
             if progress is not None:
                 progress(len(results), len(todo))
         return results
@@ -511,15 +539,17 @@ class Memory:
         ``update`` relation and history), re-embedded, in the old fact's scope. Raises
         ValidationError when this view sees no such fact or it was superseded already."""
         content = _remember.validate_text(content, self.config.text_bytes_max)
-        return await self._locked(_update.update(self._ctx, _check_id(entity_id), content))
+        await self._engine.before_write()
+        return await _update.update(self._ctx, _check_id(entity_id), content)
 
     update_sync = _sync(update)
 
     # --- recall --------------------------------------------------------------
     @_on_loop
-    async def recall(self, query: str, options: RecallOptions | None = None) -> list[Entity]:
-        """Current facts of this view's scope relevant to ``query``, best first, each with its
-        fused ``score``."""
+    async def recall(self, query: str, options: RecallOptions | None = None) -> RecallResult:
+        """Current statements of this view's scope relevant to ``query``, best first, each once with
+        its fused ``score`` and the names it ``mentions``; ``result.warnings`` says how the recall
+        degraded, if it did."""
         opts = _opts(options, RecallOptions)
         query = _recall.validate_query(query)
         return await _recall.recall(self._ctx, query, opts)
@@ -550,7 +580,7 @@ class Memory:
     async def history(self, entity_id: str) -> list[HistoryRecord]:
         """Every change to an entity of this view's scope, oldest first ([] for another scope's)."""
         records = await self._io(self.storage.history, _check_id(entity_id))
-        return [h for h in records if self._ctx.sees(h.scope)]
+        return [h for h in records if self._sees(h.scope)]
 
     history_sync = _sync(history)
 
@@ -558,7 +588,7 @@ class Memory:
     async def relations(self, entity_id: str) -> list[EvolutionRelation]:
         """Evolution relations of this view's scope where the entity is the older or the newer fact."""
         rels = await self._io(self.storage.relations_for, _check_id(entity_id))
-        return [r for r in rels if self._ctx.sees(r.scope)]
+        return [r for r in rels if self._sees(r.scope)]
 
     relations_sync = _sync(relations)
 
@@ -567,105 +597,115 @@ class Memory:
         """Every stored change to this view's core blocks (or to block ``label``), oldest first."""
         if label is not None and not isinstance(label, str):
             raise TypeError(f"label must be str or None, not {type(label).__name__}")
-        return await self._io(self.storage.core_history, self.scope.core, label)
+        return await self._io(self.storage.core_history, self._scope.core, label)
 
     core_history_sync = _sync(core_history)
 
-    @_on_loop
-    async def export(self, *, embeddings: bool = False) -> list[dict[str, Any]]:
-        """This view's entities (superseded too; ``kind="entity"``) then the relations among them
-        (``kind="relation"``), as JSON-ready dicts: what ``umi export`` writes."""
-
-        def collect() -> list[dict[str, Any]]:
-            out: list[dict[str, Any]] = []
-            rels: dict[str, EvolutionRelation] = {}
-            for e in self._matching(SearchFilters(include_superseded=True)):
-                d = e.to_dict(with_embedding=embeddings)
-                d["kind"] = "entity"
-                out.append(d)
-                for r in self.storage.relations_for(e.id):
-                    if self._ctx.sees(r.scope):
-                        rels[r.id] = r
-            for r in sorted(rels.values(), key=lambda r: (r.created_at, r.id)):
-                d = r.to_dict()
-                d["kind"] = "relation"
-                out.append(d)
-            return out
-
-        return await self._io(collect)
-
-    export_sync = _sync(export)
-
     # --- forget --------------------------------------------------------------
-    def _matching(self, filters: SearchFilters) -> Iterable[Entity]:
-        """Every entity of this view matching ``filters``, page by page (on an I/O thread)."""
-        filters = self._filters(filters)
-        offset = 0
-        while True:
-            page = self.storage.list(filters, limit=_LIST_PAGE, offset=offset)
-            yield from page
-            if len(page) < _LIST_PAGE:
-                return
-            offset += len(page)
-
-    async def _forget_matching(self, filters: SearchFilters) -> int:
-        def run() -> int:
-            ids = [e.id for e in self._matching(filters)]
-            at = self._engine.now_ms()
-            with self.storage.transaction():
-                return sum(bool(self.storage.delete(i, at)) for i in ids)
-
-        return await self._engine.locked_io(run)
+    async def _forget_ids(self, find: Callable[[PipelineContext], list[str]], source_id: str | None = None) -> int:
+        """Find ids and forget them (reviving what only they had superseded), under the write lock."""
+        ctx = self._ctx
+        return await self._engine.locked_io(
+            lambda: _forget.forget_ids(ctx, find(ctx), self._engine.now_ms(), source_id=source_id))
 
     @_on_loop
     async def forget(self, entity_id: str | None = None, *, where: SearchFilters | None = None) -> int:
-        """``forget(entity_id)``: remove one fact of this view's scope (True), or False when the view
-        sees none with that id. ``forget(where=filters)``: remove every fact of this view's scope that
-        the filters match (superseded ones only with ``include_superseded=True``), in one
-        transaction; returns how many."""
+        """``forget(entity_id)``: forget a fact of this view's scope — with the other facets of its
+        statement — everywhere it is stored, and revive what only it had superseded: True, or False
+        when the view sees nothing with that id. ``forget(where=filters)``: forget every fact of
+        this view the filters match (superseded ones only with ``include_superseded=True``), in
+        one transaction; returns how many."""
         if (entity_id is None) == (where is None):
             raise TypeError("forget() takes an entity id or where=SearchFilters(...), not both or neither")
         if where is not None:
             if not isinstance(where, SearchFilters):
                 raise TypeError(f"where must be a SearchFilters, not {type(where).__name__}")
-            return await self._forget_matching(where)
-        _check_id(entity_id)
-
-        def run() -> bool:
-            if self._visible(self.storage.get(entity_id)) is None:
-                return False
-            return bool(self.storage.delete(entity_id, self._engine.now_ms()))
-
-        return await self._engine.locked_io(run)
+            filters = self._filters(where)
+            return await self._forget_ids(lambda ctx: _forget.filter_ids(ctx, filters))
+        eid = _check_id(entity_id)
+        return await self._forget_ids(lambda ctx: _forget.statement_ids(ctx, eid)) > 0
 
     forget_sync = _sync(forget)
 
     @_on_loop
     async def forget_source(self, source_id: str) -> int:
-        """Remove every fact that one remembered text produced (in this view's scope); how many."""
-        if not isinstance(source_id, str):
-            raise TypeError(f"source_id must be str, not {type(source_id).__name__}")
-        return await self._forget_matching(SearchFilters(source_id=source_id, include_superseded=True))
+        """Forget everything one remembered text produced (``RememberResult.source_id``) in this
+        view's scope, and the text itself. Returns how many facts were forgotten."""
+        sid = _check_id(source_id)
+        return await self._forget_ids(lambda ctx: _forget.source_ids(ctx, sid), source_id=sid)
 
     forget_source_sync = _sync(forget_source)
 
     @_on_loop
     async def forget_scope(self, *, user_id: str | None = None, agent_id: str | None = None,
                            session_id: str | None = None) -> int:
-        """Remove every fact (superseded too) of one scope inside this view — e.g.
+        """Forget every fact (superseded too) of one scope inside this view — e.g.
         ``memory.forget_scope(user_id="alice")`` — and, when the scope names no session, the core
-        blocks of ``Scope(user_id, agent_id)``. Returns how many facts were removed. Another scope's
-        records are never touched; an unscoped Memory must name a scope."""
-        target = narrow_scope(self.scope, Scope(user_id, agent_id, session_id))
+        blocks of ``Scope(user_id, agent_id)``. Returns how many facts were forgotten. Another
+        scope's records are never touched; an unscoped Memory must name a scope."""
+        target = narrow_scope(self._scope, Scope(user_id, agent_id, session_id))
         if target is None:
             raise InvalidScopeError("forget_scope() needs a scope: pass user_id, agent_id or session_id "
                                     "(this Memory is unscoped, and this call never forgets every scope)")
-        n = await self._forget_matching(SearchFilters(scope=target, include_superseded=True))
+        filters = SearchFilters(scope=target, include_superseded=True)
+        n = await self._forget_ids(lambda ctx: _forget.filter_ids(ctx, filters))
         if target.session_id is None:
             await self._engine.locked_io(lambda: self._engine.core_for(target.core).clear())
         return n
 
     forget_scope_sync = _sync(forget_scope)
+
+    # --- export / import -----------------------------------------------------
+    @_on_loop
+    async def export(self, out: Any, *, embeddings: bool = False) -> int:
+        """Write everything this view sees — sources, facts (superseded too), relations, history —
+        as JSONL to a path or a text file; vectors only with ``embeddings=True``. Returns lines written."""
+        ctx = self._ctx
+        records = await self._engine.locked_io(lambda: _transfer.export_records(ctx, embeddings=embeddings))
+        if isinstance(out, (str, os.PathLike)):
+            def write() -> None:
+                with open(out, "w", encoding="utf-8") as f:
+                    f.writelines(_transfer.dumps(r) + "\n" for r in records)
+            await self._io(write)
+        else:
+            out.writelines(_transfer.dumps(r) + "\n" for r in records)
+        return len(records)
+
+    export_sync = _sync(export)
+
+    @_on_loop
+    async def import_(self, src: Any, *, progress: Callable[[int, int], None] | None = None) -> dict[str, int]:
+        """Import what :meth:`export` wrote (or JSONL texts to remember). Records go in all-or-nothing:
+        every line is checked first, facts without vectors are embedded (``progress(done, total)``),
+        then one transaction writes them. Text lines are then remembered with :meth:`remember_many`
+        (``progress`` again), chunk by chunk: a rerun skips the texts already there."""
+        ctx = self._ctx
+        if isinstance(src, (str, os.PathLike)):
+            def read() -> _transfer.ImportPlan:
+                with open(src, encoding="utf-8") as f:
+                    return _transfer.parse_lines(f, os.fspath(src))
+            plan = await self._io(read)
+        else:
+            plan = _transfer.parse_lines(src, getattr(src, "name", "<input>"))
+        await self._io(_transfer.check_consistent, plan, ctx)
+        embedded = await _transfer.embed_missing(ctx, plan, progress)
+        if plan.records:
+            await self._engine.before_write()
+            await self._engine.locked_io(_transfer.restore, ctx, plan)
+        counts = {"sources": len(plan.sources), "entities": len(plan.entities), "relations": len(plan.relations),
+                  "history": len(plan.history), "embedded": embedded, "remembered": 0, "duplicates": 0}
+        texts = [rec for _, rec in plan.texts]
+        done = 0
+        for (metadata, event_time), group in itertools.groupby(texts, key=_text_options):  # runs of one options
+            opts = RememberOptions(metadata=None if metadata is None else dict(metadata), event_time=event_time)
+            rs = await self.remember_many([rec["text"] for rec in group], opts, progress=None if progress is None
+                                          else (lambda d, _t, base=done: progress(base + d, len(texts))))
+            done += len(rs)
+            for r in rs:
+                counts["duplicates" if r.duplicate else "remembered"] += 1
+        return counts
+
+    import_sync = _sync(import_)
 
     # --- lifecycle -----------------------------------------------------------
     def close(self) -> None:
