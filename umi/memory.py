@@ -287,7 +287,7 @@ def _sync(fn: Callable[Concatenate["Memory", P], Coroutine[Any, Any, T]]) -> Cal
         self._check_open()  # before the coroutine exists: a closed Memory never leaves one un-awaited
         return self._engine.runner.run(fn(self, *args, **kwargs))
 
-    twin.__name__ = twin.__qualname__ = fn.__name__ + "_sync"
+    twin.__name__ = twin.__qualname__ = fn.__name__.rstrip("_") + "_sync"
     twin.__doc__ = f"Blocking twin of :meth:`{fn.__name__}` (callable from any thread)."
     return twin
 

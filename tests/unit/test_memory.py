@@ -19,6 +19,16 @@ from umi import (
 from umi.sim import FaultInjector, FaultType
 
 
+
+def exported(m):
+    """What ``m.export`` writes, as records."""
+    import io
+    import json
+
+    buf = io.StringIO()
+    m.export_sync(buf)
+    return [json.loads(line) for line in buf.getvalue().splitlines()]
+
 @pytest.fixture
 def memory():
     m = umi.Memory.sim(seed=42)
@@ -267,7 +277,7 @@ def outcome(results):
 
 
 def stored(m):
-    return sorted((d["id"], d["valid_to"] is None) for d in m.export_sync() if d["kind"] == "entity")
+    return sorted((d["id"], d["valid_to"] is None) for d in exported(m) if d["kind"] == "entity")
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 128])
@@ -383,10 +393,10 @@ def test_every_verb_has_a_generated_blocking_twin():
     verbs = [n for n, f in vars(umi.Memory).items() if inspect.iscoroutinefunction(f) and not n.startswith("_")
              and n not in ("aclose",)]
     assert set(verbs) >= {"remember", "remember_many", "update", "recall", "get", "forget", "forget_source",
-                          "forget_scope", "count", "history", "relations", "core_history", "export"}
+                          "forget_scope", "count", "history", "relations", "core_history", "export", "import_"}
     for n in verbs:
-        twin = getattr(umi.Memory, n + "_sync")
-        assert twin.__name__ == n + "_sync" and inspect.signature(twin) == inspect.signature(getattr(umi.Memory, n))
+        twin = getattr(umi.Memory, n.rstrip("_") + "_sync")
+        assert twin.__name__ == n.rstrip("_") + "_sync" and inspect.signature(twin) == inspect.signature(getattr(umi.Memory, n))
 
 
 def test_config_sizes_every_scopes_core_and_working_memory():

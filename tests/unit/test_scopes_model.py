@@ -45,6 +45,16 @@ QUERIES = ["Alice", "Where does Alice work?", "Berlin", "cats", "Acme Corp"]
 LABELS = ["human", "persona", "notes", "todo"]
 
 
+
+def exported(m):
+    """What ``m.export`` writes, as records."""
+    import io
+    import json
+
+    buf = io.StringIO()
+    m.export_sync(buf)
+    return [json.loads(line) for line in buf.getvalue().splitlines()]
+
 def _kw(scope: Scope) -> dict:
     return {k: v for k, v in scope.to_dict().items() if v is not None}
 
@@ -70,7 +80,7 @@ class ScopeMachine(RuleBasedStateMachine):
     def state(self) -> dict[str, tuple[Scope, int | None]]:
         """Every stored fact, as the unscoped Memory sees it: scope and valid_to."""
         return {d["id"]: (self.memory.get_sync(d["id"]).scope, d["valid_to"])
-                for d in self.memory.export_sync() if d["kind"] == "entity"}
+                for d in exported(self.memory) if d["kind"] == "entity"}
 
     def assert_only_user_changed(self, before: dict, after: dict, user: str | None) -> None:
         for fid in set(before) | set(after):
@@ -150,7 +160,7 @@ class ScopeMachine(RuleBasedStateMachine):
         for scope in SCOPES:
             v = self.view(scope)
             mine = {fid for fid, s in self.facts.items() if scope.contains(s)}
-            assert {d["id"] for d in v.export_sync() if d["kind"] == "entity"} == mine
+            assert {d["id"] for d in exported(v) if d["kind"] == "entity"} == mine
             assert v.count_sync() == len(mine)
             for fid, s in self.facts.items():
                 assert (v.get_sync(fid) is not None) == scope.contains(s)
@@ -183,7 +193,7 @@ def test_the_model_catches_a_leak(monkeypatch):
     """The machine can fail: a view whose recall ignores its scope is caught."""
     from umi.pipeline import context
 
-    monkeypatch.setattr(context.PipelineContext, "within", lambda self, f: f)
+    monkeypatch.setattr(context.PipelineContext, "filters", lambda self, **kw: umi.SearchFilters(**kw))
     m = ScopeMachine()
     try:
         m.remember(Scope(user_id="alice"), TEXTS[0])
