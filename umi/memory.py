@@ -648,7 +648,9 @@ class Memory:
             raise InvalidScopeError("forget_scope() needs a scope: pass user_id, agent_id or session_id "
                                     "(this Memory is unscoped, and this call never forgets every scope)")
         filters = SearchFilters(scope=target, include_superseded=True)
-        n = await self._forget_ids(lambda ctx: _forget.filter_ids(ctx, filters))
+        as_target = dataclasses.replace(self._ctx, scope=target)  # a view of exactly that scope forgets
+        n = await self._engine.locked_io(
+            lambda: _forget.forget_ids(as_target, _forget.filter_ids(as_target, filters), self._engine.now_ms()))
         if target.session_id is None:
             await self._engine.locked_io(lambda: self._engine.core_for(target.core).clear())
         return n

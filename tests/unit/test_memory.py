@@ -1,6 +1,7 @@
 """Memory on the Sim path: the remember / recall pipelines end to end, validation, degradation."""
 
 import asyncio
+import contextlib
 
 import numpy as np
 import pytest
@@ -262,9 +263,9 @@ STORY = [
     "Alice works at Acme Corp",
     "Bob lives in Berlin",
     "Alice left Acme and now works at Initech",  # supersedes a fact of the same chunk
-    "Bob lives in Berlin",  # the same text twice in one chunk: a duplicate
+    "Bob lives in Berlin",  # the same text twice in one chunk
     "Carol has two cats",
-    "Alice works at Acme Corp",  # told before: a duplicate of text 0
+    "Alice works at Acme Corp",  # told again after it was superseded: restated, revived
     "Dave owns a red car",
     "Dave does not own a red car",
 ]
@@ -287,9 +288,9 @@ def test_remember_many_gives_what_remembering_one_by_one_gives(chunk_size):
         batch = many.remember_many_sync(STORY, chunk_size=chunk_size)
         assert outcome(batch) == outcome(singles)
         assert stored(many) == stored(one)
-        assert [r.duplicate for r in batch] == [False, False, False, True, False, True, False, False]
-        alice_acme = batch[0].entities[0]
-        assert many.get_sync(alice_acme.id).valid_to is not None  # superseded by text 2 of the same chunk
+        # the chunk's own texts evolve each other: text 2 updates text 0, text 5 restates text 0
+        assert {ev.source_id for ev in batch[2].evolutions} >= {e.id for e in batch[0].entities}
+        assert batch[5].evolutions and batch[7].evolutions[0].evolution_type == EvolutionType.CONTRADICT
 
 
 def test_remember_many_batches_embeddings_and_transactions(monkeypatch):
@@ -303,9 +304,17 @@ def test_remember_many_batches_embeddings_and_transactions(monkeypatch):
             embed_calls.append(len(batch))
             return await real_aembed(batch, kind=kind)
 
-        def transaction():
-            commits.append(1)
-            return real_tx()
+        depth = [0]
+
+        @contextlib.contextmanager
+        def transaction():  # count the outermost transactions: the commits
+            commits.append(1) if depth[0] == 0 else None
+            depth[0] += 1
+            try:
+                with real_tx():
+                    yield
+            finally:
+                depth[0] -= 1
 
         monkeypatch.setattr(m.embedder, "aembed", aembed)
         monkeypatch.setattr(m.storage, "transaction", transaction)

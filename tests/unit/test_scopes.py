@@ -131,13 +131,17 @@ def test_filters_may_narrow_a_view_never_leave_it(memory):
     alice = memory.scoped(user_id="alice")
     alice.scoped(agent_id="a1").remember_sync("Heidi works at Globex")
     alice.scoped(agent_id="a2").remember_sync("Ivan works at Hooli")
-    only_a1 = alice.recall_sync("works at", RecallOptions(limit=10))
-    assert names(only_a1) == ["Globex", "Heidi", "Hooli", "Ivan"]
+    memory.scoped(user_id="bob", agent_id="a1").remember_sync("Judy works at Initech")
+    both = alice.recall_sync("works at", RecallOptions(limit=10))
+    assert sorted(h.content for h in both) == ["Heidi works at Globex", "Ivan works at Hooli"]
     assert alice.count_sync(SearchFilters(scope=Scope(agent_id="a1"), include_superseded=True)) == 2
+    assert memory.count_sync(SearchFilters(scope=Scope(agent_id="a1"), include_superseded=True)) == 4
     with pytest.raises(InvalidScopeError, match="user_id='bob' is outside"):
         alice.count_sync(SearchFilters(scope=Scope(user_id="bob")))
     with pytest.raises(InvalidScopeError):
         alice.forget_sync(where=SearchFilters(scope=Scope(user_id="bob")))
+    assert alice.forget_sync(where=SearchFilters(scope=Scope(agent_id="a2"))) == 2
+    assert alice.count_sync() == 2 and memory.count_sync() == 4
 
 
 def test_views_narrow_and_never_leave_their_scope(memory):
