@@ -121,17 +121,18 @@ class PersistentCoreMemory(CoreMemory):
     def set_block(self, label: str, content: str, importance: float = 0.5) -> None:
         """Insert or replace block ``label`` (a replaced block keeps its position), and store it."""
         with self._write_lock:
-            before = (self.get_block(label), self.get_importance(label)) if label in self else None
+            old_content, old_importance = (self.get_block(label), self.get_importance(label)) if label in self \
+                else (None, None)
             super().set_block(label, content, importance)  # validates; over budget raises, nothing stored
             try:
                 stored_importance = self.get_importance(label)
                 assert stored_importance is not None
                 self._store.set(label, content, stored_importance)
             except BaseException:
-                if before is None:
+                if old_content is None or old_importance is None:
                     super().remove_block(label)
                 else:
-                    super().set_block(label, before[0], before[1])
+                    super().set_block(label, old_content, old_importance)
                 raise
 
     def remove_block(self, label: str) -> bool:

@@ -71,6 +71,10 @@ def _check_id(entity_id: object) -> str:
     return entity_id
 
 
+def _shifted(progress: Callable[[int, int], object], base: int, total: int, done: int, _of: int) -> None:
+    progress(base + done, total)
+
+
 def _text_options(rec: Any) -> tuple[Any, Any]:
     """The options of one ``{"text": ...}`` import line, comparable: (metadata items, event_time)."""
     meta = rec.get("metadata")
@@ -700,8 +704,10 @@ class Memory:
         done = 0
         for (metadata, event_time), group in itertools.groupby(texts, key=_text_options):  # runs of one options
             opts = RememberOptions(metadata=None if metadata is None else dict(metadata), event_time=event_time)
-            rs = await self.remember_many([rec["text"] for rec in group], opts, progress=None if progress is None
-                                          else (lambda d, _t, base=done: progress(base + d, len(texts))))
+            step: Callable[[int, int], None] | None = None
+            if progress is not None:
+                step = functools.partial(_shifted, progress, done, len(texts))
+            rs = await self.remember_many([rec["text"] for rec in group], opts, progress=step)
             done += len(rs)
             for r in rs:
                 counts["duplicates" if r.duplicate else "remembered"] += 1
