@@ -18,7 +18,7 @@ from .storage.duckdb import DuckDBStorageBackend
 from .storage.lance import LanceStorageBackend
 from .storage.postgres import PostgresStorageBackend
 from .storage.sim import SimStorageBackend
-from .types import Entity, EntityType, EvolutionRelation, EvolutionType, RememberResult, Usage
+from .types import Entity, EntityType, EvolutionRelation, EvolutionType, RememberResult, Scope, Usage
 
 try:
     __version__ = _version("umi")
@@ -35,6 +35,7 @@ __all__ = [
     "EvolutionRelation",
     "EvolutionType",
     "RememberResult",
+    "Scope",
     "Usage",
     "Memory",
     "MemoryBuilder",

@@ -18,10 +18,11 @@ from .errors import UmiError, ValidationError
 __all__ = ["main"]
 
 
-def _memory(db: str) -> Any:
+def _memory(db: str, args: argparse.Namespace | None = None) -> Any:
+    """The Memory a command works on: the whole store, or the scope of ``--user`` / ``--agent``."""
     from .memory import Memory
 
-    return Memory(db)
+    return Memory(db, user_id=getattr(args, "user", None), agent_id=getattr(args, "agent", None))
 
 
 def _print_entity(e: Any, out: TextIO, *, with_score: bool = True) -> None:
@@ -99,7 +100,7 @@ def cmd_remember(args: argparse.Namespace, out: TextIO) -> int:
     opts = RememberOptions(importance=args.importance)
     if args.raw:
         opts = opts.without_extraction()
-    with _memory(args.db) as memory:
+    with _memory(args.db, args) as memory:
         r = memory.remember_sync(args.text, opts)
     out.write(f"stored {r.entity_count} entities, {len(r.evolutions)} evolutions\n")
     for e in r.entities:
@@ -115,7 +116,7 @@ def cmd_recall(args: argparse.Namespace, out: TextIO) -> int:
     from .options import RecallOptions
 
     opts = RecallOptions(limit=args.limit, include_superseded=args.all)
-    with _memory(args.db) as memory:
+    with _memory(args.db, args) as memory:
         hits = memory.recall_sync(args.query, opts)
     if args.json:
         for e in hits:
@@ -132,12 +133,12 @@ def cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
     from .storage.base import SearchFilters
     from .types import EntityType
 
-    with _memory(args.db) as memory:
+    with _memory(args.db, args) as memory:
         total = memory.count_sync()
         current = memory.count_sync(include_superseded=False)
         out.write(f"db: {args.db}\nentities: {total} (current {current}, superseded {total - current})\n")
         for t in EntityType:
-            n = memory.storage.count(SearchFilters(entity_types=(t,), include_superseded=True))
+            n = memory.count_sync(where=SearchFilters(entity_types=(t,), include_superseded=True))
             if n:
                 out.write(f"  {t.value}: {n}\n")
         out.write(f"embedding dim: {memory.storage.dim}\n")
@@ -167,7 +168,7 @@ def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
     by one after it (a rerun skips what is already there)."""
     err = sys.stderr
     progress = None if args.quiet else (lambda done, total: _progress(done, total, err))
-    with _memory(args.db) as memory:
+    with _memory(args.db, args) as memory:
         if args.file == "-":
             with _stdin() as f:
                 counts = memory.import_sync(f, progress=progress)
@@ -183,7 +184,7 @@ def cmd_export(args: argparse.Namespace, out: TextIO) -> int:
     if args.out is not None and _same_file(args.out, args.db):
         raise ValidationError(f"--out {args.out!r} is the database being exported; write the export elsewhere "
                               "(refusing to overwrite its own database)")
-    with _memory(args.db) as memory:
+    with _memory(args.db, args) as memory:
         memory.export_sync(args.out if args.out else out, embeddings=args.embeddings)
     return 0
 
@@ -201,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_db(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sp.add_argument("--db", default="umi.duckdb", help="DuckDB file (default: ./umi.duckdb)")
+        sp.add_argument("--user", default=None, help="work in this user's scope (default: every scope)")
+        sp.add_argument("--agent", default=None, help="work in this agent's scope (default: every scope)")
         return sp
 
     r = with_db(sub.add_parser("remember", help="remember a text"))

@@ -66,6 +66,10 @@ class PipelineContext:
     #: the view's scope: what the pipeline writes is stamped with it, what it reads stays in it
     scope: Scope = UNSET_SCOPE
 
+    def __post_init__(self) -> None:
+        if self.scope is None:  # None and the unset scope both mean the unscoped (admin) view
+            self.scope = UNSET_SCOPE
+
     # --- scope rules, in one place for every pipeline -------------------------------------
     def within(self, filters: SearchFilters) -> SearchFilters:
         """``filters`` kept inside this view's scope (a filter scope may narrow it, not leave it)."""

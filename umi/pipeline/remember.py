@@ -38,7 +38,15 @@ import numpy as np
 from ..errors import EmbeddingError, EmptyTextError, ProviderError, TextTooLongError
 from ..options import RememberOptions
 from ..storage.base import SearchFilters, Source
-from ..types import UMI_NAMESPACE, Entity, EvolutionRelation, EvolutionType, RememberResult, normalize_content
+from ..types import (
+    UMI_NAMESPACE,
+    Entity,
+    EvolutionRelation,
+    EvolutionType,
+    RememberResult,
+    normalize_content,
+    normalize_name,
+)
 from . import schemas
 from .context import PipelineContext, provider_failure
 from .evolution import Candidate, EvolutionDecision, parse_evolution, rule_classify
@@ -285,14 +293,19 @@ async def _decide(ctx: PipelineContext, plan: Plan, entities: list[Entity], sour
                 ch.supersede.append(f.id)
                 ch.relations.append(EvolutionRelation(
                     f.id, by.target_id, by.evolution_type, f"same statement as superseded fact {old.id}",
-                    by.confidence, created_at=now, scope=f.scope))
+                    by.confidence, created_at=now, scope=by.scope))
 
-    for old in plan.known.values():
+    back_to: dict[str, tuple[Entity, list[Entity]]] = {}  # replacement id -> (it, the restated facts it replaced)
+    for old in sorted(plan.known.values(), key=lambda e: e.id):  # one order, however the facts were found
         if old.valid_to is None:
             continue
         ch.revive.append(old.id)
         for repl in plan.replaced_by.get(old.id, []):
-            retire(repl, _restated_relation(repl, old, now))
+            back_to.setdefault(repl.id, (repl, []))[1].append(old)
+    for repl, olds in (back_to[k] for k in sorted(back_to)):
+        # the relation points at the restated facet about the same name, when there is one
+        old = min(olds, key=lambda o: (normalize_name(o.name) != normalize_name(repl.name), o.id))
+        retire(repl, _restated_relation(repl, old, now))
 
     todo = [(e, plan.candidates[e.id]) for e in new if e.id in plan.candidates]
     decided = await asyncio.gather(*(_classify(ctx, e, c, result) for e, c in todo))
@@ -404,29 +417,88 @@ async def _embed_all(ctx: PipelineContext, groups: list[list[Entity]], results: 
         e.embedding = np.ascontiguousarray(v)
 
 
-async def remember_many(ctx: PipelineContext, texts: Sequence[str], opts: RememberOptions) -> list[RememberResult]:
-    """Remember validated texts, in order, with one result each: exact duplicates found in one
-    I/O hop, every text extracted at once (LLM calls run concurrently), every fact embedded in
-    one batch; then each text's read plan → decide → commit in turn, so each is compared with
-    the store as the texts before it left it — the outcome of remembering them one by one."""
-    sources = [ctx.source_for(t, ctx.now_ms(), opts.metadata) for t in texts]
-    results = [RememberResult(source_id=s.id) for s in sources]
-    dup = await ctx.io(lambda: [is_duplicate(ctx, s) for s in sources])
-    for d, r in zip(dup, results):
-        if d:
-            r.duplicate = True
-            r.warnings.append("this exact text was remembered before; nothing new was stored")
-    live = [i for i, d in enumerate(dup) if not d]
-    found = await asyncio.gather(*(_extract(ctx, texts[i], opts, results[i]) for i in live))
-    groups = [_build_entities(ctx, f, opts, sources[i].id, ctx.now_ms()) for i, f in zip(live, found)]
-    if opts.generate_embeddings:
-        await _embed_all(ctx, groups, [results[i] for i in live])
-    for i, entities in zip(live, groups):
-        await _settle(ctx, sources[i], entities, opts, results[i])
-    return results
-
-
 async def remember(ctx: PipelineContext, text: str, opts: RememberOptions) -> RememberResult:
-    """Remember one text. Takes the write lock itself, only around read plan → commit."""
-    (result,) = await remember_many(ctx, [text], opts)
+    """Remember one text. Takes the write lock itself, only around read plan → commit, so a slow
+    model (extraction, evolution) never holds up another writer."""
+    source = ctx.source_for(text, ctx.now_ms(), opts.metadata)
+    result = RememberResult(source_id=source.id)
+    if await ctx.io(is_duplicate, ctx, source):
+        result.duplicate = True
+        result.warnings.append("this exact text was remembered before; nothing new was stored")
+        return result
+    found = await _extract(ctx, text, opts, result)
+    entities = _build_entities(ctx, found, opts, source.id, ctx.now_ms())
+    if opts.generate_embeddings:
+        await _embed_all(ctx, [entities], [result])
+    await _settle(ctx, source, entities, opts, result)
     return result
+
+
+# --- a chunk of texts (Memory.remember_many) -------------------------------------------------
+
+
+async def remember_many(ctx: PipelineContext, texts: Sequence[str], opts: RememberOptions) -> list[RememberResult]:
+    """A chunk of validated texts, a result per text: what :func:`remember` gives run on them one
+    after the other. Extraction runs for all of them at once, their facts are embedded in one
+    batch, and one transaction writes the chunk: under the write lock, each text's read plan is
+    read inside that transaction (so it sees the earlier texts' writes), decided (on the loop:
+    an LLM classifier holds the store meanwhile, so keep chunks small with one), and applied.
+    Takes the write lock itself; a failure rolls the whole chunk back."""
+    results: list[RememberResult] = []
+    sources: list[Source] = []
+    for text in texts:
+        source = ctx.source_for(text, ctx.now_ms(), opts.metadata)
+        sources.append(source)
+        results.append(RememberResult(source_id=source.id))
+    told = await ctx.io(lambda: [is_duplicate(ctx, s) for s in sources])
+    live = [i for i, dup in enumerate(told) if not dup]
+    for i, dup in enumerate(told):
+        if dup:
+            results[i].duplicate = True
+            results[i].warnings.append("this exact text was remembered before; nothing new was stored")
+    found = await asyncio.gather(*(_extract(ctx, texts[i], opts, results[i]) for i in live))
+    facts = {i: _build_entities(ctx, f, opts, sources[i].id, ctx.now_ms()) for i, f in zip(live, found)}
+    flat = [e for i in live for e in facts[i]]
+    if flat and opts.generate_embeddings and ctx.embedder is not None:
+        try:
+            vecs = await ctx.embed([e.text_for_embedding() for e in flat], "passage")
+            for e, v in zip(flat, vecs):
+                e.embedding = np.ascontiguousarray(v)
+        except (EmbeddingError, ProviderError) as exc:
+            for i in live:
+                if facts[i]:
+                    results[i].warnings.append("embedding failed, stored without vectors (keyword search still "
+                                               f"works): {provider_failure(exc)}")
+    loop = asyncio.get_running_loop()
+
+    def write_chunk() -> None:
+        with ctx.storage.transaction():
+            for i in range(len(texts)):
+                result, source = results[i], sources[i]
+                if told[i]:
+                    if is_duplicate(ctx, source):
+                        continue
+                    # Told word for word before, but a text earlier in this chunk superseded some of
+                    # its facts: it restates them. Its facts are the ones it made the first time.
+                    result.duplicate = False
+                    result.warnings = []
+                    facts[i] = ctx.storage.get_many(ctx.storage.entity_ids_for_source(source.id))
+                entities = facts[i]
+                plan = read_plan(ctx, source, entities, opts)
+                if plan.duplicate:  # the same text earlier in this chunk
+                    result.duplicate = True
+                    result.warnings.append("this exact text was remembered before; nothing new was stored")
+                    continue
+                ch = asyncio.run_coroutine_threadsafe(_decide(ctx, plan, entities, source, result), loop).result()
+                for e in ch.entities:
+                    e.created_at = e.updated_at = plan.now
+                    e.valid_from = e.event_time if e.event_time is not None else plan.now
+                revived = commit(ctx, ch, plan.now, None)  # joins the chunk's transaction
+                result.entities = [*ch.entities, *(revived or [])]
+                result.evolutions = ch.relations
+                if ch.source is None:
+                    result.source_id = None
+
+    async with ctx.write_lock:
+        await ctx.io(write_chunk)
+    return results
