@@ -60,6 +60,7 @@ RESULTS = HERE / "results"
 sys.path.insert(0, str(ROOT))  # run from a source tree without installing
 
 import umi  # noqa: E402
+from umi.providers.base import EmbeddingProvider  # noqa: E402
 from umi.sim.clock import SimClock  # noqa: E402
 from umi.storage.base import SearchFilters  # noqa: E402
 
@@ -124,7 +125,7 @@ def turn_ids(entities: list) -> list[str]:
     return list(seen)
 
 
-class PassageCachedEmbedder(umi.EmbeddingProvider):
+class PassageCachedEmbedder(EmbeddingProvider):
     """The default local embedder with passages cached (each store embeds the same turns) and
     queries never cached, so every system pays for its own query embeddings in its latency."""
 
@@ -146,7 +147,7 @@ class PassageCachedEmbedder(umi.EmbeddingProvider):
 class Memories:
     """One conversation stored the ways the systems need it."""
 
-    def __init__(self, conv: dict, embedder: umi.EmbeddingProvider, asked_at_ms: int, reranker=None) -> None:
+    def __init__(self, conv: dict, embedder: EmbeddingProvider, asked_at_ms: int, reranker=None) -> None:
         self.turns = turns_of(conv)
         self.embedder = embedder
         self.reranker = reranker
