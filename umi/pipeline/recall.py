@@ -20,7 +20,7 @@ from ..storage.base import SearchFilters
 from ..types import Entity, Usage
 from . import schemas
 from .context import PipelineContext
-from .retrieval import needs_deep_search, query_names, rrf_fuse, rule_rewrite
+from .retrieval import needs_deep_search, query_names, rrf_fuse, rule_rewrite, time_signal
 
 __all__ = ["validate_query", "recall", "filters_for"]
 
@@ -46,6 +46,7 @@ def filters_for(opts: RecallOptions) -> SearchFilters:
     return SearchFilters(
         entity_types=opts.entity_types,
         time_range=opts.time_range,
+        time_field=opts.time_field,
         metadata=opts.metadata,
         include_superseded=opts.include_superseded,
         as_of=opts.as_of,
@@ -64,6 +65,7 @@ def _ranked_lists(ctx: PipelineContext, query: str, qvec: np.ndarray | None, fil
         named.extend(ctx.storage.find_by_name(name, filters=filters))
     named.sort(key=lambda e: (-e.created_at, e.id))
     lists.append(list(dict.fromkeys(e.id for e in named))[:k])
+    lists.extend(time_signal(ctx.storage, query, qvec, filters, k, ctx.now_ms(), lists))
     return lists
 
 
@@ -105,7 +107,22 @@ def _fast_path(ctx: PipelineContext, query: str, qvec: np.ndarray | None, filter
     return lists, False, _hydrate(ctx, fused[:limit])
 
 
+def sort_results(found: list[Entity], opts: RecallOptions) -> list[Entity]:
+    """``opts.sort_by`` applied to the already-chosen results (stable: ties keep relevance order)."""
+    if opts.sort_by == "relevance":
+        return found
+    field = opts.sort_by
+    dated = [e for e in found if getattr(e, field) is not None]
+    undated = [e for e in found if getattr(e, field) is None]
+    dated.sort(key=lambda e: getattr(e, field), reverse=not opts.sort_ascending)
+    return dated + undated
+
+
 async def recall(ctx: PipelineContext, query: str, opts: RecallOptions) -> list[Entity]:
+    return sort_results(await _recall(ctx, query, opts), opts)
+
+
+async def _recall(ctx: PipelineContext, query: str, opts: RecallOptions) -> list[Entity]:
     limit = check_limit(opts.limit) if opts.limit is not None else ctx.config.recall_limit
     filters = filters_for(opts)
     k = max(limit * 3, 20)

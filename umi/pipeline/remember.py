@@ -26,6 +26,7 @@ from . import schemas
 from .context import PipelineContext, provider_failure
 from .evolution import Candidate, EvolutionDecision, parse_evolution, rule_classify
 from .extraction import ExtractedEntity, note_for, parse_extraction, rule_extract
+from .time import resolve_event_time
 
 __all__ = ["validate_text", "remember"]
 
@@ -76,7 +77,8 @@ def _build_entities(found: Sequence[ExtractedEntity], opts: RememberOptions, sou
             confidence=f.confidence,
             created_at=now,
             updated_at=now,
-            event_time=opts.event_time,
+            # when the caller gave no time, the text may: "yesterday", "on March 3rd", "in 2019"
+            event_time=opts.event_time if opts.event_time is not None else resolve_event_time(f.content, now),
             source_id=source_id,
         )
         if e.id not in seen:

@@ -12,11 +12,18 @@ was agreed on by two signals".
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+import dataclasses
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from .extraction import _name_spans
+from .time import is_temporal_query, query_time_range
 
-__all__ = ["rrf_fuse", "is_question", "needs_deep_search", "rule_rewrite", "query_names"]
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..storage.base import SearchFilters, StorageBackend
+
+__all__ = ["rrf_fuse", "is_question", "needs_deep_search", "rule_rewrite", "query_names", "time_signal"]
 
 _QWORDS = frozenset(
     "who whom whose what which when where why how is are was were do does did can could should would "
@@ -102,3 +109,42 @@ def rule_rewrite(query: str) -> list[str]:
     if len(variants) < 2:
         add(" ".join(w.lower() for w in keywords) + " facts")
     return variants[:4]
+
+
+def time_signal(storage: "StorageBackend", query: str, qvec: "np.ndarray | None", filters: "SearchFilters",
+                k: int, now_ms: int, ranked: Sequence[Sequence[str]]) -> list[list[str]]:
+    """Extra ranked lists for a temporal question, to fuse with the other signals.
+
+    * The question names a time ("last month", "in March", "two weeks ago"): the facts whose
+      ``event_time`` falls in that range, ranked by the query (vector, then keywords, each
+      searched inside the range), and facts *told* in the range that carry no event time of
+      their own (ranked by vector). A range the caller already set in ``filters`` is kept.
+    * It asks *when* ("When did…", "What day…") without naming a time: the candidates the
+      other signals found that carry an ``event_time``, in their best rank.
+    * Otherwise: no list.
+    """
+    rng = query_time_range(query, now_ms)
+    if rng is None:
+        if not is_temporal_query(query):
+            return []
+        best: dict[str, int] = {}
+        for ids in ranked:
+            for r, id_ in enumerate(ids):
+                if id_ not in best or r < best[id_]:
+                    best[id_] = r
+        dated = {e.id for e in storage.get_many(list(best)) if e.event_time is not None}
+        timed = sorted((i for i in best if i in dated), key=lambda i: (best[i], i))
+        return [timed[:k]] if timed else []
+    if filters.time_range is not None:
+        return []  # the caller chose the time window; theirs wins
+    by_event = dataclasses.replace(filters, time_range=rng, time_field="event_time")
+    lists: list[list[str]] = []
+    if qvec is not None:
+        lists.append([i for i, _ in storage.search_vector(qvec, k, by_event)])
+    lists.append([i for i, _ in storage.search_text(query, k, by_event)])
+    if qvec is not None:
+        told = dataclasses.replace(filters, time_range=rng, time_field="created_at")
+        hits = [i for i, _ in storage.search_vector(qvec, k, told)]
+        undated = {e.id for e in storage.get_many(hits) if e.event_time is None}
+        lists.append([i for i in hits if i in undated])
+    return [lst for lst in lists if lst]
