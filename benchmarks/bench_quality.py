@@ -159,7 +159,8 @@ class CachedEmbedder(EmbeddingProvider):
 class Memories:
     """One conversation stored the ways the systems need it."""
 
-    def __init__(self, conv: dict, embedder: EmbeddingProvider, asked_at_ms: int, reranker=None) -> None:
+    def __init__(self, conv: dict, embedder: EmbeddingProvider, asked_at_ms: int, reranker=None,
+                 stores: tuple[str, ...] = ("raw", "default")) -> None:
         self.turns = turns_of(conv)
         self.embedder = embedder
         self.reranker = reranker
@@ -170,9 +171,10 @@ class Memories:
         self.vecs = embedder.embed([text for _, text, _ in self.turns], kind="passage")
         self.ingest_s["dense"] = time.perf_counter() - t
         self.raw = self._build(lambda o: o.without_extraction(), "raw")
-        self.default = self._build(lambda o: o, "default")
+        self.default = self._build(lambda o: o, "default") if "default" in stores else None
         for m in (self.raw, self.default):
-            m.clock.jump(asked_at_ms - m.clock.now_ms())
+            if m is not None:
+                m.clock.jump(asked_at_ms - m.clock.now_ms())
 
     def _build(self, shape: Callable[[umi.RememberOptions], umi.RememberOptions], label: str) -> umi.Memory:
         clock = SimClock(start_ms=self.turns[0][2])
@@ -187,7 +189,8 @@ class Memories:
 
     def close(self) -> None:
         self.raw.close()
-        self.default.close()
+        if self.default is not None:
+            self.default.close()
 
     # --- the systems: each returns ranked turn ids -------------------------------------------
     def dense(self, q: str) -> list[str]:
