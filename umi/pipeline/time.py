@@ -167,15 +167,15 @@ def find_time_spans(text: str, now_ms: int) -> list[TimeSpan]:
     found: list[tuple[int, int, TimeSpan]] = []
     for pattern, kind in _PATTERNS:
         for m in pattern.finditer(text):
-            span = _resolve(kind, m, text, today)
-            if span is not None:
-                found.append((m.start(), -(m.end() - m.start()), TimeSpan(span[0], span[1], m.group(0), m.start())))
+            rng = _resolve(kind, m, text, today)
+            if rng is not None:
+                found.append((m.start(), -(m.end() - m.start()), TimeSpan(rng[0], rng[1], m.group(0), m.start())))
     found.sort(key=lambda x: (x[0], x[1]))
     out: list[TimeSpan] = []
     end = -1
-    for start, neg_len, span in found:
+    for start, neg_len, ts in found:
         if start >= end:
-            out.append(span)
+            out.append(ts)
             end = start - neg_len
     return out
 
@@ -248,9 +248,10 @@ def _resolve(kind: str, m: re.Match[str], text: str, today: dt.date) -> tuple[in
             except ValueError:
                 return None
         else:
-            d = _pick_year_for_day(month, dnum, today, _FUTURE.search(_sentence_at(text, m.start())) is not None)
-            if d is None:
+            picked = _pick_year_for_day(month, dnum, today, _FUTURE.search(_sentence_at(text, m.start())) is not None)
+            if picked is None:
                 return None
+            d = picked
         return _days(d, d)
     if kind == "month":
         month = _MONTHS[g[0].lower().rstrip(".")]
