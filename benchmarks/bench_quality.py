@@ -260,6 +260,7 @@ def main() -> None:
     ap.add_argument("--split", choices=("test", "dev", "all"), default="all")
     ap.add_argument("--conversations", type=int, default=None, help="only the first N conversations (smoke runs)")
     ap.add_argument("--rerank", choices=("auto", "off"), default="auto")
+    ap.add_argument("--systems", default="", help="comma-separated subset of the systems (default: all)")
     ap.add_argument("--label", default="", help="a tag stored in the JSON (e.g. before / after a merge)")
     ap.add_argument("--out", default=str(RESULTS / "bench_quality.json"))
     args = ap.parse_args()
@@ -274,11 +275,15 @@ def main() -> None:
     for conv in convs:
         qs = qs_by[conv["conversation_id"]]
         asked = day_ms(qs[0]["asked_at"], hour=12)
-        m = Memories(conv, embedder, asked, reranker)
+        wanted = [s for s in args.systems.split(",") if s]
+        needs_default = not wanted or any(s in ("default", "default-fast", "deep") for s in wanted)
+        m = Memories(conv, embedder, asked, reranker, stores=("raw", "default") if needs_default else ("raw",))
         for k, v in m.ingest_s.items():
             ingest[k] += v
         embed_ms.extend(embedder.time_query(q["question"]) for q in qs)
         for name, fn in systems(m, reranker).items():
+            if wanted and name not in wanted:
+                continue
             for q in qs:
                 t = time.perf_counter()
                 ranked = fn(q["question"])
