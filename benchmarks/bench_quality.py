@@ -46,6 +46,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import pickle
 import platform
 import statistics
 import sys
@@ -149,6 +150,17 @@ class CachedEmbedder(EmbeddingProvider):
         if not texts:
             return np.zeros((0, self.dim), np.float32)
         return np.stack([self._cache[(kind, t)] for t in texts])
+
+    def load(self, path: str) -> None:
+        """Reuse vectors saved by an earlier run (same model: the file name should say which)."""
+        if path and Path(path).exists():
+            with open(path, "rb") as f:
+                self._cache.update(pickle.load(f))
+
+    def save(self, path: str) -> None:
+        if path:
+            with open(path, "wb") as f:
+                pickle.dump(self._cache, f, protocol=pickle.HIGHEST_PROTOCOL)
 
     def time_query(self, q: str) -> float:
         t = time.perf_counter()
@@ -261,12 +273,14 @@ def main() -> None:
     ap.add_argument("--conversations", type=int, default=None, help="only the first N conversations (smoke runs)")
     ap.add_argument("--rerank", choices=("auto", "off"), default="auto")
     ap.add_argument("--systems", default="", help="comma-separated subset of the systems (default: all)")
+    ap.add_argument("--embed-cache", default="", help="a file to load/save embeddings in (iterating on dev)")
     ap.add_argument("--label", default="", help="a tag stored in the JSON (e.g. before / after a merge)")
     ap.add_argument("--out", default=str(RESULTS / "bench_quality.json"))
     args = ap.parse_args()
 
     convs, qs_by = load(args.split, args.conversations)
     embedder = CachedEmbedder(umi.LocalEmbeddingProvider(cache_size=0))
+    embedder.load(args.embed_cache)
     reranker = None
     rows: dict[str, list[dict]] = defaultdict(list)
     ingest: dict[str, float] = defaultdict(float)
@@ -294,6 +308,7 @@ def main() -> None:
         print(f"  {conv['conversation_id']} ({conv['split']}): {len(m.turns)} turns, {len(qs)} questions, "
               f"{time.perf_counter() - t_all:.0f} s so far", file=sys.stderr)
 
+    embedder.save(args.embed_cache)
     splits = ["test", "dev"] if args.split == "all" else [args.split]
     result = {"label": args.label, "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
               "embedder": f"{embedder.name}|{embedder.model}|{embedder.dim}",
