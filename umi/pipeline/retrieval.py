@@ -111,6 +111,13 @@ def rule_rewrite(query: str) -> list[str]:
     return variants[:4]
 
 
+#: a question about the present state of things
+_CURRENT = re.compile(r"\b(?:now|currently|current|these days|nowadays|at the moment|at present|anymore|latest)\b",
+                      re.I)
+#: how deep in the other signals' lists the recency signal looks (tuned on bench_quality's dev split)
+RECENCY_POOL = 10
+
+
 def time_signal(storage: "StorageBackend", query: str, qvec: "np.ndarray | None", filters: "SearchFilters",
                 k: int, now_ms: int, ranked: Sequence[Sequence[str]]) -> list[list[str]]:
     """Extra ranked lists for a temporal question, to fuse with the other signals.
@@ -121,17 +128,23 @@ def time_signal(storage: "StorageBackend", query: str, qvec: "np.ndarray | None"
       their own (ranked by vector). A range the caller already set in ``filters`` is kept.
     * It asks *when* ("When did…", "What day…") without naming a time: the candidates the
       other signals found that carry an ``event_time``, in their best rank.
+    * It asks what is true *now* ("…now?", "…these days?", "current…"): the candidates the other
+      signals ranked in their top ``RECENCY_POOL``, newest first — what changed later wins ties.
     * Otherwise: no list.
     """
     rng = query_time_range(query, now_ms)
     if rng is None:
-        if not is_temporal_query(query):
-            return []
         best: dict[str, int] = {}
         for ids in ranked:
             for r, id_ in enumerate(ids):
                 if id_ not in best or r < best[id_]:
                     best[id_] = r
+        if _CURRENT.search(query):
+            pool = list(storage.get_many([i for i, r in best.items() if r < RECENCY_POOL]))
+            pool.sort(key=lambda e: (-e.created_at, e.id))
+            return [[e.id for e in pool]] if pool else []
+        if not is_temporal_query(query):
+            return []
         dated = {e.id for e in storage.get_many(list(best)) if e.event_time is not None}
         timed = sorted((i for i in best if i in dated), key=lambda i: (best[i], i))
         return [timed[:k]] if timed else []
