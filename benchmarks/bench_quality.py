@@ -275,10 +275,15 @@ def main() -> None:
     ap.add_argument("--rerank", choices=("auto", "off"), default="auto")
     ap.add_argument("--systems", default="", help="comma-separated subset of the systems (default: all)")
     ap.add_argument("--embed-cache", default="", help="a file to load/save embeddings in (iterating on dev)")
+    ap.add_argument("--recency-pool", type=int, default=None, help=argparse.SUPPRESS)  # tuning on dev only
     ap.add_argument("--label", default="", help="a tag stored in the JSON (e.g. before / after a merge)")
     ap.add_argument("--out", default=str(RESULTS / "bench_quality.json"))
     args = ap.parse_args()
 
+    if args.recency_pool is not None:
+        import umi.pipeline.retrieval as retrieval
+
+        retrieval.RECENCY_POOL = args.recency_pool
     convs, qs_by = load(args.split, args.conversations)
     embedder = CachedEmbedder(umi.LocalEmbeddingProvider(cache_size=0))
     embedder.load(args.embed_cache)
