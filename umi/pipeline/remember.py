@@ -51,6 +51,7 @@ from . import schemas
 from .context import PipelineContext, provider_failure
 from .evolution import Candidate, EvolutionDecision, parse_evolution, rule_classify
 from .extraction import ExtractedEntity, note_for, parse_extraction, rule_extract, with_leftovers
+from .time import resolve_event_time
 
 __all__ = ["validate_text", "remember", "remember_many", "statement_key", "OPTIMISTIC_ATTEMPTS"]
 
@@ -115,7 +116,8 @@ def _build_entities(ctx: PipelineContext, found: Sequence[ExtractedEntity], opts
             confidence=f.confidence,
             created_at=now,
             updated_at=now,
-            event_time=opts.event_time,
+            # when the caller gave no time, the text may: "yesterday", "on March 3rd", "in 2019"
+            event_time=opts.event_time if opts.event_time is not None else resolve_event_time(f.content, now),
             source_id=source_id,
             scope=ctx.scope,
         )
