@@ -106,10 +106,13 @@ class LoopThread:
         async def runner() -> None:
             try:
                 result = await coro
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            except asyncio.CancelledError as exc:
                 _settle(fut, exc=exc)
-                if not isinstance(exc, Exception):
-                    raise
+                raise
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller, whatever it is
+                # Re-raising SystemExit/KeyboardInterrupt here would kill the loop thread and
+                # hang every other caller: the caller's thread gets it instead.
+                _settle(fut, exc=exc)
             else:
                 _settle(fut, result=result)
 
