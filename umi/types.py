@@ -137,12 +137,7 @@ def now_ms() -> int:
 
 
 def _check_unit(value: float, what: str, exc: type[ValidationError]) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a float in [0, 1], not {type(value).__name__}")
-    v = float(value)
-    if not (0.0 <= v <= 1.0) or math.isnan(v):
-        raise exc(f"{what} must be in [0, 1], got {value!r}", actual=value)  # type: ignore[call-arg]
-    return v
+    return V.check_real(value, what, 0.0, 1.0, exc)
 
 
 def validate_metadata(metadata: Mapping[str, Any] | None, *, what: str = "metadata") -> dict[str, MetadataValue]:
