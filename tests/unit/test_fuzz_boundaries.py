@@ -30,7 +30,7 @@ from umi.storage.base import SearchFilters
 COUNTS: dict[str, dict[str, int]] = defaultdict(lambda: {"tried": 0, "accepted": 0, "rejected": 0})
 UNTYPED: list[str] = []
 
-FUZZ = settings(max_examples=300, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 SURROGATE = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
