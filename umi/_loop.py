@@ -182,10 +182,12 @@ class LoopThread:
                 t.cancel()
             if tasks:
                 await asyncio.wait(tasks, timeout=self.grace_secs)
+            # asyncio.to_thread's workers (the default executor) would outlive the loop
+            await asyncio.wait_for(self.loop.shutdown_default_executor(), timeout=self.grace_secs + 1)
 
         try:
             asyncio.run_coroutine_threadsafe(cancel_rest(), self.loop).result(timeout=self.grace_secs + 1)
-        except (concurrent.futures.TimeoutError, RuntimeError):  # pragma: no cover - a task ignoring cancel
+        except (concurrent.futures.TimeoutError, asyncio.TimeoutError, RuntimeError):  # pragma: no cover
             pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)

@@ -30,10 +30,11 @@ from .faults import FaultInjector, FaultType
 
 __all__ = ["SimulatedCrash", "install_crash_points", "SimWorld", "CRASH_POINT_METHODS"]
 
-#: storage methods that write; each gets a crash point before and after (those the store has)
+#: storage methods that write (and the index-cache save); each gets a crash point before and
+#: after (those the store has)
 CRASH_POINT_METHODS = (
     "upsert", "delete", "supersede", "add_source", "add_relations", "revive", "delete_source",
-    "restore", "set_core_block", "remove_core_block", "clear_core_blocks", "set_meta",
+    "restore", "set_core_block", "remove_core_block", "clear_core_blocks", "set_meta", "save_index",
 )
 
 
