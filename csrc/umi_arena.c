@@ -64,10 +64,13 @@ static umi_rc ensure_ids(umi_arena *a) {
     if (a->n_free > 0 || a->next_id < a->rec_cap) return UMI_OK;
     if (a->rec_cap >= UMI_ID_NONE / 2) return UMI_ERR_NOMEM;
     uint32_t nc = a->rec_cap ? a->rec_cap * 2 : 16;
-    umi_rec *nr = (umi_rec *)realloc(a->recs, (size_t)nc * sizeof(umi_rec));
+    size_t rec_bytes, id_bytes;
+    if (umi_mul_size(nc, sizeof(umi_rec), &rec_bytes) || umi_mul_size(nc, sizeof(uint32_t), &id_bytes))
+        return UMI_ERR_NOMEM;
+    umi_rec *nr = (umi_rec *)realloc(a->recs, rec_bytes);
     if (!nr) return UMI_ERR_NOMEM;
     a->recs = nr;
-    uint32_t *nf = (uint32_t *)realloc(a->free_ids, (size_t)nc * sizeof(uint32_t));
+    uint32_t *nf = (uint32_t *)realloc(a->free_ids, id_bytes);
     if (!nf) return UMI_ERR_NOMEM; /* recs grew; harmless */
     a->free_ids = nf;
     a->rec_cap = nc;
@@ -75,16 +78,18 @@ static umi_rc ensure_ids(umi_arena *a) {
 }
 
 static umi_rc ensure_space(umi_arena *a, size_t len) {
-    size_t step = UMI_ARENA_HEADER_BYTES + len;
-    if (a->tail + step <= a->buf_cap) return UMI_OK;
+    size_t step, need;
+    if (umi_add_size(UMI_ARENA_HEADER_BYTES, len, &step) || umi_add_size(a->tail, step, &need))
+        return UMI_ERR_NOMEM;
+    if (need <= a->buf_cap) return UMI_OK;
     /* Compact when dead space is a real share of the buffer: each compaction
      * then frees at least a quarter of it, which keeps the cost amortised O(1)
      * per byte written. */
     if (a->garbage >= step && a->garbage * 4 >= a->buf_cap) {
         compact(a);
-        if (a->tail + step <= a->buf_cap) return UMI_OK;
+        need = a->tail + step; /* compaction only shrinks tail */
+        if (need <= a->buf_cap) return UMI_OK;
     }
-    size_t need = a->tail + step;
     size_t nc = a->buf_cap ? a->buf_cap : MIN_BUF;
     while (nc < need) {
         if (nc > ((size_t)-1) / 2) return UMI_ERR_NOMEM;
@@ -111,10 +116,12 @@ uint32_t umi_arena_next_id(const umi_arena *a) {
 }
 
 static umi_rc over_budget(const umi_arena *a, uint64_t credit, size_t len, umi_err_detail *err) {
-    uint64_t after = a->used_bytes - credit + (uint64_t)len;
-    if (after <= a->max_bytes) return UMI_OK;
+    uint64_t base = a->used_bytes - credit; /* credit is a live record's length: <= used */
+    uint64_t after;
+    if (!umi_add_u64(base, (uint64_t)len, &after) && after <= a->max_bytes) return UMI_OK;
     if (err) {
-        err->over_by = after - a->max_bytes;
+        /* base <= max_bytes always, so the excess is len - room, exact even on a wrap */
+        err->over_by = (uint64_t)len - (a->max_bytes - base);
         err->limit = a->max_bytes;
     }
     return UMI_ERR_BYTES_FULL;

@@ -64,6 +64,18 @@ void umi_core_clear(umi_core *c) {
     c->version++;
 }
 
+/* How far base + add is over limit (base + add > limit), saturating at
+ * UINT64_MAX when the exact excess does not fit. */
+static uint64_t over_limit(uint64_t base, uint64_t add, uint64_t limit) {
+    uint64_t sum;
+    if (umi_add_u64(base, add, &sum)) {
+        /* base + add - limit = add - (limit - base) when base <= limit */
+        if (base <= limit) return add - (limit - base);
+        return UINT64_MAX;
+    }
+    return sum - limit;
+}
+
 uint32_t umi_core_find(const umi_core *c, const char *label, size_t llen) {
     uint64_t h = umi_hash_bytes(label, llen, c->seed);
     return umi_hindex_find(&c->index, h, label, llen, label_eq, c);
@@ -71,7 +83,9 @@ uint32_t umi_core_find(const umi_core *c, const char *label, size_t llen) {
 
 static umi_rc grow_blocks(umi_core *c, size_t n) {
     if (n <= c->blocks_cap) return UMI_OK;
-    umi_block *nb = (umi_block *)realloc(c->blocks, n * sizeof(umi_block));
+    size_t bytes;
+    if (umi_mul_size(n, sizeof(umi_block), &bytes)) return UMI_ERR_NOMEM;
+    umi_block *nb = (umi_block *)realloc(c->blocks, bytes);
     if (!nb) return UMI_ERR_NOMEM;
     memset(nb + c->blocks_cap, 0, (n - c->blocks_cap) * sizeof(umi_block));
     c->blocks = nb;
@@ -81,9 +95,12 @@ static umi_rc grow_blocks(umi_core *c, size_t n) {
 
 static umi_rc grow_others(umi_core *c, size_t n) {
     if (n <= c->others_cap) return UMI_OK;
-    size_t nc = c->others_cap ? c->others_cap * 2 : 16;
-    while (nc < n) nc *= 2;
-    uint32_t *no = (uint32_t *)realloc(c->others, nc * sizeof(uint32_t));
+    size_t nc = c->others_cap ? c->others_cap : 16, bytes;
+    while (nc < n) {
+        if (umi_mul_size(nc, 2, &nc)) return UMI_ERR_NOMEM;
+    }
+    if (umi_mul_size(nc, sizeof(uint32_t), &bytes)) return UMI_ERR_NOMEM;
+    uint32_t *no = (uint32_t *)realloc(c->others, bytes);
     if (!no) return UMI_ERR_NOMEM;
     c->others = no;
     c->others_cap = nc;
@@ -100,19 +117,25 @@ umi_rc umi_core_set(umi_core *c, const char *label, size_t llen, const char *con
     int exists = id != UMI_ID_NONE;
     umi_arena *a = &c->arena;
 
-    /* Budgets first (pure checks), then every allocation, then the change. */
+    /* Budgets first (pure checks), then every allocation, then the change.
+     * Every sum is checked: a sum that does not fit in 64 bits is over any
+     * limit (over_by saturates), never a small number that passes. */
     uint64_t old_bytes = exists ? umi_arena_len(a, id) : 0;
-    uint64_t need_bytes = a->used_bytes - old_bytes + clen;
-    if (need_bytes > a->max_bytes) {
-        err->over_by = need_bytes - a->max_bytes;
+    uint64_t need_bytes;
+    if (umi_add_u64(a->used_bytes - old_bytes, (uint64_t)clen, &need_bytes) ||
+        need_bytes > a->max_bytes) {
+        err->over_by = over_limit(a->used_bytes - old_bytes, clen, a->max_bytes);
         err->limit = a->max_bytes;
         return UMI_ERR_BYTES_FULL;
     }
     uint64_t old_tokens = exists ? c->blocks[id].tokens : 0;
-    uint64_t need_tokens = c->used_tokens - old_tokens + tokens;
-    if (c->max_tokens && need_tokens > c->max_tokens) {
-        err->over_by = need_tokens - c->max_tokens;
-        err->limit = c->max_tokens;
+    uint64_t need_tokens;
+    int tokens_wrap = umi_add_u64(c->used_tokens - old_tokens, tokens, &need_tokens);
+    if (tokens_wrap || (c->max_tokens && need_tokens > c->max_tokens)) {
+        /* Without a token budget the only limit is what a uint64 can count. */
+        uint64_t limit = c->max_tokens ? c->max_tokens : UINT64_MAX;
+        err->over_by = over_limit(c->used_tokens - old_tokens, tokens, limit);
+        err->limit = limit;
         return UMI_ERR_TOKENS_FULL;
     }
     int known = known_index(label, llen);
@@ -263,22 +286,37 @@ static size_t line_end(const char *s, size_t i, size_t n) {
     return end < n ? end + 1 : n;
 }
 
-/* A line (starting at j, after its indentation) that is only a run of c and
- * then spaces or tabs: a setext heading underline when c is '=' or '-'. */
-static int underline_rest(const char *s, size_t j, size_t n, char c) {
+/* Where a backslash must go on the line whose text (after at most three
+ * spaces) starts at j, or n when the line cannot open a block.
+ *
+ * Under CommonMark only the first characters of a line decide whether it
+ * opens a block: a heading ('#', or a '='/'-' underline), a container that
+ * can hold a heading (a '>' quote, a '-', '+' or '*' bullet, an ordered
+ * marker of 1-9 digits and '.' or ')'), a block that swallows what follows
+ * (a ``` or ~~~ fence, raw HTML), a thematic break ('_' too), or a link
+ * reference definition ('[') that would hide the line. A backslash before that
+ * character turns every one of them into plain paragraph text, and a line of
+ * paragraph text opens nothing. Four or more columns of indentation (spaces,
+ * or any tab) make indented code or paragraph continuation: no block either.
+ * So no content can make a heading, or a container holding one. */
+static size_t block_start(const char *s, size_t j, size_t n) {
+    if (j >= n) return n;
+    switch (s[j]) {
+    case '#': case '`': case '~': case '<': case '>': case '=': case '-': case '+':
+    case '*': case '_': case '[':
+        return j;
+    default:
+        break;
+    }
     size_t k = j;
-    while (k < n && s[k] == c) k++;
-    while (k < n && (s[k] == ' ' || s[k] == '\t')) k++;
-    return k == n || s[k] == '\n' || s[k] == '\r';
+    while (k < n && k - j < 10 && s[k] >= '0' && s[k] <= '9') k++;
+    if (k > j && k - j <= 9 && k < n && (s[k] == '.' || s[k] == ')')) return k;
+    return n;
 }
 
-/* Markdown cannot be escaped as cleanly as XML. What matters is that content
- * cannot start a heading (ATX '#', or a setext '==='/'---' underline turning
- * the line above into one) or open a block that swallows the headings after
- * it (a ``` or ~~~ fence, a raw HTML block). So at the start of every line,
- * after up to three spaces, a backslash goes before '#', '`', '~', '<', and
- * before the first character of a line that is a run of '=' or '-'. Lines end
- * at '\n' or '\r', as in CommonMark. */
+/* Markdown cannot be escaped as cleanly as XML: see block_start for what is
+ * escaped and why that is enough. Lines end at '\n' or '\r', as in CommonMark;
+ * at most one backslash is added per line, so the output is at most 2n. */
 size_t umi_escape_markdown(const char *s, size_t n, char *out) {
     size_t o = 0;
     size_t i = 0;
@@ -286,18 +324,13 @@ size_t umi_escape_markdown(const char *s, size_t n, char *out) {
         /* i is at the start of a line. */
         size_t j = i;
         while (j < n && j - i < 3 && s[j] == ' ') j++;
-        int esc = 0;
-        if (j < n) {
-            char c = s[j];
-            esc = c == '#' || c == '`' || c == '~' || c == '<' ||
-                  ((c == '=' || c == '-') && underline_rest(s, j, n, c));
-        }
+        size_t at = block_start(s, j, n);
         size_t end = j < n ? line_end(s, j, n) : n;
-        if (esc) {
+        if (at < end) {
             if (out) {
-                memcpy(out + o, s + i, j - i);
-                out[o + (j - i)] = '\\';
-                memcpy(out + o + (j - i) + 1, s + j, end - j);
+                memcpy(out + o, s + i, at - i);
+                out[o + (at - i)] = '\\';
+                memcpy(out + o + (at - i) + 1, s + at, end - at);
             }
             o += (end - i) + 1;
         } else {
@@ -317,7 +350,9 @@ const char *umi_core_tail(umi_core_format fmt) { return fmt == UMI_CORE_XML ? XM
 static umi_rc reserve_out(umi_core *c, size_t n) {
     if (n <= c->out_cap) return UMI_OK;
     size_t nc = c->out_cap ? c->out_cap : 256;
-    while (nc < n) nc *= 2;
+    while (nc < n) {
+        if (umi_mul_size(nc, 2, &nc)) return UMI_ERR_NOMEM;
+    }
     char *nb = (char *)realloc(c->out, nc);
     if (!nb) return UMI_ERR_NOMEM;
     c->out = nb;
@@ -337,7 +372,10 @@ umi_rc umi_core_fragment(umi_core *c, uint32_t id, umi_core_format fmt, const ch
     if (fmt == UMI_CORE_XML) {
         /* <block label="L" importance="I">\nBODY\n</block>\n */
         size_t ilen = strlen(b->importance_text);
-        size_t n = 14 + b->label_len + 14 + ilen + 3 + umi_escape_xml(content, clen, NULL) + 10;
+        size_t n;
+        if (umi_add_size(14 + b->label_len + 14 + ilen + 3 + 10, umi_escape_xml(content, clen, NULL),
+                         &n))
+            return UMI_ERR_NOMEM;
         if ((rc = reserve_out(c, n)) != UMI_OK) return rc;
         char *p = c->out;
         PUT(p, o, "<block label=\"");
@@ -351,7 +389,9 @@ umi_rc umi_core_fragment(umi_core *c, uint32_t id, umi_core_format fmt, const ch
         PUT(p, o, "\n</block>\n");
     } else if (fmt == UMI_CORE_MARKDOWN) {
         /* \n## L\n\nBODY\n */
-        size_t n = 4 + b->label_len + 2 + umi_escape_markdown(content, clen, NULL) + 1;
+        size_t n;
+        if (umi_add_size(4 + b->label_len + 2 + 1, umi_escape_markdown(content, clen, NULL), &n))
+            return UMI_ERR_NOMEM;
         if ((rc = reserve_out(c, n)) != UMI_OK) return rc;
         char *p = c->out;
         PUT(p, o, "\n## ");

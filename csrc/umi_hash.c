@@ -40,7 +40,9 @@ uint64_t umi_hash_bytes(const void *data, size_t len, uint64_t seed) {
 }
 
 static umi_rc alloc_slots(size_t cap, umi_hslot **out) {
-    umi_hslot *s = (umi_hslot *)malloc(cap * sizeof(umi_hslot));
+    size_t bytes;
+    if (umi_mul_size(cap, sizeof(umi_hslot), &bytes)) return UMI_ERR_NOMEM;
+    umi_hslot *s = (umi_hslot *)malloc(bytes);
     if (!s) return UMI_ERR_NOMEM;
     for (size_t i = 0; i < cap; i++) {
         s[i].tag = 0;
@@ -52,7 +54,7 @@ static umi_rc alloc_slots(size_t cap, umi_hslot **out) {
 
 umi_rc umi_hindex_init(umi_hindex *ix, size_t expected) {
     size_t cap = UMI_HINDEX_MIN_CAP;
-    while (cap < expected * 2) cap <<= 1;
+    while (cap < expected * 2 && cap < ((size_t)1 << 31)) cap <<= 1;
     ix->slots = NULL;
     ix->count = 0;
     ix->mask = 0;
@@ -83,11 +85,12 @@ static void place(umi_hslot *slots, size_t mask, uint32_t tag, uint32_t id) {
 
 umi_rc umi_hindex_reserve(umi_hindex *ix, size_t extra) {
     /* Keep the load factor at or below 1/2: short probe runs. */
-    size_t need = ix->count + extra;
+    size_t need, twice;
+    if (umi_add_size(ix->count, extra, &need) || umi_mul_size(need, 2, &twice)) return UMI_ERR_NOMEM;
     size_t cap = ix->mask + 1;
-    if (need * 2 <= cap) return UMI_OK;
+    if (twice <= cap) return UMI_OK;
     size_t new_cap = cap;
-    while (need * 2 > new_cap) {
+    while (twice > new_cap) {
         if (new_cap > ((size_t)1 << 31)) return UMI_ERR_NOMEM; /* homes come from 32 bits */
         new_cap <<= 1;
     }

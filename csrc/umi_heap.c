@@ -24,18 +24,26 @@ void umi_heap_clear(umi_heap *h) {
 
 umi_rc umi_heap_reserve(umi_heap *h, size_t n_ids, size_t extra) {
     if (n_ids > h->pos_cap) {
-        size_t nc = h->pos_cap ? h->pos_cap : 16;
-        while (nc < n_ids) nc *= 2;
-        uint32_t *np = (uint32_t *)realloc(h->pos, nc * sizeof(uint32_t));
+        size_t nc = h->pos_cap ? h->pos_cap : 16, bytes;
+        while (nc < n_ids) {
+            if (umi_mul_size(nc, 2, &nc)) return UMI_ERR_NOMEM;
+        }
+        if (umi_mul_size(nc, sizeof(uint32_t), &bytes)) return UMI_ERR_NOMEM;
+        uint32_t *np = (uint32_t *)realloc(h->pos, bytes);
         if (!np) return UMI_ERR_NOMEM;
         for (size_t i = h->pos_cap; i < nc; i++) np[i] = UMI_ID_NONE;
         h->pos = np;
         h->pos_cap = nc;
     }
-    if (h->len + extra > h->cap) {
-        size_t nc = h->cap ? h->cap : 16;
-        while (nc < h->len + extra) nc *= 2;
-        umi_heap_node *nn = (umi_heap_node *)realloc(h->nodes, nc * sizeof(umi_heap_node));
+    size_t want;
+    if (umi_add_size(h->len, extra, &want)) return UMI_ERR_NOMEM;
+    if (want > h->cap) {
+        size_t nc = h->cap ? h->cap : 16, bytes;
+        while (nc < want) {
+            if (umi_mul_size(nc, 2, &nc)) return UMI_ERR_NOMEM;
+        }
+        if (umi_mul_size(nc, sizeof(umi_heap_node), &bytes)) return UMI_ERR_NOMEM;
+        umi_heap_node *nn = (umi_heap_node *)realloc(h->nodes, bytes);
         if (!nn) return UMI_ERR_NOMEM;
         h->nodes = nn;
         h->cap = nc;

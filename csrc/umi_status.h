@@ -26,6 +26,25 @@ typedef struct umi_err_detail {
     uint64_t limit;
 } umi_err_detail;
 
+/* Checked arithmetic for every size and budget computation in csrc/: each
+ * returns nonzero (and leaves *out unset) when the exact result does not fit,
+ * so no sum of a caller's numbers can wrap around a limit check. */
+static inline int umi_add_u64(uint64_t a, uint64_t b, uint64_t *out) {
+    if (b > UINT64_MAX - a) return 1;
+    *out = a + b;
+    return 0;
+}
+static inline int umi_add_size(size_t a, size_t b, size_t *out) {
+    if (b > SIZE_MAX - a) return 1;
+    *out = a + b;
+    return 0;
+}
+static inline int umi_mul_size(size_t a, size_t b, size_t *out) {
+    if (a != 0 && b > SIZE_MAX / a) return 1;
+    *out = a * b;
+    return 0;
+}
+
 /* Sentinel for "no id". Ids are dense small integers below this. */
 #define UMI_ID_NONE ((uint32_t)0xFFFFFFFFu)
 

@@ -99,11 +99,20 @@ static inline uint32_t lookup(const umi_wm *wm, const char *key, size_t klen, ui
 
 static umi_rc grow_meta(umi_wm *wm, size_t n) {
     if (n <= wm->meta_cap) return UMI_OK;
-    umi_wm_meta *m = (umi_wm_meta *)realloc(wm->meta, n * sizeof(umi_wm_meta));
+    size_t bytes;
+    if (umi_mul_size(n, sizeof(umi_wm_meta), &bytes)) return UMI_ERR_NOMEM;
+    umi_wm_meta *m = (umi_wm_meta *)realloc(wm->meta, bytes);
     if (!m) return UMI_ERR_NOMEM;
     wm->meta = m;
     wm->meta_cap = n;
     return UMI_OK;
+}
+
+/* klen + vlen - limit, saturating when the sum does not fit. */
+static uint64_t entry_over(size_t klen, size_t vlen, uint64_t limit) {
+    uint64_t sum;
+    if (umi_add_u64((uint64_t)klen, (uint64_t)vlen, &sum)) return UINT64_MAX;
+    return sum - limit;
 }
 
 /* Store after the caller has expired entries and looked the key up.
@@ -112,14 +121,15 @@ static umi_rc store(umi_wm *wm, const char *key, size_t klen, uint64_t hash, uin
                     const char *val, size_t vlen, double expires_at, int keep_expiry,
                     int evict_lru, umi_err_detail *err) {
     umi_arena *a = &wm->arena;
-    uint64_t entry = (uint64_t)klen + vlen;
-    if (entry > a->max_bytes) {
-        err->over_by = entry - a->max_bytes;
+    uint64_t entry;
+    if (umi_add_u64((uint64_t)klen, (uint64_t)vlen, &entry) || entry > a->max_bytes) {
+        err->over_by = entry_over(klen, vlen, a->max_bytes);
         err->limit = a->max_bytes;
         return UMI_ERR_BYTES_FULL;
     }
     int exists = id != UMI_ID_NONE;
     uint64_t old_bytes = exists ? umi_arena_len(a, id) : 0;
+    /* used - old <= max and entry <= max, so this sum cannot wrap (max < 2**63) */
     uint64_t need_bytes = a->used_bytes - old_bytes + entry;
     uint64_t need_count = (uint64_t)a->live - (exists ? 1 : 0) + 1;
     int full = need_bytes > a->max_bytes || need_count > wm->max_entries;

@@ -1,12 +1,25 @@
 """The ``umi`` command: demo, remember, recall, stats, import, export.
 
 Every subcommand but ``demo`` works on a DuckDB file (``--db``, default ./umi.duckdb)
-with the embedded default providers (local embedder, rule extraction).
+with the embedded default providers (local embedder, rule extraction). The read
+commands (``recall``, ``stats``, ``export``) take ``--read-only``: the file is opened
+for reading only (it must exist, and nothing in it changes, not even the index cache).
+
+Every failure is one line on stderr, ``umi: error: ...``, never a traceback (set
+``UMI_TRACEBACK=1`` to see one), and an exit code:
+
+* 0 — done;
+* 1 — the operation failed: storage, a provider, the operating system (a missing file,
+  a directory, permission denied, EIO, ENOSPC), out of memory, or an internal error;
+* 2 — the input was refused: a bad argument, a file that is not UTF-8 text, JSON that
+  is malformed or nested too deeply, a value out of range;
+* 130 — interrupted (Ctrl-C). A closed stdout (``umi export | head``) ends quietly with 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -19,10 +32,20 @@ __all__ = ["main"]
 
 
 def _memory(db: str, args: argparse.Namespace | None = None) -> Any:
-    """The Memory a command works on: the whole store, or the scope of ``--user`` / ``--agent``."""
+    """The Memory a command works on: the whole store, or the scope of ``--user`` / ``--agent``;
+    with ``--read-only``, the file opened for reading only (it must exist)."""
     from .memory import Memory
 
-    return Memory(db, user_id=getattr(args, "user", None), agent_id=getattr(args, "agent", None))
+    scope = {"user_id": getattr(args, "user", None), "agent_id": getattr(args, "agent", None)}
+    if not getattr(args, "read_only", False):
+        return Memory(db, **scope)
+    from .providers.local import LocalEmbeddingProvider
+    from .storage.duckdb import DuckDBStorageBackend
+
+    if not os.path.isfile(db):
+        raise FileNotFoundError(errno.ENOENT, "no such database file (--read-only never creates one)", db)
+    embedder = LocalEmbeddingProvider()
+    return Memory(db, embedder=embedder, storage=DuckDBStorageBackend.connect(db, read_only=True), **scope)
 
 
 def _print_entity(e: Any, out: TextIO, *, with_score: bool = True) -> None:
@@ -200,10 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--db", default=None, help="DuckDB file (default: a temporary one)")
     d.set_defaults(fn=cmd_demo)
 
-    def with_db(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    def with_db(sp: argparse.ArgumentParser, *, reads: bool = False) -> argparse.ArgumentParser:
         sp.add_argument("--db", default="umi.duckdb", help="DuckDB file (default: ./umi.duckdb)")
         sp.add_argument("--user", default=None, help="work in this user's scope (default: every scope)")
         sp.add_argument("--agent", default=None, help="work in this agent's scope (default: every scope)")
+        if reads:
+            sp.add_argument("--read-only", action="store_true",
+                            help="open the file for reading only (it must exist; nothing is written)")
         return sp
 
     r = with_db(sub.add_parser("remember", help="remember a text"))
@@ -212,14 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--raw", action="store_true", help="store as one note, without extraction")
     r.set_defaults(fn=cmd_remember)
 
-    q = with_db(sub.add_parser("recall", help="recall facts for a query"))
+    q = with_db(sub.add_parser("recall", help="recall facts for a query"), reads=True)
     q.add_argument("query")
     q.add_argument("--limit", type=int, default=10)
     q.add_argument("--all", action="store_true", help="include superseded facts")
     q.add_argument("--json", action="store_true", help="one JSON object per line")
     q.set_defaults(fn=cmd_recall)
 
-    s = with_db(sub.add_parser("stats", help="counts by type"))
+    s = with_db(sub.add_parser("stats", help="counts by type"), reads=True)
     s.set_defaults(fn=cmd_stats)
 
     i = with_db(sub.add_parser("import", help="import a JSONL file ('-' for stdin)"))
@@ -227,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--quiet", action="store_true", help="no progress bar")
     i.set_defaults(fn=cmd_import)
 
-    e = with_db(sub.add_parser("export", help="export sources, facts, relations and history as JSONL"))
+    e = with_db(sub.add_parser("export", help="export sources, facts, relations and history as JSONL"), reads=True)
     e.add_argument("--out", default=None, help="file to write (default: stdout)")
     e.add_argument("--embeddings", action="store_true", help="include embedding vectors")
     e.set_defaults(fn=cmd_export)
@@ -239,12 +265,70 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     out = out if out is not None else sys.stdout
     try:
         return int(args.fn(args, out))
-    except UmiError as exc:
-        sys.stderr.write(f"umi: error: {exc}\n")
-        return 2
-    except FileNotFoundError as exc:
-        sys.stderr.write(f"umi: error: {exc}\n")
-        return 2
+    except BaseException as exc:  # noqa: BLE001 - the one place every failure becomes a line and a code
+        if isinstance(exc, SystemExit):
+            raise
+        if os.environ.get("UMI_TRACEBACK"):
+            import traceback
+
+            traceback.print_exc()
+        message, code = _failure(exc, args)
+        if message is None:
+            return code
+        try:
+            sys.stderr.write(f"umi: error: {message}\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):  # stderr itself is gone: the exit code still says it
+            pass
+        return code
+
+
+def _one_line(text: str, limit: int = 500) -> str:
+    text = " ".join(str(text).split())
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates printable
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _failure(exc: BaseException, args: argparse.Namespace) -> tuple[str | None, int]:
+    """(one-line message, exit code) for any exception out of a command."""
+    from .errors import ValidationError as _Invalid
+
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", 130
+    if isinstance(exc, BrokenPipeError):
+        # the reader went away (`umi export | head`): not an error of ours
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return None, 0
+    if isinstance(exc, _Invalid):
+        return _one_line(str(exc)), 2
+    if isinstance(exc, UmiError):
+        return _one_line(f"{type(exc).__name__}: {exc}"), 1
+    if isinstance(exc, UnicodeDecodeError):
+        where = getattr(args, "file", None) or "input"
+        return (_one_line(f"{where} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): "
+                          f"{exc.reason}"), 2)
+    if isinstance(exc, UnicodeEncodeError):
+        return _one_line(f"text is not valid Unicode (a lone surrogate at index {exc.start}; "
+                         "was an argument not UTF-8?)"), 2
+    if isinstance(exc, RecursionError):
+        where = getattr(args, "file", None) or "input"
+        return f"{where}: a JSON value is nested too deeply to read", 2
+    if isinstance(exc, json.JSONDecodeError):
+        return _one_line(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"), 2
+    if isinstance(exc, OSError):
+        what = exc.strerror or type(exc).__name__
+        if exc.errno == errno.ENOSPC:
+            what = "no space left on the device"
+        elif exc.errno == errno.EIO:
+            what = "input/output error (the disk or file system failed)"
+        path = exc.filename
+        return _one_line(f"{path}: {what}" if path is not None else what), 1
+    if isinstance(exc, MemoryError):
+        return "out of memory", 1
+    return _one_line(f"internal error: {type(exc).__name__}: {exc} (set UMI_TRACEBACK=1 for details)"), 1
 
 
 if __name__ == "__main__":  # pragma: no cover

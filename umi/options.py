@@ -7,12 +7,12 @@ with chainable methods that return a new object (``RecallOptions().with_limit(5)
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal, Mapping
 
-from .errors import InvalidConfigError, InvalidImportanceError, InvalidLimitError
+from . import _validate as V
+from .errors import InvalidConfigError, InvalidImportanceError, InvalidLimitError, ValidationError
 from .types import EntityType, MetadataValue, validate_metadata
 
 __all__ = [
@@ -27,9 +27,9 @@ __all__ = [
 TimeField = Literal["created_at", "event_time"]
 SortBy = Literal["relevance", "event_time", "created_at"]
 
-TEXT_BYTES_MAX = 100_000
-RECALL_LIMIT_MIN = 1
-RECALL_LIMIT_MAX = 100
+TEXT_BYTES_MAX = V.TEXT_BYTES_MAX
+RECALL_LIMIT_MIN = V.RECALL_LIMIT_MIN
+RECALL_LIMIT_MAX = V.RECALL_LIMIT_MAX
 
 
 def check_limit(limit: object) -> int:
@@ -72,33 +72,36 @@ class MemoryConfig:
     supersede_confidence: float = 0.75
 
     def __post_init__(self) -> None:
-        def rng(name: str, lo: float, hi: float) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo <= v <= hi) or (
-                isinstance(v, float) and math.isnan(v)
-            ):
-                raise InvalidConfigError(f"MemoryConfig.{name} must be in [{lo}, {hi}], got {v!r}")
+        # Integer fields take ints only (5.5, True, NaN are refused here, not later);
+        # real fields take finite numbers. One rule: umi._validate.
+        def whole(name: str, lo: int, hi: int) -> None:
+            V.check_int(getattr(self, name), f"MemoryConfig.{name}", lo, hi)
 
-        rng("core_memory_bytes", 1024, 16 * 1024 * 1024)
-        rng("working_memory_bytes", 1024, 1 << 30)
-        rng("working_memory_entries", 1, 10_000_000)
-        rng("recall_limit", RECALL_LIMIT_MIN, RECALL_LIMIT_MAX)
-        rng("text_bytes_max", 1, TEXT_BYTES_MAX)
-        rng("evolution_candidates", 0, 100)
-        rng("evolution_similarity", 0.0, 1.0)
-        rng("hnsw_threshold", 0, 1 << 31)
-        rng("rrf_k", 1, 10_000)
-        rng("deep_search_threshold", 0.0, 1.0)
-        rng("embedding_batch_size", 1, 4096)
-        rng("supersede_confidence", 0.0, 1.0)
+        def real(name: str, lo: float, hi: float) -> None:
+            object.__setattr__(self, name, V.check_real(getattr(self, name), f"MemoryConfig.{name}", lo, hi))
+
+        whole("core_memory_bytes", V.CORE_MEMORY_MAX_BYTES_MIN, V.CORE_MEMORY_MAX_BYTES_MAX)
+        whole("working_memory_bytes", V.WORKING_MEMORY_MAX_BYTES_MIN, V.WORKING_MEMORY_MAX_BYTES_MAX)
+        whole("working_memory_entries", 1, 10_000_000)
+        whole("recall_limit", RECALL_LIMIT_MIN, RECALL_LIMIT_MAX)
+        whole("text_bytes_max", 1, TEXT_BYTES_MAX)
+        whole("evolution_candidates", 0, 100)
+        real("evolution_similarity", 0.0, 1.0)
+        whole("hnsw_threshold", 0, 1 << 31)
+        whole("rrf_k", 1, 10_000)
+        real("deep_search_threshold", 0.0, 1.0)
+        whole("embedding_batch_size", 1, 4096)
+        real("supersede_confidence", 0.0, 1.0)
         ttl = self.working_memory_ttl
-        if isinstance(ttl, (int, float)) and not isinstance(ttl, bool):
-            object.__setattr__(self, "working_memory_ttl", timedelta(seconds=ttl))
-        elif not isinstance(ttl, timedelta):
-            raise TypeError("working_memory_ttl must be a timedelta or seconds")
-        secs = self.working_memory_ttl.total_seconds()
-        if not (0 < secs <= 7 * 86400):
-            raise InvalidConfigError(f"working_memory_ttl must be in (0, 7 days], got {secs} s")
+        if isinstance(ttl, timedelta):
+            secs = ttl.total_seconds()
+        elif isinstance(ttl, (int, float)) and not isinstance(ttl, bool):
+            secs = ttl  # checked below before timedelta() sees it (NaN, inf and 10**400 break it)
+        else:
+            raise TypeError(f"working_memory_ttl must be a timedelta or seconds, not {type(ttl).__name__}")
+        secs = V.check_ttl_secs(secs, "MemoryConfig.working_memory_ttl (seconds)")
+        if not isinstance(ttl, timedelta):
+            object.__setattr__(self, "working_memory_ttl", timedelta(seconds=secs))
 
     def _with(self, **kw: Any) -> "MemoryConfig":
         return dataclasses.replace(self, **kw)
@@ -126,11 +129,13 @@ class MemoryConfig:
 
 
 def _check_importance(x: object) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise TypeError(f"importance must be a float in [0, 1], not {type(x).__name__}")
-    if not (0.0 <= float(x) <= 1.0):
-        raise InvalidImportanceError(f"importance must be in [0, 1], got {x!r}", actual=x)
-    return float(x)
+    return V.check_real(x, "importance", 0.0, 1.0, InvalidImportanceError)
+
+
+def _check_time(value: object, what: str) -> int | None:
+    if value is None:
+        return None
+    return V.check_int(value, what, V.TIME_MS_MIN, V.TIME_MS_MAX, ValidationError)
 
 
 @dataclass(frozen=True)
@@ -146,10 +151,7 @@ class RememberOptions:
         object.__setattr__(self, "importance", _check_importance(self.importance))
         if self.metadata is not None:
             object.__setattr__(self, "metadata", validate_metadata(self.metadata))
-        if self.event_time is not None and (
-            isinstance(self.event_time, bool) or not isinstance(self.event_time, int)
-        ):
-            raise TypeError("event_time must be int milliseconds since the epoch")
+        _check_time(self.event_time, "event_time (int milliseconds since the epoch)")
 
     def without_extraction(self) -> "RememberOptions":
         return dataclasses.replace(self, extract_entities=False)
@@ -217,8 +219,7 @@ class RecallOptions:
             object.__setattr__(self, "time_range", tr)
         if self.metadata is not None:
             object.__setattr__(self, "metadata", validate_metadata(self.metadata, what="metadata filter"))
-        if self.as_of is not None and (isinstance(self.as_of, bool) or not isinstance(self.as_of, int)):
-            raise TypeError("as_of must be int milliseconds since the epoch")
+        _check_time(self.as_of, "as_of (int milliseconds since the epoch)")
 
     def with_limit(self, limit: int) -> "RecallOptions":
         return dataclasses.replace(self, limit=limit)

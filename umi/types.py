@@ -24,6 +24,7 @@ from typing import Any, Literal, Mapping, Union
 
 import numpy as np
 
+from . import _validate as V
 from .errors import (
     InvalidConfidenceError,
     InvalidEntityTypeError,
@@ -58,8 +59,8 @@ __all__ = [
 #: Namespace of every id umi derives (UUIDv5). Fixed forever: changing it changes every id.
 UMI_NAMESPACE = uuid.UUID("6d1f3c2e-5b0a-5c8e-9f4e-0a7b1c2d3e4f")
 
-ENTITY_NAME_BYTES_MAX = 512
-ENTITY_CONTENT_BYTES_MAX = 100_000
+ENTITY_NAME_BYTES_MAX = V.ENTITY_NAME_BYTES_MAX
+ENTITY_CONTENT_BYTES_MAX = V.ENTITY_CONTENT_BYTES_MAX
 
 MetadataValue = Union[str, int, float, bool, None]
 
@@ -258,12 +259,7 @@ def now_ms() -> int:
 
 
 def _check_unit(value: float, what: str, exc: type[ValidationError]) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a float in [0, 1], not {type(value).__name__}")
-    v = float(value)
-    if not (0.0 <= v <= 1.0) or math.isnan(v):
-        raise exc(f"{what} must be in [0, 1], got {value!r}", actual=value)  # type: ignore[call-arg]
-    return v
+    return V.check_real(value, what, 0.0, 1.0, exc)
 
 
 def validate_metadata(metadata: Mapping[str, Any] | None, *, what: str = "metadata") -> dict[str, MetadataValue]:
@@ -271,6 +267,9 @@ def validate_metadata(metadata: Mapping[str, Any] | None, *, what: str = "metada
 
     Dicts, lists and operator-looking keys (``$gt``) are rejected: metadata is for
     equality filters, and a value that looks like a query operator is an injection attempt.
+    Sizes are bounded (:data:`umi._validate.METADATA_KEYS_MAX` keys,
+    ``METADATA_VALUE_BYTES_MAX`` per string value, ``METADATA_BYTES_MAX`` in all), and a
+    key or value holding a lone surrogate (not storable as UTF-8) is refused.
     """
     if metadata is None:
         return {}
@@ -278,7 +277,7 @@ def validate_metadata(metadata: Mapping[str, Any] | None, *, what: str = "metada
         raise TypeError(f"{what} must be a dict of str -> scalar, not {type(metadata).__name__}")
     out: dict[str, MetadataValue] = {}
     for k, v in metadata.items():
-        if not isinstance(k, str) or not k or len(k.encode()) > 128:
+        if not isinstance(k, str) or not k or V.utf8_len(k, f"{what} key", InvalidFilterError) > 128:
             raise InvalidFilterError(f"{what} keys must be non-empty str of at most 128 bytes, got {k!r}")
         if k.startswith("$") or any(c in k for c in "\"'`;\\\x00"):
             raise InvalidFilterError(f"{what} key {k!r} contains characters that are not allowed")
@@ -290,6 +289,7 @@ def validate_metadata(metadata: Mapping[str, Any] | None, *, what: str = "metada
         if isinstance(v, float) and not math.isfinite(v):
             raise InvalidFilterError(f"{what}[{k!r}] must be finite, got {v!r}")
         out[k] = v
+    V.check_metadata_limits(out, what)
     return out
 
 
@@ -340,12 +340,8 @@ class Entity:
                 raise TypeError(f"Entity.{what} must be str, not {type(v).__name__}")
         if not self.name.strip():
             raise ValidationError("Entity.name must not be empty")
-        if len(self.name.encode()) > ENTITY_NAME_BYTES_MAX:
-            raise ValidationError(f"Entity.name is {len(self.name.encode())} bytes; the limit is {ENTITY_NAME_BYTES_MAX}")
-        if len(self.content.encode()) > ENTITY_CONTENT_BYTES_MAX:
-            raise ValidationError(
-                f"Entity.content is {len(self.content.encode())} bytes; the limit is {ENTITY_CONTENT_BYTES_MAX}"
-            )
+        V.check_text(self.name, "Entity.name", ENTITY_NAME_BYTES_MAX)
+        V.check_text(self.content, "Entity.content", ENTITY_CONTENT_BYTES_MAX)
         self.metadata = validate_metadata(self.metadata)
         self.importance = _check_unit(self.importance, "importance", InvalidImportanceError)
         self.confidence = _check_unit(self.confidence, "confidence", InvalidConfidenceError)
@@ -468,6 +464,7 @@ class EvolutionRelation:
         self.evolution_type = EvolutionType.parse(self.evolution_type)
         if not isinstance(self.reason, str):
             raise TypeError(f"reason must be str, not {type(self.reason).__name__}")
+        V.check_text(self.reason, "EvolutionRelation.reason", V.TEXT_BYTES_MAX)
         self.confidence = _check_unit(self.confidence, "confidence", InvalidConfidenceError)
         if self.created_at < 0:
             self.created_at = now_ms()

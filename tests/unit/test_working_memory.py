@@ -561,3 +561,52 @@ def test_clock_stepping_backwards_keeps_expiry_consistent(clock):
     assert wm.keys() == ["soon"]
     clock.tick(4)
     assert wm.keys() == []
+
+
+# --- hostile numbers (issue 14) -------------------------------------------------------
+
+import pytest as _pytest  # noqa: E402
+
+import umi as _umi  # noqa: E402
+
+
+@_pytest.mark.parametrize("ttl", [10**400, -(10**400), 2**1024, float("nan"), float("inf"), -float("inf"),
+                                  0, -1, 7 * 24 * 3600 + 1, 1e300])
+def test_hostile_ttls_are_invalid_ttl_errors_and_change_nothing(ttl):
+    wm = _umi.WorkingMemory(clock=lambda: 0.0)
+    wm.set("k", b"v")
+    before = (wm.keys(), wm.used_bytes, wm.ttl("k"))
+    with _pytest.raises(_umi.InvalidTTLError):
+        wm.set("k", b"other", ttl_secs=ttl)
+    with _pytest.raises(_umi.InvalidTTLError):
+        wm.set("new", b"x", ttl_secs=ttl)
+    with _pytest.raises(_umi.InvalidTTLError):
+        wm.touch("k", ttl_secs=ttl)
+    assert (wm.keys(), wm.used_bytes, wm.ttl("k")) == before
+    assert wm.get("k") == b"v"
+    with _pytest.raises(_umi.InvalidConfigError):
+        _umi.WorkingMemory(default_ttl_secs=ttl)
+
+
+@_pytest.mark.parametrize("now", [10**400, 2**1024, float("nan"), float("inf"), -float("inf")])
+def test_hostile_clock_readings_are_config_errors(now):
+    reading = [0.0]
+    wm = _umi.WorkingMemory(clock=lambda: reading[0])
+    wm.set("k", b"v")
+    reading[0] = now
+    for op in (lambda: wm.get("k"), lambda: wm.set("k", b"w"), lambda: wm.keys(), lambda: len(wm),
+               lambda: wm.incr("n"), lambda: wm.expire()):
+        with _pytest.raises(_umi.InvalidConfigError):
+            op()
+    reading[0] = 0.0
+    assert wm.get("k") == b"v" and wm.keys() == ["k"]
+
+
+def test_a_clock_that_jumps_back_keeps_entries_consistent():
+    reading = [1000.0]
+    wm = _umi.WorkingMemory(clock=lambda: reading[0])
+    wm.set("a", b"1", ttl_secs=10)
+    reading[0] = -1e12  # skewed far into the past: nothing expires, ttl grows
+    assert wm.get("a") == b"1" and wm.ttl("a") > 10
+    reading[0] = 1011.0
+    assert wm.get("a") is None and wm.used_bytes == 0

@@ -12,6 +12,7 @@ from typing_extensions import disjoint_base
 CORE_MEMORY_MAX_BYTES_MIN: Final[int]
 CORE_MEMORY_MAX_BYTES_MAX: Final[int]
 CORE_MEMORY_LABEL_BYTES_MAX: Final[int]
+CORE_MEMORY_TOKENS_MAX: Final[int]
 WORKING_MEMORY_MAX_BYTES_MIN: Final[int]
 WORKING_MEMORY_MAX_BYTES_MAX: Final[int]
 WORKING_MEMORY_MAX_ENTRIES_MAX: Final[int]

@@ -39,15 +39,20 @@ cdef extern from "Python.h":
                                 int *ptype) except NULL
 
 
-CORE_MEMORY_MAX_BYTES_MIN = 1024
-CORE_MEMORY_MAX_BYTES_MAX = 16 * 1024 * 1024
-CORE_MEMORY_LABEL_BYTES_MAX = 64
-WORKING_MEMORY_MAX_BYTES_MIN = 1024
-WORKING_MEMORY_MAX_BYTES_MAX = 1 << 30
-WORKING_MEMORY_MAX_ENTRIES_MAX = 100_000_000
-WORKING_MEMORY_KEY_BYTES_MAX = 256
-WORKING_MEMORY_VALUE_BYTES_MAX = 64 * 1024
-WORKING_MEMORY_TTL_SECS_MAX = 7 * 24 * 3600.0
+# The limits are defined once, in umi._validate; the arenas re-export them.
+from umi._validate import (
+    CORE_MEMORY_LABEL_BYTES_MAX,
+    CORE_MEMORY_MAX_BYTES_MAX,
+    CORE_MEMORY_MAX_BYTES_MIN,
+    CORE_MEMORY_TOKENS_MAX,
+    WORKING_MEMORY_KEY_BYTES_MAX,
+    WORKING_MEMORY_MAX_BYTES_MAX,
+    WORKING_MEMORY_MAX_BYTES_MIN,
+    WORKING_MEMORY_MAX_ENTRIES_MAX,
+    WORKING_MEMORY_TTL_SECS_MAX,
+    WORKING_MEMORY_VALUE_BYTES_MAX,
+)
+from umi._validate import check_real as _check_real
 
 cdef Py_ssize_t _LABEL_MAX = CORE_MEMORY_LABEL_BYTES_MAX
 cdef Py_ssize_t _KEY_MAX = WORKING_MEMORY_KEY_BYTES_MAX
@@ -169,10 +174,16 @@ cdef inline bint _is_real(object x):
 
 
 cdef double _ttl(object ttl_secs, str what) except? -1.0:
-    if not _is_real(ttl_secs):
+    cdef double t
+    if PyFloat_Check(ttl_secs):
+        t = PyFloat_AS_DOUBLE(ttl_secs)
+    elif not _is_real(ttl_secs):
         raise TypeError(f"{what} must be a number of seconds, not {type(ttl_secs).__name__}")
-    cdef double t = float(ttl_secs)
-    if not (t > 0.0 and t <= _TTL_MAX):
+    elif not (0 < ttl_secs <= _TTL_MAX):  # an int: compared exactly, never float()-converted
+        t = -1.0
+    else:
+        t = float(ttl_secs)
+    if not (t > 0.0 and t <= _TTL_MAX):  # NaN fails both comparisons
         raise InvalidTTLError(
             f"{what} must be > 0 and at most {_TTL_MAX:g} seconds (7 days), got {ttl_secs!r}",
             limit=_TTL_MAX, actual=ttl_secs)
@@ -180,10 +191,16 @@ cdef double _ttl(object ttl_secs, str what) except? -1.0:
 
 
 cdef double _importance(object importance) except? -1.0:
-    if not _is_real(importance):
+    cdef double x
+    if PyFloat_Check(importance):
+        x = PyFloat_AS_DOUBLE(importance)
+    elif not _is_real(importance):
         raise TypeError(f"importance must be a float, not {type(importance).__name__}")
-    cdef double x = float(importance)
-    if not (x >= 0.0 and x <= 1.0):
+    elif not (0 <= importance <= 1):  # an int: compared exactly, never float()-converted
+        x = -1.0
+    else:
+        x = float(importance)
+    if not (x >= 0.0 and x <= 1.0):  # NaN fails both comparisons
         raise InvalidImportanceError(
             f"importance must be within [0, 1], got {importance!r}", actual=importance)
     return x
@@ -243,6 +260,12 @@ cdef class CoreMemory:
             raise TypeError(f"tokenizer must return int, not {type(n).__name__}")
         if n < 0:
             raise ValidationError(f"tokenizer returned a negative token count: {n}")
+        if n > CORE_MEMORY_TOKENS_MAX:
+            # More than 64 bits can count is over any token budget (and the implicit one).
+            limit = self._core.max_tokens if self._core.max_tokens else CORE_MEMORY_TOKENS_MAX
+            raise CoreMemoryFullError(
+                f"core memory is full: the tokenizer counted {n} tokens for one block, more "
+                f"than max_tokens={limit}", over_by=n - limit, limit=limit)
         return <uint64_t>n
 
     def set_block(self, label, content, importance=0.5):
@@ -332,12 +355,12 @@ cdef class CoreMemory:
         facts, goals, scratch), then the others in insertion order.
         """
         cdef int f
+        if not PyUnicode_Check(format):
+            raise TypeError(f"format must be str, not {type(format).__name__}")
         if format == "xml":
             f = UMI_CORE_XML
         elif format == "markdown":
             f = UMI_CORE_MARKDOWN
-        elif not PyUnicode_Check(format):
-            raise TypeError(f"format must be str, not {type(format).__name__}")
         else:
             raise ValidationError(f"format must be 'xml' or 'markdown', got {format!r}")
         if self._rendered_version[f] == self._core.version:
@@ -435,7 +458,8 @@ cdef double _user_time(object clock) except? -1.0:
     if PyFloat_Check(v):
         t = PyFloat_AS_DOUBLE(v)
     elif _is_real(v):
-        t = float(v)
+        # an int beyond any float, exactly like NaN and inf: not a time
+        t = _check_real(v, "clock()", -1.7e308, 1.7e308, InvalidConfigError)
     else:
         raise TypeError(f"clock() must return a number of seconds, not {type(v).__name__}")
     if not isfinite(t):

@@ -38,8 +38,13 @@ class FaultType(str, enum.Enum):
     * ``LLM_TIMEOUT``, ``LLM_RATE_LIMIT``, ``LLM_INVALID_RESPONSE`` — the Sim LLM raises
       ``ProviderTimeoutError``, ``RateLimitError``, ``InvalidResponseError``.
     * ``EMBEDDING_FAIL`` — the Sim embedder raises ``EmbeddingError``.
-    * ``CRASH`` — a crash point: the process (or simulated process) stops here.
-    * ``CLOCK_SKEW`` — a clock reading is off by ``clock_skew_ms``.
+    * ``CRASH`` — a crash point: the simulated process stops here. Consulted before and
+      after every storage write by :func:`umi.sim.install_crash_points`, which raises
+      :class:`umi.sim.SimulatedCrash` (a ``BaseException``: no ``except Exception`` in umi
+      can swallow it); :class:`umi.sim.SimWorld` then drops the Memory without closing it
+      and opens a new one on what the Sim store holds durably.
+    * ``CLOCK_SKEW`` — a clock reading is off by ``clock_skew_ms`` (ahead, then behind, in
+      turn). Consulted by :class:`umi.sim.SimClock` on every reading when given ``faults``.
     """
 
     STORAGE_WRITE_FAIL = "storage_write_fail"

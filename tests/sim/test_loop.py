@@ -1,0 +1,190 @@
+"""The loop runner never leaves a caller blocked: close() racing a call, and os.fork().
+
+Issue 14 reproducers: ``close()`` while another thread was inside a call left that caller
+blocked forever (the loop stopped without failing pending futures); after ``os.fork()``
+every call in the child blocked forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import umi
+from umi._loop import ForkedProcessError, LoopThread, MemoryClosedError
+from umi.providers.sim import SimEmbeddingProvider
+
+
+class _Gate(SimEmbeddingProvider):
+    """A Sim embedder that blocks inside ``aembed`` until released: a call in flight."""
+
+    def __init__(self) -> None:
+        super().__init__(7, 32)
+        self.entered = threading.Event()
+        self.release = asyncio.Event  # made on the loop, below
+        self.block = False
+
+    async def aembed(self, texts, *, kind="passage"):  # type: ignore[override]
+        if self.block:
+            self.entered.set()
+            await asyncio.sleep(3600)  # far longer than any test: only cancellation ends it
+        return self.embed(texts, kind=kind)
+
+
+def _memory(embedder: SimEmbeddingProvider) -> umi.Memory:
+    from umi.providers.sim import SimLLMProvider
+    from umi.sim import SimClock
+    from umi.storage.sim import SimStorageBackend
+
+    m = umi.Memory._from_parts(storage=SimStorageBackend(seed=1), llm=SimLLMProvider(1), embedder=embedder,
+                               clock=SimClock())
+    m._runner.grace_secs = 0.2
+    return m
+
+
+def test_close_racing_a_call_fails_it_with_a_typed_error_instead_of_hanging() -> None:
+    gate = _Gate()
+    memory = _memory(gate)
+    memory.remember_sync("Alice works at Acme")  # acknowledged before the race
+    gate.block = True
+    outcome: list[BaseException | object] = []
+
+    def caller() -> None:
+        try:
+            outcome.append(memory.remember_sync("Bob lives in Berlin"))
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            outcome.append(exc)
+
+    t = threading.Thread(target=caller)
+    t.start()
+    assert gate.entered.wait(10)
+    started = time.monotonic()
+    memory.close()
+    t.join(10)
+    assert not t.is_alive(), "the caller is still blocked after close()"
+    assert time.monotonic() - started < 5
+    assert len(outcome) == 1 and isinstance(outcome[0], MemoryClosedError), outcome
+    assert isinstance(outcome[0], umi.UmiError)
+    with pytest.raises(umi.UmiError):
+        memory.remember_sync("after close")
+
+
+def test_close_lets_a_call_in_flight_finish_within_the_grace() -> None:
+    runner = LoopThread(grace_secs=5.0)
+
+    async def slow() -> int:
+        await asyncio.sleep(0.2)
+        return 42
+
+    got: list[object] = []
+    t = threading.Thread(target=lambda: got.append(runner.run(slow())))
+    t.start()
+    time.sleep(0.05)
+    runner.close()
+    t.join(5)
+    assert got == [42]
+
+
+def test_async_callers_are_failed_too() -> None:
+    runner = LoopThread(grace_secs=0.1)
+
+    async def forever() -> None:
+        await asyncio.sleep(3600)
+
+    async def main() -> BaseException | None:
+        task = asyncio.ensure_future(runner.arun(forever()))
+        await asyncio.sleep(0.05)
+        await asyncio.to_thread(runner.close)
+        try:
+            await asyncio.wait_for(task, 5)
+        except BaseException as exc:  # noqa: BLE001
+            return exc
+        return None
+
+    err = asyncio.run(main())
+    assert isinstance(err, MemoryClosedError)
+
+
+def test_many_threads_racing_close_all_return() -> None:
+    for round_ in range(20):
+        runner = LoopThread(grace_secs=0.05)
+
+        async def work(i: int) -> int:
+            await asyncio.sleep(0.001 * (i % 5))
+            return i
+
+        results: list[object] = []
+
+        def caller(i: int) -> None:
+            try:
+                results.append(runner.run(work(i)))
+            except MemoryClosedError as exc:
+                results.append(exc)
+
+        threads = [threading.Thread(target=caller, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(0.001 * (round_ % 4))
+        runner.close()
+        for t in threads:
+            t.join(5)
+            assert not t.is_alive()
+        assert len(results) == 8
+        assert all(isinstance(r, (int, MemoryClosedError)) for r in results)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # 3.12+ warns about fork with threads
+def test_a_call_in_a_forked_child_raises_forked_process_error_at_once() -> None:
+    memory = _memory(SimEmbeddingProvider(7, 32))
+    memory.remember_sync("Alice works at Acme")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        code = 1
+        try:
+            started = time.monotonic()
+            try:
+                memory.recall_sync("Alice")
+                msg = "no error"
+            except ForkedProcessError as exc:
+                msg = f"ok {time.monotonic() - started:.3f} {exc}"
+            except BaseException as exc:  # noqa: BLE001
+                msg = f"wrong {type(exc).__name__}: {exc}"
+            try:
+                memory._runner.close()  # close() in the child only marks it closed
+            except BaseException as exc:  # noqa: BLE001
+                msg += f" | close raised {type(exc).__name__}"
+            os.write(w, msg.encode()[:4000])
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    deadline = time.monotonic() + 20
+    chunks = []
+    while True:
+        data = os.read(r, 4096)
+        if not data:
+            break
+        chunks.append(data)
+        assert time.monotonic() < deadline
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    msg = b"".join(chunks).decode()
+    assert os.WEXITSTATUS(status) == 0
+    assert msg.startswith("ok "), msg
+    assert "| close raised" not in msg
+    assert "os.fork" in msg
+    # the parent is unaffected
+    assert memory.recall_sync("Alice")
+    memory.close()
+
+
+def test_errors_are_umi_errors() -> None:
+    assert issubclass(MemoryClosedError, umi.UmiError) and issubclass(ForkedProcessError, umi.UmiError)
