@@ -192,11 +192,8 @@ def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
     err = sys.stderr
     progress = None if args.quiet else (lambda done, total: _progress(done, total, err))
     with _memory(args.db, args) as memory:
-        if args.file == "-":
-            with _stdin() as f:
-                counts = memory.import_sync(f, progress=progress)
-        else:
-            counts = memory.import_sync(args.file, progress=progress)
+        with _stdin() if args.file == "-" else open(args.file, encoding="utf-8") as f:
+            counts = memory.import_sync(f, progress=progress)
     if progress is not None and (counts.get("embedded") or counts.get("remembered") or counts.get("duplicates")):
         err.write("\n")
     out.write(" ".join(f"{k}={v}" for k, v in counts.items()) + "\n")

@@ -216,7 +216,6 @@ def test_read_only_is_refused_on_write_commands(db, capsys):
     assert info.value.code == 2
 
 
-@needs_branch("storage", "DuckDB opens an existing .jsonl as an in-memory database: writes vanish")
 def test_remember_into_a_data_file_path_is_refused_not_lost(tmp_path, capsys):
     notes = tmp_path / "notes.jsonl"
     notes.write_text('{"text": "a"}\n')
@@ -225,7 +224,6 @@ def test_remember_into_a_data_file_path_is_refused_not_lost(tmp_path, capsys):
     assert notes.read_text() == '{"text": "a"}\n'
 
 
-@needs_branch("lifecycle", "umi export --db X --out X truncated the open database")
 def test_export_refuses_to_overwrite_its_own_database(db, capsys):
     run("remember", "Alice works at Acme", "--db", db)
     before = _digest(Path(db))
