@@ -9,6 +9,7 @@ from .core_memory import CoreMemory
 from .working_memory import WorkingMemory
 from .memory import Memory, MemoryBuilder
 from .options import MemoryConfig, RecallOptions, RememberOptions
+from .pipeline.recall import RecallResult
 from .providers.anthropic import AnthropicProvider
 from .providers.local import LocalEmbeddingProvider
 from .providers.openai import OpenAIEmbeddingProvider, OpenAIProvider
@@ -48,6 +49,7 @@ __all__ = [
     "MemoryConfig",
     "RememberOptions",
     "RecallOptions",
+    "RecallResult",
     "StorageBackend",
     "SearchFilters",
     "DuckDBStorageBackend",

@@ -107,7 +107,7 @@ def test_issue_example_one_sentence_about_three_names_is_one_result(rules):
     (founders,) = [h for h in hits if h.content.startswith("Alice, Bob")]
     assert founders.mentions == ("Alice", "Bob", "Carol", "Zephyr Labs")
     assert len(hits) == 3 and len(set(contents(hits))) == 3  # limit counts statements
-    assert isinstance(hits, umi.pipeline.recall.RecallResult) and hits.warnings == ()
+    assert isinstance(hits, umi.RecallResult) and hits.warnings == ()
 
 
 # --- 3. restating revives; as_of answers history -------------------------------------------
