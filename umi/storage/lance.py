@@ -43,7 +43,7 @@ from ..errors import (
     UmiError,
 )
 from ..types import UNSET_SCOPE, CoreBlockRecord, CoreHistoryRecord, Entity, EntityType, EvolutionRelation, Scope
-from ._common import dumps, make_entity
+from ._common import check_int, dumps, make_entity
 from .base import HistoryRecord, Source
 from .cached import CachedStore, ChangeSet, DurableStore, Loaded
 
@@ -86,7 +86,7 @@ class LanceDurable(DurableStore):
 
     # --- tables ---------------------------------------------------------------------------------
     def schema(self, name: str, dim: int | None = None) -> Any:
-        import pyarrow as pa
+        import pyarrow as pa  # type: ignore[import-untyped]
 
         s, i, f = pa.string(), pa.int64(), pa.float64()
         scope = [(c, s, True) for c in _SCOPE]
@@ -171,8 +171,8 @@ class LanceDurable(DurableStore):
 
     # --- commit ---------------------------------------------------------------------------------
     def commit(self, ch: ChangeSet, generation: int) -> None:
-        journal = {"generation": int(self.state["generation"]),
-                   "versions": {n: int(t.version) for n, t in self.t.items()}}
+        versions: dict[str, int] = {n: int(t.version) for n, t in self.t.items()}
+        journal = {"generation": int(self.state["generation"]), "versions": versions}
         _write_json_atomic(self.root / "journal.json", journal)
         dim = self.dim if self.dim is not None else ch.dim
         try:
@@ -180,7 +180,7 @@ class LanceDurable(DurableStore):
             new_state = dict(self.state, generation=generation, dim=dim)
             _write_json_atomic(self.root / "state.json", new_state)  # the commit point
         except BaseException:
-            for name, version in journal["versions"].items():
+            for name, version in versions.items():
                 t = self.t[name]
                 with contextlib.suppress(Exception):
                     if t.version != version:
@@ -270,6 +270,9 @@ class LanceDurable(DurableStore):
 class LanceStorageBackend(CachedStore):
     """Archival memory in LanceDB tables. Create it with :meth:`connect`."""
 
+    path: Path
+    _lock_fd: int
+
     supports_concurrent_writers = False
     supports_multiple_processes = False
     durable = True
@@ -281,21 +284,14 @@ class LanceStorageBackend(CachedStore):
         ``hnsw_threshold`` and ``seed`` configure the in-process vector index."""
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
-        if dim is not None:
-            if isinstance(dim, bool) or not isinstance(dim, int):
-                raise TypeError(f"dim must be an int or None, not {type(dim).__name__}")
-            if not 1 <= dim <= VECTOR_DIM_MAX:
-                raise InvalidConfigError(f"dim must be between 1 and {VECTOR_DIM_MAX}, got {dim}")
-        for name, v in (("hnsw_threshold", hnsw_threshold), ("seed", seed)):
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise TypeError(f"{name} must be an int, not {type(v).__name__}")
-            if v < 0:
-                raise InvalidConfigError(f"{name} must be >= 0, got {v}")
+        check_int(dim, "dim", 1, VECTOR_DIM_MAX, optional=True)
+        check_int(hnsw_threshold, "hnsw_threshold", 0)
+        check_int(seed, "seed", 0, 2**31 - 1)
         try:
             import fcntl
 
             import lancedb
-            import pyarrow  # type: ignore[import-untyped]  # noqa: F401
+            import pyarrow  # noqa: F401
         except ImportError as exc:
             from ..errors import BackendNotInstalledError
 
