@@ -28,10 +28,11 @@ entity_st = st.builds(
                                                  valid_to=None if vt is None else T0 + vt, scope=sc, source_id=src),
     st.sampled_from(TYPES), st.sampled_from(["a", "b", "c", "d"]),
     st.dictionaries(st.sampled_from(["k", "j"]), st.sampled_from(META), max_size=2),
-    st.integers(0, 20), st.one_of(st.none(), st.integers(0, 20)), st.one_of(st.none(), st.integers(0, 20)),
+    st.integers(0, 5), st.one_of(st.none(), st.integers(0, 5)), st.one_of(st.none(), st.integers(0, 5)),
     st.sampled_from(SCOPES), st.sampled_from(SOURCES))
 
-times = st.one_of(st.none(), st.integers(-1, 21).map(lambda t: T0 + t), st.sampled_from([-(2**70), 2**70]))
+# small time domains, so that boundaries (valid_to == as_of, created_at == end) are hit often
+times = st.one_of(st.none(), st.integers(-1, 6).map(lambda t: T0 + t), st.sampled_from([-(2**70), 2**70]))
 filters_st = st.builds(
     SearchFilters,
     entity_types=st.one_of(st.none(), st.lists(st.sampled_from(TYPES), max_size=2).map(tuple)),
@@ -40,9 +41,9 @@ filters_st = st.builds(
     time_field=st.sampled_from(["created_at", "event_time"]),
     metadata=st.one_of(st.none(), st.dictionaries(st.sampled_from(["k", "j"]), st.sampled_from(META), max_size=2)),
     include_superseded=st.booleans(),
-    as_of=st.one_of(st.none(), st.integers(-1, 21).map(lambda t: T0 + t)),
-    scope=st.sampled_from([None, *SCOPES, Scope("u3")]),
-    source_id=st.sampled_from([None, "s1", "s3"]),
+    as_of=st.one_of(st.none(), st.integers(-1, 6).map(lambda t: T0 + t)),
+    scope=st.one_of(st.none(), st.sampled_from([*SCOPES, Scope("u3")])),
+    source_id=st.one_of(st.none(), st.sampled_from(["s1", "s3"])),
 )
 
 
@@ -60,7 +61,7 @@ def _duckdb_tables(ents: list[Entity]) -> duckdb.DuckDBPyConnection:
     return con
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ents=st.lists(entity_st, max_size=12, unique_by=lambda e: e.id), fs=st.lists(filters_st, min_size=1, max_size=6))
 def test_mask_and_duckdb_sql_agree_with_the_predicate(ents: list[Entity], fs: list[SearchFilters]) -> None:
     cache = EntityCache(dim=None, index_factory=lambda d: None)
