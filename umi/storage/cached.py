@@ -249,10 +249,16 @@ class CachedStore(TransactionMixin, StorageBackend):
             self._relations[r.id] = r
             for end in (r.source_id, r.target_id):
                 self._rels_of.setdefault(end, set()).add(r.id)
+        hist = self._history
         for eid, seq, op, at, snap, scope in loaded.history:
-            self._history.setdefault(eid, []).append(_Hist(seq, op, at, snap, scope))
-        for recs in self._history.values():
-            recs.sort(key=lambda h: h.seq)
+            recs = hist.get(eid)
+            if recs is None:
+                hist[eid] = [_Hist(seq, op, at, snap, scope)]
+            else:
+                recs.append(_Hist(seq, op, at, snap, scope))
+        for recs in hist.values():
+            if len(recs) > 1:
+                recs.sort(key=lambda h: h.seq)
         for scope, block in loaded.core_blocks:
             self._core.setdefault(scope, []).append(block)
         for blocks in self._core.values():
