@@ -91,13 +91,13 @@ def test_newer_schema_version_is_refused(postgres_url: str, pg_schema: str) -> N
         conn.execute(f'INSERT INTO "{pg_schema}".umi_migrations VALUES (99, %s, 0)', ("from the future",))
     with pytest.raises(umi.SchemaVersionError) as info:
         PostgresStorageBackend.connect(postgres_url, schema=pg_schema)
-    assert (info.value.found, info.value.supported) == (99, 1)
+    assert (info.value.found, info.value.supported) == (99, 2)
 
 
 def test_dim_is_fixed_once(postgres_url: str, pg_schema: str) -> None:
     b = PostgresStorageBackend.connect(postgres_url, schema=pg_schema, dim=8)
     assert b.dim == 8
-    assert b.schema_version == 1
+    assert b.schema_version == 2
     with pytest.raises(umi.ValidationError, match="4 dimensions but the store holds 8-d"):
         b.upsert([_ent(1, dim=4)])
     b.close()
@@ -212,9 +212,9 @@ def test_hnsw_path_with_selective_filter_falls_back_to_exact(postgres_url: str, 
 @given(docs=st.lists(st.lists(st.sampled_from(["alpha", "beta", "gamma", "delta", "engineers", "acme", "x1"]),
                               min_size=0, max_size=8), min_size=1, max_size=12),
        query=st.lists(st.sampled_from(["alpha", "beta", "engineer", "acme", "zeta"]), min_size=1, max_size=4),
-       superseded=st.sets(st.integers(0, 11)))
+       superseded=st.sets(st.integers(0, 11)), deleted=st.sets(st.integers(0, 11)))
 def test_bm25_equals_the_reference_bit_for_bit(postgres_url: str, docs: list[list[str]], query: list[str],
-                                               superseded: set[int]) -> None:
+                                               superseded: set[int], deleted: set[int]) -> None:
     import pg_server
 
     schema = pg_server.get_server().new_schema_name()
@@ -226,6 +226,11 @@ def test_bm25_equals_the_reference_bit_for_bit(postgres_url: str, docs: list[lis
             if i < len(ents):
                 b.supersede(ents[i].id, 10_000)
                 ents[i].valid_to = 10_000
+        for i in sorted(deleted):
+            if i < len(ents):
+                b.delete(ents[i].id)
+        ents = [e for i, e in enumerate(ents) if i not in deleted]
+        assert _term_table(b) == _real_df(b)  # the IDF's df, kept by every commit, is exact
         text = " ".join(query)
         ref = bm25_scores(text, [(e.id, *document_terms(e.name, e.content)) for e in ents])
         for f in (SearchFilters(), SearchFilters(include_superseded=True)):
@@ -350,6 +355,23 @@ def test_concurrent_writers_keep_history_and_stats_exact(backend: PostgresStorag
         real = conn.execute(f"SELECT count(*), coalesce(sum(doc_len), 0) FROM {t}").fetchone()
         kept = conn.execute(f"SELECT n_docs, total_len FROM {s}").fetchone()
     assert tuple(real) == tuple(kept)
+    assert _term_table(backend) == _real_df(backend)
+
+
+def _real_df(b: PostgresStorageBackend) -> dict[str, int]:
+    """Each term's document frequency, counted from the entities themselves."""
+    import psycopg
+
+    with psycopg.connect(b._pool.conninfo, autocommit=True) as conn:
+        t = b._names.table("entities").as_string(conn)
+        return dict(conn.execute(f"SELECT k, count(*) FROM {t}, jsonb_object_keys(term_freqs) k GROUP BY k").fetchall())
+
+
+def _term_table(b: PostgresStorageBackend) -> dict[str, int]:
+    import psycopg
+
+    with psycopg.connect(b._pool.conninfo, autocommit=True) as conn:
+        return dict(conn.execute(f"SELECT term, df FROM {b._names.table('terms').as_string(conn)}").fetchall())
 
 
 def test_relations_need_stored_endpoints(backend: PostgresStorageBackend) -> None:
@@ -382,4 +404,57 @@ def test_hnsw_index_is_built_in_the_background_at_the_threshold(postgres_url: st
     # a second process opening the store finds the index and uses it
     again = PostgresStorageBackend.connect(postgres_url, schema=pg_schema)
     assert again._index_valid is True
+    again.close()
+
+
+# --- migrations ------------------------------------------------------------------------------
+
+
+def _write_v1_store(url: str, schema: str) -> None:
+    """A store as umi's schema version 1 wrote it (the SQL of that release, frozen here)."""
+    import psycopg
+    from psycopg import sql
+
+    from umi.storage import _pg_schema
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        names = _pg_schema.TableNames(sql, schema, "umi_")
+        _pg_schema.migrate(conn, names, 1, 4, supported=1)
+        e = f'"{schema}".umi_'
+        conn.execute(f"INSERT INTO {e}entities (id, entity_type, name, name_norm, content, metadata, metadata_json, "
+                     "embedding, importance, confidence, created_at, updated_at, event_time, valid_from, valid_to, "
+                     "source_id, tsv, term_freqs, doc_len) VALUES "
+                     "('e1', 'person', 'Alice', 'alice', 'works at acme', '{}', '{}', '[1,0,0,0]', 0.5, 1.0, 10, 10, "
+                     " NULL, NULL, NULL, 's1', array_to_tsvector('{alice,work,acme}'), "
+                     " '{\"alice\": 1, \"work\": 1, \"acme\": 1}', 4), "
+                     "('e2', 'person', 'Alice', 'alice', 'works at initech', '{}', '{}', '[0,1,0,0]', 0.5, 1.0, 20, 20, "
+                     " NULL, NULL, 30, 's1', array_to_tsvector('{alice,work,initech}'), "
+                     " '{\"alice\": 1, \"work\": 1, \"initech\": 1}', 4)")
+        conn.execute(f"UPDATE {e}state SET generation = 3, n_docs = 2, total_len = 8")
+        conn.execute(f"INSERT INTO {e}sources VALUES ('s1', 'h1', 'Alice works at Acme.', 5, '{{}}')")
+        conn.execute(f"INSERT INTO {e}relations VALUES ('r1', 'e1', 'e2', 'update', 'moved', 0.9, 20)")
+        conn.execute(f"INSERT INTO {e}history VALUES ('e1', 1, 'create', 10, '{{\"id\": \"e1\"}}'), "
+                     "('e2', 1, 'create', 20, '{\"id\": \"e2\"}'), ('e2', 2, 'supersede', 30, '{\"id\": \"e2\"}')")
+
+
+def test_a_version_1_store_opens_and_is_brought_forward(postgres_url: str, pg_schema: str) -> None:
+    _write_v1_store(postgres_url, pg_schema)
+    b = PostgresStorageBackend.connect(postgres_url, schema=pg_schema)
+    try:
+        assert (b.schema_version, b.dim, b.generation) == (2, 4, 3)
+        everything = SearchFilters(include_superseded=True)
+        assert [e.id for e in b.list(everything)] == ["e1", "e2"]
+        assert b.get("e2").valid_to == 30
+        assert _term_table(b) == _real_df(b) == {"alice": 2, "work": 2, "acme": 1, "initech": 1}
+        ref = bm25_scores("acme work", [("e1", {"alice": 1, "work": 1, "acme": 1}, 4),
+                                        ("e2", {"alice": 1, "work": 1, "initech": 1}, 4)])
+        assert b.search_text("acme work", 5, everything) == sorted(ref.items(), key=lambda p: (-p[1], p[0]))
+        assert [h.seq for h in b.history("e2")] == [1, 2]
+        assert [r.id for r in b.relations_for("e1")] == ["r1"]
+        assert b.get_source("s1").text == "Alice works at Acme."
+    finally:
+        b.close()
+    # opening again is a no-op: nothing is migrated twice
+    again = PostgresStorageBackend.connect(postgres_url, schema=pg_schema)
+    assert (again.schema_version, again.count(SearchFilters(include_superseded=True))) == (2, 2)
     again.close()

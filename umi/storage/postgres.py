@@ -107,12 +107,19 @@ class _Tx:
     rollback_only: bool = False
     n_delta: int = 0
     len_delta: int = 0
+    #: term -> change of its document frequency, applied to {terms} at commit (in term order)
+    df_delta: dict[str, int] = field(default_factory=dict)
     dim: int | None = None  # a dimension this transaction fixed (kept only if it commits)
 
     def reset(self) -> None:
         self.changed = False
         self.n_delta = self.len_delta = 0
+        self.df_delta = {}
         self.dim = None
+
+    def count_terms(self, terms: Iterator[str] | Sequence[str], step: int) -> None:
+        for t in terms:
+            self.df_delta[t] = self.df_delta.get(t, 0) + step
 
 
 class PostgresStorageBackend(StorageBackend):
@@ -292,6 +299,8 @@ class PostgresStorageBackend(StorageBackend):
         while True:
             try:
                 n_docs = None
+                if tx.df_delta:
+                    self._apply_df(tx)
                 if tx.changed:
                     n_docs = tx.conn.execute(self._q(
                         "UPDATE {state} SET generation = generation + 1, n_docs = n_docs + %s, "
@@ -306,6 +315,19 @@ class PostgresStorageBackend(StorageBackend):
             if n_docs is not None:
                 self._maybe_build_index(int(n_docs))
             return
+
+    def _apply_df(self, tx: _Tx) -> None:
+        """Add the block's document-frequency changes to {terms}, locking rows in term order."""
+        changed = sorted((t, d) for t, d in tx.df_delta.items() if d)
+        if not changed:
+            return
+        terms = [t for t, _ in changed]
+        tx.conn.execute(self._q(
+            "INSERT INTO {terms} AS t (term, df) SELECT * FROM unnest(%s::text[], %s::bigint[]) "
+            "ON CONFLICT (term) DO UPDATE SET df = t.df + EXCLUDED.df"), (terms, [d for _, d in changed]))
+        if any(d < 0 for _, d in changed):
+            tx.conn.execute(self._q("DELETE FROM {terms} WHERE term = ANY(%s) AND df <= 0"),
+                            ([t for t, d in changed if d < 0],))
 
     # --- the HNSW index -------------------------------------------------------------
     def _maybe_build_index(self, n_docs: int) -> None:
@@ -476,7 +498,12 @@ class PostgresStorageBackend(StorageBackend):
     def _upsert_chunk(self, conn: Any, tx: _Tx, chunk: builtins.list[Entity]) -> None:
         ids = [e.id for e in chunk]
         self._lock_ids(conn, ids)
-        old = dict(conn.execute(self._q("SELECT id, doc_len FROM {entities} WHERE id = ANY(%s)"), (ids,)).fetchall())
+        old: dict[str, int] = {}
+        for eid, length, old_terms in conn.execute(self._q(
+                "SELECT id, doc_len, ARRAY(SELECT jsonb_object_keys(term_freqs)) FROM {entities} "
+                "WHERE id = ANY(%s)"), (ids,)).fetchall():
+            old[eid] = length
+            tx.count_terms(old_terms, -1)
         names = ("id", "typ", "nam", "norm", "con", "meta", "mj", "emb", "imp", "conf", "cr", "up", "ev", "vf",
                  "vt", "src", "terms", "tf", "len")
         cols: dict[str, list[Any]] = {c: [] for c in names}
@@ -493,6 +520,7 @@ class PostgresStorageBackend(StorageBackend):
             ops.append("update" if e.id in old else "create")
             snaps.append(R.dumps(snapshot_of(e)))
             tx.len_delta += length - old.get(e.id, 0)
+            tx.count_terms(tf, 1)
             tx.n_delta += 0 if e.id in old else 1
         conn.execute(self._q(S.UPSERT_ENTITIES), [cols[c] for c in names])
         self._append_history(conn, ids, ops, cols["up"], snaps)
@@ -546,10 +574,12 @@ class PostgresStorageBackend(StorageBackend):
             got = self._select(conn, "id = %s", [eid])
             if not got:
                 return False
-            length = conn.execute(self._q("DELETE FROM {entities} WHERE id = %s RETURNING doc_len"),
-                                  (eid,)).fetchone()[0]
+            length, old_terms = conn.execute(self._q(
+                "DELETE FROM {entities} WHERE id = %s "
+                "RETURNING doc_len, ARRAY(SELECT jsonb_object_keys(term_freqs))"), (eid,)).fetchone()
             tx.n_delta -= 1
             tx.len_delta -= int(length)
+            tx.count_terms(old_terms, -1)
             self._append_history(conn, [eid], ["delete"], [when], [R.dumps(snapshot_of(got[0]))])
             tx.changed = True
             return True
@@ -703,29 +733,33 @@ class PostgresStorageBackend(StorageBackend):
             return []
         lexemes = " | ".join(_tsquery_lexeme(t) for t in terms)
         n = len(terms)
-        # One statement, one pass over the candidates (every entity holding a query term):
-        #  c: each candidate's term frequencies (NULL where absent) and filter columns;
-        #  d: N and the average length (kept in {state}), and each term's df and IDF over all of c;
-        #  the score of each candidate that passes the filters: c_1 + c_2 + … in query-term order,
-        #  each c_i the reference formula's operations in the same order, so the doubles equal
-        #  umi.storage.text.bm25_scores (same libm `log` on both sides).
+        # One statement:
+        #  d: N and the average length (kept in {state}) and each query term's IDF, its df read from
+        #     {terms} (kept exact by every commit) -- so the candidates below need not be all of them;
+        #  c: the candidates that pass the filters (full-text match, GIN; or the scope index when the
+        #     filters name a user) with their term frequencies (NULL where absent);
+        #  the score: c_1 + c_2 + ... in query-term order, each c_i the reference formula's
+        #  operations in the same order, so the doubles equal umi.storage.text.bm25_scores (same
+        #  libm `log` on both sides; held equal by a test).
         tfs = ", ".join(f"(term_freqs ->> %s)::float8 AS f{i}" for i in range(n))
-        idfs = ", ".join(f"ln(1.0::float8 + ((s.n_docs - count(c.f{i})) + 0.5::float8) / "
-                         f"(count(c.f{i}) + 0.5::float8)) AS i{i}" for i in range(n))
+        dfs = [f"coalesce((SELECT df FROM {{terms}} WHERE term = %s), 0)" for _ in range(n)]
+        idfs = ", ".join(f"ln(1.0::float8 + ((s.n_docs - {df}) + 0.5::float8) / ({df} + 0.5::float8)) AS i{i}"
+                         for i, df in enumerate(dfs))
         norm = "(%s::float8 * ((1.0::float8 - %s::float8) + %s::float8 * c.doc_len::float8 / d.avgdl))"
         score = " + ".join(f"(CASE WHEN c.f{i} IS NULL THEN 0::float8 ELSE d.i{i} * c.f{i} * %s::float8 / "
                            f"(c.f{i} + {norm}) END)" for i in range(n))
         score_params: builtins.list[Any] = [BM25_K1 + 1.0, BM25_K1, BM25_B, BM25_B] * n
+        idf_params = [p for t in terms for p in (t, t)]
         query_sql = self._sql.SQL(
-            "WITH c AS MATERIALIZED (SELECT id, doc_len, entity_type, created_at, event_time, valid_to, metadata, "
-            + tfs + " FROM {t} WHERE tsv @@ %s::tsquery), "
-            "d AS (SELECT s.total_len::float8 / s.n_docs::float8 AS avgdl, " + idfs +
-            " FROM c CROSS JOIN {st} s GROUP BY s.n_docs, s.total_len) "
-            "SELECT c.id, " + score + " AS score FROM c CROSS JOIN d WHERE {w} "
+            "WITH d AS (SELECT s.total_len::float8 / nullif(s.n_docs, 0)::float8 AS avgdl, " + idfs +
+            " FROM {st} s), "
+            "c AS (SELECT id, doc_len, " + tfs + " FROM {t} WHERE tsv @@ %s::tsquery AND {w}) "
+            "SELECT c.id, " + score + " AS score FROM c CROSS JOIN d "
             "ORDER BY score DESC, c.id LIMIT %s").format(
-                t=self._names.table("entities"), st=self._names.table("state"), w=where)
-        with self._reading() as conn:
-            rows = conn.execute(query_sql, [*terms, lexemes, *score_params, *params, k]).fetchall()
+                t=self._names.table("entities"), st=self._names.table("state"),
+                terms=self._names.table("terms"), w=where)
+        with self._reading(snapshot=True) as conn:
+            rows = conn.execute(query_sql, [*idf_params, *terms, lexemes, *params, *score_params, k]).fetchall()
         return [(r[0], float(r[1])) for r in rows]
 
     # --- sources ------------------------------------------------------------------
