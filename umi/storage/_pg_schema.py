@@ -26,20 +26,21 @@ ENTITY_COLUMNS = ("id, entity_type, name, content, metadata_json, embedding, imp
 UPSERT_ENTITIES = (
     "INSERT INTO {entities} (id, entity_type, name, name_norm, content, metadata, metadata_json, embedding, "
     "importance, confidence, created_at, updated_at, event_time, valid_from, valid_to, source_id, tsv, "
-    "term_freqs, doc_len) "
+    "term_freqs, doc_len, user_id, agent_id, session_id) "
     "SELECT id, typ, nam, norm, con, meta::jsonb, mj, emb::vector, imp, conf, cr, up, ev, vf, vt, src, "
-    "array_to_tsvector(string_to_array(terms, ' ')), tf::jsonb, len "
+    "array_to_tsvector(string_to_array(terms, ' ')), tf::jsonb, len, u, a, s "
     "FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], "
     "%s::text[], %s::float8[], %s::float8[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], "
-    "%s::bigint[], %s::text[], %s::text[], %s::text[], %s::integer[]) "
-    "AS v(id, typ, nam, norm, con, meta, mj, emb, imp, conf, cr, up, ev, vf, vt, src, terms, tf, len) "
+    "%s::bigint[], %s::text[], %s::text[], %s::text[], %s::integer[], %s::text[], %s::text[], %s::text[]) "
+    "AS v(id, typ, nam, norm, con, meta, mj, emb, imp, conf, cr, up, ev, vf, vt, src, terms, tf, len, u, a, s) "
     "ON CONFLICT (id) DO UPDATE SET entity_type = EXCLUDED.entity_type, name = EXCLUDED.name, "
     "name_norm = EXCLUDED.name_norm, content = EXCLUDED.content, metadata = EXCLUDED.metadata, "
     "metadata_json = EXCLUDED.metadata_json, embedding = EXCLUDED.embedding, "
     "importance = EXCLUDED.importance, confidence = EXCLUDED.confidence, created_at = EXCLUDED.created_at, "
     "updated_at = EXCLUDED.updated_at, event_time = EXCLUDED.event_time, valid_from = EXCLUDED.valid_from, "
     "valid_to = EXCLUDED.valid_to, source_id = EXCLUDED.source_id, tsv = EXCLUDED.tsv, "
-    "term_freqs = EXCLUDED.term_freqs, doc_len = EXCLUDED.doc_len"
+    "term_freqs = EXCLUDED.term_freqs, doc_len = EXCLUDED.doc_len, user_id = EXCLUDED.user_id, "
+    "agent_id = EXCLUDED.agent_id, session_id = EXCLUDED.session_id"
 )
 
 _TABLES = ("entities", "sources", "relations", "history", "state", "migrations", "terms", "core_blocks",

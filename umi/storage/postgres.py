@@ -129,6 +129,9 @@ class PostgresStorageBackend(StorageBackend):
     supports_transactions = True
     #: several processes (and hosts) may read and write one store at once
     supports_concurrent_writers = True
+    supports_multiple_processes = True
+    #: a commit is on the server's disk (as durable as the server is configured to be)
+    durable = True
 
     def __init__(self, pool: ConnectionPool, *, schema: str | None, table_prefix: str,
                  exact_search_rows: int, ef_search: int, max_retries: int, iterative_scan: bool) -> None:
@@ -497,7 +500,8 @@ class PostgresStorageBackend(StorageBackend):
 
     def _upsert_chunk(self, conn: Any, tx: _Tx, chunk: builtins.list[Entity]) -> None:
         ids = [e.id for e in chunk]
-        self._lock_ids(conn, ids)
+        # the sources too: a block forgetting a source's last entity then sees this new one
+        self._lock_ids(conn, ids + [_SOURCE_LOCK + e.source_id for e in chunk if e.source_id is not None])
         old: dict[str, int] = {}
         for eid, length, old_terms in conn.execute(self._q(
                 "SELECT id, doc_len, ARRAY(SELECT jsonb_object_keys(term_freqs)) FROM {entities} "
@@ -505,7 +509,7 @@ class PostgresStorageBackend(StorageBackend):
             old[eid] = length
             tx.count_terms(old_terms, -1)
         names = ("id", "typ", "nam", "norm", "con", "meta", "mj", "emb", "imp", "conf", "cr", "up", "ev", "vf",
-                 "vt", "src", "terms", "tf", "len")
+                 "vt", "src", "terms", "tf", "len", "u", "a", "s")
         cols: dict[str, list[Any]] = {c: [] for c in names}
         ops, snaps = [], []
         for e in chunk:
@@ -515,7 +519,7 @@ class PostgresStorageBackend(StorageBackend):
                     R.encode_text(e.content), _metadata_filter_json(R.tagged_metadata(e.metadata)), R.dumps(e.metadata),
                     None if e.embedding is None else _vector_text(e.embedding), e.importance, e.confidence,
                     e.created_at, e.updated_at, e.event_time, e.valid_from, e.valid_to, e.source_id,
-                    " ".join(tf), R.dumps(tf), length)):
+                    " ".join(tf), R.dumps(tf), length, *_scope_values(e))):
                 cols[c].append(v)
             ops.append("update" if e.id in old else "create")
             snaps.append(R.dumps(snapshot_of(e)))
@@ -523,15 +527,18 @@ class PostgresStorageBackend(StorageBackend):
             tx.count_terms(tf, 1)
             tx.n_delta += 0 if e.id in old else 1
         conn.execute(self._q(S.UPSERT_ENTITIES), [cols[c] for c in names])
-        self._append_history(conn, ids, ops, cols["up"], snaps)
+        self._append_history(conn, ids, ops, cols["up"], snaps, [_scope_values(e) for e in chunk])
         tx.changed = True
 
-    def _append_history(self, conn: Any, ids: builtins.list[str], ops: builtins.list[str], ats: builtins.list[int], snaps: builtins.list[str]) -> None:
+    def _append_history(self, conn: Any, ids: builtins.list[str], ops: builtins.list[str], ats: builtins.list[int],
+                        snaps: builtins.list[str], scopes: builtins.list[ScopeRow]) -> None:
+        """One record per id, numbered after the entity's last one (its writers hold its lock)."""
         conn.execute(self._q(
-            "INSERT INTO {history} (entity_id, seq, op, at, snapshot) "
+            "INSERT INTO {history} (entity_id, seq, op, at, snapshot, user_id, agent_id, session_id) "
             "SELECT v.id, coalesce((SELECT max(h.seq) FROM {history} h WHERE h.entity_id = v.id), 0) + 1, "
-            "v.op, v.at, v.snap FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[]) AS v(id, op, at, snap)"),
-            (ids, ops, ats, snaps))
+            "v.op, v.at, v.snap, v.u, v.a, v.s FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[], "
+            "%s::text[], %s::text[], %s::text[]) AS v(id, op, at, snap, u, a, s)"),
+            (ids, ops, ats, snaps, *_columns(scopes)))
 
     def get(self, entity_id: str) -> Entity | None:
         eid = check_id(entity_id)
@@ -563,6 +570,8 @@ class PostgresStorageBackend(StorageBackend):
         return [_row_to_entity(r) for r in cur.fetchall()]
 
     def delete(self, entity_id: str, at: int | None = None) -> bool:
+        """Forget the entity: its row (vector, postings, terms), its history snapshots (tombstones),
+        its relations, and its source text once no remaining entity comes from that source."""
         eid = check_id(entity_id)
         at_ms = check_time(at, "at", optional=True)
         when: int = now_ms() if at_ms is None else at_ms
@@ -571,16 +580,47 @@ class PostgresStorageBackend(StorageBackend):
             tx = self._tx()
             assert tx is not None
             self._lock_ids(conn, [eid])
-            got = self._select(conn, "id = %s", [eid])
-            if not got:
+            row = conn.execute(self._q(
+                "DELETE FROM {entities} WHERE id = %s RETURNING doc_len, ARRAY(SELECT jsonb_object_keys(term_freqs)), "
+                "source_id, user_id, agent_id, session_id"), (eid,)).fetchone()
+            if row is None:
                 return False
-            length, old_terms = conn.execute(self._q(
-                "DELETE FROM {entities} WHERE id = %s "
-                "RETURNING doc_len, ARRAY(SELECT jsonb_object_keys(term_freqs))"), (eid,)).fetchone()
+            length, old_terms, source_id, *scope = row
             tx.n_delta -= 1
             tx.len_delta -= int(length)
             tx.count_terms(old_terms, -1)
-            self._append_history(conn, [eid], ["delete"], [when], [R.dumps(snapshot_of(got[0]))])
+            tomb = R.dumps(tombstone_of(eid))
+            conn.execute(self._q("UPDATE {history} SET snapshot = %s WHERE entity_id = %s"), (tomb, eid))
+            self._append_history(conn, [eid], ["delete"], [when], [tomb], [tuple(scope)])
+            conn.execute(self._q("DELETE FROM {relations} WHERE source_id = %s OR target_id = %s"), (eid, eid))
+            if source_id is not None:
+                self._drop_source_if_unused(conn, source_id)
+            tx.changed = True
+            return True
+
+        return bool(self._write(op))
+
+    def _drop_source_if_unused(self, conn: Any, source_id: str) -> None:
+        # The lock on the source makes two blocks that forget its last two entities at once see
+        # each other's delete: the second to take it removes the text.
+        self._lock_ids(conn, [_SOURCE_LOCK + source_id])
+        conn.execute(self._q("DELETE FROM {sources} s WHERE s.id = %s AND NOT EXISTS "
+                             "(SELECT 1 FROM {entities} e WHERE e.source_id = %s)"), (source_id, source_id))
+
+    def revive(self, entity_id: str, at: int) -> bool:
+        eid = check_id(entity_id)
+        when: int = check_time(at, "at")  # type: ignore[assignment]  # never None here
+
+        def op(conn: Any) -> bool:
+            tx = self._tx()
+            assert tx is not None
+            self._lock_ids(conn, [eid])
+            hit = conn.execute(self._q("UPDATE {entities} SET valid_to = NULL, updated_at = greatest(updated_at, %s) "
+                                       "WHERE id = %s AND valid_to IS NOT NULL RETURNING id"), (when, eid)).fetchone()
+            if hit is None:
+                return False
+            e = self._select(conn, "id = %s", [eid])[0]
+            self._append_history(conn, [eid], ["revive"], [when], [R.dumps(snapshot_of(e))], [_scope_values(e)])
             tx.changed = True
             return True
 
@@ -599,7 +639,7 @@ class PostgresStorageBackend(StorageBackend):
             if hit is None:
                 return False
             e = self._select(conn, "id = %s", [eid])[0]
-            self._append_history(conn, [eid], ["supersede"], [vt], [R.dumps(snapshot_of(e))])
+            self._append_history(conn, [eid], ["supersede"], [vt], [R.dumps(snapshot_of(e))], [_scope_values(e)])
             tx.changed = True
             return True
 
@@ -799,6 +839,27 @@ class PostgresStorageBackend(StorageBackend):
             return None
         return Source(row[0], row[1], R.decode_text(row[2]), int(row[3]), dict(json.loads(row[4])))
 
+    def entity_ids_for_source(self, source_id: str) -> builtins.list[str]:
+        sid = check_id(source_id, "source_id")
+        with self._reading() as conn:
+            return [r[0] for r in conn.execute(self._q("SELECT id FROM {entities} WHERE source_id = %s ORDER BY id"),
+                                               (sid,)).fetchall()]
+
+    def delete_source(self, source_id: str) -> bool:
+        sid = check_id(source_id, "source_id")
+
+        def op(conn: Any) -> bool:
+            self._lock_ids(conn, [_SOURCE_LOCK + sid])
+            hit = conn.execute(self._q("DELETE FROM {sources} WHERE id = %s RETURNING id"), (sid,)).fetchone()
+            if hit is None:
+                return False
+            tx = self._tx()
+            assert tx is not None
+            tx.changed = True
+            return True
+
+        return bool(self._write(op))
+
     # --- evolution ----------------------------------------------------------------
     def add_relations(self, relations: Sequence[EvolutionRelation]) -> None:
         rels = check_relations(relations)
@@ -850,6 +911,29 @@ class PostgresStorageBackend(StorageBackend):
                 (eid,)).fetchall()
         return [HistoryRecord(r[0], int(r[1]), r[2], int(r[3]), json.loads(r[4])) for r in rows]
 
+    # --- store metadata -------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        k = _check_meta_text(key, "key")
+        with self._reading() as conn:
+            row = conn.execute(self._q("SELECT value FROM {meta} WHERE key = %s"), (R.encode_text(k),)).fetchone()
+        return None if row is None else R.decode_text(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        k = R.encode_text(_check_meta_text(key, "key"))
+        v = R.encode_text(_check_meta_text(value, "value", empty_ok=True))
+
+        def op(conn: Any) -> None:
+            hit = conn.execute(self._q(
+                "INSERT INTO {meta} AS m (key, value) VALUES (%s, %s) ON CONFLICT (key) DO UPDATE "
+                "SET value = EXCLUDED.value WHERE m.value IS DISTINCT FROM EXCLUDED.value RETURNING key"),
+                (k, v)).fetchone()
+            if hit is not None:
+                tx = self._tx()
+                assert tx is not None
+                tx.changed = True
+
+        self._write(op)
+
     # --- lifecycle ----------------------------------------------------------------
     @property
     def generation(self) -> int:
@@ -879,6 +963,33 @@ class PostgresStorageBackend(StorageBackend):
 
 
 # --- helpers -----------------------------------------------------------------------
+
+
+ScopeRow = tuple[str | None, str | None, str | None]
+_SOURCE_LOCK = "src\x1f"  # advisory-lock keys of sources, apart from entity ids
+
+
+def _scope_values(obj: Any) -> ScopeRow:
+    """(user_id, agent_id, session_id) of a record's scope; None is the unset component."""
+    sc = getattr(obj, "scope", None)
+    return (None, None, None) if sc is None else (sc.user_id, sc.agent_id, sc.session_id)
+
+
+def _columns(rows: Sequence[ScopeRow]) -> tuple[list[str | None], list[str | None], list[str | None]]:
+    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+
+
+def _check_meta_text(value: object, what: str, *, empty_ok: bool = False) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"meta {what} must be str, not {type(value).__name__}")
+    if not value and not empty_ok:
+        raise ValidationError(f"meta {what} must not be empty")
+    R.check_utf8(value, f"meta {what}")
+    return value
+
+
+def tombstone_of(entity_id: str) -> dict[str, Any]:
+    return {"id": entity_id, "forgotten": True}
 
 
 def _one(conn: Any, query: Any, params: Sequence[Any] = ()) -> Any:
