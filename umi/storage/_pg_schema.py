@@ -21,7 +21,11 @@ VECTOR_DIM_MAX = 16_000  # pgvector's limit for the `vector` type
 HNSW_DIM_MAX = 2_000  # pgvector's limit for an HNSW index on `vector`; above it searches are exact scans
 
 ENTITY_COLUMNS = ("id, entity_type, name, content, metadata_json, embedding, importance, confidence, created_at, "
-                  "updated_at, event_time, valid_from, valid_to, source_id")
+                  "updated_at, event_time, valid_from, valid_to, source_id, user_id, agent_id, session_id")
+SOURCE_COLUMNS = "id, text_hash, text, created_at, metadata_json, user_id, agent_id, session_id"
+RELATION_COLUMNS = ("id, source_id, target_id, evolution_type, reason, confidence, created_at, "
+                    "user_id, agent_id, session_id")
+HISTORY_COLUMNS = "entity_id, seq, op, at, snapshot, user_id, agent_id, session_id"
 
 UPSERT_ENTITIES = (
     "INSERT INTO {entities} (id, entity_type, name, name_norm, content, metadata, metadata_json, embedding, "

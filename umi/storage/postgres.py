@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -63,7 +64,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InvalidConfigError, StorageError, UmiError, ValidationError
-from ..types import Entity, EntityType, EvolutionRelation, normalize_name, now_ms
+from ..types import (
+    UNSET_SCOPE,
+    CoreBlockRecord,
+    CoreHistoryRecord,
+    Entity,
+    EntityType,
+    EvolutionRelation,
+    Scope,
+    check_scope,
+    normalize_name,
+    now_ms,
+)
 from . import _pg_schema as S
 from . import _rows as R
 from ._common import (
@@ -79,7 +91,8 @@ from ._common import (
     check_time,
     snapshot_of,
 )
-from .base import HistoryRecord, SearchFilters, Source, StorageBackend
+from . import filters as F
+from .base import HistoryRecord, SearchFilters, Source, StorageBackend, tombstone
 from .text import BM25_B, BM25_K1, document_terms, query_terms
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -92,6 +105,7 @@ log = logging.getLogger("umi.storage.postgres")
 POOL_SIZE_MAX = 256
 EF_SEARCH_MAX = 1000  # pgvector's limit for hnsw.ef_search
 BATCH_ROWS = 500
+ITER_BATCH = 1000  # rows per page of iter_sources / iter_relations / iter_history
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,39}$")
 _PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_]{0,29})?$")
 
@@ -472,33 +486,28 @@ class PostgresStorageBackend(StorageBackend):
         R.check_metadata_text(ents)
         if not ents:
             return
-        # An id twice in one batch is written twice, in order (create, then update), as the
-        # other backends do; each chunk holds an id at most once.
-        chunks: builtins.list[list[Entity]] = [[]]
-        seen: set[str] = set()
-        for e in ents:
-            if e.id in seen or len(chunks[-1]) >= BATCH_ROWS:
-                chunks.append([])
-                seen = set()
-            chunks[-1].append(e)
-            seen.add(e.id)
+        chunks = _chunks(ents)
 
         def op(conn: Any) -> None:
             tx = self._tx()
             assert tx is not None
-            if dim is not None and self.dim is None and tx.dim is None:
-                stored = conn.execute(self._q("SELECT dim FROM {state} FOR UPDATE")).fetchone()[0]
-                if stored is None:
-                    S.fix_dim(conn, self._names, dim)
-                elif stored != dim:
-                    raise ValidationError(f"the store holds {stored}-d vectors; these entities carry {dim}-d ones")
-                tx.dim = dim
+            self._fix_dim(conn, tx, dim)
             for chunk in chunks:
                 self._upsert_chunk(conn, tx, chunk)
 
         self._write(op)
 
-    def _upsert_chunk(self, conn: Any, tx: _Tx, chunk: builtins.list[Entity]) -> None:
+    def _fix_dim(self, conn: Any, tx: _Tx, dim: int | None) -> None:
+        """The first vectors of a store fix its dimension (in this transaction)."""
+        if dim is not None and self.dim is None and tx.dim is None:
+            stored = conn.execute(self._q("SELECT dim FROM {state} FOR UPDATE")).fetchone()[0]
+            if stored is None:
+                S.fix_dim(conn, self._names, dim)
+            elif stored != dim:
+                raise ValidationError(f"the store holds {stored}-d vectors; these entities carry {dim}-d ones")
+            tx.dim = dim
+
+    def _upsert_chunk(self, conn: Any, tx: _Tx, chunk: builtins.list[Entity], *, with_history: bool = True) -> None:
         ids = [e.id for e in chunk]
         # the sources too: a block forgetting a source's last entity then sees this new one
         self._lock_ids(conn, ids + [_SOURCE_LOCK + e.source_id for e in chunk if e.source_id is not None])
@@ -527,7 +536,8 @@ class PostgresStorageBackend(StorageBackend):
             tx.count_terms(tf, 1)
             tx.n_delta += 0 if e.id in old else 1
         conn.execute(self._q(S.UPSERT_ENTITIES), [cols[c] for c in names])
-        self._append_history(conn, ids, ops, cols["up"], snaps, [_scope_values(e) for e in chunk])
+        if with_history:
+            self._append_history(conn, ids, ops, cols["up"], snaps, [_scope_values(e) for e in chunk])
         tx.changed = True
 
     def _append_history(self, conn: Any, ids: builtins.list[str], ops: builtins.list[str], ats: builtins.list[int],
@@ -589,7 +599,7 @@ class PostgresStorageBackend(StorageBackend):
             tx.n_delta -= 1
             tx.len_delta -= int(length)
             tx.count_terms(old_terms, -1)
-            tomb = R.dumps(tombstone_of(eid))
+            tomb = R.dumps(tombstone(eid))
             conn.execute(self._q("UPDATE {history} SET snapshot = %s WHERE entity_id = %s"), (tomb, eid))
             self._append_history(conn, [eid], ["delete"], [when], [tomb], [tuple(scope)])
             conn.execute(self._q("DELETE FROM {relations} WHERE source_id = %s OR target_id = %s"), (eid, eid))
@@ -646,33 +656,10 @@ class PostgresStorageBackend(StorageBackend):
         return bool(self._write(op))
 
     # --- filters, lists -------------------------------------------------------------
-    def _where(self, filters: object) -> tuple[Any, list[Any]]:
-        p = R.plan_filters(filters)
-        if p.none:
-            return self._sql.SQL("false"), []
-        parts: builtins.list[str] = []
-        params: builtins.list[Any] = []
-        if p.entity_types is not None:
-            parts.append("entity_type = ANY(%s)")
-            params.append(list(p.entity_types))
-        col = "created_at" if p.time_field == "created_at" else "event_time"
-        if p.time_required:
-            parts.append(f"{col} IS NOT NULL")
-        if p.time_lo is not None:
-            parts.append(f"{col} >= %s")
-            params.append(p.time_lo)
-        if p.time_hi is not None:
-            parts.append(f"{col} <= %s")
-            params.append(p.time_hi)
-        if p.metadata:
-            parts.append("metadata @> %s::jsonb")
-            params.append(_metadata_filter_json(p.metadata))
-        if p.as_of is not None:
-            parts.append("created_at <= %s AND (valid_to IS NULL OR valid_to > %s)")
-            params.extend([p.as_of, p.as_of])
-        elif p.current_only:
-            parts.append("valid_to IS NULL")
-        return self._sql.SQL(" AND ".join(parts) if parts else "true"), params
+    def _where(self, filters: object) -> tuple[Any, builtins.list[Any]]:
+        """``filters`` as a WHERE condition over {entities}: the shared compiler's Postgres dialect."""
+        clause, params = F.to_sql(filters, "postgres")
+        return self._sql.SQL(clause), params
 
     def list(self, filters: SearchFilters | None = None, limit: int = 100, offset: int = 0) -> builtins.list[Entity]:
         limit, offset = check_limit_offset(limit, offset)
@@ -720,7 +707,7 @@ class PostgresStorageBackend(StorageBackend):
         table = self._names.table("entities")
         with self._reading(snapshot=True) as conn:
             hits: builtins.list[Any] | None = None
-            if self._use_index(conn, dim):
+            if self._use_index(conn, dim) and not self._narrow(conn, filters, where, params):
                 ef = min(EF_SEARCH_MAX, max(self._ef_search, k + margin))
                 conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef),))
                 if self._iterative:
@@ -745,6 +732,21 @@ class PostgresStorageBackend(StorageBackend):
         scores = R.cosine_scores(np.stack([_vector_from_binary(h[1]) for h in hits]),
                                  np.asarray(vector, dtype=np.float32))
         return R.top_k([(h[0], float(s)) for h, s in zip(hits, scores)], k)
+
+    def _narrow(self, conn: Any, filters: object, where: Any, params: Sequence[Any]) -> bool:
+        """Do the filters name a scope or a source holding fewer than ``exact_search_rows`` vectors?
+
+        Then an exact scan of those rows (found through the scope or source index) beats walking
+        the HNSW graph past everybody else's vectors: one user among thousands is a few hundred
+        rows. Counting stops at the threshold, so a large scope costs a bounded index scan.
+        """
+        nf = F.normalise(filters)
+        if not nf.scope and nf.source_id is None:
+            return False
+        n = conn.execute(self._sql.SQL(
+            "SELECT count(*) FROM (SELECT 1 FROM {t} WHERE embedding IS NOT NULL AND {w} LIMIT %s) s").format(
+                t=self._names.table("entities"), w=where), [*params, self._exact_rows]).fetchone()[0]
+        return int(n) < self._exact_rows
 
     def _stored_dim(self) -> int | None:
         with self._reading() as conn:
@@ -809,9 +811,8 @@ class PostgresStorageBackend(StorageBackend):
 
         def op(conn: Any) -> None:
             hit = conn.execute(self._q(
-                "INSERT INTO {sources} (id, text_hash, text, created_at, metadata_json) VALUES (%s, %s, %s, %s, %s) "
-                "ON CONFLICT (id) DO NOTHING RETURNING id"),
-                (s.id, s.text_hash, R.encode_text(s.text), s.created_at, R.dumps(dict(s.metadata)))).fetchone()
+                "INSERT INTO {sources} (" + S.SOURCE_COLUMNS + ") VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (id) DO NOTHING RETURNING id"), _source_row(s)).fetchone()
             if hit is not None:
                 tx = self._tx()
                 assert tx is not None
@@ -833,11 +834,9 @@ class PostgresStorageBackend(StorageBackend):
     def _source_where(self, where: str, value: str) -> Source | None:
         with self._reading() as conn:
             row = conn.execute(self._sql.SQL(
-                "SELECT id, text_hash, text, created_at, metadata_json FROM {t} WHERE " + where +
+                "SELECT " + S.SOURCE_COLUMNS + " FROM {t} WHERE " + where +
                 " ORDER BY created_at, id LIMIT 1").format(t=self._names.table("sources")), (value,)).fetchone()
-        if row is None:
-            return None
-        return Source(row[0], row[1], R.decode_text(row[2]), int(row[3]), dict(json.loads(row[4])))
+        return None if row is None else _row_to_source(row)
 
     def entity_ids_for_source(self, source_id: str) -> builtins.list[str]:
         sid = check_id(source_id, "source_id")
@@ -879,37 +878,220 @@ class PostgresStorageBackend(StorageBackend):
         rels = list({r.id: r for r in rels}.values())  # a later duplicate of an id replaces an earlier one
 
         def op(conn: Any) -> None:
-            conn.execute(self._q(
-                "INSERT INTO {relations} (id, source_id, target_id, evolution_type, reason, confidence, created_at) "
-                "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::float8[], "
-                "%s::bigint[]) ON CONFLICT (id) DO UPDATE SET source_id = EXCLUDED.source_id, "
-                "target_id = EXCLUDED.target_id, evolution_type = EXCLUDED.evolution_type, "
-                "reason = EXCLUDED.reason, confidence = EXCLUDED.confidence, created_at = EXCLUDED.created_at"),
-                ([r.id for r in rels], [r.source_id for r in rels], [r.target_id for r in rels],
-                 [r.evolution_type.value for r in rels], [R.encode_text(r.reason) for r in rels],
-                 [r.confidence for r in rels], [r.created_at for r in rels]))
-            tx = self._tx()
-            assert tx is not None
-            tx.changed = True
+            self._insert_relations(conn, rels)
 
         self._write(op)
+
+    def _insert_relations(self, conn: Any, rels: Sequence[EvolutionRelation]) -> None:
+        conn.execute(self._q(
+            "INSERT INTO {relations} (" + S.RELATION_COLUMNS + ") "
+            "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::float8[], "
+            "%s::bigint[], %s::text[], %s::text[], %s::text[]) ON CONFLICT (id) DO UPDATE SET "
+            "source_id = EXCLUDED.source_id, target_id = EXCLUDED.target_id, "
+            "evolution_type = EXCLUDED.evolution_type, reason = EXCLUDED.reason, confidence = EXCLUDED.confidence, "
+            "created_at = EXCLUDED.created_at, user_id = EXCLUDED.user_id, agent_id = EXCLUDED.agent_id, "
+            "session_id = EXCLUDED.session_id"),
+            ([r.id for r in rels], [r.source_id for r in rels], [r.target_id for r in rels],
+             [r.evolution_type.value for r in rels], [R.encode_text(r.reason) for r in rels],
+             [r.confidence for r in rels], [r.created_at for r in rels], *_columns([_scope_values(r) for r in rels])))
+        tx = self._tx()
+        assert tx is not None
+        tx.changed = True
 
     def relations_for(self, entity_id: str) -> builtins.list[EvolutionRelation]:
         eid = check_id(entity_id)
         with self._reading() as conn:
             rows = conn.execute(self._q(
-                "SELECT id, source_id, target_id, evolution_type, reason, confidence, created_at FROM {relations} "
+                "SELECT " + S.RELATION_COLUMNS + " FROM {relations} "
                 "WHERE source_id = %s OR target_id = %s ORDER BY created_at, id"), (eid, eid)).fetchall()
-        return [EvolutionRelation(source_id=r[1], target_id=r[2], evolution_type=r[3], reason=R.decode_text(r[4]),
-                                  confidence=r[5], id=r[0], created_at=int(r[6])) for r in rows]
+        return [_row_to_relation(r) for r in rows]
 
     def history(self, entity_id: str) -> builtins.list[HistoryRecord]:
         eid = check_id(entity_id)
         with self._reading() as conn:
             rows = conn.execute(self._q(
-                "SELECT entity_id, seq, op, at, snapshot FROM {history} WHERE entity_id = %s ORDER BY seq"),
+                "SELECT " + S.HISTORY_COLUMNS + " FROM {history} WHERE entity_id = %s ORDER BY seq"),
                 (eid,)).fetchall()
-        return [HistoryRecord(r[0], int(r[1]), r[2], int(r[3]), json.loads(r[4])) for r in rows]
+        return [_row_to_history(r) for r in rows]
+
+    # --- export / import -------------------------------------------------------------
+    def _scope_where(self, scope: object) -> tuple[str, builtins.list[Any]]:
+        """The view rule of ``scope`` (None: every scope) over a table's scope columns."""
+        sc = check_scope(scope, "scope", optional=True)
+        return F.to_sql(SearchFilters(scope=sc, include_superseded=True), "postgres")
+
+    def _iter_rows(self, table: str, columns: str, key: tuple[str, ...], scope: object) -> Iterator[Any]:
+        """Rows of ``table`` in the view, in ``key`` order, a page at a time (keyset paging: each
+        page is one short read, so a slow consumer holds no connection)."""
+        where, params = self._scope_where(scope)
+        order = ", ".join(key)
+        last: tuple[Any, ...] | None = None
+        while True:
+            after = f" AND ({order}) > ({', '.join(['%s'] * len(key))})" if last is not None else ""
+            with self._reading() as conn:
+                rows = conn.execute(self._sql.SQL(
+                    "SELECT " + columns + ", " + order + " FROM {t} WHERE " + where + after +
+                    " ORDER BY " + order + " LIMIT %s").format(t=self._names.table(table)),
+                    [*params, *(last or ()), ITER_BATCH]).fetchall()
+            for r in rows:
+                yield r
+            if len(rows) < ITER_BATCH:
+                return
+            last = tuple(rows[-1][-len(key):])
+
+    def iter_sources(self, scope: Scope | None = None) -> Iterator[Source]:
+        for r in self._iter_rows("sources", S.SOURCE_COLUMNS, ("created_at", "id"), scope):
+            yield _row_to_source(r)
+
+    def iter_relations(self, scope: Scope | None = None) -> Iterator[EvolutionRelation]:
+        for r in self._iter_rows("relations", S.RELATION_COLUMNS, ("created_at", "id"), scope):
+            yield _row_to_relation(r)
+
+    def iter_history(self, scope: Scope | None = None) -> Iterator[HistoryRecord]:
+        for r in self._iter_rows("history", S.HISTORY_COLUMNS, ("entity_id", "seq"), scope):
+            yield _row_to_history(r)
+
+    def restore(self, entities: Sequence[Entity], sources: Sequence[Source],
+                relations: Sequence[EvolutionRelation], history: Sequence[HistoryRecord]) -> None:
+        """Write exactly these records (for import), generating no history; see the protocol."""
+        ents, dim = check_entities(entities, self._current_dim())
+        R.check_metadata_text(ents)
+        srcs = [check_source(x) for x in _seq(sources, "sources")]
+        for x in srcs:
+            R.check_utf8(x.text, "source.text")
+        rels = list({r.id: r for r in check_relations(relations)}.values())
+        for r in rels:
+            R.check_utf8(r.reason, f"relation {r.id} reason")
+        hist = [_check_history(h) for h in _seq(history, "history")]
+        new_ids = {e.id for e in ents}
+
+        def op(conn: Any) -> None:
+            tx = self._tx()
+            assert tx is not None
+            self._fix_dim(conn, tx, dim)
+            for chunk in _chunks(ents):
+                self._upsert_chunk(conn, tx, chunk, with_history=False)
+            if srcs:
+                rows = [_source_row(x) for x in {x.id: x for x in srcs}.values()]
+                conn.execute(self._q(
+                    "INSERT INTO {sources} (" + S.SOURCE_COLUMNS + ") SELECT * FROM unnest(%s::text[], %s::text[], "
+                    "%s::text[], %s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[]) ON CONFLICT (id) DO "
+                    "UPDATE SET text_hash = EXCLUDED.text_hash, text = EXCLUDED.text, created_at = EXCLUDED.created_at, "
+                    "metadata_json = EXCLUDED.metadata_json, user_id = EXCLUDED.user_id, "
+                    "agent_id = EXCLUDED.agent_id, session_id = EXCLUDED.session_id"), [list(c) for c in zip(*rows)])
+                tx.changed = True
+            if rels:
+                ends = sorted({e for r in rels for e in (r.source_id, r.target_id)} - new_ids)
+                have = {row[0] for row in conn.execute(self._q("SELECT id FROM {entities} WHERE id = ANY(%s)"),
+                                                       (ends,)).fetchall()}
+                for r in rels:
+                    for end in (r.source_id, r.target_id):
+                        if end not in new_ids and end not in have:
+                            raise ValidationError(f"relation {r.id} refers to entity {end}, which is not stored")
+                self._insert_relations(conn, rels)
+            if hist:
+                rows = list({(h.entity_id, h.seq): (h.entity_id, h.seq, h.op, h.at, R.dumps(dict(h.snapshot)),
+                                                    *h.scope.as_tuple()) for h in hist}.values())
+                conn.execute(self._q(
+                    "INSERT INTO {history} (" + S.HISTORY_COLUMNS + ") SELECT * FROM unnest(%s::text[], "
+                    "%s::integer[], %s::text[], %s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[]) "
+                    "ON CONFLICT (entity_id, seq) DO UPDATE SET op = EXCLUDED.op, at = EXCLUDED.at, "
+                    "snapshot = EXCLUDED.snapshot, user_id = EXCLUDED.user_id, agent_id = EXCLUDED.agent_id, "
+                    "session_id = EXCLUDED.session_id"), [list(c) for c in zip(*rows)])
+                tx.changed = True
+
+        if ents or srcs or rels or hist:
+            self._write(op)
+
+    # --- core memory blocks ------------------------------------------------------------
+    # Read from the table on every call (no cache): a block another process wrote is seen on
+    # the next read. Writers of one (user_id, agent_id) are serialised by an advisory lock on it,
+    # so positions stay 0..n-1 and history seqs stay gapless.
+    def core_blocks(self, scope: Scope) -> builtins.list[CoreBlockRecord]:
+        u, a = _core_key(scope)
+        with self._reading() as conn:
+            rows = conn.execute(self._q(
+                "SELECT name, content, importance, position FROM {core_blocks} WHERE user_id = %s AND agent_id = %s "
+                "ORDER BY position"), (u, a)).fetchall()
+        return [CoreBlockRecord(r[0], R.decode_text(r[1]), float(r[2]), int(r[3])) for r in rows]
+
+    def _core_write(self, scope: object, body: Callable[[Any, str, str], Any]) -> Any:
+        u, a = _core_key(scope)
+
+        def op(conn: Any) -> Any:
+            self._lock_ids(conn, [_CORE_LOCK + u + "\x1f" + a])
+            return body(conn, u, a)
+
+        return self._write(op)
+
+    def _core_log(self, conn: Any, u: str, a: str, name: str, op: str, at: int, content: str | None,
+                  importance: float | None) -> None:
+        conn.execute(self._q(
+            "INSERT INTO {core_history} (user_id, agent_id, seq, name, op, at, content, importance) "
+            "SELECT %s, %s, coalesce(max(seq), 0) + 1, %s, %s, %s, %s, %s FROM {core_history} "
+            "WHERE user_id = %s AND agent_id = %s"),
+            (u, a, name, op, at, None if content is None else R.encode_text(content), importance, u, a))
+        tx = self._tx()
+        assert tx is not None
+        tx.changed = True
+
+    def set_core_block(self, scope: Scope, name: str, content: str, importance: float, at: int) -> None:
+        name, content, importance = check_core_block(name, content, importance)
+        when: int = check_time(at, "at")  # type: ignore[assignment]  # never None here
+        text = R.encode_text(content)
+
+        def body(conn: Any, u: str, a: str) -> None:
+            hit = conn.execute(self._q(
+                "UPDATE {core_blocks} SET content = %s, importance = %s WHERE user_id = %s AND agent_id = %s "
+                "AND name = %s RETURNING position"), (text, importance, u, a, name)).fetchone()
+            if hit is None:
+                conn.execute(self._q(
+                    "INSERT INTO {core_blocks} (user_id, agent_id, name, content, importance, position) "
+                    "SELECT %s, %s, %s, %s, %s, count(*) FROM {core_blocks} WHERE user_id = %s AND agent_id = %s"),
+                    (u, a, name, text, importance, u, a))
+            self._core_log(conn, u, a, name, "set", when, content, importance)
+
+        self._core_write(scope, body)
+
+    def remove_core_block(self, scope: Scope, name: str, at: int) -> bool:
+        name = check_core_block_name(name)
+        when: int = check_time(at, "at")  # type: ignore[assignment]  # never None here
+
+        def body(conn: Any, u: str, a: str) -> bool:
+            hit = conn.execute(self._q(
+                "DELETE FROM {core_blocks} WHERE user_id = %s AND agent_id = %s AND name = %s RETURNING position"),
+                (u, a, name)).fetchone()
+            if hit is None:
+                return False
+            conn.execute(self._q("UPDATE {core_blocks} SET position = position - 1 WHERE user_id = %s "
+                                 "AND agent_id = %s AND position > %s"), (u, a, hit[0]))
+            self._core_log(conn, u, a, name, "remove", when, None, None)
+            return True
+
+        return bool(self._core_write(scope, body))
+
+    def clear_core_blocks(self, scope: Scope, at: int) -> int:
+        when: int = check_time(at, "at")  # type: ignore[assignment]  # never None here
+
+        def body(conn: Any, u: str, a: str) -> int:
+            n = conn.execute(self._q("DELETE FROM {core_blocks} WHERE user_id = %s AND agent_id = %s"), (u, a)).rowcount
+            if n:
+                self._core_log(conn, u, a, "", "clear", when, None, None)
+            return int(n)
+
+        return int(self._core_write(scope, body))
+
+    def core_history(self, scope: Scope, name: str | None = None) -> builtins.list[CoreHistoryRecord]:
+        u, a = _core_key(scope)
+        sc = _scope(u or None, a or None, None)
+        only = "" if name is None else " AND (name = %s OR op = 'clear')"
+        params: builtins.list[Any] = [u, a] if name is None else [u, a, check_core_block_name(name)]
+        with self._reading() as conn:
+            rows = conn.execute(self._q(
+                "SELECT name, seq, op, at, content, importance FROM {core_history} WHERE user_id = %s AND agent_id = %s"
+                + only + " ORDER BY seq"), params).fetchall()
+        return [CoreHistoryRecord(sc, r[0], int(r[1]), r[2], int(r[3]), None if r[4] is None else R.decode_text(r[4]),
+                                  None if r[5] is None else float(r[5])) for r in rows]
 
     # --- store metadata -------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
@@ -966,13 +1148,80 @@ class PostgresStorageBackend(StorageBackend):
 
 
 ScopeRow = tuple[str | None, str | None, str | None]
-_SOURCE_LOCK = "src\x1f"  # advisory-lock keys of sources, apart from entity ids
+# advisory-lock keys of sources and of core-block scopes, apart from entity ids
+_SOURCE_LOCK = "src\x1f"
+_CORE_LOCK = "core\x1f"
+HISTORY_OPS = frozenset({"create", "update", "supersede", "revive", "delete"})
+
+
+def _chunks(ents: builtins.list[Entity]) -> builtins.list[builtins.list[Entity]]:
+    """Batches of at most BATCH_ROWS that hold an id at most once each: an id twice in one call is
+    written twice, in order (create, then update), as the other backends do."""
+    chunks: builtins.list[builtins.list[Entity]] = [[]]
+    seen: set[str] = set()
+    for e in ents:
+        if e.id in seen or len(chunks[-1]) >= BATCH_ROWS:
+            chunks.append([])
+            seen = set()
+        chunks[-1].append(e)
+        seen.add(e.id)
+    return [c for c in chunks if c]
+
+
+_BLOCK_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+CORE_BLOCK_BYTES_MAX = 16 * 1024 * 1024  # the largest core-memory budget
+
+
+def check_core_block_name(name: object) -> str:
+    from ..errors import InvalidLabelError
+
+    if not isinstance(name, str):
+        raise TypeError(f"block name must be str, not {type(name).__name__}")
+    if _BLOCK_NAME.fullmatch(name) is None:
+        raise InvalidLabelError(f"block name must be 1-64 bytes of [A-Za-z0-9_.-], got {name[:80]!r}", label=name)
+    return name
+
+
+def check_core_block(name: object, content: object, importance: object) -> tuple[str, str, float]:
+    from ..errors import InvalidImportanceError, TextTooLongError
+
+    n = check_core_block_name(name)
+    if not isinstance(content, str):
+        raise TypeError(f"block content must be str, not {type(content).__name__}")
+    R.check_utf8(content, "block content")
+    size = len(content.encode("utf-8"))
+    if size > CORE_BLOCK_BYTES_MAX:
+        raise TextTooLongError(f"block content is {size} bytes; the limit is {CORE_BLOCK_BYTES_MAX}",
+                               limit=CORE_BLOCK_BYTES_MAX, actual=size)
+    if isinstance(importance, bool) or not isinstance(importance, (int, float)):
+        raise TypeError(f"importance must be a float, not {type(importance).__name__}")
+    if not 0.0 <= float(importance) <= 1.0:
+        raise InvalidImportanceError(f"importance must be within [0, 1], got {importance!r}", actual=importance)
+    return n, content, float(importance)
+
+
+def _seq(values: object, what: str) -> Sequence[Any]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"{what} must be a sequence, not {type(values).__name__}")
+    return values
+
+
+def _check_history(h: object) -> HistoryRecord:
+    if not isinstance(h, HistoryRecord):
+        raise TypeError(f"history records must be HistoryRecord, not {type(h).__name__}")
+    check_id(h.entity_id)
+    if isinstance(h.seq, bool) or not isinstance(h.seq, int) or not 1 <= h.seq <= 2**31 - 1:
+        raise ValidationError(f"history record of {h.entity_id}: seq must be an int in [1, {2**31 - 1}], got {h.seq!r}")
+    if h.op not in HISTORY_OPS:
+        raise ValidationError(f"history record of {h.entity_id}: op must be one of {sorted(HISTORY_OPS)}, got {h.op!r}")
+    check_time(h.at, "history record at")
+    check_scope(h.scope, "history record scope")
+    return h
 
 
 def _scope_values(obj: Any) -> ScopeRow:
-    """(user_id, agent_id, session_id) of a record's scope; None is the unset component."""
-    sc = getattr(obj, "scope", None)
-    return (None, None, None) if sc is None else (sc.user_id, sc.agent_id, sc.session_id)
+    """(user_id, agent_id, session_id) of a record's scope; None (NULL) is the unset component."""
+    return obj.scope.as_tuple()  # type: ignore[no-any-return]
 
 
 def _columns(rows: Sequence[ScopeRow]) -> tuple[list[str | None], list[str | None], list[str | None]]:
@@ -986,10 +1235,6 @@ def _check_meta_text(value: object, what: str, *, empty_ok: bool = False) -> str
         raise ValidationError(f"meta {what} must not be empty")
     R.check_utf8(value, f"meta {what}")
     return value
-
-
-def tombstone_of(entity_id: str) -> dict[str, Any]:
-    return {"id": entity_id, "forgotten": True}
 
 
 def _one(conn: Any, query: Any, params: Sequence[Any] = ()) -> Any:
@@ -1035,14 +1280,47 @@ def _copy_entity(e: Entity) -> Entity:
     return clone_entity(e, e.embedding)
 
 
+@functools.lru_cache(maxsize=4096)
+def _scope(user_id: str | None, agent_id: str | None, session_id: str | None) -> Scope:
+    """The Scope of a stored row (validated once per distinct value)."""
+    if user_id is None and agent_id is None and session_id is None:
+        return UNSET_SCOPE
+    return Scope(user_id, agent_id, session_id)
+
+
+def _core_key(scope: object) -> tuple[str, str]:
+    """The (user_id, agent_id) key of core blocks; '' is the unset component in those tables."""
+    sc = check_scope(scope, "scope")
+    assert sc is not None
+    return (sc.user_id or "", sc.agent_id or "")
+
+
+def _source_row(s: Source) -> tuple[Any, ...]:
+    return (s.id, s.text_hash, R.encode_text(s.text), s.created_at, R.dumps(dict(s.metadata)), *_scope_values(s))
+
+
+def _row_to_source(r: Sequence[Any]) -> Source:
+    return Source(r[0], r[1], R.decode_text(r[2]), int(r[3]), dict(json.loads(r[4])), _scope(r[5], r[6], r[7]))
+
+
+def _row_to_relation(r: Sequence[Any]) -> EvolutionRelation:
+    return EvolutionRelation(source_id=r[1], target_id=r[2], evolution_type=r[3], reason=R.decode_text(r[4]),
+                             confidence=r[5], id=r[0], created_at=int(r[6]), scope=_scope(r[7], r[8], r[9]))
+
+
+def _row_to_history(r: Sequence[Any]) -> HistoryRecord:
+    return HistoryRecord(r[0], int(r[1]), r[2], int(r[3]), json.loads(r[4]), _scope(r[5], r[6], r[7]))
+
+
 def _row_to_entity(r: Sequence[Any]) -> Entity:
     from ._common import make_entity
 
-    (eid, etype, name, content, meta_json, emb, imp, conf, created, updated, event, vfrom, vto, src) = r
+    (eid, etype, name, content, meta_json, emb, imp, conf, created, updated, event, vfrom, vto, src, u, a, sess) = r
     return make_entity({
         "entity_type": EntityType(etype), "name": R.decode_text(name), "content": R.decode_text(content),
         "metadata": dict(json.loads(meta_json)),
         "embedding": None if emb is None else _vector_from_binary(emb),
         "importance": float(imp), "confidence": float(conf), "created_at": int(created), "updated_at": int(updated),
         "event_time": None if event is None else int(event), "valid_from": None if vfrom is None else int(vfrom),
-        "valid_to": None if vto is None else int(vto), "source_id": src, "id": eid, "score": None})
+        "valid_to": None if vto is None else int(vto), "source_id": src, "id": eid, "score": None,
+        "scope": _scope(u, a, sess), "mentions": ()})
