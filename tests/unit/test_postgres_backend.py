@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -386,8 +387,6 @@ def test_relations_need_stored_endpoints(backend: PostgresStorageBackend) -> Non
 
 
 def test_hnsw_index_is_built_in_the_background_at_the_threshold(postgres_url: str, pg_schema: str) -> None:
-    import time
-
     from umi.storage import _pg_schema
 
     b = PostgresStorageBackend.connect(postgres_url, schema=pg_schema, dim=8, exact_search_rows=60)
@@ -458,3 +457,299 @@ def test_a_version_1_store_opens_and_is_brought_forward(postgres_url: str, pg_sc
     again = PostgresStorageBackend.connect(postgres_url, schema=pg_schema)
     assert (again.schema_version, again.count(SearchFilters(include_superseded=True))) == (2, 2)
     again.close()
+
+
+# --- forgetting ------------------------------------------------------------------------------
+
+
+def _tables_holding(b: PostgresStorageBackend, needle: str) -> list[str]:
+    """Every `table.column` of the store's schema whose text, JSON or tsvector holds ``needle``
+    (case-insensitive), found by asking Postgres itself about every such column."""
+    import psycopg
+    from psycopg import sql
+
+    hits = []
+    with psycopg.connect(b._pool.conninfo, autocommit=True) as conn:
+        cols = conn.execute(
+            "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = %s "
+            "AND (data_type IN ('text', 'jsonb', 'json', 'character varying') OR udt_name = 'tsvector') "
+            "ORDER BY table_name, column_name", (b._schema,)).fetchall()
+        assert len(cols) >= 20  # every table's text columns, not an empty query
+        for table, column in cols:
+            found = conn.execute(sql.SQL("SELECT count(*) FROM {t} WHERE {c}::text ILIKE %s").format(
+                t=sql.Identifier(b._schema, table), c=sql.Identifier(column)), (f"%{needle}%",)).fetchone()[0]
+            if found:
+                hits.append(f"{table}.{column}")
+    return hits
+
+
+def test_forget_leaves_the_text_in_no_table(backend: PostgresStorageBackend) -> None:
+    """A user story: remember (two facts from one text), supersede, relate, forget one fact,
+    then the other, then tell the same text again."""
+    from umi.types import Scope
+
+    scope = Scope(user_id="alice")
+    text = "Alice moved to Zanzibarquux. Alice likes tea."
+    src = Source.for_text(text, 1_000, scope=scope)
+    secret = Entity("person", "Alice", "Alice moved to Zanzibarquux", source_id=src.id, created_at=1_000,
+                    metadata={"where": "Zanzibarquux"}, embedding=np.ones(8, np.float32), scope=scope)
+    other = Entity("person", "Alice", "Alice likes tea", source_id=src.id, created_at=1_000,
+                   embedding=np.ones(8, np.float32), scope=scope)
+    older = Entity("person", "Alice", "Alice lives in Lisbon", created_at=500, scope=scope)
+    with backend.transaction():
+        backend.add_source(src)
+        backend.upsert([older, secret, other])
+        backend.supersede(older.id, 1_000)
+        backend.add_relations([EvolutionRelation(older.id, secret.id, "update", reason="moved to Zanzibarquux",
+                                                 created_at=1_000, scope=scope)])
+    backend.upsert([Entity("person", "Alice", "Alice moved to Zanzibarquux", source_id=src.id, created_at=1_000,
+                           importance=0.9, embedding=np.ones(8, np.float32), scope=scope)])  # an update: 2 snapshots
+    assert "umi_terms.term" in _tables_holding(backend, "zanzibarquux")
+
+    assert backend.delete(secret.id, at=2_000) is True
+    # the source still has a fact (`other`), so its text stays; nothing else holds the word
+    assert _tables_holding(backend, "zanzibarquux") == ["umi_sources.text"]
+    assert [(h.op, dict(h.snapshot)) for h in backend.history(secret.id)] == [
+        ("create", {"id": secret.id, "forgotten": True}), ("update", {"id": secret.id, "forgotten": True}),
+        ("delete", {"id": secret.id, "forgotten": True})]
+    assert backend.relations_for(older.id) == []
+    assert backend.get(older.id).valid_to == 1_000  # forget revives nothing by itself
+    assert backend.search_text("zanzibarquux", 5, SearchFilters(include_superseded=True)) == []
+
+    assert backend.delete(other.id, at=2_001) is True
+    assert _tables_holding(backend, "zanzibarquux") == []
+    assert _tables_holding(backend, "likes tea") == []
+    assert backend.get_source(src.id) is None and backend.entity_ids_for_source(src.id) == []
+    assert _term_table(backend) == _real_df(backend)
+
+    # the same text can be told again: it is a new source with new facts
+    backend.add_source(src)
+    backend.upsert([secret])
+    assert backend.entity_ids_for_source(src.id) == [secret.id]
+    assert [h.op for h in backend.history(secret.id)] == ["create", "update", "delete", "create"]
+
+
+def test_forgetting_the_last_facts_of_a_source_at_once_removes_it(postgres_url: str, pg_schema: str) -> None:
+    """Two blocks forget the last two facts of one source at once: the first holds its block open
+    after its delete while the second deletes the other fact. Whichever checks last must see the
+    other's delete and remove the source text (without a lock on the source, both would still see
+    the other's fact, and the text would stay behind with no fact left)."""
+    b = PostgresStorageBackend.connect(postgres_url, schema=pg_schema, pool_size=4, dim=8)
+    try:
+        src = Source.for_text("shared text", 1)
+        x, y = _ent(1, source_id=src.id), _ent(2, source_id=src.id)
+        b.add_source(src)
+        b.upsert([x, y])
+        first_deleted = threading.Event()
+        errors: list[BaseException] = []
+
+        def first() -> None:
+            try:
+                with b.transaction():
+                    b.delete(x.id)
+                    first_deleted.set()
+                    time.sleep(0.5)  # the second block runs its delete now
+            except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+                errors.append(exc)
+
+        def second() -> None:
+            try:
+                assert first_deleted.wait(30)
+                b.delete(y.id)
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        ts = [threading.Thread(target=first), threading.Thread(target=second)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(60)
+        assert errors == []
+        assert b.count() == 0
+        assert b.get_source(src.id) is None
+    finally:
+        b.close()
+
+
+# --- scopes ----------------------------------------------------------------------------------
+
+
+def _scoped(i: int, user: str, **kw) -> Entity:
+    from umi.types import Scope
+
+    return _ent(i, scope=Scope(user_id=user), content=kw.pop("content", f"fact number {i} of {user}"), **kw)
+
+
+def test_one_users_searches_are_answered_through_the_scope_index(postgres_url: str, pg_schema: str) -> None:
+    """With many users in one set of tables, the planner reads one user's rows through the
+    composite scope index, for the vector search (exact over that user's rows) and for the
+    keyword search's candidates, with the backend's own SQL."""
+    import psycopg
+
+    from umi.storage import filters as F
+    from umi.storage.postgres import _tsquery_lexeme, _vector_text
+    from umi.types import Scope
+
+    users = [f"u{i:03d}" for i in range(60)]
+    b = PostgresStorageBackend.connect(postgres_url, schema=pg_schema, dim=8, exact_search_rows=1)
+    try:
+        b.upsert([_scoped(i, users[i % len(users)]) for i in range(3000)])
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(f'ANALYZE "{pg_schema}".umi_entities')
+        f = SearchFilters(scope=Scope(user_id="u007"))
+        where, params = F.to_sql(f, "postgres")
+        q = np.random.default_rng(1).normal(size=8).astype(np.float32)
+        t = f'"{pg_schema}".umi_entities'
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            vec_plan = "\n".join(r[0] for r in conn.execute(
+                f"EXPLAIN SELECT id, embedding FROM {t} WHERE embedding IS NOT NULL AND {where} "
+                "ORDER BY (embedding <=> %s::vector) + 0, id LIMIT 26", [*params, _vector_text(q)]).fetchall())
+            text_plan = "\n".join(r[0] for r in conn.execute(
+                f"EXPLAIN SELECT id FROM {t} WHERE tsv @@ %s::tsquery AND {where}",
+                [_tsquery_lexeme("fact"), *params]).fetchall())
+        assert "umi_entities_scope" in vec_plan, vec_plan
+        assert "umi_entities_scope" in text_plan, text_plan
+        # and the answers are that user's, exact, even though the store would use its HNSW graph
+        mine = [e for e in b.list(f, limit=1000)]
+        assert len(mine) == 50 and all(e.scope == Scope(user_id="u007") for e in mine)
+        assert [i for i, _ in b.search_vector(q, 10, f)] == _exact_top(mine, q, 10)
+        assert {i for i, _ in b.search_text("fact u007", 100, f)} == {e.id for e in mine}
+    finally:
+        b.close()
+
+
+def test_scoped_reads_and_iterators_keep_to_their_view(backend: PostgresStorageBackend,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from umi.storage import postgres as P
+    from umi.types import Scope
+
+    monkeypatch.setattr(P, "ITER_BATCH", 3)  # several pages, with ties on created_at across pages
+    ents = [_scoped(i, "ann" if i % 3 else "bob", created_at=100 + i // 4) for i in range(20)]
+    srcs = [Source.for_text(f"text {i}", 50 + i // 2, scope=e.scope) for i, e in enumerate(ents)]
+    rels = [EvolutionRelation(ents[i].id, ents[i + 3].id, "extend", created_at=7, scope=ents[i].scope)
+            for i in range(0, 15, 3)]
+    with backend.transaction():
+        backend.upsert(ents)
+        for s in srcs:
+            backend.add_source(s)
+        backend.add_relations(rels)
+    ann = Scope(user_id="ann")
+    assert backend.count(SearchFilters(scope=ann)) == sum(1 for e in ents if e.scope == ann)
+    got = list(backend.iter_sources(ann))
+    assert got == sorted((s for s in srcs if s.scope == ann), key=lambda s: (s.created_at, s.id))
+    assert list(backend.iter_sources()) == sorted(srcs, key=lambda s: (s.created_at, s.id))
+    assert list(backend.iter_relations(Scope(user_id="bob"))) == sorted(
+        (r for r in rels if r.scope.user_id == "bob"), key=lambda r: (r.created_at, r.id))
+    hist = list(backend.iter_history(ann))
+    assert [(h.entity_id, h.seq) for h in hist] == sorted((e.id, 1) for e in ents if e.scope == ann)
+    assert all(h.scope == ann for h in hist)
+    assert list(backend.iter_history(Scope(user_id="nobody"))) == []
+
+
+def test_restore_writes_exactly_the_records_it_is_given(postgres_url: str, pg_schema: str) -> None:
+    """An export of one store (every record, every scope) restored into an empty one reads back
+    equal, with the same history seqs and no history of its own; BM25 statistics follow."""
+    from umi.types import Scope
+
+    a = PostgresStorageBackend.connect(postgres_url, schema=pg_schema, dim=8, table_prefix="a_")
+    b = PostgresStorageBackend.connect(postgres_url, schema=pg_schema, dim=8, table_prefix="b_")
+    try:
+        ents = [_scoped(i, "ann" if i % 2 else "bob") for i in range(12)]
+        src = Source.for_text("told once", 1, scope=Scope(user_id="ann"))
+        a.add_source(src)
+        a.upsert(ents)
+        a.upsert([_scoped(1, "ann", importance=0.9)])
+        a.supersede(ents[1].id, 5_000)
+        a.add_relations([EvolutionRelation(ents[1].id, ents[3].id, "update", created_at=5_000,
+                                           scope=Scope(user_id="ann"))])
+        a.delete(ents[2].id)
+        everything = SearchFilters(include_superseded=True)
+        with b.transaction():
+            b.restore(a.list(everything, limit=1000), list(a.iter_sources()), list(a.iter_relations()),
+                      list(a.iter_history()))
+        assert b.list(everything, limit=1000) == a.list(everything, limit=1000)
+        assert list(b.iter_history()) == list(a.iter_history())
+        assert list(b.iter_relations()) == list(a.iter_relations())
+        assert list(b.iter_sources()) == [src]
+        assert _term_table(b) == _real_df(b)
+        for q in ("fact number", "bob"):
+            assert b.search_text(q, 20, everything) == a.search_text(q, 20, everything)
+        # a relation to an entity that is neither stored nor restored is refused, and nothing is written
+        gen = b.generation
+        with pytest.raises(umi.ValidationError, match="which is not stored"):
+            b.restore([_ent(99)], [], [EvolutionRelation(_ent(99).id, "missing", "extend")], [])
+        assert (b.generation, b.get(_ent(99).id)) == (gen, None)
+    finally:
+        a.close()
+        b.close()
+
+
+# --- core memory -----------------------------------------------------------------------------
+
+
+def test_two_backends_on_one_database_see_each_others_core_writes(postgres_url: str, pg_schema: str) -> None:
+    from umi.types import Scope
+
+    one = PostgresStorageBackend.connect(postgres_url, schema=pg_schema, pool_size=1)
+    two = PostgresStorageBackend.connect(postgres_url, schema=pg_schema, pool_size=1)
+    agent = Scope(user_id="ann", agent_id="helper")
+    try:
+        one.set_core_block(agent, "persona", "You are terse.", 0.8, 10)
+        assert [(b.name, b.content, b.importance, b.position) for b in two.core_blocks(agent)] == [
+            ("persona", "You are terse.", 0.8, 0)]
+        two.set_core_block(agent, "human", "Ann likes tea.", 0.5, 11)
+        two.set_core_block(agent, "persona", "You are kind.", 0.9, 12)  # keeps its place
+        assert [(b.name, b.content, b.position) for b in one.core_blocks(agent)] == [
+            ("persona", "You are kind.", 0), ("human", "Ann likes tea.", 1)]
+        # a session's view shares its agent's blocks; another user's agent does not
+        assert [b.name for b in one.core_blocks(Scope("ann", "helper", "s1"))] == ["persona", "human"]
+        assert one.core_blocks(Scope(user_id="bob", agent_id="helper")) == []
+        assert two.remove_core_block(agent, "persona", 13) is True
+        assert [(b.name, b.position) for b in one.core_blocks(agent)] == [("human", 0)]
+        assert one.clear_core_blocks(agent, 14) == 1
+        assert two.core_blocks(agent) == []
+        assert [(h.seq, h.op, h.name, h.content) for h in two.core_history(agent)] == [
+            (1, "set", "persona", "You are terse."), (2, "set", "human", "Ann likes tea."),
+            (3, "set", "persona", "You are kind."), (4, "remove", "persona", None), (5, "clear", "", None)]
+        assert [h.seq for h in one.core_history(agent, "human")] == [2, 5]
+        assert all(h.scope == agent for h in one.core_history(agent))
+    finally:
+        one.close()
+        two.close()
+
+
+def test_concurrent_core_writers_keep_positions_and_seqs_dense(backend: PostgresStorageBackend) -> None:
+    from umi.types import Scope
+
+    agent = Scope(agent_id="a1")
+
+    def writer(w: int) -> None:
+        for i in range(10):
+            backend.set_core_block(agent, f"w{w}-b{i}", f"block {i} of writer {w}", 0.5, 100 + i)
+            if i % 3 == 2:
+                backend.remove_core_block(agent, f"w{w}-b{i - 1}", 200 + i)
+
+    ts = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(120)
+    blocks = backend.core_blocks(agent)
+    assert [b.position for b in blocks] == list(range(len(blocks))) and len(blocks) == 4 * (10 - 3)
+    assert [h.seq for h in backend.core_history(agent)] == list(range(1, 4 * 13 + 1))
+    for w in range(4):  # each writer's surviving blocks in the order it wrote them
+        mine = [b.name for b in blocks if b.name.startswith(f"w{w}-")]
+        assert mine == [f"w{w}-b{i}" for i in range(10) if i % 3 != 1]
+
+
+def test_meta_round_trips_and_is_transactional(backend: PostgresStorageBackend) -> None:
+    assert backend.get_meta("embedder") is None
+    backend.set_meta("embedder", "sim|sim-v1|8")
+    with pytest.raises(umi.StorageError, match="boom"), backend.transaction():
+        backend.set_meta("embedder", "other|x|16")
+        assert backend.get_meta("embedder") == "other|x|16"
+        raise RuntimeError("boom")
+    assert backend.get_meta("embedder") == "sim|sim-v1|8"
+    gen = backend.generation
+    backend.set_meta("embedder", "sim|sim-v1|8")  # unchanged: nothing to commit
+    assert backend.generation == gen
