@@ -6,7 +6,17 @@ import too, but their drivers (psycopg, lancedb) load only in ``connect()``, whi
 :class:`umi.BackendNotInstalledError` naming the extra when a driver is missing.
 """
 
-from .base import HistoryRecord, SearchFilters, Source, StorageBackend, source_id_for, text_hash
+from .base import (
+    CoreBlockRecord,
+    CoreHistoryRecord,
+    HistoryRecord,
+    SearchFilters,
+    Source,
+    StorageBackend,
+    source_id_for,
+    text_hash,
+    tombstone,
+)
 from .duckdb import DuckDBStorageBackend
 from .lance import LanceStorageBackend
 from .postgres import PostgresStorageBackend
@@ -17,6 +27,9 @@ __all__ = [
     "SearchFilters",
     "Source",
     "HistoryRecord",
+    "CoreBlockRecord",
+    "CoreHistoryRecord",
+    "tombstone",
     "source_id_for",
     "text_hash",
     "DuckDBStorageBackend",
