@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -806,7 +807,7 @@ class PostgresStorageBackend(StorageBackend):
 
     # --- sources ------------------------------------------------------------------
     def add_source(self, source: Source) -> None:
-        s = check_source(source)
+        s = _keep_scope(check_source(source), source)
         R.check_utf8(s.text, "source.text")
 
         def op(conn: Any) -> None:
@@ -861,7 +862,7 @@ class PostgresStorageBackend(StorageBackend):
 
     # --- evolution ----------------------------------------------------------------
     def add_relations(self, relations: Sequence[EvolutionRelation]) -> None:
-        rels = check_relations(relations)
+        rels = [_keep_scope(c, r) for c, r in zip(check_relations(relations), relations)]
         if not rels:
             return
         for r in rels:
@@ -956,10 +957,10 @@ class PostgresStorageBackend(StorageBackend):
         """Write exactly these records (for import), generating no history; see the protocol."""
         ents, dim = check_entities(entities, self._current_dim())
         R.check_metadata_text(ents)
-        srcs = [check_source(x) for x in _seq(sources, "sources")]
+        srcs = [_keep_scope(check_source(x), x) for x in _seq(sources, "sources")]
         for x in srcs:
             R.check_utf8(x.text, "source.text")
-        rels = list({r.id: r for r in check_relations(relations)}.values())
+        rels = list({r.id: r for r in (_keep_scope(c, g) for c, g in zip(check_relations(relations), relations))}.values())
         for r in rels:
             R.check_utf8(r.reason, f"relation {r.id} reason")
         hist = [_check_history(h) for h in _seq(history, "history")]
@@ -1221,7 +1222,14 @@ def _check_history(h: object) -> HistoryRecord:
 
 def _scope_values(obj: Any) -> ScopeRow:
     """(user_id, agent_id, session_id) of a record's scope; None (NULL) is the unset component."""
-    return obj.scope.as_tuple()  # type: ignore[no-any-return]
+    sc = check_scope(obj.scope, f"{type(obj).__name__}.scope")
+    assert sc is not None
+    return sc.as_tuple()
+
+
+def _keep_scope(checked: Any, given: Any) -> Any:
+    """``checked`` (a validated copy) with the scope of ``given``, should the copy have dropped it."""
+    return checked if checked.scope == given.scope else dataclasses.replace(checked, scope=given.scope)
 
 
 def _columns(rows: Sequence[ScopeRow]) -> tuple[list[str | None], list[str | None], list[str | None]]:
