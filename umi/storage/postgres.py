@@ -10,10 +10,20 @@ Tables, named ``{table_prefix}…`` inside ``schema`` (default: ``umi_…`` in t
 
     migrations  version, name, applied_at          forward-only; newer than we know -> SchemaVersionError
     state       generation, dim, n_docs, total_len one row: the write counter and BM25 corpus stats
+    terms       term, df                           BM25 document frequencies over every entity
     entities    … embedding vector(dim) + HNSW index (vector_cosine_ops),
                 tsv tsvector (GIN) + term_freqs jsonb + doc_len for keyword search,
                 metadata jsonb (GIN, jsonb_path_ops) for @> equality filters
-    sources, relations, history (append-only)
+    sources, relations, history (append-only, but for the tombstones of forgotten entities)
+    core_blocks, core_history                      core memory per (user_id, agent_id)
+    meta        key, value                         store metadata (e.g. the embedder's identity)
+
+Scopes: entities, sources, relations and history carry ``user_id``, ``agent_id`` and
+``session_id`` columns (NULL = unset), with a composite btree index led by ``user_id`` on each,
+so one set of tables serves thousands of users: a user's view reads that user's rows through
+the index (``SearchFilters(scope=...)``, compiled by :func:`umi.storage.filters.to_sql`, the one
+filter semantics every backend shares). Core blocks are read from their table on every call
+(no cache), so a block another process wrote is seen on the next read.
 
 Concurrency is Postgres's. A write method called outside :meth:`transaction` is one
 transaction; a ``transaction()`` block is one transaction on one pooled connection (nested
@@ -34,14 +44,22 @@ writers are not blocked), or at once by :meth:`build_vector_index`: maintaining 
 threshold would slow every insert about 2.5x for nothing. The hits are re-scored in float64
 (pgvector sums in float32). Keyword search selects candidates by full-text search (a
 ``tsvector`` of the shared tokenizer's terms, GIN, ``@@``) and scores them, in one statement,
-with exactly the BM25 of :mod:`umi.storage.text` (IDF over every stored entity, N and the
-average length kept in ``state``): the same doubles as the reference. Its cost grows with the
-number of entities holding any query term.
+with exactly the BM25 of :mod:`umi.storage.text` (IDF over every stored entity: N and the
+average length kept in ``state``, each term's df in ``terms``, all kept exact by every commit):
+the same doubles as the reference. Only the candidates that pass the filters are read, so a
+search inside one user's scope costs what that user's matches cost; an unscoped search grows
+with the number of entities holding any query term. A vector search whose filters name a scope
+(or a source) holding fewer than ``exact_search_rows`` vectors is an exact scan of those rows.
 ``ts_rank_cd`` is not used: it has no IDF, so it would rank differently from every other backend.
 
 Metadata filters use ``metadata @> %s::jsonb`` over typed strings (``{"n": "int:1"}``), which
 keep ``1``, ``1.0`` and ``True`` apart as :meth:`SearchFilters.matches` does; the exact values
 are kept beside them as JSON text. Text may hold NUL characters (stored escaped).
+
+``delete`` forgets: the row (vector, postings), the terms no other entity holds, every history
+snapshot (replaced by a tombstone), the entity's relations, and its source text once no entity
+comes from that source (a lock on the source id makes two blocks that forget a source's last two
+facts at once see each other).
 """
 
 from __future__ import annotations
@@ -57,7 +75,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -106,6 +124,7 @@ log = logging.getLogger("umi.storage.postgres")
 POOL_SIZE_MAX = 256
 EF_SEARCH_MAX = 1000  # pgvector's limit for hnsw.ef_search
 BATCH_ROWS = 500
+INDEX_RECHECK_SECS = 5.0  # while a store has no HNSW index, how often a search asks whether one was built
 ITER_BATCH = 1000  # rows per page of iter_sources / iter_relations / iter_history
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,39}$")
 _PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_]{0,29})?$")
@@ -132,7 +151,7 @@ class _Tx:
         self.df_delta = {}
         self.dim = None
 
-    def count_terms(self, terms: Iterator[str] | Sequence[str], step: int) -> None:
+    def count_terms(self, terms: Iterable[str], step: int) -> None:
         for t in terms:
             self.df_delta[t] = self.df_delta.get(t, 0) + step
 
@@ -164,6 +183,7 @@ class PostgresStorageBackend(StorageBackend):
         self._local = threading.local()
         self._closed = False
         self._index_valid = False
+        self._index_checked_at = time.monotonic()  # connect() asks; searches ask again after INDEX_RECHECK_SECS
         self._builder: threading.Thread | None = None
         self._builder_conn: Any = None
         self._builder_lock = threading.Lock()
@@ -706,28 +726,33 @@ class PostgresStorageBackend(StorageBackend):
         qtext = _vector_text(q)
         margin = max(16, k)  # re-scored in float64 below; the margin absorbs pgvector's float32 rounding
         table = self._names.table("entities")
-        with self._reading(snapshot=True) as conn:
-            hits: builtins.list[Any] | None = None
-            if self._use_index(conn, dim) and not self._narrow(conn, filters, where, params):
-                ef = min(EF_SEARCH_MAX, max(self._ef_search, k + margin))
-                conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef),))
-                if self._iterative:
-                    conn.execute("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)")
+        exact = self._sql.SQL("SELECT id, embedding FROM {t} WHERE embedding IS NOT NULL AND {w} "
+                              # "+ 0" keeps the planner off the (approximate) index
+                              "ORDER BY (embedding <=> %s::vector) + 0, id LIMIT %s").format(t=table, w=where)
+        hits: builtins.list[Any] | None = None
+        if not self._maybe_indexed(dim):
+            with self._reading() as conn:  # one statement: no transaction needed for a consistent answer
                 cur = conn.cursor(binary=True)
-                cur.execute(self._sql.SQL("SELECT id, embedding FROM {t} WHERE embedding IS NOT NULL AND {w} "
-                                          "ORDER BY embedding <=> %s::vector LIMIT %s").format(t=table, w=where),
-                            [*params, qtext, k + margin])
+                cur.execute(exact, [*params, qtext, k + margin])
                 hits = cur.fetchall()
-                if len(hits) < k:
-                    hits = None  # the graph walk ran dry under the filter: answer exactly instead
-            if hits is None:
-                cur = conn.cursor(binary=True)
-                cur.execute(self._sql.SQL("SELECT id, embedding FROM {t} WHERE embedding IS NOT NULL AND {w} "
-                                          # "+ 0" keeps the planner off the (approximate) index
-                                          "ORDER BY (embedding <=> %s::vector) + 0, id LIMIT %s").format(
-                                              t=table, w=where),
-                            [*params, qtext, k + margin])
-                hits = cur.fetchall()
+        else:
+            with self._reading(snapshot=True) as conn:
+                if self._big_enough(conn) and not self._narrow(conn, filters, where, params):
+                    ef = min(EF_SEARCH_MAX, max(self._ef_search, k + margin))
+                    conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef),))
+                    if self._iterative:
+                        conn.execute("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)")
+                    cur = conn.cursor(binary=True)
+                    cur.execute(self._sql.SQL("SELECT id, embedding FROM {t} WHERE embedding IS NOT NULL AND {w} "
+                                              "ORDER BY embedding <=> %s::vector LIMIT %s").format(t=table, w=where),
+                                [*params, qtext, k + margin])
+                    hits = cur.fetchall()
+                    if len(hits) < k:
+                        hits = None  # the graph walk ran dry under the filter: answer exactly instead
+                if hits is None:
+                    cur = conn.cursor(binary=True)
+                    cur.execute(exact, [*params, qtext, k + margin])
+                    hits = cur.fetchall()
         if not hits:
             return []
         scores = R.cosine_scores(np.stack([_vector_from_binary(h[1]) for h in hits]),
@@ -756,13 +781,23 @@ class PostgresStorageBackend(StorageBackend):
             self.dim = dim
         return dim
 
-    def _use_index(self, conn: Any, dim: int) -> bool:
+    def _maybe_indexed(self, dim: int) -> bool:
+        """Is there a valid HNSW index? Known once seen; while there is none, asked again at most
+        every INDEX_RECHECK_SECS (another process may have built it), not on every search."""
         if dim > S.HNSW_DIM_MAX:
             return False
-        if not self._index_valid:
-            self._index_valid = S.hnsw_state(conn, self._names) is True  # maybe another process built it
-            if not self._index_valid:
-                return False
+        if self._index_valid:
+            return True
+        now = time.monotonic()
+        if now - self._index_checked_at < INDEX_RECHECK_SECS:
+            return False
+        with self._reading() as conn:
+            self._index_valid = S.hnsw_state(conn, self._names) is True
+        self._index_checked_at = now
+        return self._index_valid
+
+    def _big_enough(self, conn: Any) -> bool:
+        """Does the table hold ``exact_search_rows`` rows (the planner's estimate)?"""
         row = conn.execute("SELECT reltuples FROM pg_class WHERE oid = %s::regclass",
                            (self._names.table("entities").as_string(conn),)).fetchone()
         return row is not None and row[0] >= self._exact_rows
@@ -801,7 +836,7 @@ class PostgresStorageBackend(StorageBackend):
             "ORDER BY score DESC, c.id LIMIT %s").format(
                 t=self._names.table("entities"), st=self._names.table("state"),
                 terms=self._names.table("terms"), w=where)
-        with self._reading(snapshot=True) as conn:
+        with self._reading() as conn:  # one statement: it sees one snapshot
             rows = conn.execute(query_sql, [*idf_params, *terms, lexemes, *params, *score_params, k]).fetchall()
         return [(r[0], float(r[1])) for r in rows]
 
