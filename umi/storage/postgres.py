@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import dataclasses
 import functools
 import hashlib
 import json
@@ -111,6 +110,15 @@ from ._common import (
     snapshot_of,
 )
 from . import filters as F
+from .cached import (  # the core-block, meta and history-record rules, written once for every backend
+    CORE_CONTENT_BYTES_MAX,
+    META_KEY_BYTES_MAX,
+    META_VALUE_BYTES_MAX,
+    _check_core_name,
+    _check_history,
+    _check_importance,
+    _check_text,
+)
 from .base import HistoryRecord, SearchFilters, Source, StorageBackend, tombstone
 from .text import BM25_B, BM25_K1, document_terms, query_terms
 
@@ -842,7 +850,7 @@ class PostgresStorageBackend(StorageBackend):
 
     # --- sources ------------------------------------------------------------------
     def add_source(self, source: Source) -> None:
-        s = _keep_scope(check_source(source), source)
+        s = check_source(source)
         R.check_utf8(s.text, "source.text")
 
         def op(conn: Any) -> None:
@@ -897,7 +905,7 @@ class PostgresStorageBackend(StorageBackend):
 
     # --- evolution ----------------------------------------------------------------
     def add_relations(self, relations: Sequence[EvolutionRelation]) -> None:
-        rels = [_keep_scope(c, r) for c, r in zip(check_relations(relations), relations)]
+        rels = check_relations(relations)
         if not rels:
             return
         for r in rels:
@@ -992,13 +1000,13 @@ class PostgresStorageBackend(StorageBackend):
         """Write exactly these records (for import), generating no history; see the protocol."""
         ents, dim = check_entities(entities, self._current_dim())
         R.check_metadata_text(ents)
-        srcs = [_keep_scope(check_source(x), x) for x in _seq(sources, "sources")]
+        srcs = [check_source(x) for x in _seq(sources, "sources")]
         for x in srcs:
             R.check_utf8(x.text, "source.text")
-        rels = list({r.id: r for r in (_keep_scope(c, g) for c, g in zip(check_relations(relations), relations))}.values())
+        rels = list({r.id: r for r in check_relations(relations)}.values())
         for r in rels:
             R.check_utf8(r.reason, f"relation {r.id} reason")
-        hist = [_check_history(h) for h in _seq(history, "history")]
+        hist = [_check_history(h, pos) for pos, h in enumerate(_seq(history, "history"))]
         new_ids = {e.id for e in ents}
 
         def op(conn: Any) -> None:
@@ -1072,7 +1080,9 @@ class PostgresStorageBackend(StorageBackend):
         tx.changed = True
 
     def set_core_block(self, scope: Scope, name: str, content: str, importance: float, at: int) -> None:
-        name, content, importance = check_core_block(name, content, importance)
+        name = _check_core_name(name)
+        content = _check_text(content, "block content", CORE_CONTENT_BYTES_MAX)
+        importance = _check_importance(importance)
         when: int = check_time(at, "at")  # type: ignore[assignment]  # never None here
         text = R.encode_text(content)
 
@@ -1090,7 +1100,7 @@ class PostgresStorageBackend(StorageBackend):
         self._core_write(scope, body)
 
     def remove_core_block(self, scope: Scope, name: str, at: int) -> bool:
-        name = check_core_block_name(name)
+        name = _check_core_name(name)
         when: int = check_time(at, "at")  # type: ignore[assignment]  # never None here
 
         def body(conn: Any, u: str, a: str) -> bool:
@@ -1121,7 +1131,7 @@ class PostgresStorageBackend(StorageBackend):
         u, a = _core_key(scope)
         sc = _scope(u or None, a or None, None)
         only = "" if name is None else " AND (name = %s OR op = 'clear')"
-        params: builtins.list[Any] = [u, a] if name is None else [u, a, check_core_block_name(name)]
+        params: builtins.list[Any] = [u, a] if name is None else [u, a, _check_core_name(name)]
         with self._reading() as conn:
             rows = conn.execute(self._q(
                 "SELECT name, seq, op, at, content, importance FROM {core_history} WHERE user_id = %s AND agent_id = %s"
@@ -1131,14 +1141,17 @@ class PostgresStorageBackend(StorageBackend):
 
     # --- store metadata -------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
-        k = _check_meta_text(key, "key")
+        k = _check_text(key, "meta key", META_KEY_BYTES_MAX)
         with self._reading() as conn:
             row = conn.execute(self._q("SELECT value FROM {meta} WHERE key = %s"), (R.encode_text(k),)).fetchone()
         return None if row is None else R.decode_text(row[0])
 
     def set_meta(self, key: str, value: str) -> None:
-        k = R.encode_text(_check_meta_text(key, "key"))
-        v = R.encode_text(_check_meta_text(value, "value", empty_ok=True))
+        k = _check_text(key, "meta key", META_KEY_BYTES_MAX)
+        if not k:
+            raise ValidationError("meta key must not be empty")
+        k = R.encode_text(k)
+        v = R.encode_text(_check_text(value, "meta value", META_VALUE_BYTES_MAX))
 
         def op(conn: Any) -> None:
             hit = conn.execute(self._q(
@@ -1187,7 +1200,6 @@ ScopeRow = tuple[str | None, str | None, str | None]
 # advisory-lock keys of sources and of core-block scopes, apart from entity ids
 _SOURCE_LOCK = "src\x1f"
 _CORE_LOCK = "core\x1f"
-HISTORY_OPS = frozenset({"create", "update", "supersede", "revive", "delete"})
 
 
 def _chunks(ents: builtins.list[Entity]) -> builtins.list[builtins.list[Entity]]:
@@ -1204,55 +1216,10 @@ def _chunks(ents: builtins.list[Entity]) -> builtins.list[builtins.list[Entity]]
     return [c for c in chunks if c]
 
 
-_BLOCK_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
-CORE_BLOCK_BYTES_MAX = 16 * 1024 * 1024  # the largest core-memory budget
-
-
-def check_core_block_name(name: object) -> str:
-    from ..errors import InvalidLabelError
-
-    if not isinstance(name, str):
-        raise TypeError(f"block name must be str, not {type(name).__name__}")
-    if _BLOCK_NAME.fullmatch(name) is None:
-        raise InvalidLabelError(f"block name must be 1-64 bytes of [A-Za-z0-9_.-], got {name[:80]!r}", label=name)
-    return name
-
-
-def check_core_block(name: object, content: object, importance: object) -> tuple[str, str, float]:
-    from ..errors import InvalidImportanceError, TextTooLongError
-
-    n = check_core_block_name(name)
-    if not isinstance(content, str):
-        raise TypeError(f"block content must be str, not {type(content).__name__}")
-    R.check_utf8(content, "block content")
-    size = len(content.encode("utf-8"))
-    if size > CORE_BLOCK_BYTES_MAX:
-        raise TextTooLongError(f"block content is {size} bytes; the limit is {CORE_BLOCK_BYTES_MAX}",
-                               limit=CORE_BLOCK_BYTES_MAX, actual=size)
-    if isinstance(importance, bool) or not isinstance(importance, (int, float)):
-        raise TypeError(f"importance must be a float, not {type(importance).__name__}")
-    if not 0.0 <= float(importance) <= 1.0:
-        raise InvalidImportanceError(f"importance must be within [0, 1], got {importance!r}", actual=importance)
-    return n, content, float(importance)
-
-
 def _seq(values: object, what: str) -> Sequence[Any]:
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise TypeError(f"{what} must be a sequence, not {type(values).__name__}")
     return values
-
-
-def _check_history(h: object) -> HistoryRecord:
-    if not isinstance(h, HistoryRecord):
-        raise TypeError(f"history records must be HistoryRecord, not {type(h).__name__}")
-    check_id(h.entity_id)
-    if isinstance(h.seq, bool) or not isinstance(h.seq, int) or not 1 <= h.seq <= 2**31 - 1:
-        raise ValidationError(f"history record of {h.entity_id}: seq must be an int in [1, {2**31 - 1}], got {h.seq!r}")
-    if h.op not in HISTORY_OPS:
-        raise ValidationError(f"history record of {h.entity_id}: op must be one of {sorted(HISTORY_OPS)}, got {h.op!r}")
-    check_time(h.at, "history record at")
-    check_scope(h.scope, "history record scope")
-    return h
 
 
 def _scope_values(obj: Any) -> ScopeRow:
@@ -1262,22 +1229,8 @@ def _scope_values(obj: Any) -> ScopeRow:
     return sc.as_tuple()
 
 
-def _keep_scope(checked: Any, given: Any) -> Any:
-    """``checked`` (a validated copy) with the scope of ``given``, should the copy have dropped it."""
-    return checked if checked.scope == given.scope else dataclasses.replace(checked, scope=given.scope)
-
-
 def _columns(rows: Sequence[ScopeRow]) -> tuple[list[str | None], list[str | None], list[str | None]]:
     return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
-
-
-def _check_meta_text(value: object, what: str, *, empty_ok: bool = False) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"meta {what} must be str, not {type(value).__name__}")
-    if not value and not empty_ok:
-        raise ValidationError(f"meta {what} must not be empty")
-    R.check_utf8(value, f"meta {what}")
-    return value
 
 
 def _one(conn: Any, query: Any, params: Sequence[Any] = ()) -> Any:
