@@ -451,6 +451,18 @@ def test_a_version_1_store_opens_and_is_brought_forward(postgres_url: str, pg_sc
         assert [h.seq for h in b.history("e2")] == [1, 2]
         assert [r.id for r in b.relations_for("e1")] == ["r1"]
         assert b.get_source("s1").text == "Alice works at Acme."
+        # everything written before scopes existed is in the unset scope: seen by the unscoped
+        # (admin) view, by no user's view
+        from umi.types import UNSET_SCOPE, Scope
+
+        assert {e.scope for e in b.list(everything)} == {UNSET_SCOPE}
+        assert {h.scope for h in b.iter_history()} == {UNSET_SCOPE}
+        assert [s.scope for s in b.iter_sources()] == [UNSET_SCOPE]
+        assert [r.scope for r in b.iter_relations()] == [UNSET_SCOPE]
+        ann = Scope(user_id="ann")
+        assert b.count(SearchFilters(scope=ann, include_superseded=True)) == 0
+        assert list(b.iter_sources(ann)) == [] and list(b.iter_history(ann)) == []
+        assert b.core_blocks(ann) == [] and b.get_meta("embedder") is None
     finally:
         b.close()
     # opening again is a no-op: nothing is migrated twice
