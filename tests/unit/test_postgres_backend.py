@@ -213,15 +213,25 @@ def test_hnsw_path_with_selective_filter_falls_back_to_exact(postgres_url: str, 
 @given(docs=st.lists(st.lists(st.sampled_from(["alpha", "beta", "gamma", "delta", "engineers", "acme", "x1"]),
                               min_size=0, max_size=8), min_size=1, max_size=12),
        query=st.lists(st.sampled_from(["alpha", "beta", "engineer", "acme", "zeta"]), min_size=1, max_size=4),
-       superseded=st.sets(st.integers(0, 11)), deleted=st.sets(st.integers(0, 11)))
+       superseded=st.sets(st.integers(0, 11)), deleted=st.sets(st.integers(0, 11)),
+       users=st.lists(st.sampled_from([None, "ann", "bob"]), min_size=12, max_size=12),
+       scan_rows=st.sampled_from([0, 5_000]))
 def test_bm25_equals_the_reference_bit_for_bit(postgres_url: str, docs: list[list[str]], query: list[str],
-                                               superseded: set[int], deleted: set[int]) -> None:
+                                               superseded: set[int], deleted: set[int], users: list[str | None],
+                                               scan_rows: int) -> None:
+    """Unscoped and scoped, through either candidate path of a scoped search (GIN or the scope
+    index: KEYWORD_SCAN_ROWS 0 forces GIN), the scores are the reference's doubles."""
     import pg_server
+
+    from umi.storage import postgres as P
+    from umi.types import Scope
 
     schema = pg_server.get_server().new_schema_name()
     b = PostgresStorageBackend.connect(postgres_url, schema=schema, pool_size=1)
+    old_scan_rows, P.KEYWORD_SCAN_ROWS = P.KEYWORD_SCAN_ROWS, scan_rows
     try:
-        ents = [Entity("note", f"doc{i}", " ".join(words), created_at=i) for i, words in enumerate(docs)]
+        ents = [Entity("note", f"doc{i}", " ".join(words), created_at=i, scope=Scope(user_id=users[i]))
+                for i, words in enumerate(docs)]
         b.upsert(ents)
         for i in sorted(superseded):
             if i < len(ents):
@@ -234,11 +244,13 @@ def test_bm25_equals_the_reference_bit_for_bit(postgres_url: str, docs: list[lis
         assert _term_table(b) == _real_df(b)  # the IDF's df, kept by every commit, is exact
         text = " ".join(query)
         ref = bm25_scores(text, [(e.id, *document_terms(e.name, e.content)) for e in ents])
-        for f in (SearchFilters(), SearchFilters(include_superseded=True)):
+        for f in (SearchFilters(), SearchFilters(include_superseded=True), SearchFilters(scope=Scope(user_id="ann")),
+                  SearchFilters(scope=Scope(user_id="bob"), include_superseded=True)):
             want = sorted(((i, s) for i, s in ref.items() if f.matches(next(e for e in ents if e.id == i))),
                           key=lambda p: (-p[1], p[0]))[:5]
             assert b.search_text(text, 5, f) == want
     finally:
+        P.KEYWORD_SCAN_ROWS = old_scan_rows
         b.close()
 
 
