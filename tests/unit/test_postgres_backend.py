@@ -615,9 +615,12 @@ def test_one_users_searches_are_answered_through_the_scope_index(postgres_url: s
     from umi.types import Scope
 
     users = [f"u{i:03d}" for i in range(60)]
-    b = PostgresStorageBackend.connect(postgres_url, schema=pg_schema, dim=8, exact_search_rows=1)
+    # 3,000 rows, above exact_search_rows: unscoped searches walk the HNSW graph; one user's 50 rows
+    # are below it: that user's searches are exact scans of those rows
+    b = PostgresStorageBackend.connect(postgres_url, schema=pg_schema, dim=8, exact_search_rows=1000)
     try:
         b.upsert([_scoped(i, users[i % len(users)]) for i in range(3000)])
+        assert b.build_vector_index() is True
         with psycopg.connect(postgres_url, autocommit=True) as conn:
             conn.execute(f'ANALYZE "{pg_schema}".umi_entities')
         f = SearchFilters(scope=Scope(user_id="u007"))
@@ -636,7 +639,12 @@ def test_one_users_searches_are_answered_through_the_scope_index(postgres_url: s
         # and the answers are that user's, exact, even though the store would use its HNSW graph
         mine = [e for e in b.list(f, limit=1000)]
         assert len(mine) == 50 and all(e.scope == Scope(user_id="u007") for e in mine)
+        decided: list[bool] = []
+        narrow = b._narrow
+        b._narrow = lambda *a: decided.append(narrow(*a)) or decided[-1]  # type: ignore[method-assign]
         assert [i for i, _ in b.search_vector(q, 10, f)] == _exact_top(mine, q, 10)
+        b.search_vector(q, 10)
+        assert decided == [True, False]  # the user's search was exact; the unscoped one walked the graph
         assert {i for i, _ in b.search_text("fact u007", 100, f)} == {e.id for e in mine}
     finally:
         b.close()
