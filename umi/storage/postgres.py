@@ -72,7 +72,9 @@ import json
 import logging
 import random
 import re
+import struct
 import threading
+import weakref
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -193,6 +195,9 @@ class PostgresStorageBackend(StorageBackend):
         self._local = threading.local()
         self._closed = False
         self._index_valid = False
+        self._adapted: weakref.WeakSet[Any] = weakref.WeakSet()  # connections that send vectors in binary
+        self._vector_info: Any = None
+        self._vector_dumper: type | None = None
         self._index_checked_at = time.monotonic()  # connect() asks; searches ask again after INDEX_RECHECK_SECS
         self._builder: threading.Thread | None = None
         self._builder_conn: Any = None
@@ -288,6 +293,21 @@ class PostgresStorageBackend(StorageBackend):
 
     def _q(self, template: str, **extra: Any) -> Any:
         return self._names.q(template, **extra)
+
+    def _adapt(self, conn: Any) -> None:
+        """Teach a pooled connection to send vectors in pgvector's binary form (once per connection)."""
+        if conn in self._adapted:
+            return
+        from psycopg.types import TypeInfo
+
+        if self._vector_info is None:
+            self._vector_info = TypeInfo.fetch(conn, "vector")
+            if self._vector_info is None:
+                raise StorageError("the pgvector type 'vector' is not visible on this connection's search_path")
+            self._vector_dumper = _vector_dumper(self._vector_info.oid)
+        self._vector_info.register(conn)
+        conn.adapters.register_dumper(_Vec, self._vector_dumper)
+        self._adapted.add(conn)
 
     # --- transactions -------------------------------------------------------------
     def _check_open(self) -> None:
@@ -557,7 +577,7 @@ class PostgresStorageBackend(StorageBackend):
             for c, v in zip(names, (
                     e.id, e.entity_type.value, R.encode_text(e.name), R.encode_text(normalize_name(e.name)),
                     R.encode_text(e.content), _metadata_filter_json(R.tagged_metadata(e.metadata)), R.dumps(e.metadata),
-                    None if e.embedding is None else _vector_text(e.embedding), e.importance, e.confidence,
+                    None if e.embedding is None else _Vec(e.embedding), float(e.importance), float(e.confidence),
                     e.created_at, e.updated_at, e.event_time, e.valid_from, e.valid_to, e.source_id,
                     " ".join(tf), R.dumps(tf), length, *_scope_values(e))):
                 cols[c].append(v)
@@ -566,6 +586,7 @@ class PostgresStorageBackend(StorageBackend):
             tx.len_delta += length - old.get(e.id, 0)
             tx.count_terms(tf, 1)
             tx.n_delta += 0 if e.id in old else 1
+        self._adapt(conn)
         conn.execute(self._q(S.UPSERT_ENTITIES), [cols[c] for c in names])
         if with_history:
             self._append_history(conn, ids, ops, cols["up"], snaps, [_scope_values(e) for e in chunk])
@@ -577,8 +598,8 @@ class PostgresStorageBackend(StorageBackend):
         conn.execute(self._q(
             "INSERT INTO {history} (entity_id, seq, op, at, snapshot, user_id, agent_id, session_id) "
             "SELECT v.id, coalesce((SELECT max(h.seq) FROM {history} h WHERE h.entity_id = v.id), 0) + 1, "
-            "v.op, v.at, v.snap, v.u, v.a, v.s FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[], "
-            "%s::text[], %s::text[], %s::text[]) AS v(id, op, at, snap, u, a, s)"),
+            "v.op, v.at, v.snap, v.u, v.a, v.s FROM unnest(%b::text[], %b::text[], %b::bigint[], %b::text[], "
+            "%b::text[], %b::text[], %b::text[]) AS v(id, op, at, snap, u, a, s)"),
             (ids, ops, ats, snaps, *_columns(scopes)))
 
     def get(self, entity_id: str) -> Entity | None:
@@ -733,20 +754,22 @@ class PostgresStorageBackend(StorageBackend):
         q = check_query_vector(vector, dim)
         if q is None or dim is None:
             return []
-        qtext = _vector_text(q)
+        qvec = _Vec(q)
         margin = max(16, k)  # re-scored in float64 below; the margin absorbs pgvector's float32 rounding
         table = self._names.table("entities")
         exact = self._sql.SQL("SELECT id, embedding FROM {t} WHERE embedding IS NOT NULL AND {w} "
                               # "+ 0" keeps the planner off the (approximate) index
-                              "ORDER BY (embedding <=> %s::vector) + 0, id LIMIT %s").format(t=table, w=where)
+                              "ORDER BY (embedding <=> %b::vector) + 0, id LIMIT %s").format(t=table, w=where)
         hits: builtins.list[Any] | None = None
         if not self._maybe_indexed(dim):
             with self._reading() as conn:  # one statement: no transaction needed for a consistent answer
+                self._adapt(conn)
                 cur = conn.cursor(binary=True)
-                cur.execute(exact, [*params, qtext, k + margin])
+                cur.execute(exact, [*params, qvec, k + margin])
                 hits = cur.fetchall()
         else:
             with self._reading(snapshot=True) as conn:
+                self._adapt(conn)
                 if self._big_enough(conn) and not self._narrow(conn, filters, where, params):
                     ef = min(EF_SEARCH_MAX, max(self._ef_search, k + margin))
                     conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef),))
@@ -754,14 +777,14 @@ class PostgresStorageBackend(StorageBackend):
                         conn.execute("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)")
                     cur = conn.cursor(binary=True)
                     cur.execute(self._sql.SQL("SELECT id, embedding FROM {t} WHERE embedding IS NOT NULL AND {w} "
-                                              "ORDER BY embedding <=> %s::vector LIMIT %s").format(t=table, w=where),
-                                [*params, qtext, k + margin])
+                                              "ORDER BY embedding <=> %b::vector LIMIT %s").format(t=table, w=where),
+                                [*params, qvec, k + margin])
                     hits = cur.fetchall()
                     if len(hits) < k:
                         hits = None  # the graph walk ran dry under the filter: answer exactly instead
                 if hits is None:
                     cur = conn.cursor(binary=True)
-                    cur.execute(exact, [*params, qtext, k + margin])
+                    cur.execute(exact, [*params, qvec, k + margin])
                     hits = cur.fetchall()
         if not hits:
             return []
@@ -1263,6 +1286,31 @@ def _rollback(conn: Any) -> None:
     with contextlib.suppress(psycopg.Error):
         if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             conn.execute("ROLLBACK")
+
+
+class _Vec:
+    """A float32 vector to send in pgvector's binary form (see PostgresStorageBackend._adapt)."""
+
+    __slots__ = ("v",)
+
+    def __init__(self, v: np.ndarray) -> None:
+        self.v = v
+
+
+def _vector_dumper(oid: int) -> type:
+    from psycopg.adapt import Dumper
+    from psycopg.pq import Format
+
+    class VectorBinaryDumper(Dumper):
+        # pgvector's binary form: int16 dim, int16 unused, dim big-endian float32 (exact: no text round trip)
+        format = Format.BINARY
+
+        def dump(self, obj: Any) -> bytes:
+            v = obj.v
+            return struct.pack(">HH", v.shape[0], 0) + np.asarray(v, dtype=">f4").tobytes()
+
+    VectorBinaryDumper.oid = oid
+    return VectorBinaryDumper
 
 
 def _vector_text(v: np.ndarray) -> str:
