@@ -192,12 +192,13 @@ def scopes_case(url: str, users: int, per_user: int, queries: int, seed: int = 0
         for fns in stores.values():  # warm up
             for i in range(5):
                 fns["recall"](i)
-        # Interleaved (query i on one store, then on the other), so that the load of a shared
-        # machine falls on both alike.
+        # Interleaved (query i on one store, then on the other, which goes first alternating), so
+        # that the load of a shared machine falls on both alike.
         times: dict[str, dict[str, list[float]]] = {s: {"vec": [], "text": [], "recall": []} for s in stores}
+        order = list(stores.items())
         for what in ("vec", "text", "recall"):
             for i in range(queries):
-                for name, fns in stores.items():
+                for name, fns in (order if i % 2 == 0 else order[::-1]):
                     t0 = time.perf_counter()
                     fns[what](i)
                     times[name][what].append((time.perf_counter() - t0) * 1000.0)
