@@ -214,7 +214,7 @@ def scopes_case(url: str, users: int, per_user: int, queries: int, seed: int = 0
 
 
 def explain_scoped(b: Any, qvec: np.ndarray, qtext: str, filt: SearchFilters) -> dict[str, str]:
-    """The plans Postgres picks for a user's two searches (the backend's own SQL, re-issued)."""
+    """The plans Postgres picks for a user's two searches (the backend's SQL, re-issued)."""
     from umi.storage import filters as F
     from umi.storage.postgres import _vector_text
 
@@ -226,13 +226,9 @@ def explain_scoped(b: Any, qvec: np.ndarray, qtext: str, filt: SearchFilters) ->
         out["search_vector"] = "\n".join(re.sub(r"'\[[^\]]*\]'", "'[the query vector]'", r[0]) for r in conn.execute(
             f"EXPLAIN (ANALYZE, BUFFERS) SELECT id, embedding FROM {t} WHERE embedding IS NOT NULL AND {where} "
             "ORDER BY (embedding <=> %s::vector) + 0, id LIMIT 26", [*params, _vector_text(qvec)]).fetchall())
-        from umi.storage.postgres import _tsquery_lexeme
-        from umi.storage.text import query_terms
-
-        lex = " | ".join(_tsquery_lexeme(x) for x in query_terms(qtext))
-        out["search_text candidates"] = "\n".join(r[0] for r in conn.execute(
-            f"EXPLAIN (ANALYZE, BUFFERS) SELECT id, doc_len, term_freqs FROM {t} WHERE tsv @@ %s::tsquery AND {where}",
-            [lex, *params]).fetchall())
+        stmt, stmt_params = b._text_statement(qtext, 10, filt)  # the backend's own statement
+        out["search_text"] = "\n".join(r[0] for r in conn.execute(
+            b._sql.SQL("EXPLAIN (ANALYZE, BUFFERS) ") + stmt, stmt_params).fetchall())
     return out
 
 
@@ -341,8 +337,10 @@ def main() -> None:
             m = scopes[key]
             print(f"{label:<36} {m['vec_p50_ms']:>8.2f}/{m['vec_p95_ms']:<9.2f} {m['text_p50_ms']:>7.2f}/"
                   f"{m['text_p95_ms']:<9.2f} {m['recall_p50_ms']:>8.2f}/{m['recall_p95_ms']:<9.2f}")
-        for what, plan in scopes["explain"].items():
-            print(f"\nEXPLAIN ({what}, one user):\n{plan}")
+        keep = ("Scan", "One-Time Filter", "Index Cond", "Execution Time", "Limit")
+        for what, plan in scopes["explain"].items():  # the scans and what they cost (whole plans in the JSON)
+            lines = [ln for ln in plan.splitlines() if any(w in ln for w in keep) and "Sort Key" not in ln]
+            print(f"\nEXPLAIN ANALYZE ({what}, one user), scans only:\n" + "\n".join(lines))
         scopes.update(queries=args.queries, dim=DIM, python=platform.python_version(), cores=os.cpu_count(),
                       umi=umi.__version__)
         (RESULTS / "bench_backends_scopes.json").write_text(json.dumps(scopes, indent=2))

@@ -838,10 +838,19 @@ class PostgresStorageBackend(StorageBackend):
     def search_text(self, query: str, k: int, filters: SearchFilters | None = None) -> builtins.list[tuple[str, float]]:
         query = check_query_text(query)
         k = check_k(k)
+        statement = self._text_statement(query, k, filters)
+        if statement is None:
+            return []
+        with self._reading() as conn:  # one statement: it sees one snapshot
+            rows = conn.execute(*statement).fetchall()
+        return [(r[0], float(r[1])) for r in rows]
+
+    def _text_statement(self, query: str, k: int, filters: object) -> tuple[Any, builtins.list[Any]] | None:
+        """The one statement of a keyword search (None: the query has no terms)."""
         where, params = self._where(filters)
         terms = query_terms(query)
         if not terms:
-            return []
+            return None
         lexemes = " | ".join(_tsquery_lexeme(t) for t in terms)
         n = len(terms)
         # One statement:
@@ -884,9 +893,7 @@ class PostgresStorageBackend(StorageBackend):
             "ORDER BY score DESC, c.id LIMIT %s").format(
                 t=self._names.table("entities"), st=self._names.table("state"),
                 terms=self._names.table("terms"), w=where)
-        with self._reading() as conn:  # one statement: it sees one snapshot
-            rows = conn.execute(query_sql, [*idf_params, *cand_params, *score_params, k]).fetchall()
-        return [(r[0], float(r[1])) for r in rows]
+        return query_sql, [*idf_params, *cand_params, *score_params, k]
 
     # --- sources ------------------------------------------------------------------
     def add_source(self, source: Source) -> None:
