@@ -238,3 +238,36 @@ def test_awkward_text_and_ids_round_trip(store: LanceStorageBackend) -> None:
     assert store.find_by_name("QUOTE ' AND \\ AND \x00") == [e]
     assert store.list(SearchFilters(metadata={"key": "v'al\x00"})) == [e]
     assert store.count(SearchFilters(metadata={"key": "v'al"})) == 0
+
+
+def test_a_failed_commit_restores_every_table_and_the_cache(tmp_path: Path) -> None:
+    b = LanceStorageBackend.connect(tmp_path / "s")
+    keep = _ent(1)
+    b.upsert([keep])
+    versions = {n: t.version for n, t in b._t.items()}
+    history = b._t["history"]
+
+    class Fails:  # the history write fails after the entities table was written
+        def __getattr__(self, name: str) -> object:
+            if name in ("add", "merge_insert", "update"):
+                raise OSError("disk full")
+            return getattr(history, name)
+
+    b._t["history"] = Fails()
+    with pytest.raises(umi.StorageError, match="commit failed and was rolled back") as info:
+        with b.transaction():
+            b.upsert([_ent(2)])
+            b.supersede(keep.id, 5_000)
+    assert isinstance(info.value.__cause__, OSError)
+    b._t["history"] = history
+    assert {n: t.version for n, t in b._t.items() if n != "entities"} == {
+        n: v for n, v in versions.items() if n != "entities"}
+    assert b._t["entities"].count_rows() == 1  # restored to the journaled version
+    assert not (tmp_path / "s" / "journal.json").exists()
+    assert (b.count(), b.generation, b.get(keep.id)) == (1, 1, keep)
+    assert b.get(_ent(2).id) is None and [i for i, _ in b.search_vector(_ent(2).embedding, 5)] == [keep.id]
+    b.upsert([_ent(3)])
+    b.close()
+    b = LanceStorageBackend.connect(tmp_path / "s")
+    assert sorted(e.id for e in b.list()) == sorted([keep.id, _ent(3).id])
+    b.close()

@@ -592,3 +592,27 @@ def test_forgotten_text_is_in_no_table_of_the_file(db: Path) -> None:
                     hits.append((t, c, needle, n))
     con.close()
     assert hits == []
+
+
+def test_injected_commit_failures_hit_duckdb_too(db: Path) -> None:
+    """Fault injection wraps any durable store: a failing commit rolls back cache and file."""
+    from umi.sim.faults import FaultInjector, FaultType
+    from umi.types import Scope
+
+    faults = FaultInjector(seed=1)
+    with DuckDBStorageBackend.connect(db, faults=faults) as b:
+        keep = ent(1, emb=np.ones(4, np.float32))
+        b.upsert([keep])
+        faults.force(FaultType.STORAGE_WRITE_FAIL, 1)
+        with pytest.raises(StorageError, match="injected storage failure at commit"):
+            with b.transaction():
+                b.upsert([ent(2, emb=np.ones(4, np.float32))])
+                b.delete(keep.id)
+                b.set_core_block(Scope("u", "a"), "persona", "p", 0.5, T0)
+        assert (b.count(), b.generation, b.get(keep.id)) == (1, 1, keep)
+        assert b.core_blocks(Scope("u", "a")) == [] and [h.op for h in b.history(keep.id)] == ["create"]
+        b.upsert([ent(3)])
+    with DuckDBStorageBackend.connect(db) as b:
+        assert sorted(e.id for e in b.list()) == sorted([keep.id, ent(3).id]) and b.generation == 2
+    with pytest.raises(TypeError):
+        DuckDBStorageBackend.connect(":memory:", faults="often")  # type: ignore[arg-type]

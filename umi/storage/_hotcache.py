@@ -3,10 +3,11 @@
 :class:`EntityCache` holds every stored entity in a form that answers the hot
 queries without touching disk: entity objects by row, numpy column arrays aligned
 to rows (type, times, liveness, document length) that turn a filter into a bool
-mask in a few vectorised operations, per-key metadata value codes, a name index,
+mask in a few vectorised operations (:func:`umi.storage.filters.mask`), coded columns
+(scope components, source id, one per metadata key: int32 value codes), a name index,
 BM25 postings, the original embeddings and the :class:`umi.index.VectorIndex`
-whose slots map to rows. The Sim backend keeps its entities here; the DuckDB
-backend keeps it in step with every commit and rebuilds it from DuckDB on open.
+whose slots map to rows. :class:`~umi.storage.cached.CachedStore` (DuckDB, Lance, Sim)
+keeps every entity here, loaded from its durable store on open.
 
 Transactions: :meth:`begin` starts a journal that records each touched entity's
 state before its first change; :meth:`rollback` puts those states back (and drops
@@ -258,10 +259,6 @@ class EntityCache:
             self._map_slot(row, slot)
 
     # --- transactions ----------------------------------------------------------------
-    @property
-    def in_transaction(self) -> bool:
-        return self._journal is not None
-
     def begin(self) -> None:
         if self._journal is not None:
             raise StorageError("cache transaction already open")
@@ -332,10 +329,6 @@ class EntityCache:
                         slot=slots[eid] if vec is not None else -1)
         return out
 
-    def put(self, e: Entity) -> bool:
-        """Insert or replace one entity; True when the id was new."""
-        return self.put_many([e])[0]
-
     def remove(self, eid: str) -> Entity | None:
         """Remove; returns the removed entity (with its embedding) or None."""
         row = self._row_of.get(eid)
@@ -377,21 +370,12 @@ class EntityCache:
         rows = np.flatnonzero(self._alive[: self._n] & (self._meta_codes[column][: self._n] == code))
         return sorted(self._row_ids[r] for r in rows.tolist())
 
-    def entities(self) -> Iterable[Entity]:
-        """Every stored entity (no embedding; callers must not change them), in row order."""
-        for eid, row in self._row_of.items():
-            yield self._ent(row)
-
     # --- reads -----------------------------------------------------------------------
     def __len__(self) -> int:
         return self._n_alive
 
     def __contains__(self, eid: object) -> bool:
         return eid in self._row_of
-
-    @property
-    def vector_count(self) -> int:
-        return self._n_vecs
 
     def _entity_at(self, row: int) -> Entity:
         return clone_entity(self._ent(row), self._vecs[row] if self._has_vec[row] else None)  # type: ignore[index]
@@ -405,12 +389,6 @@ class EntityCache:
         row = self._row_of.get(eid)
         return row is not None and bool(self._has_vec[row])
 
-    def vector(self, eid: str) -> np.ndarray | None:
-        row = self._row_of.get(eid)
-        if row is None or not self._has_vec[row]:
-            return None
-        return self._vecs[row].copy()  # type: ignore[index]
-
     def get(self, eid: str) -> Entity | None:
         row = self._row_of.get(eid)
         return None if row is None else self._entity_at(row)
@@ -423,9 +401,6 @@ class EntityCache:
             if row is not None:
                 out.append(self._entity_at(row))
         return out
-
-    def ids(self) -> list[str]:
-        return sorted(self._row_of)
 
     # --- filters -----------------------------------------------------------------------
     def row_mask(self, nf: NormFilters) -> np.ndarray:

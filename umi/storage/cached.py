@@ -63,7 +63,7 @@ from ._txn import TransactionMixin
 from .base import HistoryRecord, SearchFilters, Source, StorageBackend, tombstone
 from .text import document_terms, query_terms
 
-__all__ = ["CachedStore", "ChangeSet", "DurableStore", "Loaded", "MemoryDurable", "CORE_NAME_BYTES_MAX",
+__all__ = ["CachedStore", "ChangeSet", "DurableStore", "FaultyDurable", "Loaded", "MemoryDurable", "CORE_NAME_BYTES_MAX",
            "CORE_CONTENT_BYTES_MAX", "META_KEY_BYTES_MAX", "META_VALUE_BYTES_MAX"]
 
 #: core block names: 1..64 bytes of [A-Za-z0-9_.-] (as CoreMemory); contents up to 16 MiB
@@ -140,6 +140,33 @@ class DurableStore:
 
     def close(self) -> None:
         pass
+
+
+class FaultyDurable(DurableStore):
+    """Any durable store, with injected commit failures: when ``faults`` fires
+    ``STORAGE_WRITE_FAIL`` at a commit, the commit raises :class:`~umi.StorageError` before
+    writing anything (as a full disk would), so the transaction rolls back. Wraps DuckDB and
+    Lance stores (``connect(..., faults=...)``) as well as the Sim one."""
+
+    def __init__(self, inner: DurableStore, faults: Any) -> None:
+        self.inner = inner
+        self.faults = faults
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def load(self, dim: int | None) -> Loaded:
+        return self.inner.load(dim)
+
+    def commit(self, changes: ChangeSet, generation: int) -> None:
+        from ..sim.faults import FaultType
+
+        if self.faults.should_fail(FaultType.STORAGE_WRITE_FAIL):
+            raise StorageError("injected storage failure at commit")
+        self.inner.commit(changes, generation)
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 class MemoryDurable(DurableStore):
@@ -249,10 +276,16 @@ class CachedStore(TransactionMixin, StorageBackend):
             self._relations[r.id] = r
             for end in (r.source_id, r.target_id):
                 self._rels_of.setdefault(end, set()).add(r.id)
+        hist = self._history
         for eid, seq, op, at, snap, scope in loaded.history:
-            self._history.setdefault(eid, []).append(_Hist(seq, op, at, snap, scope))
-        for recs in self._history.values():
-            recs.sort(key=lambda h: h.seq)
+            recs = hist.get(eid)
+            if recs is None:
+                hist[eid] = [_Hist(seq, op, at, snap, scope)]
+            else:
+                recs.append(_Hist(seq, op, at, snap, scope))
+        for recs in hist.values():
+            if len(recs) > 1:
+                recs.sort(key=lambda h: h.seq)
         for scope, block in loaded.core_blocks:
             self._core.setdefault(scope, []).append(block)
         for blocks in self._core.values():

@@ -49,7 +49,7 @@ from ..errors import (
 from ._common import check_int
 from ._duckdb_io import DuckDBDurable
 from ._duckdb_schema import check_path, open_connection, prepare
-from .cached import CachedStore
+from .cached import CachedStore, FaultyDurable
 
 __all__ = ["DuckDBStorageBackend", "INDEX_SUFFIX"]
 
@@ -85,7 +85,7 @@ class DuckDBStorageBackend(CachedStore):
     def connect(cls, path: str | os.PathLike[str] = ":memory:", *, read_only: bool = False,
                 dim: int | None = None, hnsw_threshold: int = 20_000, M: int = 16,
                 ef_construction: int = 200, ef_search: int = 128, seed: int = 0,
-                save_index_every: int | None = None) -> "DuckDBStorageBackend":
+                save_index_every: int | None = None, faults: Any = None) -> "DuckDBStorageBackend":
         """Open (creating if needed) the store at ``path``.
 
         ``dim`` fixes the vector dimension up front (else the first vector fixes it; a
@@ -93,15 +93,22 @@ class DuckDBStorageBackend(CachedStore):
         reading (DuckDB allows that only while no other process holds it for writing).
         ``hnsw_threshold``, ``M``, ``ef_construction``, ``ef_search``, ``seed`` configure the
         vector index; ``save_index_every`` saves the index cache every that many commits.
+        ``faults`` (a :class:`umi.sim.FaultInjector`) makes commits fail when it fires
+        ``STORAGE_WRITE_FAIL`` (see :class:`~umi.storage.cached.FaultyDurable`).
         """
         return cls(path, read_only=read_only, dim=dim, hnsw_threshold=hnsw_threshold, M=M,
                    ef_construction=ef_construction, ef_search=ef_search, seed=seed,
-                   save_index_every=save_index_every)
+                   save_index_every=save_index_every, faults=faults)
 
     def __init__(self, path: str | os.PathLike[str] = ":memory:", *, read_only: bool = False,
                  dim: int | None = None, hnsw_threshold: int = 20_000, M: int = 16,
                  ef_construction: int = 200, ef_search: int = 128, seed: int = 0,
-                 save_index_every: int | None = None) -> None:
+                 save_index_every: int | None = None, faults: Any = None) -> None:
+        if faults is not None:
+            from ..sim.faults import FaultInjector
+
+            if not isinstance(faults, FaultInjector):
+                raise TypeError(f"faults must be a umi.sim.FaultInjector or None, not {type(faults).__name__}")
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be str or PathLike, not {type(path).__name__}")
         spath = os.fspath(path)
@@ -137,7 +144,10 @@ class DuckDBStorageBackend(CachedStore):
             con = open_connection(None if self.in_memory else spath, read_only)
             try:
                 generation, dim_stored, self.db_uuid = prepare(con, spath, read_only, dim)
-                self._init_state(DuckDBDurable(con, dim_stored), dim_stored, self._new_index)
+                durable: Any = DuckDBDurable(con, dim_stored)
+                if faults is not None:
+                    durable = FaultyDurable(durable, faults)
+                self._init_state(durable, dim_stored, self._new_index)
                 loaded = self._durable.load(dim_stored)
                 loaded.generation, loaded.dim = generation, dim_stored
                 self._open_cache(loaded)
