@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import multiprocessing.synchronize
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +119,44 @@ def test_four_writers_one_reader(postgres_url: str, pg_schema: str, tmp_path: Pa
         assert hit[1] == pytest.approx(1.0, abs=1e-9)
     # every committed write moved the shared generation counter
     assert seen["generation"] >= WRITERS * TXS_PER_WRITER
+
+
+def _core_writer(url: str, schema: str, go: "multiprocessing.synchronize.Event", done: "multiprocessing.synchronize.Event") -> None:
+    import umi
+    from umi.types import Scope
+
+    backend = umi.PostgresStorageBackend.connect(url, schema=schema, pool_size=1)
+    agent = Scope(user_id="ann", agent_id="helper")
+    backend.set_core_block(agent, "persona", "written by the other process", 0.7, 1)
+    done.set()
+    assert go.wait(60)
+    backend.remove_core_block(agent, "persona", 2)
+    backend.set_core_block(agent, "human", "Ann moved to Porto", 0.4, 3)
+    backend.close()
+
+
+def test_a_core_block_written_by_one_process_is_read_by_another(postgres_url: str, pg_schema: str) -> None:
+    import umi
+    from umi.types import Scope
+
+    reader = umi.PostgresStorageBackend.connect(postgres_url, schema=pg_schema, pool_size=1)
+    agent = Scope(user_id="ann", agent_id="helper")
+    assert reader.core_blocks(agent) == []  # read once before the other process writes: nothing cached
+    ctx = multiprocessing.get_context("spawn")
+    go, done = ctx.Event(), ctx.Event()
+    p = ctx.Process(target=_core_writer, args=(postgres_url, pg_schema, go, done))
+    p.start()
+    try:
+        assert done.wait(120)
+        assert [(b.name, b.content, b.importance) for b in reader.core_blocks(agent)] == [
+            ("persona", "written by the other process", 0.7)]
+        go.set()
+        p.join(120)
+        assert p.exitcode == 0
+        assert [(b.name, b.content, b.position) for b in reader.core_blocks(agent)] == [
+            ("human", "Ann moved to Porto", 0)]
+        assert [h.op for h in reader.core_history(agent)] == ["set", "remove", "set"]
+    finally:
+        go.set()
+        p.join(10)
+        reader.close()

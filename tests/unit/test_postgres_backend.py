@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -91,13 +92,13 @@ def test_newer_schema_version_is_refused(postgres_url: str, pg_schema: str) -> N
         conn.execute(f'INSERT INTO "{pg_schema}".umi_migrations VALUES (99, %s, 0)', ("from the future",))
     with pytest.raises(umi.SchemaVersionError) as info:
         PostgresStorageBackend.connect(postgres_url, schema=pg_schema)
-    assert (info.value.found, info.value.supported) == (99, 1)
+    assert (info.value.found, info.value.supported) == (99, 2)
 
 
 def test_dim_is_fixed_once(postgres_url: str, pg_schema: str) -> None:
     b = PostgresStorageBackend.connect(postgres_url, schema=pg_schema, dim=8)
     assert b.dim == 8
-    assert b.schema_version == 1
+    assert b.schema_version == 2
     with pytest.raises(umi.ValidationError, match="4 dimensions but the store holds 8-d"):
         b.upsert([_ent(1, dim=4)])
     b.close()
@@ -212,27 +213,44 @@ def test_hnsw_path_with_selective_filter_falls_back_to_exact(postgres_url: str, 
 @given(docs=st.lists(st.lists(st.sampled_from(["alpha", "beta", "gamma", "delta", "engineers", "acme", "x1"]),
                               min_size=0, max_size=8), min_size=1, max_size=12),
        query=st.lists(st.sampled_from(["alpha", "beta", "engineer", "acme", "zeta"]), min_size=1, max_size=4),
-       superseded=st.sets(st.integers(0, 11)))
+       superseded=st.sets(st.integers(0, 11)), deleted=st.sets(st.integers(0, 11)),
+       users=st.lists(st.sampled_from([None, "ann", "bob"]), min_size=12, max_size=12),
+       scan_rows=st.sampled_from([0, 5_000]))
 def test_bm25_equals_the_reference_bit_for_bit(postgres_url: str, docs: list[list[str]], query: list[str],
-                                               superseded: set[int]) -> None:
+                                               superseded: set[int], deleted: set[int], users: list[str | None],
+                                               scan_rows: int) -> None:
+    """Unscoped and scoped, through either candidate path of a scoped search (GIN or the scope
+    index: KEYWORD_SCAN_ROWS 0 forces GIN), the scores are the reference's doubles."""
     import pg_server
+
+    from umi.storage import postgres as P
+    from umi.types import Scope
 
     schema = pg_server.get_server().new_schema_name()
     b = PostgresStorageBackend.connect(postgres_url, schema=schema, pool_size=1)
+    old_scan_rows, P.KEYWORD_SCAN_ROWS = P.KEYWORD_SCAN_ROWS, scan_rows
     try:
-        ents = [Entity("note", f"doc{i}", " ".join(words), created_at=i) for i, words in enumerate(docs)]
+        ents = [Entity("note", f"doc{i}", " ".join(words), created_at=i, scope=Scope(user_id=users[i]))
+                for i, words in enumerate(docs)]
         b.upsert(ents)
         for i in sorted(superseded):
             if i < len(ents):
                 b.supersede(ents[i].id, 10_000)
                 ents[i].valid_to = 10_000
+        for i in sorted(deleted):
+            if i < len(ents):
+                b.delete(ents[i].id)
+        ents = [e for i, e in enumerate(ents) if i not in deleted]
+        assert _term_table(b) == _real_df(b)  # the IDF's df, kept by every commit, is exact
         text = " ".join(query)
         ref = bm25_scores(text, [(e.id, *document_terms(e.name, e.content)) for e in ents])
-        for f in (SearchFilters(), SearchFilters(include_superseded=True)):
+        for f in (SearchFilters(), SearchFilters(include_superseded=True), SearchFilters(scope=Scope(user_id="ann")),
+                  SearchFilters(scope=Scope(user_id="bob"), include_superseded=True)):
             want = sorted(((i, s) for i, s in ref.items() if f.matches(next(e for e in ents if e.id == i))),
                           key=lambda p: (-p[1], p[0]))[:5]
             assert b.search_text(text, 5, f) == want
     finally:
+        P.KEYWORD_SCAN_ROWS = old_scan_rows
         b.close()
 
 
@@ -350,6 +368,23 @@ def test_concurrent_writers_keep_history_and_stats_exact(backend: PostgresStorag
         real = conn.execute(f"SELECT count(*), coalesce(sum(doc_len), 0) FROM {t}").fetchone()
         kept = conn.execute(f"SELECT n_docs, total_len FROM {s}").fetchone()
     assert tuple(real) == tuple(kept)
+    assert _term_table(backend) == _real_df(backend)
+
+
+def _real_df(b: PostgresStorageBackend) -> dict[str, int]:
+    """Each term's document frequency, counted from the entities themselves."""
+    import psycopg
+
+    with psycopg.connect(b._pool.conninfo, autocommit=True) as conn:
+        t = b._names.table("entities").as_string(conn)
+        return dict(conn.execute(f"SELECT k, count(*) FROM {t}, jsonb_object_keys(term_freqs) k GROUP BY k").fetchall())
+
+
+def _term_table(b: PostgresStorageBackend) -> dict[str, int]:
+    import psycopg
+
+    with psycopg.connect(b._pool.conninfo, autocommit=True) as conn:
+        return dict(conn.execute(f"SELECT term, df FROM {b._names.table('terms').as_string(conn)}").fetchall())
 
 
 def test_relations_need_stored_endpoints(backend: PostgresStorageBackend) -> None:
@@ -364,8 +399,6 @@ def test_relations_need_stored_endpoints(backend: PostgresStorageBackend) -> Non
 
 
 def test_hnsw_index_is_built_in_the_background_at_the_threshold(postgres_url: str, pg_schema: str) -> None:
-    import time
-
     from umi.storage import _pg_schema
 
     b = PostgresStorageBackend.connect(postgres_url, schema=pg_schema, dim=8, exact_search_rows=60)
@@ -383,3 +416,376 @@ def test_hnsw_index_is_built_in_the_background_at_the_threshold(postgres_url: st
     again = PostgresStorageBackend.connect(postgres_url, schema=pg_schema)
     assert again._index_valid is True
     again.close()
+
+
+# --- migrations ------------------------------------------------------------------------------
+
+
+def _write_v1_store(url: str, schema: str) -> None:
+    """A store as umi's schema version 1 wrote it (the SQL of that release, frozen here)."""
+    import psycopg
+    from psycopg import sql
+
+    from umi.storage import _pg_schema
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        names = _pg_schema.TableNames(sql, schema, "umi_")
+        _pg_schema.migrate(conn, names, 1, 4, supported=1)
+        e = f'"{schema}".umi_'
+        conn.execute(f"INSERT INTO {e}entities (id, entity_type, name, name_norm, content, metadata, metadata_json, "
+                     "embedding, importance, confidence, created_at, updated_at, event_time, valid_from, valid_to, "
+                     "source_id, tsv, term_freqs, doc_len) VALUES "
+                     "('e1', 'person', 'Alice', 'alice', 'works at acme', '{}', '{}', '[1,0,0,0]', 0.5, 1.0, 10, 10, "
+                     " NULL, NULL, NULL, 's1', array_to_tsvector('{alice,work,acme}'), "
+                     " '{\"alice\": 1, \"work\": 1, \"acme\": 1}', 4), "
+                     "('e2', 'person', 'Alice', 'alice', 'works at initech', '{}', '{}', '[0,1,0,0]', 0.5, 1.0, 20, 20, "
+                     " NULL, NULL, 30, 's1', array_to_tsvector('{alice,work,initech}'), "
+                     " '{\"alice\": 1, \"work\": 1, \"initech\": 1}', 4)")
+        conn.execute(f"UPDATE {e}state SET generation = 3, n_docs = 2, total_len = 8")
+        conn.execute(f"INSERT INTO {e}sources VALUES ('s1', 'h1', 'Alice works at Acme.', 5, '{{}}')")
+        conn.execute(f"INSERT INTO {e}relations VALUES ('r1', 'e1', 'e2', 'update', 'moved', 0.9, 20)")
+        conn.execute(f"INSERT INTO {e}history VALUES ('e1', 1, 'create', 10, '{{\"id\": \"e1\"}}'), "
+                     "('e2', 1, 'create', 20, '{\"id\": \"e2\"}'), ('e2', 2, 'supersede', 30, '{\"id\": \"e2\"}')")
+
+
+def test_a_version_1_store_opens_and_is_brought_forward(postgres_url: str, pg_schema: str) -> None:
+    _write_v1_store(postgres_url, pg_schema)
+    b = PostgresStorageBackend.connect(postgres_url, schema=pg_schema)
+    try:
+        assert (b.schema_version, b.dim, b.generation) == (2, 4, 3)
+        everything = SearchFilters(include_superseded=True)
+        assert [e.id for e in b.list(everything)] == ["e1", "e2"]
+        assert b.get("e2").valid_to == 30
+        assert _term_table(b) == _real_df(b) == {"alice": 2, "work": 2, "acme": 1, "initech": 1}
+        ref = bm25_scores("acme work", [("e1", {"alice": 1, "work": 1, "acme": 1}, 4),
+                                        ("e2", {"alice": 1, "work": 1, "initech": 1}, 4)])
+        assert b.search_text("acme work", 5, everything) == sorted(ref.items(), key=lambda p: (-p[1], p[0]))
+        assert [h.seq for h in b.history("e2")] == [1, 2]
+        assert [r.id for r in b.relations_for("e1")] == ["r1"]
+        assert b.get_source("s1").text == "Alice works at Acme."
+        # everything written before scopes existed is in the unset scope: seen by the unscoped
+        # (admin) view, by no user's view
+        from umi.types import UNSET_SCOPE, Scope
+
+        assert {e.scope for e in b.list(everything)} == {UNSET_SCOPE}
+        assert {h.scope for h in b.iter_history()} == {UNSET_SCOPE}
+        assert [s.scope for s in b.iter_sources()] == [UNSET_SCOPE]
+        assert [r.scope for r in b.iter_relations()] == [UNSET_SCOPE]
+        ann = Scope(user_id="ann")
+        assert b.count(SearchFilters(scope=ann, include_superseded=True)) == 0
+        assert list(b.iter_sources(ann)) == [] and list(b.iter_history(ann)) == []
+        assert b.core_blocks(ann) == [] and b.get_meta("embedder") is None
+    finally:
+        b.close()
+    # opening again is a no-op: nothing is migrated twice
+    again = PostgresStorageBackend.connect(postgres_url, schema=pg_schema)
+    assert (again.schema_version, again.count(SearchFilters(include_superseded=True))) == (2, 2)
+    again.close()
+
+
+# --- forgetting ------------------------------------------------------------------------------
+
+
+def _tables_holding(b: PostgresStorageBackend, needle: str) -> list[str]:
+    """Every `table.column` of the store's schema whose text, JSON or tsvector holds ``needle``
+    (case-insensitive), found by asking Postgres itself about every such column."""
+    import psycopg
+    from psycopg import sql
+
+    hits = []
+    with psycopg.connect(b._pool.conninfo, autocommit=True) as conn:
+        cols = conn.execute(
+            "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = %s "
+            "AND (data_type IN ('text', 'jsonb', 'json', 'character varying') OR udt_name = 'tsvector') "
+            "ORDER BY table_name, column_name", (b._schema,)).fetchall()
+        assert len(cols) >= 20  # every table's text columns, not an empty query
+        for table, column in cols:
+            found = conn.execute(sql.SQL("SELECT count(*) FROM {t} WHERE {c}::text ILIKE %s").format(
+                t=sql.Identifier(b._schema, table), c=sql.Identifier(column)), (f"%{needle}%",)).fetchone()[0]
+            if found:
+                hits.append(f"{table}.{column}")
+    return hits
+
+
+def test_forget_leaves_the_text_in_no_table(backend: PostgresStorageBackend) -> None:
+    """A user story: remember (two facts from one text), supersede, relate, forget one fact,
+    then the other, then tell the same text again."""
+    from umi.types import Scope
+
+    scope = Scope(user_id="alice")
+    text = "Alice moved to Zanzibarquux. Alice likes tea."
+    src = Source.for_text(text, 1_000, scope=scope)
+    secret = Entity("person", "Alice", "Alice moved to Zanzibarquux", source_id=src.id, created_at=1_000,
+                    metadata={"where": "Zanzibarquux"}, embedding=np.ones(8, np.float32), scope=scope)
+    other = Entity("person", "Alice", "Alice likes tea", source_id=src.id, created_at=1_000,
+                   embedding=np.ones(8, np.float32), scope=scope)
+    older = Entity("person", "Alice", "Alice lives in Lisbon", created_at=500, scope=scope)
+    with backend.transaction():
+        backend.add_source(src)
+        backend.upsert([older, secret, other])
+        backend.supersede(older.id, 1_000)
+        backend.add_relations([EvolutionRelation(older.id, secret.id, "update", reason="moved to Zanzibarquux",
+                                                 created_at=1_000, scope=scope)])
+    backend.upsert([Entity("person", "Alice", "Alice moved to Zanzibarquux", source_id=src.id, created_at=1_000,
+                           importance=0.9, embedding=np.ones(8, np.float32), scope=scope)])  # an update: 2 snapshots
+    assert "umi_terms.term" in _tables_holding(backend, "zanzibarquux")
+
+    assert backend.delete(secret.id, at=2_000) is True
+    # the source still has a fact (`other`), so its text stays; nothing else holds the word
+    assert _tables_holding(backend, "zanzibarquux") == ["umi_sources.text"]
+    assert [(h.op, dict(h.snapshot)) for h in backend.history(secret.id)] == [
+        ("create", {"id": secret.id, "forgotten": True}), ("update", {"id": secret.id, "forgotten": True}),
+        ("delete", {"id": secret.id, "forgotten": True})]
+    assert backend.relations_for(older.id) == []
+    assert backend.get(older.id).valid_to == 1_000  # forget revives nothing by itself
+    assert backend.search_text("zanzibarquux", 5, SearchFilters(include_superseded=True)) == []
+
+    assert backend.delete(other.id, at=2_001) is True
+    assert _tables_holding(backend, "zanzibarquux") == []
+    assert _tables_holding(backend, "likes tea") == []
+    assert backend.get_source(src.id) is None and backend.entity_ids_for_source(src.id) == []
+    assert _term_table(backend) == _real_df(backend)
+
+    # the same text can be told again: it is a new source with new facts
+    backend.add_source(src)
+    backend.upsert([secret])
+    assert backend.entity_ids_for_source(src.id) == [secret.id]
+    assert [h.op for h in backend.history(secret.id)] == ["create", "update", "delete", "create"]
+
+
+def test_forgetting_the_last_facts_of_a_source_at_once_removes_it(postgres_url: str, pg_schema: str) -> None:
+    """Two blocks forget the last two facts of one source at once: the first holds its block open
+    after its delete while the second deletes the other fact. Whichever checks last must see the
+    other's delete and remove the source text (without a lock on the source, both would still see
+    the other's fact, and the text would stay behind with no fact left)."""
+    b = PostgresStorageBackend.connect(postgres_url, schema=pg_schema, pool_size=4, dim=8)
+    try:
+        src = Source.for_text("shared text", 1)
+        x, y = _ent(1, source_id=src.id), _ent(2, source_id=src.id)
+        b.add_source(src)
+        b.upsert([x, y])
+        first_deleted = threading.Event()
+        errors: list[BaseException] = []
+
+        def first() -> None:
+            try:
+                with b.transaction():
+                    b.delete(x.id)
+                    first_deleted.set()
+                    time.sleep(0.5)  # the second block runs its delete now
+            except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+                errors.append(exc)
+
+        def second() -> None:
+            try:
+                assert first_deleted.wait(30)
+                b.delete(y.id)
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        ts = [threading.Thread(target=first), threading.Thread(target=second)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(60)
+        assert errors == []
+        assert b.count() == 0
+        assert b.get_source(src.id) is None
+    finally:
+        b.close()
+
+
+# --- scopes ----------------------------------------------------------------------------------
+
+
+def _scoped(i: int, user: str, **kw) -> Entity:
+    from umi.types import Scope
+
+    return _ent(i, scope=Scope(user_id=user), content=kw.pop("content", f"fact number {i} of {user}"), **kw)
+
+
+def test_one_users_searches_are_answered_through_the_scope_index(postgres_url: str, pg_schema: str) -> None:
+    """With many users in one set of tables, the planner reads one user's rows through the
+    composite scope index, for the vector search (exact over that user's rows) and for the
+    keyword search's candidates, with the backend's own SQL."""
+    import psycopg
+
+    from umi.storage import filters as F
+    from umi.storage.postgres import _vector_text
+    from umi.types import Scope
+
+    users = [f"u{i:03d}" for i in range(60)]
+    # 3,000 rows, above exact_search_rows: unscoped searches walk the HNSW graph; one user's 50 rows
+    # are below it: that user's searches are exact scans of those rows
+    b = PostgresStorageBackend.connect(postgres_url, schema=pg_schema, dim=8, exact_search_rows=1000)
+    try:
+        b.upsert([_scoped(i, users[i % len(users)]) for i in range(3000)])
+        assert b.build_vector_index() is True
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(f'ANALYZE "{pg_schema}".umi_entities')
+        f = SearchFilters(scope=Scope(user_id="u007"))
+        where, params = F.to_sql(f, "postgres")
+        q = np.random.default_rng(1).normal(size=8).astype(np.float32)
+        t = f'"{pg_schema}".umi_entities'
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            vec_plan = "\n".join(r[0] for r in conn.execute(
+                f"EXPLAIN SELECT id, embedding FROM {t} WHERE embedding IS NOT NULL AND {where} "
+                "ORDER BY (embedding <=> %s::vector) + 0, id LIMIT 26", [*params, _vector_text(q)]).fetchall())
+            stmt, stmt_params = b._text_statement("fact number", 10, f)  # the backend's own statement
+            text_plan = "\n".join(r[0] for r in conn.execute(
+                b._sql.SQL("EXPLAIN (ANALYZE) ") + stmt, stmt_params).fetchall())
+        assert "umi_entities_scope" in vec_plan, vec_plan
+        # the user's rows are read through the scope index; the GIN branch (every posting of
+        # "fact" in the table) never runs
+        assert "Bitmap Index Scan on umi_entities_scope" in text_plan, text_plan
+        assert all("never executed" in ln for ln in text_plan.splitlines() if "umi_entities_tsv" in ln), text_plan
+        assert "(never executed)" in text_plan, text_plan
+        # and the answers are that user's, exact, even though the store would use its HNSW graph
+        mine = [e for e in b.list(f, limit=1000)]
+        assert len(mine) == 50 and all(e.scope == Scope(user_id="u007") for e in mine)
+        decided: list[bool] = []
+        narrow = b._narrow
+        b._narrow = lambda *a: decided.append(narrow(*a)) or decided[-1]  # type: ignore[method-assign]
+        assert [i for i, _ in b.search_vector(q, 10, f)] == _exact_top(mine, q, 10)
+        b.search_vector(q, 10)
+        assert decided == [True, False]  # the user's search was exact; the unscoped one walked the graph
+        assert {i for i, _ in b.search_text("fact u007", 100, f)} == {e.id for e in mine}
+    finally:
+        b.close()
+
+
+def test_scoped_reads_and_iterators_keep_to_their_view(backend: PostgresStorageBackend,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from umi.storage import postgres as P
+    from umi.types import Scope
+
+    monkeypatch.setattr(P, "ITER_BATCH", 3)  # several pages, with ties on created_at across pages
+    ents = [_scoped(i, "ann" if i % 3 else "bob", created_at=100 + i // 4) for i in range(20)]
+    srcs = [Source.for_text(f"text {i}", 50 + i // 2, scope=e.scope) for i, e in enumerate(ents)]
+    rels = [EvolutionRelation(ents[i].id, ents[i + 3].id, "extend", created_at=7, scope=ents[i].scope)
+            for i in range(0, 15, 3)]
+    with backend.transaction():
+        backend.upsert(ents)
+        for s in srcs:
+            backend.add_source(s)
+        backend.add_relations(rels)
+    ann = Scope(user_id="ann")
+    assert backend.count(SearchFilters(scope=ann)) == sum(1 for e in ents if e.scope == ann)
+    got = list(backend.iter_sources(ann))
+    assert got == sorted((s for s in srcs if s.scope == ann), key=lambda s: (s.created_at, s.id))
+    assert list(backend.iter_sources()) == sorted(srcs, key=lambda s: (s.created_at, s.id))
+    assert list(backend.iter_relations(Scope(user_id="bob"))) == sorted(
+        (r for r in rels if r.scope.user_id == "bob"), key=lambda r: (r.created_at, r.id))
+    hist = list(backend.iter_history(ann))
+    assert [(h.entity_id, h.seq) for h in hist] == sorted((e.id, 1) for e in ents if e.scope == ann)
+    assert all(h.scope == ann for h in hist)
+    assert list(backend.iter_history(Scope(user_id="nobody"))) == []
+
+
+def test_restore_writes_exactly_the_records_it_is_given(postgres_url: str, pg_schema: str) -> None:
+    """An export of one store (every record, every scope) restored into an empty one reads back
+    equal, with the same history seqs and no history of its own; BM25 statistics follow."""
+    from umi.types import Scope
+
+    a = PostgresStorageBackend.connect(postgres_url, schema=pg_schema, dim=8, table_prefix="a_")
+    b = PostgresStorageBackend.connect(postgres_url, schema=pg_schema, dim=8, table_prefix="b_")
+    try:
+        ents = [_scoped(i, "ann" if i % 2 else "bob") for i in range(12)]
+        src = Source.for_text("told once", 1, scope=Scope(user_id="ann"))
+        a.add_source(src)
+        a.upsert(ents)
+        a.upsert([_scoped(1, "ann", importance=0.9)])
+        a.supersede(ents[1].id, 5_000)
+        a.add_relations([EvolutionRelation(ents[1].id, ents[3].id, "update", created_at=5_000,
+                                           scope=Scope(user_id="ann"))])
+        a.delete(ents[2].id)
+        everything = SearchFilters(include_superseded=True)
+        with b.transaction():
+            b.restore(a.list(everything, limit=1000), list(a.iter_sources()), list(a.iter_relations()),
+                      list(a.iter_history()))
+        assert b.list(everything, limit=1000) == a.list(everything, limit=1000)
+        assert list(b.iter_history()) == list(a.iter_history())
+        assert list(b.iter_relations()) == list(a.iter_relations())
+        assert list(b.iter_sources()) == [src]
+        assert _term_table(b) == _real_df(b)
+        for q in ("fact number", "bob"):
+            assert b.search_text(q, 20, everything) == a.search_text(q, 20, everything)
+        # a relation to an entity that is neither stored nor restored is refused, and nothing is written
+        gen = b.generation
+        with pytest.raises(umi.ValidationError, match="which is not stored"):
+            b.restore([_ent(99)], [], [EvolutionRelation(_ent(99).id, "missing", "extend")], [])
+        assert (b.generation, b.get(_ent(99).id)) == (gen, None)
+    finally:
+        a.close()
+        b.close()
+
+
+# --- core memory -----------------------------------------------------------------------------
+
+
+def test_two_backends_on_one_database_see_each_others_core_writes(postgres_url: str, pg_schema: str) -> None:
+    from umi.types import Scope
+
+    one = PostgresStorageBackend.connect(postgres_url, schema=pg_schema, pool_size=1)
+    two = PostgresStorageBackend.connect(postgres_url, schema=pg_schema, pool_size=1)
+    agent = Scope(user_id="ann", agent_id="helper")
+    try:
+        one.set_core_block(agent, "persona", "You are terse.", 0.8, 10)
+        assert [(b.name, b.content, b.importance, b.position) for b in two.core_blocks(agent)] == [
+            ("persona", "You are terse.", 0.8, 0)]
+        two.set_core_block(agent, "human", "Ann likes tea.", 0.5, 11)
+        two.set_core_block(agent, "persona", "You are kind.", 0.9, 12)  # keeps its place
+        assert [(b.name, b.content, b.position) for b in one.core_blocks(agent)] == [
+            ("persona", "You are kind.", 0), ("human", "Ann likes tea.", 1)]
+        # a session's view shares its agent's blocks; another user's agent does not
+        assert [b.name for b in one.core_blocks(Scope("ann", "helper", "s1"))] == ["persona", "human"]
+        assert one.core_blocks(Scope(user_id="bob", agent_id="helper")) == []
+        assert two.remove_core_block(agent, "persona", 13) is True
+        assert [(b.name, b.position) for b in one.core_blocks(agent)] == [("human", 0)]
+        assert one.clear_core_blocks(agent, 14) == 1
+        assert two.core_blocks(agent) == []
+        assert [(h.seq, h.op, h.name, h.content) for h in two.core_history(agent)] == [
+            (1, "set", "persona", "You are terse."), (2, "set", "human", "Ann likes tea."),
+            (3, "set", "persona", "You are kind."), (4, "remove", "persona", None), (5, "clear", "", None)]
+        assert [h.seq for h in one.core_history(agent, "human")] == [2, 5]
+        assert all(h.scope == agent for h in one.core_history(agent))
+    finally:
+        one.close()
+        two.close()
+
+
+def test_concurrent_core_writers_keep_positions_and_seqs_dense(backend: PostgresStorageBackend) -> None:
+    from umi.types import Scope
+
+    agent = Scope(agent_id="a1")
+
+    def writer(w: int) -> None:
+        for i in range(10):
+            backend.set_core_block(agent, f"w{w}-b{i}", f"block {i} of writer {w}", 0.5, 100 + i)
+            if i % 3 == 2:
+                backend.remove_core_block(agent, f"w{w}-b{i - 1}", 200 + i)
+
+    ts = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(120)
+    blocks = backend.core_blocks(agent)
+    assert [b.position for b in blocks] == list(range(len(blocks))) and len(blocks) == 4 * (10 - 3)
+    assert [h.seq for h in backend.core_history(agent)] == list(range(1, 4 * 13 + 1))
+    for w in range(4):  # each writer's surviving blocks in the order it wrote them
+        mine = [b.name for b in blocks if b.name.startswith(f"w{w}-")]
+        assert mine == [f"w{w}-b{i}" for i in range(10) if i % 3 != 1]
+
+
+def test_meta_round_trips_and_is_transactional(backend: PostgresStorageBackend) -> None:
+    assert backend.get_meta("embedder") is None
+    backend.set_meta("embedder", "sim|sim-v1|8")
+    with pytest.raises(umi.StorageError, match="boom"), backend.transaction():
+        backend.set_meta("embedder", "other|x|16")
+        assert backend.get_meta("embedder") == "other|x|16"
+        raise RuntimeError("boom")
+    assert backend.get_meta("embedder") == "sim|sim-v1|8"
+    gen = backend.generation
+    backend.set_meta("embedder", "sim|sim-v1|8")  # unchanged: nothing to commit
+    assert backend.generation == gen

@@ -16,33 +16,40 @@ from ..types import now_ms
 
 __all__ = ["SCHEMA_VERSION", "TableNames", "build_hnsw", "fix_dim", "hnsw_state", "migrate", "prepare_extension"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 VECTOR_DIM_MAX = 16_000  # pgvector's limit for the `vector` type
 HNSW_DIM_MAX = 2_000  # pgvector's limit for an HNSW index on `vector`; above it searches are exact scans
 
 ENTITY_COLUMNS = ("id, entity_type, name, content, metadata_json, embedding, importance, confidence, created_at, "
-                  "updated_at, event_time, valid_from, valid_to, source_id")
+                  "updated_at, event_time, valid_from, valid_to, source_id, user_id, agent_id, session_id")
+SOURCE_COLUMNS = "id, text_hash, text, created_at, metadata_json, user_id, agent_id, session_id"
+RELATION_COLUMNS = ("id, source_id, target_id, evolution_type, reason, confidence, created_at, "
+                    "user_id, agent_id, session_id")
+HISTORY_COLUMNS = "entity_id, seq, op, at, snapshot, user_id, agent_id, session_id"
 
 UPSERT_ENTITIES = (
     "INSERT INTO {entities} (id, entity_type, name, name_norm, content, metadata, metadata_json, embedding, "
     "importance, confidence, created_at, updated_at, event_time, valid_from, valid_to, source_id, tsv, "
-    "term_freqs, doc_len) "
-    "SELECT id, typ, nam, norm, con, meta::jsonb, mj, emb::vector, imp, conf, cr, up, ev, vf, vt, src, "
-    "array_to_tsvector(string_to_array(terms, ' ')), tf::jsonb, len "
-    "FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], "
-    "%s::text[], %s::float8[], %s::float8[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], "
-    "%s::bigint[], %s::text[], %s::text[], %s::text[], %s::integer[]) "
-    "AS v(id, typ, nam, norm, con, meta, mj, emb, imp, conf, cr, up, ev, vf, vt, src, terms, tf, len) "
+    "term_freqs, doc_len, user_id, agent_id, session_id) "
+    "SELECT id, typ, nam, norm, con, meta::jsonb, mj, emb, imp, conf, cr, up, ev, vf, vt, src, "
+    "array_to_tsvector(string_to_array(terms, ' ')), tf::jsonb, len, u, a, s "
+    # every array goes in binary (%b): no quoting of long strings, vectors as pgvector's binary form
+    "FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], "
+    "%b::vector[], %b::float8[], %b::float8[], %b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[], "
+    "%b::bigint[], %b::text[], %b::text[], %b::text[], %b::integer[], %b::text[], %b::text[], %b::text[]) "
+    "AS v(id, typ, nam, norm, con, meta, mj, emb, imp, conf, cr, up, ev, vf, vt, src, terms, tf, len, u, a, s) "
     "ON CONFLICT (id) DO UPDATE SET entity_type = EXCLUDED.entity_type, name = EXCLUDED.name, "
     "name_norm = EXCLUDED.name_norm, content = EXCLUDED.content, metadata = EXCLUDED.metadata, "
     "metadata_json = EXCLUDED.metadata_json, embedding = EXCLUDED.embedding, "
     "importance = EXCLUDED.importance, confidence = EXCLUDED.confidence, created_at = EXCLUDED.created_at, "
     "updated_at = EXCLUDED.updated_at, event_time = EXCLUDED.event_time, valid_from = EXCLUDED.valid_from, "
     "valid_to = EXCLUDED.valid_to, source_id = EXCLUDED.source_id, tsv = EXCLUDED.tsv, "
-    "term_freqs = EXCLUDED.term_freqs, doc_len = EXCLUDED.doc_len"
+    "term_freqs = EXCLUDED.term_freqs, doc_len = EXCLUDED.doc_len, user_id = EXCLUDED.user_id, "
+    "agent_id = EXCLUDED.agent_id, session_id = EXCLUDED.session_id"
 )
 
-_TABLES = ("entities", "sources", "relations", "history", "state", "migrations")
+_TABLES = ("entities", "sources", "relations", "history", "state", "migrations", "terms", "core_blocks",
+           "core_history", "meta")
 
 
 class TableNames:
@@ -113,7 +120,42 @@ def _migrations(n: TableNames) -> list[tuple[int, str, list[Any]]]:
         q("CREATE TABLE {history} (entity_id text COLLATE \"C\" NOT NULL, seq integer NOT NULL, "
           "op text NOT NULL, at bigint NOT NULL, snapshot text NOT NULL, PRIMARY KEY (entity_id, seq))"),
     ]
-    return [(1, "initial schema", v1)]
+    # v2: scopes, core memory, store metadata, document frequencies.
+    # Scope columns are nullable: NULL is the unset component ("not owned at that level"), so every
+    # row written before v2 lands in the unset scope without a table rewrite (ADD COLUMN of a
+    # nullable column with no default only changes the catalog). One composite btree per table
+    # leads with user_id: every query of a user's view (`user_id = $1 [AND agent_id = $2 ...]`)
+    # reads that user's rows only, so one set of tables serves thousands of users.
+    scope_cols = ('ADD COLUMN user_id text COLLATE "C", ADD COLUMN agent_id text COLLATE "C", '
+                  'ADD COLUMN session_id text COLLATE "C"')
+    v2 = [q("ALTER TABLE {%s} %s" % (t, scope_cols)) for t in ("entities", "sources", "relations", "history")]
+    v2 += [
+        q("CREATE INDEX {i} ON {entities} (user_id, agent_id, session_id, created_at)", i=n.index("entities_scope")),
+        # views that set agent_id but not user_id (an agent across its users)
+        q("CREATE INDEX {i} ON {entities} (agent_id, session_id) WHERE agent_id IS NOT NULL",
+          i=n.index("entities_agent")),
+        q("CREATE INDEX {i} ON {entities} (source_id)", i=n.index("entities_source")),
+        q("CREATE INDEX {i} ON {sources} (user_id, agent_id, session_id, created_at)", i=n.index("sources_scope")),
+        q("CREATE INDEX {i} ON {relations} (user_id, agent_id, session_id, created_at)",
+          i=n.index("relations_scope")),
+        q("CREATE INDEX {i} ON {history} (user_id, agent_id, session_id, entity_id)", i=n.index("history_scope")),
+        # Document frequency of each term over every stored entity: BM25's IDF reads it here, so a
+        # keyword search inside one scope touches that scope's candidates only, not every posting.
+        # A commit deletes the rows its changes bring to 0 (a forgotten text leaves no term of its own).
+        q('CREATE TABLE {terms} (term text COLLATE "C" PRIMARY KEY, df bigint NOT NULL)'),
+        q("INSERT INTO {terms} (term, df) SELECT k, count(*) FROM {entities}, jsonb_object_keys(term_freqs) AS k "
+          "GROUP BY k"),
+        # Core memory, keyed by (user_id, agent_id); '' is the unset component here (a primary key
+        # cannot hold NULL, and a set scope value is never empty).
+        q('CREATE TABLE {core_blocks} (user_id text COLLATE "C" NOT NULL, agent_id text COLLATE "C" NOT NULL, '
+          'name text COLLATE "C" NOT NULL, content text NOT NULL, importance double precision NOT NULL, '
+          "position bigint NOT NULL, PRIMARY KEY (user_id, agent_id, name))"),
+        q('CREATE TABLE {core_history} (user_id text COLLATE "C" NOT NULL, agent_id text COLLATE "C" NOT NULL, '
+          'seq bigint NOT NULL, name text COLLATE "C" NOT NULL, op text NOT NULL, at bigint NOT NULL, '
+          "content text, importance double precision, PRIMARY KEY (user_id, agent_id, seq))"),
+        q('CREATE TABLE {meta} (key text COLLATE "C" PRIMARY KEY, value text NOT NULL)'),
+    ]
+    return [(1, "initial schema", v1), (2, "scopes, core memory, store metadata, term statistics", v2)]
 
 
 def migrate(conn: Any, n: TableNames, lock_key: int, dim: int | None, *,
