@@ -46,7 +46,6 @@ __all__ = [
     "WORKING_MEMORY_TTL_SECS_MAX",
     "TIME_MS_MIN",
     "TIME_MS_MAX",
-    "CLI_JSON_DEPTH_MAX",
     "check_int",
     "check_real",
     "check_text",
@@ -90,11 +89,6 @@ WORKING_MEMORY_MAX_ENTRIES_MAX = 100_000_000
 WORKING_MEMORY_KEY_BYTES_MAX = 256
 WORKING_MEMORY_VALUE_BYTES_MAX = 64 * 1024
 WORKING_MEMORY_TTL_SECS_MAX = 7 * 24 * 3600.0
-
-# --- the command line -----------------------------------------------------------------
-#: nesting depth of one JSON line ``umi import`` reads (deeper is refused, not a RecursionError)
-CLI_JSON_DEPTH_MAX = 64
-
 
 def _type_name(value: object) -> str:
     return type(value).__name__

@@ -13,11 +13,14 @@ block. A write that would exceed either raises :class:`umi.CoreMemoryFullError`
 
 ``render()`` lists the known labels ``system, persona, human, facts, goals,
 scratch`` first, in that order, then the others in insertion order; replacing a
-block keeps its place. XML escapes ``&``, ``<`` and ``>`` in content; Markdown
-puts a backslash before anything at the start of a content line that could
-start a heading or a block that swallows the next one (``#``, a fence, a raw
-HTML block, a ``===``/``---`` underline). The same state renders to the same
-string.
+block keeps its place. XML escapes ``&``, ``<`` and ``>`` in content. Markdown
+puts a backslash before whatever, at the start of a content line (after up to
+three spaces), could open a block under CommonMark: a heading (``#``, a
+``===``/``---`` underline), a container that could hold one (``>`` quotes,
+``-``/``+``/``*`` bullets, ``1.``/``1)`` ordered markers), a fence, raw HTML, a
+thematic break or a link reference definition — so content never renders as a
+heading or a structure of its own (checked with a CommonMark parser). The same
+state renders to the same string.
 
 :class:`PersistentCoreMemory` (what ``Memory.core`` is) writes every change through to
 the store before it returns; the arena stays the budgeted, rendered in-process copy.

@@ -293,3 +293,60 @@ def test_sim_backend_validates_its_arguments() -> None:
         SimStorageBackend(clock=lambda: 0.0)  # type: ignore[arg-type]
     with pytest.raises(ValidationError):
         SimStorageBackend(dim=0)
+
+
+def test_clock_skew_is_consulted_by_the_sim_clock() -> None:
+    faults = FaultInjector(9, latency_ms=0, clock_skew_ms=5_000)
+    clock = SimClock(start_ms=100_000, faults=faults)
+    faults.force(FaultType.CLOCK_SKEW, 3)
+    assert [clock.now_ms() for _ in range(4)] == [105_000, 95_000, 105_000, 100_000]
+    assert clock.skews == 3 and clock.true_ms() == 100_000
+    faults.force(FaultType.CLOCK_SKEW, 1)
+    assert clock() == 95.0  # the seconds face skews too (the WorkingMemory clock): 4th skew, behind
+    assert faults.fired[FaultType.CLOCK_SKEW] == 4
+    with faults.suspended():
+        assert clock.now_ms() == 100_000
+    early = SimClock(start_ms=1_000, faults=FaultInjector(1, {FaultType.CLOCK_SKEW: 1.0}, clock_skew_ms=5_000))
+    assert [early.now_ms(), early.now_ms()] == [6_000, 0]  # never before 0
+    with pytest.raises(TypeError):
+        SimClock(faults="often")  # type: ignore[arg-type]
+
+
+def test_crash_points_raise_a_simulated_crash_and_roll_back() -> None:
+    from umi.sim import SimulatedCrash, install_crash_points
+
+    faults = FaultInjector(2)
+    b = SimStorageBackend(seed=2, faults=faults)
+    points = install_crash_points(b, faults)
+    assert {"before upsert", "after upsert", "before commit", "after commit"} <= set(points)
+    b.upsert([ent(0)])
+    before = snapshot(b)
+    faults.force(FaultType.CRASH, 1)
+    with pytest.raises(SimulatedCrash) as info:
+        with b.transaction():
+            b.upsert([ent(1)])
+    assert info.value.point == "before upsert" and not isinstance(info.value, Exception)
+    assert snapshot(b) == before
+    # a crash right before the commit rolls the whole transaction back
+    checks = faults.checks[FaultType.CRASH]
+    with pytest.raises(SimulatedCrash):
+        with b.transaction():
+            b.upsert([ent(2)])  # before/after upsert: 2 points
+            faults.force(FaultType.CRASH, 1)
+    assert faults.checks[FaultType.CRASH] == checks + 3
+    assert snapshot(b) == before
+    # after the commit: durable, though the caller never heard back
+    class AtFourth:
+        n = 0
+
+        def should_fail(self, fault: object) -> bool:
+            self.n += 1
+            return self.n == 4  # before upsert, after upsert, before commit, *after commit*
+
+    c = SimStorageBackend(seed=3)
+    install_crash_points(c, AtFourth())  # type: ignore[arg-type]
+    with pytest.raises(SimulatedCrash) as info:
+        with c.transaction():
+            c.upsert([ent(3)])
+    assert info.value.point == "after commit"
+    assert c.get(ent(3).id) is not None

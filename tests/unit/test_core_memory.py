@@ -508,7 +508,7 @@ def test_markdown_no_container_can_forge_a_heading(evil):
     assert _structure(core.render("markdown")) == _expected(["persona", "human"])
 
 
-@settings(max_examples=1500, deadline=None, derandomize=True,
+@settings(max_examples=600, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(_LABELS, _MD_TEXT), min_size=1, max_size=4))
 def test_markdown_render_cannot_be_escaped_under_commonmark(blocks):

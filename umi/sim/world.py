@@ -111,7 +111,7 @@ class SimWorld:
         self._close_store = self.store.close
         # A process closing its handle does not close the medium: Memory.close() calls
         # storage.close(); the world closes the store once, in shutdown().
-        self.store.close = lambda: None
+        self.store.close = lambda: None  # type: ignore[method-assign]
         self.opened = 0
         self.crashed = 0
         self.closed = 0
