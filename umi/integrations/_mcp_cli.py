@@ -21,6 +21,9 @@ def add_parser(sub: Any) -> None:
     where = m.add_mutually_exclusive_group()
     where.add_argument("--db", default="umi.duckdb",
                        help="DuckDB file (default: ./umi.duckdb), local embedder")
+    where.add_argument("--postgres", default=None, metavar="URL",
+                       help="a shared PostgreSQL + pgvector store (pip install 'umi[postgres]'), "
+                            "local embedder")
     where.add_argument("--sim", action="store_true",
                        help="a deterministic in-memory Sim memory (tests, demos: nothing is saved)")
     m.add_argument("--seed", type=int, default=42, help="seed of the --sim memory")
@@ -46,7 +49,12 @@ def cmd_mcp(args: argparse.Namespace, out: TextIO) -> int:
     from ..memory import Memory
 
     address = mcp_server.parse_http_address(args.http) if args.http is not None else None
-    memory = Memory.sim(seed=args.seed) if args.sim else Memory(args.db)
+    if args.sim:
+        memory = Memory.sim(seed=args.seed)
+    elif args.postgres is not None:
+        memory = Memory.with_postgres(args.postgres)
+    else:
+        memory = Memory(args.db)
     try:
         server = mcp_server.build_server(memory, user_id=args.user, agent_id=args.agent)
         if address is None:
