@@ -126,6 +126,8 @@ def test_search_without_query_lists_the_same_items(stores):
     {"kind": "fact"},
     {"kind": "pref", "n": 1},
     {"n": {"$gt": 4}},
+    {"n": {"$gt": 3}},   # boundaries: alice's n are 1, 3, 7
+    {"n": {"$lte": 3}},
     {"n": {"$gte": 3, "$lt": 9}},
     {"kind": {"$ne": "fact"}},
     {"kind": {"$eq": "doc"}},
@@ -313,7 +315,8 @@ class StoreMachine(RuleBasedStateMachine):
         assert (a and a.value) == (b and b.value)
 
     @rule(prefix=st.sampled_from([(), ("a",), ("b",), ("a", "x")]),
-          flt=st.sampled_from([None, {"kind": "p"}, {"n": {"$gte": 3}}, {"kind": "q", "n": 2}]))
+          flt=st.sampled_from([None, {"kind": "p"}, {"n": {"$gte": 3}}, {"n": {"$gt": 3}}, {"n": {"$lt": 2}},
+                               {"n": {"$ne": 2}}, {"kind": "q", "n": 2}]))
     def search(self, prefix, flt):
         same_items(self.ours.search(prefix, filter=flt, limit=100),
                    self.ref.search(prefix, filter=flt, limit=100))
