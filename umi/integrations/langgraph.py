@@ -189,17 +189,21 @@ class UmiStore(BaseStore):
         return SearchFilters(**kwargs)
 
     @staticmethod
-    def _to_item(e: Entity, cls: type[Item] = Item, score: float | None = None) -> Item:
+    def _fields_of(e: Entity) -> dict[str, Any]:
         meta = e.metadata
-        namespace = tuple(str(meta[NS]).split(".")) if meta.get(NS) else ()
-        value = json.loads(e.content)
-        created = datetime.fromtimestamp(e.created_at / 1000.0, tz=timezone.utc)
-        updated = datetime.fromtimestamp(e.updated_at / 1000.0, tz=timezone.utc)
-        if cls is SearchItem:
-            return SearchItem(namespace=namespace, key=str(meta[KEY]), value=value,
-                              created_at=created, updated_at=updated, score=score)
-        return Item(namespace=namespace, key=str(meta[KEY]), value=value,
-                    created_at=created, updated_at=updated)
+        return {
+            "namespace": tuple(str(meta[NS]).split(".")) if meta.get(NS) else (),
+            "key": str(meta[KEY]),
+            "value": json.loads(e.content),
+            "created_at": datetime.fromtimestamp(e.created_at / 1000.0, tz=timezone.utc),
+            "updated_at": datetime.fromtimestamp(e.updated_at / 1000.0, tz=timezone.utc),
+        }
+
+    def _to_item(self, e: Entity) -> Item:
+        return Item(**self._fields_of(e))
+
+    def _to_search_item(self, e: Entity, score: float | None = None) -> SearchItem:
+        return SearchItem(**self._fields_of(e), score=score)
 
     def _index_text(self, value: Mapping[str, Any], index: Sequence[str] | None) -> str | None:
         paths = self._fields if index is None else [(p, p if p == "$" else tokenize_path(p)) for p in index]
@@ -235,14 +239,14 @@ class UmiStore(BaseStore):
               offset: int, limit: int) -> list[SearchItem]:
         storage = self.memory.storage
         if not exact:
-            return [self._to_item(e, SearchItem) for e in storage.list(filters, limit=limit, offset=offset)]
+            return [self._to_search_item(e) for e in storage.list(filters, limit=limit, offset=offset)]
         out: list[SearchItem] = []
         skipped = 0
         page_at = 0
         while len(out) < limit:
             page = storage.list(filters, limit=_LIST_PAGE, offset=page_at)
             for e in page:
-                item = self._to_item(e, SearchItem)
+                item = self._to_search_item(e)
                 if not _matches(item.value, exact):
                     continue
                 if skipped < offset:
@@ -269,7 +273,7 @@ class UmiStore(BaseStore):
                                  deep_search=self._deep_search)
             view = self._view_for(filters)
             hits = view.recall_sync(query, opts)
-            items = [self._to_item(e, SearchItem, e.score) for e in hits]
+            items = [self._to_search_item(e, e.score) for e in hits]
             if exact:
                 items = [it for it in items if _matches(it.value, exact)]
             if len(items) >= want or len(hits) < fetch or fetch >= RECALL_LIMIT_MAX:
@@ -325,7 +329,9 @@ class UmiStore(BaseStore):
             text = None if op.index is False else self._index_text(op.value, op.index or None)
             upserts.append((op, scope, entity_id, text))
         texts = [t for (_, _, _, t) in upserts if t is not None]
-        vectors = self.memory.embedder.embed(texts, kind="passage") if texts else None
+        embedder = self.memory.embedder
+        assert embedder is not None  # checked in __init__
+        vectors = embedder.embed(texts, kind="passage") if texts else None
         entities: list[Entity] = []
         at = 0
         existing = {e.id: e for e in storage.get_many([u[2] for u in upserts])} if upserts else {}

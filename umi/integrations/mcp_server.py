@@ -177,6 +177,7 @@ def build_server(memory: Memory, *, user_id: str | None = None, agent_id: str | 
     """
     from .. import __version__
     from ..options import RecallOptions, RememberOptions
+    from ..types import EntityType
 
     views = _Views(memory, user_id, agent_id)
     server = _Server(views, name, version=__version__, instructions=INSTRUCTIONS,
@@ -232,7 +233,7 @@ def build_server(memory: Memory, *, user_id: str | None = None, agent_id: str | 
             raise InvalidFilterError(f"time_start ({time_start}) is after time_end ({time_end})")
         opts = RecallOptions(
             limit=limit,
-            entity_types=tuple(entity_types) if entity_types is not None else None,
+            entity_types=tuple(EntityType.parse(t) for t in entity_types) if entity_types is not None else None,
             time_range=(start, end) if start is not None or end is not None else None,
             include_superseded=include_superseded,
             as_of=parse_time(as_of, "as_of"),
