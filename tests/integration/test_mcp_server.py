@@ -70,7 +70,8 @@ def http_server(*args: str) -> Iterator[str]:
             log.append(line)
             lines.put(line)
 
-    threading.Thread(target=pump, daemon=True).start()
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
     try:
         while True:
             try:
@@ -90,6 +91,9 @@ def http_server(*args: str) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        reader.join(timeout=10)
+        assert proc.stderr is not None
+        proc.stderr.close()
 
 
 def payload(result: Any) -> dict[str, Any]:
