@@ -22,6 +22,7 @@ the builtin :class:`TypeError`, as Python does.
     │   ├── InvalidEntityTypeError     .actual
     │   ├── InvalidEvolutionTypeError  .actual
     │   ├── InvalidFilterError
+    │   ├── InvalidScopeError          .component, .value
     │   ├── InvalidConfigError
     │   └── NotAnIntegerError          .key
     ├── CapacityError
@@ -58,6 +59,7 @@ __all__ = [
     "InvalidEntityTypeError",
     "InvalidEvolutionTypeError",
     "InvalidFilterError",
+    "InvalidScopeError",
     "InvalidConfigError",
     "NotAnIntegerError",
     "CapacityError",
@@ -162,6 +164,16 @@ class InvalidEvolutionTypeError(ValidationError):
 
 class InvalidFilterError(ValidationError):
     """A search filter was malformed (e.g. a non-scalar metadata value)."""
+
+
+class InvalidScopeError(ValidationError):
+    """A scope component (``user_id``, ``agent_id``, ``session_id``) was malformed:
+    each set value is 1..128 characters of ``[A-Za-z0-9_.:@+-]``."""
+
+    def __init__(self, message: str, *, component: str | None = None, value: object = None) -> None:
+        super().__init__(message)
+        self.component = component
+        self.value = value
 
 
 class InvalidConfigError(ValidationError):

@@ -1,8 +1,14 @@
-"""Archival memory's value types: entities, evolution relations, results.
+"""Archival memory's value types: scopes, entities, evolution relations, results.
 
 An :class:`Entity` is one fact about one named thing. Its id is a UUIDv5 of its
-type, normalised name and normalised content, so the same fact told twice is one
-entity and a new fact about the same name is a new one.
+type, normalised name and normalised content (and its scope, when one is set), so the
+same fact told twice in one scope is one entity and a new fact about the same name is
+a new one.
+
+A :class:`Scope` says whose a record is: ``(user_id, agent_id, session_id)``, each
+optional. A stored record's unset component means "not owned at that level". A *view*
+with a scope sees the records whose components equal every component the view sets
+(an unset component in the view matches anything): ``view.contains(record.scope)``.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import time
 import unicodedata
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Union
+from typing import Any, Literal, Mapping, Union
 
 import numpy as np
 
@@ -24,10 +30,16 @@ from .errors import (
     InvalidEvolutionTypeError,
     InvalidFilterError,
     InvalidImportanceError,
+    InvalidScopeError,
     ValidationError,
 )
 
 __all__ = [
+    "Scope",
+    "UNSET_SCOPE",
+    "SCOPE_COMPONENT_CHARS_MAX",
+    "CoreBlockRecord",
+    "CoreHistoryRecord",
     "EntityType",
     "EvolutionType",
     "Entity",
@@ -50,6 +62,112 @@ ENTITY_NAME_BYTES_MAX = 512
 ENTITY_CONTENT_BYTES_MAX = 100_000
 
 MetadataValue = Union[str, int, float, bool, None]
+
+#: longest scope component (user_id, agent_id, session_id), in characters
+SCOPE_COMPONENT_CHARS_MAX = 128
+_SCOPE_COMPONENT = re.compile(r"[A-Za-z0-9_.:@+\-]{1,%d}" % SCOPE_COMPONENT_CHARS_MAX)
+SCOPE_FIELDS = ("user_id", "agent_id", "session_id")
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Whose a record is: ``user_id``, ``agent_id``, ``session_id``, each optional.
+
+    Each set value is 1..128 characters of ``[A-Za-z0-9_.:@+-]``; anything else raises
+    :class:`~umi.InvalidScopeError` (a non-str raises ``TypeError``). Hashable and ordered
+    by ``(user_id, agent_id, session_id)`` with unset first.
+    """
+
+    user_id: str | None = None
+    agent_id: str | None = None
+    session_id: str | None = None
+
+    def __post_init__(self) -> None:
+        for f in SCOPE_FIELDS:
+            v = getattr(self, f)
+            if v is None:
+                continue
+            if not isinstance(v, str):
+                raise TypeError(f"Scope.{f} must be str or None, not {type(v).__name__}")
+            if _SCOPE_COMPONENT.fullmatch(v) is None:
+                shown = v[:40] + ("..." if len(v) > 40 else "")
+                raise InvalidScopeError(
+                    f"Scope.{f} must be 1 to {SCOPE_COMPONENT_CHARS_MAX} characters of [A-Za-z0-9_.:@+-], "
+                    f"got {shown!r} ({len(v)} characters)", component=f, value=v)
+
+    @property
+    def is_unset(self) -> bool:
+        """No component is set (the scope of everything written without one)."""
+        return self.user_id is None and self.agent_id is None and self.session_id is None
+
+    def contains(self, other: "Scope") -> bool:
+        """Every component set in ``self`` equals ``other``'s: a view with this scope sees
+        a record with scope ``other``. The unset scope contains every scope."""
+        return ((self.user_id is None or self.user_id == other.user_id)
+                and (self.agent_id is None or self.agent_id == other.agent_id)
+                and (self.session_id is None or self.session_id == other.session_id))
+
+    @property
+    def core(self) -> "Scope":
+        """The scope core blocks are kept under: ``Scope(user_id, agent_id)`` (session ignored)."""
+        return self if self.session_id is None else Scope(self.user_id, self.agent_id)
+
+    def as_tuple(self) -> tuple[str | None, str | None, str | None]:
+        return (self.user_id, self.agent_id, self.session_id)
+
+    def key(self) -> str:
+        """A canonical text of the scope (``""`` when unset): equal exactly when the scopes are."""
+        if self.is_unset:
+            return ""
+        return "\x1f".join("" if v is None else v for v in self.as_tuple())
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"user_id": self.user_id, "agent_id": self.agent_id, "session_id": self.session_id}
+
+    @classmethod
+    def from_dict(cls, d: "Mapping[str, Any] | Scope | None") -> "Scope":
+        if d is None:
+            return UNSET_SCOPE
+        if isinstance(d, Scope):
+            return d
+        if not isinstance(d, Mapping):
+            raise TypeError(f"a scope must be a Scope or a dict, not {type(d).__name__}")
+        extra = set(d) - set(SCOPE_FIELDS)
+        if extra:
+            raise InvalidScopeError(f"unknown scope component(s) {sorted(extra)}; expected {list(SCOPE_FIELDS)}",
+                                    component=sorted(extra)[0], value=None)
+        return cls(d.get("user_id"), d.get("agent_id"), d.get("session_id"))
+
+    def __lt__(self, other: "Scope") -> bool:
+        if not isinstance(other, Scope):
+            return NotImplemented
+        return _scope_sort_key(self) < _scope_sort_key(other)
+
+
+def _scope_sort_key(s: Scope) -> tuple[tuple[bool, str], ...]:
+    return tuple((v is not None, v or "") for v in s.as_tuple())
+
+
+#: the scope of a record written without one (and the view that sees every scope)
+UNSET_SCOPE = Scope()
+
+
+def _coerce_scope(value: object, what: str) -> Scope:
+    """None -> the unset scope; a dict as written by ``to_dict`` -> its Scope."""
+    if value is None:
+        return UNSET_SCOPE
+    if isinstance(value, Mapping):
+        return Scope.from_dict(value)
+    raise TypeError(f"{what} must be a umi.Scope (or a dict of its components), not {type(value).__name__}")
+
+
+def check_scope(scope: object, what: str = "scope", *, optional: bool = False) -> Scope | None:
+    """``scope`` as a Scope (``None`` is allowed only when ``optional``)."""
+    if scope is None and optional:
+        return None
+    if not isinstance(scope, Scope):
+        raise TypeError(f"{what} must be a umi.Scope{' or None' if optional else ''}, not {type(scope).__name__}")
+    return scope
 
 
 class EntityType(str, enum.Enum):
@@ -125,9 +243,13 @@ def normalize_content(content: str) -> str:
     return normalize_name(content).rstrip(" .!;")
 
 
-def entity_id_for(entity_type: EntityType | str, name: str, content: str) -> str:
+def entity_id_for(entity_type: EntityType | str, name: str, content: str, scope: Scope = None) -> str:  # type: ignore[assignment]
+    """The id of a fact: the same type, name and content in the same scope is the same fact.
+    Facts without a scope keep the ids umi has always given them."""
     et = EntityType.parse(entity_type)
     key = f"{et.value}\x1f{normalize_name(name)}\x1f{normalize_content(content)}"
+    if scope is not None and not scope.is_unset:
+        key += "\x1escope\x1f" + scope.key()
     return str(uuid.uuid5(UMI_NAMESPACE, key))
 
 
@@ -178,7 +300,10 @@ class Entity:
     ``id`` is derived (UUIDv5 of type, normalised name, normalised content) unless given.
     Times are integer milliseconds since the Unix epoch. ``valid_to`` is set when a
     newer fact updates or contradicts this one; the entity is kept, never deleted.
-    ``score`` is filled in by ``recall`` (the fused retrieval score).
+    ``score`` is filled in by ``recall`` (the fused retrieval score). ``scope`` says whose
+    the fact is (stored, and part of a derived id when set). ``mentions`` is filled in by
+    ``recall`` for a statement: the names of the facts that share its source and content
+    (never stored).
     """
 
     entity_type: EntityType
@@ -196,9 +321,19 @@ class Entity:
     source_id: str | None = None
     id: str = ""
     score: float | None = None
+    scope: Scope = UNSET_SCOPE
+    mentions: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.entity_type = EntityType.parse(self.entity_type)
+        if not isinstance(self.scope, Scope):
+            self.scope = _coerce_scope(self.scope, "Entity.scope")
+        if type(self.mentions) is not tuple:
+            if isinstance(self.mentions, (str, bytes)):
+                raise TypeError("Entity.mentions must be a tuple of str, not a single string")
+            self.mentions = tuple(self.mentions)
+        if not all(isinstance(m, str) for m in self.mentions):
+            raise TypeError("Entity.mentions must be a tuple of str")
         for what in ("name", "content"):
             v = getattr(self, what)
             if not isinstance(v, str):
@@ -226,7 +361,7 @@ class Entity:
         if self.valid_from is None:
             self.valid_from = self.event_time if self.event_time is not None else self.created_at
         if not self.id:
-            self.id = entity_id_for(self.entity_type, self.name, self.content)
+            self.id = entity_id_for(self.entity_type, self.name, self.content, self.scope)
 
     @property
     def is_current(self) -> bool:
@@ -252,7 +387,7 @@ class Entity:
             getattr(self, f) == getattr(other, f)
             for f in (
                 "id", "entity_type", "name", "content", "metadata", "importance", "confidence",
-                "created_at", "updated_at", "event_time", "valid_from", "valid_to", "source_id",
+                "created_at", "updated_at", "event_time", "valid_from", "valid_to", "source_id", "scope",
             )
         )
 
@@ -273,9 +408,12 @@ class Entity:
             "valid_from": self.valid_from,
             "valid_to": self.valid_to,
             "source_id": self.source_id,
+            "scope": self.scope.to_dict(),
         }
         if self.score is not None:
             d["score"] = self.score
+        if self.mentions:
+            d["mentions"] = list(self.mentions)
         if with_embedding and self.embedding is not None:
             d["embedding"] = [float(x) for x in self.embedding]
         return d
@@ -298,12 +436,14 @@ class Entity:
             valid_to=d.get("valid_to"),
             source_id=d.get("source_id"),
             id=d.get("id", ""),
+            scope=Scope.from_dict(d.get("scope")),
         )
 
 
 @dataclass(eq=True)
 class EvolutionRelation:
-    """``source`` is the older entity, ``target`` the newer; never the same."""
+    """``source`` is the older entity, ``target`` the newer; never the same. ``scope`` is
+    the scope of the write that made it (default unset)."""
 
     source_id: str
     target_id: str
@@ -312,8 +452,11 @@ class EvolutionRelation:
     confidence: float = 1.0
     id: str = ""
     created_at: int = -1
+    scope: Scope = UNSET_SCOPE
 
     def __post_init__(self) -> None:
+        if not isinstance(self.scope, Scope):
+            self.scope = _coerce_scope(self.scope, "EvolutionRelation.scope")
         if not isinstance(self.source_id, str) or not isinstance(self.target_id, str):
             raise TypeError("source_id and target_id must be str")
         if not self.source_id or not self.target_id:
@@ -345,7 +488,46 @@ class EvolutionRelation:
             "reason": self.reason,
             "confidence": self.confidence,
             "created_at": self.created_at,
+            "scope": self.scope.to_dict(),
         }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "EvolutionRelation":
+        return cls(source_id=d["source_id"], target_id=d["target_id"], evolution_type=d["evolution_type"],
+                   reason=d.get("reason", ""), confidence=d.get("confidence", 1.0), id=d.get("id", ""),
+                   created_at=d.get("created_at", -1), scope=Scope.from_dict(d.get("scope")))
+
+
+CoreOp = Literal["set", "remove", "clear"]
+
+
+@dataclass(frozen=True)
+class CoreBlockRecord:
+    """One stored core-memory block of one agent scope; ``position`` is its place in stored order
+    (0-based: a new name goes at the end, an existing name keeps its place)."""
+
+    name: str
+    content: str
+    importance: float
+    position: int
+
+
+@dataclass(frozen=True)
+class CoreHistoryRecord:
+    """One change to the core blocks of ``scope`` (a ``Scope(user_id, agent_id)``).
+
+    ``seq`` counts the changes of that scope from 1. ``op`` is ``"set"`` (``content`` and
+    ``importance`` are the block after it), ``"remove"`` (one block, by ``name``) or
+    ``"clear"`` (every block; ``name`` is ``""``); both leave ``content`` ``None``.
+    """
+
+    scope: Scope
+    name: str
+    seq: int
+    op: CoreOp
+    at: int
+    content: str | None = None
+    importance: float | None = None
 
 
 @dataclass

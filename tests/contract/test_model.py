@@ -55,7 +55,8 @@ times = st.one_of(st.none(), st.integers(-2, 45).map(lambda t: T0 + t))
 filters_st = st.builds(
     SearchFilters,
     entity_types=st.one_of(st.none(), st.lists(st.sampled_from(TYPES), min_size=1, max_size=2).map(tuple)),
-    time_range=st.one_of(st.none(), st.tuples(times, times)),
+    time_range=st.one_of(st.none(), st.tuples(times, times).map(
+        lambda t: t if None in t or t[0] <= t[1] else (t[1], t[0]))),
     time_field=st.sampled_from(["created_at", "event_time"]),
     metadata=st.one_of(st.none(), metadata_st),
     include_superseded=st.booleans(),

@@ -97,3 +97,93 @@ def test_memory_config_validates_every_field():
                 dict(working_memory_ttl=timedelta(days=8)), dict(evolution_similarity=1.5)):
         with pytest.raises(umi.InvalidConfigError):
             MemoryConfig(**bad)
+
+
+# --- scopes -------------------------------------------------------------------------------
+
+
+def test_scope_validation_names_the_component_and_the_limit():
+    from umi.errors import InvalidScopeError
+    from umi.types import SCOPE_COMPONENT_CHARS_MAX, UNSET_SCOPE, Scope
+
+    assert Scope().is_unset and UNSET_SCOPE == Scope() and not Scope("u").is_unset
+    Scope("a" * SCOPE_COMPONENT_CHARS_MAX, "agent-1.x:y@z+w_", "s")
+    for bad in ("", "a" * (SCOPE_COMPONENT_CHARS_MAX + 1), "alice bob", "al/ice", "é", "a\x00", "a\n"):
+        with pytest.raises(InvalidScopeError) as ei:
+            Scope(agent_id=bad)
+        assert ei.value.component == "agent_id" and "128" in str(ei.value)
+    with pytest.raises(TypeError):
+        Scope(user_id=5)  # type: ignore[arg-type]
+    assert issubclass(InvalidScopeError, umi.ValidationError) and umi.InvalidScopeError is InvalidScopeError
+
+
+def test_scope_view_rule_and_core_scope():
+    from umi.types import Scope
+
+    rec = Scope("alice", "bot", "s1")
+    assert Scope().contains(rec) and Scope("alice").contains(rec) and Scope("alice", "bot", "s1").contains(rec)
+    assert not Scope("bob").contains(rec) and not Scope(session_id="s2").contains(rec)
+    assert not Scope("alice").contains(Scope()) and Scope().contains(Scope())
+    assert rec.core == Scope("alice", "bot") and Scope("alice").core == Scope("alice")
+    assert sorted([Scope("b"), Scope(), Scope("a", "x"), Scope("a")]) == [Scope(), Scope("a"), Scope("a", "x"), Scope("b")]
+    assert Scope.from_dict(rec.to_dict()) == rec and Scope.from_dict(None) == Scope()
+    assert len({Scope("a"), Scope("a"), Scope(agent_id="a")}) == 2
+
+
+def test_scope_is_part_of_ids_but_unset_keeps_the_old_ids():
+    from umi.storage.base import Source, SearchFilters, source_id_for
+    from umi.types import Scope
+
+    # ids of facts and texts without a scope are the ones every earlier store holds
+    import uuid
+
+    from umi.types import UMI_NAMESPACE
+
+    assert entity_id_for("person", "Alice", "works at Acme") == str(
+        uuid.uuid5(UMI_NAMESPACE, "person\x1falice\x1fworks at acme"))
+    old = Entity("person", "Alice", "works at Acme")
+    assert old.id == entity_id_for("person", "Alice", "works at Acme") and old.scope == Scope()
+    a = Entity("person", "Alice", "works at Acme", scope=Scope("alice"))
+    b = Entity("person", "Alice", "works at Acme", scope=Scope("bob"))
+    assert len({old.id, a.id, b.id}) == 3 and a != Entity("person", "Alice", "works at Acme")
+    assert source_id_for("hi") == Source.for_text("hi", 1).id
+    assert len({source_id_for("hi"), source_id_for("hi", Scope("alice")), source_id_for("hi", Scope("bob"))}) == 3
+    assert Source.for_text("hi", 1, scope=Scope("alice")).scope == Scope("alice")
+    d = a.to_dict()
+    assert d["scope"] == {"user_id": "alice", "agent_id": None, "session_id": None}
+    assert Entity.from_dict(d) == a
+    # mentions are filled by recall, never part of equality or storage identity
+    m = Entity("person", "Alice", "works at Acme", scope=Scope("alice"), mentions=("Acme",), created_at=a.created_at)
+    assert m == a and m.to_dict()["mentions"] == ["Acme"] and "mentions" not in a.to_dict()
+    with pytest.raises(TypeError):
+        Entity("person", "Alice", "x", mentions="Acme")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        Entity("person", "Alice", "x", scope="alice")  # type: ignore[arg-type]
+    assert Entity("person", "Alice", "x", scope={"user_id": "a"}).scope == Scope("a")  # type: ignore[arg-type]
+    r = EvolutionRelation(a.id, b.id, "update", scope=Scope("alice"))
+    assert EvolutionRelation.from_dict(r.to_dict()) == r
+    f = SearchFilters(scope=Scope("alice"), source_id="s")
+    assert f.norm.scope == (("user_id", "alice"),) and f.norm.source_id == "s"
+    assert SearchFilters(scope=Scope()).norm == SearchFilters().norm
+
+
+def test_search_filters_refuse_a_start_after_the_end_and_normalise_once():
+    from umi.errors import InvalidFilterError
+    from umi.storage.base import SearchFilters
+
+    with pytest.raises(InvalidFilterError, match="after its end"):
+        SearchFilters(time_range=(5, 1))
+    SearchFilters(time_range=(5, 5))
+    f = SearchFilters(entity_types=["task", "person", "task"], metadata={"b": 1, "a": True})
+    g = SearchFilters(entity_types=("person", "task"), metadata={"a": True, "b": 1})
+    assert f == g and hash(f) == hash(g) and f.norm.cache_key == g.norm.cache_key
+    assert f.norm.metadata == (("a", "bool", "true"), ("b", "int", "1"))
+    assert SearchFilters(entity_types=()).empty and SearchFilters(time_range=(2**70, None)).empty
+    assert SearchFilters(time_range=(-(2**70), 2**70)).norm.time_lo is None
+    for bad in (dict(source_id=""), dict(source_id="a\x00")):
+        with pytest.raises(InvalidFilterError):
+            SearchFilters(**bad)
+    with pytest.raises(TypeError):
+        SearchFilters(scope="alice")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        SearchFilters(include_superseded=1)  # type: ignore[arg-type]

@@ -11,7 +11,17 @@ naming the extra when a driver is missing.
 from importlib import import_module as _import_module
 from typing import TYPE_CHECKING, Any
 
-from .base import HistoryRecord, SearchFilters, Source, StorageBackend, source_id_for, text_hash
+from .base import (
+    CoreBlockRecord,
+    CoreHistoryRecord,
+    HistoryRecord,
+    SearchFilters,
+    Source,
+    StorageBackend,
+    source_id_for,
+    text_hash,
+    tombstone,
+)
 
 if TYPE_CHECKING:
     from .duckdb import DuckDBStorageBackend
@@ -40,6 +50,9 @@ __all__ = [
     "SearchFilters",
     "Source",
     "HistoryRecord",
+    "CoreBlockRecord",
+    "CoreHistoryRecord",
+    "tombstone",
     "source_id_for",
     "text_hash",
     "DuckDBStorageBackend",

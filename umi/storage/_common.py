@@ -32,6 +32,7 @@ from ..types import (
     validate_metadata,
 )
 from .base import SearchFilters, Source, text_hash
+from .filters import meta_key
 
 __all__ = [
     "SEARCH_K_MAX",
@@ -81,23 +82,6 @@ _I64_MAX = 2**63 - 1
 def dumps(obj: Any) -> str:
     """Compact, key-sorted JSON (stable text for the same value)."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
-def meta_key(value: MetadataValue) -> tuple[str, str]:
-    """(type tag, canonical text) of a metadata value: equal exactly when ``SearchFilters.matches``
-    calls two values equal (same JSON type and ``==``). Subclasses compare as their base type."""
-    if value is None:
-        return ("null", "")
-    if isinstance(value, bool):
-        return ("bool", "true" if value else "false")
-    if isinstance(value, int):
-        return ("int", str(int(value)))
-    if isinstance(value, float):
-        v = float(value)
-        return ("float", "0.0" if v == 0.0 else repr(v))
-    if isinstance(value, str):
-        return ("str", str.__str__(value))
-    raise InvalidFilterError(f"metadata values must be scalars, not {type(value).__name__}")
 
 
 def _base_value(value: MetadataValue) -> MetadataValue:

@@ -7,13 +7,17 @@ Rules every backend keeps:
 
 * Entities are never deleted by supersession: :meth:`supersede` sets ``valid_to``.
 * Every change to an entity appends a :class:`HistoryRecord` (create, update,
-  supersede, delete). History is append-only.
+  supersede, revive, delete). History is append-only, except that :meth:`delete` (forget)
+  replaces every earlier snapshot of the forgotten entity by a tombstone.
 * :meth:`transaction` makes everything inside it commit together or not at all;
   a failure inside raises :class:`umi.StorageError` and leaves nothing behind.
 * ``generation`` goes up by at least one with every committed write.
 * Searches apply filters *inside* the search (never filter after truncating to k).
 * Results are ordered deterministically: score descending, then id ascending.
-* ``filters=None`` always means ``SearchFilters()``: current facts only.
+* ``filters=None`` always means ``SearchFilters()``: current facts of every scope.
+* Every record carries a :class:`~umi.types.Scope` (a real, indexed column in every
+  backend); a scope argument of ``None`` means every scope, a :class:`Scope` is a view
+  (``scope.contains(record.scope)``).
 """
 
 from __future__ import annotations
@@ -31,52 +35,75 @@ import numpy as np
 from ..errors import InvalidFilterError
 from ..types import (
     UMI_NAMESPACE,
+    UNSET_SCOPE,
+    CoreBlockRecord,
+    CoreHistoryRecord,
     Entity,
     EntityType,
     EvolutionRelation,
     MetadataValue,
+    Scope,
     validate_metadata,
 )
+from . import filters as _filters
 
-__all__ = ["StorageBackend", "SearchFilters", "Source", "HistoryRecord", "source_id_for", "text_hash"]
+__all__ = ["StorageBackend", "SearchFilters", "Source", "HistoryRecord", "source_id_for", "text_hash",
+           "tombstone", "CoreBlockRecord", "CoreHistoryRecord", "META_EMBEDDER"]
+
+#: store metadata key of the embedder identity, ``"name|model|dim"``
+META_EMBEDDER = "embedder"
 
 
 def text_hash(text: str) -> str:
-    """sha256 hex of the UTF-8 text: the exact-duplicate key of a source."""
+    """sha256 hex of the UTF-8 text: the exact-duplicate key of a source (with its scope)."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def source_id_for(text: str) -> str:
-    return str(uuid.uuid5(UMI_NAMESPACE, "src\x1f" + text_hash(text)))
+def source_id_for(text: str, scope: Scope = UNSET_SCOPE) -> str:
+    """The id of a remembered text in a scope: the same text told in two scopes is two sources.
+    Texts without a scope keep the ids umi has always given them."""
+    key = "src\x1f" + text_hash(text)
+    if scope is not None and not scope.is_unset:
+        key += "\x1escope\x1f" + scope.key()
+    return str(uuid.uuid5(UMI_NAMESPACE, key))
 
 
 @dataclass(frozen=True)
 class Source:
-    """One remembered text, kept for provenance and exact-duplicate detection."""
+    """One remembered text, kept for provenance and exact-duplicate detection (per scope)."""
 
     id: str
     text_hash: str
     text: str
     created_at: int
     metadata: Mapping[str, MetadataValue] = field(default_factory=dict)
+    scope: Scope = UNSET_SCOPE
 
     @classmethod
-    def for_text(cls, text: str, created_at: int, metadata: Mapping[str, MetadataValue] | None = None) -> "Source":
-        return cls(source_id_for(text), text_hash(text), text, created_at, dict(metadata or {}))
+    def for_text(cls, text: str, created_at: int, metadata: Mapping[str, MetadataValue] | None = None,
+                 scope: Scope = UNSET_SCOPE) -> "Source":
+        return cls(source_id_for(text, scope), text_hash(text), text, created_at, dict(metadata or {}), scope)
 
 
-HistoryOp = Literal["create", "update", "supersede", "delete"]
+HistoryOp = Literal["create", "update", "supersede", "revive", "delete"]
+
+
+def tombstone(entity_id: str) -> dict[str, Any]:
+    """The snapshot that replaces every snapshot of a forgotten entity: no name, content or metadata."""
+    return {"id": entity_id, "forgotten": True}
 
 
 @dataclass(frozen=True)
 class HistoryRecord:
-    """One change to one entity. ``snapshot`` is the entity's dict (no embedding) after the change."""
+    """One change to one entity. ``snapshot`` is the entity's dict (no embedding) after the change,
+    or a :func:`tombstone` once the entity was forgotten. ``scope`` is the entity's."""
 
     entity_id: str
     seq: int
     op: HistoryOp
     at: int
     snapshot: Mapping[str, Any]
+    scope: Scope = UNSET_SCOPE
 
 
 TimeField = Literal["created_at", "event_time"]
@@ -84,14 +111,17 @@ TimeField = Literal["created_at", "event_time"]
 
 @dataclass(frozen=True)
 class SearchFilters:
-    """Filters applied inside every search, list and count.
+    """Filters applied inside every search, list and count. Normalised once, at construction
+    (``.norm``); :mod:`umi.storage.filters` compiles them for each backend.
 
     ``time_range`` is inclusive ``(start_ms, end_ms)`` over ``time_field``; ``None``
-    on either side is open. ``metadata`` is equality on scalar values only.
-    By default only current facts (``valid_to`` unset) are seen;
-    ``include_superseded=True`` shows every fact; ``as_of=t`` shows the facts that were
-    current at ``t`` (``created_at <= t`` and ``valid_to`` unset or ``> t``).
-    The caller's objects are copied, never mutated.
+    on either side is open; a start after the end raises :class:`~umi.InvalidFilterError`.
+    ``metadata`` is equality on scalar values only. ``scope`` is a view: ``None`` (or the
+    unset scope) sees every scope, else each component it sets must equal the entity's.
+    ``source_id`` keeps the facts of one source. By default only current facts (``valid_to``
+    unset) are seen; ``include_superseded=True`` shows every fact; ``as_of=t`` shows the
+    facts that were current at ``t`` (``created_at <= t`` and ``valid_to`` unset or ``> t``).
+    The caller's objects are copied, never mutated. Hashable.
     """
 
     entity_types: tuple[EntityType, ...] | None = None
@@ -100,6 +130,8 @@ class SearchFilters:
     metadata: Mapping[str, MetadataValue] | None = None
     include_superseded: bool = False
     as_of: int | None = None
+    scope: Scope | None = None
+    source_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.entity_types is not None:
@@ -111,33 +143,38 @@ class SearchFilters:
             tr = tuple(self.time_range)
             if len(tr) != 2 or any(v is not None and (isinstance(v, bool) or not isinstance(v, int)) for v in tr):
                 raise InvalidFilterError("time_range must be (start_ms | None, end_ms | None) of ints")
+            if tr[0] is not None and tr[1] is not None and tr[0] > tr[1]:
+                raise InvalidFilterError(f"time_range start {tr[0]} is after its end {tr[1]}")
             object.__setattr__(self, "time_range", tr)
         if self.metadata is not None:
             object.__setattr__(self, "metadata", validate_metadata(self.metadata, what="metadata filter"))
+        if not isinstance(self.include_superseded, bool):
+            raise TypeError(f"include_superseded must be a bool, not {type(self.include_superseded).__name__}")
         if self.as_of is not None and (isinstance(self.as_of, bool) or not isinstance(self.as_of, int)):
             raise InvalidFilterError("as_of must be int milliseconds since the epoch")
+        if self.scope is not None and not isinstance(self.scope, Scope):
+            raise TypeError(f"scope must be a umi.Scope or None, not {type(self.scope).__name__}")
+        if self.source_id is not None:
+            if not isinstance(self.source_id, str):
+                raise TypeError(f"source_id must be str or None, not {type(self.source_id).__name__}")
+            if not self.source_id or len(self.source_id) > 256 or "\x00" in self.source_id:
+                raise InvalidFilterError("source_id must be a non-empty str of at most 256 characters without NUL")
+        object.__setattr__(self, "norm", _filters.build(self))
+
+    #: the normal form (set by __post_init__)
+    norm: "_filters.NormFilters" = field(init=False, repr=False, compare=False)
+
+    @property
+    def empty(self) -> bool:
+        """True when no entity can match."""
+        return self.norm.empty
+
+    def __hash__(self) -> int:
+        return hash(self.norm.cache_key)
 
     def matches(self, e: Entity) -> bool:
-        """The reference semantics, in Python. Backends must agree with it."""
-        if self.entity_types is not None and e.entity_type not in self.entity_types:
-            return False
-        if self.time_range is not None:
-            t = e.created_at if self.time_field == "created_at" else e.event_time
-            lo, hi = self.time_range
-            if t is None or (lo is not None and t < lo) or (hi is not None and t > hi):
-                return False
-        if self.metadata:
-            for k, v in self.metadata.items():
-                if k not in e.metadata or e.metadata[k] != v or type(e.metadata[k]) is not type(v):
-                    return False
-        if self.as_of is not None:
-            if e.created_at > self.as_of:
-                return False
-            if e.valid_to is not None and e.valid_to <= self.as_of:
-                return False
-        elif not self.include_superseded and e.valid_to is not None:
-            return False
-        return True
+        """The reference semantics, in Python (:func:`umi.storage.filters.matches`)."""
+        return _filters.matches(self.norm, e)
 
 
 class StorageBackend(abc.ABC):
@@ -145,6 +182,15 @@ class StorageBackend(abc.ABC):
 
     #: embedding dimension this store holds (fixed by the first vector written), or None
     dim: int | None = None
+
+    # --- capabilities (class attributes; a backend overrides what it offers) ---------------
+    #: several writers (threads or processes) can commit without one waiting for the other's
+    #: whole transaction (Postgres). False: writes are serialised by one lock in one process.
+    supports_concurrent_writers: bool = False
+    #: several processes can open the same store at once (Postgres).
+    supports_multiple_processes: bool = False
+    #: committed writes survive the process (False for ``:memory:`` and Sim).
+    durable: bool = False
 
     # --- entities ----------------------------------------------------------
     @abc.abstractmethod
@@ -160,7 +206,13 @@ class StorageBackend(abc.ABC):
 
     @abc.abstractmethod
     def delete(self, entity_id: str, at: int | None = None) -> bool:
-        """Remove an entity (and its vector); False if there was none. History keeps a record."""
+        """Forget an entity; False if there was none. ``at`` defaults to now.
+
+        Removes its row, vector and keyword postings; replaces every earlier history snapshot of
+        it by a :func:`tombstone` and appends a ``"delete"`` record whose snapshot is the same
+        tombstone; removes every relation with the entity as source or target; removes the
+        entity's source once no remaining entity has that ``source_id``. Revives nothing (that
+        rule lives in the forget pipeline). One transaction (or the caller's)."""
 
     @abc.abstractmethod
     def list(self, filters: SearchFilters | None = None, limit: int = 100, offset: int = 0) -> builtins.list[Entity]:
@@ -192,7 +244,9 @@ class StorageBackend(abc.ABC):
     def get_source(self, source_id: str) -> Source | None: ...
 
     @abc.abstractmethod
-    def find_source_by_hash(self, text_hash: str) -> Source | None: ...
+    def find_source_by_hash(self, text_hash: str) -> Source | None:
+        """The earliest source (created_at, id) with this text hash, in any scope. For the
+        exact-duplicate check of a scope use ``get_source(source_id_for(text, scope))``."""
 
     # --- evolution ---------------------------------------------------------
     @abc.abstractmethod
@@ -208,7 +262,79 @@ class StorageBackend(abc.ABC):
 
     @abc.abstractmethod
     def history(self, entity_id: str) -> builtins.list[HistoryRecord]:
-        """Every change to the entity, oldest first."""
+        """Every change to the entity, oldest first (tombstones after it was forgotten)."""
+
+    # --- forgetting, reviving, provenance (new; abstract once every backend has them) -------
+    def revive(self, entity_id: str, at: int) -> bool:
+        """Make a superseded entity current again: clear ``valid_to`` (``updated_at`` becomes
+        ``max(updated_at, at)``), append a ``"revive"`` history record (snapshot after, at ``at``).
+        False if absent or already current."""
+        raise NotImplementedError(f"{type(self).__name__}.revive")
+
+    def entity_ids_for_source(self, source_id: str) -> builtins.list[str]:
+        """Ids of every stored entity (superseded included) with this ``source_id``, sorted."""
+        raise NotImplementedError(f"{type(self).__name__}.entity_ids_for_source")
+
+    def delete_source(self, source_id: str) -> bool:
+        """Remove a source row; False if there was none. That no entity references it afterwards
+        is the caller's job (the storage does not check)."""
+        raise NotImplementedError(f"{type(self).__name__}.delete_source")
+
+    # --- export / import --------------------------------------------------------------
+    def iter_sources(self, scope: Scope | None = None) -> Iterator[Source]:
+        """Every source in ``scope`` (``None``: all; a Scope: the view rule), ordered by
+        ``(created_at, id)``."""
+        raise NotImplementedError(f"{type(self).__name__}.iter_sources")
+
+    def iter_relations(self, scope: Scope | None = None) -> Iterator[EvolutionRelation]:
+        """Every relation in ``scope``, ordered by ``(created_at, id)``."""
+        raise NotImplementedError(f"{type(self).__name__}.iter_relations")
+
+    def iter_history(self, scope: Scope | None = None) -> Iterator[HistoryRecord]:
+        """Every history record in ``scope``, ordered by ``(entity_id, seq)``."""
+        raise NotImplementedError(f"{type(self).__name__}.iter_history")
+
+    def restore(self, entities: Sequence[Entity], sources: Sequence[Source],
+                relations: Sequence[EvolutionRelation], history: Sequence[HistoryRecord]) -> None:
+        """Write exactly these records, for import: entities, sources and relations as given
+        (insert or replace by id; relation endpoints must be stored or among ``entities``), and
+        the history records with their own seqs (a record whose ``(entity_id, seq)`` exists is
+        replaced); no history is generated. Joins the caller's transaction (else is its own)."""
+        raise NotImplementedError(f"{type(self).__name__}.restore")
+
+    # --- core memory blocks (keyed by Scope(user_id, agent_id); session ignored) -----------
+    def core_blocks(self, scope: Scope) -> builtins.list[CoreBlockRecord]:
+        """The stored blocks of ``scope.core``, in stored order (``position`` 0, 1, ...)."""
+        raise NotImplementedError(f"{type(self).__name__}.core_blocks")
+
+    def set_core_block(self, scope: Scope, name: str, content: str, importance: float, at: int) -> None:
+        """Insert or replace block ``name`` of ``scope.core``: a new name goes at the end, an
+        existing one keeps its position. Appends a ``"set"`` core history record."""
+        raise NotImplementedError(f"{type(self).__name__}.set_core_block")
+
+    def remove_core_block(self, scope: Scope, name: str, at: int) -> bool:
+        """Remove block ``name`` (later blocks move up one position); ``"remove"`` history record.
+        False (and no history) if there was none."""
+        raise NotImplementedError(f"{type(self).__name__}.remove_core_block")
+
+    def clear_core_blocks(self, scope: Scope, at: int) -> int:
+        """Remove every block of ``scope.core``; returns how many. One ``"clear"`` history record
+        (name ``""``) when there were any."""
+        raise NotImplementedError(f"{type(self).__name__}.clear_core_blocks")
+
+    def core_history(self, scope: Scope, name: str | None = None) -> builtins.list[CoreHistoryRecord]:
+        """Core history of ``scope.core`` (only block ``name``'s records, plus clears, when given),
+        oldest first (by seq)."""
+        raise NotImplementedError(f"{type(self).__name__}.core_history")
+
+    # --- store metadata ---------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        """A stored string value (e.g. :data:`META_EMBEDDER`), or None."""
+        raise NotImplementedError(f"{type(self).__name__}.get_meta")
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Store a string value under ``key`` (transactional, like every write)."""
+        raise NotImplementedError(f"{type(self).__name__}.set_meta")
 
     # --- lifecycle ---------------------------------------------------------
     @abc.abstractmethod

@@ -101,6 +101,11 @@ def _check_pos_int(name: str, value: object, lo: int, hi: int) -> int:
 class DuckDBStorageBackend(CachedReads, TransactionMixin, StorageBackend):
     """Archival memory in one DuckDB file. Open with :meth:`connect`."""
 
+    supports_concurrent_writers = False
+    supports_multiple_processes = False
+    #: True for a file; an instance opened on ``":memory:"`` says False
+    durable = True
+
     @classmethod
     def connect(cls, path: str | os.PathLike[str] = ":memory:", *, read_only: bool = False,
                 dim: int | None = None, hnsw_threshold: int = 20_000, M: int = 16,
@@ -146,6 +151,7 @@ class DuckDBStorageBackend(CachedReads, TransactionMixin, StorageBackend):
         self.path = spath
         self.read_only = read_only
         self.in_memory = spath == ":memory:" or spath == ""
+        self.durable = not self.in_memory
         self.index_path: str | None = None if self.in_memory else spath + INDEX_SUFFIX
         self.save_index_every = save_index_every
         self.bm25 = bm25

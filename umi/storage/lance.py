@@ -138,6 +138,8 @@ class LanceStorageBackend(StorageBackend):
     supports_transactions = True
     #: one process per store (a second connect raises StorageLockedError)
     supports_concurrent_writers = False
+    supports_multiple_processes = False
+    durable = True
 
     def __init__(self, path: Path, db: Any, lock_fd: int, state: dict[str, Any], *, ann_index_rows: int) -> None:
         self.path = path

@@ -52,6 +52,10 @@ __all__ = ["SimStorageBackend"]
 class SimStorageBackend(CachedReads, TransactionMixin, StorageBackend):
     """In-memory storage for deterministic tests; passes the same contract as DuckDB."""
 
+    supports_concurrent_writers = False
+    supports_multiple_processes = False
+    durable = False
+
     def __init__(self, seed: int = 0, faults: FaultInjector | None = None, *, clock: SimClock | None = None,
                  dim: int | None = None, hnsw_threshold: int = 20_000) -> None:
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -292,7 +296,7 @@ class SimStorageBackend(CachedReads, TransactionMixin, StorageBackend):
             rels = [self._relations[i] for i in self._rels_of.get(eid, ())]
             rels = [r for r in rels if eid in (r.source_id, r.target_id)]
             rels.sort(key=lambda r: (r.created_at, r.id))
-            return [EvolutionRelation(**r.to_dict()) for r in rels]
+            return [EvolutionRelation.from_dict(r.to_dict()) for r in rels]
 
     def history(self, entity_id: str) -> builtins.list[HistoryRecord]:
         eid = check_id(entity_id)
