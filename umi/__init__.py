@@ -7,16 +7,14 @@ archival memory is first touched, not at import.
 """
 
 from importlib import import_module as _import_module
-from importlib.metadata import PackageNotFoundError as _PNF
-from importlib.metadata import version as _version
-from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 from .errors import *  # noqa: F401,F403
 from .errors import __all__ as _errors_all
 from .core_memory import CoreMemory
 from .working_memory import WorkingMemory
 
-if _TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; type checkers read True
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from .memory import Memory, MemoryBuilder
     from .options import MemoryConfig, RecallOptions, RememberOptions
     from .providers.anthropic import AnthropicProvider
@@ -29,6 +27,7 @@ if _TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from .storage.postgres import PostgresStorageBackend
     from .storage.sim import SimStorageBackend
     from .types import Entity, EntityType, EvolutionRelation, EvolutionType, RememberResult, Usage
+del TYPE_CHECKING
 
 # public name -> module that defines it (relative to this package)
 _LAZY = {
@@ -59,22 +58,24 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(_import_module(module, __name__), name)
+    if name == "__version__":  # importlib.metadata alone costs more than the rest of `import umi`
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            value: object = version("umi")
+        except PackageNotFoundError:  # running from a source tree that was never installed
+            value = "0.0.0+unknown"
+    else:
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(_import_module(module, __name__), name)
     globals()[name] = value  # later lookups skip this function
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
-
-
-try:
-    __version__ = _version("umi")
-except _PNF:  # running from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
+    return sorted(set(globals()) | set(_LAZY) | {"__version__"})
 
 __all__ = [
     "__version__",
