@@ -106,13 +106,8 @@ def parse_time(value: int | str | None, what: str) -> int | None:
 
 
 def _entity(e: Any) -> dict[str, Any]:
+    """A fact as a client sees it: everything but the embedding (scope and mentions included)."""
     d: dict[str, Any] = e.to_dict()
-    mentions = getattr(e, "mentions", ())
-    if mentions:
-        d["mentions"] = list(mentions)
-    scope = getattr(e, "scope", None)
-    if scope is not None and "scope" not in d and not scope.is_unset:
-        d["scope"] = {k: v for k, v in vars(scope).items() if v is not None}
     return d
 
 
