@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from .storage.lance import LanceStorageBackend
     from .storage.postgres import PostgresStorageBackend
     from .storage.sim import SimStorageBackend
-    from .types import Entity, EntityType, EvolutionRelation, EvolutionType, RememberResult, Usage
+    from .types import Entity, EntityType, EvolutionRelation, EvolutionType, RememberResult, Scope, Usage
 del TYPE_CHECKING
 
 # public name -> module that defines it (relative to this package)
@@ -53,6 +53,7 @@ _LAZY = {
     "EvolutionRelation": ".types",
     "EvolutionType": ".types",
     "RememberResult": ".types",
+    "Scope": ".types",
     "Usage": ".types",
 }
 
@@ -87,6 +88,7 @@ __all__ = [
     "EvolutionRelation",
     "EvolutionType",
     "RememberResult",
+    "Scope",
     "Usage",
     "Memory",
     "MemoryBuilder",

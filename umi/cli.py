@@ -11,17 +11,18 @@ import json
 import os
 import sys
 import tempfile
-from typing import Any, Iterator, Sequence, TextIO
+from typing import Any, Sequence, TextIO
 
 from .errors import UmiError, ValidationError
 
 __all__ = ["main"]
 
 
-def _memory(db: str) -> Any:
+def _memory(db: str, args: argparse.Namespace | None = None) -> Any:
+    """The Memory a command works on: the whole store, or the scope of ``--user`` / ``--agent``."""
     from .memory import Memory
 
-    return Memory(db)
+    return Memory(db, user_id=getattr(args, "user", None), agent_id=getattr(args, "agent", None))
 
 
 def _print_entity(e: Any, out: TextIO, *, with_score: bool = True) -> None:
@@ -99,7 +100,7 @@ def cmd_remember(args: argparse.Namespace, out: TextIO) -> int:
     opts = RememberOptions(importance=args.importance)
     if args.raw:
         opts = opts.without_extraction()
-    with _memory(args.db) as memory:
+    with _memory(args.db, args) as memory:
         r = memory.remember_sync(args.text, opts)
     out.write(f"stored {r.entity_count} entities, {len(r.evolutions)} evolutions\n")
     for e in r.entities:
@@ -115,7 +116,7 @@ def cmd_recall(args: argparse.Namespace, out: TextIO) -> int:
     from .options import RecallOptions
 
     opts = RecallOptions(limit=args.limit, include_superseded=args.all)
-    with _memory(args.db) as memory:
+    with _memory(args.db, args) as memory:
         hits = memory.recall_sync(args.query, opts)
     if args.json:
         for e in hits:
@@ -132,33 +133,16 @@ def cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
     from .storage.base import SearchFilters
     from .types import EntityType
 
-    with _memory(args.db) as memory:
+    with _memory(args.db, args) as memory:
         total = memory.count_sync()
         current = memory.count_sync(include_superseded=False)
         out.write(f"db: {args.db}\nentities: {total} (current {current}, superseded {total - current})\n")
         for t in EntityType:
-            n = memory.storage.count(SearchFilters(entity_types=(t,), include_superseded=True))
+            n = memory.count_sync(where=SearchFilters(entity_types=(t,), include_superseded=True))
             if n:
                 out.write(f"  {t.value}: {n}\n")
         out.write(f"embedding dim: {memory.storage.dim}\n")
     return 0
-
-
-def _read_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    with open(path, encoding="utf-8") if path != "-" else _stdin() as f:
-        for n, line in enumerate(f, start=1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValidationError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
-            if isinstance(rec, str):
-                rec = {"text": rec}
-            if not isinstance(rec, dict):
-                raise ValidationError(f"{path}:{n}: each line must be a JSON object or string")
-            yield n, rec
 
 
 def _stdin() -> TextIO:
@@ -172,66 +156,36 @@ def _progress(done: int, total: int, err: TextIO) -> None:
     err.flush()
 
 
-def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
-    """JSONL: {"text": ...} lines are remembered; {"kind": "entity"|"relation", ...} lines (what
-    ``umi export`` writes) are restored as they were, ids included."""
-    from .options import RememberOptions
-    from .types import Entity, EvolutionRelation
+def _same_file(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
 
-    records = list(_read_jsonl(args.file))
+
+def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
+    """What ``umi export`` wrote goes back in all-or-nothing (every line checked first, facts
+    without vectors embedded again, one transaction); ``{"text": ...}`` lines are remembered one
+    by one after it (a rerun skips what is already there)."""
     err = sys.stderr
-    counts = {"remembered": 0, "duplicates": 0, "entities": 0, "relations": 0}
-    with _memory(args.db) as memory:
-        relations = []
-        for i, (n, rec) in enumerate(records, start=1):
-            kind = rec.get("kind", "text")
-            try:
-                if kind == "text":
-                    opts = RememberOptions(metadata=rec.get("metadata"), event_time=rec.get("event_time"))
-                    r = memory.remember_sync(rec["text"], opts)
-                    counts["duplicates" if r.duplicate else "remembered"] += 1
-                elif kind == "entity":
-                    memory.storage.upsert([Entity.from_dict(rec)])
-                    counts["entities"] += 1
-                elif kind == "relation":
-                    rec = {k: v for k, v in rec.items() if k != "kind"}
-                    relations.append(EvolutionRelation(**rec))
-                else:
-                    raise ValidationError(f"unknown kind {kind!r}")
-            except (KeyError, TypeError, UmiError) as exc:
-                raise ValidationError(f"{args.file}:{n}: {exc}") from exc
-            if not args.quiet:
-                _progress(i, len(records), err)
-        if relations:
-            memory.storage.add_relations(relations)
-            counts["relations"] = len(relations)
-    if not args.quiet:
+    progress = None if args.quiet else (lambda done, total: _progress(done, total, err))
+    with _memory(args.db, args) as memory:
+        if args.file == "-":
+            with _stdin() as f:
+                counts = memory.import_sync(f, progress=progress)
+        else:
+            counts = memory.import_sync(args.file, progress=progress)
+    if progress is not None and (counts.get("embedded") or counts.get("remembered") or counts.get("duplicates")):
         err.write("\n")
     out.write(" ".join(f"{k}={v}" for k, v in counts.items()) + "\n")
     return 0
 
 
 def cmd_export(args: argparse.Namespace, out: TextIO) -> int:
-    with _memory(args.db) as memory:
-        target = open(args.out, "w", encoding="utf-8") if args.out else out
-        try:
-            seen_rel: set[str] = set()
-            rels = []
-            for e in memory.storage.iter_all():
-                d = e.to_dict(with_embedding=args.embeddings)
-                d["kind"] = "entity"
-                target.write(json.dumps(d, sort_keys=True, ensure_ascii=False) + "\n")
-                for r in memory.storage.relations_for(e.id):
-                    if r.id not in seen_rel:
-                        seen_rel.add(r.id)
-                        rels.append(r)
-            for r in sorted(rels, key=lambda r: (r.created_at, r.id)):
-                d = r.to_dict()
-                d["kind"] = "relation"
-                target.write(json.dumps(d, sort_keys=True) + "\n")
-        finally:
-            if target is not out:
-                target.close()
+    if args.out is not None and _same_file(args.out, args.db):
+        raise ValidationError(f"--out {args.out!r} is the database being exported; write the export elsewhere "
+                              "(refusing to overwrite its own database)")
+    with _memory(args.db, args) as memory:
+        memory.export_sync(args.out if args.out else out, embeddings=args.embeddings)
     return 0
 
 
@@ -248,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_db(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sp.add_argument("--db", default="umi.duckdb", help="DuckDB file (default: ./umi.duckdb)")
+        sp.add_argument("--user", default=None, help="work in this user's scope (default: every scope)")
+        sp.add_argument("--agent", default=None, help="work in this agent's scope (default: every scope)")
         return sp
 
     r = with_db(sub.add_parser("remember", help="remember a text"))
@@ -271,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--quiet", action="store_true", help="no progress bar")
     i.set_defaults(fn=cmd_import)
 
-    e = with_db(sub.add_parser("export", help="export entities and relations as JSONL"))
+    e = with_db(sub.add_parser("export", help="export sources, facts, relations and history as JSONL"))
     e.add_argument("--out", default=None, help="file to write (default: stdout)")
     e.add_argument("--embeddings", action="store_true", help="include embedding vectors")
     e.set_defaults(fn=cmd_export)

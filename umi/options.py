@@ -62,6 +62,11 @@ class MemoryConfig:
     #: auto deep search: a question whose best fused score is under this runs the deep path
     deep_search_threshold: float = 0.025
     embedding_batch_size: int = 32
+    #: an ``update`` / ``contradict`` retires the older fact only at this confidence or above;
+    #: below it the relation is recorded and both facts stay current. 0.75 lets the rule
+    #: classifier's updates (0.8) and contradictions (0.85) through and holds back a model's
+    #: hesitant guesses; 0 supersedes on every proposal, 1 only on certain ones.
+    supersede_confidence: float = 0.75
 
     def __post_init__(self) -> None:
         def rng(name: str, lo: float, hi: float) -> None:
@@ -82,6 +87,7 @@ class MemoryConfig:
         rng("rrf_k", 1, 10_000)
         rng("deep_search_threshold", 0.0, 1.0)
         rng("embedding_batch_size", 1, 4096)
+        rng("supersede_confidence", 0.0, 1.0)
         ttl = self.working_memory_ttl
         if isinstance(ttl, (int, float)) and not isinstance(ttl, bool):
             object.__setattr__(self, "working_memory_ttl", timedelta(seconds=ttl))
@@ -111,6 +117,9 @@ class MemoryConfig:
 
     def with_hnsw_threshold(self, n: int) -> "MemoryConfig":
         return self._with(hnsw_threshold=n)
+
+    def with_supersede_confidence(self, confidence: float) -> "MemoryConfig":
+        return self._with(supersede_confidence=confidence)
 
 
 def _check_importance(x: object) -> float:

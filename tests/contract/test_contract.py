@@ -172,7 +172,8 @@ def test_delete(backend: StorageBackend) -> None:
     hist = backend.history(e.id)
     assert [h.op for h in hist] == ["create", "delete"]
     assert hist[-1].at == T0 + 99
-    assert hist[-1].snapshot["content"] == "loves climbing"
+    # forget: every snapshot is a tombstone, nothing of the content is left
+    assert [dict(h.snapshot) for h in hist] == [{"id": e.id, "forgotten": True}] * 2
     g = backend.generation
     assert backend.delete(e.id) is False
     assert backend.delete("never-existed") is False
@@ -497,13 +498,16 @@ def test_history_is_ordered_and_snapshots_the_state_after_each_change(backend: S
     backend.upsert([e])
     backend.upsert([ent("H", "v", t=0, meta={"n": 1}, updated_at=T0 + 10)])
     backend.supersede(e.id, T0 + 20)
-    backend.delete(e.id, at=T0 + 30)
+    assert backend.revive(e.id, T0 + 25) is True
     hist = backend.history(e.id)
     assert [(h.seq, h.op, h.at) for h in hist] == [
-        (1, "create", T0), (2, "update", T0 + 10), (3, "supersede", T0 + 20), (4, "delete", T0 + 30)]
+        (1, "create", T0), (2, "update", T0 + 10), (3, "supersede", T0 + 20), (4, "revive", T0 + 25)]
     assert [h.snapshot["metadata"]["n"] for h in hist] == [0, 1, 1, 1]
-    assert [h.snapshot["valid_to"] for h in hist] == [None, None, T0 + 20, T0 + 20]
+    assert [h.snapshot["valid_to"] for h in hist] == [None, None, T0 + 20, None]
     assert all(h.entity_id == e.id for h in hist)
+    backend.delete(e.id, at=T0 + 30)
+    assert [(h.seq, h.op, h.at, dict(h.snapshot)) for h in backend.history(e.id)][-1] == (
+        5, "delete", T0 + 30, {"id": e.id, "forgotten": True})
     assert backend.history("never") == []
 
 

@@ -1,7 +1,9 @@
 """Memory on the Sim path: the remember / recall pipelines end to end, validation, degradation."""
 
 import asyncio
+import contextlib
 
+import numpy as np
 import pytest
 
 import umi
@@ -17,6 +19,16 @@ from umi import (
 )
 from umi.sim import FaultInjector, FaultType
 
+
+
+def exported(m):
+    """What ``m.export`` writes, as records."""
+    import io
+    import json
+
+    buf = io.StringIO()
+    m.export_sync(buf)
+    return [json.loads(line) for line in buf.getvalue().splitlines()]
 
 @pytest.fixture
 def memory():
@@ -243,3 +255,163 @@ def test_sync_twin_works_inside_a_running_loop_thread():
 
     r, (a, b) = asyncio.run(main())
     assert r.entity_count == 2 and a and b
+
+
+# --- remember_many -------------------------------------------------------------
+
+STORY = [
+    "Alice works at Acme Corp",
+    "Bob lives in Berlin",
+    "Alice left Acme and now works at Initech",  # supersedes a fact of the same chunk
+    "Bob lives in Berlin",  # the same text twice in one chunk
+    "Carol has two cats",
+    "Alice works at Acme Corp",  # told again after it was superseded: restated, revived
+    "Dave owns a red car",
+    "Dave does not own a red car",
+]
+
+
+def outcome(results):
+    return [(r.duplicate, [e.id for e in r.entities],
+             sorted((ev.source_id, ev.target_id, ev.evolution_type.value) for ev in r.evolutions),
+             r.warnings) for r in results]
+
+
+def stored(m):
+    return sorted((d["id"], d["valid_to"] is None) for d in exported(m) if d["kind"] == "entity")
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 128])
+def test_remember_many_gives_what_remembering_one_by_one_gives(chunk_size):
+    with umi.Memory.sim(seed=9) as one, umi.Memory.sim(seed=9) as many:
+        singles = [one.remember_sync(t) for t in STORY]
+        batch = many.remember_many_sync(STORY, chunk_size=chunk_size)
+        assert outcome(batch) == outcome(singles)
+        assert stored(many) == stored(one)
+        # the chunk's own texts evolve each other: text 2 updates text 0, text 5 restates text 0
+        assert {ev.source_id for ev in batch[2].evolutions} >= {e.id for e in batch[0].entities}
+        assert batch[5].evolutions and batch[7].evolutions[0].evolution_type == EvolutionType.CONTRADICT
+
+
+def test_remember_many_batches_embeddings_and_transactions(monkeypatch):
+    texts = [f"Person{i} plays the violin" for i in range(7)]
+    with umi.Memory.sim(seed=2) as m:
+        m.remember_sync("warm up: record the embedder")
+        embed_calls, commits, progress = [], [], []
+        real_aembed, real_tx = m.embedder.aembed, m.storage.transaction
+
+        async def aembed(batch, *, kind="passage"):
+            embed_calls.append(len(batch))
+            return await real_aembed(batch, kind=kind)
+
+        depth = [0]
+
+        @contextlib.contextmanager
+        def transaction():  # count the outermost transactions: the commits
+            commits.append(1) if depth[0] == 0 else None
+            depth[0] += 1
+            try:
+                with real_tx():
+                    yield
+            finally:
+                depth[0] -= 1
+
+        monkeypatch.setattr(m.embedder, "aembed", aembed)
+        monkeypatch.setattr(m.storage, "transaction", transaction)
+        results = m.remember_many_sync(texts, RememberOptions().without_evolution(), chunk_size=3,
+                                       progress=lambda done, total: progress.append((done, total)))
+        assert [r.entity_count for r in results] == [1] * 7
+        assert embed_calls == [3, 3, 1] and len(commits) == 3  # one batch, one transaction per chunk
+        assert progress == [(3, 7), (6, 7), (7, 7)]
+
+
+def test_remember_many_validates_every_text_before_storing_any():
+    with umi.Memory.sim(seed=2) as m:
+        with pytest.raises(EmptyTextError) as ei:
+            m.remember_many_sync(["Erin plays chess", "Frank sails", "   "])
+        assert "texts[2]; nothing was stored" in ei.value.__notes__
+        with pytest.raises(TypeError, match="single str"):
+            m.remember_many_sync("Erin plays chess")
+        with pytest.raises(umi.InvalidConfigError, match=r"\[1, 10000\]"):
+            m.remember_many_sync(["x"], chunk_size=0)
+        assert m.count_sync() == 0
+        assert m.remember_many_sync([]) == []
+
+
+def test_a_failed_chunk_leaves_the_chunks_before_it():
+    faults = FaultInjector(seed=4, probabilities={})
+    with umi.Memory.sim(seed=4, faults=faults) as m:
+        seen = []
+
+        def progress(done, total):
+            seen.append(done)
+            if done == 2:
+                faults.set_probability(FaultType.STORAGE_WRITE_FAIL, 1.0)
+
+        with pytest.raises(umi.StorageError):
+            m.remember_many_sync(["Gus plays golf", "Hal plays hockey", "Ian plays tennis"],
+                                 chunk_size=2, progress=progress)
+        faults.set_probability(FaultType.STORAGE_WRITE_FAIL, 0.0)
+        assert seen == [2] and sorted(e.name for e in m.recall_sync("plays")) == ["Gus", "Hal"]
+
+
+# --- update --------------------------------------------------------------------
+
+def test_update_is_a_correction_with_history_and_a_new_vector(memory):
+    r = memory.remember_sync("Alice works at Acme Corp")
+    alice = by_name(r.entities, "Alice")[0]
+    acme = by_name(r.entities, "Acme Corp")[0]
+    u = memory.update_sync(alice.id, "Alice now leads the Apollo project")
+    (new,) = u.entities
+    assert (new.name, new.entity_type, new.confidence) == ("Alice", EntityType.PERSON, 1.0)
+    assert new.embedding is not None and not np.allclose(new.embedding, memory.get_sync(alice.id).embedding)
+    assert memory.get_sync(alice.id).valid_to == new.created_at  # kept, superseded
+    assert memory.get_sync(acme.id).valid_to is not None  # the other facet of the same statement too
+    rels = memory.relations_sync(alice.id)
+    assert [(x.source_id, x.target_id, x.evolution_type) for x in rels] == [(alice.id, new.id, EvolutionType.UPDATE)]
+    assert [h.op for h in memory.history_sync(alice.id)] == ["create", "supersede"]
+    hits = memory.recall_sync("What does Alice do?")
+    assert new.id in [h.id for h in hits] and alice.id not in [h.id for h in hits]
+    assert memory.get_sync(new.id).source_id == u.source_id
+    with pytest.raises(umi.ValidationError, match="superseded"):
+        memory.update_sync(alice.id, "Alice retired")
+    with pytest.raises(umi.ValidationError, match="no fact with id"):
+        memory.update_sync("no-such-id", "x")
+    with pytest.raises(EmptyTextError):
+        memory.update_sync(new.id, "  ")
+    same = memory.update_sync(new.id, "Alice now leads the Apollo project")
+    assert same.entities == [] and "same fact" in same.warnings[0]
+
+
+def test_update_stays_in_the_facts_scope():
+    with umi.Memory.sim(seed=3) as m:
+        alice, bob = m.scoped(user_id="alice"), m.scoped(user_id="bob")
+        fact = alice.remember_sync("Kim lives in Oslo").entities[0]
+        with pytest.raises(umi.ValidationError, match="no fact with id"):
+            bob.update_sync(fact.id, "Kim lives in Rome")
+        new = m.update_sync(fact.id, "Kim lives in Rome").entities[0]  # the admin corrects alice's fact
+        assert new.scope == umi.Scope(user_id="alice") and alice.get_sync(new.id) is not None
+        assert bob.recall_sync("Kim") == []
+
+
+# --- faces -----------------------------------------------------------------------
+
+def test_every_verb_has_a_generated_blocking_twin():
+    import inspect
+
+    verbs = [n for n, f in vars(umi.Memory).items() if inspect.iscoroutinefunction(f) and not n.startswith("_")
+             and n not in ("aclose",)]
+    assert set(verbs) >= {"remember", "remember_many", "update", "recall", "get", "forget", "forget_source",
+                          "forget_scope", "count", "history", "relations", "core_history", "export", "import_"}
+    for n in verbs:
+        twin = getattr(umi.Memory, n.rstrip("_") + "_sync")
+        assert twin.__name__ == n.rstrip("_") + "_sync" and inspect.signature(twin) == inspect.signature(getattr(umi.Memory, n))
+
+
+def test_config_sizes_every_scopes_core_and_working_memory():
+    cfg = umi.MemoryConfig(core_memory_bytes=1024, working_memory_bytes=2048)
+    with umi.Memory.sim(seed=1, config=cfg) as m:
+        v = m.scoped(user_id="zed")
+        assert v.core.max_bytes == 1024 and v.working.max_bytes == 2048
+        with pytest.raises(umi.CoreMemoryFullError):
+            v.core.set_block("human", "x" * 1025)

@@ -169,3 +169,46 @@ def test_updates_need_the_facts_to_speak_of_the_same_thing():
     hobby = Candidate("x", "Bob", "person", "Bob plays chess")
     got = {d.candidate_id: d.evolution_type for d in rule_classify(moved, [home, hobby])}
     assert got == {"h": EvolutionType.UPDATE, "x": EvolutionType.EXTEND}
+
+
+# --- issue 10: every sentence kept; sentence starts, numbers and amounts are not people -------
+
+
+def test_issue_example_sentence_start_is_not_a_person():
+    assert rule_extract("Budget is tight this quarter.") == []
+    assert names("We raised 5M from Sequoia.") == [("Sequoia", EntityType.PERSON)]
+    assert rule_extract("5M is a lot") == [] and rule_extract("2024 was a good year") == []
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("In Chicago it snowed.", ["Chicago"]),
+    ("Took Biscuit to the vet.", ["Biscuit"]),
+    ("Welcome, Miso!", ["Miso"]),
+    ("Honestly the nights wreck my sleep.", ["User"]),
+    ("Congratulations on the promotion!", []),
+    ("Planning the trip with Jordan.", ["Jordan"]),
+    ("Grace studies marine biology", ["Grace"]),
+    ("Will is here. I met Will yesterday.", ["Will", "User", "Will"]),  # capitalised mid-sentence: a name
+])
+def test_only_names_start_names(text, expected):
+    assert [e.name for e in rule_extract(text)] == expected
+
+
+def test_with_leftovers_keeps_every_sentence_once():
+    from umi.pipeline.extraction import uncovered_sentences, with_leftovers
+
+    text = "Alice works at Acme Corp.\nwe agreed the budget is five million dollars"
+    found = rule_extract(text)
+    assert uncovered_sentences(text, found) == ["we agreed the budget is five million dollars"]
+    kept, left = with_leftovers(text, found)
+    assert left == 1 and kept[:-1] == found
+    assert (kept[-1].entity_type, kept[-1].content) == (EntityType.NOTE, "we agreed the budget is five million dollars")
+    assert with_leftovers("Bob plays chess.", rule_extract("Bob plays chess.")) == (rule_extract("Bob plays chess."), 0)
+    whole, n = with_leftovers("the weather is nice. it may rain", [])
+    assert n == 1 and [(e.entity_type, e.content) for e in whole] == [(EntityType.NOTE, "the weather is nice. it may rain")]
+    # an LLM that rephrases still covers the sentence (5-letter stems); one that drops it does not
+    from umi.pipeline.extraction import ExtractedEntity
+
+    llm = [ExtractedEntity("User", EntityType.SELF, "User works as an ER nurse at Northwestern Memorial")]
+    assert uncovered_sentences("I work as an ER nurse at Northwestern Memorial. My cat is called Miso.", llm) == [
+        "My cat is called Miso."]

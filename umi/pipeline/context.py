@@ -1,26 +1,56 @@
 """What a pipeline run needs: the parts a Memory was built from, and how to call them.
 
 Pipelines never do I/O themselves; they ``await ctx.io(fn, ...)`` for storage and
-blocking providers, and ``await ctx.llm.acomplete_json(...)`` for LLM calls.
+blocking providers, and ``await ctx.ask(...)`` / ``await ctx.embed(...)`` for providers.
+
+Provider failures are mapped here, once: whatever an LLM raises leaves :meth:`ask` as a
+:class:`umi.ProviderError` (its own ``ProviderError`` subclasses unchanged, anything else
+— a raw ``ConnectionError`` from a custom provider, a bug — wrapped and chained), and
+whatever an embedder raises leaves :meth:`embed` as an :class:`umi.EmbeddingError` (or a
+``ProviderError`` it raised itself). The pipelines then degrade as documented.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, TypeVar
 
 import numpy as np
 
-from ..errors import EmbeddingError, ProviderError, UmiError
+from ..errors import EmbeddingError, InvalidResponseError, ProviderError
 from ..options import MemoryConfig
 from ..providers.base import EmbeddingProvider, EmbedKind, LLMProvider, LLMResult, Task
-from ..storage.base import StorageBackend
+from ..storage.base import SearchFilters, Source, StorageBackend
 from ..types import Usage
 from . import schemas
 
 T = TypeVar("T")
 
-__all__ = ["PipelineContext"]
+__all__ = ["PipelineContext", "WriteLock", "provider_failure"]
+
+
+class WriteLock:
+    """The one write lock of a store, shared by every view of it.
+
+    An ``asyncio.Lock`` made on first use (on the Memory's loop, where every pipeline runs).
+    Writers hold it only from their read plan to their commit, never across a provider call.
+    """
+
+    def __init__(self) -> None:
+        self._lock: asyncio.Lock | None = None
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    async def __aenter__(self) -> None:
+        await self.lock.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.lock.release()
 
 
 @dataclass
@@ -31,13 +61,54 @@ class PipelineContext:
     config: MemoryConfig
     io: Callable[..., Awaitable[Any]]
     now_ms: Callable[[], int]
+    write_lock: WriteLock = field(default_factory=WriteLock)
+    #: the view's ``umi.Scope`` (None: the unscoped admin view, which sees every scope)
+    scope: Any = None
+
+    # --- scope rules, in one place for every pipeline -------------------------------------
+    def entity_scope(self) -> dict[str, Any]:
+        """Keyword arguments that stamp a new Entity / relation with the view's scope."""
+        return {} if self.scope is None else {"scope": self.scope}
+
+    def filters(self, **kw: Any) -> SearchFilters:
+        """Search filters seen through this view (the caller's other filters in ``kw``)."""
+        if self.scope is not None and kw.get("scope") is None:
+            kw["scope"] = self.scope
+        return SearchFilters(**kw)
+
+    def user_filters(self, **kw: Any) -> SearchFilters:
+        """Filters over every fact of the view's user (any agent or session of it)."""
+        if self.scope is not None and self.scope.user_id is not None:
+            kw["scope"] = type(self.scope)(user_id=self.scope.user_id)
+        return SearchFilters(**kw)
+
+    def user_id(self) -> str | None:
+        return None if self.scope is None else self.scope.user_id
+
+    def same_user(self, e: Any, user_id: str | None) -> bool:
+        """Evolution and dedup compare facts of one user only (agent/session facets included)."""
+        scope = getattr(e, "scope", None)
+        return (None if scope is None else scope.user_id) == user_id
+
+    def source_for(self, text: str, at: int, metadata: Any) -> Source:
+        return Source.for_text(text, at, metadata, **self.entity_scope())
 
     async def ask(self, task: Task, prompt: str, usage: Usage) -> dict[str, Any]:
         """One structured LLM call; adds its usage. Raises ProviderError subclasses."""
         assert self.llm is not None
-        result: LLMResult = await self.llm.acomplete_json(
-            schemas.SYSTEMS[task], prompt, schemas.SCHEMAS[task], task=task
-        )
+        try:
+            result: LLMResult = await self.llm.acomplete_json(
+                schemas.SYSTEMS[task], prompt, schemas.SCHEMAS[task], task=task
+            )
+        except ProviderError:
+            raise
+        except Exception as exc:  # a custom provider's ConnectionError, a bug: degrade, never escape raw
+            name = getattr(self.llm, "name", type(self.llm).__name__)
+            raise ProviderError(f"LLM provider {name!r} failed on {task}: {type(exc).__name__}: {exc}",
+                                provider=str(name)) from exc
+        if not isinstance(result, LLMResult) or not isinstance(result.data, dict):
+            raise InvalidResponseError(f"LLM provider answered {task} with {type(result).__name__}, "
+                                       "not an LLMResult holding a dict")
         usage.add(result.usage)
         return result.data
 
@@ -52,11 +123,12 @@ class PipelineContext:
             chunk = texts[i : i + bs]
             try:
                 vecs = await self.embedder.aembed(chunk, kind=kind)
-            except UmiError:
+                vecs = np.asarray(vecs, dtype=np.float32)
+            except (EmbeddingError, ProviderError):
                 raise
             except Exception as exc:  # a provider bug must not lose the memory: report as EmbeddingError
-                raise EmbeddingError(f"embedding provider {self.embedder.name!r} failed: {exc}") from exc
-            vecs = np.asarray(vecs, dtype=np.float32)
+                raise EmbeddingError(f"embedding provider {self.embedder.name!r} failed: "
+                                     f"{type(exc).__name__}: {exc}") from exc
             if vecs.shape != (len(chunk), self.embedder.dim) or not np.all(np.isfinite(vecs)):
                 raise EmbeddingError(
                     f"embedding provider {self.embedder.name!r} returned shape {vecs.shape}, "

@@ -5,8 +5,15 @@ sentences are split; capitalised name spans are found (a pronoun/function-word
 stop-list keeps "He", "The", "Monday" out of names); each span gets a type from
 suffix and context rules (organisation suffixes, "works at X", "lives in X",
 "Project X", event words); pronouns are resolved to the last person named; first-
-person statements become facts about ``self``. A text with no named thing becomes
-one ``note``.
+person statements become facts about ``self``.
+
+Capitalisation at the start of a sentence is no evidence of a name: there a word that is
+common English ("Budget is tight this quarter.") is not a name unless the text also
+writes it capitalised mid-sentence, and numbers or amounts ("5M") never start a name.
+
+Nothing told is lost: :func:`with_leftovers` checks that every sentence of the text is
+covered by some extracted fact (by rules or by an LLM) and keeps the sentences that are
+not as one ``note`` of the text.
 """
 
 from __future__ import annotations
@@ -17,8 +24,10 @@ from typing import Any, Mapping
 
 from ..errors import InvalidResponseError
 from ..types import ENTITY_NAME_BYTES_MAX, EntityType
+from ._lexicon import COMMON_WORDS
 
-__all__ = ["ExtractedEntity", "rule_extract", "parse_extraction", "note_for", "split_sentences"]
+__all__ = ["ExtractedEntity", "rule_extract", "parse_extraction", "note_for", "split_sentences",
+           "with_leftovers", "uncovered_sentences"]
 
 SELF_NAME = "User"
 NOTE_NAME_CHARS = 60
@@ -83,26 +92,58 @@ def split_sentences(text: str) -> list[str]:
 
 
 def _is_cap(tok: str) -> bool:
-    return tok[:1].isupper() or (tok[:1].isdigit() and any(c.isupper() for c in tok))
+    """A word that may be part of a name: capitalised, not starting with a digit ("5M", "2024")."""
+    return tok[:1].isupper()
 
 
-def _name_spans(sentence: str) -> list[tuple[int, int, str]]:
-    """(start, end, name) of runs of capitalised words; 'of'/'&' may join two runs."""
+_COMMON_SUFFIXES = ("ing", "ings", "tion", "tions", "sion", "ment", "ments", "ness", "ity", "ful", "less",
+                    "ous", "able", "ible", "ism")
+
+
+def looks_common(word: str) -> bool:
+    """Is ``word`` (any case) a common English word rather than a name? A lexicon, plurals of
+    it, and the suffixes of common nouns and adjectives ("Planning", "Decisions")."""
+    w = word.lower().rstrip(".'")
+    if w.endswith("'s"):
+        w = w[:-2]
+    if w in COMMON_WORDS or w in STOP_CAPS:
+        return True
+    if w.endswith("s") and (w[:-1] in COMMON_WORDS or (w.endswith("es") and w[:-2] in COMMON_WORDS)):
+        return True
+    return len(w) > 5 and w.endswith(_COMMON_SUFFIXES)
+
+
+def _joinable(sentence: str, end: int, start: int) -> bool:
+    """Only white space may stand between two words of one name ("Welcome, Miso" is not a name)."""
+    return not sentence[end:start].strip()
+
+
+def _name_spans(sentence: str, mid_caps: frozenset[str] = frozenset()) -> list[tuple[int, int, str]]:
+    """(start, end, name) of runs of capitalised words; 'of'/'&' may join two runs.
+
+    The sentence's first word is a name (or part of one) only when it is not common English
+    (:func:`looks_common`), or when ``mid_caps`` — the words the text capitalises
+    mid-sentence — holds it.
+    """
     toks = [(m.start(), m.end(), m.group(0)) for m in _WORD.finditer(sentence)]
     spans: list[tuple[int, int, str]] = []
     i = 0
     while i < len(toks):
         s, e, w = toks[i]
         bare = w.rstrip(".'").lower()
+        if i == 0 and _is_cap(w) and looks_common(w) and _bare(w) not in mid_caps:
+            i += 1  # "Budget is tight", "In Chicago", "Took Biscuit": the capital is the sentence's
+            continue
         if _is_cap(w) and bare not in STOP_CAPS and not (bare.endswith("'s") and bare[:-2] in STOP_CAPS):
             j = i
             end = e
-            while j + 1 < len(toks):
+            while j + 1 < len(toks) and _joinable(sentence, end, toks[j + 1][0]):
                 nw = toks[j + 1][2]
                 if _is_cap(nw) and nw.rstrip(".'").lower() not in STOP_CAPS:
                     j += 1
                     end = toks[j][1]
-                elif nw in ("of", "&", "de", "van", "von") and j + 2 < len(toks) and _is_cap(toks[j + 2][2]):
+                elif (nw in ("of", "&", "de", "van", "von") and j + 2 < len(toks) and _is_cap(toks[j + 2][2])
+                      and _joinable(sentence, toks[j + 1][1], toks[j + 2][0])):
                     j += 2
                     end = toks[j][1]
                 else:
@@ -117,6 +158,21 @@ def _name_spans(sentence: str) -> list[tuple[int, int, str]]:
         else:
             i += 1
     return spans
+
+
+def _bare(word: str) -> str:
+    w = word.lower().rstrip(".'")
+    return w[:-2] if w.endswith("'s") else w
+
+
+def _mid_caps(sentences: list[str]) -> frozenset[str]:
+    """Words the text writes capitalised somewhere other than at a sentence's start."""
+    out = set()
+    for sentence in sentences:
+        for k, m in enumerate(_WORD.finditer(sentence)):
+            if k > 0 and _is_cap(m.group(0)):
+                out.add(_bare(m.group(0)))
+    return frozenset(out)
 
 
 def _classify(name: str, before: str, after: str) -> EntityType:
@@ -146,8 +202,10 @@ def rule_extract(text: str) -> list[ExtractedEntity]:
     out: list[ExtractedEntity] = []
     seen: set[tuple[str, str, str]] = set()
     last_person: str | None = None
-    for sentence in split_sentences(text):
-        spans = _name_spans(sentence)
+    sentences = split_sentences(text)
+    mid_caps = _mid_caps(sentences)
+    for sentence in sentences:
+        spans = _name_spans(sentence, mid_caps)
         # Resolve person pronouns to the last person named (in this sentence or before).
         resolved = sentence
         if last_person and not any(_classify(n, sentence[:s], sentence[e:]) == EntityType.PERSON for s, e, n in spans):
@@ -176,6 +234,52 @@ def rule_extract(text: str) -> list[ExtractedEntity]:
             conf = 0.9 if et != EntityType.PERSON or name in sentence else 0.7
             out.append(ExtractedEntity(name=name, entity_type=et, content=content, confidence=conf))
     return out
+
+
+_COVER_STOP = frozenset(
+    "a an the is are was were be been am to of in on at for and or but with as by it its this that i me my "
+    "we our you your he she him her his they them their so do does did have has had not no".split()
+)
+
+
+def _cover_keys(text: str) -> list[str]:
+    """What a sentence says, for the coverage check: its words, stop words out, cut to 5 letters
+    (so "work" and "works" agree when an LLM rephrases)."""
+    words = [w.lower() for w in re.findall(r"[^\W_]+", text)]
+    keys = [w[:5] for w in words if w not in _COVER_STOP]
+    return keys or [w[:5] for w in words]
+
+
+#: share of a sentence's words that the extracted facts must hold for the sentence to count as kept
+COVERAGE_MIN = 0.5
+
+
+def uncovered_sentences(text: str, found: list[ExtractedEntity]) -> list[str]:
+    """Sentences of ``text`` whose words the facts in ``found`` (names and contents) do not hold."""
+    held: set[str] = set()
+    for f in found:
+        held.update(_cover_keys(f.name))
+        held.update(_cover_keys(f.content))
+    out = []
+    for sentence in split_sentences(text):
+        keys = _cover_keys(sentence)
+        if keys and sum(k in held for k in keys) < COVERAGE_MIN * len(keys):
+            out.append(sentence)
+    return out
+
+
+def with_leftovers(text: str, found: list[ExtractedEntity]) -> tuple[list[ExtractedEntity], int]:
+    """``found`` plus, when some sentences are not in any fact, one ``note`` holding them.
+
+    Returns the facts and how many sentences the note holds (0: every sentence was kept).
+    A text none of whose sentences was attached becomes one note of the whole text.
+    """
+    left = uncovered_sentences(text, found)
+    if not left:
+        return found, 0
+    if not found or len(left) == len(split_sentences(text)):
+        return [*found, note_for(text)], len(left)
+    return [*found, note_for("\n".join(left))], len(left)
 
 
 def note_for(text: str) -> ExtractedEntity:

@@ -5,24 +5,35 @@ fusion, with filters applied inside each search. Deep path (asked for, or by the
 rule in :mod:`umi.pipeline.retrieval`): the query is rewritten into 2–4 variants
 (LLM, or rules when there is none), each searched the fast way, and every list is
 fused together. Results carry their fused score; ties break by id.
+
+Results are **statements**: facts that share one source and one normalised content (the
+facets of a sentence about several names) are returned once, as the best-ranked facet,
+with ``mentions`` holding the names of every facet found; ``limit`` counts statements.
+``as_of`` answers from each fact's history, so a fact that was superseded and later
+restated is not shown as current in between.
+
+Degradation is reported, not only logged: :class:`RecallResult` is the list of results
+with ``warnings`` (query embedding failed, vector search skipped, rewriting failed).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import EmptyQueryError, ProviderError, UmiError
+from ..errors import EmbeddingError, EmptyQueryError, ProviderError
 from ..options import RecallOptions, check_limit
 from ..storage.base import SearchFilters
 from ..types import Entity, Usage
 from . import schemas
-from .context import PipelineContext
+from .context import PipelineContext, provider_failure
+from .remember import statement_key
 from .retrieval import needs_deep_search, query_names, rrf_fuse, rule_rewrite
 
-__all__ = ["validate_query", "recall", "filters_for"]
+__all__ = ["validate_query", "recall", "filters_for", "RecallResult", "current_at"]
 
 log = logging.getLogger("umi.recall")
 QUERY_BYTES_MAX = 10_000
@@ -42,14 +53,42 @@ def validate_query(query: object) -> str:
     return query
 
 
-def filters_for(opts: RecallOptions) -> SearchFilters:
-    return SearchFilters(
+class RecallResult(list[Entity]):
+    """What ``recall`` returns: a ``list[Entity]`` of statements, best first, plus ``warnings``
+    — how this recall degraded (empty when it did not)."""
+
+    warnings: tuple[str, ...]
+
+    def __init__(self, entities: Iterable[Entity] = (), warnings: Sequence[str] = ()) -> None:
+        super().__init__(entities)
+        self.warnings = tuple(warnings)
+
+    def __repr__(self) -> str:
+        return f"RecallResult({list.__repr__(self)}, warnings={self.warnings!r})"
+
+
+def filters_for(opts: RecallOptions, ctx: PipelineContext | None = None) -> SearchFilters:
+    kw: dict[str, Any] = dict(
         entity_types=opts.entity_types,
         time_range=opts.time_range,
         metadata=opts.metadata,
         include_superseded=opts.include_superseded,
         as_of=opts.as_of,
     )
+    return ctx.filters(**kw) if ctx is not None else SearchFilters(**kw)
+
+
+def current_at(history: Sequence[Any], t: int) -> bool:
+    """Was the fact current at ``t``, by its history? The last change at or before ``t`` decides:
+    its snapshot's ``valid_to`` unset (or after ``t``). Nothing before ``t``: not yet stored."""
+    last: Mapping[str, Any] | None = None
+    for rec in history:
+        if rec.at <= t:
+            last = rec.snapshot
+    if last is None or last.get("forgotten"):
+        return False
+    vt = last.get("valid_to")
+    return vt is None or vt > t
 
 
 def _ranked_lists(ctx: PipelineContext, query: str, qvec: np.ndarray | None, filters: SearchFilters,
@@ -67,34 +106,67 @@ def _ranked_lists(ctx: PipelineContext, query: str, qvec: np.ndarray | None, fil
     return lists
 
 
-async def _embed_queries(ctx: PipelineContext, queries: list[str], opts: RecallOptions) -> list[np.ndarray | None]:
+async def _embed_queries(ctx: PipelineContext, queries: list[str], opts: RecallOptions,
+                         warnings: list[str]) -> list[np.ndarray | None]:
     if not opts.use_vector_search or ctx.embedder is None or ctx.storage.dim is None:
         return [None] * len(queries)
     try:
         vecs = await ctx.embed(queries, "query")
-    except UmiError as exc:
-        log.warning("query embedding failed, recalling by keywords and names only: %s", exc)
+    except (EmbeddingError, ProviderError) as exc:
+        msg = f"query embedding failed, recalled by keywords and names only: {provider_failure(exc)}"
+        log.warning("%s", msg)
+        warnings.append(msg)
         return [None] * len(queries)
     if vecs.shape[1] != ctx.storage.dim:
-        log.warning("embedder dim %d differs from stored dim %d; vector search skipped", vecs.shape[1], ctx.storage.dim)
+        msg = f"embedder makes {vecs.shape[1]}-d vectors but the store holds {ctx.storage.dim}-d; vector search skipped"
+        log.warning("%s", msg)
+        warnings.append(msg)
         return [None] * len(queries)
     return list(vecs)
 
 
-def _hydrate(ctx: PipelineContext, top: list[tuple[str, float]]) -> list[Entity]:
-    by_id = {e.id: e for e in ctx.storage.get_many([i for i, _ in top])}
+def _statements(ctx: PipelineContext, fused: list[tuple[str, float]], limit: int,
+                as_of: int | None) -> list[Entity]:
+    """The best ``limit`` statements of a fused ranking, each once, with the names it mentions.
+
+    Walks the ranking in chunks (hydrating one chunk per storage call) until ``limit``
+    statements are found; a copy of an earlier statement adds its name to ``mentions``."""
     out: list[Entity] = []
-    for id_, score in top:
-        e = by_id.get(id_)
-        if e is not None:
-            e = copy.copy(e)  # never mutate a backend's cached object
-            e.score = score
-            out.append(e)
+    groups: dict[tuple[str, str], tuple[Entity, list[str]]] = {}
+    chunk = max(2 * limit, 20)
+    pos = 0
+    while pos < len(fused) and len(out) < limit:
+        part = fused[pos : pos + chunk]
+        pos += chunk
+        by_id = {e.id: e for e in ctx.storage.get_many([i for i, _ in part])}
+        for id_, score in part:
+            e = by_id.get(id_)
+            if e is None or (as_of is not None and not current_at(ctx.storage.history(e.id), as_of)):
+                continue
+            key = statement_key(e)
+            got = groups.get(key)
+            if got is None:
+                if len(out) >= limit:
+                    continue
+                rep = copy.copy(e)  # never mutate a backend's cached object
+                rep.score = score
+                groups[key] = (rep, [e.name])
+                out.append(rep)
+            elif e.name not in got[1]:
+                got[1].append(e.name)
+    for rep, names in groups.values():
+        low = rep.content.casefold()
+
+        def place(n: str) -> tuple[int, str]:
+            i = low.find(n.casefold())
+            return (i if i >= 0 else len(low), n)
+
+        rep.mentions = tuple(sorted(names, key=place))
     return out
 
 
 def _fast_path(ctx: PipelineContext, query: str, qvec: np.ndarray | None, filters: SearchFilters, k: int,
-               limit: int, deep: bool | None) -> tuple[list[list[str]], bool, list[Entity] | None]:
+               limit: int, deep: bool | None, as_of: int | None) -> tuple[list[list[str]], bool, list[Entity] | None]:
     """Search, fuse, decide on the deep path, and hydrate when it is not needed — in one I/O hop."""
     lists = _ranked_lists(ctx, query, qvec, filters, k)
     fused = rrf_fuse(lists, ctx.config.rrf_k)
@@ -102,31 +174,41 @@ def _fast_path(ctx: PipelineContext, query: str, qvec: np.ndarray | None, filter
         deep = needs_deep_search(query, fused, limit, ctx.config.deep_search_threshold)
     if deep:
         return lists, True, None
-    return lists, False, _hydrate(ctx, fused[:limit])
+    return lists, False, _statements(ctx, fused, limit, as_of)
 
 
-async def recall(ctx: PipelineContext, query: str, opts: RecallOptions) -> list[Entity]:
+def _deep_path(ctx: PipelineContext, lists: list[list[str]], variants: list[str],
+               vvecs: list[np.ndarray | None], filters: SearchFilters, k: int, limit: int,
+               as_of: int | None) -> list[Entity]:
+    """Every variant searched, everything fused and hydrated — in one I/O hop."""
+    for v, vv in zip(variants, vvecs):
+        lists.extend(_ranked_lists(ctx, v, vv, filters, k))
+    return _statements(ctx, rrf_fuse(lists, ctx.config.rrf_k), limit, as_of)
+
+
+async def recall(ctx: PipelineContext, query: str, opts: RecallOptions) -> RecallResult:
     limit = check_limit(opts.limit) if opts.limit is not None else ctx.config.recall_limit
-    filters = filters_for(opts)
+    filters = filters_for(opts, ctx)
     k = max(limit * 3, 20)
-    (qvec,) = await _embed_queries(ctx, [query], opts)
-    lists, deep, found = await ctx.io(_fast_path, ctx, query, qvec, filters, k, limit, opts.deep_search)
+    warnings: list[str] = []
+    (qvec,) = await _embed_queries(ctx, [query], opts, warnings)
+    lists, deep, found = await ctx.io(_fast_path, ctx, query, qvec, filters, k, limit, opts.deep_search,
+                                      opts.as_of)
     if not deep:
         assert found is not None
-        return found
+        return RecallResult(found, warnings)
     variants: list[str] = []
     if ctx.llm is not None:
         try:
             data = await ctx.ask("rewrite_query", schemas.rewrite_prompt(query), Usage())
             variants = [v for v in data.get("queries", []) if isinstance(v, str) and v.strip()][:4]
         except ProviderError as exc:
-            log.warning("query rewriting failed, using rule rewrites: %s", exc)
+            msg = f"query rewriting failed, used rule rewrites: {provider_failure(exc)}"
+            log.warning("%s", msg)
+            warnings.append(msg)
     if not variants:
         variants = rule_rewrite(query)
     variants = [v for v in dict.fromkeys(variants) if v.strip().lower() != query.strip().lower()]
-    if variants:
-        vvecs = await _embed_queries(ctx, variants, opts)
-        for v, vv in zip(variants, vvecs):
-            lists.extend(await ctx.io(_ranked_lists, ctx, v, vv, filters, k))
-    fused = rrf_fuse(lists, ctx.config.rrf_k)
-    return await ctx.io(_hydrate, ctx, fused[:limit])
+    vvecs = await _embed_queries(ctx, variants, opts, warnings) if variants else []
+    found = await ctx.io(_deep_path, ctx, lists, variants, vvecs, filters, k, limit, opts.as_of)
+    return RecallResult(found, warnings)

@@ -1,33 +1,53 @@
-"""The remember pipeline.
+"""The remember pipeline: a read plan and one commit.
 
-validate → exact-duplicate check (source hash) → extract (LLM, or rules) → embed all
-new entities in one batch → for each new entity: find candidates (current facts with
-the same name, nearest vectors) and classify the evolution (LLM, or rules) → one
-transaction: entities, relations, supersession, history, source → result.
+validate → exact-duplicate look (no lock) → extract (LLM, or rules; every sentence kept)
+→ embed in one batch → **read plan**, one I/O hop: which facts exist (current or
+superseded), evolution candidates of each new fact (same name, nearest vectors), the
+other facets of every candidate's statement, what had replaced each restated fact →
+classify evolutions (LLM, or rules; no lock held) → **commit**, one I/O hop under the
+write lock: if another writer committed since the plan was read (the store's
+``generation`` moved), the plan is read and classified again; after
+``OPTIMISTIC_ATTEMPTS`` such rounds the lock is held from plan to commit.
 
-Degradation is reported in ``RememberResult.warnings``, never hidden: extraction
-fails → the text is stored as one note; embedding fails → stored without vectors
-(keyword search still finds them); evolution classification fails → stored without
-relations; storage fails → ``StorageError`` and nothing half-written.
+Lifecycle rules kept here (DESIGN.md):
+
+* A fact told again while current is not stored again. A fact told again after it was
+  superseded is **revived**, and what had replaced it is retired, with an ``update``
+  relation from the replacement to the restated fact saying so.
+* An ``update`` / ``contradict`` retires the older fact (and the other facets of its
+  statement) only at ``confidence >= MemoryConfig.supersede_confidence``; below it the
+  relation is recorded and both stay current.
+* A source row is stored only when a new fact comes from it, so forgetting every fact of a
+  text leaves nothing of the text behind, and the same text can be remembered again.
+
+Degradation is reported in ``RememberResult.warnings``, never hidden: extraction fails →
+the text is stored as one note; embedding fails → stored without vectors (keyword search
+still finds them); evolution classification fails → stored without relations; storage
+fails → ``StorageError`` and nothing half-written.
 """
 
 from __future__ import annotations
 
 import asyncio
+import uuid
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 
-from ..errors import EmptyTextError, ProviderError, TextTooLongError, UmiError
+from ..errors import EmbeddingError, EmptyTextError, ProviderError, TextTooLongError
 from ..options import RememberOptions
 from ..storage.base import SearchFilters, Source
-from ..types import Entity, EvolutionRelation, RememberResult, normalize_content
+from ..types import UMI_NAMESPACE, Entity, EvolutionRelation, EvolutionType, RememberResult, normalize_content
 from . import schemas
 from .context import PipelineContext, provider_failure
 from .evolution import Candidate, EvolutionDecision, parse_evolution, rule_classify
-from .extraction import ExtractedEntity, note_for, parse_extraction, rule_extract
+from .extraction import ExtractedEntity, note_for, parse_extraction, rule_extract, with_leftovers
 
-__all__ = ["validate_text", "remember"]
+__all__ = ["validate_text", "remember", "remember_many", "statement_key", "OPTIMISTIC_ATTEMPTS"]
+
+#: read-plan rounds without the lock before a writer holds it from plan to commit
+OPTIMISTIC_ATTEMPTS = 3
 
 
 def validate_text(text: object, max_bytes: int) -> str:
@@ -43,6 +63,14 @@ def validate_text(text: object, max_bytes: int) -> str:
     return text
 
 
+def statement_key(e: Entity) -> tuple[str, str]:
+    """Facts with one source and one normalised content state one thing (the facets of a
+    sentence about several names). A fact without a source is its own statement."""
+    if e.source_id is None:
+        return ("", e.id)
+    return (e.source_id, normalize_content(e.content))
+
+
 async def _extract(ctx: PipelineContext, text: str, opts: RememberOptions,
                    result: RememberResult) -> list[ExtractedEntity]:
     if not opts.extract_entities:
@@ -56,14 +84,17 @@ async def _extract(ctx: PipelineContext, text: str, opts: RememberOptions,
         except ProviderError as exc:
             result.warnings.append(f"extraction failed, stored the text as one note: {provider_failure(exc)}")
             return [note_for(text)]
+    kept, left = with_leftovers(text, found)
     if not found:
         result.warnings.append("no entities found in the text; stored it as one note")
-        return [note_for(text)]
-    return found
+    elif left:
+        result.warnings.append(f"{left} sentence(s) named nothing the extractor could attach them to; "
+                               "kept them as one note of the text")
+    return kept
 
 
-def _build_entities(found: Sequence[ExtractedEntity], opts: RememberOptions, source_id: str,
-                    now: int) -> list[Entity]:
+def _build_entities(ctx: PipelineContext, found: Sequence[ExtractedEntity], opts: RememberOptions,
+                    source_id: str, now: int) -> list[Entity]:
     out: list[Entity] = []
     seen: set[str] = set()
     for f in found:
@@ -78,6 +109,7 @@ def _build_entities(found: Sequence[ExtractedEntity], opts: RememberOptions, sou
             updated_at=now,
             event_time=opts.event_time,
             source_id=source_id,
+            **ctx.entity_scope(),
         )
         if e.id not in seen:
             seen.add(e.id)
@@ -85,121 +117,350 @@ def _build_entities(found: Sequence[ExtractedEntity], opts: RememberOptions, sou
     return out
 
 
-def _candidates_for(ctx: PipelineContext, e: Entity) -> list[Candidate]:
-    """Current facts that a new entity may update: same name first, then nearest vectors."""
+# --- the read plan ----------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """What one read hop learned. Everything the commit needs, nothing it must read again."""
+
+    generation: int
+    now: int
+    duplicate: bool = False
+    known: dict[str, Entity] = field(default_factory=dict)  # extracted ids already stored
+    candidates: dict[str, list[Entity]] = field(default_factory=dict)  # new id -> older facts
+    facets: dict[str, list[Entity]] = field(default_factory=dict)  # candidate/replacement id -> other facets
+    replaced_by: dict[str, list[Entity]] = field(default_factory=dict)  # revived id -> current replacements
+
+    def signature(self) -> tuple[object, ...]:
+        """What the decisions were made from: two plans with one signature lead to one change set."""
+        def ids(m: dict[str, list[Entity]]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+            return tuple(sorted((k, tuple(e.id for e in v)) for k, v in m.items()))
+
+        return (self.duplicate, tuple(sorted((i, e.valid_to is None) for i, e in self.known.items())),
+                ids(self.candidates), ids(self.facets), ids(self.replaced_by))
+
+
+def _facets(ctx: PipelineContext, e: Entity) -> list[Entity]:
+    """The other current facts of ``e``'s statement (same source, same content)."""
+    if e.source_id is None:
+        return []
+    key = statement_key(e)
+    ids = [i for i in ctx.storage.entity_ids_for_source(e.source_id) if i != e.id]
+    return sorted((c for c in ctx.storage.get_many(ids) if c.valid_to is None and statement_key(c) == key),
+                  key=lambda c: c.id)
+
+
+def is_duplicate(ctx: PipelineContext, source: Source) -> bool:
+    """The exact text was told before (in this scope) and every fact it produced is current."""
+    if ctx.storage.get_source(source.id) is None:
+        return False
+    ids = ctx.storage.entity_ids_for_source(source.id)
+    return all(e.valid_to is None for e in ctx.storage.get_many(ids))
+
+
+def _candidates_for(ctx: PipelineContext, e: Entity, exclude: set[str]) -> list[Entity]:
+    """Current facts that a new entity may update: same name first, then nearest vectors;
+    only facts of the same user (DESIGN.md: evolution compares facts within one user)."""
     cap = ctx.config.evolution_candidates
     if cap == 0:
         return []
-    current = SearchFilters()
-    same = [c for c in ctx.storage.find_by_name(e.name, filters=current) if c.id != e.id]
+    current = ctx.user_filters()
+    user = ctx.user_id()
+    same = [c for c in ctx.storage.find_by_name(e.name, filters=current)
+            if c.id not in exclude and ctx.same_user(c, user)]
     same.sort(key=lambda c: (-c.created_at, c.id))
     picked = {c.id: c for c in same[:cap]}
     if e.embedding is not None and len(picked) < cap:
-        for cid, score in ctx.storage.search_vector(e.embedding, cap, current):
-            if cid != e.id and cid not in picked and score >= ctx.config.evolution_similarity:
-                got = ctx.storage.get(cid)
-                if got is not None and len(picked) < cap:
-                    picked[cid] = got
-    return [Candidate(c.id, c.name, c.entity_type.value, c.content) for c in picked.values()]
+        near = [cid for cid, score in ctx.storage.search_vector(e.embedding, cap + len(exclude), current)
+                if cid not in exclude and cid not in picked and score >= ctx.config.evolution_similarity]
+        for c in ctx.storage.get_many(near):
+            if len(picked) < cap and ctx.same_user(c, user):
+                picked[c.id] = c
+    return list(picked.values())
 
 
-async def _classify(ctx: PipelineContext, e: Entity, cands: list[Candidate],
+def _replacements(ctx: PipelineContext, old_id: str, ours: set[str]) -> list[Entity]:
+    """The current facts that replaced ``old_id``, following replacements of replacements
+    (Acme → Initech → Globex: restating Acme retires Globex)."""
+    seen = {old_id}
+    frontier = [old_id]
+    current: dict[str, Entity] = {}
+    while frontier:
+        nxt = sorted({r.target_id for fid in frontier for r in ctx.storage.relations_for(fid)
+                      if r.source_id == fid and r.evolution_type.supersedes and r.target_id not in seen
+                      and r.confidence >= ctx.config.supersede_confidence and r.target_id not in ours})
+        seen.update(nxt)
+        frontier = []
+        for t in ctx.storage.get_many(nxt):
+            if t.valid_to is None:
+                current[t.id] = t
+            else:
+                frontier.append(t.id)
+    return sorted(current.values(), key=lambda e: e.id)
+
+
+def read_plan(ctx: PipelineContext, source: Source, entities: list[Entity], opts: RememberOptions) -> Plan:
+    """One I/O hop: everything :func:`_decide` and the commit need to know about the store."""
+    plan = Plan(generation=ctx.storage.generation, now=ctx.now_ms())
+    if is_duplicate(ctx, source):
+        plan.duplicate = True
+        return plan
+    plan.known = {e.id: e for e in ctx.storage.get_many([e.id for e in entities])}
+    ours = {e.id for e in entities}
+    for old in plan.known.values():
+        if old.valid_to is None:
+            continue
+        plan.replaced_by[old.id] = _replacements(ctx, old.id, ours)
+    if opts.detect_evolutions and opts.extract_entities:
+        for e in entities:
+            if e.id not in plan.known:
+                cands = _candidates_for(ctx, e, ours)
+                if cands:
+                    plan.candidates[e.id] = cands
+    for c in {c.id: c for cs in [*plan.candidates.values(), *plan.replaced_by.values()] for c in cs}.values():
+        plan.facets[c.id] = [f for f in _facets(ctx, c) if f.id not in ours]
+    return plan
+
+
+# --- deciding -----------------------------------------------------------------------------
+
+
+async def _classify(ctx: PipelineContext, e: Entity, cands: list[Entity],
                     result: RememberResult) -> list[EvolutionDecision]:
     new = Candidate(e.id, e.name, e.entity_type.value, e.content)
+    olds = [Candidate(c.id, c.name, c.entity_type.value, c.content) for c in cands]
     if ctx.llm is None:
-        return rule_classify(new, cands)
-    prompt = schemas.evolution_prompt(new.to_prompt(), [c.to_prompt() for c in cands])
+        return rule_classify(new, olds)
+    prompt = schemas.evolution_prompt(new.to_prompt(), [c.to_prompt() for c in olds])
     try:
         data = await ctx.ask("classify_evolution", prompt, result.usage)
-        return parse_evolution(data, [c.id for c in cands])
+        return parse_evolution(data, [c.id for c in olds])
     except ProviderError as exc:
         result.warnings.append(f"evolution detection failed for {e.name!r}: {provider_failure(exc)}")
         return []
 
 
-def _siblings(ctx: PipelineContext, old_id: str, superseded: set[str]) -> list[Entity]:
-    """Current entities stating the same thing as ``old_id`` from the same source (other facets
-    of one sentence: 'Alice works at Acme' is both Alice's and Acme's fact)."""
-    old = ctx.storage.get(old_id)
-    if old is None or old.source_id is None:
-        return []
-    key = normalize_content(old.content)
-    out = []
-    for cid, _ in ctx.storage.search_text(old.content, 20, SearchFilters()):
-        if cid == old_id or cid in superseded:
+@dataclass
+class Changes:
+    entities: list[Entity] = field(default_factory=list)
+    revive: list[str] = field(default_factory=list)
+    supersede: list[str] = field(default_factory=list)
+    relations: list[EvolutionRelation] = field(default_factory=list)
+    source: Source | None = None
+
+
+def _restated_relation(old: Entity, back: Entity, at: int) -> EvolutionRelation:
+    """``old`` (the replacement) is retired because ``back`` was told again. Its id carries the
+    instant, so a fact that flips back and forth gets a relation for every flip."""
+    rid = str(uuid.uuid5(UMI_NAMESPACE, f"restate\x1f{old.id}\x1f{back.id}\x1f{at}"))
+    return EvolutionRelation(old.id, back.id, EvolutionType.UPDATE,
+                             f"restated: {back.content[:200]!r} is current again", 1.0, id=rid,
+                             created_at=at, scope=back.scope)  # a relation lives in its newer fact's scope
+
+
+async def _decide(ctx: PipelineContext, plan: Plan, entities: list[Entity], source: Source,
+                  result: RememberResult) -> Changes:
+    now = plan.now
+    ch = Changes()
+    new = [e for e in entities if e.id not in plan.known]
+    ch.entities = new
+    if new:
+        ch.source = source
+    current_known = [e for e in plan.known.values() if e.valid_to is None]
+    if current_known:
+        result.warnings.append(f"{len(current_known)} fact(s) were already known; not stored again")
+    retired: set[str] = set()
+
+    def retire(old: Entity, by: EvolutionRelation) -> None:
+        """Supersede ``old`` and the other facets of its statement (one statement, one fate)."""
+        if old.id in retired:
+            return
+        retired.add(old.id)
+        ch.supersede.append(old.id)
+        ch.relations.append(by)
+        for f in plan.facets.get(old.id, []):
+            if f.id not in retired:
+                retired.add(f.id)
+                ch.supersede.append(f.id)
+                ch.relations.append(EvolutionRelation(
+                    f.id, by.target_id, by.evolution_type, f"same statement as superseded fact {old.id}",
+                    by.confidence, created_at=now, scope=f.scope))
+
+    for old in plan.known.values():
+        if old.valid_to is None:
             continue
-        c = ctx.storage.get(cid)
-        if c is not None and c.source_id == old.source_id and normalize_content(c.content) == key:
-            out.append(c)
-    out.sort(key=lambda c: c.id)
-    return out
+        ch.revive.append(old.id)
+        for repl in plan.replaced_by.get(old.id, []):
+            retire(repl, _restated_relation(repl, old, now))
+
+    todo = [(e, plan.candidates[e.id]) for e in new if e.id in plan.candidates]
+    decided = await asyncio.gather(*(_classify(ctx, e, c, result) for e, c in todo))
+    threshold = ctx.config.supersede_confidence
+    for (e, cands), decisions in zip(todo, decided):
+        by_id = {c.id: c for c in cands}
+        for d in decisions:
+            rel = EvolutionRelation(d.candidate_id, e.id, d.evolution_type, d.reason, d.confidence,
+                                    created_at=now, scope=e.scope)
+            if d.evolution_type.supersedes and d.confidence >= threshold and d.candidate_id not in ch.revive:
+                retire(by_id[d.candidate_id], rel)
+            elif rel.id not in {r.id for r in ch.relations}:
+                if d.evolution_type.supersedes:
+                    result.warnings.append(
+                        f"{d.evolution_type.value} of {by_id[d.candidate_id].name!r} at confidence "
+                        f"{d.confidence:.2f} is under supersede_confidence {threshold:.2f}: both facts stay current")
+                ch.relations.append(rel)
+    return ch
 
 
-def _commit(ctx: PipelineContext, entities: list[Entity], relations: list[EvolutionRelation],
-            supersede: list[tuple[str, int]], source: Source) -> None:
-    with ctx.storage.transaction():
-        if entities:
-            ctx.storage.upsert(entities)
-        for old_id, at in supersede:
-            ctx.storage.supersede(old_id, at)
-        if relations:
-            ctx.storage.add_relations(relations)
-        ctx.storage.add_source(source)
+# --- the commit ---------------------------------------------------------------------------
+
+
+def commit(ctx: PipelineContext, ch: Changes, now: int, expected_generation: int | None) -> list[Entity] | None:
+    """Write a change set in one transaction; returns the revived facts as stored. None (nothing
+    written) when ``expected_generation`` is given and another writer committed since the plan."""
+    if expected_generation is not None and ctx.storage.generation != expected_generation:
+        return None
+    if ch.entities or ch.revive or ch.supersede or ch.relations:
+        with ctx.storage.transaction():
+            if ch.entities:
+                ctx.storage.upsert(ch.entities)
+            for rid in ch.revive:
+                ctx.storage.revive(rid, now)
+            for sid in ch.supersede:
+                ctx.storage.supersede(sid, now)
+            if ch.relations:
+                ctx.storage.add_relations(ch.relations)
+            if ch.source is not None:
+                ctx.storage.add_source(ch.source)
+    return ctx.storage.get_many(ch.revive) if ch.revive else []
+
+
+def _commit_if_still_valid(ctx: PipelineContext, plan: Plan, ch: Changes, source: Source,
+                           entities: list[Entity], opts: RememberOptions) -> list[Entity] | None:
+    """Under the write lock: commit when no writer committed since the plan was read, or when the
+    plan read again now is the same (another writer's commit did not touch these facts). None:
+    the plan changed, decide again."""
+    if ctx.storage.generation != plan.generation:
+        if read_plan(ctx, source, entities, opts).signature() != plan.signature():
+            return None
+    return commit(ctx, ch, plan.now, None)
+
+
+async def _attempt(ctx: PipelineContext, source: Source, entities: list[Entity], opts: RememberOptions,
+                   result: RememberResult, holding_lock: bool) -> bool:
+    """Plan, decide, commit. False when another writer committed in between (nothing written)."""
+    plan = await ctx.io(read_plan, ctx, source, entities, opts)
+    if plan.duplicate:
+        result.duplicate = True
+        result.warnings.append("this exact text was remembered before; nothing new was stored")
+        return True
+    ch = await _decide(ctx, plan, entities, source, result)
+    for e in ch.entities:
+        e.created_at = e.updated_at = plan.now
+        e.valid_from = e.event_time if e.event_time is not None else plan.now
+    if holding_lock:
+        revived = await ctx.io(commit, ctx, ch, plan.now, None)
+    else:
+        async with ctx.write_lock:
+            revived = await ctx.io(_commit_if_still_valid, ctx, plan, ch, source, entities, opts)
+        if revived is None:
+            return False
+    result.entities = [*ch.entities, *revived]
+    result.evolutions = ch.relations
+    if ch.source is None:
+        result.source_id = None  # nothing new came from this text, so it was not kept
+    return True
 
 
 async def remember(ctx: PipelineContext, text: str, opts: RememberOptions) -> RememberResult:
-    """Run the pipeline. The caller holds the write lock."""
+    """Run the pipeline. Takes the write lock itself, only around read plan → commit."""
     result = RememberResult()
-    source = Source.for_text(text, ctx.now_ms(), opts.metadata)
+    source = ctx.source_for(text, ctx.now_ms(), opts.metadata)
     result.source_id = source.id
-    if await ctx.io(ctx.storage.find_source_by_hash, source.text_hash) is not None:
+    if await ctx.io(is_duplicate, ctx, source):
         result.duplicate = True
         result.warnings.append("this exact text was remembered before; nothing new was stored")
         return result
 
     found = await _extract(ctx, text, opts, result)
-    now = ctx.now_ms()
-    entities = _build_entities(found, opts, source.id, now)
-    existing = {e.id for e in await ctx.io(ctx.storage.get_many, [e.id for e in entities])}
-    if existing:
-        result.warnings.append(f"{len(existing)} fact(s) were already known; not stored again")
-    entities = [e for e in entities if e.id not in existing]
-
+    entities = _build_entities(ctx, found, opts, source.id, ctx.now_ms())
     if entities and opts.generate_embeddings and ctx.embedder is not None:
         try:
             vecs = await ctx.embed([e.text_for_embedding() for e in entities], "passage")
             for e, v in zip(entities, vecs):
                 e.embedding = np.ascontiguousarray(v)
-        except UmiError as exc:
+        except (EmbeddingError, ProviderError) as exc:
             result.warnings.append(f"embedding failed, stored without vectors (keyword search still works): "
                                    f"{provider_failure(exc)}")
 
-    relations: list[EvolutionRelation] = []
-    supersede: list[tuple[str, int]] = []
-    if entities and opts.detect_evolutions and opts.extract_entities:
-        cand_lists = await ctx.io(lambda: [_candidates_for(ctx, e) for e in entities])  # one I/O hop
-        todo = [(e, c) for e, c in zip(entities, cand_lists) if c]
-        decided = await asyncio.gather(*(_classify(ctx, e, c, result) for e, c in todo))
-        done: set[str] = set()
-        for (e, _), decisions in zip(todo, decided):
-            for d in decisions:
-                relations.append(EvolutionRelation(d.candidate_id, e.id, d.evolution_type, d.reason,
-                                                   d.confidence, created_at=now))
-                if d.evolution_type.supersedes and d.candidate_id not in done:
-                    done.add(d.candidate_id)
-                    supersede.append((d.candidate_id, now))
-        for old_id, _ in list(supersede):
-            kind = next(r.evolution_type for r in relations if r.source_id == old_id)
-            target = next(r.target_id for r in relations if r.source_id == old_id)
-            for sib in await ctx.io(_siblings, ctx, old_id, done):
-                done.add(sib.id)
-                supersede.append((sib.id, now))
-                relations.append(EvolutionRelation(sib.id, target, kind,
-                                                   f"same statement as superseded fact {old_id}",
-                                                   0.6, created_at=now))
-
-    await ctx.io(_commit, ctx, entities, relations, supersede, source)
-    result.entities = entities
-    result.evolutions = relations
+    base_warnings = list(result.warnings)
+    for _ in range(OPTIMISTIC_ATTEMPTS):
+        result.warnings = list(base_warnings)
+        if await _attempt(ctx, source, entities, opts, result, holding_lock=False):
+            return result
+    result.warnings = list(base_warnings)
+    async with ctx.write_lock:  # a busy store: hold the lock from plan to commit this time
+        await _attempt(ctx, source, entities, opts, result, holding_lock=True)
     return result
 
+
+# --- a chunk of texts (Memory.remember_many) -------------------------------------------------
+
+
+async def remember_many(ctx: PipelineContext, texts: Sequence[str], opts: RememberOptions) -> list[RememberResult]:
+    """A chunk of validated texts, a result per text: what :func:`remember` gives run on them one
+    after the other. Extraction runs for all of them at once, their facts are embedded in one
+    batch, and one transaction writes the chunk: under the write lock, each text's read plan is
+    read inside that transaction (so it sees the earlier texts' writes), decided (on the loop:
+    an LLM classifier holds the store meanwhile, so keep chunks small with one), and applied.
+    Takes the write lock itself; a failure rolls the whole chunk back."""
+    results: list[RememberResult] = []
+    sources: list[Source] = []
+    for text in texts:
+        source = ctx.source_for(text, ctx.now_ms(), opts.metadata)
+        sources.append(source)
+        results.append(RememberResult(source_id=source.id))
+    told = await ctx.io(lambda: [is_duplicate(ctx, s) for s in sources])
+    live = [i for i, dup in enumerate(told) if not dup]
+    for i, dup in enumerate(told):
+        if dup:
+            results[i].duplicate = True
+            results[i].warnings.append("this exact text was remembered before; nothing new was stored")
+    found = await asyncio.gather(*(_extract(ctx, texts[i], opts, results[i]) for i in live))
+    facts = {i: _build_entities(ctx, f, opts, sources[i].id, ctx.now_ms()) for i, f in zip(live, found)}
+    flat = [e for i in live for e in facts[i]]
+    if flat and opts.generate_embeddings and ctx.embedder is not None:
+        try:
+            vecs = await ctx.embed([e.text_for_embedding() for e in flat], "passage")
+            for e, v in zip(flat, vecs):
+                e.embedding = np.ascontiguousarray(v)
+        except (EmbeddingError, ProviderError) as exc:
+            for i in live:
+                if facts[i]:
+                    results[i].warnings.append("embedding failed, stored without vectors (keyword search still "
+                                               f"works): {provider_failure(exc)}")
+    loop = asyncio.get_running_loop()
+
+    def write_chunk() -> None:
+        with ctx.storage.transaction():
+            for i in live:
+                result, source, entities = results[i], sources[i], facts[i]
+                plan = read_plan(ctx, source, entities, opts)
+                if plan.duplicate:  # the same text earlier in this chunk
+                    result.duplicate = True
+                    result.warnings.append("this exact text was remembered before; nothing new was stored")
+                    continue
+                ch = asyncio.run_coroutine_threadsafe(_decide(ctx, plan, entities, source, result), loop).result()
+                for e in ch.entities:
+                    e.created_at = e.updated_at = plan.now
+                    e.valid_from = e.event_time if e.event_time is not None else plan.now
+                revived = commit(ctx, ch, plan.now, None)  # joins the chunk's transaction
+                result.entities = [*ch.entities, *(revived or [])]
+                result.evolutions = ch.relations
+                if ch.source is None:
+                    result.source_id = None
+
+    async with ctx.write_lock:
+        await ctx.io(write_chunk)
+    return results

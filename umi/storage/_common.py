@@ -29,6 +29,7 @@ from ..types import (
     EntityType,
     EvolutionRelation,
     MetadataValue,
+    Scope,
     validate_metadata,
 )
 from .base import SearchFilters, Source, text_hash
@@ -303,6 +304,10 @@ def _check_entity(e: object, dim: int | None, pos: int) -> tuple[Entity, int | N
         dim = emb.shape[0]
     d["embedding"] = emb
     d["score"] = None
+    d["mentions"] = ()
+    sc = d.get("scope")
+    if not isinstance(sc, Scope):
+        raise TypeError(f"entities[{pos}].scope must be a umi.Scope, not {type(sc).__name__}")
     return make_entity(d), dim
 
 
@@ -329,9 +334,11 @@ def check_relations(relations: object) -> list[EvolutionRelation]:
         check_id(r.source_id, f"relations[{pos}].source_id")
         check_id(r.target_id, f"relations[{pos}].target_id")
         check_time(r.created_at, f"relations[{pos}].created_at")
+        if not isinstance(r.scope, Scope):
+            raise TypeError(f"relations[{pos}].scope must be a umi.Scope, not {type(r.scope).__name__}")
         out.append(EvolutionRelation(
             source_id=r.source_id, target_id=r.target_id, evolution_type=r.evolution_type,
-            reason=r.reason, confidence=r.confidence, id=r.id, created_at=r.created_at,
+            reason=r.reason, confidence=r.confidence, id=r.id, created_at=r.created_at, scope=r.scope,
         ))
     return out
 
@@ -349,7 +356,9 @@ def check_source(source: object) -> Source:
         raise ValidationError(f"source.text_hash {source.text_hash[:16]!r}... is not the sha256 of source.text")
     check_time(source.created_at, "source.created_at")
     meta = {k: _base_value(v) for k, v in validate_metadata(source.metadata, what="source.metadata").items()}
-    return Source(source.id, source.text_hash, source.text, source.created_at, meta)
+    if not isinstance(source.scope, Scope):
+        raise TypeError(f"source.scope must be a umi.Scope, not {type(source.scope).__name__}")
+    return Source(source.id, source.text_hash, source.text, source.created_at, meta, source.scope)
 
 
 _ENTITY_NEW = object.__new__
@@ -363,6 +372,7 @@ def clone_entity(e: Entity, embedding: np.ndarray | None) -> Entity:
     d["metadata"] = dict(e.metadata)
     d["embedding"] = None if embedding is None else np.array(embedding, dtype=np.float32, copy=True)
     d["score"] = None
+    d["mentions"] = ()
     return c
 
 

@@ -16,9 +16,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..types import Entity, EntityType, EvolutionRelation, normalize_name
+from ..types import UNSET_SCOPE, CoreBlockRecord, CoreHistoryRecord, Entity, EntityType, EvolutionRelation, Scope, normalize_name
 from ._common import dumps, make_entity, meta_key
 from ._hotcache import TYPE_CODES, LoadedRows
+from .text import document_terms
+from .base import HistoryRecord, Source
+from .cached import ChangeSet, DurableStore, Loaded
 
 __all__ = [
     "insert_arrow",
@@ -29,7 +32,7 @@ __all__ = [
     "history_table",
     "relations_table",
     "load_rows",
-    "bm25_sql",
+    "DuckDBDurable",
 ]
 
 _TYPES = {t.value: t for t in EntityType}
@@ -95,6 +98,7 @@ def entities_table(batch: list[Entity], terms: list[tuple[dict[str, int], int]],
         "source_id": pa.array([e.source_id for e in batch], pa.string()),
         "doc_len": pa.array([t[1] for t in terms], pa.int32()),
         "updated_generation": pa.array([generation] * len(batch), pa.int64()),
+        **_scope_columns([e.scope for e in batch]),
     }
     if dim is not None:
         has = np.array([e.embedding is not None for e in batch], bool)
@@ -135,15 +139,31 @@ def metadata_table(batch: list[Entity]) -> pa.Table:
                      "vtype": pa.array(m_type, pa.string()), "vtext": pa.array(m_text, pa.string())})
 
 
-def history_table(recs: list[tuple[str, str, int, dict[str, Any]]], seqs: list[int], generation: int) -> pa.Table:
-    """``recs``: (entity_id, op, at_ms, snapshot) per change."""
+def _scope_columns(scopes: list[Scope], names: tuple[str, ...] = ("user_id", "agent_id", "session_id")
+                   ) -> dict[str, pa.Array]:
+    return {n: pa.array([getattr(s, n) for s in scopes], pa.string()) for n in names}
+
+
+def history_table(recs: list[HistoryRecord], generation: int) -> pa.Table:
     return pa.table({
-        "entity_id": pa.array([r[0] for r in recs], pa.string()),
-        "seq": pa.array(seqs, pa.int32()),
-        "op": pa.array([r[1] for r in recs], pa.string()),
-        "at_ms": pa.array([r[2] for r in recs], pa.int64()),
-        "snapshot": pa.array([dumps(r[3]) for r in recs], pa.string()),
+        "entity_id": pa.array([r.entity_id for r in recs], pa.string()),
+        "seq": pa.array([r.seq for r in recs], pa.int32()),
+        "op": pa.array([r.op for r in recs], pa.string()),
+        "at_ms": pa.array([r.at for r in recs], pa.int64()),
+        "snapshot": pa.array([dumps(dict(r.snapshot)) for r in recs], pa.string()),
         "generation": pa.array([generation] * len(recs), pa.int64()),
+        **_scope_columns([r.scope for r in recs]),
+    })
+
+
+def sources_table(srcs: list[Source]) -> pa.Table:
+    return pa.table({
+        "id": pa.array([s.id for s in srcs], pa.string()),
+        "text_hash": pa.array([s.text_hash for s in srcs], pa.string()),
+        "text": pa.array([s.text for s in srcs], pa.string()),
+        "created_at": pa.array([s.created_at for s in srcs], pa.int64()),
+        "metadata": pa.array([dumps(dict(s.metadata)) for s in srcs], pa.string()),
+        **_scope_columns([s.scope for s in srcs]),
     })
 
 
@@ -156,14 +176,15 @@ def relations_table(rels: list[EvolutionRelation]) -> pa.Table:
         "reason": pa.array([r.reason for r in rels], pa.string()),
         "confidence": pa.array([r.confidence for r in rels], pa.float64()),
         "created_at": pa.array([r.created_at for r in rels], pa.int64()),
+        **_scope_columns([r.scope for r in rels]),
     })
 
 
 # --- the cache load -------------------------------------------------------------------------
 
 
-def load_rows(con: Any, dim: int | None) -> tuple[LoadedRows, dict[str, int]]:
-    """Everything the in-process cache needs, plus the last history seq of every entity id.
+def load_rows(con: Any, dim: int | None) -> LoadedRows:
+    """Everything the entity cache needs.
 
     Rows are numbered in the order DuckDB returns them (sorting wide rows costs more than the
     rest of the load); the metadata and postings queries join on that numbering through a
@@ -171,7 +192,7 @@ def load_rows(con: Any, dim: int | None) -> tuple[LoadedRows, dict[str, int]]:
     """
     tbl = con.sql(
         "SELECT id, entity_type, name, name_norm, content, metadata, importance, confidence, created_at, "
-        "updated_at, event_time, valid_from, valid_to, source_id, doc_len"
+        "updated_at, event_time, valid_from, valid_to, source_id, doc_len, user_id, agent_id, session_id"
         f"{', embedding' if dim else ''} FROM entities").to_arrow_table()
     n = tbl.num_rows
     con.register("_umi_rowmap", pa.table({"id": tbl.column("id"), "rn": pa.array(np.arange(n))}))
@@ -196,6 +217,11 @@ def load_rows(con: Any, dim: int | None) -> tuple[LoadedRows, dict[str, int]]:
         "name", "content", "metadata", "importance", "confidence", "created_at", "updated_at",
         "event_time", "valid_from", "valid_to", "source_id")}
     tidx = tidx_np.tolist()
+    for col in ("user_id", "agent_id", "session_id", "source_id"):
+        coded = _coded_column(tbl.column(col), n)
+        if coded is not None:
+            meta[col] = coded
+    scopes = scope_list(tbl)
 
     def materialise(i: int) -> Entity:
         return make_entity({
@@ -205,6 +231,7 @@ def load_rows(con: Any, dim: int | None) -> tuple[LoadedRows, dict[str, int]]:
             "created_at": lists["created_at"][i], "updated_at": lists["updated_at"][i],
             "event_time": lists["event_time"][i], "valid_from": lists["valid_from"][i],
             "valid_to": lists["valid_to"][i], "source_id": lists["source_id"][i], "id": ids[i], "score": None,
+            "scope": scopes[i], "mentions": (),
         })
 
     ev = tbl.column("event_time")
@@ -221,8 +248,34 @@ def load_rows(con: Any, dim: int | None) -> tuple[LoadedRows, dict[str, int]]:
         terms=terms, term_offsets=offsets, posting_rows=prow, posting_tfs=ptf,
         materialise=materialise,
     )
-    seq = con.sql("SELECT entity_id, max(seq) AS s FROM history GROUP BY entity_id").to_arrow_table()
-    return rows, dict(zip(seq.column("entity_id").to_pylist(), seq.column("s").to_pylist()))
+    return rows
+
+
+def _coded_column(col: Any, n: int) -> tuple[np.ndarray, dict[Any, int]] | None:
+    """int32 codes (0 = null) and value -> code of a string column."""
+    enc = col.combine_chunks().dictionary_encode()
+    if len(enc.dictionary) == 0:
+        return None
+    idx = pc.fill_null(enc.indices, -1).to_numpy(zero_copy_only=False).astype(np.int32) + 1
+    return idx, {v: c + 1 for c, v in enumerate(enc.dictionary.to_pylist())}
+
+
+_SCOPES: dict[tuple[Any, Any, Any], Scope] = {}
+
+
+def _scope(key: tuple[Any, Any, Any]) -> Scope:
+    s = _SCOPES.get(key)
+    if s is None:
+        s = UNSET_SCOPE if key == (None, None, None) else Scope(*key)
+        if len(_SCOPES) < 100_000:
+            _SCOPES[key] = s
+    return s
+
+
+def scope_list(tbl: pa.Table) -> list[Scope]:
+    """The Scope of each row of a table with user_id, agent_id, session_id columns (shared objects)."""
+    cols = [tbl.column(c).to_pylist() for c in ("user_id", "agent_id", "session_id")]
+    return [_scope(k) for k in zip(*cols)]
 
 
 def _metadata_codes(con: Any, n: int) -> dict[str, tuple[np.ndarray, dict[tuple[str, str], int]]]:
@@ -242,7 +295,7 @@ def _metadata_codes(con: Any, n: int) -> dict[str, tuple[np.ndarray, dict[tuple[
         codes = np.zeros(n, np.int32)
         codes[rn[a:b]] = enc.indices.to_numpy(zero_copy_only=False) + 1
         vals = {tuple(v.split("\x1f", 1)): c + 1 for c, v in enumerate(enc.dictionary.to_pylist())}
-        out[keys.dictionary[int(kidx[a])].as_py()] = (codes, vals)
+        out["meta:" + keys.dictionary[int(kidx[a])].as_py()] = (codes, vals)
     return out
 
 
@@ -264,22 +317,148 @@ def _postings(con: Any) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
     return tbl.column("term").to_pylist(), offsets, flat_rows, flat_tfs
 
 
-# --- keyword search in SQL ------------------------------------------------------------------
+# --- the durable store --------------------------------------------------------------------
 
 
-def bm25_sql(where: str) -> str:
-    """BM25 over the postings table, the formula of :mod:`umi.storage.text`. Parameters: the
-    query terms (a VARCHAR list), k1, k1, b, b, the ``where`` parameters, k."""
-    return f"""
-        WITH q AS (SELECT unnest(?::VARCHAR[]) AS term),
-        st AS (SELECT count(*)::DOUBLE AS n, coalesce(avg(doc_len), 0)::DOUBLE AS avgdl FROM entities),
-        df AS (SELECT p.term, count(*)::DOUBLE AS df FROM postings p JOIN q ON p.term = q.term
-               GROUP BY p.term)
-        SELECT p.entity_id AS id,
-               sum(ln(1 + (st.n - df.df + 0.5) / (df.df + 0.5)) * p.tf * (? + 1)
-                   / (p.tf + ? * (1 - ? + ? * e.doc_len / st.avgdl))) AS score
-        FROM postings p JOIN df ON p.term = df.term JOIN entities e ON e.id = p.entity_id CROSS JOIN st
-        WHERE {where}
-        GROUP BY p.entity_id
-        ORDER BY score DESC, id
-        LIMIT ?"""
+class DuckDBDurable(DurableStore):
+    """The DuckDB half of :class:`~umi.storage.duckdb.DuckDBStorageBackend`: loads every table at
+    open; writes one :class:`ChangeSet` per commit in one DuckDB transaction."""
+
+    def __init__(self, con: Any, dim: int | None) -> None:
+        self.con = con
+        self.dim = dim
+
+    def load(self, dim: int | None) -> Loaded:
+        con = self.con
+        rows = load_rows(con, dim)
+        src = con.sql("SELECT id, text_hash, text, created_at, metadata, user_id, agent_id, session_id "
+                      "FROM sources").to_arrow_table()
+        sources = [Source(i, h, t, c, json.loads(m), sc) for i, h, t, c, m, sc in zip(
+            *(src.column(k).to_pylist() for k in ("id", "text_hash", "text", "created_at", "metadata")),
+            scope_list(src))]
+        rel = con.sql("SELECT id, source_id, target_id, evolution_type, reason, confidence, created_at, "
+                      "user_id, agent_id, session_id FROM relations").to_arrow_table()
+        relations = [EvolutionRelation(source_id=s_, target_id=t, evolution_type=et, reason=r, confidence=c, id=i,
+                                       created_at=ca, scope=sc)
+                     for i, s_, t, et, r, c, ca, sc in zip(
+                         *(rel.column(k).to_pylist() for k in ("id", "source_id", "target_id", "evolution_type",
+                                                               "reason", "confidence", "created_at")),
+                         scope_list(rel))]
+        hist = con.sql("SELECT entity_id, seq, op, at_ms, snapshot, user_id, agent_id, session_id "
+                       "FROM history").to_arrow_table()
+        history = list(zip(*(hist.column(k).to_pylist() for k in ("entity_id", "seq", "op", "at_ms", "snapshot")),
+                           scope_list(hist)))
+        cb = con.execute("SELECT user_id, agent_id, name, content, importance, position FROM core_blocks "
+                         "ORDER BY user_id NULLS FIRST, agent_id NULLS FIRST, position").fetchall()
+        core_blocks = [(_scope((u, a, None)), CoreBlockRecord(n, c, float(imp), int(pos))) for u, a, n, c, imp, pos in cb]
+        ch = con.execute("SELECT user_id, agent_id, seq, name, op, at_ms, content, importance FROM core_history "
+                         "ORDER BY user_id NULLS FIRST, agent_id NULLS FIRST, seq").fetchall()
+        core_history = [CoreHistoryRecord(_scope((u, a, None)), n, int(sq), op, int(at), c,
+                                          None if imp is None else float(imp)) for u, a, sq, n, op, at, c, imp in ch]
+        meta = dict(con.execute("SELECT key, value FROM umi_meta").fetchall())
+        return Loaded(dim=dim, rows=rows, sources=sources, relations=relations, history=history,
+                      core_blocks=core_blocks, core_history=core_history, meta=meta)
+
+    def commit(self, ch: ChangeSet, generation: int) -> None:
+        from ._duckdb_schema import add_embedding_column
+
+        con = self.con
+        con.execute("BEGIN TRANSACTION")
+        try:
+            if ch.dim is not None and self.dim is None:
+                add_embedding_column(con, ch.dim)
+            dim = self.dim if self.dim is not None else ch.dim
+            self._entities(ch, generation, dim)
+            if ch.tombstoned:
+                stones = sorted(ch.tombstoned)
+                con.executemany("UPDATE history SET snapshot = ? WHERE entity_id = ?",
+                                [(dumps({"forgotten": True, "id": i}), i) for i in stones])
+            if ch.history:
+                recs = list({(r.entity_id, r.seq): r for r in ch.history}.values())
+                insert_arrow(con, "history", history_table(recs, generation), replace=ch.history_replace)
+            self._keyed(ch.sources, "sources", sources_table)
+            self._keyed(ch.relations, "relations", relations_table)
+            for sc, blocks in ch.core.items():
+                con.execute("DELETE FROM core_blocks WHERE user_id IS NOT DISTINCT FROM ? "
+                            "AND agent_id IS NOT DISTINCT FROM ?", [sc.user_id, sc.agent_id])
+                if blocks:
+                    con.executemany("INSERT INTO core_blocks VALUES (?, ?, ?, ?, ?, ?)",
+                                    [(sc.user_id, sc.agent_id, b.name, b.content, b.importance, b.position)
+                                     for b in blocks])
+            if ch.core_history:
+                con.executemany("INSERT INTO core_history VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                [(r.scope.user_id, r.scope.agent_id, r.seq, r.name, r.op, r.at, r.content,
+                                  r.importance) for r in ch.core_history])
+            if ch.meta:
+                con.executemany("INSERT OR REPLACE INTO umi_meta VALUES (?, ?)", sorted(ch.meta.items()))
+            con.execute("UPDATE umi_state SET generation = ? WHERE id = 1", [generation])
+            con.execute("COMMIT")
+        except BaseException:
+            try:
+                con.execute("ROLLBACK")
+            except duckdb_error():
+                pass  # a failed COMMIT has already ended the transaction
+            raise
+        if ch.dim is not None and self.dim is None:
+            self.dim = ch.dim
+
+    def _entities(self, ch: ChangeSet, generation: int, dim: int | None) -> None:
+        con = self.con
+        gone = [i for i, e in ch.entities.items() if e is None and ch.entity_existed.get(i)]
+        full: list[Entity] = []
+        terms: list[tuple[dict[str, int], int]] = []
+        validity: list[Entity] = []
+        for i, e in ch.entities.items():
+            if e is None:
+                continue
+            t = ch.terms.get(i)
+            if t is None and ch.entity_existed.get(i):
+                validity.append(e)  # only valid_to / updated_at changed (supersede, revive)
+            else:
+                full.append(e)
+                terms.append(t if t is not None else document_terms(e.name, e.content))
+        rewritten = gone + [e.id for e in full if ch.entity_existed.get(e.id)]
+        if rewritten:
+            delete_rows_of(con, ("postings", "entity_metadata"), rewritten)
+        if gone:
+            con.register("_umi_gone", pa.table({"id": pa.array(gone, pa.string())}))
+            try:
+                con.execute("DELETE FROM entities WHERE id IN (SELECT id FROM _umi_gone)")
+            finally:
+                con.unregister("_umi_gone")
+        if full:
+            data = entities_table(full, terms, generation, dim)
+            # INSERT OR REPLACE costs ~2.5x a plain INSERT in DuckDB: use it only for ids already stored
+            known = np.array([bool(ch.entity_existed.get(e.id)) for e in full], bool)
+            if not known.any():
+                insert_arrow(con, "entities", data)
+            elif known.all():
+                insert_arrow(con, "entities", data, replace=True)
+            else:
+                insert_arrow(con, "entities", data.filter(pa.array(~known)))
+                insert_arrow(con, "entities", data.filter(pa.array(known)), replace=True)
+            insert_arrow(con, "postings", postings_table(full, [t[0] for t in terms]))
+            insert_arrow(con, "entity_metadata", metadata_table(full))
+        if validity:
+            con.executemany("UPDATE entities SET valid_to = ?, updated_at = ?, updated_generation = ? WHERE id = ?",
+                            [(e.valid_to, e.updated_at, generation, e.id) for e in validity])
+
+    def _keyed(self, changes: dict[str, Any], table: str, build: Any) -> None:
+        if not changes:
+            return
+        con = self.con
+        gone = [i for i, v in changes.items() if v is None]
+        put = [v for v in changes.values() if v is not None]
+        if gone:
+            con.executemany(f"DELETE FROM {table} WHERE id = ?", [(i,) for i in gone])
+        if put:
+            insert_arrow(con, table, build(put), replace=True)
+
+    def close(self) -> None:
+        self.con.close()
+
+
+def duckdb_error() -> type[BaseException]:
+    import duckdb
+
+    return duckdb.Error

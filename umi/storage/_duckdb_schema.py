@@ -9,6 +9,10 @@ Schema versions (``umi_schema.version``, one row per applied migration):
    ``sources``, ``relations``, ``history`` (append-only; its ``generation`` column makes
    "what changed since generation g" one query, deletions included).
 2. Secondary indexes for the point lookups (source by hash, relations by endpoint).
+3. Scopes: ``user_id``, ``agent_id``, ``session_id`` columns (NULL = unset) on entities,
+   sources, relations and history, indexed by ``user_id``; existing rows land in the unset
+   scope. ``core_blocks`` and ``core_history`` (keyed by ``user_id``, ``agent_id``) and
+   ``umi_meta`` (string key/value).
 
 A file written by a newer umi (higher version) is refused with
 :class:`~umi.errors.SchemaVersionError`; an older one is migrated forward in one
@@ -17,25 +21,25 @@ transaction per step. Every statement with a value in it is parameterised.
 
 from __future__ import annotations
 
+import os
 import uuid
 from typing import Any, Callable
 
 import duckdb
 
-from ..errors import InvalidConfigError, SchemaVersionError, StorageError, StorageLockedError, UmiError
+from ..errors import InvalidConfigError, SchemaVersionError, StorageError, StorageLockedError, UmiError, ValidationError
 from ..types import now_ms
-from ._common import NormFilters
+__all__ = ["SCHEMA_VERSION", "check_path", "open_connection", "prepare", "read_version", "migrate",
+           "add_embedding_column", "ENTITY_COLUMNS", "SCOPE_COLUMNS"]
 
-__all__ = ["SCHEMA_VERSION", "open_connection", "prepare", "read_version", "migrate", "where_sql",
-           "add_embedding_column", "ENTITY_COLUMNS"]
-
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+SCOPE_COLUMNS = ("user_id", "agent_id", "session_id")
 
 #: entity columns in table order (``embedding`` comes last, once the dimension is known)
 ENTITY_COLUMNS = (
     "id", "entity_type", "name", "name_norm", "content", "metadata", "importance", "confidence",
     "created_at", "updated_at", "event_time", "valid_from", "valid_to", "source_id", "doc_len",
-    "updated_generation",
+    "updated_generation", "user_id", "agent_id", "session_id",
 )
 
 
@@ -116,16 +120,58 @@ def _v2(con: Any) -> None:
     con.execute("CREATE INDEX relations_by_target ON relations (target_id)")
 
 
-MIGRATIONS: dict[int, Callable[[Any], None]] = {1: _v1, 2: _v2}
+def _v3(con: Any) -> None:
+    for table in ("entities", "sources", "relations", "history"):
+        for col in SCOPE_COLUMNS:
+            con.execute(f"ALTER TABLE {table} ADD COLUMN {col} VARCHAR")
+        con.execute(f"CREATE INDEX {table}_by_user ON {table} (user_id)")
+    con.execute("""
+        CREATE TABLE core_blocks (
+            user_id VARCHAR,
+            agent_id VARCHAR,
+            name VARCHAR NOT NULL,
+            content VARCHAR NOT NULL,
+            importance DOUBLE NOT NULL,
+            position INTEGER NOT NULL
+        )""")
+    con.execute("CREATE INDEX core_blocks_by_user ON core_blocks (user_id, agent_id)")
+    con.execute("""
+        CREATE TABLE core_history (
+            user_id VARCHAR,
+            agent_id VARCHAR,
+            seq INTEGER NOT NULL,
+            name VARCHAR NOT NULL,
+            op VARCHAR NOT NULL,
+            at_ms BIGINT NOT NULL,
+            content VARCHAR,
+            importance DOUBLE
+        )""")
+    con.execute("CREATE TABLE umi_meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)")
+
+
+MIGRATIONS: dict[int, Callable[[Any], None]] = {1: _v1, 2: _v2, 3: _v3}
+
+
+def check_path(path: str) -> str:
+    """Refuse what DuckDB would open as something other than a database file: a NUL byte
+    (DuckDB cuts the path there), a directory. Returns the path."""
+    if "\x00" in path:
+        raise ValidationError(f"database path {path!r} contains a NUL byte")
+    if os.path.isdir(path):
+        raise StorageError(f"database path {path!r} is a directory; give a file path (e.g. {os.path.join(path, 'umi.duckdb')!r})")
+    return path
 
 
 def open_connection(path: str | None, read_only: bool) -> Any:
     """A DuckDB connection to ``path`` (``None``: in memory); a lock held by another process
-    raises :class:`~umi.errors.StorageLockedError`."""
+    raises :class:`~umi.errors.StorageLockedError`. A path that DuckDB opens as an in-memory
+    database (an existing ``.json``/``.csv``/``.parquet``... file is read as data) is refused:
+    writes there would vanish."""
+    if path is None:
+        return duckdb.connect(":memory:")
+    check_path(path)
     try:
-        if path is None:
-            return duckdb.connect(":memory:")
-        return duckdb.connect(path, read_only=read_only)
+        con = duckdb.connect(path, read_only=read_only)
     except duckdb.IOException as exc:
         msg = str(exc)
         if "lock" in msg.lower():
@@ -138,6 +184,19 @@ def open_connection(path: str | None, read_only: bool) -> Any:
         raise StorageError(f"cannot open database {path!r}: {msg}") from exc
     except duckdb.Error as exc:
         raise StorageError(f"cannot open database {path!r}: {exc}") from exc
+    try:
+        opened = con.execute(
+            "SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchall()
+    except duckdb.Error as exc:
+        con.close()
+        raise StorageError(f"cannot open database {path!r}: {exc}") from exc
+    if not opened or opened[0][0] is None:
+        con.close()
+        raise StorageError(
+            f"{path!r} is not a DuckDB database: DuckDB opens it as an in-memory database (it reads "
+            "files such as .json, .jsonl, .csv, .tsv or .parquet as data), so nothing would be kept. "
+            "Give the path of a new or existing umi database file (e.g. ending in .duckdb)")
+    return con
 
 
 def prepare(con: Any, path: str, read_only: bool, dim: int | None) -> tuple[int, int | None, str]:
@@ -218,36 +277,3 @@ def add_embedding_column(con: Any, dim: int) -> None:
     """Fix the store's vector dimension (inside the caller's transaction)."""
     con.execute(f"ALTER TABLE entities ADD COLUMN embedding FLOAT[{int(dim)}]")
     con.execute("UPDATE umi_state SET dim = ? WHERE id = 1", [int(dim)])
-
-
-def where_sql(nf: NormFilters, alias: str = "e") -> tuple[str, list[Any]]:
-    """A WHERE clause (without the keyword) and its parameters for ``nf`` over ``entities AS alias``."""
-    if nf.empty:
-        return "FALSE", []
-    a = alias
-    clauses: list[str] = []
-    params: list[Any] = []
-    if nf.entity_types is not None:
-        clauses.append(f"{a}.entity_type IN ({', '.join('?' for _ in nf.entity_types)})")
-        params.extend(t.value for t in nf.entity_types)
-    if nf.has_time:
-        col = f"{a}.event_time" if nf.time_field == "event_time" else f"{a}.created_at"
-        clauses.append(f"{col} IS NOT NULL")
-        if nf.time_lo is not None:
-            clauses.append(f"{col} >= ?")
-            params.append(nf.time_lo)
-        if nf.time_hi is not None:
-            clauses.append(f"{col} <= ?")
-            params.append(nf.time_hi)
-    for key, vtype, vtext in nf.metadata:
-        clauses.append(
-            f"EXISTS (SELECT 1 FROM entity_metadata m WHERE m.entity_id = {a}.id "
-            "AND m.key = ? AND m.vtype = ? AND m.vtext = ?)"
-        )
-        params.extend((key, vtype, vtext))
-    if nf.as_of is not None:
-        clauses.append(f"{a}.created_at <= ? AND ({a}.valid_to IS NULL OR {a}.valid_to > ?)")
-        params.extend((nf.as_of, nf.as_of))
-    elif not nf.include_superseded:
-        clauses.append(f"{a}.valid_to IS NULL")
-    return (" AND ".join(clauses) if clauses else "TRUE"), params

@@ -30,14 +30,36 @@ import numpy as np
 
 from ..errors import StorageError
 from ..types import Entity, EntityType, normalize_name
+from . import filters as F
 from ._bm25 import PostingsIndex, top_rows
-from ._common import NormFilters, clone_entity, meta_key
+from ._common import clone_entity
+from .filters import TYPE_CODES, NormFilters, meta_key
 from .text import document_terms
 
-__all__ = ["EntityCache", "LoadedRows", "TYPE_CODES"]
+__all__ = ["EntityCache", "LoadedRows", "TYPE_CODES", "coded_values"]
 
 I64_MAX = np.iinfo(np.int64).max
-TYPE_CODES: dict[EntityType, int] = {t: i for i, t in enumerate(EntityType)}
+#: coded columns besides metadata (``meta:<key>``): the scope components and the source
+SCOPE_COLUMNS = ("user_id", "agent_id", "session_id")
+CODED_COLUMNS = (*SCOPE_COLUMNS, "source_id")
+
+
+def coded_values(e: Entity) -> list[tuple[str, Any]]:
+    """(coded column, value) of every set coded field of ``e``: scope components, source id and
+    metadata (as ``meta:<key>`` -> (type tag, canonical text))."""
+    out: list[tuple[str, Any]] = []
+    s = e.scope
+    if s.user_id is not None:
+        out.append(("user_id", s.user_id))
+    if s.agent_id is not None:
+        out.append(("agent_id", s.agent_id))
+    if s.session_id is not None:
+        out.append(("session_id", s.session_id))
+    if e.source_id is not None:
+        out.append(("source_id", e.source_id))
+    for k, v in e.metadata.items():
+        out.append(("meta:" + k, meta_key(v)))
+    return out
 _MASK_CACHE_SIZE = 32
 
 
@@ -74,8 +96,9 @@ class EntityCache:
         self._vecs: np.ndarray | None = None
         self._slot_row = np.full(0, -1, np.int64)
         self._by_name: dict[str, set[int]] = {}
+        # coded columns: name -> int32 codes per row (0 = unset), name -> value -> code
         self._meta_codes: dict[str, np.ndarray] = {}
-        self._meta_vals: dict[str, dict[tuple[str, str], int]] = {}
+        self._meta_vals: dict[str, dict[Any, int]] = {}
         self._postings = PostingsIndex()
         self._n_alive = 0
         self._n_vecs = 0
@@ -164,9 +187,9 @@ class EntityCache:
         self._event[row] = 0 if e.event_time is None else e.event_time
         self._valid_to[row] = I64_MAX if e.valid_to is None else e.valid_to
         self._by_name.setdefault(normalize_name(e.name), set()).add(row)
-        for k, v in e.metadata.items():
+        for k, v in coded_values(e):
             vals = self._meta_vals.setdefault(k, {})
-            code = vals.setdefault(meta_key(v), len(vals) + 1)
+            code = vals.setdefault(v, len(vals) + 1)
             codes = self._meta_codes.get(k)
             if codes is None:
                 codes = self._meta_codes[k] = np.zeros(self._cap, np.int32)
@@ -183,7 +206,7 @@ class EntityCache:
             names.discard(row)
             if not names:
                 del self._by_name[normalize_name(e.name)]
-        for k in e.metadata:
+        for k, _ in coded_values(e):
             self._meta_codes[k][row] = 0
         tfs, dl = document_terms(e.name, e.content)
         self._postings.remove_doc(row, tfs)
@@ -323,25 +346,41 @@ class EntityCache:
         self._apply(eid, None, None)
         return old
 
-    def set_valid_to(self, eid: str, valid_to: int) -> Entity | None:
-        """Supersede a current entity; returns its new state, or None if absent or already superseded."""
+    def set_valid_to(self, eid: str, valid_to: int | None, at: int | None = None) -> Entity | None:
+        """Supersede a current entity (``valid_to`` set) or revive a superseded one (``valid_to``
+        None; ``updated_at`` becomes ``max(updated_at, at)``). Returns its new state, or None if
+        absent or already in that state."""
         row = self._row_of.get(eid)
         if row is None:
             return None
         old = self._ent(row)
-        if old.valid_to is not None:
+        if (old.valid_to is None) == (valid_to is None):
             return None
         new = clone_entity(old, None)
         new.embedding = None
         new.valid_to = valid_to
-        new.updated_at = max(old.updated_at, valid_to)
+        stamp = valid_to if valid_to is not None else at
+        new.updated_at = old.updated_at if stamp is None else max(old.updated_at, stamp)
         self._touch(eid)
         # only the row's columns change: name, metadata, text and vector are the same
         self.version += 1
         self._ents[row] = new
-        self._valid_to[row] = valid_to
+        self._valid_to[row] = I64_MAX if valid_to is None else valid_to
         vec = self._vecs[row] if self._has_vec[row] else None  # type: ignore[index]
         return clone_entity(new, vec)
+
+    def ids_with(self, column: str, value: Any) -> builtins.list[str]:
+        """Ids of the live rows whose coded ``column`` holds ``value``, sorted."""
+        code = self._meta_vals.get(column, {}).get(value)
+        if code is None:
+            return []
+        rows = np.flatnonzero(self._alive[: self._n] & (self._meta_codes[column][: self._n] == code))
+        return sorted(self._row_ids[r] for r in rows.tolist())
+
+    def entities(self) -> Iterable[Entity]:
+        """Every stored entity (no embedding; callers must not change them), in row order."""
+        for eid, row in self._row_of.items():
+            yield self._ent(row)
 
     # --- reads -----------------------------------------------------------------------
     def __len__(self) -> int:
@@ -403,59 +442,27 @@ class EntityCache:
             self._masks.popitem(last=False)
         return m
 
+    # MaskColumns (see umi.storage.filters.mask)
+    @property
+    def n(self) -> int:
+        return self._n
+
+    def column(self, name: str) -> np.ndarray:
+        return {"alive": self._alive, "type": self._type, "created": self._created, "event": self._event,
+                "has_event": self._has_event, "valid_to": self._valid_to}[name]
+
+    def code_column(self, name: str) -> np.ndarray | None:
+        return self._meta_codes.get(name)
+
+    def code_of(self, name: str, value: Any) -> int | None:
+        return self._meta_vals.get(name, {}).get(value)
+
     def _compute_mask(self, nf: NormFilters) -> np.ndarray:
-        n = self._n
-        m = self._alive[:n].copy()
-        if nf.empty:
-            m[:] = False
-            return m
-        if nf.entity_types is not None and len(nf.entity_types) < len(TYPE_CODES):
-            types = self._type[:n]
-            tm = np.zeros(n, bool)
-            for t in nf.entity_types:
-                tm |= types == TYPE_CODES[t]
-            m &= tm
-        if nf.has_time:
-            if nf.time_field == "event_time":
-                col = self._event[:n]
-                m &= self._has_event[:n]
-            else:
-                col = self._created[:n]
-            if nf.time_lo is not None:
-                m &= col >= nf.time_lo
-            if nf.time_hi is not None:
-                m &= col <= nf.time_hi
-        for k, vt, vx in nf.metadata:
-            code = self._meta_vals.get(k, {}).get((vt, vx))
-            if code is None:
-                m[:] = False
-                return m
-            m &= self._meta_codes[k][:n] == code
-        if nf.as_of is not None:
-            m &= self._created[:n] <= nf.as_of
-            m &= self._valid_to[:n] > nf.as_of
-        elif not nf.include_superseded:
-            m &= self._valid_to[:n] == I64_MAX
-        return m
+        return F.mask(nf, self)
 
     def _matches(self, row: int, nf: NormFilters) -> bool:
-        """One row against the filters (same semantics as :meth:`row_mask`)."""
-        if nf.empty or not self._alive[row]:
-            return False
-        e = self._ent(row)
-        if nf.entity_types is not None and e.entity_type not in nf.entity_types:
-            return False
-        if nf.has_time:
-            t = e.created_at if nf.time_field == "created_at" else e.event_time
-            if t is None or (nf.time_lo is not None and t < nf.time_lo) or (
-                    nf.time_hi is not None and t > nf.time_hi):
-                return False
-        for k, vt, vx in nf.metadata:
-            if k not in e.metadata or meta_key(e.metadata[k]) != (vt, vx):
-                return False
-        if nf.as_of is not None:
-            return e.created_at <= nf.as_of and (e.valid_to is None or e.valid_to > nf.as_of)
-        return nf.include_superseded or e.valid_to is None
+        """One row against the filters (the reference predicate)."""
+        return bool(self._alive[row]) and F.matches(nf, self._ent(row))
 
     def _slot_mask(self, nf: NormFilters) -> tuple[bool, np.ndarray | None]:
         """(any eligible, mask in slot space or None for 'every live vector')."""

@@ -3,7 +3,8 @@
 A backend supplies ``_lock`` (an ``RLock``), ``_check_writable()`` and three hooks:
 ``_begin_tx()`` (start a transaction and the cache journal), ``_commit_tx(wrote)`` (make
 it durable; bump the generation when ``wrote``) and ``_rollback_tx()`` (undo everything,
-restoring the cache; must not raise).
+restoring the cache; must not raise). A ``_commit_tx`` that raises is rolled back here, and
+its error re-raised as a :class:`~umi.StorageError` (chained).
 
 Rules: a write outside :meth:`transaction` is its own transaction; nested use joins the
 outer one; an exception inside rolls everything back and is re-raised, as a
@@ -52,10 +53,17 @@ class TransactionMixin:
         self._depth = 0
         self._wrote = False
         self._rollback_only = False
-        if commit:
-            self._commit_tx(wrote)
-        else:
+        if not commit:
             self._rollback_tx()
+            return
+        try:
+            self._commit_tx(wrote)
+        except BaseException as exc:
+            self._rollback_tx()
+            wrapped = self._wrap(exc, "commit failed and was rolled back")
+            if wrapped is exc:
+                raise
+            raise wrapped from exc
 
     @staticmethod
     def _wrap(exc: BaseException, what: str) -> BaseException:

@@ -1,0 +1,222 @@
+"""Export and import: a store (or one scope of it) as JSONL, and back.
+
+An export is one JSON object per line, in this order: a ``header`` line, then every
+``source``, ``entity`` (superseded ones too; vectors only when asked), ``relation`` and
+``history`` record, each with its scope. It is read in one I/O hop under the write lock,
+so it is one consistent state, and since forgetting scrubs content from every table, an
+export after forgets holds nothing that was forgotten.
+
+Import is **all-or-nothing**: every line is read and checked first (an error names the
+file and line, and nothing is written); records that come without a vector are embedded
+again (with a progress callback) when the Memory has an embedder; then every record is
+written in one transaction through ``StorageBackend.restore``. Importing an export gives
+back the same entities, relations, validity and history.
+
+Lines holding only a text (``{"text": ...}`` or a JSON string) are remembered, one by one,
+after the records: each is its own transaction, and a failed run can simply be run again
+(texts already remembered are exact duplicates and are skipped) — resumable, not atomic.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+
+from ..errors import UmiError, ValidationError
+from ..options import RememberOptions
+from ..storage.base import HistoryRecord, Source
+from ..types import Entity, EvolutionRelation, Scope
+from .context import PipelineContext
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "export_records", "ImportPlan", "parse_lines", "restore"]
+
+FORMAT = "umi-export"
+FORMAT_VERSION = 2
+KINDS = ("header", "source", "entity", "relation", "history", "text")
+
+Progress = Callable[[int, int], None]
+
+
+def _scope_dict(scope: Scope) -> dict[str, str | None] | None:
+    return None if scope.is_unset else scope.to_dict()
+
+
+def export_records(ctx: PipelineContext, *, embeddings: bool) -> list[dict[str, Any]]:
+    """Every record the view sees, as JSON-ready dicts, in export order. Runs in one I/O hop."""
+    scope = ctx.scope
+    st = ctx.storage
+    out: list[dict[str, Any]] = [{
+        "kind": "header", "format": FORMAT, "version": FORMAT_VERSION,
+        "embedder": getattr(ctx.embedder, "name", None), "dim": st.dim,
+        "scope": None if scope is None else _scope_dict(scope),
+    }]
+    for s in st.iter_sources(scope):
+        out.append({"kind": "source", "id": s.id, "text_hash": s.text_hash, "text": s.text,
+                    "created_at": s.created_at, "metadata": dict(s.metadata), "scope": _scope_dict(s.scope)})
+    everything = ctx.filters(include_superseded=True)
+    offset = 0
+    while True:
+        page = st.list(everything, limit=1000, offset=offset)
+        if not page:
+            break
+        for e in page:
+            d = e.to_dict(with_embedding=embeddings)
+            d["kind"] = "entity"
+            d.pop("score", None)
+            d.pop("mentions", None)
+            out.append(d)
+        offset += len(page)
+    for r in st.iter_relations(scope):
+        d = r.to_dict()
+        d["kind"] = "relation"
+        d["scope"] = _scope_dict(getattr(r, "scope", Scope()))
+        out.append(d)
+    for h in st.iter_history(scope):
+        out.append({"kind": "history", "entity_id": h.entity_id, "seq": h.seq, "op": h.op, "at": h.at,
+                    "snapshot": dict(h.snapshot), "scope": _scope_dict(h.scope)})
+    return out
+
+
+def dumps(record: Mapping[str, Any]) -> str:
+    return json.dumps(record, sort_keys=True, ensure_ascii=False)
+
+
+@dataclass
+class ImportPlan:
+    """What a file holds, checked, before anything is written."""
+
+    sources: list[Source] = field(default_factory=list)
+    entities: list[Entity] = field(default_factory=list)
+    relations: list[EvolutionRelation] = field(default_factory=list)
+    history: list[HistoryRecord] = field(default_factory=list)
+    texts: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    header: dict[str, Any] | None = None
+
+    @property
+    def records(self) -> int:
+        return len(self.sources) + len(self.entities) + len(self.relations) + len(self.history)
+
+
+def _int(rec: Mapping[str, Any], key: str) -> int:
+    v = rec[key]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValidationError(f"{key!r} must be an integer, got {v!r}")
+    return v
+
+
+def _scope(rec: Mapping[str, Any]) -> Scope:
+    return Scope.from_dict(rec.get("scope"))
+
+
+def _parse(rec: Mapping[str, Any], plan: ImportPlan, n: int) -> None:
+    kind = rec.get("kind", "text")
+    if kind not in KINDS:
+        raise ValidationError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if kind == "header":
+        if rec.get("format", FORMAT) != FORMAT or rec.get("version", FORMAT_VERSION) > FORMAT_VERSION:
+            raise ValidationError(f"not a {FORMAT} file of version {FORMAT_VERSION} or older: "
+                                  f"format {rec.get('format')!r} version {rec.get('version')!r}")
+        plan.header = dict(rec)
+    elif kind == "text":
+        text = rec.get("text")
+        if not isinstance(text, str):
+            raise ValidationError("a text line needs a 'text' string")
+        RememberOptions(metadata=rec.get("metadata"), event_time=rec.get("event_time"))  # checked now, not half-way
+        plan.texts.append((n, dict(rec)))
+    elif kind == "source":
+        meta = rec.get("metadata") or {}
+        plan.sources.append(Source(str(rec["id"]), str(rec["text_hash"]), str(rec["text"]),
+                                   _int(rec, "created_at"), dict(meta), _scope(rec)))
+    elif kind == "entity":
+        plan.entities.append(Entity.from_dict({k: v for k, v in rec.items() if k != "kind"}))
+    elif kind == "relation":
+        plan.relations.append(EvolutionRelation(
+            source_id=rec["source_id"], target_id=rec["target_id"], evolution_type=rec["evolution_type"],
+            reason=rec.get("reason", ""), confidence=rec.get("confidence", 1.0), id=rec.get("id", ""),
+            created_at=_int(rec, "created_at"), scope=_scope(rec)))
+    else:  # history
+        snap = rec.get("snapshot")
+        if not isinstance(snap, Mapping):
+            raise ValidationError("a history record needs a 'snapshot' object")
+        op = rec.get("op")
+        if op not in ("create", "update", "supersede", "revive", "delete"):
+            raise ValidationError(f"unknown history op {op!r}")
+        plan.history.append(HistoryRecord(str(rec["entity_id"]), _int(rec, "seq"), op, _int(rec, "at"),
+                                          dict(snap), _scope(rec)))
+
+
+def parse_lines(lines: Iterable[str], where: str) -> ImportPlan:
+    """Read and check every line; the first bad one raises ``ValidationError('<where>:<n>: ...')``."""
+    plan = ImportPlan()
+    for n, line in enumerate(lines, start=1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValidationError(f"{where}:{n}: not valid JSON ({exc.msg})") from exc
+        except RecursionError as exc:
+            raise ValidationError(f"{where}:{n}: JSON nested too deeply") from exc
+        if isinstance(rec, str):
+            rec = {"text": rec}
+        if not isinstance(rec, dict):
+            raise ValidationError(f"{where}:{n}: each line must be a JSON object or string")
+        try:
+            _parse(rec, plan, n)
+        except (KeyError, TypeError, ValueError, UmiError) as exc:
+            what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise ValidationError(f"{where}:{n}: {what}") from exc
+    return plan
+
+
+def check_consistent(plan: ImportPlan, ctx: PipelineContext) -> None:
+    """Relations must join stored or imported facts; a scoped view imports only its scope."""
+    ids = {e.id for e in plan.entities}
+    missing = [r for r in plan.relations if not ({r.source_id, r.target_id} <= ids)]
+    if missing:
+        have = {e.id for e in ctx.storage.get_many(sorted({x for r in missing for x in (r.source_id, r.target_id)}))}
+        for r in missing:
+            for end in (r.source_id, r.target_id):
+                if end not in ids and end not in have:
+                    raise ValidationError(f"relation {r.id} refers to entity {end}, which is neither stored "
+                                          "nor in the file")
+    # Vectors made by another embedder (or of another size) would be wrong neighbours: embed again.
+    theirs = (plan.header or {}).get("embedder")
+    ours = getattr(ctx.embedder, "name", None)
+    dim = ctx.storage.dim if ctx.storage.dim is not None else getattr(ctx.embedder, "dim", None)
+    for e in plan.entities:
+        if e.embedding is not None and ((theirs is not None and theirs != ours) or e.embedding.size != dim):
+            e.embedding = None
+    if ctx.scope is not None:
+        scoped: list[Entity | Source] = [*plan.entities, *plan.sources]
+        for what in scoped:
+            if not ctx.scope.contains(what.scope):
+                raise ValidationError(f"record {what.id} belongs to scope {what.scope.to_dict()}, outside this "
+                                      f"view's scope {ctx.scope.to_dict()}")
+
+
+async def embed_missing(ctx: PipelineContext, plan: ImportPlan, progress: Progress | None) -> int:
+    """Give every imported fact without a vector one (batched; progress after each batch)."""
+    if ctx.embedder is None:
+        return 0
+    todo = [e for e in plan.entities if e.embedding is None]
+    bs = ctx.config.embedding_batch_size
+    for i in range(0, len(todo), bs):
+        chunk = todo[i : i + bs]
+        vecs = await ctx.embed([e.text_for_embedding() for e in chunk], "passage")
+        for e, v in zip(chunk, vecs):
+            e.embedding = np.ascontiguousarray(v)
+        if progress is not None:
+            progress(min(i + bs, len(todo)), len(todo))
+    return len(todo)
+
+
+def restore(ctx: PipelineContext, plan: ImportPlan) -> None:
+    """Write every record in one transaction (the caller holds the write lock)."""
+    with ctx.storage.transaction():
+        ctx.storage.restore(plan.entities, plan.sources, plan.relations, plan.history)
+

@@ -1,0 +1,890 @@
+"""``CachedStore``: the storage contract written once, over a small durable store.
+
+A :class:`CachedStore` holds the whole store in process — entities in the columnar
+:class:`~umi.storage._hotcache.EntityCache` (filters as numpy masks, BM25 postings, the
+vector index), and sources, relations, history, core blocks and store metadata in plain
+dicts — and serves every read from there. It owns the lock, the transaction rules
+(:class:`~umi.storage._txn.TransactionMixin`), input checks, relation-endpoint checks, history
+sequence numbers, forgetting and the scope rules.
+
+Under it, a :class:`DurableStore` does only durable I/O: :meth:`DurableStore.load` everything at
+open, and :meth:`DurableStore.commit` one :class:`ChangeSet` (the net effect of one transaction)
+atomically. Implementations: DuckDB (:mod:`umi.storage.duckdb`), Lance
+(:mod:`umi.storage.lance`) and :class:`MemoryDurable` (nothing to persist; the Sim backend).
+A write changes the cache at once (and journals how to undo it) and records itself in the
+transaction's change set; the commit hands the change set to the durable store, and a failed
+durable commit rolls the cache back, so the cache never holds what the store does not.
+
+Forget (:meth:`CachedStore.delete`): the row, its postings and vector go; every history
+snapshot of it becomes a tombstone (and a ``delete`` record with the tombstone is appended);
+relations touching it go; its source goes once no remaining entity has that ``source_id``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import copy
+import json
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from ..errors import StorageError, ValidationError
+from ..types import (
+    CoreBlockRecord,
+    CoreHistoryRecord,
+    Entity,
+    EntityType,
+    EvolutionRelation,
+    Scope,
+    check_scope,
+    normalize_name,
+    now_ms,
+)
+from . import filters as F
+from ._common import (
+    check_entities,
+    check_id,
+    check_ids,
+    check_k,
+    check_limit_offset,
+    check_query_text,
+    check_query_vector,
+    check_relations,
+    check_source,
+    check_time,
+    snapshot_of,
+)
+from ._hotcache import EntityCache
+from ._txn import TransactionMixin
+from .base import HistoryRecord, SearchFilters, Source, StorageBackend, tombstone
+from .text import document_terms, query_terms
+
+__all__ = ["CachedStore", "ChangeSet", "DurableStore", "Loaded", "MemoryDurable", "CORE_NAME_BYTES_MAX",
+           "CORE_CONTENT_BYTES_MAX", "META_KEY_BYTES_MAX", "META_VALUE_BYTES_MAX"]
+
+#: core block names: 1..64 bytes of [A-Za-z0-9_.-] (as CoreMemory); contents up to 16 MiB
+CORE_NAME_BYTES_MAX = 64
+CORE_CONTENT_BYTES_MAX = 16 * 1024 * 1024
+#: store metadata keys and values
+META_KEY_BYTES_MAX = 256
+META_VALUE_BYTES_MAX = 1024 * 1024
+
+
+# --- what moves between the cache and a durable store -------------------------------------------
+
+
+@dataclass
+class ChangeSet:
+    """The net effect of one transaction, for :meth:`DurableStore.commit`.
+
+    ``entities``: id -> the entity's new full state (``None``: deleted); ``entity_existed``: id ->
+    whether the durable store held the id before the transaction. ``history``: records appended or
+    (``restore``) put by ``(entity_id, seq)``; ``tombstoned``: entities whose every stored snapshot
+    becomes :func:`tombstone` (applied before ``history``). ``sources`` / ``relations``: id -> new
+    record or ``None`` (deleted). ``core``: core scopes whose blocks are rewritten from
+    ``core_blocks``; ``core_history``: appended. ``meta``: key -> value. ``dim``: the vector
+    dimension fixed in this transaction. ``terms``: id -> (term frequencies, length) of written
+    entities, when known.
+    """
+
+    entities: dict[str, Entity | None] = field(default_factory=dict)
+    entity_existed: dict[str, bool] = field(default_factory=dict)
+    terms: dict[str, tuple[dict[str, int], int]] = field(default_factory=dict)
+    history: list[HistoryRecord] = field(default_factory=list)
+    #: some of ``history`` may replace stored records (restore)
+    history_replace: bool = False
+    tombstoned: set[str] = field(default_factory=set)
+    sources: dict[str, Source | None] = field(default_factory=dict)
+    relations: dict[str, EvolutionRelation | None] = field(default_factory=dict)
+    core: dict[Scope, list[CoreBlockRecord]] = field(default_factory=dict)
+    core_history: list[CoreHistoryRecord] = field(default_factory=list)
+    meta: dict[str, str] = field(default_factory=dict)
+    dim: int | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.entities or self.history or self.tombstoned or self.sources or self.relations
+                    or self.core or self.core_history or self.meta or self.dim is not None)
+
+
+@dataclass
+class Loaded:
+    """Everything a durable store holds, as :meth:`DurableStore.load` returns it. ``rows`` fills
+    the entity cache (:meth:`EntityCache.bulk_load`), or ``entities`` (a list) does."""
+
+    generation: int = 0
+    dim: int | None = None
+    rows: Any = None
+    entities: list[Entity] = field(default_factory=list)
+    sources: list[Source] = field(default_factory=list)
+    relations: list[EvolutionRelation] = field(default_factory=list)
+    #: (entity_id, seq, op, at, snapshot as a dict or JSON text, scope)
+    history: list[tuple[str, int, str, int, Any, Scope]] = field(default_factory=list)
+    core_blocks: list[tuple[Scope, CoreBlockRecord]] = field(default_factory=list)
+    core_history: list[CoreHistoryRecord] = field(default_factory=list)
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+class DurableStore:
+    """The narrow durable layer under :class:`CachedStore`."""
+
+    def load(self, dim: int | None) -> Loaded:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def commit(self, changes: ChangeSet, generation: int) -> None:  # pragma: no cover - interface
+        """Write ``changes`` and the new ``generation`` atomically, or raise and write nothing."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class MemoryDurable(DurableStore):
+    """Nothing to persist: the cache is the store (Sim)."""
+
+    def load(self, dim: int | None) -> Loaded:
+        return Loaded(dim=dim)
+
+    def commit(self, changes: ChangeSet, generation: int) -> None:
+        pass
+
+
+# --- history records kept in memory ------------------------------------------------------------
+
+
+class _Hist:
+    """One history record; ``snap`` is a dict or (loaded, not read yet) its JSON text."""
+
+    __slots__ = ("seq", "op", "at", "snap", "scope")
+
+    def __init__(self, seq: int, op: str, at: int, snap: Any, scope: Scope) -> None:
+        self.seq, self.op, self.at, self.snap, self.scope = seq, op, at, snap, scope
+
+    def record(self, eid: str) -> HistoryRecord:
+        snap = json.loads(self.snap) if isinstance(self.snap, str) else copy.deepcopy(self.snap)
+        return HistoryRecord(eid, self.seq, self.op, self.at, snap, self.scope)  # type: ignore[arg-type]
+
+
+def _check_text(value: object, what: str, limit: int) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be str, not {type(value).__name__}")
+    try:
+        n = len(value.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise ValidationError(f"{what} is not valid Unicode text (a lone surrogate at {exc.start})") from None
+    if n > limit:
+        raise ValidationError(f"{what} is {n} bytes; the limit is {limit}")
+    return value
+
+
+def _check_core_name(name: object) -> str:
+    import re
+
+    if not isinstance(name, str):
+        raise TypeError(f"block name must be str, not {type(name).__name__}")
+    if re.fullmatch(r"[A-Za-z0-9_.\-]{1,%d}" % CORE_NAME_BYTES_MAX, name) is None:
+        raise ValidationError(f"block name must be 1 to {CORE_NAME_BYTES_MAX} characters of [A-Za-z0-9_.-], "
+                              f"got {name[:80]!r}")
+    return name
+
+
+def _check_importance(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"importance must be a float in [0, 1], not {type(value).__name__}")
+    v = float(value)
+    if not 0.0 <= v <= 1.0:
+        from ..errors import InvalidImportanceError
+
+        raise InvalidImportanceError(f"importance must be in [0, 1], got {value!r}", actual=value)
+    return v
+
+
+# --- the store ----------------------------------------------------------------------------------
+
+
+class CachedStore(TransactionMixin, StorageBackend):
+    """Every rule of the storage contract, over a :class:`DurableStore`. Subclasses set up the
+    durable store and call :meth:`_open_cache`; they may override the hooks ``_fault_read(op)``,
+    ``_write_fault_at(n)`` (Sim), ``_after_commit()`` (index saves) and ``_check_writable()``."""
+
+    _cache: EntityCache
+    _durable: DurableStore
+
+    def _init_state(self, durable: DurableStore, dim: int | None, index_factory: Callable[[int], Any]) -> None:
+        if "_lock" not in self.__dict__:  # a reload keeps the lock its caller holds
+            self._lock = threading.RLock()
+        self._durable = durable
+        self._index_factory = index_factory
+        self._closed = True
+        self._cache = EntityCache(dim=dim, index_factory=index_factory)
+        self._sources: dict[str, Source] = {}
+        self._by_hash: dict[str, set[str]] = {}
+        self._relations: dict[str, EvolutionRelation] = {}
+        self._rels_of: dict[str, set[str]] = {}
+        self._history: dict[str, list[_Hist]] = {}
+        self._core: dict[Scope, list[CoreBlockRecord]] = {}
+        self._core_hist: dict[Scope, list[CoreHistoryRecord]] = {}
+        self._meta: dict[str, str] = {}
+        self._generation = 0
+        self._undo: list[Callable[[], None]] = []
+        self._changes = ChangeSet()
+        self._dim_stored: int | None = dim
+        self._dim_before: int | None = dim
+
+    def _open_cache(self, loaded: Loaded) -> None:
+        """Fill everything from what the durable store loaded."""
+        self._generation = loaded.generation
+        self._dim_stored = loaded.dim
+        if loaded.rows is not None:
+            self._cache.bulk_load(loaded.rows)
+        elif loaded.entities:
+            self._cache.put_many(loaded.entities)
+        for s in loaded.sources:
+            self._sources[s.id] = s
+            self._by_hash.setdefault(s.text_hash, set()).add(s.id)
+        for r in loaded.relations:
+            self._relations[r.id] = r
+            for end in (r.source_id, r.target_id):
+                self._rels_of.setdefault(end, set()).add(r.id)
+        for eid, seq, op, at, snap, scope in loaded.history:
+            self._history.setdefault(eid, []).append(_Hist(seq, op, at, snap, scope))
+        for recs in self._history.values():
+            recs.sort(key=lambda h: h.seq)
+        for scope, block in loaded.core_blocks:
+            self._core.setdefault(scope, []).append(block)
+        for blocks in self._core.values():
+            blocks.sort(key=lambda b: b.position)
+        for rec in loaded.core_history:
+            self._core_hist.setdefault(rec.scope, []).append(rec)
+        for recs2 in self._core_hist.values():
+            recs2.sort(key=lambda r: r.seq)
+        self._meta = dict(loaded.meta)
+
+    # --- plumbing ---------------------------------------------------------------------------
+    @property
+    def dim(self) -> int | None:  # type: ignore[override]
+        return self._cache.dim
+
+    @property
+    def generation(self) -> int:
+        with self._lock:
+            return self._generation
+
+    def _describe(self) -> str:
+        return type(self).__name__
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageError(f"this {self._describe()} is closed")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+
+    def _fault_read(self, op: str) -> None:
+        """Hook: raise to inject a read failure (Sim)."""
+
+    def _write_fault_at(self, n_items: int) -> int | None:
+        """Hook: the item position at which this write fails, or None (Sim)."""
+        return None
+
+    def _after_commit(self) -> None:
+        """Hook: after a durable commit that wrote something (index saves)."""
+
+    @staticmethod
+    def _fail(op: str) -> None:
+        raise StorageError(f"injected storage write failure in {op}()")
+
+    @contextmanager
+    def _reading(self, op: str) -> Iterator[None]:
+        with self._lock:
+            self._check_open()
+            self._fault_read(op)
+            yield
+
+    def _begin_tx(self) -> None:
+        self._cache.begin()
+        self._undo = []
+        self._changes = ChangeSet()
+        self._dim_before = self._dim_stored
+
+    def _rollback_tx(self) -> None:
+        try:
+            self._cache.rollback()
+        finally:
+            for fn in reversed(self._undo):
+                fn()
+            self._undo = []
+            self._changes = ChangeSet()
+            self._dim_stored = self._dim_before
+
+    def _commit_tx(self, wrote: bool) -> None:
+        changes = self._changes
+        if wrote and changes:
+            self._durable.commit(changes, self._generation + 1)  # raises: the mixin rolls back
+        self._cache.commit()
+        self._undo = []
+        self._changes = ChangeSet()
+        if wrote:
+            self._generation += 1
+            self._after_commit()
+
+    def _on_undo(self, fn: Callable[[], None]) -> None:
+        self._undo.append(fn)
+
+    # --- change recording ---------------------------------------------------------------------
+    def _record_entity(self, eid: str, new: Entity | None, existed: bool,
+                       terms: tuple[dict[str, int], int] | None = None) -> None:
+        ch = self._changes
+        if eid not in ch.entity_existed:
+            ch.entity_existed[eid] = existed
+        ch.entities[eid] = new
+        if terms is not None:
+            ch.terms[eid] = terms
+        else:
+            ch.terms.pop(eid, None)
+
+    def _append_history(self, eid: str, op: str, at: int, snap: dict[str, Any], scope: Scope) -> None:
+        recs = self._history.setdefault(eid, [])
+        seq = (recs[-1].seq if recs else 0) + 1
+        recs.append(_Hist(seq, op, at, snap, scope))
+
+        def undo() -> None:
+            recs.pop()
+            if not recs:
+                self._history.pop(eid, None)
+
+        self._on_undo(undo)
+        self._changes.history.append(HistoryRecord(eid, seq, op, at, snap, scope))  # type: ignore[arg-type]
+
+    # --- entities ---------------------------------------------------------------------------
+    def upsert(self, entities: Sequence[Entity]) -> None:
+        with self._lock:
+            self._check_writable()
+            ents, dim = check_entities(entities, self._cache.dim)
+            if not ents:
+                return
+            terms = [document_terms(e.name, e.content) for e in ents]
+            with self._writing("upsert"):
+                fail_at = self._write_fault_at(len(ents))
+                done = ents if fail_at is None else ents[:fail_at]
+                self._put_entities(done, terms[:len(done)], dim, history=True)
+                if fail_at is not None:
+                    self._fail("upsert")
+
+    def _put_entities(self, ents: list[Entity], terms: list[tuple[dict[str, int], int]], dim: int | None,
+                      *, history: bool) -> None:
+        if not ents:
+            return
+        existed = {e.id: e.id in self._cache for e in ents}
+        fresh = self._cache.put_many(ents, terms)
+        if dim is not None and self._dim_stored is None:
+            self._dim_stored = dim
+            self._changes.dim = dim
+        for e, t in zip(ents, terms):
+            self._record_entity(e.id, e, existed[e.id], t)
+        if history:
+            for e, new in zip(ents, fresh):
+                self._append_history(e.id, "create" if new else "update", e.updated_at, snapshot_of(e), e.scope)
+
+    def delete(self, entity_id: str, at: int | None = None) -> bool:
+        eid = check_id(entity_id)
+        at = check_time(at, "at", optional=True)
+        with self._lock:
+            self._check_writable()
+            if eid not in self._cache:
+                return False
+            with self._writing("delete"):
+                if self._write_fault_at(1) is not None:
+                    self._fail("delete")
+                self._forget(eid, self._now() if at is None else at)
+            return True
+
+    def _now(self) -> int:
+        return now_ms()
+
+    def _forget(self, eid: str, at: int) -> None:
+        old = self._cache.remove(eid)
+        assert old is not None
+        self._record_entity(eid, None, True)
+        # every snapshot of it becomes a tombstone, then the delete record (a tombstone too)
+        recs = self._history.get(eid, [])
+        before = [h.snap for h in recs]
+        stone = tombstone(eid)
+        for h in recs:
+            h.snap = dict(stone)
+
+        def undo_stones() -> None:
+            for h, snap in zip(recs, before):
+                h.snap = snap
+
+        self._on_undo(undo_stones)
+        self._changes.tombstoned.add(eid)
+        self._changes.history = [r if r.entity_id != eid else HistoryRecord(eid, r.seq, r.op, r.at, dict(stone), r.scope)
+                                 for r in self._changes.history]
+        self._append_history(eid, "delete", at, dict(stone), old.scope)
+        for rid in sorted(self._rels_of.get(eid, ())):
+            self._drop_relation(rid)
+        sid = old.source_id
+        if sid is not None and sid in self._sources and not self._cache.ids_with("source_id", sid):
+            self._drop_source(sid)
+
+    def supersede(self, entity_id: str, valid_to: int) -> bool:
+        eid = check_id(entity_id)
+        vt: int = check_time(valid_to, "valid_to")  # type: ignore[assignment]
+        return self._set_validity(eid, vt, vt, "supersede")
+
+    def revive(self, entity_id: str, at: int) -> bool:
+        eid = check_id(entity_id)
+        when: int = check_time(at, "at")  # type: ignore[assignment]
+        return self._set_validity(eid, None, when, "revive")
+
+    def _set_validity(self, eid: str, valid_to: int | None, at: int, op: str) -> bool:
+        with self._lock:
+            self._check_writable()
+            cur = self._cache.peek(eid)
+            if cur is None or (cur.valid_to is None) == (valid_to is None):
+                return False
+            with self._writing(op):
+                if self._write_fault_at(1) is not None:
+                    self._fail(op)
+                new = self._cache.set_valid_to(eid, valid_to, at)
+                assert new is not None
+                self._record_entity(eid, new, True)
+                self._append_history(eid, op, at, snapshot_of(new), new.scope)
+            return True
+
+    # --- reads ------------------------------------------------------------------------------
+    def get(self, entity_id: str) -> Entity | None:
+        eid = check_id(entity_id)
+        with self._reading("get"):
+            return self._cache.get(eid)
+
+    def get_many(self, entity_ids: Sequence[str]) -> builtins.list[Entity]:
+        ids = check_ids(entity_ids)
+        with self._reading("get_many"):
+            return self._cache.get_many(ids)
+
+    def list(self, filters: SearchFilters | None = None, limit: int = 100, offset: int = 0) -> builtins.list[Entity]:
+        limit, offset = check_limit_offset(limit, offset)
+        nf = F.normalise(filters)
+        with self._reading("list"):
+            return self._cache.list(nf, limit, offset)
+
+    def count(self, filters: SearchFilters | None = None) -> int:
+        nf = F.normalise(filters)
+        with self._reading("count"):
+            return self._cache.count(nf)
+
+    def find_by_name(self, name: str, entity_type: EntityType | str | None = None,
+                     filters: SearchFilters | None = None) -> builtins.list[Entity]:
+        if not isinstance(name, str):
+            raise TypeError(f"name must be str, not {type(name).__name__}")
+        norm = normalize_name(name)
+        if not norm:
+            raise ValidationError("name must not be empty or only whitespace")
+        etype = None if entity_type is None else EntityType.parse(entity_type)
+        nf = F.normalise(filters)
+        with self._reading("find_by_name"):
+            return self._cache.find_by_name(norm, etype, nf)
+
+    def search_vector(self, vector: np.ndarray, k: int, filters: SearchFilters | None = None
+                      ) -> builtins.list[tuple[str, float]]:
+        k = check_k(k)
+        nf = F.normalise(filters)
+        with self._reading("search_vector"):
+            q = check_query_vector(vector, self._cache.dim)
+            if q is None:
+                return []
+            return self._cache.search_vector(q, k, nf)
+
+    def search_text(self, query: str, k: int, filters: SearchFilters | None = None
+                    ) -> builtins.list[tuple[str, float]]:
+        query = check_query_text(query)
+        k = check_k(k)
+        nf = F.normalise(filters)
+        terms = query_terms(query)
+        with self._reading("search_text"):
+            return self._cache.search_text(terms, k, nf)
+
+    def entity_ids_for_source(self, source_id: str) -> builtins.list[str]:
+        sid = check_id(source_id, "source_id")
+        with self._reading("entity_ids_for_source"):
+            return self._cache.ids_with("source_id", sid)
+
+    # --- sources ------------------------------------------------------------------------------
+    def add_source(self, source: Source) -> None:
+        src = check_source(source)
+        with self._lock:
+            self._check_writable()
+            if src.id in self._sources:
+                return  # the first record of a text is kept
+            with self._writing("add_source"):
+                if self._write_fault_at(1) is not None:
+                    self._fail("add_source")
+                self._put_source(src)
+
+    def _put_source(self, src: Source) -> None:
+        old = self._sources.get(src.id)
+        if old is not None:
+            self._by_hash[old.text_hash].discard(old.id)
+        self._sources[src.id] = src
+        self._by_hash.setdefault(src.text_hash, set()).add(src.id)
+
+        def undo() -> None:
+            self._by_hash[src.text_hash].discard(src.id)
+            if old is None:
+                del self._sources[src.id]
+            else:
+                self._sources[src.id] = old
+                self._by_hash.setdefault(old.text_hash, set()).add(old.id)
+
+        self._on_undo(undo)
+        self._changes.sources[src.id] = src
+
+    def _drop_source(self, sid: str) -> None:
+        old = self._sources.pop(sid)
+        self._by_hash[old.text_hash].discard(sid)
+
+        def undo() -> None:
+            self._sources[sid] = old
+            self._by_hash.setdefault(old.text_hash, set()).add(sid)
+
+        self._on_undo(undo)
+        self._changes.sources[sid] = None
+
+    def delete_source(self, source_id: str) -> bool:
+        sid = check_id(source_id, "source_id")
+        with self._lock:
+            self._check_writable()
+            if sid not in self._sources:
+                return False
+            with self._writing("delete_source"):
+                if self._write_fault_at(1) is not None:
+                    self._fail("delete_source")
+                self._drop_source(sid)
+            return True
+
+    def get_source(self, source_id: str) -> Source | None:
+        sid = check_id(source_id, "source_id")
+        with self._reading("get_source"):
+            return _copy_source(self._sources.get(sid))
+
+    def find_source_by_hash(self, text_hash: str) -> Source | None:
+        if not isinstance(text_hash, str):
+            raise TypeError(f"text_hash must be str, not {type(text_hash).__name__}")
+        with self._reading("find_source_by_hash"):
+            ids = self._by_hash.get(text_hash)
+            if not ids:
+                return None
+            best = min((self._sources[i] for i in ids), key=lambda s: (s.created_at, s.id))
+            return _copy_source(best)
+
+    def iter_sources(self, scope: Scope | None = None) -> Iterator[Source]:
+        sc = check_scope(scope, optional=True)
+        with self._reading("iter_sources"):
+            got = [s for s in self._sources.values() if sc is None or sc.contains(s.scope)]
+        got.sort(key=lambda s: (s.created_at, s.id))
+        return iter([_copy_source(s) for s in got])  # type: ignore[misc]
+
+    # --- relations ----------------------------------------------------------------------------
+    def _check_endpoints(self, rels: Sequence[EvolutionRelation], also: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+        """The one relation-endpoint rule: both ends are stored entities."""
+        for r in rels:
+            for end in (r.source_id, r.target_id):
+                if end not in self._cache and end not in also:
+                    raise ValidationError(f"relation {r.id} refers to entity {end}, which is not stored")
+
+    def add_relations(self, relations: Sequence[EvolutionRelation]) -> None:
+        rels = check_relations(relations)
+        if not rels:
+            return
+        with self._lock:
+            self._check_writable()
+            self._check_endpoints(rels)
+            with self._writing("add_relations"):
+                fail_at = self._write_fault_at(len(rels))
+                for i, r in enumerate(rels):
+                    if i == fail_at:
+                        self._fail("add_relations")
+                    self._put_relation(r)
+
+    def _put_relation(self, r: EvolutionRelation) -> None:
+        old = self._relations.get(r.id)
+        self._relations[r.id] = r
+        added = []
+        for end in (r.source_id, r.target_id):
+            s = self._rels_of.setdefault(end, set())
+            if r.id not in s:
+                s.add(r.id)
+                added.append(end)
+
+        def undo() -> None:
+            for end in added:
+                self._rels_of[end].discard(r.id)
+            if old is None:
+                del self._relations[r.id]
+            else:
+                self._relations[r.id] = old
+
+        self._on_undo(undo)
+        self._changes.relations[r.id] = r
+
+    def _drop_relation(self, rid: str) -> None:
+        r = self._relations.pop(rid)
+        ends = [e for e in {r.source_id, r.target_id} if rid in self._rels_of.get(e, ())]
+        for e in ends:
+            self._rels_of[e].discard(rid)
+
+        def undo() -> None:
+            self._relations[rid] = r
+            for e in ends:
+                self._rels_of.setdefault(e, set()).add(rid)
+
+        self._on_undo(undo)
+        self._changes.relations[rid] = None
+
+    def relations_for(self, entity_id: str) -> builtins.list[EvolutionRelation]:
+        eid = check_id(entity_id)
+        with self._reading("relations_for"):
+            rels = [self._relations[i] for i in self._rels_of.get(eid, ())]
+        rels.sort(key=lambda r: (r.created_at, r.id))
+        return [_copy_relation(r) for r in rels]
+
+    def iter_relations(self, scope: Scope | None = None) -> Iterator[EvolutionRelation]:
+        sc = check_scope(scope, optional=True)
+        with self._reading("iter_relations"):
+            got = [r for r in self._relations.values() if sc is None or sc.contains(r.scope)]
+        got.sort(key=lambda r: (r.created_at, r.id))
+        return iter([_copy_relation(r) for r in got])
+
+    # --- history ------------------------------------------------------------------------------
+    def history(self, entity_id: str) -> builtins.list[HistoryRecord]:
+        eid = check_id(entity_id)
+        with self._reading("history"):
+            return [h.record(eid) for h in self._history.get(eid, ())]
+
+    def iter_history(self, scope: Scope | None = None) -> Iterator[HistoryRecord]:
+        sc = check_scope(scope, optional=True)
+        with self._reading("iter_history"):
+            out = [h.record(eid) for eid in sorted(self._history) for h in self._history[eid]
+                   if sc is None or sc.contains(h.scope)]
+        return iter(out)
+
+    # --- restore (import) ---------------------------------------------------------------------
+    def restore(self, entities: Sequence[Entity], sources: Sequence[Source],
+                relations: Sequence[EvolutionRelation], history: Sequence[HistoryRecord]) -> None:
+        with self._lock:
+            self._check_writable()
+            ents, dim = check_entities(entities, self._cache.dim)
+            srcs = [check_source(s) for s in _seq(sources, "sources")]
+            rels = check_relations(relations)
+            hist = [_check_history(h, i) for i, h in enumerate(_seq(history, "history"))]
+            self._check_endpoints(rels, {e.id for e in ents})
+            with self._writing("restore"):
+                if self._write_fault_at(1) is not None:
+                    self._fail("restore")
+                self._put_entities(ents, [document_terms(e.name, e.content) for e in ents], dim, history=False)
+                for s in srcs:
+                    self._put_source(s)
+                for r in rels:
+                    self._put_relation(r)
+                for h in hist:
+                    self._put_history(h)
+
+    def _put_history(self, h: HistoryRecord) -> None:
+        recs = self._history.setdefault(h.entity_id, [])
+        before = list(recs)
+        new = _Hist(h.seq, h.op, h.at, copy.deepcopy(dict(h.snapshot)), h.scope)
+        pos = next((i for i, x in enumerate(recs) if x.seq >= h.seq), len(recs))
+        if pos < len(recs) and recs[pos].seq == h.seq:
+            recs[pos] = new
+        else:
+            recs.insert(pos, new)
+
+        def undo() -> None:
+            if before:
+                recs[:] = before
+            else:
+                self._history.pop(h.entity_id, None)
+
+        self._on_undo(undo)
+        self._changes.history.append(HistoryRecord(h.entity_id, h.seq, h.op, h.at, new.snap, h.scope))
+        self._changes.history_replace = True
+
+    # --- core blocks --------------------------------------------------------------------------
+    def core_blocks(self, scope: Scope) -> builtins.list[CoreBlockRecord]:
+        sc = check_scope(scope).core  # type: ignore[union-attr]
+        with self._reading("core_blocks"):
+            return list(self._core.get(sc, ()))
+
+    def _set_blocks(self, sc: Scope, blocks: builtins.list[CoreBlockRecord], rec: CoreHistoryRecord) -> None:
+        old = self._core.get(sc)
+        hist = self._core_hist.setdefault(sc, [])
+        if blocks:
+            self._core[sc] = blocks
+        else:
+            self._core.pop(sc, None)
+        hist.append(rec)
+
+        def undo() -> None:
+            hist.pop()
+            if old is None:
+                self._core.pop(sc, None)
+            else:
+                self._core[sc] = old
+
+        self._on_undo(undo)
+        self._changes.core[sc] = list(blocks)
+        self._changes.core_history.append(rec)
+
+    def _next_core_seq(self, sc: Scope) -> int:
+        h = self._core_hist.get(sc)
+        return (h[-1].seq if h else 0) + 1
+
+    def set_core_block(self, scope: Scope, name: str, content: str, importance: float, at: int) -> None:
+        sc = check_scope(scope).core  # type: ignore[union-attr]
+        name = _check_core_name(name)
+        content = _check_text(content, "block content", CORE_CONTENT_BYTES_MAX)
+        imp = _check_importance(importance)
+        when: int = check_time(at, "at")  # type: ignore[assignment]
+        with self._writing("set_core_block"):
+            if self._write_fault_at(1) is not None:
+                self._fail("set_core_block")
+            blocks = list(self._core.get(sc, ()))
+            pos = next((i for i, b in enumerate(blocks) if b.name == name), None)
+            if pos is None:
+                blocks.append(CoreBlockRecord(name, content, imp, len(blocks)))
+            else:
+                blocks[pos] = CoreBlockRecord(name, content, imp, pos)
+            self._set_blocks(sc, blocks, CoreHistoryRecord(sc, name, self._next_core_seq(sc), "set", when, content, imp))
+
+    def remove_core_block(self, scope: Scope, name: str, at: int) -> bool:
+        sc = check_scope(scope).core  # type: ignore[union-attr]
+        name = _check_core_name(name)
+        when: int = check_time(at, "at")  # type: ignore[assignment]
+        with self._lock:
+            self._check_writable()
+            blocks = list(self._core.get(sc, ()))
+            if not any(b.name == name for b in blocks):
+                return False
+            with self._writing("remove_core_block"):
+                if self._write_fault_at(1) is not None:
+                    self._fail("remove_core_block")
+                kept = [CoreBlockRecord(b.name, b.content, b.importance, i)
+                        for i, b in enumerate(b for b in blocks if b.name != name)]
+                self._set_blocks(sc, kept, CoreHistoryRecord(sc, name, self._next_core_seq(sc), "remove", when))
+            return True
+
+    def clear_core_blocks(self, scope: Scope, at: int) -> int:
+        sc = check_scope(scope).core  # type: ignore[union-attr]
+        when: int = check_time(at, "at")  # type: ignore[assignment]
+        with self._lock:
+            self._check_writable()
+            n = len(self._core.get(sc, ()))
+            if not n:
+                return 0
+            with self._writing("clear_core_blocks"):
+                if self._write_fault_at(1) is not None:
+                    self._fail("clear_core_blocks")
+                self._set_blocks(sc, [], CoreHistoryRecord(sc, "", self._next_core_seq(sc), "clear", when))
+            return n
+
+    def core_history(self, scope: Scope, name: str | None = None) -> builtins.list[CoreHistoryRecord]:
+        sc = check_scope(scope).core  # type: ignore[union-attr]
+        if name is not None:
+            name = _check_core_name(name)
+        with self._reading("core_history"):
+            return [r for r in self._core_hist.get(sc, ()) if name is None or r.name == name or r.op == "clear"]
+
+    # --- store metadata -------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        _check_text(key, "meta key", META_KEY_BYTES_MAX)
+        with self._reading("get_meta"):
+            return self._meta.get(key)
+
+    def set_meta(self, key: str, value: str) -> None:
+        _check_text(key, "meta key", META_KEY_BYTES_MAX)
+        if not key:
+            raise ValidationError("meta key must not be empty")
+        _check_text(value, "meta value", META_VALUE_BYTES_MAX)
+        with self._writing("set_meta"):
+            if self._write_fault_at(1) is not None:
+                self._fail("set_meta")
+            had = key in self._meta
+            old = self._meta.get(key)
+            self._meta[key] = value
+
+            def undo() -> None:
+                if had:
+                    self._meta[key] = old  # type: ignore[assignment]
+                else:
+                    self._meta.pop(key, None)
+
+            self._on_undo(undo)
+            self._changes.meta[key] = value
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Roll back an open transaction, then release the durable store. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                if self._depth:
+                    self._finish(commit=False)
+                self._before_close()
+            finally:
+                self._closed = True
+                self._durable.close()
+
+    def _before_close(self) -> None:
+        """Hook: last work on an open store (index saves)."""
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _copy_source(s: Source | None) -> Source | None:
+    if s is None:
+        return None
+    return Source(s.id, s.text_hash, s.text, s.created_at, dict(s.metadata), s.scope)
+
+
+def _copy_relation(r: EvolutionRelation) -> EvolutionRelation:
+    return EvolutionRelation(source_id=r.source_id, target_id=r.target_id, evolution_type=r.evolution_type,
+                             reason=r.reason, confidence=r.confidence, id=r.id, created_at=r.created_at,
+                             scope=r.scope)
+
+
+def _seq(values: object, what: str) -> builtins.list[Any]:
+    from collections.abc import Sequence as Seq
+
+    if isinstance(values, (str, bytes)) or not isinstance(values, Seq):
+        raise TypeError(f"{what} must be a sequence, not {type(values).__name__}")
+    return builtins.list(values)
+
+
+_OPS = ("create", "update", "supersede", "revive", "delete")
+
+
+def _check_history(h: object, pos: int) -> HistoryRecord:
+    if not isinstance(h, HistoryRecord):
+        raise TypeError(f"history[{pos}] must be a HistoryRecord, not {type(h).__name__}")
+    check_id(h.entity_id, f"history[{pos}].entity_id")
+    if isinstance(h.seq, bool) or not isinstance(h.seq, int) or not 1 <= h.seq <= 2**31 - 1:
+        raise ValidationError(f"history[{pos}].seq must be an int in [1, {2**31 - 1}], got {h.seq!r}")
+    if h.op not in _OPS:
+        raise ValidationError(f"history[{pos}].op must be one of {', '.join(_OPS)}, got {h.op!r}")
+    check_time(h.at, f"history[{pos}].at")
+    check_scope(h.scope, f"history[{pos}].scope")
+    if not isinstance(h.snapshot, dict):
+        raise TypeError(f"history[{pos}].snapshot must be a dict, not {type(h.snapshot).__name__}")
+    try:
+        json.dumps(h.snapshot, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValidationError(f"history[{pos}].snapshot is not plain JSON: {exc}") from None
+    return h
+
