@@ -70,4 +70,4 @@ def test_the_example_script_runs_offline(capsys):
     load_example().main()
     out = capsys.readouterr().out
     assert "alice: What do I like to drink?\n  agent: You like green tea." in out
-    assert "umi sees Alice's memory too: ['{\"text\": \"I'm Alice and I drink green tea every morning.\"}']" in out
+    assert "umi sees Alice's memory too: [" in out and "drink green tea every morning" in out.splitlines()[-1]

@@ -162,10 +162,13 @@ async def user_story(client: Client) -> None:
     uris = {str(r.uri) for r in (await client.list_resources()).resources}
     assert uris == {"umi://core", "umi://core/human"}
 
-    # forget: the fact is gone everywhere a client can look
+    # forget: the statement (every fact it made) is gone everywhere a client can look
+    assert alice["id"] in ids and len(ids) == 2  # "Alice" and "Acme Corp": one statement
+    assert sorted(alice["mentions"]) == ["Acme Corp", "Alice"]
+    assert (await call(client, "forget", entity_id=alice["id"]))["forgotten"] is True
     for entity_id in ids:
-        assert (await call(client, "forget", entity_id=entity_id))["forgotten"] is True
-    assert (await call(client, "get", entity_id=alice["id"]))["fact"] is None
+        assert (await call(client, "get", entity_id=entity_id))["fact"] is None
+        assert (await call(client, "history", entity_id=entity_id))["history"][-1]["op"] == "delete"
     after = await call(client, "recall", query="Where does Alice work?", limit=5)
     assert all("Alice" not in f["content"] for f in after["facts"])
     assert (await call(client, "forget", entity_id=alice["id"]))["forgotten"] is False

@@ -250,7 +250,8 @@ def build_server(memory: Memory, *, user_id: str | None = None, agent_id: str | 
         e = await views.view(user_id, agent_id).get(entity_id)
         return {"fact": None if e is None else _entity(e)}
 
-    @server.tool(description="Forget one fact everywhere. What it alone had replaced is current again.")
+    @server.tool(description="Forget one fact everywhere, with the other facts of the same statement. "
+                             "What it alone had replaced is current again.")
     @_tool
     async def forget(
         entity_id: Annotated[str, Field(description="The fact's id.")],
