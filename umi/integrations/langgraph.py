@@ -311,8 +311,8 @@ class UmiStore(BaseStore):
 
     # --- writes -------------------------------------------------------------------
     def _write(self, puts: list[PutOp]) -> None:
-        storage = self.memory.storage
-        now = _now_ms(self.memory)
+        """Embed outside any lock, then commit every put and delete in one transaction, under
+        the Memory's write lock (as its own pipelines do), stamped by its clock."""
         upserts: list[tuple[PutOp, dict[str, str], str, str | None]] = []
         deletes: list[str] = []
         for op in puts:
@@ -326,28 +326,35 @@ class UmiStore(BaseStore):
                 continue
             if not isinstance(op.value, Mapping):
                 raise TypeError(f"a store value must be a dict, not {type(op.value).__name__}")
+            json.dumps(op.value)  # not JSON: TypeError now, before anything is written
             text = None if op.index is False else self._index_text(op.value, op.index or None)
             upserts.append((op, scope, entity_id, text))
         texts = [t for (_, _, _, t) in upserts if t is not None]
         embedder = self.memory.embedder
         assert embedder is not None  # checked in __init__
-        vectors = embedder.embed(texts, kind="passage") if texts else None
-        entities: list[Entity] = []
-        at = 0
-        existing = {e.id: e for e in storage.get_many([u[2] for u in upserts])} if upserts else {}
-        for op, scope, entity_id, text in upserts:
-            vector = None
-            if text is not None:
-                vector = vectors[at]  # type: ignore[index]
-                at += 1
-            old = existing.get(entity_id)
-            entities.append(self._entity(op, scope, entity_id, vector, now,
-                                         created_at=old.created_at if old is not None else now))
-        with storage.transaction():
-            if entities:
-                storage.upsert(entities)
-            for entity_id in deletes:
-                storage.delete(entity_id, now)
+        vectors = iter(embedder.embed(texts, kind="passage")) if texts else iter(())
+        embedded = [(op, scope, eid, next(vectors) if text is not None else None)
+                    for op, scope, eid, text in upserts]
+        storage = self.memory.storage
+        engine = self.memory._engine  # the parts the Memory and its views share
+
+        def commit() -> None:
+            now = engine.now_ms()
+            existing = {e.id: e for e in storage.get_many([eid for _, _, eid, _ in embedded])}
+            entities = [self._entity(op, scope, eid, vector, now,
+                                     created_at=existing[eid].created_at if eid in existing else now)
+                        for op, scope, eid, vector in embedded]
+            with storage.transaction():
+                if entities:
+                    storage.upsert(entities)
+                for entity_id in deletes:
+                    storage.delete(entity_id, now)
+
+        async def write() -> None:
+            await engine.before_write()  # a store's first write records the embedder's identity
+            await engine.locked_io(commit)
+
+        engine.runner.run(write())
 
     def _entity(self, op: PutOp, scope: Mapping[str, str], entity_id: str, vector: Any,
                 now: int, *, created_at: int) -> Entity:
@@ -432,10 +439,3 @@ def _ns_matches(condition: MatchCondition, ns: tuple[str, ...]) -> bool:
 
         raise InvalidFilterError(f"match_type must be 'prefix' or 'suffix', got {condition.match_type!r}")
     return all(p == "*" or k == p for k, p in pairs)
-
-
-def _now_ms(memory: Any) -> int:
-    """The Memory's own clock (strictly increasing ms; a SimClock in Sim)."""
-    engine = getattr(memory, "_engine", None)
-    clock = getattr(engine, "now_ms", None) if engine is not None else getattr(memory, "_now_ms", None)
-    return int(clock())  # type: ignore[misc]
