@@ -256,3 +256,23 @@ async def test_an_unbound_server_takes_the_scope_per_call() -> None:
         assert {"alice", "bob"} <= {f.get("scope", {}).get("user_id") for f in both}
         await refused(client, "recall", {"query": "bees", "user_id": "not a valid id!"},
                       "InvalidScopeError")
+
+
+async def test_http_serves_concurrent_clients() -> None:
+    import asyncio
+
+    with http_server("--user", "team") as url:
+        async def client_work(n: int) -> None:
+            async with Client(url, read_timeout_seconds=120) as client:
+                for i in range(5):
+                    await call(client, "core_set_block", name=f"c{n}_{i}", content=f"client {n} note {i}")
+                await call(client, "remember", text=f"Client{n} deployed service{n} on Monday.")
+
+        await asyncio.gather(*(client_work(n) for n in range(3)))
+        async with Client(url, read_timeout_seconds=120) as client:
+            core = await call(client, "core_read")
+            assert sorted(core["blocks"]) == sorted(f"c{n}_{i}" for n in range(3) for i in range(5))
+            assert core["used_bytes"] == sum(len(f"client {n} note {i}") for n in range(3) for i in range(5))
+            for n in range(3):
+                facts = (await call(client, "recall", query=f"What did Client{n} deploy?"))["facts"]
+                assert any(f"service{n}" in f["content"] for f in facts)

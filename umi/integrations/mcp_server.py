@@ -28,6 +28,7 @@ import inspect
 import ipaddress
 import socket
 import sys
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
@@ -175,6 +176,9 @@ def build_server(memory: Memory, *, user_id: str | None = None, agent_id: str | 
     from ..types import EntityType
 
     views = _Views(memory, user_id, agent_id)
+    # Sync tools run on worker threads; a core write is a store write then an arena write, so
+    # concurrent clients take turns (the store and the arena then agree on the order of writes).
+    core_lock = threading.Lock()
     server = _Server(views, name, version=__version__, instructions=INSTRUCTIONS,
                      log_level="WARNING")
 
@@ -279,8 +283,9 @@ def build_server(memory: Memory, *, user_id: str | None = None, agent_id: str | 
         agent_id: AgentId = None,
     ) -> dict[str, Any]:
         core = views.view(user_id, agent_id).core
-        return {"rendered": core.render(format), "blocks": core.labels(),
-                "used_bytes": core.used_bytes, "max_bytes": core.max_bytes}
+        with core_lock:
+            return {"rendered": core.render(format), "blocks": core.labels(),
+                    "used_bytes": core.used_bytes, "max_bytes": core.max_bytes}
 
     @server.tool(description="Set one core-memory block (replacing its text), within the byte budget.")
     @_tool
@@ -293,8 +298,9 @@ def build_server(memory: Memory, *, user_id: str | None = None, agent_id: str | 
         agent_id: AgentId = None,
     ) -> dict[str, Any]:
         core = views.view(user_id, agent_id).core
-        core.set_block(name, content, importance=importance)
-        return {"blocks": core.labels(), "used_bytes": core.used_bytes, "max_bytes": core.max_bytes}
+        with core_lock:
+            core.set_block(name, content, importance=importance)
+            return {"blocks": core.labels(), "used_bytes": core.used_bytes, "max_bytes": core.max_bytes}
 
     @server.tool(description="Remove one core-memory block.")
     @_tool
@@ -304,12 +310,14 @@ def build_server(memory: Memory, *, user_id: str | None = None, agent_id: str | 
         agent_id: AgentId = None,
     ) -> dict[str, Any]:
         core = views.view(user_id, agent_id).core
-        return {"removed": bool(core.remove_block(name)), "blocks": core.labels()}
+        with core_lock:
+            return {"removed": bool(core.remove_block(name)), "blocks": core.labels()}
 
     @server.resource("umi://core", name="core-memory", mime_type="application/xml",
                      description="The core memory of this server's scope, rendered as XML.")
     def core_resource() -> str:
-        return views.view(None, None).core.render("xml")
+        with core_lock:
+            return views.view(None, None).core.render("xml")
 
     @server.resource("umi://core/{name}", name="core-block", mime_type="text/plain",
                      description="The text of one core-memory block of this server's scope.")
