@@ -4,7 +4,8 @@ The server runs as a subprocess (`python -m umi.cli mcp --sim`: the deterministi
 memory, so no model weights, no network, and every run gives the same ids). Each transport
 plays one user story: list tools, remember, recall (the fact comes back), set a core block, read
 the core resources, get, history, forget (the fact is gone), then a dozen malformed calls that
-each come back as a tool error naming the umi error, while the server keeps answering.
+each come back as a tool error naming the umi error, while the server keeps answering. One more
+test runs the embedded default (a DuckDB file, the local embedder) across server restarts.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def server_env() -> dict[str, str]:
 
 
 def umi_mcp(*args: str) -> list[str]:
-    return [sys.executable, "-m", "umi.cli", "mcp", "--sim", *args]
+    where = () if "--db" in args else ("--sim",)
+    return [sys.executable, "-m", "umi.cli", "mcp", *where, *args]
 
 
 @asynccontextmanager
@@ -276,3 +278,24 @@ async def test_http_serves_concurrent_clients() -> None:
             for n in range(3):
                 facts = (await call(client, "recall", query=f"What did Client{n} deploy?"))["facts"]
                 assert any(f"service{n}" in f["content"] for f in facts)
+
+
+async def test_a_duckdb_server_keeps_facts_and_core_blocks_across_restarts(tmp_path: Path) -> None:
+    """The embedded default (a DuckDB file, the local embedder): what one server run was told,
+    the next run recalls, and the core block set in the first is back in the second."""
+    db = str(tmp_path / "memory.duckdb")
+    async with stdio_client("--db", db, "--user", "alice") as client:
+        stored = await call(client, "remember", text="Alice's sister Maya lives in Porto.")
+        assert stored["entities"]
+        await call(client, "core_set_block", name="human", content="Alice. Prefers short answers.")
+    async with stdio_client("--db", db, "--user", "alice") as client:
+        facts = (await call(client, "recall", query="Where does Maya live?", limit=3))["facts"]
+        assert facts and "Porto" in facts[0]["content"]
+        assert facts[0]["scope"]["user_id"] == "alice"
+        core = await call(client, "core_read")
+        assert core["blocks"] == ["human"] and "Prefers short answers." in core["rendered"]
+        assert (await client.read_resource("umi://core/human")).contents[0].text == "Alice. Prefers short answers."
+    async with stdio_client("--db", db, "--user", "bob") as client:  # another user: nothing of Alice's
+        assert all("Porto" not in f["content"]
+                   for f in (await call(client, "recall", query="Where does Maya live?"))["facts"])
+        assert (await call(client, "core_read"))["blocks"] == []
