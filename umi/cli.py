@@ -1,4 +1,4 @@
-"""The ``umi`` command: demo, remember, recall, stats, import, export.
+"""The ``umi`` command: demo, remember, recall, stats, import, export, mcp.
 
 Every subcommand but ``demo`` works on a DuckDB file (``--db``, default ./umi.duckdb)
 with the embedded default providers (local embedder, rule extraction). The read
@@ -254,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="file to write (default: stdout)")
     e.add_argument("--embeddings", action="store_true", help="include embedding vectors")
     e.set_defaults(fn=cmd_export)
+
+    from .integrations import _mcp_cli  # the `mcp` subcommand; the MCP SDK loads only when it runs
+
+    _mcp_cli.add_parser(sub)
     return p
 
 

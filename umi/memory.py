@@ -352,12 +352,34 @@ class Memory:
             if opened:  # a store the caller passed stays theirs until a Memory is made of it
                 storage.close()
             raise
-        engine = _Engine(config, llm, embedder, storage, clock)
+        self._open(_Engine(config, llm, embedder, storage, clock), scope)
+
+    def _open(self, engine: _Engine, scope: Scope) -> None:
         try:
             self._attach(engine, scope, owner=True)
         except BaseException:
             engine.close()
             raise
+
+    @classmethod
+    def _from_parts(cls, *, storage: StorageBackend, llm: LLMProvider | None, embedder: EmbeddingProvider | None,
+                    config: MemoryConfig | None = None, clock: Callable[[], float] | None = None,
+                    **scope: str | None) -> "Memory":
+        """For tests: a Memory of exactly these parts (``embedder=None``: no vectors at all), without
+        the constructor's defaults. Users have ``Memory(...)``, ``Memory.sim()`` and the builder."""
+        if embedder is not None:
+            _check_embedder(storage, embedder)
+        self = cls.__new__(cls)
+        self._open(_Engine(config or MemoryConfig(), llm, embedder, storage, clock), Scope(**scope))
+        return self
+
+    @property
+    def _now_ms(self) -> Callable[[], int]:  # the engine's clock, for tests and sibling modules
+        return self._engine.now_ms
+
+    @property
+    def _runner(self) -> "LoopThread":
+        return self._engine.runner
 
     def _attach(self, engine: _Engine, scope: Scope, *, owner: bool) -> None:
         self._engine = engine

@@ -2,9 +2,12 @@
 
     python wheels/test_wheel.py
 
-Checks that umi imports from site-packages (not from a source tree), that the
-arenas are a compiled extension module, that the stubs and py.typed ship, and
-exercises both arenas briefly. Exits non-zero on the first failure.
+Checks that umi imports from this interpreter's site-packages (not from a source
+tree), that ``import umi`` loads no heavy dependency, that the arenas are a compiled
+extension module, that the stubs and py.typed ship, exercises both arenas briefly, and
+runs one remember/recall through the Sim memory (numba kernels) and through a DuckDB
+file (duckdb + pyarrow), so the wheel's declared dependencies are proven to work with
+it. Exits non-zero on the first failure.
 """
 
 from __future__ import annotations
@@ -12,7 +15,10 @@ from __future__ import annotations
 import importlib.machinery
 import os
 import sys
+import tempfile
 from pathlib import Path
+
+HEAVY = ("duckdb", "pyarrow", "numba")
 
 
 def main() -> int:
@@ -22,6 +28,14 @@ def main() -> int:
     sys.path[:] = [p for p in sys.path if p and Path(p).resolve() not in (here, here.parent)]
 
     import umi
+
+    where = Path(umi.__file__).resolve()
+    assert where.is_relative_to(Path(sys.prefix).resolve()), (
+        f"umi imported from {where}, not from this environment ({sys.prefix})")
+    assert "site-packages" in where.parts, f"umi not installed: {where}"
+    eager = [m for m in HEAVY if m in sys.modules]
+    assert not eager, f"import umi loaded {eager}"
+
     import umi._native
     from umi._native import _arena
 
@@ -64,7 +78,23 @@ def main() -> int:
     wm2.set("k", b"v")
     assert wm2.get("k") == b"v"
 
-    print(f"umi {umi.__version__} wheel OK: {native.name} ({os.path.dirname(native)})")
+    # Archival memory, in memory (Sim providers, numba kernels) and on a DuckDB file.
+    with umi.Memory.sim(seed=7) as memory:
+        memory.remember_sync("Alice is a software engineer at Acme Corp.")
+        hits = memory.recall_sync("Where does Alice work?")
+        assert any("Acme" in e.content for e in hits), hits
+    with tempfile.TemporaryDirectory() as tmp:
+        db = os.path.join(tmp, "smoke.duckdb")
+        storage = umi.DuckDBStorageBackend.connect(db)
+        built = (umi.MemoryBuilder().with_storage(storage)
+                 .with_embedder(umi.SimEmbeddingProvider()).build())
+        with built as memory:
+            memory.remember_sync("Bob lives in Berlin.")
+            assert memory.count_sync() >= 1
+            assert any("Berlin" in e.content for e in memory.recall_sync("Who lives in Berlin?"))
+    assert all(m in sys.modules for m in HEAVY), "the memory ran without its dependencies?"
+
+    print(f"installed umi {umi.__version__} OK: {native.name} ({os.path.dirname(native)})")
     return 0
 
 

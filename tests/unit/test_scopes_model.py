@@ -99,7 +99,7 @@ class ScopeMachine(RuleBasedStateMachine):
             self.facts[e.id] = scope
             self.statement[e.id] = (e.source_id, e.content)
         for ev in r.evolutions:  # evolution links facts of one user only
-            assert self.facts[ev.source_id].user_id == scope.user_id and ev.scope == scope
+            assert self.facts[ev.source_id].user_id == ev.scope.user_id == scope.user_id
         self.assert_only_user_changed(before, self.state(), scope.user_id)
 
     @rule(scope=st.sampled_from(SCOPES), query=st.sampled_from(QUERIES), superseded=st.booleans())
@@ -190,7 +190,7 @@ _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Healt
 TestScopesSim = ScopeMachine.TestCase
 TestScopesSim.settings = settings(max_examples=30, stateful_step_count=15, **_common)
 TestScopesDuckDB = DuckDBScopeMachine.TestCase
-TestScopesDuckDB.settings = settings(max_examples=8, stateful_step_count=10, **_common)
+TestScopesDuckDB.settings = settings(max_examples=15, stateful_step_count=15, **_common)
 
 
 def test_the_model_catches_a_leak(monkeypatch):
