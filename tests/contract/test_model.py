@@ -2,9 +2,14 @@
 
 The model is a dict of entities plus ``SearchFilters.matches`` (the reference filter
 semantics), an exact cosine scan and :func:`umi.storage.text.bm25_scores` (the reference
-BM25). Writes, committed transactions and rolled-back transactions are applied to both;
-after each step ``list``, ``count``, ``find_by_name``, ``search_vector`` and
-``search_text`` under drawn filters must agree with the model.
+BM25), and plain dicts of sources, relations, history and core blocks. Facts, sources,
+relations and core blocks live in several scopes (two users, an agent, a session, and the
+unset scope); writes (upsert, supersede, revive, forget, sources, relations, core blocks),
+committed and rolled-back transactions are applied to both. After each step, every user's
+view (entities, sources, relations, history, core blocks) must equal the model's — so no
+operation in one scope changes or reveals anything in another — and ``list``, ``count``,
+``find_by_name``, ``search_vector`` and ``search_text`` under drawn filters (scope and
+source included) must agree with the model.
 """
 
 from __future__ import annotations
@@ -20,9 +25,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 from umi.errors import StorageError
-from umi.storage.base import SearchFilters, StorageBackend
+from umi.storage.base import SearchFilters, Source, StorageBackend
 from umi.storage.text import bm25_scores, document_terms
-from umi.types import Entity, EntityType, normalize_name
+from umi.types import CoreBlockRecord, Entity, EntityType, EvolutionRelation, Scope, normalize_name
 
 DIM = 3
 NAMES = ["Alice", "alice ", "Bob Smith", "bob  smith", "ACME", "Zoë"]
@@ -30,6 +35,12 @@ WORDS = ["coffee", "tea", "engineer", "engineers", "paris", "acme", "runs", "the
 TYPES = ["person", "organization", "note"]
 META_VALUES = [None, True, False, 0, 1, 1.0, 0.0, "1", "x", "x' OR 1=1 --"]
 
+SCOPES = [Scope(), Scope("u1"), Scope("u1", "a"), Scope("u1", "a", "s1"), Scope("u2"), Scope("u2", "a")]
+VIEWS = [None, Scope(), Scope("u1"), Scope("u2"), Scope("u1", "a"), Scope(agent_id="a"), Scope(session_id="s1")]
+USERS = [Scope("u1"), Scope("u2")]
+SOURCES = [Source.for_text("text one", T0, scope=Scope("u1")), Source.for_text("text one", T0 + 1, scope=Scope("u2")),
+           Source.for_text("text two", T0 + 2)]
+CORE_SCOPES = [Scope("u1", "a"), Scope("u2", "a"), Scope()]
 metadata_st = st.dictionaries(st.sampled_from(["a", "b"]), st.sampled_from(META_VALUES), max_size=2)
 vector_st = st.one_of(
     st.none(),
@@ -48,6 +59,8 @@ def entities(draw: st.DrawFn) -> Entity:
         embedding=draw(vector_st),
         created_at=T0 + draw(st.integers(0, 40)),
         event_time=draw(st.one_of(st.none(), st.integers(0, 40).map(lambda t: T0 + t))),
+        scope=draw(st.sampled_from(SCOPES)),
+        source_id=draw(st.sampled_from([None, *(x.id for x in SOURCES)])),
     )
 
 
@@ -61,7 +74,11 @@ filters_st = st.builds(
     metadata=st.one_of(st.none(), metadata_st),
     include_superseded=st.booleans(),
     as_of=st.one_of(st.none(), st.integers(-1, 60).map(lambda t: T0 + t)),
+    scope=st.sampled_from(VIEWS),
+    source_id=st.sampled_from([None, *(x.id for x in SOURCES), "no-such-source"]),
 )
+
+TOMB = "tombstone"
 
 
 def _model_vector_ranking(model: dict[str, Entity], f: SearchFilters, q: np.ndarray) -> list[tuple[str, float]]:
@@ -108,23 +125,40 @@ class StoreMachine(RuleBasedStateMachine):
         super().__init__()
         self.store = type(self).make()
         self.model: dict[str, Entity] = {}
+        self.sources: dict[str, Source] = {}
+        self.relations: dict[str, EvolutionRelation] = {}
+        self.hist: dict[str, list[tuple[str, str]]] = {}  # id -> [(op, content or TOMB)]
+        self.core: dict[Scope, list[tuple[str, str, float]]] = {}
 
     def teardown(self) -> None:
         self.store.close()
+
+    # --- the model's rules (one place) -----------------------------------------------
+    def m_upsert(self, batch: list[Entity]) -> None:
+        for e in batch:
+            self.hist.setdefault(e.id, []).append(("update" if e.id in self.model else "create", e.content))
+            self.model[e.id] = e
+
+    def m_forget(self, eid: str) -> None:
+        e = self.model.pop(eid)
+        self.hist[eid] = [(op, TOMB) for op, _ in self.hist[eid]] + [("delete", TOMB)]
+        for rid in [r.id for r in self.relations.values() if eid in (r.source_id, r.target_id)]:
+            del self.relations[rid]
+        if e.source_id in self.sources and not any(x.source_id == e.source_id for x in self.model.values()):
+            del self.sources[e.source_id]
 
     # --- writes ----------------------------------------------------------------------
     @rule(batch=st.lists(entities(), min_size=1, max_size=4))
     def upsert(self, batch: list[Entity]) -> None:
         self.store.upsert(batch)
-        for e in batch:
-            self.model[e.id] = e
+        self.m_upsert(batch)
 
     @precondition(lambda self: self.model)
     @rule(data=st.data())
-    def delete(self, data: st.DataObject) -> None:
+    def forget(self, data: st.DataObject) -> None:
         eid = data.draw(st.sampled_from(sorted(self.model)))
         assert self.store.delete(eid, at=T0 + 99) is True
-        del self.model[eid]
+        self.m_forget(eid)
 
     @precondition(lambda self: self.model)
     @rule(data=st.data(), t=st.integers(0, 50))
@@ -136,24 +170,97 @@ class StoreMachine(RuleBasedStateMachine):
         if done:
             self.model[eid] = Entity.from_dict({**e.to_dict(with_embedding=True), "valid_to": T0 + t,
                                                 "updated_at": max(e.updated_at, T0 + t)})
+            self.hist[eid].append(("supersede", e.content))
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data(), t=st.integers(0, 50))
+    def revive(self, data: st.DataObject, t: int) -> None:
+        eid = data.draw(st.sampled_from(sorted(self.model)))
+        e = self.model[eid]
+        done = self.store.revive(eid, T0 + t)
+        assert done == (e.valid_to is not None)
+        if done:
+            self.model[eid] = Entity.from_dict({**e.to_dict(with_embedding=True), "valid_to": None,
+                                                "updated_at": max(e.updated_at, T0 + t)})
+            self.hist[eid].append(("revive", e.content))
+
+    @rule(src=st.sampled_from(SOURCES))
+    def add_source(self, src: Source) -> None:
+        self.store.add_source(src)
+        self.sources.setdefault(src.id, src)
+
+    @precondition(lambda self: len(self.model) >= 2)
+    @rule(data=st.data(), etype=st.sampled_from(["update", "extend"]))
+    def add_relation(self, data: st.DataObject, etype: str) -> None:
+        a, b = data.draw(st.lists(st.sampled_from(sorted(self.model)), min_size=2, max_size=2, unique=True))
+        r = EvolutionRelation(a, b, etype, created_at=T0 + 7, scope=self.model[b].scope)
+        self.store.add_relations([r])
+        self.relations[r.id] = r
+
+    @rule(sc=st.sampled_from(CORE_SCOPES), name=st.sampled_from(["persona", "human"]),
+          content=st.sampled_from(["kind", "terse", "likes tea"]), op=st.sampled_from(["set", "remove", "clear"]))
+    def core_block(self, sc: Scope, name: str, content: str, op: str) -> None:
+        blocks = self.core.setdefault(sc, [])
+        if op == "set":
+            self.store.set_core_block(sc, name, content, 0.5, T0)
+            pos = next((i for i, b in enumerate(blocks) if b[0] == name), None)
+            if pos is None:
+                blocks.append((name, content, 0.5))
+            else:
+                blocks[pos] = (name, content, 0.5)
+        elif op == "remove":
+            had = any(b[0] == name for b in blocks)
+            assert self.store.remove_core_block(sc, name, T0) is had
+            blocks[:] = [b for b in blocks if b[0] != name]
+        else:
+            assert self.store.clear_core_blocks(sc, T0) == len(blocks)
+            blocks.clear()
 
     @rule(batch=st.lists(entities(), min_size=1, max_size=3), commit=st.booleans(), data=st.data())
     def transaction(self, batch: list[Entity], commit: bool, data: st.DataObject) -> None:
         victim = data.draw(st.sampled_from(sorted(self.model))) if self.model else None
+        if victim is not None and victim in {e.id for e in batch}:
+            victim = None
         try:
             with self.store.transaction():
                 self.store.upsert(batch)
-                if victim is not None and victim not in {e.id for e in batch}:
-                    self.store.delete(victim)
+                if victim is not None:
+                    self.store.delete(victim, at=T0 + 98)
                 if not commit:
                     raise RuntimeError("roll back")
         except StorageError:
             assert not commit
             return
-        for e in batch:
-            self.model[e.id] = e
-        if victim is not None and victim not in {e.id for e in batch}:
-            del self.model[victim]
+        self.m_upsert(batch)
+        if victim is not None:
+            self.m_forget(victim)
+
+    # --- no scope sees or changes another's --------------------------------------------
+    @invariant()
+    def every_view_equals_the_model(self) -> None:
+        for view in USERS + [Scope(), Scope("u1", "a"), Scope(agent_id="a")]:
+            f = SearchFilters(scope=view, include_superseded=True)
+            want = sorted((e for e in self.model.values() if view.contains(e.scope)), key=lambda e: (e.created_at, e.id))
+            assert [g.to_dict(with_embedding=True) for g in self.store.list(f, limit=1000)] == [
+                w.to_dict(with_embedding=True) for w in want]
+            assert list(self.store.iter_sources(view)) == sorted(
+                (x for x in self.sources.values() if view.contains(x.scope)), key=lambda x: (x.created_at, x.id))
+            assert list(self.store.iter_relations(view)) == sorted(
+                (r for r in self.relations.values() if view.contains(r.scope)), key=lambda r: (r.created_at, r.id))
+        for sc in CORE_SCOPES:
+            assert self.store.core_blocks(sc) == [CoreBlockRecord(n, c, i, p)
+                                                  for p, (n, c, i) in enumerate(self.core.get(sc, []))]
+
+    @invariant()
+    def history_is_the_models_and_forgotten_content_is_gone(self) -> None:
+        for eid, want in self.hist.items():
+            got = self.store.history(eid)
+            assert [(h.seq, h.op) for h in got] == [(i + 1, op) for i, (op, _) in enumerate(want)]
+            for h, (_, content) in zip(got, want):
+                if content == TOMB:
+                    assert dict(h.snapshot) == {"id": eid, "forgotten": True}
+                else:
+                    assert h.snapshot["content"] == content
 
     # --- reads against the model -----------------------------------------------------
     @invariant()

@@ -7,7 +7,6 @@ same inputs with the same errors.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,8 +14,8 @@ import numpy as np
 
 from ..errors import (
     EmptyQueryError,
+    InvalidConfigError,
     InvalidConfidenceError,
-    InvalidFilterError,
     InvalidImportanceError,
     InvalidLimitError,
     TextTooLongError,
@@ -32,7 +31,7 @@ from ..types import (
     Scope,
     validate_metadata,
 )
-from .base import SearchFilters, Source, text_hash
+from .base import Source, text_hash
 from .filters import meta_key
 
 __all__ = [
@@ -43,10 +42,9 @@ __all__ = [
     "TIME_MS_MIN",
     "TIME_MS_MAX",
     "QUERY_BYTES_MAX",
-    "NormFilters",
+    "check_int",
     "check_k",
     "check_limit_offset",
-    "check_filters",
     "check_id",
     "check_ids",
     "check_time",
@@ -97,26 +95,34 @@ def _base_value(value: MetadataValue) -> MetadataValue:
     return str.__str__(value)
 
 
+def check_int(value: object, what: str, lo: int, hi: int | None = None, *,
+              optional: bool = False, exc: type[ValidationError] | None = None) -> int | None:
+    """The one integer check of the storage layer: an ``int`` (not a ``bool``; else ``TypeError``)
+    in ``[lo, hi]`` (else ``exc``, default :class:`~umi.InvalidConfigError`, naming the range).
+    ``None`` passes when ``optional``."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int{' or None' if optional else ''}, not {type(value).__name__}")
+    if value < lo or (hi is not None and value > hi):
+        rng = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+        if exc is None:
+            raise InvalidConfigError(f"{what} must be {rng}, got {value}")
+        if exc is InvalidLimitError:
+            raise InvalidLimitError(f"{what} must be {rng}, got {value}", limit=(lo, hi) if hi is not None else lo,
+                                    actual=value)
+        raise exc(f"{what} must be {rng}, got {value}")
+    return value
+
+
 def check_k(k: object, what: str = "k") -> int:
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"{what} must be an int, not {type(k).__name__}")
-    if not 1 <= k <= SEARCH_K_MAX:
-        raise InvalidLimitError(f"{what} must be between 1 and {SEARCH_K_MAX}, got {k}",
-                                limit=(1, SEARCH_K_MAX), actual=k)
-    return k
+    return check_int(k, what, 1, SEARCH_K_MAX, exc=InvalidLimitError)  # type: ignore[return-value]
 
 
 def check_limit_offset(limit: object, offset: object) -> tuple[int, int]:
-    if isinstance(limit, bool) or not isinstance(limit, int):
-        raise TypeError(f"limit must be an int, not {type(limit).__name__}")
-    if isinstance(offset, bool) or not isinstance(offset, int):
-        raise TypeError(f"offset must be an int, not {type(offset).__name__}")
-    if not 1 <= limit <= LIST_LIMIT_MAX:
-        raise InvalidLimitError(f"limit must be between 1 and {LIST_LIMIT_MAX}, got {limit}",
-                                limit=(1, LIST_LIMIT_MAX), actual=limit)
-    if offset < 0:
-        raise InvalidLimitError(f"offset must be >= 0, got {offset}", limit=0, actual=offset)
-    return limit, min(offset, _I64_MAX)
+    lim = check_int(limit, "limit", 1, LIST_LIMIT_MAX, exc=InvalidLimitError)
+    off = check_int(offset, "offset", 0, exc=InvalidLimitError)
+    return lim, min(off, _I64_MAX)  # type: ignore[return-value, type-var]
 
 
 def check_id(value: object, what: str = "entity_id") -> str:
@@ -140,76 +146,8 @@ def check_ids(values: object, what: str = "entity_ids") -> list[str]:
 
 
 def check_time(value: object, what: str, *, optional: bool = False) -> int | None:
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be int milliseconds, not {type(value).__name__}")
-    if not TIME_MS_MIN <= value <= TIME_MS_MAX:
-        raise ValidationError(f"{what} must be between {TIME_MS_MIN} and {TIME_MS_MAX} ms, got {value}")
-    return value
-
-
-@dataclass(frozen=True)
-class NormFilters:
-    """A :class:`SearchFilters` checked and brought into int64 range, ready for a backend.
-
-    ``empty`` is True when no entity can match (e.g. a time range past the int64 range).
-    ``metadata`` holds ``(key, type tag, canonical text)`` triples sorted by key.
-    """
-
-    entity_types: tuple[EntityType, ...] | None
-    time_field: str
-    time_lo: int | None
-    time_hi: int | None
-    metadata: tuple[tuple[str, str, str], ...]
-    include_superseded: bool
-    as_of: int | None
-    empty: bool
-    #: a time range was given: entities without a value in ``time_field`` never match
-    has_time: bool = False
-
-    @property
-    def cache_key(self) -> tuple[Any, ...]:
-        return (self.entity_types, self.time_field, self.time_lo, self.time_hi, self.metadata,
-                self.include_superseded, self.as_of, self.empty, self.has_time)
-
-
-def check_filters(filters: object) -> NormFilters:
-    """``None`` means ``SearchFilters()``. The caller's object is only read."""
-    if filters is None:
-        filters = SearchFilters()
-    if not isinstance(filters, SearchFilters):
-        raise TypeError(f"filters must be a SearchFilters or None, not {type(filters).__name__}")
-    if not isinstance(filters.include_superseded, bool):
-        raise TypeError("SearchFilters.include_superseded must be a bool")
-    empty = False
-    lo = hi = None
-    if filters.time_range is not None:
-        lo, hi = filters.time_range
-        if lo is not None and lo > _I64_MAX or hi is not None and hi < _I64_MIN:
-            empty = True
-        if lo is not None and lo < _I64_MIN:
-            lo = None
-        if hi is not None and hi > _I64_MAX:
-            hi = None
-        if lo is not None and hi is not None and lo > hi:
-            empty = True
-        lo = None if lo is None else min(lo, _I64_MAX)
-        hi = None if hi is None else max(hi, _I64_MIN)
-    as_of = filters.as_of
-    if as_of is not None:
-        if as_of < 0:
-            empty = True  # every created_at is >= 0
-        as_of = min(max(as_of, _I64_MIN), _I64_MAX)
-    meta: tuple[tuple[str, str, str], ...] = ()
-    if filters.metadata:
-        checked = validate_metadata(filters.metadata, what="metadata filter")
-        meta = tuple(sorted((k, *meta_key(v)) for k, v in checked.items()))
-    types = filters.entity_types
-    if types is not None and len(types) == 0:
-        empty = True
-    return NormFilters(types, filters.time_field, lo, hi, meta, filters.include_superseded, as_of, empty,
-                       filters.time_range is not None)
+    """Milliseconds since the epoch within [TIME_MS_MIN, TIME_MS_MAX]."""
+    return check_int(value, f"{what} (ms)", TIME_MS_MIN, TIME_MS_MAX, optional=optional, exc=ValidationError)
 
 
 def check_query_vector(vector: object, dim: int | None) -> np.ndarray | None:

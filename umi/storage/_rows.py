@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import ValidationError
-from ..types import Entity, EntityType, MetadataValue
-from ._common import check_filters, meta_key
-from .base import SearchFilters
+from ..types import Entity, MetadataValue
+from . import filters as F
+from ._common import meta_key
 
 __all__ = [
     "FilterPlan",
@@ -35,8 +35,6 @@ __all__ = [
     "top_k",
 ]
 
-INT64_MIN = -(2**63)
-INT64_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -62,29 +60,21 @@ class FilterPlan:
 
 
 def plan_filters(filters: object) -> FilterPlan:
-    """Check ``filters`` (``None`` = ``SearchFilters()``) as every backend does, and plan them."""
-    check_filters(filters)  # the shared checks and errors
-    f = SearchFilters() if filters is None else filters
-    assert isinstance(f, SearchFilters)
-    none = False
-    types = None
-    if f.entity_types is not None:
-        types = tuple(sorted(EntityType.parse(t).value for t in f.entity_types))
-        none = none or not types
-    lo = hi = None
-    required = f.time_range is not None
-    if f.time_range is not None:
-        lo, hi = f.time_range
-        if (lo is not None and lo > INT64_MAX) or (hi is not None and hi < INT64_MIN):
-            none = True
-        lo = None if lo is None or lo <= INT64_MIN else min(lo, INT64_MAX)
-        hi = None if hi is None or hi >= INT64_MAX else max(hi, INT64_MIN)
-        if lo is not None and hi is not None and lo > hi:
-            none = True
-    as_of = None if f.as_of is None else min(max(f.as_of, INT64_MIN), INT64_MAX)
-    meta = tagged_metadata(f.metadata or {})
-    return FilterPlan(none, types, f.time_field, required, lo, hi, meta, as_of,
-                      f.as_of is None and not f.include_superseded)
+    """The normal form of ``filters`` (``None`` = ``SearchFilters()``) as a :class:`FilterPlan`.
+
+    Transitional, for postgres.py until it calls :func:`umi.storage.filters.to_sql`: built from
+    ``SearchFilters.norm`` (no second normalisation); a filter this plan cannot state (``scope``,
+    ``source_id``) raises instead of being silently ignored.
+    """
+    nf = F.normalise(filters)
+    if nf.scope or nf.source_id is not None:
+        from ..errors import StorageError
+
+        raise StorageError("this backend cannot apply scope or source_id filters yet (it needs umi.storage.filters.to_sql)")
+    types = None if nf.entity_types is None else tuple(t.value for t in nf.entity_types)
+    meta = {k: f"{vt}:{vx}" for k, vt, vx in nf.metadata}
+    return FilterPlan(nf.empty, types, nf.time_field, nf.has_time, nf.time_lo, nf.time_hi, meta, nf.as_of,
+                      nf.current_only)
 
 
 def tag_value(v: MetadataValue) -> str:

@@ -264,77 +264,77 @@ class StorageBackend(abc.ABC):
     def history(self, entity_id: str) -> builtins.list[HistoryRecord]:
         """Every change to the entity, oldest first (tombstones after it was forgotten)."""
 
-    # --- forgetting, reviving, provenance (new; abstract once every backend has them) -------
+    # --- forgetting, reviving, provenance ---------------------------------------------
+    @abc.abstractmethod
     def revive(self, entity_id: str, at: int) -> bool:
         """Make a superseded entity current again: clear ``valid_to`` (``updated_at`` becomes
         ``max(updated_at, at)``), append a ``"revive"`` history record (snapshot after, at ``at``).
         False if absent or already current."""
-        raise NotImplementedError(f"{type(self).__name__}.revive")
 
+    @abc.abstractmethod
     def entity_ids_for_source(self, source_id: str) -> builtins.list[str]:
         """Ids of every stored entity (superseded included) with this ``source_id``, sorted."""
-        raise NotImplementedError(f"{type(self).__name__}.entity_ids_for_source")
 
+    @abc.abstractmethod
     def delete_source(self, source_id: str) -> bool:
         """Remove a source row; False if there was none. That no entity references it afterwards
         is the caller's job (the storage does not check)."""
-        raise NotImplementedError(f"{type(self).__name__}.delete_source")
 
     # --- export / import --------------------------------------------------------------
+    @abc.abstractmethod
     def iter_sources(self, scope: Scope | None = None) -> Iterator[Source]:
         """Every source in ``scope`` (``None``: all; a Scope: the view rule), ordered by
         ``(created_at, id)``."""
-        raise NotImplementedError(f"{type(self).__name__}.iter_sources")
 
+    @abc.abstractmethod
     def iter_relations(self, scope: Scope | None = None) -> Iterator[EvolutionRelation]:
         """Every relation in ``scope``, ordered by ``(created_at, id)``."""
-        raise NotImplementedError(f"{type(self).__name__}.iter_relations")
 
+    @abc.abstractmethod
     def iter_history(self, scope: Scope | None = None) -> Iterator[HistoryRecord]:
         """Every history record in ``scope``, ordered by ``(entity_id, seq)``."""
-        raise NotImplementedError(f"{type(self).__name__}.iter_history")
 
+    @abc.abstractmethod
     def restore(self, entities: Sequence[Entity], sources: Sequence[Source],
                 relations: Sequence[EvolutionRelation], history: Sequence[HistoryRecord]) -> None:
         """Write exactly these records, for import: entities, sources and relations as given
         (insert or replace by id; relation endpoints must be stored or among ``entities``), and
         the history records with their own seqs (a record whose ``(entity_id, seq)`` exists is
         replaced); no history is generated. Joins the caller's transaction (else is its own)."""
-        raise NotImplementedError(f"{type(self).__name__}.restore")
 
     # --- core memory blocks (keyed by Scope(user_id, agent_id); session ignored) -----------
+    @abc.abstractmethod
     def core_blocks(self, scope: Scope) -> builtins.list[CoreBlockRecord]:
         """The stored blocks of ``scope.core``, in stored order (``position`` 0, 1, ...)."""
-        raise NotImplementedError(f"{type(self).__name__}.core_blocks")
 
+    @abc.abstractmethod
     def set_core_block(self, scope: Scope, name: str, content: str, importance: float, at: int) -> None:
         """Insert or replace block ``name`` of ``scope.core``: a new name goes at the end, an
         existing one keeps its position. Appends a ``"set"`` core history record."""
-        raise NotImplementedError(f"{type(self).__name__}.set_core_block")
 
+    @abc.abstractmethod
     def remove_core_block(self, scope: Scope, name: str, at: int) -> bool:
         """Remove block ``name`` (later blocks move up one position); ``"remove"`` history record.
         False (and no history) if there was none."""
-        raise NotImplementedError(f"{type(self).__name__}.remove_core_block")
 
+    @abc.abstractmethod
     def clear_core_blocks(self, scope: Scope, at: int) -> int:
         """Remove every block of ``scope.core``; returns how many. One ``"clear"`` history record
         (name ``""``) when there were any."""
-        raise NotImplementedError(f"{type(self).__name__}.clear_core_blocks")
 
+    @abc.abstractmethod
     def core_history(self, scope: Scope, name: str | None = None) -> builtins.list[CoreHistoryRecord]:
         """Core history of ``scope.core`` (only block ``name``'s records, plus clears, when given),
         oldest first (by seq)."""
-        raise NotImplementedError(f"{type(self).__name__}.core_history")
 
     # --- store metadata ---------------------------------------------------------------
+    @abc.abstractmethod
     def get_meta(self, key: str) -> str | None:
         """A stored string value (e.g. :data:`META_EMBEDDER`), or None."""
-        raise NotImplementedError(f"{type(self).__name__}.get_meta")
 
+    @abc.abstractmethod
     def set_meta(self, key: str, value: str) -> None:
         """Store a string value under ``key`` (transactional, like every write)."""
-        raise NotImplementedError(f"{type(self).__name__}.set_meta")
 
     # --- lifecycle ---------------------------------------------------------
     @abc.abstractmethod

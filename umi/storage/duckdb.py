@@ -42,11 +42,11 @@ import duckdb
 
 from ..errors import (
     IndexCacheError,
-    InvalidConfigError,
     StorageError,
     StorageLockedError,
     UmiError,
 )
+from ._common import check_int
 from ._duckdb_io import DuckDBDurable
 from ._duckdb_schema import check_path, open_connection, prepare
 from .cached import CachedStore
@@ -70,11 +70,7 @@ def _make_index(params: dict[str, int], dim: int) -> Any:
 
 
 def _check_pos_int(name: str, value: object, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if not lo <= value <= hi:
-        raise InvalidConfigError(f"{name} must be between {lo} and {hi}, got {value}")
-    return value
+    return check_int(value, name, lo, hi)  # type: ignore[return-value]
 
 
 class DuckDBStorageBackend(CachedStore):

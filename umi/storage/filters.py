@@ -197,7 +197,8 @@ def predicate(filters: object) -> Callable[["Entity"], bool]:
 class MaskColumns(Protocol):
     """What :func:`mask` reads of a column cache (row i = one entity; ``n`` rows)."""
 
-    n: int
+    @property
+    def n(self) -> int: ...
 
     def column(self, name: str) -> np.ndarray:
         """``alive`` (bool), ``type`` (int8 codes of :data:`TYPE_CODES`), ``created``, ``event``,

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import StorageError, ValidationError
+from ..errors import StorageError
 from ..sim.clock import SimClock
 from ..sim.faults import FaultInjector, FaultType
 from ..sim.rng import SimRng
+from ._common import check_int
 from .cached import CachedStore, MemoryDurable
 
 __all__ = ["SimStorageBackend"]
@@ -40,18 +41,13 @@ class SimStorageBackend(CachedStore):
 
     def __init__(self, seed: int = 0, faults: FaultInjector | None = None, *, clock: SimClock | None = None,
                  dim: int | None = None, hnsw_threshold: int = 20_000) -> None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, not {type(seed).__name__}")
+        check_int(seed, "seed", -(2**63), 2**63 - 1)
         if faults is not None and not isinstance(faults, FaultInjector):
             raise TypeError(f"faults must be a FaultInjector or None, not {type(faults).__name__}")
         if clock is not None and not callable(getattr(clock, "now_ms", None)):
             raise TypeError("clock must have a now_ms() method (a umi.sim.SimClock)")
-        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int)):
-            raise TypeError(f"dim must be an int or None, not {type(dim).__name__}")
-        if dim is not None and not 1 <= dim <= 65_536:
-            raise ValidationError(f"dim must be between 1 and 65536, got {dim}")
-        if isinstance(hnsw_threshold, bool) or not isinstance(hnsw_threshold, int):
-            raise TypeError(f"hnsw_threshold must be an int, not {type(hnsw_threshold).__name__}")
+        check_int(dim, "dim", 1, 65_536, optional=True)
+        check_int(hnsw_threshold, "hnsw_threshold", 0)
         self.seed = seed
         self.faults = faults
         self.clock = clock if clock is not None else SimClock()
