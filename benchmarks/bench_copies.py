@@ -10,7 +10,9 @@ A result is a **copy** when an earlier result of the same recall states the same
 the same source text and the same normalised content (rule extraction stores one
 sentence about three names as three facts). Reported: results returned, copies among
 them, the share of copies, and the number of recalls with at least one copy; plus how
-many distinct statements the recalls returned (what ``limit`` should buy).
+many distinct statements the recalls returned (what ``limit`` should buy), and, as a check
+that collapsing copies costs no retrieval, ``answer_hit@10``: the share of recalls with a
+result from one of the question's answer turns (turn ids ride in each fact's metadata).
 
 Run it from the repository root: ``python benchmarks/bench_copies.py [--json out.json]``.
 """
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                         metadata={"turn": turn["id"]}))
                 stored += r.entity_count
         t_remember = time.perf_counter() - t0
-        results = copies = recalls_with_copy = statements = recalls = 0
+        results = copies = recalls_with_copy = statements = recalls = answered = 0
         t0 = time.perf_counter()
         for q in questions:
             for text in (q["question"], q.get("question_first_person")):
@@ -70,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 hits = mem.recall_sync(text, umi.RecallOptions(limit=args.limit))
                 recalls += 1
+                answered += any(h.metadata.get("turn") in q["answer_turn_ids"] for h in hits)
                 seen: set[tuple[str | None, str]] = set()
                 here = 0
                 for h in hits:
@@ -95,12 +98,14 @@ def main(argv: list[str] | None = None) -> int:
         "copy_share": round(copies / results, 4) if results else 0.0,
         "recalls_with_a_copy": recalls_with_copy,
         "distinct_statements": statements,
+        "answer_hit_at_limit": round(answered / recalls, 4) if recalls else 0.0,
         "remember_s": round(t_remember, 2),
         "recall_s": round(t_recall, 2),
     }
     print(f"turns={figures['turns']} facts_stored={total} recalls={recalls} limit={args.limit}")
     print(f"results={results} copies={copies} ({figures['copy_share']:.1%}) "
-          f"recalls_with_a_copy={recalls_with_copy}/{recalls} distinct_statements={statements}")
+          f"recalls_with_a_copy={recalls_with_copy}/{recalls} distinct_statements={statements} "
+          f"answer_hit@{args.limit}={figures['answer_hit_at_limit']:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     return 0

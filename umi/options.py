@@ -10,7 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 from .errors import InvalidConfigError, InvalidImportanceError, InvalidLimitError
 from .types import EntityType, MetadataValue, validate_metadata
@@ -23,6 +23,9 @@ __all__ = [
     "RECALL_LIMIT_MIN",
     "RECALL_LIMIT_MAX",
 ]
+
+TimeField = Literal["created_at", "event_time"]
+SortBy = Literal["relevance", "event_time", "created_at"]
 
 TEXT_BYTES_MAX = 100_000
 RECALL_LIMIT_MIN = 1
@@ -180,8 +183,21 @@ class RecallOptions:
     metadata: Mapping[str, MetadataValue] | None = None
     include_superseded: bool = False
     as_of: int | None = None
+    #: which time ``time_range`` filters on: when a fact was told, or when what it tells happened
+    time_field: TimeField = "created_at"
+    #: order of the ``limit`` most relevant results: by relevance (default), or newest first by
+    #: ``event_time`` / ``created_at`` (facts without an event time last); ``sort_ascending`` flips it
+    sort_by: SortBy = "relevance"
+    sort_ascending: bool = False
 
     def __post_init__(self) -> None:
+        if self.time_field not in ("created_at", "event_time"):
+            raise InvalidConfigError(f"time_field must be 'created_at' or 'event_time', got {self.time_field!r}")
+        if self.sort_by not in ("relevance", "event_time", "created_at"):
+            raise InvalidConfigError(
+                f"sort_by must be 'relevance', 'event_time' or 'created_at', got {self.sort_by!r}")
+        if not isinstance(self.sort_ascending, bool):
+            raise TypeError(f"sort_ascending must be a bool, not {type(self.sort_ascending).__name__}")
         if self.limit is not None:
             check_limit(self.limit)
         if self.entity_types is not None:
@@ -220,7 +236,8 @@ class RecallOptions:
         return dataclasses.replace(self, time_range=(start_ms, end_ms))
 
     def with_entity_types(self, *types: EntityType | str) -> "RecallOptions":
-        return dataclasses.replace(self, entity_types=tuple(types))
+        parsed: tuple[EntityType, ...] = tuple(EntityType.parse(t) for t in types)
+        return dataclasses.replace(self, entity_types=parsed)
 
     def with_metadata(self, metadata: Mapping[str, MetadataValue]) -> "RecallOptions":
         return dataclasses.replace(self, metadata=metadata)
@@ -230,3 +247,11 @@ class RecallOptions:
 
     def with_as_of(self, as_of_ms: int) -> "RecallOptions":
         return dataclasses.replace(self, as_of=as_of_ms)
+
+    def with_event_time_range(self, start_ms: int | None, end_ms: int | None) -> "RecallOptions":
+        """Only facts whose ``event_time`` (when it happened) is in ``[start_ms, end_ms]``."""
+        return dataclasses.replace(self, time_range=(start_ms, end_ms), time_field="event_time")
+
+    def sorted_by(self, field: "SortBy", *, ascending: bool = False) -> "RecallOptions":
+        """Order the results by ``"event_time"`` or ``"created_at"`` (newest first unless ``ascending``)."""
+        return dataclasses.replace(self, sort_by=field, sort_ascending=ascending)

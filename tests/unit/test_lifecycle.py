@@ -34,7 +34,7 @@ def rules():
     from umi.sim.clock import SimClock
     from umi.storage.sim import SimStorageBackend
 
-    m = umi.Memory._from_parts(storage=SimStorageBackend(seed=3), llm=None,
+    m = umi.Memory(storage=SimStorageBackend(seed=3), llm=None,
                                embedder=SimEmbeddingProvider(3, 64), clock=SimClock(start_ms=1_700_000_000_000))
     yield m
     m.close()
@@ -87,7 +87,7 @@ def test_a_llm_that_leaves_a_sentence_out_still_keeps_it():
     from umi.sim.clock import SimClock
     from umi.storage.sim import SimStorageBackend
 
-    with umi.Memory._from_parts(storage=SimStorageBackend(seed=1), llm=Forgetful(1),
+    with umi.Memory(storage=SimStorageBackend(seed=1), llm=Forgetful(1),
                                 embedder=SimEmbeddingProvider(1, 64), clock=SimClock(start_ms=10**12)) as m:
         r = m.remember_sync("Bob plays chess. Carol moved to Paris last spring.")
         assert "Carol moved to Paris last spring." in [e.content for e in r.entities
@@ -115,12 +115,12 @@ def test_issue_example_one_sentence_about_three_names_is_one_result(rules):
 
 def test_issue_example_restated_fact_is_current_again_and_history_holds(rules):
     first = rules.remember_sync("Alice works at Acme Corp.")
-    t1 = rules._now_ms()
+    t1 = rules._engine.now_ms()
     second = rules.remember_sync("Alice now works at Initech")
-    t2 = rules._now_ms()
+    t2 = rules._engine.now_ms()
     assert {e.content for e in second.entities} == {"Alice now works at Initech"}
     third = rules.remember_sync("Alice works at Acme Corp.")  # told again, word for word
-    t3 = rules._now_ms()
+    t3 = rules._engine.now_ms()
     assert not third.duplicate and not any("already known" in w for w in third.warnings)
     old_alice = [e for e in first.entities if e.name == "Alice"][0]
     assert rules.get_sync(old_alice.id).valid_to is None  # current again
@@ -280,8 +280,26 @@ def test_cli_export_refuses_its_own_database_and_round_trips(tmp_path, capsys):
     from umi.cli import main
 
     db = str(tmp_path / "own.duckdb")
+    for text in ("Bob lives in Berlin", "Bob moved to Munich", "Alice, Bob and Carol founded Zephyr Labs."):
+        assert main(["remember", text, "--db", db], out=io.StringIO()) == 0
     assert main(["export", "--db", db, "--out", db], out=io.StringIO()) == 2
     assert "own database" in capsys.readouterr().err
+    with umi.Memory(db) as m:
+        m.forget_sync(m.recall_sync("Zephyr Labs")[0].id)
+    dump = tmp_path / "dump.jsonl"
+    assert main(["export", "--db", db, "--out", str(dump)], out=io.StringIO()) == 0  # no vectors in the file
+    assert "embedding" not in dump.read_text() and "Zephyr" not in dump.read_text()
+    other = str(tmp_path / "other.duckdb")
+    out = io.StringIO()
+    assert main(["import", str(dump), "--db", other], out=out) == 0
+    assert "entities=4" in out.getvalue() and "embedded=4" in out.getvalue()  # re-embedded...
+    assert "4/4" in capsys.readouterr().err  # ...with a progress bar
+    again = tmp_path / "again.jsonl"
+    assert main(["export", "--db", other, "--out", str(again)], out=io.StringIO()) == 0
+    assert again.read_text() == dump.read_text()
+    with umi.Memory(db) as a, umi.Memory(other) as b:
+        q = "Where does Bob live?"
+        assert [(h.id, round(h.score, 6)) for h in a.recall_sync(q)] == [(h.id, round(h.score, 6)) for h in b.recall_sync(q)]
 
 
 # --- 6. uniform degradation ------------------------------------------------------------------
@@ -312,7 +330,7 @@ def _mem(llm, embedder):
     from umi.sim.clock import SimClock
     from umi.storage.sim import SimStorageBackend
 
-    return umi.Memory._from_parts(storage=SimStorageBackend(seed=2), llm=llm, embedder=embedder,
+    return umi.Memory(storage=SimStorageBackend(seed=2), llm=llm, embedder=embedder,
                                   clock=SimClock(start_ms=10**12))
 
 
@@ -413,3 +431,22 @@ def test_two_writers_with_a_slow_llm_do_not_wait_for_each_other():
 
     serial, concurrent = asyncio.run(main())
     assert concurrent < 0.4 * serial, (serial, concurrent)  # holding the lock across the LLM: ~0.6
+
+
+def test_remember_many_is_remembering_one_by_one():
+    texts = ["Alice works at Acme Corp.", "Alice now works at Initech", "Bob lives in Berlin",
+             "Alice works at Acme Corp.", "Bob moved to Munich", "Bob lives in Berlin", "we agreed on a budget"]
+    with _mem(None, SimEmbeddingProvider(4, 64)) as one, _mem(None, SimEmbeddingProvider(4, 64)) as many:
+        singles = [one.remember_sync(t) for t in texts]
+        batch = many.remember_many_sync(texts, chunk_size=3)
+        def outcome(rs):
+            return [(r.duplicate, sorted(e.id for e in r.entities),
+                     sorted((x.source_id, x.target_id, x.evolution_type) for x in r.evolutions)) for r in rs]
+
+        assert outcome(batch) == outcome(singles)
+
+        def shape(m):  # times differ (one clock tick per call); the facts, validity and links do not
+            return sorted((r["kind"], r.get("source_id"), r.get("target_id"), r.get("entity_id"), r.get("name"),
+                           r.get("valid_to") is None, r.get("op")) for r in state(m))
+
+        assert shape(many) == shape(one)

@@ -59,7 +59,7 @@ def texts(draw):
 
 
 def sim_memory():
-    return umi.Memory._from_parts(storage=SimStorageBackend(seed=5), llm=None,
+    return umi.Memory(storage=SimStorageBackend(seed=5), llm=None,
                                   embedder=SimEmbeddingProvider(5, 64), clock=SimClock(start_ms=1_700_000_000_000))
 
 
@@ -173,7 +173,7 @@ def test_as_of_every_step_answers_what_was_current_then(steps):
         instants, expected = [], []
         for i in steps:
             m.remember_sync(f"Alice now works at {ORGS[i]}.")
-            instants.append(m._now_ms())
+            instants.append(m._engine.now_ms())
             expected.append(f"Alice now works at {ORGS[i]}.")
 
         def jobs(opts):

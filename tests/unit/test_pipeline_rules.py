@@ -212,3 +212,10 @@ def test_with_leftovers_keeps_every_sentence_once():
     llm = [ExtractedEntity("User", EntityType.SELF, "User works as an ER nurse at Northwestern Memorial")]
     assert uncovered_sentences("I work as an ER nurse at Northwestern Memorial. My cat is called Miso.", llm) == [
         "My cat is called Miso."]
+
+
+def test_coverage_is_not_fooled_by_shared_common_words():
+    from umi.pipeline.extraction import uncovered_sentences
+
+    text = "we keeps the qbbfix near qbbgix. Alice keeps qbbdix and qbbbbix. we keeps the qbbbix near qbbcix."
+    assert uncovered_sentences(text, rule_extract(text)) == ["we keeps the qbbfix near qbbgix."]

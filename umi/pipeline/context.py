@@ -13,21 +13,22 @@ whatever an embedder raises leaves :meth:`embed` as an :class:`umi.EmbeddingErro
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, TypeVar
 
 import numpy as np
 
-from ..errors import EmbeddingError, InvalidResponseError, ProviderError
+from ..errors import EmbeddingError, InvalidResponseError, InvalidScopeError, ProviderError
 from ..options import MemoryConfig
 from ..providers.base import EmbeddingProvider, EmbedKind, LLMProvider, LLMResult, Task
 from ..storage.base import SearchFilters, Source, StorageBackend
-from ..types import Usage
+from ..types import UNSET_SCOPE, Entity, Scope, Usage
 from . import schemas
 
 T = TypeVar("T")
 
-__all__ = ["PipelineContext", "WriteLock", "provider_failure"]
+__all__ = ["PipelineContext", "WriteLock", "provider_failure", "narrow_scope"]
 
 
 class WriteLock:
@@ -62,36 +63,40 @@ class PipelineContext:
     io: Callable[..., Awaitable[Any]]
     now_ms: Callable[[], int]
     write_lock: WriteLock = field(default_factory=WriteLock)
-    #: the view's ``umi.Scope`` (None: the unscoped admin view, which sees every scope)
-    scope: Any = None
+    #: the view's scope: what the pipeline writes is stamped with it, what it reads stays in it
+    scope: Scope = UNSET_SCOPE
+
+    def __post_init__(self) -> None:
+        if self.scope is None:  # None and the unset scope both mean the unscoped (admin) view
+            self.scope = UNSET_SCOPE
 
     # --- scope rules, in one place for every pipeline -------------------------------------
-    def entity_scope(self) -> dict[str, Any]:
-        """Keyword arguments that stamp a new Entity / relation with the view's scope."""
-        return {} if self.scope is None else {"scope": self.scope}
+    def within(self, filters: SearchFilters) -> SearchFilters:
+        """``filters`` kept inside this view's scope (a filter scope may narrow it, not leave it)."""
+        scope = narrow_scope(self.scope, filters.scope)
+        return filters if scope == filters.scope else dataclasses.replace(filters, scope=scope)
+
+    def sees(self, scope: Scope) -> bool:
+        """Whether a record of ``scope`` is visible to this view."""
+        return self.scope.contains(scope)
 
     def filters(self, **kw: Any) -> SearchFilters:
         """Search filters seen through this view (the caller's other filters in ``kw``)."""
-        if self.scope is not None and kw.get("scope") is None:
-            kw["scope"] = self.scope
-        return SearchFilters(**kw)
+        return self.within(SearchFilters(**kw))
 
     def user_filters(self, **kw: Any) -> SearchFilters:
-        """Filters over every fact of the view's user (any agent or session of it)."""
-        if self.scope is not None and self.scope.user_id is not None:
-            kw["scope"] = type(self.scope)(user_id=self.scope.user_id)
+        """Filters over every fact of the view's user (any agent or session of it); with no user_id
+        the filter cannot say "user unset", so callers also check :meth:`same_user`."""
+        if self.scope.user_id is not None:
+            kw["scope"] = Scope(user_id=self.scope.user_id)
         return SearchFilters(**kw)
 
-    def user_id(self) -> str | None:
-        return None if self.scope is None else self.scope.user_id
-
-    def same_user(self, e: Any, user_id: str | None) -> bool:
+    def same_user(self, e: Entity) -> bool:
         """Evolution and dedup compare facts of one user only (agent/session facets included)."""
-        scope = getattr(e, "scope", None)
-        return (None if scope is None else scope.user_id) == user_id
+        return e.scope.user_id == self.scope.user_id
 
     def source_for(self, text: str, at: int, metadata: Any) -> Source:
-        return Source.for_text(text, at, metadata, **self.entity_scope())
+        return Source.for_text(text, at, metadata, scope=self.scope)
 
     async def ask(self, task: Task, prompt: str, usage: Usage) -> dict[str, Any]:
         """One structured LLM call; adds its usage. Raises ProviderError subclasses."""
@@ -136,6 +141,24 @@ class PipelineContext:
                 )
             parts.append(vecs)
         return np.concatenate(parts, axis=0)
+
+
+def narrow_scope(view: Scope, asked: Scope | None) -> Scope | None:
+    """The scope a view may search when a caller asks for ``asked`` (None: the view's own).
+
+    Each component the view sets stays; ``asked`` may set the components the view leaves
+    open. Asking for another value of a component the view sets raises InvalidScopeError.
+    None when the result is unset (every scope: no scope condition at all)."""
+    if asked is None or asked.is_unset:
+        return None if view.is_unset else view
+    parts = {}
+    for f in (fld.name for fld in dataclasses.fields(Scope)):
+        mine, theirs = getattr(view, f), getattr(asked, f)
+        if mine is not None and theirs is not None and mine != theirs:
+            raise InvalidScopeError(f"{f}={theirs!r} is outside this view's scope ({f}={mine!r})",
+                                    component=f, value=theirs)
+        parts[f] = mine if mine is not None else theirs
+    return Scope(**parts)
 
 
 def provider_failure(exc: BaseException) -> str:

@@ -149,6 +149,6 @@ def parse_evolution(data: Mapping[str, Any], candidate_ids: Sequence[str]) -> li
         if isinstance(conf, bool) or not isinstance(conf, (int, float)) or not 0 <= conf <= 1:
             raise InvalidResponseError(f"evolution relation #{i} confidence must be in [0, 1]")
         reason = item.get("reason", "")
-        seen.add(cid)  # type: ignore[arg-type]
-        out.append(EvolutionDecision(cid, et, str(reason)[:500], float(conf)))  # type: ignore[arg-type]
+        seen.add(cid)
+        out.append(EvolutionDecision(cid, et, str(reason)[:500], float(conf)))
     return out

@@ -29,7 +29,7 @@ PAGE = 1000
 
 def visible(ctx: PipelineContext, e: Entity) -> bool:
     """A view forgets only what it can see."""
-    return ctx.scope is None or ctx.scope.contains(e.scope)
+    return ctx.sees(e.scope)
 
 
 def statement_ids(ctx: PipelineContext, entity_id: str) -> list[str]:
@@ -49,6 +49,7 @@ def source_ids(ctx: PipelineContext, source_id: str) -> list[str]:
 
 
 def filter_ids(ctx: PipelineContext, filters: SearchFilters) -> list[str]:
+    filters = ctx.within(filters)
     out: list[str] = []
     offset = 0
     while True:

@@ -31,7 +31,7 @@ from ..types import Entity, Usage
 from . import schemas
 from .context import PipelineContext, provider_failure
 from .remember import statement_key
-from .retrieval import needs_deep_search, query_names, rrf_fuse, rule_rewrite
+from .retrieval import needs_deep_search, query_names, rrf_fuse, rule_rewrite, time_signal
 
 __all__ = ["validate_query", "recall", "filters_for", "RecallResult", "current_at"]
 
@@ -71,6 +71,7 @@ def filters_for(opts: RecallOptions, ctx: PipelineContext | None = None) -> Sear
     kw: dict[str, Any] = dict(
         entity_types=opts.entity_types,
         time_range=opts.time_range,
+        time_field=opts.time_field,
         metadata=opts.metadata,
         include_superseded=opts.include_superseded,
         as_of=opts.as_of,
@@ -103,6 +104,7 @@ def _ranked_lists(ctx: PipelineContext, query: str, qvec: np.ndarray | None, fil
         named.extend(ctx.storage.find_by_name(name, filters=filters))
     named.sort(key=lambda e: (-e.created_at, e.id))
     lists.append(list(dict.fromkeys(e.id for e in named))[:k])
+    lists.extend(time_signal(ctx.storage, query, qvec, filters, k, ctx.now_ms(), lists))
     return lists
 
 
@@ -141,7 +143,11 @@ def _statements(ctx: PipelineContext, fused: list[tuple[str, float]], limit: int
         by_id = {e.id: e for e in ctx.storage.get_many([i for i, _ in part])}
         for id_, score in part:
             e = by_id.get(id_)
-            if e is None or (as_of is not None and not current_at(ctx.storage.history(e.id), as_of)):
+            if e is None:
+                continue
+            # The store's as_of reads created_at/valid_to; a fact changed after as_of (superseded,
+            # then revived) may have been superseded *at* as_of: its history says.
+            if as_of is not None and e.updated_at > as_of and not current_at(ctx.storage.history(e.id), as_of):
                 continue
             key = statement_key(e)
             got = groups.get(key)
@@ -186,7 +192,22 @@ def _deep_path(ctx: PipelineContext, lists: list[list[str]], variants: list[str]
     return _statements(ctx, rrf_fuse(lists, ctx.config.rrf_k), limit, as_of)
 
 
+def sort_results(found: RecallResult, opts: RecallOptions) -> RecallResult:
+    """``opts.sort_by`` applied to the already-chosen results (stable: ties keep relevance order)."""
+    if opts.sort_by == "relevance":
+        return found
+    field = opts.sort_by
+    dated = [e for e in found if getattr(e, field) is not None]
+    undated = [e for e in found if getattr(e, field) is None]
+    dated.sort(key=lambda e: getattr(e, field), reverse=not opts.sort_ascending)
+    return RecallResult(dated + undated, found.warnings)
+
+
 async def recall(ctx: PipelineContext, query: str, opts: RecallOptions) -> RecallResult:
+    return sort_results(await _recall(ctx, query, opts), opts)
+
+
+async def _recall(ctx: PipelineContext, query: str, opts: RecallOptions) -> RecallResult:
     limit = check_limit(opts.limit) if opts.limit is not None else ctx.config.recall_limit
     filters = filters_for(opts, ctx)
     k = max(limit * 3, 20)

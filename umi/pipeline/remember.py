@@ -38,11 +38,20 @@ import numpy as np
 from ..errors import EmbeddingError, EmptyTextError, ProviderError, TextTooLongError
 from ..options import RememberOptions
 from ..storage.base import SearchFilters, Source
-from ..types import UMI_NAMESPACE, Entity, EvolutionRelation, EvolutionType, RememberResult, normalize_content
+from ..types import (
+    UMI_NAMESPACE,
+    Entity,
+    EvolutionRelation,
+    EvolutionType,
+    RememberResult,
+    normalize_content,
+    normalize_name,
+)
 from . import schemas
 from .context import PipelineContext, provider_failure
 from .evolution import Candidate, EvolutionDecision, parse_evolution, rule_classify
 from .extraction import ExtractedEntity, note_for, parse_extraction, rule_extract, with_leftovers
+from .time import resolve_event_time
 
 __all__ = ["validate_text", "remember", "remember_many", "statement_key", "OPTIMISTIC_ATTEMPTS"]
 
@@ -107,9 +116,10 @@ def _build_entities(ctx: PipelineContext, found: Sequence[ExtractedEntity], opts
             confidence=f.confidence,
             created_at=now,
             updated_at=now,
-            event_time=opts.event_time,
+            # when the caller gave no time, the text may: "yesterday", "on March 3rd", "in 2019"
+            event_time=opts.event_time if opts.event_time is not None else resolve_event_time(f.content, now),
             source_id=source_id,
-            **ctx.entity_scope(),
+            scope=ctx.scope,
         )
         if e.id not in seen:
             seen.add(e.id)
@@ -166,16 +176,16 @@ def _candidates_for(ctx: PipelineContext, e: Entity, exclude: set[str]) -> list[
     if cap == 0:
         return []
     current = ctx.user_filters()
-    user = ctx.user_id()
     same = [c for c in ctx.storage.find_by_name(e.name, filters=current)
-            if c.id not in exclude and ctx.same_user(c, user)]
+            if c.id not in exclude and ctx.same_user(c)]
     same.sort(key=lambda c: (-c.created_at, c.id))
     picked = {c.id: c for c in same[:cap]}
     if e.embedding is not None and len(picked) < cap:
-        near = [cid for cid, score in ctx.storage.search_vector(e.embedding, cap + len(exclude), current)
+        deeper = 1 if ctx.scope.user_id is not None else 4  # other users' facts are skipped below
+        near = [cid for cid, score in ctx.storage.search_vector(e.embedding, cap * deeper + len(exclude), current)
                 if cid not in exclude and cid not in picked and score >= ctx.config.evolution_similarity]
         for c in ctx.storage.get_many(near):
-            if len(picked) < cap and ctx.same_user(c, user):
+            if len(picked) < cap and ctx.same_user(c):
                 picked[c.id] = c
     return list(picked.values())
 
@@ -285,14 +295,19 @@ async def _decide(ctx: PipelineContext, plan: Plan, entities: list[Entity], sour
                 ch.supersede.append(f.id)
                 ch.relations.append(EvolutionRelation(
                     f.id, by.target_id, by.evolution_type, f"same statement as superseded fact {old.id}",
-                    by.confidence, created_at=now, scope=f.scope))
+                    by.confidence, created_at=now, scope=by.scope))
 
-    for old in plan.known.values():
+    back_to: dict[str, tuple[Entity, list[Entity]]] = {}  # replacement id -> (it, the restated facts it replaced)
+    for old in sorted(plan.known.values(), key=lambda e: e.id):  # one order, however the facts were found
         if old.valid_to is None:
             continue
         ch.revive.append(old.id)
         for repl in plan.replaced_by.get(old.id, []):
-            retire(repl, _restated_relation(repl, old, now))
+            back_to.setdefault(repl.id, (repl, []))[1].append(old)
+    for repl, olds in (back_to[k] for k in sorted(back_to)):
+        # the relation points at the restated facet about the same name, when there is one
+        old = min(olds, key=lambda o: (normalize_name(o.name) != normalize_name(repl.name), o.id))
+        retire(repl, _restated_relation(repl, old, now))
 
     todo = [(e, plan.candidates[e.id]) for e in new if e.id in plan.candidates]
     decided = await asyncio.gather(*(_classify(ctx, e, c, result) for e, c in todo))
@@ -373,35 +388,51 @@ async def _attempt(ctx: PipelineContext, source: Source, entities: list[Entity],
     return True
 
 
-async def remember(ctx: PipelineContext, text: str, opts: RememberOptions) -> RememberResult:
-    """Run the pipeline. Takes the write lock itself, only around read plan → commit."""
-    result = RememberResult()
-    source = ctx.source_for(text, ctx.now_ms(), opts.metadata)
-    result.source_id = source.id
-    if await ctx.io(is_duplicate, ctx, source):
-        result.duplicate = True
-        result.warnings.append("this exact text was remembered before; nothing new was stored")
-        return result
-
-    found = await _extract(ctx, text, opts, result)
-    entities = _build_entities(ctx, found, opts, source.id, ctx.now_ms())
-    if entities and opts.generate_embeddings and ctx.embedder is not None:
-        try:
-            vecs = await ctx.embed([e.text_for_embedding() for e in entities], "passage")
-            for e, v in zip(entities, vecs):
-                e.embedding = np.ascontiguousarray(v)
-        except (EmbeddingError, ProviderError) as exc:
-            result.warnings.append(f"embedding failed, stored without vectors (keyword search still works): "
-                                   f"{provider_failure(exc)}")
-
+async def _settle(ctx: PipelineContext, source: Source, entities: list[Entity], opts: RememberOptions,
+                  result: RememberResult) -> None:
+    """Read plan → decide → commit, optimistically; the lock is held throughout only after
+    ``OPTIMISTIC_ATTEMPTS`` rounds in which other writers changed what the plan read."""
     base_warnings = list(result.warnings)
     for _ in range(OPTIMISTIC_ATTEMPTS):
         result.warnings = list(base_warnings)
         if await _attempt(ctx, source, entities, opts, result, holding_lock=False):
-            return result
+            return
     result.warnings = list(base_warnings)
     async with ctx.write_lock:  # a busy store: hold the lock from plan to commit this time
         await _attempt(ctx, source, entities, opts, result, holding_lock=True)
+
+
+async def _embed_all(ctx: PipelineContext, groups: list[list[Entity]], results: list[RememberResult]) -> None:
+    """One embedding batch for the facts of every text; a failure is reported on each text."""
+    flat = [e for g in groups for e in g]
+    if not flat or ctx.embedder is None:
+        return
+    try:
+        vecs = await ctx.embed([e.text_for_embedding() for e in flat], "passage")
+    except (EmbeddingError, ProviderError) as exc:
+        for g, r in zip(groups, results):
+            if g:
+                r.warnings.append("embedding failed, stored without vectors (keyword search still works): "
+                                  f"{provider_failure(exc)}")
+        return
+    for e, v in zip(flat, vecs):
+        e.embedding = np.ascontiguousarray(v)
+
+
+async def remember(ctx: PipelineContext, text: str, opts: RememberOptions) -> RememberResult:
+    """Remember one text. Takes the write lock itself, only around read plan → commit, so a slow
+    model (extraction, evolution) never holds up another writer."""
+    source = ctx.source_for(text, ctx.now_ms(), opts.metadata)
+    result = RememberResult(source_id=source.id)
+    if await ctx.io(is_duplicate, ctx, source):
+        result.duplicate = True
+        result.warnings.append("this exact text was remembered before; nothing new was stored")
+        return result
+    found = await _extract(ctx, text, opts, result)
+    entities = _build_entities(ctx, found, opts, source.id, ctx.now_ms())
+    if opts.generate_embeddings:
+        await _embed_all(ctx, [entities], [result])
+    await _settle(ctx, source, entities, opts, result)
     return result
 
 
@@ -444,8 +475,17 @@ async def remember_many(ctx: PipelineContext, texts: Sequence[str], opts: Rememb
 
     def write_chunk() -> None:
         with ctx.storage.transaction():
-            for i in live:
-                result, source, entities = results[i], sources[i], facts[i]
+            for i in range(len(texts)):
+                result, source = results[i], sources[i]
+                if told[i]:
+                    if is_duplicate(ctx, source):
+                        continue
+                    # Told word for word before, but a text earlier in this chunk superseded some of
+                    # its facts: it restates them. Its facts are the ones it made the first time.
+                    result.duplicate = False
+                    result.warnings = []
+                    facts[i] = ctx.storage.get_many(ctx.storage.entity_ids_for_source(source.id))
+                entities = facts[i]
                 plan = read_plan(ctx, source, entities, opts)
                 if plan.duplicate:  # the same text earlier in this chunk
                     result.duplicate = True

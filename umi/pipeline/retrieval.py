@@ -12,11 +12,18 @@ was agreed on by two signals".
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+import dataclasses
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from .extraction import _name_spans
+from .time import is_temporal_query, query_time_range
 
-__all__ = ["rrf_fuse", "is_question", "needs_deep_search", "rule_rewrite", "query_names"]
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..storage.base import SearchFilters, StorageBackend
+
+__all__ = ["rrf_fuse", "is_question", "needs_deep_search", "rule_rewrite", "query_names", "time_signal"]
 
 _QWORDS = frozenset(
     "who whom whose what which when where why how is are was were do does did can could should would "
@@ -102,3 +109,55 @@ def rule_rewrite(query: str) -> list[str]:
     if len(variants) < 2:
         add(" ".join(w.lower() for w in keywords) + " facts")
     return variants[:4]
+
+
+#: a question about the present state of things
+_CURRENT = re.compile(r"\b(?:now|currently|current|these days|nowadays|at the moment|at present|anymore|latest)\b",
+                      re.I)
+#: how deep in the other signals' lists the recency signal looks (tuned on bench_quality's dev split)
+RECENCY_POOL = 10
+
+
+def time_signal(storage: "StorageBackend", query: str, qvec: "np.ndarray | None", filters: "SearchFilters",
+                k: int, now_ms: int, ranked: Sequence[Sequence[str]]) -> list[list[str]]:
+    """Extra ranked lists for a temporal question, to fuse with the other signals.
+
+    * The question names a time ("last month", "in March", "two weeks ago"): the facts whose
+      ``event_time`` falls in that range, ranked by the query (vector, then keywords, each
+      searched inside the range), and facts *told* in the range that carry no event time of
+      their own (ranked by vector). A range the caller already set in ``filters`` is kept.
+    * It asks *when* ("When did…", "What day…") without naming a time: the candidates the
+      other signals found that carry an ``event_time``, in their best rank.
+    * It asks what is true *now* ("…now?", "…these days?", "current…"): the candidates the other
+      signals ranked in their top ``RECENCY_POOL``, newest first — what changed later wins ties.
+    * Otherwise: no list.
+    """
+    rng = query_time_range(query, now_ms)
+    if rng is None:
+        best: dict[str, int] = {}
+        for ids in ranked:
+            for r, id_ in enumerate(ids):
+                if id_ not in best or r < best[id_]:
+                    best[id_] = r
+        if _CURRENT.search(query):
+            pool = list(storage.get_many([i for i, r in best.items() if r < RECENCY_POOL]))
+            pool.sort(key=lambda e: (-e.created_at, e.id))
+            return [[e.id for e in pool]] if pool else []
+        if not is_temporal_query(query):
+            return []
+        dated = {e.id for e in storage.get_many(list(best)) if e.event_time is not None}
+        timed = sorted((i for i in best if i in dated), key=lambda i: (best[i], i))
+        return [timed[:k]] if timed else []
+    if filters.time_range is not None:
+        return []  # the caller chose the time window; theirs wins
+    by_event = dataclasses.replace(filters, time_range=rng, time_field="event_time")
+    lists: list[list[str]] = []
+    if qvec is not None:
+        lists.append([i for i, _ in storage.search_vector(qvec, k, by_event)])
+    lists.append([i for i, _ in storage.search_text(query, k, by_event)])
+    if qvec is not None:
+        told = dataclasses.replace(filters, time_range=rng, time_field="created_at")
+        hits = [i for i, _ in storage.search_vector(qvec, k, told)]
+        undated = {e.id for e in storage.get_many(hits) if e.event_time is None}
+        lists.append([i for i in hits if i in undated])
+    return [lst for lst in lists if lst]

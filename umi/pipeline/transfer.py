@@ -51,9 +51,10 @@ def export_records(ctx: PipelineContext, *, embeddings: bool) -> list[dict[str, 
     out: list[dict[str, Any]] = [{
         "kind": "header", "format": FORMAT, "version": FORMAT_VERSION,
         "embedder": getattr(ctx.embedder, "name", None), "dim": st.dim,
-        "scope": None if scope is None else _scope_dict(scope),
+        "scope": _scope_dict(scope),
     }]
-    for s in st.iter_sources(scope):
+    view = None if scope.is_unset else scope
+    for s in st.iter_sources(view):
         out.append({"kind": "source", "id": s.id, "text_hash": s.text_hash, "text": s.text,
                     "created_at": s.created_at, "metadata": dict(s.metadata), "scope": _scope_dict(s.scope)})
     everything = ctx.filters(include_superseded=True)
@@ -69,12 +70,12 @@ def export_records(ctx: PipelineContext, *, embeddings: bool) -> list[dict[str, 
             d.pop("mentions", None)
             out.append(d)
         offset += len(page)
-    for r in st.iter_relations(scope):
+    for r in st.iter_relations(view):
         d = r.to_dict()
         d["kind"] = "relation"
-        d["scope"] = _scope_dict(getattr(r, "scope", Scope()))
+        d["scope"] = _scope_dict(r.scope)
         out.append(d)
-    for h in st.iter_history(scope):
+    for h in st.iter_history(view):
         out.append({"kind": "history", "entity_id": h.entity_id, "seq": h.seq, "op": h.op, "at": h.at,
                     "snapshot": dict(h.snapshot), "scope": _scope_dict(h.scope)})
     return out
@@ -191,10 +192,10 @@ def check_consistent(plan: ImportPlan, ctx: PipelineContext) -> None:
     for e in plan.entities:
         if e.embedding is not None and ((theirs is not None and theirs != ours) or e.embedding.size != dim):
             e.embedding = None
-    if ctx.scope is not None:
+    if not ctx.scope.is_unset:
         scoped: list[Entity | Source] = [*plan.entities, *plan.sources]
         for what in scoped:
-            if not ctx.scope.contains(what.scope):
+            if not ctx.sees(what.scope):
                 raise ValidationError(f"record {what.id} belongs to scope {what.scope.to_dict()}, outside this "
                                       f"view's scope {ctx.scope.to_dict()}")
 
