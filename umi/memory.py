@@ -6,7 +6,7 @@ the Memory's private loop (see :mod:`umi._loop`). Each blocking ``_sync`` twin i
 generated from it by :func:`_sync` — there is no second implementation. Writes are
 serialised by one lock; reads run concurrently.
 
-What a Memory shares with its views lives in one :class:`_Engine` (store, providers,
+What a Memory shares with its views lives in one :class:`~umi._engine.Engine` (store, providers,
 loop, write lock, clock, the core memories); a :class:`Memory` object is a face over it
 with a :class:`~umi.Scope`. ``memory.scoped(user_id=...)`` makes another face over the
 same engine: cheap, and closing it leaves the store open.
@@ -26,18 +26,17 @@ import dataclasses
 import functools
 import itertools
 import os
-import threading
-import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Concatenate, Coroutine, Iterable, ParamSpec, TypeVar
 
-from .errors import CoreMemoryFullError, InvalidConfigError, InvalidScopeError, UmiError, ValidationError
+from ._engine import Engine, check_embedder
+from .errors import InvalidConfigError, InvalidScopeError, UmiError, ValidationError
 from .options import MemoryConfig, RecallOptions, RememberOptions
 from .pipeline import forget as _forget
 from .pipeline import recall as _recall
 from .pipeline import remember as _remember
 from .pipeline import transfer as _transfer
 from .pipeline import update as _update
-from .pipeline.context import PipelineContext, WriteLock
+from .pipeline.context import PipelineContext
 from .pipeline.recall import RecallResult
 from .providers.base import EmbeddingProvider, LLMProvider
 from .storage.base import HistoryRecord, SearchFilters, StorageBackend
@@ -54,8 +53,6 @@ P = ParamSpec("P")
 __all__ = ["Memory", "MemoryBuilder"]
 
 SIM_EPOCH_MS = 1_700_000_000_000  # 2023-11-14: where every Sim clock starts
-#: store metadata key of the embedder's identity, ``"name|model|dim"``
-EMBEDDER_META_KEY = "embedder"
 #: texts per chunk of ``remember_many`` (one embedding batch and one transaction each)
 REMEMBER_MANY_CHUNK = 128
 REMEMBER_MANY_CHUNK_MAX = 10_000
@@ -81,30 +78,6 @@ def _text_options(rec: Any) -> tuple[Any, Any]:
     return (tuple(sorted(meta.items())) if isinstance(meta, dict) else meta, rec.get("event_time"))
 
 
-def embedder_identity(embedder: EmbeddingProvider) -> str:
-    """``name|model|dim``: what a store records of the embedder its vectors came from. ``model``
-    is the provider's ``model`` attribute, or ``seed=N`` for a seeded one (the Sim embedder)."""
-    model = getattr(embedder, "model", None)
-    if model is None and getattr(embedder, "seed", None) is not None:
-        model = f"seed={embedder.seed}"  # type: ignore[attr-defined]
-    return f"{embedder.name}|{model or ''}|{embedder.dim}"
-
-
-def _check_embedder(storage: StorageBackend, embedder: EmbeddingProvider) -> None:
-    if storage.dim is not None and storage.dim != embedder.dim:
-        raise InvalidConfigError(
-            f"the store holds {storage.dim}-d vectors but the embedder makes {embedder.dim}-d ones; "
-            "use the embedder the store was built with"
-        )
-    stored = storage.get_meta(EMBEDDER_META_KEY)
-    mine = embedder_identity(embedder)
-    if stored is not None and stored != mine:
-        raise InvalidConfigError(
-            f"the store was written with the embedder {stored!r} (name|model|dim) but this Memory's is "
-            f"{mine!r}; vectors of different models cannot be compared: open the store with its embedder"
-        )
-
-
 def narrow_scope(view: Scope, asked: Scope | None) -> Scope | None:
     """The scope a view may reach when a caller asks for ``asked``: each part the view sets
     stays, ``asked`` may set the parts the view leaves open; asking for another value of a part
@@ -126,149 +99,6 @@ def _opts(options: Any, cls: type[T]) -> T:
     if not isinstance(options, cls):
         raise TypeError(f"options must be {cls.__name__}, not {type(options).__name__}")
     return options
-
-
-class _Clock:
-    """Milliseconds that never repeat: max(clock, last + 1), so every event has its own instant."""
-
-    def __init__(self, source_ms: Callable[[], int]) -> None:
-        self._source = source_ms
-        self._last = -1
-        self._lock = threading.Lock()
-
-    def __call__(self) -> int:
-        with self._lock:
-            t = max(int(self._source()), self._last + 1)
-            self._last = t
-            return t
-
-
-class _Engine:
-    """The parts one store's Memory and all its views share: store, providers, config, the
-    private loop, the write lock and the clock. Closed once, by the Memory that opened it."""
-
-    def __init__(self, config: MemoryConfig, llm: LLMProvider | None, embedder: EmbeddingProvider | None,
-                 storage: StorageBackend, clock: Callable[[], float] | None) -> None:
-        from ._loop import LoopThread
-
-        self.config = config
-        self.llm = llm
-        self.embedder = embedder
-        self.storage = storage
-        self.clock = clock
-        seconds = clock if clock is not None else time.time
-        exact_ms = getattr(clock, "now_ms", None)  # a SimClock keeps integer ms: no float round trip
-        self.now_ms = _Clock(exact_ms if callable(exact_ms) else (lambda: round(seconds() * 1000.0)))
-        self.runner: LoopThread = LoopThread()
-        self.write_lock = WriteLock()  # one per store: every view's pipelines share it
-        self._parts_lock = threading.Lock()
-        self._cores: dict[Scope, PersistentCoreMemory] = {}
-        self._workings: dict[Scope, WorkingMemory] = {}
-        self._embedder_recorded = embedder is None
-        self.closed = False
-
-    async def locked(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Await ``coro`` holding the store's write lock (on the loop)."""
-        async with self.write_lock:
-            return await coro
-
-    async def before_write(self) -> None:
-        """Once per engine, before its first write: record the embedder's identity in the store."""
-        if not self._embedder_recorded:
-            async with self.write_lock:
-                if not self._embedder_recorded:
-                    await self.io(self._record_embedder)
-
-    def _record_embedder(self) -> None:
-        assert self.embedder is not None
-        if self.storage.get_meta(EMBEDDER_META_KEY) is None:
-            self.storage.set_meta(EMBEDDER_META_KEY, embedder_identity(self.embedder))
-        self._embedder_recorded = True
-
-    def check_open(self) -> None:
-        if self.closed:
-            raise UmiError("this Memory is closed")
-
-    def core_for(self, scope: Scope) -> "PersistentCoreMemory":
-        """The core memory of ``Scope(user_id, agent_id)``: one per engine, loaded on first use."""
-        from .core_memory import PersistentCoreMemory
-
-        with self._parts_lock:
-            core = self._cores.get(scope)
-            if core is None:
-                core = PersistentCoreMemory(max_bytes=self.config.core_memory_bytes)
-                try:
-                    core._bind(_StoredBlocks(self, scope))
-                except CoreMemoryFullError as exc:
-                    raise InvalidConfigError(
-                        f"the stored core blocks of {scope} do not fit core_memory_bytes="
-                        f"{self.config.core_memory_bytes}: {exc}") from exc
-                self._cores[scope] = core
-            return core
-
-    def working_for(self, scope: Scope) -> "WorkingMemory":
-        """The working memory of a view scope: in this process only, one per scope."""
-        from .working_memory import WorkingMemory
-
-        with self._parts_lock:
-            wm = self._workings.get(scope)
-            if wm is None:
-                cfg = self.config
-                wm = WorkingMemory(max_bytes=cfg.working_memory_bytes, max_entries=cfg.working_memory_entries,
-                                   default_ttl_secs=cfg.working_memory_ttl.total_seconds(), clock=self.clock)
-                self._workings[scope] = wm
-            return wm
-
-    def io(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
-        return self.runner.io(fn, *args)
-
-    async def locked_io(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` on an I/O thread, started only once the write lock is held."""
-
-        async def call() -> T:
-            return await self.io(fn, *args)
-
-        return await self.locked(call())
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            # Async SDK clients' connections belong to our loop: release them on it, before it stops.
-            for p in (self.llm, self.embedder):
-                if p is not None:
-                    self.runner.run(p.aclose())
-        finally:
-            self.runner.close()
-            self.storage.close()
-
-
-class _StoredBlocks:
-    """The store's core blocks of one scope, as a :class:`~umi.core_memory.PersistentCoreMemory`
-    writes them: each call is one transaction of the store (called from the caller's thread;
-    the store's own lock orders it with the other writers)."""
-
-    def __init__(self, engine: _Engine, scope: Scope) -> None:
-        self._engine = engine
-        self._scope = scope
-
-    def load(self) -> list[tuple[str, str, float]]:
-        self._engine.check_open()
-        blocks = sorted(self._engine.storage.core_blocks(self._scope), key=lambda b: b.position)
-        return [(b.name, b.content, b.importance) for b in blocks]
-
-    def set(self, label: str, content: str, importance: float) -> None:
-        self._engine.check_open()
-        self._engine.storage.set_core_block(self._scope, label, content, importance, self._engine.now_ms())
-
-    def remove(self, label: str) -> bool:
-        self._engine.check_open()
-        return self._engine.storage.remove_core_block(self._scope, label, self._engine.now_ms())
-
-    def clear(self) -> int:
-        self._engine.check_open()
-        return self._engine.storage.clear_core_blocks(self._scope, self._engine.now_ms())
 
 
 def _on_loop(fn: Callable[Concatenate["Memory", P], Coroutine[Any, Any, T]]
@@ -347,14 +177,14 @@ class Memory:
         elif not isinstance(storage, StorageBackend):
             raise TypeError(f"storage must be a StorageBackend, not {type(storage).__name__}")
         try:
-            _check_embedder(storage, embedder)
+            check_embedder(storage, embedder)
         except BaseException:
             if opened:  # a store the caller passed stays theirs until a Memory is made of it
                 storage.close()
             raise
-        self._open(_Engine(config, llm, embedder, storage, clock), scope)
+        self._open(Engine(config, llm, embedder, storage, clock), scope)
 
-    def _open(self, engine: _Engine, scope: Scope) -> None:
+    def _open(self, engine: Engine, scope: Scope) -> None:
         try:
             self._attach(engine, scope, owner=True)
         except BaseException:
@@ -368,9 +198,9 @@ class Memory:
         """For tests: a Memory of exactly these parts (``embedder=None``: no vectors at all), without
         the constructor's defaults. Users have ``Memory(...)``, ``Memory.sim()`` and the builder."""
         if embedder is not None:
-            _check_embedder(storage, embedder)
+            check_embedder(storage, embedder)
         self = cls.__new__(cls)
-        self._open(_Engine(config or MemoryConfig(), llm, embedder, storage, clock), Scope(**scope))
+        self._open(Engine(config or MemoryConfig(), llm, embedder, storage, clock), Scope(**scope))
         return self
 
     @property
@@ -381,7 +211,7 @@ class Memory:
     def _runner(self) -> "LoopThread":
         return self._engine.runner
 
-    def _attach(self, engine: _Engine, scope: Scope, *, owner: bool) -> None:
+    def _attach(self, engine: Engine, scope: Scope, *, owner: bool) -> None:
         self._engine = engine
         self._owner = owner  # only the Memory that opened the engine closes it
         self._closed = False
@@ -531,7 +361,9 @@ class Memory:
         Texts go in chunks of ``chunk_size`` (1-10,000): one embedding batch and one transaction
         per chunk, so a failure loses at most the chunk in flight and the chunks before it stay.
         Every text is validated before anything is stored. ``progress(done, total)`` is called
-        after each chunk commits (on umi's loop thread: keep it quick)."""
+        after each chunk commits (on umi's loop thread: keep it quick). Evolution is decided text
+        after text inside the chunk's transaction, so with an LLM classifier the store waits for
+        its answers: use small chunks there; with rules (the embedded default) it costs nothing."""
         opts = _opts(options, RememberOptions)
         if isinstance(texts, (str, bytes)):
             raise TypeError("texts must be an iterable of str (e.g. a list), not a single str")

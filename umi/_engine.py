@@ -1,0 +1,194 @@
+"""What every view of one store shares: the :class:`Engine` (store, providers, private loop,
+write lock, clock, the core and working memories of each scope), the store's core blocks of
+one scope as a :class:`~umi.core_memory.PersistentCoreMemory` writes them, and the embedder
+identity a store records. :mod:`umi.memory` puts the public faces on it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, TypeVar
+
+from .errors import CoreMemoryFullError, InvalidConfigError, UmiError
+from .options import MemoryConfig
+from .pipeline.context import WriteLock
+from .providers.base import EmbeddingProvider, LLMProvider
+from .storage.base import META_EMBEDDER, StorageBackend
+from .types import Scope
+
+if TYPE_CHECKING:
+    from ._loop import LoopThread
+    from .core_memory import PersistentCoreMemory
+    from .working_memory import WorkingMemory
+
+T = TypeVar("T")
+
+__all__ = ["Engine", "embedder_identity", "check_embedder"]
+
+
+def embedder_identity(embedder: EmbeddingProvider) -> str:
+    """``name|model|dim``: what a store records of the embedder its vectors came from. ``model``
+    is the provider's ``model`` attribute, or ``seed=N`` for a seeded one (the Sim embedder)."""
+    model = getattr(embedder, "model", None)
+    if model is None and getattr(embedder, "seed", None) is not None:
+        model = f"seed={embedder.seed}"  # type: ignore[attr-defined]
+    return f"{embedder.name}|{model or ''}|{embedder.dim}"
+
+
+def check_embedder(storage: StorageBackend, embedder: EmbeddingProvider) -> None:
+    if storage.dim is not None and storage.dim != embedder.dim:
+        raise InvalidConfigError(
+            f"the store holds {storage.dim}-d vectors but the embedder makes {embedder.dim}-d ones; "
+            "use the embedder the store was built with"
+        )
+    stored = storage.get_meta(META_EMBEDDER)
+    mine = embedder_identity(embedder)
+    if stored is not None and stored != mine:
+        raise InvalidConfigError(
+            f"the store was written with the embedder {stored!r} (name|model|dim) but this Memory's is "
+            f"{mine!r}; vectors of different models cannot be compared: open the store with its embedder"
+        )
+
+
+class Clock:
+    """Milliseconds that never repeat: max(clock, last + 1), so every event has its own instant."""
+
+    def __init__(self, source_ms: Callable[[], int]) -> None:
+        self._source = source_ms
+        self._last = -1
+        self._lock = threading.Lock()
+
+    def __call__(self) -> int:
+        with self._lock:
+            t = max(int(self._source()), self._last + 1)
+            self._last = t
+            return t
+
+
+class Engine:
+    """The parts one store's Memory and all its views share: store, providers, config, the
+    private loop, the write lock and the clock. Closed once, by the Memory that opened it."""
+
+    def __init__(self, config: MemoryConfig, llm: LLMProvider | None, embedder: EmbeddingProvider | None,
+                 storage: StorageBackend, clock: Callable[[], float] | None) -> None:
+        from ._loop import LoopThread
+
+        self.config = config
+        self.llm = llm
+        self.embedder = embedder
+        self.storage = storage
+        self.clock = clock
+        seconds = clock if clock is not None else time.time
+        exact_ms = getattr(clock, "now_ms", None)  # a SimClock keeps integer ms: no float round trip
+        self.now_ms = Clock(exact_ms if callable(exact_ms) else (lambda: round(seconds() * 1000.0)))
+        self.runner: LoopThread = LoopThread()
+        self.write_lock = WriteLock()  # one per store: every view's pipelines share it
+        self._parts_lock = threading.Lock()
+        self._cores: dict[Scope, PersistentCoreMemory] = {}
+        self._workings: dict[Scope, WorkingMemory] = {}
+        self._embedder_recorded = embedder is None
+        self.closed = False
+
+    async def locked(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Await ``coro`` holding the store's write lock (on the loop)."""
+        async with self.write_lock:
+            return await coro
+
+    async def before_write(self) -> None:
+        """Once per engine, before its first write: record the embedder's identity in the store."""
+        if not self._embedder_recorded:
+            async with self.write_lock:
+                if not self._embedder_recorded:
+                    await self.io(self._record_embedder)
+
+    def _record_embedder(self) -> None:
+        assert self.embedder is not None
+        if self.storage.get_meta(META_EMBEDDER) is None:
+            self.storage.set_meta(META_EMBEDDER, embedder_identity(self.embedder))
+        self._embedder_recorded = True
+
+    def check_open(self) -> None:
+        if self.closed:
+            raise UmiError("this Memory is closed")
+
+    def core_for(self, scope: Scope) -> "PersistentCoreMemory":
+        """The core memory of ``Scope(user_id, agent_id)``: one per engine, loaded on first use."""
+        from .core_memory import PersistentCoreMemory
+
+        with self._parts_lock:
+            core = self._cores.get(scope)
+            if core is None:
+                core = PersistentCoreMemory(max_bytes=self.config.core_memory_bytes)
+                try:
+                    core._bind(StoredBlocks(self, scope))
+                except CoreMemoryFullError as exc:
+                    raise InvalidConfigError(
+                        f"the stored core blocks of {scope} do not fit core_memory_bytes="
+                        f"{self.config.core_memory_bytes}: {exc}") from exc
+                self._cores[scope] = core
+            return core
+
+    def working_for(self, scope: Scope) -> "WorkingMemory":
+        """The working memory of a view scope: in this process only, one per scope."""
+        from .working_memory import WorkingMemory
+
+        with self._parts_lock:
+            wm = self._workings.get(scope)
+            if wm is None:
+                cfg = self.config
+                wm = WorkingMemory(max_bytes=cfg.working_memory_bytes, max_entries=cfg.working_memory_entries,
+                                   default_ttl_secs=cfg.working_memory_ttl.total_seconds(), clock=self.clock)
+                self._workings[scope] = wm
+            return wm
+
+    def io(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
+        return self.runner.io(fn, *args)
+
+    async def locked_io(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on an I/O thread, started only once the write lock is held."""
+
+        async def call() -> T:
+            return await self.io(fn, *args)
+
+        return await self.locked(call())
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            # Async SDK clients' connections belong to our loop: release them on it, before it stops.
+            for p in (self.llm, self.embedder):
+                if p is not None:
+                    self.runner.run(p.aclose())
+        finally:
+            self.runner.close()
+            self.storage.close()
+
+
+class StoredBlocks:
+    """The store's core blocks of one scope, as a :class:`~umi.core_memory.PersistentCoreMemory`
+    writes them: each call is one transaction of the store (called from the caller's thread;
+    the store's own lock orders it with the other writers)."""
+
+    def __init__(self, engine: Engine, scope: Scope) -> None:
+        self._engine = engine
+        self._scope = scope
+
+    def load(self) -> list[tuple[str, str, float]]:
+        self._engine.check_open()
+        blocks = sorted(self._engine.storage.core_blocks(self._scope), key=lambda b: b.position)
+        return [(b.name, b.content, b.importance) for b in blocks]
+
+    def set(self, label: str, content: str, importance: float) -> None:
+        self._engine.check_open()
+        self._engine.storage.set_core_block(self._scope, label, content, importance, self._engine.now_ms())
+
+    def remove(self, label: str) -> bool:
+        self._engine.check_open()
+        return self._engine.storage.remove_core_block(self._scope, label, self._engine.now_ms())
+
+    def clear(self) -> int:
+        self._engine.check_open()
+        return self._engine.storage.clear_core_blocks(self._scope, self._engine.now_ms())
