@@ -18,7 +18,7 @@ import umi
 from umi.storage.base import SearchFilters, Source
 from umi.storage.postgres import PostgresStorageBackend
 from umi.storage.text import bm25_scores, document_terms
-from umi.types import Entity, EvolutionRelation
+from umi.types import Entity, EvolutionRelation, Scope
 
 pytestmark = pytest.mark.postgres
 
@@ -789,3 +789,74 @@ def test_meta_round_trips_and_is_transactional(backend: PostgresStorageBackend) 
     gen = backend.generation
     backend.set_meta("embedder", "sim|sim-v1|8")  # unchanged: nothing to commit
     assert backend.generation == gen
+
+
+# --- one filter semantics ------------------------------------------------------------------------
+
+_F_TYPES = ["person", "organization", "note"]
+_F_META = [None, True, False, 0, 1, 1.0, 0.0, -0.0, "1", "x", "x' OR 1=1 --", "nul\x00"]
+
+
+def _filter_world() -> list[Entity]:
+    """60 entities over every filtered field (scopes, sources, metadata types, times, validity)."""
+    import random
+
+    from umi.types import Scope
+
+    scopes = [Scope(), Scope("u1"), Scope("u1", "a"), Scope("u1", "a", "s"), Scope("u2"), Scope(agent_id="a")]
+    rng = random.Random(5)
+    out = []
+    for i in range(60):
+        md = {k: rng.choice(_F_META) for k in rng.sample(["k", "j"], rng.randint(0, 2))}
+        out.append(Entity(rng.choice(_F_TYPES), f"n{i}", f"word{i % 4} shared", metadata=md, created_at=rng.randint(0, 5),
+                          event_time=rng.choice([None, 0, 2, 5]), valid_to=rng.choice([None, None, 3, 5]),
+                          scope=rng.choice(scopes), source_id=rng.choice([None, "s1", "s2"]),
+                          embedding=np.asarray([rng.uniform(-1, 1) for _ in range(8)], np.float32)))
+    return out
+
+
+class _World:
+    """A store holding _filter_world() (a short repr: hypothesis prints it with a failing example)."""
+
+    def __init__(self, b: PostgresStorageBackend, ents: list[Entity]) -> None:
+        self.b, self.ents = b, ents
+
+    def __repr__(self) -> str:
+        return f"<store of _filter_world(): {len(self.ents)} entities>"
+
+
+@pytest.fixture(scope="module")
+def filter_world(postgres_server):
+    b = PostgresStorageBackend.connect(postgres_server.url, schema=postgres_server.new_schema_name(), dim=8)
+    ents = _filter_world()
+    b.upsert(ents)
+    yield _World(b, ents)
+    b.close()
+
+
+_f_times = st.one_of(st.none(), st.integers(-1, 6), st.sampled_from([-(2**70), 2**70]))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(f=st.builds(
+    SearchFilters,
+    entity_types=st.one_of(st.none(), st.lists(st.sampled_from(_F_TYPES), max_size=2).map(tuple)),
+    time_range=st.one_of(st.none(), st.tuples(_f_times, _f_times).filter(lambda t: None in t or t[0] <= t[1])),
+    time_field=st.sampled_from(["created_at", "event_time"]),
+    metadata=st.one_of(st.none(), st.dictionaries(st.sampled_from(["k", "j"]), st.sampled_from(_F_META), max_size=2)),
+    include_superseded=st.booleans(), as_of=st.one_of(st.none(), st.integers(-1, 6)),
+    scope=st.one_of(st.none(), st.sampled_from([Scope("u1"), Scope("u2"), Scope("u3"), Scope("u1", "a"),
+                                                Scope(agent_id="a"), Scope()])),
+    source_id=st.one_of(st.none(), st.sampled_from(["s1", "s2", "s3"]))))
+def test_every_read_applies_the_one_filter_semantics(filter_world, f: SearchFilters) -> None:
+    """list, count, find_by_name, search_text and search_vector select exactly the entities the
+    Python reference (filters.matches) selects, for random filters over every field."""
+    from umi.storage import filters as F
+
+    b, ents = filter_world.b, filter_world.ents
+    want = sorted(e.id for e in ents if F.matches(f.norm, e))
+    assert sorted(e.id for e in b.list(f, limit=1000)) == want
+    assert b.count(f) == len(want)
+    assert sorted(i for i, _ in b.search_text("shared", 1000, f)) == want
+    assert sorted(i for i, _ in b.search_vector(np.ones(8, np.float32), 1000, f)) == want
+    assert [e.id for e in b.find_by_name("n7", filters=f)] == [i for i in want if i == ents[7].id]
