@@ -18,9 +18,6 @@ puts a backslash before anything at the start of a content line that could
 start a heading or a block that swallows the next one (``#``, a fence, a raw
 HTML block, a ``===``/``---`` underline). The same state renders to the same
 string.
-
-:class:`PersistentCoreMemory` (what ``Memory.core`` is) writes every change through to
-the store before it returns; the arena stays the budgeted, rendered in-process copy.
 """
 
 from __future__ import annotations
