@@ -7,9 +7,11 @@ narrow and never leave their scope, the embedder identity a store remembers.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import umi
+from umi.providers.base import EmbeddingProvider
 from umi import InvalidConfigError, InvalidScopeError, RecallOptions, RememberOptions, Scope, SearchFilters
 
 
@@ -269,3 +271,34 @@ def test_cli_user_and_agent_flags_keep_to_their_scope(tmp_path):
     out = io.StringIO()
     assert main(["stats", "--db", db], out) == 0 and "entities: 2" in out.getvalue()
     assert main(["recall", "x", "--db", db, "--user", "bad user"], io.StringIO()) == 2
+
+
+def test_a_store_from_before_scopes_is_everyones_and_no_users(tmp_path):
+    """A store written by main at 5ac6732 (schema 2, no scopes, no embedder record) opens as a
+    Memory: its facts are in the unset scope — the unscoped Memory sees them, a user's view does
+    not — and the first write records the embedder."""
+    import gzip
+    from pathlib import Path
+
+    legacy = Path(__file__).parent.parent / "data" / "store_v2_5ac6732.duckdb.gz"
+    path = tmp_path / "old.duckdb"
+    path.write_bytes(gzip.decompress(legacy.read_bytes()))
+    class ThreeD(EmbeddingProvider):  # the legacy store holds 3-d vectors
+        name, dim = "three-d", 3
+
+        def embed(self, texts, *, kind="passage"):
+            v = np.array([[1.0 + (len(t) % 3), 1.0 + t.count("a"), 1.0] for t in texts], np.float32)
+            return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    emb = ThreeD()
+    with umi.Memory(str(path), embedder=emb) as m:
+        alice = m.scoped(user_id="alice")
+        assert m.count_sync() == 4 and m.count_sync(include_superseded=False) == 3
+        assert alice.count_sync() == 0 and alice.recall_sync("Alice works at Acme") == []
+        assert [h.content for h in m.recall_sync("budget")][:1] and m.storage.get_meta("embedder") is None
+        r = alice.remember_sync("Alice now works at Initech")
+        assert all(e.scope == Scope(user_id="alice") for e in r.entities)
+        assert m.storage.get_meta("embedder") == "three-d||3"
+        assert alice.count_sync() == len(r.entities) and m.count_sync() == 4 + len(r.entities)
+        assert not any(ev.source_id in {e["id"] for e in exported(m) if e["kind"] == "entity"
+                                        and e.get("scope") is None} for ev in r.evolutions)
