@@ -24,7 +24,8 @@ Systems, side by side in one run, all with the same embedder (umi's default loca
                   evolution detection; automatic deep search), as the README's quick start does.
 * ``deep``      — the ``default`` store, ``recall`` with ``deep_search=True`` (rule rewrites).
 * ``raw-deep``  — the raw-notes store, deep path.
-* ``+rerank``   — only when a local reranker is available (``umi.providers.rerank``).
+* no reranker row: no PyPI package reachable here ships cross-encoder weights that run
+  without torch and without a download at run time (see the quality note of issue 12).
 
 Metrics per question, over the turn ids the system returned (entities mapped to their turn,
 first occurrence kept, top 10 asked for): evidence recall@5 and @10 (fraction of the evidence
@@ -172,11 +173,10 @@ class CachedEmbedder(EmbeddingProvider):
 class Memories:
     """One conversation stored the ways the systems need it."""
 
-    def __init__(self, conv: dict, embedder: EmbeddingProvider, asked_at_ms: int, reranker=None,
+    def __init__(self, conv: dict, embedder: EmbeddingProvider, asked_at_ms: int,
                  stores: tuple[str, ...] = ("raw", "default")) -> None:
         self.turns = turns_of(conv)
         self.embedder = embedder
-        self.reranker = reranker
         self.ingest_s: dict[str, float] = {}
         # dense: one vector per turn
         t = time.perf_counter()
@@ -222,7 +222,7 @@ class Memories:
         return turn_ids(mem.recall_sync(q, opts))[:K]
 
 
-def systems(m: Memories, reranker) -> dict[str, Callable[[str], list[str]]]:
+def systems(m: Memories) -> dict[str, Callable[[str], list[str]]]:
     fast = umi.RecallOptions(limit=K).fast_only()
     deep = umi.RecallOptions(limit=K, deep_search=True)
     out = {
@@ -272,7 +272,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--split", choices=("test", "dev", "all"), default="all")
     ap.add_argument("--conversations", type=int, default=None, help="only the first N conversations (smoke runs)")
-    ap.add_argument("--rerank", choices=("auto", "off"), default="auto")
     ap.add_argument("--systems", default="", help="comma-separated subset of the systems (default: all)")
     ap.add_argument("--embed-cache", default="", help="a file to load/save embeddings in (iterating on dev)")
     ap.add_argument("--recency-pool", type=int, default=None, help=argparse.SUPPRESS)  # tuning on dev only
@@ -287,7 +286,6 @@ def main() -> None:
     convs, qs_by = load(args.split, args.conversations)
     embedder = CachedEmbedder(umi.LocalEmbeddingProvider(cache_size=0))
     embedder.load(args.embed_cache)
-    reranker = None
     rows: dict[str, list[dict]] = defaultdict(list)
     ingest: dict[str, float] = defaultdict(float)
     embed_ms: list[float] = []
@@ -297,11 +295,11 @@ def main() -> None:
         asked = day_ms(qs[0]["asked_at"], hour=12)
         wanted = [s for s in args.systems.split(",") if s]
         needs_default = not wanted or any(s in ("default", "default-fast", "deep") for s in wanted)
-        m = Memories(conv, embedder, asked, reranker, stores=("raw", "default") if needs_default else ("raw",))
+        m = Memories(conv, embedder, asked, stores=("raw", "default") if needs_default else ("raw",))
         for k, v in m.ingest_s.items():
             ingest[k] += v
         embed_ms.extend(embedder.time_query(q["question"]) for q in qs)
-        for name, fn in systems(m, reranker).items():
+        for name, fn in systems(m).items():
             if wanted and name not in wanted:
                 continue
             for q in qs:
