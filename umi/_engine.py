@@ -102,6 +102,17 @@ class Engine:
                 if not self._embedder_recorded:
                     await self.io(self._record_embedder)
 
+    def record_embedder_in_tx(self) -> None:
+        """Inside the caller's write transaction: record the embedder's identity if the store has
+        none yet. It commits (or rolls back) with that write: a failed first write leaves the store
+        exactly as it was. The engine stops checking once it sees the identity stored."""
+        if not self._embedder_recorded:
+            if self.storage.get_meta(META_EMBEDDER) is None:
+                assert self.embedder is not None
+                self.storage.set_meta(META_EMBEDDER, embedder_identity(self.embedder))
+            else:
+                self._embedder_recorded = True
+
     def _record_embedder(self) -> None:
         assert self.embedder is not None
         if self.storage.get_meta(META_EMBEDDER) is None:

@@ -218,7 +218,8 @@ class Memory:
         self._scope = scope
         self._ctx = PipelineContext(engine.storage, engine.llm, engine.embedder, engine.config, engine.io,
                                     engine.now_ms, write_lock=engine.write_lock,
-                                    scope=None if scope.is_unset else scope)
+                                    scope=None if scope.is_unset else scope,
+                                    in_write=engine.record_embedder_in_tx)
         #: this view's core memory: the blocks of ``Scope(user_id, agent_id)``, stored (see the module doc)
         self.core: PersistentCoreMemory = engine.core_for(scope.core)
         #: this view's working memory: a session cache in this process, never stored
@@ -347,7 +348,6 @@ class Memory:
         of the same user they update."""
         opts = _opts(options, RememberOptions)
         text = _remember.validate_text(text, self.config.text_bytes_max)
-        await self._engine.before_write()
         return await _remember.remember(self._ctx, text, opts)  # locks around read plan → commit only
 
     remember_sync = _sync(remember)
@@ -380,8 +380,6 @@ class Memory:
             except (UmiError, TypeError) as exc:
                 exc.add_note(f"texts[{i}]; nothing was stored")
                 raise
-        if todo:
-            await self._engine.before_write()
         results: list[RememberResult] = []
         for start in range(0, len(todo), chunk_size):
             results += await _remember.remember_many(self._ctx, todo[start : start + chunk_size], opts)
@@ -397,7 +395,6 @@ class Memory:
         ``update`` relation and history), re-embedded, in the old fact's scope. Raises
         ValidationError when this view sees no such fact or it was superseded already."""
         content = _remember.validate_text(content, self.config.text_bytes_max)
-        await self._engine.before_write()
         return await _update.update(self._ctx, _check_id(entity_id), content)
 
     update_sync = _sync(update)
@@ -550,7 +547,6 @@ class Memory:
         await self._io(_transfer.check_consistent, plan, ctx)
         embedded = await _transfer.embed_missing(ctx, plan, progress)
         if plan.records:
-            await self._engine.before_write()
             await self._engine.locked_io(_transfer.restore, ctx, plan)
         counts = {"sources": len(plan.sources), "entities": len(plan.entities), "relations": len(plan.relations),
                   "history": len(plan.history), "embedded": embedded, "remembered": 0, "duplicates": 0}

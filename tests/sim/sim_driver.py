@@ -38,6 +38,7 @@ import numpy as np
 import umi
 from umi.errors import CoreMemoryFullError, UmiError
 from umi.sim import FaultInjector, FaultType, SimRng, SimulatedCrash, SimWorld
+from umi.pipeline.remember import normalize_content
 from umi.storage.base import SearchFilters
 
 EVERY = SearchFilters(include_superseded=True)
@@ -242,8 +243,13 @@ class Driver:
         if outcome == "ok" and op in ("remember", "remember_many"):
             new = set(ents) - set(before.entities)
             told = {e.id for res in result for e in res.entities}
-            if new != told:
+            # A restated superseded fact is revived (current again, not new) and returned;
+            # every other returned fact is new, and nothing new goes unreturned.
+            if not new <= told:
                 self.fail(f"{op} returned facts {sorted(told)} but stored {sorted(new)}")
+            for i in sorted(told - new):
+                if i not in before.entities or i not in ents or ents[i][3] is not None:
+                    self.fail(f"{op} returned fact {i}, which is neither new nor a current stored fact")
             named = {ev.source_id for res in result for ev in res.evolutions if ev.evolution_type.supersedes}
             retired = {i for i in before.entities if before.entities[i][3] is None
                        and i in ents and ents[i][3] is not None}
@@ -366,7 +372,8 @@ class Driver:
                 self._in_doubt.add(eid)
                 self.acked[eid] = after.entities[eid][:3]
             if op == "forget" and args[0] not in after.entities:
-                self.forgotten.add(args[0])
+                # a forget commits whole or not at all: its statement is gone with it
+                self.forgotten |= set(before.entities) - set(after.entities)
             if not self.writers:
                 self.open_writer()
         else:
@@ -376,13 +383,38 @@ class Driver:
                 for e in res.entities:
                     self.acked[e.id] = (e.entity_type.value, e.name, e.content)
                     self.forgotten.discard(e.id)
-        if outcome == "ok" and op == "forget" and result:
-            if args[0] in after.entities:
-                self.fail(f"forget({args[0]}) returned True but the fact is still stored")
-            self.forgotten.add(args[0])
+        if outcome == "ok" and op == "forget":
+            self._check_forget(before, after, args[0], result)
         if outcome == "ok" and op == "recall":
             self._check_recall(after, args, result)
         self.check(before, after, outcome, op, result)
+
+    def _check_forget(self, before: State, after: State, target: str, result: Any) -> None:
+        """``forget(id)`` removes the *statement* (every facet with the target's source and
+        normalised content, superseded ones too) and revives exactly what only those facets had
+        superseded; nothing else changes."""
+        gone = set(before.entities) - set(after.entities)
+        if not result:
+            if target in before.entities:
+                self.fail(f"forget({target}) returned {result!r} but the fact was stored")
+            if after.key() != before.key():
+                self.fail(f"forget({target}) forgot nothing but the store changed: {self._diff(before, after)}")
+            return
+        if target not in before.entities:
+            self.fail(f"forget({target}) returned {result!r} for a fact that was not stored")
+        t = before.entities[target]
+        statement = {target} if t[4] is None else {
+            i for i, e in before.entities.items() if e[4] == t[4] and normalize_content(e[2]) == normalize_content(t[2])}
+        if gone != statement:
+            self.fail(f"forget({target}) removed {sorted(gone)} but its statement is {sorted(statement)}")
+        revived = {i for i, e in after.entities.items() if e[3] is None and before.entities[i][3] is not None}
+        by_gone = {src for src, dst, _ in before.relations.values() if dst in gone}
+        if not revived <= by_gone:
+            self.fail(f"forget({target}) revived {sorted(revived - by_gone)}, which it had not superseded")
+        for rid, (src, dst, _) in before.relations.items():
+            if (src in gone or dst in gone) and rid in after.relations:
+                self.fail(f"forget({target}) kept relation {rid} ({src} -> {dst})")
+        self.forgotten |= gone
 
     def _core_args(self, rng: SimRng) -> tuple:
         label = rng.choice(["system", "persona", "human", "notes", "scratch"])

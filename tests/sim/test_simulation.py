@@ -103,16 +103,16 @@ def _first_violation(seeds: range, steps: int = 60) -> InvariantViolation:
 def test_sabotage_a_skipped_history_write_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     from umi.storage.sim import SimStorageBackend
 
-    real = SimStorageBackend._add_history
+    real = SimStorageBackend._append_history
     calls = [0]
 
-    def skip_the_fifth(self, eid, op, at, snapshot):  # type: ignore[no-untyped-def]
+    def skip_the_fifth(self, eid, op, at, snap, scope):  # type: ignore[no-untyped-def]
         calls[0] += 1
         if calls[0] == 5 and op == "create":
             return  # the history row of one new fact is never written
-        real(self, eid, op, at, snapshot)
+        real(self, eid, op, at, snap, scope)
 
-    monkeypatch.setattr(SimStorageBackend, "_add_history", skip_the_fifth)
+    monkeypatch.setattr(SimStorageBackend, "_append_history", skip_the_fifth)
     exc = _first_violation(range(0, 10))
     assert "has no history" in str(exc) and str(exc).startswith("seed=")
     assert "UMI_SIM_SEED=" in str(exc)
@@ -124,7 +124,7 @@ def test_sabotage_a_rollback_that_keeps_half_a_write_is_caught(monkeypatch: pyte
     real = SimStorageBackend._rollback_tx
 
     def keep_history_rows(self):  # type: ignore[no-untyped-def]
-        self._undo = [u for u in self._undo if "_add_history" not in u.__qualname__]
+        self._undo = [u for u in self._undo if "_append_history" not in u.__qualname__]
         real(self)
 
     monkeypatch.setattr(SimStorageBackend, "_rollback_tx", keep_history_rows)
@@ -139,7 +139,7 @@ def test_sabotage_recall_returning_superseded_facts_is_caught(monkeypatch: pytes
 
     real = recall_pipeline.filters_for
     monkeypatch.setattr(recall_pipeline, "filters_for",
-                        lambda opts: dataclasses.replace(real(opts), include_superseded=True))
+                        lambda opts, *a, **kw: dataclasses.replace(real(opts, *a, **kw), include_superseded=True))
     exc = _first_violation(range(0, 20))
     assert "superseded fact" in str(exc) and "by default" in str(exc)
 

@@ -65,6 +65,14 @@ class PipelineContext:
     write_lock: WriteLock = field(default_factory=WriteLock)
     #: the view's scope: what the pipeline writes is stamped with it, what it reads stays in it
     scope: Scope = UNSET_SCOPE
+    #: called first inside every write transaction of a pipeline (the engine records the
+    #: embedder's identity there, so a write that fails leaves no trace of it either)
+    in_write: Callable[[], None] | None = None
+
+    def begin_write(self) -> None:
+        """Call first inside a pipeline's write transaction."""
+        if self.in_write is not None:
+            self.in_write()
 
     def __post_init__(self) -> None:
         if self.scope is None:  # None and the unset scope both mean the unscoped (admin) view

@@ -338,6 +338,7 @@ def commit(ctx: PipelineContext, ch: Changes, now: int, expected_generation: int
         return None
     if ch.entities or ch.revive or ch.supersede or ch.relations:
         with ctx.storage.transaction():
+            ctx.begin_write()
             if ch.entities:
                 ctx.storage.upsert(ch.entities)
             for rid in ch.revive:
@@ -475,6 +476,7 @@ async def remember_many(ctx: PipelineContext, texts: Sequence[str], opts: Rememb
 
     def write_chunk() -> None:
         with ctx.storage.transaction():
+            ctx.begin_write()
             for i in range(len(texts)):
                 result, source = results[i], sources[i]
                 if told[i]:

@@ -219,5 +219,6 @@ async def embed_missing(ctx: PipelineContext, plan: ImportPlan, progress: Progre
 def restore(ctx: PipelineContext, plan: ImportPlan) -> None:
     """Write every record in one transaction (the caller holds the write lock)."""
     with ctx.storage.transaction():
+        ctx.begin_write()
         ctx.storage.restore(plan.entities, plan.sources, plan.relations, plan.history)
 
