@@ -4,7 +4,10 @@
 LLM): cue words in the new fact decide between ``update`` ("no longer", "now",
 "moved to", "left", ...), ``contradict`` (the new fact negates what the old one
 says), ``derive`` ("therefore", "so", ...) and ``extend`` (another fact about the
-same name). ``parse_evolution`` reads an LLM's answer.
+same name). Rules compare two facts only when both are *about* their name (:func:`_about`): a
+first-person turn that merely mentions someone ("Bob: I told Alice I moved") says nothing new
+about Alice, and another speaker's turn never replaces a speaker's own fact.
+``parse_evolution`` reads an LLM's answer.
 """
 
 from __future__ import annotations
@@ -67,11 +70,17 @@ def _content_words(text: str) -> set[str]:
     return {t for t in _TOKEN.findall(text.lower()) if t not in _STOP}
 
 
+#: words that say nothing about *what* a fact is about: cue words and personal pronouns (two
+#: first-person facts share "i", not a subject matter)
+_NOT_PREDICATES = frozenset("now no longer anymore instead i me my mine myself we us our you your he him his "
+                            "she her they them their".split())
+
+
 def _predicates(text: str, names: set[str]) -> set[str]:
     """Content words that are not names, mapped to their predicate class, stemmed to 5 letters."""
     out = set()
     for t in _content_words(text):
-        if t in names or t in ("now", "no", "longer", "anymore", "instead"):
+        if t in names or t in _NOT_PREDICATES:
             continue
         out.add(_CLASS_OF.get(t, t[:5]))
     return out
@@ -94,6 +103,25 @@ def _related(new: Candidate, old: Candidate) -> bool:
     return bool(_predicates(new.content, words) & _predicates(old.content, words))
 
 
+def _about(c: Candidate) -> bool:
+    """Is the fact about the name it is filed under? A fact filed under the speaker of a
+    labelled turn ("Bob: …") is about Bob when Bob speaks of himself (first person); a
+    first-person fact that names someone else mid-sentence is about the speaker, not them."""
+    from .extraction import FIRST_PERSON, speaker_of
+
+    if c.entity_type == "self":
+        return True
+    own = normalize_name(c.name)
+    speaker = speaker_of(c.content)
+    body = c.content[c.content.index(":") + 1:] if speaker else c.content
+    first_person = FIRST_PERSON.search(body) is not None
+    if speaker is not None and normalize_name(speaker) == own:
+        return first_person
+    if first_person and re.search(rf"(?<!\w){re.escape(own)}(?!\w)", normalize_name(body)):
+        return False  # "I met Alice": about the speaker
+    return True
+
+
 def rule_classify(new: Candidate, candidates: Sequence[Candidate]) -> list[EvolutionDecision]:
     """Decide, for each older candidate, whether and how ``new`` evolves it. Deterministic."""
     out: list[EvolutionDecision] = []
@@ -109,7 +137,7 @@ def rule_classify(new: Candidate, candidates: Sequence[Candidate]) -> list[Evolu
             continue
         old_words = _content_words(c.content)
         overlap = len(new_words & old_words) / max(1, len(old_words | new_words))
-        if not _related(new, c):
+        if not _related(new, c) or not (_about(new) and _about(c)):
             out.append(EvolutionDecision(c.id, EvolutionType.EXTEND, "another fact about the same name", 0.7))
             continue
         if negated and not NEGATION.search(c.content) and overlap >= 0.5 and not update_cue:

@@ -5,7 +5,9 @@ sentences are split; capitalised name spans are found (a pronoun/function-word
 stop-list keeps "He", "The", "Monday" out of names); each span gets a type from
 suffix and context rules (organisation suffixes, "works at X", "lives in X",
 "Project X", event words); pronouns are resolved to the last person named; first-
-person statements become facts about ``self``.
+person statements become facts about ``self`` — or, on a line that starts with a speaker
+label ("Bob: I work at Acme"), facts about that speaker (a group chat's turns are not all
+the user's).
 
 Capitalisation at the start of a sentence is no evidence of a name: there a word that is
 common English ("Budget is tight this quarter.") is not a name unless the text also
@@ -26,7 +28,7 @@ from ..errors import InvalidResponseError
 from ..types import ENTITY_NAME_BYTES_MAX, EntityType
 from ._lexicon import COMMON_WORDS
 
-__all__ = ["ExtractedEntity", "rule_extract", "parse_extraction", "note_for", "split_sentences",
+__all__ = ["ExtractedEntity", "rule_extract", "speaker_of", "parse_extraction", "note_for", "split_sentences",
            "with_leftovers", "uncovered_sentences"]
 
 SELF_NAME = "User"
@@ -85,6 +87,28 @@ LOC_CONTEXT = re.compile(
 )
 PROJECT_CONTEXT = re.compile(r"\b(?:project|working on|building|builds|maintains|develops)\s+$", re.I)
 TASK_CUE = re.compile(r"\b(?:todo|to-do|remind me|need to|needs to|must|deadline|due)\b", re.I)
+
+
+#: a speaker label at the start of a line: one to three capitalised words and a colon ("Bob:",
+#: "Mary Ann:"), then the turn
+_SPEAKER = re.compile(r"^\s*([A-Z][A-Za-z'\-]*(?: [A-Z][A-Za-z'\-]*){0,2})\s*:\s+(?=\S)")
+
+
+def speaker_of(line: str, mid_caps: frozenset[str] = frozenset()) -> str | None:
+    """The speaker a line's label names ("Bob: I work at Acme" -> "Bob"), or None.
+
+    A label word must not be a pronoun/function word, and a label of common English words
+    ("Note:", "Update:") is a label only when the text also writes it capitalised mid-sentence
+    (the same evidence :func:`_name_spans` asks of a sentence's first word)."""
+    m = _SPEAKER.match(line)
+    if m is None:
+        return None
+    words = m.group(1).split()
+    if any(_bare(w) in STOP_CAPS for w in words):
+        return None
+    if all(looks_common(w) and _bare(w) not in mid_caps for w in words):
+        return None
+    return m.group(1)
 
 
 def split_sentences(text: str) -> list[str]:
@@ -204,7 +228,10 @@ def rule_extract(text: str) -> list[ExtractedEntity]:
     last_person: str | None = None
     sentences = split_sentences(text)
     mid_caps = _mid_caps(sentences)
-    for sentence in sentences:
+    # (sentence, its line's speaker): split_sentences of each line, in order, is split_sentences(text)
+    said = [(sentence, speaker_of(line, mid_caps)) for line in text.strip().split("\n")
+            for sentence in split_sentences(line)]
+    for sentence, speaker in said:
         spans = _name_spans(sentence, mid_caps)
         # Resolve person pronouns to the last person named (in this sentence or before).
         resolved = sentence
@@ -221,8 +248,8 @@ def rule_extract(text: str) -> list[ExtractedEntity]:
                 last_person = name
         if not typed and resolved != sentence and last_person:
             typed.append((last_person, EntityType.PERSON))
-        if FIRST_PERSON.search(sentence):
-            typed.insert(0, (SELF_NAME, EntityType.SELF))
+        if FIRST_PERSON.search(sentence):  # the speaker of a labelled line, else the user
+            typed.insert(0, (speaker, EntityType.PERSON) if speaker else (SELF_NAME, EntityType.SELF))
         if TASK_CUE.search(sentence):
             typed.append((sentence[:NOTE_NAME_CHARS].rstrip(), EntityType.TASK))
         content = resolved.strip()
@@ -231,7 +258,7 @@ def rule_extract(text: str) -> list[ExtractedEntity]:
             if key in seen:
                 continue
             seen.add(key)
-            conf = 0.9 if et != EntityType.PERSON or name in sentence else 0.7
+            conf = 0.9 if et != EntityType.PERSON or name in sentence or name == speaker else 0.7
             out.append(ExtractedEntity(name=name, entity_type=et, content=content, confidence=conf))
     return out
 

@@ -1,10 +1,11 @@
 """The recall pipeline.
 
 Fast path: vector top-k + BM25 top-k + exact name match, fused by reciprocal rank
-fusion, with filters applied inside each search. Deep path (asked for, or by the
-rule in :mod:`umi.pipeline.retrieval`): the query is rewritten into 2–4 variants
-(LLM, or rules when there is none), each searched the fast way, and every list is
-fused together. Results carry their fused score; ties break by id.
+fusion, with filters applied inside each search. Deep path (asked for, or — with an LLM
+configured — by the rule in :mod:`umi.pipeline.retrieval`): the query is rewritten into 2–4
+variants (LLM, or rules when there is none or it fails), each searched the fast way, and every
+list is fused together (a rule rewrite's lists at ``RULE_REWRITE_WEIGHT``). Results carry
+their fused score; ties break by id.
 
 Results are **statements**: facts that share one source and one normalised content (the
 facets of a sentence about several names) are returned once, as the best-ranked facet,
@@ -24,6 +25,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .._validate import utf8_len
 from ..errors import EmbeddingError, EmptyQueryError, ProviderError
 from ..options import RecallOptions, check_limit
 from ..storage.base import SearchFilters
@@ -31,7 +33,7 @@ from ..types import Entity, Usage
 from . import schemas
 from .context import PipelineContext, provider_failure
 from .remember import statement_key
-from .retrieval import needs_deep_search, query_names, rrf_fuse, rule_rewrite, time_signal
+from .retrieval import RULE_REWRITE_WEIGHT, needs_deep_search, query_names, rrf_fuse, rule_rewrite, time_signal
 
 __all__ = ["validate_query", "recall", "filters_for", "RecallResult", "current_at"]
 
@@ -44,7 +46,7 @@ def validate_query(query: object) -> str:
         raise TypeError(f"query must be str, not {type(query).__name__}")
     if not query.strip():
         raise EmptyQueryError("recall query is empty or only whitespace")
-    n = len(query.encode("utf-8"))
+    n = utf8_len(query, "recall query")  # a lone surrogate: ValidationError
     if n > QUERY_BYTES_MAX:
         from ..errors import TextTooLongError
 
@@ -176,8 +178,8 @@ def _fast_path(ctx: PipelineContext, query: str, qvec: np.ndarray | None, filter
     """Search, fuse, decide on the deep path, and hydrate when it is not needed — in one I/O hop."""
     lists = _ranked_lists(ctx, query, qvec, filters, k)
     fused = rrf_fuse(lists, ctx.config.rrf_k)
-    if deep is None:
-        deep = needs_deep_search(query, fused, limit, ctx.config.deep_search_threshold)
+    if deep is None:  # the automatic rule needs a model to rewrite with (see retrieval's docstring)
+        deep = ctx.llm is not None and needs_deep_search(query, fused, limit, ctx.config.deep_search_threshold)
     if deep:
         return lists, True, None
     return lists, False, _statements(ctx, fused, limit, as_of)
@@ -185,11 +187,15 @@ def _fast_path(ctx: PipelineContext, query: str, qvec: np.ndarray | None, filter
 
 def _deep_path(ctx: PipelineContext, lists: list[list[str]], variants: list[str],
                vvecs: list[np.ndarray | None], filters: SearchFilters, k: int, limit: int,
-               as_of: int | None) -> list[Entity]:
-    """Every variant searched, everything fused and hydrated — in one I/O hop."""
+               as_of: int | None, variant_weight: float = 1.0) -> list[Entity]:
+    """Every variant searched (its lists weighing ``variant_weight``), everything fused and
+    hydrated — in one I/O hop."""
+    weights = [1.0] * len(lists)
     for v, vv in zip(variants, vvecs):
-        lists.extend(_ranked_lists(ctx, v, vv, filters, k))
-    return _statements(ctx, rrf_fuse(lists, ctx.config.rrf_k), limit, as_of)
+        more = _ranked_lists(ctx, v, vv, filters, k)
+        lists.extend(more)
+        weights.extend([variant_weight] * len(more))
+    return _statements(ctx, rrf_fuse(lists, ctx.config.rrf_k, weights), limit, as_of)
 
 
 def sort_results(found: RecallResult, opts: RecallOptions) -> RecallResult:
@@ -227,9 +233,11 @@ async def _recall(ctx: PipelineContext, query: str, opts: RecallOptions) -> Reca
             msg = f"query rewriting failed, used rule rewrites: {provider_failure(exc)}"
             log.warning("%s", msg)
             warnings.append(msg)
+    weight = 1.0
     if not variants:
-        variants = rule_rewrite(query)
+        variants, weight = rule_rewrite(query), RULE_REWRITE_WEIGHT
     variants = [v for v in dict.fromkeys(variants) if v.strip().lower() != query.strip().lower()]
     vvecs = await _embed_queries(ctx, variants, opts, warnings) if variants else []
-    found = await ctx.io(_deep_path, ctx, lists, variants, vvecs, filters, k, limit, opts.as_of)
+    found = await ctx.io(_deep_path, ctx, lists, variants, vvecs, filters, k, limit, opts.as_of,
+                         weight)
     return RecallResult(found, warnings)

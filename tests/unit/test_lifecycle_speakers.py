@@ -1,0 +1,143 @@
+"""Group chats on the embedded default (rule extraction, no LLM): each "Name: I …" turn is a fact
+about its speaker, one speaker's news never retires another's, and recall without an LLM does not
+run rule rewrites unless asked (bench_quality found both cost the default path recall)."""
+
+from __future__ import annotations
+
+import pytest
+
+import umi
+import umi.pipeline.recall as recall_mod
+from umi import EntityType, EvolutionType, RecallOptions
+from umi.pipeline.extraction import rule_extract, speaker_of
+from umi.pipeline.retrieval import RULE_REWRITE_WEIGHT, rrf_fuse
+from umi.providers.sim import SimEmbeddingProvider
+
+
+@pytest.fixture
+def rules():
+    from umi.sim.clock import SimClock
+    from umi.storage.sim import SimStorageBackend
+
+    m = umi.Memory(storage=SimStorageBackend(seed=3), llm=None, embedder=SimEmbeddingProvider(3, 64),
+                   clock=SimClock(start_ms=1_700_000_000_000))
+    yield m
+    m.close()
+
+
+def current(m, text):
+    """The current facts whose content is ``text``."""
+    return [e for e in m.recall_sync(text, RecallOptions(limit=50, include_superseded=True))
+            if e.content == text and e.valid_to is None]
+
+
+def test_a_speaker_label_names_the_first_person_of_its_line():
+    got = rule_extract("Bob: I work at Acme. My dog is Rex.\nI live in Oslo.")
+    by_content = {}
+    for f in got:
+        by_content.setdefault(f.content, []).append((f.name, f.entity_type))
+    assert ("Bob", EntityType.PERSON) in by_content["Bob: I work at Acme."]
+    assert ("Bob", EntityType.PERSON) in by_content["My dog is Rex."]  # same line, same speaker
+    assert ("User", EntityType.SELF) in by_content["I live in Oslo."]  # no label: the user
+    assert not any(n == "User" for n, _ in by_content["Bob: I work at Acme."])
+
+
+@pytest.mark.parametrize("line,speaker", [
+    ("Bob: I work at Acme", "Bob"),
+    ("Mary Ann: I moved", "Mary Ann"),
+    ("I: am here", None),           # a pronoun is no speaker
+    ("The plan: ship it", None),    # function word
+    ("Budget: five million", None),  # common English, never written as a name mid-sentence
+    ("at 10:30 we met", None),
+])
+def test_speaker_label_table(line, speaker):
+    assert speaker_of(line) == speaker
+
+
+def test_bobs_job_does_not_supersede_alices(rules):
+    rules.remember_sync("Alice: I work at Initech.")
+    res = rules.remember_sync("Bob: I now work at Acme.")  # "now" is an update cue
+    assert not [r for r in res.evolutions if r.evolution_type.supersedes]
+    assert current(rules, "Alice: I work at Initech.")
+    top = rules.recall_sync("Where does Bob work?", RecallOptions(limit=3))
+    assert top[0].content == "Bob: I now work at Acme."
+    assert "Bob" in top[0].mentions
+    alice = rules.recall_sync("Where does Alice work?", RecallOptions(limit=3))
+    assert alice[0].content == "Alice: I work at Initech."
+    # Alice's own news does retire her old job, and only hers.
+    res = rules.remember_sync("Alice: I now work at Globex.")
+    retired = {r.source_id for r in res.evolutions if r.evolution_type is EvolutionType.UPDATE}
+    assert retired
+    assert not current(rules, "Alice: I work at Initech.")
+    assert current(rules, "Bob: I now work at Acme.")
+    assert rules.recall_sync("Where does Alice work?", RecallOptions(limit=1))[0].content == \
+        "Alice: I now work at Globex."
+
+
+def test_mentioning_someone_in_a_first_person_turn_does_not_update_them(rules):
+    rules.remember_sync("Alice: I live in Glasgow.")
+    rules.remember_sync("Bob: I work at Acme.")
+    res = rules.remember_sync("Bob: I told Alice I moved to Leeds.")
+    assert not [r for r in res.evolutions if r.evolution_type.supersedes]
+    assert current(rules, "Alice: I live in Glasgow.")
+    assert current(rules, "Bob: I work at Acme.")  # "I" alone does not make two facts related
+
+
+def test_unlabelled_first_person_facts_still_evolve(rules):
+    rules.remember_sync("I work at Initech.")
+    res = rules.remember_sync("I now work at Acme.")
+    assert [r for r in res.evolutions if r.evolution_type is EvolutionType.UPDATE]
+    assert not current(rules, "I work at Initech.")
+
+
+# --- (b) the deep path without an LLM ---------------------------------------------------------
+
+
+@pytest.fixture
+def rewrites(monkeypatch):
+    calls = []
+    real = recall_mod.rule_rewrite
+
+    def counting(query):
+        calls.append(query)
+        return real(query)
+
+    monkeypatch.setattr(recall_mod, "rule_rewrite", counting)
+    return calls
+
+
+def test_no_llm_recall_runs_no_rewrites_unless_asked(rules, rewrites):
+    rules.remember_sync("Alice: I work at Initech.")
+    # a question answered weakly (fewer results than asked for): the automatic rule's case
+    hits = rules.recall_sync("Who works at Initech?", RecallOptions(limit=10))
+    assert hits and rewrites == []
+    deep = rules.recall_sync("Who works at Initech?", RecallOptions(limit=10, deep_search=True))
+    assert rewrites == ["Who works at Initech?"]
+    assert deep[0].content == "Alice: I work at Initech."
+
+
+def test_with_an_llm_the_automatic_deep_rule_still_fires(monkeypatch):
+    from umi.pipeline.context import PipelineContext
+
+    asked = []
+    orig = PipelineContext.ask
+
+    async def spy(self, kind, *a, **kw):
+        asked.append(kind)
+        return await orig(self, kind, *a, **kw)
+
+    monkeypatch.setattr(PipelineContext, "ask", spy)
+    with umi.Memory.sim(seed=7) as m:
+        m.remember_sync("Alice works at Initech.")
+        asked.clear()
+        m.recall_sync("Who works at Initech?", RecallOptions(limit=10))
+    assert asked == ["rewrite_query"]
+
+
+def test_rrf_weights_scale_each_list():
+    assert rrf_fuse([["a"], ["b"]], k=60, weights=[1.0, RULE_REWRITE_WEIGHT]) == \
+        [("a", 1 / 61), ("b", RULE_REWRITE_WEIGHT / 61)]
+    # a rewrite list agreeing with the query outranks; two rewrite lists do not outvote one query list
+    fused = dict(rrf_fuse([["q"], ["r"], ["r"]], k=60, weights=[1.0, RULE_REWRITE_WEIGHT, RULE_REWRITE_WEIGHT]))
+    assert fused["q"] > fused["r"]
+    assert rrf_fuse([["a", "b"]], k=60) == rrf_fuse([["a", "b"]], k=60, weights=[1.0])
