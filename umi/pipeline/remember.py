@@ -35,6 +35,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .._validate import utf8_len
 from ..errors import EmbeddingError, EmptyTextError, ProviderError, TextTooLongError
 from ..options import RememberOptions
 from ..storage.base import SearchFilters, Source
@@ -64,7 +65,7 @@ def validate_text(text: object, max_bytes: int) -> str:
         raise TypeError(f"text must be str, not {type(text).__name__}")
     if not text.strip():
         raise EmptyTextError("text to remember is empty or only whitespace")
-    n = len(text.encode("utf-8"))
+    n = utf8_len(text, "text to remember")  # a lone surrogate: ValidationError
     if n > max_bytes:
         raise TextTooLongError(
             f"text is {n} UTF-8 bytes; the limit is {max_bytes} bytes", limit=max_bytes, actual=n
