@@ -69,6 +69,20 @@ def _kill_at_fsync(n: int) -> None:
     os.fsync = fsync  # type: ignore[assignment]
 
 
+def statement_of(storage: object, target: str) -> list[str]:
+    """The ids ``forget(target)`` removes: the facts sharing its source and normalised content."""
+    from umi.pipeline.remember import normalize_content
+
+    e = storage.get(target)  # type: ignore[attr-defined]
+    if e is None:
+        return []
+    if e.source_id is None:
+        return [e.id]
+    key = normalize_content(e.content)
+    facets = storage.get_many(storage.entity_ids_for_source(e.source_id))  # type: ignore[attr-defined]
+    return sorted({e.id, *(f.id for f in facets if normalize_content(f.content) == key)})
+
+
 def worker(db: str, mode: str, start: int, kill_at: int, log: str) -> None:
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
@@ -121,7 +135,9 @@ def worker(db: str, mode: str, start: int, kill_at: int, log: str) -> None:
     while True:
         if acked and (i == start or i % 4 == 3):
             target = acked.pop(0)
-            say(f"TRY forget {i} {target}")
+            # forget removes the target's whole statement: every fact with its source and
+            # normalised content (the facets of one sentence); the parent needs them all
+            say(f"TRY forget {i} {target} {','.join(statement_of(m.storage, target)) or target}")
             if os.environ.get("UMI_CRASH_SABOTAGE") == "ack-forget-early":
                 say(f"ACK forget {i} {target} 1")  # a lie: acknowledged before it is done
             ok = m.forget_sync(target)

@@ -141,16 +141,20 @@ class Chain:
         self.in_doubt.extend(tried.values())
 
     # --- checks ------------------------------------------------------------------------
-    def _committed(self, store: DuckDBStorageBackend, p: dict) -> bool | None:
-        """True/False when the transaction is wholly there / wholly absent; None when torn."""
+    def _committed(self, store: DuckDBStorageBackend, p: dict, deleted: set[str]) -> bool | None:
+        """True/False when the transaction is wholly there / wholly absent; None when torn.
+        ``deleted``: entities a later committed batch deleted — deleting (forgetting) an entity
+        also removes every relation it is an end of, so the relation of a batch whose second
+        entity was deleted since is gone with it, by contract."""
         a, b = p["ids"][0], p["ids"][1]
         first = store.get(a)
         parts = [
             first is not None and first.valid_to is not None,
             store.get_source(source_id_for(f"batch {p['batch']}")) is not None,
-            any(r.source_id == a and r.target_id == b for r in store.relations_for(b)),
             len(store.history(a)) >= 2,
         ]
+        if b not in deleted:
+            parts.append(any(r.source_id == a and r.target_id == b for r in store.relations_for(b)))
         parts += [len(store.history(i)) >= 1 for i in p["ids"]]
         if all(parts):
             return True
@@ -168,22 +172,21 @@ class Chain:
             return
         with store:
             expect_present: dict[str, tuple[int, int]] = {}
-            deleted: set[str] = set()
-            for p in self.acked:
-                if self._committed(store, p) is not True:
-                    self.errors.append(f"acknowledged batch {p['batch']} is not wholly there")
-                for j, i in enumerate(p["ids"]):
-                    expect_present[i] = (p["batch"], j)
-                if p["delete"]:
-                    deleted.add(p["delete"])
-            allowed = set(expect_present)
-            for p in self.in_doubt:
-                state = self._committed(store, p)
+            deleted: set[str] = {p["delete"] for p in self.acked if p["delete"]}
+            allowed: set[str] = set()
+            for p in self.in_doubt:  # a batch in doubt deletes only from its own child's batches
+                state = self._committed(store, p, deleted)
                 if state is None:
                     self.errors.append(f"batch {p['batch']} was half written")
                 allowed.update(p["ids"])
                 if state and p["delete"]:
                     deleted.add(p["delete"])
+            for p in self.acked:
+                if self._committed(store, p, deleted) is not True:
+                    self.errors.append(f"acknowledged batch {p['batch']} is not wholly there")
+                for j, i in enumerate(p["ids"]):
+                    expect_present[i] = (p["batch"], j)
+            allowed |= set(expect_present)
             every = SearchFilters(include_superseded=True)
             stored = {e.id: e for e in store.iter_all()}
             for i, (batch, j) in expect_present.items():
@@ -195,6 +198,9 @@ class Chain:
             for i in deleted:
                 if i in stored:
                     self.errors.append(f"deleted entity {i} is still there")
+            for r in store.iter_relations():  # a delete removes the relations of what it removed
+                if r.source_id not in stored or r.target_id not in stored:
+                    self.errors.append(f"relation {r.id} has an end that is not stored")
             unknown = set(stored) - allowed
             if unknown:
                 self.errors.append(f"{len(unknown)} entities nobody wrote: {sorted(unknown)[:3]}")

@@ -111,6 +111,7 @@ class Chain:
         self.alive: set[str] = set()  # facts an acknowledged (or durable in-doubt) write stored
         self.gone: set[str] = set()  # facts an acknowledged forget removed
         self.doubt_texts: list[str] = []
+        self.doubt_forgets: list[set[str]] = []  # statements a forget in flight at a kill removes
         self.core: dict[str, set[str]] = {}  # label -> contents it may hold
         self.errors: list[str] = []
         self.kills = 0
@@ -159,16 +160,17 @@ class Chain:
             if word == "TRY":
                 tried[(kind, i)] = rest.split(" ") if kind in ("forget", "core") else [rest]
                 continue
-            tried.pop((kind, i), None)
+            entry = tried.pop((kind, i), None)
             if kind in ("remember", "many"):
                 ids = json.loads(rest)
                 self.alive |= set(ids)
                 self.gone -= set(ids)
             elif kind == "forget":
                 target, ok = rest.split(" ")
-                if ok == "1":
-                    self.alive.discard(target)
-                    self.gone.add(target)
+                if ok == "1":  # the whole statement (its facets, logged with the TRY) is gone
+                    facets = set(entry[1].split(",")) if entry and len(entry) > 1 else {target}
+                    self.alive -= facets
+                    self.gone |= facets
             elif kind == "core":
                 label, content = rest.split(" ", 1)
                 self.core[label] = {content}
@@ -177,9 +179,10 @@ class Chain:
                 self.doubt_texts.append(json.loads(rest[0]))
             elif kind == "many":
                 self.doubt_texts.extend(json.loads(rest[0]))
-            elif kind == "forget":
-                self.gone.add(rest[0])
-                self.alive.discard(rest[0])
+            elif kind == "forget":  # whole or absent: decided at the next verify
+                facets = set(rest[1].split(",")) if len(rest) > 1 else {rest[0]}
+                self.doubt_forgets.append(facets)
+                self.alive -= facets
             elif kind == "core":
                 self.core.setdefault(rest[0], set()).add(" ".join(rest[1:]))
 
@@ -192,6 +195,15 @@ class Chain:
             return
         with store:
             ents = {e.id: e for e in store.iter_all()}
+            for facets in self.doubt_forgets:  # a forget cut by the kill: all of it or none
+                there = facets & set(ents)
+                if there == facets:
+                    self.alive |= facets  # not done: durable, must never vanish
+                elif not there:
+                    self.gone |= facets
+                else:
+                    self.errors.append(f"a forget in flight removed {sorted(facets - there)} but kept {sorted(there)}")
+            self.doubt_forgets = []
             for i in sorted(self.alive - set(ents)):
                 self.errors.append(f"acknowledged fact {i} is lost")
             # an acknowledged forget holds, unless a later write stored the fact again
