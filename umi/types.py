@@ -258,6 +258,47 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_EMBEDDING_RULE = "Entity.embedding must be a non-empty 1-d vector of finite numbers within float32 range"
+
+
+def _check_embedding(value: object) -> np.ndarray:
+    """A contiguous float32 1-d vector, or TypeError (not numbers: str, bytes, a mapping, bools,
+    complex, objects) / ValidationError (empty, not 1-d, ragged, NaN, inf, beyond float32 —
+    ``[10**400]`` included). Never a bare ValueError, OverflowError or a numpy cast warning."""
+    if isinstance(value, np.ndarray) and value.dtype == np.float32:
+        emb = np.ascontiguousarray(value)
+    else:
+        if isinstance(value, (str, bytes, bytearray, memoryview, Mapping, set, frozenset)):
+            raise TypeError(f"Entity.embedding must be a sequence of numbers or a numpy array, "
+                            f"not {type(value).__name__}")
+        try:
+            arr = np.asarray(value)
+        except (ValueError, TypeError) as exc:  # ragged nesting and the like
+            raise ValidationError(f"{_EMBEDDING_RULE}: {exc}") from None
+        if arr.dtype.kind == "O":  # Python ints too big for int64, mixed objects
+            items = arr.ravel().tolist() if arr.ndim else [arr.item()]
+            for x in items:
+                if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)):
+                    raise TypeError(f"Entity.embedding must hold numbers, not {type(x).__name__}")
+            try:
+                arr = np.array([float(x) for x in items], dtype=np.float64).reshape(arr.shape)
+            except OverflowError:
+                raise ValidationError(f"{_EMBEDDING_RULE}: a value is too large for a float") from None
+        elif arr.dtype.kind not in "fiu":
+            raise TypeError(f"Entity.embedding must hold real numbers, not {arr.dtype} values")
+        if arr.ndim != 1 or arr.size == 0:
+            raise ValidationError(f"{_EMBEDDING_RULE}; got shape {arr.shape}")
+        wide = arr.astype(np.float64)
+        if not np.all(np.isfinite(wide)) or float(np.max(np.abs(wide))) > _FLOAT32_MAX:
+            raise ValidationError(f"{_EMBEDDING_RULE} (|x| <= {_FLOAT32_MAX:.7g}); got NaN, inf or a larger value")
+        emb = np.ascontiguousarray(wide, dtype=np.float32)
+    if emb.ndim != 1 or emb.size == 0 or not np.all(np.isfinite(emb)):
+        raise ValidationError(f"{_EMBEDDING_RULE}; got shape {emb.shape}" if emb.ndim != 1 or emb.size == 0
+                              else f"{_EMBEDDING_RULE}; got NaN or inf")
+    return emb
+
+
 def _check_unit(value: float, what: str, exc: type[ValidationError]) -> float:
     return V.check_real(value, what, 0.0, 1.0, exc)
 
@@ -346,10 +387,7 @@ class Entity:
         self.importance = _check_unit(self.importance, "importance", InvalidImportanceError)
         self.confidence = _check_unit(self.confidence, "confidence", InvalidConfidenceError)
         if self.embedding is not None:
-            emb = np.ascontiguousarray(self.embedding, dtype=np.float32)
-            if emb.ndim != 1 or emb.size == 0 or not np.all(np.isfinite(emb)):
-                raise ValidationError("Entity.embedding must be a non-empty 1-d finite float vector")
-            self.embedding = emb
+            self.embedding = _check_embedding(self.embedding)
         if self.created_at < 0:
             self.created_at = now_ms()
         if self.updated_at < 0:

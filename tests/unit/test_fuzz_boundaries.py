@@ -128,23 +128,32 @@ def test_fuzz_entity(kw: dict[str, Any]) -> None:
     attempt("Entity", lambda: umi.Entity(**{**base, **kw}))
 
 
-def needs_branch(branch: str, why: str):  # type: ignore[no-untyped-def]
-    """A reproducer whose fix lives in another helper's files: strict xfail until ``branch``
-    is merged (then it passes, the strict marker fails, and the marker must go)."""
-    return pytest.mark.xfail(strict=True, reason=f"fixed on branch '{branch}' (issue 14): {why}")
+@pytest.mark.filterwarnings("error")  # a numpy cast warning (the old overflow path) fails too
+@pytest.mark.parametrize(("embedding", "error"), [
+    ("", TypeError), ("abc", TypeError), (b"ab", TypeError), ({1: 2.0}, TypeError), (["x"], TypeError),
+    ([True, False], TypeError), ([1 + 2j], TypeError), ([None], TypeError),
+    ([10**400], umi.ValidationError), ([float("nan")], umi.ValidationError), ([1.0, float("inf")], umi.ValidationError),
+    (np.array([1e39]), umi.ValidationError), ([], umi.ValidationError), ([[1.0]], umi.ValidationError),
+    ([1.0, [2.0]], umi.ValidationError), (np.array([np.nan], np.float32), umi.ValidationError),
+])
+def test_entity_embedding_hostile_values_are_typed(embedding: Any, error: type[Exception]) -> None:
+    # Issue 14: Entity(embedding=...) converted with numpy unchecked: "" / ["x"] raised ValueError,
+    # [10**400] OverflowError, 1e39 a RuntimeWarning and an inf in the vector.
+    try:
+        umi.Entity("note", "n", "c", embedding=embedding)
+    except error as exc:
+        assert "Entity.embedding" in str(exc)
+    except Exception as exc:  # noqa: BLE001 - the bug: an untyped or wrongly typed failure
+        pytest.fail(f"{type(exc).__name__} instead of {error.__name__}: {exc}")
+    else:
+        pytest.fail(f"embedding={embedding!r} was accepted")
 
 
-@needs_branch("storage", "Entity(embedding=...) converts with numpy unchecked (umi/types.py Entity.__post_init__)")
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")
-@pytest.mark.parametrize("embedding", ["", [10**400], ["x"]])
-def test_entity_embedding_hostile_values_are_typed(embedding: Any) -> None:
-    with pytest.raises((UmiError, TypeError)):
-        try:
-            umi.Entity("note", "n", "c", embedding=embedding)
-        except (UmiError, TypeError):
-            raise
-        except Exception as exc:  # the bug: ValueError / OverflowError / RuntimeWarning
-            pytest.fail(f"untyped {type(exc).__name__}: {exc}")
+def test_entity_embedding_numbers_are_stored_as_float32() -> None:
+    for value in ([1, 2, 3], (1.5, 2), np.array([1.0, 2.0]), np.arange(4, dtype=np.int64), [10**30, 1]):
+        e = umi.Entity("note", "n", "c", embedding=value)
+        assert e.embedding is not None and e.embedding.dtype == np.float32 and e.embedding.flags.c_contiguous
+        assert np.allclose(e.embedding, np.asarray(value, dtype=np.float64).astype(np.float32))
 
 
 # --- the arenas ------------------------------------------------------------------------------
