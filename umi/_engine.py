@@ -10,7 +10,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, TypeVar
 
-from .errors import CoreMemoryFullError, InvalidConfigError, UmiError
+from .errors import CoreMemoryFullError, InvalidConfigError, MemoryClosedError
 from .options import MemoryConfig
 from .pipeline.context import WriteLock
 from .providers.base import EmbeddingProvider, LLMProvider
@@ -95,13 +95,6 @@ class Engine:
         async with self.write_lock:
             return await coro
 
-    async def before_write(self) -> None:
-        """Once per engine, before its first write: record the embedder's identity in the store."""
-        if not self._embedder_recorded:
-            async with self.write_lock:
-                if not self._embedder_recorded:
-                    await self.io(self._record_embedder)
-
     def record_embedder_in_tx(self) -> None:
         """Inside the caller's write transaction: record the embedder's identity if the store has
         none yet. It commits (or rolls back) with that write: a failed first write leaves the store
@@ -113,15 +106,9 @@ class Engine:
             else:
                 self._embedder_recorded = True
 
-    def _record_embedder(self) -> None:
-        assert self.embedder is not None
-        if self.storage.get_meta(META_EMBEDDER) is None:
-            self.storage.set_meta(META_EMBEDDER, embedder_identity(self.embedder))
-        self._embedder_recorded = True
-
     def check_open(self) -> None:
         if self.closed:
-            raise UmiError("this Memory is closed")
+            raise MemoryClosedError("this Memory is closed")
 
     def core_for(self, scope: Scope) -> "PersistentCoreMemory":
         """The core memory of ``Scope(user_id, agent_id)``: one per engine, loaded on first use."""
@@ -165,9 +152,16 @@ class Engine:
         return await self.locked(call())
 
     def close(self) -> None:
+        """Release the providers on the loop, stop the loop, close the store. In a child made by
+        ``os.fork()`` only marks the engine closed: the loop does not exist there, and the providers'
+        connections and the store belong to the parent (closing an inherited connection or file
+        from the child would close or checkpoint it under the parent)."""
         if self.closed:
             return
         self.closed = True
+        if self.runner.forked:
+            self.runner.close()  # marks it closed; nothing of the loop exists in this process
+            return
         try:
             # Async SDK clients' connections belong to our loop: release them on it, before it stops.
             for p in (self.llm, self.embedder):

@@ -29,23 +29,15 @@ import threading
 import weakref
 from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 
-from .errors import UmiError
+from .errors import ForkedProcessError, MemoryClosedError, UmiError
 
 T = TypeVar("T")
 
+# MemoryClosedError / ForkedProcessError live in umi.errors (exported as umi.*); re-exported here
 __all__ = ["LoopThread", "MemoryClosedError", "ForkedProcessError", "CLOSE_GRACE_SECS"]
 
 #: how long close() lets calls in flight finish before failing them
 CLOSE_GRACE_SECS = 5.0
-
-
-class MemoryClosedError(UmiError):
-    """The Memory was closed before (or while) this call ran; nothing more will run on it."""
-
-
-class ForkedProcessError(UmiError):
-    """This Memory was opened in another process: after ``os.fork()`` its loop thread does
-    not exist in the child. Open a new Memory in the child process."""
 
 
 _RUNNERS: "weakref.WeakSet[LoopThread]" = weakref.WeakSet()
@@ -81,6 +73,11 @@ class LoopThread:
         asyncio.set_event_loop(self.loop)
         self.loop.call_soon(self._ready.set)
         self.loop.run_forever()
+
+    @property
+    def forked(self) -> bool:
+        """True in a child made by ``os.fork()`` of the process that made this runner."""
+        return self._forked
 
     def _check_open(self) -> None:
         if self._forked:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from .errors import InvalidConfigError, InvalidFilterError, ValidationError
+from .errors import InvalidConfigError, InvalidFilterError, TextTooLongError, ValidationError
 
 __all__ = [
     "TEXT_BYTES_MAX",
@@ -49,6 +49,7 @@ __all__ = [
     "check_int",
     "check_real",
     "check_text",
+    "check_input_text",
     "check_ttl_secs",
     "utf8_len",
     "check_metadata_limits",
@@ -154,6 +155,21 @@ def check_text(value: object, what: str, max_bytes: int,
     n = utf8_len(value, what, error)
     if n > max_bytes:
         raise error(f"{what} is {n} UTF-8 bytes; the limit is {max_bytes} bytes")
+    return value
+
+
+def check_input_text(value: object, what: str, max_bytes: int, empty: type[ValidationError]) -> str:
+    """A text given to a verb (remember's text, recall's query): a str (TypeError), not empty or
+    only whitespace (``empty``), valid Unicode (ValidationError: no lone surrogate), at most
+    ``max_bytes`` UTF-8 bytes (:class:`~umi.TextTooLongError` with ``.limit`` / ``.actual``)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be str, not {_type_name(value)}")
+    if not value.strip():
+        raise empty(f"{what} is empty or only whitespace")
+    n = utf8_len(value, what)
+    if n > max_bytes:
+        raise TextTooLongError(f"{what} is {n} UTF-8 bytes; the limit is {max_bytes} bytes",
+                               limit=max_bytes, actual=n)
     return value
 
 

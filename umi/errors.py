@@ -34,11 +34,13 @@ the builtin :class:`TypeError`, as Python does.
     │   ├── IndexCacheError            .path
     │   └── BackendNotInstalledError   .extra
     ├── EmbeddingError
-    └── ProviderError                  .status, .request_id, .provider
-        ├── ProviderTimeoutError
-        ├── RateLimitError
-        ├── InvalidResponseError
-        └── ProviderNotInstalledError  .extra
+    ├── ProviderError                  .status, .request_id, .provider
+    │   ├── ProviderTimeoutError
+    │   ├── RateLimitError
+    │   ├── InvalidResponseError
+    │   └── ProviderNotInstalledError  .extra
+    ├── MemoryClosedError
+    └── ForkedProcessError
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ __all__ = [
     "RateLimitError",
     "InvalidResponseError",
     "ProviderNotInstalledError",
+    "MemoryClosedError",
+    "ForkedProcessError",
 ]
 
 
@@ -287,3 +291,16 @@ class ProviderNotInstalledError(ProviderError):
     def __init__(self, message: str, *, extra: str) -> None:
         super().__init__(message)
         self.extra = extra
+
+
+# --- lifetime of a Memory -----------------------------------------------------------
+
+
+class MemoryClosedError(UmiError):
+    """The Memory was closed before (or while) this call ran; nothing more will run on it."""
+
+
+class ForkedProcessError(UmiError):
+    """This Memory was opened in another process: after ``os.fork()`` its loop thread does
+    not exist in the child. Open a new Memory in the child process (or use ``multiprocessing``
+    with the ``spawn`` start method)."""

@@ -29,7 +29,7 @@ import os
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Concatenate, Coroutine, Iterable, ParamSpec, TypeVar
 
 from ._engine import Engine, check_embedder
-from .errors import InvalidConfigError, InvalidScopeError, UmiError, ValidationError
+from .errors import InvalidConfigError, InvalidScopeError, MemoryClosedError, UmiError, ValidationError
 from .options import MemoryConfig, RecallOptions, RememberOptions
 from .pipeline import forget as _forget
 from .pipeline import recall as _recall
@@ -52,7 +52,6 @@ P = ParamSpec("P")
 
 __all__ = ["Memory", "MemoryBuilder"]
 
-SIM_EPOCH_MS = 1_700_000_000_000  # 2023-11-14: where every Sim clock starts
 #: texts per chunk of ``remember_many`` (one embedding batch and one transaction each)
 REMEMBER_MANY_CHUNK = 128
 REMEMBER_MANY_CHUNK_MAX = 10_000
@@ -258,7 +257,9 @@ class Memory:
     def sim(cls, seed: int = 42, *, config: MemoryConfig | None = None, faults: Any = None,
             dim: int = 384, user_id: str | None = None, agent_id: str | None = None,
             session_id: str | None = None) -> "Memory":
-        """Sim LLM, Sim embedder, Sim storage and a Sim clock: deterministic, in memory, no network."""
+        """Sim LLM, Sim embedder, Sim storage and a Sim clock (from ``umi.sim.SIM_EPOCH_MS``):
+        deterministic, in memory, no network. ``faults`` (a ``umi.sim.FaultInjector``) reaches all
+        four, so every ``FaultType`` fires here — ``CLOCK_SKEW`` in the clock's readings."""
         from .providers.sim import SimEmbeddingProvider, SimLLMProvider
         from .sim.clock import SimClock
         from .storage.sim import SimStorageBackend
@@ -266,7 +267,7 @@ class Memory:
         return cls(user_id=user_id, agent_id=agent_id, session_id=session_id,
                    config=config, llm=SimLLMProvider(seed, faults=faults),
                    embedder=SimEmbeddingProvider(seed, dim, faults=faults),
-                   storage=SimStorageBackend(seed=seed, faults=faults), clock=SimClock(start_ms=SIM_EPOCH_MS))
+                   storage=SimStorageBackend(seed=seed, faults=faults), clock=SimClock(faults=faults))
 
     @classmethod
     def with_anthropic(cls, anthropic_key: str | None = None, openai_key: str | None = None,
@@ -325,7 +326,7 @@ class Memory:
 
     def _check_open(self) -> None:
         if self._closed or self._engine.closed:
-            raise UmiError("this Memory is closed")
+            raise MemoryClosedError("this Memory is closed")
 
     def _io(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
         return self._engine.io(fn, *args)

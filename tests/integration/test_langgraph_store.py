@@ -253,7 +253,7 @@ def test_bad_input_is_refused_like_the_reference(stores):
 def test_items_are_umi_facts(memory, stores):
     ours, _ = stores
     # the store's first write recorded the embedder, as any Memory write does
-    from umi.memory import embedder_identity
+    from umi._engine import embedder_identity
 
     assert memory.storage.get_meta("embedder") == embedder_identity(memory.embedder)
     # the Memory's own recall sees what the store holds, as notes, with history

@@ -157,6 +157,7 @@ def test_a_storage_failure_after_a_good_extraction_leaves_nothing_written(api, b
         memory.remember_sync(ALICE_ACME)
     assert tasks_sent(api) == ["extract_entities"]
     assert memory.count_sync() == 0
+    assert memory.storage.get_meta("embedder") is None  # recorded in the first write's transaction: rolled back
     assert memory.recall_sync("Alice", umi.RecallOptions(deep_search=False)) == []
 
 

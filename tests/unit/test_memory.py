@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import os
 
 import numpy as np
 import pytest
@@ -213,8 +214,11 @@ def test_storage_failure_raises_and_leaves_nothing():
             m.remember_sync("Judy works at Umbrella Corp")
         faults.set_probability(FaultType.STORAGE_WRITE_FAIL, 0.0)
         assert m.count_sync() == 0
+        # the embedder's identity goes in with the first write's transaction: rolled back with it
+        assert m.storage.get_meta("embedder") is None
         r = m.remember_sync("Judy works at Umbrella Corp")  # not a duplicate: no source was kept
         assert not r.duplicate and r.entity_count == 2
+        assert m.storage.get_meta("embedder") == f"sim|seed=3|{m.embedder.dim}"
 
 
 async def test_async_api_and_context_manager():
@@ -230,10 +234,66 @@ async def test_async_api_and_context_manager():
 
 def test_closed_memory_refuses_work():
     m = umi.Memory.sim(seed=1)
+    view = m.scoped(user_id="ann")
     m.close()
     m.close()  # idempotent
-    with pytest.raises(umi.UmiError, match="closed"):
+    with pytest.raises(umi.MemoryClosedError, match="closed"):
         m.remember_sync("x")
+    with pytest.raises(umi.MemoryClosedError, match="closed"):
+        asyncio.run(m.recall("x"))
+    with pytest.raises(umi.MemoryClosedError, match="closed"):  # closing the Memory closed its views
+        view.count_sync()
+    with pytest.raises(umi.MemoryClosedError, match="closed"):
+        view.core.set_block("persona", "x")
+
+
+def test_sim_clock_consults_clock_skew_faults():
+    faults = FaultInjector(seed=2, probabilities={FaultType.CLOCK_SKEW: 1.0})
+    with umi.Memory.sim(seed=2, faults=faults) as m:
+        r = m.remember_sync("Ivan works at Hooli")
+        # the first skewed reading is ahead by clock_skew_ms; the engine's clock never goes back
+        assert m.clock.skews >= 1
+        assert all(e.created_at >= umi.sim.SIM_EPOCH_MS + faults.clock_skew_ms for e in r.entities)
+        later = m.remember_sync("Ivan now works at Initech")
+        assert min(e.created_at for e in later.entities) > max(e.created_at for e in r.entities)
+    with umi.Memory.sim(seed=2) as calm:  # no faults: the clock reads its own time
+        assert calm.remember_sync("Ivan works at Hooli").entities[0].created_at < umi.sim.SIM_EPOCH_MS + 1000
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX")
+def test_close_in_a_forked_child_touches_nothing_of_the_parent():
+    m = umi.Memory.sim(seed=6)
+    m.remember_sync("Lena works at Acme")
+    closed_providers = []
+    m.llm.aclose = m.embedder.aclose = lambda: closed_providers.append(1)  # would run on the loop
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        code = 1
+        try:
+            try:
+                m.close()  # the loop is the parent's: only marks this Memory closed
+                msg = f"ok {len(closed_providers)}"
+                try:
+                    m.count_sync()
+                    msg += " | still open"
+                except umi.MemoryClosedError:
+                    pass
+            except BaseException as exc:  # noqa: BLE001
+                msg = f"close raised {type(exc).__name__}: {exc}"
+            os.write(w, msg.encode()[:4000])
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        msg = f.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    assert msg == "ok 0", msg
+    assert m.count_sync() == 2  # the parent's loop and store are unaffected
+    del m.llm.aclose, m.embedder.aclose
+    m.close()
 
 
 def test_core_and_working_are_sized_by_config():

@@ -345,16 +345,13 @@ class UmiStore(BaseStore):
                                      created_at=existing[eid].created_at if eid in existing else now)
                         for op, scope, eid, vector in embedded]
             with storage.transaction():
+                engine.record_embedder_in_tx()  # a store's first write records the embedder, in its transaction
                 if entities:
                     storage.upsert(entities)
                 for entity_id in deletes:
                     storage.delete(entity_id, now)
 
-        async def write() -> None:
-            await engine.before_write()  # a store's first write records the embedder's identity
-            await engine.locked_io(commit)
-
-        engine.runner.run(write())
+        engine.runner.run(engine.locked_io(commit))
 
     def _entity(self, op: PutOp, scope: Mapping[str, str], entity_id: str, vector: Any,
                 now: int, *, created_at: int) -> Entity:

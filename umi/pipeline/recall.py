@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .._validate import utf8_len
+from .._validate import QUERY_BYTES_MAX, check_input_text
 from ..errors import EmbeddingError, EmptyQueryError, ProviderError
 from ..options import RecallOptions, check_limit
 from ..storage.base import SearchFilters
@@ -38,21 +38,11 @@ from .retrieval import RULE_REWRITE_WEIGHT, needs_deep_search, query_names, rrf_
 __all__ = ["validate_query", "recall", "filters_for", "RecallResult", "current_at"]
 
 log = logging.getLogger("umi.recall")
-QUERY_BYTES_MAX = 10_000
 
 
 def validate_query(query: object) -> str:
-    if not isinstance(query, str):
-        raise TypeError(f"query must be str, not {type(query).__name__}")
-    if not query.strip():
-        raise EmptyQueryError("recall query is empty or only whitespace")
-    n = utf8_len(query, "recall query")  # a lone surrogate: ValidationError
-    if n > QUERY_BYTES_MAX:
-        from ..errors import TextTooLongError
-
-        raise TextTooLongError(f"query is {n} UTF-8 bytes; the limit is {QUERY_BYTES_MAX}",
-                               limit=QUERY_BYTES_MAX, actual=n)
-    return query
+    """A recall query, at most ``umi._validate.QUERY_BYTES_MAX`` UTF-8 bytes: umi._validate's rule."""
+    return check_input_text(query, "recall query", QUERY_BYTES_MAX, EmptyQueryError)
 
 
 class RecallResult(list[Entity]):
@@ -104,7 +94,13 @@ def _ranked_lists(ctx: PipelineContext, query: str, qvec: np.ndarray | None, fil
     named: list[Entity] = []
     for name in query_names(query):
         named.extend(ctx.storage.find_by_name(name, filters=filters))
-    named.sort(key=lambda e: (-e.created_at, e.id))
+    # The facts filed under a name the query says, most relevant first (their best rank in the
+    # vector/keyword lists), then the rest newest first: a name says *whose* facts, not which.
+    best: dict[str, int] = {}
+    for ids in lists:
+        for r, id_ in enumerate(ids):
+            best[id_] = min(r, best.get(id_, r))
+    named.sort(key=lambda e: (best.get(e.id, k), -e.created_at, e.id))
     lists.append(list(dict.fromkeys(e.id for e in named))[:k])
     lists.extend(time_signal(ctx.storage, query, qvec, filters, k, ctx.now_ms(), lists))
     return lists

@@ -35,8 +35,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .._validate import utf8_len
-from ..errors import EmbeddingError, EmptyTextError, ProviderError, TextTooLongError
+from .._validate import check_input_text
+from ..errors import EmbeddingError, EmptyTextError, ProviderError
 from ..options import RememberOptions
 from ..storage.base import SearchFilters, Source
 from ..types import (
@@ -61,16 +61,8 @@ OPTIMISTIC_ATTEMPTS = 3
 
 
 def validate_text(text: object, max_bytes: int) -> str:
-    if not isinstance(text, str):
-        raise TypeError(f"text must be str, not {type(text).__name__}")
-    if not text.strip():
-        raise EmptyTextError("text to remember is empty or only whitespace")
-    n = utf8_len(text, "text to remember")  # a lone surrogate: ValidationError
-    if n > max_bytes:
-        raise TextTooLongError(
-            f"text is {n} UTF-8 bytes; the limit is {max_bytes} bytes", limit=max_bytes, actual=n
-        )
-    return text
+    """A text to remember (``max_bytes``: ``MemoryConfig.text_bytes_max``): umi._validate's rule."""
+    return check_input_text(text, "text to remember", max_bytes, EmptyTextError)
 
 
 def statement_key(e: Entity) -> tuple[str, str]:
