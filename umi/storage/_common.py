@@ -18,7 +18,6 @@ from ..errors import (
     InvalidConfidenceError,
     InvalidImportanceError,
     InvalidLimitError,
-    TextTooLongError,
     ValidationError,
 )
 from ..types import (
@@ -31,6 +30,7 @@ from ..types import (
     Scope,
     validate_metadata,
 )
+from .._validate import QUERY_BYTES_MAX, check_input_text
 from .base import Source, text_hash
 from .filters import meta_key
 
@@ -71,8 +71,6 @@ ID_CHARS_MAX = 256
 #: stored times (ms since the epoch) must lie in [TIME_MS_MIN, TIME_MS_MAX] (about ±146 million years)
 TIME_MS_MIN = -(2**62)
 TIME_MS_MAX = 2**62
-#: longest keyword query, in UTF-8 bytes
-QUERY_BYTES_MAX = 100_000
 
 _I64_MIN = -(2**63)
 _I64_MAX = 2**63 - 1
@@ -173,14 +171,8 @@ def check_query_vector(vector: object, dim: int | None) -> np.ndarray | None:
 
 
 def check_query_text(query: object) -> str:
-    if not isinstance(query, str):
-        raise TypeError(f"query must be str, not {type(query).__name__}")
-    if not query.strip():
-        raise EmptyQueryError("query must not be empty or only whitespace")
-    n = len(query.encode("utf-8"))
-    if n > QUERY_BYTES_MAX:
-        raise TextTooLongError(f"query is {n} bytes; the limit is {QUERY_BYTES_MAX}", limit=QUERY_BYTES_MAX, actual=n)
-    return query
+    """A keyword query: the same limit and checks as ``recall``'s (one rule, in umi._validate)."""
+    return check_input_text(query, "query", QUERY_BYTES_MAX, EmptyQueryError)
 
 
 def _unit(value: object, what: str, exc: type[ValidationError]) -> float:
