@@ -229,3 +229,27 @@ def test_fixed_here_entity_text_with_a_lone_surrogate_is_a_validation_error() ->
         umi.Entity("note", "n", "caf\udce9")
     with pytest.raises(umi.InvalidImportanceError):
         umi.Entity("note", "n", "c", importance=10**400)
+
+
+def test_a_failed_first_write_leaves_no_embedder_identity_behind() -> None:
+    # Found by the simulation suite (seed 1): the embedder's identity was recorded in its own
+    # transaction before the first write, so a remember whose write then failed left the
+    # store changed (meta "embedder", generation + 1). It now commits with the write.
+    from umi.storage.base import META_EMBEDDER
+
+    with umi.Memory.sim(seed=1, dim=16) as m:
+        real = m.storage.upsert
+
+        def failing(entities):  # type: ignore[no-untyped-def]
+            real(entities)
+            raise umi.StorageError("disk full (injected)")
+
+        m.storage.upsert = failing  # type: ignore[method-assign]
+        gen = m.storage.generation
+        with pytest.raises(umi.StorageError, match="disk full"):
+            m.remember_sync("Alice works at Acme")
+        assert m.storage.get_meta(META_EMBEDDER) is None and m.storage.generation == gen
+        assert m.count_sync() == 0
+        m.storage.upsert = real  # type: ignore[method-assign]
+        m.remember_sync("Alice works at Acme")
+        assert m.storage.get_meta(META_EMBEDDER) == "sim|seed=1|16"

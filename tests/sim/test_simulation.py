@@ -163,3 +163,15 @@ def test_sabotage_a_lost_acknowledged_write_is_caught(monkeypatch: pytest.Monkey
     monkeypatch.setattr(SimStorageBackend, "_commit_tx", and_lose_one)
     exc = _first_violation(range(0, 20))
     assert "is lost" in str(exc), str(exc)
+
+
+def test_sabotage_a_forget_that_leaves_part_of_its_statement_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    from umi.pipeline import forget as forget_pipeline
+
+    def only_the_target(ctx, entity_id):  # type: ignore[no-untyped-def]
+        e = ctx.storage.get(entity_id)
+        return [] if e is None else [e.id]  # the other facets of the sentence stay behind
+
+    monkeypatch.setattr(forget_pipeline, "statement_ids", only_the_target)
+    exc = _first_violation(range(0, 20))
+    assert "but its statement is" in str(exc), str(exc)
