@@ -94,13 +94,7 @@ def _ranked_lists(ctx: PipelineContext, query: str, qvec: np.ndarray | None, fil
     named: list[Entity] = []
     for name in query_names(query):
         named.extend(ctx.storage.find_by_name(name, filters=filters))
-    # The facts filed under a name the query says, most relevant first (their best rank in the
-    # vector/keyword lists), then the rest newest first: a name says *whose* facts, not which.
-    best: dict[str, int] = {}
-    for ids in lists:
-        for r, id_ in enumerate(ids):
-            best[id_] = min(r, best.get(id_, r))
-    named.sort(key=lambda e: (best.get(e.id, k), -e.created_at, e.id))
+    named.sort(key=lambda e: (-e.created_at, e.id))
     lists.append(list(dict.fromkeys(e.id for e in named))[:k])
     lists.extend(time_signal(ctx.storage, query, qvec, filters, k, ctx.now_ms(), lists))
     return lists
