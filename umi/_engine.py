@@ -6,6 +6,7 @@ identity a store records. :mod:`umi.memory` puts the public faces on it.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, TypeVar
@@ -126,6 +127,24 @@ class Engine:
                         f"{self.config.core_memory_bytes}: {exc}") from exc
                 self._cores[scope] = core
             return core
+
+    def forget_core(self, scope: Scope) -> int:
+        """Delete the stored core blocks and core history of every core scope ``scope`` sees
+        (:meth:`~umi.storage.base.StorageBackend.forget_core`), and empty the in-process arenas of
+        those scopes' core memories, so nothing of them stays here either. Returns the number of
+        blocks removed. Call it holding the write lock."""
+        self.check_open()
+        view = scope.core
+        with self._parts_lock:  # no core of a matching scope is loaded meanwhile
+            hit = sorted(((sc, c) for sc, c in self._cores.items() if view.contains(sc)),
+                         key=lambda p: (p[0].user_id or "", p[0].agent_id or ""))
+            with contextlib.ExitStack() as held:  # no block write of theirs runs meanwhile
+                for _, core in hit:
+                    held.enter_context(core._write_lock)
+                n = self.storage.forget_core(view)
+                for _, core in hit:
+                    core._forgotten()
+        return n
 
     def working_for(self, scope: Scope) -> "WorkingMemory":
         """The working memory of a view scope: in this process only, one per scope."""

@@ -121,6 +121,11 @@ class PersistentCoreMemory(CoreMemory):
         with self._write_lock:
             self._fill(self._store.load())
 
+    def _forgotten(self) -> None:
+        """The store forgot this scope's blocks (the caller holds ``_write_lock``): empty the
+        arena to match, touching no store."""
+        super().clear()
+
     def set_block(self, label: str, content: str, importance: float = 0.5) -> None:
         """Insert or replace block ``label`` (a replaced block keeps its position), and store it."""
         with self._write_lock:

@@ -496,9 +496,11 @@ class Memory:
     async def forget_scope(self, *, user_id: str | None = None, agent_id: str | None = None,
                            session_id: str | None = None) -> int:
         """Forget every fact (superseded too) of one scope inside this view — e.g.
-        ``memory.forget_scope(user_id="alice")`` — and, when the scope names no session, the core
-        blocks of ``Scope(user_id, agent_id)``. Returns how many facts were forgotten. Another
-        scope's records are never touched; an unscoped Memory must name a scope."""
+        ``memory.forget_scope(user_id="alice")`` — and, when the scope names no session, every core
+        block and core history record of the core scopes it contains (``user_id="alice"``: each of
+        alice's agents too), in the store and in this process's core memories. Returns how many
+        facts were forgotten. Another scope's records are never touched; an unscoped Memory must
+        name a scope."""
         target = narrow_scope(self._scope, Scope(user_id, agent_id, session_id))
         if target is None:
             raise InvalidScopeError("forget_scope() needs a scope: pass user_id, agent_id or session_id "
@@ -507,8 +509,8 @@ class Memory:
         as_target = dataclasses.replace(self._ctx, scope=target)  # a view of exactly that scope forgets
         n = await self._engine.locked_io(
             lambda: _forget.forget_ids(as_target, _forget.filter_ids(as_target, filters), self._engine.now_ms()))
-        if target.session_id is None:
-            await self._engine.locked_io(lambda: self._engine.core_for(target.core).clear())
+        if target.session_id is None:  # every core scope inside the target: blocks and their history
+            await self._engine.locked_io(self._engine.forget_core, target)
         return n
 
     forget_scope_sync = _sync(forget_scope)

@@ -331,6 +331,54 @@ def test_core_blocks_of_two_agents_never_mix(backend: StorageBackend) -> None:
     assert [b.content for b in backend.core_blocks(Scope())] == ["c"]
 
 
+def test_forget_core_deletes_blocks_and_history_of_every_matching_scope(backend: StorageBackend) -> None:
+    alice_other, bob, bob_bot = Scope("alice", "other"), Scope("bob"), Scope("bob", "bot")
+    writes = [(ALICE, "persona", "alice-user-secret"), (ALICE_BOT, "human", "alice-bot-secret"),
+              (ALICE_BOT, "goals", "alice-bot-goal"), (alice_other, "persona", "alice-other-secret"),
+              (bob, "persona", "bob-user"), (bob_bot, "persona", "bob-bot"), (Scope(), "persona", "unset")]
+    for i, (sc, name, content) in enumerate(writes):
+        backend.set_core_block(sc, name, content, 0.5, T0 + i)
+    backend.remove_core_block(ALICE_BOT, "goals", T0 + 10)  # history of alice holds more than the blocks
+    backend.clear_core_blocks(alice_other, T0 + 11)  # no blocks left here, only history
+    bob_before = {sc: (backend.core_blocks(sc), backend.core_history(sc)) for sc in (bob, bob_bot, Scope())}
+    g = backend.generation
+    assert backend.forget_core(Scope("nobody")) == 0 and backend.generation == g  # nothing matched: no write
+    # a session in the scope is ignored (core blocks belong to user and agent)
+    assert backend.forget_core(ALICE_BOT_S1) == 1
+    assert backend.core_blocks(ALICE_BOT) == [] and backend.core_history(ALICE_BOT) == []
+    assert [b.content for b in backend.core_blocks(ALICE)] == ["alice-user-secret"]
+    g = backend.generation
+    assert backend.forget_core(ALICE) == 1  # alice's user-level blocks and every agent of alice
+    assert backend.generation > g
+    for sc in (ALICE, ALICE_BOT, alice_other):
+        assert backend.core_blocks(sc) == [] and backend.core_history(sc) == [], sc
+    for sc, (blocks, hist) in bob_before.items():
+        assert (backend.core_blocks(sc), backend.core_history(sc)) == (blocks, hist), sc
+    assert backend.forget_core(ALICE) == 0  # history went too: nothing is left to forget
+    # a scope written again after forget starts a fresh history
+    backend.set_core_block(ALICE_BOT, "persona", "new", 0.5, T0 + 20)
+    assert [(h.seq, h.content) for h in backend.core_history(ALICE_BOT)] == [(1, "new")]
+    # inside a transaction that rolls back, nothing is forgotten
+    with pytest.raises(StorageError):
+        with backend.transaction():
+            assert backend.forget_core(Scope(agent_id="bot")) == 2  # every user's "bot" agent
+            raise RuntimeError("no")
+    assert [b.content for b in backend.core_blocks(bob_bot)] == ["bob-bot"]
+    assert [b.content for b in backend.core_blocks(ALICE_BOT)] == ["new"]
+    # a set, then a forget, in one transaction: the forget wins, with no history of the set
+    with backend.transaction():
+        backend.set_core_block(bob, "extra", "bob-extra", 0.5, T0 + 21)
+        assert backend.forget_core(bob) == 3
+    with pytest.raises(TypeError):
+        backend.forget_core("bob")  # type: ignore[arg-type]
+    for sc in (ALICE, alice_other, bob, bob_bot):
+        assert backend.core_blocks(sc) == [] and backend.core_history(sc) == [], sc
+    assert [b.content for b in backend.core_blocks(ALICE_BOT)] == ["new"]
+    assert [b.content for b in backend.core_blocks(Scope())] == ["unset"]
+    assert backend.forget_core(Scope()) == 2  # the unset scope sees every core scope
+    assert backend.core_blocks(ALICE_BOT) == [] and backend.core_history(Scope()) == []
+
+
 def test_core_block_writes_are_validated_and_transactional(backend: StorageBackend) -> None:
     sc = ALICE_BOT
     for bad in ("", "a b", "x" * 65, "é"):

@@ -172,3 +172,71 @@ def test_working_memory_is_per_scope_and_in_process(tmp_path):
         assert b.working.get("k") is None and m.scoped(user_id="gus").working.get("k") == b"gus"
     with open_memory(path, user_id="gus") as m:
         assert m.working.get("k") is None  # a session cache: never stored
+
+
+def _duckdb_hits(path, needles):
+    """(table, column, needle, count) for every needle found in any VARCHAR column of any table
+    of the DuckDB file, read through DuckDB itself."""
+    import duckdb
+
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        hits = []
+        tables = [r[0] for r in con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()]
+        assert {"core_blocks", "core_history", "entities", "history"} <= set(tables)
+        for t in tables:
+            cols = [r[0] for r in con.execute(
+                "SELECT column_name FROM duckdb_columns() WHERE table_name = ? AND data_type = 'VARCHAR'",
+                [t]).fetchall()]
+            for c in cols:
+                for needle in needles:
+                    q = f'SELECT count(*) FROM "{t}" WHERE strpos("{c}", ?) > 0'
+                    n = con.execute(q, [needle]).fetchall()[0][0]
+                    if n:
+                        hits.append((t, c, needle, n))
+        return hits
+    finally:
+        con.close()
+
+
+def test_forget_scope_forgets_the_users_core_memory_in_every_agent_scope(tmp_path):
+    """forget_scope(user_id="u") leaves nothing of u's core memory anywhere: not the blocks of
+    Scope(u) nor of u's agents, not their history (a replaced block's old content included), not
+    the arenas of core memories this process holds; v's blocks and history stay exactly."""
+    path = tmp_path / "forget-core.duckdb"
+    u_text = ["Ursula-persona-xq1", "Ursula-agent-xq2", "Ursula-old-xq3", "Ursula-other-xq4"]
+    with open_memory(path) as admin:
+        u, u_a1, v = admin.scoped(user_id="u"), admin.scoped(user_id="u", agent_id="a1"), admin.scoped(user_id="v")
+        v_a1 = admin.scoped(user_id="v", agent_id="a1")
+        u.core.set_block("persona", u_text[0], 0.9)
+        u_a1.core.set_block("human", u_text[2], 0.5)
+        u_a1.core.set_block("human", u_text[1], 0.7)  # the old content is only in the core history now
+        admin.scoped(user_id="u", agent_id="a2").core.set_block("notes", u_text[3])
+        admin.scoped(user_id="u", agent_id="a2").core.remove_block("notes")  # history only
+        v.core.set_block("persona", "Victor persona", 0.6)
+        v_a1.core.set_block("human", "Victor likes tea", 0.4)
+        u.remember_sync("Ursula works at Acme.")
+        v.remember_sync("Victor works at Initech.")
+        v_before = [(s.core.blocks(), s.core_history_sync()) for s in (v, v_a1)]
+        assert any(u_text[2] in h.content for h in u_a1.core_history_sync() if h.content)
+        assert admin.forget_scope_sync(user_id="u") >= 1  # u's facts
+        for s in (u, u_a1, admin.scoped(user_id="u", agent_id="a2")):
+            assert s.core.blocks() == [] and s.core_history_sync() == [], s
+        assert u.core is admin.scoped(user_id="u").core and len(u_a1.core) == 0  # the held arenas are empty
+        assert [(s.core.blocks(), s.core_history_sync()) for s in (v, v_a1)] == v_before
+        assert u.count_sync() == 0 and v.count_sync() >= 1
+        u_a1.core.set_block("human", "fresh start")  # the scope works again, with a fresh history
+        assert [(h.seq, h.op) for h in u_a1.core_history_sync()] == [(1, "set")]
+        u_a1.core.clear()
+        assert admin.forget_scope_sync(user_id="u", agent_id="a1") == 0  # no facts; the clear's history goes
+        assert u_a1.core_history_sync() == []
+    assert _duckdb_hits(path, u_text + ["Ursula", "fresh start"]) == []
+    assert _duckdb_hits(path, ["Victor persona", "Victor likes tea"]) != []  # the scan finds what is there
+    with open_memory(path) as admin:  # reopen: still gone; v's core memory came back whole
+        for agent in (None, "a1", "a2"):
+            s = admin.scoped(user_id="u", agent_id=agent)
+            assert s.core.blocks() == [] and s.core_history_sync() == [], agent
+        assert admin.scoped(user_id="v").core.blocks() == v_before[0][0]
+        assert admin.scoped(user_id="v", agent_id="a1").core.blocks() == v_before[1][0]
+        assert admin.scoped(user_id="v", agent_id="a1").core_history_sync() == v_before[1][1]

@@ -130,8 +130,9 @@ class ScopeMachine(RuleBasedStateMachine):
         assert n == len(gone)
         for fid in gone:
             del self.facts[fid]
-        if target.session_id is None:
-            self.blocks.pop(target.core, None)
+        if target.session_id is None:  # every core scope inside the target: alice's agents too
+            for sc in [sc for sc in self.blocks if target.core.contains(sc)]:
+                del self.blocks[sc]
         self.assert_only_user_changed(before, self.state(), target.user_id)
 
     # --- core memory -------------------------------------------------------

@@ -34,7 +34,7 @@ __all__ = ["SimulatedCrash", "install_crash_points", "SimWorld", "CRASH_POINT_ME
 #: after (those the store has)
 CRASH_POINT_METHODS = (
     "upsert", "delete", "supersede", "add_source", "add_relations", "revive", "delete_source",
-    "restore", "set_core_block", "remove_core_block", "clear_core_blocks", "set_meta", "save_index",
+    "restore", "set_core_block", "remove_core_block", "clear_core_blocks", "forget_core", "set_meta", "save_index",
 )
 
 

@@ -378,6 +378,10 @@ class DuckDBDurable(DurableStore):
                 insert_arrow(con, "history", history_table(recs, generation), replace=ch.history_replace)
             self._keyed(ch.sources, "sources", sources_table)
             self._keyed(ch.relations, "relations", relations_table)
+            for sc in sorted(ch.core_forgotten, key=lambda sc: (sc.user_id or "", sc.agent_id or "")):
+                for table in ("core_blocks", "core_history"):
+                    con.execute(f"DELETE FROM {table} WHERE user_id IS NOT DISTINCT FROM ? "
+                                "AND agent_id IS NOT DISTINCT FROM ?", [sc.user_id, sc.agent_id])
             for sc, blocks in ch.core.items():
                 con.execute("DELETE FROM core_blocks WHERE user_id IS NOT DISTINCT FROM ? "
                             "AND agent_id IS NOT DISTINCT FROM ?", [sc.user_id, sc.agent_id])

@@ -323,6 +323,14 @@ class StorageBackend(abc.ABC):
         (name ``""``) when there were any."""
 
     @abc.abstractmethod
+    def forget_core(self, scope: Scope) -> int:
+        """Delete every core block AND every core history record of each core scope that
+        ``scope`` sees under the view rule (each of ``user_id`` / ``agent_id`` set in ``scope``
+        must be equal; unset = any; ``session_id`` is ignored, as for every core call — so
+        ``Scope()`` matches every core scope). Nothing of the deleted content stays in any table
+        and no history record is appended. Returns how many blocks were removed."""
+
+    @abc.abstractmethod
     def core_history(self, scope: Scope, name: str | None = None) -> builtins.list[CoreHistoryRecord]:
         """Core history of ``scope.core`` (only block ``name``'s records, plus clears, when given),
         oldest first (by seq)."""

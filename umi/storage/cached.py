@@ -85,10 +85,11 @@ class ChangeSet:
     whether the durable store held the id before the transaction. ``history``: records appended or
     (``restore``) put by ``(entity_id, seq)``; ``tombstoned``: entities whose every stored snapshot
     becomes :func:`tombstone` (applied before ``history``). ``sources`` / ``relations``: id -> new
-    record or ``None`` (deleted). ``core``: core scopes whose blocks are rewritten from
-    ``core_blocks``; ``core_history``: appended. ``meta``: key -> value. ``dim``: the vector
-    dimension fixed in this transaction. ``terms``: id -> (term frequencies, length) of written
-    entities, when known.
+    record or ``None`` (deleted). ``core_forgotten``: core scopes whose every block and core
+    history record is deleted (applied before ``core`` and ``core_history``). ``core``: core
+    scopes whose blocks are rewritten from ``core_blocks``; ``core_history``: appended.
+    ``meta``: key -> value. ``dim``: the vector dimension fixed in this transaction. ``terms``:
+    id -> (term frequencies, length) of written entities, when known.
     """
 
     entities: dict[str, Entity | None] = field(default_factory=dict)
@@ -100,6 +101,7 @@ class ChangeSet:
     tombstoned: set[str] = field(default_factory=set)
     sources: dict[str, Source | None] = field(default_factory=dict)
     relations: dict[str, EvolutionRelation | None] = field(default_factory=dict)
+    core_forgotten: set[Scope] = field(default_factory=set)
     core: dict[Scope, list[CoreBlockRecord]] = field(default_factory=dict)
     core_history: list[CoreHistoryRecord] = field(default_factory=list)
     meta: dict[str, str] = field(default_factory=dict)
@@ -107,7 +109,7 @@ class ChangeSet:
 
     def __bool__(self) -> bool:
         return bool(self.entities or self.history or self.tombstoned or self.sources or self.relations
-                    or self.core or self.core_history or self.meta or self.dim is not None)
+                    or self.core_forgotten or self.core or self.core_history or self.meta or self.dim is not None)
 
 
 @dataclass
@@ -824,6 +826,40 @@ class CachedStore(TransactionMixin, StorageBackend):
                     self._fail("clear_core_blocks")
                 self._set_blocks(sc, [], CoreHistoryRecord(sc, "", self._next_core_seq(sc), "clear", when))
             return n
+
+    def forget_core(self, scope: Scope) -> int:
+        view = check_scope(scope).core  # type: ignore[union-attr]
+        with self._lock:
+            self._check_writable()
+            gone = sorted({sc for sc in (*self._core, *self._core_hist) if view.contains(sc)},
+                          key=lambda sc: (sc.user_id or "", sc.agent_id or ""))
+            if not gone:
+                return 0
+            n = sum(len(self._core.get(sc, ())) for sc in gone)
+            with self._writing("forget_core"):
+                if self._write_fault_at(1) is not None:
+                    self._fail("forget_core")
+                for sc in gone:
+                    self._drop_core(sc)
+            return n
+
+    def _drop_core(self, sc: Scope) -> None:
+        """Forget core scope ``sc``: its blocks and its whole core history, in the cache and (at
+        commit) in the durable store; what this transaction had queued for it is dropped too."""
+        blocks = self._core.pop(sc, None)
+        hist = self._core_hist.pop(sc, None)
+
+        def undo() -> None:
+            if blocks is not None:
+                self._core[sc] = blocks
+            if hist is not None:
+                self._core_hist[sc] = hist
+
+        self._on_undo(undo)
+        ch = self._changes
+        ch.core_forgotten.add(sc)
+        ch.core.pop(sc, None)
+        ch.core_history = [r for r in ch.core_history if r.scope != sc]
 
     def core_history(self, scope: Scope, name: str | None = None) -> builtins.list[CoreHistoryRecord]:
         sc = check_scope(scope).core  # type: ignore[union-attr]

@@ -230,6 +230,9 @@ class LanceDurable(DurableStore):
             "id": r.id, "source_id": r.source_id, "target_id": r.target_id,
             "evolution_type": r.evolution_type.value, "reason": r.reason, "confidence": r.confidence,
             "created_at": r.created_at, **_scope_row(r.scope)})
+        for sc in sorted(ch.core_forgotten, key=lambda sc: (sc.user_id or "", sc.agent_id or "")):
+            for table in ("core_blocks", "core_history"):
+                t[table].delete(f"{_is('user_id', sc.user_id)} AND {_is('agent_id', sc.agent_id)}")
         for sc, blocks in ch.core.items():
             t["core_blocks"].delete(f"{_is('user_id', sc.user_id)} AND {_is('agent_id', sc.agent_id)}")
             if blocks:

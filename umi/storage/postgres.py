@@ -1174,6 +1174,32 @@ class PostgresStorageBackend(StorageBackend):
 
         return int(self._core_write(scope, body))
 
+    def forget_core(self, scope: Scope) -> int:
+        sc = check_scope(scope, "scope")
+        assert sc is not None
+        where, params = ["TRUE"], []
+        for col, v in (("user_id", sc.user_id), ("agent_id", sc.agent_id)):  # the view rule; '' = unset
+            if v is not None:
+                where.append(f"{col} = %s")
+                params.append(v)
+        cond = " AND ".join(where)
+
+        def op(conn: Any) -> int:
+            keys = conn.execute(self._q(
+                "SELECT user_id, agent_id FROM {core_blocks} WHERE " + cond + " UNION "
+                "SELECT user_id, agent_id FROM {core_history} WHERE " + cond), params * 2).fetchall()
+            if not keys:
+                return 0
+            self._lock_ids(conn, [_CORE_LOCK + u + "\x1f" + a for u, a in keys])
+            n = conn.execute(self._q("DELETE FROM {core_blocks} WHERE " + cond), params).rowcount
+            conn.execute(self._q("DELETE FROM {core_history} WHERE " + cond), params)
+            tx = self._tx()
+            assert tx is not None
+            tx.changed = True
+            return int(n)
+
+        return int(self._write(op))
+
     def core_history(self, scope: Scope, name: str | None = None) -> builtins.list[CoreHistoryRecord]:
         u, a = _core_key(scope)
         sc = _scope(u or None, a or None, None)
