@@ -85,12 +85,15 @@ def current_at(history: Sequence[Any], t: int) -> bool:
 
 
 def _ranked_lists(ctx: PipelineContext, query: str, qvec: np.ndarray | None, filters: SearchFilters,
-                  k: int) -> list[list[str]]:
-    """The three fast-path signals for one query, each a ranked id list."""
+                  k: int, content_only: bool = False) -> list[list[str]]:
+    """The fast-path signals for one query, each a ranked id list (``content_only``: the vector
+    and keyword lists alone)."""
     lists: list[list[str]] = []
     if qvec is not None:
         lists.append([i for i, _ in ctx.storage.search_vector(qvec, k, filters)])
     lists.append([i for i, _ in ctx.storage.search_text(query, k, filters)])
+    if content_only:
+        return lists
     named: list[Entity] = []
     for name in query_names(query):
         named.extend(ctx.storage.find_by_name(name, filters=filters))
@@ -178,11 +181,12 @@ def _fast_path(ctx: PipelineContext, query: str, qvec: np.ndarray | None, filter
 def _deep_path(ctx: PipelineContext, lists: list[list[str]], variants: list[str],
                vvecs: list[np.ndarray | None], filters: SearchFilters, k: int, limit: int,
                as_of: int | None, variant_weight: float = 1.0) -> list[Entity]:
-    """Every variant searched (its lists weighing ``variant_weight``), everything fused and
-    hydrated — in one I/O hop."""
+    """Every variant searched, everything fused and hydrated — in one I/O hop. Down-weighted (rule)
+    variants are searched by vector and keywords only, weighing ``variant_weight``: their names and
+    time words are the query's own, whose lists are already in ``lists``."""
     weights = [1.0] * len(lists)
     for v, vv in zip(variants, vvecs):
-        more = _ranked_lists(ctx, v, vv, filters, k)
+        more = _ranked_lists(ctx, v, vv, filters, k, content_only=variant_weight != 1.0)
         lists.extend(more)
         weights.extend([variant_weight] * len(more))
     return _statements(ctx, rrf_fuse(lists, ctx.config.rrf_k, weights), limit, as_of)
