@@ -21,7 +21,15 @@ invariant after every step:
    byte budget, and a refused core write changes nothing (checked against a model);
 5. the index agrees with storage: the vector index holds exactly the stored vectors, each
    finds itself; keyword search finds each sampled fact; ``count`` equals the rows;
-6. (once scopes land) no scope sees another's data — a hook, off until ``Memory.scoped``.
+6. no scope sees another's data: each operation runs as an *actor* drawn from the seed — the
+   unscoped (admin) Memory, user ``alice``, user ``bob``, or ``alice``'s agent ``planner`` in
+   session ``s1`` — through a ``Memory.scoped`` view; the model keeps each fact's scope. After
+   every step every view of every writer sees exactly its scope: ``count`` equals the model's
+   visible facts, ``get`` of another scope's ids is None (of its own, the fact), a recall
+   through a view returns only its scope's facts, ``history``/``relations`` of another
+   scope's id are empty, and its core blocks equal the model of its ``Scope(user, agent)``;
+   a write is stamped with its view's scope; and an operation through one user's view
+   changed nothing (facts, vectors, history, relations) of another user or the unscoped data.
 
 A violation raises :class:`InvariantViolation` whose message starts with the seed and the
 step, and says how to replay: ``UMI_SIM_SEED=<seed> pytest tests/sim/test_simulation.py -k replay``.
@@ -40,6 +48,7 @@ from umi.errors import CoreMemoryFullError, UmiError
 from umi.sim import FaultInjector, FaultType, SimRng, SimulatedCrash, SimWorld
 from umi.pipeline.remember import normalize_content
 from umi.storage.base import SearchFilters
+from umi.types import Scope
 
 EVERY = SearchFilters(include_superseded=True)
 CORE_BYTES = 1024
@@ -48,6 +57,12 @@ PEOPLE = ["Alice", "Bob", "Carol", "Dan"]
 ORGS = ["Acme", "Initech", "Globex", "Umbrella"]
 CITIES = ["Berlin", "Paris", "Munich", "Tokyo"]
 HOBBIES = ["chess", "climbing", "opera", "sushi"]
+
+#: who an operation runs as: the unscoped (admin) Memory, two users, and an agent/session of one
+ACTORS = [Scope(), Scope(user_id="alice"), Scope(user_id="bob"),
+          Scope(user_id="alice", agent_id="planner", session_id="s1")]
+ACTOR_WEIGHTS = [0.25, 0.30, 0.25, 0.20]
+CORE_SCOPES = sorted({a.core for a in ACTORS}, key=lambda s: s.as_tuple().__repr__())
 
 
 class InvariantViolation(AssertionError):
@@ -60,6 +75,7 @@ class Report:
     steps: int = 0
     ops: dict[str, int] = field(default_factory=dict)
     outcomes: dict[str, int] = field(default_factory=dict)
+    actors: dict[str, int] = field(default_factory=dict)  # steps run as each actor (ACTORS)
     fired: dict[str, int] = field(default_factory=dict)
     checks: int = 0
     crashes: int = 0
@@ -115,7 +131,7 @@ def _faults(seed: int, rng: SimRng, scale: float) -> FaultInjector:
 
 @dataclass
 class State:
-    entities: dict[str, tuple]  # id -> (type, name, content, valid_to, source_id, has_vector, updated_at)
+    entities: dict[str, tuple]  # id -> (type, name, content, valid_to, source_id, has_vector, updated_at, scope)
     vectors: dict[str, bytes]
     history: dict[str, int]  # id -> number of history records (forgotten ids too)
     relations: dict[str, tuple]
@@ -143,7 +159,8 @@ class Driver:
         self.forgotten: set[str] = set()
         self.ever_ids: set[str] = set()
         self.source_ids: set[str] = set()
-        self.core_model: list[dict[str, str]] = []  # per writer: label -> content
+        self.core_model: list[dict[Scope, dict[str, str]]] = []  # per writer: core scope -> label -> content
+        self.views: list[list[Any]] = []  # per writer: its view of each actor (ACTORS order)
         self.core_persisted = callable(getattr(self.world.store, "core_blocks", None))
         # The forget contract of the storage branch (delete drops the entity's relations; main
         # keeps them): with it, a relation to a forgotten fact is a violation too.
@@ -165,20 +182,32 @@ class Driver:
         table[key] = table.get(key, 0) + 1
 
     def open_writer(self) -> None:
-        with self.faults.suspended():
+        with self.faults.suspended():  # opening (views and their core blocks loaded) is not under test
             m = self.world.open()
+            views = [m if a.is_unset else m.scoped(**self._kw(a)) for a in ACTORS]
+            model: dict[Scope, dict[str, str]] = {}
+            for a, v in zip(ACTORS, views):
+                model[a.core] = ({label: content for label, content, _ in v.core.blocks()}
+                                 if self.core_persisted else {})
         self.writers.append(m)
-        blocks: dict[str, str] = {}
-        if self.core_persisted:
-            blocks = {label: content for label, content, _ in m.core.blocks()}
-        self.core_model.append(blocks)
+        self.views.append(views)
+        self.core_model.append(model)
+
+    @staticmethod
+    def _kw(a: Scope) -> dict[str, str]:
+        return {k: v for k, v in zip(("user_id", "agent_id", "session_id"), a.as_tuple()) if v is not None}
+
+    def drop_writer(self, w: int) -> None:
+        self.writers.pop(w)
+        self.core_model.pop(w)
+        self.views.pop(w)
 
     def state(self) -> State:
         s = self.world.store
         with self.faults.suspended():
             ents = list(s.iter_all())
             entities = {e.id: (e.entity_type.value, e.name, e.content, e.valid_to, e.source_id,
-                               e.embedding is not None, e.updated_at) for e in ents}
+                               e.embedding is not None, e.updated_at, e.scope) for e in ents}
             vectors = {e.id: e.embedding.tobytes() for e in ents if e.embedding is not None}
             self.ever_ids |= set(entities)
             history = self._history_counts(s)
@@ -258,15 +287,19 @@ class Driver:
         unknown = set(ents) - set(self.acked) - self._in_doubt
         if unknown:
             self.fail(f"{len(unknown)} stored facts no call wrote: {sorted(unknown)[:3]}")
-        # 4. core budgets
-        for m, model in zip(self.writers, self.core_model):
-            if m.core.used_bytes > m.core.max_bytes:
-                self.fail(f"core memory holds {m.core.used_bytes} bytes over max_bytes={m.core.max_bytes}")
-            have = {label: content for label, content, _ in m.core.blocks()}
-            if have != model:
-                self.fail(f"core memory {sorted(have)} differs from the model {sorted(model)}")
+        # 4. core budgets (6. and each view's core holds exactly its Scope(user, agent)'s blocks)
+        for views, model in zip(self.views, self.core_model):
+            for a, m in zip(ACTORS, views):
+                if m.core.used_bytes > m.core.max_bytes:
+                    self.fail(f"core memory holds {m.core.used_bytes} bytes over max_bytes={m.core.max_bytes}")
+                have = {label: content for label, content, _ in m.core.blocks()}
+                if have != model[a.core]:
+                    self.fail(f"core memory of {a} holds {sorted(have.items())[:3]}, "
+                              f"the model {sorted(model[a.core].items())[:3]}")
         # 5. index agrees with storage
         self._check_index(after)
+        # 6. no scope sees another's data
+        self._check_scopes(before, after, outcome, op, result)
 
     _in_doubt: set[str] = set()
 
@@ -309,6 +342,60 @@ class Driver:
                 if eid not in found:
                     self.fail(f"keyword search for {content!r} does not find {eid}")
 
+    def _check_scopes(self, before: State, after: State, outcome: str, op: str, result: Any) -> None:
+        ents = after.entities
+        actor = ACTORS[self.actor]
+        if outcome == "ok" and op in ("remember", "remember_many"):
+            new = set(ents) - set(before.entities)
+            for i in sorted(new):
+                if ents[i][7] != actor:
+                    self.fail(f"{op} through the view of {actor} stored {i} with scope {ents[i][7]}")
+        # an operation through one user's view changes nothing of another user (or the unscoped data)
+        if actor.user_id is not None and op in ("remember", "remember_many", "recall", "forget", "core"):
+            others = lambda st: {i for i, e in st.entities.items() if e[7].user_id != actor.user_id}  # noqa: E731
+            keep_b, keep_a = others(before), others(after)
+            if keep_b != keep_a or any(before.entities[i] != ents[i] or before.vectors.get(i) != after.vectors.get(i)
+                                       or before.history.get(i) != after.history.get(i) for i in keep_b):
+                self.fail(f"{op} through the view of {actor} changed another user's facts: "
+                          f"{self._diff(before, after)}")
+            rel = lambda st: {k: v for k, v in st.relations.items() if v[0] in keep_b or v[1] in keep_b}  # noqa: E731
+            if rel(before) != rel(after):
+                self.fail(f"{op} through the view of {actor} changed another user's relations")
+        if not self.writers:
+            return
+        rng = self.rng
+        w = rng.randint(0, len(self.writers) - 1)
+        with self.faults.suspended():
+            for a, v in zip(ACTORS, self.views[w]):
+                mine = sorted(i for i, e in ents.items() if a.contains(e[7]))
+                theirs = sorted(set(ents) - set(mine))
+                n = v.count_sync()
+                if n != len(mine):
+                    self.fail(f"the view of {a} counts {n} facts; its scope holds {len(mine)}")
+                for i in rng.sample(theirs, min(2, len(theirs))):
+                    if v.get_sync(i) is not None:
+                        self.fail(f"the view of {a} gets {i} of scope {ents[i][7]}: it sees another scope's fact")
+                    if v.history_sync(i):
+                        self.fail(f"the view of {a} sees the history of {i} of scope {ents[i][7]}")
+                    # a relation of the view's own (a same-user evolution: an agent's fact
+                    # superseding its user's) may name another scope's id; nothing else may
+                    for r in v.relations_sync(i):
+                        other = r.target_id if r.source_id == i else r.source_id
+                        if not a.contains(r.scope) or other not in mine:
+                            self.fail(f"the view of {a} sees relation {r.id} of {i} of scope {ents[i][7]}")
+                for i in rng.sample(mine, min(2, len(mine))):
+                    got = v.get_sync(i)
+                    if got is None or got.id != i:
+                        self.fail(f"the view of {a} cannot get {i}, a fact of its own scope")
+            # one recall through one view per step: every hit is the view's
+            i = rng.randint(1, len(ACTORS) - 1)
+            a, v = ACTORS[i], self.views[w][i]
+            hits = v.recall_sync(_query(rng), umi.RecallOptions(limit=8, include_superseded=rng.bernoulli(0.5)))
+            for e in hits:
+                if e.id in ents and not a.contains(ents[e.id][7]):
+                    self.fail(f"a recall through the view of {a} returned {e.id} ({e.content!r}) of scope "
+                              f"{ents[e.id][7]}: it sees another scope's fact")
+
     # --- the workload ------------------------------------------------------------------
     def run(self) -> Report:
         self._in_doubt = set()
@@ -333,7 +420,13 @@ class Driver:
     def one_step(self) -> None:
         rng = self.rng
         w = rng.randint(0, len(self.writers) - 1)
-        m = self.writers[w]
+        pick, acc, self.actor = rng.random(), 0.0, len(ACTORS) - 1
+        for i, wt in enumerate(ACTOR_WEIGHTS):
+            acc += wt
+            if pick < acc:
+                self.actor = i
+                break
+        m = self.views[w][self.actor]  # the operation runs through this actor's view
         roll = rng.random()
         has_many = callable(getattr(m, "remember_many_sync", None))
         if roll < 0.34:
@@ -357,14 +450,14 @@ class Driver:
         else:
             op, args = "writer-", ()
         self.count(self.report.ops, op)
+        self.count(self.report.actors, str(ACTORS[self.actor].as_tuple()))
         before = self.state()
         outcome, result = self.apply(w, m, op, args)
         self.count(self.report.outcomes, f"{op}:{outcome}")
-        self.note(f"{op}{args!r}->{outcome}:{self._summary(result)}")
+        self.note(f"{op}{args!r}@{self.actor}->{outcome}:{self._summary(result)}")
         if outcome == "crashed":
-            self.world.crash(m)
-            self.writers.pop(w)
-            self.core_model.pop(w)
+            self.world.crash(self.writers[w])
+            self.drop_writer(w)
             after = self.state()
             # cut by the crash, unacknowledged: whatever it did is in doubt, whole or not at all
             # ... and what it committed is durable from now on: it must not vanish later either.
@@ -394,8 +487,13 @@ class Driver:
         normalised content, superseded ones too) and revives exactly what only those facets had
         superseded; nothing else changes."""
         gone = set(before.entities) - set(after.entities)
+        actor = ACTORS[self.actor]
+        visible = target in before.entities and actor.contains(before.entities[target][7])
+        if result and not visible:
+            self.fail(f"forget({target}) through the view of {actor} forgot a fact of another scope "
+                      f"({before.entities[target][7] if target in before.entities else 'not stored'})")
         if not result:
-            if target in before.entities:
+            if visible:
                 self.fail(f"forget({target}) returned {result!r} but the fact was stored")
             if after.key() != before.key():
                 self.fail(f"forget({target}) forgot nothing but the store changed: {self._diff(before, after)}")
@@ -441,12 +539,9 @@ class Driver:
                 return "ok", None
             if op == "reopen":
                 with self.faults.suspended():
-                    self.world.close(m)
-                self.writers.pop(w)
-                self.core_model.pop(w)
+                    self.world.close(self.writers[w])
+                self.drop_writer(w)
                 self.open_writer()
-                if not self.core_persisted:
-                    self.core_model[-1] = {}
                 return "ok", None
             if op == "writer+":
                 self.open_writer()
@@ -454,9 +549,8 @@ class Driver:
             if op == "writer-":
                 if len(self.writers) > 1:
                     with self.faults.suspended():
-                        self.world.close(m)
-                    self.writers.pop(w)
-                    self.core_model.pop(w)
+                        self.world.close(self.writers[w])
+                    self.drop_writer(w)
                 return "ok", None
         except SimulatedCrash as exc:
             return "crashed", exc.point
@@ -465,7 +559,7 @@ class Driver:
         raise AssertionError(op)  # pragma: no cover
 
     def _core(self, w: int, m: Any, kind: str, label: str, content: str) -> tuple[str, Any]:
-        model = self.core_model[w]
+        model = self.core_model[w][ACTORS[self.actor].core]
         if kind == "set":
             try:
                 m.core.set_block(label, content)
@@ -487,6 +581,11 @@ class Driver:
 
     def _check_recall(self, st: State, args: tuple, hits: Any) -> None:
         _, limit, all_ = args
+        actor = ACTORS[self.actor]
+        for e in hits:
+            if e.id in st.entities and not actor.contains(st.entities[e.id][7]):
+                self.fail(f"a recall through the view of {actor} returned {e.id} ({e.content!r}) "
+                          f"of scope {st.entities[e.id][7]}: it sees another scope's fact")
         if len(hits) > limit:
             self.fail(f"recall(limit={limit}) returned {len(hits)} facts")
         for e in hits:
