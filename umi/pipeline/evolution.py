@@ -118,6 +118,9 @@ def _about(c: Candidate) -> bool:
     if speaker is not None and normalize_name(speaker) == own:
         return first_person
     if first_person and re.search(rf"(?<!\w){re.escape(own)}(?!\w)", normalize_name(body)):
+        # "My sister Dana is a doctor": a possessive that introduces the name is about the name
+        if re.search(rf"(?<!\w)(?:my|our)\s+(?:\w+\s+){{0,2}}{re.escape(own)}(?!\w)", normalize_name(body)):
+            return True
         return False  # "I met Alice": about the speaker
     return True
 
