@@ -14,6 +14,7 @@ import json
 import os
 import queue
 import subprocess
+import tempfile
 import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -32,6 +33,9 @@ from mcp.shared.exceptions import MCPError  # noqa: E402
 import umi  # noqa: E402
 
 UMI_ROOT = str(Path(umi.__file__).resolve().parent.parent)
+# `python -m` puts the working directory first on sys.path: run the server outside the repo so a
+# checkout's uncompiled umi/ never shadows the package under test
+SERVER_CWD = tempfile.gettempdir()
 TOOLS = {"remember", "recall", "get", "forget", "history",
          "core_read", "core_set_block", "core_remove_block"}
 
@@ -52,7 +56,7 @@ def umi_mcp(*args: str) -> list[str]:
 @asynccontextmanager
 async def stdio_client(*args: str) -> AsyncIterator[Client]:
     cmd = umi_mcp(*args)
-    params = StdioServerParameters(command=cmd[0], args=cmd[1:], env=server_env())
+    params = StdioServerParameters(command=cmd[0], args=cmd[1:], env=server_env(), cwd=SERVER_CWD)
     async with Client(params, read_timeout_seconds=120) as client:
         yield client
 
@@ -60,7 +64,7 @@ async def stdio_client(*args: str) -> AsyncIterator[Client]:
 @contextmanager
 def http_server(*args: str) -> Iterator[str]:
     """`umi mcp --http 127.0.0.1:0` in a subprocess; yields the URL it announced on stderr."""
-    proc = subprocess.Popen(umi_mcp("--http", "127.0.0.1:0", *args), env=server_env(),
+    proc = subprocess.Popen(umi_mcp("--http", "127.0.0.1:0", *args), env=server_env(), cwd=SERVER_CWD,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     lines: queue.Queue[str] = queue.Queue()

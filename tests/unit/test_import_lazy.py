@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def loaded_after(code: str) -> set[str]:
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([UMI_ROOT, os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
-                         timeout=120, check=True)
+                         timeout=120, check=True, cwd=tempfile.gettempdir())  # `-c` puts the cwd first
     return set(json.loads(out.stdout.strip().splitlines()[-1]))
 
 

@@ -147,7 +147,8 @@ def test_a_block_acknowledged_before_sigkill_is_there_after_reopen(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(path)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+                             cwd=tmp_path)  # `-c` puts the cwd first: never the repo's uncompiled umi/
     try:
         line = child.stdout.readline()
         assert line == "ACK\n", child.stderr.read()
