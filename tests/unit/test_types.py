@@ -72,7 +72,7 @@ def test_options_are_immutable_and_chainable():
     assert (o.extract_entities, o.importance) == (True, 0.5)
     assert (o2.extract_entities, o2.importance, o2.detect_evolutions, o2.generate_embeddings) == (False, 0.8, False, False)
     assert o2.with_embeddings().generate_embeddings
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         o.importance = 1.0  # frozen
     r = RecallOptions().with_limit(5).fast_only().with_time_range(1, 2).with_entity_types("person", EntityType.TASK)
     assert (r.limit, r.deep_search, r.time_range, r.entity_types) == (5, False, (1, 2), (EntityType.PERSON, EntityType.TASK))
