@@ -1,5 +1,6 @@
 """Entity ids, validation and round trips; EvolutionRelation rules; options and config."""
 
+import dataclasses
 from datetime import timedelta
 
 import numpy as np
