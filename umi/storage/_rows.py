@@ -1,10 +1,9 @@
-"""Value encodings and filter plans shared by the Postgres and Lance backends.
+"""Value encodings shared by the Postgres and Lance backends.
 
 Input checks live in :mod:`umi.storage._common` (every backend rejects the same
 inputs the same way); this module holds what the two out-of-process stores need
-on top: encodings that keep round trips exact where a database would bend a value,
-and a :class:`FilterPlan` that states :meth:`SearchFilters.matches` as bounds a
-query language can use.
+on top: encodings that keep round trips exact where a database would bend a value.
+Filters are compiled once, by :mod:`umi.storage.filters`.
 """
 
 from __future__ import annotations
@@ -12,69 +11,25 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..errors import ValidationError
 from ..types import Entity, MetadataValue
-from . import filters as F
 from ._common import meta_key
 
 __all__ = [
-    "FilterPlan",
     "check_metadata_text",
     "check_utf8",
     "cosine_scores",
     "decode_text",
     "dumps",
     "encode_text",
-    "plan_filters",
     "tagged_metadata",
     "top_k",
 ]
 
-
-
-@dataclass(frozen=True)
-class FilterPlan:
-    """:meth:`SearchFilters.matches` as plain conditions (all ANDed).
-
-    ``none`` is True when nothing can match. Time bounds are inclusive and already
-    inside the int64 range; ``time_required`` asks for a non-null ``time_field``
-    (any ``time_range``, even ``(None, None)``, excludes entities without that time).
-    ``as_of`` set: ``created_at <= as_of`` and (``valid_to`` null or ``> as_of``);
-    else ``current_only``: ``valid_to`` null.
-    """
-
-    none: bool
-    entity_types: tuple[str, ...] | None
-    time_field: str
-    time_required: bool
-    time_lo: int | None
-    time_hi: int | None
-    metadata: dict[str, str]  # key -> tagged value (see tag_value)
-    as_of: int | None
-    current_only: bool
-
-
-def plan_filters(filters: object) -> FilterPlan:
-    """The normal form of ``filters`` (``None`` = ``SearchFilters()``) as a :class:`FilterPlan`.
-
-    Transitional, for postgres.py until it calls :func:`umi.storage.filters.to_sql`: built from
-    ``SearchFilters.norm`` (no second normalisation); a filter this plan cannot state (``scope``,
-    ``source_id``) raises instead of being silently ignored.
-    """
-    nf = F.normalise(filters)
-    if nf.scope or nf.source_id is not None:
-        from ..errors import StorageError
-
-        raise StorageError("this backend cannot apply scope or source_id filters yet (it needs umi.storage.filters.to_sql)")
-    types = None if nf.entity_types is None else tuple(t.value for t in nf.entity_types)
-    meta = {k: f"{vt}:{vx}" for k, vt, vx in nf.metadata}
-    return FilterPlan(nf.empty, types, nf.time_field, nf.has_time, nf.time_lo, nf.time_hi, meta, nf.as_of,
-                      nf.current_only)
 
 
 def tag_value(v: MetadataValue) -> str:
