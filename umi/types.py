@@ -299,6 +299,23 @@ def _check_embedding(value: object) -> np.ndarray:
     return emb
 
 
+def check_passage_embeddings(value: object, embedding: np.ndarray | None) -> np.ndarray:
+    """Passage vectors as a contiguous float32 matrix: one non-empty row per passage, each a
+    valid embedding of ``embedding``'s dimension (a fact without an embedding has none)."""
+    if embedding is None:
+        raise ValidationError("Entity.passage_embeddings need an Entity.embedding (the vector of the whole content)")
+    if isinstance(value, np.ndarray) and value.ndim != 2:
+        raise ValidationError(f"Entity.passage_embeddings must be a 2-d matrix (a row per passage); "
+                              f"got shape {value.shape}")
+    if isinstance(value, (str, bytes, bytearray, Mapping)):
+        raise TypeError(f"Entity.passage_embeddings must be a sequence of vectors, not {type(value).__name__}")
+    rows = [_check_embedding(r) for r in value]  # type: ignore[union-attr]
+    if not rows or any(r.shape != embedding.shape for r in rows) or not all(r.any() for r in rows):
+        raise ValidationError(f"Entity.passage_embeddings must hold at least one non-zero row of "
+                              f"{embedding.shape[0]} numbers (the embedding's dimension)")
+    return np.ascontiguousarray(np.stack(rows))
+
+
 def _check_unit(value: float, what: str, exc: type[ValidationError]) -> float:
     return V.check_real(value, what, 0.0, 1.0, exc)
 
@@ -364,6 +381,7 @@ class Entity:
     score: float | None = None
     scope: Scope = UNSET_SCOPE
     mentions: tuple[str, ...] = ()
+    passage_embeddings: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.entity_type = EntityType.parse(self.entity_type)
@@ -388,6 +406,8 @@ class Entity:
         self.confidence = _check_unit(self.confidence, "confidence", InvalidConfidenceError)
         if self.embedding is not None:
             self.embedding = _check_embedding(self.embedding)
+        if self.passage_embeddings is not None:
+            self.passage_embeddings = check_passage_embeddings(self.passage_embeddings, self.embedding)
         if self.created_at < 0:
             self.created_at = now_ms()
         if self.updated_at < 0:
@@ -411,13 +431,8 @@ class Entity:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Entity):
             return NotImplemented
-        same_emb = (self.embedding is None and other.embedding is None) or (
-            self.embedding is not None
-            and other.embedding is not None
-            and self.embedding.shape == other.embedding.shape
-            and bool(np.array_equal(self.embedding, other.embedding))
-        )
-        return same_emb and all(
+        return _same_array(self.embedding, other.embedding) and _same_array(
+            self.passage_embeddings, other.passage_embeddings) and all(
             getattr(self, f) == getattr(other, f)
             for f in (
                 "id", "entity_type", "name", "content", "metadata", "importance", "confidence",
@@ -450,11 +465,14 @@ class Entity:
             d["mentions"] = list(self.mentions)
         if with_embedding and self.embedding is not None:
             d["embedding"] = [float(x) for x in self.embedding]
+            if self.passage_embeddings is not None:
+                d["passage_embeddings"] = self.passage_embeddings.tolist()
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Entity":
         emb = d.get("embedding")
+        passages = d.get("passage_embeddings")
         return cls(
             entity_type=d["entity_type"],
             name=d["name"],
@@ -471,7 +489,14 @@ class Entity:
             source_id=d.get("source_id"),
             id=d.get("id", ""),
             scope=Scope.from_dict(d.get("scope")),
+            passage_embeddings=None if passages is None else np.asarray(passages, dtype=np.float32),
         )
+
+
+def _same_array(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and bool(np.array_equal(a, b))
 
 
 @dataclass(eq=True)

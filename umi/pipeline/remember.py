@@ -33,8 +33,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import numpy as np
-
 from .._validate import check_input_text
 from ..errors import EmbeddingError, EmptyTextError, ProviderError
 from ..options import RememberOptions
@@ -52,6 +50,7 @@ from . import schemas
 from .context import PipelineContext, provider_failure
 from .evolution import Candidate, EvolutionDecision, parse_evolution, rule_classify
 from .extraction import ExtractedEntity, note_for, parse_extraction, rule_extract, with_leftovers
+from .passages import embed_entities
 from .time import resolve_event_time
 
 __all__ = ["validate_text", "remember", "remember_many", "statement_key", "OPTIMISTIC_ATTEMPTS"]
@@ -397,20 +396,18 @@ async def _settle(ctx: PipelineContext, source: Source, entities: list[Entity], 
 
 
 async def _embed_all(ctx: PipelineContext, groups: list[list[Entity]], results: list[RememberResult]) -> None:
-    """One embedding batch for the facts of every text; a failure is reported on each text."""
+    """One embedding batch for the facts of every text (long contents as passages too, see
+    :mod:`umi.pipeline.passages`); a failure is reported on each text."""
     flat = [e for g in groups for e in g]
     if not flat or ctx.embedder is None:
         return
     try:
-        vecs = await ctx.embed([e.text_for_embedding() for e in flat], "passage")
+        await embed_entities(ctx, flat)
     except (EmbeddingError, ProviderError) as exc:
         for g, r in zip(groups, results):
             if g:
                 r.warnings.append("embedding failed, stored without vectors (keyword search still works): "
                                   f"{provider_failure(exc)}")
-        return
-    for e, v in zip(flat, vecs):
-        e.embedding = np.ascontiguousarray(v)
 
 
 async def remember(ctx: PipelineContext, text: str, opts: RememberOptions) -> RememberResult:
@@ -454,17 +451,8 @@ async def remember_many(ctx: PipelineContext, texts: Sequence[str], opts: Rememb
             results[i].warnings.append("this exact text was remembered before; nothing new was stored")
     found = await asyncio.gather(*(_extract(ctx, texts[i], opts, results[i]) for i in live))
     facts = {i: _build_entities(ctx, f, opts, sources[i].id, ctx.now_ms()) for i, f in zip(live, found)}
-    flat = [e for i in live for e in facts[i]]
-    if flat and opts.generate_embeddings and ctx.embedder is not None:
-        try:
-            vecs = await ctx.embed([e.text_for_embedding() for e in flat], "passage")
-            for e, v in zip(flat, vecs):
-                e.embedding = np.ascontiguousarray(v)
-        except (EmbeddingError, ProviderError) as exc:
-            for i in live:
-                if facts[i]:
-                    results[i].warnings.append("embedding failed, stored without vectors (keyword search still "
-                                               f"works): {provider_failure(exc)}")
+    if opts.generate_embeddings:
+        await _embed_all(ctx, [facts[i] for i in live], [results[i] for i in live])
     loop = asyncio.get_running_loop()
 
     def write_chunk() -> None:

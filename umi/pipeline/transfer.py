@@ -23,13 +23,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
-import numpy as np
-
 from ..errors import UmiError, ValidationError
 from ..options import RememberOptions
 from ..storage.base import HistoryRecord, Source
 from ..types import Entity, EvolutionRelation, Scope
 from .context import PipelineContext
+from .passages import embed_entities, needs_passages
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "export_records", "ImportPlan", "parse_lines", "restore"]
 
@@ -191,7 +190,7 @@ def check_consistent(plan: ImportPlan, ctx: PipelineContext) -> None:
     dim = ctx.storage.dim if ctx.storage.dim is not None else getattr(ctx.embedder, "dim", None)
     for e in plan.entities:
         if e.embedding is not None and ((theirs is not None and theirs != ours) or e.embedding.size != dim):
-            e.embedding = None
+            e.embedding = e.passage_embeddings = None
     if not ctx.scope.is_unset:
         scoped: list[Entity | Source] = [*plan.entities, *plan.sources]
         for what in scoped:
@@ -201,16 +200,15 @@ def check_consistent(plan: ImportPlan, ctx: PipelineContext) -> None:
 
 
 async def embed_missing(ctx: PipelineContext, plan: ImportPlan, progress: Progress | None) -> int:
-    """Give every imported fact without a vector one (batched; progress after each batch)."""
+    """Give every imported fact without a vector one, and a long one without passage vectors
+    those (older exports, exports without vectors): batched, progress after each batch."""
     if ctx.embedder is None:
         return 0
-    todo = [e for e in plan.entities if e.embedding is None]
+    todo = [e for e in plan.entities if e.embedding is None or needs_passages(e)]
     bs = ctx.config.embedding_batch_size
     for i in range(0, len(todo), bs):
         chunk = todo[i : i + bs]
-        vecs = await ctx.embed([e.text_for_embedding() for e in chunk], "passage")
-        for e, v in zip(chunk, vecs):
-            e.embedding = np.ascontiguousarray(v)
+        await embed_entities(ctx, chunk)
         if progress is not None:
             progress(min(i + bs, len(todo)), len(todo))
     return len(todo)

@@ -10,12 +10,11 @@ text is kept as a source of the fact's scope. One transaction, under the write l
 
 from __future__ import annotations
 
-import numpy as np
-
 from ..errors import EmbeddingError, ProviderError, ValidationError
 from ..storage.base import Source
 from ..types import Entity, EvolutionRelation, EvolutionType, RememberResult
 from .context import PipelineContext, provider_failure
+from .passages import embed_entities
 from .remember import Changes, _facets, commit
 
 __all__ = ["update", "CORRECTION_REASON"]
@@ -48,8 +47,7 @@ async def update(ctx: PipelineContext, entity_id: str, content: str) -> Remember
         return result
     if ctx.embedder is not None:
         try:
-            (vec,) = await ctx.embed([new.text_for_embedding()], "passage")
-            new.embedding = np.ascontiguousarray(vec)
+            await embed_entities(ctx, [new])
         except (EmbeddingError, ProviderError) as exc:
             result.warnings.append(f"embedding failed, stored without a vector (keyword search still works): "
                                    f"{provider_failure(exc)}")

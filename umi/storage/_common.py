@@ -28,6 +28,7 @@ from ..types import (
     EvolutionRelation,
     MetadataValue,
     Scope,
+    check_passage_embeddings,
     validate_metadata,
 )
 from .._validate import QUERY_BYTES_MAX, check_input_text
@@ -233,6 +234,14 @@ def _check_entity(e: object, dim: int | None, pos: int) -> tuple[Entity, int | N
         emb.flags.writeable = False
         dim = emb.shape[0]
     d["embedding"] = emb
+    passages = d.get("passage_embeddings")
+    if passages is not None:
+        try:
+            passages = check_passage_embeddings(passages, emb)
+        except ValidationError as exc:
+            raise ValidationError(f"entities[{pos}]: {exc}") from None
+        passages.flags.writeable = False
+    d["passage_embeddings"] = passages
     d["score"] = None
     d["mentions"] = ()
     sc = d.get("scope")
@@ -309,6 +318,7 @@ def clone_entity(e: Entity, embedding: np.ndarray | None) -> Entity:
 def make_entity(fields: dict[str, Any]) -> Entity:
     """An Entity from trusted stored fields (already validated when written); skips re-validation."""
     c = _ENTITY_NEW(Entity)
+    c.__dict__["passage_embeddings"] = None
     c.__dict__.update(fields)
     return c
 

@@ -111,6 +111,28 @@ def entities_table(batch: list[Entity], terms: list[tuple[dict[str, int], int]],
     return pa.table(cols)
 
 
+def passages_table(batch: list[Entity]) -> pa.Table:
+    """A row per passage vector of the long facts in ``batch``."""
+    ids: list[str] = []
+    seqs: list[int] = []
+    vecs: list[list[float]] = []
+    for e in batch:
+        if e.passage_embeddings is not None:
+            ids.extend([e.id] * e.passage_embeddings.shape[0])
+            seqs.extend(range(e.passage_embeddings.shape[0]))
+            vecs.extend(e.passage_embeddings.tolist())
+    return pa.table({"entity_id": pa.array(ids, pa.string()), "seq": pa.array(seqs, pa.int32()),
+                     "embedding": pa.array(vecs, pa.list_(pa.float32()))})
+
+
+def load_passages(con: Any) -> dict[str, np.ndarray]:
+    """Entity id -> its passage vectors (a row per passage, in order)."""
+    tbl = con.sql("SELECT entity_id, list(embedding ORDER BY seq) AS vecs FROM passages "
+                  "GROUP BY entity_id").to_arrow_table()
+    return {eid: np.asarray(vecs, np.float32) for eid, vecs in
+            zip(tbl.column("entity_id").to_pylist(), tbl.column("vecs").to_pylist())}
+
+
 def postings_table(batch: list[Entity], terms: list[dict[str, int]]) -> pa.Table:
     p_term: list[str] = []
     p_id: list[str] = []
@@ -357,7 +379,8 @@ class DuckDBDurable(DurableStore):
                                           None if imp is None else float(imp)) for u, a, sq, n, op, at, c, imp in ch]
         meta = dict(con.execute("SELECT key, value FROM umi_meta").fetchall())
         return Loaded(dim=dim, rows=rows, sources=sources, relations=relations, history=history,
-                      core_blocks=core_blocks, core_history=core_history, meta=meta)
+                      core_blocks=core_blocks, core_history=core_history, meta=meta,
+                      passages=load_passages(con) if dim else {})
 
     def commit(self, ch: ChangeSet, generation: int) -> None:
         from ._duckdb_schema import add_embedding_column
@@ -423,7 +446,7 @@ class DuckDBDurable(DurableStore):
                 terms.append(t if t is not None else document_terms(e.name, e.content))
         rewritten = gone + [e.id for e in full if ch.entity_existed.get(e.id)]
         if rewritten:
-            delete_rows_of(con, ("postings", "entity_metadata"), rewritten)
+            delete_rows_of(con, ("postings", "entity_metadata", "passages"), rewritten)
         if gone:
             con.register("_umi_gone", pa.table({"id": pa.array(gone, pa.string())}))
             try:
@@ -443,6 +466,8 @@ class DuckDBDurable(DurableStore):
                 insert_arrow(con, "entities", data.filter(pa.array(known)), replace=True)
             insert_arrow(con, "postings", postings_table(full, [t[0] for t in terms]))
             insert_arrow(con, "entity_metadata", metadata_table(full))
+            if any(e.passage_embeddings is not None for e in full):
+                insert_arrow(con, "passages", passages_table(full))
         if validity:
             con.executemany("UPDATE entities SET valid_to = ?, updated_at = ?, updated_generation = ? WHERE id = ?",
                             [(e.valid_to, e.updated_at, generation, e.id) for e in validity])

@@ -13,6 +13,8 @@ Schema versions (``umi_schema.version``, one row per applied migration):
    sources, relations and history, indexed by ``user_id``; existing rows land in the unset
    scope. ``core_blocks`` and ``core_history`` (keyed by ``user_id``, ``agent_id``) and
    ``umi_meta`` (string key/value).
+4. ``passages``: the passage vectors of long facts (``entity_id``, ``seq`` from 0,
+   ``embedding FLOAT[]``); facts stored before have none.
 
 A file written by a newer umi (higher version) is refused with
 :class:`~umi.errors.SchemaVersionError`; an older one is migrated forward in one
@@ -32,7 +34,7 @@ from ..types import now_ms
 __all__ = ["SCHEMA_VERSION", "check_path", "open_connection", "prepare", "read_version", "migrate",
            "add_embedding_column", "ENTITY_COLUMNS", "SCOPE_COLUMNS"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SCOPE_COLUMNS = ("user_id", "agent_id", "session_id")
 
 #: entity columns in table order (``embedding`` comes last, once the dimension is known)
@@ -149,7 +151,17 @@ def _v3(con: Any) -> None:
     con.execute("CREATE TABLE umi_meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)")
 
 
-MIGRATIONS: dict[int, Callable[[Any], None]] = {1: _v1, 2: _v2, 3: _v3}
+def _v4(con: Any) -> None:
+    con.execute("""
+        CREATE TABLE passages (
+            entity_id VARCHAR NOT NULL,
+            seq INTEGER NOT NULL,
+            embedding FLOAT[] NOT NULL,
+            PRIMARY KEY (entity_id, seq)
+        )""")
+
+
+MIGRATIONS: dict[int, Callable[[Any], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4}
 
 
 def check_path(path: str) -> str:

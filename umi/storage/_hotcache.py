@@ -6,7 +6,8 @@ to rows (type, times, liveness, document length) that turn a filter into a bool
 mask in a few vectorised operations (:func:`umi.storage.filters.mask`), coded columns
 (scope components, source id, one per metadata key: int32 value codes), a name index,
 BM25 postings, the original embeddings and the :class:`umi.index.VectorIndex`
-whose slots map to rows. :class:`~umi.storage.cached.CachedStore` (DuckDB, Lance, Sim)
+whose slots map to rows, and the passage vectors of long facts (few: scanned exactly, see
+:meth:`EntityCache.search_vector`). :class:`~umi.storage.cached.CachedStore` (DuckDB, Lance, Sim)
 keeps every entity here, loaded from its durable store on open.
 
 Transactions: :meth:`begin` starts a journal that records each touched entity's
@@ -105,7 +106,10 @@ class EntityCache:
         self._n_vecs = 0
         self._total_len = 0
         self._masks: OrderedDict[Any, tuple[int, np.ndarray, Any]] = OrderedDict()
-        self._journal: dict[str, tuple[Entity | None, np.ndarray | None]] | None = None
+        # passage vectors of long facts: row -> matrix; their stacked, normalised form for search
+        self._pass: dict[int, np.ndarray] = {}
+        self._pass_stack: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._journal: dict[str, tuple[Entity | None, np.ndarray | None, np.ndarray | None]] | None = None
         self._journal_dim: int | None = None
         self._grow(cap)
 
@@ -216,9 +220,10 @@ class EntityCache:
         self._alive[row] = False
 
     def _apply(self, eid: str, new: Entity | None, vec: np.ndarray | None,
-               terms: tuple[dict[str, int], int] | None = None, slot: int | None = None) -> None:
-        """Make ``eid`` hold ``new`` (``None``: absent) with vector ``vec``. ``slot`` is given when
-        the caller already put ``vec`` into the vector index (batched writes)."""
+               terms: tuple[dict[str, int], int] | None = None, slot: int | None = None,
+               passages: np.ndarray | None = None) -> None:
+        """Make ``eid`` hold ``new`` (``None``: absent) with vector ``vec`` and ``passages``. ``slot``
+        is given when the caller already put ``vec`` into the vector index (batched writes)."""
         row = self._row_of.get(eid)
         old = self._ent(row) if row is not None else None
         had_vec = row is not None and bool(self._has_vec[row])
@@ -238,6 +243,8 @@ class EntityCache:
             if had_vec:
                 self._has_vec[row] = False
                 self._n_vecs -= 1
+            if self._pass.pop(row, None) is not None:
+                self._pass_stack = None
         if new is None:
             if row is not None:
                 self._ents[row] = None
@@ -257,6 +264,9 @@ class EntityCache:
             self._has_vec[row] = True
             self._n_vecs += 1
             self._map_slot(row, slot)
+            if passages is not None:
+                self._pass[row] = passages
+                self._pass_stack = None
 
     # --- transactions ----------------------------------------------------------------
     def begin(self) -> None:
@@ -273,8 +283,8 @@ class EntityCache:
         journal, self._journal = self._journal, None
         if not journal:
             return
-        for eid, (old, vec) in reversed(list(journal.items())):
-            self._apply(eid, old, vec)
+        for eid, (old, vec, passages) in reversed(list(journal.items())):
+            self._apply(eid, old, vec, passages=passages)
         if self._journal_dim is None and self.dim is not None:
             # the first vector arrived inside the rolled-back transaction
             if self._n_vecs:
@@ -290,10 +300,10 @@ class EntityCache:
         if j is not None and eid not in j:
             row = self._row_of.get(eid)
             if row is None:
-                j[eid] = (None, None)
+                j[eid] = (None, None, None)
             else:
                 vec = self._vecs[row].copy() if self._has_vec[row] else None  # type: ignore[index]
-                j[eid] = (self._ent(row), vec)
+                j[eid] = (self._ent(row), vec, self._pass.get(row))
 
     # --- writes ----------------------------------------------------------------------
     def put_many(self, ents: Sequence[Entity],
@@ -324,9 +334,9 @@ class EntityCache:
             e = ents[pos]
             vec = e.embedding
             stored = e if vec is None else clone_entity(e, None)
-            stored.embedding = None
+            stored.embedding = stored.passage_embeddings = None
             self._apply(eid, stored, vec, None if terms is None else terms[pos],
-                        slot=slots[eid] if vec is not None else -1)
+                        slot=slots[eid] if vec is not None else -1, passages=e.passage_embeddings)
         return out
 
     def remove(self, eid: str) -> Entity | None:
@@ -359,8 +369,7 @@ class EntityCache:
         self.version += 1
         self._ents[row] = new
         self._valid_to[row] = I64_MAX if valid_to is None else valid_to
-        vec = self._vecs[row] if self._has_vec[row] else None  # type: ignore[index]
-        return clone_entity(new, vec)
+        return self._entity_at(row)
 
     def ids_with(self, column: str, value: Any) -> builtins.list[str]:
         """Ids of the live rows whose coded ``column`` holds ``value``, sorted."""
@@ -378,7 +387,9 @@ class EntityCache:
         return eid in self._row_of
 
     def _entity_at(self, row: int) -> Entity:
-        return clone_entity(self._ent(row), self._vecs[row] if self._has_vec[row] else None)  # type: ignore[index]
+        e = clone_entity(self._ent(row), self._vecs[row] if self._has_vec[row] else None)  # type: ignore[index]
+        e.passage_embeddings = self._pass.get(row)  # read-only
+        return e
 
     def peek(self, eid: str) -> Entity | None:
         """The stored entity itself (no embedding). Callers must not change it."""
@@ -503,8 +514,45 @@ class EntityCache:
             return []
         res = self.index.search(q, k, mask=mask)
         out = [(str(i), float(s)) for i, s in res]
+        if self._pass:  # a fact scores the best of its vector and its passages': one hit per fact
+            best = dict(out)
+            for i, s in self._passage_hits(q, k, nf):
+                if s > best.get(i, -2.0):
+                    best[i] = s
+            out = list(best.items())
         out.sort(key=lambda t: (-t[1], t[0]))
         return out[:k]
+
+    def _passage_hits(self, q: np.ndarray, k: int, nf: NormFilters) -> builtins.list[tuple[str, float]]:
+        """The ``k`` facts (that ``nf`` lets through) whose best passage is nearest ``q``, with that
+        cosine. An exact scan: passages belong to long facts only, so they are few."""
+        if self._pass_stack is None:
+            rows = sorted(self._pass)
+            mats = [self._pass[r] for r in rows]
+            mat = np.concatenate(mats).astype(np.float32)
+            mat /= np.linalg.norm(mat, axis=1, keepdims=True)
+            starts = np.cumsum([0] + [m.shape[0] for m in mats[:-1]])
+            self._pass_stack = (mat, np.asarray(rows, np.int64), starts)
+        mat, rows, starts = self._pass_stack
+        allowed = self.row_mask(nf)[rows]
+        if not allowed.any():
+            return []
+        qn = np.asarray(q, np.float32) / np.float32(np.linalg.norm(q))
+        best = np.maximum.reduceat(mat @ qn, starts)[allowed]
+        owners = rows[allowed]
+        if best.shape[0] > k:
+            keep = np.argpartition(-best, k - 1)[:k]
+            best, owners = best[keep], owners[keep]
+        ids = self._row_ids
+        return [(ids[int(r)], float(s)) for r, s in zip(owners, best)]
+
+    def load_passages(self, by_id: dict[str, np.ndarray]) -> None:
+        """Passage vectors read at open (ids of facts not stored, or without a vector, are skipped)."""
+        for eid, mat in by_id.items():
+            row = self._row_of.get(eid)
+            if row is not None and self._has_vec[row]:
+                self._pass[row] = mat
+        self._pass_stack = None
 
     def search_text(self, terms: Sequence[str], k: int, nf: NormFilters) -> builtins.list[tuple[str, float]]:
         if not terms or nf.empty or self._n_alive == 0:

@@ -15,7 +15,7 @@ A write changes the cache at once (and journals how to undo it) and records itse
 transaction's change set; the commit hands the change set to the durable store, and a failed
 durable commit rolls the cache back, so the cache never holds what the store does not.
 
-Forget (:meth:`CachedStore.delete`): the row, its postings and vector go; every history
+Forget (:meth:`CachedStore.delete`): the row, its postings, vector and passage vectors go; every history
 snapshot of it becomes a tombstone (and a ``delete`` record with the tombstone is appended);
 relations touching it go; its source goes once no remaining entity has that ``source_id``.
 """
@@ -89,7 +89,8 @@ class ChangeSet:
     history record is deleted (applied before ``core`` and ``core_history``). ``core``: core
     scopes whose blocks are rewritten from ``core_blocks``; ``core_history``: appended.
     ``meta``: key -> value. ``dim``: the vector dimension fixed in this transaction. ``terms``:
-    id -> (term frequencies, length) of written entities, when known.
+    id -> (term frequencies, length) of written entities, when known. An entity written whole
+    (not only its validity) carries its passage vectors, which replace the stored ones.
     """
 
     entities: dict[str, Entity | None] = field(default_factory=dict)
@@ -128,6 +129,8 @@ class Loaded:
     core_blocks: list[tuple[Scope, CoreBlockRecord]] = field(default_factory=list)
     core_history: list[CoreHistoryRecord] = field(default_factory=list)
     meta: dict[str, str] = field(default_factory=dict)
+    #: entity id -> its passage vectors (a row per passage), for ``rows`` (``entities`` carry theirs)
+    passages: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class DurableStore:
@@ -271,6 +274,8 @@ class CachedStore(TransactionMixin, StorageBackend):
             self._cache.bulk_load(loaded.rows)
         elif loaded.entities:
             self._cache.put_many(loaded.entities)
+        if loaded.passages:
+            self._cache.load_passages(loaded.passages)
         for s in loaded.sources:
             self._sources[s.id] = s
             self._by_hash.setdefault(s.text_hash, set()).add(s.id)
@@ -378,8 +383,9 @@ class CachedStore(TransactionMixin, StorageBackend):
         ch.entities[eid] = new
         if terms is not None:
             ch.terms[eid] = terms
-        else:
+        elif new is None:
             ch.terms.pop(eid, None)
+        # else a validity change: an earlier whole write in this transaction (terms kept) stays whole
 
     def _append_history(self, eid: str, op: str, at: int, snap: dict[str, Any], scope: Scope) -> None:
         recs = self._history.setdefault(eid, [])

@@ -5,7 +5,7 @@
     state.json      schema version, generation, embedding dimension (written atomically)
     journal.json    only while a commit writes: the table versions to go back to
     lance/          Lance tables: entities (with an ``embedding`` vector column once the
-                    dimension is known), sources, relations, history, core_blocks,
+                    dimension is known, and a long fact's passage vectors), sources, relations, history, core_blocks,
                     core_history, meta
 
 A :class:`~umi.storage.cached.CachedStore` over Lance, like the DuckDB backend: every read
@@ -49,8 +49,9 @@ from .cached import CachedStore, ChangeSet, DurableStore, Loaded
 
 __all__ = ["LanceStorageBackend"]
 
-#: 1: entities, sources, relations, history. 2: scope columns; core_blocks, core_history, meta
-SCHEMA_VERSION = 2
+#: 1: entities, sources, relations, history. 2: scope columns; core_blocks, core_history, meta.
+#: 3: ``entities.passages`` (passage vectors of long facts; null for the others)
+SCHEMA_VERSION = 3
 TABLES = ("entities", "sources", "relations", "history", "core_blocks", "core_history", "meta")
 OPTIMIZE_EVERY_COMMITS = 64
 VECTOR_DIM_MAX = 65_536
@@ -94,7 +95,8 @@ class LanceDurable(DurableStore):
             "entities": [("id", s, False), ("entity_type", s, False), ("name", s, False), ("content", s, False),
                          ("metadata_json", s, False), ("importance", f, False), ("confidence", f, False),
                          ("created_at", i, False), ("updated_at", i, False), ("event_time", i, True),
-                         ("valid_from", i, True), ("valid_to", i, True), ("source_id", s, True), *scope],
+                         ("valid_from", i, True), ("valid_to", i, True), ("source_id", s, True), *scope,
+                         ("passages", pa.list_(pa.float32()), True)],  # passage vectors, row after row
             "sources": [("id", s, False), ("text_hash", s, False), ("text", s, False), ("created_at", i, False),
                         ("metadata_json", s, False), *scope],
             "relations": [("id", s, False), ("source_id", s, False), ("target_id", s, False),
@@ -125,7 +127,7 @@ class LanceDurable(DurableStore):
             have = set(t.schema.names)
             want = self.schema(name)
             missing = [f for f in want if f.name not in have and f.name != "embedding"]
-            if missing:  # a schema-1 table: its rows land in the unset scope
+            if missing:  # an older table: its rows land in the unset scope, without passages
                 t.add_columns([pa.field(f.name, f.type, nullable=True) for f in missing])
             stale = sorted(have - set(want.names) - {"embedding"})
             if stale:  # schema 1 kept keyword and filter mirrors in the table; the cache has them now
@@ -417,11 +419,13 @@ def _entity_row(e: Entity) -> dict[str, Any]:
             "metadata_json": dumps(e.metadata), "importance": e.importance, "confidence": e.confidence,
             "created_at": e.created_at, "updated_at": e.updated_at, "event_time": e.event_time,
             "valid_from": e.valid_from, "valid_to": e.valid_to, "source_id": e.source_id, **_scope_row(e.scope),
-            "embedding": None if e.embedding is None else e.embedding.tolist()}
+            "embedding": None if e.embedding is None else e.embedding.tolist(),
+            "passages": None if e.passage_embeddings is None else e.passage_embeddings.ravel().tolist()}
 
 
 def _row_to_entity(r: dict[str, Any]) -> Entity:
     emb = r.get("embedding")
+    passages = r.get("passages")
     return make_entity({
         "entity_type": EntityType(r["entity_type"]), "name": r["name"], "content": r["content"],
         "metadata": dict(json.loads(r["metadata_json"])),
@@ -429,7 +433,9 @@ def _row_to_entity(r: dict[str, Any]) -> Entity:
         "importance": float(r["importance"]), "confidence": float(r["confidence"]),
         "created_at": int(r["created_at"]), "updated_at": int(r["updated_at"]),
         "event_time": r["event_time"], "valid_from": r["valid_from"], "valid_to": r["valid_to"],
-        "source_id": r["source_id"], "id": r["id"], "score": None, "scope": _scope_of(r), "mentions": ()})
+        "source_id": r["source_id"], "id": r["id"], "score": None, "scope": _scope_of(r), "mentions": (),
+        "passage_embeddings": None if passages is None or emb is None
+        else np.asarray(passages, dtype=np.float32).reshape(-1, len(emb))})
 
 
 # --- files ----------------------------------------------------------------------------
