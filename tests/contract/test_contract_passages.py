@@ -12,9 +12,7 @@ from umi.storage.base import SearchFilters, StorageBackend
 
 
 @pytest.fixture
-def store(backend: StorageBackend, backend_name: str) -> StorageBackend:
-    if backend_name == "postgres":
-        pytest.skip("the Postgres backend does not store passage vectors yet")
+def store(backend: StorageBackend) -> StorageBackend:
     return backend
 
 

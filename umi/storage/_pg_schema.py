@@ -16,7 +16,7 @@ from ..types import now_ms
 
 __all__ = ["SCHEMA_VERSION", "TableNames", "build_hnsw", "fix_dim", "hnsw_state", "migrate", "prepare_extension"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 VECTOR_DIM_MAX = 16_000  # pgvector's limit for the `vector` type
 HNSW_DIM_MAX = 2_000  # pgvector's limit for an HNSW index on `vector`; above it searches are exact scans
 
@@ -49,7 +49,7 @@ UPSERT_ENTITIES = (
 )
 
 _TABLES = ("entities", "sources", "relations", "history", "state", "migrations", "terms", "core_blocks",
-           "core_history", "meta")
+           "core_history", "meta", "passages")
 
 
 class TableNames:
@@ -155,7 +155,11 @@ def _migrations(n: TableNames) -> list[tuple[int, str, list[Any]]]:
           "content text, importance double precision, PRIMARY KEY (user_id, agent_id, seq))"),
         q('CREATE TABLE {meta} (key text COLLATE "C" PRIMARY KEY, value text NOT NULL)'),
     ]
-    return [(1, "initial schema", v1), (2, "scopes, core memory, store metadata, term statistics", v2)]
+    # v3: the passage vectors of long facts (umi.pipeline.passages); they go with their fact
+    v3 = [q('CREATE TABLE {passages} (entity_id text COLLATE "C" NOT NULL REFERENCES {entities} (id) '
+            "ON DELETE CASCADE, seq integer NOT NULL, embedding vector NOT NULL, PRIMARY KEY (entity_id, seq))")]
+    return [(1, "initial schema", v1), (2, "scopes, core memory, store metadata, term statistics", v2),
+            (3, "passage vectors", v3)]
 
 
 def migrate(conn: Any, n: TableNames, lock_key: int, dim: int | None, *,

@@ -14,6 +14,7 @@ Tables, named ``{table_prefix}…`` inside ``schema`` (default: ``umi_…`` in t
     entities    … embedding vector(dim) + HNSW index (vector_cosine_ops),
                 tsv tsvector (GIN) + term_freqs jsonb + doc_len for keyword search,
                 metadata jsonb (GIN, jsonb_path_ops) for @> equality filters
+    passages    entity_id, seq, embedding          a long fact's passage vectors (deleted with it)
     sources, relations, history (append-only, but for the tombstones of forgotten entities)
     core_blocks, core_history                      core memory per (user_id, agent_id)
     meta        key, value                         store metadata (e.g. the embedder's identity)
@@ -588,9 +589,21 @@ class PostgresStorageBackend(StorageBackend):
             tx.n_delta += 0 if e.id in old else 1
         self._adapt(conn)
         conn.execute(self._q(S.UPSERT_ENTITIES), [cols[c] for c in names])
+        self._put_passages(conn, chunk, [i for i in ids if i in old])
         if with_history:
             self._append_history(conn, ids, ops, cols["up"], snaps, [_scope_values(e) for e in chunk])
         tx.changed = True
+
+    def _put_passages(self, conn: Any, chunk: builtins.list[Entity], rewritten: builtins.list[str]) -> None:
+        """The passage vectors of ``chunk`` replace those of its ``rewritten`` (already stored) ids."""
+        if rewritten:
+            conn.execute(self._q("DELETE FROM {passages} WHERE entity_id = ANY(%s)"), (rewritten,))
+        rows = [(e.id, i, _Vec(v)) for e in chunk if e.passage_embeddings is not None
+                for i, v in enumerate(e.passage_embeddings)]
+        if rows:
+            conn.execute(self._q("INSERT INTO {passages} (entity_id, seq, embedding) "
+                                 "SELECT * FROM unnest(%b::text[], %b::integer[], %b::vector[])"),
+                         [list(c) for c in zip(*rows)])
 
     def _append_history(self, conn: Any, ids: builtins.list[str], ops: builtins.list[str], ats: builtins.list[int],
                         snaps: builtins.list[str], scopes: builtins.list[ScopeRow]) -> None:
@@ -625,8 +638,10 @@ class PostgresStorageBackend(StorageBackend):
         return out
 
     def _select(self, conn: Any, where: str | Any, params: Sequence[Any], tail: str = "") -> builtins.list[Entity]:
-        query = self._sql.SQL("SELECT " + S.ENTITY_COLUMNS + " FROM {t} WHERE {w} " + tail).format(
-            t=self._names.table("entities"), w=self._sql.SQL(where) if isinstance(where, str) else where)
+        query = self._sql.SQL("SELECT " + S.ENTITY_COLUMNS + ", ARRAY(SELECT vector_send(p.embedding) FROM {p} p "
+                              "WHERE p.entity_id = {t}.id ORDER BY p.seq) FROM {t} WHERE {w} " + tail).format(
+            t=self._names.table("entities"), p=self._names.table("passages"),
+            w=self._sql.SQL(where) if isinstance(where, str) else where)
         cur = conn.cursor(binary=True)
         cur.execute(query, list(params))
         return [_row_to_entity(r) for r in cur.fetchall()]
@@ -757,15 +772,23 @@ class PostgresStorageBackend(StorageBackend):
         qvec = _Vec(q)
         margin = max(16, k)  # re-scored in float64 below; the margin absorbs pgvector's float32 rounding
         table = self._names.table("entities")
-        exact = self._sql.SQL("SELECT id, embedding FROM {t} WHERE embedding IS NOT NULL AND {w} "
+        # A long fact scores the best of its vector and its passages': the nearest passage of each fact
+        # the filters let through (an exact scan: only long facts have passages), in the same statement.
+        passages = self._sql.SQL(
+            " UNION ALL (SELECT * FROM (SELECT DISTINCT ON (entity_id) entity_id, embedding, true FROM {p} "
+            "WHERE entity_id IN (SELECT id FROM {t} WHERE embedding IS NOT NULL AND {w}) "
+            "ORDER BY entity_id, embedding <=> %b::vector) b ORDER BY embedding <=> %b::vector LIMIT %s)").format(
+                p=self._names.table("passages"), t=table, w=where)
+        tail = [*params, qvec, qvec, k + margin]
+        exact = self._sql.SQL("(SELECT id, embedding, false FROM {t} WHERE embedding IS NOT NULL AND {w} "
                               # "+ 0" keeps the planner off the (approximate) index
-                              "ORDER BY (embedding <=> %b::vector) + 0, id LIMIT %s").format(t=table, w=where)
+                              "ORDER BY (embedding <=> %b::vector) + 0, id LIMIT %s)").format(t=table, w=where) + passages
         hits: builtins.list[Any] | None = None
         if not self._maybe_indexed(dim):
             with self._reading() as conn:  # one statement: no transaction needed for a consistent answer
                 self._adapt(conn)
                 cur = conn.cursor(binary=True)
-                cur.execute(exact, [*params, qvec, k + margin])
+                cur.execute(exact, [*params, qvec, k + margin, *tail])
                 hits = cur.fetchall()
         else:
             with self._reading(snapshot=True) as conn:
@@ -776,21 +799,25 @@ class PostgresStorageBackend(StorageBackend):
                     if self._iterative:
                         conn.execute("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)")
                     cur = conn.cursor(binary=True)
-                    cur.execute(self._sql.SQL("SELECT id, embedding FROM {t} WHERE embedding IS NOT NULL AND {w} "
-                                              "ORDER BY embedding <=> %b::vector LIMIT %s").format(t=table, w=where),
-                                [*params, qvec, k + margin])
+                    cur.execute(self._sql.SQL("(SELECT id, embedding, false FROM {t} WHERE embedding IS NOT NULL "
+                                              "AND {w} ORDER BY embedding <=> %b::vector LIMIT %s)").format(
+                                                  t=table, w=where) + passages,
+                                [*params, qvec, k + margin, *tail])
                     hits = cur.fetchall()
-                    if len(hits) < k:
+                    if sum(not h[2] for h in hits) < k:
                         hits = None  # the graph walk ran dry under the filter: answer exactly instead
                 if hits is None:
                     cur = conn.cursor(binary=True)
-                    cur.execute(exact, [*params, qvec, k + margin])
+                    cur.execute(exact, [*params, qvec, k + margin, *tail])
                     hits = cur.fetchall()
         if not hits:
             return []
         scores = R.cosine_scores(np.stack([_vector_from_binary(h[1]) for h in hits]),
                                  np.asarray(vector, dtype=np.float32))
-        return R.top_k([(h[0], float(s)) for h, s in zip(hits, scores)], k)
+        best: dict[str, float] = {}
+        for h, s in zip(hits, scores):
+            best[h[0]] = max(float(s), best.get(h[0], -2.0))
+        return R.top_k(list(best.items()), k)
 
     def _narrow(self, conn: Any, filters: object, where: Any, params: Sequence[Any]) -> bool:
         """Do the filters name a scope or a source holding fewer than ``exact_search_rows`` vectors?
@@ -1409,7 +1436,8 @@ def _row_to_history(r: Sequence[Any]) -> HistoryRecord:
 def _row_to_entity(r: Sequence[Any]) -> Entity:
     from ._common import make_entity
 
-    (eid, etype, name, content, meta_json, emb, imp, conf, created, updated, event, vfrom, vto, src, u, a, sess) = r
+    (eid, etype, name, content, meta_json, emb, imp, conf, created, updated, event, vfrom, vto, src, u, a, sess,
+     passages) = r
     return make_entity({
         "entity_type": EntityType(etype), "name": R.decode_text(name), "content": R.decode_text(content),
         "metadata": dict(json.loads(meta_json)),
@@ -1417,4 +1445,5 @@ def _row_to_entity(r: Sequence[Any]) -> Entity:
         "importance": float(imp), "confidence": float(conf), "created_at": int(created), "updated_at": int(updated),
         "event_time": None if event is None else int(event), "valid_from": None if vfrom is None else int(vfrom),
         "valid_to": None if vto is None else int(vto), "source_id": src, "id": eid, "score": None,
-        "scope": _scope(u, a, sess), "mentions": ()})
+        "scope": _scope(u, a, sess), "mentions": (),
+        "passage_embeddings": np.stack([_vector_from_binary(b) for b in passages]) if passages else None})
