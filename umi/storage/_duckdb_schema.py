@@ -156,9 +156,8 @@ def _v4(con: Any) -> None:
         CREATE TABLE passages (
             entity_id VARCHAR NOT NULL,
             seq INTEGER NOT NULL,
-            embedding FLOAT[] NOT NULL,
-            PRIMARY KEY (entity_id, seq)
-        )""")
+            embedding FLOAT[] NOT NULL
+        )""")  # no key: DuckDB checks one eagerly, so a fact rewritten in one transaction (delete, insert) would clash
 
 
 MIGRATIONS: dict[int, Callable[[Any], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4}
