@@ -60,15 +60,8 @@ class RecallResult(list[Entity]):
 
 
 def filters_for(opts: RecallOptions, ctx: PipelineContext | None = None) -> SearchFilters:
-    kw: dict[str, Any] = dict(
-        entity_types=opts.entity_types,
-        time_range=opts.time_range,
-        time_field=opts.time_field,
-        metadata=opts.metadata,
-        include_superseded=opts.include_superseded,
-        as_of=opts.as_of,
-    )
-    return ctx.filters(**kw) if ctx is not None else SearchFilters(**kw)
+    """The options' filters, kept inside the view's scope."""
+    return ctx.within(opts.filters) if ctx is not None else opts.filters
 
 
 def current_at(history: Sequence[Any], t: int) -> bool:
