@@ -14,11 +14,11 @@ with ``mentions`` holding the names of every facet found; ``limit`` counts state
 restated is not shown as current in between.
 
 Reranking (``MemoryConfig.reranker`` set, ``RecallOptions.rerank`` not False): the best
-``max(limit, rerank_top_n)`` statements of either path are scored against the query by the
-reranker in one batched call, and the reranker's order is fused with the fused order (reciprocal
-rank, equal weights: alone, the SPLADE-tiny reranker lost temporal questions that the fused
-order gets right); the best ``limit`` are returned, each with its new score. A failing reranker
-degrades to the fused order with a warning.
+``max(limit, rerank_top_n)`` statements of either path (each list searched as deep as for a recall
+of that many) are scored against the query by the reranker in one batched call, and the
+reranker's order is fused with the fused order (reciprocal rank, equal weights: alone, the
+SPLADE-tiny reranker lost temporal questions that the fused order gets right); the best ``limit``
+are returned, each with its new score. A failing reranker degrades to the fused order with a warning.
 
 Degradation is reported, not only logged: :class:`RecallResult` is the list of results
 with ``warnings`` (query embedding failed, vector search skipped, rewriting failed).
@@ -258,7 +258,7 @@ async def _recall(ctx: PipelineContext, query: str, opts: RecallOptions) -> Reca
     filters = filters_for(opts, ctx)
     reranker = reranker_for(ctx, opts)
     pool = limit if reranker is None else max(limit, ctx.config.rerank_top_n)
-    k = max(limit * 3, 20, pool)
+    k = max(pool * 3, 20)  # each list searched as deep as a recall of `pool` would
     warnings: list[str] = []
     (qvec,) = await _embed_queries(ctx, [query], opts, warnings)
     lists, deep, found = await ctx.io(_fast_path, ctx, query, qvec, filters, k, limit, pool, opts.deep_search,
