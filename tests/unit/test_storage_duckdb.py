@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from umi.errors import InvalidConfigError, SchemaVersionError, StorageError, StorageLockedError, ValidationError
 from umi.index import VectorIndex
 from umi.storage._duckdb_schema import SCHEMA_VERSION, migrate
-from umi.storage.base import SearchFilters, Source
+from umi.storage.base import SearchFilters, Source, source_id_for, text_hash
 from umi.storage.duckdb import INDEX_SUFFIX, DuckDBStorageBackend
 from umi.types import Entity, EvolutionRelation
 
@@ -208,19 +208,32 @@ def test_everything_survives_reopening(db: Path) -> None:
 
 
 def test_generation_lives_in_duckdb(db: Path) -> None:
+    """The generation rides on the rows a commit writes (history, entities); a commit writing
+    neither (a source alone, a meta key) records it in umi_state. Reopened, the store knows it."""
     with DuckDBStorageBackend.connect(db) as b:
         for i in range(3):
             b.upsert([ent(i)])
         with b.transaction():
             b.upsert([ent(10)])
             b.upsert([ent(11)])
-        gen = b.generation
-    assert gen == 4
+        assert b.generation == 4
+        con = b._con
+        assert con.execute("SELECT generation FROM umi_state").fetchall() == [(0,)]  # not written: rode along
+        assert con.execute("SELECT DISTINCT generation FROM history WHERE entity_id IN (?, ?)",
+                           [ent(10).id, ent(11).id]).fetchall() == [(4,)]
+        b.add_source(Source(source_id_for("a text"), text_hash("a text"), "a text", T0))  # no history, no entity row
+        b.set_meta("k", "v")
+        assert b.generation == 6
+        assert con.execute("SELECT generation FROM umi_state").fetchall() == [(6,)]
+        b.supersede(ent(0).id, T0 + 50)  # a validity change tags its row and its history record
+        assert b.generation == 7
+    with DuckDBStorageBackend.connect(db, read_only=True) as b:
+        assert b.generation == 7
     con = duckdb.connect(str(db))
-    assert con.execute("SELECT generation FROM umi_state").fetchall() == [(4,)]
-    assert con.execute("SELECT DISTINCT generation FROM history WHERE entity_id IN (?, ?)",
-                       [ent(10).id, ent(11).id]).fetchall() == [(4,)]
+    con.execute("DELETE FROM history WHERE generation = 7")  # the entity row still carries 7
     con.close()
+    with DuckDBStorageBackend.connect(db, read_only=True) as b:
+        assert b.generation == 7
 
 
 def test_rolled_back_dimension_is_not_persisted(db: Path) -> None:

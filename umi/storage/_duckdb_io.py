@@ -1,8 +1,8 @@
 """Bulk reads and writes of the DuckDB backend, through Arrow.
 
-Writes build one Arrow table per DuckDB table and insert it with one
-``INSERT ... SELECT`` from the registered table (DuckDB's bulk path, ~25x faster than
-``executemany``). The cache load reads every table it needs in one query each and turns
+Writes build one Arrow table per DuckDB table and insert it in one statement: a few
+rows as list parameters, more as ``INSERT ... SELECT`` from the registered table (DuckDB's
+bulk path, ~25x faster than ``executemany``). The cache load reads every table it needs in one query each and turns
 the columns into numpy arrays without a per-row Python loop, except where Python objects
 are the result (ids, names).
 """
@@ -42,41 +42,49 @@ _I64_MAX = np.iinfo(np.int64).max
 # --- writes ---------------------------------------------------------------------------------
 
 
-#: Batches up to this many rows go in as parameterised inserts; larger ones through Arrow.
+#: Batches up to this many rows go in as one parameterised statement; larger ones through Arrow.
 SMALL_BATCH_ROWS = 32
+
+#: SQL type of each Arrow column type a small batch passes as a list parameter
+_SQL_TYPES = {pa.string(): "VARCHAR", pa.int32(): "INTEGER", pa.int64(): "BIGINT", pa.float64(): "DOUBLE"}
 
 
 def insert_arrow(con: Any, table: str, data: pa.Table, *, replace: bool = False) -> None:
-    """``INSERT [OR REPLACE] INTO table (columns of data) SELECT ... FROM data``."""
-    if data.num_rows == 0:
+    """``INSERT [OR REPLACE] INTO table (columns of data) ...``: one statement, whatever the size.
+
+    ``replace`` only for rows that may already be stored: any ``ON CONFLICT`` clause (``OR
+    REPLACE`` is one) costs DuckDB ~5x a plain insert of a row."""
+    n = data.num_rows
+    if n == 0:
         return
-    if data.num_rows <= SMALL_BATCH_ROWS:
-        # Registering an Arrow table costs ~2 ms per statement; a parameterised insert of a few
-        # rows ~0.3 ms. One remember() writes a handful of rows into five tables.
-        cols = data.column_names
-        verb = "INSERT OR REPLACE INTO" if replace else "INSERT INTO"
-        marks = ", ".join("?" for _ in cols)
-        rows = [tuple(r[c] for c in cols) for r in data.to_pylist()]
-        con.executemany(f"{verb} {table} ({', '.join(cols)}) VALUES ({marks})", rows)
+    cols = data.column_names
+    names = ", ".join(cols)
+    verb = "INSERT OR REPLACE INTO" if replace else "INSERT INTO"
+    if n > SMALL_BATCH_ROWS:
+        name = f"_umi_batch_{table}"
+        con.register(name, data)
+        try:
+            con.execute(f"{verb} {table} ({names}) SELECT {names} FROM {name}")
+        finally:
+            con.unregister(name)
         return
-    name = f"_umi_batch_{table}"
-    con.register(name, data)
-    try:
-        cols = ", ".join(data.column_names)
-        verb = "INSERT OR REPLACE INTO" if replace else "INSERT INTO"
-        con.execute(f"{verb} {table} ({cols}) SELECT {cols} FROM {name}")
-    finally:
-        con.unregister(name)
+    # Registering an Arrow table costs ~2 ms, an executemany a statement per row; one remember()
+    # writes a few rows into each of four tables. A few rows go as parameters of one statement.
+    values = [data.column(c).to_pylist() for c in cols]
+    types = [_SQL_TYPES.get(t) for t in data.schema.types]
+    if None not in types:  # scalar columns: each column is one list parameter
+        sel = ", ".join(f"unnest(?::{t}[])" for t in types)
+        con.execute(f"{verb} {table} ({names}) SELECT {sel}", values)
+    else:  # a vector column (entities): a row of parameters per row (unnesting FLOAT[d][] costs more)
+        row = "(" + ", ".join("?" for _ in cols) + ")"
+        con.execute(f"{verb} {table} ({names}) VALUES {', '.join([row] * n)}",
+                    [v for r in zip(*values) for v in r])
 
 
-def delete_rows_of(con: Any, tables: Sequence[str], entity_ids: list[str]) -> None:
-    """Delete the rows of ``entity_ids`` from each of ``tables`` (keyed by ``entity_id``)."""
-    con.register("_umi_batch_ids", pa.table({"id": pa.array(entity_ids, pa.string())}))
-    try:
-        for table in tables:
-            con.execute(f"DELETE FROM {table} WHERE entity_id IN (SELECT id FROM _umi_batch_ids)")
-    finally:
-        con.unregister("_umi_batch_ids")
+def delete_rows_of(con: Any, tables: Sequence[str], entity_ids: list[str], key: str = "entity_id") -> None:
+    """Delete the rows whose ``key`` is one of ``entity_ids`` from each of ``tables``: one statement each."""
+    for table in tables:
+        con.execute(f"DELETE FROM {table} WHERE {key} IN (SELECT unnest(?::VARCHAR[]))", [entity_ids])
 
 
 def entities_table(batch: list[Entity], terms: list[tuple[dict[str, int], int]], generation: int,
@@ -360,6 +368,9 @@ class DuckDBDurable(DurableStore):
                       core_blocks=core_blocks, core_history=core_history, meta=meta)
 
     def commit(self, ch: ChangeSet, generation: int) -> None:
+        """One DuckDB transaction, one statement per table touched (a raw note: entities, postings,
+        history, sources). The generation rides on the rows that carry one (history, entities);
+        ``umi_state`` is written only by a commit with neither (see ``stored_generation``)."""
         from ._duckdb_schema import add_embedding_column
 
         con = self.con
@@ -371,13 +382,14 @@ class DuckDBDurable(DurableStore):
             self._entities(ch, generation, dim)
             if ch.tombstoned:
                 stones = sorted(ch.tombstoned)
-                con.executemany("UPDATE history SET snapshot = ? WHERE entity_id = ?",
-                                [(dumps({"forgotten": True, "id": i}), i) for i in stones])
+                con.execute("UPDATE history SET snapshot = t.snapshot FROM (SELECT unnest(?::VARCHAR[]) AS id, "
+                            "unnest(?::VARCHAR[]) AS snapshot) t WHERE history.entity_id = t.id",
+                            [stones, [dumps({"forgotten": True, "id": i}) for i in stones]])
             if ch.history:
                 recs = list({(r.entity_id, r.seq): r for r in ch.history}.values())
                 insert_arrow(con, "history", history_table(recs, generation), replace=ch.history_replace)
-            self._keyed(ch.sources, "sources", sources_table)
-            self._keyed(ch.relations, "relations", relations_table)
+            self._keyed(ch.sources, ch.source_existed, "sources", sources_table)
+            self._keyed(ch.relations, ch.relation_existed, "relations", relations_table)
             for sc in sorted(ch.core_forgotten, key=lambda sc: (sc.user_id or "", sc.agent_id or "")):
                 for table in ("core_blocks", "core_history"):
                     con.execute(f"DELETE FROM {table} WHERE user_id IS NOT DISTINCT FROM ? "
@@ -395,7 +407,8 @@ class DuckDBDurable(DurableStore):
                                   r.importance) for r in ch.core_history])
             if ch.meta:
                 con.executemany("INSERT OR REPLACE INTO umi_meta VALUES (?, ?)", sorted(ch.meta.items()))
-            con.execute("UPDATE umi_state SET generation = ? WHERE id = 1", [generation])
+            if not ch.history and all(e is None for e in ch.entities.values()):
+                con.execute("UPDATE umi_state SET generation = ? WHERE id = 1", [generation])
             con.execute("COMMIT")
         except BaseException:
             try:
@@ -421,42 +434,33 @@ class DuckDBDurable(DurableStore):
             else:
                 full.append(e)
                 terms.append(t if t is not None else document_terms(e.name, e.content))
+        # a stored row that is rewritten is deleted and inserted again (an ON CONFLICT costs more)
         rewritten = gone + [e.id for e in full if ch.entity_existed.get(e.id)]
         if rewritten:
             delete_rows_of(con, ("postings", "entity_metadata"), rewritten)
-        if gone:
-            con.register("_umi_gone", pa.table({"id": pa.array(gone, pa.string())}))
-            try:
-                con.execute("DELETE FROM entities WHERE id IN (SELECT id FROM _umi_gone)")
-            finally:
-                con.unregister("_umi_gone")
+            delete_rows_of(con, ("entities",), rewritten, key="id")
         if full:
-            data = entities_table(full, terms, generation, dim)
-            # INSERT OR REPLACE costs ~2.5x a plain INSERT in DuckDB: use it only for ids already stored
-            known = np.array([bool(ch.entity_existed.get(e.id)) for e in full], bool)
-            if not known.any():
-                insert_arrow(con, "entities", data)
-            elif known.all():
-                insert_arrow(con, "entities", data, replace=True)
-            else:
-                insert_arrow(con, "entities", data.filter(pa.array(~known)))
-                insert_arrow(con, "entities", data.filter(pa.array(known)), replace=True)
+            insert_arrow(con, "entities", entities_table(full, terms, generation, dim))
             insert_arrow(con, "postings", postings_table(full, [t[0] for t in terms]))
             insert_arrow(con, "entity_metadata", metadata_table(full))
         if validity:
-            con.executemany("UPDATE entities SET valid_to = ?, updated_at = ?, updated_generation = ? WHERE id = ?",
-                            [(e.valid_to, e.updated_at, generation, e.id) for e in validity])
+            con.execute("UPDATE entities SET valid_to = t.valid_to, updated_at = t.updated_at, updated_generation = ? "
+                        "FROM (SELECT unnest(?::VARCHAR[]) AS id, unnest(?::BIGINT[]) AS valid_to, "
+                        "unnest(?::BIGINT[]) AS updated_at) t WHERE entities.id = t.id",
+                        [generation, [e.id for e in validity], [e.valid_to for e in validity],
+                         [e.updated_at for e in validity]])
 
-    def _keyed(self, changes: dict[str, Any], table: str, build: Any) -> None:
+    def _keyed(self, changes: dict[str, Any], existed: dict[str, bool], table: str, build: Any) -> None:
+        """Deleted and rewritten rows of an ``id``-keyed table go in one DELETE (only ids the store
+        may hold: unknown counts as held), new states in one plain INSERT."""
         if not changes:
             return
-        con = self.con
-        gone = [i for i, v in changes.items() if v is None]
+        drop = [i for i in changes if existed.get(i, True)]
+        if drop:
+            delete_rows_of(self.con, (table,), drop, key="id")
         put = [v for v in changes.values() if v is not None]
-        if gone:
-            con.executemany(f"DELETE FROM {table} WHERE id = ?", [(i,) for i in gone])
         if put:
-            insert_arrow(con, table, build(put), replace=True)
+            insert_arrow(self.con, table, build(put))
 
     def close(self) -> None:
         self.con.close()
