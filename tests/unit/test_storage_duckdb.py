@@ -629,3 +629,68 @@ def test_injected_commit_failures_hit_duckdb_too(db: Path) -> None:
         assert sorted(e.id for e in b.list()) == sorted([keep.id, ent(3).id]) and b.generation == 2
     with pytest.raises(TypeError):
         DuckDBStorageBackend.connect(":memory:", faults="often")  # type: ignore[arg-type]
+
+
+# --- statements per commit ------------------------------------------------------------------------
+
+
+class _CountingConnection:
+    """A DuckDB connection that records (method, first words of SQL) of every statement."""
+
+    def __init__(self, con: Any) -> None:
+        self.con = con
+        self.calls: list[tuple[str, str]] = []
+
+    def _record(self, method: str, sql: str) -> None:
+        self.calls.append((method, " ".join(sql.split()[:3])))
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        self._record("execute", sql)
+        return self.con.execute(sql, *args)
+
+    def executemany(self, sql: str, *args: Any) -> Any:
+        self._record("executemany", sql)
+        return self.con.executemany(sql, *args)
+
+    def register(self, name: str, *args: Any) -> Any:
+        self._record("register", name)
+        return self.con.register(name, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.con, name)
+
+
+def test_a_raw_note_is_one_transaction_of_one_insert_per_table(tmp_path: Path) -> None:
+    """remember() of a raw note writes its fact, postings, history record and source: one plain
+    INSERT each, between BEGIN and COMMIT — no executemany (a statement per row), no ON CONFLICT
+    (~5x a plain insert), no generation UPDATE (it rides on the history row), no read."""
+    import umi
+
+    path = tmp_path / "notes.duckdb"
+    opts = umi.RememberOptions().without_extraction()
+    with umi.Memory(str(path), embedder=umi.SimEmbeddingProvider(0, 16)) as m:
+        m.remember_sync("the first write also records the embedder", opts)
+        durable = m.storage._durable  # type: ignore[attr-defined]
+        counting = _CountingConnection(durable.con)
+        durable.con = counting
+        try:
+            for i in range(3):
+                m.remember_sync(f"note {i}: Alice moved to Lisbon", opts)
+        finally:
+            durable.con = counting.con
+        generation = m.storage.generation
+    commits: list[list[tuple[str, str]]] = []
+    for call in counting.calls:
+        if call == ("execute", "BEGIN TRANSACTION"):
+            commits.append([])
+        commits[-1].append(call)
+    assert len(commits) == 3
+    for stmts in commits:
+        assert stmts == [("execute", "BEGIN TRANSACTION"), ("execute", "INSERT INTO entities"),
+                         ("execute", "INSERT INTO postings"), ("execute", "INSERT INTO history"),
+                         ("execute", "INSERT INTO sources"), ("execute", "COMMIT")], stmts
+    with umi.Memory(str(path), embedder=umi.SimEmbeddingProvider(0, 16)) as m:  # all of it is there
+        assert m.storage.generation == generation == 4
+        assert m.count_sync() == 4
+        assert [e.content for e in m.recall_sync("note 2 Lisbon", umi.RecallOptions(limit=1))] == [
+            "note 2: Alice moved to Lisbon"]
