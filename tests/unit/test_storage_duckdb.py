@@ -390,7 +390,7 @@ def test_in_memory_store_has_no_index_file(tmp_path: Path) -> None:
 def test_a_failure_half_way_through_a_write_rolls_everything_back(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import umi.storage._duckdb_io as mod
 
-    real = mod.insert_arrow
+    real = mod.insert_rows
 
     def failing(con: Any, table: str, data: Any, *, replace: bool = False) -> None:
         if table == "postings":  # entities are already inserted at this point
@@ -400,7 +400,7 @@ def test_a_failure_half_way_through_a_write_rolls_everything_back(db: Path, monk
     with DuckDBStorageBackend.connect(db) as b:
         keep = ent(0, emb=np.ones(4, np.float32))
         b.upsert([keep])
-        monkeypatch.setattr(mod, "insert_arrow", failing)
+        monkeypatch.setattr(mod, "insert_rows", failing)
         with pytest.raises(StorageError, match="rolled back") as info:
             b.upsert([ent(1, emb=np.ones(4, np.float32)), ent(2)])
         assert isinstance(info.value.__cause__, RuntimeError)
@@ -411,7 +411,7 @@ def test_a_failure_half_way_through_a_write_rolls_everything_back(db: Path, monk
                 b.upsert([ent(4)])
                 assert b.count() == 1  # inside: the supersession hides keep, ent(4) is there
         assert isinstance(outer.value.__cause__, RuntimeError)
-        monkeypatch.setattr(mod, "insert_arrow", real)
+        monkeypatch.setattr(mod, "insert_rows", real)
         assert b.count() == 1 and b.generation == 1
         assert b.get(keep.id) == keep  # the supersession was rolled back too
         assert [i for i, _ in b.search_vector(np.ones(4, np.float32), 10)] == [keep.id]
@@ -635,32 +635,6 @@ def test_injected_commit_failures_hit_duckdb_too(db: Path) -> None:
 # --- statements per commit ------------------------------------------------------------------------
 
 
-class _CountingConnection:
-    """A DuckDB connection that records (method, first words of SQL) of every statement."""
-
-    def __init__(self, con: Any) -> None:
-        self.con = con
-        self.calls: list[tuple[str, str]] = []
-
-    def _record(self, method: str, sql: str) -> None:
-        self.calls.append((method, " ".join(sql.split()[:3])))
-
-    def execute(self, sql: str, *args: Any) -> Any:
-        self._record("execute", sql)
-        return self.con.execute(sql, *args)
-
-    def executemany(self, sql: str, *args: Any) -> Any:
-        self._record("executemany", sql)
-        return self.con.executemany(sql, *args)
-
-    def register(self, name: str, *args: Any) -> Any:
-        self._record("register", name)
-        return self.con.register(name, *args)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.con, name)
-
-
 def test_a_raw_note_is_one_transaction_of_one_insert_per_table(tmp_path: Path) -> None:
     """remember() of a raw note writes its fact, postings, history record and source: one plain
     INSERT each, between BEGIN and COMMIT — no executemany (a statement per row), no ON CONFLICT
@@ -672,24 +646,24 @@ def test_a_raw_note_is_one_transaction_of_one_insert_per_table(tmp_path: Path) -
     with umi.Memory(str(path), embedder=umi.SimEmbeddingProvider(0, 16)) as m:
         m.remember_sync("the first write also records the embedder", opts)
         durable = m.storage._durable  # type: ignore[attr-defined]
-        counting = _CountingConnection(durable.con)
-        durable.con = counting
+        spy = _CountingConnection(durable.con)
+        durable.con = spy
         try:
             for i in range(3):
                 m.remember_sync(f"note {i}: Alice moved to Lisbon", opts)
         finally:
-            durable.con = counting.con
+            durable.con = spy._con
         generation = m.storage.generation
-    commits: list[list[tuple[str, str]]] = []
-    for call in counting.calls:
-        if call == ("execute", "BEGIN TRANSACTION"):
+    assert spy.executemany_calls == 0
+    commits: list[list[str]] = []
+    for sql in spy.statements:
+        if sql == "BEGIN TRANSACTION":
             commits.append([])
-        commits[-1].append(call)
+        commits[-1].append(" ".join(sql.split()[:3]))
     assert len(commits) == 3
     for stmts in commits:
-        assert stmts == [("execute", "BEGIN TRANSACTION"), ("execute", "INSERT INTO entities"),
-                         ("execute", "INSERT INTO postings"), ("execute", "INSERT INTO history"),
-                         ("execute", "INSERT INTO sources"), ("execute", "COMMIT")], stmts
+        assert stmts == ["BEGIN TRANSACTION", "INSERT INTO entities", "INSERT INTO postings", "INSERT INTO history",
+                         "INSERT INTO sources", "COMMIT"], stmts
     with umi.Memory(str(path), embedder=umi.SimEmbeddingProvider(0, 16)) as m:  # all of it is there
         assert m.storage.generation == generation == 4
         assert m.count_sync() == 4
