@@ -46,6 +46,8 @@ _I64_MAX = np.iinfo(np.int64).max
 
 #: Batches up to this many rows go in as one parameterised statement; larger ones through Arrow.
 SMALL_BATCH_ROWS = 32
+#: up to this many rows (and with a vector column) that statement is a VALUES list, else unnest
+VALUES_ROWS_MAX = 4
 
 _ARROW_TYPES = {"VARCHAR": pa.string(), "INTEGER": pa.int32(), "BIGINT": pa.int64(), "DOUBLE": pa.float64()}
 
@@ -93,13 +95,14 @@ def insert_rows(con: Any, table: str, rows: Rows, *, replace: bool = False) -> N
             con.unregister(name)
         return
     # Registering an Arrow table costs ~2 ms, an executemany a statement per row; one remember()
-    # writes a few rows into each of four tables. A few rows go as parameters of one statement.
+    # writes a few rows into each of four tables. A few rows go as parameters of one statement:
+    # a VALUES row per row (cheapest for a row or two; the only form for a vector column, as
+    # unnesting FLOAT[d][] costs more), else each column as one list parameter, unnested.
     types = [sql for sql, _ in rows.columns.values()]
-    if all(t in _ARROW_TYPES for t in types):  # scalar columns: each column is one list parameter
+    if n > VALUES_ROWS_MAX and all(t in _ARROW_TYPES for t in types):
         sel = ", ".join(f"unnest(?::{t}[])" for t in types)
         con.execute(f"{verb} {table} ({names}) SELECT {sel}", [v for _, v in rows.columns.values()])
         return
-    # a vector column (entities): a row of parameters per row (unnesting FLOAT[d][] costs more)
     cols = []
     for sql, values in rows.columns.values():
         if sql in _ARROW_TYPES:
