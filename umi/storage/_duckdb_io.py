@@ -1,10 +1,10 @@
-"""Bulk reads and writes of the DuckDB backend, through Arrow.
+"""Bulk reads and writes of the DuckDB backend.
 
-Writes build one Arrow table per DuckDB table and insert it with one
-``INSERT ... SELECT`` from the registered table (DuckDB's bulk path, ~25x faster than
-``executemany``). The cache load reads every table it needs in one query each and turns
-the columns into numpy arrays without a per-row Python loop, except where Python objects
-are the result (ids, names).
+Writes gather the rows of each DuckDB table column by column (:class:`Rows`) and insert them
+in one statement: a few rows as list parameters, more as ``INSERT ... SELECT`` from an Arrow
+table (DuckDB's bulk path, ~25x faster than ``executemany``). The cache load reads every
+table it needs in one query each, through Arrow, and turns the columns into numpy arrays
+without a per-row Python loop, except where Python objects are the result (ids, names).
 """
 
 from __future__ import annotations
@@ -24,13 +24,15 @@ from .base import HistoryRecord, Source
 from .cached import ChangeSet, DurableStore, Loaded
 
 __all__ = [
-    "insert_arrow",
+    "Rows",
+    "insert_rows",
     "delete_rows_of",
-    "entities_table",
-    "postings_table",
-    "metadata_table",
-    "history_table",
-    "relations_table",
+    "entities_rows",
+    "postings_rows",
+    "metadata_rows",
+    "history_rows",
+    "sources_rows",
+    "relations_rows",
     "load_rows",
     "DuckDBDurable",
 ]
@@ -42,62 +44,109 @@ _I64_MAX = np.iinfo(np.int64).max
 # --- writes ---------------------------------------------------------------------------------
 
 
-#: Batches up to this many rows go in as parameterised inserts; larger ones through Arrow.
+#: Batches up to this many rows go in as one parameterised statement; larger ones through Arrow.
 SMALL_BATCH_ROWS = 32
+#: up to this many rows (and with a vector column) that statement is a VALUES list, else unnest
+VALUES_ROWS_MAX = 4
+
+_ARROW_TYPES = {"VARCHAR": pa.string(), "INTEGER": pa.int32(), "BIGINT": pa.int64(), "DOUBLE": pa.float64()}
 
 
-def insert_arrow(con: Any, table: str, data: pa.Table, *, replace: bool = False) -> None:
-    """``INSERT [OR REPLACE] INTO table (columns of data) SELECT ... FROM data``."""
-    if data.num_rows == 0:
+class Rows:
+    """Rows of one table, column by column: name -> (DuckDB type, values). Values are a list,
+    except for a vector column (type ``FLOAT[d]``): a float32 matrix and a has-vector mask.
+    Plain lists, not Arrow: a remember() writes one or a few rows, where building Arrow arrays
+    costs more than the insert; :meth:`arrow` builds them for bulk batches."""
+
+    __slots__ = ("n", "columns")
+
+    def __init__(self, n: int, columns: dict[str, tuple[str, Any]]) -> None:
+        self.n = n
+        self.columns = columns
+
+    def arrow(self) -> pa.Table:
+        out: dict[str, pa.Array] = {}
+        for name, (sql, values) in self.columns.items():
+            if sql in _ARROW_TYPES:
+                out[name] = pa.array(values, _ARROW_TYPES[sql])
+            else:
+                mat, has = values
+                flat = pa.array(mat.reshape(-1), pa.float32())
+                out[name] = pa.FixedSizeListArray.from_arrays(flat, mat.shape[1], mask=pa.array(~has))
+        return pa.table(out)
+
+
+def insert_rows(con: Any, table: str, rows: Rows, *, replace: bool = False) -> None:
+    """``INSERT [OR REPLACE] INTO table (columns) ...``: one statement, whatever the size.
+
+    ``replace`` only for rows that may already be stored: any ``ON CONFLICT`` clause (``OR
+    REPLACE`` is one) costs DuckDB ~5x a plain insert of a row."""
+    n = rows.n
+    if n == 0:
         return
-    if data.num_rows <= SMALL_BATCH_ROWS:
-        # Registering an Arrow table costs ~2 ms per statement; a parameterised insert of a few
-        # rows ~0.3 ms. One remember() writes a handful of rows into five tables.
-        cols = data.column_names
-        verb = "INSERT OR REPLACE INTO" if replace else "INSERT INTO"
-        marks = ", ".join("?" for _ in cols)
-        rows = [tuple(r[c] for c in cols) for r in data.to_pylist()]
-        con.executemany(f"{verb} {table} ({', '.join(cols)}) VALUES ({marks})", rows)
+    names = ", ".join(rows.columns)
+    verb = "INSERT OR REPLACE INTO" if replace else "INSERT INTO"
+    if n > SMALL_BATCH_ROWS:
+        name = f"_umi_batch_{table}"
+        con.register(name, rows.arrow())
+        try:
+            con.execute(f"{verb} {table} ({names}) SELECT {names} FROM {name}")
+        finally:
+            con.unregister(name)
         return
-    name = f"_umi_batch_{table}"
-    con.register(name, data)
-    try:
-        cols = ", ".join(data.column_names)
-        verb = "INSERT OR REPLACE INTO" if replace else "INSERT INTO"
-        con.execute(f"{verb} {table} ({cols}) SELECT {cols} FROM {name}")
-    finally:
-        con.unregister(name)
+    # Registering an Arrow table costs ~2 ms, an executemany a statement per row; one remember()
+    # writes a few rows into each of four tables. A few rows go as parameters of one statement:
+    # a VALUES row per row (cheapest for a row or two; the only form for a vector column, as
+    # unnesting FLOAT[d][] costs more), else each column as one list parameter, unnested.
+    types = [sql for sql, _ in rows.columns.values()]
+    if n > VALUES_ROWS_MAX and all(t in _ARROW_TYPES for t in types):
+        sel = ", ".join(f"unnest(?::{t}[])" for t in types)
+        con.execute(f"{verb} {table} ({names}) SELECT {sel}", [v for _, v in rows.columns.values()])
+        return
+    cols = []
+    for sql, values in rows.columns.values():
+        if sql in _ARROW_TYPES:
+            cols.append(values)
+        else:
+            mat, has = values
+            cols.append([mat[i].tolist() if has[i] else None for i in range(n)])
+    row = "(" + ", ".join("?" for _ in cols) + ")"
+    con.execute(f"{verb} {table} ({names}) VALUES {', '.join([row] * n)}", [v for r in zip(*cols) for v in r])
 
 
-def delete_rows_of(con: Any, tables: Sequence[str], entity_ids: list[str]) -> None:
-    """Delete the rows of ``entity_ids`` from each of ``tables`` (keyed by ``entity_id``)."""
-    con.register("_umi_batch_ids", pa.table({"id": pa.array(entity_ids, pa.string())}))
-    try:
-        for table in tables:
-            con.execute(f"DELETE FROM {table} WHERE entity_id IN (SELECT id FROM _umi_batch_ids)")
-    finally:
-        con.unregister("_umi_batch_ids")
+def delete_rows_of(con: Any, tables: Sequence[str], entity_ids: list[str], key: str = "entity_id") -> None:
+    """Delete the rows whose ``key`` is one of ``entity_ids`` from each of ``tables``: one statement each."""
+    for table in tables:
+        con.execute(f"DELETE FROM {table} WHERE {key} IN (SELECT unnest(?::VARCHAR[]))", [entity_ids])
 
 
-def entities_table(batch: list[Entity], terms: list[tuple[dict[str, int], int]], generation: int,
-                   dim: int | None) -> pa.Table:
-    cols: dict[str, pa.Array] = {
-        "id": pa.array([e.id for e in batch], pa.string()),
-        "entity_type": pa.array([e.entity_type.value for e in batch], pa.string()),
-        "name": pa.array([e.name for e in batch], pa.string()),
-        "name_norm": pa.array([normalize_name(e.name) for e in batch], pa.string()),
-        "content": pa.array([e.content for e in batch], pa.string()),
-        "metadata": pa.array([dumps(e.metadata) for e in batch], pa.string()),
-        "importance": pa.array([e.importance for e in batch], pa.float64()),
-        "confidence": pa.array([e.confidence for e in batch], pa.float64()),
-        "created_at": pa.array([e.created_at for e in batch], pa.int64()),
-        "updated_at": pa.array([e.updated_at for e in batch], pa.int64()),
-        "event_time": pa.array([e.event_time for e in batch], pa.int64()),
-        "valid_from": pa.array([e.valid_from for e in batch], pa.int64()),
-        "valid_to": pa.array([e.valid_to for e in batch], pa.int64()),
-        "source_id": pa.array([e.source_id for e in batch], pa.string()),
-        "doc_len": pa.array([t[1] for t in terms], pa.int32()),
-        "updated_generation": pa.array([generation] * len(batch), pa.int64()),
+_V, _I, _B, _D = "VARCHAR", "INTEGER", "BIGINT", "DOUBLE"
+
+
+def _scope_columns(scopes: list[Scope]) -> dict[str, tuple[str, list[Any]]]:
+    return {"user_id": (_V, [s.user_id for s in scopes]), "agent_id": (_V, [s.agent_id for s in scopes]),
+            "session_id": (_V, [s.session_id for s in scopes])}
+
+
+def entities_rows(batch: list[Entity], terms: list[tuple[dict[str, int], int]], generation: int,
+                  dim: int | None) -> Rows:
+    cols: dict[str, tuple[str, Any]] = {
+        "id": (_V, [e.id for e in batch]),
+        "entity_type": (_V, [e.entity_type.value for e in batch]),
+        "name": (_V, [e.name for e in batch]),
+        "name_norm": (_V, [normalize_name(e.name) for e in batch]),
+        "content": (_V, [e.content for e in batch]),
+        "metadata": (_V, [dumps(e.metadata) for e in batch]),
+        "importance": (_D, [e.importance for e in batch]),
+        "confidence": (_D, [e.confidence for e in batch]),
+        "created_at": (_B, [e.created_at for e in batch]),
+        "updated_at": (_B, [e.updated_at for e in batch]),
+        "event_time": (_B, [e.event_time for e in batch]),
+        "valid_from": (_B, [e.valid_from for e in batch]),
+        "valid_to": (_B, [e.valid_to for e in batch]),
+        "source_id": (_V, [e.source_id for e in batch]),
+        "doc_len": (_I, [t[1] for t in terms]),
+        "updated_generation": (_B, [generation] * len(batch)),
         **_scope_columns([e.scope for e in batch]),
     }
     if dim is not None:
@@ -106,23 +155,19 @@ def entities_table(batch: list[Entity], terms: list[tuple[dict[str, int], int]],
         for i, e in enumerate(batch):
             if e.embedding is not None:
                 mat[i] = e.embedding
-        values = pa.array(mat.reshape(-1), pa.float32())
-        cols["embedding"] = pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(~has))
-    return pa.table(cols)
+        cols["embedding"] = (f"FLOAT[{dim}]", (mat, has))
+    return Rows(len(batch), cols)
 
 
-def passages_table(batch: list[Entity]) -> pa.Table:
+def passages_rows(batch: list[Entity]) -> Rows:
     """A row per passage vector of the long facts in ``batch``."""
-    ids: list[str] = []
-    seqs: list[int] = []
-    vecs: list[list[float]] = []
-    for e in batch:
-        if e.passage_embeddings is not None:
-            ids.extend([e.id] * e.passage_embeddings.shape[0])
-            seqs.extend(range(e.passage_embeddings.shape[0]))
-            vecs.extend(e.passage_embeddings.tolist())
-    return pa.table({"entity_id": pa.array(ids, pa.string()), "seq": pa.array(seqs, pa.int32()),
-                     "embedding": pa.array(vecs, pa.list_(pa.float32()))})
+    long = [e for e in batch if e.passage_embeddings is not None]
+    mats = [e.passage_embeddings for e in long]
+    ids = [e.id for e, m in zip(long, mats) for _ in range(m.shape[0])]  # type: ignore[union-attr]
+    seqs = [i for m in mats for i in range(m.shape[0])]  # type: ignore[union-attr]
+    mat = np.concatenate(mats) if mats else np.zeros((0, 1), np.float32)  # type: ignore[arg-type]
+    return Rows(len(ids), {"entity_id": (_V, ids), "seq": (_I, seqs),
+                           "embedding": (f"FLOAT[{mat.shape[1]}]", (mat, np.ones(len(ids), bool)))})
 
 
 def load_passages(con: Any) -> dict[str, np.ndarray]:
@@ -133,7 +178,7 @@ def load_passages(con: Any) -> dict[str, np.ndarray]:
             zip(tbl.column("entity_id").to_pylist(), tbl.column("vecs").to_pylist())}
 
 
-def postings_table(batch: list[Entity], terms: list[dict[str, int]]) -> pa.Table:
+def postings_rows(batch: list[Entity], terms: list[dict[str, int]]) -> Rows:
     p_term: list[str] = []
     p_id: list[str] = []
     p_tf: list[int] = []
@@ -141,11 +186,10 @@ def postings_table(batch: list[Entity], terms: list[dict[str, int]]) -> pa.Table
         p_term.extend(tf)
         p_tf.extend(tf.values())
         p_id.extend([e.id] * len(tf))
-    return pa.table({"term": pa.array(p_term, pa.string()), "entity_id": pa.array(p_id, pa.string()),
-                     "tf": pa.array(p_tf, pa.int32())})
+    return Rows(len(p_term), {"term": (_V, p_term), "entity_id": (_V, p_id), "tf": (_I, p_tf)})
 
 
-def metadata_table(batch: list[Entity]) -> pa.Table:
+def metadata_rows(batch: list[Entity]) -> Rows:
     m_id: list[str] = []
     m_key: list[str] = []
     m_type: list[str] = []
@@ -157,47 +201,41 @@ def metadata_table(batch: list[Entity]) -> pa.Table:
             m_key.append(k)
             m_type.append(vt)
             m_text.append(vx)
-    return pa.table({"entity_id": pa.array(m_id, pa.string()), "key": pa.array(m_key, pa.string()),
-                     "vtype": pa.array(m_type, pa.string()), "vtext": pa.array(m_text, pa.string())})
+    return Rows(len(m_id), {"entity_id": (_V, m_id), "key": (_V, m_key), "vtype": (_V, m_type), "vtext": (_V, m_text)})
 
 
-def _scope_columns(scopes: list[Scope], names: tuple[str, ...] = ("user_id", "agent_id", "session_id")
-                   ) -> dict[str, pa.Array]:
-    return {n: pa.array([getattr(s, n) for s in scopes], pa.string()) for n in names}
-
-
-def history_table(recs: list[HistoryRecord], generation: int) -> pa.Table:
-    return pa.table({
-        "entity_id": pa.array([r.entity_id for r in recs], pa.string()),
-        "seq": pa.array([r.seq for r in recs], pa.int32()),
-        "op": pa.array([r.op for r in recs], pa.string()),
-        "at_ms": pa.array([r.at for r in recs], pa.int64()),
-        "snapshot": pa.array([dumps(dict(r.snapshot)) for r in recs], pa.string()),
-        "generation": pa.array([generation] * len(recs), pa.int64()),
+def history_rows(recs: list[HistoryRecord], generation: int) -> Rows:
+    return Rows(len(recs), {
+        "entity_id": (_V, [r.entity_id for r in recs]),
+        "seq": (_I, [r.seq for r in recs]),
+        "op": (_V, [r.op for r in recs]),
+        "at_ms": (_B, [r.at for r in recs]),
+        "snapshot": (_V, [dumps(dict(r.snapshot)) for r in recs]),
+        "generation": (_B, [generation] * len(recs)),
         **_scope_columns([r.scope for r in recs]),
     })
 
 
-def sources_table(srcs: list[Source]) -> pa.Table:
-    return pa.table({
-        "id": pa.array([s.id for s in srcs], pa.string()),
-        "text_hash": pa.array([s.text_hash for s in srcs], pa.string()),
-        "text": pa.array([s.text for s in srcs], pa.string()),
-        "created_at": pa.array([s.created_at for s in srcs], pa.int64()),
-        "metadata": pa.array([dumps(dict(s.metadata)) for s in srcs], pa.string()),
+def sources_rows(srcs: list[Source]) -> Rows:
+    return Rows(len(srcs), {
+        "id": (_V, [s.id for s in srcs]),
+        "text_hash": (_V, [s.text_hash for s in srcs]),
+        "text": (_V, [s.text for s in srcs]),
+        "created_at": (_B, [s.created_at for s in srcs]),
+        "metadata": (_V, [dumps(dict(s.metadata)) for s in srcs]),
         **_scope_columns([s.scope for s in srcs]),
     })
 
 
-def relations_table(rels: list[EvolutionRelation]) -> pa.Table:
-    return pa.table({
-        "id": pa.array([r.id for r in rels], pa.string()),
-        "source_id": pa.array([r.source_id for r in rels], pa.string()),
-        "target_id": pa.array([r.target_id for r in rels], pa.string()),
-        "evolution_type": pa.array([r.evolution_type.value for r in rels], pa.string()),
-        "reason": pa.array([r.reason for r in rels], pa.string()),
-        "confidence": pa.array([r.confidence for r in rels], pa.float64()),
-        "created_at": pa.array([r.created_at for r in rels], pa.int64()),
+def relations_rows(rels: list[EvolutionRelation]) -> Rows:
+    return Rows(len(rels), {
+        "id": (_V, [r.id for r in rels]),
+        "source_id": (_V, [r.source_id for r in rels]),
+        "target_id": (_V, [r.target_id for r in rels]),
+        "evolution_type": (_V, [r.evolution_type.value for r in rels]),
+        "reason": (_V, [r.reason for r in rels]),
+        "confidence": (_D, [r.confidence for r in rels]),
+        "created_at": (_B, [r.created_at for r in rels]),
         **_scope_columns([r.scope for r in rels]),
     })
 
@@ -383,6 +421,9 @@ class DuckDBDurable(DurableStore):
                       passages=load_passages(con) if dim else {})
 
     def commit(self, ch: ChangeSet, generation: int) -> None:
+        """One DuckDB transaction, one statement per table touched (a raw note: entities, postings,
+        history, sources). The generation rides on the rows that carry one (history, entities);
+        ``umi_state`` is written only by a commit with neither (see ``stored_generation``)."""
         from ._duckdb_schema import add_embedding_column
 
         con = self.con
@@ -394,13 +435,14 @@ class DuckDBDurable(DurableStore):
             self._entities(ch, generation, dim)
             if ch.tombstoned:
                 stones = sorted(ch.tombstoned)
-                con.executemany("UPDATE history SET snapshot = ? WHERE entity_id = ?",
-                                [(dumps({"forgotten": True, "id": i}), i) for i in stones])
+                con.execute("UPDATE history SET snapshot = t.snapshot FROM (SELECT unnest(?::VARCHAR[]) AS id, "
+                            "unnest(?::VARCHAR[]) AS snapshot) t WHERE history.entity_id = t.id",
+                            [stones, [dumps({"forgotten": True, "id": i}) for i in stones]])
             if ch.history:
                 recs = list({(r.entity_id, r.seq): r for r in ch.history}.values())
-                insert_arrow(con, "history", history_table(recs, generation), replace=ch.history_replace)
-            self._keyed(ch.sources, "sources", sources_table)
-            self._keyed(ch.relations, "relations", relations_table)
+                insert_rows(con, "history", history_rows(recs, generation), replace=ch.history_replace)
+            self._keyed(ch.sources, ch.source_existed, "sources", sources_rows)
+            self._keyed(ch.relations, ch.relation_existed, "relations", relations_rows)
             for sc in sorted(ch.core_forgotten, key=lambda sc: (sc.user_id or "", sc.agent_id or "")):
                 for table in ("core_blocks", "core_history"):
                     con.execute(f"DELETE FROM {table} WHERE user_id IS NOT DISTINCT FROM ? "
@@ -418,7 +460,8 @@ class DuckDBDurable(DurableStore):
                                   r.importance) for r in ch.core_history])
             if ch.meta:
                 con.executemany("INSERT OR REPLACE INTO umi_meta VALUES (?, ?)", sorted(ch.meta.items()))
-            con.execute("UPDATE umi_state SET generation = ? WHERE id = 1", [generation])
+            if not ch.history and all(e is None for e in ch.entities.values()):
+                con.execute("UPDATE umi_state SET generation = ? WHERE id = 1", [generation])
             con.execute("COMMIT")
         except BaseException:
             try:
@@ -444,44 +487,35 @@ class DuckDBDurable(DurableStore):
             else:
                 full.append(e)
                 terms.append(t if t is not None else document_terms(e.name, e.content))
+        # a stored row that is rewritten is deleted and inserted again (an ON CONFLICT costs more)
         rewritten = gone + [e.id for e in full if ch.entity_existed.get(e.id)]
         if rewritten:
             delete_rows_of(con, ("postings", "entity_metadata", "passages"), rewritten)
-        if gone:
-            con.register("_umi_gone", pa.table({"id": pa.array(gone, pa.string())}))
-            try:
-                con.execute("DELETE FROM entities WHERE id IN (SELECT id FROM _umi_gone)")
-            finally:
-                con.unregister("_umi_gone")
+            delete_rows_of(con, ("entities",), rewritten, key="id")
         if full:
-            data = entities_table(full, terms, generation, dim)
-            # INSERT OR REPLACE costs ~2.5x a plain INSERT in DuckDB: use it only for ids already stored
-            known = np.array([bool(ch.entity_existed.get(e.id)) for e in full], bool)
-            if not known.any():
-                insert_arrow(con, "entities", data)
-            elif known.all():
-                insert_arrow(con, "entities", data, replace=True)
-            else:
-                insert_arrow(con, "entities", data.filter(pa.array(~known)))
-                insert_arrow(con, "entities", data.filter(pa.array(known)), replace=True)
-            insert_arrow(con, "postings", postings_table(full, [t[0] for t in terms]))
-            insert_arrow(con, "entity_metadata", metadata_table(full))
+            insert_rows(con, "entities", entities_rows(full, terms, generation, dim))
+            insert_rows(con, "postings", postings_rows(full, [t[0] for t in terms]))
+            insert_rows(con, "entity_metadata", metadata_rows(full))
             if any(e.passage_embeddings is not None for e in full):
-                insert_arrow(con, "passages", passages_table(full))
+                insert_rows(con, "passages", passages_rows(full))
         if validity:
-            con.executemany("UPDATE entities SET valid_to = ?, updated_at = ?, updated_generation = ? WHERE id = ?",
-                            [(e.valid_to, e.updated_at, generation, e.id) for e in validity])
+            con.execute("UPDATE entities SET valid_to = t.valid_to, updated_at = t.updated_at, updated_generation = ? "
+                        "FROM (SELECT unnest(?::VARCHAR[]) AS id, unnest(?::BIGINT[]) AS valid_to, "
+                        "unnest(?::BIGINT[]) AS updated_at) t WHERE entities.id = t.id",
+                        [generation, [e.id for e in validity], [e.valid_to for e in validity],
+                         [e.updated_at for e in validity]])
 
-    def _keyed(self, changes: dict[str, Any], table: str, build: Any) -> None:
+    def _keyed(self, changes: dict[str, Any], existed: dict[str, bool], table: str, build: Any) -> None:
+        """Deleted and rewritten rows of an ``id``-keyed table go in one DELETE (only ids the store
+        may hold: unknown counts as held), new states in one plain INSERT."""
         if not changes:
             return
-        con = self.con
-        gone = [i for i, v in changes.items() if v is None]
+        drop = [i for i in changes if existed.get(i, True)]
+        if drop:
+            delete_rows_of(self.con, (table,), drop, key="id")
         put = [v for v in changes.values() if v is not None]
-        if gone:
-            con.executemany(f"DELETE FROM {table} WHERE id = ?", [(i,) for i in gone])
         if put:
-            insert_arrow(con, table, build(put), replace=True)
+            insert_rows(self.con, table, build(put))
 
     def close(self) -> None:
         self.con.close()

@@ -102,6 +102,10 @@ class ChangeSet:
     tombstoned: set[str] = field(default_factory=set)
     sources: dict[str, Source | None] = field(default_factory=dict)
     relations: dict[str, EvolutionRelation | None] = field(default_factory=dict)
+    #: id -> whether the durable store held the source / relation before the transaction (an id
+    #: missing here counts as held: a durable store must then replace, not just insert)
+    source_existed: dict[str, bool] = field(default_factory=dict)
+    relation_existed: dict[str, bool] = field(default_factory=dict)
     core_forgotten: set[Scope] = field(default_factory=set)
     core: dict[Scope, list[CoreBlockRecord]] = field(default_factory=dict)
     core_history: list[CoreHistoryRecord] = field(default_factory=list)
@@ -583,6 +587,7 @@ class CachedStore(TransactionMixin, StorageBackend):
                 self._by_hash.setdefault(old.text_hash, set()).add(old.id)
 
         self._on_undo(undo)
+        self._changes.source_existed.setdefault(src.id, old is not None)
         self._changes.sources[src.id] = src
 
     def _drop_source(self, sid: str) -> None:
@@ -594,6 +599,7 @@ class CachedStore(TransactionMixin, StorageBackend):
             self._by_hash.setdefault(old.text_hash, set()).add(sid)
 
         self._on_undo(undo)
+        self._changes.source_existed.setdefault(sid, True)
         self._changes.sources[sid] = None
 
     def delete_source(self, source_id: str) -> bool:
@@ -671,6 +677,7 @@ class CachedStore(TransactionMixin, StorageBackend):
                 self._relations[r.id] = old
 
         self._on_undo(undo)
+        self._changes.relation_existed.setdefault(r.id, old is not None)
         self._changes.relations[r.id] = r
 
     def _drop_relation(self, rid: str) -> None:
@@ -685,6 +692,7 @@ class CachedStore(TransactionMixin, StorageBackend):
                 self._rels_of.setdefault(e, set()).add(rid)
 
         self._on_undo(undo)
+        self._changes.relation_existed.setdefault(rid, True)
         self._changes.relations[rid] = None
 
     def relations_for(self, entity_id: str) -> builtins.list[EvolutionRelation]:

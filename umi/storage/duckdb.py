@@ -48,7 +48,7 @@ from ..errors import (
 )
 from ._common import check_int
 from ._duckdb_io import DuckDBDurable
-from ._duckdb_schema import check_path, open_connection, prepare
+from ._duckdb_schema import check_path, open_connection, prepare, stored_generation
 from .cached import CachedStore, FaultyDurable
 
 __all__ = ["DuckDBStorageBackend", "INDEX_SUFFIX"]
@@ -272,7 +272,7 @@ class DuckDBStorageBackend(CachedStore):
         durable = self._durable
         self._init_state(durable, durable.dim, self._new_index)  # type: ignore[attr-defined]
         loaded = durable.load(durable.dim)  # type: ignore[attr-defined]
-        loaded.generation = int(self._con.execute("SELECT generation FROM umi_state WHERE id = 1").fetchall()[0][0])
+        loaded.generation = stored_generation(self._con)
         self._open_cache(loaded)
         self._cache.rebuild_index()
         self._closed = False
