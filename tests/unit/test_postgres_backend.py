@@ -209,6 +209,29 @@ def test_hnsw_path_with_selective_filter_falls_back_to_exact(postgres_url: str, 
     b.close()
 
 
+def test_hnsw_path_adds_the_nearest_passage_of_long_facts(postgres_url: str, pg_schema: str) -> None:
+    import psycopg
+
+    url = postgres_url + "?options=-c%20enable_seqscan%3Doff"
+    b = PostgresStorageBackend.connect(url, schema=pg_schema, exact_search_rows=1, ef_search=40)
+    ents = [_ent(i) for i in range(200)]
+    q = np.random.default_rng(5).normal(size=8).astype(np.float32)
+    far = -q / np.linalg.norm(q)  # the long fact's own vector points away from the question
+    long = Entity("note", "Report", "a long report", embedding=far,
+                  passage_embeddings=np.stack([np.roll(far, 1), q, np.roll(q, 2)]).astype(np.float32))
+    b.upsert([*ents, long])
+    assert b.build_vector_index() is True
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'ANALYZE "{pg_schema}".umi_entities')  # the graph is walked only for a table known big
+    got = b.search_vector(q, 5)
+    assert got[0][0] == long.id and got[0][1] == pytest.approx(1.0, abs=1e-6)  # found by its passage, once
+    assert [i for i, _ in got[1:]] == _exact_top(ents, q, 4)
+    assert long.id not in [i for i, _ in b.search_vector(q, 5, SearchFilters(entity_types=("person",)))]
+    assert b.delete(long.id)
+    assert long.id not in [i for i, _ in b.search_vector(q, 5)]
+    b.close()
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(docs=st.lists(st.lists(st.sampled_from(["alpha", "beta", "gamma", "delta", "engineers", "acme", "x1"]),
                               min_size=0, max_size=8), min_size=1, max_size=12),
