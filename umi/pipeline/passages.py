@@ -11,10 +11,12 @@ best of its main vector and its passages. Keyword search already indexes the who
 
 ``PASSAGE_WORDS`` = 200 keeps a passage inside e5's window even at 2.5 tokens a word (most
 non-English text), so each passage is embedded whole, never pooled; a Chinese or Japanese
-character counts as a word (those scripts write no spaces). It is small enough that one sentence still weighs in
-its passage's vector (with the local embedder, the passage holding the last sentence of the
-test's 3,000-word text scores 0.87 against its question; the whole text's vector 0.78). Short
-texts (the common case) get no passages and cost nothing extra.
+character counts as a word (those scripts write no spaces). It is small enough that one
+sentence still weighs in its passage's vector (with the local embedder, the passage holding
+the last sentence of the test's 3,000-word text scores 0.87 against its question, the whole
+text's vector 0.78). The fact's own ``embedding`` stays the vector of its whole content: what
+evolution detection compares and what stores already hold. Short texts (the common case) get
+no passages and cost nothing extra.
 """
 
 from __future__ import annotations
