@@ -10,12 +10,14 @@ are the result (ids, names).
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.compute as pc  # type: ignore[import-untyped]
 
+from ..errors import StorageError
 from ..types import UNSET_SCOPE, CoreBlockRecord, CoreHistoryRecord, Entity, EntityType, EvolutionRelation, Scope, normalize_name
 from ._common import dumps, make_entity, meta_key
 from ._hotcache import TYPE_CODES, LoadedRows
@@ -320,9 +322,37 @@ def _postings(con: Any) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
 # --- the durable store --------------------------------------------------------------------
 
 
+@contextmanager
+def _read_errors(what: str) -> Iterator[None]:
+    """A DuckDB failure of an on-demand read (after open) as a :class:`~umi.StorageError`."""
+    import duckdb
+
+    try:
+        yield
+    except duckdb.Error as exc:
+        raise StorageError(f"cannot read {what} from DuckDB: {exc}") from exc
+
+
+def _rows_for_ids(con: Any, select: str, id_column: str, ids: Sequence[str]) -> pa.Table:
+    """``select`` (one table, aliased) restricted to ``id_column IN ids``, as Arrow: a
+    parameterised ``IN`` for a few ids (the primary key / index lookup), a join with a
+    registered Arrow table for many."""
+    if len(ids) <= SMALL_BATCH_ROWS:
+        marks = ", ".join("?" for _ in ids)
+        return con.sql(f"{select} WHERE {id_column} IN ({marks})", params=list(ids)).to_arrow_table()
+    con.register("_umi_want_ids", pa.table({"id": pa.array(list(ids), pa.string())}))
+    try:
+        return con.sql(f"{select} JOIN _umi_want_ids w ON {id_column} = w.id").to_arrow_table()
+    finally:
+        con.unregister("_umi_want_ids")
+
+
 class DuckDBDurable(DurableStore):
-    """The DuckDB half of :class:`~umi.storage.duckdb.DuckDBStorageBackend`: loads every table at
-    open; writes one :class:`ChangeSet` per commit in one DuckDB transaction."""
+    """The DuckDB half of :class:`~umi.storage.duckdb.DuckDBStorageBackend`: loads what the cache
+    serves reads from at open (history is read per entity on first use, :meth:`load_history`);
+    writes one :class:`ChangeSet` per commit in one DuckDB transaction."""
+
+    lazy_history = True
 
     def __init__(self, con: Any, dim: int | None) -> None:
         self.con = con
@@ -344,10 +374,6 @@ class DuckDBDurable(DurableStore):
                          *(rel.column(k).to_pylist() for k in ("id", "source_id", "target_id", "evolution_type",
                                                                "reason", "confidence", "created_at")),
                          scope_list(rel))]
-        hist = con.sql("SELECT entity_id, seq, op, at_ms, snapshot, user_id, agent_id, session_id "
-                       "FROM history").to_arrow_table()
-        history = list(zip(*(hist.column(k).to_pylist() for k in ("entity_id", "seq", "op", "at_ms", "snapshot")),
-                           scope_list(hist)))
         cb = con.execute("SELECT user_id, agent_id, name, content, importance, position FROM core_blocks "
                          "ORDER BY user_id NULLS FIRST, agent_id NULLS FIRST, position").fetchall()
         core_blocks = [(_scope((u, a, None)), CoreBlockRecord(n, c, float(imp), int(pos))) for u, a, n, c, imp, pos in cb]
@@ -356,8 +382,18 @@ class DuckDBDurable(DurableStore):
         core_history = [CoreHistoryRecord(_scope((u, a, None)), n, int(sq), op, int(at), c,
                                           None if imp is None else float(imp)) for u, a, sq, n, op, at, c, imp in ch]
         meta = dict(con.execute("SELECT key, value FROM umi_meta").fetchall())
-        return Loaded(dim=dim, rows=rows, sources=sources, relations=relations, history=history,
+        return Loaded(dim=dim, rows=rows, sources=sources, relations=relations,
                       core_blocks=core_blocks, core_history=core_history, meta=meta)
+
+    def load_history(self, entity_ids: Sequence[str] | None) -> list[tuple[str, int, str, int, Any, Scope]]:
+        cols = "h.entity_id, h.seq, h.op, h.at_ms, h.snapshot, h.user_id, h.agent_id, h.session_id"
+        with _read_errors("history"):
+            if entity_ids is None:
+                hist = self.con.sql(f"SELECT {cols} FROM history h").to_arrow_table()
+            else:
+                hist = _rows_for_ids(self.con, f"SELECT {cols} FROM history h", "h.entity_id", entity_ids)
+        return list(zip(*(hist.column(k).to_pylist() for k in ("entity_id", "seq", "op", "at_ms", "snapshot")),
+                        scope_list(hist)))
 
     def commit(self, ch: ChangeSet, generation: int) -> None:
         from ._duckdb_schema import add_embedding_column

@@ -131,10 +131,22 @@ class Loaded:
 
 
 class DurableStore:
-    """The narrow durable layer under :class:`CachedStore`."""
+    """The narrow durable layer under :class:`CachedStore`.
+
+    A store whose :attr:`lazy_history` is True leaves ``Loaded.history`` empty at open and
+    answers :meth:`load_history` instead, when the cache first needs an entity's records.
+    """
+
+    #: history is read on demand (:meth:`load_history`), not at open
+    lazy_history = False
 
     def load(self, dim: int | None) -> Loaded:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def load_history(self, entity_ids: Sequence[str] | None) -> list[tuple[str, int, str, int, Any, Scope]]:
+        """The committed history records of ``entity_ids`` (every record when ``None``), as
+        ``Loaded.history`` holds them; any order."""
+        raise NotImplementedError  # pragma: no cover - only lazy stores are asked
 
     def commit(self, changes: ChangeSet, generation: int) -> None:  # pragma: no cover - interface
         """Write ``changes`` and the new ``generation`` atomically, or raise and write nothing."""
@@ -157,8 +169,15 @@ class FaultyDurable(DurableStore):
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
+    @property
+    def lazy_history(self) -> bool:  # type: ignore[override]
+        return bool(self.inner.lazy_history)
+
     def load(self, dim: int | None) -> Loaded:
         return self.inner.load(dim)
+
+    def load_history(self, entity_ids: Sequence[str] | None) -> list[tuple[str, int, str, int, Any, Scope]]:
+        return self.inner.load_history(entity_ids)
 
     def commit(self, changes: ChangeSet, generation: int) -> None:
         from ..sim.faults import FaultType
@@ -254,6 +273,11 @@ class CachedStore(TransactionMixin, StorageBackend):
         self._relations: dict[str, EvolutionRelation] = {}
         self._rels_of: dict[str, set[str]] = {}
         self._history: dict[str, list[_Hist]] = {}
+        # lazy history (a durable store with lazy_history): ids whose committed records were read;
+        # _hist_all once every record was. An id absent from both is asked of the durable store
+        # before its records are read or changed, so the cache never acts on half a history.
+        self._hist_known: set[str] = set()
+        self._hist_all = True
         self._core: dict[Scope, list[CoreBlockRecord]] = {}
         self._core_hist: dict[Scope, list[CoreHistoryRecord]] = {}
         self._meta: dict[str, str] = {}
@@ -278,16 +302,8 @@ class CachedStore(TransactionMixin, StorageBackend):
             self._relations[r.id] = r
             for end in (r.source_id, r.target_id):
                 self._rels_of.setdefault(end, set()).add(r.id)
-        hist = self._history
-        for eid, seq, op, at, snap, scope in loaded.history:
-            recs = hist.get(eid)
-            if recs is None:
-                hist[eid] = [_Hist(seq, op, at, snap, scope)]
-            else:
-                recs.append(_Hist(seq, op, at, snap, scope))
-        for recs in hist.values():
-            if len(recs) > 1:
-                recs.sort(key=lambda h: h.seq)
+        self._hist_all = not self._durable.lazy_history
+        self._add_loaded_history(loaded.history)
         for scope, block in loaded.core_blocks:
             self._core.setdefault(scope, []).append(block)
         for blocks in self._core.values():
@@ -297,6 +313,49 @@ class CachedStore(TransactionMixin, StorageBackend):
         for recs2 in self._core_hist.values():
             recs2.sort(key=lambda r: r.seq)
         self._meta = dict(loaded.meta)
+
+    def _add_loaded_history(self, records: Sequence[tuple[str, int, str, int, Any, Scope]],
+                            skip: set[str] | None = None) -> None:
+        """Committed records from the durable store into ``_history`` (ids in ``skip`` are known
+        already: the cache's copy, which may hold this transaction's changes, wins)."""
+        hist = self._history
+        touched = set()
+        for eid, seq, op, at, snap, scope in records:
+            if skip is not None and eid in skip:
+                continue
+            recs = hist.get(eid)
+            if recs is None:
+                hist[eid] = [_Hist(seq, op, at, snap, scope)]
+            else:
+                recs.append(_Hist(seq, op, at, snap, scope))
+                touched.add(eid)
+        for eid in touched:
+            hist[eid].sort(key=lambda h: h.seq)
+
+    def _fetch_history(self, entity_ids: Sequence[str]) -> None:
+        """Read the committed history of those of ``entity_ids`` not known yet (one durable read)."""
+        if self._hist_all:
+            return
+        known = self._hist_known
+        want = sorted({i for i in entity_ids if i not in known})
+        if not want:
+            return
+        self._add_loaded_history(self._durable.load_history(want))
+        known.update(want)
+
+    def _hist(self, eid: str) -> builtins.list[_Hist] | None:
+        """``eid``'s history records (read from the durable store on first use)."""
+        if not self._hist_all and eid not in self._hist_known:
+            self._fetch_history([eid])
+        return self._history.get(eid)
+
+    def _fetch_all_history(self) -> None:
+        if self._hist_all:
+            return
+        known = self._hist_known
+        self._add_loaded_history(self._durable.load_history(None), skip=known)
+        self._hist_all = True
+        known.clear()
 
     # --- plumbing ---------------------------------------------------------------------------
     @property
@@ -382,6 +441,7 @@ class CachedStore(TransactionMixin, StorageBackend):
             ch.terms.pop(eid, None)
 
     def _append_history(self, eid: str, op: str, at: int, snap: dict[str, Any], scope: Scope) -> None:
+        self._hist(eid)
         recs = self._history.setdefault(eid, [])
         seq = (recs[-1].seq if recs else 0) + 1
         recs.append(_Hist(seq, op, at, snap, scope))
@@ -421,6 +481,7 @@ class CachedStore(TransactionMixin, StorageBackend):
         for e, t in zip(ents, terms):
             self._record_entity(e.id, e, existed[e.id], t)
         if history:
+            self._fetch_history([e.id for e in ents])
             for e, new in zip(ents, fresh):
                 self._append_history(e.id, "create" if new else "update", e.updated_at, snapshot_of(e), e.scope)
 
@@ -445,7 +506,7 @@ class CachedStore(TransactionMixin, StorageBackend):
         assert old is not None
         self._record_entity(eid, None, True)
         # every snapshot of it becomes a tombstone, then the delete record (a tombstone too)
-        recs = self._history.get(eid, [])
+        recs = self._hist(eid) or []
         before = [h.snap for h in recs]
         stone = tombstone(eid)
         for h in recs:
@@ -699,11 +760,12 @@ class CachedStore(TransactionMixin, StorageBackend):
     def history(self, entity_id: str) -> builtins.list[HistoryRecord]:
         eid = check_id(entity_id)
         with self._reading("history"):
-            return [h.record(eid) for h in self._history.get(eid, ())]
+            return [h.record(eid) for h in self._hist(eid) or ()]
 
     def iter_history(self, scope: Scope | None = None) -> Iterator[HistoryRecord]:
         sc = check_scope(scope, optional=True)
         with self._reading("iter_history"):
+            self._fetch_all_history()
             out = [h.record(eid) for eid in sorted(self._history) for h in self._history[eid]
                    if sc is None or sc.contains(h.scope)]
         return iter(out)
@@ -730,6 +792,7 @@ class CachedStore(TransactionMixin, StorageBackend):
                     self._put_history(h)
 
     def _put_history(self, h: HistoryRecord) -> None:
+        self._hist(h.entity_id)
         recs = self._history.setdefault(h.entity_id, [])
         before = list(recs)
         new = _Hist(h.seq, h.op, h.at, copy.deepcopy(dict(h.snapshot)), h.scope)
