@@ -49,6 +49,7 @@ serialised.
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 import math
 import os
@@ -348,6 +349,10 @@ class VectorIndex:
         if not isinstance(id, str):
             raise TypeError(f"id must be a str, got {type(id).__name__}")
         return self._slot.get(id, -1)
+
+    def slots_of(self, ids: Sequence[str]) -> np.ndarray:
+        """The slot of each of ``ids`` (str, unchecked), -1 where absent: int64, in order."""
+        return np.fromiter(map(self._slot.get, ids, itertools.repeat(-1)), np.int64, len(ids))
 
     def id_at(self, slot: int) -> str | None:
         if isinstance(slot, bool) or not isinstance(slot, (int, np.integer)):

@@ -9,6 +9,7 @@ are the result (ids, names).
 
 from __future__ import annotations
 
+import functools
 import json
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
@@ -185,17 +186,22 @@ def relations_table(rels: list[EvolutionRelation]) -> pa.Table:
 # --- the cache load -------------------------------------------------------------------------
 
 
-def load_rows(con: Any, dim: int | None) -> LoadedRows:
+def load_rows(con: Any, dim: int | None, *, with_vectors: bool = True) -> LoadedRows:
     """Everything the entity cache needs.
 
     Rows are numbered in the order DuckDB returns them (sorting wide rows costs more than the
     rest of the load); the metadata and postings queries join on that numbering through a
-    registered Arrow table. Entity objects are built on first use (``materialise``).
+    registered Arrow table. Entity objects are built on first use (``materialise``), and so are
+    the vectors when ``with_vectors`` is False (a reopen with a valid vector index cache: the
+    vectors are ~90 % of the bytes and search reads the index's copy).
     """
+    vec_col = ""
+    if dim:
+        vec_col = ", embedding" if with_vectors else ", embedding IS NOT NULL AS has_embedding"
     tbl = con.sql(
         "SELECT id, entity_type, name, name_norm, content, metadata, importance, confidence, created_at, "
         "updated_at, event_time, valid_from, valid_to, source_id, doc_len, user_id, agent_id, session_id"
-        f"{', embedding' if dim else ''} FROM entities").to_arrow_table()
+        f"{vec_col} FROM entities").to_arrow_table()
     n = tbl.num_rows
     con.register("_umi_rowmap", pa.table({"id": tbl.column("id"), "rn": pa.array(np.arange(n))}))
     try:
@@ -210,11 +216,12 @@ def load_rows(con: Any, dim: int | None) -> LoadedRows:
     tidx_np = etype.indices.to_numpy(zero_copy_only=False)
     has_vec = np.zeros(n, bool)
     vectors = None
-    if dim and n:
-        col = tbl.column("embedding").combine_chunks()
-        has_vec = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-        flat = col.values.slice(col.offset * dim, n * dim)  # null rows keep their (unused) slots
-        vectors = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)[:n]
+    fetch = None
+    if dim and n and with_vectors:
+        has_vec, vectors = _vector_matrix(tbl.column("embedding"), dim)
+    elif dim and n:
+        has_vec = np.asarray(tbl.column("has_embedding").to_numpy(), dtype=bool)
+        fetch = functools.partial(fetch_vectors, con, dim)
     lists = {c: tbl.column(c).to_pylist() for c in (
         "name", "content", "metadata", "importance", "confidence", "created_at", "updated_at",
         "event_time", "valid_from", "valid_to", "source_id")}
@@ -248,9 +255,32 @@ def load_rows(con: Any, dim: int | None) -> LoadedRows:
         doc_len=tbl.column("doc_len").to_numpy().astype(np.float64),
         vectors=vectors, has_vec=has_vec, metadata=meta,
         terms=terms, term_offsets=offsets, posting_rows=prow, posting_tfs=ptf,
-        materialise=materialise,
+        materialise=materialise, fetch_vectors=fetch,
     )
     return rows
+
+
+def _vector_matrix(column: Any, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(valid per row, float32 (rows, dim)) of a FLOAT[dim] column; null rows hold junk."""
+    col = column.combine_chunks()
+    n = len(col)
+    valid = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    flat = col.values.slice(col.offset * dim, n * dim)  # null rows keep their (unused) slots
+    return valid, np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)[:n]
+
+
+def fetch_vectors(con: Any, dim: int, ids: list[str]) -> tuple[list[str], np.ndarray]:
+    """The stored vectors of ``ids`` (those that have one): (ids, float32 (n, dim)), any order."""
+    with _read_errors("vectors"):
+        tbl = _rows_for_ids(con, "SELECT e.id, e.embedding FROM entities e", "e.id", ids)
+    if tbl.num_rows == 0:
+        return [], np.zeros((0, dim), np.float32)
+    valid, mat = _vector_matrix(tbl.column("embedding"), dim)
+    got = tbl.column("id").to_pylist()
+    if not valid.all():
+        got = [i for i, ok in zip(got, valid.tolist()) if ok]
+        mat = mat[valid]
+    return got, mat
 
 
 def _coded_column(col: Any, n: int) -> tuple[np.ndarray, dict[Any, int]] | None:
@@ -348,32 +378,23 @@ def _rows_for_ids(con: Any, select: str, id_column: str, ids: Sequence[str]) -> 
 
 
 class DuckDBDurable(DurableStore):
-    """The DuckDB half of :class:`~umi.storage.duckdb.DuckDBStorageBackend`: loads what the cache
-    serves reads from at open (history is read per entity on first use, :meth:`load_history`);
-    writes one :class:`ChangeSet` per commit in one DuckDB transaction."""
+    """The DuckDB half of :class:`~umi.storage.duckdb.DuckDBStorageBackend`: loads what recall
+    and remember read at open (entities, postings, core blocks); history, sources and relations
+    are read when the cache first needs them (:meth:`load_history`, :meth:`load_sources`,
+    :meth:`load_relations`: indexed lookups); writes one :class:`ChangeSet` per commit in one
+    DuckDB transaction."""
 
-    lazy_history = True
+    lazy = True
 
     def __init__(self, con: Any, dim: int | None) -> None:
         self.con = con
         self.dim = dim
+        #: read the vectors at open (False: on demand, when a vector index cache holds a copy)
+        self.vectors_at_open = True
 
     def load(self, dim: int | None) -> Loaded:
         con = self.con
-        rows = load_rows(con, dim)
-        src = con.sql("SELECT id, text_hash, text, created_at, metadata, user_id, agent_id, session_id "
-                      "FROM sources").to_arrow_table()
-        sources = [Source(i, h, t, c, json.loads(m), sc) for i, h, t, c, m, sc in zip(
-            *(src.column(k).to_pylist() for k in ("id", "text_hash", "text", "created_at", "metadata")),
-            scope_list(src))]
-        rel = con.sql("SELECT id, source_id, target_id, evolution_type, reason, confidence, created_at, "
-                      "user_id, agent_id, session_id FROM relations").to_arrow_table()
-        relations = [EvolutionRelation(source_id=s_, target_id=t, evolution_type=et, reason=r, confidence=c, id=i,
-                                       created_at=ca, scope=sc)
-                     for i, s_, t, et, r, c, ca, sc in zip(
-                         *(rel.column(k).to_pylist() for k in ("id", "source_id", "target_id", "evolution_type",
-                                                               "reason", "confidence", "created_at")),
-                         scope_list(rel))]
+        rows = load_rows(con, dim, with_vectors=self.vectors_at_open)
         cb = con.execute("SELECT user_id, agent_id, name, content, importance, position FROM core_blocks "
                          "ORDER BY user_id NULLS FIRST, agent_id NULLS FIRST, position").fetchall()
         core_blocks = [(_scope((u, a, None)), CoreBlockRecord(n, c, float(imp), int(pos))) for u, a, n, c, imp, pos in cb]
@@ -382,7 +403,7 @@ class DuckDBDurable(DurableStore):
         core_history = [CoreHistoryRecord(_scope((u, a, None)), n, int(sq), op, int(at), c,
                                           None if imp is None else float(imp)) for u, a, sq, n, op, at, c, imp in ch]
         meta = dict(con.execute("SELECT key, value FROM umi_meta").fetchall())
-        return Loaded(dim=dim, rows=rows, sources=sources, relations=relations,
+        return Loaded(dim=dim, rows=rows,
                       core_blocks=core_blocks, core_history=core_history, meta=meta)
 
     def load_history(self, entity_ids: Sequence[str] | None) -> list[tuple[str, int, str, int, Any, Scope]]:
@@ -394,6 +415,40 @@ class DuckDBDurable(DurableStore):
                 hist = _rows_for_ids(self.con, f"SELECT {cols} FROM history h", "h.entity_id", entity_ids)
         return list(zip(*(hist.column(k).to_pylist() for k in ("entity_id", "seq", "op", "at_ms", "snapshot")),
                         scope_list(hist)))
+
+    def load_sources(self, ids: Sequence[str] | None = None, hashes: Sequence[str] | None = None) -> list[Source]:
+        select = "SELECT s.id, s.text_hash, s.text, s.created_at, s.metadata, s.user_id, s.agent_id, s.session_id FROM sources s"
+        with _read_errors("sources"):
+            if ids is None and hashes is None:
+                tbls = [self.con.sql(select).to_arrow_table()]
+            else:
+                tbls = [_rows_for_ids(self.con, select, col, want)
+                        for col, want in (("s.id", ids), ("s.text_hash", hashes)) if want]
+        out: dict[str, Source] = {}
+        for src in tbls:
+            for i, h, t, c, m, sc in zip(*(src.column(k).to_pylist()
+                                           for k in ("id", "text_hash", "text", "created_at", "metadata")),
+                                         scope_list(src)):
+                out[i] = Source(i, h, t, c, json.loads(m), sc)
+        return list(out.values())
+
+    def load_relations(self, entity_ids: Sequence[str] | None) -> list[EvolutionRelation]:
+        select = ("SELECT r.id, r.source_id, r.target_id, r.evolution_type, r.reason, r.confidence, r.created_at, "
+                  "r.user_id, r.agent_id, r.session_id FROM relations r")
+        with _read_errors("relations"):
+            if entity_ids is None:
+                tbls = [self.con.sql(select).to_arrow_table()]
+            else:
+                tbls = [_rows_for_ids(self.con, select, col, entity_ids) for col in ("r.source_id", "r.target_id")]
+        out: dict[str, EvolutionRelation] = {}
+        for rel in tbls:
+            for i, s_, t, et, r, c, ca, sc in zip(
+                    *(rel.column(k).to_pylist() for k in ("id", "source_id", "target_id", "evolution_type", "reason",
+                                                          "confidence", "created_at")),
+                    scope_list(rel)):
+                out[i] = EvolutionRelation(source_id=s_, target_id=t, evolution_type=et, reason=r, confidence=c,
+                                           id=i, created_at=ca, scope=sc)
+        return list(out.values())
 
     def commit(self, ch: ChangeSet, generation: int) -> None:
         from ._duckdb_schema import add_embedding_column

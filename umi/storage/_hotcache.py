@@ -93,6 +93,9 @@ class EntityCache:
         self._valid_to = np.zeros(0, np.int64)
         self._doc_len = np.zeros(0, np.float64)
         self._has_vec = np.zeros(0, bool)
+        # rows whose vector is stored durably but not read yet (see bulk_load: fetch_vectors)
+        self._vec_pending = np.zeros(0, bool)
+        self._fetch_vectors: Callable[[builtins.list[str]], tuple[builtins.list[str], np.ndarray]] | None = None
         self._row_slot = np.zeros(0, np.int64)
         self._vecs: np.ndarray | None = None
         self._slot_row = np.full(0, -1, np.int64)
@@ -127,6 +130,7 @@ class EntityCache:
         self._valid_to = g(self._valid_to, I64_MAX)
         self._doc_len = g(self._doc_len)
         self._has_vec = g(self._has_vec, False)
+        self._vec_pending = g(self._vec_pending, False)
         self._row_slot = g(self._row_slot, -1)
         for k, arr in self._meta_codes.items():
             self._meta_codes[k] = g(arr)
@@ -169,6 +173,30 @@ class EntityCache:
             if slot < self._slot_row.shape[0] and self._slot_row[slot] == row:
                 self._slot_row[slot] = -1
             self._row_slot[row] = -1
+
+    def _vec(self, row: int) -> np.ndarray | None:
+        """The stored vector of a row (a view; read from the durable store on first use), or None."""
+        if not self._has_vec[row]:
+            return None
+        if self._vec_pending[row]:
+            self._load_vectors([row])
+        return self._vecs[row]  # type: ignore[index]
+
+    def _load_vectors(self, rows: Iterable[int]) -> None:
+        """Read the pending vectors of ``rows`` in one durable read."""
+        want = [r for r in rows if self._vec_pending[r]]
+        if not want:
+            return
+        assert self._fetch_vectors is not None and self._vecs is not None
+        ids = self._row_ids
+        got_ids, mat = self._fetch_vectors([ids[r] for r in want])
+        row_of = self._row_of
+        got_rows = np.fromiter((row_of[i] for i in got_ids), np.int64, len(got_ids))
+        if got_rows.shape[0] != len(want):
+            raise StorageError(f"{len(want) - got_rows.shape[0]} stored vector(s) are missing from the database")
+        self._own_vectors(self._cap)
+        self._vecs[got_rows] = mat
+        self._vec_pending[got_rows] = False
 
     def _ent(self, row: int) -> Entity:
         """The stored entity of a live row (built from the bulk-loaded columns on first use)."""
@@ -237,6 +265,7 @@ class EntityCache:
             self._unmap_slot(row)
             if had_vec:
                 self._has_vec[row] = False
+                self._vec_pending[row] = False
                 self._n_vecs -= 1
         if new is None:
             if row is not None:
@@ -292,8 +321,8 @@ class EntityCache:
             if row is None:
                 j[eid] = (None, None)
             else:
-                vec = self._vecs[row].copy() if self._has_vec[row] else None  # type: ignore[index]
-                j[eid] = (self._ent(row), vec)
+                vec = self._vec(row)
+                j[eid] = (self._ent(row), None if vec is None else vec.copy())
 
     # --- writes ----------------------------------------------------------------------
     def put_many(self, ents: Sequence[Entity],
@@ -302,6 +331,9 @@ class EntityCache:
         validated copies whose embeddings (if any) have the store's dimension; ``terms`` their
         :func:`~umi.storage.text.document_terms` when the caller has them. Returns, per entity,
         whether its id was new at that point. Vectors go to the index in one batch."""
+        if self._journal is not None:  # the journal keeps the old vectors: read them in one go
+            row_of = self._row_of
+            self._load_vectors([row_of[e.id] for e in ents if e.id in row_of])
         for e in ents:
             self._touch(e.id)
         last: dict[str, int] = {e.id: pos for pos, e in enumerate(ents)}
@@ -359,8 +391,7 @@ class EntityCache:
         self.version += 1
         self._ents[row] = new
         self._valid_to[row] = I64_MAX if valid_to is None else valid_to
-        vec = self._vecs[row] if self._has_vec[row] else None  # type: ignore[index]
-        return clone_entity(new, vec)
+        return clone_entity(new, self._vec(row))
 
     def ids_with(self, column: str, value: Any) -> builtins.list[str]:
         """Ids of the live rows whose coded ``column`` holds ``value``, sorted."""
@@ -378,7 +409,7 @@ class EntityCache:
         return eid in self._row_of
 
     def _entity_at(self, row: int) -> Entity:
-        return clone_entity(self._ent(row), self._vecs[row] if self._has_vec[row] else None)  # type: ignore[index]
+        return clone_entity(self._ent(row), self._vec(row))
 
     def peek(self, eid: str) -> Entity | None:
         """The stored entity itself (no embedding). Callers must not change it."""
@@ -394,13 +425,10 @@ class EntityCache:
         return None if row is None else self._entity_at(row)
 
     def get_many(self, ids: Sequence[str]) -> list[Entity]:
-        out = []
         row_of = self._row_of
-        for eid in ids:
-            row = row_of.get(eid)
-            if row is not None:
-                out.append(self._entity_at(row))
-        return out
+        rows = [r for r in map(row_of.get, ids) if r is not None]
+        self._load_vectors(rows)
+        return [self._entity_at(r) for r in rows]
 
     # --- filters -----------------------------------------------------------------------
     def row_mask(self, nf: NormFilters) -> np.ndarray:
@@ -485,6 +513,7 @@ class EntityCache:
             keep = created <= cutoff
             rows = rows[keep]
         picked = self._ordered_rows(rows.tolist())[offset:offset + limit]
+        self._load_vectors(picked)
         return [self._entity_at(r) for r in picked]
 
     def find_by_name(self, norm_name: str, etype: EntityType | None, nf: NormFilters) -> builtins.list[Entity]:
@@ -492,8 +521,9 @@ class EntityCache:
         if not rows:
             return []
         code = None if etype is None else TYPE_CODES[etype]
-        hits = [r for r in rows if (code is None or self._type[r] == code) and self._matches(r, nf)]
-        return [self._entity_at(r) for r in self._ordered_rows(hits)]
+        hits = self._ordered_rows(r for r in rows if (code is None or self._type[r] == code) and self._matches(r, nf))
+        self._load_vectors(hits)
+        return [self._entity_at(r) for r in hits]
 
     def search_vector(self, q: np.ndarray, k: int, nf: NormFilters) -> builtins.list[tuple[str, float]]:
         if self.index is None or self._n_vecs == 0 or nf.empty:
@@ -577,6 +607,12 @@ class EntityCache:
                 self._vecs = np.zeros((self._cap, self.dim), np.float32)
         self._has_vec[:n] = rows.has_vec[:n]
         self._n_vecs = int(np.count_nonzero(rows.has_vec[:n]))
+        if rows.vectors is None and self._n_vecs:
+            if rows.fetch_vectors is None or self.dim is None:
+                raise StorageError("bulk load without vectors needs fetch_vectors and a dimension")
+            # the vector index has its own copy: the stored vectors are read when a row's is needed
+            self._vec_pending[:n] = rows.has_vec[:n]
+            self._fetch_vectors = rows.fetch_vectors
 
     def _vector_rows(self) -> tuple[np.ndarray, builtins.list[str]]:
         rows = np.flatnonzero(self._has_vec[: self._n])
@@ -603,6 +639,7 @@ class EntityCache:
         rows, ids = self._vector_rows()
         if rows.shape[0] == 0:
             return
+        self._load_vectors(rows.tolist())
         slots = np.asarray(self.index.add(ids, self._vecs[rows]), np.int64)  # type: ignore[index]
         self._map_slots(rows, slots)
 
@@ -619,20 +656,22 @@ class EntityCache:
             elif index.slot_of(eid) >= 0:
                 drop_ids.append(eid)
         if add_ids:
-            mat = np.stack([self._vecs[self._row_of[i]] for i in add_ids])  # type: ignore[index]
-            index.add(add_ids, mat)
+            add_rows = [self._row_of[i] for i in add_ids]
+            self._load_vectors(add_rows)
+            index.add(add_ids, self._vecs[add_rows])  # type: ignore[index]
         if drop_ids:
             index.remove(drop_ids)
         if len(index) != self._n_vecs:
             return False
         rows, ids = self._vector_rows()
-        slot_of = index.slot_of
-        slots = np.fromiter((slot_of(i) for i in ids), np.int64, len(ids))
+        slots = index.slots_of(ids)
         if slots.shape[0] and int(slots.min()) < 0:
             return False
         if rows.shape[0]:
             rng = random.Random(len(ids))
-            for k in rng.sample(range(len(ids)), min(check_sample, len(ids))):
+            picks = rng.sample(range(len(ids)), min(check_sample, len(ids)))
+            self._load_vectors(rows[picks].tolist())
+            for k in picks:
                 got = index.get_vector(ids[k])
                 if got is None or not _same_direction(np.asarray(got, np.float32), self._vecs[rows[k]]):  # type: ignore[index]
                     return False
@@ -646,7 +685,9 @@ class EntityCache:
 class LoadedRows:
     """Everything :meth:`EntityCache.bulk_load` needs, as columns (row i = ``ids[i]``).
 
-    ``materialise(i)`` builds row i's Entity (without embedding) when first needed.
+    ``materialise(i)`` builds row i's Entity (without embedding) when first needed. ``vectors``
+    may be None with ``has_vec`` set: then each row's vector is read by ``fetch_vectors`` when
+    first needed (a reopen with a valid vector index cache needs none of them to search).
     ``metadata`` maps each key to (int32 value codes per row, 0 = absent; (type tag,
     canonical text) -> code). Postings are CSR: term i owns
     ``posting_rows[term_offsets[i]:term_offsets[i + 1]]`` (and the same slice of ``posting_tfs``).
@@ -668,6 +709,8 @@ class LoadedRows:
     posting_rows: np.ndarray
     posting_tfs: np.ndarray
     materialise: Callable[[int], Entity] = field(repr=False, default=None)  # type: ignore[assignment]
+    #: with ``vectors`` None: ``fetch_vectors(ids) -> (ids, matrix)`` reads stored vectors on demand
+    fetch_vectors: Callable[[list[str]], tuple[list[str], np.ndarray]] | None = field(repr=False, default=None)
 
 
 def _same_direction(a: np.ndarray, b: np.ndarray) -> bool:

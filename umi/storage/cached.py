@@ -133,19 +133,28 @@ class Loaded:
 class DurableStore:
     """The narrow durable layer under :class:`CachedStore`.
 
-    A store whose :attr:`lazy_history` is True leaves ``Loaded.history`` empty at open and
-    answers :meth:`load_history` instead, when the cache first needs an entity's records.
+    A store whose :attr:`lazy` is True leaves ``Loaded.history``, ``sources`` and ``relations``
+    empty at open and answers :meth:`load_history`, :meth:`load_sources` and
+    :meth:`load_relations` instead, when the cache first needs those records. They return
+    committed records only (the cache holds what the open transaction changed), in any order.
     """
 
-    #: history is read on demand (:meth:`load_history`), not at open
-    lazy_history = False
+    #: history, sources and relations are read on demand, not at open
+    lazy = False
 
     def load(self, dim: int | None) -> Loaded:  # pragma: no cover - interface
         raise NotImplementedError
 
     def load_history(self, entity_ids: Sequence[str] | None) -> list[tuple[str, int, str, int, Any, Scope]]:
-        """The committed history records of ``entity_ids`` (every record when ``None``), as
-        ``Loaded.history`` holds them; any order."""
+        """The history records of ``entity_ids`` (every record when ``None``), as ``Loaded.history``."""
+        raise NotImplementedError  # pragma: no cover - only lazy stores are asked
+
+    def load_sources(self, ids: Sequence[str] | None = None, hashes: Sequence[str] | None = None) -> list[Source]:
+        """The sources with one of ``ids`` or one of ``hashes`` (every source when both are ``None``)."""
+        raise NotImplementedError  # pragma: no cover - only lazy stores are asked
+
+    def load_relations(self, entity_ids: Sequence[str] | None) -> list[EvolutionRelation]:
+        """The relations with an end in ``entity_ids`` (every relation when ``None``)."""
         raise NotImplementedError  # pragma: no cover - only lazy stores are asked
 
     def commit(self, changes: ChangeSet, generation: int) -> None:  # pragma: no cover - interface
@@ -170,14 +179,20 @@ class FaultyDurable(DurableStore):
         return getattr(self.inner, name)
 
     @property
-    def lazy_history(self) -> bool:  # type: ignore[override]
-        return bool(self.inner.lazy_history)
+    def lazy(self) -> bool:  # type: ignore[override]
+        return bool(self.inner.lazy)
 
     def load(self, dim: int | None) -> Loaded:
         return self.inner.load(dim)
 
     def load_history(self, entity_ids: Sequence[str] | None) -> list[tuple[str, int, str, int, Any, Scope]]:
         return self.inner.load_history(entity_ids)
+
+    def load_sources(self, ids: Sequence[str] | None = None, hashes: Sequence[str] | None = None) -> list[Source]:
+        return self.inner.load_sources(ids, hashes)
+
+    def load_relations(self, entity_ids: Sequence[str] | None) -> list[EvolutionRelation]:
+        return self.inner.load_relations(entity_ids)
 
     def commit(self, changes: ChangeSet, generation: int) -> None:
         from ..sim.faults import FaultType
@@ -268,12 +283,20 @@ class CachedStore(TransactionMixin, StorageBackend):
         self._index_factory = index_factory
         self._closed = True
         self._cache = EntityCache(dim=dim, index_factory=index_factory)
-        self._sources: dict[str, Source] = {}
+        # Sources and relations: id -> record, or None when known to be absent (deleted in this
+        # session, or asked of a lazy durable store and not there). With a lazy durable store an id
+        # missing here is asked of it; _by_hash / _rels_of index the records held here, complete
+        # for the hashes in _hashes_known / the entities in _rels_known (or all, once *_all).
+        self._sources: dict[str, Source | None] = {}
         self._by_hash: dict[str, set[str]] = {}
-        self._relations: dict[str, EvolutionRelation] = {}
+        self._hashes_known: set[str] = set()
+        self._src_all = True
+        self._relations: dict[str, EvolutionRelation | None] = {}
         self._rels_of: dict[str, set[str]] = {}
+        self._rels_known: set[str] = set()
+        self._rel_all = True
         self._history: dict[str, list[_Hist]] = {}
-        # lazy history (a durable store with lazy_history): ids whose committed records were read;
+        # lazy history (a lazy durable store): ids whose committed records were read;
         # _hist_all once every record was. An id absent from both is asked of the durable store
         # before its records are read or changed, so the cache never acts on half a history.
         self._hist_known: set[str] = set()
@@ -295,14 +318,10 @@ class CachedStore(TransactionMixin, StorageBackend):
             self._cache.bulk_load(loaded.rows)
         elif loaded.entities:
             self._cache.put_many(loaded.entities)
-        for s in loaded.sources:
-            self._sources[s.id] = s
-            self._by_hash.setdefault(s.text_hash, set()).add(s.id)
-        for r in loaded.relations:
-            self._relations[r.id] = r
-            for end in (r.source_id, r.target_id):
-                self._rels_of.setdefault(end, set()).add(r.id)
-        self._hist_all = not self._durable.lazy_history
+        lazy = bool(self._durable.lazy)
+        self._add_loaded_sources(loaded.sources)
+        self._add_loaded_relations(loaded.relations)
+        self._hist_all = self._src_all = self._rel_all = not lazy
         self._add_loaded_history(loaded.history)
         for scope, block in loaded.core_blocks:
             self._core.setdefault(scope, []).append(block)
@@ -356,6 +375,55 @@ class CachedStore(TransactionMixin, StorageBackend):
         self._add_loaded_history(self._durable.load_history(None), skip=known)
         self._hist_all = True
         known.clear()
+
+    def _add_loaded_sources(self, sources: Sequence[Source]) -> None:
+        """Committed sources into the cache (an id the cache holds already keeps its record)."""
+        for src in sources:
+            if src.id not in self._sources:
+                self._sources[src.id] = src
+                self._by_hash.setdefault(src.text_hash, set()).add(src.id)
+
+    def _source(self, sid: str) -> Source | None:
+        """The stored source ``sid`` (read from the durable store on first use), or None."""
+        if sid not in self._sources:
+            if self._src_all:
+                return None
+            self._add_loaded_sources(self._durable.load_sources(ids=[sid]))
+            self._sources.setdefault(sid, None)
+        return self._sources[sid]
+
+    def _fetch_sources_all(self) -> None:
+        if not self._src_all:
+            self._add_loaded_sources(self._durable.load_sources())
+            self._src_all = True
+            self._hashes_known.clear()
+
+    def _add_loaded_relations(self, relations: Sequence[EvolutionRelation]) -> None:
+        """Committed relations into the cache (an id the cache holds already keeps its record)."""
+        rels, of = self._relations, self._rels_of
+        for r in relations:
+            if r.id not in rels:
+                rels[r.id] = r
+                for end in (r.source_id, r.target_id):
+                    of.setdefault(end, set()).add(r.id)
+
+    def _rels_for(self, eid: str) -> builtins.list[EvolutionRelation]:
+        """The stored relations with an end at ``eid`` (read from the durable store on first use)."""
+        if not self._rel_all and eid not in self._rels_known:
+            self._add_loaded_relations(self._durable.load_relations([eid]))
+            self._rels_known.add(eid)
+        out = []
+        for rid in self._rels_of.get(eid, ()):
+            r = self._relations.get(rid)
+            if r is not None and eid in (r.source_id, r.target_id):
+                out.append(r)
+        return out
+
+    def _fetch_relations_all(self) -> None:
+        if not self._rel_all:
+            self._add_loaded_relations(self._durable.load_relations(None))
+            self._rel_all = True
+            self._rels_known.clear()
 
     # --- plumbing ---------------------------------------------------------------------------
     @property
@@ -521,10 +589,10 @@ class CachedStore(TransactionMixin, StorageBackend):
         self._changes.history = [r if r.entity_id != eid else HistoryRecord(eid, r.seq, r.op, r.at, dict(stone), r.scope)
                                  for r in self._changes.history]
         self._append_history(eid, "delete", at, dict(stone), old.scope)
-        for rid in sorted(self._rels_of.get(eid, ())):
+        for rid in sorted(r.id for r in self._rels_for(eid)):
             self._drop_relation(rid)
         sid = old.source_id
-        if sid is not None and sid in self._sources and not self._cache.ids_with("source_id", sid):
+        if sid is not None and self._source(sid) is not None and not self._cache.ids_with("source_id", sid):
             self._drop_source(sid)
 
     def supersede(self, entity_id: str, valid_to: int) -> bool:
@@ -615,7 +683,7 @@ class CachedStore(TransactionMixin, StorageBackend):
         src = check_source(source)
         with self._lock:
             self._check_writable()
-            if src.id in self._sources:
+            if self._source(src.id) is not None:
                 return  # the first record of a text is kept
             with self._writing("add_source"):
                 if self._write_fault_at(1) is not None:
@@ -623,7 +691,7 @@ class CachedStore(TransactionMixin, StorageBackend):
                 self._put_source(src)
 
     def _put_source(self, src: Source) -> None:
-        old = self._sources.get(src.id)
+        old = self._source(src.id)
         if old is not None:
             self._by_hash[old.text_hash].discard(old.id)
         self._sources[src.id] = src
@@ -631,17 +699,17 @@ class CachedStore(TransactionMixin, StorageBackend):
 
         def undo() -> None:
             self._by_hash[src.text_hash].discard(src.id)
-            if old is None:
-                del self._sources[src.id]
-            else:
-                self._sources[src.id] = old
+            self._sources[src.id] = old
+            if old is not None:
                 self._by_hash.setdefault(old.text_hash, set()).add(old.id)
 
         self._on_undo(undo)
         self._changes.sources[src.id] = src
 
     def _drop_source(self, sid: str) -> None:
-        old = self._sources.pop(sid)
+        old = self._sources[sid]
+        assert old is not None
+        self._sources[sid] = None
         self._by_hash[old.text_hash].discard(sid)
 
         def undo() -> None:
@@ -655,7 +723,7 @@ class CachedStore(TransactionMixin, StorageBackend):
         sid = check_id(source_id, "source_id")
         with self._lock:
             self._check_writable()
-            if sid not in self._sources:
+            if self._source(sid) is None:
                 return False
             with self._writing("delete_source"):
                 if self._write_fault_at(1) is not None:
@@ -666,22 +734,26 @@ class CachedStore(TransactionMixin, StorageBackend):
     def get_source(self, source_id: str) -> Source | None:
         sid = check_id(source_id, "source_id")
         with self._reading("get_source"):
-            return _copy_source(self._sources.get(sid))
+            return _copy_source(self._source(sid))
 
     def find_source_by_hash(self, text_hash: str) -> Source | None:
         if not isinstance(text_hash, str):
             raise TypeError(f"text_hash must be str, not {type(text_hash).__name__}")
         with self._reading("find_source_by_hash"):
+            if not self._src_all and text_hash not in self._hashes_known:
+                self._add_loaded_sources(self._durable.load_sources(hashes=[text_hash]))
+                self._hashes_known.add(text_hash)
             ids = self._by_hash.get(text_hash)
             if not ids:
                 return None
-            best = min((self._sources[i] for i in ids), key=lambda s: (s.created_at, s.id))
+            best = min((self._sources[i] for i in ids), key=lambda s: (s.created_at, s.id))  # type: ignore[union-attr]
             return _copy_source(best)
 
     def iter_sources(self, scope: Scope | None = None) -> Iterator[Source]:
         sc = check_scope(scope, optional=True)
         with self._reading("iter_sources"):
-            got = [s for s in self._sources.values() if sc is None or sc.contains(s.scope)]
+            self._fetch_sources_all()
+            got = [s for s in self._sources.values() if s is not None and (sc is None or sc.contains(s.scope))]
         got.sort(key=lambda s: (s.created_at, s.id))
         return iter([_copy_source(s) for s in got])  # type: ignore[misc]
 
@@ -708,6 +780,7 @@ class CachedStore(TransactionMixin, StorageBackend):
                     self._put_relation(r)
 
     def _put_relation(self, r: EvolutionRelation) -> None:
+        had = r.id in self._relations
         old = self._relations.get(r.id)
         self._relations[r.id] = r
         added = []
@@ -720,16 +793,18 @@ class CachedStore(TransactionMixin, StorageBackend):
         def undo() -> None:
             for end in added:
                 self._rels_of[end].discard(r.id)
-            if old is None:
-                del self._relations[r.id]
-            else:
+            if had:
                 self._relations[r.id] = old
+            else:
+                del self._relations[r.id]
 
         self._on_undo(undo)
         self._changes.relations[r.id] = r
 
     def _drop_relation(self, rid: str) -> None:
-        r = self._relations.pop(rid)
+        r = self._relations[rid]
+        assert r is not None
+        self._relations[rid] = None
         ends = [e for e in {r.source_id, r.target_id} if rid in self._rels_of.get(e, ())]
         for e in ends:
             self._rels_of[e].discard(rid)
@@ -745,14 +820,15 @@ class CachedStore(TransactionMixin, StorageBackend):
     def relations_for(self, entity_id: str) -> builtins.list[EvolutionRelation]:
         eid = check_id(entity_id)
         with self._reading("relations_for"):
-            rels = [self._relations[i] for i in self._rels_of.get(eid, ())]
+            rels = self._rels_for(eid)
         rels.sort(key=lambda r: (r.created_at, r.id))
         return [_copy_relation(r) for r in rels]
 
     def iter_relations(self, scope: Scope | None = None) -> Iterator[EvolutionRelation]:
         sc = check_scope(scope, optional=True)
         with self._reading("iter_relations"):
-            got = [r for r in self._relations.values() if sc is None or sc.contains(r.scope)]
+            self._fetch_relations_all()
+            got = [r for r in self._relations.values() if r is not None and (sc is None or sc.contains(r.scope))]
         got.sort(key=lambda r: (r.created_at, r.id))
         return iter([_copy_relation(r) for r in got])
 

@@ -145,6 +145,8 @@ class DuckDBStorageBackend(CachedStore):
             try:
                 generation, dim_stored, self.db_uuid = prepare(con, spath, read_only, dim)
                 durable: Any = DuckDBDurable(con, dim_stored)
+                # with an index cache to load, search needs none of the stored vectors at open
+                durable.vectors_at_open = self.index_path is None or not os.path.exists(self.index_path)
                 if faults is not None:
                     durable = FaultyDurable(durable, faults)
                 self._init_state(durable, dim_stored, self._new_index)
