@@ -93,8 +93,11 @@ class EntityCache:
         self._valid_to = np.zeros(0, np.int64)
         self._doc_len = np.zeros(0, np.float64)
         self._has_vec = np.zeros(0, bool)
-        # rows whose vector is stored durably but not read yet (see bulk_load: fetch_vectors)
+        # rows whose vector is not in _vecs but stored durably (see bulk_load: fetch_vectors); once
+        # read, kept in _vec_read (row -> vector) rather than written into _vecs, whose untouched
+        # pages cost nothing (a write there makes the OS zero a whole page, up to 2 MiB)
         self._vec_pending = np.zeros(0, bool)
+        self._vec_read: dict[int, np.ndarray] = {}
         self._fetch_vectors: Callable[[builtins.list[str]], tuple[builtins.list[str], np.ndarray]] | None = None
         self._row_slot = np.zeros(0, np.int64)
         self._vecs: np.ndarray | None = None
@@ -156,7 +159,12 @@ class EntityCache:
         if v.shape[0] >= cap and v.flags.writeable:
             return
         grown = np.zeros((cap, v.shape[1]), np.float32)
-        grown[: v.shape[0]] = v
+        m = v.shape[0]
+        if self._vec_pending[:m].any():  # copy only the rows held here
+            rows = np.flatnonzero(self._has_vec[:m] & ~self._vec_pending[:m])
+            grown[rows] = v[rows]
+        else:
+            grown[:m] = v
         self._vecs = grown
 
     def _map_slot(self, row: int, slot: int) -> None:
@@ -175,28 +183,57 @@ class EntityCache:
             self._row_slot[row] = -1
 
     def _vec(self, row: int) -> np.ndarray | None:
-        """The stored vector of a row (a view; read from the durable store on first use), or None."""
+        """The stored vector of a row (a read-only view; read from the durable store on first
+        use), or None."""
         if not self._has_vec[row]:
             return None
         if self._vec_pending[row]:
-            self._load_vectors([row])
+            v = self._vec_read.get(row)
+            if v is None:
+                self._load_vectors([row])
+                v = self._vec_read[row]
+            return v
         return self._vecs[row]  # type: ignore[index]
 
     def _load_vectors(self, rows: Iterable[int]) -> None:
-        """Read the pending vectors of ``rows`` in one durable read."""
-        want = [r for r in rows if self._vec_pending[r]]
+        """Read the pending vectors of ``rows`` not read yet, in one durable read."""
+        got = self._vec_read
+        want = [r for r in rows if self._vec_pending[r] and r not in got]
         if not want:
             return
-        assert self._fetch_vectors is not None and self._vecs is not None
+        assert self._fetch_vectors is not None
         ids = self._row_ids
         got_ids, mat = self._fetch_vectors([ids[r] for r in want])
+        if len(got_ids) != len(want):
+            raise StorageError(f"{len(want) - len(got_ids)} stored vector(s) are missing from the database")
+        mat.flags.writeable = False
         row_of = self._row_of
-        got_rows = np.fromiter((row_of[i] for i in got_ids), np.int64, len(got_ids))
-        if got_rows.shape[0] != len(want):
-            raise StorageError(f"{len(want) - got_rows.shape[0]} stored vector(s) are missing from the database")
+        for i, eid in enumerate(got_ids):
+            got[row_of[eid]] = mat[i]
+
+    def _unpend_vectors(self) -> None:
+        """Every pending vector into ``_vecs`` (to rebuild the index from them)."""
+        rows = np.flatnonzero(self._vec_pending[: self._n])
+        if rows.shape[0] == 0:
+            return
         self._own_vectors(self._cap)
-        self._vecs[got_rows] = mat
-        self._vec_pending[got_rows] = False
+        vecs, held, ids = self._vecs, self._vec_read, self._row_ids
+        assert vecs is not None and self._fetch_vectors is not None
+        unread = []
+        for r in rows.tolist():
+            v = held.get(r)
+            if v is None:
+                unread.append(ids[r])
+            else:
+                vecs[r] = v
+        if unread:
+            got_ids, mat = self._fetch_vectors(unread)
+            if len(got_ids) != len(unread):
+                raise StorageError(f"{len(unread) - len(got_ids)} stored vector(s) are missing from the database")
+            row_of = self._row_of
+            vecs[np.fromiter((row_of[i] for i in got_ids), np.int64, len(got_ids))] = mat
+        self._vec_pending[rows] = False
+        self._vec_read = {}
 
     def _ent(self, row: int) -> Entity:
         """The stored entity of a live row (built from the bulk-loaded columns on first use)."""
@@ -265,7 +302,9 @@ class EntityCache:
             self._unmap_slot(row)
             if had_vec:
                 self._has_vec[row] = False
-                self._vec_pending[row] = False
+                if self._vec_pending[row]:
+                    self._vec_pending[row] = False
+                    self._vec_read.pop(row, None)
                 self._n_vecs -= 1
         if new is None:
             if row is not None:
@@ -639,7 +678,7 @@ class EntityCache:
         rows, ids = self._vector_rows()
         if rows.shape[0] == 0:
             return
-        self._load_vectors(rows.tolist())
+        self._unpend_vectors()
         slots = np.asarray(self.index.add(ids, self._vecs[rows]), np.int64)  # type: ignore[index]
         self._map_slots(rows, slots)
 
@@ -658,7 +697,7 @@ class EntityCache:
         if add_ids:
             add_rows = [self._row_of[i] for i in add_ids]
             self._load_vectors(add_rows)
-            index.add(add_ids, self._vecs[add_rows])  # type: ignore[index]
+            index.add(add_ids, np.stack([self._vec(r) for r in add_rows]))
         if drop_ids:
             index.remove(drop_ids)
         if len(index) != self._n_vecs:
@@ -673,7 +712,7 @@ class EntityCache:
             self._load_vectors(rows[picks].tolist())
             for k in picks:
                 got = index.get_vector(ids[k])
-                if got is None or not _same_direction(np.asarray(got, np.float32), self._vecs[rows[k]]):  # type: ignore[index]
+                if got is None or not _same_direction(np.asarray(got, np.float32), self._vec(int(rows[k]))):  # type: ignore[arg-type]
                     return False
         self.index = index
         self._map_slots(rows, slots)
