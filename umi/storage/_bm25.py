@@ -121,6 +121,27 @@ class PostingsIndex:
         self._base_terms = dict(zip(terms, range(len(terms))))
         self._base_off, self._base_rows, self._base_tfs = offsets, rows, tfs
 
+    def export(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        """Every term's postings as CSR (the form :meth:`load` takes): (terms, offsets, rows, tfs)."""
+        off = self._base_off
+        base_terms = list(self._base_terms)
+        pos = np.fromiter(self._base_terms.values(), np.int64, len(base_terms))  # ascending
+        starts = off[pos]
+        counts = off[pos + 1] - starts
+        if len(base_terms) == off.shape[0] - 1:  # every bulk-loaded term is untouched
+            rows0, tfs0 = self._base_rows, self._base_tfs
+        else:  # the untouched terms' ranges, concatenated
+            new_starts = np.zeros(len(base_terms), np.int64)
+            np.cumsum(counts[:-1], out=new_starts[1:])
+            take = np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(starts - new_starts, counts)
+            rows0, tfs0 = self._base_rows[take], self._base_tfs[take]
+        parts = [p.arrays() for p in self._post.values()]
+        offsets = np.zeros(len(base_terms) + len(parts) + 1, np.int64)
+        np.cumsum(np.concatenate([counts, np.array([a[0].shape[0] for a in parts], np.int64)]), out=offsets[1:])
+        rows = np.concatenate([rows0.astype(np.int64, copy=False), *(a[0] for a in parts)])
+        tfs = np.concatenate([tfs0.astype(np.float64, copy=False), *(a[1] for a in parts)])
+        return base_terms + list(self._post), offsets, rows, tfs
+
     def _base(self, term: str, pop: bool) -> tuple[np.ndarray, np.ndarray] | None:
         i = self._base_terms.pop(term, None) if pop else self._base_terms.get(term)
         if i is None:

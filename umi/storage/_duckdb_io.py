@@ -35,6 +35,8 @@ __all__ = [
     "history_table",
     "relations_table",
     "load_rows",
+    "load_postings",
+    "fetch_vectors",
     "DuckDBDurable",
 ]
 
@@ -188,14 +190,16 @@ def relations_table(rels: list[EvolutionRelation]) -> pa.Table:
 # --- the cache load -------------------------------------------------------------------------
 
 
-def load_rows(con: Any, dim: int | None, *, with_vectors: bool = True) -> LoadedRows:
+def load_rows(con: Any, dim: int | None, *, with_vectors: bool = True, with_postings: bool = True) -> LoadedRows:
     """Everything the entity cache needs.
 
     Rows are numbered in the order DuckDB returns them (sorting wide rows costs more than the
     rest of the load); the metadata and postings queries join on that numbering through a
     registered Arrow table. Entity objects are built on first use (``materialise``), and so are
     the vectors when ``with_vectors`` is False (a reopen with a valid vector index cache: the
-    vectors are ~90 % of the bytes and search reads the index's copy).
+    vectors are ~90 % of the bytes and search reads the index's copy). Without
+    ``with_postings`` the postings are left empty, for the caller to fill
+    (:meth:`EntityCache.adopt_postings` from the keyword index cache, or :func:`load_postings`).
     """
     vec_col = ""
     if dim:
@@ -208,7 +212,10 @@ def load_rows(con: Any, dim: int | None, *, with_vectors: bool = True) -> Loaded
     con.register("_umi_rowmap", pa.table({"id": tbl.column("id"), "rn": pa.array(np.arange(n))}))
     try:
         meta = _metadata_codes(con, n)
-        terms, offsets, prow, ptf = _postings(con)
+        if with_postings:
+            terms, offsets, prow, ptf = _postings(con)
+        else:
+            terms, offsets, prow, ptf = [], np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
     finally:
         con.unregister("_umi_rowmap")
     ids = tbl.column("id").to_pylist()
@@ -335,6 +342,17 @@ def _metadata_codes(con: Any, n: int) -> dict[str, tuple[np.ndarray, dict[tuple[
     return out
 
 
+def load_postings(con: Any, row_ids: Sequence[str | None]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Every posting in the database as CSR over the cache rows of ``row_ids`` (None: a dead row)."""
+    live = [(i, r) for r, i in enumerate(row_ids) if i is not None]
+    con.register("_umi_rowmap", pa.table({"id": pa.array([i for i, _ in live], pa.string()),
+                                          "rn": pa.array([r for _, r in live], pa.int64())}))
+    try:
+        return _postings(con)
+    finally:
+        con.unregister("_umi_rowmap")
+
+
 def _postings(con: Any) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
     tbl = con.sql("""
         SELECT p.term, list(r.rn) AS rows, list(p.tf) AS tfs
@@ -395,10 +413,12 @@ class DuckDBDurable(DurableStore):
         self.dim = dim
         #: read the vectors at open (False: on demand, when a vector index cache holds a copy)
         self.vectors_at_open = True
+        #: read the postings at open (False: the keyword index cache holds them)
+        self.postings_at_open = True
 
     def load(self, dim: int | None) -> Loaded:
         con = self.con
-        rows = load_rows(con, dim, with_vectors=self.vectors_at_open)
+        rows = load_rows(con, dim, with_vectors=self.vectors_at_open, with_postings=self.postings_at_open)
         cb = con.execute("SELECT user_id, agent_id, name, content, importance, position FROM core_blocks "
                          "ORDER BY user_id NULLS FIRST, agent_id NULLS FIRST, position").fetchall()
         core_blocks = [(_scope((u, a, None)), CoreBlockRecord(n, c, float(imp), int(pos))) for u, a, n, c, imp, pos in cb]
