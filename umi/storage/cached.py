@@ -1,14 +1,19 @@
 """``CachedStore``: the storage contract written once, over a small durable store.
 
-A :class:`CachedStore` holds the whole store in process — entities in the columnar
+A :class:`CachedStore` holds the store in process — entities in the columnar
 :class:`~umi.storage._hotcache.EntityCache` (filters as numpy masks, BM25 postings, the
 vector index), and sources, relations, history, core blocks and store metadata in plain
-dicts — and serves every read from there. It owns the lock, the transaction rules
+dicts — and serves every read from there. Over a *lazy* durable store (DuckDB) history,
+sources and relations are not read at open: the cache asks the durable store for an entity's
+history, a source (by id or text hash) or an entity's relations the first time a call needs
+them (and for all of them in ``iter_*``), under the store's lock, and always before changing
+them, so what the cache holds for a known key is the committed rows plus this transaction's
+changes. It owns the lock, the transaction rules
 (:class:`~umi.storage._txn.TransactionMixin`), input checks, relation-endpoint checks, history
 sequence numbers, forgetting and the scope rules.
 
-Under it, a :class:`DurableStore` does only durable I/O: :meth:`DurableStore.load` everything at
-open, and :meth:`DurableStore.commit` one :class:`ChangeSet` (the net effect of one transaction)
+Under it, a :class:`DurableStore` does only durable I/O: :meth:`DurableStore.load` at open
+(everything, or what a lazy store reads up front), the on-demand reads of a lazy store, and :meth:`DurableStore.commit` one :class:`ChangeSet` (the net effect of one transaction)
 atomically. Implementations: DuckDB (:mod:`umi.storage.duckdb`), Lance
 (:mod:`umi.storage.lance`) and :class:`MemoryDurable` (nothing to persist; the Sim backend).
 A write changes the cache at once (and journals how to undo it) and records itself in the

@@ -21,8 +21,13 @@ Vector index: a :class:`umi.index.VectorIndex` saved beside the file as
 generation matches, caught up (entities written or forgotten since, from the
 ``updated_generation`` and history ``generation`` columns) when it is behind, and rebuilt
 from the cached vectors when missing, unreadable or inconsistent; ``index_load_status`` says
-which. It is saved on :meth:`close` (and every ``save_index_every`` commits when set). A
-crash can cost the cache file, never a committed write.
+which. The BM25 postings have a cache file of their own, ``<path>.umiterms``
+(:mod:`umi.storage._termcache`), saved with the vector index and used, caught up or ignored
+on open the same way. With both caches valid, an open reads from DuckDB only the entity rows
+(not their vectors: those are read per row when a call returns them), metadata codes and core
+blocks; history, sources and relations are read when first needed (see
+:mod:`umi.storage.cached`). Both are saved on :meth:`close` (and every ``save_index_every``
+commits when set). A crash can cost a cache file, never a committed write.
 
 Threads: one re-entrant lock guards the connection and the cache; every call holds it
 and a transaction holds it until it ends, so readers in other threads wait for a
