@@ -63,7 +63,6 @@ from typing import Any
 
 import numpy as np
 
-from . import kernels
 from .errors import IndexCacheError, InvalidConfigError, InvalidLimitError, ValidationError
 
 __all__ = ["EXACT_SELECTIVITY", "INDEX_DIM_MAX", "SEARCH_K_MAX", "VectorIndex"]
@@ -453,7 +452,7 @@ class VectorIndex:
         vecs, live, m = self._scan_args(mask)
         fetch = k + 1
         while True:
-            slots, scores = kernels.topk_unchecked(vecs, q, fetch, live, m)
+            slots, scores = _kernels().topk_unchecked(vecs, q, fetch, live, m)
             # The kernel breaks ties by slot, the index by id. When the k-th score ties
             # with the (k+1)-th, widen the fetch until the whole tied group is in hand.
             if (
@@ -461,17 +460,17 @@ class VectorIndex:
                 or scores[k] != scores[k - 1]
                 or scores[-1] != scores[k - 1]
                 or slots.shape[0] < fetch
-                or fetch == kernels.TOPK_K_MAX
+                or fetch == _kernels().TOPK_K_MAX
             ):
                 return self._rank(slots, scores, k)
-            fetch = min(fetch * 4, kernels.TOPK_K_MAX)
+            fetch = min(fetch * 4, _kernels().TOPK_K_MAX)
 
     def _exact_many(
         self, qs: np.ndarray, k: int, mask: np.ndarray | None
     ) -> list[list[tuple[str, float]]]:
         vecs, live, m = self._scan_args(mask)
-        fetch = min(k + _BATCH_PAD, kernels.TOPK_K_MAX)
-        slots, batch_scores = kernels.topk_many_unchecked(vecs, qs, fetch, live, m)
+        fetch = min(k + _BATCH_PAD, _kernels().TOPK_K_MAX)
+        slots, batch_scores = _kernels().topk_many_unchecked(vecs, qs, fetch, live, m)
         # The batch kernel's arithmetic may differ from the single-query kernel's in the
         # last bit. Re-score its candidates the single-query way; the answer is settled
         # when every row left out scores below the k-th candidate even allowing for that
@@ -480,7 +479,7 @@ class VectorIndex:
         out = []
         for r in range(qs.shape[0]):
             cand = slots[r]
-            exact = kernels.dot_rows_unchecked(vecs, qs[r], cand)
+            exact = _kernels().dot_rows_unchecked(vecs, qs[r], cand)
             ranked = self._rank(cand, exact, cand.shape[0])
             if (
                 cand.shape[0] < fetch
@@ -609,7 +608,7 @@ class VectorIndex:
                 labels = self._knn(graph, q, want, filter=lambda label: bool(elig[label]))
         if labels is None or labels.shape[0] < want:
             return self._exact(q, k, mask)
-        scores = kernels.dot_rows_unchecked(self._vectors, q, labels)
+        scores = _kernels().dot_rows_unchecked(self._vectors, q, labels)
         return self._rank(labels, scores, k)
 
     def _knn(self, graph: Any, q: np.ndarray, fetch: int, filter: Any = None) -> np.ndarray | None:
@@ -799,6 +798,14 @@ class VectorIndex:
             )
         self._in_graph[labels] = True
         self._graph = graph
+
+
+def _kernels() -> Any:
+    """:mod:`umi.kernels`, imported on first use: importing numba costs ~1 s, and opening a
+    store with a saved index (or anything short of a search) needs none of it."""
+    from . import kernels
+
+    return kernels
 
 
 def _hnswlib() -> Any:
