@@ -158,3 +158,36 @@ def test_keyword_index_cache_is_used_caught_up_or_ignored(tmp_path: Path) -> Non
         assert b.search_text("tea coffee", 10) == want
     with DuckDBStorageBackend.connect(path) as b:  # rewritten by that close: current again
         assert b._terms_dirty is False and b.search_text("tea coffee", 10) == want
+
+
+def test_many_forgets_after_reopen_read_each_kind_in_one_go_past_a_limit(tmp_path: Path, monkeypatch) -> None:
+    """A bulk forget asks the database for each entity's history, relations and source only up
+    to LAZY_KEY_READS_MAX times per kind; then reads the rest of that kind at once."""
+    import umi.storage.cached as cached
+
+    monkeypatch.setattr(cached, "LAZY_KEY_READS_MAX", 20)
+    path = tmp_path / "umi.duckdb"
+    srcs = [Source.for_text(f"text {i}", T0 + i) for i in range(100)]
+    ents = [fact(i, f"fact {i}", source_id=srcs[i].id) for i in range(100)]
+    rels = [EvolutionRelation(ents[i].id, ents[i + 1].id, "extend", created_at=T0 + i, id=f"r{i}") for i in range(99)]
+    with DuckDBStorageBackend.connect(path) as b:
+        for s in srcs:
+            b.add_source(s)
+        b.upsert(ents)
+        b.add_relations(rels)
+    with DuckDBStorageBackend.connect(path) as b:
+        reads = []
+        durable = b._durable
+        for name in ("load_history", "load_sources", "load_relations"):
+            real = getattr(durable, name)
+            monkeypatch.setattr(durable, name, lambda *a, _real=real, _name=name, **k: reads.append(_name) or _real(*a, **k))
+        for e in ents[:60]:
+            assert b.delete(e.id, at=T0 + 1000)
+        assert len(reads) <= 3 * 21  # one read per key up to the limit, then one read of the rest
+        assert b._hist_all and b._src_all and b._rel_all
+        assert [r.id for r in b.iter_relations()] == [f"r{i}" for i in range(60, 99)]
+        assert [s.id for s in b.iter_sources()] == [s.id for s in srcs[60:]]
+        assert ops(b, ents[59].id) == [(1, "create"), (2, "delete")] and ops(b, ents[60].id) == [(1, "create")]
+    with DuckDBStorageBackend.connect(path) as b:
+        assert [r.id for r in b.iter_relations()] == [f"r{i}" for i in range(60, 99)]
+        assert len(list(b.iter_sources())) == 40 and b.count() == 40

@@ -77,6 +77,10 @@ CORE_CONTENT_BYTES_MAX = 16 * 1024 * 1024
 #: store metadata keys and values
 META_KEY_BYTES_MAX = 256
 META_VALUE_BYTES_MAX = 1024 * 1024
+#: a lazy durable store is asked for one entity's history, one source or one entity's relations
+#: at most this many times per session; then the rest of that kind is read in one go (a bulk
+#: forget of 10k entities must not cost 10k database round trips each)
+LAZY_KEY_READS_MAX = 256
 
 
 # --- what moves between the cache and a durable store -------------------------------------------
@@ -306,6 +310,7 @@ class CachedStore(TransactionMixin, StorageBackend):
         # before its records are read or changed, so the cache never acts on half a history.
         self._hist_known: set[str] = set()
         self._hist_all = True
+        self._key_reads = {"history": 0, "sources": 0, "relations": 0}
         self._core: dict[Scope, list[CoreBlockRecord]] = {}
         self._core_hist: dict[Scope, list[CoreHistoryRecord]] = {}
         self._meta: dict[str, str] = {}
@@ -367,10 +372,18 @@ class CachedStore(TransactionMixin, StorageBackend):
         self._add_loaded_history(self._durable.load_history(want))
         known.update(want)
 
+    def _one_more_key_read(self, kind: str) -> bool:
+        """Count a single-key read of ``kind``; True when the whole kind should be read instead."""
+        self._key_reads[kind] += 1
+        return self._key_reads[kind] > LAZY_KEY_READS_MAX
+
     def _hist(self, eid: str) -> builtins.list[_Hist] | None:
         """``eid``'s history records (read from the durable store on first use)."""
         if not self._hist_all and eid not in self._hist_known:
-            self._fetch_history([eid])
+            if self._one_more_key_read("history"):
+                self._fetch_all_history()
+            else:
+                self._fetch_history([eid])
         return self._history.get(eid)
 
     def _fetch_all_history(self) -> None:
@@ -393,7 +406,10 @@ class CachedStore(TransactionMixin, StorageBackend):
         if sid not in self._sources:
             if self._src_all:
                 return None
-            self._add_loaded_sources(self._durable.load_sources(ids=[sid]))
+            if self._one_more_key_read("sources"):
+                self._fetch_sources_all()
+            else:
+                self._add_loaded_sources(self._durable.load_sources(ids=[sid]))
             self._sources.setdefault(sid, None)
         return self._sources[sid]
 
@@ -415,8 +431,11 @@ class CachedStore(TransactionMixin, StorageBackend):
     def _rels_for(self, eid: str) -> builtins.list[EvolutionRelation]:
         """The stored relations with an end at ``eid`` (read from the durable store on first use)."""
         if not self._rel_all and eid not in self._rels_known:
-            self._add_loaded_relations(self._durable.load_relations([eid]))
-            self._rels_known.add(eid)
+            if self._one_more_key_read("relations"):
+                self._fetch_relations_all()
+            else:
+                self._add_loaded_relations(self._durable.load_relations([eid]))
+                self._rels_known.add(eid)
         out = []
         for rid in self._rels_of.get(eid, ()):
             r = self._relations.get(rid)
@@ -746,8 +765,11 @@ class CachedStore(TransactionMixin, StorageBackend):
             raise TypeError(f"text_hash must be str, not {type(text_hash).__name__}")
         with self._reading("find_source_by_hash"):
             if not self._src_all and text_hash not in self._hashes_known:
-                self._add_loaded_sources(self._durable.load_sources(hashes=[text_hash]))
-                self._hashes_known.add(text_hash)
+                if self._one_more_key_read("sources"):
+                    self._fetch_sources_all()
+                else:
+                    self._add_loaded_sources(self._durable.load_sources(hashes=[text_hash]))
+                    self._hashes_known.add(text_hash)
             ids = self._by_hash.get(text_hash)
             if not ids:
                 return None
