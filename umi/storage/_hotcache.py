@@ -33,7 +33,7 @@ import numpy as np
 from ..errors import StorageError
 from ..types import Entity, EntityType, normalize_name
 from . import filters as F
-from ._bm25 import PostingsIndex, top_rows
+from ._bm25 import PostingsIndex, csr_add_docs, top_rows
 from ._common import clone_entity
 from .filters import TYPE_CODES, NormFilters, meta_key
 from .text import document_terms
@@ -727,10 +727,10 @@ class EntityCache:
                 e = self._ent(r)
                 if held != document_terms(e.name, e.content)[0]:
                     return False
+        if changed:  # the current text of the entities written since the save
+            docs = [(r, document_terms(e.name, e.content)[0]) for r, e in ((r, self._ent(r)) for r in changed)]
+            terms, offsets, new_rows, tfs = csr_add_docs(terms, offsets, new_rows, tfs, docs)
         self._postings.load(terms, offsets, new_rows, tfs)
-        for r in changed:
-            e = self._ent(r)
-            self._postings.add_doc(r, document_terms(e.name, e.content)[0])
         self.version += 1
         return True
 
