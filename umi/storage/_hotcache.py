@@ -202,17 +202,21 @@ class EntityCache:
         """Read the pending vectors of ``rows`` not read yet, in one durable read."""
         got = self._vec_read
         want = [r for r in rows if self._vec_pending[r] and r not in got]
-        if not want:
-            return
+        if want:
+            at, mat = self._read_vectors(want)
+            mat.flags.writeable = False
+            for i, r in enumerate(at.tolist()):
+                got[r] = mat[i]
+
+    def _read_vectors(self, rows: builtins.list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, their stored vectors) from the durable store, in the order it returned them."""
         assert self._fetch_vectors is not None
         ids = self._row_ids
-        got_ids, mat = self._fetch_vectors([ids[r] for r in want])
-        if len(got_ids) != len(want):
-            raise StorageError(f"{len(want) - len(got_ids)} stored vector(s) are missing from the database")
-        mat.flags.writeable = False
+        got_ids, mat = self._fetch_vectors([ids[r] for r in rows])
+        if len(got_ids) != len(rows):
+            raise StorageError(f"{len(rows) - len(got_ids)} stored vector(s) are missing from the database")
         row_of = self._row_of
-        for i, eid in enumerate(got_ids):
-            got[row_of[eid]] = mat[i]
+        return np.fromiter(map(row_of.__getitem__, got_ids), np.int64, len(got_ids)), mat
 
     def _unpend_vectors(self) -> None:
         """Every pending vector into ``_vecs`` (to rebuild the index from them)."""
@@ -220,21 +224,18 @@ class EntityCache:
         if rows.shape[0] == 0:
             return
         self._own_vectors(self._cap)
-        vecs, held, ids = self._vecs, self._vec_read, self._row_ids
-        assert vecs is not None and self._fetch_vectors is not None
+        vecs, held = self._vecs, self._vec_read
+        assert vecs is not None
         unread = []
         for r in rows.tolist():
             v = held.get(r)
             if v is None:
-                unread.append(ids[r])
+                unread.append(r)
             else:
                 vecs[r] = v
         if unread:
-            got_ids, mat = self._fetch_vectors(unread)
-            if len(got_ids) != len(unread):
-                raise StorageError(f"{len(unread) - len(got_ids)} stored vector(s) are missing from the database")
-            row_of = self._row_of
-            vecs[np.fromiter((row_of[i] for i in got_ids), np.int64, len(got_ids))] = mat
+            at, mat = self._read_vectors(unread)
+            vecs[at] = mat
         self._vec_pending[rows] = False
         self._vec_read = {}
 
