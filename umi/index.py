@@ -871,7 +871,7 @@ def _read_index_file(
         # 100k x 384 index: ~150 MB not copied). Saves replace the file (os.replace), so the mapped
         # inode stays as it was. The index then starts at capacity == high water mark.
         pos = f.tell()
-        vectors = np.memmap(f, dtype=np.float32, mode="c", offset=pos, shape=(hw, fdim))
+        vectors: np.ndarray = np.memmap(f, dtype=np.float32, mode="c", offset=pos, shape=(hw, fdim))
         view = vectors.reshape(-1).view(np.uint8).data
         f.seek(pos + vector_bytes)
         header = dict(header, capacity=hw)

@@ -699,7 +699,7 @@ class EntityCache:
         if len(ids) == n and ids == self._row_ids:  # the database returned the rows in the same order
             new_rows = rows
         else:
-            pos_row = np.fromiter(map(get, ids, itertools.repeat(-1)), np.int64, len(ids))
+            pos_row = np.fromiter(map(get, ids, itertools.repeat(-1)), np.int64, len(ids))  # type: ignore[arg-type]
             new_rows = pos_row[rows] if rows.shape[0] else np.zeros(0, np.int64)
         drop = new_rows < 0
         if changed:
@@ -779,7 +779,7 @@ class EntityCache:
         if add_ids:
             add_rows = [self._row_of[i] for i in add_ids]
             self._load_vectors(add_rows)
-            index.add(add_ids, np.stack([self._vec(r) for r in add_rows]))
+            index.add(add_ids, np.stack([self._vec(r) for r in add_rows]))  # type: ignore[misc]
         if drop_ids:
             index.remove(drop_ids)
         if len(index) != self._n_vecs:
