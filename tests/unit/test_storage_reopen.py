@@ -191,3 +191,19 @@ def test_many_forgets_after_reopen_read_each_kind_in_one_go_past_a_limit(tmp_pat
     with DuckDBStorageBackend.connect(path) as b:
         assert [r.id for r in b.iter_relations()] == [f"r{i}" for i in range(60, 99)]
         assert len(list(b.iter_sources())) == 40 and b.count() == 40
+
+
+def test_re_adding_a_stored_relation_or_source_after_reopen_replaces_it(store) -> None:
+    """Lazy relations and sources meet plain inserts: a row the session has not read yet is still
+    known to be stored, so writing it again replaces it instead of failing on its key."""
+    path, s = store
+    rel, s1 = s["rel"], s["s1"]
+    again = EvolutionRelation(rel.source_id, rel.target_id, "extend", reason="same team, said again",
+                              created_at=T0 + 20, id=rel.id)
+    with DuckDBStorageBackend.connect(path) as b:
+        b.add_relations([again])
+        b.add_source(s1)
+    with DuckDBStorageBackend.connect(path) as b:
+        assert [r.reason for r in b.relations_for(rel.source_id)] == ["same team, said again"]
+        assert len(list(b.iter_relations())) == 1
+        assert b.get_source(s1.id) == s1 and len(list(b.iter_sources())) == 2
