@@ -141,3 +141,17 @@ def test_rrf_weights_scale_each_list():
     fused = dict(rrf_fuse([["q"], ["r"], ["r"]], k=60, weights=[1.0, RULE_REWRITE_WEIGHT, RULE_REWRITE_WEIGHT]))
     assert fused["q"] > fused["r"]
     assert rrf_fuse([["a", "b"]], k=60) == rrf_fuse([["a", "b"]], k=60, weights=[1.0])
+
+
+def test_asking_about_a_speaker_finds_their_fact_not_their_latest_small_talk(rules):
+    # Bob tells where he lives, then chats on; friends ask him things. The question names Bob:
+    # the name prefers Bob's facts, but which of them is the question's business — and a question
+    # put to Bob ("Bob, where do you live now?") tells nothing about him.
+    rules.remember_sync("Bob: I live in Leeds, near the old docks.")
+    for line in ["Bob: Good for you.", "Bob: Makes sense.", "Alice: Bob, how was your week?",
+                 "Bob: Going to the gym after this.", "Carol: Bob, do you live near the station?",
+                 "Bob: Ha, typical.", "Bob: Love that."]:
+        rules.remember_sync(line)
+    top = rules.recall_sync("Where does Bob live?", RecallOptions(limit=3).fast_only())
+    assert top[0].content == "Bob: I live in Leeds, near the old docks."
+    assert not any(e.content.endswith("?") for e in top[:2])

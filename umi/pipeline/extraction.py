@@ -28,7 +28,7 @@ from ..errors import InvalidResponseError
 from ..types import ENTITY_NAME_BYTES_MAX, EntityType
 from ._lexicon import COMMON_WORDS
 
-__all__ = ["ExtractedEntity", "rule_extract", "speaker_of", "parse_extraction", "note_for", "split_sentences",
+__all__ = ["ExtractedEntity", "asks", "rule_extract", "speaker_of", "parse_extraction", "note_for", "split_sentences",
            "with_leftovers", "uncovered_sentences"]
 
 SELF_NAME = "User"
@@ -109,6 +109,12 @@ def speaker_of(line: str, mid_caps: frozenset[str] = frozenset()) -> str | None:
     if all(looks_common(w) and _bare(w) not in mid_caps for w in words):
         return None
     return m.group(1)
+
+
+def asks(content: str) -> bool:
+    """Does a fact's content ask rather than tell ("Bob, where do you live now?")? A question
+    states nothing about the names it mentions: it neither updates a fact nor is one."""
+    return content.rstrip().endswith("?")
 
 
 def split_sentences(text: str) -> list[str]:

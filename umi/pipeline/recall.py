@@ -33,7 +33,8 @@ from ..types import Entity, Usage
 from . import schemas
 from .context import PipelineContext, provider_failure
 from .remember import statement_key
-from .retrieval import RULE_REWRITE_WEIGHT, needs_deep_search, query_names, rrf_fuse, rule_rewrite, time_signal
+from .retrieval import (RULE_REWRITE_WEIGHT, name_signal, needs_deep_search, query_names, rrf_fuse, rule_rewrite,
+                        time_signal)
 
 __all__ = ["validate_query", "recall", "filters_for", "RecallResult", "current_at"]
 
@@ -97,8 +98,7 @@ def _ranked_lists(ctx: PipelineContext, query: str, qvec: np.ndarray | None, fil
     named: list[Entity] = []
     for name in query_names(query):
         named.extend(ctx.storage.find_by_name(name, filters=filters))
-    named.sort(key=lambda e: (-e.created_at, e.id))
-    lists.append(list(dict.fromkeys(e.id for e in named))[:k])
+    lists.append(name_signal(named, lists, k))
     lists.extend(time_signal(ctx.storage, query, qvec, filters, k, ctx.now_ms(), lists))
     return lists
 
