@@ -155,3 +155,76 @@ def test_asking_about_a_speaker_finds_their_fact_not_their_latest_small_talk(rul
     top = rules.recall_sync("Where does Bob live?", RecallOptions(limit=3).fast_only())
     assert top[0].content == "Bob: I live in Leeds, near the old docks."
     assert not any(e.content.endswith("?") for e in top[:2])
+
+
+# --- what retires a fact in a chat (issue 12: knowledge updates) -------------------------------
+
+
+def chatter(m, speaker, n):
+    """``n`` lines of small talk by ``speaker``, each different (none says anything about work)."""
+    for i in range(n):
+        m.remember_sync(f"{speaker}: Ha, that film was good number {i}.")
+
+
+def test_a_job_change_retires_the_old_job_even_after_a_lot_of_chatter(rules):
+    # Tom says where he works, chats for a while, then changes jobs. The old job fact is far back
+    # among Tom's facts; the change must still find it and retire it.
+    rules.remember_sync("Tom: I work at Harbor Bank as a risk analyst.")
+    chatter(rules, "Tom", 12)
+    res = rules.remember_sync("Tom: I handed in my notice at Harbor Bank; from Monday I'm a firmware engineer "
+                              "with Asterisk Robotics.")
+    assert [r for r in res.evolutions if r.evolution_type.supersedes]
+    assert not current(rules, "Tom: I work at Harbor Bank as a risk analyst.")
+    top = rules.recall_sync("Harbor Bank", RecallOptions(limit=3))
+    assert "Asterisk Robotics" in top[0].content  # asking about the old job shows the change
+    assert all(e.content != "Tom: I work at Harbor Bank as a risk analyst." for e in top)
+    # history keeps the old job
+    old = rules.recall_sync("Harbor Bank risk analyst", RecallOptions(limit=5, include_superseded=True))
+    assert any(e.content == "Tom: I work at Harbor Bank as a risk analyst." for e in old)
+
+
+@pytest.mark.parametrize("line", [
+    "Carol: Bob, where do you live these days?",        # a question tells nothing
+    "Bob: I moved my desk by the window and it helps.",  # a cue word, but no new home named
+    "Bob: I almost moved to Tallinn once, the rent was too high.",  # hedged: it did not happen
+])
+def test_what_does_not_retire_bobs_home(rules, line):
+    rules.remember_sync("Bob: I live in Leeds, near the old docks.")
+    res = rules.remember_sync(line)
+    assert not [r for r in res.evolutions if r.evolution_type.supersedes], res.evolutions
+    assert current(rules, "Bob: I live in Leeds, near the old docks.")
+
+
+@pytest.mark.parametrize("line", [
+    "Bob: I relocated to York last week, still finding my way around.",
+    "Bob: We finally moved to York!",
+])
+def test_a_move_told_in_many_ways_retires_the_old_home(rules, line):
+    rules.remember_sync("Bob: I live in Leeds, near the old docks.")
+    rules.remember_sync(line)
+    assert not current(rules, "Bob: I live in Leeds, near the old docks.")
+
+
+def test_a_question_put_to_someone_is_never_retired_by_their_answer(rules):
+    rules.remember_sync("Carol: Bob, where are you living these days?")
+    rules.remember_sync("Bob: I moved to York now.")
+    assert current(rules, "Carol: Bob, where are you living these days?")
+
+
+def test_after_a_speaker_label_the_first_word_starts_the_sentence():
+    got = {f.name for f in rule_extract("Amara: First week at Fernhill School done.")}
+    assert got == {"Amara", "Fernhill School"}
+
+
+@pytest.mark.parametrize("old,new", [
+    # "I'm" in both is no shared subject ("m" is what is left of a contraction)
+    ("Ravi: I'm allergic to kiwi, so be careful.", "Ravi: I'm gluten-free these days."),
+    # the speaker label in both is no shared name: it says who spoke
+    ("Tom: My brother Rosa is visiting next month.", "Tom: Rosa is training to be a barista now."),
+])
+def test_facts_about_different_things_do_not_update_each_other(old, new):
+    from umi.pipeline.evolution import Candidate, rule_classify
+
+    name = "Rosa" if "Rosa" in new else "Ravi"
+    (d,) = rule_classify(Candidate("n", name, "person", new), [Candidate("o", name, "person", old)])
+    assert d.evolution_type is EvolutionType.EXTEND

@@ -157,11 +157,12 @@ def _name_spans(sentence: str, mid_caps: frozenset[str] = frozenset()) -> list[t
     """
     toks = [(m.start(), m.end(), m.group(0)) for m in _WORD.finditer(sentence)]
     spans: list[tuple[int, int, str]] = []
+    starts = _starts(sentence, toks)
     i = 0
     while i < len(toks):
         s, e, w = toks[i]
         bare = w.rstrip(".'").lower()
-        if i == 0 and _is_cap(w) and looks_common(w) and _bare(w) not in mid_caps:
+        if i in starts and _is_cap(w) and looks_common(w) and _bare(w) not in mid_caps:
             i += 1  # "Budget is tight", "In Chicago", "Took Biscuit": the capital is the sentence's
             continue
         if _is_cap(w) and bare not in STOP_CAPS and not (bare.endswith("'s") and bare[:-2] in STOP_CAPS):
@@ -195,13 +196,24 @@ def _bare(word: str) -> str:
     return w[:-2] if w.endswith("'s") else w
 
 
+def _starts(sentence: str, toks: list[tuple[int, int, str]]) -> set[int]:
+    """Indexes of the tokens that start a sentence: the first, and after a speaker label
+    ("Amara: First week at…") the first of the turn."""
+    label = _SPEAKER.match(sentence)
+    if label is None:
+        return {0}
+    return {0, next((k for k, t in enumerate(toks) if t[0] >= label.end()), 0)}
+
+
 def _mid_caps(sentences: list[str]) -> frozenset[str]:
     """Words the text writes capitalised somewhere other than at a sentence's start."""
     out = set()
     for sentence in sentences:
-        for k, m in enumerate(_WORD.finditer(sentence)):
-            if k > 0 and _is_cap(m.group(0)):
-                out.add(_bare(m.group(0)))
+        toks = [(m.start(), m.end(), m.group(0)) for m in _WORD.finditer(sentence)]
+        starts = _starts(sentence, toks)
+        for k, (_, _, w) in enumerate(toks):
+            if k not in starts and _is_cap(w):
+                out.add(_bare(w))
     return frozenset(out)
 
 
