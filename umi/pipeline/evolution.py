@@ -158,23 +158,20 @@ def _related(new: Candidate, old: Candidate) -> bool:
     return bool(_predicates(new_told, words) & _predicates(old_told, words))
 
 
-_WE = re.compile(r"\b(?:[Ww]e|[Uu]s|[Oo]ur|[Oo]urs|[Ww]e're|[Ww]e've)\b")
-
-
 def _about(c: Candidate) -> bool:
     """Is the fact about the name it is filed under? A fact filed under the speaker of a
     labelled turn ("Bob: …") is about Bob when Bob speaks of himself (first person); a
     first-person fact that names someone else mid-sentence is about the speaker, not them."""
-    from .extraction import FIRST_PERSON, speaker_of
+    from .extraction import FIRST_PERSON, about_speaker, speaker_of
 
     if c.entity_type == "self":
         return True
     own = normalize_name(c.name)
     speaker = speaker_of(c.content)
     body = c.content[c.content.index(":") + 1:] if speaker else c.content
-    first_person = FIRST_PERSON.search(body) is not None or _WE.search(body) is not None
     if speaker is not None and normalize_name(speaker) == own:
-        return first_person
+        return about_speaker(body)
+    first_person = FIRST_PERSON.search(body) is not None
     if first_person and re.search(rf"(?<!\w){re.escape(own)}(?!\w)", normalize_name(body)):
         # "My sister Dana is a doctor": a possessive that introduces the name is about the name
         if re.search(rf"(?<!\w)(?:my|our)\s+(?:\w+\s+){{0,2}}{re.escape(own)}(?!\w)", normalize_name(body)):

@@ -28,7 +28,7 @@ from ..errors import InvalidResponseError
 from ..types import ENTITY_NAME_BYTES_MAX, EntityType
 from ._lexicon import COMMON_WORDS
 
-__all__ = ["ExtractedEntity", "asks", "rule_extract", "speaker_of", "parse_extraction", "note_for", "split_sentences",
+__all__ = ["ExtractedEntity", "about_speaker", "asks", "rule_extract", "speaker_of", "parse_extraction", "note_for", "split_sentences",
            "with_leftovers", "uncovered_sentences"]
 
 SELF_NAME = "User"
@@ -115,6 +115,24 @@ def asks(content: str) -> bool:
     """Does a fact's content ask rather than tell ("Bob, where do you live now?")? A question
     states nothing about the names it mentions: it neither updates a fact nor is one."""
     return content.rstrip().endswith("?")
+
+
+_WE = re.compile(r"\b(?:[Ww]e|[Uu]s|[Oo]ur|[Oo]urs|[Ww]e're|[Ww]e've)\b")
+#: words that open a line about someone other than its speaker
+_OTHER_SUBJECT = frozenset("he she they it his her their its".split())
+
+
+def about_speaker(body: str, mid_caps: frozenset[str] = frozenset()) -> bool:
+    """Does a speaker's line (``body``: the text after "Bob:") tell about the speaker? In the first
+    person ("I moved", "we moved"), or news without a subject ("First week at Acme done",
+    "Goodbye Leeds, hello York"): it names something, and does not open with a name or a
+    pronoun that says whom it is about. Small talk ("Good for you.") names nothing and is not."""
+    if FIRST_PERSON.search(body) or _WE.search(body):
+        return True
+    spans = _name_spans(body, mid_caps)
+    first = _WORD.search(body)
+    return bool(spans) and first is not None and first.start() != spans[0][0] \
+        and _bare(first.group(0)) not in _OTHER_SUBJECT
 
 
 def split_sentences(text: str) -> list[str]:
@@ -251,6 +269,11 @@ def rule_extract(text: str) -> list[ExtractedEntity]:
             for sentence in split_sentences(line)]
     for sentence, speaker in said:
         spans = _name_spans(sentence, mid_caps)
+        label = _SPEAKER.match(sentence) if speaker else None
+        body = sentence
+        if label is not None:  # the label says who speaks, not whom the line is about
+            spans = [sp for sp in spans if sp[0] >= label.end()]
+            body = sentence[label.end():]
         # Resolve person pronouns to the last person named (in this sentence or before).
         resolved = sentence
         if last_person and not any(_classify(n, sentence[:s], sentence[e:]) == EntityType.PERSON for s, e, n in spans):
@@ -266,8 +289,10 @@ def rule_extract(text: str) -> list[ExtractedEntity]:
                 last_person = name
         if not typed and resolved != sentence and last_person:
             typed.append((last_person, EntityType.PERSON))
-        if FIRST_PERSON.search(sentence):  # the speaker of a labelled line, else the user
-            typed.insert(0, (speaker, EntityType.PERSON) if speaker else (SELF_NAME, EntityType.SELF))
+        if speaker and about_speaker(body, mid_caps):
+            typed.insert(0, (speaker, EntityType.PERSON))
+        elif not speaker and FIRST_PERSON.search(sentence):  # first person without a label: the user
+            typed.insert(0, (SELF_NAME, EntityType.SELF))
         if TASK_CUE.search(sentence):
             typed.append((sentence[:NOTE_NAME_CHARS].rstrip(), EntityType.TASK))
         content = resolved.strip()
