@@ -245,3 +245,18 @@ def test_a_speakers_line_is_filed_under_them_when_it_tells_about_them(line, abou
 
     kept, _ = with_leftovers(line, rule_extract(line))
     assert any(line in f.content or f.content in line for f in kept)
+
+
+def test_a_question_is_answered_by_what_was_told_not_by_a_question_with_its_words(rules):
+    # Carol's question shares every word of the one asked later; Priya's answer shares few.
+    # (Raw notes: no names to file facts under, so only the words and the telling decide.)
+    raw = umi.RememberOptions().without_extraction()
+    rules.remember_sync("Priya: I'm a data analyst at Lumen Labs.", raw)
+    rules.remember_sync("Carol: Priya, where do you work these days?", raw)
+    top = rules.recall_sync("Where does Priya work these days?", RecallOptions(limit=2).fast_only())
+    assert top[0].content == "Priya: I'm a data analyst at Lumen Labs."
+
+
+def test_rrf_takes_a_ranking_with_ties():
+    fused = dict(rrf_fuse([["a", "b"], {"a": 1, "b": 1}], k=60))
+    assert fused["a"] == pytest.approx(1 / 61 + 1 / 61) and fused["b"] == pytest.approx(1 / 62 + 1 / 61)
