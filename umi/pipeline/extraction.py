@@ -28,7 +28,8 @@ from ..errors import InvalidResponseError
 from ..types import ENTITY_NAME_BYTES_MAX, EntityType
 from ._lexicon import COMMON_WORDS
 
-__all__ = ["ExtractedEntity", "about_speaker", "asks", "rule_extract", "speaker_of", "parse_extraction", "note_for", "split_sentences",
+__all__ = ["ExtractedEntity", "about_speaker", "asks", "rule_extract", "speaker_of", "parse_extraction",
+           "note_for", "split_sentences",
            "with_leftovers", "uncovered_sentences"]
 
 SELF_NAME = "User"

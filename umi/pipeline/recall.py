@@ -1,8 +1,8 @@
 """The recall pipeline.
 
 Fast path: vector top-k + BM25 top-k + exact name match (+ the time signal, and for a question
-the facts that tell), fused by reciprocal rank fusion, with filters applied inside each search. Deep path (asked for, or — with an LLM
-configured — by the rule in :mod:`umi.pipeline.retrieval`): the query is rewritten into 2–4
+the facts that tell), fused by reciprocal rank fusion, with filters applied inside each search.
+Deep path (asked for, or — with an LLM configured — by the rule in :mod:`umi.pipeline.retrieval`): the query is rewritten into 2–4
 variants (LLM, or rules when there is none or it fails), each searched the fast way, and every
 list is fused together (a rule rewrite's lists at ``RULE_REWRITE_WEIGHT``). Results carry
 their fused score; ties break by id.
@@ -33,8 +33,8 @@ from ..types import Entity, Usage
 from . import schemas
 from .context import PipelineContext, provider_failure
 from .remember import statement_key
-from .retrieval import (RULE_REWRITE_WEIGHT, Ranking, name_signal, needs_deep_search, query_names, rrf_fuse, rule_rewrite,
-                        tell_signal, time_signal)
+from .retrieval import (RULE_REWRITE_WEIGHT, Ranking, name_signal, needs_deep_search, query_names,
+                        rrf_fuse, rule_rewrite, tell_signal, time_signal)
 
 __all__ = ["validate_query", "recall", "filters_for", "RecallResult", "current_at"]
 
