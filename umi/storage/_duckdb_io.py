@@ -9,13 +9,16 @@ without a per-row Python loop, except where Python objects are the result (ids, 
 
 from __future__ import annotations
 
+import functools
 import json
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.compute as pc  # type: ignore[import-untyped]
 
+from ..errors import StorageError
 from ..types import UNSET_SCOPE, CoreBlockRecord, CoreHistoryRecord, Entity, EntityType, EvolutionRelation, Scope, normalize_name
 from ._common import dumps, make_entity, meta_key
 from ._hotcache import TYPE_CODES, LoadedRows
@@ -34,10 +37,14 @@ __all__ = [
     "sources_rows",
     "relations_rows",
     "load_rows",
+    "load_postings",
+    "fetch_vectors",
     "DuckDBDurable",
 ]
 
 _TYPES = {t.value: t for t in EntityType}
+#: rows per block of Python values made on demand by the cache load's ``materialise``
+_BLOCK_ROWS = 512
 _I64_MAX = np.iinfo(np.int64).max
 
 
@@ -243,22 +250,32 @@ def relations_rows(rels: list[EvolutionRelation]) -> Rows:
 # --- the cache load -------------------------------------------------------------------------
 
 
-def load_rows(con: Any, dim: int | None) -> LoadedRows:
+def load_rows(con: Any, dim: int | None, *, with_vectors: bool = True, with_postings: bool = True) -> LoadedRows:
     """Everything the entity cache needs.
 
     Rows are numbered in the order DuckDB returns them (sorting wide rows costs more than the
     rest of the load); the metadata and postings queries join on that numbering through a
-    registered Arrow table. Entity objects are built on first use (``materialise``).
+    registered Arrow table. Entity objects are built on first use (``materialise``), and so are
+    the vectors when ``with_vectors`` is False (a reopen with a valid vector index cache: the
+    vectors are ~90 % of the bytes and search reads the index's copy). Without
+    ``with_postings`` the postings are left empty, for the caller to fill
+    (:meth:`EntityCache.adopt_postings` from the keyword index cache, or :func:`load_postings`).
     """
+    vec_col = ""
+    if dim:
+        vec_col = ", embedding" if with_vectors else ", embedding IS NOT NULL AS has_embedding"
     tbl = con.sql(
         "SELECT id, entity_type, name, name_norm, content, metadata, importance, confidence, created_at, "
         "updated_at, event_time, valid_from, valid_to, source_id, doc_len, user_id, agent_id, session_id"
-        f"{', embedding' if dim else ''} FROM entities").to_arrow_table()
+        f"{vec_col} FROM entities").to_arrow_table()
     n = tbl.num_rows
     con.register("_umi_rowmap", pa.table({"id": tbl.column("id"), "rn": pa.array(np.arange(n))}))
     try:
         meta = _metadata_codes(con, n)
-        terms, offsets, prow, ptf = _postings(con)
+        if with_postings:
+            terms, offsets, prow, ptf = _postings(con)
+        else:
+            terms, offsets, prow, ptf = [], np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
     finally:
         con.unregister("_umi_rowmap")
     ids = tbl.column("id").to_pylist()
@@ -268,30 +285,33 @@ def load_rows(con: Any, dim: int | None) -> LoadedRows:
     tidx_np = etype.indices.to_numpy(zero_copy_only=False)
     has_vec = np.zeros(n, bool)
     vectors = None
-    if dim and n:
-        col = tbl.column("embedding").combine_chunks()
-        has_vec = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-        flat = col.values.slice(col.offset * dim, n * dim)  # null rows keep their (unused) slots
-        vectors = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)[:n]
-    lists = {c: tbl.column(c).to_pylist() for c in (
-        "name", "content", "metadata", "importance", "confidence", "created_at", "updated_at",
-        "event_time", "valid_from", "valid_to", "source_id")}
-    tidx = tidx_np.tolist()
+    fetch = None
+    if dim and n and with_vectors:
+        has_vec, vectors = _vector_matrix(tbl.column("embedding"), dim)
+    elif dim and n:
+        has_vec = np.asarray(tbl.column("has_embedding").to_numpy(), dtype=bool)
+        fetch = functools.partial(fetch_vectors, con, dim)
     for col in ("user_id", "agent_id", "session_id", "source_id"):
         coded = _coded_column(tbl.column(col), n)
         if coded is not None:
             meta[col] = coded
-    scopes = scope_list(tbl)
+    fields = tbl.select(["name", "content", "metadata", "importance", "confidence", "created_at", "updated_at",
+                         "event_time", "valid_from", "valid_to", "source_id", "user_id", "agent_id", "session_id"])
+    # Python values are made per block of rows when a row of it is first needed (making them for
+    # every row at open cost ~0.3 s at 100k rows; a recall touches a few dozen)
+    blocks: dict[int, list[list[Any]]] = {}
 
     def materialise(i: int) -> Entity:
+        b, j = divmod(i, _BLOCK_ROWS)
+        cols = blocks.get(b)
+        if cols is None:
+            cols = blocks[b] = [c.to_pylist() for c in fields.slice(b * _BLOCK_ROWS, _BLOCK_ROWS).columns]
+        name, content, metadata, imp, conf, ca, ua, ev, vf, vt, sid, u, a, sess = (c[j] for c in cols)
         return make_entity({
-            "entity_type": types[tidx[i]], "name": lists["name"][i], "content": lists["content"][i],
-            "metadata": json.loads(lists["metadata"][i]), "embedding": None,
-            "importance": lists["importance"][i], "confidence": lists["confidence"][i],
-            "created_at": lists["created_at"][i], "updated_at": lists["updated_at"][i],
-            "event_time": lists["event_time"][i], "valid_from": lists["valid_from"][i],
-            "valid_to": lists["valid_to"][i], "source_id": lists["source_id"][i], "id": ids[i], "score": None,
-            "scope": scopes[i], "mentions": (),
+            "entity_type": types[tidx_np[i]], "name": name, "content": content,
+            "metadata": json.loads(metadata), "embedding": None, "importance": imp, "confidence": conf,
+            "created_at": ca, "updated_at": ua, "event_time": ev, "valid_from": vf, "valid_to": vt,
+            "source_id": sid, "id": ids[i], "score": None, "scope": _scope((u, a, sess)), "mentions": (),
         })
 
     ev = tbl.column("event_time")
@@ -306,9 +326,32 @@ def load_rows(con: Any, dim: int | None) -> LoadedRows:
         doc_len=tbl.column("doc_len").to_numpy().astype(np.float64),
         vectors=vectors, has_vec=has_vec, metadata=meta,
         terms=terms, term_offsets=offsets, posting_rows=prow, posting_tfs=ptf,
-        materialise=materialise,
+        materialise=materialise, fetch_vectors=fetch,
     )
     return rows
+
+
+def _vector_matrix(column: Any, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(valid per row, float32 (rows, dim)) of a FLOAT[dim] column; null rows hold junk."""
+    col = column.combine_chunks()
+    n = len(col)
+    valid = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    flat = col.values.slice(col.offset * dim, n * dim)  # null rows keep their (unused) slots
+    return valid, np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)[:n]
+
+
+def fetch_vectors(con: Any, dim: int, ids: list[str]) -> tuple[list[str], np.ndarray]:
+    """The stored vectors of ``ids`` (those that have one): (ids, float32 (n, dim)), any order."""
+    with _read_errors("vectors"):
+        tbl = _rows_for_ids(con, "SELECT e.id, e.embedding FROM entities e", "e.id", ids)
+    if tbl.num_rows == 0:
+        return [], np.zeros((0, dim), np.float32)
+    valid, mat = _vector_matrix(tbl.column("embedding"), dim)
+    got = tbl.column("id").to_pylist()
+    if not valid.all():
+        got = [i for i, ok in zip(got, valid.tolist()) if ok]
+        mat = mat[valid]
+    return got, mat
 
 
 def _coded_column(col: Any, n: int) -> tuple[np.ndarray, dict[Any, int]] | None:
@@ -359,6 +402,17 @@ def _metadata_codes(con: Any, n: int) -> dict[str, tuple[np.ndarray, dict[tuple[
     return out
 
 
+def load_postings(con: Any, row_ids: Sequence[str | None]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Every posting in the database as CSR over the cache rows of ``row_ids`` (None: a dead row)."""
+    live = [(i, r) for r, i in enumerate(row_ids) if i is not None]
+    con.register("_umi_rowmap", pa.table({"id": pa.array([i for i, _ in live], pa.string()),
+                                          "rn": pa.array([r for _, r in live], pa.int64())}))
+    try:
+        return _postings(con)
+    finally:
+        con.unregister("_umi_rowmap")
+
+
 def _postings(con: Any) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
     tbl = con.sql("""
         SELECT p.term, list(r.rn) AS rows, list(p.tf) AS tfs
@@ -380,34 +434,51 @@ def _postings(con: Any) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
 # --- the durable store --------------------------------------------------------------------
 
 
+@contextmanager
+def _read_errors(what: str) -> Iterator[None]:
+    """A DuckDB failure of an on-demand read (after open) as a :class:`~umi.StorageError`."""
+    import duckdb
+
+    try:
+        yield
+    except duckdb.Error as exc:
+        raise StorageError(f"cannot read {what} from DuckDB: {exc}") from exc
+
+
+def _rows_for_ids(con: Any, select: str, id_column: str, ids: Sequence[str]) -> pa.Table:
+    """``select`` (one table, aliased) restricted to ``id_column IN ids``, as Arrow: a
+    parameterised ``IN`` for a few ids (the primary key / index lookup), a join with a
+    registered Arrow table for many."""
+    if len(ids) <= SMALL_BATCH_ROWS:
+        marks = ", ".join("?" for _ in ids)
+        return con.sql(f"{select} WHERE {id_column} IN ({marks})", params=list(ids)).to_arrow_table()
+    con.register("_umi_want_ids", pa.table({"id": pa.array(list(ids), pa.string())}))
+    try:
+        return con.sql(f"{select} JOIN _umi_want_ids w ON {id_column} = w.id").to_arrow_table()
+    finally:
+        con.unregister("_umi_want_ids")
+
+
 class DuckDBDurable(DurableStore):
-    """The DuckDB half of :class:`~umi.storage.duckdb.DuckDBStorageBackend`: loads every table at
-    open; writes one :class:`ChangeSet` per commit in one DuckDB transaction."""
+    """The DuckDB half of :class:`~umi.storage.duckdb.DuckDBStorageBackend`: loads what recall
+    and remember read at open (entities, postings, core blocks); history, sources and relations
+    are read when the cache first needs them (:meth:`load_history`, :meth:`load_sources`,
+    :meth:`load_relations`: indexed lookups); writes one :class:`ChangeSet` per commit in one
+    DuckDB transaction."""
+
+    lazy = True
 
     def __init__(self, con: Any, dim: int | None) -> None:
         self.con = con
         self.dim = dim
+        #: read the vectors at open (False: on demand, when a vector index cache holds a copy)
+        self.vectors_at_open = True
+        #: read the postings at open (False: the keyword index cache holds them)
+        self.postings_at_open = True
 
     def load(self, dim: int | None) -> Loaded:
         con = self.con
-        rows = load_rows(con, dim)
-        src = con.sql("SELECT id, text_hash, text, created_at, metadata, user_id, agent_id, session_id "
-                      "FROM sources").to_arrow_table()
-        sources = [Source(i, h, t, c, json.loads(m), sc) for i, h, t, c, m, sc in zip(
-            *(src.column(k).to_pylist() for k in ("id", "text_hash", "text", "created_at", "metadata")),
-            scope_list(src))]
-        rel = con.sql("SELECT id, source_id, target_id, evolution_type, reason, confidence, created_at, "
-                      "user_id, agent_id, session_id FROM relations").to_arrow_table()
-        relations = [EvolutionRelation(source_id=s_, target_id=t, evolution_type=et, reason=r, confidence=c, id=i,
-                                       created_at=ca, scope=sc)
-                     for i, s_, t, et, r, c, ca, sc in zip(
-                         *(rel.column(k).to_pylist() for k in ("id", "source_id", "target_id", "evolution_type",
-                                                               "reason", "confidence", "created_at")),
-                         scope_list(rel))]
-        hist = con.sql("SELECT entity_id, seq, op, at_ms, snapshot, user_id, agent_id, session_id "
-                       "FROM history").to_arrow_table()
-        history = list(zip(*(hist.column(k).to_pylist() for k in ("entity_id", "seq", "op", "at_ms", "snapshot")),
-                           scope_list(hist)))
+        rows = load_rows(con, dim, with_vectors=self.vectors_at_open, with_postings=self.postings_at_open)
         cb = con.execute("SELECT user_id, agent_id, name, content, importance, position FROM core_blocks "
                          "ORDER BY user_id NULLS FIRST, agent_id NULLS FIRST, position").fetchall()
         core_blocks = [(_scope((u, a, None)), CoreBlockRecord(n, c, float(imp), int(pos))) for u, a, n, c, imp, pos in cb]
@@ -416,9 +487,53 @@ class DuckDBDurable(DurableStore):
         core_history = [CoreHistoryRecord(_scope((u, a, None)), n, int(sq), op, int(at), c,
                                           None if imp is None else float(imp)) for u, a, sq, n, op, at, c, imp in ch]
         meta = dict(con.execute("SELECT key, value FROM umi_meta").fetchall())
-        return Loaded(dim=dim, rows=rows, sources=sources, relations=relations, history=history,
+        return Loaded(dim=dim, rows=rows,
                       core_blocks=core_blocks, core_history=core_history, meta=meta,
                       passages=load_passages(con) if dim else {})
+
+    def load_history(self, entity_ids: Sequence[str] | None) -> list[tuple[str, int, str, int, Any, Scope]]:
+        cols = "h.entity_id, h.seq, h.op, h.at_ms, h.snapshot, h.user_id, h.agent_id, h.session_id"
+        with _read_errors("history"):
+            if entity_ids is None:
+                hist = self.con.sql(f"SELECT {cols} FROM history h").to_arrow_table()
+            else:
+                hist = _rows_for_ids(self.con, f"SELECT {cols} FROM history h", "h.entity_id", entity_ids)
+        return list(zip(*(hist.column(k).to_pylist() for k in ("entity_id", "seq", "op", "at_ms", "snapshot")),
+                        scope_list(hist)))
+
+    def load_sources(self, ids: Sequence[str] | None = None, hashes: Sequence[str] | None = None) -> list[Source]:
+        select = "SELECT s.id, s.text_hash, s.text, s.created_at, s.metadata, s.user_id, s.agent_id, s.session_id FROM sources s"
+        with _read_errors("sources"):
+            if ids is None and hashes is None:
+                tbls = [self.con.sql(select).to_arrow_table()]
+            else:
+                tbls = [_rows_for_ids(self.con, select, col, want)
+                        for col, want in (("s.id", ids), ("s.text_hash", hashes)) if want]
+        out: dict[str, Source] = {}
+        for src in tbls:
+            for i, h, t, c, m, sc in zip(*(src.column(k).to_pylist()
+                                           for k in ("id", "text_hash", "text", "created_at", "metadata")),
+                                         scope_list(src)):
+                out[i] = Source(i, h, t, c, json.loads(m), sc)
+        return list(out.values())
+
+    def load_relations(self, entity_ids: Sequence[str] | None) -> list[EvolutionRelation]:
+        select = ("SELECT r.id, r.source_id, r.target_id, r.evolution_type, r.reason, r.confidence, r.created_at, "
+                  "r.user_id, r.agent_id, r.session_id FROM relations r")
+        with _read_errors("relations"):
+            if entity_ids is None:
+                tbls = [self.con.sql(select).to_arrow_table()]
+            else:
+                tbls = [_rows_for_ids(self.con, select, col, entity_ids) for col in ("r.source_id", "r.target_id")]
+        out: dict[str, EvolutionRelation] = {}
+        for rel in tbls:
+            for i, s_, t, et, r, c, ca, sc in zip(
+                    *(rel.column(k).to_pylist() for k in ("id", "source_id", "target_id", "evolution_type", "reason",
+                                                          "confidence", "created_at")),
+                    scope_list(rel)):
+                out[i] = EvolutionRelation(source_id=s_, target_id=t, evolution_type=et, reason=r, confidence=c,
+                                           id=i, created_at=ca, scope=sc)
+        return list(out.values())
 
     def commit(self, ch: ChangeSet, generation: int) -> None:
         """One DuckDB transaction, one statement per table touched (a raw note: entities, postings,
