@@ -198,7 +198,7 @@ def test_the_model_catches_a_leak(monkeypatch):
     """The machine can fail: a view whose recall ignores its scope is caught."""
     from umi.pipeline import context
 
-    monkeypatch.setattr(context.PipelineContext, "filters", lambda self, **kw: umi.SearchFilters(**kw))
+    monkeypatch.setattr(context.PipelineContext, "within", lambda self, filters: filters)  # the scope rule, gone
     m = ScopeMachine()
     try:
         m.remember(Scope(user_id="alice"), TEXTS[0])
