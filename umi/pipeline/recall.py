@@ -85,12 +85,15 @@ def current_at(history: Sequence[Any], t: int) -> bool:
 
 
 def _ranked_lists(ctx: PipelineContext, query: str, qvec: np.ndarray | None, filters: SearchFilters,
-                  k: int, content_only: bool = False) -> list[list[str]]:
+                  k: int, content_only: bool = False,
+                  vector_hits: list[tuple[str, float]] | None = None) -> list[list[str]]:
     """The fast-path signals for one query, each a ranked id list (``content_only``: the vector
-    and keyword lists alone)."""
+    and keyword lists alone; ``vector_hits``: the vector search of ``qvec``, already made)."""
     lists: list[list[str]] = []
     if qvec is not None:
-        lists.append([i for i, _ in ctx.storage.search_vector(qvec, k, filters)])
+        if vector_hits is None:
+            vector_hits = ctx.storage.search_vector(qvec, k, filters)
+        lists.append([i for i, _ in vector_hits])
     lists.append([i for i, _ in ctx.storage.search_text(query, k, filters)])
     if content_only:
         return lists
@@ -185,8 +188,12 @@ def _deep_path(ctx: PipelineContext, lists: list[list[str]], variants: list[str]
     variants are searched by vector and keywords only, weighing ``variant_weight``: their names and
     time words are the query's own, whose lists are already in ``lists``."""
     weights = [1.0] * len(lists)
+    # every variant's vector search in one call (one pass of the index over the vectors)
+    with_vec = [vv for vv in vvecs if vv is not None]
+    batched = iter(ctx.storage.search_vector_many(with_vec, k, filters) if with_vec else [])
     for v, vv in zip(variants, vvecs):
-        more = _ranked_lists(ctx, v, vv, filters, k, content_only=variant_weight != 1.0)
+        more = _ranked_lists(ctx, v, vv, filters, k, content_only=variant_weight != 1.0,
+                             vector_hits=next(batched) if vv is not None else None)
         lists.extend(more)
         weights.extend([variant_weight] * len(more))
     return _statements(ctx, rrf_fuse(lists, ctx.config.rrf_k, weights), limit, as_of)

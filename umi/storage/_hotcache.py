@@ -501,10 +501,16 @@ class EntityCache:
         any_eligible, mask = self._slot_mask(nf)
         if not any_eligible:
             return []
-        res = self.index.search(q, k, mask=mask)
-        out = [(str(i), float(s)) for i, s in res]
-        out.sort(key=lambda t: (-t[1], t[0]))
-        return out[:k]
+        return _ranked(self.index.search(q, k, mask=mask), k)
+
+    def search_vector_many(self, qs: np.ndarray, k: int, nf: NormFilters) -> builtins.list[builtins.list[tuple[str, float]]]:
+        """:meth:`search_vector` for each row of ``qs`` (unit float32), in one index call."""
+        if self.index is None or self._n_vecs == 0 or nf.empty:
+            return [[] for _ in range(qs.shape[0])]
+        any_eligible, mask = self._slot_mask(nf)
+        if not any_eligible:
+            return [[] for _ in range(qs.shape[0])]
+        return [_ranked(res, k) for res in self.index.search_many(qs, k, mask=mask)]
 
     def search_text(self, terms: Sequence[str], k: int, nf: NormFilters) -> builtins.list[tuple[str, float]]:
         if not terms or nf.empty or self._n_alive == 0:
@@ -668,6 +674,13 @@ class LoadedRows:
     posting_rows: np.ndarray
     posting_tfs: np.ndarray
     materialise: Callable[[int], Entity] = field(repr=False, default=None)  # type: ignore[assignment]
+
+
+def _ranked(res: Iterable[tuple[Any, Any]], k: int) -> builtins.list[tuple[str, float]]:
+    """An index's hits as (id, score), score descending then id, at most ``k``."""
+    out = [(str(i), float(s)) for i, s in res]
+    out.sort(key=lambda t: (-t[1], t[0]))
+    return out[:k]
 
 
 def _same_direction(a: np.ndarray, b: np.ndarray) -> bool:

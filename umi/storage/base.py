@@ -232,6 +232,13 @@ class StorageBackend(abc.ABC):
     def search_vector(self, vector: np.ndarray, k: int, filters: SearchFilters | None = None) -> builtins.list[tuple[str, float]]:
         """Top-k (id, cosine similarity) among entities with an embedding that match ``filters``."""
 
+    def search_vector_many(self, vectors: Sequence[np.ndarray], k: int, filters: SearchFilters | None = None
+                           ) -> builtins.list[builtins.list[tuple[str, float]]]:
+        """:meth:`search_vector` for each of ``vectors``, in order, each answer the same as its own
+        call's. Backends with an in-process index answer them all in one pass (the deep recall path
+        searches every query variant at once); this default asks one at a time."""
+        return [self.search_vector(v, k, filters) for v in vectors]
+
     @abc.abstractmethod
     def search_text(self, query: str, k: int, filters: SearchFilters | None = None) -> builtins.list[tuple[str, float]]:
         """Top-k (id, BM25 score) over name + content among entities that match ``filters``."""

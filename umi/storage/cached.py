@@ -535,6 +535,16 @@ class CachedStore(TransactionMixin, StorageBackend):
                 return []
             return self._cache.search_vector(q, k, nf)
 
+    def search_vector_many(self, vectors: Sequence[np.ndarray], k: int, filters: SearchFilters | None = None
+                           ) -> builtins.list[builtins.list[tuple[str, float]]]:
+        k = check_k(k)
+        nf = F.normalise(filters)
+        with self._reading("search_vector_many"):
+            qs = [check_query_vector(v, self._cache.dim) for v in vectors]
+            if not qs or qs[0] is None:  # no vectors stored yet
+                return [[] for _ in qs]
+            return self._cache.search_vector_many(np.stack(qs), k, nf)
+
     def search_text(self, query: str, k: int, filters: SearchFilters | None = None
                     ) -> builtins.list[tuple[str, float]]:
         query = check_query_text(query)
