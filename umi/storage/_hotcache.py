@@ -18,8 +18,6 @@ Not thread-safe on its own: its owner serialises access.
 
 from __future__ import annotations
 
-import heapq
-from operator import itemgetter
 
 import builtins
 import random
@@ -94,6 +92,7 @@ class EntityCache:
         self._doc_len = np.zeros(0, np.float64)
         self._has_vec = np.zeros(0, bool)
         self._row_slot = np.zeros(0, np.int64)
+        self._id_key = np.zeros(0, np.uint64)  # row -> id_order_keys of its id (ties broken by id)
         self._vecs: np.ndarray | None = None
         self._slot_row = np.full(0, -1, np.int64)
         self._by_name: dict[str, set[int]] = {}
@@ -128,6 +127,7 @@ class EntityCache:
         self._doc_len = g(self._doc_len)
         self._has_vec = g(self._has_vec, False)
         self._row_slot = g(self._row_slot, -1)
+        self._id_key = g(self._id_key)
         for k, arr in self._meta_codes.items():
             self._meta_codes[k] = g(arr)
         if self._vecs is not None:
@@ -250,6 +250,7 @@ class EntityCache:
             self._ents.append(None)
             self._row_ids.append(eid)
             self._row_of[eid] = row
+            self._id_key[row] = id_order_keys([eid])[0]
         self._index_row(row, new, terms)
         if vec is not None:
             self._own_vectors(self._cap)
@@ -517,7 +518,7 @@ class EntityCache:
             return []
         mask = self.row_mask(nf)
         cand, scores = self._postings.score(terms, self._n_alive, self._total_len / self._n_alive,
-                                            self._doc_len[: self._n], mask)
+                                            self._doc_len[: self._n], mask, k)
         if cand.shape[0] == 0:
             return []
         sel = top_rows(scores, k)
@@ -527,16 +528,21 @@ class EntityCache:
             out.sort(key=lambda t: (-t[1], t[0]))
             return out
         # More rows tie with the k-th score than fit (common: BM25 gives equal scores to equal
-        # documents). Rank those above the tie in Python, and pick the tied rows with the
-        # smallest ids with a bounded heap over their id strings (no sort of every tied row).
+        # documents, thousands of them for a common word). Rank those above the tie in Python;
+        # of the tied rows keep those whose id key is at most the need-th smallest key (a superset
+        # of the need smallest ids: a smaller key means a smaller id), and sort just those by id.
         sub = scores[sel]
         kth = sub.min()
         above = sel[sub > kth]
         out = [(ids[int(cand[i])], float(scores[i])) for i in above]
         out.sort(key=lambda t: (-t[1], t[0]))
-        tied_rows = cand[sel[sub == kth]].tolist()
-        tied_ids = itemgetter(*tied_rows)(ids) if len(tied_rows) > 1 else (ids[tied_rows[0]],)
-        out.extend((i, float(kth)) for i in heapq.nsmallest(k - len(out), tied_ids))
+        need = k - len(out)
+        tied = cand[sel[sub == kth]]
+        keys = self._id_key[tied]
+        if tied.shape[0] > need:
+            tied = tied[keys <= np.partition(keys, need - 1)[need - 1]]
+        tied_ids = sorted(ids[r] for r in tied.tolist())
+        out.extend((i, float(kth)) for i in tied_ids[:need])
         return out
 
     # --- bulk load and the vector index -------------------------------------------------
@@ -551,6 +557,7 @@ class EntityCache:
         self._ents = [None] * n
         self._row_ids = list(rows.ids)
         self._row_of = dict(zip(rows.ids, range(n)))
+        self._id_key[:n] = id_order_keys(self._row_ids)
         self._lazy = rows.materialise
         self._alive[:n] = True
         self._type[:n] = rows.type_codes
@@ -681,6 +688,14 @@ def _ranked(res: Iterable[tuple[Any, Any]], k: int) -> builtins.list[tuple[str, 
     out = [(str(i), float(s)) for i, s in res]
     out.sort(key=lambda t: (-t[1], t[0]))
     return out[:k]
+
+
+def id_order_keys(ids: Sequence[str]) -> np.ndarray:
+    """uint64 keys in id order: the first 8 bytes of each id's UTF-8, big-endian, zero-padded.
+    UTF-8 byte order is code point order (Python's ``str`` order), so ``key(a) < key(b)`` implies
+    ``a < b``; equal keys say nothing (the ids are compared themselves)."""
+    raw = np.array([i.encode("utf-8", "surrogatepass")[:8] for i in ids], dtype="S8")
+    return raw.view(">u8").astype(np.uint64) if raw.shape[0] else np.zeros(0, np.uint64)
 
 
 def _same_direction(a: np.ndarray, b: np.ndarray) -> bool:
