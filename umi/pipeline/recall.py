@@ -220,7 +220,7 @@ async def _recall(ctx: PipelineContext, query: str, opts: RecallOptions) -> Reca
     k = max(limit * 3, 20)
     warnings: list[str] = []
     (qvec,) = await _embed_queries(ctx, [query], opts, warnings)
-    lists, deep, found = await ctx.io(_fast_path, ctx, query, qvec, filters, k, limit, opts.deep_search,
+    lists, deep, found = await ctx.read(_fast_path, ctx, query, qvec, filters, k, limit, opts.deep_search,
                                       opts.as_of)
     if not deep:
         assert found is not None
@@ -239,6 +239,6 @@ async def _recall(ctx: PipelineContext, query: str, opts: RecallOptions) -> Reca
         variants, weight = rule_rewrite(query), RULE_REWRITE_WEIGHT
     variants = [v for v in dict.fromkeys(variants) if v.strip().lower() != query.strip().lower()]
     vvecs = await _embed_queries(ctx, variants, opts, warnings) if variants else []
-    found = await ctx.io(_deep_path, ctx, lists, variants, vvecs, filters, k, limit, opts.as_of,
+    found = await ctx.read(_deep_path, ctx, lists, variants, vvecs, filters, k, limit, opts.as_of,
                          weight)
     return RecallResult(found, warnings)

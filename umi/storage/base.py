@@ -192,6 +192,12 @@ class StorageBackend(abc.ABC):
     #: committed writes survive the process (False for ``:memory:`` and Sim).
     durable: bool = False
 
+    def inline_read_lock(self) -> Any:
+        """The lock every read holds, when reads are served from process memory (no I/O, no
+        waiting): a caller on an event loop that takes it without blocking may read inline instead
+        of hopping to a thread. ``None`` (the default): reads may do I/O; always hop."""
+        return None
+
     # --- entities ----------------------------------------------------------
     @abc.abstractmethod
     def upsert(self, entities: Sequence[Entity]) -> None:

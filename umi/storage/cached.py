@@ -311,6 +311,9 @@ class CachedStore(TransactionMixin, StorageBackend):
     def _describe(self) -> str:
         return type(self).__name__
 
+    def inline_read_lock(self) -> Any:
+        return self._lock  # every read is served from the cache
+
     def _check_open(self) -> None:
         if self._closed:
             raise StorageError(f"this {self._describe()} is closed")
