@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from umi.storage import filters as F
-from umi.storage._bm25 import bm25_candidates, bm25_top_candidates
+from umi.storage._bm25 import bm25_candidates, bm25_top_candidates, top_by_score_then_key
 from umi.storage._hotcache import id_order_keys
 from umi.storage.base import SearchFilters
 from umi.storage.sim import SimStorageBackend
@@ -138,3 +138,19 @@ def test_id_order_keys_never_contradict_string_order(ids: list[str]) -> None:
         for b, kb in zip(ids, keys):
             if ka < kb:
                 assert a < b
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 6)), min_size=0, max_size=40), st.integers(1, 12))
+def test_selection_by_score_then_key_holds_the_k_best_and_every_boundary_twin(pairs: list[tuple[int, int]],
+                                                                             k: int) -> None:
+    scores = np.array([float(s) for s, _ in pairs], np.float64)
+    keys = np.array([key for _, key in pairs], np.uint64)
+    got = sorted(top_by_score_then_key(scores, keys, k).tolist())
+    order = sorted(range(len(pairs)), key=lambda i: (-pairs[i][0], pairs[i][1]))
+    if len(pairs) <= k:
+        assert got == list(range(len(pairs)))
+        return
+    kth = pairs[order[k - 1]]
+    # the k best, and everything equal to the k-th in both score and key (ids decide among those)
+    assert got == sorted(i for i in range(len(pairs)) if (-pairs[i][0], pairs[i][1]) <= (-kth[0], kth[1]))

@@ -26,7 +26,7 @@ import numpy as np
 
 from .text import BM25_B, BM25_K1, bm25_idf
 
-__all__ = ["PostingsIndex", "bm25_candidates", "bm25_top_candidates", "top_rows"]
+__all__ = ["PostingsIndex", "bm25_candidates", "bm25_top_candidates", "top_by_score_then_key"]
 
 _kernel: Any = None
 _pruned_kernel: Any = None
@@ -164,14 +164,69 @@ def bm25_candidates(rows: np.ndarray, tfs: np.ndarray, term_ptr: np.ndarray, idf
     return _compiled()(rows, tfs, term_ptr, idfs, doc_len, float(avgdl), mask, mask.shape[0], BM25_K1, BM25_B)
 
 
-def top_rows(scores: np.ndarray, k: int) -> np.ndarray:
-    """Positions of the k best scores, plus every position tied with the k-th (so the caller
-    can break ties by id); unordered."""
+_select_kernel: Any = None
+
+
+def _select(scores, keys, k):  # pragma: no cover - compiled
+    """Positions of the k best by (score desc, key asc), plus any sharing the k-th's score and key."""
     n = scores.shape[0]
     if n <= k:
         return np.arange(n)
-    kth = np.partition(scores, n - k)[n - k]
-    return np.flatnonzero(scores >= kth)
+    heap = np.empty(k, np.int64)  # the k best so far; heap[0] the worst of them
+    for i in range(n):
+        if i < k:
+            heap[i] = i
+            c = i
+            while c > 0:  # sift up: a worse child goes to the root
+                par = (c - 1) // 2
+                a, b = heap[c], heap[par]
+                if scores[a] < scores[b] or (scores[a] == scores[b] and keys[a] > keys[b]):
+                    heap[c], heap[par] = b, a
+                    c = par
+                else:
+                    break
+            continue
+        w = heap[0]
+        if scores[i] < scores[w] or (scores[i] == scores[w] and keys[i] >= keys[w]):
+            continue  # not better than the worst kept (an equal key is taken in the second pass)
+        heap[0] = i
+        c = 0
+        while True:  # sift down
+            lo, hi = 2 * c + 1, 2 * c + 2
+            m = c
+            if lo < k:
+                a, b = heap[lo], heap[m]
+                if scores[a] < scores[b] or (scores[a] == scores[b] and keys[a] > keys[b]):
+                    m = lo
+            if hi < k:
+                a, b = heap[hi], heap[m]
+                if scores[a] < scores[b] or (scores[a] == scores[b] and keys[a] > keys[b]):
+                    m = hi
+            if m == c:
+                break
+            heap[c], heap[m] = heap[m], heap[c]
+            c = m
+    ws, wk = scores[heap[0]], keys[heap[0]]
+    out = np.empty(n, np.int64)
+    n_out = 0
+    for i in range(n):
+        if scores[i] > ws or (scores[i] == ws and keys[i] <= wk):
+            out[n_out] = i
+            n_out += 1
+    return out[:n_out].copy()
+
+
+def top_by_score_then_key(scores: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
+    """Positions (unordered) of the k best by score descending, then key ascending, plus every
+    position whose score and key equal the k-th's. With ``keys`` from
+    :func:`umi.storage._hotcache.id_order_keys` the k best by (score, id) are among them: a
+    smaller key means a smaller id, and equal keys are all kept for the caller to compare."""
+    global _select_kernel
+    if _select_kernel is None:
+        from numba import njit
+
+        _select_kernel = njit(cache=True)(_select)
+    return _select_kernel(scores, keys, int(k))
 
 
 class _Postings:

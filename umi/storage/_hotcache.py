@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import StorageError
 from ..types import Entity, EntityType, normalize_name
 from . import filters as F
-from ._bm25 import PostingsIndex, top_rows
+from ._bm25 import PostingsIndex, top_by_score_then_key
 from ._common import clone_entity
 from .filters import TYPE_CODES, NormFilters, meta_key
 from .text import document_terms
@@ -521,12 +521,13 @@ class EntityCache:
                                             self._doc_len[: self._n], mask, k)
         if cand.shape[0] == 0:
             return []
-        sel = top_rows(scores, k)
+        # the k best by (score, id): the kernel ranks by (score, id-order key) and keeps every
+        # row sharing the k-th's key too; those few are ordered by the ids themselves
+        sel = top_by_score_then_key(scores, self._id_key[cand], k)
         ids = self._row_ids
-        if sel.shape[0] <= k:
-            out = [(ids[int(cand[i])], float(scores[i])) for i in sel]
-            out.sort(key=lambda t: (-t[1], t[0]))
-            return out
+        out = [(ids[r], s) for r, s in zip(cand[sel].tolist(), scores[sel].tolist())]
+        out.sort(key=lambda t: (-t[1], t[0]))
+        return out[:k]
         # More rows tie with the k-th score than fit (common: BM25 gives equal scores to equal
         # documents, thousands of them for a common word). Rank those above the tie in Python;
         # of the tied rows keep those whose id key is at most the need-th smallest key (a superset
