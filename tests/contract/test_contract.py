@@ -58,9 +58,12 @@ def test_get_returns_copies_and_the_store_keeps_its_own(backend: StorageBackend)
     assert got is not None
     got.metadata["k"] = "mutated"
     got.embedding[1] = 9.0  # type: ignore[index]
+    many = backend.get_many([e.id])[0]  # recall scores and annotates these in place
+    many.score, many.mentions, many.content = 0.5, ("Bob",), "changed in a get_many result"
     again = backend.get(e.id)
     assert again is not None
     assert again.content == "likes tea"
+    assert again.score is None and again.mentions == ()
     assert again.metadata == {"k": "v"}
     assert np.array_equal(again.embedding, vec(1, 0, 0))  # type: ignore[arg-type]
 

@@ -19,7 +19,6 @@ with ``warnings`` (query embedding failed, vector search skipped, rewriting fail
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -152,7 +151,7 @@ def _statements(ctx: PipelineContext, fused: list[tuple[str, float]], limit: int
             if got is None:
                 if len(out) >= limit:
                     continue
-                rep = copy.copy(e)  # never mutate a backend's cached object
+                rep = e  # get_many hands out the caller's own copies (the storage contract)
                 rep.score = score
                 groups[key] = (rep, [e.name])
                 out.append(rep)

@@ -208,7 +208,8 @@ class StorageBackend(abc.ABC):
 
     @abc.abstractmethod
     def get_many(self, entity_ids: Sequence[str]) -> builtins.list[Entity]:
-        """Entities in the order of ``entity_ids``; ids with no entity are skipped."""
+        """Entities in the order of ``entity_ids``; ids with no entity are skipped. Each is the
+        caller's own copy (changing it changes nothing stored)."""
 
     @abc.abstractmethod
     def delete(self, entity_id: str, at: int | None = None) -> bool:
