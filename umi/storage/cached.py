@@ -546,7 +546,7 @@ class CachedStore(TransactionMixin, StorageBackend):
             qs = [check_query_vector(v, self._cache.dim) for v in vectors]
             if not qs or qs[0] is None:  # no vectors stored yet
                 return [[] for _ in qs]
-            return self._cache.search_vector_many(np.stack(qs), k, nf)
+            return self._cache.search_vector_many(np.stack([q for q in qs if q is not None]), k, nf)
 
     def search_text(self, query: str, k: int, filters: SearchFilters | None = None
                     ) -> builtins.list[tuple[str, float]]:
