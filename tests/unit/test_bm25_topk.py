@@ -154,3 +154,15 @@ def test_selection_by_score_then_key_holds_the_k_best_and_every_boundary_twin(pa
     kth = pairs[order[k - 1]]
     # the k best, and everything equal to the k-th in both score and key (ids decide among those)
     assert got == sorted(i for i in range(len(pairs)) if (-pairs[i][0], pairs[i][1]) <= (-kth[0], kth[1]))
+
+
+def test_a_query_too_long_for_the_early_exit_is_scored_exhaustively_with_the_same_answer(monkeypatch) -> None:
+    from umi.storage import _bm25
+
+    store = SimStorageBackend(seed=0)
+    store.upsert([Entity("note", f"n{i}", " ".join(WORDS[j] for j in range(i % 7 + 1)), id=f"id{(i * 37) % 101:03d}")
+                  for i in range(60)])
+    query = "acme corp works berlin chess"
+    pruned = store.search_text(query, 5)
+    monkeypatch.setattr(_bm25, "PRUNED_CELLS_MAX", 1)
+    assert store.search_text(query, 5) == pruned == exhaustive(store, query, 5, None)

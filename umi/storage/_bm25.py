@@ -55,6 +55,10 @@ def _compiled_pruned() -> Any:
 #: relative slack on the early-exit test, far above float64 rounding of a few-term sum
 _BOUND_SLACK = 1e-9
 
+#: the early exit keeps one contribution per (posting, term) slot: beyond this many cells (a long
+#: query over long postings) the exhaustive kernel scores instead, with the same result
+PRUNED_CELLS_MAX = 1 << 22
+
 
 def _bm25_pruned(rows, tfs, term_ptr, idfs, doc_len, avgdl, mask, slot, k, k1, b):  # pragma: no cover - compiled
     n_terms = idfs.shape[0]
@@ -337,7 +341,7 @@ class PostingsIndex:
         rows = np.concatenate([a[0] for a in arrays]) if len(arrays) > 1 else arrays[0][0]
         tfs = np.concatenate([a[1] for a in arrays]) if len(arrays) > 1 else arrays[0][1]
         idfs = np.array([bm25_idf(n_docs, a[0].shape[0]) for a in arrays], np.float64)
-        if k is None:
+        if k is None or rows.shape[0] * len(arrays) > PRUNED_CELLS_MAX:
             return bm25_candidates(rows, tfs, ptr, idfs, doc_len, avg_doc_len, mask)
         if self._slot.shape[0] < mask.shape[0]:
             self._slot = np.full(max(mask.shape[0], int(self._slot.shape[0] * 1.5)), -1, np.int64)
