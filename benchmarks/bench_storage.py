@@ -19,13 +19,16 @@ from a Zipf vocabulary of 20k words, five entity types and two metadata keys
   (``search_text``), 1-3 term queries, unfiltered and filtered. (The SQL BM25 path this
   used to be compared with was dropped: it was 10-100x slower and served no user.)
 * **Point reads**: ``get_many`` of 10 ids, ``find_by_name``, ``count()``.
-* **Reopen**: ``connect`` with a valid index cache ("loaded"), with the cache 1000
-  writes behind ("caught_up") and with no cache ("rebuilt"; the HNSW graph is then
-  built lazily by the first search, timed separately). Target: <= 2 s with a valid cache.
+* **Reopen**: ``connect`` with valid index caches ("loaded": the vector index and the
+  keyword postings files; median of ``--reopen-runs`` opens), with both caches 1000 writes
+  behind ("caught_up") and with no cache ("rebuilt": vectors and postings read from
+  DuckDB; the HNSW graph is then built lazily by the first search, timed separately).
+  History, sources and relations are read on first use, not at open. Target (issue 9):
+  <= 1 s with valid caches.
 
 Latencies are per call (``time.perf_counter``) after a warm-up; the machine is shared,
 so read p50. Run: ``python benchmarks/bench_storage.py [--n 100000] [--queries 200]
-[--only-reopen]`` (``--only-reopen``: the writes and the reopen section only).
+[--only-reopen] [--reopen-runs 3]`` (``--only-reopen``: the writes and the reopen section only).
 Prints a table and writes ``benchmarks/results/bench_storage.json``.
 """
 
@@ -52,6 +55,11 @@ import duckdb  # noqa: E402
 
 from umi.storage.base import SearchFilters  # noqa: E402
 from umi.storage.duckdb import INDEX_SUFFIX, DuckDBStorageBackend  # noqa: E402
+
+try:  # the keyword index cache file (absent from older trees)
+    from umi.storage.duckdb import TERMS_SUFFIX  # noqa: E402
+except ImportError:  # pragma: no cover
+    TERMS_SUFFIX = INDEX_SUFFIX
 from umi.types import Entity  # noqa: E402
 
 DIM = 384
@@ -127,6 +135,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--only-reopen", action="store_true", help="skip the read section")
+    ap.add_argument("--reopen-runs", type=int, default=3, help="opens with valid caches (median reported)")
     args = ap.parse_args()
     n, nq = args.n, args.queries
     data = Data(n)
@@ -203,15 +212,33 @@ def main() -> None:
             rows.append((k, f"{v['p50_ms']:.3f} ms", f"{v['p95_ms']:.3f} ms"))
 
         # --- reopen ----------------------------------------------------------------------
+        b.search_text("w1", 1)  # compile the BM25 kernel here: the first reads after reopen time reads, not numba
         t = time.perf_counter()
         b.close()
         results["close_with_index_save_s"] = time.perf_counter() - t
         reopen: dict[str, float] = {}
-        t = time.perf_counter()
+
+        def is_cache(name: str) -> bool:
+            return name.startswith((path.name + INDEX_SUFFIX, path.name + TERMS_SUFFIX))
+
+        runs = []
+        for _ in range(max(1, args.reopen_runs)):
+            t = time.perf_counter()
+            b = DuckDBStorageBackend.connect(path)
+            runs.append(time.perf_counter() - t)
+            status = b.index_load_status
+            b.close()
+        results["reopen_loaded_runs_s"] = runs
+        reopen[f"reopen ({status}; median of {len(runs)})"] = float(np.median(runs))
         b = DuckDBStorageBackend.connect(path)
-        reopen[f"reopen ({b.index_load_status})"] = time.perf_counter() - t
-        for f in list(tmp.iterdir()):  # keep the cache as of now, write, put it back: 1000 behind
-            if f.name.startswith(path.name + INDEX_SUFFIX):
+        # what the first reads of a session pay for what the open left unread (rows, vectors, history)
+        t = time.perf_counter()
+        hits = [i for i, _ in b.search_text("w3 w5", 10)]
+        b.get_many(hits)
+        b.history(hits[0])
+        reopen["  then first search_text + get_many(hits) + history"] = time.perf_counter() - t
+        for f in list(tmp.iterdir()):  # keep the caches as of now, write, put them back: 1000 behind
+            if is_cache(f.name):
                 shutil.copy(f, tmp / ("keep-" + f.name))
         b.upsert(data.batch(n, 1000))
         b.close()
@@ -223,7 +250,7 @@ def main() -> None:
         reopen[f"reopen 1000 writes behind ({b.index_load_status})"] = time.perf_counter() - t
         b.close()
         for f in list(tmp.iterdir()):
-            if f.name.startswith(path.name + INDEX_SUFFIX):
+            if is_cache(f.name):
                 f.unlink()
         t = time.perf_counter()
         b = DuckDBStorageBackend.connect(path)

@@ -181,3 +181,25 @@ def test_memory_close_alone_releases_the_providers_connections(api, build):
         memory.close()
         gc.collect()
     assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+def test_memory_with_anthropic_builds_a_working_memory_on_a_file(api, tmp_path):
+    """The vendor class method: options reach the provider; the store is the DuckDB file asked for;
+    with no OpenAI key the local embedder serves the vectors."""
+    api.set_default(ANTHROPIC_MESSAGES, fake_claude)
+    db = tmp_path / "claude.duckdb"
+    memory = umi.Memory.with_anthropic(API_KEY, db_path=db, base_url=api.anthropic_url, timeout=5, max_retries=0)
+    try:
+        assert isinstance(memory.llm, umi.AnthropicProvider) and memory.llm.timeout == 5
+        assert type(memory.embedder).__name__ == "LocalEmbeddingProvider"
+        told = memory.remember_sync(ALICE_ACME)
+        assert sorted(e.name for e in told.entities) == ["Acme Corp", "Alice"]
+        assert tasks_sent(api) == ["extract_entities"]
+        memory.llm.close()
+    finally:
+        memory.close()
+    reopened = umi.Memory(db, embedder=umi.LocalEmbeddingProvider())
+    try:
+        assert reopened.count_sync() == 2
+    finally:
+        reopened.close()

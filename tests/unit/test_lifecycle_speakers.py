@@ -141,3 +141,122 @@ def test_rrf_weights_scale_each_list():
     fused = dict(rrf_fuse([["q"], ["r"], ["r"]], k=60, weights=[1.0, RULE_REWRITE_WEIGHT, RULE_REWRITE_WEIGHT]))
     assert fused["q"] > fused["r"]
     assert rrf_fuse([["a", "b"]], k=60) == rrf_fuse([["a", "b"]], k=60, weights=[1.0])
+
+
+def test_asking_about_a_speaker_finds_their_fact_not_their_latest_small_talk(rules):
+    # Bob tells where he lives, then chats on; friends ask him things. The question names Bob:
+    # the name prefers Bob's facts, but which of them is the question's business — and a question
+    # put to Bob ("Bob, where do you live now?") tells nothing about him.
+    rules.remember_sync("Bob: I live in Leeds, near the old docks.")
+    for line in ["Bob: Good for you.", "Bob: Makes sense.", "Alice: Bob, how was your week?",
+                 "Bob: Going to the gym after this.", "Carol: Bob, do you live near the station?",
+                 "Bob: Ha, typical.", "Bob: Love that."]:
+        rules.remember_sync(line)
+    top = rules.recall_sync("Where does Bob live?", RecallOptions(limit=3).fast_only())
+    assert top[0].content == "Bob: I live in Leeds, near the old docks."
+
+
+# --- what retires a fact in a chat (issue 12: knowledge updates) -------------------------------
+
+
+def chatter(m, speaker, n):
+    """``n`` lines of small talk by ``speaker``, each different (none says anything about work)."""
+    for i in range(n):
+        m.remember_sync(f"{speaker}: Ha, that film was good number {i}.")
+
+
+def test_a_job_change_retires_the_old_job_even_after_a_lot_of_chatter(rules):
+    # Tom says where he works, chats for a while, then changes jobs. The old job fact is far back
+    # among Tom's facts; the change must still find it and retire it.
+    rules.remember_sync("Tom: I work at Harbor Bank as a risk analyst.")
+    chatter(rules, "Tom", 12)
+    res = rules.remember_sync("Tom: I handed in my notice at Harbor Bank; from Monday I'm a firmware engineer "
+                              "with Asterisk Robotics.")
+    assert [r for r in res.evolutions if r.evolution_type.supersedes]
+    assert not current(rules, "Tom: I work at Harbor Bank as a risk analyst.")
+    top = rules.recall_sync("Harbor Bank", RecallOptions(limit=3))
+    assert "Asterisk Robotics" in top[0].content  # asking about the old job shows the change
+    assert all(e.content != "Tom: I work at Harbor Bank as a risk analyst." for e in top)
+    # history keeps the old job
+    old = rules.recall_sync("Harbor Bank risk analyst", RecallOptions(limit=5, include_superseded=True))
+    assert any(e.content == "Tom: I work at Harbor Bank as a risk analyst." for e in old)
+
+
+@pytest.mark.parametrize("line", [
+    "Carol: Bob, where do you live these days?",        # a question tells nothing
+    "Bob: I moved my desk by the window and it helps.",  # a cue word, but no new home named
+    "Bob: I almost moved to Tallinn once, the rent was too high.",  # hedged: it did not happen
+])
+def test_what_does_not_retire_bobs_home(rules, line):
+    rules.remember_sync("Bob: I live in Leeds, near the old docks.")
+    res = rules.remember_sync(line)
+    assert not [r for r in res.evolutions if r.evolution_type.supersedes], res.evolutions
+    assert current(rules, "Bob: I live in Leeds, near the old docks.")
+
+
+@pytest.mark.parametrize("line", [
+    "Bob: I relocated to York last week, still finding my way around.",
+    "Bob: We finally moved to York!",
+    "Bob: Goodbye Leeds, hello York: new flat, new life.",  # no pronoun: news about the speaker
+])
+def test_a_move_told_in_many_ways_retires_the_old_home(rules, line):
+    rules.remember_sync("Bob: I live in Leeds, near the old docks.")
+    rules.remember_sync(line)
+    assert not current(rules, "Bob: I live in Leeds, near the old docks.")
+
+
+def test_a_question_put_to_someone_is_never_retired_by_their_answer(rules):
+    rules.remember_sync("Carol: Bob, where are you living these days?")
+    rules.remember_sync("Bob: I moved to York now.")
+    assert current(rules, "Carol: Bob, where are you living these days?")
+
+
+def test_after_a_speaker_label_the_first_word_starts_the_sentence():
+    got = {f.name for f in rule_extract("Amara: First week at Fernhill School done.")}
+    assert got == {"Amara", "Fernhill School"}
+
+
+@pytest.mark.parametrize("old,new", [
+    # "I'm" in both is no shared subject ("m" is what is left of a contraction)
+    ("Ravi: I'm allergic to kiwi, so be careful.", "Ravi: I'm gluten-free these days."),
+    # the speaker label in both is no shared name: it says who spoke
+    ("Tom: My brother Rosa is visiting next month.", "Tom: Rosa is training to be a barista now."),
+])
+def test_facts_about_different_things_do_not_update_each_other(old, new):
+    from umi.pipeline.evolution import Candidate, rule_classify
+
+    name = "Rosa" if "Rosa" in new else "Ravi"
+    (d,) = rule_classify(Candidate("n", name, "person", new), [Candidate("o", name, "person", old)])
+    assert d.evolution_type is EvolutionType.EXTEND
+
+
+@pytest.mark.parametrize("line,about_bob", [
+    ("Bob: I work at Acme.", True),
+    ("Bob: We finally moved to York!", True),                       # first person plural
+    ("Bob: First week at Acme done, so different from Initech.", True),  # news without a subject
+    ("Bob: Good for you.", False),                                  # small talk names nothing
+    ("Bob: Alice got promoted.", False),                            # about Alice
+])
+def test_a_speakers_line_is_filed_under_them_when_it_tells_about_them(line, about_bob):
+    got = {f.name for f in rule_extract(line)}
+    assert ("Bob" in got) is about_bob
+    # nothing told is lost: a line about nobody is kept as a note
+    from umi.pipeline.extraction import with_leftovers
+
+    kept, _ = with_leftovers(line, rule_extract(line))
+    assert any(line in f.content or f.content in line for f in kept)
+
+
+def test_a_question_is_answered_by_what_was_told_not_by_a_question_with_its_words(rules):
+    # Carol's question shares every word of the one asked later; Priya's answer shares few.
+    # (Raw notes: no names to file facts under, so only the words and the telling decide.)
+    raw = umi.RememberOptions().without_extraction()
+    rules.remember_sync("Priya: I'm a data analyst at Lumen Labs.", raw)
+    rules.remember_sync("Carol: Priya, where do you work these days?", raw)
+    top = rules.recall_sync("Where does Priya work these days?", RecallOptions(limit=2).fast_only())
+    assert top[0].content == "Priya: I'm a data analyst at Lumen Labs."
+
+
+def test_rrf_takes_a_ranking_with_ties():
+    fused = dict(rrf_fuse([["a", "b"], {"a": 1, "b": 1}], k=60))
+    assert fused["a"] == pytest.approx(1 / 61 + 1 / 61) and fused["b"] == pytest.approx(1 / 62 + 1 / 61)

@@ -1,4 +1,6 @@
-"""umi.providers._common: the schema validator, JSON recovery, retry timing and error mapping."""
+"""What the SDK-backed providers share: the schema validator, JSON recovery, retry timing and
+error mapping, the per-loop clients and the settings checks (umi.providers._schema, _json_reply,
+_retry, _sdk, _checks)."""
 
 from __future__ import annotations
 
@@ -18,19 +20,10 @@ from hypothesis import strategies as st
 
 import umi
 from umi.pipeline import schemas
-from umi.providers import _common
-from umi.providers._common import (
-    Failure,
-    RetryPolicy,
-    SchemaViolation,
-    check_schema,
-    classify_failure,
-    failure_to_error,
-    iter_json_objects,
-    parse_json_reply,
-    parse_retry_after,
-    validate_json,
-)
+from umi.providers import _checks, _retry, _sdk
+from umi.providers._json_reply import iter_json_objects, parse_json_reply
+from umi.providers._retry import Failure, RetryPolicy, classify_failure, failure_to_error, parse_retry_after
+from umi.providers._schema import SchemaViolation, check_schema, validate_json
 from umi.providers.openai import _drop_optional_nulls, strict_schema
 
 # --- validate_json ------------------------------------------------------------------------------------
@@ -311,7 +304,7 @@ def test_the_retry_loop_counts_attempts_and_chains_the_last_exception():
 
     policy = RetryPolicy(max_retries=2, sleep=waits.append, rng=random.Random(0))
     with pytest.raises(umi.ProviderError, match="after 3 attempts") as info:
-        _common.call_with_retries(call, policy=policy, sdk=anthropic, provider="p", timeout_secs=1, key_env="K")
+        _retry.call_with_retries(call, policy=policy, sdk=anthropic, provider="p", timeout_secs=1, key_env="K")
     assert len(calls) == 3 and len(waits) == 2
     assert isinstance(info.value.__cause__, anthropic.APIStatusError)
 
@@ -322,7 +315,7 @@ def test_unclassified_exceptions_pass_through_the_retry_loop_untouched():
 
     policy = RetryPolicy(max_retries=3)
     with pytest.raises(KeyError):
-        asyncio.run(_common.acall_with_retries(call, policy=policy, sdk=openai, provider="p", timeout_secs=1,
+        asyncio.run(_retry.acall_with_retries(call, policy=policy, sdk=openai, provider="p", timeout_secs=1,
                                                key_env="K"))
 
 
@@ -386,7 +379,7 @@ def test_loop_clients_give_each_loop_its_own_client_and_close_them():
         made.append(_FakeClient())
         return made[-1]
 
-    clients = _common.LoopClients(factory)
+    clients = _sdk.LoopClients(factory)
 
     async def get_twice():
         a, b = clients.get(), clients.get()
@@ -409,9 +402,9 @@ def test_loop_clients_give_each_loop_its_own_client_and_close_them():
 
 
 def test_misc_checks():
-    assert _common.check_timeout(2) == 2.0
-    assert math.isclose(_common.check_wait(0, "w"), 0.0)
+    assert _checks.check_timeout(2) == 2.0
+    assert math.isclose(_checks.check_wait(0, "w"), 0.0)
     with pytest.raises(umi.InvalidConfigError, match="at most 256"):
-        _common.check_model("m" * 257)
+        _checks.check_model("m" * 257)
     with pytest.raises(TypeError):
-        _common.check_base_url(b"http://x")
+        _checks.check_base_url(b"http://x")

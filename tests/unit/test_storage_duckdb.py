@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from umi.errors import InvalidConfigError, SchemaVersionError, StorageError, StorageLockedError, ValidationError
 from umi.index import VectorIndex
 from umi.storage._duckdb_schema import SCHEMA_VERSION, migrate
-from umi.storage.base import SearchFilters, Source
+from umi.storage.base import SearchFilters, Source, source_id_for, text_hash
 from umi.storage.duckdb import INDEX_SUFFIX, DuckDBStorageBackend
 from umi.types import Entity, EvolutionRelation
 
@@ -208,19 +208,33 @@ def test_everything_survives_reopening(db: Path) -> None:
 
 
 def test_generation_lives_in_duckdb(db: Path) -> None:
+    """The generation rides on the rows a commit writes (history, entities); a commit writing
+    neither (a source alone, a meta key) records it in umi_state. Reopened, the store knows it."""
     with DuckDBStorageBackend.connect(db) as b:
         for i in range(3):
             b.upsert([ent(i)])
         with b.transaction():
             b.upsert([ent(10)])
             b.upsert([ent(11)])
-        gen = b.generation
-    assert gen == 4
+        assert b.generation == 4
+        con = b._con
+        assert con.execute("SELECT generation FROM umi_state").fetchall() == [(0,)]  # not written: rode along
+        assert con.execute("SELECT DISTINCT generation FROM history WHERE entity_id IN (?, ?)",
+                           [ent(10).id, ent(11).id]).fetchall() == [(4,)]
+        b.add_source(Source(source_id_for("a text"), text_hash("a text"), "a text", T0))  # no history, no entity row
+        b.set_meta("k", "v")
+        assert b.generation == 6
+        assert con.execute("SELECT generation FROM umi_state").fetchall() == [(6,)]
+        b.supersede(ent(0).id, T0 + 50)  # a validity change tags its row and its history record
+        b.delete(ent(1).id)  # only its history record (the delete) carries 8
+        assert b.generation == 8
+    with DuckDBStorageBackend.connect(db, read_only=True) as b:
+        assert b.generation == 8
     con = duckdb.connect(str(db))
-    assert con.execute("SELECT generation FROM umi_state").fetchall() == [(4,)]
-    assert con.execute("SELECT DISTINCT generation FROM history WHERE entity_id IN (?, ?)",
-                       [ent(10).id, ent(11).id]).fetchall() == [(4,)]
+    con.execute("DELETE FROM history WHERE generation >= 7")  # ent(0)'s row still carries 7
     con.close()
+    with DuckDBStorageBackend.connect(db, read_only=True) as b:
+        assert b.generation == 7
 
 
 def test_rolled_back_dimension_is_not_persisted(db: Path) -> None:
@@ -376,7 +390,7 @@ def test_in_memory_store_has_no_index_file(tmp_path: Path) -> None:
 def test_a_failure_half_way_through_a_write_rolls_everything_back(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import umi.storage._duckdb_io as mod
 
-    real = mod.insert_arrow
+    real = mod.insert_rows
 
     def failing(con: Any, table: str, data: Any, *, replace: bool = False) -> None:
         if table == "postings":  # entities are already inserted at this point
@@ -386,7 +400,7 @@ def test_a_failure_half_way_through_a_write_rolls_everything_back(db: Path, monk
     with DuckDBStorageBackend.connect(db) as b:
         keep = ent(0, emb=np.ones(4, np.float32))
         b.upsert([keep])
-        monkeypatch.setattr(mod, "insert_arrow", failing)
+        monkeypatch.setattr(mod, "insert_rows", failing)
         with pytest.raises(StorageError, match="rolled back") as info:
             b.upsert([ent(1, emb=np.ones(4, np.float32)), ent(2)])
         assert isinstance(info.value.__cause__, RuntimeError)
@@ -397,7 +411,7 @@ def test_a_failure_half_way_through_a_write_rolls_everything_back(db: Path, monk
                 b.upsert([ent(4)])
                 assert b.count() == 1  # inside: the supersession hides keep, ent(4) is there
         assert isinstance(outer.value.__cause__, RuntimeError)
-        monkeypatch.setattr(mod, "insert_arrow", real)
+        monkeypatch.setattr(mod, "insert_rows", real)
         assert b.count() == 1 and b.generation == 1
         assert b.get(keep.id) == keep  # the supersession was rolled back too
         assert [i for i, _ in b.search_vector(np.ones(4, np.float32), 10)] == [keep.id]
@@ -616,3 +630,42 @@ def test_injected_commit_failures_hit_duckdb_too(db: Path) -> None:
         assert sorted(e.id for e in b.list()) == sorted([keep.id, ent(3).id]) and b.generation == 2
     with pytest.raises(TypeError):
         DuckDBStorageBackend.connect(":memory:", faults="often")  # type: ignore[arg-type]
+
+
+# --- statements per commit ------------------------------------------------------------------------
+
+
+def test_a_raw_note_is_one_transaction_of_one_insert_per_table(tmp_path: Path) -> None:
+    """remember() of a raw note writes its fact, postings, history record and source: one plain
+    INSERT each, between BEGIN and COMMIT — no executemany (a statement per row), no ON CONFLICT
+    (~5x a plain insert), no generation UPDATE (it rides on the history row), no read."""
+    import umi
+
+    path = tmp_path / "notes.duckdb"
+    opts = umi.RememberOptions().without_extraction()
+    with umi.Memory(str(path), embedder=umi.SimEmbeddingProvider(0, 16)) as m:
+        m.remember_sync("the first write also records the embedder", opts)
+        durable = m.storage._durable  # type: ignore[attr-defined]
+        spy = _CountingConnection(durable.con)
+        durable.con = spy
+        try:
+            for i in range(3):
+                m.remember_sync(f"note {i}: Alice moved to Lisbon", opts)
+        finally:
+            durable.con = spy._con
+        generation = m.storage.generation
+    assert spy.executemany_calls == 0
+    commits: list[list[str]] = []
+    for sql in spy.statements:
+        if sql == "BEGIN TRANSACTION":
+            commits.append([])
+        commits[-1].append(" ".join(sql.split()[:3]))
+    assert len(commits) == 3
+    for stmts in commits:
+        assert stmts == ["BEGIN TRANSACTION", "INSERT INTO entities", "INSERT INTO postings", "INSERT INTO history",
+                         "INSERT INTO sources", "COMMIT"], stmts
+    with umi.Memory(str(path), embedder=umi.SimEmbeddingProvider(0, 16)) as m:  # all of it is there
+        assert m.storage.generation == generation == 4
+        assert m.count_sync() == 4
+        assert [e.content for e in m.recall_sync("note 2 Lisbon", umi.RecallOptions(limit=1))] == [
+            "note 2: Alice moved to Lisbon"]

@@ -96,8 +96,33 @@ def test_sorting_puts_undated_facts_last_and_keeps_limit(mem):
 def test_time_options_are_checked():
     with pytest.raises(umi.InvalidConfigError, match="sort_by"):
         umi.RecallOptions(sort_by="importance")  # type: ignore[arg-type]
-    with pytest.raises(umi.InvalidConfigError, match="time_field"):
+    with pytest.raises(umi.InvalidFilterError, match="time_field"):  # SearchFilters' rule
         umi.RecallOptions(time_field="updated_at")  # type: ignore[arg-type]
+
+
+def test_recall_options_hold_one_search_filters(mem):
+    """RecallOptions carries a SearchFilters: the same filter as count/list, with the keywords as shortcuts."""
+    nov, dec, jan = _bouldering_story(mem)
+    window = (ms(2023, 12, 1), ms(2024, 1, 1) - 1)
+    where = umi.SearchFilters(time_range=window, time_field="event_time")
+    by_filters = umi.RecallOptions(limit=5, filters=where).fast_only()
+    by_keywords = umi.RecallOptions(limit=5, time_range=window, time_field="event_time").fast_only()
+    assert by_filters == by_keywords and by_keywords.filters == where
+    assert [e.id for e in mem.recall_sync("Alice bouldering", by_filters)] == [dec.id]
+    assert mem.count_sync(where=where) == 1  # one rule: recall and count agree
+    # a keyword replaces that field of the filters, leaving the others
+    wider = umi.RecallOptions(limit=5, filters=where, time_range=(ms(2023, 11, 1), window[1])).fast_only()
+    assert wider.time_field == "event_time"
+    assert [e.id for e in mem.recall_sync("Alice bouldering", wider)] == [dec.id, nov.id]
+    # a chained with_* keeps the rest of the filters
+    assert by_filters.with_superseded().filters == umi.SearchFilters(
+        time_range=window, time_field="event_time", include_superseded=True)
+    # a field only SearchFilters has: the facts of one told text
+    only_jan = umi.RecallOptions(limit=5, filters=umi.SearchFilters(source_id=jan.source_id)).fast_only()
+    assert [e.id for e in mem.recall_sync("Alice bouldering", only_jan)] == [jan.id]
+    with pytest.raises(TypeError, match="SearchFilters"):
+        umi.RecallOptions(filters={"time_range": window})  # type: ignore[arg-type]
+    assert umi.RecallOptions(as_of=2**80).filters.norm == umi.SearchFilters(as_of=2**80).norm  # clamped once
     with pytest.raises(TypeError, match="sort_ascending"):
         umi.RecallOptions(sort_ascending=1)  # type: ignore[arg-type]
 

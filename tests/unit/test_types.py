@@ -82,7 +82,7 @@ def test_options_are_immutable_and_chainable():
         RecallOptions(limit=101)
     with pytest.raises(umi.InvalidImportanceError):
         RememberOptions(importance=2)
-    with pytest.raises(umi.InvalidConfigError, match="after end"):
+    with pytest.raises(umi.InvalidFilterError, match="after its end"):  # SearchFilters' rule, the one rule
         RecallOptions(time_range=(5, 1))
     md = {"a": 1}
     opts = RecallOptions(metadata=md)

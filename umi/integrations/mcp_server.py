@@ -228,8 +228,6 @@ def build_server(memory: Memory, *, user_id: str | None = None, agent_id: str | 
     ) -> dict[str, Any]:
         view = views.view(user_id, agent_id)
         start, end = parse_time(time_start, "time_start"), parse_time(time_end, "time_end")
-        if start is not None and end is not None and start > end:
-            raise InvalidFilterError(f"time_start ({time_start}) is after time_end ({time_end})")
         opts = RecallOptions(
             limit=limit,
             entity_types=tuple(EntityType.parse(t) for t in entity_types) if entity_types is not None else None,

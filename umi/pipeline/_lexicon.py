@@ -49,7 +49,7 @@ COMMON_WORDS = frozenset(
     whoever whole why will wish with within without wonder wonderful work worked working works worried
     worry worse worst would wow yay yeah year years yes yesterday yet you young your yours yup zero
     four five six seven eight nine ten eleven twelve twenty thirty hundred thousand million second third
-    alas anyhow besides hmm huh indeed nah oof sigh whoa yikes
+    alas anyhow besides hmm huh indeed nah oof sigh whoa yikes goodbye bye crazy evening morning
     animals baby beach birthday body breakfast car cat cats coffee dog dogs dinner doctor exam friend
     game games garden gym health holiday house job kids kitchen lunch meeting meetings music news office
     party pets plans rain rent restaurant school shift shifts snow sports summer team tea traffic

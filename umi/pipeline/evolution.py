@@ -6,7 +6,11 @@ LLM): cue words in the new fact decide between ``update`` ("no longer", "now",
 says), ``derive`` ("therefore", "so", ...) and ``extend`` (another fact about the
 same name). Rules compare two facts only when both are *about* their name (:func:`_about`): a
 first-person turn that merely mentions someone ("Bob: I told Alice I moved") says nothing new
-about Alice, and another speaker's turn never replaces a speaker's own fact.
+about Alice, and another speaker's turn never replaces a speaker's own fact. A question
+("Bob, where do you live now?") tells nothing and so changes nothing; a hedged change ("I almost
+moved") did not happen; a cue made of predicate words ("moved", "new job") needs the new fact to
+name what it changed to; speaker labels, contractions, cue words and time phrases are no shared
+subject.
 ``parse_evolution`` reads an LLM's answer.
 """
 
@@ -18,13 +22,18 @@ from typing import Any, Mapping, Sequence
 
 from ..errors import InvalidResponseError
 from ..types import EvolutionType, normalize_name
+from .extraction import asks
 
 __all__ = ["EvolutionDecision", "rule_classify", "parse_evolution", "Candidate"]
 
 UPDATE_CUES = re.compile(
     r"\b(no longer|not anymore|anymore|now|nowadays|moved to|moved|moving to|relocated|left|quit|"
     r"changed|switched|instead|became|becomes|has become|retired|resigned|promoted|replaced|"
-    r"used to|formerly|previously|these days|new job|joined|renamed)\b",
+    r"used to|formerly|previously|these days|new job|joined|renamed|"
+    # changes told without those words: "I handed in my notice at X", "first week at Y", "no more
+    # meat", "goodbye Leeds, hello York", "the move to York is done", "our new flat"
+    r"handed in (?:my|his|her|their) notice|first (?:day|week|month) at|started (?:at|as|working)|"
+    r"no more|goodbye|the move to|new (?:flat|home|house|apartment|place|role|position|employer))\b",
     re.I,
 )
 NEGATION = re.compile(r"\b(not|never|no|isn't|aren't|wasn't|weren't|doesn't|don't|didn't|hasn't|haven't|won't)\b|n't\b", re.I)
@@ -66,8 +75,20 @@ PREDICATE_CLASSES = {
 _CLASS_OF = {w: c for c, words in PREDICATE_CLASSES.items() for w in words}
 
 
+#: what is left of a contraction once split at the apostrophe ("I'm" -> "i", "m"): no content
+_CONTRACTION_PARTS = frozenset("m s re ve ll d t".split())
+
+
 def _content_words(text: str) -> set[str]:
-    return {t for t in _TOKEN.findall(text.lower()) if t not in _STOP}
+    return {t for t in _TOKEN.findall(text.lower()) if t not in _STOP and t not in _CONTRACTION_PARTS}
+
+
+def _told(content: str) -> str:
+    """What a fact says, without its speaker label ("Bob: I moved" -> "I moved"): the label says
+    who spoke, so two lines of one speaker do not share a name or a subject because of it."""
+    from .extraction import speaker_of
+
+    return content[content.index(":") + 1:] if speaker_of(content) else content
 
 
 #: words that say nothing about *what* a fact is about: cue words and personal pronouns (two
@@ -77,13 +98,46 @@ _NOT_PREDICATES = frozenset("now no longer anymore instead i me my mine myself w
 
 
 def _predicates(text: str, names: set[str]) -> set[str]:
-    """Content words that are not names, mapped to their predicate class, stemmed to 5 letters."""
+    """Content words that are not names, mapped to their predicate class, stemmed to 5 letters.
+    The words of an update cue ("these days") and of a time expression ("two days ago") say when
+    or that something changed, not what: they count only when they name a class ("new job")."""
+    from .time import find_time_spans
+
+    cued = {w for m in UPDATE_CUES.finditer(text) for w in _content_words(m.group(0))}
+    cued |= {w for sp in find_time_spans(text, 0) for w in _content_words(sp.phrase)}
     out = set()
     for t in _content_words(text):
-        if t in names or t in _NOT_PREDICATES:
+        if t in names or t in _NOT_PREDICATES or (t in cued and _class_of(t) is None):
             continue
-        out.add(_CLASS_OF.get(t, t[:5]))
+        out.add(_class_of(t) or t[:5])
     return out
+
+
+#: a change that did not happen, or not yet: "I almost moved to Leeds", "I might quit"
+HEDGE = re.compile(r"\b(?:almost|nearly|might|maybe|perhaps|thinking (?:about|of)|considering|planning to|"
+                   r"hope to|hoping to|would like to|wish)\b", re.I)
+
+
+def _update_cue(new: Candidate) -> re.Match[str] | None:
+    """The cue that says ``new`` changes an older fact, or None.
+
+    A hedged fact changes nothing. A cue made of predicate words ("moved", "left", "new job")
+    counts only when the fact names what it changed to ("I moved to Leeds", "I left Acme"): "I
+    moved my desk by the window" and "the new job market is wild" are no news about a home or a job.
+    """
+    told = _told(new.content)
+    if HEDGE.search(told):
+        return None
+    named = bool(_names_in(told) - {normalize_name(new.name)})
+    for m in UPDATE_CUES.finditer(told):
+        if named or not any(_class_of(w) for w in _content_words(m.group(0))):
+            return m
+    return None
+
+
+def _class_of(word: str) -> str | None:
+    """The predicate class of a word or of its plural ("jobs" -> job)."""
+    return _CLASS_OF.get(word) or (_CLASS_OF.get(word[:-1]) if word.endswith("s") else None)
 
 
 def _names_in(text: str) -> set[str]:
@@ -96,27 +150,28 @@ def _related(new: Candidate, old: Candidate) -> bool:
     """Do two facts about one name speak of the same thing (another shared name, or a shared
     predicate)? Only then can one update, contradict or derive from the other."""
     own = normalize_name(new.name)
-    new_names, old_names = _names_in(new.content) - {own}, _names_in(old.content) - {own}
+    new_told, old_told = _told(new.content), _told(old.content)
+    new_names, old_names = _names_in(new_told) - {own}, _names_in(old_told) - {own}
     if new_names & old_names:
         return True
     words = {w for n in new_names | old_names | {own} for w in n.split()}
-    return bool(_predicates(new.content, words) & _predicates(old.content, words))
+    return bool(_predicates(new_told, words) & _predicates(old_told, words))
 
 
 def _about(c: Candidate) -> bool:
     """Is the fact about the name it is filed under? A fact filed under the speaker of a
     labelled turn ("Bob: …") is about Bob when Bob speaks of himself (first person); a
     first-person fact that names someone else mid-sentence is about the speaker, not them."""
-    from .extraction import FIRST_PERSON, speaker_of
+    from .extraction import FIRST_PERSON, about_speaker, speaker_of
 
     if c.entity_type == "self":
         return True
     own = normalize_name(c.name)
     speaker = speaker_of(c.content)
     body = c.content[c.content.index(":") + 1:] if speaker else c.content
-    first_person = FIRST_PERSON.search(body) is not None
     if speaker is not None and normalize_name(speaker) == own:
-        return first_person
+        return about_speaker(body)
+    first_person = FIRST_PERSON.search(body) is not None
     if first_person and re.search(rf"(?<!\w){re.escape(own)}(?!\w)", normalize_name(body)):
         # "My sister Dana is a doctor": a possessive that introduces the name is about the name
         if re.search(rf"(?<!\w)(?:my|our)\s+(?:\w+\s+){{0,2}}{re.escape(own)}(?!\w)", normalize_name(body)):
@@ -129,7 +184,7 @@ def rule_classify(new: Candidate, candidates: Sequence[Candidate]) -> list[Evolu
     """Decide, for each older candidate, whether and how ``new`` evolves it. Deterministic."""
     out: list[EvolutionDecision] = []
     new_words = _content_words(new.content)
-    update_cue = UPDATE_CUES.search(new.content)
+    update_cue = _update_cue(new)
     negated = NEGATION.search(new.content)
     derive_cue = DERIVE_CUES.search(new.content)
     for c in candidates:
@@ -140,6 +195,10 @@ def rule_classify(new: Candidate, candidates: Sequence[Candidate]) -> list[Evolu
             continue
         old_words = _content_words(c.content)
         overlap = len(new_words & old_words) / max(1, len(old_words | new_words))
+        if asks(new.content) or asks(c.content):
+            # a question ("Bob, where do you live now?") tells nothing, so it changes nothing
+            out.append(EvolutionDecision(c.id, EvolutionType.EXTEND, "a question about the same name", 0.7))
+            continue
         if not _related(new, c) or not (_about(new) and _about(c)):
             out.append(EvolutionDecision(c.id, EvolutionType.EXTEND, "another fact about the same name", 0.7))
             continue

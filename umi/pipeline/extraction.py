@@ -28,7 +28,8 @@ from ..errors import InvalidResponseError
 from ..types import ENTITY_NAME_BYTES_MAX, EntityType
 from ._lexicon import COMMON_WORDS
 
-__all__ = ["ExtractedEntity", "rule_extract", "speaker_of", "parse_extraction", "note_for", "split_sentences",
+__all__ = ["ExtractedEntity", "about_speaker", "asks", "rule_extract", "speaker_of", "parse_extraction",
+           "note_for", "split_sentences",
            "with_leftovers", "uncovered_sentences"]
 
 SELF_NAME = "User"
@@ -111,6 +112,30 @@ def speaker_of(line: str, mid_caps: frozenset[str] = frozenset()) -> str | None:
     return m.group(1)
 
 
+def asks(content: str) -> bool:
+    """Does a fact's content ask rather than tell ("Bob, where do you live now?")? A question
+    states nothing about the names it mentions: it neither updates a fact nor is one."""
+    return content.rstrip().endswith("?")
+
+
+_WE = re.compile(r"\b(?:[Ww]e|[Uu]s|[Oo]ur|[Oo]urs|[Ww]e're|[Ww]e've)\b")
+#: words that open a line about someone other than its speaker
+_OTHER_SUBJECT = frozenset("he she they it his her their its".split())
+
+
+def about_speaker(body: str, mid_caps: frozenset[str] = frozenset()) -> bool:
+    """Does a speaker's line (``body``: the text after "Bob:") tell about the speaker? In the first
+    person ("I moved", "we moved"), or news without a subject ("First week at Acme done",
+    "Goodbye Leeds, hello York"): it names something, and does not open with a name or a
+    pronoun that says whom it is about. Small talk ("Good for you.") names nothing and is not."""
+    if FIRST_PERSON.search(body) or _WE.search(body):
+        return True
+    spans = _name_spans(body, mid_caps)
+    first = _WORD.search(body)
+    return bool(spans) and first is not None and first.start() != spans[0][0] \
+        and _bare(first.group(0)) not in _OTHER_SUBJECT
+
+
 def split_sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENT_SPLIT.split(text.strip()) if s and s.strip()]
 
@@ -151,11 +176,12 @@ def _name_spans(sentence: str, mid_caps: frozenset[str] = frozenset()) -> list[t
     """
     toks = [(m.start(), m.end(), m.group(0)) for m in _WORD.finditer(sentence)]
     spans: list[tuple[int, int, str]] = []
+    starts = _starts(sentence, toks)
     i = 0
     while i < len(toks):
         s, e, w = toks[i]
         bare = w.rstrip(".'").lower()
-        if i == 0 and _is_cap(w) and looks_common(w) and _bare(w) not in mid_caps:
+        if i in starts and _is_cap(w) and looks_common(w) and _bare(w) not in mid_caps:
             i += 1  # "Budget is tight", "In Chicago", "Took Biscuit": the capital is the sentence's
             continue
         if _is_cap(w) and bare not in STOP_CAPS and not (bare.endswith("'s") and bare[:-2] in STOP_CAPS):
@@ -189,13 +215,24 @@ def _bare(word: str) -> str:
     return w[:-2] if w.endswith("'s") else w
 
 
+def _starts(sentence: str, toks: list[tuple[int, int, str]]) -> set[int]:
+    """Indexes of the tokens that start a sentence: the first, and after a speaker label
+    ("Amara: First week at…") the first of the turn."""
+    label = _SPEAKER.match(sentence)
+    if label is None:
+        return {0}
+    return {0, next((k for k, t in enumerate(toks) if t[0] >= label.end()), 0)}
+
+
 def _mid_caps(sentences: list[str]) -> frozenset[str]:
     """Words the text writes capitalised somewhere other than at a sentence's start."""
     out = set()
     for sentence in sentences:
-        for k, m in enumerate(_WORD.finditer(sentence)):
-            if k > 0 and _is_cap(m.group(0)):
-                out.add(_bare(m.group(0)))
+        toks = [(m.start(), m.end(), m.group(0)) for m in _WORD.finditer(sentence)]
+        starts = _starts(sentence, toks)
+        for k, (_, _, w) in enumerate(toks):
+            if k not in starts and _is_cap(w):
+                out.add(_bare(w))
     return frozenset(out)
 
 
@@ -233,6 +270,11 @@ def rule_extract(text: str) -> list[ExtractedEntity]:
             for sentence in split_sentences(line)]
     for sentence, speaker in said:
         spans = _name_spans(sentence, mid_caps)
+        label = _SPEAKER.match(sentence) if speaker else None
+        body = sentence
+        if label is not None:  # the label says who speaks, not whom the line is about
+            spans = [sp for sp in spans if sp[0] >= label.end()]
+            body = sentence[label.end():]
         # Resolve person pronouns to the last person named (in this sentence or before).
         resolved = sentence
         if last_person and not any(_classify(n, sentence[:s], sentence[e:]) == EntityType.PERSON for s, e, n in spans):
@@ -248,8 +290,10 @@ def rule_extract(text: str) -> list[ExtractedEntity]:
                 last_person = name
         if not typed and resolved != sentence and last_person:
             typed.append((last_person, EntityType.PERSON))
-        if FIRST_PERSON.search(sentence):  # the speaker of a labelled line, else the user
-            typed.insert(0, (speaker, EntityType.PERSON) if speaker else (SELF_NAME, EntityType.SELF))
+        if speaker and about_speaker(body, mid_caps):
+            typed.insert(0, (speaker, EntityType.PERSON))
+        elif not speaker and FIRST_PERSON.search(sentence):  # first person without a label: the user
+            typed.insert(0, (SELF_NAME, EntityType.SELF))
         if TASK_CUE.search(sentence):
             typed.append((sentence[:NOTE_NAME_CHARS].rstrip(), EntityType.TASK))
         content = resolved.strip()

@@ -1,8 +1,8 @@
 """The recall pipeline.
 
-Fast path: vector top-k + BM25 top-k + exact name match, fused by reciprocal rank
-fusion, with filters applied inside each search. Deep path (asked for, or — with an LLM
-configured — by the rule in :mod:`umi.pipeline.retrieval`): the query is rewritten into 2–4
+Fast path: vector top-k + BM25 top-k + exact name match (+ the time signal, and for a question
+the facts that tell), fused by reciprocal rank fusion, with filters applied inside each search.
+Deep path (asked for, or — with an LLM configured — by the rule in :mod:`umi.pipeline.retrieval`): the query is rewritten into 2–4
 variants (LLM, or rules when there is none or it fails), each searched the fast way, and every
 list is fused together (a rule rewrite's lists at ``RULE_REWRITE_WEIGHT``). Results carry
 their fused score; ties break by id.
@@ -13,28 +13,37 @@ with ``mentions`` holding the names of every facet found; ``limit`` counts state
 ``as_of`` answers from each fact's history, so a fact that was superseded and later
 restated is not shown as current in between.
 
+Reranking (``MemoryConfig.reranker`` set, ``RecallOptions.rerank`` not False): the best
+``max(limit, rerank_top_n)`` statements of either path (each list searched as deep as for a recall
+of that many) are scored against the query by the reranker in one batched call, and the
+reranker's order is fused with the fused order (reciprocal rank, equal weights: alone, the
+SPLADE-tiny reranker lost temporal questions that the fused order gets right); the best ``limit``
+are returned, each with its new score. A failing reranker degrades to the fused order with a warning.
+
 Degradation is reported, not only logged: :class:`RecallResult` is the list of results
 with ``warnings`` (query embedding failed, vector search skipped, rewriting failed).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from .._validate import QUERY_BYTES_MAX, check_input_text
-from ..errors import EmbeddingError, EmptyQueryError, ProviderError
+from ..errors import EmbeddingError, EmptyQueryError, InvalidConfigError, ProviderError
 from ..options import RecallOptions, check_limit
 from ..storage.base import SearchFilters
 from ..types import Entity, Usage
 from . import schemas
 from .context import PipelineContext, provider_failure
 from .remember import statement_key
-from .retrieval import RULE_REWRITE_WEIGHT, needs_deep_search, query_names, rrf_fuse, rule_rewrite, time_signal
+from .retrieval import (RULE_REWRITE_WEIGHT, Ranking, name_signal, needs_deep_search, query_names,
+                        rrf_fuse, rule_rewrite, tell_signal, time_signal)
 
-__all__ = ["validate_query", "recall", "filters_for", "RecallResult", "current_at"]
+__all__ = ["validate_query", "recall", "filters_for", "RecallResult", "current_at", "reranker_for"]
 
 log = logging.getLogger("umi.recall")
 
@@ -59,15 +68,8 @@ class RecallResult(list[Entity]):
 
 
 def filters_for(opts: RecallOptions, ctx: PipelineContext | None = None) -> SearchFilters:
-    kw: dict[str, Any] = dict(
-        entity_types=opts.entity_types,
-        time_range=opts.time_range,
-        time_field=opts.time_field,
-        metadata=opts.metadata,
-        include_superseded=opts.include_superseded,
-        as_of=opts.as_of,
-    )
-    return ctx.filters(**kw) if ctx is not None else SearchFilters(**kw)
+    """The options' filters, kept inside the view's scope."""
+    return ctx.within(opts.filters) if ctx is not None else opts.filters
 
 
 def current_at(history: Sequence[Any], t: int) -> bool:
@@ -85,24 +87,23 @@ def current_at(history: Sequence[Any], t: int) -> bool:
 
 def _ranked_lists(ctx: PipelineContext, query: str, qvec: np.ndarray | None, filters: SearchFilters,
                   k: int, content_only: bool = False,
-                  vector_hits: list[tuple[str, float]] | None = None) -> list[list[str]]:
+                  vector_hits: list[tuple[str, float]] | None = None) -> list[Ranking]:
     """The fast-path signals for one query, each a ranked id list (``content_only``: the vector
     and keyword lists alone; ``vector_hits``: the vector search of ``qvec``, already made)."""
-    lists: list[list[str]] = []
+    lists: list[Sequence[str]] = []
     if qvec is not None:
         if vector_hits is None:
             vector_hits = ctx.storage.search_vector(qvec, k, filters)
         lists.append([i for i, _ in vector_hits])
     lists.append([i for i, _ in ctx.storage.search_text(query, k, filters)])
     if content_only:
-        return lists
+        return list(lists)
     named: list[Entity] = []
     for name in query_names(query):
         named.extend(ctx.storage.find_by_name(name, filters=filters))
-    named.sort(key=lambda e: (-e.created_at, e.id))
-    lists.append(list(dict.fromkeys(e.id for e in named))[:k])
+    lists.append(name_signal(named, lists, k))
     lists.extend(time_signal(ctx.storage, query, qvec, filters, k, ctx.now_ms(), lists))
-    return lists
+    return [*lists, *tell_signal(ctx.storage, query, lists, k)]
 
 
 async def _embed_queries(ctx: PipelineContext, queries: list[str], opts: RecallOptions,
@@ -169,18 +170,20 @@ def _statements(ctx: PipelineContext, fused: list[tuple[str, float]], limit: int
 
 
 def _fast_path(ctx: PipelineContext, query: str, qvec: np.ndarray | None, filters: SearchFilters, k: int,
-               limit: int, deep: bool | None, as_of: int | None) -> tuple[list[list[str]], bool, list[Entity] | None]:
-    """Search, fuse, decide on the deep path, and hydrate when it is not needed — in one I/O hop."""
+               limit: int, pool: int, deep: bool | None,
+               as_of: int | None) -> tuple[list[Ranking], bool, list[Entity] | None]:
+    """Search, fuse, decide on the deep path, and hydrate when it is not needed — in one I/O hop
+    (``pool`` statements: the ``limit``, or more for the reranker)."""
     lists = _ranked_lists(ctx, query, qvec, filters, k)
     fused = rrf_fuse(lists, ctx.config.rrf_k)
     if deep is None:  # the automatic rule needs a model to rewrite with (see retrieval's docstring)
         deep = ctx.llm is not None and needs_deep_search(query, fused, limit, ctx.config.deep_search_threshold)
     if deep:
         return lists, True, None
-    return lists, False, _statements(ctx, fused, limit, as_of)
+    return lists, False, _statements(ctx, fused, pool, as_of)
 
 
-def _deep_path(ctx: PipelineContext, lists: list[list[str]], variants: list[str],
+def _deep_path(ctx: PipelineContext, lists: list[Ranking], variants: list[str],
                vvecs: list[np.ndarray | None], filters: SearchFilters, k: int, limit: int,
                as_of: int | None, variant_weight: float = 1.0) -> list[Entity]:
     """Every variant searched, everything fused and hydrated — in one I/O hop. Down-weighted (rule)
@@ -196,6 +199,42 @@ def _deep_path(ctx: PipelineContext, lists: list[list[str]], variants: list[str]
         lists.extend(more)
         weights.extend([variant_weight] * len(more))
     return _statements(ctx, rrf_fuse(lists, ctx.config.rrf_k, weights), limit, as_of)
+
+
+def reranker_for(ctx: PipelineContext, opts: RecallOptions) -> Any:
+    """The reranker this recall uses, or None (see ``RecallOptions.rerank``)."""
+    if opts.rerank is False:
+        return None
+    if ctx.config.reranker is None and opts.rerank:
+        raise InvalidConfigError("RecallOptions(rerank=True) needs a reranker: MemoryConfig(reranker=LocalReranker())")
+    return ctx.config.reranker
+
+
+async def _rerank(ctx: PipelineContext, reranker: Any, query: str, found: list[Entity], limit: int,
+                  warnings: list[str]) -> list[Entity]:
+    """``found`` (fused order) rescored by the reranker, both orders fused, the best ``limit``."""
+    if len(found) < 2:
+        return found[:limit]
+    try:
+        raw = await asyncio.to_thread(reranker.score, query, [e.content for e in found])
+        scores = np.asarray(raw, dtype=np.float64)
+        if scores.shape != (len(found),) or not np.all(np.isfinite(scores)):
+            raise ProviderError(f"reranker {reranker.name!r} returned shape {scores.shape}, "
+                                f"expected ({len(found)},) finite scores")
+    except Exception as exc:  # a reranker that fails (or has a bug) costs the reranking, not the recall
+        why = provider_failure(exc) if isinstance(exc, ProviderError) else f"{type(exc).__name__}: {exc}"
+        msg = f"reranking failed, kept the fused order: {why}"
+        log.warning("%s", msg)
+        warnings.append(msg)
+        return found[:limit]
+    by_score = sorted(range(len(found)), key=lambda i: (-scores[i], found[i].id))
+    by_id = {e.id: e for e in found}
+    out = []
+    for id_, score in rrf_fuse([[e.id for e in found], [found[i].id for i in by_score]], ctx.config.rrf_k)[:limit]:
+        e = by_id[id_]  # a get_many copy (see _statements): setting its score touches no backend's object
+        e.score = score
+        out.append(e)
+    return out
 
 
 def sort_results(found: RecallResult, opts: RecallOptions) -> RecallResult:
@@ -216,13 +255,17 @@ async def recall(ctx: PipelineContext, query: str, opts: RecallOptions) -> Recal
 async def _recall(ctx: PipelineContext, query: str, opts: RecallOptions) -> RecallResult:
     limit = check_limit(opts.limit) if opts.limit is not None else ctx.config.recall_limit
     filters = filters_for(opts, ctx)
-    k = max(limit * 3, 20)
+    reranker = reranker_for(ctx, opts)
+    pool = limit if reranker is None else max(limit, ctx.config.rerank_top_n)
+    k = max(pool * 3, 20)  # each list searched as deep as a recall of `pool` would
     warnings: list[str] = []
     (qvec,) = await _embed_queries(ctx, [query], opts, warnings)
-    lists, deep, found = await ctx.read(_fast_path, ctx, query, qvec, filters, k, limit, opts.deep_search,
+    lists, deep, found = await ctx.read(_fast_path, ctx, query, qvec, filters, k, limit, pool, opts.deep_search,
                                       opts.as_of)
     if not deep:
         assert found is not None
+        if reranker is not None:
+            found = await _rerank(ctx, reranker, query, found, limit, warnings)
         return RecallResult(found, warnings)
     variants: list[str] = []
     if ctx.llm is not None:
@@ -238,6 +281,8 @@ async def _recall(ctx: PipelineContext, query: str, opts: RecallOptions) -> Reca
         variants, weight = rule_rewrite(query), RULE_REWRITE_WEIGHT
     variants = [v for v in dict.fromkeys(variants) if v.strip().lower() != query.strip().lower()]
     vvecs = await _embed_queries(ctx, variants, opts, warnings) if variants else []
-    found = await ctx.read(_deep_path, ctx, lists, variants, vvecs, filters, k, limit, opts.as_of,
+    found = await ctx.read(_deep_path, ctx, lists, variants, vvecs, filters, k, pool, opts.as_of,
                          weight)
+    if reranker is not None:
+        found = await _rerank(ctx, reranker, query, found, limit, warnings)
     return RecallResult(found, warnings)

@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import re
 import dataclasses
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence, Union
 
-from .extraction import _name_spans
+from .extraction import _name_spans, asks
 from .time import is_temporal_query, query_time_range
 
 if TYPE_CHECKING:
     import numpy as np
 
     from ..storage.base import SearchFilters, StorageBackend
+    from ..types import Entity
 
-__all__ = ["RULE_REWRITE_WEIGHT", "rrf_fuse", "is_question", "needs_deep_search", "rule_rewrite", "query_names", "time_signal"]
+__all__ = ["RULE_REWRITE_WEIGHT", "rrf_fuse", "is_question", "needs_deep_search", "rule_rewrite", "query_names",
+           "name_signal", "tell_signal", "time_signal"]
 
 _QWORDS = frozenset(
     "who whom whose what which when where why how is are was were do does did can could should would "
@@ -72,16 +74,66 @@ def query_names(query: str) -> list[str]:
     return seen
 
 
-def rrf_fuse(ranked: Iterable[Sequence[str]], k: int = 60,
+#: one signal's ranking: ids by position, or each id's rank (ties allowed)
+Ranking = Union[Sequence[str], Mapping[str, int]]
+
+
+def rrf_fuse(ranked: Iterable[Ranking], k: int = 60,
              weights: Sequence[float] | None = None) -> list[tuple[str, float]]:
     """Reciprocal rank fusion: score(id) = Σ w / (k + rank), each list's weight ``w`` 1 unless
-    ``weights`` gives it (one weight per list, in order). Ties break by id."""
+    ``weights`` gives it (one weight per list, in order). A list ranks its ids by position (from
+    1); a mapping gives each id its rank, ties allowed. Ties break by id."""
     scores: dict[str, float] = {}
     for n, ids in enumerate(ranked):
         w = 1.0 if weights is None else weights[n]
-        for rank, id_ in enumerate(ids, start=1):
+        pairs = ((r, i) for i, r in ids.items()) if isinstance(ids, Mapping) else enumerate(ids, start=1)
+        for rank, id_ in pairs:
             scores[id_] = scores.get(id_, 0.0) + w / (k + rank)
     return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def best_ranks(ranked: Sequence[Sequence[str]]) -> dict[str, int]:
+    """Each id's best (0-based) rank over the ranked lists."""
+    best: dict[str, int] = {}
+    for ids in ranked:
+        for r, id_ in enumerate(ids):
+            if id_ not in best or r < best[id_]:
+                best[id_] = r
+    return best
+
+
+def name_signal(named: Sequence["Entity"], ranked: Sequence[Sequence[str]], k: int) -> list[str]:
+    """The exact-name signal: facts filed under a name the query mentions, as a ranked list.
+
+    A name says *whose* facts to prefer, not *which*: the named facts that the content signals
+    (``ranked``: vector, keywords) found come first, in their best rank there, so a fact about the
+    named thing that also matches the question wins over one that only shares the name; the other
+    named facts follow, newest first (what the words did not reach, e.g. "What did Bob do last
+    month?"). A question put to someone ("Bob, where do you live?") states nothing about them and
+    is left out. Measured on bench_quality's dev split (default store, R@10): every named fact
+    newest first, questions included (before) .654; questions left out .768; content-found only
+    .755; content-found first, then newest .769 (this).
+    """
+    facts = [e for e in named if not asks(e.content)]
+    best = best_ranks(ranked)
+    found = sorted({e.id for e in facts if e.id in best}, key=lambda i: (best[i], i))
+    newest = sorted(facts, key=lambda e: (-e.created_at, e.id))
+    return list(dict.fromkeys([*found, *(e.id for e in newest)]))[:k]
+
+
+def tell_signal(storage: "StorageBackend", query: str, ranked: Sequence[Sequence[str]],
+                k: int) -> list[dict[str, int]]:
+    """For a question, one more ranking: the candidates any signal found that *tell* rather than
+    ask, each at its best rank there (ties kept, so it reorders no two facts that tell). A
+    question does not answer a question: "Priya, where do you work these days?" shares the words
+    of "Where does Priya work now?" but says nothing, and now ranks below what Priya said.
+    Measured on bench_quality's dev split (default store): R@10 .829 -> .848, current fact wins
+    .938 -> 1.0 (multi-hop .619 -> .595). Not a question: nothing."""
+    if not is_question(query):
+        return []
+    best = best_ranks(ranked)
+    telling = {e.id: best[e.id] + 1 for e in storage.get_many(list(best)) if not asks(e.content)}
+    return [telling] if telling else []
 
 
 #: fusion weight of the lists searched for a *rule* rewrite of the query (the query's own lists weigh
@@ -147,11 +199,7 @@ def time_signal(storage: "StorageBackend", query: str, qvec: "np.ndarray | None"
     """
     rng = query_time_range(query, now_ms)
     if rng is None:
-        best: dict[str, int] = {}
-        for ids in ranked:
-            for r, id_ in enumerate(ids):
-                if id_ not in best or r < best[id_]:
-                    best[id_] = r
+        best = best_ranks(ranked)
         if _CURRENT.search(query):
             pool = list(storage.get_many([i for i, r in best.items() if r < RECENCY_POOL]))
             pool.sort(key=lambda e: (-e.created_at, e.id))

@@ -13,33 +13,35 @@ once the prefix reaches the model's minimum cacheable length, repeat calls read
 it from the cache (see ``Usage.cache_read_input_tokens``).
 
 The SDK is imported when a provider is constructed (it costs over a second), never
-at ``import umi``; its clients are made on first use. Retries are umi's own (see
-:mod:`umi.providers._common`): the SDK clients run with ``max_retries=0``.
+at ``import umi``; its clients are made on first use. Clients, settings and retries
+are shared with the OpenAI providers (see :mod:`umi.providers._sdk`).
 """
 
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Mapping
 from typing import Any
 
-from ..errors import InvalidResponseError
 from ..types import Usage
-from . import _common
-from ._common import RetryPolicy, SchemaViolation
-from .base import LLMProvider, LLMResult, Task
+from ._checks import check_call_args, check_positive_int
+from ._json_reply import parse_json_reply
+from ._retry import DEFAULT_MAX_RETRY_WAIT_SECS
+from ._schema import SchemaViolation, validate_json
+from ._sdk import SDKLLMProvider, Vendor, token_count
+from .base import LLMResult
 
 __all__ = ["DEFAULT_ANTHROPIC_MODEL", "AnthropicProvider"]
 
 #: Fast and cheap, and good at extraction; pass ``model=`` for another.
 DEFAULT_ANTHROPIC_MODEL = "claude-haiku-4-5"
 ANTHROPIC_MAX_TOKENS_LIMIT = 128_000
-_KEY_ENV = "ANTHROPIC_API_KEY"
+_ANTHROPIC = Vendor(name="anthropic", module="anthropic", client="Anthropic", async_client="AsyncAnthropic",
+                    key_env="ANTHROPIC_API_KEY")
 _EPHEMERAL = {"type": "ephemeral"}
 
 
-class AnthropicProvider(LLMProvider):
+class AnthropicProvider(SDKLLMProvider):
     """An :class:`~umi.providers.base.LLMProvider` backed by the Anthropic Messages API.
 
     ``api_key=None`` reads ``ANTHROPIC_API_KEY``; ``base_url=None`` lets the SDK read
@@ -61,73 +63,15 @@ class AnthropicProvider(LLMProvider):
         timeout: float = 60.0,
         max_retries: int = 3,
         max_tokens: int = 4096,
-        max_retry_wait: float = _common.DEFAULT_MAX_RETRY_WAIT_SECS,
+        max_retry_wait: float = DEFAULT_MAX_RETRY_WAIT_SECS,
     ) -> None:
-        self.model = _common.check_model(model)
-        self.base_url = _common.check_base_url(base_url)
-        self.timeout = _common.check_timeout(timeout)
-        self.max_retries = _common.check_max_retries(max_retries)
-        self.max_tokens = _common.check_positive_int(max_tokens, "max_tokens", 1, ANTHROPIC_MAX_TOKENS_LIMIT)
-        wait = _common.check_wait(max_retry_wait, "max_retry_wait")
-        self._sdk = _common.import_sdk("anthropic", "anthropic")
-        self._api_key = _common.resolve_api_key(api_key, env=_KEY_ENV, provider="anthropic")
-        self.retry = RetryPolicy(max_retries=self.max_retries, max_wait_secs=wait)
-        self._client: Any = None
-        self._client_lock = threading.Lock()
-        self._aclients = _common.LoopClients(self._new_async_client)
+        wait = self._check_settings(model, base_url, timeout, max_retries, max_retry_wait)
+        self.max_tokens = check_positive_int(max_tokens, "max_tokens", 1, ANTHROPIC_MAX_TOKENS_LIMIT)
+        self._connect(_ANTHROPIC, api_key, wait)
 
-    # --- clients -------------------------------------------------------------
-    def _client_options(self) -> dict[str, Any]:
-        return {"api_key": self._api_key, "base_url": self.base_url, "timeout": self.timeout, "max_retries": 0}
-
-    def _sync_client(self) -> Any:
-        with self._client_lock:
-            if self._client is None:
-                self._client = self._sdk.Anthropic(**self._client_options())
-            return self._client
-
-    def _new_async_client(self) -> Any:
-        return self._sdk.AsyncAnthropic(**self._client_options())
-
-    # --- the protocol --------------------------------------------------------
-    def complete_json(self, system: str, prompt: str, schema: Mapping[str, Any], *, task: Task) -> LLMResult:
-        request = self._request(system, prompt, schema, task)
-        client = self._sync_client()
-        message = _common.call_with_retries(
-            lambda: client.messages.create(**request),
-            policy=self.retry, sdk=self._sdk, provider=self.name, timeout_secs=self.timeout, key_env=_KEY_ENV,
-        )
-        return self._result(message, schema, task)
-
-    async def acomplete_json(self, system: str, prompt: str, schema: Mapping[str, Any], *, task: Task) -> LLMResult:
-        request = self._request(system, prompt, schema, task)
-        client = self._aclients.get()
-        message = await _common.acall_with_retries(
-            lambda: client.messages.create(**request),
-            policy=self.retry, sdk=self._sdk, provider=self.name, timeout_secs=self.timeout, key_env=_KEY_ENV,
-        )
-        return self._result(message, schema, task)
-
-    def close(self) -> None:
-        """Close the HTTP clients. The provider stays usable: new clients are made on the next call."""
-        with self._client_lock:
-            client, self._client = self._client, None
-        if client is not None:
-            client.close()
-        self._aclients.close_all()
-
-    async def aclose(self) -> None:
-        """Close the async client of the running loop, then everything else (await it before the loop closes)."""
-        await self._aclients.aclose_current()
-        self.close()
-
-    def __repr__(self) -> str:
-        where = f", base_url={self.base_url!r}" if self.base_url else ""
-        return f"AnthropicProvider(model={self.model!r}{where}, timeout={self.timeout:g}, max_retries={self.max_retries})"
-
-    # --- one logic for both faces -------------------------------------------
+    # --- the three steps of SDKLLMProvider.complete_json ----------------------
     def _request(self, system: str, prompt: str, schema: Mapping[str, Any], task: str) -> dict[str, Any]:
-        _common.check_call_args(system, prompt, schema, task)
+        check_call_args(system, prompt, schema, task)
         tool = {
             "name": task,
             "description": f"Record the result of the {task.replace('_', ' ')} task. "
@@ -147,18 +91,13 @@ class AnthropicProvider(LLMProvider):
             request["system"] = [{"type": "text", "text": system, "cache_control": dict(_EPHEMERAL)}]
         return request
 
+    def _send(self, client: Any, request: dict[str, Any]) -> Any:
+        return client.messages.create(**request)
+
     def _result(self, message: Any, schema: Mapping[str, Any], task: str) -> LLMResult:
-        request_id = getattr(message, "_request_id", None)
         stop = getattr(message, "stop_reason", None)
         blocks = getattr(message, "content", None) or []
-        where = f" (request id {request_id})" if request_id else ""
-        cut = (
-            f"; the answer was cut off at max_tokens={self.max_tokens}, raise max_tokens"
-            if stop == "max_tokens" else ""
-        )
-
-        def invalid(msg: str) -> InvalidResponseError:
-            return InvalidResponseError(f"anthropic: {msg}{cut}{where}", request_id=request_id, provider=self.name)
+        invalid = self._invalid_answer(message, cut_at=self.max_tokens if stop == "max_tokens" else None)
 
         calls = [b for b in blocks if getattr(b, "type", None) == "tool_use" and getattr(b, "name", None) == task]
         if calls:
@@ -166,7 +105,7 @@ class AnthropicProvider(LLMProvider):
             if not isinstance(data, dict):
                 raise invalid(f"the {task} tool was called with {type(data).__name__} input, not an object")
             try:
-                _common.validate_json(data, schema)
+                validate_json(data, schema)
             except SchemaViolation as exc:
                 raise invalid(f"the {task} tool input does not match its schema: {exc}") from exc
         else:
@@ -178,7 +117,7 @@ class AnthropicProvider(LLMProvider):
                 raise invalid(f"no {task} tool call and no text in the answer (got {', '.join(kinds)}; "
                               f"stop_reason={stop})")
             try:
-                data = _common.parse_json_reply(text, schema)
+                data = parse_json_reply(text, schema)
             except SchemaViolation as exc:
                 raise invalid(f"the JSON in the text answer does not match the {task} schema: {exc}") from exc
             except ValueError as exc:
@@ -187,14 +126,10 @@ class AnthropicProvider(LLMProvider):
 
 
 def _usage(u: Any) -> Usage:
-    def n(name: str) -> int:
-        v = getattr(u, name, None)
-        return int(v) if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
-
     return Usage(
-        input_tokens=n("input_tokens"),
-        output_tokens=n("output_tokens"),
-        cache_read_input_tokens=n("cache_read_input_tokens"),
-        cache_creation_input_tokens=n("cache_creation_input_tokens"),
+        input_tokens=token_count(u, "input_tokens"),
+        output_tokens=token_count(u, "output_tokens"),
+        cache_read_input_tokens=token_count(u, "cache_read_input_tokens"),
+        cache_creation_input_tokens=token_count(u, "cache_creation_input_tokens"),
         calls=1,
     )

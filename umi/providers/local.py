@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..errors import EmbeddingError, InvalidConfigError, ValidationError
+from ._checks import check_positive_int
 from .base import EmbeddingProvider, EmbedKind, normalize_rows
 
 __all__ = ["DEFAULT_LOCAL_MODEL", "LOCAL_MODELS", "LocalEmbeddingCacheInfo", "LocalEmbeddingProvider"]
@@ -150,14 +151,6 @@ def _engine_safe(text: str) -> str:
     return text
 
 
-def _check_int(name: str, value: object, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if not lo <= value <= hi:
-        raise InvalidConfigError(f"{name} must be in [{lo}, {hi}], got {value}")
-    return value
-
-
 class LocalEmbeddingProvider(EmbeddingProvider):
     """Offline sentence embeddings from a model shipped in a PyPI package (see the module docstring).
 
@@ -175,8 +168,8 @@ class LocalEmbeddingProvider(EmbeddingProvider):
             raise InvalidConfigError(f"unknown local embedding model {model!r}; choose one of {sorted(LOCAL_MODELS)}")
         self.model = model
         self.dim = LOCAL_MODELS[model].dim
-        self.batch_size = _check_int("batch_size", batch_size, 1, BATCH_SIZE_MAX)
-        self.cache_size = _check_int("cache_size", cache_size, 0, CACHE_SIZE_MAX)
+        self.batch_size = check_positive_int(batch_size, "batch_size", 1, BATCH_SIZE_MAX)
+        self.cache_size = check_positive_int(cache_size, "cache_size", 0, CACHE_SIZE_MAX)
         self._engine: _Engine | None = None
         self._cache: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
         self._cache_lock = threading.Lock()

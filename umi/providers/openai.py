@@ -16,15 +16,14 @@ back in input order by their ``index``, checks each has the expected dimension
 and only finite, non-zero values, and L2-normalises them.
 
 Prompt caching is automatic on OpenAI for long prompt prefixes; umi keeps the
-system prompt first and fixed per task so it can apply. Retries are umi's own
-(see :mod:`umi.providers._common`): the SDK clients run with ``max_retries=0``.
+system prompt first and fixed per task so it can apply. Clients, settings and retries
+are shared with the Anthropic provider (see :mod:`umi.providers._sdk`).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import json
 import threading
 from collections.abc import Mapping, Sequence
@@ -32,11 +31,14 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import EmbeddingError, InvalidConfigError, InvalidResponseError, ValidationError
+from ..errors import EmbeddingError, InvalidConfigError, ValidationError
 from ..types import Usage
-from . import _common
-from ._common import RetryPolicy, SchemaViolation
-from .base import EmbeddingProvider, EmbedKind, LLMProvider, LLMResult, Task, normalize_rows
+from ._checks import check_call_args, check_positive_int
+from ._json_reply import parse_json_reply
+from ._retry import DEFAULT_MAX_RETRY_WAIT_SECS
+from ._schema import SchemaViolation
+from ._sdk import SDKLLMProvider, SDKProvider, Vendor, request_note, token_count
+from .base import EmbeddingProvider, EmbedKind, LLMResult, normalize_rows
 
 __all__ = [
     "DEFAULT_OPENAI_EMBEDDING_MODEL",
@@ -61,47 +63,8 @@ EMBEDDING_BATCH_MAX = 2048
 #: Characters per embeddings request: the API caps a request at 300k tokens, and a
 #: token is at least one character, so this stays under it for any text.
 EMBEDDING_BATCH_CHARS_MAX = 250_000
-_KEY_ENV = "OPENAI_API_KEY"
+_OPENAI = Vendor(name="openai", module="openai", client="OpenAI", async_client="AsyncOpenAI", key_env="OPENAI_API_KEY")
 _STRICT_DROPPED = frozenset({"minLength", "maxLength"})
-
-
-def _check_common(model: object, base_url: object, timeout: object, max_retries: object,
-                  max_retry_wait: object) -> tuple[str, str | None, float, int, float]:
-    return (
-        _common.check_model(model),
-        _common.check_base_url(base_url),
-        _common.check_timeout(timeout),
-        _common.check_max_retries(max_retries),
-        _common.check_wait(max_retry_wait, "max_retry_wait"),
-    )
-
-
-class _OpenAIClients:
-    """Lazily made sync client and per-loop async clients, shared by both providers."""
-
-    def __init__(self, sdk: Any, options: dict[str, Any]) -> None:
-        self._sdk = sdk
-        self._options = options
-        self._client: Any = None
-        self._lock = threading.Lock()
-        self.aclients = _common.LoopClients(lambda: sdk.AsyncOpenAI(**options))
-
-    def sync(self) -> Any:
-        with self._lock:
-            if self._client is None:
-                self._client = self._sdk.OpenAI(**self._options)
-            return self._client
-
-    def close(self) -> None:
-        with self._lock:
-            client, self._client = self._client, None
-        if client is not None:
-            client.close()
-        self.aclients.close_all()
-
-    async def aclose(self) -> None:
-        await self.aclients.aclose_current()
-        self.close()
 
 
 def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
@@ -153,7 +116,7 @@ def _drop_optional_nulls(value: Any, schema: Mapping[str, Any]) -> Any:
     return value
 
 
-class OpenAIProvider(LLMProvider):
+class OpenAIProvider(SDKLLMProvider):
     """An :class:`~umi.providers.base.LLMProvider` backed by OpenAI chat completions.
 
     ``api_key=None`` reads ``OPENAI_API_KEY``; ``base_url=None`` lets the SDK read
@@ -173,55 +136,19 @@ class OpenAIProvider(LLMProvider):
         timeout: float = 60.0,
         max_retries: int = 3,
         max_tokens: int = 4096,
-        max_retry_wait: float = _common.DEFAULT_MAX_RETRY_WAIT_SECS,
+        max_retry_wait: float = DEFAULT_MAX_RETRY_WAIT_SECS,
         strict: bool = True,
     ) -> None:
-        self.model, self.base_url, self.timeout, self.max_retries, wait = _check_common(
-            model, base_url, timeout, max_retries, max_retry_wait
-        )
-        self.max_tokens = _common.check_positive_int(max_tokens, "max_tokens", 1, OPENAI_MAX_TOKENS_LIMIT)
+        wait = self._check_settings(model, base_url, timeout, max_retries, max_retry_wait)
+        self.max_tokens = check_positive_int(max_tokens, "max_tokens", 1, OPENAI_MAX_TOKENS_LIMIT)
         if not isinstance(strict, bool):
             raise TypeError(f"strict must be a bool, not {type(strict).__name__}")
         self.strict = strict
-        self._sdk = _common.import_sdk("openai", "openai")
-        key = _common.resolve_api_key(api_key, env=_KEY_ENV, provider="openai")
-        self.retry = RetryPolicy(max_retries=self.max_retries, max_wait_secs=wait)
-        self._clients = _OpenAIClients(
-            self._sdk, {"api_key": key, "base_url": self.base_url, "timeout": self.timeout, "max_retries": 0}
-        )
+        self._connect(_OPENAI, api_key, wait)
 
-    def complete_json(self, system: str, prompt: str, schema: Mapping[str, Any], *, task: Task) -> LLMResult:
-        request = self._request(system, prompt, schema, task)
-        client = self._clients.sync()
-        resp = _common.call_with_retries(
-            lambda: client.chat.completions.create(**request),
-            policy=self.retry, sdk=self._sdk, provider=self.name, timeout_secs=self.timeout, key_env=_KEY_ENV,
-        )
-        return self._result(resp, schema, task)
-
-    async def acomplete_json(self, system: str, prompt: str, schema: Mapping[str, Any], *, task: Task) -> LLMResult:
-        request = self._request(system, prompt, schema, task)
-        client = self._clients.aclients.get()
-        resp = await _common.acall_with_retries(
-            lambda: client.chat.completions.create(**request),
-            policy=self.retry, sdk=self._sdk, provider=self.name, timeout_secs=self.timeout, key_env=_KEY_ENV,
-        )
-        return self._result(resp, schema, task)
-
-    def close(self) -> None:
-        """Close the HTTP clients. The provider stays usable: new clients are made on the next call."""
-        self._clients.close()
-
-    async def aclose(self) -> None:
-        """Close the async client of the running loop, then everything else (await it before the loop closes)."""
-        await self._clients.aclose()
-
-    def __repr__(self) -> str:
-        where = f", base_url={self.base_url!r}" if self.base_url else ""
-        return f"OpenAIProvider(model={self.model!r}{where}, timeout={self.timeout:g}, max_retries={self.max_retries})"
-
+    # --- the three steps of SDKLLMProvider.complete_json ----------------------
     def _request(self, system: str, prompt: str, schema: Mapping[str, Any], task: str) -> dict[str, Any]:
-        _common.check_call_args(system, prompt, schema, task)
+        check_call_args(system, prompt, schema, task)
         sent = strict_schema(schema) if self.strict else json.loads(json.dumps(schema))
         messages = [{"role": "user", "content": prompt}]
         if system.strip():
@@ -237,18 +164,13 @@ class OpenAIProvider(LLMProvider):
             "timeout": self.timeout,
         }
 
+    def _send(self, client: Any, request: dict[str, Any]) -> Any:
+        return client.chat.completions.create(**request)
+
     def _result(self, resp: Any, schema: Mapping[str, Any], task: str) -> LLMResult:
-        request_id = getattr(resp, "_request_id", None)
-        where = f" (request id {request_id})" if request_id else ""
         choices = getattr(resp, "choices", None) or []
         finish = getattr(choices[0], "finish_reason", None) if choices else None
-        cut = (
-            f"; the answer was cut off at max_tokens={self.max_tokens}, raise max_tokens"
-            if finish == "length" else ""
-        )
-
-        def invalid(msg: str) -> InvalidResponseError:
-            return InvalidResponseError(f"openai: {msg}{cut}{where}", request_id=request_id, provider=self.name)
+        invalid = self._invalid_answer(resp, cut_at=self.max_tokens if finish == "length" else None)
 
         if not choices:
             raise invalid("the response has no choices")
@@ -262,7 +184,7 @@ class OpenAIProvider(LLMProvider):
         if not isinstance(content, str) or not content.strip():
             raise invalid(f"the {task} answer is empty (finish_reason={finish})")
         try:
-            data = _common.parse_json_reply(content, schema, prepare=lambda o: _drop_optional_nulls(o, schema))
+            data = parse_json_reply(content, schema, prepare=lambda o: _drop_optional_nulls(o, schema))
         except SchemaViolation as exc:
             raise invalid(f"the {task} answer does not match its schema: {exc}") from exc
         except ValueError as exc:
@@ -270,26 +192,21 @@ class OpenAIProvider(LLMProvider):
         return LLMResult(data=data, usage=_chat_usage(getattr(resp, "usage", None)))
 
 
-def _count(obj: Any, name: str) -> int:
-    v = getattr(obj, name, None)
-    return int(v) if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
-
-
 def _chat_usage(u: Any) -> Usage:
     """OpenAI counts cached tokens inside ``prompt_tokens``; umi's ``input_tokens`` are the uncached rest."""
     details = getattr(u, "prompt_tokens_details", None)
-    cached = _count(details, "cached_tokens")
-    written = _count(details, "cache_write_tokens")
+    cached = token_count(details, "cached_tokens")
+    written = token_count(details, "cache_write_tokens")
     return Usage(
-        input_tokens=max(_count(u, "prompt_tokens") - cached - written, 0),
-        output_tokens=_count(u, "completion_tokens"),
+        input_tokens=max(token_count(u, "prompt_tokens") - cached - written, 0),
+        output_tokens=token_count(u, "completion_tokens"),
         cache_read_input_tokens=cached,
         cache_creation_input_tokens=written,
         calls=1,
     )
 
 
-class OpenAIEmbeddingProvider(EmbeddingProvider):
+class OpenAIEmbeddingProvider(SDKProvider, EmbeddingProvider):
     """An :class:`~umi.providers.base.EmbeddingProvider` backed by OpenAI embeddings.
 
     ``dim`` is known at construction: ``dimensions`` when given, else the model's
@@ -316,12 +233,10 @@ class OpenAIEmbeddingProvider(EmbeddingProvider):
         base_url: str | None = None,
         timeout: float = 60.0,
         max_retries: int = 3,
-        max_retry_wait: float = _common.DEFAULT_MAX_RETRY_WAIT_SECS,
+        max_retry_wait: float = DEFAULT_MAX_RETRY_WAIT_SECS,
     ) -> None:
-        self.model, self.base_url, self.timeout, self.max_retries, wait = _check_common(
-            model, base_url, timeout, max_retries, max_retry_wait
-        )
-        self.batch_size = _common.check_positive_int(batch_size, "batch_size", 1, EMBEDDING_BATCH_MAX)
+        wait = self._check_settings(model, base_url, timeout, max_retries, max_retry_wait)
+        self.batch_size = check_positive_int(batch_size, "batch_size", 1, EMBEDDING_BATCH_MAX)
         native = OPENAI_EMBEDDING_DIMS.get(self.model)
         self._send_dimensions = False
         if dimensions is None:
@@ -332,60 +247,37 @@ class OpenAIEmbeddingProvider(EmbeddingProvider):
                 )
             self.dim = native
         else:
-            self.dim = _common.check_positive_int(dimensions, "dimensions", 1, native or 65_536)
+            self.dim = check_positive_int(dimensions, "dimensions", 1, native or 65_536)
             if self.model.startswith("text-embedding-3-"):
                 self._send_dimensions = self.dim != native
             elif native is not None and self.dim != native:
                 raise InvalidConfigError(
                     f"{self.model!r} makes {native}-d vectors and cannot shorten them; got dimensions={dimensions}"
                 )
-        self._sdk = _common.import_sdk("openai", "openai")
-        key = _common.resolve_api_key(api_key, env=_KEY_ENV, provider="openai")
-        self.retry = RetryPolicy(max_retries=self.max_retries, max_wait_secs=wait)
-        self._clients = _OpenAIClients(
-            self._sdk, {"api_key": key, "base_url": self.base_url, "timeout": self.timeout, "max_retries": 0}
-        )
+        self._connect(_OPENAI, api_key, wait)
         self.usage = Usage()
         self._usage_lock = threading.Lock()
 
     # --- the protocol --------------------------------------------------------
     def embed(self, texts: Sequence[str], *, kind: EmbedKind = "passage") -> np.ndarray:
-        chunks = self._plan(texts, kind)
-        client = self._clients.sync()
         parts = []
-        for chunk in chunks:
+        for chunk in self._plan(texts, kind):
             request = self._request(chunk)
-            resp = _common.call_with_retries(
-                functools.partial(client.embeddings.create, **request),
-                policy=self.retry, sdk=self._sdk, provider="openai", timeout_secs=self.timeout, key_env=_KEY_ENV,
-            )
+            resp = self._clients.call(lambda client: client.embeddings.create(**request))  # noqa: B023 - called now
             parts.append(self._decode(resp, len(chunk)))
         return self._finish(parts)
 
     async def aembed(self, texts: Sequence[str], *, kind: EmbedKind = "passage") -> np.ndarray:
-        chunks = self._plan(texts, kind)
-        client = self._clients.aclients.get()
         parts = []
-        for chunk in chunks:
+        for chunk in self._plan(texts, kind):
             request = self._request(chunk)
-            resp = await _common.acall_with_retries(
-                functools.partial(client.embeddings.create, **request), policy=self.retry, sdk=self._sdk, provider="openai", timeout_secs=self.timeout,
-                key_env=_KEY_ENV,
-            )
+            resp = await self._clients.acall(lambda client: client.embeddings.create(**request))  # noqa: B023 - called now
             parts.append(self._decode(resp, len(chunk)))
         return self._finish(parts)
 
-    def close(self) -> None:
-        """Close the HTTP clients. The provider stays usable: new clients are made on the next call."""
-        self._clients.close()
-
-    async def aclose(self) -> None:
-        """Close the async client of the running loop, then everything else (await it before the loop closes)."""
-        await self._clients.aclose()
-
     def __repr__(self) -> str:
-        where = f", base_url={self.base_url!r}" if self.base_url else ""
-        return f"OpenAIEmbeddingProvider(model={self.model!r}, dim={self.dim}{where}, batch_size={self.batch_size})"
+        return (f"OpenAIEmbeddingProvider(model={self.model!r}, dim={self.dim}{self._base_url_note()}, "
+                f"batch_size={self.batch_size})")
 
     # --- one logic for both faces -------------------------------------------
     def _plan(self, texts: Sequence[str], kind: object) -> list[list[str]]:
@@ -427,8 +319,7 @@ class OpenAIEmbeddingProvider(EmbeddingProvider):
         return request
 
     def _decode(self, resp: Any, n: int) -> np.ndarray:
-        request_id = getattr(resp, "_request_id", None)
-        where = f" (request id {request_id})" if request_id else ""
+        _, where = request_note(resp)
 
         def bad(msg: str) -> EmbeddingError:
             return EmbeddingError(f"openai embeddings ({self.model}): {msg}{where}")
@@ -464,7 +355,7 @@ class OpenAIEmbeddingProvider(EmbeddingProvider):
             seen[idx] = True
         u = getattr(resp, "usage", None)
         with self._usage_lock:
-            self.usage.add(Usage(input_tokens=_count(u, "prompt_tokens"), calls=1))
+            self.usage.add(Usage(input_tokens=token_count(u, "prompt_tokens"), calls=1))
         return out
 
     def _finish(self, parts: list[np.ndarray]) -> np.ndarray:

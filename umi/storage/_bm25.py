@@ -26,7 +26,7 @@ import numpy as np
 
 from .text import BM25_B, BM25_K1, bm25_idf
 
-__all__ = ["PostingsIndex", "bm25_candidates", "bm25_top_candidates", "top_by_score_then_key"]
+__all__ = ["PostingsIndex", "bm25_candidates", "bm25_top_candidates", "csr_add_docs", "top_by_score_then_key"]
 
 _kernel: Any = None
 _pruned_kernel: Any = None
@@ -233,6 +233,41 @@ def top_by_score_then_key(scores: np.ndarray, keys: np.ndarray, k: int) -> np.nd
     return _select_kernel(scores, keys, int(k))
 
 
+def csr_add_docs(terms: list[str], offsets: np.ndarray, rows: np.ndarray, tfs: np.ndarray,
+                 docs: Iterable[tuple[int, dict[str, int]]]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """CSR postings with the documents ``docs`` ((row, term -> tf), rows not in the postings yet)
+    added: each new posting goes at the end of its term's range, new terms at the end. One pass
+    (``np.insert``), not one dict per touched term as :meth:`PostingsIndex.add_doc` would make."""
+    index = dict(zip(terms, range(len(terms))))
+    extra: list[str] = []
+    t_ids: list[int] = []
+    d_rows: list[int] = []
+    d_tfs: list[int] = []
+    for row, tf in docs:
+        for t, f in tf.items():
+            i = index.get(t)
+            if i is None:
+                i = index[t] = len(terms) + len(extra)
+                extra.append(t)
+            t_ids.append(i)
+            d_rows.append(row)
+            d_tfs.append(f)
+    if not t_ids:
+        return terms, offsets, rows, tfs
+    n_terms = len(terms) + len(extra)
+    tid = np.asarray(t_ids, np.int64)
+    order = np.argsort(tid, kind="stable")
+    tid = tid[order]
+    ends = np.concatenate([offsets[1:], np.full(len(extra), offsets[-1], np.int64)])
+    at = ends[tid]
+    new_rows = np.insert(rows, at, np.asarray(d_rows, np.int64)[order])
+    new_tfs = np.insert(tfs, at, np.asarray(d_tfs, np.float64)[order])
+    counts = np.concatenate([np.diff(offsets), np.zeros(len(extra), np.int64)]) + np.bincount(tid, minlength=n_terms)
+    new_offsets = np.zeros(n_terms + 1, np.int64)
+    np.cumsum(counts, out=new_offsets[1:])
+    return terms + extra, new_offsets, new_rows, new_tfs
+
+
 class _Postings:
     """One term's postings: row -> tf, kept as arrays until first changed, then as a dict
     whose arrays are rebuilt lazily for the next query."""
@@ -281,6 +316,27 @@ class PostingsIndex:
         self._post = {}
         self._base_terms = dict(zip(terms, range(len(terms))))
         self._base_off, self._base_rows, self._base_tfs = offsets, rows, tfs
+
+    def export(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        """Every term's postings as CSR (the form :meth:`load` takes): (terms, offsets, rows, tfs)."""
+        off = self._base_off
+        base_terms = list(self._base_terms)
+        pos = np.fromiter(self._base_terms.values(), np.int64, len(base_terms))  # ascending
+        starts = off[pos]
+        counts = off[pos + 1] - starts
+        if len(base_terms) == off.shape[0] - 1:  # every bulk-loaded term is untouched
+            rows0, tfs0 = self._base_rows, self._base_tfs
+        else:  # the untouched terms' ranges, concatenated
+            new_starts = np.zeros(len(base_terms), np.int64)
+            np.cumsum(counts[:-1], out=new_starts[1:])
+            take = np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(starts - new_starts, counts)
+            rows0, tfs0 = self._base_rows[take], self._base_tfs[take]
+        parts = [p.arrays() for p in self._post.values()]
+        offsets = np.zeros(len(base_terms) + len(parts) + 1, np.int64)
+        np.cumsum(np.concatenate([counts, np.array([a[0].shape[0] for a in parts], np.int64)]), out=offsets[1:])
+        rows = np.concatenate([rows0.astype(np.int64, copy=False), *(a[0] for a in parts)])
+        tfs = np.concatenate([tfs0.astype(np.float64, copy=False), *(a[1] for a in parts)])
+        return base_terms + list(self._post), offsets, rows, tfs
 
     def _base(self, term: str, pop: bool) -> tuple[np.ndarray, np.ndarray] | None:
         i = self._base_terms.pop(term, None) if pop else self._base_terms.get(term)

@@ -1,21 +1,24 @@
-"""Bulk reads and writes of the DuckDB backend, through Arrow.
+"""Bulk reads and writes of the DuckDB backend.
 
-Writes build one Arrow table per DuckDB table and insert it with one
-``INSERT ... SELECT`` from the registered table (DuckDB's bulk path, ~25x faster than
-``executemany``). The cache load reads every table it needs in one query each and turns
-the columns into numpy arrays without a per-row Python loop, except where Python objects
-are the result (ids, names).
+Writes gather the rows of each DuckDB table column by column (:class:`Rows`) and insert them
+in one statement: a few rows as list parameters, more as ``INSERT ... SELECT`` from an Arrow
+table (DuckDB's bulk path, ~25x faster than ``executemany``). The cache load reads every
+table it needs in one query each, through Arrow, and turns the columns into numpy arrays
+without a per-row Python loop, except where Python objects are the result (ids, names).
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.compute as pc  # type: ignore[import-untyped]
 
+from ..errors import StorageError
 from ..types import UNSET_SCOPE, CoreBlockRecord, CoreHistoryRecord, Entity, EntityType, EvolutionRelation, Scope, normalize_name
 from ._common import dumps, make_entity, meta_key
 from ._hotcache import TYPE_CODES, LoadedRows
@@ -24,80 +27,133 @@ from .base import HistoryRecord, Source
 from .cached import ChangeSet, DurableStore, Loaded
 
 __all__ = [
-    "insert_arrow",
+    "Rows",
+    "insert_rows",
     "delete_rows_of",
-    "entities_table",
-    "postings_table",
-    "metadata_table",
-    "history_table",
-    "relations_table",
+    "entities_rows",
+    "postings_rows",
+    "metadata_rows",
+    "history_rows",
+    "sources_rows",
+    "relations_rows",
     "load_rows",
+    "load_postings",
+    "fetch_vectors",
     "DuckDBDurable",
 ]
 
 _TYPES = {t.value: t for t in EntityType}
+#: rows per block of Python values made on demand by the cache load's ``materialise``
+_BLOCK_ROWS = 512
 _I64_MAX = np.iinfo(np.int64).max
 
 
 # --- writes ---------------------------------------------------------------------------------
 
 
-#: Batches up to this many rows go in as parameterised inserts; larger ones through Arrow.
+#: Batches up to this many rows go in as one parameterised statement; larger ones through Arrow.
 SMALL_BATCH_ROWS = 32
+#: up to this many rows (and with a vector column) that statement is a VALUES list, else unnest
+VALUES_ROWS_MAX = 4
+
+_ARROW_TYPES = {"VARCHAR": pa.string(), "INTEGER": pa.int32(), "BIGINT": pa.int64(), "DOUBLE": pa.float64()}
 
 
-def insert_arrow(con: Any, table: str, data: pa.Table, *, replace: bool = False) -> None:
-    """``INSERT [OR REPLACE] INTO table (columns of data) SELECT ... FROM data``."""
-    if data.num_rows == 0:
+class Rows:
+    """Rows of one table, column by column: name -> (DuckDB type, values). Values are a list,
+    except for a vector column (type ``FLOAT[d]``): a float32 matrix and a has-vector mask.
+    Plain lists, not Arrow: a remember() writes one or a few rows, where building Arrow arrays
+    costs more than the insert; :meth:`arrow` builds them for bulk batches."""
+
+    __slots__ = ("n", "columns")
+
+    def __init__(self, n: int, columns: dict[str, tuple[str, Any]]) -> None:
+        self.n = n
+        self.columns = columns
+
+    def arrow(self) -> pa.Table:
+        out: dict[str, pa.Array] = {}
+        for name, (sql, values) in self.columns.items():
+            if sql in _ARROW_TYPES:
+                out[name] = pa.array(values, _ARROW_TYPES[sql])
+            else:
+                mat, has = values
+                flat = pa.array(mat.reshape(-1), pa.float32())
+                out[name] = pa.FixedSizeListArray.from_arrays(flat, mat.shape[1], mask=pa.array(~has))
+        return pa.table(out)
+
+
+def insert_rows(con: Any, table: str, rows: Rows, *, replace: bool = False) -> None:
+    """``INSERT [OR REPLACE] INTO table (columns) ...``: one statement, whatever the size.
+
+    ``replace`` only for rows that may already be stored: any ``ON CONFLICT`` clause (``OR
+    REPLACE`` is one) costs DuckDB ~5x a plain insert of a row."""
+    n = rows.n
+    if n == 0:
         return
-    if data.num_rows <= SMALL_BATCH_ROWS:
-        # Registering an Arrow table costs ~2 ms per statement; a parameterised insert of a few
-        # rows ~0.3 ms. One remember() writes a handful of rows into five tables.
-        cols = data.column_names
-        verb = "INSERT OR REPLACE INTO" if replace else "INSERT INTO"
-        marks = ", ".join("?" for _ in cols)
-        rows = [tuple(r[c] for c in cols) for r in data.to_pylist()]
-        con.executemany(f"{verb} {table} ({', '.join(cols)}) VALUES ({marks})", rows)
+    names = ", ".join(rows.columns)
+    verb = "INSERT OR REPLACE INTO" if replace else "INSERT INTO"
+    if n > SMALL_BATCH_ROWS:
+        name = f"_umi_batch_{table}"
+        con.register(name, rows.arrow())
+        try:
+            con.execute(f"{verb} {table} ({names}) SELECT {names} FROM {name}")
+        finally:
+            con.unregister(name)
         return
-    name = f"_umi_batch_{table}"
-    con.register(name, data)
-    try:
-        cols = ", ".join(data.column_names)
-        verb = "INSERT OR REPLACE INTO" if replace else "INSERT INTO"
-        con.execute(f"{verb} {table} ({cols}) SELECT {cols} FROM {name}")
-    finally:
-        con.unregister(name)
+    # Registering an Arrow table costs ~2 ms, an executemany a statement per row; one remember()
+    # writes a few rows into each of four tables. A few rows go as parameters of one statement:
+    # a VALUES row per row (cheapest for a row or two; the only form for a vector column, as
+    # unnesting FLOAT[d][] costs more), else each column as one list parameter, unnested.
+    types = [sql for sql, _ in rows.columns.values()]
+    if n > VALUES_ROWS_MAX and all(t in _ARROW_TYPES for t in types):
+        sel = ", ".join(f"unnest(?::{t}[])" for t in types)
+        con.execute(f"{verb} {table} ({names}) SELECT {sel}", [v for _, v in rows.columns.values()])
+        return
+    cols = []
+    for sql, values in rows.columns.values():
+        if sql in _ARROW_TYPES:
+            cols.append(values)
+        else:
+            mat, has = values
+            cols.append([mat[i].tolist() if has[i] else None for i in range(n)])
+    row = "(" + ", ".join("?" for _ in cols) + ")"
+    con.execute(f"{verb} {table} ({names}) VALUES {', '.join([row] * n)}", [v for r in zip(*cols) for v in r])
 
 
-def delete_rows_of(con: Any, tables: Sequence[str], entity_ids: list[str]) -> None:
-    """Delete the rows of ``entity_ids`` from each of ``tables`` (keyed by ``entity_id``)."""
-    con.register("_umi_batch_ids", pa.table({"id": pa.array(entity_ids, pa.string())}))
-    try:
-        for table in tables:
-            con.execute(f"DELETE FROM {table} WHERE entity_id IN (SELECT id FROM _umi_batch_ids)")
-    finally:
-        con.unregister("_umi_batch_ids")
+def delete_rows_of(con: Any, tables: Sequence[str], entity_ids: list[str], key: str = "entity_id") -> None:
+    """Delete the rows whose ``key`` is one of ``entity_ids`` from each of ``tables``: one statement each."""
+    for table in tables:
+        con.execute(f"DELETE FROM {table} WHERE {key} IN (SELECT unnest(?::VARCHAR[]))", [entity_ids])
 
 
-def entities_table(batch: list[Entity], terms: list[tuple[dict[str, int], int]], generation: int,
-                   dim: int | None) -> pa.Table:
-    cols: dict[str, pa.Array] = {
-        "id": pa.array([e.id for e in batch], pa.string()),
-        "entity_type": pa.array([e.entity_type.value for e in batch], pa.string()),
-        "name": pa.array([e.name for e in batch], pa.string()),
-        "name_norm": pa.array([normalize_name(e.name) for e in batch], pa.string()),
-        "content": pa.array([e.content for e in batch], pa.string()),
-        "metadata": pa.array([dumps(e.metadata) for e in batch], pa.string()),
-        "importance": pa.array([e.importance for e in batch], pa.float64()),
-        "confidence": pa.array([e.confidence for e in batch], pa.float64()),
-        "created_at": pa.array([e.created_at for e in batch], pa.int64()),
-        "updated_at": pa.array([e.updated_at for e in batch], pa.int64()),
-        "event_time": pa.array([e.event_time for e in batch], pa.int64()),
-        "valid_from": pa.array([e.valid_from for e in batch], pa.int64()),
-        "valid_to": pa.array([e.valid_to for e in batch], pa.int64()),
-        "source_id": pa.array([e.source_id for e in batch], pa.string()),
-        "doc_len": pa.array([t[1] for t in terms], pa.int32()),
-        "updated_generation": pa.array([generation] * len(batch), pa.int64()),
+_V, _I, _B, _D = "VARCHAR", "INTEGER", "BIGINT", "DOUBLE"
+
+
+def _scope_columns(scopes: list[Scope]) -> dict[str, tuple[str, list[Any]]]:
+    return {"user_id": (_V, [s.user_id for s in scopes]), "agent_id": (_V, [s.agent_id for s in scopes]),
+            "session_id": (_V, [s.session_id for s in scopes])}
+
+
+def entities_rows(batch: list[Entity], terms: list[tuple[dict[str, int], int]], generation: int,
+                  dim: int | None) -> Rows:
+    cols: dict[str, tuple[str, Any]] = {
+        "id": (_V, [e.id for e in batch]),
+        "entity_type": (_V, [e.entity_type.value for e in batch]),
+        "name": (_V, [e.name for e in batch]),
+        "name_norm": (_V, [normalize_name(e.name) for e in batch]),
+        "content": (_V, [e.content for e in batch]),
+        "metadata": (_V, [dumps(e.metadata) for e in batch]),
+        "importance": (_D, [e.importance for e in batch]),
+        "confidence": (_D, [e.confidence for e in batch]),
+        "created_at": (_B, [e.created_at for e in batch]),
+        "updated_at": (_B, [e.updated_at for e in batch]),
+        "event_time": (_B, [e.event_time for e in batch]),
+        "valid_from": (_B, [e.valid_from for e in batch]),
+        "valid_to": (_B, [e.valid_to for e in batch]),
+        "source_id": (_V, [e.source_id for e in batch]),
+        "doc_len": (_I, [t[1] for t in terms]),
+        "updated_generation": (_B, [generation] * len(batch)),
         **_scope_columns([e.scope for e in batch]),
     }
     if dim is not None:
@@ -106,12 +162,11 @@ def entities_table(batch: list[Entity], terms: list[tuple[dict[str, int], int]],
         for i, e in enumerate(batch):
             if e.embedding is not None:
                 mat[i] = e.embedding
-        values = pa.array(mat.reshape(-1), pa.float32())
-        cols["embedding"] = pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(~has))
-    return pa.table(cols)
+        cols["embedding"] = (f"FLOAT[{dim}]", (mat, has))
+    return Rows(len(batch), cols)
 
 
-def postings_table(batch: list[Entity], terms: list[dict[str, int]]) -> pa.Table:
+def postings_rows(batch: list[Entity], terms: list[dict[str, int]]) -> Rows:
     p_term: list[str] = []
     p_id: list[str] = []
     p_tf: list[int] = []
@@ -119,11 +174,10 @@ def postings_table(batch: list[Entity], terms: list[dict[str, int]]) -> pa.Table
         p_term.extend(tf)
         p_tf.extend(tf.values())
         p_id.extend([e.id] * len(tf))
-    return pa.table({"term": pa.array(p_term, pa.string()), "entity_id": pa.array(p_id, pa.string()),
-                     "tf": pa.array(p_tf, pa.int32())})
+    return Rows(len(p_term), {"term": (_V, p_term), "entity_id": (_V, p_id), "tf": (_I, p_tf)})
 
 
-def metadata_table(batch: list[Entity]) -> pa.Table:
+def metadata_rows(batch: list[Entity]) -> Rows:
     m_id: list[str] = []
     m_key: list[str] = []
     m_type: list[str] = []
@@ -135,47 +189,41 @@ def metadata_table(batch: list[Entity]) -> pa.Table:
             m_key.append(k)
             m_type.append(vt)
             m_text.append(vx)
-    return pa.table({"entity_id": pa.array(m_id, pa.string()), "key": pa.array(m_key, pa.string()),
-                     "vtype": pa.array(m_type, pa.string()), "vtext": pa.array(m_text, pa.string())})
+    return Rows(len(m_id), {"entity_id": (_V, m_id), "key": (_V, m_key), "vtype": (_V, m_type), "vtext": (_V, m_text)})
 
 
-def _scope_columns(scopes: list[Scope], names: tuple[str, ...] = ("user_id", "agent_id", "session_id")
-                   ) -> dict[str, pa.Array]:
-    return {n: pa.array([getattr(s, n) for s in scopes], pa.string()) for n in names}
-
-
-def history_table(recs: list[HistoryRecord], generation: int) -> pa.Table:
-    return pa.table({
-        "entity_id": pa.array([r.entity_id for r in recs], pa.string()),
-        "seq": pa.array([r.seq for r in recs], pa.int32()),
-        "op": pa.array([r.op for r in recs], pa.string()),
-        "at_ms": pa.array([r.at for r in recs], pa.int64()),
-        "snapshot": pa.array([dumps(dict(r.snapshot)) for r in recs], pa.string()),
-        "generation": pa.array([generation] * len(recs), pa.int64()),
+def history_rows(recs: list[HistoryRecord], generation: int) -> Rows:
+    return Rows(len(recs), {
+        "entity_id": (_V, [r.entity_id for r in recs]),
+        "seq": (_I, [r.seq for r in recs]),
+        "op": (_V, [r.op for r in recs]),
+        "at_ms": (_B, [r.at for r in recs]),
+        "snapshot": (_V, [dumps(dict(r.snapshot)) for r in recs]),
+        "generation": (_B, [generation] * len(recs)),
         **_scope_columns([r.scope for r in recs]),
     })
 
 
-def sources_table(srcs: list[Source]) -> pa.Table:
-    return pa.table({
-        "id": pa.array([s.id for s in srcs], pa.string()),
-        "text_hash": pa.array([s.text_hash for s in srcs], pa.string()),
-        "text": pa.array([s.text for s in srcs], pa.string()),
-        "created_at": pa.array([s.created_at for s in srcs], pa.int64()),
-        "metadata": pa.array([dumps(dict(s.metadata)) for s in srcs], pa.string()),
+def sources_rows(srcs: list[Source]) -> Rows:
+    return Rows(len(srcs), {
+        "id": (_V, [s.id for s in srcs]),
+        "text_hash": (_V, [s.text_hash for s in srcs]),
+        "text": (_V, [s.text for s in srcs]),
+        "created_at": (_B, [s.created_at for s in srcs]),
+        "metadata": (_V, [dumps(dict(s.metadata)) for s in srcs]),
         **_scope_columns([s.scope for s in srcs]),
     })
 
 
-def relations_table(rels: list[EvolutionRelation]) -> pa.Table:
-    return pa.table({
-        "id": pa.array([r.id for r in rels], pa.string()),
-        "source_id": pa.array([r.source_id for r in rels], pa.string()),
-        "target_id": pa.array([r.target_id for r in rels], pa.string()),
-        "evolution_type": pa.array([r.evolution_type.value for r in rels], pa.string()),
-        "reason": pa.array([r.reason for r in rels], pa.string()),
-        "confidence": pa.array([r.confidence for r in rels], pa.float64()),
-        "created_at": pa.array([r.created_at for r in rels], pa.int64()),
+def relations_rows(rels: list[EvolutionRelation]) -> Rows:
+    return Rows(len(rels), {
+        "id": (_V, [r.id for r in rels]),
+        "source_id": (_V, [r.source_id for r in rels]),
+        "target_id": (_V, [r.target_id for r in rels]),
+        "evolution_type": (_V, [r.evolution_type.value for r in rels]),
+        "reason": (_V, [r.reason for r in rels]),
+        "confidence": (_D, [r.confidence for r in rels]),
+        "created_at": (_B, [r.created_at for r in rels]),
         **_scope_columns([r.scope for r in rels]),
     })
 
@@ -183,22 +231,32 @@ def relations_table(rels: list[EvolutionRelation]) -> pa.Table:
 # --- the cache load -------------------------------------------------------------------------
 
 
-def load_rows(con: Any, dim: int | None) -> LoadedRows:
+def load_rows(con: Any, dim: int | None, *, with_vectors: bool = True, with_postings: bool = True) -> LoadedRows:
     """Everything the entity cache needs.
 
     Rows are numbered in the order DuckDB returns them (sorting wide rows costs more than the
     rest of the load); the metadata and postings queries join on that numbering through a
-    registered Arrow table. Entity objects are built on first use (``materialise``).
+    registered Arrow table. Entity objects are built on first use (``materialise``), and so are
+    the vectors when ``with_vectors`` is False (a reopen with a valid vector index cache: the
+    vectors are ~90 % of the bytes and search reads the index's copy). Without
+    ``with_postings`` the postings are left empty, for the caller to fill
+    (:meth:`EntityCache.adopt_postings` from the keyword index cache, or :func:`load_postings`).
     """
+    vec_col = ""
+    if dim:
+        vec_col = ", embedding" if with_vectors else ", embedding IS NOT NULL AS has_embedding"
     tbl = con.sql(
         "SELECT id, entity_type, name, name_norm, content, metadata, importance, confidence, created_at, "
         "updated_at, event_time, valid_from, valid_to, source_id, doc_len, user_id, agent_id, session_id"
-        f"{', embedding' if dim else ''} FROM entities").to_arrow_table()
+        f"{vec_col} FROM entities").to_arrow_table()
     n = tbl.num_rows
     con.register("_umi_rowmap", pa.table({"id": tbl.column("id"), "rn": pa.array(np.arange(n))}))
     try:
         meta = _metadata_codes(con, n)
-        terms, offsets, prow, ptf = _postings(con)
+        if with_postings:
+            terms, offsets, prow, ptf = _postings(con)
+        else:
+            terms, offsets, prow, ptf = [], np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
     finally:
         con.unregister("_umi_rowmap")
     ids = tbl.column("id").to_pylist()
@@ -208,30 +266,33 @@ def load_rows(con: Any, dim: int | None) -> LoadedRows:
     tidx_np = etype.indices.to_numpy(zero_copy_only=False)
     has_vec = np.zeros(n, bool)
     vectors = None
-    if dim and n:
-        col = tbl.column("embedding").combine_chunks()
-        has_vec = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-        flat = col.values.slice(col.offset * dim, n * dim)  # null rows keep their (unused) slots
-        vectors = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)[:n]
-    lists = {c: tbl.column(c).to_pylist() for c in (
-        "name", "content", "metadata", "importance", "confidence", "created_at", "updated_at",
-        "event_time", "valid_from", "valid_to", "source_id")}
-    tidx = tidx_np.tolist()
+    fetch = None
+    if dim and n and with_vectors:
+        has_vec, vectors = _vector_matrix(tbl.column("embedding"), dim)
+    elif dim and n:
+        has_vec = np.asarray(tbl.column("has_embedding").to_numpy(), dtype=bool)
+        fetch = functools.partial(fetch_vectors, con, dim)
     for col in ("user_id", "agent_id", "session_id", "source_id"):
         coded = _coded_column(tbl.column(col), n)
         if coded is not None:
             meta[col] = coded
-    scopes = scope_list(tbl)
+    fields = tbl.select(["name", "content", "metadata", "importance", "confidence", "created_at", "updated_at",
+                         "event_time", "valid_from", "valid_to", "source_id", "user_id", "agent_id", "session_id"])
+    # Python values are made per block of rows when a row of it is first needed (making them for
+    # every row at open cost ~0.3 s at 100k rows; a recall touches a few dozen)
+    blocks: dict[int, list[list[Any]]] = {}
 
     def materialise(i: int) -> Entity:
+        b, j = divmod(i, _BLOCK_ROWS)
+        cols = blocks.get(b)
+        if cols is None:
+            cols = blocks[b] = [c.to_pylist() for c in fields.slice(b * _BLOCK_ROWS, _BLOCK_ROWS).columns]
+        name, content, metadata, imp, conf, ca, ua, ev, vf, vt, sid, u, a, sess = (c[j] for c in cols)
         return make_entity({
-            "entity_type": types[tidx[i]], "name": lists["name"][i], "content": lists["content"][i],
-            "metadata": json.loads(lists["metadata"][i]), "embedding": None,
-            "importance": lists["importance"][i], "confidence": lists["confidence"][i],
-            "created_at": lists["created_at"][i], "updated_at": lists["updated_at"][i],
-            "event_time": lists["event_time"][i], "valid_from": lists["valid_from"][i],
-            "valid_to": lists["valid_to"][i], "source_id": lists["source_id"][i], "id": ids[i], "score": None,
-            "scope": scopes[i], "mentions": (),
+            "entity_type": types[tidx_np[i]], "name": name, "content": content,
+            "metadata": json.loads(metadata), "embedding": None, "importance": imp, "confidence": conf,
+            "created_at": ca, "updated_at": ua, "event_time": ev, "valid_from": vf, "valid_to": vt,
+            "source_id": sid, "id": ids[i], "score": None, "scope": _scope((u, a, sess)), "mentions": (),
         })
 
     ev = tbl.column("event_time")
@@ -246,9 +307,32 @@ def load_rows(con: Any, dim: int | None) -> LoadedRows:
         doc_len=tbl.column("doc_len").to_numpy().astype(np.float64),
         vectors=vectors, has_vec=has_vec, metadata=meta,
         terms=terms, term_offsets=offsets, posting_rows=prow, posting_tfs=ptf,
-        materialise=materialise,
+        materialise=materialise, fetch_vectors=fetch,
     )
     return rows
+
+
+def _vector_matrix(column: Any, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(valid per row, float32 (rows, dim)) of a FLOAT[dim] column; null rows hold junk."""
+    col = column.combine_chunks()
+    n = len(col)
+    valid = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    flat = col.values.slice(col.offset * dim, n * dim)  # null rows keep their (unused) slots
+    return valid, np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)[:n]
+
+
+def fetch_vectors(con: Any, dim: int, ids: list[str]) -> tuple[list[str], np.ndarray]:
+    """The stored vectors of ``ids`` (those that have one): (ids, float32 (n, dim)), any order."""
+    with _read_errors("vectors"):
+        tbl = _rows_for_ids(con, "SELECT e.id, e.embedding FROM entities e", "e.id", ids)
+    if tbl.num_rows == 0:
+        return [], np.zeros((0, dim), np.float32)
+    valid, mat = _vector_matrix(tbl.column("embedding"), dim)
+    got = tbl.column("id").to_pylist()
+    if not valid.all():
+        got = [i for i, ok in zip(got, valid.tolist()) if ok]
+        mat = mat[valid]
+    return got, mat
 
 
 def _coded_column(col: Any, n: int) -> tuple[np.ndarray, dict[Any, int]] | None:
@@ -299,6 +383,17 @@ def _metadata_codes(con: Any, n: int) -> dict[str, tuple[np.ndarray, dict[tuple[
     return out
 
 
+def load_postings(con: Any, row_ids: Sequence[str | None]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Every posting in the database as CSR over the cache rows of ``row_ids`` (None: a dead row)."""
+    live = [(i, r) for r, i in enumerate(row_ids) if i is not None]
+    con.register("_umi_rowmap", pa.table({"id": pa.array([i for i, _ in live], pa.string()),
+                                          "rn": pa.array([r for _, r in live], pa.int64())}))
+    try:
+        return _postings(con)
+    finally:
+        con.unregister("_umi_rowmap")
+
+
 def _postings(con: Any) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
     tbl = con.sql("""
         SELECT p.term, list(r.rn) AS rows, list(p.tf) AS tfs
@@ -320,34 +415,51 @@ def _postings(con: Any) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
 # --- the durable store --------------------------------------------------------------------
 
 
+@contextmanager
+def _read_errors(what: str) -> Iterator[None]:
+    """A DuckDB failure of an on-demand read (after open) as a :class:`~umi.StorageError`."""
+    import duckdb
+
+    try:
+        yield
+    except duckdb.Error as exc:
+        raise StorageError(f"cannot read {what} from DuckDB: {exc}") from exc
+
+
+def _rows_for_ids(con: Any, select: str, id_column: str, ids: Sequence[str]) -> pa.Table:
+    """``select`` (one table, aliased) restricted to ``id_column IN ids``, as Arrow: a
+    parameterised ``IN`` for a few ids (the primary key / index lookup), a join with a
+    registered Arrow table for many."""
+    if len(ids) <= SMALL_BATCH_ROWS:
+        marks = ", ".join("?" for _ in ids)
+        return con.sql(f"{select} WHERE {id_column} IN ({marks})", params=list(ids)).to_arrow_table()
+    con.register("_umi_want_ids", pa.table({"id": pa.array(list(ids), pa.string())}))
+    try:
+        return con.sql(f"{select} JOIN _umi_want_ids w ON {id_column} = w.id").to_arrow_table()
+    finally:
+        con.unregister("_umi_want_ids")
+
+
 class DuckDBDurable(DurableStore):
-    """The DuckDB half of :class:`~umi.storage.duckdb.DuckDBStorageBackend`: loads every table at
-    open; writes one :class:`ChangeSet` per commit in one DuckDB transaction."""
+    """The DuckDB half of :class:`~umi.storage.duckdb.DuckDBStorageBackend`: loads what recall
+    and remember read at open (entities, postings, core blocks); history, sources and relations
+    are read when the cache first needs them (:meth:`load_history`, :meth:`load_sources`,
+    :meth:`load_relations`: indexed lookups); writes one :class:`ChangeSet` per commit in one
+    DuckDB transaction."""
+
+    lazy = True
 
     def __init__(self, con: Any, dim: int | None) -> None:
         self.con = con
         self.dim = dim
+        #: read the vectors at open (False: on demand, when a vector index cache holds a copy)
+        self.vectors_at_open = True
+        #: read the postings at open (False: the keyword index cache holds them)
+        self.postings_at_open = True
 
     def load(self, dim: int | None) -> Loaded:
         con = self.con
-        rows = load_rows(con, dim)
-        src = con.sql("SELECT id, text_hash, text, created_at, metadata, user_id, agent_id, session_id "
-                      "FROM sources").to_arrow_table()
-        sources = [Source(i, h, t, c, json.loads(m), sc) for i, h, t, c, m, sc in zip(
-            *(src.column(k).to_pylist() for k in ("id", "text_hash", "text", "created_at", "metadata")),
-            scope_list(src))]
-        rel = con.sql("SELECT id, source_id, target_id, evolution_type, reason, confidence, created_at, "
-                      "user_id, agent_id, session_id FROM relations").to_arrow_table()
-        relations = [EvolutionRelation(source_id=s_, target_id=t, evolution_type=et, reason=r, confidence=c, id=i,
-                                       created_at=ca, scope=sc)
-                     for i, s_, t, et, r, c, ca, sc in zip(
-                         *(rel.column(k).to_pylist() for k in ("id", "source_id", "target_id", "evolution_type",
-                                                               "reason", "confidence", "created_at")),
-                         scope_list(rel))]
-        hist = con.sql("SELECT entity_id, seq, op, at_ms, snapshot, user_id, agent_id, session_id "
-                       "FROM history").to_arrow_table()
-        history = list(zip(*(hist.column(k).to_pylist() for k in ("entity_id", "seq", "op", "at_ms", "snapshot")),
-                           scope_list(hist)))
+        rows = load_rows(con, dim, with_vectors=self.vectors_at_open, with_postings=self.postings_at_open)
         cb = con.execute("SELECT user_id, agent_id, name, content, importance, position FROM core_blocks "
                          "ORDER BY user_id NULLS FIRST, agent_id NULLS FIRST, position").fetchall()
         core_blocks = [(_scope((u, a, None)), CoreBlockRecord(n, c, float(imp), int(pos))) for u, a, n, c, imp, pos in cb]
@@ -356,10 +468,57 @@ class DuckDBDurable(DurableStore):
         core_history = [CoreHistoryRecord(_scope((u, a, None)), n, int(sq), op, int(at), c,
                                           None if imp is None else float(imp)) for u, a, sq, n, op, at, c, imp in ch]
         meta = dict(con.execute("SELECT key, value FROM umi_meta").fetchall())
-        return Loaded(dim=dim, rows=rows, sources=sources, relations=relations, history=history,
+        return Loaded(dim=dim, rows=rows,
                       core_blocks=core_blocks, core_history=core_history, meta=meta)
 
+    def load_history(self, entity_ids: Sequence[str] | None) -> list[tuple[str, int, str, int, Any, Scope]]:
+        cols = "h.entity_id, h.seq, h.op, h.at_ms, h.snapshot, h.user_id, h.agent_id, h.session_id"
+        with _read_errors("history"):
+            if entity_ids is None:
+                hist = self.con.sql(f"SELECT {cols} FROM history h").to_arrow_table()
+            else:
+                hist = _rows_for_ids(self.con, f"SELECT {cols} FROM history h", "h.entity_id", entity_ids)
+        return list(zip(*(hist.column(k).to_pylist() for k in ("entity_id", "seq", "op", "at_ms", "snapshot")),
+                        scope_list(hist)))
+
+    def load_sources(self, ids: Sequence[str] | None = None, hashes: Sequence[str] | None = None) -> list[Source]:
+        select = "SELECT s.id, s.text_hash, s.text, s.created_at, s.metadata, s.user_id, s.agent_id, s.session_id FROM sources s"
+        with _read_errors("sources"):
+            if ids is None and hashes is None:
+                tbls = [self.con.sql(select).to_arrow_table()]
+            else:
+                tbls = [_rows_for_ids(self.con, select, col, want)
+                        for col, want in (("s.id", ids), ("s.text_hash", hashes)) if want]
+        out: dict[str, Source] = {}
+        for src in tbls:
+            for i, h, t, c, m, sc in zip(*(src.column(k).to_pylist()
+                                           for k in ("id", "text_hash", "text", "created_at", "metadata")),
+                                         scope_list(src)):
+                out[i] = Source(i, h, t, c, json.loads(m), sc)
+        return list(out.values())
+
+    def load_relations(self, entity_ids: Sequence[str] | None) -> list[EvolutionRelation]:
+        select = ("SELECT r.id, r.source_id, r.target_id, r.evolution_type, r.reason, r.confidence, r.created_at, "
+                  "r.user_id, r.agent_id, r.session_id FROM relations r")
+        with _read_errors("relations"):
+            if entity_ids is None:
+                tbls = [self.con.sql(select).to_arrow_table()]
+            else:
+                tbls = [_rows_for_ids(self.con, select, col, entity_ids) for col in ("r.source_id", "r.target_id")]
+        out: dict[str, EvolutionRelation] = {}
+        for rel in tbls:
+            for i, s_, t, et, r, c, ca, sc in zip(
+                    *(rel.column(k).to_pylist() for k in ("id", "source_id", "target_id", "evolution_type", "reason",
+                                                          "confidence", "created_at")),
+                    scope_list(rel)):
+                out[i] = EvolutionRelation(source_id=s_, target_id=t, evolution_type=et, reason=r, confidence=c,
+                                           id=i, created_at=ca, scope=sc)
+        return list(out.values())
+
     def commit(self, ch: ChangeSet, generation: int) -> None:
+        """One DuckDB transaction, one statement per table touched (a raw note: entities, postings,
+        history, sources). The generation rides on the rows that carry one (history, entities);
+        ``umi_state`` is written only by a commit with neither (see ``stored_generation``)."""
         from ._duckdb_schema import add_embedding_column
 
         con = self.con
@@ -371,13 +530,14 @@ class DuckDBDurable(DurableStore):
             self._entities(ch, generation, dim)
             if ch.tombstoned:
                 stones = sorted(ch.tombstoned)
-                con.executemany("UPDATE history SET snapshot = ? WHERE entity_id = ?",
-                                [(dumps({"forgotten": True, "id": i}), i) for i in stones])
+                con.execute("UPDATE history SET snapshot = t.snapshot FROM (SELECT unnest(?::VARCHAR[]) AS id, "
+                            "unnest(?::VARCHAR[]) AS snapshot) t WHERE history.entity_id = t.id",
+                            [stones, [dumps({"forgotten": True, "id": i}) for i in stones]])
             if ch.history:
                 recs = list({(r.entity_id, r.seq): r for r in ch.history}.values())
-                insert_arrow(con, "history", history_table(recs, generation), replace=ch.history_replace)
-            self._keyed(ch.sources, "sources", sources_table)
-            self._keyed(ch.relations, "relations", relations_table)
+                insert_rows(con, "history", history_rows(recs, generation), replace=ch.history_replace)
+            self._keyed(ch.sources, ch.source_existed, "sources", sources_rows)
+            self._keyed(ch.relations, ch.relation_existed, "relations", relations_rows)
             for sc in sorted(ch.core_forgotten, key=lambda sc: (sc.user_id or "", sc.agent_id or "")):
                 for table in ("core_blocks", "core_history"):
                     con.execute(f"DELETE FROM {table} WHERE user_id IS NOT DISTINCT FROM ? "
@@ -395,7 +555,8 @@ class DuckDBDurable(DurableStore):
                                   r.importance) for r in ch.core_history])
             if ch.meta:
                 con.executemany("INSERT OR REPLACE INTO umi_meta VALUES (?, ?)", sorted(ch.meta.items()))
-            con.execute("UPDATE umi_state SET generation = ? WHERE id = 1", [generation])
+            if not ch.history and all(e is None for e in ch.entities.values()):
+                con.execute("UPDATE umi_state SET generation = ? WHERE id = 1", [generation])
             con.execute("COMMIT")
         except BaseException:
             try:
@@ -421,42 +582,33 @@ class DuckDBDurable(DurableStore):
             else:
                 full.append(e)
                 terms.append(t if t is not None else document_terms(e.name, e.content))
+        # a stored row that is rewritten is deleted and inserted again (an ON CONFLICT costs more)
         rewritten = gone + [e.id for e in full if ch.entity_existed.get(e.id)]
         if rewritten:
             delete_rows_of(con, ("postings", "entity_metadata"), rewritten)
-        if gone:
-            con.register("_umi_gone", pa.table({"id": pa.array(gone, pa.string())}))
-            try:
-                con.execute("DELETE FROM entities WHERE id IN (SELECT id FROM _umi_gone)")
-            finally:
-                con.unregister("_umi_gone")
+            delete_rows_of(con, ("entities",), rewritten, key="id")
         if full:
-            data = entities_table(full, terms, generation, dim)
-            # INSERT OR REPLACE costs ~2.5x a plain INSERT in DuckDB: use it only for ids already stored
-            known = np.array([bool(ch.entity_existed.get(e.id)) for e in full], bool)
-            if not known.any():
-                insert_arrow(con, "entities", data)
-            elif known.all():
-                insert_arrow(con, "entities", data, replace=True)
-            else:
-                insert_arrow(con, "entities", data.filter(pa.array(~known)))
-                insert_arrow(con, "entities", data.filter(pa.array(known)), replace=True)
-            insert_arrow(con, "postings", postings_table(full, [t[0] for t in terms]))
-            insert_arrow(con, "entity_metadata", metadata_table(full))
+            insert_rows(con, "entities", entities_rows(full, terms, generation, dim))
+            insert_rows(con, "postings", postings_rows(full, [t[0] for t in terms]))
+            insert_rows(con, "entity_metadata", metadata_rows(full))
         if validity:
-            con.executemany("UPDATE entities SET valid_to = ?, updated_at = ?, updated_generation = ? WHERE id = ?",
-                            [(e.valid_to, e.updated_at, generation, e.id) for e in validity])
+            con.execute("UPDATE entities SET valid_to = t.valid_to, updated_at = t.updated_at, updated_generation = ? "
+                        "FROM (SELECT unnest(?::VARCHAR[]) AS id, unnest(?::BIGINT[]) AS valid_to, "
+                        "unnest(?::BIGINT[]) AS updated_at) t WHERE entities.id = t.id",
+                        [generation, [e.id for e in validity], [e.valid_to for e in validity],
+                         [e.updated_at for e in validity]])
 
-    def _keyed(self, changes: dict[str, Any], table: str, build: Any) -> None:
+    def _keyed(self, changes: dict[str, Any], existed: dict[str, bool], table: str, build: Any) -> None:
+        """Deleted and rewritten rows of an ``id``-keyed table go in one DELETE (only ids the store
+        may hold: unknown counts as held), new states in one plain INSERT."""
         if not changes:
             return
-        con = self.con
-        gone = [i for i, v in changes.items() if v is None]
+        drop = [i for i in changes if existed.get(i, True)]
+        if drop:
+            delete_rows_of(self.con, (table,), drop, key="id")
         put = [v for v in changes.values() if v is not None]
-        if gone:
-            con.executemany(f"DELETE FROM {table} WHERE id = ?", [(i,) for i in gone])
         if put:
-            insert_arrow(con, table, build(put), replace=True)
+            insert_rows(self.con, table, build(put))
 
     def close(self) -> None:
         self.con.close()

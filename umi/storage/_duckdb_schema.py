@@ -2,7 +2,8 @@
 
 Schema versions (``umi_schema.version``, one row per applied migration):
 
-1. ``umi_state`` (generation, vector dim, database uuid), ``entities`` (one row per
+1. ``umi_state`` (generation of the last commit that wrote no generation-tagged row — see
+   :func:`stored_generation` —, vector dim, database uuid), ``entities`` (one row per
    entity; ``embedding FLOAT[dim]`` is added when the dimension is first known;
    ``updated_generation`` is the generation of the row's last write), ``entity_metadata``
    (one typed row per metadata key, for exact filtering), ``postings`` (BM25 terms),
@@ -29,7 +30,7 @@ import duckdb
 
 from ..errors import InvalidConfigError, SchemaVersionError, StorageError, StorageLockedError, UmiError, ValidationError
 from ..types import now_ms
-__all__ = ["SCHEMA_VERSION", "check_path", "open_connection", "prepare", "read_version", "migrate",
+__all__ = ["SCHEMA_VERSION", "check_path", "open_connection", "prepare", "read_version", "stored_generation", "migrate",
            "add_embedding_column", "ENTITY_COLUMNS", "SCOPE_COLUMNS"]
 
 SCHEMA_VERSION = 3
@@ -215,8 +216,8 @@ def prepare(con: Any, path: str, read_only: bool, dim: int | None) -> tuple[int,
                     found=found, supported=SCHEMA_VERSION,
                 )
             migrate(con, found, now_ms())
-        gen, stored_dim, db_uuid = con.execute(
-            "SELECT generation, dim, db_uuid FROM umi_state WHERE id = 1").fetchall()[0]
+        stored_dim, db_uuid = con.execute("SELECT dim, db_uuid FROM umi_state WHERE id = 1").fetchall()[0]
+        gen = stored_generation(con)
     except UmiError:
         raise
     except duckdb.Error as exc:
@@ -238,6 +239,17 @@ def prepare(con: Any, path: str, read_only: bool, dim: int | None) -> tuple[int,
             raise
         stored_dim = dim
     return int(gen), None if stored_dim is None else int(stored_dim), str(db_uuid)
+
+
+def stored_generation(con: Any) -> int:
+    """The generation of the last commit. A commit tags the rows it writes with its generation
+    (``history.generation``, ``entities.updated_generation``) and writes ``umi_state.generation``
+    only when it writes neither (core blocks, sources or relations alone, metadata), so the
+    generation rides in the commit's own statements: it is the greatest of the three."""
+    return int(con.execute(
+        "SELECT greatest((SELECT generation FROM umi_state WHERE id = 1), "
+        "(SELECT coalesce(max(generation), 0) FROM history), "
+        "(SELECT coalesce(max(updated_generation), 0) FROM entities))").fetchall()[0][0])
 
 
 def read_version(con: Any) -> int:

@@ -18,6 +18,7 @@ Not thread-safe on its own: its owner serialises access.
 
 from __future__ import annotations
 
+import itertools
 
 import builtins
 import random
@@ -30,7 +31,7 @@ import numpy as np
 from ..errors import StorageError
 from ..types import Entity, EntityType, normalize_name
 from . import filters as F
-from ._bm25 import PostingsIndex, top_by_score_then_key
+from ._bm25 import PostingsIndex, csr_add_docs, top_by_score_then_key
 from ._common import clone_entity
 from .filters import TYPE_CODES, NormFilters, meta_key
 from .text import document_terms
@@ -91,11 +92,19 @@ class EntityCache:
         self._valid_to = np.zeros(0, np.int64)
         self._doc_len = np.zeros(0, np.float64)
         self._has_vec = np.zeros(0, bool)
+        # rows whose vector is not in _vecs but stored durably (see bulk_load: fetch_vectors); once
+        # read, kept in _vec_read (row -> vector) rather than written into _vecs, whose untouched
+        # pages cost nothing (a write there makes the OS zero a whole page, up to 2 MiB)
+        self._vec_pending = np.zeros(0, bool)
+        self._vec_read: dict[int, np.ndarray] = {}
+        self._fetch_vectors: Callable[[builtins.list[str]], tuple[builtins.list[str], np.ndarray]] | None = None
         self._row_slot = np.zeros(0, np.int64)
         self._id_key = np.zeros(0, np.uint64)  # row -> id_order_keys of its id (ties broken by id)
         self._vecs: np.ndarray | None = None
         self._slot_row = np.full(0, -1, np.int64)
-        self._by_name: dict[str, set[int]] = {}
+        # normalised name -> its row, or the set of its rows when several share it (a set per
+        # name cost ~0.1 s per 100k rows at open, and most names have one row)
+        self._by_name: dict[str, int | set[int]] = {}
         # coded columns: name -> int32 codes per row (0 = unset), name -> value -> code
         self._meta_codes: dict[str, np.ndarray] = {}
         self._meta_vals: dict[str, dict[Any, int]] = {}
@@ -126,6 +135,7 @@ class EntityCache:
         self._valid_to = g(self._valid_to, I64_MAX)
         self._doc_len = g(self._doc_len)
         self._has_vec = g(self._has_vec, False)
+        self._vec_pending = g(self._vec_pending, False)
         self._row_slot = g(self._row_slot, -1)
         self._id_key = g(self._id_key)
         for k, arr in self._meta_codes.items():
@@ -152,7 +162,12 @@ class EntityCache:
         if v.shape[0] >= cap and v.flags.writeable:
             return
         grown = np.zeros((cap, v.shape[1]), np.float32)
-        grown[: v.shape[0]] = v
+        m = v.shape[0]
+        if self._vec_pending[:m].any():  # copy only the rows held here
+            rows = np.flatnonzero(self._has_vec[:m] & ~self._vec_pending[:m])
+            grown[rows] = v[rows]
+        else:
+            grown[:m] = v
         self._vecs = grown
 
     def _map_slot(self, row: int, slot: int) -> None:
@@ -169,6 +184,60 @@ class EntityCache:
             if slot < self._slot_row.shape[0] and self._slot_row[slot] == row:
                 self._slot_row[slot] = -1
             self._row_slot[row] = -1
+
+    def _vec(self, row: int) -> np.ndarray | None:
+        """The stored vector of a row (a read-only view; read from the durable store on first
+        use), or None."""
+        if not self._has_vec[row]:
+            return None
+        if self._vec_pending[row]:
+            v = self._vec_read.get(row)
+            if v is None:
+                self._load_vectors([row])
+                v = self._vec_read[row]
+            return v
+        return self._vecs[row]  # type: ignore[index]
+
+    def _load_vectors(self, rows: Iterable[int]) -> None:
+        """Read the pending vectors of ``rows`` not read yet, in one durable read."""
+        got = self._vec_read
+        want = [r for r in rows if self._vec_pending[r] and r not in got]
+        if want:
+            at, mat = self._read_vectors(want)
+            mat.flags.writeable = False
+            for i, r in enumerate(at.tolist()):
+                got[r] = mat[i]
+
+    def _read_vectors(self, rows: builtins.list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, their stored vectors) from the durable store, in the order it returned them."""
+        assert self._fetch_vectors is not None
+        ids = self._row_ids
+        got_ids, mat = self._fetch_vectors([ids[r] for r in rows])
+        if len(got_ids) != len(rows):
+            raise StorageError(f"{len(rows) - len(got_ids)} stored vector(s) are missing from the database")
+        row_of = self._row_of
+        return np.fromiter(map(row_of.__getitem__, got_ids), np.int64, len(got_ids)), mat
+
+    def _unpend_vectors(self) -> None:
+        """Every pending vector into ``_vecs`` (to rebuild the index from them)."""
+        rows = np.flatnonzero(self._vec_pending[: self._n])
+        if rows.shape[0] == 0:
+            return
+        self._own_vectors(self._cap)
+        vecs, held = self._vecs, self._vec_read
+        assert vecs is not None
+        unread = []
+        for r in rows.tolist():
+            v = held.get(r)
+            if v is None:
+                unread.append(r)
+            else:
+                vecs[r] = v
+        if unread:
+            at, mat = self._read_vectors(unread)
+            vecs[at] = mat
+        self._vec_pending[rows] = False
+        self._vec_read = {}
 
     def _ent(self, row: int) -> Entity:
         """The stored entity of a live row (built from the bulk-loaded columns on first use)."""
@@ -187,7 +256,14 @@ class EntityCache:
         self._has_event[row] = e.event_time is not None
         self._event[row] = 0 if e.event_time is None else e.event_time
         self._valid_to[row] = I64_MAX if e.valid_to is None else e.valid_to
-        self._by_name.setdefault(normalize_name(e.name), set()).add(row)
+        name = normalize_name(e.name)
+        cur = self._by_name.get(name)
+        if cur is None:
+            self._by_name[name] = row
+        elif isinstance(cur, set):
+            cur.add(row)
+        elif cur != row:
+            self._by_name[name] = {cur, row}
         for k, v in coded_values(e):
             vals = self._meta_vals.setdefault(k, {})
             code = vals.setdefault(v, len(vals) + 1)
@@ -202,11 +278,14 @@ class EntityCache:
         self._n_alive += 1
 
     def _unindex_row(self, row: int, e: Entity) -> None:
-        names = self._by_name.get(normalize_name(e.name))
-        if names is not None:
-            names.discard(row)
-            if not names:
-                del self._by_name[normalize_name(e.name)]
+        name = normalize_name(e.name)
+        cur = self._by_name.get(name)
+        if isinstance(cur, set):
+            cur.discard(row)
+            if not cur:
+                del self._by_name[name]
+        elif cur == row:
+            del self._by_name[name]
         for k, _ in coded_values(e):
             self._meta_codes[k][row] = 0
         tfs, dl = document_terms(e.name, e.content)
@@ -237,6 +316,9 @@ class EntityCache:
             self._unmap_slot(row)
             if had_vec:
                 self._has_vec[row] = False
+                if self._vec_pending[row]:
+                    self._vec_pending[row] = False
+                    self._vec_read.pop(row, None)
                 self._n_vecs -= 1
         if new is None:
             if row is not None:
@@ -293,8 +375,8 @@ class EntityCache:
             if row is None:
                 j[eid] = (None, None)
             else:
-                vec = self._vecs[row].copy() if self._has_vec[row] else None  # type: ignore[index]
-                j[eid] = (self._ent(row), vec)
+                vec = self._vec(row)
+                j[eid] = (self._ent(row), None if vec is None else vec.copy())
 
     # --- writes ----------------------------------------------------------------------
     def put_many(self, ents: Sequence[Entity],
@@ -303,6 +385,9 @@ class EntityCache:
         validated copies whose embeddings (if any) have the store's dimension; ``terms`` their
         :func:`~umi.storage.text.document_terms` when the caller has them. Returns, per entity,
         whether its id was new at that point. Vectors go to the index in one batch."""
+        if self._journal is not None:  # the journal keeps the old vectors: read them in one go
+            row_of = self._row_of
+            self._load_vectors([row_of[e.id] for e in ents if e.id in row_of])
         for e in ents:
             self._touch(e.id)
         last: dict[str, int] = {e.id: pos for pos, e in enumerate(ents)}
@@ -360,8 +445,7 @@ class EntityCache:
         self.version += 1
         self._ents[row] = new
         self._valid_to[row] = I64_MAX if valid_to is None else valid_to
-        vec = self._vecs[row] if self._has_vec[row] else None  # type: ignore[index]
-        return clone_entity(new, vec)
+        return clone_entity(new, self._vec(row))
 
     def ids_with(self, column: str, value: Any) -> builtins.list[str]:
         """Ids of the live rows whose coded ``column`` holds ``value``, sorted."""
@@ -379,7 +463,7 @@ class EntityCache:
         return eid in self._row_of
 
     def _entity_at(self, row: int) -> Entity:
-        return clone_entity(self._ent(row), self._vecs[row] if self._has_vec[row] else None)  # type: ignore[index]
+        return clone_entity(self._ent(row), self._vec(row))
 
     def peek(self, eid: str) -> Entity | None:
         """The stored entity itself (no embedding). Callers must not change it."""
@@ -395,13 +479,10 @@ class EntityCache:
         return None if row is None else self._entity_at(row)
 
     def get_many(self, ids: Sequence[str]) -> list[Entity]:
-        out = []
         row_of = self._row_of
-        for eid in ids:
-            row = row_of.get(eid)
-            if row is not None:
-                out.append(self._entity_at(row))
-        return out
+        rows = [r for r in map(row_of.get, ids) if r is not None]
+        self._load_vectors(rows)
+        return [self._entity_at(r) for r in rows]
 
     # --- filters -----------------------------------------------------------------------
     def row_mask(self, nf: NormFilters) -> np.ndarray:
@@ -486,15 +567,18 @@ class EntityCache:
             keep = created <= cutoff
             rows = rows[keep]
         picked = self._ordered_rows(rows.tolist())[offset:offset + limit]
+        self._load_vectors(picked)
         return [self._entity_at(r) for r in picked]
 
     def find_by_name(self, norm_name: str, etype: EntityType | None, nf: NormFilters) -> builtins.list[Entity]:
-        rows = self._by_name.get(norm_name)
-        if not rows:
+        got = self._by_name.get(norm_name)
+        if got is None:
             return []
+        rows = got if isinstance(got, set) else (got,)
         code = None if etype is None else TYPE_CODES[etype]
-        hits = [r for r in rows if (code is None or self._type[r] == code) and self._matches(r, nf)]
-        return [self._entity_at(r) for r in self._ordered_rows(hits)]
+        hits = self._ordered_rows(r for r in rows if (code is None or self._type[r] == code) and self._matches(r, nf))
+        self._load_vectors(hits)
+        return [self._entity_at(r) for r in hits]
 
     def search_vector(self, q: np.ndarray, k: int, nf: NormFilters) -> builtins.list[tuple[str, float]]:
         if self.index is None or self._n_vecs == 0 or nf.empty:
@@ -528,23 +612,6 @@ class EntityCache:
         out = [(ids[r], s) for r, s in zip(cand[sel].tolist(), scores[sel].tolist())]
         out.sort(key=lambda t: (-t[1], t[0]))
         return out[:k]
-        # More rows tie with the k-th score than fit (common: BM25 gives equal scores to equal
-        # documents, thousands of them for a common word). Rank those above the tie in Python;
-        # of the tied rows keep those whose id key is at most the need-th smallest key (a superset
-        # of the need smallest ids: a smaller key means a smaller id), and sort just those by id.
-        sub = scores[sel]
-        kth = sub.min()
-        above = sel[sub > kth]
-        out = [(ids[int(cand[i])], float(scores[i])) for i in above]
-        out.sort(key=lambda t: (-t[1], t[0]))
-        need = k - len(out)
-        tied = cand[sel[sub == kth]]
-        keys = self._id_key[tied]
-        if tied.shape[0] > need:
-            tied = tied[keys <= np.partition(keys, need - 1)[need - 1]]
-        tied_ids = sorted(ids[r] for r in tied.tolist())
-        out.extend((i, float(kth)) for i in tied_ids[:need])
-        return out
 
     # --- bulk load and the vector index -------------------------------------------------
     def bulk_load(self, rows: "LoadedRows") -> None:
@@ -569,13 +636,17 @@ class EntityCache:
         self._doc_len[:n] = rows.doc_len
         self._n_alive = n
         self._total_len = int(rows.doc_len.sum()) if n else 0
-        by_name = self._by_name
-        for i, nm in enumerate(rows.name_norm):
-            s = by_name.get(nm)
-            if s is None:
-                by_name[nm] = {i}
-            else:
-                s.add(i)
+        names = rows.name_norm
+        by_name: dict[str, int | set[int]] = dict(zip(names, range(n)))  # the last row of each name
+        if len(by_name) < n:  # rows whose name a later row shares
+            last = np.fromiter(map(by_name.__getitem__, names), np.int64, n)
+            for i in np.flatnonzero(last != np.arange(n)).tolist():
+                cur = by_name[names[i]]
+                if isinstance(cur, set):
+                    cur.add(i)
+                else:
+                    by_name[names[i]] = {cur, i}
+        self._by_name = by_name
         for key, (codes, vals) in rows.metadata.items():
             col = np.zeros(self._cap, np.int32)
             col[:n] = codes
@@ -591,6 +662,75 @@ class EntityCache:
                 self._vecs = np.zeros((self._cap, self.dim), np.float32)
         self._has_vec[:n] = rows.has_vec[:n]
         self._n_vecs = int(np.count_nonzero(rows.has_vec[:n]))
+        if rows.vectors is None and self._n_vecs:
+            if rows.fetch_vectors is None or self.dim is None:
+                raise StorageError("bulk load without vectors needs fetch_vectors and a dimension")
+            # the vector index has its own copy: the stored vectors are read when a row's is needed
+            self._vec_pending[:n] = rows.has_vec[:n]
+            self._fetch_vectors = rows.fetch_vectors
+
+    # --- the keyword postings, for the keyword index cache file ----------------------------
+    def export_postings(self) -> tuple[builtins.list[str | None], builtins.list[str], np.ndarray, np.ndarray,
+                                       np.ndarray]:
+        """(row ids, None for a dead row; terms, offsets, rows, tfs): the postings as CSR."""
+        n = self._n
+        ids = [i if a else None for i, a in zip(self._row_ids, self._alive[:n].tolist())]
+        return (ids, *self._postings.export())
+
+    def load_postings(self, terms: builtins.list[str], offsets: np.ndarray, rows: np.ndarray, tfs: np.ndarray) -> None:
+        """Replace the postings (CSR over this cache's rows, e.g. read from the database)."""
+        self._postings.load(terms, offsets, rows, tfs)
+        self.version += 1
+
+    def adopt_postings(self, ids: Sequence[str | None], terms: builtins.list[str], offsets: np.ndarray,
+                       rows: np.ndarray, tfs: np.ndarray, changed_ids: Iterable[str], *,
+                       check_sample: int = 4) -> bool:
+        """Use postings saved from an earlier cache (its row ``i`` held ``ids[i]``), after dropping
+        the entities written or forgotten since (``changed_ids``) and indexing the current text of
+        those still here. False (postings left as they were) when they do not agree with the
+        entities: every other live row's term frequencies must add up to its length, every other
+        row's to nothing, and a sample of rows must hold exactly its entity's terms."""
+        n = self._n
+        get = self._row_of.get
+        changed = sorted({r for r in map(get, changed_ids) if r is not None})
+        if len(ids) == n and ids == self._row_ids:  # the database returned the rows in the same order
+            new_rows = rows
+        else:
+            pos_row = np.fromiter(map(get, ids, itertools.repeat(-1)), np.int64, len(ids))  # type: ignore[arg-type]
+            new_rows = pos_row[rows] if rows.shape[0] else np.zeros(0, np.int64)
+        drop = new_rows < 0
+        if changed:
+            drop |= np.isin(new_rows, np.asarray(changed, np.int64))
+        if drop.any():
+            keep = ~drop
+            term_of = np.repeat(np.arange(len(terms)), np.diff(offsets))[keep]
+            kept = np.bincount(term_of, minlength=len(terms))
+            live_terms = np.flatnonzero(kept)
+            terms = [terms[t] for t in live_terms.tolist()]
+            offsets = np.zeros(len(terms) + 1, np.int64)
+            np.cumsum(kept[live_terms], out=offsets[1:])
+            new_rows, tfs = new_rows[keep], tfs[keep]
+        sums = np.bincount(new_rows, weights=tfs, minlength=n)[:n] if n else np.zeros(0)
+        expect = np.where(self._alive[:n], self._doc_len[:n], 0.0)
+        expect[changed] = 0.0
+        if sums.shape[0] != n or not np.array_equal(sums, expect):
+            return False
+        sample = np.flatnonzero(expect > 0)
+        if sample.shape[0]:
+            rng = random.Random(n)
+            for r in rng.sample(sample.tolist(), min(check_sample, sample.shape[0])):
+                at = np.flatnonzero(new_rows == r)
+                held = {terms[t]: int(f) for t, f in zip((np.searchsorted(offsets, at, side="right") - 1).tolist(),
+                                                         tfs[at].tolist())}
+                e = self._ent(r)
+                if held != document_terms(e.name, e.content)[0]:
+                    return False
+        if changed:  # the current text of the entities written since the save
+            docs = [(r, document_terms(e.name, e.content)[0]) for r, e in ((r, self._ent(r)) for r in changed)]
+            terms, offsets, new_rows, tfs = csr_add_docs(terms, offsets, new_rows, tfs, docs)
+        self._postings.load(terms, offsets, new_rows, tfs)
+        self.version += 1
+        return True
 
     def _vector_rows(self) -> tuple[np.ndarray, builtins.list[str]]:
         rows = np.flatnonzero(self._has_vec[: self._n])
@@ -617,6 +757,7 @@ class EntityCache:
         rows, ids = self._vector_rows()
         if rows.shape[0] == 0:
             return
+        self._unpend_vectors()
         slots = np.asarray(self.index.add(ids, self._vecs[rows]), np.int64)  # type: ignore[index]
         self._map_slots(rows, slots)
 
@@ -633,22 +774,24 @@ class EntityCache:
             elif index.slot_of(eid) >= 0:
                 drop_ids.append(eid)
         if add_ids:
-            mat = np.stack([self._vecs[self._row_of[i]] for i in add_ids])  # type: ignore[index]
-            index.add(add_ids, mat)
+            add_rows = [self._row_of[i] for i in add_ids]
+            self._load_vectors(add_rows)
+            index.add(add_ids, np.stack([self._vec(r) for r in add_rows]))  # type: ignore[misc]
         if drop_ids:
             index.remove(drop_ids)
         if len(index) != self._n_vecs:
             return False
         rows, ids = self._vector_rows()
-        slot_of = index.slot_of
-        slots = np.fromiter((slot_of(i) for i in ids), np.int64, len(ids))
+        slots = index.slots_of(ids)
         if slots.shape[0] and int(slots.min()) < 0:
             return False
         if rows.shape[0]:
             rng = random.Random(len(ids))
-            for k in rng.sample(range(len(ids)), min(check_sample, len(ids))):
+            picks = rng.sample(range(len(ids)), min(check_sample, len(ids)))
+            self._load_vectors(rows[picks].tolist())
+            for k in picks:
                 got = index.get_vector(ids[k])
-                if got is None or not _same_direction(np.asarray(got, np.float32), self._vecs[rows[k]]):  # type: ignore[index]
+                if got is None or not _same_direction(np.asarray(got, np.float32), self._vec(int(rows[k]))):  # type: ignore[arg-type]
                     return False
         self.index = index
         self._map_slots(rows, slots)
@@ -660,7 +803,9 @@ class EntityCache:
 class LoadedRows:
     """Everything :meth:`EntityCache.bulk_load` needs, as columns (row i = ``ids[i]``).
 
-    ``materialise(i)`` builds row i's Entity (without embedding) when first needed.
+    ``materialise(i)`` builds row i's Entity (without embedding) when first needed. ``vectors``
+    may be None with ``has_vec`` set: then each row's vector is read by ``fetch_vectors`` when
+    first needed (a reopen with a valid vector index cache needs none of them to search).
     ``metadata`` maps each key to (int32 value codes per row, 0 = absent; (type tag,
     canonical text) -> code). Postings are CSR: term i owns
     ``posting_rows[term_offsets[i]:term_offsets[i + 1]]`` (and the same slice of ``posting_tfs``).
@@ -682,6 +827,8 @@ class LoadedRows:
     posting_rows: np.ndarray
     posting_tfs: np.ndarray
     materialise: Callable[[int], Entity] = field(repr=False, default=None)  # type: ignore[assignment]
+    #: with ``vectors`` None: ``fetch_vectors(ids) -> (ids, matrix)`` reads stored vectors on demand
+    fetch_vectors: Callable[[list[str]], tuple[list[str], np.ndarray]] | None = field(repr=False, default=None)
 
 
 def _ranked(res: Iterable[tuple[Any, Any]], k: int) -> builtins.list[tuple[str, float]]:

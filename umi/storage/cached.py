@@ -1,14 +1,19 @@
 """``CachedStore``: the storage contract written once, over a small durable store.
 
-A :class:`CachedStore` holds the whole store in process — entities in the columnar
+A :class:`CachedStore` holds the store in process — entities in the columnar
 :class:`~umi.storage._hotcache.EntityCache` (filters as numpy masks, BM25 postings, the
 vector index), and sources, relations, history, core blocks and store metadata in plain
-dicts — and serves every read from there. It owns the lock, the transaction rules
+dicts — and serves every read from there. Over a *lazy* durable store (DuckDB) history,
+sources and relations are not read at open: the cache asks the durable store for an entity's
+history, a source (by id or text hash) or an entity's relations the first time a call needs
+them (and for all of them in ``iter_*``), under the store's lock, and always before changing
+them, so what the cache holds for a known key is the committed rows plus this transaction's
+changes. It owns the lock, the transaction rules
 (:class:`~umi.storage._txn.TransactionMixin`), input checks, relation-endpoint checks, history
 sequence numbers, forgetting and the scope rules.
 
-Under it, a :class:`DurableStore` does only durable I/O: :meth:`DurableStore.load` everything at
-open, and :meth:`DurableStore.commit` one :class:`ChangeSet` (the net effect of one transaction)
+Under it, a :class:`DurableStore` does only durable I/O: :meth:`DurableStore.load` at open
+(everything, or what a lazy store reads up front), the on-demand reads of a lazy store, and :meth:`DurableStore.commit` one :class:`ChangeSet` (the net effect of one transaction)
 atomically. Implementations: DuckDB (:mod:`umi.storage.duckdb`), Lance
 (:mod:`umi.storage.lance`) and :class:`MemoryDurable` (nothing to persist; the Sim backend).
 A write changes the cache at once (and journals how to undo it) and records itself in the
@@ -72,6 +77,10 @@ CORE_CONTENT_BYTES_MAX = 16 * 1024 * 1024
 #: store metadata keys and values
 META_KEY_BYTES_MAX = 256
 META_VALUE_BYTES_MAX = 1024 * 1024
+#: a lazy durable store is asked for one entity's history, one source or one entity's relations
+#: at most this many times per session; then the rest of that kind is read in one go (a bulk
+#: forget of 10k entities must not cost 10k database round trips each)
+LAZY_KEY_READS_MAX = 256
 
 
 # --- what moves between the cache and a durable store -------------------------------------------
@@ -101,6 +110,10 @@ class ChangeSet:
     tombstoned: set[str] = field(default_factory=set)
     sources: dict[str, Source | None] = field(default_factory=dict)
     relations: dict[str, EvolutionRelation | None] = field(default_factory=dict)
+    #: id -> whether the durable store held the source / relation before the transaction (an id
+    #: missing here counts as held: a durable store must then replace, not just insert)
+    source_existed: dict[str, bool] = field(default_factory=dict)
+    relation_existed: dict[str, bool] = field(default_factory=dict)
     core_forgotten: set[Scope] = field(default_factory=set)
     core: dict[Scope, list[CoreBlockRecord]] = field(default_factory=dict)
     core_history: list[CoreHistoryRecord] = field(default_factory=list)
@@ -131,10 +144,31 @@ class Loaded:
 
 
 class DurableStore:
-    """The narrow durable layer under :class:`CachedStore`."""
+    """The narrow durable layer under :class:`CachedStore`.
+
+    A store whose :attr:`lazy` is True leaves ``Loaded.history``, ``sources`` and ``relations``
+    empty at open and answers :meth:`load_history`, :meth:`load_sources` and
+    :meth:`load_relations` instead, when the cache first needs those records. They return
+    committed records only (the cache holds what the open transaction changed), in any order.
+    """
+
+    #: history, sources and relations are read on demand, not at open
+    lazy = False
 
     def load(self, dim: int | None) -> Loaded:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def load_history(self, entity_ids: Sequence[str] | None) -> list[tuple[str, int, str, int, Any, Scope]]:
+        """The history records of ``entity_ids`` (every record when ``None``), as ``Loaded.history``."""
+        raise NotImplementedError  # pragma: no cover - only lazy stores are asked
+
+    def load_sources(self, ids: Sequence[str] | None = None, hashes: Sequence[str] | None = None) -> list[Source]:
+        """The sources with one of ``ids`` or one of ``hashes`` (every source when both are ``None``)."""
+        raise NotImplementedError  # pragma: no cover - only lazy stores are asked
+
+    def load_relations(self, entity_ids: Sequence[str] | None) -> list[EvolutionRelation]:
+        """The relations with an end in ``entity_ids`` (every relation when ``None``)."""
+        raise NotImplementedError  # pragma: no cover - only lazy stores are asked
 
     def commit(self, changes: ChangeSet, generation: int) -> None:  # pragma: no cover - interface
         """Write ``changes`` and the new ``generation`` atomically, or raise and write nothing."""
@@ -157,8 +191,21 @@ class FaultyDurable(DurableStore):
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
+    @property
+    def lazy(self) -> bool:  # type: ignore[override]
+        return bool(self.inner.lazy)
+
     def load(self, dim: int | None) -> Loaded:
         return self.inner.load(dim)
+
+    def load_history(self, entity_ids: Sequence[str] | None) -> list[tuple[str, int, str, int, Any, Scope]]:
+        return self.inner.load_history(entity_ids)
+
+    def load_sources(self, ids: Sequence[str] | None = None, hashes: Sequence[str] | None = None) -> list[Source]:
+        return self.inner.load_sources(ids, hashes)
+
+    def load_relations(self, entity_ids: Sequence[str] | None) -> list[EvolutionRelation]:
+        return self.inner.load_relations(entity_ids)
 
     def commit(self, changes: ChangeSet, generation: int) -> None:
         from ..sim.faults import FaultType
@@ -249,11 +296,25 @@ class CachedStore(TransactionMixin, StorageBackend):
         self._index_factory = index_factory
         self._closed = True
         self._cache = EntityCache(dim=dim, index_factory=index_factory)
-        self._sources: dict[str, Source] = {}
+        # Sources and relations: id -> record, or None when known to be absent (deleted in this
+        # session, or asked of a lazy durable store and not there). With a lazy durable store an id
+        # missing here is asked of it; _by_hash / _rels_of index the records held here, complete
+        # for the hashes in _hashes_known / the entities in _rels_known (or all, once *_all).
+        self._sources: dict[str, Source | None] = {}
         self._by_hash: dict[str, set[str]] = {}
-        self._relations: dict[str, EvolutionRelation] = {}
+        self._hashes_known: set[str] = set()
+        self._src_all = True
+        self._relations: dict[str, EvolutionRelation | None] = {}
         self._rels_of: dict[str, set[str]] = {}
+        self._rels_known: set[str] = set()
+        self._rel_all = True
         self._history: dict[str, list[_Hist]] = {}
+        # lazy history (a lazy durable store): ids whose committed records were read;
+        # _hist_all once every record was. An id absent from both is asked of the durable store
+        # before its records are read or changed, so the cache never acts on half a history.
+        self._hist_known: set[str] = set()
+        self._hist_all = True
+        self._key_reads = {"history": 0, "sources": 0, "relations": 0}
         self._core: dict[Scope, list[CoreBlockRecord]] = {}
         self._core_hist: dict[Scope, list[CoreHistoryRecord]] = {}
         self._meta: dict[str, str] = {}
@@ -271,23 +332,11 @@ class CachedStore(TransactionMixin, StorageBackend):
             self._cache.bulk_load(loaded.rows)
         elif loaded.entities:
             self._cache.put_many(loaded.entities)
-        for s in loaded.sources:
-            self._sources[s.id] = s
-            self._by_hash.setdefault(s.text_hash, set()).add(s.id)
-        for r in loaded.relations:
-            self._relations[r.id] = r
-            for end in (r.source_id, r.target_id):
-                self._rels_of.setdefault(end, set()).add(r.id)
-        hist = self._history
-        for eid, seq, op, at, snap, scope in loaded.history:
-            recs = hist.get(eid)
-            if recs is None:
-                hist[eid] = [_Hist(seq, op, at, snap, scope)]
-            else:
-                recs.append(_Hist(seq, op, at, snap, scope))
-        for recs in hist.values():
-            if len(recs) > 1:
-                recs.sort(key=lambda h: h.seq)
+        lazy = bool(self._durable.lazy)
+        self._add_loaded_sources(loaded.sources)
+        self._add_loaded_relations(loaded.relations)
+        self._hist_all = self._src_all = self._rel_all = not lazy
+        self._add_loaded_history(loaded.history)
         for scope, block in loaded.core_blocks:
             self._core.setdefault(scope, []).append(block)
         for blocks in self._core.values():
@@ -297,6 +346,112 @@ class CachedStore(TransactionMixin, StorageBackend):
         for recs2 in self._core_hist.values():
             recs2.sort(key=lambda r: r.seq)
         self._meta = dict(loaded.meta)
+
+    def _add_loaded_history(self, records: Sequence[tuple[str, int, str, int, Any, Scope]],
+                            skip: set[str] | None = None) -> None:
+        """Committed records from the durable store into ``_history`` (ids in ``skip`` are known
+        already: the cache's copy, which may hold this transaction's changes, wins)."""
+        hist = self._history
+        touched = set()
+        for eid, seq, op, at, snap, scope in records:
+            if skip is not None and eid in skip:
+                continue
+            recs = hist.get(eid)
+            if recs is None:
+                hist[eid] = [_Hist(seq, op, at, snap, scope)]
+            else:
+                recs.append(_Hist(seq, op, at, snap, scope))
+                touched.add(eid)
+        for eid in touched:
+            hist[eid].sort(key=lambda h: h.seq)
+
+    def _fetch_history(self, entity_ids: Sequence[str]) -> None:
+        """Read the committed history of those of ``entity_ids`` not known yet (one durable read)."""
+        if self._hist_all:
+            return
+        known = self._hist_known
+        want = sorted({i for i in entity_ids if i not in known})
+        if not want:
+            return
+        self._add_loaded_history(self._durable.load_history(want))
+        known.update(want)
+
+    def _one_more_key_read(self, kind: str) -> bool:
+        """Count a single-key read of ``kind``; True when the whole kind should be read instead."""
+        self._key_reads[kind] += 1
+        return self._key_reads[kind] > LAZY_KEY_READS_MAX
+
+    def _hist(self, eid: str) -> builtins.list[_Hist] | None:
+        """``eid``'s history records (read from the durable store on first use)."""
+        if not self._hist_all and eid not in self._hist_known:
+            if self._one_more_key_read("history"):
+                self._fetch_all_history()
+            else:
+                self._fetch_history([eid])
+        return self._history.get(eid)
+
+    def _fetch_all_history(self) -> None:
+        if self._hist_all:
+            return
+        known = self._hist_known
+        self._add_loaded_history(self._durable.load_history(None), skip=known)
+        self._hist_all = True
+        known.clear()
+
+    def _add_loaded_sources(self, sources: Sequence[Source]) -> None:
+        """Committed sources into the cache (an id the cache holds already keeps its record)."""
+        for src in sources:
+            if src.id not in self._sources:
+                self._sources[src.id] = src
+                self._by_hash.setdefault(src.text_hash, set()).add(src.id)
+
+    def _source(self, sid: str) -> Source | None:
+        """The stored source ``sid`` (read from the durable store on first use), or None."""
+        if sid not in self._sources:
+            if self._src_all:
+                return None
+            if self._one_more_key_read("sources"):
+                self._fetch_sources_all()
+            else:
+                self._add_loaded_sources(self._durable.load_sources(ids=[sid]))
+            self._sources.setdefault(sid, None)
+        return self._sources[sid]
+
+    def _fetch_sources_all(self) -> None:
+        if not self._src_all:
+            self._add_loaded_sources(self._durable.load_sources())
+            self._src_all = True
+            self._hashes_known.clear()
+
+    def _add_loaded_relations(self, relations: Sequence[EvolutionRelation]) -> None:
+        """Committed relations into the cache (an id the cache holds already keeps its record)."""
+        rels, of = self._relations, self._rels_of
+        for r in relations:
+            if r.id not in rels:
+                rels[r.id] = r
+                for end in (r.source_id, r.target_id):
+                    of.setdefault(end, set()).add(r.id)
+
+    def _rels_for(self, eid: str) -> builtins.list[EvolutionRelation]:
+        """The stored relations with an end at ``eid`` (read from the durable store on first use)."""
+        if not self._rel_all and eid not in self._rels_known:
+            if self._one_more_key_read("relations"):
+                self._fetch_relations_all()
+            else:
+                self._add_loaded_relations(self._durable.load_relations([eid]))
+                self._rels_known.add(eid)
+        out = []
+        for rid in self._rels_of.get(eid, ()):
+            r = self._relations.get(rid)
+            if r is not None and eid in (r.source_id, r.target_id):
+                out.append(r)
+        return out
+
+    def _fetch_relations_all(self) -> None:
+        if not self._rel_all:
+            self._add_loaded_relations(self._durable.load_relations(None))
+            self._rel_all = True
+            self._rels_known.clear()
 
     # --- plumbing ---------------------------------------------------------------------------
     @property
@@ -385,6 +540,7 @@ class CachedStore(TransactionMixin, StorageBackend):
             ch.terms.pop(eid, None)
 
     def _append_history(self, eid: str, op: str, at: int, snap: dict[str, Any], scope: Scope) -> None:
+        self._hist(eid)
         recs = self._history.setdefault(eid, [])
         seq = (recs[-1].seq if recs else 0) + 1
         recs.append(_Hist(seq, op, at, snap, scope))
@@ -424,6 +580,7 @@ class CachedStore(TransactionMixin, StorageBackend):
         for e, t in zip(ents, terms):
             self._record_entity(e.id, e, existed[e.id], t)
         if history:
+            self._fetch_history([e.id for e in ents])
             for e, new in zip(ents, fresh):
                 self._append_history(e.id, "create" if new else "update", e.updated_at, snapshot_of(e), e.scope)
 
@@ -448,7 +605,7 @@ class CachedStore(TransactionMixin, StorageBackend):
         assert old is not None
         self._record_entity(eid, None, True)
         # every snapshot of it becomes a tombstone, then the delete record (a tombstone too)
-        recs = self._history.get(eid, [])
+        recs = self._hist(eid) or []
         before = [h.snap for h in recs]
         stone = tombstone(eid)
         for h in recs:
@@ -463,10 +620,10 @@ class CachedStore(TransactionMixin, StorageBackend):
         self._changes.history = [r if r.entity_id != eid else HistoryRecord(eid, r.seq, r.op, r.at, dict(stone), r.scope)
                                  for r in self._changes.history]
         self._append_history(eid, "delete", at, dict(stone), old.scope)
-        for rid in sorted(self._rels_of.get(eid, ())):
+        for rid in sorted(r.id for r in self._rels_for(eid)):
             self._drop_relation(rid)
         sid = old.source_id
-        if sid is not None and sid in self._sources and not self._cache.ids_with("source_id", sid):
+        if sid is not None and self._source(sid) is not None and not self._cache.ids_with("source_id", sid):
             self._drop_source(sid)
 
     def supersede(self, entity_id: str, valid_to: int) -> bool:
@@ -567,7 +724,7 @@ class CachedStore(TransactionMixin, StorageBackend):
         src = check_source(source)
         with self._lock:
             self._check_writable()
-            if src.id in self._sources:
+            if self._source(src.id) is not None:
                 return  # the first record of a text is kept
             with self._writing("add_source"):
                 if self._write_fault_at(1) is not None:
@@ -575,7 +732,7 @@ class CachedStore(TransactionMixin, StorageBackend):
                 self._put_source(src)
 
     def _put_source(self, src: Source) -> None:
-        old = self._sources.get(src.id)
+        old = self._source(src.id)
         if old is not None:
             self._by_hash[old.text_hash].discard(old.id)
         self._sources[src.id] = src
@@ -583,17 +740,18 @@ class CachedStore(TransactionMixin, StorageBackend):
 
         def undo() -> None:
             self._by_hash[src.text_hash].discard(src.id)
-            if old is None:
-                del self._sources[src.id]
-            else:
-                self._sources[src.id] = old
+            self._sources[src.id] = old
+            if old is not None:
                 self._by_hash.setdefault(old.text_hash, set()).add(old.id)
 
         self._on_undo(undo)
+        self._changes.source_existed.setdefault(src.id, old is not None)
         self._changes.sources[src.id] = src
 
     def _drop_source(self, sid: str) -> None:
-        old = self._sources.pop(sid)
+        old = self._sources[sid]
+        assert old is not None
+        self._sources[sid] = None
         self._by_hash[old.text_hash].discard(sid)
 
         def undo() -> None:
@@ -601,13 +759,14 @@ class CachedStore(TransactionMixin, StorageBackend):
             self._by_hash.setdefault(old.text_hash, set()).add(sid)
 
         self._on_undo(undo)
+        self._changes.source_existed.setdefault(sid, True)
         self._changes.sources[sid] = None
 
     def delete_source(self, source_id: str) -> bool:
         sid = check_id(source_id, "source_id")
         with self._lock:
             self._check_writable()
-            if sid not in self._sources:
+            if self._source(sid) is None:
                 return False
             with self._writing("delete_source"):
                 if self._write_fault_at(1) is not None:
@@ -618,22 +777,29 @@ class CachedStore(TransactionMixin, StorageBackend):
     def get_source(self, source_id: str) -> Source | None:
         sid = check_id(source_id, "source_id")
         with self._reading("get_source"):
-            return _copy_source(self._sources.get(sid))
+            return _copy_source(self._source(sid))
 
     def find_source_by_hash(self, text_hash: str) -> Source | None:
         if not isinstance(text_hash, str):
             raise TypeError(f"text_hash must be str, not {type(text_hash).__name__}")
         with self._reading("find_source_by_hash"):
+            if not self._src_all and text_hash not in self._hashes_known:
+                if self._one_more_key_read("sources"):
+                    self._fetch_sources_all()
+                else:
+                    self._add_loaded_sources(self._durable.load_sources(hashes=[text_hash]))
+                    self._hashes_known.add(text_hash)
             ids = self._by_hash.get(text_hash)
             if not ids:
                 return None
-            best = min((self._sources[i] for i in ids), key=lambda s: (s.created_at, s.id))
+            best = min((self._sources[i] for i in ids), key=lambda s: (s.created_at, s.id))  # type: ignore[union-attr]
             return _copy_source(best)
 
     def iter_sources(self, scope: Scope | None = None) -> Iterator[Source]:
         sc = check_scope(scope, optional=True)
         with self._reading("iter_sources"):
-            got = [s for s in self._sources.values() if sc is None or sc.contains(s.scope)]
+            self._fetch_sources_all()
+            got = [s for s in self._sources.values() if s is not None and (sc is None or sc.contains(s.scope))]
         got.sort(key=lambda s: (s.created_at, s.id))
         return iter([_copy_source(s) for s in got])  # type: ignore[misc]
 
@@ -660,6 +826,8 @@ class CachedStore(TransactionMixin, StorageBackend):
                     self._put_relation(r)
 
     def _put_relation(self, r: EvolutionRelation) -> None:
+        self._rels_for(r.source_id)  # a stored relation of this id is read first (lazy relations)
+        had = r.id in self._relations
         old = self._relations.get(r.id)
         self._relations[r.id] = r
         added = []
@@ -672,16 +840,19 @@ class CachedStore(TransactionMixin, StorageBackend):
         def undo() -> None:
             for end in added:
                 self._rels_of[end].discard(r.id)
-            if old is None:
-                del self._relations[r.id]
-            else:
+            if had:
                 self._relations[r.id] = old
+            else:
+                del self._relations[r.id]
 
         self._on_undo(undo)
+        self._changes.relation_existed.setdefault(r.id, old is not None)
         self._changes.relations[r.id] = r
 
     def _drop_relation(self, rid: str) -> None:
-        r = self._relations.pop(rid)
+        r = self._relations[rid]
+        assert r is not None
+        self._relations[rid] = None
         ends = [e for e in {r.source_id, r.target_id} if rid in self._rels_of.get(e, ())]
         for e in ends:
             self._rels_of[e].discard(rid)
@@ -692,19 +863,21 @@ class CachedStore(TransactionMixin, StorageBackend):
                 self._rels_of.setdefault(e, set()).add(rid)
 
         self._on_undo(undo)
+        self._changes.relation_existed.setdefault(rid, True)
         self._changes.relations[rid] = None
 
     def relations_for(self, entity_id: str) -> builtins.list[EvolutionRelation]:
         eid = check_id(entity_id)
         with self._reading("relations_for"):
-            rels = [self._relations[i] for i in self._rels_of.get(eid, ())]
+            rels = self._rels_for(eid)
         rels.sort(key=lambda r: (r.created_at, r.id))
         return [_copy_relation(r) for r in rels]
 
     def iter_relations(self, scope: Scope | None = None) -> Iterator[EvolutionRelation]:
         sc = check_scope(scope, optional=True)
         with self._reading("iter_relations"):
-            got = [r for r in self._relations.values() if sc is None or sc.contains(r.scope)]
+            self._fetch_relations_all()
+            got = [r for r in self._relations.values() if r is not None and (sc is None or sc.contains(r.scope))]
         got.sort(key=lambda r: (r.created_at, r.id))
         return iter([_copy_relation(r) for r in got])
 
@@ -712,11 +885,12 @@ class CachedStore(TransactionMixin, StorageBackend):
     def history(self, entity_id: str) -> builtins.list[HistoryRecord]:
         eid = check_id(entity_id)
         with self._reading("history"):
-            return [h.record(eid) for h in self._history.get(eid, ())]
+            return [h.record(eid) for h in self._hist(eid) or ()]
 
     def iter_history(self, scope: Scope | None = None) -> Iterator[HistoryRecord]:
         sc = check_scope(scope, optional=True)
         with self._reading("iter_history"):
+            self._fetch_all_history()
             out = [h.record(eid) for eid in sorted(self._history) for h in self._history[eid]
                    if sc is None or sc.contains(h.scope)]
         return iter(out)
@@ -743,6 +917,7 @@ class CachedStore(TransactionMixin, StorageBackend):
                     self._put_history(h)
 
     def _put_history(self, h: HistoryRecord) -> None:
+        self._hist(h.entity_id)
         recs = self._history.setdefault(h.entity_id, [])
         before = list(recs)
         new = _Hist(h.seq, h.op, h.at, copy.deepcopy(dict(h.snapshot)), h.scope)

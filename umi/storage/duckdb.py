@@ -21,8 +21,13 @@ Vector index: a :class:`umi.index.VectorIndex` saved beside the file as
 generation matches, caught up (entities written or forgotten since, from the
 ``updated_generation`` and history ``generation`` columns) when it is behind, and rebuilt
 from the cached vectors when missing, unreadable or inconsistent; ``index_load_status`` says
-which. It is saved on :meth:`close` (and every ``save_index_every`` commits when set). A
-crash can cost the cache file, never a committed write.
+which. The BM25 postings have a cache file of their own, ``<path>.umiterms``
+(:mod:`umi.storage._termcache`), saved with the vector index and used, caught up or ignored
+on open the same way. With both caches valid, an open reads from DuckDB only the entity rows
+(not their vectors: those are read per row when a call returns them), metadata codes and core
+blocks; history, sources and relations are read when first needed (see
+:mod:`umi.storage.cached`). Both are saved on :meth:`close` (and every ``save_index_every``
+commits when set). A crash can cost a cache file, never a committed write.
 
 Threads: one re-entrant lock guards the connection and the cache; every call holds it
 and a transaction holds it until it ends, so readers in other threads wait for a
@@ -47,16 +52,18 @@ from ..errors import (
     UmiError,
 )
 from ._common import check_int
-from ._duckdb_io import DuckDBDurable
-from ._duckdb_schema import check_path, open_connection, prepare
+from ._duckdb_io import DuckDBDurable, load_postings
+from ._duckdb_schema import check_path, open_connection, prepare, stored_generation
 from .cached import CachedStore, FaultyDurable
 
-__all__ = ["DuckDBStorageBackend", "INDEX_SUFFIX"]
+__all__ = ["DuckDBStorageBackend", "INDEX_SUFFIX", "TERMS_SUFFIX"]
 
 log = logging.getLogger("umi.storage.duckdb")
 
 #: the vector index cache lives at ``<database path> + INDEX_SUFFIX``
 INDEX_SUFFIX = ".umiidx"
+#: the keyword index cache (BM25 postings) at ``<database path> + TERMS_SUFFIX``
+TERMS_SUFFIX = ".umiterms"
 
 #: files open in this process: real path -> the store holding it
 _OPEN_FILES: dict[str, "weakref.ref[DuckDBStorageBackend]"] = {}
@@ -132,6 +139,8 @@ class DuckDBStorageBackend(CachedStore):
         self.in_memory = spath == ":memory:" or spath == ""
         self.durable = not self.in_memory
         self.index_path: str | None = None if self.in_memory else spath + INDEX_SUFFIX
+        self.terms_path: str | None = None if self.in_memory else spath + TERMS_SUFFIX
+        self._terms_dirty = False
         self.save_index_every = save_index_every
         self.index_load_status = "rebuilt"
         self._commits_since_save = 0
@@ -144,13 +153,19 @@ class DuckDBStorageBackend(CachedStore):
             con = open_connection(None if self.in_memory else spath, read_only)
             try:
                 generation, dim_stored, self.db_uuid = prepare(con, spath, read_only, dim)
-                durable: Any = DuckDBDurable(con, dim_stored)
-                if faults is not None:
-                    durable = FaultyDurable(durable, faults)
+                raw = DuckDBDurable(con, dim_stored)
+                # with an index cache to load, search needs none of the stored vectors at open;
+                # with a keyword index cache, none of the postings
+                raw.vectors_at_open = self.index_path is None or not os.path.exists(self.index_path)
+                raw.postings_at_open = self.terms_path is None or not os.path.exists(self.terms_path)
+                durable: Any = raw if faults is None else FaultyDurable(raw, faults)
                 self._init_state(durable, dim_stored, self._new_index)
                 loaded = self._durable.load(dim_stored)
                 loaded.generation, loaded.dim = generation, dim_stored
                 self._open_cache(loaded)
+                self._remove_stale_temp_files()
+                self._open_terms(loaded_from_db=raw.postings_at_open)
+                raw.vectors_at_open = raw.postings_at_open = True  # a reload (_reload) reads everything
                 self._open_index()
             except BaseException:
                 con.close()
@@ -197,19 +212,49 @@ class DuckDBStorageBackend(CachedStore):
 
     def _remove_stale_temp_files(self) -> None:
         """Temp files of index saves cut short by a crash (we hold the write lock: no save is running)."""
-        if self.index_path is None or self.read_only:
+        if self.index_path is None or self.terms_path is None or self.read_only:
             return
         directory, name = os.path.split(os.path.abspath(self.index_path))
+        names = (f".{name}.", f".{os.path.basename(self.terms_path)}.")
         try:
             for entry in os.scandir(directory):
-                if entry.name.startswith(f".{name}.") and entry.name.endswith(".tmp"):
+                if entry.name.startswith(names) and entry.name.endswith(".tmp"):
                     os.unlink(entry.path)
         except OSError as exc:
             log.warning("could not remove stale index temp files in %s: %s", directory, exc)
 
+    def _changed_since(self, generation: int) -> list[str]:
+        """Ids of the entities written or forgotten after ``generation``."""
+        if generation >= self._generation:
+            return []
+        return [r[0] for r in self._con.execute(
+            "SELECT entity_id FROM history WHERE generation > ? UNION "
+            "SELECT id FROM entities WHERE updated_generation > ?", [generation, generation]).fetchall()]
+
+    def _open_terms(self, *, loaded_from_db: bool) -> None:
+        """Fill the keyword postings from the keyword index cache (caught up with what changed
+        since it was saved), or from the database when it is missing or does not agree."""
+        self._terms_dirty = True
+        if loaded_from_db or self.terms_path is None:
+            return
+        from ._termcache import load_terms
+
+        cache = self._cache
+        try:
+            tc = load_terms(self.terms_path)
+        except IndexCacheError as exc:
+            log.warning("keyword index cache unusable, reading the postings from the database: %s", exc)
+            tc = None
+        if tc is not None and tc.generation <= self._generation and cache.adopt_postings(
+                tc.ids, tc.terms, tc.offsets, tc.rows, tc.tfs, self._changed_since(tc.generation)):
+            self._terms_dirty = tc.generation != self._generation
+            return
+        if tc is not None:
+            log.warning("keyword index cache disagrees with the database, reading the postings from it")
+        cache.load_postings(*load_postings(self._con, cache.export_postings()[0]))
+
     def _open_index(self) -> None:
         cache = self._cache
-        self._remove_stale_temp_files()
         if cache.dim is None or self.index_path is None or not os.path.exists(self.index_path):
             self._rebuild_index()
             return
@@ -228,12 +273,7 @@ class DuckDBStorageBackend(CachedStore):
             return
         index.hnsw_threshold = p["hnsw_threshold"]
         index.ef_search = p["ef_search"]
-        changed: list[str] = []
-        if gen < self._generation:
-            changed = [r[0] for r in self._con.execute(
-                "SELECT entity_id FROM history WHERE generation > ? UNION "
-                "SELECT id FROM entities WHERE updated_generation > ?", [gen, gen]).fetchall()]
-        if not cache.adopt_index(index, changed):
+        if not cache.adopt_index(index, self._changed_since(gen)):
             log.warning("vector index cache disagrees with the database, rebuilding it")
             self._rebuild_index()
             return
@@ -243,7 +283,7 @@ class DuckDBStorageBackend(CachedStore):
     def _rebuild_index(self) -> None:
         self._cache.rebuild_index()
         self.index_load_status = "rebuilt"
-        if not self.read_only and self.index_path is not None and self._cache.dim is not None:
+        if not self.read_only and self.index_path is not None and (self._cache.dim is not None or self._terms_dirty):
             self._save_index_quietly()
 
     # --- plumbing ------------------------------------------------------------------------
@@ -272,34 +312,41 @@ class DuckDBStorageBackend(CachedStore):
         durable = self._durable
         self._init_state(durable, durable.dim, self._new_index)  # type: ignore[attr-defined]
         loaded = durable.load(durable.dim)  # type: ignore[attr-defined]
-        loaded.generation = int(self._con.execute("SELECT generation FROM umi_state WHERE id = 1").fetchall()[0][0])
+        loaded.generation = stored_generation(self._con)
         self._open_cache(loaded)
         self._cache.rebuild_index()
         self._closed = False
 
     # --- lifecycle -------------------------------------------------------------------
     def save_index(self) -> bool:
-        """Save the vector index cache now (it reflects the committed state). False when there
-        is nothing to save (in memory, read_only, no vectors yet)."""
+        """Save the index caches now — the vector index and the keyword postings (they reflect
+        the committed state). False when there is nothing to save (in memory, read_only)."""
         with self._lock:
             self._check_open()
             if self._depth:
                 raise StorageError("save_index() inside a transaction: the index would not match a commit")
-            if self.read_only or self.index_path is None or self._cache.index is None:
+            if self.read_only or self.index_path is None:
                 return False
-            self._cache.index.save(self.index_path, self._generation)
-            self._commits_since_save = 0
-            self._index_dirty = False
+            self._save_caches()
             return True
 
+    def _save_caches(self) -> None:
+        from ._termcache import TermCache, save_terms
+
+        assert self.index_path is not None and self.terms_path is not None
+        if self._cache.index is not None:
+            self._cache.index.save(self.index_path, self._generation)
+        save_terms(self.terms_path, TermCache(self._generation, *self._cache.export_postings()))
+        self._commits_since_save = 0
+        self._index_dirty = self._terms_dirty = False
+
     def _save_index_quietly(self) -> None:
+        if self.index_path is None or self.read_only:
+            return
         try:
-            if self.index_path is not None and self._cache.index is not None and not self.read_only:
-                self._cache.index.save(self.index_path, self._generation)
-                self._commits_since_save = 0
-                self._index_dirty = False
+            self._save_caches()
         except (IndexCacheError, OSError) as exc:
-            log.warning("could not save the vector index cache (it will be rebuilt on open): %s", exc)
+            log.warning("could not save the index caches (they will be rebuilt on open): %s", exc)
 
     def checkpoint(self) -> None:
         """Write DuckDB's WAL into the database file and save the index cache."""
@@ -324,7 +371,7 @@ class DuckDBStorageBackend(CachedStore):
         return True
 
     def _before_close(self) -> None:
-        if self._index_dirty:
+        if self._index_dirty or self._terms_dirty:
             self._save_index_quietly()
 
     def close(self) -> None:

@@ -1,0 +1,209 @@
+"""Reopening a DuckDB store reads only what recall and remember need at open.
+
+A user with a large memory reopens it in every session: entities, postings and core blocks
+come back at open (the vectors stay on disk while the vector index cache holds a copy, the
+postings come from the keyword index cache), while history, sources and relations are read
+from DuckDB the first time a call needs them. These tests check that the lazy parts really
+are lazy, and that a lazy read after writes of the same session returns the old rows and the
+new ones, in order, with the right history sequence numbers.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from umi.errors import StorageError
+from umi.storage.base import Source, tombstone
+from umi.storage.duckdb import TERMS_SUFFIX, DuckDBStorageBackend
+from umi.types import Entity, EvolutionRelation
+
+T0 = 1_700_000_000_000
+
+
+def vec(i: int) -> np.ndarray:
+    v = np.random.default_rng(i).standard_normal(8).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def fact(i: int, content: str, **kw: object) -> Entity:
+    return Entity("person", f"person {i}", content, embedding=vec(i), created_at=T0 + i, updated_at=T0 + i,
+                  id=f"e{i}", **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> tuple[Path, dict[str, object]]:
+    """A store with history (create, update, supersede), two sources and a relation, closed."""
+    path = tmp_path / "umi.duckdb"
+    s1, s2 = Source.for_text("Alice joined Acme", T0), Source.for_text("Bob likes tea", T0 + 1)
+    alice = fact(1, "Alice works at Acme", source_id=s1.id)
+    bob = fact(2, "Bob likes tea", source_id=s2.id)
+    others = [fact(i, f"filler fact {i}") for i in range(3, 300)]
+    rel = EvolutionRelation(alice.id, bob.id, "extend", reason="same team", created_at=T0 + 5)
+    with DuckDBStorageBackend.connect(path) as b:
+        b.add_source(s1)
+        b.add_source(s2)
+        b.upsert([alice, bob, *others])
+        b.upsert([fact(1, "Alice works at Acme as an engineer", source_id=s1.id)])
+        b.supersede(alice.id, T0 + 10)
+        b.add_relations([rel])
+    return path, {"alice": alice, "bob": bob, "s1": s1, "s2": s2, "rel": rel, "n": 2 + len(others)}
+
+
+def ops(b: DuckDBStorageBackend, eid: str) -> list[tuple[int, str]]:
+    return [(h.seq, h.op) for h in b.history(eid)]
+
+
+def test_reopen_leaves_history_sources_relations_and_vectors_unread_until_asked(store) -> None:
+    path, w = store
+    alice, bob, s1, rel = w["alice"], w["bob"], w["s1"], w["rel"]
+    with DuckDBStorageBackend.connect(path) as b:
+        assert b.index_load_status == "loaded"
+        # nothing of the lazy parts is in memory after open
+        assert b._history == {} and b._sources == {} and b._relations == {}
+        # vectors and entity objects: only the few that the caches' consistency checks sampled
+        assert int(b._cache._vec_pending.sum()) == w["n"] and len(b._cache._vec_read) <= 32
+        assert sum(e is not None for e in b._cache._ents) <= 4
+        read = set(b._cache._vec_read)
+        # recall's reads work without them
+        assert b.search_vector(vec(2), 1)[0][0] == bob.id
+        assert b.search_text("tea", 1)[0][0] == bob.id
+        assert b._history == {} and b._sources == {} and b._relations == {}
+
+        # each call reads what it needs, and only that
+        assert ops(b, alice.id) == [(1, "create"), (2, "update"), (3, "supersede")]
+        assert set(b._history) == {alice.id}
+        assert b.find_source_by_hash(s1.text_hash) == s1
+        assert b.get_source(w["s2"].id) == w["s2"]
+        assert [s.id for s in b._sources.values() if s is not None] == [s1.id, w["s2"].id]
+        assert [r.id for r in b.relations_for(bob.id)] == [rel.id]
+        assert b.relations_for(bob.id)[0].reason == "same team"
+        got = b.get(bob.id)
+        assert got is not None and np.array_equal(got.embedding, bob.embedding) and got.content == "Bob likes tea"
+        assert int(b._cache._vec_pending.sum()) == w["n"] and set(b._cache._vec_read) <= read | {b._cache._row_of[bob.id]}
+
+
+def test_writes_before_the_first_lazy_read_keep_old_rows_and_order(store) -> None:
+    path, w = store
+    alice, bob, s1, s2, rel = w["alice"], w["bob"], w["s1"], w["s2"], w["rel"]
+    s3 = Source.for_text("Carol runs the lab", T0 + 20)
+    carol = fact(3, "Carol runs the lab")
+    rel2 = EvolutionRelation(bob.id, carol.id, "derive", created_at=T0 + 30)
+    with DuckDBStorageBackend.connect(path) as b:
+        # write first: history, sources and relations on disk were never read in this session
+        b.revive(alice.id, T0 + 40)
+        b.add_source(s3)
+        b.add_relations([rel2])
+        b.upsert([fact(2, "Bob likes green tea", source_id=s2.id)])
+        assert ops(b, alice.id) == [(1, "create"), (2, "update"), (3, "supersede"), (4, "revive")]
+        assert ops(b, bob.id) == [(1, "create"), (2, "update")]
+        assert [h.snapshot["content"] for h in b.history(bob.id)] == ["Bob likes tea", "Bob likes green tea"]
+        assert [s.id for s in b.iter_sources()] == [s1.id, s2.id, s3.id]  # created_at order, old then new
+        assert b.find_source_by_hash(s1.text_hash) == s1 and b.find_source_by_hash(s3.text_hash) == s3
+        assert [r.id for r in b.relations_for(bob.id)] == [rel.id, rel2.id]
+        assert [r.id for r in b.iter_relations()] == [rel.id, rel2.id]
+
+        # a rolled-back write leaves the lazily read rows as they were
+        with pytest.raises(StorageError, match="abort"):
+            with b.transaction():
+                b.supersede(alice.id, T0 + 50)
+                b.delete(bob.id, at=T0 + 50)
+                raise RuntimeError("abort")
+        assert ops(b, alice.id)[-1] == (4, "revive") and len(b.relations_for(bob.id)) == 2
+
+        # forgetting reads what it must change: every snapshot (old ones too) becomes a tombstone,
+        # the entity's relations go, its source goes once unreferenced
+        assert b.delete(bob.id, at=T0 + 60)
+        assert ops(b, bob.id) == [(1, "create"), (2, "update"), (3, "delete")]
+        assert all(h.snapshot == tombstone(bob.id) for h in b.history(bob.id))
+        assert b.relations_for(alice.id) == [] and b.get_source(s2.id) is None
+        every = [(h.entity_id, h.seq) for h in b.iter_history()]
+    with DuckDBStorageBackend.connect(path) as b:  # and the disk agrees
+        assert [(h.entity_id, h.seq) for h in b.iter_history()] == every
+        assert ops(b, alice.id) == [(1, "create"), (2, "update"), (3, "supersede"), (4, "revive")]
+        assert b.get_source(s2.id) is None and [s.id for s in b.iter_sources()] == [s1.id, s3.id]
+        assert [r.id for r in b.iter_relations()] == []
+        # an id forgotten earlier continues its history where it stopped
+        b.upsert([fact(2, "Bob is back")])
+        assert ops(b, bob.id) == [(1, "create"), (2, "update"), (3, "delete"), (4, "create")]
+
+
+def test_keyword_index_cache_is_used_caught_up_or_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "umi.duckdb"
+    terms = Path(str(path) + TERMS_SUFFIX)
+    with DuckDBStorageBackend.connect(path) as b:
+        b.upsert([fact(i, f"fact {i} about {'tea' if i % 3 else 'coffee'}") for i in range(60)])
+        want = b.search_text("tea coffee", 10)
+    assert terms.exists()
+    with DuckDBStorageBackend.connect(path) as b:
+        assert b._terms_dirty is False  # postings came from the cache file, as saved
+        assert b.search_text("tea coffee", 10) == want
+        shutil.copy(terms, tmp_path / "stale")
+        b.upsert([fact(100, "coffee coffee coffee")])
+        assert b.delete("e4")
+        b.upsert([fact(5, "now about coffee")])
+        want = b.search_text("tea coffee", 10)
+        assert want[0][0] == "e100"
+    shutil.copy(tmp_path / "stale", terms)  # three writes behind: caught up from the database
+    with DuckDBStorageBackend.connect(path) as b:
+        assert b._terms_dirty is True
+        assert b.search_text("tea coffee", 10) == want
+    data = bytearray(terms.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    terms.write_bytes(bytes(data))  # corrupt: read from the database instead
+    with DuckDBStorageBackend.connect(path) as b:
+        assert b.search_text("tea coffee", 10) == want
+    with DuckDBStorageBackend.connect(path) as b:  # rewritten by that close: current again
+        assert b._terms_dirty is False and b.search_text("tea coffee", 10) == want
+
+
+def test_many_forgets_after_reopen_read_each_kind_in_one_go_past_a_limit(tmp_path: Path, monkeypatch) -> None:
+    """A bulk forget asks the database for each entity's history, relations and source only up
+    to LAZY_KEY_READS_MAX times per kind; then reads the rest of that kind at once."""
+    import umi.storage.cached as cached
+
+    monkeypatch.setattr(cached, "LAZY_KEY_READS_MAX", 20)
+    path = tmp_path / "umi.duckdb"
+    srcs = [Source.for_text(f"text {i}", T0 + i) for i in range(100)]
+    ents = [fact(i, f"fact {i}", source_id=srcs[i].id) for i in range(100)]
+    rels = [EvolutionRelation(ents[i].id, ents[i + 1].id, "extend", created_at=T0 + i, id=f"r{i}") for i in range(99)]
+    with DuckDBStorageBackend.connect(path) as b:
+        for s in srcs:
+            b.add_source(s)
+        b.upsert(ents)
+        b.add_relations(rels)
+    with DuckDBStorageBackend.connect(path) as b:
+        reads = []
+        durable = b._durable
+        for name in ("load_history", "load_sources", "load_relations"):
+            real = getattr(durable, name)
+            monkeypatch.setattr(durable, name, lambda *a, _real=real, _name=name, **k: reads.append(_name) or _real(*a, **k))
+        for e in ents[:60]:
+            assert b.delete(e.id, at=T0 + 1000)
+        assert len(reads) <= 3 * 21  # one read per key up to the limit, then one read of the rest
+        assert b._hist_all and b._src_all and b._rel_all
+        assert [r.id for r in b.iter_relations()] == [f"r{i}" for i in range(60, 99)]
+        assert [s.id for s in b.iter_sources()] == [s.id for s in srcs[60:]]
+        assert ops(b, ents[59].id) == [(1, "create"), (2, "delete")] and ops(b, ents[60].id) == [(1, "create")]
+    with DuckDBStorageBackend.connect(path) as b:
+        assert [r.id for r in b.iter_relations()] == [f"r{i}" for i in range(60, 99)]
+        assert len(list(b.iter_sources())) == 40 and b.count() == 40
+
+
+def test_re_adding_a_stored_relation_or_source_after_reopen_replaces_it(store) -> None:
+    """Lazy relations and sources meet plain inserts: a row the session has not read yet is still
+    known to be stored, so writing it again replaces it instead of failing on its key."""
+    path, s = store
+    rel, s1 = s["rel"], s["s1"]
+    again = EvolutionRelation(rel.source_id, rel.target_id, "extend", reason="same team, said again",
+                              created_at=T0 + 20, id=rel.id)
+    with DuckDBStorageBackend.connect(path) as b:
+        b.add_relations([again])
+        b.add_source(s1)
+    with DuckDBStorageBackend.connect(path) as b:
+        assert [r.reason for r in b.relations_for(rel.source_id)] == ["same team, said again"]
+        assert len(list(b.iter_relations())) == 1
+        assert b.get_source(s1.id) == s1 and len(list(b.iter_sources())) == 2

@@ -1,0 +1,155 @@
+"""The keyword index cache file: a store's BM25 postings saved beside it, tagged with a generation.
+
+Reading every posting back from the database at open (a ``GROUP BY term`` over ~13 rows per
+entity) was the largest part of a reopen; this file holds the same postings as CSR, so a
+reopen reads ~20 MB instead. Like the vector index cache it is only a cache: the database
+stays the truth, a file that is missing, unreadable, from another generation than it claims,
+or inconsistent with the entities (see :meth:`EntityCache.adopt_postings`) is ignored and
+the postings are read from the database.
+
+Layout (little-endian): ``MAGIC``, u64 header length, header JSON (``format``,
+``generation``, counts and byte sizes), the row ids as UTF-8 joined by NUL (an empty one
+for a dead row; ids hold no NUL), the terms likewise, offsets (int64, ``n_terms + 1``), rows
+(int64), term frequencies (float64) — the arrays as the cache uses them, so a load makes
+views of the file's bytes, not copies — then the CRC-32 of everything before it (u32) and
+``END``. Written to a temp file, fsynced and renamed over the old one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import IndexCacheError
+
+__all__ = ["TermCache", "save_terms", "load_terms"]
+
+_MAGIC = b"UMITERMS"
+_END = b"SMRETIMU"
+_FORMAT = 1
+
+
+class TermCache:
+    """What the file holds: ``ids[i]`` is row i (None: dead); term ``terms[t]`` owns
+    ``rows[offsets[t]:offsets[t + 1]]`` and the same slice of ``tfs``."""
+
+    __slots__ = ("generation", "ids", "terms", "offsets", "rows", "tfs")
+
+    def __init__(self, generation: int, ids: list[str | None], terms: list[str], offsets: np.ndarray,
+                 rows: np.ndarray, tfs: np.ndarray) -> None:
+        self.generation, self.ids, self.terms = generation, ids, terms
+        self.offsets, self.rows, self.tfs = offsets, rows, tfs
+
+
+def save_terms(path: str, cache: TermCache) -> None:
+    """Write ``cache`` to ``path`` atomically; :class:`~umi.IndexCacheError` on an I/O failure."""
+    target = Path(path)
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+    ids_blob = _join([i or "" for i in cache.ids], path, "an id")
+    terms_blob = _join(cache.terms, path, "a term")
+    offsets = np.ascontiguousarray(cache.offsets, dtype="<i8")
+    rows = np.ascontiguousarray(cache.rows, dtype="<i8")
+    tfs = np.ascontiguousarray(cache.tfs, dtype="<f8")
+    header = json.dumps({
+        "format": _FORMAT, "generation": int(cache.generation), "n_ids": len(cache.ids),
+        "n_terms": len(cache.terms), "n_postings": int(rows.shape[0]),
+        "ids_bytes": len(ids_blob), "terms_bytes": len(terms_blob),
+    }, separators=(",", ":")).encode("utf-8")
+    try:
+        with open(tmp, "wb") as f:
+            crc = 0
+            for chunk in (_MAGIC, struct.pack("<Q", len(header)), header, ids_blob, terms_blob,
+                          offsets.data, rows.data, tfs.data):
+                f.write(chunk)
+                crc = zlib.crc32(chunk, crc)
+            f.write(struct.pack("<I", crc) + _END)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise IndexCacheError(f"cannot save the keyword index cache to {path!r}: {exc}", path=path) from exc
+
+
+def load_terms(path: str) -> TermCache:
+    """Read a file written by :func:`save_terms`; :class:`~umi.IndexCacheError` when it is
+    missing, truncated, fails its checksum or is of another format."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise IndexCacheError(f"cannot read the keyword index cache {path!r}: {exc}", path=path) from exc
+
+    def corrupt(why: str) -> IndexCacheError:
+        return IndexCacheError(f"keyword index cache {path!r} is truncated or corrupt: {why}", path=path)
+
+    tail = 4 + len(_END)
+    if len(data) < len(_MAGIC) + 8 + tail or not data.startswith(_MAGIC) or not data.endswith(_END):
+        raise corrupt("bad magic")
+    (crc,) = struct.unpack("<I", data[-tail:-len(_END)])
+    if zlib.crc32(memoryview(data)[:-tail]) != crc:
+        raise corrupt("checksum")
+    pos = len(_MAGIC)
+    (head_len,) = struct.unpack("<Q", data[pos:pos + 8])
+    pos += 8
+    try:
+        h: dict[str, Any] = json.loads(data[pos:pos + head_len])
+        if int(h["format"]) != _FORMAT:
+            raise ValueError("format")
+        n_ids, n_terms, n_post = int(h["n_ids"]), int(h["n_terms"]), int(h["n_postings"])
+        pos += head_len
+        ids: list[str | None] = _split(data[pos:pos + int(h["ids_bytes"])], n_ids)  # type: ignore[assignment]
+        pos += int(h["ids_bytes"])
+        if "" in ids:
+            ids = [i or None for i in ids]
+        terms = _split(data[pos:pos + int(h["terms_bytes"])], n_terms)
+        pos += int(h["terms_bytes"])
+        offsets = np.frombuffer(data, "<i8", n_terms + 1, pos)
+        pos += 8 * (n_terms + 1)
+        rows = np.frombuffer(data, "<i8", n_post, pos)
+        pos += 8 * n_post
+        tfs = np.frombuffer(data, "<f8", n_post, pos)
+        pos += 8 * n_post
+        if (pos != len(data) - tail or len(ids) != n_ids or len(terms) != n_terms
+                or offsets[0] != 0 or offsets[-1] != n_post or (n_terms and np.any(np.diff(offsets) < 0))
+                or (n_post and (rows.min() < 0 or rows.max() >= n_ids))):
+            raise ValueError("sizes")
+        return TermCache(int(h["generation"]), ids, terms, offsets, rows, tfs)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise corrupt(f"inconsistent contents ({exc})") from exc
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # platforms without directory fds
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _join(values: list[str], path: str, what: str) -> bytes:
+    text = "\x00".join(values)
+    if text.count("\x00") != max(len(values) - 1, 0):
+        raise IndexCacheError(f"cannot save the keyword index cache to {path!r}: {what} holds a NUL", path=path)
+    return text.encode("utf-8")
+
+
+def _split(blob: bytes, n: int) -> list[str]:
+    if n == 0:
+        if blob:
+            raise ValueError("unexpected text")
+        return []
+    return blob.decode("utf-8").split("\x00")
