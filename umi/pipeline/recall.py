@@ -260,7 +260,9 @@ async def _recall(ctx: PipelineContext, query: str, opts: RecallOptions) -> Reca
     k = max(pool * 3, 20)  # each list searched as deep as a recall of `pool` would
     warnings: list[str] = []
     (qvec,) = await _embed_queries(ctx, [query], opts, warnings)
-    lists, deep, found = await ctx.read(_fast_path, ctx, query, qvec, filters, k, limit, pool, opts.deep_search,
+    # inline when the store allows; an as_of recall reads history, which a lazy store fetches
+    hop = ctx.read if opts.as_of is None else ctx.io
+    lists, deep, found = await hop(_fast_path, ctx, query, qvec, filters, k, limit, pool, opts.deep_search,
                                       opts.as_of)
     if not deep:
         assert found is not None
@@ -281,7 +283,7 @@ async def _recall(ctx: PipelineContext, query: str, opts: RecallOptions) -> Reca
         variants, weight = rule_rewrite(query), RULE_REWRITE_WEIGHT
     variants = [v for v in dict.fromkeys(variants) if v.strip().lower() != query.strip().lower()]
     vvecs = await _embed_queries(ctx, variants, opts, warnings) if variants else []
-    found = await ctx.read(_deep_path, ctx, lists, variants, vvecs, filters, k, pool, opts.as_of,
+    found = await hop(_deep_path, ctx, lists, variants, vvecs, filters, k, pool, opts.as_of,
                          weight)
     if reranker is not None:
         found = await _rerank(ctx, reranker, query, found, limit, warnings)

@@ -462,6 +462,10 @@ class EntityCache:
     def __contains__(self, eid: object) -> bool:
         return eid in self._row_of
 
+    def reads_from_memory(self) -> bool:
+        """True when no read needs the durable store (no vector left to fetch on demand)."""
+        return self._fetch_vectors is None or not bool(self._vec_pending[: self._n].any())
+
     def _entity_at(self, row: int) -> Entity:
         return clone_entity(self._ent(row), self._vec(row))
 

@@ -467,7 +467,12 @@ class CachedStore(TransactionMixin, StorageBackend):
         return type(self).__name__
 
     def inline_read_lock(self) -> Any:
-        return self._lock  # every read is served from the cache
+        # inline only while searches and get_many cannot reach the durable store: a lazily opened
+        # store with vectors still to fetch on demand keeps the thread hop (history, which a lazy
+        # store also fetches on demand, is not read inline: see umi.pipeline.recall)
+        if self._cache.reads_from_memory():
+            return self._lock
+        return None
 
     def _check_open(self) -> None:
         if self._closed:
