@@ -21,7 +21,16 @@ Measures, in one run:
 * recall latency p50/p95 at 10k and 100k stored memories through ``Memory.recall_sync``
   (vector + BM25 + name match, fused, hydrated), with the query embedding excluded
   (query vectors are precomputed; their embedding time is shown separately), against
-  chromadb ``collection.query`` (vector only) on the same vectors.
+  chromadb ``collection.query`` (vector only) on the same vectors;
+* the floor under that: a raw hnswlib ``knn_query`` (k=10, umi's ``ef_search``) on the same
+  vectors (umi's own graph when it has built one, else a graph built here with umi's
+  parameters), and recall p50 as a multiple of it;
+* the deep path with 3 query variants (a stub LLM answers the rewrite at once, variant vectors
+  precomputed) against the fast path: p50 and the ratio;
+* two writers whose LLM is slow (the Sim LLM behind a 200 ms ``asyncio.sleep`` per call), each
+  making ``--writers-n`` ``remember_sync`` calls from its own thread on one Memory, against one
+  writer alone: the wall time of both and the ratio (1.0: the writers overlap fully; 2.0: they
+  take turns).
 
 Vectors come from the Sim embedder (token-hashed, 384-d), computed once per text.
 ``--full`` adds nothing yet beyond 100k; ``--sizes 10000`` runs a subset.
@@ -203,7 +212,8 @@ def local_embedder_speed(texts: list[str]) -> dict:
     return {"texts_per_s": len(texts) / (time.perf_counter() - t0), "first_call_s": load}
 
 
-def build_umi(n: int, texts: list[str], vecs: np.ndarray, tmp: str, table: dict) -> tuple[umi.Memory, float]:
+def build_umi(n: int, texts: list[str], vecs: np.ndarray, tmp: str, table: dict,
+              llm: umi.SimLLMProvider | None = None) -> tuple[umi.Memory, float]:
     from umi.storage.duckdb import DuckDBStorageBackend
 
     st = DuckDBStorageBackend.connect(os.path.join(tmp, f"umi{n}.duckdb"), dim=vecs.shape[1])
@@ -215,7 +225,7 @@ def build_umi(n: int, texts: list[str], vecs: np.ndarray, tmp: str, table: dict)
             st.upsert(ents[i : i + 5000])
     dt = time.perf_counter() - t0
     st.build_vector_index()  # HNSW above 20k: build the graph before timing searches
-    m = umi.Memory(storage=st, embedder=PrecomputedEmbedder(table, vecs.shape[1]))
+    m = umi.Memory(storage=st, llm=llm, embedder=PrecomputedEmbedder(table, vecs.shape[1]))
     return m, n / dt
 
 
@@ -233,6 +243,95 @@ def build_chroma(n: int, texts: list[str], vecs: np.ndarray, tmp: str):
     return col, n / (time.perf_counter() - t0)
 
 
+# --- recall: the floor, the deep path, writers with a slow LLM ----------------------------------
+
+
+def variants_of(query: str) -> list[str]:
+    """The 3 rewrites the deep-path stub LLM answers for ``query``: distinct, and not the query."""
+    words = query.split()
+    return [" ".join(words[:-1]) + " facts", words[-1] + " " + words[0], " ".join(reversed(words))]
+
+
+class VariantsLLM(umi.SimLLMProvider):
+    """Answers ``rewrite_query`` with :func:`variants_of` at once (no thread hop, no latency), so
+    the deep path's time is search time."""
+
+    async def acomplete_json(self, system, prompt, schema, *, task):
+        if task == "rewrite_query":
+            from umi.pipeline.schemas import read_tag
+            from umi.providers.base import LLMResult
+
+            return LLMResult(data={"queries": variants_of(read_tag(prompt, "query"))}, usage=umi.Usage())
+        return self.complete_json(system, prompt, schema, task=task)
+
+
+class SlowLLM(umi.SimLLMProvider):
+    """The Sim LLM behind a fixed latency per call (an ``asyncio.sleep``: it waits as a remote API
+    does, holding no thread)."""
+
+    def __init__(self, seed: int, latency_s: float) -> None:
+        super().__init__(seed)
+        self.latency_s = latency_s
+
+    async def acomplete_json(self, system, prompt, schema, *, task):
+        import asyncio
+
+        await asyncio.sleep(self.latency_s)
+        return self.complete_json(system, prompt, schema, task=task)
+
+
+def time_raw_hnsw(st, vecs: np.ndarray, qv: np.ndarray) -> list[float]:
+    """Per-query ms of a bare hnswlib knn_query (k=10) on the store's vectors: umi's own graph when
+    built, else one built here with the index's parameters."""
+    import hnswlib
+
+    index = st._cache.index
+    graph = index._graph
+    if graph is None:
+        graph = hnswlib.Index(space="ip", dim=vecs.shape[1])
+        graph.init_index(max_elements=vecs.shape[0], M=index.M, ef_construction=index.ef_construction,
+                         random_seed=index.seed)
+        unit = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+        graph.add_items(unit.astype(np.float32), np.arange(vecs.shape[0]), num_threads=1)
+    graph.set_ef(index.ef_search)
+    for i in range(10):
+        graph.knn_query(qv[i], k=10, num_threads=1)
+    lat = []
+    for i in range(qv.shape[0]):
+        t0 = time.perf_counter()
+        graph.knn_query(qv[i], k=10, num_threads=1)
+        lat.append((time.perf_counter() - t0) * 1e3)
+    return lat
+
+
+def time_writers(n: int, tmp: str, latency_s: float = 0.2) -> dict:
+    """One writer's ``n`` remembers, then two writers' ``n`` each at once (two threads, one Memory)."""
+    import threading
+
+    texts = corpus(3 * n, seed=6)
+    out = {"remembers_per_writer": n, "llm_latency_ms": latency_s * 1e3}
+    for writers in (1, 2):
+        llm = SlowLLM(1, latency_s)
+        with umi.Memory(os.path.join(tmp, f"writers{writers}.duckdb"), llm=llm,
+                        embedder=umi.SimEmbeddingProvider(0, 384)) as m:
+            m.remember_sync("warm up: Zed works at Nowhere")
+
+            def work(part: list[str]) -> None:
+                for t in part:
+                    m.remember_sync(t)
+
+            threads = [threading.Thread(target=work, args=(texts[w * n:(w + 1) * n],)) for w in range(writers)]
+            t0 = time.perf_counter()
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            out[f"writers{writers}_s"] = time.perf_counter() - t0
+            out[f"writers{writers}_llm_calls"] = sum(llm.calls.values())
+    out["ratio"] = out["writers2_s"] / out["writers1_s"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="10000,100000")
@@ -241,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-chroma", action="store_true")
     ap.add_argument("--remember-many", type=int, default=10_000, help="texts for the remember_many case (0: skip)")
     ap.add_argument("--only-remember-many", action="store_true", help="run only the remember_many case")
+    ap.add_argument("--writers-n", type=int, default=20,
+                    help="remembers per writer in the two-writers-with-a-slow-LLM case (0: skip)")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     sim = umi.SimEmbeddingProvider(0, 384)
@@ -291,7 +392,10 @@ def main(argv: list[str] | None = None) -> int:
             qv = sim.embed(queries, kind="query")
             q_embed_ms = (time.perf_counter() - qt0) / len(queries) * 1e3
             table = {q: qv[i] for i, q in enumerate(queries)}
-            m, umi_ingest = build_umi(n, texts, vecs, tmp, table)
+            variant_texts = sorted({v for q in queries for v in variants_of(q)} - set(table))
+            table.update(zip(variant_texts, sim.embed(variant_texts, kind="query")))
+            # the stub LLM only rewrites for the deep path: the fast path (deep_search=False) never asks it
+            m, umi_ingest = build_umi(n, texts, vecs, tmp, table, llm=VariantsLLM(1))
             opts = RecallOptions(limit=10, deep_search=False)
             for q in queries[:10]:
                 m.recall_sync(q, opts)
@@ -307,11 +411,33 @@ def main(argv: list[str] | None = None) -> int:
                 hits = st.search_vector(qv[i], 10)
                 st.get_many([h for h, _ in hits])
                 vlat.append((time.perf_counter() - t0) * 1e3)
+            async def nothing() -> None:
+                return None
+
+            hop = []  # what the sync face's hop onto the Memory's loop thread and back costs alone
+            for _ in range(len(queries)):
+                t0 = time.perf_counter()
+                m._engine.runner.run(nothing())
+                hop.append((time.perf_counter() - t0) * 1e3)
+            hlat = time_raw_hnsw(st, vecs, qv)
+            deep_opts = RecallOptions(limit=10, deep_search=True)  # 3 variants from the stub LLM
+            for q in queries[:10]:
+                m.recall_sync(q, deep_opts)
+            dlat = []
+            for q in queries:
+                t0 = time.perf_counter()
+                m.recall_sync(q, deep_opts)
+                dlat.append((time.perf_counter() - t0) * 1e3)
             m.close()
             r = {"n": n, "umi_ingest_rows_s": umi_ingest, "sim_embed_texts_s": emb_rate,
                  "query_embed_ms": q_embed_ms,
                  "umi_recall_p50_ms": pct(lat, 50), "umi_recall_p95_ms": pct(lat, 95),
-                 "umi_vector_hydrate_p50_ms": pct(vlat, 50), "umi_vector_hydrate_p95_ms": pct(vlat, 95)}
+                 "umi_vector_hydrate_p50_ms": pct(vlat, 50), "umi_vector_hydrate_p95_ms": pct(vlat, 95),
+                 "sync_loop_hop_p50_ms": pct(hop, 50), "sync_loop_hop_p95_ms": pct(hop, 95),
+                 "raw_hnswlib_k10_p50_ms": pct(hlat, 50), "raw_hnswlib_k10_p95_ms": pct(hlat, 95),
+                 "recall_over_raw_hnswlib_p50": pct(lat, 50) / pct(hlat, 50),
+                 "deep3_recall_p50_ms": pct(dlat, 50), "deep3_recall_p95_ms": pct(dlat, 95),
+                 "deep3_over_fast_p50": pct(dlat, 50) / pct(lat, 50)}
             if not args.no_chroma:
                 col, chroma_ingest = build_chroma(n, texts, vecs, tmp)
                 for i in range(10):
@@ -334,6 +460,23 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((f"  of which vector search + hydrate, {n:,}",
                          f"{r['umi_vector_hydrate_p50_ms']:.3f} / {r['umi_vector_hydrate_p95_ms']:.3f} ms",
                          f"query embedding (Sim) {q_embed_ms:.3f} ms", ""))
+            rows.append((f"  of which the sync call's hop to the loop thread, {n:,}",
+                         f"{r['sync_loop_hop_p50_ms']:.3f} / {r['sync_loop_hop_p95_ms']:.3f} ms", "a no-op coroutine", ""))
+            rows.append((f"recall p50 vs raw hnswlib (k=10, same vectors), {n:,}",
+                         f"{r['umi_recall_p50_ms']:.2f} ms",
+                         f"hnswlib knn_query p50 {r['raw_hnswlib_k10_p50_ms']:.3f} ms (the floor)",
+                         f"{r['recall_over_raw_hnswlib_p50']:.1f}x"))
+            rows.append((f"deep-path recall, 3 variants, p50/p95, {n:,}",
+                         f"{r['deep3_recall_p50_ms']:.2f} / {r['deep3_recall_p95_ms']:.2f} ms",
+                         f"fast path p50 {r['umi_recall_p50_ms']:.2f} ms", f"{r['deep3_over_fast_p50']:.2f}x"))
+        if args.writers_n and not args.only_remember_many:
+            wr = time_writers(args.writers_n, tmp)
+            res["two_writers_slow_llm"] = wr
+            rows.append((f"2 writers x {wr['remembers_per_writer']} remembers, LLM {wr['llm_latency_ms']:.0f} ms/call",
+                         f"{wr['writers2_s']:.2f} s",
+                         f"1 writer x {wr['remembers_per_writer']}: {wr['writers1_s']:.2f} s "
+                         f"({wr['writers1_llm_calls']} / {wr['writers2_llm_calls']} LLM calls)",
+                         f"{wr['ratio']:.2f}x"))
     w = [max(len(str(r[i])) for r in rows) for i in range(4)]
     print(f"{'measure':<{w[0]}}  {'umi':<{w[1]}}  {'compared with':<{w[2]}}  ratio")
     for r in rows:

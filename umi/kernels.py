@@ -245,6 +245,18 @@ def _scan_block_many(
             if cnts[q + 3] < k or s3 > hs[q + 3, 0]:
                 _offer(hs, hi, cnts, q + 3, k, s3, i)
             q += 4
+        if q + 2 <= m:  # a pair: the deep recall path's 3 variants are a pair and one
+            s0 = np.float32(0.0)
+            s1 = np.float32(0.0)
+            for j in range(d):
+                r = vectors[i, j]
+                s0 += r * queries[q, j]
+                s1 += r * queries[q + 1, j]
+            if cnts[q] < k or s0 > hs[q, 0]:
+                _offer(hs, hi, cnts, q, k, s0, i)
+            if cnts[q + 1] < k or s1 > hs[q + 1, 0]:
+                _offer(hs, hi, cnts, q + 1, k, s1, i)
+            q += 2
         while q < m:
             s = _dot(vectors, i, queries[q])
             if cnts[q] < k or s > hs[q, 0]:

@@ -58,9 +58,12 @@ def test_get_returns_copies_and_the_store_keeps_its_own(backend: StorageBackend)
     assert got is not None
     got.metadata["k"] = "mutated"
     got.embedding[1] = 9.0  # type: ignore[index]
+    many = backend.get_many([e.id])[0]  # recall scores and annotates these in place
+    many.score, many.mentions, many.content = 0.5, ("Bob",), "changed in a get_many result"
     again = backend.get(e.id)
     assert again is not None
     assert again.content == "likes tea"
+    assert again.score is None and again.mentions == ()
     assert again.metadata == {"k": "v"}
     assert np.array_equal(again.embedding, vec(1, 0, 0))  # type: ignore[arg-type]
 
@@ -333,6 +336,24 @@ def test_search_vector_filters_inside_the_search(backend: StorageBackend) -> Non
     assert set(ids(res)) <= {e.id for e in far}
     assert [s for _, s in res] == sorted((s for _, s in res), reverse=True)
     assert backend.search_vector(vec(1, 0, 0, 0), 3, SearchFilters(metadata={"keep": "nope"})) == []
+
+
+def test_search_vector_many_answers_each_query_as_its_own_search(backend: StorageBackend) -> None:
+    # the deep recall path searches every query variant in one call: each answer must be the one
+    # search_vector gives, scores and tie order included, filters applied inside
+    rng = np.random.default_rng(11)
+    ents = [ent(f"E{i}", "e", emb=rng.standard_normal(8).astype(np.float32), meta={"odd": i % 2 == 1})
+            for i in range(60)]
+    ents += [ent("T1", "t", emb=vec(0, 0, 0, 0, 0, 0, 0, 3)), ent("T2", "t", emb=vec(0, 0, 0, 0, 0, 0, 0, 1))]
+    backend.upsert(ents)
+    queries = [rng.standard_normal(8).astype(np.float32) for _ in range(3)] + [vec(0, 0, 0, 0, 0, 0, 0, 1)]
+    for filters in (None, SearchFilters(metadata={"odd": True})):
+        got = backend.search_vector_many(queries, 5, filters)
+        assert got == [backend.search_vector(q, 5, filters) for q in queries]
+        assert all(len(hits) == 5 for hits in got)
+    assert backend.search_vector_many([], 5) == []
+    with pytest.raises(ValidationError, match="zero"):
+        backend.search_vector_many([queries[0], np.zeros(8, np.float32)], 5)
 
 
 def test_search_vector_validation(backend: StorageBackend) -> None:

@@ -159,11 +159,11 @@ def test_non_contiguous_input_is_accepted(path):
 def test_topk_many_agrees_with_topk(path):
     rng = np.random.default_rng(6)
     vecs = gaussian_unit(rng, 2000, 48)
-    queries = gaussian_unit(rng, 6, 48)  # one group of four queries and two single ones
+    six = gaussian_unit(rng, 6, 48)  # a group of four and a pair; three: a pair and a single
     mask = rng.random(2000) < 0.3
-    for m in (None, mask):
+    for m, queries in ((None, six), (mask, six), (None, six[:3]), (mask, six[:3])):
         rows, scores = kernels.topk_many(vecs, queries, 12, m)
-        assert rows.shape == (6, 12) and scores.shape == (6, 12)
+        assert rows.shape == (len(queries), 12) and scores.shape == (len(queries), 12)
         for i, q in enumerate(queries):
             r1, s1 = kernels.topk(vecs, q, 12, m)
             np.testing.assert_allclose(scores[i], s1, rtol=0, atol=48 * 2.0**-24)
@@ -173,7 +173,7 @@ def test_topk_many_agrees_with_topk(path):
             assert not differ.any() or all(
                 close[j].sum() > 1 or j == 11 for j in np.flatnonzero(differ)
             )
-    rows, _ = kernels.topk_many(vecs, queries[:0], 3)
+    rows, _ = kernels.topk_many(vecs, six[:0], 3)
     assert rows.shape == (0, 3)
 
 

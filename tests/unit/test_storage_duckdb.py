@@ -669,3 +669,24 @@ def test_a_raw_note_is_one_transaction_of_one_insert_per_table(tmp_path: Path) -
         assert m.count_sync() == 4
         assert [e.content for e in m.recall_sync("note 2 Lisbon", umi.RecallOptions(limit=1))] == [
             "note 2: Alice moved to Lisbon"]
+
+
+def test_inline_reads_only_while_every_read_is_in_memory(tmp_path) -> None:
+    # recall reads inline on its loop (no thread hop) only when no read can reach the database:
+    # a store whose vectors are still to be fetched on demand after a reopen keeps the hop
+    import numpy as np
+
+    from umi.storage.base import StorageBackend
+
+    path = tmp_path / "inline.duckdb"
+    st = DuckDBStorageBackend.connect(path, dim=4)
+    st.upsert([Entity("note", f"n{i}", f"text {i}", embedding=np.full(4, i + 1, np.float32)) for i in range(5)])
+    assert st.inline_read_lock() is st._lock
+    st.close()
+    st = DuckDBStorageBackend.connect(path, dim=4)
+    try:
+        assert st.inline_read_lock() is None
+        assert len(st.get_many([e.id for e in st.list()])) == 5  # reads work, on a thread
+    finally:
+        st.close()
+    assert StorageBackend.inline_read_lock(st) is None  # the protocol's default: always hop

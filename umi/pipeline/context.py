@@ -69,6 +69,20 @@ class PipelineContext:
     #: embedder's identity there, so a write that fails leaves no trace of it either)
     in_write: Callable[[], None] | None = None
 
+    async def read(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """A read-only ``fn(*args)`` over the store (recall's one read hop). When the store serves
+        reads from process memory and no other thread holds it right now, ``fn`` runs at once on
+        the loop (no thread hop: a fraction of a millisecond); otherwise on an I/O thread, as
+        :attr:`io` does, so the loop never waits for a writer's commit."""
+        inline = getattr(self.storage, "inline_read_lock", None)
+        lock = inline() if inline is not None else None
+        if lock is not None and lock.acquire(blocking=False):
+            try:
+                return fn(*args)
+            finally:
+                lock.release()
+        return await self.io(fn, *args)
+
     def begin_write(self) -> None:
         """Call first inside a pipeline's write transaction."""
         if self.in_write is not None:

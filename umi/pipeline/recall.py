@@ -27,7 +27,6 @@ with ``warnings`` (query embedding failed, vector search skipped, rewriting fail
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -87,12 +86,15 @@ def current_at(history: Sequence[Any], t: int) -> bool:
 
 
 def _ranked_lists(ctx: PipelineContext, query: str, qvec: np.ndarray | None, filters: SearchFilters,
-                  k: int, content_only: bool = False) -> list[Ranking]:
+                  k: int, content_only: bool = False,
+                  vector_hits: list[tuple[str, float]] | None = None) -> list[Ranking]:
     """The fast-path signals for one query, each a ranked id list (``content_only``: the vector
-    and keyword lists alone)."""
+    and keyword lists alone; ``vector_hits``: the vector search of ``qvec``, already made)."""
     lists: list[Sequence[str]] = []
     if qvec is not None:
-        lists.append([i for i, _ in ctx.storage.search_vector(qvec, k, filters)])
+        if vector_hits is None:
+            vector_hits = ctx.storage.search_vector(qvec, k, filters)
+        lists.append([i for i, _ in vector_hits])
     lists.append([i for i, _ in ctx.storage.search_text(query, k, filters)])
     if content_only:
         return list(lists)
@@ -150,7 +152,7 @@ def _statements(ctx: PipelineContext, fused: list[tuple[str, float]], limit: int
             if got is None:
                 if len(out) >= limit:
                     continue
-                rep = copy.copy(e)  # never mutate a backend's cached object
+                rep = e  # get_many hands out the caller's own copies (the storage contract)
                 rep.score = score
                 groups[key] = (rep, [e.name])
                 out.append(rep)
@@ -188,8 +190,12 @@ def _deep_path(ctx: PipelineContext, lists: list[Ranking], variants: list[str],
     variants are searched by vector and keywords only, weighing ``variant_weight``: their names and
     time words are the query's own, whose lists are already in ``lists``."""
     weights = [1.0] * len(lists)
+    # every variant's vector search in one call (one pass of the index over the vectors)
+    with_vec = [vv for vv in vvecs if vv is not None]
+    batched = iter(ctx.storage.search_vector_many(with_vec, k, filters) if with_vec else [])
     for v, vv in zip(variants, vvecs):
-        more = _ranked_lists(ctx, v, vv, filters, k, content_only=variant_weight != 1.0)
+        more = _ranked_lists(ctx, v, vv, filters, k, content_only=variant_weight != 1.0,
+                             vector_hits=next(batched) if vv is not None else None)
         lists.extend(more)
         weights.extend([variant_weight] * len(more))
     return _statements(ctx, rrf_fuse(lists, ctx.config.rrf_k, weights), limit, as_of)
@@ -225,7 +231,7 @@ async def _rerank(ctx: PipelineContext, reranker: Any, query: str, found: list[E
     by_id = {e.id: e for e in found}
     out = []
     for id_, score in rrf_fuse([[e.id for e in found], [found[i].id for i in by_score]], ctx.config.rrf_k)[:limit]:
-        e = by_id[id_]  # a copy made by _statements: setting its score touches no backend's object
+        e = by_id[id_]  # a get_many copy (see _statements): setting its score touches no backend's object
         e.score = score
         out.append(e)
     return out
@@ -254,7 +260,9 @@ async def _recall(ctx: PipelineContext, query: str, opts: RecallOptions) -> Reca
     k = max(pool * 3, 20)  # each list searched as deep as a recall of `pool` would
     warnings: list[str] = []
     (qvec,) = await _embed_queries(ctx, [query], opts, warnings)
-    lists, deep, found = await ctx.io(_fast_path, ctx, query, qvec, filters, k, limit, pool, opts.deep_search,
+    # inline when the store allows; an as_of recall reads history, which a lazy store fetches
+    hop = ctx.read if opts.as_of is None else ctx.io
+    lists, deep, found = await hop(_fast_path, ctx, query, qvec, filters, k, limit, pool, opts.deep_search,
                                       opts.as_of)
     if not deep:
         assert found is not None
@@ -275,7 +283,7 @@ async def _recall(ctx: PipelineContext, query: str, opts: RecallOptions) -> Reca
         variants, weight = rule_rewrite(query), RULE_REWRITE_WEIGHT
     variants = [v for v in dict.fromkeys(variants) if v.strip().lower() != query.strip().lower()]
     vvecs = await _embed_queries(ctx, variants, opts, warnings) if variants else []
-    found = await ctx.io(_deep_path, ctx, lists, variants, vvecs, filters, k, pool, opts.as_of,
+    found = await hop(_deep_path, ctx, lists, variants, vvecs, filters, k, pool, opts.as_of,
                          weight)
     if reranker is not None:
         found = await _rerank(ctx, reranker, query, found, limit, warnings)

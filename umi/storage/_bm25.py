@@ -7,6 +7,15 @@ the query's terms concatenated (``rows``, ``tfs``) with ``term_ptr`` marking whe
 term's list starts (a row appears at most once per term), accumulates scores in a dense
 per-row array and returns only rows that the filter ``mask`` lets through. Formula and
 constants: :mod:`umi.storage.text`.
+
+Top-k without scoring every posting's row (:meth:`PostingsIndex.score` with ``k``): a
+MaxScore-style early exit. Each term's upper bound is its score at its largest tf and shortest
+document; terms are taken by upper bound, highest first, and a row is admitted as a candidate
+only while the bounds of the terms still to come could lift a new row to the k-th best partial
+score. After that the remaining (common) terms only add to the candidates they hold. A row
+left out scores strictly below the k-th best, so the top k — and every row tied with the
+k-th, for the caller's tie-break by id — are among the candidates, whose scores are summed in
+the query's term order: the same bits as the exhaustive kernel's (held by a property test).
 """
 
 from __future__ import annotations
@@ -17,9 +26,10 @@ import numpy as np
 
 from .text import BM25_B, BM25_K1, bm25_idf
 
-__all__ = ["PostingsIndex", "bm25_candidates", "csr_add_docs", "top_rows"]
+__all__ = ["PostingsIndex", "bm25_candidates", "bm25_top_candidates", "csr_add_docs", "top_by_score_then_key"]
 
 _kernel: Any = None
+_pruned_kernel: Any = None
 
 
 def _compiled() -> Any:
@@ -31,6 +41,100 @@ def _compiled() -> Any:
 
         _kernel = njit(cache=True)(_bm25)
     return _kernel
+
+
+def _compiled_pruned() -> Any:
+    global _pruned_kernel
+    if _pruned_kernel is None:
+        from numba import njit
+
+        _pruned_kernel = njit(cache=True)(_bm25_pruned)
+    return _pruned_kernel
+
+
+#: relative slack on the early-exit test, far above float64 rounding of a few-term sum
+_BOUND_SLACK = 1e-9
+
+#: the early exit keeps one contribution per (posting, term) slot: beyond this many cells (a long
+#: query over long postings) the exhaustive kernel scores instead, with the same result
+PRUNED_CELLS_MAX = 1 << 22
+
+
+def _bm25_pruned(rows, tfs, term_ptr, idfs, doc_len, avgdl, mask, slot, k, k1, b):  # pragma: no cover - compiled
+    n_terms = idfs.shape[0]
+    # each term's upper bound: its score at its largest tf and its shortest document
+    ubs = np.zeros(n_terms, np.float64)
+    for t in range(n_terms):
+        if term_ptr[t + 1] == term_ptr[t]:
+            continue
+        tf_max = 0.0
+        dl_min = np.inf
+        for p in range(term_ptr[t], term_ptr[t + 1]):
+            v = float(tfs[p])
+            if v > tf_max:
+                tf_max = v
+            d = doc_len[rows[p]]
+            if d < dl_min:
+                dl_min = d
+        norm = k1 * (1.0 - b + b * dl_min / avgdl) if avgdl > 0.0 else k1
+        ubs[t] = idfs[t] * tf_max * (k1 + 1.0) / (tf_max + norm)
+    order = np.argsort(-ubs, kind="mergesort")
+    rest = np.zeros(n_terms + 1, np.float64)  # rest[j]: bound of the terms order[j:] together
+    for j in range(n_terms - 1, -1, -1):
+        rest[j] = rest[j + 1] + ubs[order[j]]
+    # room for every posting (never re-bound: arrays re-bound in a loop cost numba refcounting);
+    # np.empty touches no memory, each row is cleared when admitted
+    total = term_ptr[n_terms]
+    cand = np.empty(total, np.int64)
+    contrib = np.empty((total, n_terms), np.float64)
+    partial = np.empty(total, np.float64)
+    n = 0
+    admit = True
+    for j in range(n_terms):
+        if admit and j > 0 and n >= k:
+            theta = np.partition(partial[:n], n - k)[n - k]  # k-th best partial score: a lower bound
+            if rest[j] * (1.0 + _BOUND_SLACK) < theta * (1.0 - _BOUND_SLACK):
+                admit = False  # a row holding none of the terms so far cannot reach the k-th
+        t = order[j]
+        idf = idfs[t]
+        for p in range(term_ptr[t], term_ptr[t + 1]):
+            r = rows[p]
+            c = slot[r]
+            # a sparse set: slot[r] counts only when it points back at r, so a stale entry is harmless
+            if c < 0 or c >= n or cand[c] != r:
+                if not admit or not mask[r]:
+                    continue
+                c = n
+                slot[r] = c
+                cand[c] = r
+                partial[c] = 0.0
+                for u in range(n_terms):
+                    contrib[c, u] = 0.0
+                n += 1
+            tf = tfs[p]
+            norm = k1 * (1.0 - b + b * doc_len[r] / avgdl) if avgdl > 0.0 else k1
+            s = idf * tf * (k1 + 1.0) / (tf + norm)
+            contrib[c, t] = s
+            partial[c] += s
+    out_scores = np.empty(n, np.float64)
+    for c in range(n):
+        slot[cand[c]] = -1  # the scratch map is all -1 again for the next query
+        acc = 0.0
+        for t in range(n_terms):  # the query's term order, as the exhaustive kernel adds (x + 0.0 == x)
+            acc += contrib[c, t]
+        out_scores[c] = acc
+    return cand[:n].copy(), out_scores
+
+
+def bm25_top_candidates(rows: np.ndarray, tfs: np.ndarray, term_ptr: np.ndarray, idfs: np.ndarray,
+                        doc_len: np.ndarray, avgdl: float, mask: np.ndarray, slot: np.ndarray,
+                        k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, scores) of rows in ``mask`` holding a query term, including every row whose score
+    reaches the k-th best (ties included); rows that provably score below it may be left out.
+    Scores are those of :func:`bm25_candidates`. ``slot``: int64 scratch, ``-1`` for every row
+    (left so)."""
+    return _compiled_pruned()(rows, tfs, term_ptr, idfs, doc_len, float(avgdl), mask, slot, int(k),
+                              BM25_K1, BM25_B)
 
 
 def _bm25(rows, tfs, term_ptr, idfs, doc_len, avgdl, mask, n_rows, k1, b):  # pragma: no cover - compiled
@@ -64,14 +168,69 @@ def bm25_candidates(rows: np.ndarray, tfs: np.ndarray, term_ptr: np.ndarray, idf
     return _compiled()(rows, tfs, term_ptr, idfs, doc_len, float(avgdl), mask, mask.shape[0], BM25_K1, BM25_B)
 
 
-def top_rows(scores: np.ndarray, k: int) -> np.ndarray:
-    """Positions of the k best scores, plus every position tied with the k-th (so the caller
-    can break ties by id); unordered."""
+_select_kernel: Any = None
+
+
+def _select(scores, keys, k):  # pragma: no cover - compiled
+    """Positions of the k best by (score desc, key asc), plus any sharing the k-th's score and key."""
     n = scores.shape[0]
     if n <= k:
         return np.arange(n)
-    kth = np.partition(scores, n - k)[n - k]
-    return np.flatnonzero(scores >= kth)
+    heap = np.empty(k, np.int64)  # the k best so far; heap[0] the worst of them
+    for i in range(n):
+        if i < k:
+            heap[i] = i
+            c = i
+            while c > 0:  # sift up: a worse child goes to the root
+                par = (c - 1) // 2
+                a, b = heap[c], heap[par]
+                if scores[a] < scores[b] or (scores[a] == scores[b] and keys[a] > keys[b]):
+                    heap[c], heap[par] = b, a
+                    c = par
+                else:
+                    break
+            continue
+        w = heap[0]
+        if scores[i] < scores[w] or (scores[i] == scores[w] and keys[i] >= keys[w]):
+            continue  # not better than the worst kept (an equal key is taken in the second pass)
+        heap[0] = i
+        c = 0
+        while True:  # sift down
+            lo, hi = 2 * c + 1, 2 * c + 2
+            m = c
+            if lo < k:
+                a, b = heap[lo], heap[m]
+                if scores[a] < scores[b] or (scores[a] == scores[b] and keys[a] > keys[b]):
+                    m = lo
+            if hi < k:
+                a, b = heap[hi], heap[m]
+                if scores[a] < scores[b] or (scores[a] == scores[b] and keys[a] > keys[b]):
+                    m = hi
+            if m == c:
+                break
+            heap[c], heap[m] = heap[m], heap[c]
+            c = m
+    ws, wk = scores[heap[0]], keys[heap[0]]
+    out = np.empty(n, np.int64)
+    n_out = 0
+    for i in range(n):
+        if scores[i] > ws or (scores[i] == ws and keys[i] <= wk):
+            out[n_out] = i
+            n_out += 1
+    return out[:n_out].copy()
+
+
+def top_by_score_then_key(scores: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
+    """Positions (unordered) of the k best by score descending, then key ascending, plus every
+    position whose score and key equal the k-th's. With ``keys`` from
+    :func:`umi.storage._hotcache.id_order_keys` the k best by (score, id) are among them: a
+    smaller key means a smaller id, and equal keys are all kept for the caller to compare."""
+    global _select_kernel
+    if _select_kernel is None:
+        from numba import njit
+
+        _select_kernel = njit(cache=True)(_select)
+    return _select_kernel(scores, keys, int(k))
 
 
 def csr_add_docs(terms: list[str], offsets: np.ndarray, rows: np.ndarray, tfs: np.ndarray,
@@ -149,6 +308,8 @@ class PostingsIndex:
         self._base_off = np.zeros(1, np.int64)
         self._base_rows = np.zeros(0, np.int64)
         self._base_tfs = np.zeros(0, np.float64)
+        # row -> candidate position while a top-k query runs; -1 between queries
+        self._slot = np.full(0, -1, np.int64)
 
     def load(self, terms: list[str], offsets: np.ndarray, rows: np.ndarray, tfs: np.ndarray) -> None:
         """Replace everything with CSR postings: term i owns ``rows[offsets[i]:offsets[i + 1]]``."""
@@ -219,8 +380,10 @@ class PostingsIndex:
         return 0 if base is None else int(base[0].shape[0])
 
     def score(self, terms: Sequence[str], n_docs: int, avg_doc_len: float, doc_len: np.ndarray,
-              mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, BM25 scores) of the rows in ``mask`` holding at least one of ``terms`` (distinct)."""
+              mask: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, BM25 scores) of the rows in ``mask`` holding at least one of ``terms`` (distinct).
+        With ``k``: only the rows that may rank in the top ``k`` or tie with the k-th are sure to
+        be there (:func:`bm25_top_candidates`)."""
         arrays = []
         for t in terms:
             p = self._post.get(t)
@@ -234,4 +397,8 @@ class PostingsIndex:
         rows = np.concatenate([a[0] for a in arrays]) if len(arrays) > 1 else arrays[0][0]
         tfs = np.concatenate([a[1] for a in arrays]) if len(arrays) > 1 else arrays[0][1]
         idfs = np.array([bm25_idf(n_docs, a[0].shape[0]) for a in arrays], np.float64)
-        return bm25_candidates(rows, tfs, ptr, idfs, doc_len, avg_doc_len, mask)
+        if k is None or rows.shape[0] * len(arrays) > PRUNED_CELLS_MAX:
+            return bm25_candidates(rows, tfs, ptr, idfs, doc_len, avg_doc_len, mask)
+        if self._slot.shape[0] < mask.shape[0]:
+            self._slot = np.full(max(mask.shape[0], int(self._slot.shape[0] * 1.5)), -1, np.int64)
+        return bm25_top_candidates(rows, tfs, ptr, idfs, doc_len, avg_doc_len, mask, self._slot, k)

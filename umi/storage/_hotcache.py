@@ -19,9 +19,7 @@ Not thread-safe on its own: its owner serialises access.
 
 from __future__ import annotations
 
-import heapq
 import itertools
-from operator import itemgetter
 
 import builtins
 import random
@@ -34,7 +32,7 @@ import numpy as np
 from ..errors import StorageError
 from ..types import Entity, EntityType, normalize_name
 from . import filters as F
-from ._bm25 import PostingsIndex, csr_add_docs, top_rows
+from ._bm25 import PostingsIndex, csr_add_docs, top_by_score_then_key
 from ._common import clone_entity
 from .filters import TYPE_CODES, NormFilters, meta_key
 from .text import document_terms
@@ -102,6 +100,7 @@ class EntityCache:
         self._vec_read: dict[int, np.ndarray] = {}
         self._fetch_vectors: Callable[[builtins.list[str]], tuple[builtins.list[str], np.ndarray]] | None = None
         self._row_slot = np.zeros(0, np.int64)
+        self._id_key = np.zeros(0, np.uint64)  # row -> id_order_keys of its id (ties broken by id)
         self._vecs: np.ndarray | None = None
         self._slot_row = np.full(0, -1, np.int64)
         # normalised name -> its row, or the set of its rows when several share it (a set per
@@ -142,6 +141,7 @@ class EntityCache:
         self._has_vec = g(self._has_vec, False)
         self._vec_pending = g(self._vec_pending, False)
         self._row_slot = g(self._row_slot, -1)
+        self._id_key = g(self._id_key)
         for k, arr in self._meta_codes.items():
             self._meta_codes[k] = g(arr)
         if self._vecs is not None:
@@ -339,6 +339,7 @@ class EntityCache:
             self._ents.append(None)
             self._row_ids.append(eid)
             self._row_of[eid] = row
+            self._id_key[row] = id_order_keys([eid])[0]
         self._index_row(row, new, terms)
         if vec is not None:
             self._own_vectors(self._cap)
@@ -471,6 +472,10 @@ class EntityCache:
     def __contains__(self, eid: object) -> bool:
         return eid in self._row_of
 
+    def reads_from_memory(self) -> bool:
+        """True when no read needs the durable store (no vector left to fetch on demand)."""
+        return self._fetch_vectors is None or not bool(self._vec_pending[: self._n].any())
+
     def _entity_at(self, row: int) -> Entity:
         e = clone_entity(self._ent(row), self._vec(row))
         e.passage_embeddings = self._pass.get(row)  # read-only
@@ -597,16 +602,28 @@ class EntityCache:
         any_eligible, mask = self._slot_mask(nf)
         if not any_eligible:
             return []
-        res = self.index.search(q, k, mask=mask)
-        out = [(str(i), float(s)) for i, s in res]
-        if self._pass:  # a fact scores the best of its vector and its passages': one hit per fact
-            best = dict(out)
-            for i, s in self._passage_hits(q, k, nf):
-                if s > best.get(i, -2.0):
-                    best[i] = s
-            out = list(best.items())
-        out.sort(key=lambda t: (-t[1], t[0]))
-        return out[:k]
+        return self._with_passages(q, self.index.search(q, k, mask=mask), k, nf)
+
+    def search_vector_many(self, qs: np.ndarray, k: int, nf: NormFilters) -> builtins.list[builtins.list[tuple[str, float]]]:
+        """:meth:`search_vector` for each row of ``qs`` (unit float32), in one index call."""
+        if self.index is None or self._n_vecs == 0 or nf.empty:
+            return [[] for _ in range(qs.shape[0])]
+        any_eligible, mask = self._slot_mask(nf)
+        if not any_eligible:
+            return [[] for _ in range(qs.shape[0])]
+        return [self._with_passages(q, res, k, nf)
+                for q, res in zip(qs, self.index.search_many(qs, k, mask=mask))]
+
+    def _with_passages(self, q: np.ndarray, res: Iterable[tuple[Any, Any]], k: int,
+                       nf: NormFilters) -> builtins.list[tuple[str, float]]:
+        """The index's hits, each fact at the best of its vector and its passages': one hit per fact."""
+        if not self._pass:
+            return _ranked(res, k)
+        best = {str(i): float(s) for i, s in res}
+        for i, s in self._passage_hits(q, k, nf):
+            if s > best.get(i, -2.0):
+                best[i] = s
+        return _ranked(best.items(), k)
 
     def _passage_hits(self, q: np.ndarray, k: int, nf: NormFilters) -> builtins.list[tuple[str, float]]:
         """The ``k`` facts (that ``nf`` lets through) whose best passage is nearest ``q``, with that
@@ -644,27 +661,16 @@ class EntityCache:
             return []
         mask = self.row_mask(nf)
         cand, scores = self._postings.score(terms, self._n_alive, self._total_len / self._n_alive,
-                                            self._doc_len[: self._n], mask)
+                                            self._doc_len[: self._n], mask, k)
         if cand.shape[0] == 0:
             return []
-        sel = top_rows(scores, k)
+        # the k best by (score, id): the kernel ranks by (score, id-order key) and keeps every
+        # row sharing the k-th's key too; those few are ordered by the ids themselves
+        sel = top_by_score_then_key(scores, self._id_key[cand], k)
         ids = self._row_ids
-        if sel.shape[0] <= k:
-            out = [(ids[int(cand[i])], float(scores[i])) for i in sel]
-            out.sort(key=lambda t: (-t[1], t[0]))
-            return out
-        # More rows tie with the k-th score than fit (common: BM25 gives equal scores to equal
-        # documents). Rank those above the tie in Python, and pick the tied rows with the
-        # smallest ids with a bounded heap over their id strings (no sort of every tied row).
-        sub = scores[sel]
-        kth = sub.min()
-        above = sel[sub > kth]
-        out = [(ids[int(cand[i])], float(scores[i])) for i in above]
+        out = [(ids[r], s) for r, s in zip(cand[sel].tolist(), scores[sel].tolist())]
         out.sort(key=lambda t: (-t[1], t[0]))
-        tied_rows = cand[sel[sub == kth]].tolist()
-        tied_ids = itemgetter(*tied_rows)(ids) if len(tied_rows) > 1 else (ids[tied_rows[0]],)
-        out.extend((i, float(kth)) for i in heapq.nsmallest(k - len(out), tied_ids))
-        return out
+        return out[:k]
 
     # --- bulk load and the vector index -------------------------------------------------
     def bulk_load(self, rows: "LoadedRows") -> None:
@@ -678,6 +684,7 @@ class EntityCache:
         self._ents = [None] * n
         self._row_ids = list(rows.ids)
         self._row_of = dict(zip(rows.ids, range(n)))
+        self._id_key[:n] = id_order_keys(self._row_ids)
         self._lazy = rows.materialise
         self._alive[:n] = True
         self._type[:n] = rows.type_codes
@@ -881,6 +888,21 @@ class LoadedRows:
     materialise: Callable[[int], Entity] = field(repr=False, default=None)  # type: ignore[assignment]
     #: with ``vectors`` None: ``fetch_vectors(ids) -> (ids, matrix)`` reads stored vectors on demand
     fetch_vectors: Callable[[list[str]], tuple[list[str], np.ndarray]] | None = field(repr=False, default=None)
+
+
+def _ranked(res: Iterable[tuple[Any, Any]], k: int) -> builtins.list[tuple[str, float]]:
+    """An index's hits as (id, score), score descending then id, at most ``k``."""
+    out = [(str(i), float(s)) for i, s in res]
+    out.sort(key=lambda t: (-t[1], t[0]))
+    return out[:k]
+
+
+def id_order_keys(ids: Sequence[str]) -> np.ndarray:
+    """uint64 keys in id order: the first 8 bytes of each id's UTF-8, big-endian, zero-padded.
+    UTF-8 byte order is code point order (Python's ``str`` order), so ``key(a) < key(b)`` implies
+    ``a < b``; equal keys say nothing (the ids are compared themselves)."""
+    raw = np.array([i.encode("utf-8", "surrogatepass")[:8] for i in ids], dtype="S8")
+    return raw.view(">u8").astype(np.uint64) if raw.shape[0] else np.zeros(0, np.uint64)
 
 
 def _same_direction(a: np.ndarray, b: np.ndarray) -> bool:

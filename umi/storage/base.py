@@ -192,6 +192,12 @@ class StorageBackend(abc.ABC):
     #: committed writes survive the process (False for ``:memory:`` and Sim).
     durable: bool = False
 
+    def inline_read_lock(self) -> Any:
+        """The lock every read holds, when reads are served from process memory (no I/O, no
+        waiting): a caller on an event loop that takes it without blocking may read inline instead
+        of hopping to a thread. ``None`` (the default): reads may do I/O; always hop."""
+        return None
+
     # --- entities ----------------------------------------------------------
     @abc.abstractmethod
     def upsert(self, entities: Sequence[Entity]) -> None:
@@ -202,7 +208,8 @@ class StorageBackend(abc.ABC):
 
     @abc.abstractmethod
     def get_many(self, entity_ids: Sequence[str]) -> builtins.list[Entity]:
-        """Entities in the order of ``entity_ids``; ids with no entity are skipped."""
+        """Entities in the order of ``entity_ids``; ids with no entity are skipped. Each is the
+        caller's own copy (changing it changes nothing stored)."""
 
     @abc.abstractmethod
     def delete(self, entity_id: str, at: int | None = None) -> bool:
@@ -231,6 +238,13 @@ class StorageBackend(abc.ABC):
     @abc.abstractmethod
     def search_vector(self, vector: np.ndarray, k: int, filters: SearchFilters | None = None) -> builtins.list[tuple[str, float]]:
         """Top-k (id, cosine similarity) among entities with an embedding that match ``filters``."""
+
+    def search_vector_many(self, vectors: Sequence[np.ndarray], k: int, filters: SearchFilters | None = None
+                           ) -> builtins.list[builtins.list[tuple[str, float]]]:
+        """:meth:`search_vector` for each of ``vectors``, in order, each answer the same as its own
+        call's. Backends with an in-process index answer them all in one pass (the deep recall path
+        searches every query variant at once); this default asks one at a time."""
+        return [self.search_vector(v, k, filters) for v in vectors]
 
     @abc.abstractmethod
     def search_text(self, query: str, k: int, filters: SearchFilters | None = None) -> builtins.list[tuple[str, float]]:

@@ -471,6 +471,14 @@ class CachedStore(TransactionMixin, StorageBackend):
     def _describe(self) -> str:
         return type(self).__name__
 
+    def inline_read_lock(self) -> Any:
+        # inline only while searches and get_many cannot reach the durable store: a lazily opened
+        # store with vectors still to fetch on demand keeps the thread hop (history, which a lazy
+        # store also fetches on demand, is not read inline: see umi.pipeline.recall)
+        if self._cache.reads_from_memory():
+            return self._lock
+        return None
+
     def _check_open(self) -> None:
         if self._closed:
             raise StorageError(f"this {self._describe()} is closed")
@@ -697,6 +705,16 @@ class CachedStore(TransactionMixin, StorageBackend):
             if q is None:
                 return []
             return self._cache.search_vector(q, k, nf)
+
+    def search_vector_many(self, vectors: Sequence[np.ndarray], k: int, filters: SearchFilters | None = None
+                           ) -> builtins.list[builtins.list[tuple[str, float]]]:
+        k = check_k(k)
+        nf = F.normalise(filters)
+        with self._reading("search_vector_many"):
+            qs = [check_query_vector(v, self._cache.dim) for v in vectors]
+            if not qs or qs[0] is None:  # no vectors stored yet
+                return [[] for _ in qs]
+            return self._cache.search_vector_many(np.stack([q for q in qs if q is not None]), k, nf)
 
     def search_text(self, query: str, k: int, filters: SearchFilters | None = None
                     ) -> builtins.list[tuple[str, float]]:

@@ -1,0 +1,168 @@
+"""Keyword top-k with an early exit answers exactly what scoring every posting answers.
+
+The store's BM25 top-k admits only rows that can still reach the k-th best score
+(umi.storage._bm25) and breaks ties at the k-th by an id-order key column
+(umi.storage._hotcache.id_order_keys). Both are held here against the exhaustive scorer:
+same rows, same order, the same score bits — on small vocabularies (common words, many
+tied documents), with filters, rewritten and forgotten documents, and ids that share long
+prefixes (equal keys).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from umi.storage import filters as F
+from umi.storage._bm25 import bm25_candidates, bm25_top_candidates, top_by_score_then_key
+from umi.storage._hotcache import id_order_keys
+from umi.storage.base import SearchFilters
+from umi.storage.sim import SimStorageBackend
+from umi.storage.text import query_terms
+from umi.types import Entity
+
+WORDS = ["acme", "corp", "works", "berlin", "chess", "violin", "engineer", "paris", "rare", "unique"]
+
+
+def exhaustive(store: SimStorageBackend, query: str, k: int, filters: SearchFilters | None) -> list[tuple[str, float]]:
+    """Every row holding a query term scored (the kernel without early exit), sorted by score then id."""
+    c = store._cache
+    terms = query_terms(query)
+    nf = F.normalise(filters)
+    if not terms or nf.empty or c._n_alive == 0:
+        return []
+    rows, scores = c._postings.score(terms, c._n_alive, c._total_len / c._n_alive, c._doc_len[: c._n],
+                                     c.row_mask(nf))
+    ranked = sorted(((c._row_ids[int(r)], float(s)) for r, s in zip(rows, scores)), key=lambda t: (-t[1], t[0]))
+    return ranked[:k]
+
+
+docs = st.lists(st.lists(st.sampled_from(WORDS), min_size=1, max_size=6), min_size=1, max_size=60)
+
+
+@settings(max_examples=60, deadline=None)
+@given(docs=docs, query=st.lists(st.sampled_from(WORDS), min_size=1, max_size=4),
+       k=st.integers(1, 12), prefix_len=st.integers(0, 12), rewrite=st.integers(0, 5),
+       forget=st.integers(0, 5), only_notes=st.booleans(), data=st.data())
+def test_store_top_k_equals_the_exhaustive_ranking(docs: list[list[str]], query: list[str], k: int,
+                                                   prefix_len: int, rewrite: int, forget: int,
+                                                   only_notes: bool, data: st.DataObject) -> None:
+    store = SimStorageBackend(seed=0)
+    # ids sharing their first `prefix_len` characters (past 8, their order keys are all equal), in an
+    # order unrelated to the order they are stored in
+    order = data.draw(st.permutations(range(len(docs))))
+    ents = [Entity("note" if i % 2 else "person", f"n{i}", " ".join(words), id=f"{'x' * prefix_len}{order[i]:03d}")
+            for i, words in enumerate(docs)]
+    store.upsert(ents)
+    for i in range(min(rewrite, len(ents))):  # changed terms: their postings leave the bulk arrays
+        e = ents[data.draw(st.integers(0, len(ents) - 1))]
+        store.upsert([Entity(e.entity_type, e.name, " ".join(data.draw(st.lists(st.sampled_from(WORDS), min_size=1,
+                                                                                max_size=6))), id=e.id)])
+    for _ in range(min(forget, len(ents) - 1)):
+        store.delete(ents[data.draw(st.integers(0, len(ents) - 1))].id)
+    filters = SearchFilters(entity_types=["note"]) if only_notes else None
+    q = " ".join(query)
+    got = store.search_text(q, k, filters)
+    assert got == exhaustive(store, q, k, filters)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_pruned_kernel_keeps_every_row_that_can_rank_and_its_exact_score(data: st.DataObject) -> None:
+    n_rows = data.draw(st.integers(1, 80))
+    n_terms = data.draw(st.integers(1, 5))
+    rows_l, tfs_l, ptr = [], [], [0]
+    for _ in range(n_terms):
+        rows = sorted(data.draw(st.sets(st.integers(0, n_rows - 1), max_size=n_rows)))
+        rows_l += rows
+        tfs_l += [float(data.draw(st.integers(1, 4))) for _ in rows]
+        ptr.append(len(rows_l))
+    rows = np.array(rows_l, np.int64)
+    tfs = np.array(tfs_l, np.float64)
+    term_ptr = np.array(ptr, np.int64)
+    idfs = np.array([data.draw(st.floats(0.0, 5.0)) for _ in range(n_terms)], np.float64)
+    doc_len = np.array([float(data.draw(st.integers(1, 9))) for _ in range(n_rows)], np.float64)
+    avgdl = float(doc_len.mean())
+    mask = np.array([data.draw(st.booleans()) or i % 3 == 0 for i in range(n_rows)], np.bool_)
+    k = data.draw(st.integers(1, 10))
+    slot = np.full(n_rows, -1, np.int64)
+    slot[: n_rows // 2] = data.draw(st.integers(-1, 3 * n_rows))  # stale scratch entries are harmless
+    all_rows, all_scores = bm25_candidates(rows, tfs, term_ptr, idfs, doc_len, avgdl, mask)
+    got_rows, got_scores = bm25_top_candidates(rows, tfs, term_ptr, idfs, doc_len, avgdl, mask, slot, k)
+    full = dict(zip(all_rows.tolist(), all_scores.tolist()))
+    got = dict(zip(got_rows.tolist(), got_scores.tolist()))
+    assert len(got) == got_rows.shape[0]  # no row twice
+    assert all(full[r] == s for r, s in got.items())  # the same bits, and only rows the full scorer has
+    if all_scores.shape[0]:
+        kth = np.sort(all_scores)[::-1][min(k, all_scores.shape[0]) - 1]
+        assert {r for r, s in full.items() if s >= kth} <= set(got)  # everything that ranks or ties
+
+
+def test_pruning_keeps_a_row_of_a_later_term_that_outscores_the_kth() -> None:
+    # 'a' has the highest bound (row 0: tf 4, short), so it is taken first and admits rows 0 and 1;
+    # row 1's partial score (1.39) is the 2nd best then, below what 'b' alone gives row 2 (1.92)
+    rows = np.array([0, 1, 2], np.int64)
+    tfs = np.array([4.0, 1.0, 1.0])
+    term_ptr = np.array([0, 2, 3], np.int64)
+    idfs = np.array([2.0, 1.5])
+    doc_len = np.array([2.0, 9.0, 2.0])
+    mask = np.ones(3, np.bool_)
+    got_rows, got_scores = bm25_top_candidates(rows, tfs, term_ptr, idfs, doc_len, float(doc_len.mean()), mask,
+                                               np.full(3, -1, np.int64), 2)
+    all_rows, all_scores = bm25_candidates(rows, tfs, term_ptr, idfs, doc_len, float(doc_len.mean()), mask)
+    assert dict(zip(got_rows.tolist(), got_scores.tolist())) == dict(zip(all_rows.tolist(), all_scores.tolist()))
+
+
+def test_pruning_skips_rows_that_cannot_rank() -> None:
+    # 'rare' decides the top 2; 'common' is held by every row and cannot lift a row without 'rare'
+    n = 50
+    rare = [3, 7, 11]
+    rows = np.array(rare + list(range(n)), np.int64)
+    tfs = np.ones(rows.shape[0], np.float64)
+    term_ptr = np.array([0, len(rare), rows.shape[0]], np.int64)
+    idfs = np.array([3.0, 0.05])
+    doc_len = np.full(n, 5.0)
+    mask = np.ones(n, np.bool_)
+    slot = np.full(n, -1, np.int64)
+    got_rows, _ = bm25_top_candidates(rows, tfs, term_ptr, idfs, doc_len, 5.0, mask, slot, 2)
+    assert sorted(got_rows.tolist()) == rare
+    all_rows, _ = bm25_candidates(rows, tfs, term_ptr, idfs, doc_len, 5.0, mask)
+    assert all_rows.shape[0] == n
+
+
+@given(st.lists(st.text(min_size=0, max_size=12), min_size=2, max_size=30))
+def test_id_order_keys_never_contradict_string_order(ids: list[str]) -> None:
+    keys = id_order_keys(ids).tolist()
+    for a, ka in zip(ids, keys):
+        for b, kb in zip(ids, keys):
+            if ka < kb:
+                assert a < b
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 6)), min_size=0, max_size=40), st.integers(1, 12))
+def test_selection_by_score_then_key_holds_the_k_best_and_every_boundary_twin(pairs: list[tuple[int, int]],
+                                                                             k: int) -> None:
+    scores = np.array([float(s) for s, _ in pairs], np.float64)
+    keys = np.array([key for _, key in pairs], np.uint64)
+    got = sorted(top_by_score_then_key(scores, keys, k).tolist())
+    order = sorted(range(len(pairs)), key=lambda i: (-pairs[i][0], pairs[i][1]))
+    if len(pairs) <= k:
+        assert got == list(range(len(pairs)))
+        return
+    kth = pairs[order[k - 1]]
+    # the k best, and everything equal to the k-th in both score and key (ids decide among those)
+    assert got == sorted(i for i in range(len(pairs)) if (-pairs[i][0], pairs[i][1]) <= (-kth[0], kth[1]))
+
+
+def test_a_query_too_long_for_the_early_exit_is_scored_exhaustively_with_the_same_answer(monkeypatch) -> None:
+    from umi.storage import _bm25
+
+    store = SimStorageBackend(seed=0)
+    store.upsert([Entity("note", f"n{i}", " ".join(WORDS[j] for j in range(i % 7 + 1)), id=f"id{(i * 37) % 101:03d}")
+                  for i in range(60)])
+    query = "acme corp works berlin chess"
+    pruned = store.search_text(query, 5)
+    monkeypatch.setattr(_bm25, "PRUNED_CELLS_MAX", 1)
+    assert store.search_text(query, 5) == pruned == exhaustive(store, query, 5, None)
