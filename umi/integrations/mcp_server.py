@@ -365,7 +365,7 @@ async def serve_http(server: MCPServer, host: str, port: int, *,
                      announce: Callable[[str], None] | None = None) -> None:
     """Serve streamable HTTP at ``http://host:port/mcp`` (port 0 picks a free one).
 
-    ``announce`` gets the URL once the socket is bound (``umi mcp`` prints it on stderr).
+    ``announce`` gets the URL once the socket is bound and listening (``umi mcp`` prints it on stderr).
     """
     import uvicorn
 
@@ -377,6 +377,9 @@ async def serve_http(server: MCPServer, host: str, port: int, *,
     except OSError as exc:
         sock.close()
         raise UmiError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    # listening before the URL is announced: a client that connects while uvicorn is still starting
+    # waits in the backlog instead of being refused (seen on a loaded machine)
+    sock.listen(2048)
     bound_port = sock.getsockname()[1]
     app = server.streamable_http_app(host=host)
     config = uvicorn.Config(app, log_level="warning", lifespan="on")
