@@ -34,10 +34,8 @@ thread makes construction deterministic: the same adds in the same order with th
 same ``seed`` give the same graph and the same results.
 
 Persistence: :meth:`save` writes ``path`` (header, ids, vectors, CRC-32) and, when
-the graph is built, a sibling ``<path>.<token>.hnsw`` that the header names together
-with its size and CRC-32; each file is written to a temp file in the same directory,
-fsynced and ``os.replace``-d, the graph first, so a crash leaves either the old pair
-or the new pair. :meth:`load` verifies everything and raises
+the graph is built, a sibling ``<path>.<token>.hnsw`` — the format and the crash rules
+live in :mod:`umi._index_file`. :meth:`load` verifies everything and raises
 :class:`umi.errors.IndexCacheError` on any mismatch; the caller then rebuilds from
 the store. A graph that was not saved is built by :meth:`load` when the index has
 reached ``hnsw_threshold`` (or left to the first search, ``build_graph=False``).
@@ -50,20 +48,16 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import json
 import math
 import os
-import secrets
-import struct
 import threading
-import zlib
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import IndexCacheError, InvalidConfigError, InvalidLimitError, ValidationError
+from . import _index_file
+from .errors import InvalidConfigError, InvalidLimitError, ValidationError
 
 __all__ = ["EXACT_SELECTIVITY", "INDEX_DIM_MAX", "SEARCH_K_MAX", "VectorIndex"]
 
@@ -76,13 +70,8 @@ SEARCH_K_MAX = 10_000
 #: largest vector dimension accepted
 INDEX_DIM_MAX = 65_536
 
-_MAGIC = b"UMIVIDX\x01"
-_END = b"UMIVEND\x01"
-_FORMAT_VERSION = 1
 _MIN_GROW = 64
 #: map saved vectors instead of reading them (POSIX: a mapped file can still be replaced)
-_MAP_VECTORS = os.name == "posix"
-_CHUNK = 1 << 24  # bytes per read when checksumming
 _HNSW_K_MIN_EXACT = 256  # k above this and above len/16 goes exact
 _BATCH_PAD = 8  # extra candidates per query fetched by the batch scan
 _UNIT_TOLERANCE = 4e-7  # |norm - 1| within which a row counts as normalised (~3 float32 ulps)
@@ -619,86 +608,10 @@ class VectorIndex:
             return None  # hnswlib could not find `fetch` neighbours (deletions, strict filter)
         return labels[0].astype(np.int64)
 
-    # --- persistence ---------------------------------------------------------------------
+    # --- persistence (the file format: umi._index_file) ------------------------------------
     def save(self, path: str | os.PathLike[str], generation: int) -> None:
         """Write the index to ``path`` atomically, tagged with the store ``generation``."""
-        generation = _check_int("generation", generation, 0, 2**63 - 1, ValidationError)
-        path = Path(os.fspath(path))
-        directory = path.parent
-        if not directory.is_dir():
-            raise IndexCacheError(
-                f"cannot save index: directory {str(directory)!r} does not exist", path=str(path)
-            )
-        with self._lock:
-            hw = len(self._ids)
-            graph_meta = None
-            graph_tmp = None
-            token = secrets.token_hex(6)
-            try:
-                if self._graph is not None:
-                    graph_name = f"{path.name}.{token}.hnsw"
-                    graph_tmp = directory / f".{graph_name}.tmp"
-                    self._graph.save_index(str(graph_tmp))
-                    size, crc = _file_crc(graph_tmp)
-                    graph_meta = {"file": graph_name, "size": size, "crc32": crc}
-                ids_blob = json.dumps(self._ids, ensure_ascii=False, separators=(",", ":")).encode(
-                    "utf-8"
-                )
-                header = {
-                    "format": _FORMAT_VERSION,
-                    "dim": self.dim,
-                    "high_water": hw,
-                    "count": len(self._slot),
-                    "generation": generation,
-                    "params": {
-                        "hnsw_threshold": self.hnsw_threshold,
-                        "M": self.M,
-                        "ef_construction": self.ef_construction,
-                        "ef_search": self.ef_search,
-                        "seed": self.seed,
-                    },
-                    "capacity": self.capacity,
-                    "ids_bytes": len(ids_blob),
-                    "vector_bytes": hw * self.dim * 4,
-                    "graph": graph_meta,
-                }
-                head_blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-                main_tmp = directory / f".{path.name}.{token}.tmp"
-                with open(main_tmp, "wb") as f:
-                    crc = 0
-                    for chunk in (_MAGIC, struct.pack("<Q", len(head_blob)), head_blob, ids_blob):
-                        f.write(chunk)
-                        crc = zlib.crc32(chunk, crc)
-                    vec = np.ascontiguousarray(self._vectors[:hw]).reshape(-1).view(np.uint8).data
-                    f.write(vec)
-                    crc = zlib.crc32(vec, crc)
-                    f.write(struct.pack("<I", crc) + _END)
-                    f.flush()
-                    os.fsync(f.fileno())
-                if graph_tmp is not None:
-                    _fsync_file(graph_tmp)
-                    os.replace(graph_tmp, directory / graph_name)
-                    graph_tmp = None
-                os.replace(main_tmp, path)
-                _fsync_dir(directory)
-            except OSError as exc:
-                for p in (graph_tmp, directory / f".{path.name}.{token}.tmp"):
-                    if p is not None:
-                        try:
-                            os.unlink(p)
-                        except OSError:
-                            pass
-                raise IndexCacheError(
-                    f"cannot save index to {str(path)!r}: {exc}", path=str(path)
-                ) from exc
-            # graphs of older saves are no longer referenced
-            keep = graph_meta["file"] if graph_meta else None
-            for old in directory.glob(f"{path.name}.*.hnsw"):
-                if old.name != keep:
-                    try:
-                        old.unlink()
-                    except OSError:
-                        pass
+        _index_file.write(self, path, generation)
 
     @classmethod
     def load(
@@ -713,91 +626,7 @@ class VectorIndex:
         Raises :class:`umi.errors.IndexCacheError` when the file is missing, truncated,
         fails its checksum, or holds vectors of a dimension other than ``dim``.
         """
-        if dim is not None:
-            dim = _check_int("dim", dim, 1, INDEX_DIM_MAX)
-        if not isinstance(build_graph, bool):
-            raise TypeError(f"build_graph must be a bool, got {type(build_graph).__name__}")
-        path = Path(os.fspath(path))
-        spath = str(path)
-        try:
-            with open(path, "rb") as f:
-                header, ids_blob, vectors = _read_index_file(f, spath, dim)
-        except FileNotFoundError as exc:
-            raise IndexCacheError(f"no index cache at {spath!r}: {exc}", path=spath) from exc
-        except OSError as exc:
-            raise IndexCacheError(f"cannot read index cache {spath!r}: {exc}", path=spath) from exc
-        fdim, hw, cap = int(header["dim"]), int(header["high_water"]), int(header["capacity"])
-        params, generation, graph_meta = (
-            header["params"],
-            int(header["generation"]),
-            header["graph"],
-        )
-        try:
-            ids = json.loads(ids_blob.decode("utf-8"))
-            # whole-list checks in C (a per-id Python loop costs ~0.3 s at 100k ids)
-            if (
-                not isinstance(ids, list)
-                or len(ids) != hw
-                or not set(map(type, ids)) <= {str, type(None)}
-                or "" in ids
-            ):
-                raise ValueError("ids")
-            index = cls(fdim, **params)
-        except (ValueError, TypeError, InvalidConfigError) as exc:
-            raise IndexCacheError(f"index file {spath!r} has corrupt contents", path=spath) from exc
-        live = np.zeros(cap, np.bool_)
-        if None in ids:
-            free = [s for s, i in enumerate(ids) if i is None]  # ascending: already a heap
-            slot_of = {i: s for s, i in enumerate(ids) if i is not None}
-            live[:hw] = True
-            live[free] = False
-        else:
-            free = []
-            slot_of = dict(zip(ids, range(hw)))
-            live[:hw] = True
-        if len(slot_of) != int(header.get("count", -1)):
-            raise IndexCacheError(
-                f"index file {spath!r} has corrupt contents (duplicate ids)", path=spath
-            )
-        index._vectors = vectors
-        index._live = live
-        index._ids = ids
-        index._slot = slot_of
-        index._free = free
-        index._in_graph = np.zeros(cap, np.bool_)
-        if graph_meta is not None:
-            # the graph is always a sibling: a name with directories in it is not ours
-            index._load_graph(
-                path.parent / Path(str(graph_meta.get("file"))).name, graph_meta, spath
-            )
-        elif build_graph and len(index) >= index.hnsw_threshold and len(index) > 0:
-            index._build_graph()
-        return index, generation
-
-    def _load_graph(self, gpath: Path, meta: dict[str, Any], spath: str) -> None:
-        try:
-            size, crc = _file_crc(gpath)
-        except OSError as exc:
-            raise IndexCacheError(
-                f"graph file of index {spath!r} is missing: {exc}", path=spath
-            ) from exc
-        if size != meta.get("size") or crc != meta.get("crc32"):
-            raise IndexCacheError(f"graph file {str(gpath)!r} failed its checksum", path=spath)
-        graph = _hnswlib().Index(space="ip", dim=self.dim)
-        try:
-            graph.load_index(str(gpath), max_elements=max(self.capacity, 1))
-        except RuntimeError as exc:
-            raise IndexCacheError(
-                f"graph file {str(gpath)!r} could not be loaded: {exc}", path=spath
-            ) from exc
-        graph.set_ef(self.ef_search)
-        labels = np.asarray(graph.get_ids_list(), dtype=np.int64)
-        if labels.size and (labels.min() < 0 or labels.max() >= self.capacity):
-            raise IndexCacheError(
-                f"graph file {str(gpath)!r} has labels outside the index", path=spath
-            )
-        self._in_graph[labels] = True
-        self._graph = graph
+        return _index_file.read(cls, path, dim=dim, build_graph=build_graph)
 
 
 def _kernels() -> Any:
@@ -812,112 +641,3 @@ def _hnswlib() -> Any:
     import hnswlib  # type: ignore[import-untyped]  # imported on first use: it is only needed above the threshold
 
     return hnswlib
-
-
-def _read_index_file(
-    f: Any, spath: str, dim: int | None
-) -> tuple[dict[str, Any], bytes, np.ndarray]:
-    """Parse and verify the main file: (header, ids JSON bytes, vectors (capacity, dim))."""
-
-    def corrupt(why: str) -> IndexCacheError:
-        return IndexCacheError(f"index file {spath!r} is truncated or corrupt: {why}", path=spath)
-
-    total = os.fstat(f.fileno()).st_size
-    magic = f.read(len(_MAGIC))
-    if magic != _MAGIC:
-        raise IndexCacheError(f"{spath!r} is not a umi index file (bad magic)", path=spath)
-    raw_len = f.read(8)
-    if len(raw_len) != 8:
-        raise corrupt("no header length")
-    (head_len,) = struct.unpack("<Q", raw_len)
-    if head_len > total:
-        raise corrupt(f"header length {head_len} exceeds the file size {total}")
-    head_blob = f.read(head_len)
-    crc = zlib.crc32(head_blob, zlib.crc32(raw_len, zlib.crc32(magic)))
-    try:
-        header = json.loads(head_blob)
-        fmt = int(header["format"])
-        fdim, hw, cap = int(header["dim"]), int(header["high_water"]), int(header["capacity"])
-        ids_bytes, vector_bytes = int(header["ids_bytes"]), int(header["vector_bytes"])
-        int(header["generation"]), int(header["count"])
-        if not isinstance(header["params"], dict) or not (
-            header["graph"] is None or isinstance(header["graph"], dict)
-        ):
-            raise TypeError("params/graph")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise corrupt("unreadable header") from exc
-    if fmt != _FORMAT_VERSION:
-        raise IndexCacheError(
-            f"index file {spath!r} has format {fmt}, this umi reads {_FORMAT_VERSION}", path=spath
-        )
-    expected = len(_MAGIC) + 8 + head_len + ids_bytes + vector_bytes + 4 + len(_END)
-    if total != expected:
-        raise corrupt(f"{total} bytes, the header promises {expected}")
-    if not (
-        1 <= fdim <= INDEX_DIM_MAX
-        and 0 <= hw <= cap <= max(2 * hw, _MIN_GROW)
-        and vector_bytes == hw * fdim * 4
-    ):
-        raise corrupt(f"inconsistent sizes (dim {fdim}, slots {hw}, capacity {cap})")
-    if dim is not None and fdim != dim:
-        raise IndexCacheError(
-            f"index file {spath!r} holds {fdim}-d vectors, expected {dim}-d", path=spath
-        )
-    ids_blob = f.read(ids_bytes)
-    crc = zlib.crc32(ids_blob, crc)
-    if _MAP_VECTORS and hw:
-        # Map the vectors copy-on-write instead of reading them into fresh memory: the pages come
-        # from the page cache, and only the slots written later get private copies (reopen of a
-        # 100k x 384 index: ~150 MB not copied). Saves replace the file (os.replace), so the mapped
-        # inode stays as it was. The index then starts at capacity == high water mark.
-        pos = f.tell()
-        vectors: np.ndarray = np.memmap(f, dtype=np.float32, mode="c", offset=pos, shape=(hw, fdim))
-        view = vectors.reshape(-1).view(np.uint8).data
-        f.seek(pos + vector_bytes)
-        header = dict(header, capacity=hw)
-    else:
-        vectors = np.zeros((cap, fdim), np.float32)
-        view = vectors[:hw].reshape(-1).view(np.uint8).data
-        if f.readinto(view) != vector_bytes:
-            raise corrupt("vectors cut short")
-    crc = zlib.crc32(view, crc)
-    trailer = f.read(4 + len(_END))
-    if (
-        len(trailer) != 4 + len(_END)
-        or trailer[4:] != _END
-        or struct.unpack("<I", trailer[:4])[0] != crc
-    ):
-        raise IndexCacheError(f"index file {spath!r} failed its checksum", path=spath)
-    return header, ids_blob, vectors
-
-
-def _file_crc(path: Path) -> tuple[int, int]:
-    crc = 0
-    size = 0
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(_CHUNK)
-            if not chunk:
-                break
-            size += len(chunk)
-            crc = zlib.crc32(chunk, crc)
-    return size, crc
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # platforms without directory fds
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

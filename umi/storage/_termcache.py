@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from .._index_file import fsync_dir
 from ..errors import IndexCacheError
 
 __all__ = ["TermCache", "save_terms", "load_terms"]
@@ -73,7 +74,7 @@ def save_terms(path: str, cache: TermCache) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except OSError as exc:
         try:
             os.unlink(tmp)
@@ -127,17 +128,6 @@ def load_terms(path: str) -> TermCache:
         return TermCache(int(h["generation"]), ids, terms, offsets, rows, tfs)
     except (ValueError, TypeError, KeyError) as exc:
         raise corrupt(f"inconsistent contents ({exc})") from exc
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # platforms without directory fds
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _join(values: list[str], path: str, what: str) -> bytes:

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from .._index_file import fsync_dir
 from ..errors import (
     InvalidConfigError,
     SchemaVersionError,
@@ -146,7 +147,7 @@ class LanceDurable(DurableStore):
                 if t is not None and t.version != version:
                     t.restore(version)
         jpath.unlink()
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def _rows(self, table: str) -> list[dict[str, Any]]:
         return self.t[table].search().limit(None).to_arrow().to_pylist()
@@ -192,7 +193,7 @@ class LanceDurable(DurableStore):
             raise
         self.state = new_state
         (self.root / "journal.json").unlink()
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         self.commits += 1
         if self.commits % OPTIMIZE_EVERY_COMMITS == 0:
             with contextlib.suppress(Exception):  # compaction is housekeeping: a failure loses nothing
@@ -441,14 +442,6 @@ def _row_to_entity(r: dict[str, Any]) -> Entity:
 # --- files ----------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -456,7 +449,7 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _read_state(root: Path) -> dict[str, Any]:
