@@ -1,0 +1,251 @@
+"""User stories across the features merged together (round 3): passages, the lazy DuckDB open and
+its cache files, plain raw-note commits, inline recall, SearchFilters in RecallOptions, supersession.
+
+Each test is one user's story through the public API on a DuckDB file, closed and reopened between
+steps (Sim embedder: deterministic and fast; rule-based extraction).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+import umi
+from umi import RecallOptions, RememberOptions, SearchFilters
+from umi.errors import StorageLockedError
+from umi.storage.duckdb import INDEX_SUFFIX, TERMS_SUFFIX
+
+SECRET = "Finally, the wifi password for the cabin is bluefalcon77."
+QUESTION = "What is the wifi password for the cabin?"
+NEIGHBOURS = [
+    "The cabin sleeps six people.", "Lee booked the cabin for July.", "The office wifi drops every afternoon.",
+    "Tom reset his email password yesterday.", "The guest wifi at the library is free.",
+    "Anna visited Japan last spring.", "Priya adopted a rescue greyhound.",
+]
+RAW = RememberOptions().without_extraction()
+
+
+def long_text(words: int = 3000, end: str = SECRET, seed: int = 7) -> str:
+    rng = random.Random(seed)
+    subj = ["The backend team", "Our designer", "The product manager", "The QA group", "Finance", "Legal"]
+    verb = ["reviewed", "discussed", "postponed", "estimated", "refactored", "documented", "benchmarked"]
+    obj = ["the billing service", "the onboarding flow", "the quarterly roadmap", "the search ranking",
+           "the invoice export", "the login screen", "the deployment pipeline", "the analytics dashboard"]
+    tail = ["before the sprint review", "after a long debate", "ahead of the audit", "during the Tuesday sync",
+            "because customers asked for it", "despite the tight deadline", "in preparation for the launch"]
+    out: list[str] = []
+    n = 0
+    while n < words:
+        s = f"{rng.choice(subj)} {rng.choice(verb)} {rng.choice(obj)} {rng.choice(tail)}."
+        out.append(s)
+        n += len(s.split())
+    return " ".join([*out, end])
+
+
+class Clock:
+    """Seconds that advance one per reading: ordered timestamps across reopen."""
+
+    def __init__(self) -> None:
+        self.t = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        self.t += 1.0
+        return self.t
+
+
+def open_memory(db: Path, clock: Clock | None = None, **kw: object) -> umi.Memory:
+    return umi.Memory(db, embedder=umi.SimEmbeddingProvider(seed=1), clock=clock, **kw)  # type: ignore[arg-type]
+
+
+def ids(hits: list[umi.Entity]) -> list[str]:
+    return [h.id for h in hits]
+
+
+def contents(hits: list[umi.Entity]) -> list[str]:
+    return [h.content for h in hits]
+
+
+# --- a. a long text's tail detail: remember, reopen, forget, reopen, remember again -------------------
+def test_long_text_detail_survives_reopen_and_forget_removes_it_and_its_passages(tmp_path: Path) -> None:
+    db = tmp_path / "a.duckdb"
+    text = long_text()
+    with open_memory(db) as m:
+        fact = m.remember_sync(text, RAW).entities[0]
+        for s in NEIGHBOURS:
+            m.remember_sync(s, RAW)
+    assert os.path.exists(str(db) + INDEX_SUFFIX)
+    with open_memory(db) as m:  # index cache present: vectors read on demand
+        assert fact.id in ids(m.recall_sync(QUESTION, RecallOptions(limit=5)))
+        assert m.recall_sync("bluefalcon77", RecallOptions(limit=5))[0].id == fact.id
+        assert m.forget_sync(fact.id) == 1
+        for q in (QUESTION, "bluefalcon77"):
+            hits = m.recall_sync(q, RecallOptions(limit=10, deep_search=True))
+            assert fact.id not in ids(hits)
+            assert not any("bluefalcon77" in c for c in contents(hits))
+    with open_memory(db) as m:
+        assert m.get_sync(fact.id) is None
+        for q in (QUESTION, "bluefalcon77"):
+            hits = m.recall_sync(q, RecallOptions(limit=10, deep_search=True))
+            assert not any("bluefalcon77" in c for c in contents(hits)), q
+        again = m.remember_sync(text, RAW)
+        assert not again.duplicate  # the forgotten source no longer dedups the text
+        new_id = again.entities[0].id
+        assert new_id in ids(m.recall_sync(QUESTION, RecallOptions(limit=5)))
+    with open_memory(db) as m:
+        assert new_id in ids(m.recall_sync(QUESTION, RecallOptions(limit=5)))
+        assert m.recall_sync("bluefalcon77", RecallOptions(limit=5))[0].id == new_id
+
+
+# --- b. supersede, reopen, as_of, lazy history, revive -----------------------------------------------
+def test_supersede_then_revive_across_reopens(tmp_path: Path) -> None:
+    db = tmp_path / "b.duckdb"
+    clock = Clock()
+    with open_memory(db, clock) as m:
+        acme = m.remember_sync("Alice works at Acme.")
+        acme_ids = ids(acme.entities)
+        assert acme_ids
+        t_acme = int(clock.t * 1000)
+        globex = m.remember_sync("Alice now works at Globex.")
+        assert globex.has_evolutions
+    with open_memory(db, clock) as m:
+        now = contents(m.recall_sync("Where does Alice work?"))
+        assert any("Globex" in c for c in now), now
+        assert not any("Acme" in c for c in now), now
+        then = contents(m.recall_sync("Where does Alice work?", RecallOptions(as_of=t_acme)))
+        assert any("Acme" in c for c in then), then
+        assert not any("Globex" in c for c in then), then
+        old = [e for e in (m.get_sync(i) for i in acme_ids) if e is not None and "Acme" in e.content]
+        assert old and old[0].valid_to is not None
+        hist = m.history_sync(old[0].id)  # read lazily after the reopen
+        assert len(hist) >= 2, hist
+        assert hist[-1].snapshot.get("valid_to") is not None
+        m.remember_sync("Alice works at Acme.")  # restated: revived
+    with open_memory(db, clock) as m:
+        now = contents(m.recall_sync("Where does Alice work?"))
+        assert any("Acme" in c for c in now), now
+        assert not any("Globex" in c for c in now), now
+
+
+# --- c. one open per file; cache files lost or corrupt -------------------------------------------------
+def test_second_open_is_refused_until_the_first_closes(tmp_path: Path) -> None:
+    db = tmp_path / "c1.duckdb"
+    m = open_memory(db)
+    try:
+        m.remember_sync("Bob likes tea.", RAW)
+        with pytest.raises(StorageLockedError):
+            open_memory(db)
+        assert m.count_sync() == 1  # the refused open left the first one working
+    finally:
+        m.close()
+    with open_memory(db) as m2:
+        assert m2.count_sync() == 1
+
+
+def _answers(m: umi.Memory) -> list[list[str]]:
+    qs = [QUESTION, "bluefalcon77", "greyhound", "Who booked the cabin?", "Japan"]
+    out = [contents(m.recall_sync(q, RecallOptions(limit=5))) for q in qs]
+    out += [contents(m.recall_sync(q, RecallOptions(limit=5, use_vector_search=False))) for q in qs]
+    return out
+
+
+@pytest.mark.parametrize("damage", ["delete", "garbage"])
+def test_lost_or_corrupt_cache_files_are_rebuilt_with_the_same_answers(tmp_path: Path, damage: str) -> None:
+    db = tmp_path / "c2.duckdb"
+    with open_memory(db) as m:
+        m.remember_sync(long_text(600), RAW)
+        for s in NEIGHBOURS:
+            m.remember_sync(s, RAW)
+        before = _answers(m)
+    with open_memory(db) as m:
+        assert _answers(m) == before
+    for suffix in (INDEX_SUFFIX, TERMS_SUFFIX):
+        path = str(db) + suffix
+        assert os.path.exists(path), suffix
+        if damage == "delete":
+            os.remove(path)
+        else:
+            with open(path, "r+b") as f:
+                f.seek(max(0, os.path.getsize(path) // 2))
+                f.write(b"\xde\xad\xbe\xef" * 64)
+    with open_memory(db) as m:
+        assert _answers(m) == before
+        assert m.count_sync() == 1 + len(NEIGHBOURS)
+    with open_memory(db) as m:  # and the rebuilt caches are good for the next open
+        assert _answers(m) == before
+
+
+# --- d. filters in RecallOptions, metadata filters, forget(where=...) ---------------------------------
+def test_source_and_metadata_filters_and_forget_where_after_reopen(tmp_path: Path) -> None:
+    db = tmp_path / "d.duckdb"
+    with open_memory(db) as m:
+        r1 = m.remember_sync("Carol plays chess on Sundays.", RememberOptions(metadata={"topic": "hobby"}))
+        r2 = m.remember_sync("Carol plays the violin in an orchestra.", RememberOptions(metadata={"topic": "music"}))
+        r3 = m.remember_sync(long_text(600, end="Carol plays tennis with Dan."), RememberOptions(metadata={"topic": "hobby"}).without_extraction())
+    s1, s2, s3 = r1.source_id, r2.source_id, r3.source_id
+    assert s1 and s2 and s3 and len({s1, s2, s3}) == 3
+    with open_memory(db) as m:
+        q = "What does Carol play?"
+        only2 = m.recall_sync(q, RecallOptions(filters=SearchFilters(source_id=s2)))
+        assert only2 and {h.source_id for h in only2} == {s2}
+        assert any("violin" in c for c in contents(only2))
+        only3 = m.recall_sync("tennis with Dan", RecallOptions(filters=SearchFilters(source_id=s3)))
+        assert ids(only3) == ids(r3.entities)
+        hobby = m.recall_sync(q, RecallOptions(metadata={"topic": "hobby"}, limit=20))
+        assert hobby and all(h.metadata.get("topic") == "hobby" for h in hobby)
+        assert not any("violin" in c for c in contents(hobby))
+        assert m.count_sync(SearchFilters(metadata={"topic": "hobby"})) == len(r1.entities) + len(r3.entities)
+        n = m.forget_sync(where=SearchFilters(metadata={"topic": "hobby"}))
+        assert n == len(r1.entities) + len(r3.entities)
+    with open_memory(db) as m:
+        assert m.count_sync(SearchFilters(metadata={"topic": "hobby"})) == 0
+        hits = contents(m.recall_sync("What does Carol play?", RecallOptions(limit=20, deep_search=True)))
+        assert hits and all("violin" in c for c in hits), hits
+        assert not contents(m.recall_sync("tennis with Dan", RecallOptions(filters=SearchFilters(source_id=s3))))
+
+
+# --- e. remember_many: counts, lists and tail details agree after reopen ------------------------------
+def test_remember_many_short_and_long_then_count_list_recall_agree(tmp_path: Path) -> None:
+    db = tmp_path / "e.duckdb"
+    shorts = [f"Note {i}: the locker {i} code is {1000 + i}." for i in range(300)]
+    tails = [f"The spare key for garage {w} hides under the {p}." for w, p in
+             [("north", "flowerpot"), ("south", "doormat"), ("east", "birdhouse")]]
+    longs = [long_text(900, end=t, seed=s) for s, t in enumerate(tails)]
+    with open_memory(db) as m:
+        rs = m.remember_many_sync(shorts + longs, RAW)
+        assert len(rs) == 303 and not any(r.duplicate for r in rs)
+        long_ids = [r.entities[0].id for r in rs[300:]]
+    with open_memory(db) as m:
+        n = m.count_sync(SearchFilters())
+        listed = m.storage.list(SearchFilters(), limit=1000)
+        assert n == len(listed) == 303
+        assert m.count_sync() == 303
+        for lid, word in zip(long_ids, ["flowerpot", "doormat", "birdhouse"]):
+            assert ids(m.recall_sync(word, RecallOptions(limit=3)))[0] == lid, word
+        for lid, w in zip(long_ids, ["north", "south", "east"]):
+            assert lid in ids(m.recall_sync(f"Where is the spare key for garage {w}?", RecallOptions(limit=5))), w
+        assert contents(m.recall_sync("locker 217 code", RecallOptions(limit=1)))[0] == shorts[217]
+
+
+# --- f. export → import into a fresh file keeps long texts findable -----------------------------------
+def test_export_import_keeps_passages_and_tail_details(tmp_path: Path) -> None:
+    src, dst, dump = tmp_path / "f1.duckdb", tmp_path / "f2.duckdb", tmp_path / "dump.jsonl"
+    with open_memory(src) as m:
+        fact = m.remember_sync(long_text(), RAW).entities[0]
+        for s in NEIGHBOURS:
+            m.remember_sync(s, RAW)
+        assert m.export_sync(dump, embeddings=True) > 0
+    for embeddings in (True, False):
+        if embeddings is False:
+            with open_memory(src) as m:
+                m.export_sync(dump, embeddings=False)
+            dst = tmp_path / "f3.duckdb"
+        with open_memory(dst) as m:
+            counts = m.import_sync(dump)
+            assert counts["entities"] == 1 + len(NEIGHBOURS)
+            assert fact.id in ids(m.recall_sync(QUESTION, RecallOptions(limit=5))), embeddings
+        with open_memory(dst) as m:
+            assert fact.id in ids(m.recall_sync(QUESTION, RecallOptions(limit=5))), embeddings
+            assert m.recall_sync("bluefalcon77", RecallOptions(limit=5))[0].id == fact.id
