@@ -249,3 +249,123 @@ def test_export_import_keeps_passages_and_tail_details(tmp_path: Path) -> None:
         with open_memory(dst) as m:
             assert fact.id in ids(m.recall_sync(QUESTION, RecallOptions(limit=5))), embeddings
             assert m.recall_sync("bluefalcon77", RecallOptions(limit=5))[0].id == fact.id
+
+
+# --- more seams ----------------------------------------------------------------------------------------
+def _copy_caches(db: Path, to: Path) -> None:
+    import shutil
+
+    to.mkdir(exist_ok=True)
+    for suffix in (INDEX_SUFFIX, TERMS_SUFFIX):
+        shutil.copy(str(db) + suffix, to / suffix)
+
+
+def _put_caches(db: Path, frm: Path) -> None:
+    import shutil
+
+    for suffix in (INDEX_SUFFIX, TERMS_SUFFIX):
+        shutil.copy(frm / suffix, str(db) + suffix)
+
+
+def test_stale_caches_from_an_earlier_session_are_caught_up_with_forgets_and_new_long_texts(tmp_path: Path) -> None:
+    """A crash-like close: the cache files on disk are those of an earlier session."""
+    db = tmp_path / "s.duckdb"
+    with open_memory(db) as m:
+        first = m.remember_sync(long_text(), RAW).entities[0]
+        for s in NEIGHBOURS:
+            m.remember_sync(s, RAW)
+    _copy_caches(db, tmp_path / "old")
+    with open_memory(db) as m:
+        assert m.forget_sync(first.id) == 1
+        second = m.remember_sync(long_text(800, end="The boat key is taped inside the red toolbox.", seed=3), RAW).entities[0]
+        want = _answers(m)
+        want_box = ids(m.recall_sync("Where is the boat key?", RecallOptions(limit=3)))
+    _put_caches(db, tmp_path / "old")  # caches one session behind the file
+    with open_memory(db) as m:
+        assert _answers(m) == want
+        assert ids(m.recall_sync("Where is the boat key?", RecallOptions(limit=3))) == want_box
+        assert want_box[0] == second.id
+        assert not any("bluefalcon77" in c for q in want for c in q)
+
+
+def test_caches_ahead_of_the_file_are_ignored(tmp_path: Path) -> None:
+    """The database restored from a backup older than its cache files: the caches must not be trusted."""
+    import shutil
+
+    db = tmp_path / "h.duckdb"
+    with open_memory(db) as m:
+        for s in NEIGHBOURS:
+            m.remember_sync(s, RAW)
+    shutil.copy(db, tmp_path / "backup.duckdb")
+    with open_memory(db) as m:
+        m.remember_sync(long_text(), RAW)
+        m.remember_sync("The greyhound is called Biscuit.", RAW)
+    shutil.copy(tmp_path / "backup.duckdb", db)  # file back one session; caches stay newer
+    with open_memory(db) as m:
+        assert m.count_sync() == len(NEIGHBOURS)
+        for q in (QUESTION, "bluefalcon77", "Biscuit", "greyhound"):
+            for vs in (True, False):
+                hits = m.recall_sync(q, RecallOptions(limit=10, use_vector_search=vs))
+                assert all(m.get_sync(h.id) is not None for h in hits), (q, vs)
+                assert not any("bluefalcon77" in c or "Biscuit" in c for c in contents(hits)), (q, vs)
+        assert ids(m.recall_sync("greyhound", RecallOptions(limit=1, use_vector_search=False))) == \
+            [e.id for e in m.storage.list(SearchFilters(), limit=100) if "greyhound" in e.content]
+
+
+def test_forget_and_remember_again_in_one_session_then_reopen(tmp_path: Path) -> None:
+    db = tmp_path / "g.duckdb"
+    text = long_text()
+    with open_memory(db) as m:
+        for s in NEIGHBOURS:
+            m.remember_sync(s, RAW)
+        a = m.remember_sync(text, RAW).entities[0]
+        assert a.id in ids(m.recall_sync(QUESTION, RecallOptions(limit=5)))
+        assert m.forget_source_sync(m.get_sync(a.id).source_id) == 1
+        assert a.id not in ids(m.recall_sync(QUESTION, RecallOptions(limit=10, deep_search=True)))
+        again = m.remember_sync(text, RAW)
+        assert not again.duplicate
+        b = again.entities[0]  # ids are derived from the content: the same fact comes back
+        assert m.get_sync(b.id) is not None
+        hits = ids(m.recall_sync("bluefalcon77", RecallOptions(limit=10)))
+        assert hits[0] == b.id and hits.count(b.id) == 1
+    with open_memory(db) as m:
+        hits = ids(m.recall_sync("bluefalcon77", RecallOptions(limit=10, deep_search=True)))
+        assert hits[0] == b.id and hits.count(b.id) == 1
+        assert m.count_sync() == len(NEIGHBOURS) + 1
+        assert b.id in ids(m.recall_sync(QUESTION, RecallOptions(limit=5)))
+
+
+def test_updating_a_long_fact_drops_its_old_passages(tmp_path: Path) -> None:
+    db = tmp_path / "u.duckdb"
+    with open_memory(db) as m:
+        for s in NEIGHBOURS:
+            m.remember_sync(s, RAW)
+        a = m.remember_sync(long_text(), RAW).entities[0]
+        r = m.update_sync(a.id, "The cabin has a wood stove.")
+        new_ids = ids(r.entities)
+        hits = m.recall_sync("bluefalcon77", RecallOptions(limit=10))
+        assert not any("bluefalcon77" in c for c in contents(hits))
+    with open_memory(db) as m:
+        hits = m.recall_sync("bluefalcon77", RecallOptions(limit=10, deep_search=True))
+        assert not any("bluefalcon77" in c for c in contents(hits)), contents(hits)
+        assert any(i in ids(m.recall_sync("wood stove", RecallOptions(limit=3))) for i in new_ids)
+        old = m.recall_sync(QUESTION, RecallOptions(limit=10, include_superseded=True))
+        assert all(m.get_sync(h.id) is not None for h in old)
+
+
+def test_scoped_views_on_one_file_after_reopen(tmp_path: Path) -> None:
+    db = tmp_path / "v.duckdb"
+    with open_memory(db) as m:
+        m.scoped(user_id="ann").remember_sync(long_text(600, end="Ann's locker code is 4411."), RAW)
+        m.scoped(user_id="ben").remember_sync(long_text(600, end="Ben's locker code is 9922.", seed=2), RAW)
+    with open_memory(db) as m:
+        ann, ben = m.scoped(user_id="ann"), m.scoped(user_id="ben")
+        a = contents(ann.recall_sync("locker code", RecallOptions(limit=5)))
+        b = contents(ben.recall_sync("locker code", RecallOptions(limit=5)))
+        assert len(a) == 1 and "4411" in a[0] and len(b) == 1 and "9922" in b[0]
+        assert not any("9922" in c for c in contents(ann.recall_sync("9922", RecallOptions(limit=5, deep_search=True))))
+        assert ann.forget_scope_sync(user_id="ann") == 1
+    with open_memory(db) as m:
+        assert m.count_sync() == 1
+        assert contents(m.recall_sync("locker code 4411", RecallOptions(limit=5, deep_search=True))) == \
+            contents(m.scoped(user_id="ben").recall_sync("locker code", RecallOptions(limit=5)))
