@@ -369,3 +369,50 @@ def test_scoped_views_on_one_file_after_reopen(tmp_path: Path) -> None:
         assert m.count_sync() == 1
         assert contents(m.recall_sync("locker code 4411", RecallOptions(limit=5, deep_search=True))) == \
             contents(m.scoped(user_id="ben").recall_sync("locker code", RecallOptions(limit=5)))
+
+
+def test_a_job_flip_flopping_three_times_across_reopens(tmp_path: Path) -> None:
+    """Each restatement revives the older fact and retires the other. The relations are an event
+    log: stored in earlier sessions (read lazily after the reopen), each kept once, in time order."""
+    db = tmp_path / "ff.duckdb"
+    clock = Clock()
+    seq = ["Alice works at Acme.", "Alice now works at Globex."] * 3
+    for i, text in enumerate(seq):
+        with open_memory(db, clock) as m:
+            r = m.remember_sync(text)
+            assert i < 2 or r.evolutions, i  # a restatement records why the other fact was retired
+            now = contents(m.recall_sync("Where does Alice work?"))
+            want, gone = ("Acme", "Globex") if i % 2 == 0 else ("Globex", "Acme")
+            assert any(want in c for c in now) and not any(gone in c for c in now), (i, now)
+            facts = m.storage.list(SearchFilters(include_superseded=True), limit=100)
+            assert len(facts) == (2 if i == 0 else 4)  # the same statements come back; no copies
+            assert m.count_sync(include_superseded=False) == sum(1 for e in facts if e.valid_to is None) == 2
+    with open_memory(db, clock) as m:
+        for e in m.storage.list(SearchFilters(include_superseded=True), limit=100):
+            rels = m.relations_sync(e.id)
+            assert len({x.id for x in rels}) == len(rels)
+            assert [x.created_at for x in rels] == sorted(x.created_at for x in rels)
+            hist = m.history_sync(e.id)
+            assert [h.at for h in hist] == sorted(h.at for h in hist)
+
+
+def test_dedup_and_forget_by_source_across_reopens(tmp_path: Path) -> None:
+    db = tmp_path / "dd.duckdb"
+    lt = long_text(800)
+    with open_memory(db) as m:
+        rs = m.remember_many_sync(["Bob likes tea.", "Bob likes tea.", lt, lt], RAW)
+        assert [r.duplicate for r in rs] == [False, True, False, True]
+        assert m.count_sync() == 2
+    with open_memory(db) as m:  # sources are read lazily: the dedup must still see them
+        rs = m.remember_many_sync(["Bob likes tea.", lt, "Bob likes coffee."], RAW)
+        assert [r.duplicate for r in rs] == [True, True, False]
+        assert m.remember_sync(lt, RAW).duplicate
+        sid = rs[0].source_id
+        assert sid and m.forget_sync(where=SearchFilters(source_id=sid)) == 1
+        assert m.count_sync() == 2
+    with open_memory(db) as m:
+        assert "Bob likes tea." not in contents(m.recall_sync("Bob tea", RecallOptions(limit=3)))
+        assert not m.remember_sync("Bob likes tea.", RAW).duplicate
+        assert m.count_sync() == 3
+    with open_memory(db) as m:
+        assert contents(m.recall_sync("Bob tea", RecallOptions(limit=1))) == ["Bob likes tea."]
