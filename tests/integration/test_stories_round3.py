@@ -416,3 +416,33 @@ def test_dedup_and_forget_by_source_across_reopens(tmp_path: Path) -> None:
         assert m.count_sync() == 3
     with open_memory(db) as m:
         assert contents(m.recall_sync("Bob tea", RecallOptions(limit=1))) == ["Bob likes tea."]
+
+
+def test_cache_files_of_a_diverged_copy_are_not_trusted(tmp_path: Path) -> None:
+    """A database copied, then both copies changed by as many commits: the first copy's cache
+    files put beside the second are at the same generation, yet describe other facts."""
+    import shutil
+
+    one, two = tmp_path / "one.duckdb", tmp_path / "two.duckdb"
+    with open_memory(one) as m:
+        for s in NEIGHBOURS[:4]:
+            m.remember_sync(s, RAW)
+    shutil.copy(one, two)
+    for db, new, old in ((one, "Zed sails a blue catamaran.", "wifi drops"),
+                         (two, "Quinn grows purple tomatoes.", "email password")):
+        with open_memory(db) as m:
+            m.remember_sync(new, RAW)
+            [gone] = [e for e in m.storage.list(SearchFilters(), limit=10) if old in e.content]
+            assert m.forget_sync(gone.id) == 1
+    qs = ["catamaran", "tomatoes", "wifi drops", "email password", "Who booked the cabin?"]
+
+    def answers(m: umi.Memory) -> list[list[str]]:
+        return [contents(m.recall_sync(q, RecallOptions(limit=3, use_vector_search=vs))) for q in qs for vs in (True, False)]
+
+    with open_memory(two) as m:
+        want = answers(m)
+    assert not any("catamaran" in c for a in want for c in a)
+    for suffix in (INDEX_SUFFIX, TERMS_SUFFIX):
+        shutil.copy(str(one) + suffix, str(two) + suffix)
+    with open_memory(two) as m:
+        assert answers(m) == want
