@@ -11,11 +11,13 @@ import os
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import umi
 from umi import RecallOptions, RememberOptions, SearchFilters
 from umi.errors import StorageLockedError
+from umi.providers.rerank import Reranker
 from umi.storage.duckdb import INDEX_SUFFIX, TERMS_SUFFIX
 
 SECRET = "Finally, the wifi password for the cabin is bluefalcon77."
@@ -446,3 +448,40 @@ def test_cache_files_of_a_diverged_copy_are_not_trusted(tmp_path: Path) -> None:
         shutil.copy(str(one) + suffix, str(two) + suffix)
     with open_memory(two) as m:
         assert answers(m) == want
+
+
+class HeadReranker(Reranker):
+    """Scores the query's words found in a passage's first 200 words — as LocalReranker reads a
+    passage only up to its ``max_tokens``."""
+
+    name = "head-words"
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def score(self, query: str, passages: list[str]) -> np.ndarray:  # type: ignore[override]
+        def words(s: str) -> set[str]:
+            return {w.strip("?.,!").casefold() for w in s.split()[:200]}
+
+        self.seen.extend(passages)
+        q = words(query)
+        return np.asarray([len(q & words(p)) for p in passages], np.float32)
+
+
+def test_a_reranker_judges_a_long_fact_by_the_passage_that_matched(tmp_path: Path) -> None:
+    """With a reranker, the tail detail of a long text is still found first after a reopen: the
+    reranker is shown the passage nearest the question, not the text's opening."""
+    db = tmp_path / "r.duckdb"
+    with open_memory(db) as m:
+        fact = m.remember_sync(long_text(), RAW).entities[0]
+        for s in NEIGHBOURS:
+            m.remember_sync(s, RAW)
+        plain = ids(m.recall_sync("cabin wifi password bluefalcon77", RecallOptions(limit=3)))
+    assert fact.id in plain
+    rr = HeadReranker()
+    with open_memory(db, config=umi.MemoryConfig(reranker=rr)) as m:
+        got = m.recall_sync("cabin wifi password bluefalcon77", RecallOptions(limit=3))
+        assert rr.seen, "the reranker was not asked"
+        assert ids(got)[0] == fact.id, contents(got)
+        assert got[0].content == long_text()  # the fact itself comes back, whole
+        assert any("bluefalcon77" in p and len(p.split()) <= 220 for p in rr.seen)

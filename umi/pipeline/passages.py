@@ -80,6 +80,22 @@ def _passage_text(e: Entity, passage: str) -> str:
     return f"{e.name}: {passage}"
 
 
+def rerank_text(e: Entity, qvec: np.ndarray | None) -> str:
+    """What a reranker reads of ``e``: its content, or for a long fact the passage whose vector is
+    nearest the query's ``qvec``. A reranker reads a few hundred tokens of a text (LocalReranker's
+    ``max_tokens``): shown a long content, it would judge the fact by its opening and miss the
+    detail the passage search found it for."""
+    pv = e.passage_embeddings
+    if qvec is None or pv is None:
+        return e.content
+    parts = split_passages(e.content)
+    if len(parts) != pv.shape[0]:  # vectors of another split: the content is all we can trust
+        return e.content
+    pv = np.asarray(pv, np.float32)
+    sims = (pv @ np.asarray(qvec, np.float32)) / np.maximum(np.linalg.norm(pv, axis=1), np.float32(1e-12))
+    return parts[int(np.argmax(sims))]
+
+
 def needs_passages(e: Entity) -> bool:
     """``e`` is long and has no passage vectors yet."""
     return e.passage_embeddings is None and bool(split_passages(e.content))

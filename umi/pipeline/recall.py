@@ -39,6 +39,7 @@ from ..storage.base import SearchFilters
 from ..types import Entity, Usage
 from . import schemas
 from .context import PipelineContext, provider_failure
+from .passages import rerank_text
 from .remember import statement_key
 from .retrieval import (RULE_REWRITE_WEIGHT, Ranking, name_signal, needs_deep_search, query_names,
                         rrf_fuse, rule_rewrite, tell_signal, time_signal)
@@ -210,13 +211,14 @@ def reranker_for(ctx: PipelineContext, opts: RecallOptions) -> Any:
     return ctx.config.reranker
 
 
-async def _rerank(ctx: PipelineContext, reranker: Any, query: str, found: list[Entity], limit: int,
-                  warnings: list[str]) -> list[Entity]:
-    """``found`` (fused order) rescored by the reranker, both orders fused, the best ``limit``."""
+async def _rerank(ctx: PipelineContext, reranker: Any, query: str, qvec: np.ndarray | None, found: list[Entity],
+                  limit: int, warnings: list[str]) -> list[Entity]:
+    """``found`` (fused order) rescored by the reranker, both orders fused, the best ``limit``. A long
+    fact is shown to the reranker as its passage nearest ``qvec`` (:func:`~umi.pipeline.passages.rerank_text`)."""
     if len(found) < 2:
         return found[:limit]
     try:
-        raw = await asyncio.to_thread(reranker.score, query, [e.content for e in found])
+        raw = await asyncio.to_thread(reranker.score, query, [rerank_text(e, qvec) for e in found])
         scores = np.asarray(raw, dtype=np.float64)
         if scores.shape != (len(found),) or not np.all(np.isfinite(scores)):
             raise ProviderError(f"reranker {reranker.name!r} returned shape {scores.shape}, "
@@ -267,7 +269,7 @@ async def _recall(ctx: PipelineContext, query: str, opts: RecallOptions) -> Reca
     if not deep:
         assert found is not None
         if reranker is not None:
-            found = await _rerank(ctx, reranker, query, found, limit, warnings)
+            found = await _rerank(ctx, reranker, query, qvec, found, limit, warnings)
         return RecallResult(found, warnings)
     variants: list[str] = []
     if ctx.llm is not None:
@@ -286,5 +288,5 @@ async def _recall(ctx: PipelineContext, query: str, opts: RecallOptions) -> Reca
     found = await hop(_deep_path, ctx, lists, variants, vvecs, filters, k, pool, opts.as_of,
                          weight)
     if reranker is not None:
-        found = await _rerank(ctx, reranker, query, found, limit, warnings)
+        found = await _rerank(ctx, reranker, query, qvec, found, limit, warnings)
     return RecallResult(found, warnings)
