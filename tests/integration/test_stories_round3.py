@@ -485,3 +485,47 @@ def test_a_reranker_judges_a_long_fact_by_the_passage_that_matched(tmp_path: Pat
         assert ids(got)[0] == fact.id, contents(got)
         assert got[0].content == long_text()  # the fact itself comes back, whole
         assert any("bluefalcon77" in p and len(p.split()) <= 220 for p in rr.seen)
+
+
+def test_a_bad_text_in_a_batch_stores_none_of_it(tmp_path: Path) -> None:
+    db = tmp_path / "bad.duckdb"
+    cfg = umi.MemoryConfig(text_bytes_max=20_000)
+    batch = ["Bob likes tea.", long_text(800), "Mia fixes clocks."]
+    with open_memory(db, config=cfg) as m:
+        with pytest.raises(umi.EmptyTextError):
+            m.remember_many_sync([*batch[:2], "  ", batch[2]], RAW)
+        with pytest.raises(umi.TextTooLongError) as err:
+            m.remember_many_sync([*batch[:2], "x" * 20_001, batch[2]], RAW)
+        assert err.value.limit == 20_000
+        assert m.count_sync() == 0
+    with open_memory(db, config=cfg) as m:
+        assert m.count_sync() == 0
+        assert [r.duplicate for r in m.remember_many_sync(batch, RAW)] == [False, False, False]
+
+
+def test_another_process_holding_the_file_gets_storage_locked(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    db = tmp_path / "lock.duckdb"
+    with open_memory(db) as m:
+        m.remember_sync("Bob likes tea.", RAW)
+    root = str(Path(umi.__file__).resolve().parent.parent)
+    child = ("import sys, umi\n"
+             f"m = umi.Memory({str(db)!r}, embedder=umi.SimEmbeddingProvider(seed=1))\n"
+             "print(m.count_sync(), flush=True)\n"
+             "sys.stdin.readline()\n"
+             "m.close()\n")
+    env = {**os.environ, "PYTHONPATH": root}
+    p = subprocess.Popen([sys.executable, "-c", child], cwd=tmp_path, env=env,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline().strip() == "1"
+        with pytest.raises(StorageLockedError) as err:
+            open_memory(db)
+        assert err.value.path == str(db)
+    finally:
+        p.communicate("\n", timeout=60)
+    assert p.returncode == 0
+    with open_memory(db) as m:  # released: this process opens it and sees the same fact
+        assert contents(m.recall_sync("tea", RecallOptions(limit=1))) == ["Bob likes tea."]
