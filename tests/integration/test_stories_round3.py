@@ -529,3 +529,29 @@ def test_another_process_holding_the_file_gets_storage_locked(tmp_path: Path) ->
     assert p.returncode == 0
     with open_memory(db) as m:  # released: this process opens it and sees the same fact
         assert contents(m.recall_sync("tea", RecallOptions(limit=1))) == ["Bob likes tea."]
+
+
+def test_a_group_chat_across_sessions_files_each_speakers_news_under_them(tmp_path: Path) -> None:
+    """Speaker filing and supersession by the nearest candidate, with the store reopened between
+    turns (candidates come from a lazily opened store)."""
+    db = tmp_path / "chat.duckdb"
+    clock = Clock()
+    turns = ["Alice: I work at Initech.", "Bob: I now work at Acme.", "Tom: I work at Harbor Bank as a risk analyst.",
+             "Tom: I went hiking on Saturday.", "Tom: The weather was lovely.",
+             "Alice: I now work at Globex.",
+             "Tom: I handed in my notice at Harbor Bank; from Monday I'm a firmware engineer with Asterisk Robotics."]
+    for t in turns:
+        with open_memory(db, clock) as m:
+            m.remember_sync(t)
+    with open_memory(db, clock) as m:
+        def cur(text: str) -> bool:
+            hits = m.recall_sync(text, RecallOptions(limit=50, include_superseded=True))
+            return any(e.content == text and e.valid_to is None for e in hits)
+
+        assert not cur("Alice: I work at Initech.")
+        assert cur("Bob: I now work at Acme.")
+        assert not cur("Tom: I work at Harbor Bank as a risk analyst.")
+        assert cur("Tom: I went hiking on Saturday.")
+        assert m.recall_sync("Where does Alice work?", RecallOptions(limit=1))[0].content == "Alice: I now work at Globex."
+        assert m.recall_sync("Where does Bob work?", RecallOptions(limit=1))[0].content == "Bob: I now work at Acme."
+        assert "Asterisk Robotics" in m.recall_sync("Harbor Bank", RecallOptions(limit=1))[0].content
