@@ -555,3 +555,29 @@ def test_a_group_chat_across_sessions_files_each_speakers_news_under_them(tmp_pa
         assert m.recall_sync("Where does Alice work?", RecallOptions(limit=1))[0].content == "Alice: I now work at Globex."
         assert m.recall_sync("Where does Bob work?", RecallOptions(limit=1))[0].content == "Bob: I now work at Acme."
         assert "Asterisk Robotics" in m.recall_sync("Harbor Bank", RecallOptions(limit=1))[0].content
+
+
+def test_export_after_a_lazy_reopen_is_the_same_and_reimport_restores_a_forgotten_long_fact(tmp_path: Path) -> None:
+    import io
+
+    db, dump = tmp_path / "x.duckdb", tmp_path / "x.jsonl"
+    clock = Clock()
+    with open_memory(db, clock) as m:
+        m.remember_sync("Alice works at Acme.")
+        m.remember_sync("Alice now works at Globex.")
+        fact = m.remember_sync(long_text(), RAW).entities[0]
+        before = io.StringIO()
+        m.export_sync(before, embeddings=True)
+        m.export_sync(dump)
+        n = m.count_sync()
+    with open_memory(db, clock) as m:  # history, sources and relations not read yet: export reads them
+        after = io.StringIO()
+        m.export_sync(after, embeddings=True)
+        assert after.getvalue() == before.getvalue()
+        assert m.forget_sync(fact.id) == 1
+        assert m.count_sync() == n - 1
+        counts = m.import_sync(dump)
+        assert counts["entities"] == n and m.count_sync() == n
+    with open_memory(db, clock) as m:
+        assert m.recall_sync("bluefalcon77", RecallOptions(limit=1))[0].id == fact.id
+        assert fact.id in ids(m.recall_sync(QUESTION, RecallOptions(limit=5)))
