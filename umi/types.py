@@ -381,7 +381,7 @@ class Entity:
     score: float | None = None
     scope: Scope = UNSET_SCOPE
     mentions: tuple[str, ...] = ()
-    passage_embeddings: np.ndarray | None = None
+    passage_embeddings: np.ndarray | None = field(default=None, repr=False)  # a row per passage (long texts)
 
     def __post_init__(self) -> None:
         self.entity_type = EntityType.parse(self.entity_type)
