@@ -8,11 +8,11 @@ steps (Sim embedder: deterministic and fast; rule-based extraction).
 from __future__ import annotations
 
 import os
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
+from long_texts import long_text as _long_text
 
 import umi
 from umi import RecallOptions, RememberOptions, SearchFilters
@@ -31,20 +31,8 @@ RAW = RememberOptions().without_extraction()
 
 
 def long_text(words: int = 3000, end: str = SECRET, seed: int = 7) -> str:
-    rng = random.Random(seed)
-    subj = ["The backend team", "Our designer", "The product manager", "The QA group", "Finance", "Legal"]
-    verb = ["reviewed", "discussed", "postponed", "estimated", "refactored", "documented", "benchmarked"]
-    obj = ["the billing service", "the onboarding flow", "the quarterly roadmap", "the search ranking",
-           "the invoice export", "the login screen", "the deployment pipeline", "the analytics dashboard"]
-    tail = ["before the sprint review", "after a long debate", "ahead of the audit", "during the Tuesday sync",
-            "because customers asked for it", "despite the tight deadline", "in preparation for the launch"]
-    out: list[str] = []
-    n = 0
-    while n < words:
-        s = f"{rng.choice(subj)} {rng.choice(verb)} {rng.choice(obj)} {rng.choice(tail)}."
-        out.append(s)
-        n += len(s.split())
-    return " ".join([*out, end])
+    """``words`` words of project notes (deterministic), then ``end``."""
+    return _long_text(end, words, seed)
 
 
 class Clock:
