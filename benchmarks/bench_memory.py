@@ -57,6 +57,16 @@ from umi import Entity, RecallOptions, RememberOptions
 from umi.providers.base import EmbeddingProvider
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def _times_ms(call, items) -> list[float]:  # type: ignore[no-untyped-def]
+    """Milliseconds of ``call(item)`` for each item."""
+    out = []
+    for item in items:
+        t0 = time.perf_counter()
+        call(item)
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
 FIRST = "Alice Bob Carol Dan Erin Frank Grace Heidi Ivan Judy Kim Liam Mia Noah Olga Pete Quinn Rosa Sam Tina".split()
 ORGS = "Acme Initech Globex Hooli Umbrella Stark Wayne Wonka Cyberdyne Soylent".split()
 CITIES = "Berlin Paris Lisbon Munich Oslo Madrid Rome Vienna Prague Dublin".split()
@@ -399,11 +409,7 @@ def main(argv: list[str] | None = None) -> int:
             opts = RecallOptions(limit=10, deep_search=False)
             for q in queries[:10]:
                 m.recall_sync(q, opts)
-            lat = []
-            for q in queries:
-                t0 = time.perf_counter()
-                m.recall_sync(q, opts)
-                lat.append((time.perf_counter() - t0) * 1e3)
+            lat = _times_ms(lambda q: m.recall_sync(q, opts), queries)
             st = m.storage
             vlat = []
             for i in range(len(queries)):
@@ -423,11 +429,7 @@ def main(argv: list[str] | None = None) -> int:
             deep_opts = RecallOptions(limit=10, deep_search=True)  # 3 variants from the stub LLM
             for q in queries[:10]:
                 m.recall_sync(q, deep_opts)
-            dlat = []
-            for q in queries:
-                t0 = time.perf_counter()
-                m.recall_sync(q, deep_opts)
-                dlat.append((time.perf_counter() - t0) * 1e3)
+            dlat = _times_ms(lambda q: m.recall_sync(q, deep_opts), queries)
             m.close()
             r = {"n": n, "umi_ingest_rows_s": umi_ingest, "sim_embed_texts_s": emb_rate,
                  "query_embed_ms": q_embed_ms,
