@@ -217,7 +217,7 @@ class Memory:
         self._scope = scope
         self._ctx = PipelineContext(engine.storage, engine.llm, engine.embedder, engine.config, engine.io,
                                     engine.now_ms, write_lock=engine.write_lock,
-                                    scope=None if scope.is_unset else scope,
+                                    scope=scope,
                                     in_write=engine.record_embedder_in_tx)
         #: this view's core memory: the blocks of ``Scope(user_id, agent_id)``, stored (see the module doc)
         self.core: PersistentCoreMemory = engine.core_for(scope.core)

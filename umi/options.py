@@ -290,6 +290,10 @@ class RecallOptions:
     def with_filters(self, filters: SearchFilters) -> "RecallOptions":
         return dataclasses.replace(self, filters=filters)
 
+    def _refilter(self, **changes: Any) -> "RecallOptions":
+        """These options with some fields of the filters replaced (SearchFilters checks them)."""
+        return dataclasses.replace(self, filters=dataclasses.replace(self.filters, **changes))
+
     def with_limit(self, limit: int) -> "RecallOptions":
         return dataclasses.replace(self, limit=limit)
 
@@ -303,32 +307,28 @@ class RecallOptions:
         """Rerank with ``MemoryConfig.reranker`` (required), or with ``False`` never."""
         return dataclasses.replace(self, rerank=rerank)
 
-    def with_rerank(self, rerank: bool = True) -> "RecallOptions":
-        """Rerank with ``MemoryConfig.reranker`` (required), or with ``False`` never."""
-        return dataclasses.replace(self, rerank=rerank)
-
     def without_vector_search(self) -> "RecallOptions":
         return dataclasses.replace(self, use_vector_search=False)
 
     def with_time_range(self, start_ms: int | None, end_ms: int | None) -> "RecallOptions":
-        return dataclasses.replace(self, time_range=(start_ms, end_ms))
+        return self._refilter(time_range=(start_ms, end_ms))
 
     def with_entity_types(self, *types: EntityType | str) -> "RecallOptions":
         parsed: tuple[EntityType, ...] = tuple(EntityType.parse(t) for t in types)
-        return dataclasses.replace(self, entity_types=parsed)
+        return self._refilter(entity_types=parsed)
 
     def with_metadata(self, metadata: Mapping[str, MetadataValue]) -> "RecallOptions":
-        return dataclasses.replace(self, metadata=metadata)
+        return self._refilter(metadata=metadata)
 
     def with_superseded(self) -> "RecallOptions":
-        return dataclasses.replace(self, include_superseded=True)
+        return self._refilter(include_superseded=True)
 
     def with_as_of(self, as_of_ms: int) -> "RecallOptions":
-        return dataclasses.replace(self, as_of=as_of_ms)
+        return self._refilter(as_of=as_of_ms)
 
     def with_event_time_range(self, start_ms: int | None, end_ms: int | None) -> "RecallOptions":
         """Only facts whose ``event_time`` (when it happened) is in ``[start_ms, end_ms]``."""
-        return dataclasses.replace(self, time_range=(start_ms, end_ms), time_field="event_time")
+        return self._refilter(time_range=(start_ms, end_ms), time_field="event_time")
 
     def sorted_by(self, field: "SortBy", *, ascending: bool = False) -> "RecallOptions":
         """Order the results by ``"event_time"`` or ``"created_at"`` (newest first unless ``ascending``)."""

@@ -309,7 +309,8 @@ def check_passage_embeddings(value: object, embedding: np.ndarray | None) -> np.
                               f"got shape {value.shape}")
     if isinstance(value, (str, bytes, bytearray, Mapping)):
         raise TypeError(f"Entity.passage_embeddings must be a sequence of vectors, not {type(value).__name__}")
-    rows = [_check_embedding(r) for r in value]  # type: ignore[union-attr]
+    seq: Any = value  # a sequence of vectors (anything else fails in _check_embedding or here)
+    rows = [_check_embedding(r) for r in seq]
     if not rows or any(r.shape != embedding.shape for r in rows) or not all(r.any() for r in rows):
         raise ValidationError(f"Entity.passage_embeddings must hold at least one non-zero row of "
                               f"{embedding.shape[0]} numbers (the embedding's dimension)")

@@ -629,12 +629,12 @@ class EntityCache:
         """The ``k`` facts (that ``nf`` lets through) whose best passage is nearest ``q``, with that
         cosine. An exact scan: passages belong to long facts only, so they are few."""
         if self._pass_stack is None:
-            rows = sorted(self._pass)
-            mats = [self._pass[r] for r in rows]
-            mat = np.concatenate(mats).astype(np.float32)
-            mat /= np.linalg.norm(mat, axis=1, keepdims=True)
-            starts = np.cumsum([0] + [m.shape[0] for m in mats[:-1]])
-            self._pass_stack = (mat, np.asarray(rows, np.int64), starts)
+            order = sorted(self._pass)
+            mats = [self._pass[r] for r in order]
+            stacked = np.concatenate(mats).astype(np.float32)
+            stacked /= np.linalg.norm(stacked, axis=1, keepdims=True)
+            self._pass_stack = (stacked, np.asarray(order, np.int64),
+                                np.cumsum([0] + [m.shape[0] for m in mats[:-1]]))
         mat, rows, starts = self._pass_stack
         allowed = self.row_mask(nf)[rows]
         if not allowed.any():
