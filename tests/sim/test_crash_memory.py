@@ -318,7 +318,9 @@ def test_kill_9_at_memory_level_never_loses_an_acknowledged_write(tmp_path: Path
     with DuckDBStorageBackend.connect(imp_chain.path, read_only=True) as s:
         got = {(e.id, e.valid_to is None) for e in s.iter_all()}
     assert got == _reference_import(tmp_path)
-    assert len(mem_chain.alive) > 20
+    # not a vacuous run: acknowledged facts survived the kills (how many depends on how far each worker
+    # got before a random-moment kill, so on the machine's load: 17-60 seen)
+    assert len(mem_chain.alive) > 10
     print(f"\nkill -9: {mem_chain.kills + imp_chain.kills} kills in {elapsed:.1f} s; "
           f"memory chain {mem_chain.kinds}, import chain {imp_chain.kinds}")
 
