@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Mapping, Sequence
 
 from ..errors import InvalidResponseError
 from ..types import EvolutionType, normalize_name
 from .extraction import asks
 
-__all__ = ["EvolutionDecision", "rule_classify", "parse_evolution", "Candidate"]
+__all__ = ["EvolutionDecision", "rule_classify", "parse_evolution", "Candidate", "related"]
 
 UPDATE_CUES = re.compile(
     r"\b(no longer|not anymore|anymore|now|nowadays|moved to|moved|moving to|relocated|left|quit|"
@@ -74,6 +75,33 @@ PREDICATE_CLASSES = {
 }
 _CLASS_OF = {w: c for c, words in PREDICATE_CLASSES.items() for w in words}
 
+#: an occupation held ("I'm now a route planner", "as an editor") speaks of a job too, so "Still at
+#: Quillon Press as an editor" and "I switched jobs, I'm now a route planner" compare; an occupation
+#: met ("the dentist's chair", "I saw a lawyer") does not
+_ROLE = re.compile(
+    r"(?:\b(?:as|am|is|are|was|were|be|being|became|become|now)|'m|'re)\s+(?:a|an)\s+(?:[a-z-]+\s+)?(?:analyst|planner|nurse|doctor|teacher|lecturer|professor|lawyer|solicitor|"
+    r"accountant|editor|writer|journalist|artist|architect|chef|pilot|dentist|carpenter|electrician|plumber|"
+    r"mechanic|midwife|therapist|physiotherapist|pharmacist|surgeon|paramedic|firefighter|ranger|barista|tester|"
+    r"programmer|scientist|researcher|consultant|economist|banker|librarian|translator|photographer|"
+    r"receptionist|secretary|director|founder|freelancer|intern|engineer|manager|developer|designer)\b(?!')",
+    re.I)
+
+#: a job that is not one held: "the new job market", "a job interview at the museum"
+_NOT_A_JOB = re.compile(r"\bjobs?\s+(?=(?:market|search|searching|hunt|hunting|board|fair|offer|interview|ad|advert|"
+                        r"listing|application)s?\b)", re.I)
+
+#: a home held ("my flat is in Seville"), not one viewed ("I viewed a flat in Graz")
+_HOME = re.compile(r"\b(?:my|our)\s+(?:new\s+)?(?:flat|apartment|house|place)\s+(?:is|'s)\s+in\b", re.I)
+
+#: a line whose subject is someone of the speaker's ("My cousin works at a hospital", "My
+#: neighbour's cat…") tells of them, not of the speaker
+_RELATIVE_SUBJECT = re.compile(
+    r"^\W*(?:my|our)\s+(?:[a-z-]+\s+)?(?:mum|mom|mother|dad|father|parents?|brother|sister|siblings?|cousin|"
+    r"uncle|aunt|nephew|niece|gran|granny|grandma|grandmother|grandpa|grandfather|grandparents|son|daughter|"
+    r"kids?|children|wife|husband|partner|boyfriend|girlfriend|fianc[eé]e?|flatmate|roommate|housemate|"
+    r"neighbou?r|friend|colleague|co-?worker|boss|landlord|landlady)(?:'s)?\b(?!\s+and\s+(?:i|me)\b)",
+    re.I)
+
 
 #: what is left of a contraction once split at the apostrophe ("I'm" -> "i", "m"): no content
 _CONTRACTION_PARTS = frozenset("m s re ve ll d t".split())
@@ -94,7 +122,14 @@ def _told(content: str) -> str:
 #: words that say nothing about *what* a fact is about: cue words and personal pronouns (two
 #: first-person facts share "i", not a subject matter)
 _NOT_PREDICATES = frozenset("now no longer anymore instead i me my mine myself we us our you your he him his "
-                            "she her they them their".split())
+                            "she her they them their "
+                            # function words and times of day say nothing of what either ("so I ran…",
+                            # "first week at Acme done, so different")
+                            "so from there here this that these those just really very too also still about "
+                            "into out up then than when what which who how have has had will would can could "
+                            "should get got going go went done did make made one some any much more most other "
+                            "such only same if because while after before again ever once all being week day "
+                            "month year morning evening night today yesterday tomorrow ago last next".split())
 
 
 def _predicates(text: str, names: set[str]) -> set[str]:
@@ -103,9 +138,12 @@ def _predicates(text: str, names: set[str]) -> set[str]:
     or that something changed, not what: they count only when they name a class ("new job")."""
     from .time import find_time_spans
 
+    text = _NOT_A_JOB.sub("", text)
     cued = {w for m in UPDATE_CUES.finditer(text) for w in _content_words(m.group(0))}
     cued |= {w for sp in find_time_spans(text, 0) for w in _content_words(sp.phrase)}
-    out = set()
+    out = {"job"} if _ROLE.search(text) else set()
+    if _HOME.search(text):
+        out.add("residence")
     for t in _content_words(text):
         if t in names or t in _NOT_PREDICATES or (t in cued and _class_of(t) is None):
             continue
@@ -146,16 +184,35 @@ def _names_in(text: str) -> set[str]:
     return {normalize_name(n) for _, _, n in _name_spans(text)}
 
 
-def _related(new: Candidate, old: Candidate) -> bool:
+@lru_cache(maxsize=16384)
+def _topic(content: str, name: str) -> tuple[frozenset[str], frozenset[str]]:
+    """What a fact filed under ``name`` speaks of: the other names it tells, and its predicates
+    (names' words excluded). Cached: a name's older facts are compared with every new one."""
+    own = normalize_name(name)
+    told = _told(content)
+    names = frozenset(_names_in(told) - {own})
+    words = {w for n in names | {own} for w in n.split()}
+    return names, frozenset(_predicates(told, words))
+
+
+def related(new: Candidate, old: Candidate) -> bool:
     """Do two facts about one name speak of the same thing (another shared name, or a shared
     predicate)? Only then can one update, contradict or derive from the other."""
-    own = normalize_name(new.name)
-    new_told, old_told = _told(new.content), _told(old.content)
-    new_names, old_names = _names_in(new_told) - {own}, _names_in(old_told) - {own}
+    new_names, new_preds = _topic(new.content, new.name)
+    old_names, old_preds = _topic(old.content, new.name)
     if new_names & old_names:
         return True
-    words = {w for n in new_names | old_names | {own} for w in n.split()}
-    return bool(_predicates(new_told, words) & _predicates(old_told, words))
+    # a word of the other fact's names is not a predicate either ("Leeds" in "I left Leeds")
+    drop = {w[:5] for n in new_names | old_names for w in n.split()}
+    return bool((new_preds - drop) & (old_preds - drop))
+
+
+def _opens_with_name(body: str) -> bool:
+    from .extraction import _name_spans
+
+    spans = _name_spans(body)
+    first = re.search(r"\w", body)
+    return bool(spans) and first is not None and spans[0][0] == first.start()
 
 
 def _about(c: Candidate) -> bool:
@@ -170,7 +227,9 @@ def _about(c: Candidate) -> bool:
     speaker = speaker_of(c.content)
     body = c.content[c.content.index(":") + 1:] if speaker else c.content
     if speaker is not None and normalize_name(speaker) == own:
-        return about_speaker(body)
+        # "Rosa got a job as a firefighter, we're all so proud" and "my cousin works at…" tell of
+        # Rosa and the cousin, though the speaker says "we"
+        return about_speaker(body) and not _RELATIVE_SUBJECT.search(body) and not _opens_with_name(body)
     first_person = FIRST_PERSON.search(body) is not None
     if first_person and re.search(rf"(?<!\w){re.escape(own)}(?!\w)", normalize_name(body)):
         # "My sister Dana is a doctor": a possessive that introduces the name is about the name
@@ -199,7 +258,7 @@ def rule_classify(new: Candidate, candidates: Sequence[Candidate]) -> list[Evolu
             # a question ("Bob, where do you live now?") tells nothing, so it changes nothing
             out.append(EvolutionDecision(c.id, EvolutionType.EXTEND, "a question about the same name", 0.7))
             continue
-        if not _related(new, c) or not (_about(new) and _about(c)):
+        if not related(new, c) or not (_about(new) and _about(c)):
             out.append(EvolutionDecision(c.id, EvolutionType.EXTEND, "another fact about the same name", 0.7))
             continue
         if negated and not NEGATION.search(c.content) and overlap >= 0.5 and not update_cue:
