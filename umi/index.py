@@ -502,9 +502,7 @@ class VectorIndex:
         """
         if self._building is not None:
             return
-        hw = len(self._ids)
-        slots = np.flatnonzero(self._live[:hw]).astype(np.int64)
-        vectors = self._vectors[slots].copy()
+        slots, vectors = self._live_rows()
         log: list[np.ndarray] = []
         self._build_log = log
         t = threading.Thread(target=self._background_build, args=(slots, vectors, self.capacity, log),
@@ -546,6 +544,18 @@ class VectorIndex:
                 return
             self._graph, self._in_graph = graph, in_graph
 
+    def _live_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(live slots, their vectors) for a graph build. With no free slot below the high-water
+        mark (nothing removed, the usual case) the vectors are a view of ``_vectors``, not a copy:
+        at 1M x 384 a copy is 1.5 GB more at the peak of a build. A background build may then
+        read a row that a write changes meanwhile; every such slot is in the build log and is
+        re-added (or marked deleted) from ``_vectors`` when the build is adopted."""
+        hw = len(self._ids)
+        if len(self._slot) == hw:
+            return np.arange(hw, dtype=np.int64), self._vectors[:hw]
+        slots = np.flatnonzero(self._live[:hw]).astype(np.int64)
+        return slots, self._vectors[slots]
+
     def _build_graph(self) -> None:
         graph = _hnswlib().Index(space="ip", dim=self.dim)
         graph.init_index(
@@ -555,9 +565,9 @@ class VectorIndex:
             random_seed=self.seed,
         )
         graph.set_ef(self.ef_search)
-        slots = np.flatnonzero(self._live[: len(self._ids)]).astype(np.int64)
+        slots, vectors = self._live_rows()
         if slots.size:
-            graph.add_items(self._vectors[slots], slots, num_threads=1)
+            graph.add_items(vectors, slots, num_threads=1)
         in_graph = np.zeros(self.capacity, np.bool_)
         in_graph[slots] = True
         self._graph, self._in_graph = graph, in_graph

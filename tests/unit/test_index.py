@@ -586,3 +586,29 @@ def test_empty_index_round_trip(tmp_path):
     loaded, gen = VectorIndex.load(tmp_path / "e.idx", dim=5)
     assert (len(loaded), loaded.capacity, gen) == (0, 0, 0)
     assert loaded.search(np.ones(5, np.float32), 3) == []
+
+
+def test_graph_build_reads_the_stored_vectors_without_copying_them():
+    """A 1M-row build must not hold a second 1.5 GB copy of the vectors: with no removed slot
+    the graph is built from a view (numpy copies show in tracemalloc, hnswlib's own memory not)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(11)
+    data = exact_vectors(rng, 6_000, 64)
+    ids = [f"v{i:05d}" for i in range(6_000)]
+    idx = VectorIndex(64, hnsw_threshold=100, seed=1)
+    idx.add(ids, data)
+    tracemalloc.start()
+    try:
+        idx.build_graph()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < data.nbytes // 4
+    assert idx.search(data[123], 1)[0][0] == "v00123"
+    # with a removed slot the live rows are gathered (a copy), and the graph still leaves it out
+    idx.remove(["v00123"])
+    idx._graph = None
+    idx.build_graph()
+    assert idx.search(data[123], 1)[0][0] != "v00123"
+    assert idx.search(data[124], 1)[0][0] == "v00124"
