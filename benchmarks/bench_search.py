@@ -26,10 +26,17 @@ What it measures, side by side in one run, on 384-d float32 unit vectors at 10k 
 * **Filtered search** through ``VectorIndex``: a mask letting 50 % of slots through
   (HNSW path with over-fetch) and 5 % (exact path).
 * **DuckDB store** (``umi.storage.duckdb``, at the largest size run, ``--skip-duckdb``
-  to leave out): bulk upsert rows/s, search + hydrate (``search_vector`` then
-  ``get_many`` of the 10 hits) p50, and reopen time with a valid index cache and
-  with the cache deleted. Targets: search + hydrate p50 <= 1 ms at 100k, reopen with a
-  valid cache <= 2 s at 100k.
+  to leave out, ``--only-store`` to run nothing else): bulk upsert rows/s (10k per call,
+  short sentences from bench_memory's small vocabulary, so the BM25 postings are a real
+  store's), HNSW build time, search + hydrate (``search_vector`` then ``get_many`` of the
+  10 hits) p50, **hybrid recall** p50/p95 of a ``umi.Memory`` over that store
+  (``recall_sync``, fast path: vector + BM25 + name, fused, hydrated; the query vectors
+  are precomputed, so embedding is excluded, as in bench_memory), reopen time with a valid
+  index cache (and recall after it) and with the cache deleted. Memory: the process RSS
+  and its peak per phase (VmHWM restarted at each phase's start), the store's share (RSS
+  minus the bench's own vectors and texts) and that per million facts. Targets: search +
+  hydrate p50 <= 1 ms at 100k, reopen with a valid cache <= 2 s at 100k, hybrid recall p50
+  <= 3 ms at 1M.
 
 Vectors are shaped like real sentence embeddings (see :func:`clustered`: low
 intrinsic dimension, a shared mean direction, topics and sub-clusters, wide noise),
@@ -38,8 +45,10 @@ data. Queries are 200 fresh draws
 from the same distribution. Latencies are per call, ``time.perf_counter``, after a
 warm-up; the machine is shared, so p50 is the figure to read.
 
-Run: ``python benchmarks/bench_search.py [--full] [--sizes 10000,100000] [--skip-duckdb]``.
-Prints a table and writes ``benchmarks/results/bench_search.json``.
+Run: ``python benchmarks/bench_search.py [--full] [--sizes 10000,100000] [--skip-duckdb]
+[--only-store] [--out FILE]``. Prints each section's table as it completes and merges it into
+``benchmarks/results/bench_search.json`` (or ``--out``) at once, so a run killed late keeps
+everything measured before.
 """
 
 from __future__ import annotations
@@ -476,13 +485,24 @@ def bench_duckdb(n: int, seed: int, report: Callable[[dict[str, Any]], None] | N
     gc.collect()
     base = rss_bytes()
     out["rss_base_GB (bench vectors + texts, no store)"] = base / gb
+    out["bench_vectors_GB (freed after the upsert)"] = data.nbytes / gb
     peak_ok = reset_peak_rss()
     out["rss_peak_method"] = "VmHWM restarted per phase" if peak_ok else "ru_maxrss (whole run)"
 
+    # what the store itself holds: RSS minus the bench's own memory (its vectors, 1.5 GB at 1M,
+    # are freed once written, so later phases subtract less)
+    bench_own = [base]
+
     def mem(phase: str) -> None:
-        out[f"rss_after_{phase}_GB"] = rss_bytes() / gb
-        out[f"rss_peak_{phase}_GB"] = peak_rss_bytes() / gb
-        print(f"  {phase:<28} RSS {rss_bytes() / gb:6.2f} GB, peak {peak_rss_bytes() / gb:6.2f} GB", flush=True)
+        now, peak = rss_bytes(), peak_rss_bytes()
+        out[f"rss_after_{phase}_GB"] = now / gb
+        out[f"rss_peak_{phase}_GB"] = peak / gb
+        out[f"store_peak_{phase}_GB"] = (peak - bench_own[0]) / gb
+        print(
+            f"  {phase:<24} RSS {now / gb:6.2f} GB, peak {peak / gb:6.2f} GB; "
+            f"the store's share: {(now - bench_own[0]) / gb:6.2f} GB, peak {(peak - bench_own[0]) / gb:6.2f} GB",
+            flush=True,
+        )
         report(out)
         reset_peak_rss()
 
@@ -503,10 +523,13 @@ def bench_duckdb(n: int, seed: int, report: Callable[[dict[str, Any]], None] | N
             t = time.perf_counter()
             store.upsert(ents)
             spent += time.perf_counter() - t
-        del ents
         out["bulk_upsert_rows_per_s"] = n / spent
         out["upsert_batch"] = batch
         mem("upsert")
+        vectors_bytes = data.nbytes
+        del ents, data  # the store holds the vectors now; the bench keeps only its queries
+        gc.collect()
+        bench_own[0] = base - vectors_bytes
         t = time.perf_counter()
         built = store.build_vector_index()  # HNSW above the threshold: built here, not timed below
         out["index_build_s (HNSW, 1 thread)" if built else "index_build_s (exact, no graph)"] = (
@@ -514,7 +537,7 @@ def bench_duckdb(n: int, seed: int, report: Callable[[dict[str, Any]], None] | N
         )
         mem("index_build")
         out["rss_per_million_facts_GB (store open, index built)"] = (
-            (rss_bytes() - base) / n * 1e6 / gb
+            (rss_bytes() - bench_own[0]) / n * 1e6 / gb
         )
 
         def search_hydrate(q: np.ndarray) -> list[Any]:
@@ -558,7 +581,9 @@ def bench_duckdb(n: int, seed: int, report: Callable[[dict[str, Any]], None] | N
         out["hybrid_recall_after_reopen_p50_ms"] = pct(ts, 50)
         out["hybrid_recall_after_reopen_p95_ms"] = pct(ts, 95)
         mem("reopen_and_recall")
-        out["rss_per_million_facts_GB (reopened, after recalls)"] = (rss_bytes() - base) / n * 1e6 / gb
+        out["rss_per_million_facts_GB (reopened, after recalls)"] = (
+            (rss_bytes() - bench_own[0]) / n * 1e6 / gb
+        )
         m.close()
         store.close()
         del m, store
