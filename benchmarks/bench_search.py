@@ -26,10 +26,17 @@ What it measures, side by side in one run, on 384-d float32 unit vectors at 10k 
 * **Filtered search** through ``VectorIndex``: a mask letting 50 % of slots through
   (HNSW path with over-fetch) and 5 % (exact path).
 * **DuckDB store** (``umi.storage.duckdb``, at the largest size run, ``--skip-duckdb``
-  to leave out): bulk upsert rows/s, search + hydrate (``search_vector`` then
-  ``get_many`` of the 10 hits) p50, and reopen time with a valid index cache and
-  with the cache deleted. Targets: search + hydrate p50 <= 1 ms at 100k, reopen with a
-  valid cache <= 2 s at 100k.
+  to leave out, ``--only-store`` to run nothing else): bulk upsert rows/s (10k per call,
+  short sentences from bench_memory's small vocabulary, so the BM25 postings are a real
+  store's), HNSW build time, search + hydrate (``search_vector`` then ``get_many`` of the
+  10 hits) p50, **hybrid recall** p50/p95 of a ``umi.Memory`` over that store
+  (``recall_sync``, fast path: vector + BM25 + name, fused, hydrated; the query vectors
+  are precomputed, so embedding is excluded, as in bench_memory), reopen time with a valid
+  index cache (and recall after it) and with the cache deleted. Memory: the process RSS
+  and its peak per phase (VmHWM restarted at each phase's start), the store's share (RSS
+  minus the bench's own vectors and texts) and that per million facts. Targets: search +
+  hydrate p50 <= 1 ms at 100k, reopen with a valid cache <= 2 s at 100k, hybrid recall p50
+  <= 3 ms at 1M.
 
 Vectors are shaped like real sentence embeddings (see :func:`clustered`: low
 intrinsic dimension, a shared mean direction, topics and sub-clusters, wide noise),
@@ -38,8 +45,10 @@ data. Queries are 200 fresh draws
 from the same distribution. Latencies are per call, ``time.perf_counter``, after a
 warm-up; the machine is shared, so p50 is the figure to read.
 
-Run: ``python benchmarks/bench_search.py [--full] [--sizes 10000,100000] [--skip-duckdb]``.
-Prints a table and writes ``benchmarks/results/bench_search.json``.
+Run: ``python benchmarks/bench_search.py [--full] [--sizes 10000,100000] [--skip-duckdb]
+[--only-store] [--out FILE]``. Prints each section's table as it completes and merges it into
+``benchmarks/results/bench_search.json`` (or ``--out``) at once, so a run killed late keeps
+everything measured before.
 """
 
 from __future__ import annotations
@@ -62,6 +71,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(ROOT))  # run from a source tree without installing
+sys.path.insert(0, str(HERE))  # bench_memory: the store section reuses its corpus and embedder
 
 import numba
 from numba import njit, prange
@@ -399,47 +409,136 @@ def bench_size(n: int, bandwidth: dict[str, float], seed: int) -> dict[str, Any]
     return rows
 
 
-# --- DuckDB store ---------------------------------------------------------------------------
+# --- DuckDB store and a Memory over it -----------------------------------------------------
 
 
-def bench_duckdb(n: int, seed: int) -> dict[str, Any]:
-    """Store-level figures; needs umi.storage.duckdb (skipped with a note when it is absent)."""
+def rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc; 0 elsewhere)."""
     try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    """The high-water mark of the RSS since the last :func:`reset_peak_rss` (VmHWM)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Restart the VmHWM high-water mark at the current RSS (Linux >= 4.0); False if it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def store_texts(n: int, seed: int) -> list[str]:
+    """Short sentences from a small vocabulary (bench_memory's corpus), so the BM25 postings
+    look like a real store's: a few long lists of common words, a unique name per fact."""
+    from bench_memory import corpus
+
+    return corpus(n, seed=seed)
+
+
+def bench_duckdb(n: int, seed: int, report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Store-level figures and a Memory's recall over the same store.
+
+    ``report(partial)`` is called after each phase, so a kill late in a long run loses
+    nothing measured before it. Memory is the process RSS from /proc: ``base`` is taken
+    with the bench's own vectors and texts in memory and no store open; a phase's peak is
+    the VmHWM high-water mark restarted at the phase's start.
+    """
+    try:
+        import umi
         from umi.storage.duckdb import INDEX_SUFFIX, DuckDBStorageBackend
         from umi.types import Entity, EntityType
+        from bench_memory import PrecomputedEmbedder
     except ImportError as exc:
         return {"skipped": f"umi.storage.duckdb not importable: {exc}"}
-    print(f"\n== DuckDB store, {n:,} entities ==", flush=True)
+    print(f"\n== DuckDB store + Memory.recall, {n:,} entities ==", flush=True)
+    report = report or (lambda _: None)
+    gb = 1e9
+    out: dict[str, Any] = {"n": n, "rss_at_section_start_GB": rss_bytes() / gb}
     data, queries = clustered(n, N_QUERIES, seed + 7)
-    words = np.array(
-        ["alpha", "beta", "gamma", "delta", "kappa", "sigma", "omega", "river", "stone", "cloud"]
-    )
-    rng = np.random.default_rng(seed)
-    t0 = 1_700_000_000_000
-    ents = [
-        Entity(
-            entity_type=EntityType.NOTE,
-            name=f"item {i}",
-            content=" ".join(words[rng.integers(0, len(words), 8)]) + f" #{i}",
-            embedding=data[i],
-            created_at=t0 + i,
+    texts = store_texts(n, seed)
+    rng = np.random.default_rng(seed + 11)
+    qtexts = []
+    for i in rng.integers(0, n, N_QUERIES).tolist():  # as bench_memory: words of a stored fact
+        t = texts[i].split()
+        qtexts.append(" ".join(t[2:5]) + " " + t[0][:-1])
+    table = dict(zip(qtexts, queries))
+    import gc
+
+    gc.collect()
+    base = rss_bytes()
+    out["rss_base_GB (bench vectors + texts, no store)"] = base / gb
+    out["bench_vectors_GB (freed after the upsert)"] = data.nbytes / gb
+    peak_ok = reset_peak_rss()
+    out["rss_peak_method"] = "VmHWM restarted per phase" if peak_ok else "ru_maxrss (whole run)"
+
+    # what the store itself holds: RSS minus the bench's own memory (its vectors, 1.5 GB at 1M,
+    # are freed once written, so later phases subtract less)
+    bench_own = [base]
+
+    def mem(phase: str) -> None:
+        now, peak = rss_bytes(), peak_rss_bytes()
+        out[f"rss_after_{phase}_GB"] = now / gb
+        out[f"rss_peak_{phase}_GB"] = peak / gb
+        out[f"store_peak_{phase}_GB"] = (peak - bench_own[0]) / gb
+        print(
+            f"  {phase:<24} RSS {now / gb:6.2f} GB, peak {peak / gb:6.2f} GB; "
+            f"the store's share: {(now - bench_own[0]) / gb:6.2f} GB, peak {(peak - bench_own[0]) / gb:6.2f} GB",
+            flush=True,
         )
-        for i in range(n)
-    ]
+        report(out)
+        reset_peak_rss()
+
     tmp = Path(tempfile.mkdtemp(prefix="umi-bench-"))
     path = tmp / "bench.duckdb"
-    out: dict[str, Any] = {"n": n}
+    t0 = 1_700_000_000_000
     try:
         store = DuckDBStorageBackend.connect(path, dim=DIM)
         batch = 10_000
-        t = time.perf_counter()
+        spent = 0.0
         for a in range(0, n, batch):
-            store.upsert(ents[a : a + batch])
-        out["bulk_upsert_rows_per_s"] = n / (time.perf_counter() - t)
+            # built per batch: the bench holds no Entity beyond the one being written
+            ents = [
+                Entity(entity_type=EntityType.NOTE, name=texts[i].split()[0], content=texts[i],
+                       embedding=data[i], created_at=t0 + i)
+                for i in range(a, min(n, a + batch))
+            ]
+            t = time.perf_counter()
+            store.upsert(ents)
+            spent += time.perf_counter() - t
+        out["bulk_upsert_rows_per_s"] = n / spent
         out["upsert_batch"] = batch
+        mem("upsert")
+        vectors_bytes = data.nbytes
+        del ents, data  # the store holds the vectors now; the bench keeps only its queries
+        gc.collect()
+        bench_own[0] = base - vectors_bytes
         t = time.perf_counter()
-        store.search_vector(queries[0], K)  # builds the HNSW graph when n >= threshold
-        out["first_search_s (graph build)"] = time.perf_counter() - t
+        built = store.build_vector_index()  # HNSW above the threshold: built here, not timed below
+        out["index_build_s (HNSW, 1 thread)" if built else "index_build_s (exact, no graph)"] = (
+            time.perf_counter() - t
+        )
+        mem("index_build")
+        out["rss_per_million_facts_GB (store open, index built)"] = (
+            (rss_bytes() - bench_own[0]) / n * 1e6 / gb
+        )
 
         def search_hydrate(q: np.ndarray) -> list[Any]:
             hits = store.search_vector(q, K)
@@ -450,9 +549,25 @@ def bench_duckdb(n: int, seed: int) -> dict[str, Any]:
         out["search_hydrate_p95_ms"] = pct(ts, 95)
         ts = latencies(lambda q: store.search_vector(q, K), list(queries))
         out["search_only_p50_ms"] = pct(ts, 50)
+
+        # hybrid recall through a Memory: vector + BM25 + name, fused, hydrated; the query
+        # embedding is a dict lookup (PrecomputedEmbedder), so it is excluded
+        opts = umi.RecallOptions(limit=K, deep_search=False)
+
+        def recall_ms(memory: Any) -> np.ndarray:
+            return latencies(lambda q: memory.recall_sync(q, opts), qtexts, warmup=10)
+
+        m = umi.Memory(storage=store, embedder=PrecomputedEmbedder(table, DIM))
+        ts = recall_ms(m)
+        out["hybrid_recall_p50_ms"] = pct(ts, 50)
+        out["hybrid_recall_p95_ms"] = pct(ts, 95)
+        mem("recall")
         t = time.perf_counter()
+        m.close()
         store.close()
         out["close_s (saves cache)"] = time.perf_counter() - t
+        del m, store
+        gc.collect()
 
         t = time.perf_counter()
         store = DuckDBStorageBackend.connect(path)
@@ -461,7 +576,18 @@ def bench_duckdb(n: int, seed: int) -> dict[str, Any]:
         t = time.perf_counter()
         store.search_vector(queries[1], K)
         out["first_search_after_valid_reopen_s"] = time.perf_counter() - t
+        m = umi.Memory(storage=store, embedder=PrecomputedEmbedder(table, DIM))
+        ts = recall_ms(m)
+        out["hybrid_recall_after_reopen_p50_ms"] = pct(ts, 50)
+        out["hybrid_recall_after_reopen_p95_ms"] = pct(ts, 95)
+        mem("reopen_and_recall")
+        out["rss_per_million_facts_GB (reopened, after recalls)"] = (
+            (rss_bytes() - bench_own[0]) / n * 1e6 / gb
+        )
+        m.close()
         store.close()
+        del m, store
+        gc.collect()
 
         for p in tmp.iterdir():
             if p.name.startswith(path.name + INDEX_SUFFIX):
@@ -471,6 +597,7 @@ def bench_duckdb(n: int, seed: int) -> dict[str, Any]:
         out["reopen_missing_cache_s"] = time.perf_counter() - t
         out["reopen_missing_cache_status"] = store.index_load_status
         store.close()
+        mem("reopen_missing_cache")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -479,13 +606,13 @@ def bench_duckdb(n: int, seed: int) -> dict[str, Any]:
 # --- report --------------------------------------------------------------------------------
 
 
-def print_report(result: dict[str, Any]) -> None:
+def print_machine(result: dict[str, Any]) -> None:
     bw = result["bandwidth"]
     m = result["machine"]
     print(
         f"\nMachine: {m['cpus']} CPUs, numba {m['numba']} ({m['numba_threads']} threads), "
-        f"faiss {m['faiss']}; load average {m['load_avg_1m_at_start']:.1f} at start, "
-        f"{m['load_avg_1m_at_end']:.1f} at end (other processes share the cores)"
+        f"faiss {m['faiss']}; load average {m['load_avg_1m_at_start']:.1f} at start "
+        "(other processes share the cores)"
     )
     print("Memory read bandwidth (1 GiB buffer, best of 7):")
     print(f"  numba sum, 1 thread            {bw['numba_sum_1thread_GBps']:6.1f} GB/s")
@@ -494,78 +621,105 @@ def print_report(result: dict[str, Any]) -> None:
     )
     print(f"  numpy sum (compute-bound)      {bw['numpy_sum_GBps']:6.1f} GB/s")
     print(f"  reference (fastest read)       {bw['reference_GBps']:6.1f} GB/s")
-    for r in result["sizes"]:
-        n = r["n"]
-        rb = r["read_bandwidth_GBps"]
-        print(f"\n{n:,} x {r['dim']}  ({r['vector_MB']:.0f} MB of vectors), top-{K}")
-        print(
-            f"  read rate of this array (p50, in rotation with the searches): "
-            f"{rb['same_array_1thread_p50']:.1f} GB/s (1 thread), "
-            f"{rb['same_array_all_threads_p50']:.1f} GB/s (all)"
-        )
-        print(
-            f"  % bw: against the faster of that and the 1 GiB read at start, "
-            f"{rb['one']:.1f} / {rb['all']:.1f} / {rb['best']:.1f} GB/s (1 thread / all / best); "
-            "% rot: against the in-rotation read alone"
-        )
-        print(
-            f"  {'method':<34}{'p50 ms':>9}{'p95 ms':>9}{'GB/s':>8}{'% bw':>7}{'% rot':>7}"
-            f"{'recall':>8}{'build s':>9}"
-        )
-        for key, label in [
-            ("exact_umi_kernel_one", "exact  umi.kernels.topk, 1 thread"),
-            ("exact_umi_kernel_all", f"exact  umi.kernels.topk, {bw['threads']} thr."),
-            ("exact_umi_kernel", "exact  umi.kernels.topk, auto"),
-            ("exact_umi_index", "exact  VectorIndex.search"),
-            ("exact_numpy", "exact  numpy V@q + argpartition"),
-            ("exact_faiss_flat", "exact  faiss IndexFlatIP"),
-        ]:
-            if key in r:
-                x = r[key]
-                rec = f"{x['recall_vs_umi']:.3f}" if "recall_vs_umi" in x else "1.000"
-                print(
-                    f"  {label:<34}{x['p50_ms']:9.3f}{x['p95_ms']:9.3f}{x['GBps']:8.1f}"
-                    f"{x['pct_of_bandwidth']:7.0f}{x['pct_of_read_in_rotation']:7.0f}{rec:>8}{'':>9}"
-                )
-        for key, label in [
-            ("hnsw_umi_index", "hnsw   VectorIndex (hnswlib)"),
-            ("hnsw_faiss", "hnsw   faiss IndexHNSWFlat"),
-        ]:
-            if key in r:
-                x = r[key]
-                print(
-                    f"  {label:<34}{x['p50_ms']:9.3f}{x['p95_ms']:9.3f}{'':>8}{'':>7}{'':>7}"
-                    f"{x['recall@10']:8.3f}{x['build_s']:9.1f}"
-                )
-        for key in sorted(k for k in r if k.startswith("filtered_")):
+
+
+def print_size(r: dict[str, Any], bw: dict[str, float]) -> None:
+    n = r["n"]
+    rb = r["read_bandwidth_GBps"]
+    print(f"\n{n:,} x {r['dim']}  ({r['vector_MB']:.0f} MB of vectors), top-{K}")
+    print(
+        f"  read rate of this array (p50, in rotation with the searches): "
+        f"{rb['same_array_1thread_p50']:.1f} GB/s (1 thread), "
+        f"{rb['same_array_all_threads_p50']:.1f} GB/s (all)"
+    )
+    print(
+        f"  % bw: against the faster of that and the 1 GiB read at start, "
+        f"{rb['one']:.1f} / {rb['all']:.1f} / {rb['best']:.1f} GB/s (1 thread / all / best); "
+        "% rot: against the in-rotation read alone"
+    )
+    print(
+        f"  {'method':<34}{'p50 ms':>9}{'p95 ms':>9}{'GB/s':>8}{'% bw':>7}{'% rot':>7}"
+        f"{'recall':>8}{'build s':>9}"
+    )
+    for key, label in [
+        ("exact_umi_kernel_one", "exact  umi.kernels.topk, 1 thread"),
+        ("exact_umi_kernel_all", f"exact  umi.kernels.topk, {bw['threads']} thr."),
+        ("exact_umi_kernel", "exact  umi.kernels.topk, auto"),
+        ("exact_umi_index", "exact  VectorIndex.search"),
+        ("exact_numpy", "exact  numpy V@q + argpartition"),
+        ("exact_faiss_flat", "exact  faiss IndexFlatIP"),
+    ]:
+        if key in r:
             x = r[key]
-            label = f"filter {key.split('_')[1].replace('pct', '%')} VectorIndex ({x['path']})"
+            rec = f"{x['recall_vs_umi']:.3f}" if "recall_vs_umi" in x else "1.000"
             print(
-                f"  {label:<34}{x['p50_ms']:9.3f}{x['p95_ms']:9.3f}{'':>8}{'':>7}{'':>7}{x['recall@10']:8.3f}"
+                f"  {label:<34}{x['p50_ms']:9.3f}{x['p95_ms']:9.3f}{x['GBps']:8.1f}"
+                f"{x['pct_of_bandwidth']:7.0f}{x['pct_of_read_in_rotation']:7.0f}{rec:>8}{'':>9}"
             )
-        if "index_file" in r:
-            x = r["index_file"]
+    for key, label in [
+        ("hnsw_umi_index", "hnsw   VectorIndex (hnswlib)"),
+        ("hnsw_faiss", "hnsw   faiss IndexHNSWFlat"),
+    ]:
+        if key in r:
+            x = r[key]
             print(
-                f"  VectorIndex file with graph: {x['MB']:.0f} MB, save {x['save_s']:.2f} s, "
-                f"load {x['load_s']:.2f} s, same results after load: {x['same_results']}"
+                f"  {label:<34}{x['p50_ms']:9.3f}{x['p95_ms']:9.3f}{'':>8}{'':>7}{'':>7}"
+                f"{x['recall@10']:8.3f}{x['build_s']:9.1f}"
             )
-        for m in BATCH_SIZES:
-            print(f"  {f'{m} queries per call':<34}{'p50 ms':>9}{'q/s':>9}")
-            for key, label in [
-                (f"batch{m}_umi_kernel", "exact  umi.kernels.topk_many"),
-                (f"batch{m}_numpy", "exact  numpy Q@V.T + argpartition"),
-                (f"batch{m}_faiss_flat", "exact  faiss IndexFlatIP"),
-            ]:
-                if key in r:
-                    x = r[key]
-                    print(f"  {label:<34}{x['p50_ms']:9.2f}{x['qps']:9.0f}")
-    db = result.get("duckdb")
-    if db:
-        print(f"\nDuckDB store ({db.get('n', 0):,} entities, {DIM}-d)")
-        for k, v in db.items():
-            if k == "n":
-                continue
-            print(f"  {k:<38}{v:>12.3f}" if isinstance(v, float) else f"  {k:<38}{v!s:>12}")
+    for key in sorted(k for k in r if k.startswith("filtered_")):
+        x = r[key]
+        label = f"filter {key.split('_')[1].replace('pct', '%')} VectorIndex ({x['path']})"
+        print(
+            f"  {label:<34}{x['p50_ms']:9.3f}{x['p95_ms']:9.3f}{'':>8}{'':>7}{'':>7}{x['recall@10']:8.3f}"
+        )
+    if "index_file" in r:
+        x = r["index_file"]
+        print(
+            f"  VectorIndex file with graph: {x['MB']:.0f} MB, save {x['save_s']:.2f} s, "
+            f"load {x['load_s']:.2f} s, same results after load: {x['same_results']}"
+        )
+    for m in BATCH_SIZES:
+        print(f"  {f'{m} queries per call':<34}{'p50 ms':>9}{'q/s':>9}")
+        for key, label in [
+            (f"batch{m}_umi_kernel", "exact  umi.kernels.topk_many"),
+            (f"batch{m}_numpy", "exact  numpy Q@V.T + argpartition"),
+            (f"batch{m}_faiss_flat", "exact  faiss IndexFlatIP"),
+        ]:
+            if key in r:
+                x = r[key]
+                print(f"  {label:<34}{x['p50_ms']:9.2f}{x['qps']:9.0f}")
+
+
+def print_store(db: dict[str, Any]) -> None:
+    if "skipped" in db:
+        print(f"\nDuckDB store: skipped ({db['skipped']})")
+        return
+    print(f"\nDuckDB store + Memory.recall ({db.get('n', 0):,} entities, {DIM}-d)")
+    for k, v in db.items():
+        if k == "n":
+            continue
+        print(f"  {k:<54}{v:>12.3f}" if isinstance(v, float) else f"  {k:<54}{v!s:>12}")
+
+
+def save(result: dict[str, Any], out: Path) -> None:
+    """Write what has been measured so far, merged into ``out``: keys of this run replace the
+    file's, and sizes are merged by row count (so ``--only-store`` keeps an earlier run's
+    vector sections, and a kill loses nothing already measured)."""
+    merged: dict[str, Any] = {}
+    if out.exists():
+        try:
+            merged = json.loads(out.read_text())
+        except ValueError:
+            merged = {}
+    sizes = {r["n"]: r for r in merged.get("sizes", [])}
+    sizes.update({r["n"]: r for r in result.get("sizes", [])})
+    merged.update(result)
+    if sizes:
+        merged["sizes"] = [sizes[n] for n in sorted(sizes)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(merged, indent=2) + "\n")
+    tmp.replace(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -575,14 +729,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--sizes", default="", help="comma-separated row counts (default 10000,100000)")
     ap.add_argument("--skip-duckdb", action="store_true", help="leave out the DuckDB store rows")
+    ap.add_argument(
+        "--only-store",
+        action="store_true",
+        help="run only the DuckDB store + Memory.recall section, at the largest size",
+    )
     ap.add_argument("--seed", type=int, default=20261101)
     ap.add_argument("--out", default=str(RESULTS / "bench_search.json"))
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s] or [10_000, 100_000]
     if args.full and 1_000_000 not in sizes:
         sizes.append(1_000_000)
+    out = Path(args.out)
 
-    kernels.warmup()
     result: dict[str, Any] = {
         "benchmark": "bench_search",
         "machine": {
@@ -599,16 +758,31 @@ def main(argv: list[str] | None = None) -> int:
     }
     faiss = try_faiss()
     result["machine"]["faiss"] = faiss.__version__ if faiss is not None else None
-    print("measuring memory read bandwidth ...", flush=True)
-    result["bandwidth"] = measure_bandwidth()
-    result["sizes"] = [bench_size(n, result["bandwidth"], args.seed) for n in sizes]
+    if not args.only_store:
+        kernels.warmup()
+        print("measuring memory read bandwidth ...", flush=True)
+        result["bandwidth"] = measure_bandwidth()
+        print_machine(result)
+        result["sizes"] = []
+        for n in sizes:
+            result["sizes"].append(bench_size(n, result["bandwidth"], args.seed))
+            print_size(result["sizes"][-1], result["bandwidth"])
+            save(result, out)
     if not args.skip_duckdb:
-        result["duckdb"] = bench_duckdb(max(sizes), args.seed)
+
+        def partial(db: dict[str, Any]) -> None:
+            result["duckdb"] = dict(db, complete=False)
+            save(result, out)
+
+        result["duckdb"] = bench_duckdb(max(sizes), args.seed, report=partial)
+        result["duckdb"]["complete"] = True
+        print_store(result["duckdb"])
     result["machine"]["load_avg_1m_at_end"] = os.getloadavg()[0]
-    print_report(result)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        f"\nload average {result['machine']['load_avg_1m_at_start']:.1f} at start, "
+        f"{result['machine']['load_avg_1m_at_end']:.1f} at end"
+    )
+    save(result, out)
     print(f"\nwrote {out}")
     return 0
 

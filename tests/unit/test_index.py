@@ -586,3 +586,61 @@ def test_empty_index_round_trip(tmp_path):
     loaded, gen = VectorIndex.load(tmp_path / "e.idx", dim=5)
     assert (len(loaded), loaded.capacity, gen) == (0, 0, 0)
     assert loaded.search(np.ones(5, np.float32), 3) == []
+
+
+def test_graph_build_reads_the_stored_vectors_without_copying_them():
+    """A 1M-row build must not hold a second 1.5 GB copy of the vectors: with no removed slot
+    the graph is built from a view (numpy copies show in tracemalloc, hnswlib's own memory not)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(11)
+    data = exact_vectors(rng, 6_000, 64)
+    ids = [f"v{i:05d}" for i in range(6_000)]
+    idx = VectorIndex(64, hnsw_threshold=100, seed=1)
+    idx.add(ids, data)
+    tracemalloc.start()
+    try:
+        idx.build_graph()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < data.nbytes // 4
+    assert idx.search(data[123], 1)[0][0] == "v00123"
+    # with a removed slot the live rows are gathered (a copy), and the graph still leaves it out
+    idx.remove(["v00123"])
+    idx._graph = None
+    idx.build_graph()
+    assert idx.search(data[123], 1)[0][0] != "v00123"
+    assert idx.search(data[124], 1)[0][0] == "v00124"
+
+
+def test_bulk_add_normalises_in_chunks_same_bits_bounded_memory():
+    """Adding 65k rows at once (an index rebuilt from a store) gives the bits of the one-shot
+    float64 formula, reports a bad row by its position in the whole matrix, and holds no float64
+    copy of the whole matrix (two of them were 6 GB at 1M x 384)."""
+    import tracemalloc
+
+    from umi.index import _NORMALISE_CHUNK_ROWS, _UNIT_TOLERANCE
+
+    rng = np.random.default_rng(3)
+    n = 8 * _NORMALISE_CHUNK_ROWS + 123
+    raw = (rng.standard_normal((n, 64)) * 3).astype(np.float32)
+    raw[5] /= np.linalg.norm(raw[5])  # an already-unit row is kept bit for bit
+    v64 = raw.astype(np.float64)
+    norms = np.sqrt(np.einsum("ij,ij->i", v64, v64))
+    want = (v64 / np.where(np.abs(norms - 1.0) <= _UNIT_TOLERANCE, 1.0, norms)[:, None]).astype(np.float32)
+    idx = VectorIndex(64, hnsw_threshold=10**9)
+    ids = [f"r{i}" for i in range(n)]
+    tracemalloc.start()
+    try:
+        idx.add(ids, raw)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    got = np.stack([idx.get_vector(f"r{i}") for i in (0, 5, n // 2, n - 1)])
+    assert np.array_equal(got, want[[0, 5, n // 2, n - 1]])
+    assert peak < 3 * n * 64 * 4  # the index's matrix + the normalised rows, no float64 copy of all
+    bad = raw.copy()
+    bad[_NORMALISE_CHUNK_ROWS + 7, 3] = np.nan
+    with pytest.raises(ValidationError, match=f"row {_NORMALISE_CHUNK_ROWS + 7} "):
+        VectorIndex(64).add(ids, bad)

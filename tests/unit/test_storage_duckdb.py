@@ -690,3 +690,25 @@ def test_inline_reads_only_while_every_read_is_in_memory(tmp_path) -> None:
     finally:
         st.close()
     assert StorageBackend.inline_read_lock(st) is None  # the protocol's default: always hop
+
+
+def test_a_bulk_commit_leaves_its_history_in_the_database_not_the_cache(db: Path) -> None:
+    """A bulk upsert (>= HISTORY_KEEP_COMMIT_MAX records) keeps no snapshot per fact in memory;
+    its history is read back when asked for, the same records as before. A small write's stays."""
+    from umi.storage.cached import HISTORY_KEEP_COMMIT_MAX
+
+    n = HISTORY_KEEP_COMMIT_MAX
+    with DuckDBStorageBackend.connect(db) as b:
+        b.upsert([ent(i) for i in range(n)])
+        assert b._history == {}
+        assert [(h.seq, h.op, h.snapshot["content"]) for h in b.history(ent(7).id)] == [(1, "create", "fact number 7")]
+        revised = ent(7)
+        revised.content = "fact seven, revised"
+        b.upsert([revised])  # an update of a fact written in bulk
+        assert [(h.seq, h.op, h.snapshot["content"]) for h in b.history(ent(7).id)] == [
+            (1, "create", "fact number 7"), (2, "update", "fact seven, revised")]
+        b.upsert([ent(n + 1)])  # a small commit: its record stays in the cache
+        assert ent(n + 1).id in b._history
+    with DuckDBStorageBackend.connect(db) as b:
+        assert [h.op for h in b.history(ent(7).id)] == ["create", "update"]
+        assert len(b.history(ent(n - 1).id)) == 1

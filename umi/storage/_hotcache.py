@@ -817,7 +817,11 @@ class EntityCache:
         if rows.shape[0] == 0:
             return
         self._unpend_vectors()
-        slots = np.asarray(self.index.add(ids, self._vecs[rows]), np.int64)  # type: ignore[index]
+        vecs = self._vecs
+        assert vecs is not None
+        # every row has a vector (the usual case): a view, not a copy of the whole matrix
+        mat = vecs[: rows.shape[0]] if rows.shape[0] == self._n else vecs[rows]
+        slots = np.asarray(self.index.add(ids, mat), np.int64)
         self._map_slots(rows, slots)
 
     def adopt_index(self, index: Any, changed_ids: Iterable[str], *, check_sample: int = 32) -> bool:

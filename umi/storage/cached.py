@@ -33,7 +33,7 @@ import json
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -81,6 +81,11 @@ META_VALUE_BYTES_MAX = 1024 * 1024
 #: at most this many times per session; then the rest of that kind is read in one go (a bulk
 #: forget of 10k entities must not cost 10k database round trips each)
 LAZY_KEY_READS_MAX = 256
+#: a commit that writes at least this many history records (a bulk upsert, a remember_many
+#: chunk) to a lazy durable store leaves none of them in the cache: they are read back when
+#: asked for. A snapshot dict per fact held for the session cost ~0.85 GB per million facts;
+#: a small commit's records stay, so updating a fact just written needs no database read
+HISTORY_KEEP_COMMIT_MAX = 1_000
 
 
 # --- what moves between the cache and a durable store -------------------------------------------
@@ -395,6 +400,14 @@ class CachedStore(TransactionMixin, StorageBackend):
                 self._fetch_history([eid])
         return self._history.get(eid)
 
+    def _forget_history(self, entity_ids: Iterable[str]) -> None:
+        """Drop committed history of ``entity_ids`` from the cache (lazy stores only: it is
+        asked of the durable store again when needed)."""
+        hist, known = self._history, self._hist_known
+        for eid in set(entity_ids):
+            hist.pop(eid, None)
+            known.discard(eid)
+
     def _fetch_all_history(self) -> None:
         if self._hist_all:
             return
@@ -527,6 +540,8 @@ class CachedStore(TransactionMixin, StorageBackend):
         changes = self._changes
         if wrote and changes:
             self._durable.commit(changes, self._generation + 1)  # raises: the mixin rolls back
+            if len(changes.history) >= HISTORY_KEEP_COMMIT_MAX and not self._hist_all:
+                self._forget_history(r.entity_id for r in changes.history)
         self._cache.commit()
         self._undo = []
         self._changes = ChangeSet()
