@@ -263,19 +263,26 @@ def test_close_inside_a_transaction_rolls_it_back(db: Path) -> None:
 
 
 class _CountingConnection:
-    """Forwards to a DuckDB connection and counts the statements sent."""
+    """Forwards to a DuckDB connection and counts the statements sent (the SQL text of a parsed
+    statement too), on it and on its cursors, leaving out PRAGMAs (connection settings)."""
 
-    def __init__(self, con: Any) -> None:
+    def __init__(self, con: Any, parent: "_CountingConnection | None" = None) -> None:
         self._con = con
-        self.statements: list[str] = []
+        self._root: _CountingConnection = self if parent is None else parent._root
+        self.statements: list[str] = self._root.statements if parent is not None else []
         self.executemany_calls = 0
 
-    def execute(self, sql: str, *args: Any) -> Any:
-        self.statements.append(sql)
+    def execute(self, sql: Any, *args: Any) -> Any:
+        text = sql if isinstance(sql, str) else sql.query
+        if not text.startswith("PRAGMA"):
+            self.statements.append(text)
         return self._con.execute(sql, *args)
 
+    def cursor(self) -> "_CountingConnection":
+        return _CountingConnection(self._con.cursor(), self)
+
     def executemany(self, *args: Any) -> Any:  # pragma: no cover - must not be used
-        self.executemany_calls += 1
+        self._root.executemany_calls += 1
         return self._con.executemany(*args)
 
     def __getattr__(self, name: str) -> Any:
