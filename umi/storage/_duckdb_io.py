@@ -497,6 +497,16 @@ class _Writer:
         return self.con.unregister(name)
 
 
+def _write_keyed(con: Any, table: str, drop: list[str], changes: dict[str, Any], build: Any) -> None:
+    """An ``id``-keyed table: the deleted and rewritten rows in one DELETE (``drop``: only ids the
+    store may hold), the new states in one plain INSERT."""
+    if drop:
+        delete_rows_of(con, (table,), drop, key="id")
+    put = [v for v in changes.values() if v is not None]
+    if put:
+        insert_rows(con, table, build(put))
+
+
 class _EntityWrites:
     """What a change set does to the entity tables: stored rows deleted or rewritten, facts
     written whole (with their terms), validity changes (supersede, revive)."""
@@ -644,15 +654,8 @@ class DuckDBDurable(DurableStore):
             if ch.history:
                 recs = list({(r.entity_id, r.seq): r for r in ch.history}.values())
                 insert_rows(con, "history", history_rows(recs, generation), replace=ch.history_replace)
-            for table, changes, build in (("sources", ch.sources, sources_rows),
-                                          ("relations", ch.relations, relations_rows)):
-                # deleted and rewritten rows in one DELETE (only ids the store may hold: unknown
-                # counts as held), new states in one plain INSERT
-                if drops[table]:
-                    delete_rows_of(con, (table,), drops[table], key="id")
-                put = [v for v in changes.values() if v is not None]
-                if put:
-                    insert_rows(con, table, build(put))
+            _write_keyed(con, "sources", drops["sources"], ch.sources, sources_rows)
+            _write_keyed(con, "relations", drops["relations"], ch.relations, relations_rows)
             for sc in sorted(ch.core_forgotten, key=lambda sc: (sc.user_id or "", sc.agent_id or "")):
                 for table in ("core_blocks", "core_history"):
                     con.execute(f"DELETE FROM {table} WHERE user_id IS NOT DISTINCT FROM ? "
