@@ -83,7 +83,7 @@ META_VALUE_BYTES_MAX = 1024 * 1024
 LAZY_KEY_READS_MAX = 256
 #: a lazy durable store's orphan keys (:meth:`DurableStore.load_orphans`) are read once the point
 #: reads they spare would have cost as much: the scan costs about one point read per this many
-#: stored entities (DuckDB: a point read ~0.5 ms, the scan ~0.35 s at 1M facts). A small store
+#: stored entities (DuckDB: a point read 0.5-1 ms, the scan ~0.8 s at 1M facts). A small store
 #: reads them at its first write; a large one after that many new facts' history/source reads
 ORPHAN_SCAN_ROWS_PER_READ = 1000
 
