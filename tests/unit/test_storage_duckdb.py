@@ -263,19 +263,32 @@ def test_close_inside_a_transaction_rolls_it_back(db: Path) -> None:
 
 
 class _CountingConnection:
-    """Forwards to a DuckDB connection and counts the statements sent."""
+    """Forwards to a DuckDB connection and counts the statements sent (the SQL text of a parsed
+    statement too), on it and on its cursors, leaving out PRAGMAs (connection settings)."""
 
-    def __init__(self, con: Any) -> None:
+    def __init__(self, con: Any, parent: "_CountingConnection | None" = None) -> None:
         self._con = con
-        self.statements: list[str] = []
+        self._root: _CountingConnection = self if parent is None else parent._root
+        self.statements: list[str] = self._root.statements if parent is not None else []
+        #: (statement, whether DuckDB's optimizer was on for it), on it and its cursors
+        self.runs: list[tuple[str, bool]] = self._root.runs if parent is not None else []
+        self.optimizer = True
         self.executemany_calls = 0
 
-    def execute(self, sql: str, *args: Any) -> Any:
-        self.statements.append(sql)
+    def execute(self, sql: Any, *args: Any) -> Any:
+        text = sql if isinstance(sql, str) else sql.query
+        if text == "PRAGMA disable_optimizer":
+            self.optimizer = False
+        if not text.startswith("PRAGMA"):
+            self.statements.append(text)
+            self.runs.append((" ".join(text.split()[:3]), self.optimizer))
         return self._con.execute(sql, *args)
 
+    def cursor(self) -> "_CountingConnection":
+        return _CountingConnection(self._con.cursor(), self)
+
     def executemany(self, *args: Any) -> Any:  # pragma: no cover - must not be used
-        self.executemany_calls += 1
+        self._root.executemany_calls += 1
         return self._con.executemany(*args)
 
     def __getattr__(self, name: str) -> Any:
@@ -669,6 +682,34 @@ def test_a_raw_note_is_one_transaction_of_one_insert_per_table(tmp_path: Path) -
         assert m.count_sync() == 4
         assert [e.content for e in m.recall_sync("note 2 Lisbon", umi.RecallOptions(limit=1))] == [
             "note 2: Alice moved to Lisbon"]
+
+
+def test_inserts_alone_commit_without_the_optimizer_and_writes_by_key_with_it(db: Path) -> None:
+    """A commit that only inserts rows (a remember of new facts) runs where DuckDB's optimizer is
+    off: a few rows have nothing to optimise. One that updates or deletes rows by key runs where it
+    is on (those become index lookups and small joins). Each sees what the other committed."""
+    with DuckDBStorageBackend.connect(db, dim=4) as b:
+        b.upsert([ent(0)])  # the first write also reads the store's orphan keys
+        spy = _CountingConnection(b._con)
+        b._durable.con = spy
+        keep, gone = ent(1, emb=np.ones(4, np.float32)), ent(2, emb=np.full(4, 2.0, np.float32))
+        b.upsert([keep, gone])
+        inserts, spy.runs[:] = list(spy.runs), []
+        assert b.supersede(keep.id, T0 + 10) and b.delete(gone.id, at=T0 + 11)
+        by_key, spy.runs[:] = list(spy.runs), []
+        b.upsert([ent(3)])
+        again = list(spy.runs)
+        b._durable.con = spy._con
+    assert [s for s, _ in inserts] == ["BEGIN TRANSACTION", "INSERT INTO entities", "INSERT INTO postings",
+                                       "INSERT INTO history", "COMMIT"]
+    assert {on for _, on in inserts} == {on for _, on in again} == {False}
+    assert "UPDATE entities SET" in [s for s, _ in by_key] and "DELETE FROM entities" in [s for s, _ in by_key]
+    assert {on for _, on in by_key} == {True}
+    with DuckDBStorageBackend.connect(db) as b:
+        assert b.get(keep.id).valid_to == T0 + 10 and b.get(gone.id) is None  # type: ignore[union-attr]
+        assert [h.op for h in b.history(keep.id)] == ["create", "supersede"]
+        assert sorted(e.id for e in b.list(SearchFilters(include_superseded=True))) == sorted(
+            [ent(0).id, keep.id, ent(3).id])
 
 
 def test_inline_reads_only_while_every_read_is_in_memory(tmp_path) -> None:

@@ -207,3 +207,60 @@ def test_re_adding_a_stored_relation_or_source_after_reopen_replaces_it(store) -
         assert [r.reason for r in b.relations_for(rel.source_id)] == ["same team, said again"]
         assert len(list(b.iter_relations())) == 1
         assert b.get_source(s1.id) == s1 and len(list(b.iter_sources())) == 2
+
+
+def test_new_facts_and_texts_after_reopen_are_known_new_without_a_read_per_key(tmp_path: Path, monkeypatch) -> None:
+    """Every remember writes facts that have no history yet, from a text that has no source yet.
+    After one read of the orphan keys (history of forgotten facts, sources no fact refers to) the
+    store knows that without asking DuckDB per key, and the orphans still get their rows read:
+    a forgotten fact told again continues its history, a stored lone source is kept."""
+    path = tmp_path / "umi.duckdb"
+    lone, s1 = Source.for_text("a source with no fact", T0), Source.for_text("Alice joined Acme", T0 + 1)
+    with DuckDBStorageBackend.connect(path) as b:
+        b.add_source(lone)
+        b.add_source(s1)
+        b.upsert([fact(1, "Alice works at Acme", source_id=s1.id), fact(2, "Bob likes tea")])
+        assert b.delete("e2", at=T0 + 5)
+    with DuckDBStorageBackend.connect(path) as b:
+        reads: list[str] = []
+        durable = b._durable
+        for name in ("load_history", "load_sources", "load_orphans"):
+            real = getattr(durable, name)
+            monkeypatch.setattr(durable, name, lambda *a, _real=real, _name=name, **k: reads.append(_name) or _real(*a, **k))
+        news = [Source.for_text(f"new text {i}", T0 + 10 + i) for i in range(20)]
+        for i, s in enumerate(news):
+            with b.transaction():
+                b.upsert([fact(10 + i, f"new fact {i}", source_id=s.id)])
+                b.add_source(s)
+        assert reads == ["load_orphans"]
+        assert ops(b, "e10") == [(1, "create")] and b.get_source(news[0].id) == news[0]
+        b.upsert([fact(2, "Bob is back")])  # forgotten before: an orphan, its history is read
+        assert ops(b, "e2") == [(1, "create"), (2, "delete"), (3, "create")]
+        b.add_source(lone)  # stored, with no fact: read, and kept as the first record
+        assert b.get_source(lone.id) == lone and reads.count("load_sources") == 1
+        with b.transaction():  # a stored fact and its stored source, told again: both read
+            b.upsert([fact(1, "Alice works at Acme as an engineer", source_id=s1.id)])
+            b.add_source(s1)
+        assert ops(b, "e1") == [(1, "create"), (2, "update")] and reads.count("load_sources") == 2
+    with DuckDBStorageBackend.connect(path) as b:  # and the disk agrees
+        assert b.count() == 22 and ops(b, "e2") == [(1, "create"), (2, "delete"), (3, "create")]
+        assert [s.id for s in b.iter_sources()] == [lone.id, s1.id, *(s.id for s in news)]
+
+
+def test_a_large_store_reads_keys_one_by_one_until_the_orphan_scan_pays(store, monkeypatch) -> None:
+    """The orphan keys cost a scan of history and sources: a store reads them once the point reads
+    of new keys would have cost as much (one read per ORPHAN_SCAN_ROWS_PER_READ stored facts)."""
+    import umi.storage.cached as cached
+
+    path, s = store
+    monkeypatch.setattr(cached, "ORPHAN_SCAN_ROWS_PER_READ", -(-s["n"] // 2))  # worth it after 1 point read
+    with DuckDBStorageBackend.connect(path) as b:
+        reads: list[str] = []
+        durable = b._durable
+        for name in ("load_history", "load_sources", "load_orphans"):
+            real = getattr(durable, name)
+            monkeypatch.setattr(durable, name, lambda *a, _real=real, _name=name, **k: reads.append(_name) or _real(*a, **k))
+        for i in range(3):
+            b.upsert([fact(1000 + i, f"new fact {i}")])
+        assert reads == ["load_history", "load_orphans"]
+        assert [ops(b, f"e{1000 + i}") for i in range(3)] == [[(1, "create")]] * 3

@@ -24,7 +24,7 @@ from ._common import dumps, make_entity, meta_key
 from ._hotcache import TYPE_CODES, LoadedRows
 from .text import document_terms
 from .base import HistoryRecord, Source
-from .cached import ChangeSet, DurableStore, Loaded
+from .cached import ChangeSet, DurableStore, Loaded, Orphans
 
 __all__ = [
     "Rows",
@@ -375,12 +375,6 @@ def _scope(key: tuple[Any, Any, Any]) -> Scope:
     return s
 
 
-def scope_list(tbl: pa.Table) -> list[Scope]:
-    """The Scope of each row of a table with user_id, agent_id, session_id columns (shared objects)."""
-    cols = [tbl.column(c).to_pylist() for c in ("user_id", "agent_id", "session_id")]
-    return [_scope(k) for k in zip(*cols)]
-
-
 def _metadata_codes(con: Any, n: int) -> dict[str, tuple[np.ndarray, dict[tuple[str, str], int]]]:
     tbl = con.sql("""
         SELECT m.key, m.vtype, m.vtext, r.rn FROM entity_metadata m JOIN _umi_rowmap r ON m.entity_id = r.id
@@ -459,6 +453,100 @@ def _rows_for_ids(con: Any, select: str, id_column: str, ids: Sequence[str]) -> 
         con.unregister("_umi_want_ids")
 
 
+def _tuples_for_ids(con: Any, select: str, id_column: str, ids: Sequence[str] | None) -> list[tuple[Any, ...]]:
+    """The rows of ``select`` (one table, aliased) with ``id_column`` in ``ids`` (every row when
+    ``None``), as tuples. A few ids (the usual on-demand read: one entity's history, one source)
+    go through ``execute`` with parameters and ``fetchall``: no relation object, no Arrow table,
+    about a third of the time of :func:`_rows_for_ids` for a row or two."""
+    if ids is not None and len(ids) <= SMALL_BATCH_ROWS:
+        marks = ", ".join("?" for _ in ids)
+        return con.execute(f"{select} WHERE {id_column} IN ({marks})", list(ids)).fetchall()
+    tbl = con.sql(select).to_arrow_table() if ids is None else _rows_for_ids(con, select, id_column, ids)
+    return list(zip(*(c.to_pylist() for c in tbl.columns)))
+
+
+class _Writer:
+    """A connection that parses each SQL text once: DuckDB parses a text every time it runs it
+    (~0.1 ms of a one-row INSERT here), a parsed statement is bound and run at once. ``base`` is
+    the store's connection (``con`` itself, or the one ``con`` is a cursor of)."""
+
+    __slots__ = ("con", "base", "_parsed")
+    #: parsed statements kept (a commit's texts vary only with the tables and the row count)
+    PARSED_MAX = 256
+
+    def __init__(self, con: Any, base: Any) -> None:
+        self.con = con
+        self.base = base
+        self._parsed: dict[str, Any] = {}
+
+    def execute(self, sql: str, params: Any = None) -> Any:
+        stmt = self._parsed.get(sql)
+        if stmt is None:
+            stmt = self.con.extract_statements(sql)[0]
+            if len(self._parsed) < self.PARSED_MAX:
+                self._parsed[sql] = stmt
+        return self.con.execute(stmt, params)
+
+    def executemany(self, sql: str, params: Any) -> Any:
+        return self.con.executemany(sql, params)
+
+    def register(self, name: str, table: Any) -> Any:
+        return self.con.register(name, table)
+
+    def unregister(self, name: str) -> Any:
+        return self.con.unregister(name)
+
+
+def _write_keyed(con: Any, table: str, drop: list[str], changes: dict[str, Any], build: Any) -> None:
+    """An ``id``-keyed table: the deleted and rewritten rows in one DELETE (``drop``: only ids the
+    store may hold), the new states in one plain INSERT."""
+    if drop:
+        delete_rows_of(con, (table,), drop, key="id")
+    put = [v for v in changes.values() if v is not None]
+    if put:
+        insert_rows(con, table, build(put))
+
+
+class _EntityWrites:
+    """What a change set does to the entity tables: stored rows deleted or rewritten, facts
+    written whole (with their terms), validity changes (supersede, revive)."""
+
+    def __init__(self, ch: ChangeSet) -> None:
+        gone = [i for i, e in ch.entities.items() if e is None and ch.entity_existed.get(i)]
+        self.full: list[Entity] = []
+        self.terms: list[tuple[dict[str, int], int]] = []
+        self.validity: list[Entity] = []
+        for i, e in ch.entities.items():
+            if e is None:
+                continue
+            t = ch.terms.get(i)
+            if t is None and ch.entity_existed.get(i):
+                self.validity.append(e)  # only valid_to / updated_at changed (supersede, revive)
+            else:
+                self.full.append(e)
+                self.terms.append(t if t is not None else document_terms(e.name, e.content))
+        # a stored row that is rewritten is deleted and inserted again (an ON CONFLICT costs more)
+        self.rewritten = gone + [e.id for e in self.full if ch.entity_existed.get(e.id)]
+
+    def write(self, con: Any, generation: int, dim: int | None) -> None:
+        full, terms, validity = self.full, self.terms, self.validity
+        if self.rewritten:
+            delete_rows_of(con, ("postings", "entity_metadata", "passages"), self.rewritten)
+            delete_rows_of(con, ("entities",), self.rewritten, key="id")
+        if full:
+            insert_rows(con, "entities", entities_rows(full, terms, generation, dim))
+            insert_rows(con, "postings", postings_rows(full, [t[0] for t in terms]))
+            insert_rows(con, "entity_metadata", metadata_rows(full))
+            if any(e.passage_embeddings is not None for e in full):
+                insert_rows(con, "passages", passages_rows(full))
+        if validity:
+            con.execute("UPDATE entities SET valid_to = t.valid_to, updated_at = t.updated_at, updated_generation = ? "
+                        "FROM (SELECT unnest(?::VARCHAR[]) AS id, unnest(?::BIGINT[]) AS valid_to, "
+                        "unnest(?::BIGINT[]) AS updated_at) t WHERE entities.id = t.id",
+                        [generation, [e.id for e in validity], [e.valid_to for e in validity],
+                         [e.updated_at for e in validity]])
+
+
 class DuckDBDurable(DurableStore):
     """The DuckDB half of :class:`~umi.storage.duckdb.DuckDBStorageBackend`: loads what recall
     and remember read at open (entities, postings, core blocks); history, sources and relations
@@ -475,6 +563,7 @@ class DuckDBDurable(DurableStore):
         self.vectors_at_open = True
         #: read the postings at open (False: the keyword index cache holds them)
         self.postings_at_open = True
+        self._writers: dict[str, _Writer] = {}
 
     def load(self, dim: int | None) -> Loaded:
         con = self.con
@@ -492,29 +581,23 @@ class DuckDBDurable(DurableStore):
                       passages=load_passages(con) if dim else {})
 
     def load_history(self, entity_ids: Sequence[str] | None) -> list[tuple[str, int, str, int, Any, Scope]]:
-        cols = "h.entity_id, h.seq, h.op, h.at_ms, h.snapshot, h.user_id, h.agent_id, h.session_id"
+        select = "SELECT h.entity_id, h.seq, h.op, h.at_ms, h.snapshot, h.user_id, h.agent_id, h.session_id FROM history h"
         with _read_errors("history"):
-            if entity_ids is None:
-                hist = self.con.sql(f"SELECT {cols} FROM history h").to_arrow_table()
-            else:
-                hist = _rows_for_ids(self.con, f"SELECT {cols} FROM history h", "h.entity_id", entity_ids)
-        return list(zip(*(hist.column(k).to_pylist() for k in ("entity_id", "seq", "op", "at_ms", "snapshot")),
-                        scope_list(hist)))
+            rows = _tuples_for_ids(self.con, select, "h.entity_id", entity_ids)
+        return [(e, s, op, at, snap, _scope((u, a, sess))) for e, s, op, at, snap, u, a, sess in rows]
 
     def load_sources(self, ids: Sequence[str] | None = None, hashes: Sequence[str] | None = None) -> list[Source]:
         select = "SELECT s.id, s.text_hash, s.text, s.created_at, s.metadata, s.user_id, s.agent_id, s.session_id FROM sources s"
         with _read_errors("sources"):
             if ids is None and hashes is None:
-                tbls = [self.con.sql(select).to_arrow_table()]
+                parts = [_tuples_for_ids(self.con, select, "s.id", None)]
             else:
-                tbls = [_rows_for_ids(self.con, select, col, want)
-                        for col, want in (("s.id", ids), ("s.text_hash", hashes)) if want]
+                parts = [_tuples_for_ids(self.con, select, col, want)
+                         for col, want in (("s.id", ids), ("s.text_hash", hashes)) if want]
         out: dict[str, Source] = {}
-        for src in tbls:
-            for i, h, t, c, m, sc in zip(*(src.column(k).to_pylist()
-                                           for k in ("id", "text_hash", "text", "created_at", "metadata")),
-                                         scope_list(src)):
-                out[i] = Source(i, h, t, c, json.loads(m), sc)
+        for rows in parts:
+            for i, h, t, c, m, u, a, sess in rows:
+                out[i] = Source(i, h, t, c, json.loads(m), _scope((u, a, sess)))
         return list(out.values())
 
     def load_relations(self, entity_ids: Sequence[str] | None) -> list[EvolutionRelation]:
@@ -522,32 +605,47 @@ class DuckDBDurable(DurableStore):
                   "r.user_id, r.agent_id, r.session_id FROM relations r")
         with _read_errors("relations"):
             if entity_ids is None:
-                tbls = [self.con.sql(select).to_arrow_table()]
+                parts = [_tuples_for_ids(self.con, select, "r.id", None)]
             else:
-                tbls = [_rows_for_ids(self.con, select, col, entity_ids) for col in ("r.source_id", "r.target_id")]
+                parts = [_tuples_for_ids(self.con, select, col, entity_ids) for col in ("r.source_id", "r.target_id")]
         out: dict[str, EvolutionRelation] = {}
-        for rel in tbls:
-            for i, s_, t, et, r, c, ca, sc in zip(
-                    *(rel.column(k).to_pylist() for k in ("id", "source_id", "target_id", "evolution_type", "reason",
-                                                          "confidence", "created_at")),
-                    scope_list(rel)):
+        for rows in parts:
+            for i, s_, t, et, r, c, ca, u, a, sess in rows:
                 out[i] = EvolutionRelation(source_id=s_, target_id=t, evolution_type=et, reason=r, confidence=c,
-                                           id=i, created_at=ca, scope=sc)
+                                           id=i, created_at=ca, scope=_scope((u, a, sess)))
         return list(out.values())
+
+    def load_orphans(self) -> Orphans:
+        with _read_errors("orphan keys"):
+            hist = self.con.execute("SELECT DISTINCT h.entity_id FROM history h "
+                                    "WHERE NOT EXISTS (SELECT 1 FROM entities e WHERE e.id = h.entity_id)").fetchall()
+            srcs = self.con.execute("SELECT s.id FROM sources s "
+                                    "WHERE NOT EXISTS (SELECT 1 FROM entities e WHERE e.source_id = s.id)").fetchall()
+        return Orphans(frozenset(r[0] for r in hist), frozenset(r[0] for r in srcs))
 
     def commit(self, ch: ChangeSet, generation: int) -> None:
         """One DuckDB transaction, one statement per table touched (a raw note: entities, postings,
         history, sources). The generation rides on the rows that carry one (history, entities);
-        ``umi_state`` is written only by a commit with neither (see ``stored_generation``)."""
+        ``umi_state`` is written only by a commit with neither (see ``stored_generation``).
+
+        A commit that only inserts rows (a remember of new facts) runs on a second connection to
+        the same database with DuckDB's optimizer off: an INSERT of a few rows has nothing to
+        optimise, and the passes cost ~0.15 ms a statement here. A commit that deletes or updates
+        rows by key keeps the optimizer, which turns those into index lookups and small joins."""
         from ._duckdb_schema import add_embedding_column
 
-        con = self.con
+        ents = _EntityWrites(ch)
+        drops = {table: [i for i in changes if existed.get(i, True)]
+                 for table, changes, existed in (("sources", ch.sources, ch.source_existed),
+                                                 ("relations", ch.relations, ch.relation_existed))}
+        by_key = bool(ents.rewritten or ents.validity or ch.tombstoned or any(drops.values()))
+        con = self._writer(optimise=by_key)
         con.execute("BEGIN TRANSACTION")
         try:
             if ch.dim is not None and self.dim is None:
                 add_embedding_column(con, ch.dim)
             dim = self.dim if self.dim is not None else ch.dim
-            self._entities(ch, generation, dim)
+            ents.write(con, generation, dim)
             if ch.tombstoned:
                 stones = sorted(ch.tombstoned)
                 con.execute("UPDATE history SET snapshot = t.snapshot FROM (SELECT unnest(?::VARCHAR[]) AS id, "
@@ -556,8 +654,8 @@ class DuckDBDurable(DurableStore):
             if ch.history:
                 recs = list({(r.entity_id, r.seq): r for r in ch.history}.values())
                 insert_rows(con, "history", history_rows(recs, generation), replace=ch.history_replace)
-            self._keyed(ch.sources, ch.source_existed, "sources", sources_rows)
-            self._keyed(ch.relations, ch.relation_existed, "relations", relations_rows)
+            _write_keyed(con, "sources", drops["sources"], ch.sources, sources_rows)
+            _write_keyed(con, "relations", drops["relations"], ch.relations, relations_rows)
             for sc in sorted(ch.core_forgotten, key=lambda sc: (sc.user_id or "", sc.agent_id or "")):
                 for table in ("core_blocks", "core_history"):
                     con.execute(f"DELETE FROM {table} WHERE user_id IS NOT DISTINCT FROM ? "
@@ -587,52 +685,26 @@ class DuckDBDurable(DurableStore):
         if ch.dim is not None and self.dim is None:
             self.dim = ch.dim
 
-    def _entities(self, ch: ChangeSet, generation: int, dim: int | None) -> None:
-        con = self.con
-        gone = [i for i, e in ch.entities.items() if e is None and ch.entity_existed.get(i)]
-        full: list[Entity] = []
-        terms: list[tuple[dict[str, int], int]] = []
-        validity: list[Entity] = []
-        for i, e in ch.entities.items():
-            if e is None:
-                continue
-            t = ch.terms.get(i)
-            if t is None and ch.entity_existed.get(i):
-                validity.append(e)  # only valid_to / updated_at changed (supersede, revive)
+    def _writer(self, *, optimise: bool) -> _Writer:
+        """The connection a commit writes through (see :meth:`commit`), made on first use."""
+        key = "optimised" if optimise else "plain"
+        w = self._writers.get(key)
+        if w is None or w.base is not self.con:  # (a test may swap the connection)
+            if w is not None and not optimise:
+                w.con.close()
+            if optimise:
+                w = _Writer(self.con, self.con)
             else:
-                full.append(e)
-                terms.append(t if t is not None else document_terms(e.name, e.content))
-        # a stored row that is rewritten is deleted and inserted again (an ON CONFLICT costs more)
-        rewritten = gone + [e.id for e in full if ch.entity_existed.get(e.id)]
-        if rewritten:
-            delete_rows_of(con, ("postings", "entity_metadata", "passages"), rewritten)
-            delete_rows_of(con, ("entities",), rewritten, key="id")
-        if full:
-            insert_rows(con, "entities", entities_rows(full, terms, generation, dim))
-            insert_rows(con, "postings", postings_rows(full, [t[0] for t in terms]))
-            insert_rows(con, "entity_metadata", metadata_rows(full))
-            if any(e.passage_embeddings is not None for e in full):
-                insert_rows(con, "passages", passages_rows(full))
-        if validity:
-            con.execute("UPDATE entities SET valid_to = t.valid_to, updated_at = t.updated_at, updated_generation = ? "
-                        "FROM (SELECT unnest(?::VARCHAR[]) AS id, unnest(?::BIGINT[]) AS valid_to, "
-                        "unnest(?::BIGINT[]) AS updated_at) t WHERE entities.id = t.id",
-                        [generation, [e.id for e in validity], [e.valid_to for e in validity],
-                         [e.updated_at for e in validity]])
-
-    def _keyed(self, changes: dict[str, Any], existed: dict[str, bool], table: str, build: Any) -> None:
-        """Deleted and rewritten rows of an ``id``-keyed table go in one DELETE (only ids the store
-        may hold: unknown counts as held), new states in one plain INSERT."""
-        if not changes:
-            return
-        drop = [i for i in changes if existed.get(i, True)]
-        if drop:
-            delete_rows_of(self.con, (table,), drop, key="id")
-        put = [v for v in changes.values() if v is not None]
-        if put:
-            insert_rows(self.con, table, build(put))
+                cur = self.con.cursor()
+                cur.execute("PRAGMA disable_optimizer")
+                w = _Writer(cur, self.con)
+            self._writers[key] = w
+        return w
 
     def close(self) -> None:
+        plain = self._writers.pop("plain", None)
+        if plain is not None:
+            plain.con.close()
         self.con.close()
 
 

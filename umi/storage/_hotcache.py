@@ -530,6 +530,11 @@ class EntityCache:
     def code_of(self, name: str, value: Any) -> int | None:
         return self._meta_vals.get(name, {}).get(value)
 
+    def codes_given(self, name: str) -> int:
+        """How many values of coded column ``name`` have a code. Codes are never reused: a value
+        first seen later gets a greater code."""
+        return len(self._meta_vals.get(name, ()))
+
     def _compute_mask(self, nf: NormFilters) -> np.ndarray:
         return F.mask(nf, self)
 

@@ -33,7 +33,7 @@ import json
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -86,6 +86,11 @@ LAZY_KEY_READS_MAX = 256
 #: asked for. A snapshot dict per fact held for the session cost ~0.85 GB per million facts;
 #: a small commit's records stay, so updating a fact just written needs no database read
 HISTORY_KEEP_COMMIT_MAX = 1_000
+#: a lazy durable store's orphan keys (:meth:`DurableStore.load_orphans`) are read once the point
+#: reads they spare would have cost as much: the scan costs about one point read per this many
+#: stored entities (DuckDB: a point read 0.5-1 ms, the scan ~0.8 s at 1M facts). A small store
+#: reads them at its first write; a large one after that many new facts' history/source reads
+ORPHAN_SCAN_ROWS_PER_READ = 1000
 
 
 # --- what moves between the cache and a durable store -------------------------------------------
@@ -129,6 +134,15 @@ class ChangeSet:
     def __bool__(self) -> bool:
         return bool(self.entities or self.history or self.tombstoned or self.sources or self.relations
                     or self.core_forgotten or self.core or self.core_history or self.meta or self.dim is not None)
+
+
+class Orphans(NamedTuple):
+    """Keys a durable store holds for no stored entity (:meth:`DurableStore.load_orphans`)."""
+
+    #: ids with history records and no entity row (forgotten entities, imported history)
+    history: frozenset[str]
+    #: ids of sources no entity row refers to
+    sources: frozenset[str]
 
 
 @dataclass
@@ -178,6 +192,13 @@ class DurableStore:
         """The relations with an end in ``entity_ids`` (every relation when ``None``)."""
         raise NotImplementedError  # pragma: no cover - only lazy stores are asked
 
+    def load_orphans(self) -> Orphans:
+        """The committed keys that no entity row accounts for: history of ids without an entity
+        row, sources no entity row refers to. With them (and the ids and source ids the cache
+        has held) the cache knows that a new fact has no history and a new text no source,
+        without a read per key."""
+        raise NotImplementedError  # pragma: no cover - only lazy stores are asked
+
     def commit(self, changes: ChangeSet, generation: int) -> None:  # pragma: no cover - interface
         """Write ``changes`` and the new ``generation`` atomically, or raise and write nothing."""
         raise NotImplementedError
@@ -214,6 +235,9 @@ class FaultyDurable(DurableStore):
 
     def load_relations(self, entity_ids: Sequence[str] | None) -> list[EvolutionRelation]:
         return self.inner.load_relations(entity_ids)
+
+    def load_orphans(self) -> Orphans:
+        return self.inner.load_orphans()
 
     def commit(self, changes: ChangeSet, generation: int) -> None:
         from ..sim.faults import FaultType
@@ -323,6 +347,10 @@ class CachedStore(TransactionMixin, StorageBackend):
         self._hist_known: set[str] = set()
         self._hist_all = True
         self._key_reads = {"history": 0, "sources": 0, "relations": 0}
+        # a lazy durable store's orphan keys, once read (see _orphan_keys); point reads until then
+        self._orphans: Orphans | None = None
+        self._point_reads = 0
+        self._source_codes_at_orphans = 0  # source ids the cache had coded when they were read
         self._core: dict[Scope, list[CoreBlockRecord]] = {}
         self._core_hist: dict[Scope, list[CoreHistoryRecord]] = {}
         self._meta: dict[str, str] = {}
@@ -376,15 +404,47 @@ class CachedStore(TransactionMixin, StorageBackend):
             hist[eid].sort(key=lambda h: h.seq)
 
     def _fetch_history(self, entity_ids: Sequence[str]) -> None:
-        """Read the committed history of those of ``entity_ids`` not known yet (one durable read)."""
+        """Read the committed history of those of ``entity_ids`` not known yet (one durable read;
+        none for ids known to have no history: see :meth:`_orphan_keys`)."""
         if self._hist_all:
             return
         known = self._hist_known
         want = sorted({i for i in entity_ids if i not in known})
         if not want:
             return
+        orphans = self._orphan_keys()
+        if orphans is not None:
+            # committed history is an orphan's or belongs to a stored entity row: one the cache
+            # holds, or one this transaction removed (an earlier one read the history it changed)
+            existed = self._changes.entity_existed
+            maybe = [i for i in want if i in self._cache or existed.get(i) or i in orphans.history]
+            known.update(i for i in want if i not in maybe)
+            want = maybe
+            if not want:
+                return
+        self._point_reads += 1
         self._add_loaded_history(self._durable.load_history(want))
         known.update(want)
+
+    def _orphan_keys(self) -> Orphans | None:
+        """The lazy durable store's orphan keys, read once the point reads of new keys so far add
+        up to the cost of reading them (``ORPHAN_SCAN_ROWS_PER_READ``); None until then. Every
+        change after the read is in the cache: a forgotten entity's history was read before it
+        was changed, and a source written or dropped is held (or held as absent)."""
+        if self._orphans is None and (self._point_reads + 1) * ORPHAN_SCAN_ROWS_PER_READ >= len(self._cache):
+            self._orphans = self._durable.load_orphans()
+            self._source_codes_at_orphans = self._cache.codes_given("source_id")
+        return self._orphans
+
+    def _source_is_new(self, sid: str) -> bool:
+        """``sid`` is known to have no committed source row, without a durable read: when the
+        orphan keys were read, it was not an orphan and no entity the cache held or had held
+        referred to it (since then the cache holds every source written or dropped)."""
+        orphans = self._orphan_keys()
+        if orphans is None or sid in orphans.sources:
+            return False
+        code = self._cache.code_of("source_id", sid)
+        return code is None or code > self._source_codes_at_orphans
 
     def _one_more_key_read(self, kind: str) -> bool:
         """Count a single-key read of ``kind``; True when the whole kind should be read instead."""
@@ -428,6 +488,10 @@ class CachedStore(TransactionMixin, StorageBackend):
         if sid not in self._sources:
             if self._src_all:
                 return None
+            if self._source_is_new(sid):
+                self._sources[sid] = None
+                return None
+            self._point_reads += 1
             if self._one_more_key_read("sources"):
                 self._fetch_sources_all()
             else:
@@ -598,6 +662,8 @@ class CachedStore(TransactionMixin, StorageBackend):
                       *, history: bool) -> None:
         if not ents:
             return
+        if history:  # before the cache holds the new ids: see _fetch_history
+            self._fetch_history([e.id for e in ents])
         existed = {e.id: e.id in self._cache for e in ents}
         fresh = self._cache.put_many(ents, terms)
         if dim is not None and self._dim_stored is None:
@@ -606,7 +672,6 @@ class CachedStore(TransactionMixin, StorageBackend):
         for e, t in zip(ents, terms):
             self._record_entity(e.id, e, existed[e.id], t)
         if history:
-            self._fetch_history([e.id for e in ents])
             for e, new in zip(ents, fresh):
                 self._append_history(e.id, "create" if new else "update", e.updated_at, snapshot_of(e), e.scope)
 
