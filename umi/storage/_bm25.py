@@ -20,7 +20,7 @@ the query's term order: the same bits as the exhaustive kernel's (held by a prop
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -39,7 +39,7 @@ def _compiled() -> Any:
     if _kernel is None:
         from numba import njit
 
-        _kernel = njit(cache=True)(_bm25)
+        _kernel = njit(cache=True, nogil=True)(_bm25)
     return _kernel
 
 
@@ -48,7 +48,7 @@ def _compiled_pruned() -> Any:
     if _pruned_kernel is None:
         from numba import njit
 
-        _pruned_kernel = njit(cache=True)(_bm25_pruned)
+        _pruned_kernel = njit(cache=True, nogil=True)(_bm25_pruned)
     return _pruned_kernel
 
 
@@ -384,6 +384,13 @@ class PostingsIndex:
         """(rows, BM25 scores) of the rows in ``mask`` holding at least one of ``terms`` (distinct).
         With ``k``: only the rows that may rank in the top ``k`` or tie with the k-th are sure to
         be there (:func:`bm25_top_candidates`)."""
+        return self.scorer(terms, n_docs, avg_doc_len, doc_len, mask, k)()
+
+    def scorer(self, terms: Sequence[str], n_docs: int, avg_doc_len: float, doc_len: np.ndarray,
+               mask: np.ndarray, k: int | None = None) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+        """:meth:`score` in two steps: the postings are gathered now; the call returned runs the
+        kernel (``nogil``: it may run on another thread while the caller keeps the index, ``mask``
+        and ``doc_len`` unchanged, one call at a time per index — it uses the index's scratch)."""
         arrays = []
         for t in terms:
             p = self._post.get(t)
@@ -391,14 +398,19 @@ class PostingsIndex:
             if got is not None:
                 arrays.append(got)
         if not arrays:
-            return np.zeros(0, np.int64), np.zeros(0, np.float64)
+            return _nothing
         ptr = np.zeros(len(arrays) + 1, np.int64)
         np.cumsum([a[0].shape[0] for a in arrays], out=ptr[1:])
         rows = np.concatenate([a[0] for a in arrays]) if len(arrays) > 1 else arrays[0][0]
         tfs = np.concatenate([a[1] for a in arrays]) if len(arrays) > 1 else arrays[0][1]
         idfs = np.array([bm25_idf(n_docs, a[0].shape[0]) for a in arrays], np.float64)
         if k is None or rows.shape[0] * len(arrays) > PRUNED_CELLS_MAX:
-            return bm25_candidates(rows, tfs, ptr, idfs, doc_len, avg_doc_len, mask)
+            return lambda: bm25_candidates(rows, tfs, ptr, idfs, doc_len, avg_doc_len, mask)
         if self._slot.shape[0] < mask.shape[0]:
             self._slot = np.full(max(mask.shape[0], int(self._slot.shape[0] * 1.5)), -1, np.int64)
-        return bm25_top_candidates(rows, tfs, ptr, idfs, doc_len, avg_doc_len, mask, self._slot, k)
+        slot, top = self._slot, int(k)
+        return lambda: bm25_top_candidates(rows, tfs, ptr, idfs, doc_len, avg_doc_len, mask, slot, top)
+
+
+def _nothing() -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros(0, np.int64), np.zeros(0, np.float64)

@@ -34,6 +34,7 @@ from ..types import Entity, EntityType, normalize_name
 from . import filters as F
 from ._bm25 import PostingsIndex, csr_add_docs, top_by_score_then_key
 from ._common import clone_entity
+from ._overlap import beside
 from .filters import TYPE_CODES, NormFilters, meta_key
 from .text import document_terms
 
@@ -657,11 +658,19 @@ class EntityCache:
         self._pass_stack = None
 
     def search_text(self, terms: Sequence[str], k: int, nf: NormFilters) -> builtins.list[tuple[str, float]]:
+        scorer = self._text_scorer(terms, k, nf)
+        return [] if scorer is None else self._text_hits(scorer(), k)
+
+    def _text_scorer(self, terms: Sequence[str], k: int,
+                     nf: NormFilters) -> Callable[[], tuple[np.ndarray, np.ndarray]] | None:
+        """The BM25 kernel call of a keyword search, ready to run (None: nothing can match)."""
         if not terms or nf.empty or self._n_alive == 0:
-            return []
-        mask = self.row_mask(nf)
-        cand, scores = self._postings.score(terms, self._n_alive, self._total_len / self._n_alive,
-                                            self._doc_len[: self._n], mask, k)
+            return None
+        return self._postings.scorer(terms, self._n_alive, self._total_len / self._n_alive,
+                                     self._doc_len[: self._n], self.row_mask(nf), k)
+
+    def _text_hits(self, scored: tuple[np.ndarray, np.ndarray], k: int) -> builtins.list[tuple[str, float]]:
+        cand, scores = scored
         if cand.shape[0] == 0:
             return []
         # the k best by (score, id): the kernel ranks by (score, id-order key) and keeps every
@@ -671,6 +680,31 @@ class EntityCache:
         out = [(ids[r], s) for r, s in zip(cand[sel].tolist(), scores[sel].tolist())]
         out.sort(key=lambda t: (-t[1], t[0]))
         return out[:k]
+
+    def search_content(self, qs: Sequence[np.ndarray | None], terms: Sequence[Sequence[str]], k: int,
+                       nf: NormFilters) -> builtins.list[tuple[builtins.list[tuple[str, float]] | None,
+                                                               builtins.list[tuple[str, float]]]]:
+        """For each query, (:meth:`search_vector` of its vector — None when it has none —,
+        :meth:`search_text` of its terms), each answer the same as its own call's. The keyword
+        kernels run on the helper thread while the vectors are searched here (:mod:`._overlap`)."""
+        scorers = [self._text_scorer(t, k, nf) for t in terms]
+        with_vec = [q for q in qs if q is not None]
+
+        def vectors() -> builtins.list[builtins.list[tuple[str, float]]]:
+            if len(with_vec) == 1:
+                return [self.search_vector(with_vec[0], k, nf)]
+            return self.search_vector_many(np.stack(with_vec), k, nf) if with_vec else []
+
+        def keywords() -> builtins.list[tuple[np.ndarray, np.ndarray] | None]:
+            return [None if s is None else s() for s in scorers]
+
+        if with_vec and any(s is not None for s in scorers):
+            scored, by_vec = beside(keywords, vectors)
+        else:
+            scored, by_vec = keywords(), vectors()
+        found = iter(by_vec)
+        return [(None if q is None else next(found), [] if sc is None else self._text_hits(sc, k))
+                for q, sc in zip(qs, scored)]
 
     # --- bulk load and the vector index -------------------------------------------------
     def bulk_load(self, rows: "LoadedRows") -> None:
