@@ -2,11 +2,12 @@
 
 :class:`PostingsIndex` maps each term to its postings (row -> tf). Postings read in
 bulk stay in one CSR block until a term is first changed; a changed term keeps a dict
-and rebuilds its arrays lazily for the next query. The kernel takes the postings of
-the query's terms concatenated (``rows``, ``tfs``) with ``term_ptr`` marking where each
-term's list starts (a row appears at most once per term), accumulates scores in a dense
-per-row array and returns only rows that the filter ``mask`` lets through. Formula and
-constants: :mod:`umi.storage.text`.
+and rebuilds its arrays lazily for the next query. The kernel takes each query term's
+postings as a range ``lo[t]:hi[t]`` of ``rows``/``tfs`` — of the bulk-loaded CSR block itself
+(no copy) while every query term is untouched since the load, else of the terms' arrays
+concatenated (a row appears at most once per term) —, accumulates scores per row and returns
+only rows that the filter ``mask`` lets through. The kernels are compiled ``nogil``. Formula
+and constants: :mod:`umi.storage.text`.
 
 Top-k without scoring every posting's row (:meth:`PostingsIndex.score` with ``k``): a
 MaxScore-style early exit. Each term's upper bound is its score at its largest tf and shortest
@@ -60,16 +61,16 @@ _BOUND_SLACK = 1e-9
 PRUNED_CELLS_MAX = 1 << 22
 
 
-def _bm25_pruned(rows, tfs, term_ptr, idfs, doc_len, avgdl, mask, slot, k, k1, b):  # pragma: no cover - compiled
+def _bm25_pruned(rows, tfs, lo, hi, idfs, doc_len, avgdl, mask, slot, k, k1, b):  # pragma: no cover - compiled
     n_terms = idfs.shape[0]
     # each term's upper bound: its score at its largest tf and its shortest document
     ubs = np.zeros(n_terms, np.float64)
     for t in range(n_terms):
-        if term_ptr[t + 1] == term_ptr[t]:
+        if hi[t] == lo[t]:
             continue
         tf_max = 0.0
         dl_min = np.inf
-        for p in range(term_ptr[t], term_ptr[t + 1]):
+        for p in range(lo[t], hi[t]):
             v = float(tfs[p])
             if v > tf_max:
                 tf_max = v
@@ -84,7 +85,9 @@ def _bm25_pruned(rows, tfs, term_ptr, idfs, doc_len, avgdl, mask, slot, k, k1, b
         rest[j] = rest[j + 1] + ubs[order[j]]
     # room for every posting (never re-bound: arrays re-bound in a loop cost numba refcounting);
     # np.empty touches no memory, each row is cleared when admitted
-    total = term_ptr[n_terms]
+    total = 0
+    for t in range(n_terms):
+        total += hi[t] - lo[t]
     cand = np.empty(total, np.int64)
     contrib = np.empty((total, n_terms), np.float64)
     partial = np.empty(total, np.float64)
@@ -97,7 +100,7 @@ def _bm25_pruned(rows, tfs, term_ptr, idfs, doc_len, avgdl, mask, slot, k, k1, b
                 admit = False  # a row holding none of the terms so far cannot reach the k-th
         t = order[j]
         idf = idfs[t]
-        for p in range(term_ptr[t], term_ptr[t + 1]):
+        for p in range(lo[t], hi[t]):
             r = rows[p]
             c = slot[r]
             # a sparse set: slot[r] counts only when it points back at r, so a stale entry is harmless
@@ -133,18 +136,21 @@ def bm25_top_candidates(rows: np.ndarray, tfs: np.ndarray, term_ptr: np.ndarray,
     reaches the k-th best (ties included); rows that provably score below it may be left out.
     Scores are those of :func:`bm25_candidates`. ``slot``: int64 scratch, ``-1`` for every row
     (left so)."""
-    return _compiled_pruned()(rows, tfs, term_ptr, idfs, doc_len, float(avgdl), mask, slot, int(k),
-                              BM25_K1, BM25_B)
+    return _compiled_pruned()(rows, tfs, term_ptr[:-1], term_ptr[1:], idfs, doc_len, float(avgdl), mask, slot,
+                              int(k), BM25_K1, BM25_B)
 
 
-def _bm25(rows, tfs, term_ptr, idfs, doc_len, avgdl, mask, n_rows, k1, b):  # pragma: no cover - compiled
+def _bm25(rows, tfs, lo, hi, idfs, doc_len, avgdl, mask, n_rows, k1, b):  # pragma: no cover - compiled
     acc = np.zeros(n_rows, np.float64)
     seen = np.zeros(n_rows, np.bool_)
-    out_rows = np.empty(rows.shape[0], np.int64)
+    total = 0
+    for t in range(idfs.shape[0]):
+        total += hi[t] - lo[t]
+    out_rows = np.empty(total, np.int64)
     n_out = 0
     for t in range(idfs.shape[0]):
         idf = idfs[t]
-        for p in range(term_ptr[t], term_ptr[t + 1]):
+        for p in range(lo[t], hi[t]):
             r = rows[p]
             if not mask[r]:
                 continue
@@ -165,7 +171,8 @@ def _bm25(rows, tfs, term_ptr, idfs, doc_len, avgdl, mask, n_rows, k1, b):  # pr
 def bm25_candidates(rows: np.ndarray, tfs: np.ndarray, term_ptr: np.ndarray, idfs: np.ndarray,
                     doc_len: np.ndarray, avgdl: float, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(rows, scores) of every row in ``mask`` holding at least one query term."""
-    return _compiled()(rows, tfs, term_ptr, idfs, doc_len, float(avgdl), mask, mask.shape[0], BM25_K1, BM25_B)
+    return _compiled()(rows, tfs, term_ptr[:-1], term_ptr[1:], idfs, doc_len, float(avgdl), mask, mask.shape[0],
+                       BM25_K1, BM25_B)
 
 
 _select_kernel: Any = None
@@ -391,25 +398,40 @@ class PostingsIndex:
         """:meth:`score` in two steps: the postings are gathered now; the call returned runs the
         kernel (``nogil``: it may run on another thread while the caller keeps the index, ``mask``
         and ``doc_len`` unchanged, one call at a time per index — it uses the index's scratch)."""
-        arrays = []
-        for t in terms:
-            p = self._post.get(t)
-            got = p.arrays() if p is not None else self._base(t, pop=False)
-            if got is not None:
-                arrays.append(got)
-        if not arrays:
-            return _nothing
-        ptr = np.zeros(len(arrays) + 1, np.int64)
-        np.cumsum([a[0].shape[0] for a in arrays], out=ptr[1:])
-        rows = np.concatenate([a[0] for a in arrays]) if len(arrays) > 1 else arrays[0][0]
-        tfs = np.concatenate([a[1] for a in arrays]) if len(arrays) > 1 else arrays[0][1]
-        idfs = np.array([bm25_idf(n_docs, a[0].shape[0]) for a in arrays], np.float64)
-        if k is None or rows.shape[0] * len(arrays) > PRUNED_CELLS_MAX:
-            return lambda: bm25_candidates(rows, tfs, ptr, idfs, doc_len, avg_doc_len, mask)
+        # the postings of each term: a range of the bulk-loaded CSR arrays (no copy) while every
+        # query term is untouched since the load, else the terms' arrays concatenated
+        base = [self._base_terms.get(t) for t in terms if t not in self._post]
+        if len(base) == len(terms):
+            at = np.array([i for i in base if i is not None], np.int64)
+            if at.shape[0] == 0:
+                return _nothing
+            off = self._base_off
+            lo, hi = off[at].astype(np.int64, copy=False), off[at + 1].astype(np.int64, copy=False)
+            rows, tfs = self._base_rows, self._base_tfs
+        else:
+            arrays = []
+            for t in terms:
+                p = self._post.get(t)
+                got = p.arrays() if p is not None else self._base(t, pop=False)
+                if got is not None:
+                    arrays.append(got)
+            if not arrays:
+                return _nothing
+            ptr = np.zeros(len(arrays) + 1, np.int64)
+            np.cumsum([a[0].shape[0] for a in arrays], out=ptr[1:])
+            rows = np.concatenate([a[0] for a in arrays]) if len(arrays) > 1 else arrays[0][0]
+            tfs = np.concatenate([a[1] for a in arrays]) if len(arrays) > 1 else arrays[0][1]
+            lo, hi = ptr[:-1], ptr[1:]
+        dfs = (hi - lo).tolist()
+        idfs = np.array([bm25_idf(n_docs, df) for df in dfs], np.float64)
+        if k is None or sum(dfs) * len(dfs) > PRUNED_CELLS_MAX:
+            kernel = _compiled()
+            return lambda: kernel(rows, tfs, lo, hi, idfs, doc_len, float(avg_doc_len), mask, mask.shape[0],
+                                  BM25_K1, BM25_B)
         if self._slot.shape[0] < mask.shape[0]:
             self._slot = np.full(max(mask.shape[0], int(self._slot.shape[0] * 1.5)), -1, np.int64)
-        slot, top = self._slot, int(k)
-        return lambda: bm25_top_candidates(rows, tfs, ptr, idfs, doc_len, avg_doc_len, mask, slot, top)
+        slot, top, pruned = self._slot, int(k), _compiled_pruned()
+        return lambda: pruned(rows, tfs, lo, hi, idfs, doc_len, float(avg_doc_len), mask, slot, top, BM25_K1, BM25_B)
 
 
 def _nothing() -> tuple[np.ndarray, np.ndarray]:
