@@ -8,7 +8,13 @@ import time
 
 import pytest
 
+from umi.storage import _overlap
 from umi.storage._overlap import beside
+
+
+@pytest.fixture(autouse=True)
+def idle_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_overlap, "_core_idle", lambda: True)  # the machine running the tests may be busy
 
 
 def test_side_runs_on_the_helper_thread_while_main_runs_here() -> None:
@@ -56,3 +62,24 @@ def test_an_error_on_either_side_reaches_the_caller_after_the_side_is_done() -> 
     with pytest.raises(ValueError, match="main"):
         beside(slow_side, failing_main)
     assert done.is_set()  # the caller waited for the side before raising
+
+
+def test_with_no_idle_core_both_run_here_in_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_overlap, "_core_idle", lambda: False)
+    order: list[str] = []
+    here = threading.current_thread().name
+    got = beside(lambda: order.append("side") or threading.current_thread().name,
+                 lambda: order.append("main") or threading.current_thread().name)
+    assert got == (here, here) and order == ["side", "main"]
+
+
+def test_the_load_average_decides_whether_a_core_is_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.undo()  # the real _core_idle
+    monkeypatch.setattr(_overlap, "_cores", 2)
+    for load, idle in ((0.4, True), (1.4, True), (1.6, False), (6.0, False)):
+        monkeypatch.setattr(_overlap, "_idle_core", (-2.0, True))  # read again
+        monkeypatch.setattr(_overlap.os, "getloadavg", lambda load=load: (load, load, load))
+        assert _overlap._core_idle() is idle
+    monkeypatch.setattr(_overlap, "_cores", 1)
+    monkeypatch.setattr(_overlap, "_idle_core", (-2.0, True))
+    assert _overlap._core_idle() is False  # one core: nothing to overlap with
