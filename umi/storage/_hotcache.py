@@ -618,8 +618,8 @@ class EntityCache:
     def _with_passages(self, q: np.ndarray, res: Iterable[tuple[Any, Any]], k: int,
                        nf: NormFilters) -> builtins.list[tuple[str, float]]:
         """The index's hits, each fact at the best of its vector and its passages': one hit per fact."""
-        if not self._pass:
-            return _ranked(res, k)
+        if not self._pass:  # the index's own answer: (id, score) by score, then id, at most k
+            return res if isinstance(res, list) else _ranked(res, k)
         best = {str(i): float(s) for i, s in res}
         for i, s in self._passage_hits(q, k, nf):
             if s > best.get(i, -2.0):
