@@ -114,6 +114,27 @@ def test_pruning_keeps_a_row_of_a_later_term_that_outscores_the_kth() -> None:
     assert dict(zip(got_rows.tolist(), got_scores.tolist())) == dict(zip(all_rows.tolist(), all_scores.tolist()))
 
 
+def test_bulk_loaded_term_bounds_are_found_again_after_a_reload() -> None:
+    # a top-k query keeps each bulk-loaded term's largest tf and shortest row; postings loaded again
+    # must not be pruned with the old ones. 'a' (11 rows, idf just below 'b''s) first holds long rows
+    # only; reloaded, it holds row 20, short with tf 5, the best row by far. With the old bound 'a'
+    # would come after 'b' and look unable to lift a new row past the k-th: row 20 left out.
+    from umi.storage._bm25 import PostingsIndex
+
+    idx = PostingsIndex()
+    doc_len = np.full(21, 50.0)
+    mask = np.ones(21, np.bool_)
+    b_rows = list(range(10))
+    idx.load(["a", "b"], np.array([0, 11, 21]), np.array([*range(10, 20), 0, *b_rows]), np.ones(21))
+    idx.score(["b", "a"], 1000, 50.0, doc_len, mask, 2)  # keeps the bounds' inputs
+    doc_len[20] = 1.0
+    idx.load(["a", "b"], np.array([0, 11, 21]), np.array([*range(10, 21), *b_rows]), np.array([1.0] * 10 + [5.0] + [1.0] * 10))
+    rows, scores = idx.score(["b", "a"], 1000, 50.0, doc_len, mask, 2)
+    all_rows, all_scores = idx.score(["b", "a"], 1000, 50.0, doc_len, mask)
+    assert all_rows[np.argmax(all_scores)] == 20
+    assert 20 in rows.tolist()
+
+
 def test_pruning_skips_rows_that_cannot_rank() -> None:
     # 'rare' decides the top 2; 'common' is held by every row and cannot lift a row without 'rare'
     n = 50

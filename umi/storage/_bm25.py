@@ -61,22 +61,31 @@ _BOUND_SLACK = 1e-9
 PRUNED_CELLS_MAX = 1 << 22
 
 
-def _bm25_pruned(rows, tfs, lo, hi, idfs, doc_len, avgdl, mask, slot, k, k1, b):  # pragma: no cover - compiled
+def _bm25_pruned(rows, tfs, lo, hi, idfs, doc_len, avgdl, mask, slot, k, k1, b, seen, seen_at):  # pragma: no cover - compiled
     n_terms = idfs.shape[0]
-    # each term's upper bound: its score at its largest tf and its shortest document
+    # each term's upper bound: its score at its largest tf and its shortest document (those two
+    # read from ``seen[seen_at[t]]`` when a bulk-loaded term's were found before, else found and kept)
     ubs = np.zeros(n_terms, np.float64)
     for t in range(n_terms):
         if hi[t] == lo[t]:
             continue
-        tf_max = 0.0
-        dl_min = np.inf
-        for p in range(lo[t], hi[t]):
-            v = float(tfs[p])
-            if v > tf_max:
-                tf_max = v
-            d = doc_len[rows[p]]
-            if d < dl_min:
-                dl_min = d
+        at = seen_at[t]
+        if at >= 0 and seen[at, 0] >= 0.0:
+            tf_max = seen[at, 0]
+            dl_min = seen[at, 1]
+        else:
+            tf_max = 0.0
+            dl_min = np.inf
+            for p in range(lo[t], hi[t]):
+                v = float(tfs[p])
+                if v > tf_max:
+                    tf_max = v
+                d = float(doc_len[rows[p]])
+                if d < dl_min:
+                    dl_min = d
+            if at >= 0:
+                seen[at, 0] = tf_max
+                seen[at, 1] = dl_min
         norm = k1 * (1.0 - b + b * dl_min / avgdl) if avgdl > 0.0 else k1
         ubs[t] = idfs[t] * tf_max * (k1 + 1.0) / (tf_max + norm)
     order = np.argsort(-ubs, kind="mergesort")
@@ -137,7 +146,10 @@ def bm25_top_candidates(rows: np.ndarray, tfs: np.ndarray, term_ptr: np.ndarray,
     Scores are those of :func:`bm25_candidates`. ``slot``: int64 scratch, ``-1`` for every row
     (left so)."""
     return _compiled_pruned()(rows, tfs, term_ptr[:-1], term_ptr[1:], idfs, doc_len, float(avgdl), mask, slot,
-                              int(k), BM25_K1, BM25_B)
+                              int(k), BM25_K1, BM25_B, _NO_SEEN, np.full(idfs.shape[0], -1, np.int64))
+
+
+_NO_SEEN = np.zeros((0, 2), np.float64)
 
 
 def _bm25(rows, tfs, lo, hi, idfs, doc_len, avgdl, mask, n_rows, k1, b):  # pragma: no cover - compiled
@@ -315,6 +327,10 @@ class PostingsIndex:
         self._base_off = np.zeros(1, np.int64)
         self._base_rows = np.zeros(0, np.int64)
         self._base_tfs = np.zeros(0, np.float64)
+        # per bulk-loaded term, its largest tf and shortest document once a top-k query found them
+        # (-1: not yet): a term in the bulk arrays has not changed since the load, nor has the length
+        # of any row it holds (changing a row takes each of its terms out of the bulk arrays)
+        self._base_seen = np.full((0, 2), -1.0)
         # row -> candidate position while a top-k query runs; -1 between queries
         self._slot = np.full(0, -1, np.int64)
 
@@ -323,6 +339,7 @@ class PostingsIndex:
         self._post = {}
         self._base_terms = dict(zip(terms, range(len(terms))))
         self._base_off, self._base_rows, self._base_tfs = offsets, rows, tfs
+        self._base_seen = np.full((len(terms), 2), -1.0)
 
     def export(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
         """Every term's postings as CSR (the form :meth:`load` takes): (terms, offsets, rows, tfs)."""
@@ -408,6 +425,7 @@ class PostingsIndex:
             off = self._base_off
             lo, hi = off[at].astype(np.int64, copy=False), off[at + 1].astype(np.int64, copy=False)
             rows, tfs = self._base_rows, self._base_tfs
+            seen, seen_at = self._base_seen, at
         else:
             arrays = []
             for t in terms:
@@ -422,6 +440,7 @@ class PostingsIndex:
             rows = np.concatenate([a[0] for a in arrays]) if len(arrays) > 1 else arrays[0][0]
             tfs = np.concatenate([a[1] for a in arrays]) if len(arrays) > 1 else arrays[0][1]
             lo, hi = ptr[:-1], ptr[1:]
+            seen, seen_at = _NO_SEEN, np.full(len(arrays), -1, np.int64)
         dfs = (hi - lo).tolist()
         idfs = np.array([bm25_idf(n_docs, df) for df in dfs], np.float64)
         if k is None or sum(dfs) * len(dfs) > PRUNED_CELLS_MAX:
@@ -431,7 +450,8 @@ class PostingsIndex:
         if self._slot.shape[0] < mask.shape[0]:
             self._slot = np.full(max(mask.shape[0], int(self._slot.shape[0] * 1.5)), -1, np.int64)
         slot, top, pruned = self._slot, int(k), _compiled_pruned()
-        return lambda: pruned(rows, tfs, lo, hi, idfs, doc_len, float(avg_doc_len), mask, slot, top, BM25_K1, BM25_B)
+        return lambda: pruned(rows, tfs, lo, hi, idfs, doc_len, float(avg_doc_len), mask, slot, top, BM25_K1, BM25_B,
+                              seen, seen_at)
 
 
 def _nothing() -> tuple[np.ndarray, np.ndarray]:
