@@ -291,19 +291,22 @@ class _Postings:
     """One term's postings: row -> tf, kept as arrays until first changed, then as a dict
     whose arrays are rebuilt lazily for the next query."""
 
-    __slots__ = ("rows", "tfs", "d")
+    __slots__ = ("rows", "tfs", "d", "seen")
 
     def __init__(self, rows: np.ndarray | None = None, tfs: np.ndarray | None = None) -> None:
         self.rows = rows
         self.tfs = tfs
         self.d: dict[int, int] | None = None if rows is not None else {}
+        # (largest tf, shortest row) once a top-k query found them; dropped with the arrays on a
+        # change (a row's length changes only with its terms' postings)
+        self.seen: tuple[float, float] | None = None
 
     def writable(self) -> dict[int, int]:
         """The dict form (the arrays are dropped: they would go stale)."""
         if self.d is None:
             assert self.rows is not None and self.tfs is not None
             self.d = dict(zip(self.rows.tolist(), self.tfs.astype(np.int64).tolist()))
-        self.rows = self.tfs = None
+        self.rows = self.tfs = self.seen = None
         return self.d
 
     def df(self) -> int:
@@ -426,13 +429,21 @@ class PostingsIndex:
             lo, hi = off[at].astype(np.int64, copy=False), off[at + 1].astype(np.int64, copy=False)
             rows, tfs = self._base_rows, self._base_tfs
             seen, seen_at = self._base_seen, at
+            owners: list[Any] | None = None
         else:
             arrays = []
+            owners = []  # each term's _Postings, or its position in the bulk arrays
             for t in terms:
                 p = self._post.get(t)
-                got = p.arrays() if p is not None else self._base(t, pop=False)
-                if got is not None:
-                    arrays.append(got)
+                if p is not None:
+                    arrays.append(p.arrays())
+                    owners.append(p)
+                else:
+                    i = self._base_terms.get(t)
+                    if i is not None:
+                        a, b = int(self._base_off[i]), int(self._base_off[i + 1])
+                        arrays.append((self._base_rows[a:b], self._base_tfs[a:b]))
+                        owners.append(i)
             if not arrays:
                 return _nothing
             ptr = np.zeros(len(arrays) + 1, np.int64)
@@ -440,7 +451,8 @@ class PostingsIndex:
             rows = np.concatenate([a[0] for a in arrays]) if len(arrays) > 1 else arrays[0][0]
             tfs = np.concatenate([a[1] for a in arrays]) if len(arrays) > 1 else arrays[0][1]
             lo, hi = ptr[:-1], ptr[1:]
-            seen, seen_at = _NO_SEEN, np.full(len(arrays), -1, np.int64)
+            seen = np.array([self._seen_of(o) for o in owners], np.float64).reshape(len(owners), 2)
+            seen_at = np.arange(len(owners), dtype=np.int64)
         dfs = (hi - lo).tolist()
         idfs = np.array([bm25_idf(n_docs, df) for df in dfs], np.float64)
         if k is None or sum(dfs) * len(dfs) > PRUNED_CELLS_MAX:
@@ -450,8 +462,25 @@ class PostingsIndex:
         if self._slot.shape[0] < mask.shape[0]:
             self._slot = np.full(max(mask.shape[0], int(self._slot.shape[0] * 1.5)), -1, np.int64)
         slot, top, pruned = self._slot, int(k), _compiled_pruned()
-        return lambda: pruned(rows, tfs, lo, hi, idfs, doc_len, float(avg_doc_len), mask, slot, top, BM25_K1, BM25_B,
-                              seen, seen_at)
+
+        def run() -> tuple[np.ndarray, np.ndarray]:
+            got = pruned(rows, tfs, lo, hi, idfs, doc_len, float(avg_doc_len), mask, slot, top, BM25_K1, BM25_B,
+                         seen, seen_at)
+            if owners is not None:  # keep what the kernel found for the next query
+                for o, (tf_max, dl_min) in zip(owners, seen.tolist()):
+                    if isinstance(o, _Postings):
+                        o.seen = (tf_max, dl_min)
+                    else:
+                        self._base_seen[o] = (tf_max, dl_min)
+            return got
+
+        return run
+
+    def _seen_of(self, owner: Any) -> tuple[float, float]:
+        if isinstance(owner, _Postings):
+            return owner.seen or (-1.0, -1.0)
+        tf_max, dl_min = self._base_seen[owner].tolist()
+        return tf_max, dl_min
 
 
 def _nothing() -> tuple[np.ndarray, np.ndarray]:
