@@ -83,3 +83,34 @@ def test_the_load_average_decides_whether_a_core_is_idle(monkeypatch: pytest.Mon
     monkeypatch.setattr(_overlap, "_cores", 1)
     monkeypatch.setattr(_overlap, "_idle_core", (-2.0, True))
     assert _overlap._core_idle() is False  # one core: nothing to overlap with
+
+
+def test_a_store_searching_both_at_once_answers_as_the_two_searches(monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    from umi.storage import _hotcache
+    from umi.storage.sim import SimStorageBackend
+    from umi.types import Entity
+
+    ran_on: list[str] = []
+    real = _overlap.beside
+
+    def watched(side, main):  # type: ignore[no-untyped-def]
+        def side_seen():  # type: ignore[no-untyped-def]
+            ran_on.append(threading.current_thread().name)
+            return side()
+        return real(side_seen, main)
+
+    monkeypatch.setattr(_hotcache, "OVERLAP_POSTINGS_MIN", 0)  # overlap even this small store
+    monkeypatch.setattr(_hotcache, "beside", watched)
+    rng = np.random.default_rng(3)
+    store = SimStorageBackend(seed=0)
+    words = ["apple", "pear", "plum", "fig", "kiwi"]
+    store.upsert([Entity("note", f"n{i}", " ".join(rng.choice(words, 3)), embedding=rng.standard_normal(8).astype(np.float32))
+                  for i in range(200)])
+    qs = ["apple pear", "fig", "kiwi plum apple"]
+    vs = [rng.standard_normal(8).astype(np.float32) for _ in qs]
+    for at in ([0], [0, 1, 2]):
+        got = store.search_content([qs[i] for i in at], [vs[i] for i in at], 7)
+        assert got == [(store.search_vector(vs[i], 7), store.search_text(qs[i], 7)) for i in at]
+    assert ran_on and all(name.startswith("umi-search") or name == threading.current_thread().name for name in ran_on)

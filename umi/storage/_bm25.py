@@ -414,7 +414,7 @@ class PostingsIndex:
         return self.scorer(terms, n_docs, avg_doc_len, doc_len, mask, k)()
 
     def scorer(self, terms: Sequence[str], n_docs: int, avg_doc_len: float, doc_len: np.ndarray,
-               mask: np.ndarray, k: int | None = None) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+               mask: np.ndarray, k: int | None = None) -> "_Scorer":
         """:meth:`score` in two steps: the postings are gathered now; the call returned runs the
         kernel (``nogil``: it may run on another thread while the caller keeps the index, ``mask``
         and ``doc_len`` unchanged, one call at a time per index — it uses the index's scratch)."""
@@ -457,8 +457,8 @@ class PostingsIndex:
         idfs = np.array([bm25_idf(n_docs, df) for df in dfs], np.float64)
         if k is None or sum(dfs) * len(dfs) > PRUNED_CELLS_MAX:
             kernel = _compiled()
-            return lambda: kernel(rows, tfs, lo, hi, idfs, doc_len, float(avg_doc_len), mask, mask.shape[0],
-                                  BM25_K1, BM25_B)
+            return _Scorer(lambda: kernel(rows, tfs, lo, hi, idfs, doc_len, float(avg_doc_len), mask, mask.shape[0],
+                                          BM25_K1, BM25_B), sum(dfs))
         if self._slot.shape[0] < mask.shape[0]:
             self._slot = np.full(max(mask.shape[0], int(self._slot.shape[0] * 1.5)), -1, np.int64)
         slot, top, pruned = self._slot, int(k), _compiled_pruned()
@@ -474,7 +474,7 @@ class PostingsIndex:
                         self._base_seen[o] = (tf_max, dl_min)
             return got
 
-        return run
+        return _Scorer(run, sum(dfs))
 
     def _seen_of(self, owner: Any) -> tuple[float, float]:
         if isinstance(owner, _Postings):
@@ -483,5 +483,20 @@ class PostingsIndex:
         return tf_max, dl_min
 
 
-def _nothing() -> tuple[np.ndarray, np.ndarray]:
+class _Scorer:
+    """A keyword search's kernel call, ready to run, and how many postings it reads (its work)."""
+
+    __slots__ = ("run", "postings")
+
+    def __init__(self, run: Callable[[], tuple[np.ndarray, np.ndarray]], postings: int) -> None:
+        self.run, self.postings = run, postings
+
+    def __call__(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.run()
+
+
+def _none() -> tuple[np.ndarray, np.ndarray]:
     return np.zeros(0, np.int64), np.zeros(0, np.float64)
+
+
+_nothing = _Scorer(_none, 0)

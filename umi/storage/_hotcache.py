@@ -661,8 +661,7 @@ class EntityCache:
         scorer = self._text_scorer(terms, k, nf)
         return [] if scorer is None else self._text_hits(scorer(), k)
 
-    def _text_scorer(self, terms: Sequence[str], k: int,
-                     nf: NormFilters) -> Callable[[], tuple[np.ndarray, np.ndarray]] | None:
+    def _text_scorer(self, terms: Sequence[str], k: int, nf: NormFilters) -> Any:
         """The BM25 kernel call of a keyword search, ready to run (None: nothing can match)."""
         if not terms or nf.empty or self._n_alive == 0:
             return None
@@ -686,7 +685,8 @@ class EntityCache:
                                                                builtins.list[tuple[str, float]]]]:
         """For each query, (:meth:`search_vector` of its vector — None when it has none —,
         :meth:`search_text` of its terms), each answer the same as its own call's. The keyword
-        kernels run on the helper thread while the vectors are searched here (:mod:`._overlap`)."""
+        kernels run on the helper thread while the vectors are searched here (:mod:`._overlap`),
+        when they read at least ``OVERLAP_POSTINGS_MIN`` postings."""
         scorers = [self._text_scorer(t, k, nf) for t in terms]
         with_vec = [q for q in qs if q is not None]
 
@@ -698,7 +698,8 @@ class EntityCache:
         def keywords() -> builtins.list[tuple[np.ndarray, np.ndarray] | None]:
             return [None if s is None else s() for s in scorers]
 
-        if with_vec and any(s is not None for s in scorers):
+        work = sum(s.postings for s in scorers if s is not None)
+        if with_vec and work >= OVERLAP_POSTINGS_MIN:
             scored, by_vec = beside(keywords, vectors)
         else:
             scored, by_vec = keywords(), vectors()
@@ -922,6 +923,11 @@ class LoadedRows:
     materialise: Callable[[int], Entity] = field(repr=False, default=None)  # type: ignore[assignment]
     #: with ``vectors`` None: ``fetch_vectors(ids) -> (ids, matrix)`` reads stored vectors on demand
     fetch_vectors: Callable[[list[str]], tuple[list[str], np.ndarray]] | None = field(repr=False, default=None)
+
+
+#: the keyword kernels go to the helper thread (:mod:`._overlap`) only when they read this many
+#: postings in all: below, the hand-off costs about what it would save (~25 us of kernel)
+OVERLAP_POSTINGS_MIN = 5_000
 
 
 def _ranked(res: Iterable[tuple[Any, Any]], k: int) -> builtins.list[tuple[str, float]]:
