@@ -356,6 +356,36 @@ def test_search_vector_many_answers_each_query_as_its_own_search(backend: Storag
         backend.search_vector_many([queries[0], np.zeros(8, np.float32)], 5)
 
 
+def test_search_content_answers_each_query_as_its_own_searches(backend: StorageBackend) -> None:
+    # recall asks for its vector and keyword searches in one call (an in-process store runs the
+    # keyword kernel beside the index walk): each answer must be what the two searches give alone
+    rng = np.random.default_rng(12)
+    words = ["apple pie", "apple tart", "pear pie", "plum jam", "apple jam"]
+    ents = [ent(f"E{i}", words[i % 5], emb=rng.standard_normal(8).astype(np.float32), meta={"odd": i % 2 == 1})
+            for i in range(40)]
+    backend.upsert(ents)
+    qs = ["apple pie", "jam", "nothing matches this", "pear"]
+    vs = [rng.standard_normal(8).astype(np.float32), None, rng.standard_normal(8).astype(np.float32), None]
+    for filters in (None, SearchFilters(metadata={"odd": True})):
+        for q_at in ([0], [1], [0, 1, 2, 3], [0, 2]):
+            got = backend.search_content([qs[i] for i in q_at], [vs[i] for i in q_at], 6, filters)
+            want = [(None if vs[i] is None else backend.search_vector(vs[i], 6, filters),
+                     backend.search_text(qs[i], 6, filters)) for i in q_at]
+            assert got == want
+    assert [len(v or []) for v, _ in backend.search_content(qs, vs, 6)] == [6, 0, 6, 0]
+    assert backend.search_content([], [], 6) == []
+    with pytest.raises(ValueError, match="one vector"):
+        backend.search_content(["apple"], [], 6)
+    with pytest.raises(ValidationError, match="zero"):
+        backend.search_content(["apple"], [np.zeros(8, np.float32)], 6)
+
+
+def test_search_content_before_any_vector_is_stored(backend: StorageBackend) -> None:
+    backend.upsert([ent("A", "apple pie")])
+    got = backend.search_content(["apple"], [vec(1, 0)], 5)
+    assert got == [([], backend.search_text("apple", 5))] and got[0][1]
+
+
 def test_search_vector_validation(backend: StorageBackend) -> None:
     assert backend.search_vector(vec(1, 0), 5) == []  # nothing stored yet
     backend.upsert([ent("A", "a", emb=vec(1, 0))])

@@ -55,6 +55,10 @@ def test_store_top_k_equals_the_exhaustive_ranking(docs: list[list[str]], query:
     ents = [Entity("note" if i % 2 else "person", f"n{i}", " ".join(words), id=f"{'x' * prefix_len}{order[i]:03d}")
             for i, words in enumerate(docs)]
     store.upsert(ents)
+    q = " ".join(query)
+    # a first search keeps each term's bound inputs (largest tf, shortest row): the changes below
+    # must not leave them stale
+    assert store.search_text(q, k) == exhaustive(store, q, k, None)
     for i in range(min(rewrite, len(ents))):  # changed terms: their postings leave the bulk arrays
         e = ents[data.draw(st.integers(0, len(ents) - 1))]
         store.upsert([Entity(e.entity_type, e.name, " ".join(data.draw(st.lists(st.sampled_from(WORDS), min_size=1,
@@ -62,7 +66,6 @@ def test_store_top_k_equals_the_exhaustive_ranking(docs: list[list[str]], query:
     for _ in range(min(forget, len(ents) - 1)):
         store.delete(ents[data.draw(st.integers(0, len(ents) - 1))].id)
     filters = SearchFilters(entity_types=["note"]) if only_notes else None
-    q = " ".join(query)
     got = store.search_text(q, k, filters)
     assert got == exhaustive(store, q, k, filters)
 
@@ -112,6 +115,47 @@ def test_pruning_keeps_a_row_of_a_later_term_that_outscores_the_kth() -> None:
                                                np.full(3, -1, np.int64), 2)
     all_rows, all_scores = bm25_candidates(rows, tfs, term_ptr, idfs, doc_len, float(doc_len.mean()), mask)
     assert dict(zip(got_rows.tolist(), got_scores.tolist())) == dict(zip(all_rows.tolist(), all_scores.tolist()))
+
+
+def test_bulk_loaded_term_bounds_are_found_again_after_a_reload() -> None:
+    # a top-k query keeps each bulk-loaded term's largest tf and shortest row; postings loaded again
+    # must not be pruned with the old ones. 'a' (11 rows, idf just below 'b''s) first holds long rows
+    # only; reloaded, it holds row 20, short with tf 5, the best row by far. With the old bound 'a'
+    # would come after 'b' and look unable to lift a new row past the k-th: row 20 left out.
+    from umi.storage._bm25 import PostingsIndex
+
+    idx = PostingsIndex()
+    doc_len = np.full(21, 50.0)
+    mask = np.ones(21, np.bool_)
+    b_rows = list(range(10))
+    idx.load(["a", "b"], np.array([0, 11, 21]), np.array([*range(10, 20), 0, *b_rows]), np.ones(21))
+    idx.score(["b", "a"], 1000, 50.0, doc_len, mask, 2)  # keeps the bounds' inputs
+    doc_len[20] = 1.0
+    idx.load(["a", "b"], np.array([0, 11, 21]), np.array([*range(10, 21), *b_rows]), np.array([1.0] * 10 + [5.0] + [1.0] * 10))
+    rows, scores = idx.score(["b", "a"], 1000, 50.0, doc_len, mask, 2)
+    all_rows, all_scores = idx.score(["b", "a"], 1000, 50.0, doc_len, mask)
+    assert all_rows[np.argmax(all_scores)] == 20
+    assert 20 in rows.tolist()
+
+
+def test_changed_term_bounds_are_found_again() -> None:
+    # the same story with postings changed one document at a time (a term's dict form)
+    from umi.storage._bm25 import PostingsIndex
+
+    idx = PostingsIndex()
+    doc_len = np.full(21, 50.0)
+    mask = np.ones(21, np.bool_)
+    for r in range(10):
+        idx.add_doc(r, {"b": 1})
+    for r in range(10, 20):
+        idx.add_doc(r, {"a": 1})
+    idx.add_doc(20, {"c": 1})
+    idx.score(["b", "a"], 1000, 50.0, doc_len, mask, 2)  # keeps the bounds' inputs
+    idx.remove_doc(20, ["c"])
+    idx.add_doc(20, {"a": 5})
+    doc_len[20] = 1.0
+    rows, _ = idx.score(["b", "a"], 1000, 50.0, doc_len, mask, 2)
+    assert 20 in rows.tolist()
 
 
 def test_pruning_skips_rows_that_cannot_rank() -> None:

@@ -88,15 +88,18 @@ def current_at(history: Sequence[Any], t: int) -> bool:
 
 def _ranked_lists(ctx: PipelineContext, query: str, qvec: np.ndarray | None, filters: SearchFilters,
                   k: int, content_only: bool = False,
-                  vector_hits: list[tuple[str, float]] | None = None) -> list[Ranking]:
+                  content: tuple[list[tuple[str, float]] | None, list[tuple[str, float]]] | None = None
+                  ) -> list[Ranking]:
     """The fast-path signals for one query, each a ranked id list (``content_only``: the vector
-    and keyword lists alone; ``vector_hits``: the vector search of ``qvec``, already made)."""
+    and keyword lists alone; ``content``: the query's vector and keyword hits, already searched
+    by :meth:`~umi.storage.base.StorageBackend.search_content`)."""
+    if content is None:
+        (content,) = ctx.storage.search_content([query], [qvec], k, filters)
+    vector_hits, text_hits = content
     lists: list[Sequence[str]] = []
-    if qvec is not None:
-        if vector_hits is None:
-            vector_hits = ctx.storage.search_vector(qvec, k, filters)
+    if vector_hits is not None:
         lists.append([i for i, _ in vector_hits])
-    lists.append([i for i, _ in ctx.storage.search_text(query, k, filters)])
+    lists.append([i for i, _ in text_hits])
     if content_only:
         return list(lists)
     named: list[Entity] = []
@@ -191,12 +194,10 @@ def _deep_path(ctx: PipelineContext, lists: list[Ranking], variants: list[str],
     variants are searched by vector and keywords only, weighing ``variant_weight``: their names and
     time words are the query's own, whose lists are already in ``lists``."""
     weights = [1.0] * len(lists)
-    # every variant's vector search in one call (one pass of the index over the vectors)
-    with_vec = [vv for vv in vvecs if vv is not None]
-    batched = iter(ctx.storage.search_vector_many(with_vec, k, filters) if with_vec else [])
-    for v, vv in zip(variants, vvecs):
-        more = _ranked_lists(ctx, v, vv, filters, k, content_only=variant_weight != 1.0,
-                             vector_hits=next(batched) if vv is not None else None)
+    # every variant's searches in one call (the index walks while the keyword kernels run beside)
+    contents = ctx.storage.search_content(variants, vvecs, k, filters) if variants else []
+    for v, vv, content in zip(variants, vvecs, contents):
+        more = _ranked_lists(ctx, v, vv, filters, k, content_only=variant_weight != 1.0, content=content)
         lists.extend(more)
         weights.extend([variant_weight] * len(more))
     return _statements(ctx, rrf_fuse(lists, ctx.config.rrf_k, weights), limit, as_of)

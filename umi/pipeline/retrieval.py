@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import dataclasses
+from operator import itemgetter
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence, Union
 
 from .extraction import _name_spans, asks
@@ -84,12 +85,19 @@ def rrf_fuse(ranked: Iterable[Ranking], k: int = 60,
     ``weights`` gives it (one weight per list, in order). A list ranks its ids by position (from
     1); a mapping gives each id its rank, ties allowed. Ties break by id."""
     scores: dict[str, float] = {}
+    get = scores.get
     for n, ids in enumerate(ranked):
         w = 1.0 if weights is None else weights[n]
-        pairs = ((r, i) for i, r in ids.items()) if isinstance(ids, Mapping) else enumerate(ids, start=1)
-        for rank, id_ in pairs:
-            scores[id_] = scores.get(id_, 0.0) + w / (k + rank)
-    return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+        if isinstance(ids, Mapping):
+            for id_, rank in ids.items():
+                scores[id_] = get(id_, 0.0) + w / (k + rank)
+        else:
+            for rank, id_ in enumerate(ids, 1):
+                scores[id_] = get(id_, 0.0) + w / (k + rank)
+    # by id, then (stable) by score descending: score descending, ties by id, without a key tuple each
+    fused = sorted(scores.items(), key=itemgetter(0))
+    fused.sort(key=itemgetter(1), reverse=True)
+    return fused
 
 
 def best_ranks(ranked: Sequence[Sequence[str]]) -> dict[str, int]:

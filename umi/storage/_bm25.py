@@ -2,11 +2,12 @@
 
 :class:`PostingsIndex` maps each term to its postings (row -> tf). Postings read in
 bulk stay in one CSR block until a term is first changed; a changed term keeps a dict
-and rebuilds its arrays lazily for the next query. The kernel takes the postings of
-the query's terms concatenated (``rows``, ``tfs``) with ``term_ptr`` marking where each
-term's list starts (a row appears at most once per term), accumulates scores in a dense
-per-row array and returns only rows that the filter ``mask`` lets through. Formula and
-constants: :mod:`umi.storage.text`.
+and rebuilds its arrays lazily for the next query. The kernel takes each query term's
+postings as a range ``lo[t]:hi[t]`` of ``rows``/``tfs`` — of the bulk-loaded CSR block itself
+(no copy) while every query term is untouched since the load, else of the terms' arrays
+concatenated (a row appears at most once per term) —, accumulates scores per row and returns
+only rows that the filter ``mask`` lets through. The kernels are compiled ``nogil``. Formula
+and constants: :mod:`umi.storage.text`.
 
 Top-k without scoring every posting's row (:meth:`PostingsIndex.score` with ``k``): a
 MaxScore-style early exit. Each term's upper bound is its score at its largest tf and shortest
@@ -20,7 +21,7 @@ the query's term order: the same bits as the exhaustive kernel's (held by a prop
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -39,7 +40,7 @@ def _compiled() -> Any:
     if _kernel is None:
         from numba import njit
 
-        _kernel = njit(cache=True)(_bm25)
+        _kernel = njit(cache=True, nogil=True)(_bm25)
     return _kernel
 
 
@@ -48,7 +49,7 @@ def _compiled_pruned() -> Any:
     if _pruned_kernel is None:
         from numba import njit
 
-        _pruned_kernel = njit(cache=True)(_bm25_pruned)
+        _pruned_kernel = njit(cache=True, nogil=True)(_bm25_pruned)
     return _pruned_kernel
 
 
@@ -60,22 +61,31 @@ _BOUND_SLACK = 1e-9
 PRUNED_CELLS_MAX = 1 << 22
 
 
-def _bm25_pruned(rows, tfs, term_ptr, idfs, doc_len, avgdl, mask, slot, k, k1, b):  # pragma: no cover - compiled
+def _bm25_pruned(rows, tfs, lo, hi, idfs, doc_len, avgdl, mask, slot, k, k1, b, seen, seen_at):  # pragma: no cover - compiled
     n_terms = idfs.shape[0]
-    # each term's upper bound: its score at its largest tf and its shortest document
+    # each term's upper bound: its score at its largest tf and its shortest document (those two
+    # read from ``seen[seen_at[t]]`` when a bulk-loaded term's were found before, else found and kept)
     ubs = np.zeros(n_terms, np.float64)
     for t in range(n_terms):
-        if term_ptr[t + 1] == term_ptr[t]:
+        if hi[t] == lo[t]:
             continue
-        tf_max = 0.0
-        dl_min = np.inf
-        for p in range(term_ptr[t], term_ptr[t + 1]):
-            v = float(tfs[p])
-            if v > tf_max:
-                tf_max = v
-            d = doc_len[rows[p]]
-            if d < dl_min:
-                dl_min = d
+        at = seen_at[t]
+        if at >= 0 and seen[at, 0] >= 0.0:
+            tf_max = seen[at, 0]
+            dl_min = seen[at, 1]
+        else:
+            tf_max = 0.0
+            dl_min = np.inf
+            for p in range(lo[t], hi[t]):
+                v = float(tfs[p])
+                if v > tf_max:
+                    tf_max = v
+                d = float(doc_len[rows[p]])
+                if d < dl_min:
+                    dl_min = d
+            if at >= 0:
+                seen[at, 0] = tf_max
+                seen[at, 1] = dl_min
         norm = k1 * (1.0 - b + b * dl_min / avgdl) if avgdl > 0.0 else k1
         ubs[t] = idfs[t] * tf_max * (k1 + 1.0) / (tf_max + norm)
     order = np.argsort(-ubs, kind="mergesort")
@@ -84,7 +94,9 @@ def _bm25_pruned(rows, tfs, term_ptr, idfs, doc_len, avgdl, mask, slot, k, k1, b
         rest[j] = rest[j + 1] + ubs[order[j]]
     # room for every posting (never re-bound: arrays re-bound in a loop cost numba refcounting);
     # np.empty touches no memory, each row is cleared when admitted
-    total = term_ptr[n_terms]
+    total = 0
+    for t in range(n_terms):
+        total += hi[t] - lo[t]
     cand = np.empty(total, np.int64)
     contrib = np.empty((total, n_terms), np.float64)
     partial = np.empty(total, np.float64)
@@ -97,7 +109,7 @@ def _bm25_pruned(rows, tfs, term_ptr, idfs, doc_len, avgdl, mask, slot, k, k1, b
                 admit = False  # a row holding none of the terms so far cannot reach the k-th
         t = order[j]
         idf = idfs[t]
-        for p in range(term_ptr[t], term_ptr[t + 1]):
+        for p in range(lo[t], hi[t]):
             r = rows[p]
             c = slot[r]
             # a sparse set: slot[r] counts only when it points back at r, so a stale entry is harmless
@@ -133,18 +145,24 @@ def bm25_top_candidates(rows: np.ndarray, tfs: np.ndarray, term_ptr: np.ndarray,
     reaches the k-th best (ties included); rows that provably score below it may be left out.
     Scores are those of :func:`bm25_candidates`. ``slot``: int64 scratch, ``-1`` for every row
     (left so)."""
-    return _compiled_pruned()(rows, tfs, term_ptr, idfs, doc_len, float(avgdl), mask, slot, int(k),
-                              BM25_K1, BM25_B)
+    return _compiled_pruned()(rows, tfs, term_ptr[:-1], term_ptr[1:], idfs, doc_len, float(avgdl), mask, slot,
+                              int(k), BM25_K1, BM25_B, _NO_SEEN, np.full(idfs.shape[0], -1, np.int64))
 
 
-def _bm25(rows, tfs, term_ptr, idfs, doc_len, avgdl, mask, n_rows, k1, b):  # pragma: no cover - compiled
+_NO_SEEN = np.zeros((0, 2), np.float64)
+
+
+def _bm25(rows, tfs, lo, hi, idfs, doc_len, avgdl, mask, n_rows, k1, b):  # pragma: no cover - compiled
     acc = np.zeros(n_rows, np.float64)
     seen = np.zeros(n_rows, np.bool_)
-    out_rows = np.empty(rows.shape[0], np.int64)
+    total = 0
+    for t in range(idfs.shape[0]):
+        total += hi[t] - lo[t]
+    out_rows = np.empty(total, np.int64)
     n_out = 0
     for t in range(idfs.shape[0]):
         idf = idfs[t]
-        for p in range(term_ptr[t], term_ptr[t + 1]):
+        for p in range(lo[t], hi[t]):
             r = rows[p]
             if not mask[r]:
                 continue
@@ -165,7 +183,8 @@ def _bm25(rows, tfs, term_ptr, idfs, doc_len, avgdl, mask, n_rows, k1, b):  # pr
 def bm25_candidates(rows: np.ndarray, tfs: np.ndarray, term_ptr: np.ndarray, idfs: np.ndarray,
                     doc_len: np.ndarray, avgdl: float, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(rows, scores) of every row in ``mask`` holding at least one query term."""
-    return _compiled()(rows, tfs, term_ptr, idfs, doc_len, float(avgdl), mask, mask.shape[0], BM25_K1, BM25_B)
+    return _compiled()(rows, tfs, term_ptr[:-1], term_ptr[1:], idfs, doc_len, float(avgdl), mask, mask.shape[0],
+                       BM25_K1, BM25_B)
 
 
 _select_kernel: Any = None
@@ -272,19 +291,22 @@ class _Postings:
     """One term's postings: row -> tf, kept as arrays until first changed, then as a dict
     whose arrays are rebuilt lazily for the next query."""
 
-    __slots__ = ("rows", "tfs", "d")
+    __slots__ = ("rows", "tfs", "d", "seen")
 
     def __init__(self, rows: np.ndarray | None = None, tfs: np.ndarray | None = None) -> None:
         self.rows = rows
         self.tfs = tfs
         self.d: dict[int, int] | None = None if rows is not None else {}
+        # (largest tf, shortest row) once a top-k query found them; dropped with the arrays on a
+        # change (a row's length changes only with its terms' postings)
+        self.seen: tuple[float, float] | None = None
 
     def writable(self) -> dict[int, int]:
         """The dict form (the arrays are dropped: they would go stale)."""
         if self.d is None:
             assert self.rows is not None and self.tfs is not None
             self.d = dict(zip(self.rows.tolist(), self.tfs.astype(np.int64).tolist()))
-        self.rows = self.tfs = None
+        self.rows = self.tfs = self.seen = None
         return self.d
 
     def df(self) -> int:
@@ -308,6 +330,10 @@ class PostingsIndex:
         self._base_off = np.zeros(1, np.int64)
         self._base_rows = np.zeros(0, np.int64)
         self._base_tfs = np.zeros(0, np.float64)
+        # per bulk-loaded term, its largest tf and shortest document once a top-k query found them
+        # (-1: not yet): a term in the bulk arrays has not changed since the load, nor has the length
+        # of any row it holds (changing a row takes each of its terms out of the bulk arrays)
+        self._base_seen = np.full((0, 2), -1.0)
         # row -> candidate position while a top-k query runs; -1 between queries
         self._slot = np.full(0, -1, np.int64)
 
@@ -316,6 +342,7 @@ class PostingsIndex:
         self._post = {}
         self._base_terms = dict(zip(terms, range(len(terms))))
         self._base_off, self._base_rows, self._base_tfs = offsets, rows, tfs
+        self._base_seen = np.full((len(terms), 2), -1.0)
 
     def export(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
         """Every term's postings as CSR (the form :meth:`load` takes): (terms, offsets, rows, tfs)."""
@@ -384,21 +411,92 @@ class PostingsIndex:
         """(rows, BM25 scores) of the rows in ``mask`` holding at least one of ``terms`` (distinct).
         With ``k``: only the rows that may rank in the top ``k`` or tie with the k-th are sure to
         be there (:func:`bm25_top_candidates`)."""
-        arrays = []
-        for t in terms:
-            p = self._post.get(t)
-            got = p.arrays() if p is not None else self._base(t, pop=False)
-            if got is not None:
-                arrays.append(got)
-        if not arrays:
-            return np.zeros(0, np.int64), np.zeros(0, np.float64)
-        ptr = np.zeros(len(arrays) + 1, np.int64)
-        np.cumsum([a[0].shape[0] for a in arrays], out=ptr[1:])
-        rows = np.concatenate([a[0] for a in arrays]) if len(arrays) > 1 else arrays[0][0]
-        tfs = np.concatenate([a[1] for a in arrays]) if len(arrays) > 1 else arrays[0][1]
-        idfs = np.array([bm25_idf(n_docs, a[0].shape[0]) for a in arrays], np.float64)
-        if k is None or rows.shape[0] * len(arrays) > PRUNED_CELLS_MAX:
-            return bm25_candidates(rows, tfs, ptr, idfs, doc_len, avg_doc_len, mask)
+        return self.scorer(terms, n_docs, avg_doc_len, doc_len, mask, k)()
+
+    def scorer(self, terms: Sequence[str], n_docs: int, avg_doc_len: float, doc_len: np.ndarray,
+               mask: np.ndarray, k: int | None = None) -> "_Scorer":
+        """:meth:`score` in two steps: the postings are gathered now; the call returned runs the
+        kernel (``nogil``: it may run on another thread while the caller keeps the index, ``mask``
+        and ``doc_len`` unchanged, one call at a time per index — it uses the index's scratch)."""
+        # the postings of each term: a range of the bulk-loaded CSR arrays (no copy) while every
+        # query term is untouched since the load, else the terms' arrays concatenated
+        base = [self._base_terms.get(t) for t in terms if t not in self._post]
+        if len(base) == len(terms):
+            at = np.array([i for i in base if i is not None], np.int64)
+            if at.shape[0] == 0:
+                return _nothing
+            off = self._base_off
+            lo, hi = off[at].astype(np.int64, copy=False), off[at + 1].astype(np.int64, copy=False)
+            rows, tfs = self._base_rows, self._base_tfs
+            seen, seen_at = self._base_seen, at
+            owners: list[Any] | None = None
+        else:
+            arrays = []
+            owners = []  # each term's _Postings, or its position in the bulk arrays
+            for t in terms:
+                p = self._post.get(t)
+                if p is not None:
+                    arrays.append(p.arrays())
+                    owners.append(p)
+                else:
+                    i = self._base_terms.get(t)
+                    if i is not None:
+                        a, b = int(self._base_off[i]), int(self._base_off[i + 1])
+                        arrays.append((self._base_rows[a:b], self._base_tfs[a:b]))
+                        owners.append(i)
+            if not arrays:
+                return _nothing
+            ptr = np.zeros(len(arrays) + 1, np.int64)
+            np.cumsum([a[0].shape[0] for a in arrays], out=ptr[1:])
+            rows = np.concatenate([a[0] for a in arrays]) if len(arrays) > 1 else arrays[0][0]
+            tfs = np.concatenate([a[1] for a in arrays]) if len(arrays) > 1 else arrays[0][1]
+            lo, hi = ptr[:-1], ptr[1:]
+            seen = np.array([self._seen_of(o) for o in owners], np.float64).reshape(len(owners), 2)
+            seen_at = np.arange(len(owners), dtype=np.int64)
+        dfs = (hi - lo).tolist()
+        idfs = np.array([bm25_idf(n_docs, df) for df in dfs], np.float64)
+        if k is None or sum(dfs) * len(dfs) > PRUNED_CELLS_MAX:
+            kernel = _compiled()
+            return _Scorer(lambda: kernel(rows, tfs, lo, hi, idfs, doc_len, float(avg_doc_len), mask, mask.shape[0],
+                                          BM25_K1, BM25_B), sum(dfs))
         if self._slot.shape[0] < mask.shape[0]:
             self._slot = np.full(max(mask.shape[0], int(self._slot.shape[0] * 1.5)), -1, np.int64)
-        return bm25_top_candidates(rows, tfs, ptr, idfs, doc_len, avg_doc_len, mask, self._slot, k)
+        slot, top, pruned = self._slot, int(k), _compiled_pruned()
+
+        def run() -> tuple[np.ndarray, np.ndarray]:
+            got = pruned(rows, tfs, lo, hi, idfs, doc_len, float(avg_doc_len), mask, slot, top, BM25_K1, BM25_B,
+                         seen, seen_at)
+            if owners is not None:  # keep what the kernel found for the next query
+                for o, (tf_max, dl_min) in zip(owners, seen.tolist()):
+                    if isinstance(o, _Postings):
+                        o.seen = (tf_max, dl_min)
+                    else:
+                        self._base_seen[o] = (tf_max, dl_min)
+            return got
+
+        return _Scorer(run, sum(dfs))
+
+    def _seen_of(self, owner: Any) -> tuple[float, float]:
+        if isinstance(owner, _Postings):
+            return owner.seen or (-1.0, -1.0)
+        tf_max, dl_min = self._base_seen[owner].tolist()
+        return tf_max, dl_min
+
+
+class _Scorer:
+    """A keyword search's kernel call, ready to run, and how many postings it reads (its work)."""
+
+    __slots__ = ("run", "postings")
+
+    def __init__(self, run: Callable[[], tuple[np.ndarray, np.ndarray]], postings: int) -> None:
+        self.run, self.postings = run, postings
+
+    def __call__(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.run()
+
+
+def _none() -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros(0, np.int64), np.zeros(0, np.float64)
+
+
+_nothing = _Scorer(_none, 0)

@@ -34,6 +34,7 @@ from ..types import Entity, EntityType, normalize_name
 from . import filters as F
 from ._bm25 import PostingsIndex, csr_add_docs, top_by_score_then_key
 from ._common import clone_entity
+from ._overlap import beside
 from .filters import TYPE_CODES, NormFilters, meta_key
 from .text import document_terms
 
@@ -622,8 +623,8 @@ class EntityCache:
     def _with_passages(self, q: np.ndarray, res: Iterable[tuple[Any, Any]], k: int,
                        nf: NormFilters) -> builtins.list[tuple[str, float]]:
         """The index's hits, each fact at the best of its vector and its passages': one hit per fact."""
-        if not self._pass:
-            return _ranked(res, k)
+        if not self._pass:  # the index's own answer: (id, score) by score, then id, at most k
+            return res if isinstance(res, list) else _ranked(res, k)
         best = {str(i): float(s) for i, s in res}
         for i, s in self._passage_hits(q, k, nf):
             if s > best.get(i, -2.0):
@@ -662,11 +663,18 @@ class EntityCache:
         self._pass_stack = None
 
     def search_text(self, terms: Sequence[str], k: int, nf: NormFilters) -> builtins.list[tuple[str, float]]:
+        scorer = self._text_scorer(terms, k, nf)
+        return [] if scorer is None else self._text_hits(scorer(), k)
+
+    def _text_scorer(self, terms: Sequence[str], k: int, nf: NormFilters) -> Any:
+        """The BM25 kernel call of a keyword search, ready to run (None: nothing can match)."""
         if not terms or nf.empty or self._n_alive == 0:
-            return []
-        mask = self.row_mask(nf)
-        cand, scores = self._postings.score(terms, self._n_alive, self._total_len / self._n_alive,
-                                            self._doc_len[: self._n], mask, k)
+            return None
+        return self._postings.scorer(terms, self._n_alive, self._total_len / self._n_alive,
+                                     self._doc_len[: self._n], self.row_mask(nf), k)
+
+    def _text_hits(self, scored: tuple[np.ndarray, np.ndarray], k: int) -> builtins.list[tuple[str, float]]:
+        cand, scores = scored
         if cand.shape[0] == 0:
             return []
         # the k best by (score, id): the kernel ranks by (score, id-order key) and keeps every
@@ -676,6 +684,33 @@ class EntityCache:
         out = [(ids[r], s) for r, s in zip(cand[sel].tolist(), scores[sel].tolist())]
         out.sort(key=lambda t: (-t[1], t[0]))
         return out[:k]
+
+    def search_content(self, qs: Sequence[np.ndarray | None], terms: Sequence[Sequence[str]], k: int,
+                       nf: NormFilters) -> builtins.list[tuple[builtins.list[tuple[str, float]] | None,
+                                                               builtins.list[tuple[str, float]]]]:
+        """For each query, (:meth:`search_vector` of its vector — None when it has none —,
+        :meth:`search_text` of its terms), each answer the same as its own call's. The keyword
+        kernels run on the helper thread while the vectors are searched here (:mod:`._overlap`),
+        when they read at least ``OVERLAP_POSTINGS_MIN`` postings."""
+        scorers = [self._text_scorer(t, k, nf) for t in terms]
+        with_vec = [q for q in qs if q is not None]
+
+        def vectors() -> builtins.list[builtins.list[tuple[str, float]]]:
+            if len(with_vec) == 1:
+                return [self.search_vector(with_vec[0], k, nf)]
+            return self.search_vector_many(np.stack(with_vec), k, nf) if with_vec else []
+
+        def keywords() -> builtins.list[tuple[np.ndarray, np.ndarray] | None]:
+            return [None if s is None else s() for s in scorers]
+
+        work = sum(s.postings for s in scorers if s is not None)
+        if with_vec and work >= OVERLAP_POSTINGS_MIN:
+            scored, by_vec = beside(keywords, vectors)
+        else:
+            scored, by_vec = keywords(), vectors()
+        found = iter(by_vec)
+        return [(None if q is None else next(found), [] if sc is None else self._text_hits(sc, k))
+                for q, sc in zip(qs, scored)]
 
     # --- bulk load and the vector index -------------------------------------------------
     def bulk_load(self, rows: "LoadedRows") -> None:
@@ -897,6 +932,11 @@ class LoadedRows:
     materialise: Callable[[int], Entity] = field(repr=False, default=None)  # type: ignore[assignment]
     #: with ``vectors`` None: ``fetch_vectors(ids) -> (ids, matrix)`` reads stored vectors on demand
     fetch_vectors: Callable[[list[str]], tuple[list[str], np.ndarray]] | None = field(repr=False, default=None)
+
+
+#: the keyword kernels go to the helper thread (:mod:`._overlap`) only when they read this many
+#: postings in all: below, the hand-off costs about what it would save (~25 us of kernel)
+OVERLAP_POSTINGS_MIN = 5_000
 
 
 def _ranked(res: Iterable[tuple[Any, Any]], k: int) -> builtins.list[tuple[str, float]]:

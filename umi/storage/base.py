@@ -250,6 +250,23 @@ class StorageBackend(abc.ABC):
     def search_text(self, query: str, k: int, filters: SearchFilters | None = None) -> builtins.list[tuple[str, float]]:
         """Top-k (id, BM25 score) over name + content among entities that match ``filters``."""
 
+    def search_content(self, queries: Sequence[str], vectors: Sequence[np.ndarray | None], k: int,
+                       filters: SearchFilters | None = None
+                       ) -> builtins.list[tuple[builtins.list[tuple[str, float]] | None, builtins.list[tuple[str, float]]]]:
+        """Recall's content searches in one read: for each query, ``(search_vector(its vector) —
+        None when its vector is None —, search_text(query))``, each answer the same as its own
+        call's. Backends with in-process indexes search keywords and vectors at once; this default
+        asks one search at a time (the vectors together, by :meth:`search_vector_many`)."""
+        if len(queries) != len(vectors):
+            raise ValueError(f"search_content needs one vector (or None) per query: {len(queries)} queries, "
+                             f"{len(vectors)} vectors")
+        with_vec = [v for v in vectors if v is not None]
+        if len(with_vec) == 1:
+            found = iter([self.search_vector(with_vec[0], k, filters)])
+        else:
+            found = iter(self.search_vector_many(with_vec, k, filters) if with_vec else [])
+        return [(None if v is None else next(found), self.search_text(q, k, filters)) for q, v in zip(queries, vectors)]
+
     # --- sources -----------------------------------------------------------
     @abc.abstractmethod
     def add_source(self, source: Source) -> None: ...

@@ -805,6 +805,30 @@ class CachedStore(TransactionMixin, StorageBackend):
         with self._reading("search_text"):
             return self._cache.search_text(terms, k, nf)
 
+    def search_content(self, queries: Sequence[str], vectors: Sequence[np.ndarray | None], k: int,
+                       filters: SearchFilters | None = None
+                       ) -> builtins.list[tuple[builtins.list[tuple[str, float]] | None, builtins.list[tuple[str, float]]]]:
+        if len(queries) != len(vectors):
+            raise ValueError(f"search_content needs one vector (or None) per query: {len(queries)} queries, "
+                             f"{len(vectors)} vectors")
+        terms = [query_terms(check_query_text(q)) for q in queries]
+        k = check_k(k)
+        nf = F.normalise(filters)
+        n_vec = sum(v is not None for v in vectors)
+        with self._lock:
+            self._check_open()
+            # the reads it stands for, in the order recall made them one by one (Sim faults)
+            if n_vec:
+                self._fault_read("search_vector" if n_vec == 1 else "search_vector_many")
+            for _ in queries:
+                self._fault_read("search_text")
+            dim = self._cache.dim
+            qs = [None if v is None else check_query_vector(v, dim) for v in vectors]
+            if dim is None:  # no vectors stored yet: every vector search finds nothing
+                return [(None if v is None else [], hits)
+                        for v, (_, hits) in zip(vectors, self._cache.search_content([None] * len(qs), terms, k, nf))]
+            return self._cache.search_content(qs, terms, k, nf)
+
     def entity_ids_for_source(self, source_id: str) -> builtins.list[str]:
         sid = check_id(source_id, "source_id")
         with self._reading("entity_ids_for_source"):

@@ -1,0 +1,116 @@
+"""beside(): the keyword kernel runs on a helper thread while the caller walks the vector index;
+the caller gets both answers, never returns while the helper still reads, and sees its errors."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from umi.storage import _overlap
+from umi.storage._overlap import beside
+
+
+@pytest.fixture(autouse=True)
+def idle_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_overlap, "_core_idle", lambda: True)  # the machine running the tests may be busy
+
+
+def test_side_runs_on_the_helper_thread_while_main_runs_here() -> None:
+    started = threading.Event()
+
+    def side() -> str:
+        started.set()
+        return threading.current_thread().name
+
+    def main() -> str:
+        assert started.wait(10)  # the side started while main was still running
+        return threading.current_thread().name
+
+    side_thread, main_thread = beside(side, main)
+    assert main_thread == threading.current_thread().name
+    assert side_thread.startswith("umi-search")
+
+
+def test_side_not_started_when_main_is_done_runs_here() -> None:
+    gate = threading.Event()
+    blocker = threading.Thread(target=lambda: beside(lambda: gate.wait(10), lambda: None))
+    blocker.start()  # occupies the one helper thread
+    time.sleep(0.05)
+    try:
+        side_thread, _ = beside(lambda: threading.current_thread().name, lambda: None)
+        assert side_thread == threading.current_thread().name
+    finally:
+        gate.set()
+        blocker.join(10)
+
+
+def test_an_error_on_either_side_reaches_the_caller_after_the_side_is_done() -> None:
+    with pytest.raises(KeyError, match="side"):
+        beside(lambda: {}["side"], lambda: 1)
+    done = threading.Event()
+
+    def slow_side() -> None:
+        time.sleep(0.05)
+        done.set()
+
+    def failing_main() -> None:
+        time.sleep(0.01)  # let the helper start the side
+        raise ValueError("main")
+
+    with pytest.raises(ValueError, match="main"):
+        beside(slow_side, failing_main)
+    assert done.is_set()  # the caller waited for the side before raising
+
+
+def test_with_no_idle_core_both_run_here_in_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_overlap, "_core_idle", lambda: False)
+    order: list[str] = []
+    here = threading.current_thread().name
+    got = beside(lambda: order.append("side") or threading.current_thread().name,
+                 lambda: order.append("main") or threading.current_thread().name)
+    assert got == (here, here) and order == ["side", "main"]
+
+
+def test_the_load_average_decides_whether_a_core_is_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.undo()  # the real _core_idle
+    monkeypatch.setattr(_overlap, "_cores", 2)
+    for load, idle in ((0.4, True), (1.4, True), (1.6, False), (6.0, False)):
+        monkeypatch.setattr(_overlap, "_idle_core", (-2.0, True))  # read again
+        monkeypatch.setattr(_overlap.os, "getloadavg", lambda load=load: (load, load, load))
+        assert _overlap._core_idle() is idle
+    monkeypatch.setattr(_overlap, "_cores", 1)
+    monkeypatch.setattr(_overlap, "_idle_core", (-2.0, True))
+    assert _overlap._core_idle() is False  # one core: nothing to overlap with
+
+
+def test_a_store_searching_both_at_once_answers_as_the_two_searches(monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    from umi.storage import _hotcache
+    from umi.storage.sim import SimStorageBackend
+    from umi.types import Entity
+
+    ran_on: list[str] = []
+    real = _overlap.beside
+
+    def watched(side, main):  # type: ignore[no-untyped-def]
+        def side_seen():  # type: ignore[no-untyped-def]
+            ran_on.append(threading.current_thread().name)
+            return side()
+        return real(side_seen, main)
+
+    monkeypatch.setattr(_hotcache, "OVERLAP_POSTINGS_MIN", 0)  # overlap even this small store
+    monkeypatch.setattr(_hotcache, "beside", watched)
+    rng = np.random.default_rng(3)
+    store = SimStorageBackend(seed=0)
+    words = ["apple", "pear", "plum", "fig", "kiwi"]
+    store.upsert([Entity("note", f"n{i}", " ".join(rng.choice(words, 3)), embedding=rng.standard_normal(8).astype(np.float32))
+                  for i in range(200)])
+    qs = ["apple pear", "fig", "kiwi plum apple"]
+    vs = [rng.standard_normal(8).astype(np.float32) for _ in qs]
+    for at in ([0], [0, 1, 2]):
+        got = store.search_content([qs[i] for i in at], [vs[i] for i in at], 7)
+        assert got == [(store.search_vector(vs[i], 7), store.search_text(qs[i], 7)) for i in at]
+    assert ran_on and all(name.startswith("umi-search") or name == threading.current_thread().name for name in ran_on)
