@@ -8,20 +8,16 @@ restated later, came back and retired the real news."""
 from __future__ import annotations
 
 import pytest
+from rule_memory import rules_memory
 
 import umi
 from umi import RecallOptions
 from umi.pipeline.evolution import Candidate, related, rule_classify
-from umi.providers.sim import SimEmbeddingProvider
 
 
 @pytest.fixture
 def chat():
-    from umi.sim.clock import SimClock
-    from umi.storage.sim import SimStorageBackend
-
-    m = umi.Memory(storage=SimStorageBackend(seed=5), llm=None, embedder=SimEmbeddingProvider(5, 64),
-                   clock=SimClock(start_ms=1_700_000_000_000))
+    m = rules_memory(5)
     yield m
     m.close()
 

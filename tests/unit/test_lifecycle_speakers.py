@@ -5,22 +5,18 @@ run rule rewrites unless asked (bench_quality found both cost the default path r
 from __future__ import annotations
 
 import pytest
+from rule_memory import rules_memory
 
 import umi
 import umi.pipeline.recall as recall_mod
 from umi import EntityType, EvolutionType, RecallOptions
 from umi.pipeline.extraction import rule_extract, speaker_of
 from umi.pipeline.retrieval import RULE_REWRITE_WEIGHT, rrf_fuse
-from umi.providers.sim import SimEmbeddingProvider
 
 
 @pytest.fixture
 def rules():
-    from umi.sim.clock import SimClock
-    from umi.storage.sim import SimStorageBackend
-
-    m = umi.Memory(storage=SimStorageBackend(seed=3), llm=None, embedder=SimEmbeddingProvider(3, 64),
-                   clock=SimClock(start_ms=1_700_000_000_000))
+    m = rules_memory(3)
     yield m
     m.close()
 

@@ -209,6 +209,16 @@ def test_re_adding_a_stored_relation_or_source_after_reopen_replaces_it(store) -
         assert b.get_source(s1.id) == s1 and len(list(b.iter_sources())) == 2
 
 
+
+def spy_reads(b: DuckDBStorageBackend, monkeypatch) -> list[str]:
+    """The names of the durable store's on-demand reads (history, sources, orphan keys), in order."""
+    reads: list[str] = []
+    durable = b._durable
+    for name in ("load_history", "load_sources", "load_orphans"):
+        real = getattr(durable, name)
+        monkeypatch.setattr(durable, name, lambda *a, _real=real, _name=name, **k: reads.append(_name) or _real(*a, **k))
+    return reads
+
 def test_new_facts_and_texts_after_reopen_are_known_new_without_a_read_per_key(tmp_path: Path, monkeypatch) -> None:
     """Every remember writes facts that have no history yet, from a text that has no source yet.
     After one read of the orphan keys (history of forgotten facts, sources no fact refers to) the
@@ -222,11 +232,7 @@ def test_new_facts_and_texts_after_reopen_are_known_new_without_a_read_per_key(t
         b.upsert([fact(1, "Alice works at Acme", source_id=s1.id), fact(2, "Bob likes tea")])
         assert b.delete("e2", at=T0 + 5)
     with DuckDBStorageBackend.connect(path) as b:
-        reads: list[str] = []
-        durable = b._durable
-        for name in ("load_history", "load_sources", "load_orphans"):
-            real = getattr(durable, name)
-            monkeypatch.setattr(durable, name, lambda *a, _real=real, _name=name, **k: reads.append(_name) or _real(*a, **k))
+        reads = spy_reads(b, monkeypatch)
         news = [Source.for_text(f"new text {i}", T0 + 10 + i) for i in range(20)]
         for i, s in enumerate(news):
             with b.transaction():
@@ -255,11 +261,7 @@ def test_a_large_store_reads_keys_one_by_one_until_the_orphan_scan_pays(store, m
     path, s = store
     monkeypatch.setattr(cached, "ORPHAN_SCAN_ROWS_PER_READ", -(-s["n"] // 2))  # worth it after 1 point read
     with DuckDBStorageBackend.connect(path) as b:
-        reads: list[str] = []
-        durable = b._durable
-        for name in ("load_history", "load_sources", "load_orphans"):
-            real = getattr(durable, name)
-            monkeypatch.setattr(durable, name, lambda *a, _real=real, _name=name, **k: reads.append(_name) or _real(*a, **k))
+        reads = spy_reads(b, monkeypatch)
         for i in range(3):
             b.upsert([fact(1000 + i, f"new fact {i}")])
         assert reads == ["load_history", "load_orphans"]
