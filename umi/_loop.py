@@ -100,17 +100,23 @@ class LoopThread:
             self._pending.add(fut)
         fut.add_done_callback(self._forget)
 
+        ended = False  # the coroutine has ended: nothing is left to cancel
+
         async def runner() -> None:
+            nonlocal ended
             try:
                 result = await coro
             except asyncio.CancelledError as exc:
+                ended = True
                 _settle(fut, exc=exc)
                 raise
             except BaseException as exc:  # noqa: BLE001 - handed to the caller, whatever it is
                 # Re-raising SystemExit/KeyboardInterrupt here would kill the loop thread and
                 # hang every other caller: the caller's thread gets it instead.
+                ended = True
                 _settle(fut, exc=exc)
             else:
+                ended = True
                 _settle(fut, result=result)
 
         def start() -> None:
@@ -118,8 +124,10 @@ class LoopThread:
                 coro.close()
                 return
             task = self.loop.create_task(runner())
+            # failed by close() while running: cancel the task (not when it settled the future
+            # itself: that would wake the loop once more per call for nothing)
             fut.add_done_callback(lambda f: self.loop.call_soon_threadsafe(task.cancel)
-                                  if not task.done() and not self.loop.is_closed() else None)
+                                  if not ended and not task.done() and not self.loop.is_closed() else None)
 
         try:
             self.loop.call_soon_threadsafe(start)

@@ -188,3 +188,32 @@ def test_a_call_in_a_forked_child_raises_forked_process_error_at_once() -> None:
 
 def test_errors_are_umi_errors() -> None:
     assert issubclass(MemoryClosedError, umi.UmiError) and issubclass(ForkedProcessError, umi.UmiError)
+
+
+def test_a_sync_call_wakes_the_loop_once() -> None:
+    """A call that settles its own future leaves nothing to cancel: one wake-up of the loop per
+    call (a second one per call, to cancel a finished task, cost every sync recall a self-pipe write)."""
+    runner = LoopThread()
+    try:
+        calls = []
+        real = runner.loop.call_soon_threadsafe
+
+        def counting(*args):  # type: ignore[no-untyped-def]
+            calls.append(args)
+            return real(*args)
+
+        runner.loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+
+        async def value(x: int) -> int:
+            return x
+
+        async def boom() -> None:
+            raise ValueError("boom")
+
+        assert [runner.run(value(i)) for i in range(10)] == list(range(10))
+        with pytest.raises(ValueError):
+            runner.run(boom())
+        time.sleep(0.05)  # a late callback would have been scheduled by now
+        assert len(calls) == 11
+    finally:
+        runner.close()

@@ -133,8 +133,11 @@ def _statements(ctx: PipelineContext, fused: list[tuple[str, float]], limit: int
                 as_of: int | None) -> list[Entity]:
     """The best ``limit`` statements of a fused ranking, each once, with the names it mentions.
 
-    Walks the ranking in chunks (hydrating one chunk per storage call) until ``limit``
-    statements are found; a copy of an earlier statement adds its name to ``mentions``."""
+    Walks the ranking in chunks (one storage read per chunk) until ``limit`` statements are
+    found; a copy of an earlier statement adds its name to ``mentions``. A store that can show
+    its entities without copying them (``peek_many``) is read that way, and only the statements
+    returned are hydrated (in the same read's ``get_many``: the Sim faults count one read per chunk)."""
+    peek = getattr(ctx.storage, "peek_many", None) if as_of is None else None
     out: list[Entity] = []
     groups: dict[tuple[str, str], tuple[Entity, list[str]]] = {}
     chunk = max(2 * limit, 20)
@@ -142,7 +145,9 @@ def _statements(ctx: PipelineContext, fused: list[tuple[str, float]], limit: int
     while pos < len(fused) and len(out) < limit:
         part = fused[pos : pos + chunk]
         pos += chunk
-        by_id = {e.id: e for e in ctx.storage.get_many([i for i, _ in part])}
+        ids = [i for i, _ in part]
+        by_id = {e.id: e for e in (peek(ids) if peek is not None else ctx.storage.get_many(ids))}
+        new: list[tuple[tuple[str, str], Entity, float]] = []
         for id_, score in part:
             e = by_id.get(id_)
             if e is None:
@@ -154,14 +159,22 @@ def _statements(ctx: PipelineContext, fused: list[tuple[str, float]], limit: int
             key = statement_key(e)
             got = groups.get(key)
             if got is None:
-                if len(out) >= limit:
+                if len(out) + len(new) >= limit:
                     continue
-                rep = e  # get_many hands out the caller's own copies (the storage contract)
-                rep.score = score
-                groups[key] = (rep, [e.name])
-                out.append(rep)
+                groups[key] = (e, [e.name])
+                new.append((key, e, score))
             elif e.name not in got[1]:
                 got[1].append(e.name)
+        # the statements this chunk adds, as the caller's own copies (get_many hands them out)
+        own = {e.id: e for e in ctx.storage.get_many([e.id for _, e, _ in new])} if peek is not None else None
+        for key, e, score in new:
+            rep = e if own is None else own.get(e.id)
+            if rep is None:  # forgotten between the two reads (a read off the store's lock)
+                del groups[key]
+                continue
+            rep.score = score  # get_many hands out the caller's own copies (the storage contract)
+            out.append(rep)
+            groups[key] = (rep, groups[key][1])
     for rep, names in groups.values():
         low = rep.content.casefold()
 

@@ -20,7 +20,7 @@ from operator import itemgetter
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence, Union
 
 from .extraction import _name_spans, asks
-from .time import is_temporal_query, query_time_range
+from .time import is_temporal_query, query_time_range, time_matches
 
 if TYPE_CHECKING:
     import numpy as np
@@ -205,15 +205,17 @@ def time_signal(storage: "StorageBackend", query: str, qvec: "np.ndarray | None"
       signals ranked in their top ``RECENCY_POOL``, newest first — what changed later wins ties.
     * Otherwise: no list.
     """
-    rng = query_time_range(query, now_ms)
+    matches = time_matches(query)  # one regex pass for both questions below
+    rng = query_time_range(query, now_ms, matches)
     if rng is None:
-        best = best_ranks(ranked)
         if _CURRENT.search(query):
+            best = best_ranks(ranked)
             pool = list(storage.get_many([i for i, r in best.items() if r < RECENCY_POOL]))
             pool.sort(key=lambda e: (-e.created_at, e.id))
             return [[e.id for e in pool]] if pool else []
-        if not is_temporal_query(query):
+        if not is_temporal_query(query, matches):
             return []
+        best = best_ranks(ranked)
         dated = {e.id for e in storage.get_many(list(best)) if e.event_time is not None}
         timed = sorted((i for i in best if i in dated), key=lambda i: (best[i], i))
         return [timed[:k]] if timed else []

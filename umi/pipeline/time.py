@@ -163,13 +163,25 @@ def find_time_spans(text: str, now_ms: int) -> list[TimeSpan]:
         raise TypeError(f"text must be str, not {type(text).__name__}")
     if isinstance(now_ms, bool) or not isinstance(now_ms, int):
         raise TypeError(f"now_ms must be int milliseconds since the epoch, not {type(now_ms).__name__}")
+    return _spans(text, time_matches(text), now_ms)
+
+
+def time_matches(text: str) -> list[tuple[str, re.Match[str]]]:
+    """The time expressions' pattern matches in ``text``, not yet resolved (they do not depend on
+    the instant: :func:`query_time_range` and :func:`is_temporal_query` of one query share them)."""
+    return [(kind, m) for pattern, kind in _PATTERNS for m in pattern.finditer(text)]
+
+
+def _spans(text: str, matches: list[tuple[str, re.Match[str]]], now_ms: int) -> list[TimeSpan]:
+    """:func:`find_time_spans` of ``text`` from its :func:`time_matches`."""
+    if not matches:
+        return []
     today = dt.datetime.fromtimestamp(now_ms / 1000, tz=_UTC).date()
     found: list[tuple[int, int, TimeSpan]] = []
-    for pattern, kind in _PATTERNS:
-        for m in pattern.finditer(text):
-            rng = _resolve(kind, m, text, today)
-            if rng is not None:
-                found.append((m.start(), -(m.end() - m.start()), TimeSpan(rng[0], rng[1], m.group(0), m.start())))
+    for kind, m in matches:
+        rng = _resolve(kind, m, text, today)
+        if rng is not None:
+            found.append((m.start(), -(m.end() - m.start()), TimeSpan(rng[0], rng[1], m.group(0), m.start())))
     found.sort(key=lambda x: (x[0], x[1]))
     out: list[TimeSpan] = []
     end = -1
@@ -281,9 +293,11 @@ def resolve_event_time(text: str, now_ms: int) -> int | None:
     return spans[0].start_ms if spans else None
 
 
-def query_time_range(query: str, now_ms: int) -> tuple[int, int] | None:
-    """The inclusive range a question's time words cover (the union of its spans), or ``None``."""
-    spans = find_time_spans(query, now_ms)
+def query_time_range(query: str, now_ms: int,
+                     matches: list[tuple[str, re.Match[str]]] | None = None) -> tuple[int, int] | None:
+    """The inclusive range a question's time words cover (the union of its spans), or ``None``
+    (``matches``: the query's :func:`time_matches`, when the caller has them)."""
+    spans = find_time_spans(query, now_ms) if matches is None else _spans(query, matches, now_ms)
     if not spans:
         return None
     return min(s.start_ms for s in spans), max(s.end_ms for s in spans)
@@ -293,6 +307,9 @@ _WHEN = re.compile(r"^\s*(?:when\b|what (?:date|day|time|year|month)\b|on what (
                    r"which (?:day|date|year|month)\b)", re.I)
 
 
-def is_temporal_query(query: str) -> bool:
-    """A question about time: it asks *when* ("When did…", "What day…"), or names a time span."""
-    return bool(_WHEN.search(query)) or bool(find_time_spans(query, 0))
+def is_temporal_query(query: str, matches: list[tuple[str, re.Match[str]]] | None = None) -> bool:
+    """A question about time: it asks *when* ("When did…", "What day…"), or names a time span
+    (``matches``: the query's :func:`time_matches`, when the caller has them)."""
+    if _WHEN.search(query):
+        return True
+    return bool(find_time_spans(query, 0) if matches is None else _spans(query, matches, 0))

@@ -487,6 +487,12 @@ class EntityCache:
         row = self._row_of.get(eid)
         return None if row is None else self._ent(row)
 
+    def peek_many(self, ids: Sequence[str]) -> builtins.list[Entity]:
+        """The stored entities themselves (no embedding), in the order of ``ids``, missing ones
+        skipped. Callers must not change them."""
+        row_of, ent = self._row_of, self._ent
+        return [ent(r) for r in map(row_of.get, ids) if r is not None]
+
     def has_vector(self, eid: str) -> bool:
         row = self._row_of.get(eid)
         return row is not None and bool(self._has_vec[row])

@@ -753,6 +753,16 @@ class CachedStore(TransactionMixin, StorageBackend):
         with self._reading("get_many"):
             return self._cache.get_many(ids)
 
+    def peek_many(self, entity_ids: Sequence[str]) -> builtins.list[Entity]:
+        """:meth:`get_many` for a caller that only reads the entities, at once, and keeps none: the
+        stored objects themselves (no copy, no ``embedding``), which it must not change. Recall
+        reads a ranking's candidates this way and hydrates only the statements it returns. Not a
+        read of its own for the Sim faults: it stands for part of the get_many its caller makes next."""
+        ids = check_ids(entity_ids)
+        with self._lock:
+            self._check_open()
+            return self._cache.peek_many(ids)
+
     def list(self, filters: SearchFilters | None = None, limit: int = 100, offset: int = 0) -> builtins.list[Entity]:
         limit, offset = check_limit_offset(limit, offset)
         nf = F.normalise(filters)
