@@ -71,6 +71,9 @@ class EntityCache:
     ``index_factory(dim)`` makes the vector index once the dimension is known.
     """
 
+    _by_name_map: dict[str, int | set[int]] | None
+    _names_loaded: list[str] | Callable[[], list[str]] | None
+
     def __init__(self, *, dim: int | None, index_factory: Callable[[int], Any]) -> None:
         self.dim = dim
         self._index_factory = index_factory
@@ -127,9 +130,8 @@ class EntityCache:
         it is made on first use (a name lookup or a write), from the loaded names."""
         by_name = self._by_name_map
         if by_name is None:
-            names = self._names_loaded
-            if callable(names):
-                names = names()
+            loaded = self._names_loaded
+            names: list[str] = (loaded() if callable(loaded) else loaded) or []
             n = len(names)
             by_name = dict(zip(names, range(n)))  # the last row of each name
             if len(by_name) < n:  # rows whose name a later row shares
