@@ -266,3 +266,72 @@ def test_a_large_store_reads_keys_one_by_one_until_the_orphan_scan_pays(store, m
             b.upsert([fact(1000 + i, f"new fact {i}")])
         assert reads == ["load_history", "load_orphans"]
         assert [ops(b, f"e{1000 + i}") for i in range(3)] == [[(1, "create")]] * 3
+
+
+def test_metadata_filters_and_name_lookups_after_reopen_match_before(tmp_path: Path) -> None:
+    """The metadata codes are read at open by entity rowid on a second connection and the name
+    index is made on first use: filters, name lookups and a vector-less row give the answers they
+    gave before the close, also after rows were rewritten and removed (rowids out of order)."""
+    path = tmp_path / "m.duckdb"
+    b = DuckDBStorageBackend.connect(path, dim=8)
+    ents = [fact(i, f"note {i}", metadata={"team": i % 3, "src": "chat" if i % 2 else "doc"}) for i in range(40)]
+    ents.append(Entity("person", "no vector", "plain text", metadata={"team": 1}, created_at=T0, id="nv"))
+    b.upsert(ents)
+    b.upsert([fact(i, f"note {i} again", metadata={"team": 7, "k": f"x{i}"}) for i in range(0, 40, 5)])
+    b.delete("e3", at=T0 + 100)
+    from umi.storage.base import SearchFilters
+
+    def answers(s: DuckDBStorageBackend) -> object:
+        out = []
+        for meta in ({"team": 1}, {"team": 7}, {"src": "doc"}, {"team": 2, "src": "chat"}, {"k": "x10"}):
+            f = SearchFilters(metadata=meta)
+            out.append((sorted(e.id for e in s.list(f, limit=100)), s.count(f),
+                        [i for i, _ in s.search_vector(vec(1), 5, f)]))
+        out.append([e.id for e in s.find_by_name("person 10")] + [e.id for e in s.find_by_name("no vector")])
+        out.append(s.get("nv").embedding is None)  # type: ignore[union-attr]
+        return out
+
+    before = answers(b)
+    b.close()
+    with DuckDBStorageBackend.connect(path) as again:
+        assert again.index_load_status == "loaded"
+        assert answers(again) == before
+        again.upsert([fact(50, "new", metadata={"team": 1})])  # the name index is made here
+        assert [e.id for e in again.find_by_name("person 50")] == ["e50"]
+        assert "e50" in {e.id for e in again.list(SearchFilters(metadata={"team": 1}), limit=100)}
+
+
+def test_metadata_codes_map_rowids_in_any_order() -> None:
+    from umi.storage._duckdb_io import _metadata_codes
+
+    rowids = np.array([7, 2, 9, 4, 0], np.int64)  # cache row i holds DuckDB rowid rowids[i]
+    groups = {"meta:team": (np.array([9, 0, 7], np.int64), np.array([1, 2, 1], np.int64), {("i", "1"): 1, ("i", "2"): 2})}
+    codes, vals = _metadata_codes(groups, rowids, 5)["meta:team"]
+    assert codes.tolist() == [1, 0, 1, 0, 2] and vals == {("i", "1"): 1, ("i", "2"): 2}
+    in_order = _metadata_codes(groups, np.array([0, 2, 4, 7, 9], np.int64), 5)["meta:team"][0]
+    assert in_order.tolist() == [2, 0, 0, 1, 1]
+    with pytest.raises(StorageError):
+        _metadata_codes({"meta:x": (np.array([5]), np.array([1]), {})}, rowids, 5)
+
+
+def test_id_order_keys_match_the_utf8_of_each_id() -> None:
+    import random
+
+    import pyarrow as pa
+
+    from umi.storage._hotcache import id_order_keys, id_order_keys_arrow
+
+    def one_by_one(ids: list[str]) -> list[int]:
+        return [int.from_bytes(i.encode("utf-8", "surrogatepass")[:8].ljust(8, b"\0"), "big") for i in ids]
+
+    rng = random.Random(3)
+    alphabet = ["a", "z", "\0", "é", "日", "🙂", "0"]
+    for _ in range(100):
+        ids = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 11))) for _ in range(rng.randint(1, 150))]
+        assert id_order_keys(ids).tolist() == one_by_one(ids)
+        arr = pa.chunked_array([pa.array(ids[:3]), pa.array(ids[3:])]) if len(ids) > 3 else pa.array(ids)
+        assert id_order_keys_arrow(arr).tolist() == one_by_one(ids)
+        start = rng.randint(0, len(ids) - 1)
+        assert id_order_keys_arrow(pa.array(ids).slice(start)).tolist() == one_by_one(ids[start:])
+    lone = ["\ud800a"] + [f"id{i}" for i in range(80)]  # not valid UTF-8: the per-id path
+    assert id_order_keys(lone).tolist() == one_by_one(lone)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa  # type: ignore[import-untyped]
@@ -21,7 +22,7 @@ import pyarrow.compute as pc  # type: ignore[import-untyped]
 from ..errors import StorageError
 from ..types import UNSET_SCOPE, CoreBlockRecord, CoreHistoryRecord, Entity, EntityType, EvolutionRelation, Scope, normalize_name
 from ._common import dumps, make_entity, meta_key
-from ._hotcache import TYPE_CODES, LoadedRows
+from ._hotcache import TYPE_CODES, LoadedRows, id_order_keys_arrow
 from .text import document_terms
 from .base import HistoryRecord, Source
 from .cached import ChangeSet, DurableStore, Loaded, Orphans
@@ -254,30 +255,38 @@ def load_rows(con: Any, dim: int | None, *, with_vectors: bool = True, with_post
     """Everything the entity cache needs.
 
     Rows are numbered in the order DuckDB returns them (sorting wide rows costs more than the
-    rest of the load); the metadata and postings queries join on that numbering through a
-    registered Arrow table. Entity objects are built on first use (``materialise``), and so are
+    rest of the load). The metadata codes are read meanwhile on a second connection (a helper
+    thread: DuckDB runs the join without the GIL while this one turns columns into Python
+    values), keyed by DuckDB's ``rowid``, which both queries read from the same unchanged table;
+    the postings query joins on the row numbering through a registered Arrow table. Entity
+    objects are built on first use (``materialise``), and so are
     the vectors when ``with_vectors`` is False (a reopen with a valid vector index cache: the
     vectors are ~90 % of the bytes and search reads the index's copy). Without
     ``with_postings`` the postings are left empty, for the caller to fill
     (:meth:`EntityCache.adopt_postings` from the keyword index cache, or :func:`load_postings`).
     """
-    vec_col = ""
-    if dim:
-        vec_col = ", embedding" if with_vectors else ", embedding IS NOT NULL AS has_embedding"
-    tbl = con.sql(
-        "SELECT id, entity_type, name, name_norm, content, metadata, importance, confidence, created_at, "
-        "updated_at, event_time, valid_from, valid_to, source_id, doc_len, user_id, agent_id, session_id"
-        f"{vec_col} FROM entities").to_arrow_table()
-    n = tbl.num_rows
-    con.register("_umi_rowmap", pa.table({"id": tbl.column("id"), "rn": pa.array(np.arange(n))}))
+    meta_reader = _Beside(_metadata_groups, con.cursor())
     try:
-        meta = _metadata_codes(con, n)
-        if with_postings:
-            terms, offsets, prow, ptf = _postings(con)
-        else:
-            terms, offsets, prow, ptf = [], np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
+        return _load_rows(con, dim, with_vectors, with_postings, meta_reader)
     finally:
-        con.unregister("_umi_rowmap")
+        meta_reader.close()
+
+
+def _load_rows(con: Any, dim: int | None, with_vectors: bool, with_postings: bool, meta_reader: "_Beside") -> LoadedRows:
+    vec_col = ", embedding" if dim and with_vectors else ""
+    tbl = con.sql(
+        "SELECT rowid AS _rowid, id, entity_type, name, name_norm, content, metadata, importance, confidence, "
+        "created_at, updated_at, event_time, valid_from, valid_to, source_id, doc_len, user_id, agent_id, "
+        f"session_id{vec_col} FROM entities").to_arrow_table()
+    n = tbl.num_rows
+    if with_postings:
+        con.register("_umi_rowmap", pa.table({"id": tbl.column("id"), "rn": pa.array(np.arange(n))}))
+        try:
+            terms, offsets, prow, ptf = _postings(con)
+        finally:
+            con.unregister("_umi_rowmap")
+    else:
+        terms, offsets, prow, ptf = [], np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
     ids = tbl.column("id").to_pylist()
     etype = tbl.column("entity_type").combine_chunks().dictionary_encode()
     types = [_TYPES[v] for v in etype.dictionary.to_pylist()]
@@ -289,12 +298,13 @@ def load_rows(con: Any, dim: int | None, *, with_vectors: bool = True, with_post
     if dim and n and with_vectors:
         has_vec, vectors = _vector_matrix(tbl.column("embedding"), dim)
     elif dim and n:
-        has_vec = np.asarray(tbl.column("has_embedding").to_numpy(), dtype=bool)
+        # the rows without a vector, by a filter DuckDB answers from the validity data alone
+        # (``embedding IS NOT NULL`` as a column reads every vector: ~0.25 s at 100k x 384)
+        missing = {r[0] for r in con.execute("SELECT id FROM entities WHERE embedding IS NULL").fetchall()}
+        has_vec = np.ones(n, bool)
+        if missing:
+            has_vec = np.fromiter((i not in missing for i in ids), bool, n)
         fetch = functools.partial(fetch_vectors, con, dim)
-    for col in ("user_id", "agent_id", "session_id", "source_id"):
-        coded = _coded_column(tbl.column(col), n)
-        if coded is not None:
-            meta[col] = coded
     fields = tbl.select(["name", "content", "metadata", "importance", "confidence", "created_at", "updated_at",
                          "event_time", "valid_from", "valid_to", "source_id", "user_id", "agent_id", "session_id"])
     # Python values are made per block of rows when a row of it is first needed (making them for
@@ -315,9 +325,14 @@ def load_rows(con: Any, dim: int | None, *, with_vectors: bool = True, with_post
         })
 
     ev = tbl.column("event_time")
+    meta = _metadata_codes(meta_reader.result(), tbl.column("_rowid").to_numpy(), n)
+    for col in ("user_id", "agent_id", "session_id", "source_id"):
+        coded = _coded_column(tbl.column(col), n)
+        if coded is not None:
+            meta[col] = coded
     rows = LoadedRows(
         ids=ids,
-        name_norm=tbl.column("name_norm").to_pylist(),
+        name_norm=tbl.column("name_norm").to_pylist,
         type_codes=lut[tidx_np] if n else np.zeros(0, np.int8),
         created=tbl.column("created_at").to_numpy(),
         has_event=np.asarray(ev.is_valid().to_numpy(zero_copy_only=False), bool),
@@ -326,7 +341,7 @@ def load_rows(con: Any, dim: int | None, *, with_vectors: bool = True, with_post
         doc_len=tbl.column("doc_len").to_numpy().astype(np.float64),
         vectors=vectors, has_vec=has_vec, metadata=meta,
         terms=terms, term_offsets=offsets, posting_rows=prow, posting_tfs=ptf,
-        materialise=materialise, fetch_vectors=fetch,
+        materialise=materialise, fetch_vectors=fetch, id_keys=id_order_keys_arrow(tbl.column("id")),
     )
     return rows
 
@@ -375,24 +390,79 @@ def _scope(key: tuple[Any, Any, Any]) -> Scope:
     return s
 
 
-def _metadata_codes(con: Any, n: int) -> dict[str, tuple[np.ndarray, dict[tuple[str, str], int]]]:
+class _Beside:
+    """``fn(cursor)`` on a helper thread; :meth:`result` waits and returns or raises what it did,
+    :meth:`close` waits and closes the cursor."""
+
+    def __init__(self, fn: Callable[[Any], Any], cursor: Any) -> None:
+        self._cursor = cursor
+        self._out: list[Any] = [None, None]
+        self._thread = threading.Thread(target=self._run, args=(fn,), name="umi-load", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[Any], Any]) -> None:
+        try:
+            self._out[0] = fn(self._cursor)
+        except BaseException as exc:  # noqa: BLE001 - raised by result() in the loading thread
+            self._out[1] = exc
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._out[1] is not None:
+            raise self._out[1]
+        return self._out[0]
+
+    def close(self) -> None:
+        self._thread.join()
+        self._cursor.close()
+
+
+#: one metadata key's values: (rowids of the entities that have it, their value codes from 1,
+#: (type tag, canonical text) -> code)
+_MetaGroup = tuple[np.ndarray, np.ndarray, dict[tuple[str, str], int]]
+
+
+def _metadata_groups(con: Any) -> dict[str, _MetaGroup]:
+    """Every metadata key's values, coded, by entity ``rowid`` (see :func:`_metadata_codes`)."""
     tbl = con.sql("""
-        SELECT m.key, m.vtype, m.vtext, r.rn FROM entity_metadata m JOIN _umi_rowmap r ON m.entity_id = r.id
-        ORDER BY m.key""").to_arrow_table()
-    out: dict[str, tuple[np.ndarray, dict[tuple[str, str], int]]] = {}
+        SELECT m.key, m.vtype || chr(31) || m.vtext AS pair, e.rowid AS rid
+        FROM entity_metadata m JOIN entities e ON m.entity_id = e.id""").to_arrow_table()
+    out: dict[str, _MetaGroup] = {}
     if tbl.num_rows == 0:
         return out
+    # grouped by key here, not by an ORDER BY (a sort of every row in DuckDB costs more)
     keys = tbl.column("key").combine_chunks().dictionary_encode()
     kidx = keys.indices.to_numpy(zero_copy_only=False)
-    bounds = np.concatenate(([0], np.flatnonzero(np.diff(kidx)) + 1, [kidx.shape[0]]))
-    pair = pc.binary_join_element_wise(tbl.column("vtype"), tbl.column("vtext"), "\x1f").combine_chunks()
-    rn = tbl.column("rn").to_numpy()
-    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-        enc = pair.slice(a, b - a).dictionary_encode()
-        codes = np.zeros(n, np.int32)
-        codes[rn[a:b]] = enc.indices.to_numpy(zero_copy_only=False) + 1
+    order = np.argsort(kidx, kind="stable")
+    bounds = np.searchsorted(kidx[order], np.arange(len(keys.dictionary) + 1))
+    pair = tbl.column("pair").combine_chunks()
+    rid = tbl.column("rid").to_numpy()
+    for k, (a, b) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
+        if a == b:
+            continue
+        take = order[a:b]
+        enc = pair.take(pa.array(take)).dictionary_encode()
         vals = {tuple(v.split("\x1f", 1)): c + 1 for c, v in enumerate(enc.dictionary.to_pylist())}
-        out["meta:" + keys.dictionary[int(kidx[a])].as_py()] = (codes, vals)
+        out["meta:" + keys.dictionary[k].as_py()] = (rid[take], enc.indices.to_numpy(zero_copy_only=False) + 1, vals)
+    return out
+
+
+def _metadata_codes(groups: dict[str, _MetaGroup], rowids: np.ndarray,
+                    n: int) -> dict[str, tuple[np.ndarray, dict[tuple[str, str], int]]]:
+    """Per metadata key: (int32 value code per cache row, 0 = absent; value -> code), from
+    :func:`_metadata_groups` and the ``rowid`` of each cache row."""
+    out: dict[str, tuple[np.ndarray, dict[tuple[str, str], int]]] = {}
+    if not groups:
+        return out
+    order = None if n < 2 or bool(np.all(rowids[1:] > rowids[:-1])) else np.argsort(rowids)
+    ranked = rowids if order is None else rowids[order]
+    for key, (rid, codes_of, vals) in groups.items():
+        pos = np.searchsorted(ranked, rid)
+        if pos.shape[0] and (int(pos.max()) >= n or not np.array_equal(ranked[pos], rid)):
+            raise StorageError("entity metadata changed while the store was loading")
+        codes = np.zeros(n, np.int32)
+        codes[pos if order is None else order[pos]] = codes_of
+        out[key] = (codes, vals)
     return out
 
 

@@ -71,6 +71,9 @@ class EntityCache:
     ``index_factory(dim)`` makes the vector index once the dimension is known.
     """
 
+    _by_name_map: dict[str, int | set[int]] | None
+    _names_loaded: list[str] | Callable[[], list[str]] | None
+
     def __init__(self, *, dim: int | None, index_factory: Callable[[int], Any]) -> None:
         self.dim = dim
         self._index_factory = index_factory
@@ -104,9 +107,7 @@ class EntityCache:
         self._id_key = np.zeros(0, np.uint64)  # row -> id_order_keys of its id (ties broken by id)
         self._vecs: np.ndarray | None = None
         self._slot_row = np.full(0, -1, np.int64)
-        # normalised name -> its row, or the set of its rows when several share it (a set per
-        # name cost ~0.1 s per 100k rows at open, and most names have one row)
-        self._by_name: dict[str, int | set[int]] = {}
+        self._by_name = {}  # normalised name -> row(s) (see the property)
         # coded columns: name -> int32 codes per row (0 = unset), name -> value -> code
         self._meta_codes: dict[str, np.ndarray] = {}
         self._meta_vals: dict[str, dict[Any, int]] = {}
@@ -121,6 +122,34 @@ class EntityCache:
         self._journal: dict[str, tuple[Entity | None, np.ndarray | None, np.ndarray | None]] | None = None
         self._journal_dim: int | None = None
         self._grow(cap)
+
+    @property
+    def _by_name(self) -> dict[str, int | set[int]]:
+        """Normalised name -> its row, or the set of its rows when several share it (a set per
+        name cost ~0.1 s per 100k rows at open, and most names have one row). After a bulk load
+        it is made on first use (a name lookup or a write), from the loaded names."""
+        by_name = self._by_name_map
+        if by_name is None:
+            loaded = self._names_loaded
+            names: list[str] = (loaded() if callable(loaded) else loaded) or []
+            n = len(names)
+            by_name = dict(zip(names, range(n)))  # the last row of each name
+            if len(by_name) < n:  # rows whose name a later row shares
+                last = np.fromiter(map(by_name.__getitem__, names), np.int64, n)
+                for i in np.flatnonzero(last != np.arange(n)).tolist():
+                    cur = by_name[names[i]]
+                    if isinstance(cur, set):
+                        cur.add(i)
+                    else:
+                        by_name[names[i]] = {cur, i}
+            self._by_name_map = by_name
+            self._names_loaded = None
+        return by_name
+
+    @_by_name.setter
+    def _by_name(self, value: dict[str, int | set[int]] | None) -> None:
+        self._by_name_map = value
+        self._names_loaded = None
 
     def _grow(self, need: int) -> None:
         if need <= self._cap:
@@ -730,7 +759,7 @@ class EntityCache:
         self._ents = [None] * n
         self._row_ids = list(rows.ids)
         self._row_of = dict(zip(rows.ids, range(n)))
-        self._id_key[:n] = id_order_keys(self._row_ids)
+        self._id_key[:n] = id_order_keys(self._row_ids) if rows.id_keys is None else rows.id_keys
         self._lazy = rows.materialise
         self._alive[:n] = True
         self._type[:n] = rows.type_codes
@@ -741,17 +770,8 @@ class EntityCache:
         self._doc_len[:n] = rows.doc_len
         self._n_alive = n
         self._total_len = int(rows.doc_len.sum()) if n else 0
-        names = rows.name_norm
-        by_name: dict[str, int | set[int]] = dict(zip(names, range(n)))  # the last row of each name
-        if len(by_name) < n:  # rows whose name a later row shares
-            last = np.fromiter(map(by_name.__getitem__, names), np.int64, n)
-            for i in np.flatnonzero(last != np.arange(n)).tolist():
-                cur = by_name[names[i]]
-                if isinstance(cur, set):
-                    cur.add(i)
-                else:
-                    by_name[names[i]] = {cur, i}
-        self._by_name = by_name
+        self._by_name = None  # made from the loaded names when first needed (see _by_name)
+        self._names_loaded = rows.name_norm
         for key, (codes, vals) in rows.metadata.items():
             col = np.zeros(self._cap, np.int32)
             col[:n] = codes
@@ -798,7 +818,8 @@ class EntityCache:
         n = self._n
         get = self._row_of.get
         changed = sorted({r for r in map(get, changed_ids) if r is not None})
-        if len(ids) == n and ids == self._row_ids:  # the database returned the rows in the same order
+        same = ids.same_as(self._row_ids) if hasattr(ids, "same_as") else (len(ids) == n and ids == self._row_ids)
+        if same:  # the database returned the rows in the same order
             new_rows = rows
         else:
             pos_row = np.fromiter(map(get, ids, itertools.repeat(-1)), np.int64, len(ids))  # type: ignore[arg-type]
@@ -921,7 +942,8 @@ class LoadedRows:
     """
 
     ids: list[str]
-    name_norm: list[str]
+    #: the normalised names (or a function returning them: called when a name index is first needed)
+    name_norm: list[str] | Callable[[], list[str]]
     type_codes: np.ndarray
     created: np.ndarray
     has_event: np.ndarray
@@ -938,6 +960,8 @@ class LoadedRows:
     materialise: Callable[[int], Entity] = field(repr=False, default=None)  # type: ignore[assignment]
     #: with ``vectors`` None: ``fetch_vectors(ids) -> (ids, matrix)`` reads stored vectors on demand
     fetch_vectors: Callable[[list[str]], tuple[list[str], np.ndarray]] | None = field(repr=False, default=None)
+    #: :func:`id_order_keys` of ``ids`` when the loader has them (else computed from ``ids``)
+    id_keys: np.ndarray | None = field(repr=False, default=None)
 
 
 #: the keyword kernels go to the helper thread (:mod:`._overlap`) only when they read this many
@@ -956,8 +980,41 @@ def id_order_keys(ids: Sequence[str]) -> np.ndarray:
     """uint64 keys in id order: the first 8 bytes of each id's UTF-8, big-endian, zero-padded.
     UTF-8 byte order is code point order (Python's ``str`` order), so ``key(a) < key(b)`` implies
     ``a < b``; equal keys say nothing (the ids are compared themselves)."""
+    if len(ids) >= 64:  # through Arrow: its UTF-8 buffer, no per-id encode in Python
+        import pyarrow as pa  # type: ignore[import-untyped]
+
+        try:
+            arr = pa.array(ids, pa.string())
+        except (pa.ArrowException, UnicodeError):  # a lone surrogate: per id below
+            arr = None
+        if arr is not None:
+            return id_order_keys_arrow(arr)
     raw = np.array([i.encode("utf-8", "surrogatepass")[:8] for i in ids], dtype="S8")
     return raw.view(">u8").astype(np.uint64) if raw.shape[0] else np.zeros(0, np.uint64)
+
+
+def id_order_keys_arrow(arr: Any) -> np.ndarray:
+    """:func:`id_order_keys` of an Arrow string array (or chunked array) without nulls, vectorised."""
+    import pyarrow as pa
+
+    n = len(arr)
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if arr.type == pa.large_string():
+        arr = arr.cast(pa.string())
+    offsets = np.frombuffer(arr.buffers()[1], np.int32)[arr.offset: arr.offset + n + 1].astype(np.int64)
+    data = np.frombuffer(arr.buffers()[2], np.uint8) if arr.buffers()[2] is not None else np.zeros(0, np.uint8)
+    if n == 0:
+        return np.zeros(0, np.uint64)
+    at = offsets[:-1, None] + np.arange(8)
+    short = (offsets[1:] - offsets[:-1]) < 8
+    if short.any():  # ids under 8 bytes: zero-padded
+        at[short] = np.minimum(at[short], offsets[1:][short, None])
+        data = np.append(data[: offsets[-1]], np.zeros(1, np.uint8))
+        end = at == offsets[1:, None]
+        at[end] = data.shape[0] - 1
+    head = np.ascontiguousarray(data[at])
+    return head.view(">u8").reshape(n).astype(np.uint64)
 
 
 def _same_direction(a: np.ndarray, b: np.ndarray) -> bool:

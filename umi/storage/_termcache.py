@@ -37,13 +37,62 @@ _END = b"SMRETIMU"
 _FORMAT = 1
 
 
+class SavedIds:
+    """The row ids of a loaded file (None: a dead row), split into Python strings only when
+    iterated: a reopen whose rows come back in the saved order only compares the text
+    (:meth:`same_as`), without making 100k strings."""
+
+    __slots__ = ("_text", "_n", "_list")
+
+    def __init__(self, text: str, n: int) -> None:
+        if (text.count("\x00") + 1 if n else (0 if not text else -1)) != n:
+            raise ValueError("ids")
+        self._text, self._n = text, n
+        self._list: list[str | None] | None = None
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _ids(self) -> list[str | None]:
+        if self._list is None:
+            ids: list[str | None] = self._text.split("\x00") if self._n else []  # type: ignore[assignment]
+            self._list = [i or None for i in ids] if "" in ids else ids
+        return self._list
+
+    def __iter__(self) -> Any:
+        return iter(self._ids())
+
+    def __getitem__(self, i: int) -> str | None:
+        return self._ids()[i]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, SavedIds):
+            return self._n == other._n and self._text == other._text
+        return isinstance(other, list) and self.same_as(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def same_as(self, ids: list[str]) -> bool:
+        """Whether ``ids`` are these, in this order, with no dead row among them. The text holds
+        exactly ``n - 1`` NULs (checked when read) and no id holds one, so equal texts are equal lists."""
+        if len(ids) != self._n:
+            return False
+        text = self._text
+        if self._n and (not text or text[0] == "\x00" or text[-1] == "\x00" or "\x00\x00" in text):
+            return False  # a dead row (an empty id)
+        try:
+            return "\x00".join(ids) == text
+        except TypeError:  # a None
+            return False
+
+
 class TermCache:
     """What the file holds: ``ids[i]`` is row i (None: dead); term ``terms[t]`` owns
     ``rows[offsets[t]:offsets[t + 1]]`` and the same slice of ``tfs``."""
 
     __slots__ = ("generation", "ids", "terms", "offsets", "rows", "tfs")
 
-    def __init__(self, generation: int, ids: list[str | None], terms: list[str], offsets: np.ndarray,
+    def __init__(self, generation: int, ids: "list[str | None] | SavedIds", terms: list[str], offsets: np.ndarray,
                  rows: np.ndarray, tfs: np.ndarray) -> None:
         self.generation, self.ids, self.terms = generation, ids, terms
         self.offsets, self.rows, self.tfs = offsets, rows, tfs
@@ -109,10 +158,8 @@ def load_terms(path: str) -> TermCache:
             raise ValueError("format")
         n_ids, n_terms, n_post = int(h["n_ids"]), int(h["n_terms"]), int(h["n_postings"])
         pos += head_len
-        ids: list[str | None] = _split(data[pos:pos + int(h["ids_bytes"])], n_ids)  # type: ignore[assignment]
+        ids = SavedIds(data[pos:pos + int(h["ids_bytes"])].decode("utf-8"), n_ids)
         pos += int(h["ids_bytes"])
-        if "" in ids:
-            ids = [i or None for i in ids]
         terms = _split(data[pos:pos + int(h["terms_bytes"])], n_terms)
         pos += int(h["terms_bytes"])
         offsets = np.frombuffer(data, "<i8", n_terms + 1, pos)

@@ -80,6 +80,68 @@ def _check_pos_int(name: str, value: object, lo: int, hi: int) -> int:
     return check_int(value, name, lo, hi)  # type: ignore[return-value]
 
 
+class _CacheFiles:
+    """The keyword and vector index cache files of an opening store, read and verified on a
+    helper thread (file reads, checksums) while the main one opens DuckDB and loads the rows;
+    :meth:`get` waits for a file and returns what its reader returned or raises what it raised
+    (:class:`~umi.IndexCacheError` for a missing, unreadable or corrupt file). Files absent when
+    the store starts opening are not read (:meth:`has`)."""
+
+    def __init__(self, index_path: str | None, terms_path: str | None) -> None:
+        self._todo: list[tuple[str, Callable[[], Any]]] = []
+        if terms_path is not None and os.path.exists(terms_path):
+            self._todo.append(("terms", functools.partial(_read_terms, terms_path)))
+        if index_path is not None and os.path.exists(index_path):
+            self._todo.append(("index", functools.partial(_read_index, index_path)))
+        self._done: dict[str, tuple[Any, BaseException | None]] = {}
+        self._ready = {key: threading.Event() for key, _ in self._todo}
+        self._thread: threading.Thread | None = None
+        if self._todo:
+            self._thread = threading.Thread(target=self._run, name="umi-cache-files", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        for key, read in self._todo:  # the keyword cache first: the open needs it first
+            try:
+                self._done[key] = (read(), None)
+            except BaseException as exc:  # noqa: BLE001 - handed to the opening thread by get()
+                self._done[key] = (None, exc)
+            self._ready[key].set()
+
+    def has(self, key: str) -> bool:
+        return key in self._ready
+
+    def get(self, key: str) -> Any:
+        self._ready[key].wait()
+        value, exc = self._done.pop(key)
+        if exc is not None:
+            raise exc
+        return value
+
+    def _wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def finish(self) -> None:
+        """Wait for the reader (an open that fails leaves no thread behind) and drop what was not used."""
+        self._wait()
+        self._done.clear()
+
+
+def _read_terms(path: str) -> Any:
+    from ._termcache import load_terms
+
+    return load_terms(path)
+
+
+def _read_index(path: str) -> Any:
+    from ..index import VectorIndex
+
+    # a file without a graph gets one from the first search that needs it, not here
+    return VectorIndex.load(path, build_graph=False)
+
+
 class DuckDBStorageBackend(CachedStore):
     """Archival memory in one DuckDB file. Open with :meth:`connect`."""
 
@@ -149,6 +211,8 @@ class DuckDBStorageBackend(CachedStore):
         if not self.in_memory:
             check_path(spath)
             self._claim(os.path.realpath(spath))
+        # the cache files are read and checked on a helper thread while DuckDB opens and loads
+        self._cache_files = _CacheFiles(self.index_path, self.terms_path)
         try:
             con = open_connection(None if self.in_memory else spath, read_only)
             try:
@@ -156,8 +220,8 @@ class DuckDBStorageBackend(CachedStore):
                 raw = DuckDBDurable(con, dim_stored)
                 # with an index cache to load, search needs none of the stored vectors at open;
                 # with a keyword index cache, none of the postings
-                raw.vectors_at_open = self.index_path is None or not os.path.exists(self.index_path)
-                raw.postings_at_open = self.terms_path is None or not os.path.exists(self.terms_path)
+                raw.vectors_at_open = not self._cache_files.has("index")
+                raw.postings_at_open = not self._cache_files.has("terms")
                 durable: Any = raw if faults is None else FaultyDurable(raw, faults)
                 self._init_state(durable, dim_stored, self._new_index)
                 loaded = self._durable.load(dim_stored)
@@ -171,10 +235,12 @@ class DuckDBStorageBackend(CachedStore):
                 con.close()
                 raise
         except BaseException as exc:
+            self._cache_files.finish()
             self._release()
             if isinstance(exc, UmiError) or not isinstance(exc, Exception):
                 raise
             raise StorageError(f"cannot open the DuckDB store {spath!r}: {type(exc).__name__}: {exc}") from exc
+        self._cache_files.finish()
         self._closed = False
 
     # --- one open store per file per process ---------------------------------------------------
@@ -237,11 +303,9 @@ class DuckDBStorageBackend(CachedStore):
         self._terms_dirty = True
         if loaded_from_db or self.terms_path is None:
             return
-        from ._termcache import load_terms
-
         cache = self._cache
         try:
-            tc = load_terms(self.terms_path)
+            tc = self._cache_files.get("terms")
         except IndexCacheError as exc:
             log.warning("keyword index cache unusable, reading the postings from the database: %s", exc)
             tc = None
@@ -255,14 +319,14 @@ class DuckDBStorageBackend(CachedStore):
 
     def _open_index(self) -> None:
         cache = self._cache
-        if cache.dim is None or self.index_path is None or not os.path.exists(self.index_path):
+        if cache.dim is None or not self._cache_files.has("index"):
             self._rebuild_index()
             return
-        from ..index import VectorIndex
-
         try:
-            # a file without a graph gets one from the first search that needs it, not here
-            index, gen = VectorIndex.load(self.index_path, dim=cache.dim, build_graph=False)
+            index, gen = self._cache_files.get("index")
+            if int(index.dim) != cache.dim:
+                raise IndexCacheError(f"index file {self.index_path!r} holds {index.dim}-d vectors, expected "
+                                      f"{cache.dim}-d", path=self.index_path)
         except IndexCacheError as exc:
             log.warning("vector index cache unusable, rebuilding from the database: %s", exc)
             self._rebuild_index()
