@@ -386,6 +386,12 @@ def test_search_content_before_any_vector_is_stored(backend: StorageBackend) -> 
     assert got == [([], backend.search_text("apple", 5))] and got[0][1]
 
 
+def test_search_content_needs_one_vector_or_none_per_query(backend: StorageBackend) -> None:
+    backend.upsert([ent("A", "apple pie", emb=vec(1, 0))])
+    with pytest.raises(ValidationError, match="one vector \\(or None\\) per query: 2 queries, 1 vectors"):
+        backend.search_content(["apple", "pie"], [vec(1, 0)], 5)
+
+
 def test_search_vector_validation(backend: StorageBackend) -> None:
     assert backend.search_vector(vec(1, 0), 5) == []  # nothing stored yet
     backend.upsert([ent("A", "a", emb=vec(1, 0))])

@@ -136,6 +136,13 @@ def check_id(value: object, what: str = "entity_id") -> str:
     return value
 
 
+def check_vectors_per_query(queries: Sequence[object], vectors: Sequence[object]) -> None:
+    """``search_content``'s pairing: one vector (or None) per query."""
+    if len(queries) != len(vectors):
+        raise ValidationError(f"search_content needs one vector (or None) per query: {len(queries)} queries, "
+                              f"{len(vectors)} vectors")
+
+
 def check_ids(values: object, what: str = "entity_ids") -> list[str]:
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise TypeError(f"{what} must be a sequence of str, not {type(values).__name__}")

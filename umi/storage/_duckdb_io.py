@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
@@ -22,6 +21,7 @@ import pyarrow.compute as pc  # type: ignore[import-untyped]
 from ..errors import StorageError
 from ..types import UNSET_SCOPE, CoreBlockRecord, CoreHistoryRecord, Entity, EntityType, EvolutionRelation, Scope, normalize_name
 from ._common import dumps, make_entity, meta_key
+from ._overlap import Background
 from ._hotcache import TYPE_CODES, LoadedRows, id_order_keys_arrow
 from .text import document_terms
 from .base import HistoryRecord, Source
@@ -265,14 +265,16 @@ def load_rows(con: Any, dim: int | None, *, with_vectors: bool = True, with_post
     ``with_postings`` the postings are left empty, for the caller to fill
     (:meth:`EntityCache.adopt_postings` from the keyword index cache, or :func:`load_postings`).
     """
-    meta_reader = _Beside(_metadata_groups, con.cursor())
+    cur = con.cursor()
+    meta_reader = Background(functools.partial(_metadata_groups, cur), "umi-load")
     try:
         return _load_rows(con, dim, with_vectors, with_postings, meta_reader)
     finally:
-        meta_reader.close()
+        meta_reader.join()
+        cur.close()
 
 
-def _load_rows(con: Any, dim: int | None, with_vectors: bool, with_postings: bool, meta_reader: "_Beside") -> LoadedRows:
+def _load_rows(con: Any, dim: int | None, with_vectors: bool, with_postings: bool, meta_reader: Background) -> LoadedRows:
     vec_col = ", embedding" if dim and with_vectors else ""
     tbl = con.sql(
         "SELECT rowid AS _rowid, id, entity_type, name, name_norm, content, metadata, importance, confidence, "
@@ -325,7 +327,8 @@ def _load_rows(con: Any, dim: int | None, with_vectors: bool, with_postings: boo
         })
 
     ev = tbl.column("event_time")
-    meta = _metadata_codes(meta_reader.result(), tbl.column("_rowid").to_numpy(), n)
+    meta = _metadata_codes(meta_reader.result(),  # type: ignore[arg-type]
+                            tbl.column("_rowid").to_numpy(), n)
     for col in ("user_id", "agent_id", "session_id", "source_id"):
         coded = _coded_column(tbl.column(col), n)
         if coded is not None:
@@ -388,33 +391,6 @@ def _scope(key: tuple[Any, Any, Any]) -> Scope:
         if len(_SCOPES) < 100_000:
             _SCOPES[key] = s
     return s
-
-
-class _Beside:
-    """``fn(cursor)`` on a helper thread; :meth:`result` waits and returns or raises what it did,
-    :meth:`close` waits and closes the cursor."""
-
-    def __init__(self, fn: Callable[[Any], Any], cursor: Any) -> None:
-        self._cursor = cursor
-        self._out: list[Any] = [None, None]
-        self._thread = threading.Thread(target=self._run, args=(fn,), name="umi-load", daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Callable[[Any], Any]) -> None:
-        try:
-            self._out[0] = fn(self._cursor)
-        except BaseException as exc:  # noqa: BLE001 - raised by result() in the loading thread
-            self._out[1] = exc
-
-    def result(self) -> Any:
-        self._thread.join()
-        if self._out[1] is not None:
-            raise self._out[1]
-        return self._out[0]
-
-    def close(self) -> None:
-        self._thread.join()
-        self._cursor.close()
 
 
 #: one metadata key's values: (rowids of the entities that have it, their value codes from 1,

@@ -22,7 +22,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, TypeVar
 
-__all__ = ["beside"]
+__all__ = ["Background", "beside"]
 
 S = TypeVar("S")
 M = TypeVar("M")
@@ -75,3 +75,32 @@ def beside(side: Callable[[], S], main: Callable[[], M]) -> tuple[S, M]:
     if fut.cancel():  # not started yet: cheaper to do it here than to wait for the helper
         return side(), got
     return fut.result(), got
+
+
+class Background:
+    """``fn()`` started on a thread of its own at once (work that must not wait for the shared
+    helper: a store's open reads files and a second query while it loads rows). :meth:`result`
+    waits and returns what ``fn`` returned or raises what it raised; :meth:`join` only waits
+    (an open that fails must leave no thread behind reading its files)."""
+
+    __slots__ = ("_thread", "_out")
+
+    def __init__(self, fn: Callable[[], object], name: str) -> None:
+        self._out: list[object] = [None, None]
+        self._thread = threading.Thread(target=self._run, args=(fn,), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], object]) -> None:
+        try:
+            self._out[0] = fn()
+        except BaseException as exc:  # noqa: BLE001 - raised by result() in the waiting thread
+            self._out[1] = exc
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def result(self) -> object:
+        self._thread.join()
+        if self._out[1] is not None:
+            raise self._out[1]  # type: ignore[misc]
+        return self._out[0]

@@ -257,9 +257,9 @@ class StorageBackend(abc.ABC):
         None when its vector is None —, search_text(query))``, each answer the same as its own
         call's. Backends with in-process indexes search keywords and vectors at once; this default
         asks one search at a time (the vectors together, by :meth:`search_vector_many`)."""
-        if len(queries) != len(vectors):
-            raise ValueError(f"search_content needs one vector (or None) per query: {len(queries)} queries, "
-                             f"{len(vectors)} vectors")
+        from ._common import check_vectors_per_query  # (_common imports this module)
+
+        check_vectors_per_query(queries, vectors)
         with_vec = [v for v in vectors if v is not None]
         if len(with_vec) == 1:
             found = iter([self.search_vector(with_vec[0], k, filters)])

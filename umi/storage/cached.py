@@ -61,6 +61,7 @@ from ._common import (
     check_relations,
     check_source,
     check_time,
+    check_vectors_per_query,
     snapshot_of,
 )
 from ._hotcache import EntityCache
@@ -818,9 +819,7 @@ class CachedStore(TransactionMixin, StorageBackend):
     def search_content(self, queries: Sequence[str], vectors: Sequence[np.ndarray | None], k: int,
                        filters: SearchFilters | None = None
                        ) -> builtins.list[tuple[builtins.list[tuple[str, float]] | None, builtins.list[tuple[str, float]]]]:
-        if len(queries) != len(vectors):
-            raise ValueError(f"search_content needs one vector (or None) per query: {len(queries)} queries, "
-                             f"{len(vectors)} vectors")
+        check_vectors_per_query(queries, vectors)
         terms = [query_terms(check_query_text(q)) for q in queries]
         k = check_k(k)
         nf = F.normalise(filters)

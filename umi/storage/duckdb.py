@@ -53,6 +53,7 @@ from ..errors import (
 )
 from ._common import check_int
 from ._duckdb_io import DuckDBDurable, load_postings
+from ._overlap import Background
 from ._duckdb_schema import check_path, open_connection, prepare, stored_generation
 from .cached import CachedStore, FaultyDurable
 
@@ -81,52 +82,29 @@ def _check_pos_int(name: str, value: object, lo: int, hi: int) -> int:
 
 
 class _CacheFiles:
-    """The keyword and vector index cache files of an opening store, read and verified on a
-    helper thread (file reads, checksums) while the main one opens DuckDB and loads the rows;
+    """The keyword and vector index cache files of an opening store, each read and verified on a
+    thread of its own (file reads, checksums) while the main one opens DuckDB and loads the rows;
     :meth:`get` waits for a file and returns what its reader returned or raises what it raised
     (:class:`~umi.IndexCacheError` for a missing, unreadable or corrupt file). Files absent when
     the store starts opening are not read (:meth:`has`)."""
 
     def __init__(self, index_path: str | None, terms_path: str | None) -> None:
-        self._todo: list[tuple[str, Callable[[], Any]]] = []
-        if terms_path is not None and os.path.exists(terms_path):
-            self._todo.append(("terms", functools.partial(_read_terms, terms_path)))
-        if index_path is not None and os.path.exists(index_path):
-            self._todo.append(("index", functools.partial(_read_index, index_path)))
-        self._done: dict[str, tuple[Any, BaseException | None]] = {}
-        self._ready = {key: threading.Event() for key, _ in self._todo}
-        self._thread: threading.Thread | None = None
-        if self._todo:
-            self._thread = threading.Thread(target=self._run, name="umi-cache-files", daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
-        for key, read in self._todo:  # the keyword cache first: the open needs it first
-            try:
-                self._done[key] = (read(), None)
-            except BaseException as exc:  # noqa: BLE001 - handed to the opening thread by get()
-                self._done[key] = (None, exc)
-            self._ready[key].set()
+        self._reads: dict[str, Background] = {}
+        for key, path, read in (("terms", terms_path, _read_terms), ("index", index_path, _read_index)):
+            if path is not None and os.path.exists(path):
+                self._reads[key] = Background(functools.partial(read, path), f"umi-cache-{key}")
 
     def has(self, key: str) -> bool:
-        return key in self._ready
+        return key in self._reads
 
     def get(self, key: str) -> Any:
-        self._ready[key].wait()
-        value, exc = self._done.pop(key)
-        if exc is not None:
-            raise exc
-        return value
-
-    def _wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        return self._reads[key].result()
 
     def finish(self) -> None:
-        """Wait for the reader (an open that fails leaves no thread behind) and drop what was not used."""
-        self._wait()
-        self._done.clear()
+        """Wait for the readers (an open that fails leaves no thread behind) and drop what was not used."""
+        for read in self._reads.values():
+            read.join()
+        self._reads.clear()
 
 
 def _read_terms(path: str) -> Any:
