@@ -11,7 +11,8 @@ Results are **statements**: facts that share one source and one normalised conte
 facets of a sentence about several names) are returned once, as the best-ranked facet,
 with ``mentions`` holding the names of every facet found; ``limit`` counts statements.
 ``as_of`` answers from each fact's history, so a fact that was superseded and later
-restated is not shown as current in between.
+restated is not shown as current in between. With ``include_superseded``, a superseded fact
+never ranks above a result that replaced it (:func:`below_replacements`).
 
 Reranking (``MemoryConfig.reranker`` set, ``RecallOptions.rerank`` not False): the best
 ``max(limit, rerank_top_n)`` statements of either path (each list searched as deep as for a recall
@@ -44,7 +45,7 @@ from .remember import statement_key
 from .retrieval import (RULE_REWRITE_WEIGHT, Ranking, name_signal, needs_deep_search, query_names,
                         rrf_fuse, rule_rewrite, tell_signal, time_signal)
 
-__all__ = ["validate_query", "recall", "filters_for", "RecallResult", "current_at", "reranker_for"]
+__all__ = ["validate_query", "recall", "filters_for", "RecallResult", "current_at", "reranker_for", "below_replacements"]
 
 log = logging.getLogger("umi.recall")
 
@@ -264,8 +265,37 @@ def sort_results(found: RecallResult, opts: RecallOptions) -> RecallResult:
     return RecallResult(dated + undated, found.warnings)
 
 
+def below_replacements(ctx: PipelineContext, found: RecallResult) -> RecallResult:
+    """With superseded facts included, a superseded fact never outranks a result that replaced it
+    (an ``update``/``contradict`` relation from it, directly or along a chain of them): its score
+    is capped just below its replacement's and the results re-sorted (stable). Asked "Alice" with
+    history, "Alice left Acme and now works at Initech" comes before "Alice is an engineer at Acme"
+    although the older sentence is nearer to the bare name."""
+    at = {e.id: e for e in found}
+    newer = {e.id: [r.target_id for r in ctx.storage.relations_for(e.id)
+                    if r.source_id == e.id and r.evolution_type.supersedes and r.target_id in at]
+             for e in found if e.valid_to is not None}
+    capped: dict[str, float] = {}
+
+    def score(i: str, path: frozenset[str]) -> float:
+        if i not in capped:
+            s: float = at[i].score or 0.0
+            for j in newer.get(i, ()):
+                if j not in path:  # a revived fact can close a cycle of relations: walk each once
+                    s = min(s, float(np.nextafter(score(j, path | {i}), -np.inf)))
+            capped[i] = s
+        return capped[i]
+
+    for e in found:
+        e.score = score(e.id, frozenset())
+    return RecallResult(sorted(found, key=lambda e: -(e.score or 0.0)), found.warnings)
+
+
 async def recall(ctx: PipelineContext, query: str, opts: RecallOptions) -> RecallResult:
-    return sort_results(await _recall(ctx, query, opts), opts)
+    found = await _recall(ctx, query, opts)
+    if opts.include_superseded and opts.as_of is None and any(e.valid_to is not None for e in found):
+        found = await ctx.io(below_replacements, ctx, found)
+    return sort_results(found, opts)
 
 
 async def _recall(ctx: PipelineContext, query: str, opts: RecallOptions) -> RecallResult:
