@@ -30,6 +30,7 @@ from ..types import (
     MetadataValue,
     Scope,
     check_passage_embeddings,
+    normalize_name,
     validate_metadata,
 )
 from .._validate import QUERY_BYTES_MAX, check_input_text
@@ -184,6 +185,16 @@ def check_query_vector(vector: object, dim: int | None) -> np.ndarray | None:
 def check_query_text(query: object) -> str:
     """A keyword query: the same limit and checks as ``recall``'s (one rule, in umi._validate)."""
     return check_input_text(query, "query", QUERY_BYTES_MAX, EmptyQueryError)
+
+
+def check_name_query(name: object) -> str:
+    """The name ``find_by_name`` looks up, normalised (``types.normalize_name``); not empty."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be str, not {type(name).__name__}")
+    norm = normalize_name(name)
+    if not norm:
+        raise ValidationError("name must not be empty or only whitespace")
+    return norm
 
 
 def _unit(value: object, what: str, exc: type[ValidationError]) -> float:

@@ -46,7 +46,6 @@ from ..types import (
     EvolutionRelation,
     Scope,
     check_scope,
-    normalize_name,
     now_ms,
 )
 from . import filters as F
@@ -56,6 +55,7 @@ from ._common import (
     check_ids,
     check_k,
     check_limit_offset,
+    check_name_query,
     check_query_text,
     check_query_vector,
     check_relations,
@@ -777,11 +777,7 @@ class CachedStore(TransactionMixin, StorageBackend):
 
     def find_by_name(self, name: str, entity_type: EntityType | str | None = None,
                      filters: SearchFilters | None = None) -> builtins.list[Entity]:
-        if not isinstance(name, str):
-            raise TypeError(f"name must be str, not {type(name).__name__}")
-        norm = normalize_name(name)
-        if not norm:
-            raise ValidationError("name must not be empty or only whitespace")
+        norm = check_name_query(name)
         etype = None if entity_type is None else EntityType.parse(entity_type)
         nf = F.normalise(filters)
         with self._reading("find_by_name"):

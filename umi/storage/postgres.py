@@ -85,33 +85,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InvalidConfigError, StorageError, UmiError, ValidationError
-from ..types import (
-    UNSET_SCOPE,
-    CoreBlockRecord,
-    CoreHistoryRecord,
-    Entity,
-    EntityType,
-    EvolutionRelation,
-    Scope,
-    check_scope,
-    normalize_name,
-    now_ms,
-)
+from ..types import (UNSET_SCOPE, CoreBlockRecord, CoreHistoryRecord, Entity, EntityType,
+                     EvolutionRelation, Scope, check_scope, normalize_name, now_ms)
 from . import _pg_schema as S
 from . import _rows as R
-from ._common import (
-    check_entities,
-    check_id,
-    check_ids,
-    check_k,
-    check_limit_offset,
-    check_query_text,
-    check_query_vector,
-    check_relations,
-    check_source,
-    check_time,
-    snapshot_of,
-)
+from . import _common as C  # the boundary checks every backend shares
 from . import filters as F
 from .cached import (  # the core-block, meta and history-record rules, written once for every backend
     CORE_CONTENT_BYTES_MAX,
@@ -534,7 +512,7 @@ class PostgresStorageBackend(StorageBackend):
 
     # --- entities -----------------------------------------------------------------
     def upsert(self, entities: Sequence[Entity]) -> None:
-        ents, dim = check_entities(entities, self._current_dim())
+        ents, dim = C.check_entities(entities, self._current_dim())
         R.check_metadata_text(ents)
         if not ents:
             return
@@ -583,7 +561,7 @@ class PostgresStorageBackend(StorageBackend):
                     " ".join(tf), R.dumps(tf), length, *_scope_values(e))):
                 cols[c].append(v)
             ops.append("update" if e.id in old else "create")
-            snaps.append(R.dumps(snapshot_of(e)))
+            snaps.append(R.dumps(C.snapshot_of(e)))
             tx.len_delta += length - old.get(e.id, 0)
             tx.count_terms(tf, 1)
             tx.n_delta += 0 if e.id in old else 1
@@ -616,13 +594,13 @@ class PostgresStorageBackend(StorageBackend):
             (ids, ops, ats, snaps, *_columns(scopes)))
 
     def get(self, entity_id: str) -> Entity | None:
-        eid = check_id(entity_id)
+        eid = C.check_id(entity_id)
         with self._reading() as conn:
             got = self._select(conn, "id = %s", [eid])
         return got[0] if got else None
 
     def get_many(self, entity_ids: Sequence[str]) -> builtins.list[Entity]:
-        ids = check_ids(entity_ids)
+        ids = C.check_ids(entity_ids)
         if not ids:
             return []
         found: dict[str, Entity] = {}
@@ -649,8 +627,8 @@ class PostgresStorageBackend(StorageBackend):
     def delete(self, entity_id: str, at: int | None = None) -> bool:
         """Forget the entity: its row (vector, postings, terms), its history snapshots (tombstones),
         its relations, and its source text once no remaining entity comes from that source."""
-        eid = check_id(entity_id)
-        at_ms = check_time(at, "at", optional=True)
+        eid = C.check_id(entity_id)
+        at_ms = C.check_time(at, "at", optional=True)
         when: int = now_ms() if at_ms is None else at_ms
 
         def op(conn: Any) -> bool:
@@ -685,8 +663,8 @@ class PostgresStorageBackend(StorageBackend):
                              "(SELECT 1 FROM {entities} e WHERE e.source_id = %s)"), (source_id, source_id))
 
     def revive(self, entity_id: str, at: int) -> bool:
-        eid = check_id(entity_id)
-        when: int = check_time(at, "at")  # type: ignore[assignment]  # never None here
+        eid = C.check_id(entity_id)
+        when: int = C.check_time(at, "at")  # type: ignore[assignment]  # never None here
 
         def op(conn: Any) -> bool:
             tx = self._tx()
@@ -697,15 +675,15 @@ class PostgresStorageBackend(StorageBackend):
             if hit is None:
                 return False
             e = self._select(conn, "id = %s", [eid])[0]
-            self._append_history(conn, [eid], ["revive"], [when], [R.dumps(snapshot_of(e))], [_scope_values(e)])
+            self._append_history(conn, [eid], ["revive"], [when], [R.dumps(C.snapshot_of(e))], [_scope_values(e)])
             tx.changed = True
             return True
 
         return bool(self._write(op))
 
     def supersede(self, entity_id: str, valid_to: int) -> bool:
-        eid = check_id(entity_id)
-        vt: int = check_time(valid_to, "valid_to")  # type: ignore[assignment]  # never None here
+        eid = C.check_id(entity_id)
+        vt: int = C.check_time(valid_to, "valid_to")  # type: ignore[assignment]  # never None here
 
         def op(conn: Any) -> bool:
             tx = self._tx()
@@ -716,7 +694,7 @@ class PostgresStorageBackend(StorageBackend):
             if hit is None:
                 return False
             e = self._select(conn, "id = %s", [eid])[0]
-            self._append_history(conn, [eid], ["supersede"], [vt], [R.dumps(snapshot_of(e))], [_scope_values(e)])
+            self._append_history(conn, [eid], ["supersede"], [vt], [R.dumps(C.snapshot_of(e))], [_scope_values(e)])
             tx.changed = True
             return True
 
@@ -729,7 +707,7 @@ class PostgresStorageBackend(StorageBackend):
         return self._sql.SQL(clause), params
 
     def list(self, filters: SearchFilters | None = None, limit: int = 100, offset: int = 0) -> builtins.list[Entity]:
-        limit, offset = check_limit_offset(limit, offset)
+        limit, offset = C.check_limit_offset(limit, offset)
         where, params = self._where(filters)
         with self._reading() as conn:
             return self._select(conn, where, [*params, limit, offset], "ORDER BY created_at, id LIMIT %s OFFSET %s")
@@ -743,11 +721,7 @@ class PostgresStorageBackend(StorageBackend):
 
     def find_by_name(self, name: str, entity_type: EntityType | str | None = None,
                      filters: SearchFilters | None = None) -> builtins.list[Entity]:
-        if not isinstance(name, str):
-            raise TypeError(f"name must be str, not {type(name).__name__}")
-        norm = normalize_name(name)
-        if not norm:
-            raise ValidationError("name must not be empty or only whitespace")
+        norm = C.check_name_query(name)
         R.check_utf8(norm, "name")
         etype = None if entity_type is None else EntityType.parse(entity_type)
         where, params = self._where(filters)
@@ -761,12 +735,12 @@ class PostgresStorageBackend(StorageBackend):
 
     # --- search -------------------------------------------------------------------
     def search_vector(self, vector: np.ndarray, k: int, filters: SearchFilters | None = None) -> builtins.list[tuple[str, float]]:
-        k = check_k(k)
+        k = C.check_k(k)
         where, params = self._where(filters)
         dim = self._current_dim()
         if dim is None:
             dim = self._stored_dim()
-        q = check_query_vector(vector, dim)
+        q = C.check_query_vector(vector, dim)
         if q is None or dim is None:
             return []
         qvec = _Vec(q)
@@ -863,8 +837,8 @@ class PostgresStorageBackend(StorageBackend):
         return row is not None and row[0] >= self._exact_rows
 
     def search_text(self, query: str, k: int, filters: SearchFilters | None = None) -> builtins.list[tuple[str, float]]:
-        query = check_query_text(query)
-        k = check_k(k)
+        query = C.check_query_text(query)
+        k = C.check_k(k)
         statement = self._text_statement(query, k, filters)
         if statement is None:
             return []
@@ -924,7 +898,7 @@ class PostgresStorageBackend(StorageBackend):
 
     # --- sources ------------------------------------------------------------------
     def add_source(self, source: Source) -> None:
-        s = check_source(source)
+        s = C.check_source(source)
         R.check_utf8(s.text, "source.text")
 
         def op(conn: Any) -> None:
@@ -939,7 +913,7 @@ class PostgresStorageBackend(StorageBackend):
         self._write(op)
 
     def get_source(self, source_id: str) -> Source | None:
-        return self._source_where("id = %s", check_id(source_id, "source_id"))
+        return self._source_where("id = %s", C.check_id(source_id, "source_id"))
 
     def find_source_by_hash(self, text_hash: str) -> Source | None:
         if not isinstance(text_hash, str):
@@ -957,13 +931,13 @@ class PostgresStorageBackend(StorageBackend):
         return None if row is None else _row_to_source(row)
 
     def entity_ids_for_source(self, source_id: str) -> builtins.list[str]:
-        sid = check_id(source_id, "source_id")
+        sid = C.check_id(source_id, "source_id")
         with self._reading() as conn:
             return [r[0] for r in conn.execute(self._q("SELECT id FROM {entities} WHERE source_id = %s ORDER BY id"),
                                                (sid,)).fetchall()]
 
     def delete_source(self, source_id: str) -> bool:
-        sid = check_id(source_id, "source_id")
+        sid = C.check_id(source_id, "source_id")
 
         def op(conn: Any) -> bool:
             self._lock_ids(conn, [_SOURCE_LOCK + sid])
@@ -979,7 +953,7 @@ class PostgresStorageBackend(StorageBackend):
 
     # --- evolution ----------------------------------------------------------------
     def add_relations(self, relations: Sequence[EvolutionRelation]) -> None:
-        rels = check_relations(relations)
+        rels = C.check_relations(relations)
         if not rels:
             return
         for r in rels:
@@ -1017,7 +991,7 @@ class PostgresStorageBackend(StorageBackend):
         tx.changed = True
 
     def relations_for(self, entity_id: str) -> builtins.list[EvolutionRelation]:
-        eid = check_id(entity_id)
+        eid = C.check_id(entity_id)
         with self._reading() as conn:
             rows = conn.execute(self._q(
                 "SELECT " + S.RELATION_COLUMNS + " FROM {relations} "
@@ -1025,7 +999,7 @@ class PostgresStorageBackend(StorageBackend):
         return [_row_to_relation(r) for r in rows]
 
     def history(self, entity_id: str) -> builtins.list[HistoryRecord]:
-        eid = check_id(entity_id)
+        eid = C.check_id(entity_id)
         with self._reading() as conn:
             rows = conn.execute(self._q(
                 "SELECT " + S.HISTORY_COLUMNS + " FROM {history} WHERE entity_id = %s ORDER BY seq"),
@@ -1072,12 +1046,12 @@ class PostgresStorageBackend(StorageBackend):
     def restore(self, entities: Sequence[Entity], sources: Sequence[Source],
                 relations: Sequence[EvolutionRelation], history: Sequence[HistoryRecord]) -> None:
         """Write exactly these records (for import), generating no history; see the protocol."""
-        ents, dim = check_entities(entities, self._current_dim())
+        ents, dim = C.check_entities(entities, self._current_dim())
         R.check_metadata_text(ents)
-        srcs = [check_source(x) for x in _seq(sources, "sources")]
+        srcs = [C.check_source(x) for x in _seq(sources, "sources")]
         for x in srcs:
             R.check_utf8(x.text, "source.text")
-        rels = list({r.id: r for r in check_relations(relations)}.values())
+        rels = list({r.id: r for r in C.check_relations(relations)}.values())
         for r in rels:
             R.check_utf8(r.reason, f"relation {r.id} reason")
         hist = [_check_history(h, pos) for pos, h in enumerate(_seq(history, "history"))]
@@ -1157,7 +1131,7 @@ class PostgresStorageBackend(StorageBackend):
         name = _check_core_name(name)
         content = _check_text(content, "block content", CORE_CONTENT_BYTES_MAX)
         importance = _check_importance(importance)
-        when: int = check_time(at, "at")  # type: ignore[assignment]  # never None here
+        when: int = C.check_time(at, "at")  # type: ignore[assignment]  # never None here
         text = R.encode_text(content)
 
         def body(conn: Any, u: str, a: str) -> None:
@@ -1175,7 +1149,7 @@ class PostgresStorageBackend(StorageBackend):
 
     def remove_core_block(self, scope: Scope, name: str, at: int) -> bool:
         name = _check_core_name(name)
-        when: int = check_time(at, "at")  # type: ignore[assignment]  # never None here
+        when: int = C.check_time(at, "at")  # type: ignore[assignment]  # never None here
 
         def body(conn: Any, u: str, a: str) -> bool:
             hit = conn.execute(self._q(
@@ -1191,7 +1165,7 @@ class PostgresStorageBackend(StorageBackend):
         return bool(self._core_write(scope, body))
 
     def clear_core_blocks(self, scope: Scope, at: int) -> int:
-        when: int = check_time(at, "at")  # type: ignore[assignment]  # never None here
+        when: int = C.check_time(at, "at")  # type: ignore[assignment]  # never None here
 
         def body(conn: Any, u: str, a: str) -> int:
             n = conn.execute(self._q("DELETE FROM {core_blocks} WHERE user_id = %s AND agent_id = %s"), (u, a)).rowcount
