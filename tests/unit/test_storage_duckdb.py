@@ -733,6 +733,27 @@ def test_inline_reads_only_while_every_read_is_in_memory(tmp_path) -> None:
     assert StorageBackend.inline_read_lock(st) is None  # the protocol's default: always hop
 
 
+def test_inline_reads_of_a_source_only_when_memory_answers_for_it(tmp_path) -> None:
+    # remember's duplicate check reads inline only when the text's source is known without the
+    # database: a reopened (lazy) store asks DuckDB for a source it has not read, until its orphan
+    # keys are read (then a new text's source is known to be absent)
+    path = tmp_path / "sources.duckdb"
+    told = Source.for_text("told before", T0)
+    with DuckDBStorageBackend.connect(path) as st:
+        st.add_source(told)
+    st = DuckDBStorageBackend.connect(path)
+    try:
+        new, other = Source.for_text("never told", T0), Source.for_text("nor this", T0)
+        assert st.inline_read_lock() is st._lock
+        assert st.inline_read_lock([told.id]) is None and st.inline_read_lock([new.id]) is None
+        assert st.get_source(told.id) == told  # read from the database
+        assert st.get_source(new.id) is None
+        assert st.inline_read_lock([told.id, new.id]) is st._lock
+        assert st.inline_read_lock([other.id]) is st._lock  # the orphan keys were read: absent
+    finally:
+        st.close()
+
+
 def test_a_bulk_commit_leaves_its_history_in_the_database_not_the_cache(db: Path) -> None:
     """A bulk upsert (>= HISTORY_KEEP_COMMIT_MAX records) keeps no snapshot per fact in memory;
     its history is read back when asked for, the same records as before. A small write's stays."""
