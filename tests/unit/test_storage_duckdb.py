@@ -264,7 +264,7 @@ def test_close_inside_a_transaction_rolls_it_back(db: Path) -> None:
 
 class _CountingConnection:
     """Forwards to a DuckDB connection and counts the statements sent (the SQL text of a parsed
-    statement too), on it and on its cursors, leaving out PRAGMAs (connection settings)."""
+    statement too), on it and on its cursors, leaving out PRAGMAs and SETs (connection settings)."""
 
     def __init__(self, con: Any, parent: "_CountingConnection | None" = None) -> None:
         self._con = con
@@ -279,7 +279,7 @@ class _CountingConnection:
         text = sql if isinstance(sql, str) else sql.query
         if text == "PRAGMA disable_optimizer":
             self.optimizer = False
-        if not text.startswith("PRAGMA"):
+        if not text.startswith(("PRAGMA", "SET ")):
             self.statements.append(text)
             self.runs.append((" ".join(text.split()[:3]), self.optimizer))
         return self._con.execute(sql, *args)
@@ -731,6 +731,73 @@ def test_inline_reads_only_while_every_read_is_in_memory(tmp_path) -> None:
     finally:
         st.close()
     assert StorageBackend.inline_read_lock(st) is None  # the protocol's default: always hop
+
+
+def test_inline_reads_of_a_source_only_when_memory_answers_for_it(tmp_path) -> None:
+    # remember's duplicate check reads inline only when the text's source is known without the
+    # database: a reopened (lazy) store asks DuckDB for a source it has not read, until its orphan
+    # keys are read (then a new text's source is known to be absent)
+    path = tmp_path / "sources.duckdb"
+    told = Source.for_text("told before", T0)
+    with DuckDBStorageBackend.connect(path) as st:
+        st.add_source(told)
+    st = DuckDBStorageBackend.connect(path)
+    try:
+        new, other = Source.for_text("never told", T0), Source.for_text("nor this", T0)
+        assert st.inline_read_lock() is st._lock
+        assert st.inline_read_lock([told.id]) is None and st.inline_read_lock([new.id]) is None
+        assert st.get_source(told.id) == told  # read from the database
+        assert st.get_source(new.id) is None
+        assert st.inline_read_lock([told.id, new.id]) is st._lock
+        assert st.inline_read_lock([other.id]) is st._lock  # the orphan keys were read: absent
+    finally:
+        st.close()
+
+
+class _ThreadSettings:
+    """Forwards to a DuckDB connection and keeps the ``SET threads`` statements sent to it."""
+
+    def __init__(self, con: Any) -> None:
+        self._con = con
+        self.sets: list[str] = []
+
+    def execute(self, sql: Any, *args: Any) -> Any:
+        text = sql if isinstance(sql, str) else sql.query
+        if text.startswith("SET threads"):
+            self.sets.append(text)
+        return self._con.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._con, name)
+
+
+def test_duckdb_worker_threads_serve_bulk_work_only(db: Path) -> None:
+    # once open, small statements (a remember's) run on the calling thread alone; a bulk write, a
+    # scan or a checkpoint gets DuckDB's worker threads back for its own duration
+    from umi.storage._duckdb_io import PARALLEL_ROWS_MIN
+
+    pool = int(duckdb.connect().execute("SELECT current_setting('threads')").fetchall()[0][0])
+    lent = [f"SET threads = {pool}", "SET threads = 1"] if pool > 1 else []
+    with DuckDBStorageBackend.connect(db, dim=8) as b:
+        def threads() -> int:
+            return int(b._con.execute("SELECT current_setting('threads')").fetchall()[0][0])
+
+        assert threads() == 1
+        spy = _ThreadSettings(b._con)
+        b._durable.con = spy
+        vecs = unit(np.random.default_rng(2), PARALLEL_ROWS_MIN + 2)
+        b.upsert([ent(0, emb=vecs[0])])
+        assert spy.sets == lent  # the first write of a store reads its orphan keys: a scan
+        spy.sets.clear()
+        b.upsert([ent(1, emb=vecs[1])])
+        assert spy.sets == []
+        b.upsert([ent(i, emb=vecs[i]) for i in range(2, PARALLEL_ROWS_MIN + 2)])
+        assert spy.sets == lent
+        spy.sets.clear()
+        b.checkpoint()
+        assert spy.sets == lent
+        b._durable.con = spy._con
+        assert threads() == 1 and b.count() == PARALLEL_ROWS_MIN + 2
 
 
 def test_a_bulk_commit_leaves_its_history_in_the_database_not_the_cache(db: Path) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import numpy as np
 
@@ -69,13 +69,14 @@ class PipelineContext:
     #: embedder's identity there, so a write that fails leaves no trace of it either)
     in_write: Callable[[], None] | None = None
 
-    async def read(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """A read-only ``fn(*args)`` over the store (recall's one read hop). When the store serves
-        reads from process memory and no other thread holds it right now, ``fn`` runs at once on
-        the loop (no thread hop: a fraction of a millisecond); otherwise on an I/O thread, as
-        :attr:`io` does, so the loop never waits for a writer's commit."""
+    async def read(self, fn: Callable[..., Any], *args: Any, sources: Sequence[str] = ()) -> Any:
+        """A read-only ``fn(*args)`` over the store (recall's one read hop, remember's duplicate
+        check: ``sources``, the source ids ``fn`` reads). When the store serves those reads from
+        process memory and no other thread holds it right now, ``fn`` runs at once on the loop (no
+        thread hop: a fraction of a millisecond); otherwise on an I/O thread, as :attr:`io` does,
+        so the loop never waits for a writer's commit or a database read."""
         inline = getattr(self.storage, "inline_read_lock", None)
-        lock = inline() if inline is not None else None
+        lock = (inline(sources) if sources else inline()) if inline is not None else None
         if lock is not None and lock.acquire(blocking=False):
             try:
                 return fn(*args)

@@ -509,7 +509,7 @@ async def remember(ctx: PipelineContext, text: str, opts: RememberOptions) -> Re
     model (extraction, evolution) never holds up another writer."""
     source = ctx.source_for(text, ctx.now_ms(), opts.metadata)
     result = RememberResult(source_id=source.id)
-    if await ctx.io(is_duplicate, ctx, source):
+    if await ctx.read(is_duplicate, ctx, source, sources=[source.id]):
         result.duplicate = True
         result.warnings.append(DUPLICATE_WARNING)
         return result
@@ -537,7 +537,7 @@ async def remember_many(ctx: PipelineContext, texts: Sequence[str], opts: Rememb
         source = ctx.source_for(text, ctx.now_ms(), opts.metadata)
         sources.append(source)
         results.append(RememberResult(source_id=source.id))
-    told = await ctx.io(lambda: [is_duplicate(ctx, s) for s in sources])
+    told = await ctx.read(lambda: [is_duplicate(ctx, s) for s in sources], sources=[s.id for s in sources])
     live = [i for i, dup in enumerate(told) if not dup]
     for i, dup in enumerate(told):
         if dup:

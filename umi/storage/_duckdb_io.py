@@ -511,6 +511,11 @@ def _tuples_for_ids(con: Any, select: str, id_column: str, ids: Sequence[str] | 
     return list(zip(*(c.to_pylist() for c in tbl.columns)))
 
 
+#: a statement over at least this many rows (written, or ids read) runs with DuckDB's worker
+#: threads; a smaller one on the calling thread alone (see :meth:`DuckDBDurable.serial`)
+PARALLEL_ROWS_MIN = 1_000
+
+
 class _Writer:
     """A connection that parses each SQL text once: DuckDB parses a text every time it runs it
     (~0.1 ms of a one-row INSERT here), a parsed statement is bound and run at once. ``base`` is
@@ -610,10 +615,48 @@ class DuckDBDurable(DurableStore):
         #: read the postings at open (False: the keyword index cache holds them)
         self.postings_at_open = True
         self._writers: dict[str, _Writer] = {}
+        #: DuckDB's worker threads (``threads``) lent to bulk work once :meth:`serial` was called; 1: never
+        self._pool = 1
+
+    def serial(self) -> None:
+        """From now on, run small statements on the calling thread alone and lend DuckDB's worker
+        threads back only around bulk work (:meth:`bulk`: loads, scans, reads and writes of
+        ``PARALLEL_ROWS_MIN`` rows or more). DuckDB hands every statement's tasks to its pool (one
+        ``threads`` setting per database): a statement of a few rows gains nothing from a worker
+        and pays its wake-up, and when the worker takes the task the caller waits until it is
+        scheduled — on a busy machine, often a millisecond. A raw-note remember runs six such
+        statements (bench_memory, interleaved A/B: ~12 % faster with one thread). ``SET threads``
+        costs ~1-2.5 ms each way, nothing beside bulk work."""
+        pool = int(self.con.execute("SELECT current_setting('threads')").fetchall()[0][0])
+        if pool > 1:
+            self.con.execute("SET threads = 1")
+            self._pool = pool
+
+    @contextmanager
+    def bulk(self, rows: int | None = None) -> Iterator[None]:
+        """DuckDB's worker threads for work over ``rows`` rows (None: a load or a scan)."""
+        if self._pool <= 1 or (rows is not None and rows < PARALLEL_ROWS_MIN):
+            yield
+            return
+        self.con.execute(f"SET threads = {self._pool}")
+        try:
+            yield
+        finally:
+            self.con.execute("SET threads = 1")
+
+    def _fetch_vectors(self, dim: int, ids: list[str]) -> tuple[list[str], np.ndarray]:
+        with self.bulk(len(ids)):
+            return fetch_vectors(self.con, dim, ids)
 
     def load(self, dim: int | None) -> Loaded:
+        with self.bulk():
+            return self._load(dim)
+
+    def _load(self, dim: int | None) -> Loaded:
         con = self.con
         rows = load_rows(con, dim, with_vectors=self.vectors_at_open, with_postings=self.postings_at_open)
+        if rows.fetch_vectors is not None and dim is not None:  # vectors read on demand: a bulk read lends the pool
+            rows.fetch_vectors = functools.partial(self._fetch_vectors, dim)
         cb = con.execute("SELECT user_id, agent_id, name, content, importance, position FROM core_blocks "
                          "ORDER BY user_id NULLS FIRST, agent_id NULLS FIRST, position").fetchall()
         core_blocks = [(_scope((u, a, None)), CoreBlockRecord(n, c, float(imp), int(pos))) for u, a, n, c, imp, pos in cb]
@@ -628,13 +671,14 @@ class DuckDBDurable(DurableStore):
 
     def load_history(self, entity_ids: Sequence[str] | None) -> list[tuple[str, int, str, int, Any, Scope]]:
         select = "SELECT h.entity_id, h.seq, h.op, h.at_ms, h.snapshot, h.user_id, h.agent_id, h.session_id FROM history h"
-        with _read_errors("history"):
+        with _read_errors("history"), self.bulk(None if entity_ids is None else len(entity_ids)):
             rows = _tuples_for_ids(self.con, select, "h.entity_id", entity_ids)
         return [(e, s, op, at, snap, _scope((u, a, sess))) for e, s, op, at, snap, u, a, sess in rows]
 
     def load_sources(self, ids: Sequence[str] | None = None, hashes: Sequence[str] | None = None) -> list[Source]:
         select = "SELECT s.id, s.text_hash, s.text, s.created_at, s.metadata, s.user_id, s.agent_id, s.session_id FROM sources s"
-        with _read_errors("sources"):
+        with _read_errors("sources"), self.bulk(None if ids is None and hashes is None
+                                                 else len(ids or ()) + len(hashes or ())):
             if ids is None and hashes is None:
                 parts = [_tuples_for_ids(self.con, select, "s.id", None)]
             else:
@@ -649,7 +693,7 @@ class DuckDBDurable(DurableStore):
     def load_relations(self, entity_ids: Sequence[str] | None) -> list[EvolutionRelation]:
         select = ("SELECT r.id, r.source_id, r.target_id, r.evolution_type, r.reason, r.confidence, r.created_at, "
                   "r.user_id, r.agent_id, r.session_id FROM relations r")
-        with _read_errors("relations"):
+        with _read_errors("relations"), self.bulk(None if entity_ids is None else len(entity_ids)):
             if entity_ids is None:
                 parts = [_tuples_for_ids(self.con, select, "r.id", None)]
             else:
@@ -662,7 +706,7 @@ class DuckDBDurable(DurableStore):
         return list(out.values())
 
     def load_orphans(self) -> Orphans:
-        with _read_errors("orphan keys"):
+        with _read_errors("orphan keys"), self.bulk():
             hist = self.con.execute("SELECT DISTINCT h.entity_id FROM history h "
                                     "WHERE NOT EXISTS (SELECT 1 FROM entities e WHERE e.id = h.entity_id)").fetchall()
             srcs = self.con.execute("SELECT s.id FROM sources s "
@@ -678,13 +722,20 @@ class DuckDBDurable(DurableStore):
         the same database with DuckDB's optimizer off: an INSERT of a few rows has nothing to
         optimise, and the passes cost ~0.15 ms a statement here. A commit that deletes or updates
         rows by key keeps the optimizer, which turns those into index lookups and small joins."""
-        from ._duckdb_schema import add_embedding_column
-
         ents = _EntityWrites(ch)
         drops = {table: [i for i in changes if existed.get(i, True)]
                  for table, changes, existed in (("sources", ch.sources, ch.source_existed),
                                                  ("relations", ch.relations, ch.relation_existed))}
         by_key = bool(ents.rewritten or ents.validity or ch.tombstoned or any(drops.values()))
+        rows = (len(ch.entities) + len(ch.history) + len(ch.tombstoned) + len(ch.sources) + len(ch.relations)
+                + len(ch.core_history) + sum(len(b) for b in ch.core.values()))
+        with self.bulk(rows):
+            self._commit(ch, generation, ents, drops, by_key)
+
+    def _commit(self, ch: ChangeSet, generation: int, ents: _EntityWrites, drops: dict[str, list[str]],
+                by_key: bool) -> None:
+        from ._duckdb_schema import add_embedding_column
+
         con = self._writer(optimise=by_key)
         con.execute("BEGIN TRANSACTION")
         try:

@@ -192,10 +192,11 @@ class StorageBackend(abc.ABC):
     #: committed writes survive the process (False for ``:memory:`` and Sim).
     durable: bool = False
 
-    def inline_read_lock(self) -> Any:
+    def inline_read_lock(self, source_ids: Sequence[str] = ()) -> Any:
         """The lock every read holds, when reads are served from process memory (no I/O, no
-        waiting): a caller on an event loop that takes it without blocking may read inline instead
-        of hopping to a thread. ``None`` (the default): reads may do I/O; always hop."""
+        waiting) — reads of the sources ``source_ids`` too: a caller on an event loop that takes
+        it without blocking may read inline instead of hopping to a thread. ``None`` (the
+        default): reads may do I/O; always hop."""
         return None
 
     # --- entities ----------------------------------------------------------

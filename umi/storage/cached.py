@@ -549,13 +549,19 @@ class CachedStore(TransactionMixin, StorageBackend):
     def _describe(self) -> str:
         return type(self).__name__
 
-    def inline_read_lock(self) -> Any:
+    def inline_read_lock(self, source_ids: Sequence[str] = ()) -> Any:
         # inline only while searches and get_many cannot reach the durable store: a lazily opened
         # store with vectors still to fetch on demand keeps the thread hop (history, which a lazy
-        # store also fetches on demand, is not read inline: see umi.pipeline.recall)
-        if self._cache.reads_from_memory():
+        # store also fetches on demand, is not read inline: see umi.pipeline.recall), and so does
+        # a source a lazy store would be asked for
+        if self._cache.reads_from_memory() and all(self._source_in_memory(sid) for sid in source_ids):
             return self._lock
         return None
+
+    def _source_in_memory(self, sid: str) -> bool:
+        """:meth:`_source` answers for ``sid`` without a durable read (and without reading the
+        orphan keys: until they are read, a new source id is asked of the durable store)."""
+        return self._src_all or sid in self._sources or (self._orphans is not None and self._source_is_new(sid))
 
     def _check_open(self) -> None:
         if self._closed:

@@ -209,6 +209,7 @@ class DuckDBStorageBackend(CachedStore):
                 self._open_terms(loaded_from_db=raw.postings_at_open)
                 raw.vectors_at_open = raw.postings_at_open = True  # a reload (_reload) reads everything
                 self._open_index()
+                raw.serial()  # opened: DuckDB's worker threads for bulk work only from now on
             except BaseException:
                 con.close()
                 raise
@@ -397,7 +398,8 @@ class DuckDBStorageBackend(CachedStore):
             if self._depth:
                 raise StorageError("checkpoint() inside a transaction")
             try:
-                self._con.execute("CHECKPOINT")
+                with self._durable.bulk():  # type: ignore[attr-defined]
+                    self._con.execute("CHECKPOINT")
             except duckdb.Error as exc:
                 raise StorageError(f"checkpoint failed: {exc}") from exc
             self._save_index_quietly()
