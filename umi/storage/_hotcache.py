@@ -844,7 +844,8 @@ class EntityCache:
         sample = np.flatnonzero(expect > 0)
         if sample.shape[0]:
             rng = random.Random(n)
-            for r in rng.sample(sample.tolist(), min(check_sample, sample.shape[0])):
+            # (indices drawn from a range: the same rows as sampling the list of 100k rows, unmade)
+            for r in sample[rng.sample(range(sample.shape[0]), min(check_sample, sample.shape[0]))].tolist():
                 at = np.flatnonzero(new_rows == r)
                 held = {terms[t]: int(f) for t, f in zip((np.searchsorted(offsets, at, side="right") - 1).tolist(),
                                                          tfs[at].tolist())}
@@ -861,6 +862,8 @@ class EntityCache:
     def _vector_rows(self) -> tuple[np.ndarray, builtins.list[str]]:
         rows = np.flatnonzero(self._has_vec[: self._n])
         ids = self._row_ids
+        if rows.shape[0] == len(ids):  # every row has a vector (the usual case): the ids as they are
+            return rows, ids
         return rows, [ids[r] for r in rows.tolist()]
 
     def _map_slots(self, rows: np.ndarray, slots: np.ndarray) -> None:

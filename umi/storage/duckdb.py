@@ -116,8 +116,10 @@ def _read_terms(path: str) -> Any:
 def _read_index(path: str) -> Any:
     from ..index import VectorIndex
 
-    # a file without a graph gets one from the first search that needs it, not here
-    return VectorIndex.load(path, build_graph=False)
+    # a file without a graph gets one from the first search that needs it, not here; a saved graph
+    # is checked here (beside the open) and read by that search (hnswlib holds the GIL for the
+    # read: ~1 s at 100k, which would stall the open's other work)
+    return VectorIndex.load(path, build_graph=False, defer_graph=True)
 
 
 class DuckDBStorageBackend(CachedStore):
