@@ -526,7 +526,7 @@ def test_deferred_graph_is_read_on_first_need_with_the_writes_made_meanwhile(tmp
     idx.save(tmp_path / "v.idx", 1)
     eager, _ = VectorIndex.load(tmp_path / "v.idx")
     lazy, _ = VectorIndex.load(tmp_path / "v.idx", defer_graph=True)
-    assert lazy.graph_built and lazy._graph is None  # checked, not read
+    assert lazy.graph_built and lazy._graph is None  # not read yet
     added = queries[:2] + 0.01  # near the queries: they rank in the results
     for ix in (eager, lazy):  # a new id into a freed slot, a rewrite, a removal
         ix.add(["fresh", "s001"], added)
@@ -544,14 +544,21 @@ def test_deferred_graph_is_read_on_first_need_with_the_writes_made_meanwhile(tmp
     assert reread._graph is not None and reread.search_many(queries, 6) == eager.search_many(queries, 6)
 
 
-def test_deferred_graph_that_hnswlib_refuses_is_built_again(tmp_path, caplog):
+@pytest.mark.parametrize("damage", ["a flipped bit", "cut short", "missing"])
+def test_deferred_graph_that_is_damaged_is_built_again(tmp_path, caplog, damage):
+    """The graph file is checked when first read: a damaged one is logged and built again."""
     idx, queries = small_index(threshold=50)
     idx.build_graph()
     before = idx.search_many(queries, 5)
     idx.save(tmp_path / "v.idx", 1)
     lazy, _ = VectorIndex.load(tmp_path / "v.idx", defer_graph=True)
     (graph,) = _graph_files(tmp_path)
-    (tmp_path / graph).write_bytes(b"not a graph")  # replaced after the check: hnswlib refuses it
+    data = bytearray((tmp_path / graph).read_bytes())
+    if damage == "missing":
+        (tmp_path / graph).unlink()
+    else:
+        data[len(data) // 3] ^= 0x01
+        (tmp_path / graph).write_bytes(bytes(data if damage == "a flipped bit" else data[:-8]))
     with caplog.at_level("WARNING", logger="umi.index"):
         assert lazy.search_many(queries, 5) == before  # a small index builds it at once
     assert "saved HNSW graph unusable" in caplog.text
