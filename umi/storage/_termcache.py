@@ -136,11 +136,12 @@ def save_terms(path: str, cache: TermCache) -> None:
         "ids_bytes": len(ids_blob), "terms_bytes": len(terms_blob),
         "meta": [[k, len(vals)] for k, (_, vals) in meta], "meta_vals_bytes": len(vals_blob),
     }, separators=(",", ":")).encode("utf-8")
+    chunks: list[Any] = [_MAGIC, struct.pack("<Q", len(header)), header, ids_blob, terms_blob,
+                         offsets.data, rows.data, tfs.data, vals_blob, *(c.data for c in codes)]
     try:
         with open(tmp, "wb") as f:
             crc = 0
-            for chunk in (_MAGIC, struct.pack("<Q", len(header)), header, ids_blob, terms_blob,
-                          offsets.data, rows.data, tfs.data, vals_blob, *(c.data for c in codes)):
+            for chunk in chunks:
                 f.write(chunk)
                 crc = zlib.crc32(chunk, crc)
             f.write(struct.pack("<I", crc) + _END)
