@@ -513,6 +513,60 @@ def test_load_builds_a_missing_graph_above_the_threshold_unless_told_not_to(tmp_
         VectorIndex.load(tmp_path / "v.idx", build_graph=1)
 
 
+def _graph_files(d):
+    return sorted(p for p in os.listdir(d) if p.endswith(".hnsw"))
+
+
+def test_deferred_graph_is_read_on_first_need_with_the_writes_made_meanwhile(tmp_path):
+    """load(defer_graph=True) checks the saved graph and reads it when a search walks it: the
+    results, and those after writes made before that search, equal an eagerly loaded index's;
+    a save before any search keeps the graph (with the writes) rather than dropping it."""
+    idx, queries = small_index(threshold=50)
+    idx.build_graph()
+    idx.save(tmp_path / "v.idx", 1)
+    eager, _ = VectorIndex.load(tmp_path / "v.idx")
+    lazy, _ = VectorIndex.load(tmp_path / "v.idx", defer_graph=True)
+    assert lazy.graph_built and lazy._graph is None  # not read yet
+    added = queries[:2] + 0.01  # near the queries: they rank in the results
+    for ix in (eager, lazy):  # a new id into a freed slot, a rewrite, a removal
+        ix.add(["fresh", "s001"], added)
+        ix.remove(["s002"])
+    assert lazy._graph is None
+    assert lazy.search_many(queries, 6) == eager.search_many(queries, 6)
+    assert lazy._graph is not None and lazy.path_for() == "hnsw"
+    # a save with the graph still on disk writes it back, writes included
+    again, _ = VectorIndex.load(tmp_path / "v.idx", defer_graph=True)
+    again.add(["fresh", "s001"], added)
+    again.remove(["s002"])
+    again.save(tmp_path / "w.idx", 2)
+    assert any(p.startswith("w.idx.") for p in _graph_files(tmp_path))
+    reread, _ = VectorIndex.load(tmp_path / "w.idx")
+    assert reread._graph is not None and reread.search_many(queries, 6) == eager.search_many(queries, 6)
+
+
+@pytest.mark.parametrize("damage", ["a flipped bit", "cut short", "missing"])
+def test_deferred_graph_that_is_damaged_is_built_again(tmp_path, caplog, damage):
+    """The graph file is checked when first read: a damaged one is logged and built again."""
+    idx, queries = small_index(threshold=50)
+    idx.build_graph()
+    before = idx.search_many(queries, 5)
+    idx.save(tmp_path / "v.idx", 1)
+    lazy, _ = VectorIndex.load(tmp_path / "v.idx", defer_graph=True)
+    (graph,) = _graph_files(tmp_path)
+    data = bytearray((tmp_path / graph).read_bytes())
+    if damage == "missing":
+        (tmp_path / graph).unlink()
+    else:
+        data[len(data) // 3] ^= 0x01
+        (tmp_path / graph).write_bytes(bytes(data if damage == "a flipped bit" else data[:-8]))
+    with caplog.at_level("WARNING", logger="umi.index"):
+        assert lazy.search_many(queries, 5) == before  # a small index builds it at once
+    assert "saved HNSW graph unusable" in caplog.text
+    assert lazy._graph is not None and lazy.path_for() == "hnsw"
+    with pytest.raises(TypeError, match="defer_graph"):
+        VectorIndex.load(tmp_path / "v.idx", defer_graph=1)
+
+
 def test_resave_replaces_graph_file_and_leaves_no_temp_files(tmp_path):
     idx, _ = small_index(threshold=50)
     idx.build_graph()

@@ -335,3 +335,57 @@ def test_id_order_keys_match_the_utf8_of_each_id() -> None:
         assert id_order_keys_arrow(pa.array(ids).slice(start)).tolist() == one_by_one(ids[start:])
     lone = ["\ud800a"] + [f"id{i}" for i in range(80)]  # not valid UTF-8: the per-id path
     assert id_order_keys(lone).tolist() == one_by_one(lone)
+
+
+def test_metadata_codes_come_from_the_keyword_index_cache_caught_up_or_checked(tmp_path: Path, monkeypatch,
+                                                                                caplog) -> None:
+    """With a current keyword index cache the metadata codes are not read from the database (no
+    entity_metadata join at open); a cache some writes behind is caught up from the changed rows;
+    codes that disagree with the entities (values out of order, a key missing) are refused and
+    read from the database. Filters answer as before the close every time."""
+    import umi.storage.duckdb as duck
+    from umi.storage._termcache import TermCache, load_terms, save_terms
+    from umi.storage.base import SearchFilters
+
+    path = tmp_path / "m.duckdb"
+    terms = Path(str(path) + TERMS_SUFFIX)
+    reads: list[int] = []
+    real = duck.load_metadata
+    monkeypatch.setattr(duck, "load_metadata", lambda con, rowids: reads.append(1) or real(con, rowids))
+
+    def answers(s: DuckDBStorageBackend) -> object:
+        out = []
+        for meta in ({"team": 1}, {"team": 2}, {"src": "doc"}, {"team": 0, "src": "chat"}, {"k": "x10"}, {"new": True}):
+            f = SearchFilters(metadata=meta)
+            out.append((sorted(e.id for e in s.list(f, limit=100)), s.count(f)))
+        return out
+
+    with DuckDBStorageBackend.connect(path, dim=8) as b:
+        b.upsert([fact(i, f"note {i}", metadata={"team": i % 3, "src": "chat" if i % 2 else "doc"}) for i in range(40)])
+        want = answers(b)
+    with DuckDBStorageBackend.connect(path) as b:
+        assert answers(b) == want and reads == [] and b._terms_dirty is False
+        shutil.copy(terms, tmp_path / "stale")
+        b.upsert([fact(i, f"note {i} again", metadata={"team": 2, "k": f"x{i}"}) for i in range(0, 40, 5)])
+        b.upsert([fact(60, "newer", metadata={"new": True, "team": 1})])
+        assert b.delete("e3", at=T0 + 100)
+        want = answers(b)
+    shutil.copy(tmp_path / "stale", terms)  # writes behind: caught up from the changed rows
+    with DuckDBStorageBackend.connect(path) as b:
+        assert answers(b) == want and reads == [] and b._terms_dirty is True
+    saved = load_terms(str(terms))
+    assert saved.meta is not None and set(saved.meta) == {"meta:team", "meta:src", "meta:k", "meta:new"}
+    for tamper in ("values out of order", "a key missing"):
+        meta = dict(saved.meta)
+        if tamper == "a key missing":
+            del meta["meta:src"]
+        else:
+            codes, vals = meta["meta:team"]
+            meta["meta:team"] = (codes, vals[1:] + vals[:1])
+        save_terms(str(terms), TermCache(saved.generation, list(saved.ids), saved.terms, saved.offsets, saved.rows,
+                                         saved.tfs, meta))
+        reads.clear()
+        with caplog.at_level("WARNING", logger="umi.storage.duckdb"):
+            with DuckDBStorageBackend.connect(path) as b:
+                assert answers(b) == want and reads == [1], tamper
+        assert "metadata codes disagree" in caplog.text

@@ -39,6 +39,8 @@ __all__ = [
     "relations_rows",
     "load_rows",
     "load_postings",
+    "load_metadata",
+    "metadata_counts",
     "fetch_vectors",
     "DuckDBDurable",
 ]
@@ -251,7 +253,8 @@ def relations_rows(rels: list[EvolutionRelation]) -> Rows:
 # --- the cache load -------------------------------------------------------------------------
 
 
-def load_rows(con: Any, dim: int | None, *, with_vectors: bool = True, with_postings: bool = True) -> LoadedRows:
+def load_rows(con: Any, dim: int | None, *, with_vectors: bool = True, with_postings: bool = True,
+              with_metadata: bool = True) -> LoadedRows:
     """Everything the entity cache needs.
 
     Rows are numbered in the order DuckDB returns them (sorting wide rows costs more than the
@@ -264,7 +267,11 @@ def load_rows(con: Any, dim: int | None, *, with_vectors: bool = True, with_post
     vectors are ~90 % of the bytes and search reads the index's copy). Without
     ``with_postings`` the postings are left empty, for the caller to fill
     (:meth:`EntityCache.adopt_postings` from the keyword index cache, or :func:`load_postings`).
+    Without ``with_metadata`` the metadata codes are left out too (the keyword index cache
+    holds them: :meth:`EntityCache.adopt_metadata`, else :func:`load_metadata`).
     """
+    if not with_metadata:
+        return _load_rows(con, dim, with_vectors, with_postings, None)
     cur = con.cursor()
     meta_reader = Background(functools.partial(_metadata_groups, cur), "umi-load")
     try:
@@ -274,7 +281,20 @@ def load_rows(con: Any, dim: int | None, *, with_vectors: bool = True, with_post
         cur.close()
 
 
-def _load_rows(con: Any, dim: int | None, with_vectors: bool, with_postings: bool, meta_reader: Background) -> LoadedRows:
+def load_metadata(con: Any, rowids: np.ndarray) -> dict[str, tuple[np.ndarray, dict[tuple[str, str], int]]]:
+    """The metadata codes of cache rows whose DuckDB ``rowid`` are ``rowids`` (a load without
+    ``with_metadata``, the table unchanged since: see :func:`_metadata_codes`)."""
+    return _metadata_codes(_metadata_groups(con), rowids, rowids.shape[0])
+
+
+def metadata_counts(con: Any) -> dict[str, int]:
+    """``meta:<key>`` -> how many stored entities have that metadata key."""
+    return {"meta:" + k: int(c) for k, c in con.execute(
+        "SELECT key, count(*) FROM entity_metadata GROUP BY key").fetchall()}
+
+
+def _load_rows(con: Any, dim: int | None, with_vectors: bool, with_postings: bool,
+               meta_reader: Background | None) -> LoadedRows:
     vec_col = ", embedding" if dim and with_vectors else ""
     tbl = con.sql(
         "SELECT rowid AS _rowid, id, entity_type, name, name_norm, content, metadata, importance, confidence, "
@@ -327,8 +347,8 @@ def _load_rows(con: Any, dim: int | None, with_vectors: bool, with_postings: boo
         })
 
     ev = tbl.column("event_time")
-    meta = _metadata_codes(meta_reader.result(),  # type: ignore[arg-type]
-                            tbl.column("_rowid").to_numpy(), n)
+    rowids = tbl.column("_rowid").to_numpy()
+    meta = {} if meta_reader is None else _metadata_codes(meta_reader.result(), rowids, n)  # type: ignore[arg-type]
     for col in ("user_id", "agent_id", "session_id", "source_id"):
         coded = _coded_column(tbl.column(col), n)
         if coded is not None:
@@ -345,6 +365,7 @@ def _load_rows(con: Any, dim: int | None, with_vectors: bool, with_postings: boo
         vectors=vectors, has_vec=has_vec, metadata=meta,
         terms=terms, term_offsets=offsets, posting_rows=prow, posting_tfs=ptf,
         materialise=materialise, fetch_vectors=fetch, id_keys=id_order_keys_arrow(tbl.column("id")),
+        row_keys=rowids,
     )
     return rows
 
@@ -612,8 +633,10 @@ class DuckDBDurable(DurableStore):
         self.dim = dim
         #: read the vectors at open (False: on demand, when a vector index cache holds a copy)
         self.vectors_at_open = True
-        #: read the postings at open (False: the keyword index cache holds them)
+        #: read the postings and the metadata codes at open (False: the keyword index cache holds them)
         self.postings_at_open = True
+        #: the DuckDB rowid of each row of a load without the metadata codes (for load_metadata)
+        self.rowids_loaded: np.ndarray | None = None
         self._writers: dict[str, _Writer] = {}
         #: DuckDB's worker threads (``threads``) lent to bulk work once :meth:`serial` was called; 1: never
         self._pool = 1
@@ -654,7 +677,9 @@ class DuckDBDurable(DurableStore):
 
     def _load(self, dim: int | None) -> Loaded:
         con = self.con
-        rows = load_rows(con, dim, with_vectors=self.vectors_at_open, with_postings=self.postings_at_open)
+        rows = load_rows(con, dim, with_vectors=self.vectors_at_open, with_postings=self.postings_at_open,
+                         with_metadata=self.postings_at_open)
+        self.rowids_loaded = None if self.postings_at_open else rows.row_keys
         if rows.fetch_vectors is not None and dim is not None:  # vectors read on demand: a bulk read lends the pool
             rows.fetch_vectors = functools.partial(self._fetch_vectors, dim)
         cb = con.execute("SELECT user_id, agent_id, name, content, importance, position FROM core_blocks "

@@ -816,13 +816,11 @@ class EntityCache:
         entities: every other live row's term frequencies must add up to its length, every other
         row's to nothing, and a sample of rows must hold exactly its entity's terms."""
         n = self._n
-        get = self._row_of.get
-        changed = sorted({r for r in map(get, changed_ids) if r is not None})
-        same = ids.same_as(self._row_ids) if hasattr(ids, "same_as") else (len(ids) == n and ids == self._row_ids)
-        if same:  # the database returned the rows in the same order
+        changed = self._rows_of(changed_ids)
+        pos_row = self._saved_rows(ids)
+        if pos_row is None:  # the database returned the rows in the same order
             new_rows = rows
         else:
-            pos_row = np.fromiter(map(get, ids, itertools.repeat(-1)), np.int64, len(ids))  # type: ignore[arg-type]
             new_rows = pos_row[rows] if rows.shape[0] else np.zeros(0, np.int64)
         drop = new_rows < 0
         if changed:
@@ -844,7 +842,8 @@ class EntityCache:
         sample = np.flatnonzero(expect > 0)
         if sample.shape[0]:
             rng = random.Random(n)
-            for r in rng.sample(sample.tolist(), min(check_sample, sample.shape[0])):
+            # (indices drawn from a range: the same rows as sampling the list of 100k rows, unmade)
+            for r in sample[rng.sample(range(sample.shape[0]), min(check_sample, sample.shape[0]))].tolist():
                 at = np.flatnonzero(new_rows == r)
                 held = {terms[t]: int(f) for t, f in zip((np.searchsorted(offsets, at, side="right") - 1).tolist(),
                                                          tfs[at].tolist())}
@@ -858,9 +857,106 @@ class EntityCache:
         self.version += 1
         return True
 
+    def _rows_of(self, ids: Iterable[str]) -> builtins.list[int]:
+        """The rows of those of ``ids`` this cache holds, ascending, once each."""
+        get = self._row_of.get
+        return sorted({r for r in map(get, ids) if r is not None})
+
+    def _saved_rows(self, ids: Sequence[str | None]) -> np.ndarray | None:
+        """Row of a saved cache (its row ``i`` held ``ids[i]``, None: dead) -> row here (-1: none);
+        None when they are this cache's rows in this order (the usual reopen)."""
+        n = self._n
+        same = ids.same_as(self._row_ids) if hasattr(ids, "same_as") else (len(ids) == n and ids == self._row_ids)
+        if same:
+            return None
+        return np.fromiter(map(self._row_of.get, ids, itertools.repeat(-1)), np.int64, len(ids))  # type: ignore[arg-type]
+
+    # --- the metadata codes, for the keyword index cache file -------------------------------
+    def export_metadata(self) -> dict[str, tuple[np.ndarray, builtins.list[tuple[str, str]]]]:
+        """Per metadata key (``meta:<key>``): its code per row (0: absent, and for a dead row) and
+        its values in code order (code 1 first)."""
+        n = self._n
+        out = {}
+        for key, vals in self._meta_vals.items():
+            if key.startswith("meta:"):
+                order = sorted(vals.items(), key=lambda kv: kv[1])
+                if [c for _, c in order] != builtins.list(range(1, len(order) + 1)):
+                    continue  # (codes are handed out 1, 2, ...: never here)
+                out[key] = (self._meta_codes[key][:n], [v for v, _ in order])
+        return out
+
+    def load_metadata(self, codes: dict[str, tuple[np.ndarray, dict[Any, int]]]) -> None:
+        """Set the metadata keys' codes (per row) and values (value -> code), e.g. read from the database."""
+        n = self._n
+        for key in [k for k in self._meta_codes if k.startswith("meta:")]:
+            del self._meta_codes[key], self._meta_vals[key]
+        for key, (col, vals) in codes.items():
+            full = np.zeros(self._cap, np.int32)
+            full[:n] = col[:n]
+            self._meta_codes[key] = full
+            self._meta_vals[key] = dict(vals)
+        self._masks.clear()
+        self.version += 1
+
+    def adopt_metadata(self, ids: Sequence[str | None], saved: dict[str, tuple[np.ndarray, builtins.list[tuple[str, str]]]],
+                       counts: dict[str, int], changed_ids: Iterable[str], *, check_sample: int = 4) -> bool:
+        """Use metadata codes saved from an earlier cache (its row ``i`` held ``ids[i]``): the saved
+        rows' codes, and for the entities written or forgotten since (``changed_ids``) their current
+        metadata. False (codes left as they were) when they do not agree with the entities: every
+        live row must be a saved one or a changed one, each key must be set on as many rows as
+        ``counts`` (the stored rows per key) says, and a sample of rows must hold exactly its
+        entity's metadata."""
+        n = self._n
+        pos_row = self._saved_rows(ids)
+        changed = self._rows_of(changed_ids)
+        covered = np.zeros(n, bool)
+        if pos_row is None:
+            covered[:] = True
+        else:
+            covered[pos_row[pos_row >= 0]] = True
+        covered[changed] = True
+        if not covered[self._alive[:n]].all():
+            return False
+        out: dict[str, tuple[np.ndarray, dict[Any, int]]] = {}
+        for key, (col, values) in saved.items():
+            if col.shape[0] != len(ids):
+                return False
+            codes = np.zeros(n, np.int32)
+            if pos_row is None:
+                codes[:] = col[:n]
+            else:
+                keep = pos_row >= 0
+                codes[pos_row[keep]] = col[keep]
+            codes[changed] = 0
+            out[key] = (codes, {v: c + 1 for c, v in enumerate(values)})
+        for r in changed:  # the current metadata of the entities written since the save
+            if not self._alive[r]:
+                continue
+            for key, v in coded_values(self._ent(r)):
+                if key.startswith("meta:"):
+                    codes, vals = out.setdefault(key, (np.zeros(n, np.int32), {}))
+                    codes[r] = vals.setdefault(v, len(vals) + 1)
+        for key, (codes, _) in out.items():
+            codes[~self._alive[:n]] = 0
+        got = {k: int(np.count_nonzero(c)) for k, (c, _) in out.items()}
+        if {k: c for k, c in got.items() if c} != {k: c for k, c in counts.items() if c}:
+            return False
+        live = np.flatnonzero(self._alive[:n])
+        if live.shape[0]:
+            rng = random.Random(n)
+            for r in live[rng.sample(range(live.shape[0]), min(check_sample, live.shape[0]))].tolist():
+                want = {k: v for k, v in coded_values(self._ent(r)) if k.startswith("meta:")}
+                held = {k: int(codes[r]) for k, (codes, _) in out.items() if codes[r]}
+                if held.keys() != want.keys() or any(out[k][1].get(v) != held[k] for k, v in want.items()):
+                    return False
+        self.load_metadata(out)
+        return True
+
     def _vector_rows(self) -> tuple[np.ndarray, builtins.list[str]]:
         rows = np.flatnonzero(self._has_vec[: self._n])
         ids = self._row_ids
+        if rows.shape[0] == len(ids):  # every row has a vector (the usual case): the ids as they are
+            return rows, ids
         return rows, [ids[r] for r in rows.tolist()]
 
     def _map_slots(self, rows: np.ndarray, slots: np.ndarray) -> None:
@@ -962,6 +1058,8 @@ class LoadedRows:
     fetch_vectors: Callable[[list[str]], tuple[list[str], np.ndarray]] | None = field(repr=False, default=None)
     #: :func:`id_order_keys` of ``ids`` when the loader has them (else computed from ``ids``)
     id_keys: np.ndarray | None = field(repr=False, default=None)
+    #: the loader's own key per row (DuckDB's rowid), for what it reads later about the same rows
+    row_keys: np.ndarray | None = field(repr=False, default=None)
 
 
 #: the keyword kernels go to the helper thread (:mod:`._overlap`) only when they read this many

@@ -7,12 +7,21 @@ stays the truth, a file that is missing, unreadable, from another generation tha
 or inconsistent with the entities (see :meth:`EntityCache.adopt_postings`) is ignored and
 the postings are read from the database.
 
+The file also holds each metadata key's value codes per row (format 2): reading them back
+from the database means joining every ``entity_metadata`` row to its entity, the largest
+query of an open after the entity rows; they are checked the same way
+(:meth:`EntityCache.adopt_metadata`). A format 1 file (no codes) is still read: the codes
+then come from the database.
+
 Layout (little-endian): ``MAGIC``, u64 header length, header JSON (``format``,
-``generation``, counts and byte sizes), the row ids as UTF-8 joined by NUL (an empty one
-for a dead row; ids hold no NUL), the terms likewise, offsets (int64, ``n_terms + 1``), rows
-(int64), term frequencies (float64) — the arrays as the cache uses them, so a load makes
-views of the file's bytes, not copies — then the CRC-32 of everything before it (u32) and
-``END``. Written to a temp file, fsynced and renamed over the old one.
+``generation``, counts and byte sizes, and ``meta``: per metadata key its name and number of
+values), the row ids as UTF-8 joined by NUL (an empty one for a dead row; ids hold no NUL),
+the terms likewise, offsets (int64, ``n_terms + 1``), rows (int64), term frequencies
+(float64) — the arrays as the cache uses them, so a load makes views of the file's bytes, not
+copies —, the metadata values as one JSON list (per key, its ``[type tag, canonical text]``
+pairs in code order, code 1 first), per key its codes (int32 per row, 0 = absent), then the
+CRC-32 of everything before it (u32) and ``END``. Written to a temp file, fsynced and renamed
+over the old one.
 """
 
 from __future__ import annotations
@@ -34,7 +43,12 @@ __all__ = ["TermCache", "save_terms", "load_terms"]
 
 _MAGIC = b"UMITERMS"
 _END = b"SMRETIMU"
-_FORMAT = 1
+_FORMAT = 2
+#: formats this module reads (1: without the metadata codes)
+_READS = (1, 2)
+
+#: per metadata key (``meta:<key>``): int32 code per row (0 = absent), the values in code order
+MetaCodes = dict[str, tuple[np.ndarray, list[tuple[str, str]]]]
 
 
 class SavedIds:
@@ -90,12 +104,14 @@ class TermCache:
     """What the file holds: ``ids[i]`` is row i (None: dead); term ``terms[t]`` owns
     ``rows[offsets[t]:offsets[t + 1]]`` and the same slice of ``tfs``."""
 
-    __slots__ = ("generation", "ids", "terms", "offsets", "rows", "tfs")
+    __slots__ = ("generation", "ids", "terms", "offsets", "rows", "tfs", "meta")
 
     def __init__(self, generation: int, ids: "list[str | None] | SavedIds", terms: list[str], offsets: np.ndarray,
-                 rows: np.ndarray, tfs: np.ndarray) -> None:
+                 rows: np.ndarray, tfs: np.ndarray, meta: MetaCodes | None = None) -> None:
         self.generation, self.ids, self.terms = generation, ids, terms
         self.offsets, self.rows, self.tfs = offsets, rows, tfs
+        #: the metadata codes (see :data:`MetaCodes`); None: not in the file (format 1)
+        self.meta = meta
 
 
 def save_terms(path: str, cache: TermCache) -> None:
@@ -107,16 +123,25 @@ def save_terms(path: str, cache: TermCache) -> None:
     offsets = np.ascontiguousarray(cache.offsets, dtype="<i8")
     rows = np.ascontiguousarray(cache.rows, dtype="<i8")
     tfs = np.ascontiguousarray(cache.tfs, dtype="<f8")
+    meta = sorted((cache.meta or {}).items())
+    n_ids = len(cache.ids)
+    vals_blob = json.dumps([[list(v) for v in vals] for _, (_, vals) in meta], ensure_ascii=False,
+                           separators=(",", ":")).encode("utf-8")
+    codes = [np.ascontiguousarray(c[:n_ids], dtype="<i4") for _, (c, _) in meta]
+    if any(c.shape[0] != n_ids for c in codes):
+        raise IndexCacheError(f"cannot save the keyword index cache to {path!r}: a metadata code column is short", path=path)
     header = json.dumps({
-        "format": _FORMAT, "generation": int(cache.generation), "n_ids": len(cache.ids),
+        "format": _FORMAT, "generation": int(cache.generation), "n_ids": n_ids,
         "n_terms": len(cache.terms), "n_postings": int(rows.shape[0]),
         "ids_bytes": len(ids_blob), "terms_bytes": len(terms_blob),
+        "meta": [[k, len(vals)] for k, (_, vals) in meta], "meta_vals_bytes": len(vals_blob),
     }, separators=(",", ":")).encode("utf-8")
+    chunks: list[Any] = [_MAGIC, struct.pack("<Q", len(header)), header, ids_blob, terms_blob,
+                         offsets.data, rows.data, tfs.data, vals_blob, *(c.data for c in codes)]
     try:
         with open(tmp, "wb") as f:
             crc = 0
-            for chunk in (_MAGIC, struct.pack("<Q", len(header)), header, ids_blob, terms_blob,
-                          offsets.data, rows.data, tfs.data):
+            for chunk in chunks:
                 f.write(chunk)
                 crc = zlib.crc32(chunk, crc)
             f.write(struct.pack("<I", crc) + _END)
@@ -154,7 +179,8 @@ def load_terms(path: str) -> TermCache:
     pos += 8
     try:
         h: dict[str, Any] = json.loads(data[pos:pos + head_len])
-        if int(h["format"]) != _FORMAT:
+        fmt = int(h["format"])
+        if fmt not in _READS:
             raise ValueError("format")
         n_ids, n_terms, n_post = int(h["n_ids"]), int(h["n_terms"]), int(h["n_postings"])
         pos += head_len
@@ -168,11 +194,26 @@ def load_terms(path: str) -> TermCache:
         pos += 8 * n_post
         tfs = np.frombuffer(data, "<f8", n_post, pos)
         pos += 8 * n_post
+        meta: MetaCodes | None = None
+        if fmt >= 2:
+            keys = [(str(k), int(m)) for k, m in h["meta"]]
+            vals = json.loads(data[pos:pos + int(h["meta_vals_bytes"])])
+            pos += int(h["meta_vals_bytes"])
+            if not isinstance(vals, list) or len(vals) != len(keys):
+                raise ValueError("metadata keys")
+            meta = {}
+            for (key, m), pairs in zip(keys, vals):
+                codes = np.frombuffer(data, "<i4", n_ids, pos)
+                pos += 4 * n_ids
+                if (len(pairs) != m or not key.startswith("meta:")
+                        or (n_ids and (int(codes.min()) < 0 or int(codes.max()) > m))):
+                    raise ValueError("metadata codes")
+                meta[key] = (codes, [(str(t), str(x)) for t, x in pairs])
         if (pos != len(data) - tail or len(ids) != n_ids or len(terms) != n_terms
                 or offsets[0] != 0 or offsets[-1] != n_post or (n_terms and np.any(np.diff(offsets) < 0))
                 or (n_post and (rows.min() < 0 or rows.max() >= n_ids))):
             raise ValueError("sizes")
-        return TermCache(int(h["generation"]), ids, terms, offsets, rows, tfs)
+        return TermCache(int(h["generation"]), ids, terms, offsets, rows, tfs, meta)
     except (ValueError, TypeError, KeyError) as exc:
         raise corrupt(f"inconsistent contents ({exc})") from exc
 

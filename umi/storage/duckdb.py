@@ -21,11 +21,12 @@ Vector index: a :class:`umi.index.VectorIndex` saved beside the file as
 generation matches, caught up (entities written or forgotten since, from the
 ``updated_generation`` and history ``generation`` columns) when it is behind, and rebuilt
 from the cached vectors when missing, unreadable or inconsistent; ``index_load_status`` says
-which. The BM25 postings have a cache file of their own, ``<path>.umiterms``
+which. Its HNSW graph file is checked and read by the first search that walks the graph (a
+damaged one is then built again, as after a rebuild: see :meth:`umi.index.VectorIndex.load`). The BM25 postings have a cache file of their own, ``<path>.umiterms``
 (:mod:`umi.storage._termcache`), saved with the vector index and used, caught up or ignored
-on open the same way. With both caches valid, an open reads from DuckDB only the entity rows
-(not their vectors: those are read per row when a call returns them), metadata codes and core
-blocks; history, sources and relations are read when first needed (see
+on open the same way; it also holds the metadata codes. With both caches valid, an open reads
+from DuckDB only the entity rows (not their vectors: those are read per row when a call
+returns them) and core blocks; history, sources and relations are read when first needed (see
 :mod:`umi.storage.cached`). Both are saved on :meth:`close` (and every ``save_index_every``
 commits when set). A crash can cost a cache file, never a committed write.
 
@@ -52,7 +53,7 @@ from ..errors import (
     UmiError,
 )
 from ._common import check_int
-from ._duckdb_io import DuckDBDurable, load_postings
+from ._duckdb_io import DuckDBDurable, load_metadata, load_postings, metadata_counts
 from ._overlap import Background
 from ._duckdb_schema import check_path, open_connection, prepare, stored_generation
 from .cached import CachedStore, FaultyDurable
@@ -116,8 +117,10 @@ def _read_terms(path: str) -> Any:
 def _read_index(path: str) -> Any:
     from ..index import VectorIndex
 
-    # a file without a graph gets one from the first search that needs it, not here
-    return VectorIndex.load(path, build_graph=False)
+    # a file without a graph gets one from the first search that needs it, not here; a saved graph
+    # is checked and read by that search (~0.4-0.7 s at 100k: a 170 MB file, then hnswlib's read,
+    # which holds the GIL and would stall the open's other work)
+    return VectorIndex.load(path, build_graph=False, defer_graph=True)
 
 
 class DuckDBStorageBackend(CachedStore):
@@ -206,7 +209,7 @@ class DuckDBStorageBackend(CachedStore):
                 loaded.generation, loaded.dim = generation, dim_stored
                 self._open_cache(loaded)
                 self._remove_stale_temp_files()
-                self._open_terms(loaded_from_db=raw.postings_at_open)
+                self._open_terms(raw)
                 raw.vectors_at_open = raw.postings_at_open = True  # a reload (_reload) reads everything
                 self._open_index()
                 raw.serial()  # opened: DuckDB's worker threads for bulk work only from now on
@@ -276,11 +279,12 @@ class DuckDBStorageBackend(CachedStore):
             "SELECT entity_id FROM history WHERE generation > ? UNION "
             "SELECT id FROM entities WHERE updated_generation > ?", [generation, generation]).fetchall()]
 
-    def _open_terms(self, *, loaded_from_db: bool) -> None:
-        """Fill the keyword postings from the keyword index cache (caught up with what changed
-        since it was saved), or from the database when it is missing or does not agree."""
+    def _open_terms(self, raw: DuckDBDurable) -> None:
+        """Fill the keyword postings and the metadata codes from the keyword index cache (caught
+        up with what changed since it was saved), or from the database when it is missing, does
+        not agree, or (an older file) holds no metadata codes."""
         self._terms_dirty = True
-        if loaded_from_db or self.terms_path is None:
+        if raw.postings_at_open or self.terms_path is None:
             return
         cache = self._cache
         try:
@@ -288,9 +292,18 @@ class DuckDBStorageBackend(CachedStore):
         except IndexCacheError as exc:
             log.warning("keyword index cache unusable, reading the postings from the database: %s", exc)
             tc = None
-        if tc is not None and tc.generation <= self._generation and cache.adopt_postings(
-                tc.ids, tc.terms, tc.offsets, tc.rows, tc.tfs, self._changed_since(tc.generation)):
-            self._terms_dirty = tc.generation != self._generation
+        changed = None if tc is None or tc.generation > self._generation else self._changed_since(tc.generation)
+        meta_ok = False
+        if changed is not None and tc.meta is not None:
+            meta_ok = cache.adopt_metadata(tc.ids, tc.meta, metadata_counts(self._con), changed)
+            if not meta_ok:
+                log.warning("keyword index cache's metadata codes disagree with the database, reading them from it")
+        if not meta_ok:
+            assert raw.rowids_loaded is not None
+            cache.load_metadata(load_metadata(self._con, raw.rowids_loaded))
+        raw.rowids_loaded = None
+        if changed is not None and cache.adopt_postings(tc.ids, tc.terms, tc.offsets, tc.rows, tc.tfs, changed):
+            self._terms_dirty = tc.generation != self._generation or not meta_ok
             return
         if tc is not None:
             log.warning("keyword index cache disagrees with the database, reading the postings from it")
@@ -379,7 +392,8 @@ class DuckDBStorageBackend(CachedStore):
         assert self.index_path is not None and self.terms_path is not None
         if self._cache.index is not None:
             self._cache.index.save(self.index_path, self._generation)
-        save_terms(self.terms_path, TermCache(self._generation, *self._cache.export_postings()))
+        save_terms(self.terms_path, TermCache(self._generation, *self._cache.export_postings(),
+                                              meta=self._cache.export_metadata()))
         self._commits_since_save = 0
         self._index_dirty = self._terms_dirty = False
 
