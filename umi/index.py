@@ -424,7 +424,7 @@ class VectorIndex:
                 return [[] for _ in range(qs.shape[0])]
             if self._use_exact(eligible, k):
                 return self._exact_many(qs, k, mask)
-            return [self._hnsw(q, k, mask, eligible) for q in qs]
+            return self._hnsw_many(qs, k, mask, eligible)
 
     def path_for(self, mask: np.ndarray | None = None, k: int = 10) -> str:
         """``"exact"`` or ``"hnsw"``: the path a search with this mask and k would take now."""
@@ -665,6 +665,24 @@ class VectorIndex:
             return self._exact(q, k, mask)
         scores = _kernels().dot_rows_unchecked(self._vectors, q, labels)
         return self._rank(labels, scores, k)
+
+    def _hnsw_many(
+        self, qs: np.ndarray, k: int, mask: np.ndarray | None, eligible: int
+    ) -> list[list[tuple[str, float]]]:
+        """:meth:`_hnsw` for each row of ``qs``. Unmasked, on a built graph: one ``knn_query`` for
+        them all (hnswlib walks the rows one after another on one thread, each as it walks a single
+        query: the same labels), then each row scored and ranked as :meth:`_hnsw` does."""
+        graph = self._graph
+        if mask is not None or graph is None or qs.shape[0] < 2:
+            return [self._hnsw(q, k, mask, eligible) for q in qs]
+        want = min(k, eligible)
+        graph.set_ef(max(self.ef_search, want))
+        try:
+            labels, _ = graph.knn_query(qs, k=want, num_threads=1)
+        except RuntimeError:  # a row could not find `want` neighbours: each its own way
+            return [self._hnsw(q, k, mask, eligible) for q in qs]
+        dot_rows, vectors = _kernels().dot_rows_unchecked, self._vectors
+        return [self._rank(row, dot_rows(vectors, q, row), k) for q, row in zip(qs, labels.astype(np.int64))]
 
     def _knn(self, graph: Any, q: np.ndarray, fetch: int, filter: Any = None) -> np.ndarray | None:
         graph.set_ef(max(self.ef_search, fetch))

@@ -50,6 +50,7 @@ def test_recall_equals_the_get_many_path(memory, monkeypatch, limit, deep):
     opts = RecallOptions(limit=limit, deep_search=deep)
     got = [_answer(memory.recall_sync(q, opts)) for q in QUERIES]
     monkeypatch.setattr(memory.storage, "peek_many", None, raising=False)  # the plain path
+    monkeypatch.setattr(memory.storage, "peek_by_name", None, raising=False)
     want = [_answer(memory.recall_sync(q, opts)) for q in QUERIES]
     assert got == want
     assert any(len(r[2]) > 1 for ans in got for r in ans)  # statements of several facets were found
@@ -66,6 +67,53 @@ def test_only_the_statements_returned_are_hydrated(memory, monkeypatch):
     monkeypatch.setattr(memory.storage, "get_many", counting)
     hits = memory.recall_sync("Alice works at Globex", RecallOptions(limit=5, deep_search=False))
     assert len(hits) == 5 and sum(asked) == 5
+
+
+@pytest.mark.parametrize("query", ["Who works with Dan now?", "When did Alice work at Globex?",
+                                   "What did Erin do last week?", "Who founded Acme Labs?"])
+def test_signals_hydrate_nothing_for_questions(memory, monkeypatch, query):
+    """The tell, time and name signals read their candidates uncopied: a question's recall copies
+    only the statements it returns, as a plain query's does."""
+    asked: list[int] = []
+    real_get_many, real_find = memory.storage.get_many, memory.storage.find_by_name
+
+    def counting(ids):
+        asked.append(len(ids))
+        return real_get_many(ids)
+
+    def finding(*args, **kwargs):
+        found = real_find(*args, **kwargs)
+        asked.append(len(found))
+        return found
+
+    monkeypatch.setattr(memory.storage, "get_many", counting)
+    monkeypatch.setattr(memory.storage, "find_by_name", finding)
+    hits = memory.recall_sync(query, RecallOptions(limit=5, deep_search=False))
+    assert len(hits) == 5 and sum(asked) == 5
+
+
+@pytest.mark.parametrize("deep", [False, True])
+def test_uncopied_reads_are_the_same_reads_for_the_sim_faults(memory, monkeypatch, deep):
+    """Reading uncopied changes no read the Sim fault injector sees: the same operations, in order."""
+    def reads_of(q):
+        seen: list[str] = []
+        real = type(memory.storage)._fault_read
+
+        def record(self, op):
+            seen.append(op)
+            return real(self, op)
+
+        with monkeypatch.context() as mp:
+            mp.setattr(type(memory.storage), "_fault_read", record)
+            memory.recall_sync(q, RecallOptions(limit=5, deep_search=deep))
+        return seen
+
+    got = [reads_of(q) for q in QUERIES]
+    monkeypatch.setattr(memory.storage, "peek_many", None, raising=False)
+    monkeypatch.setattr(memory.storage, "peek_by_name", None, raising=False)
+    want = [reads_of(q) for q in QUERIES]
+    assert got == want and all("get_many" in r for r in got)
+    assert any("find_by_name" in r for r in got)
 
 
 def test_results_are_the_callers_own_and_the_store_is_untouched(memory):

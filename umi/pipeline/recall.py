@@ -104,8 +104,10 @@ def _ranked_lists(ctx: PipelineContext, query: str, qvec: np.ndarray | None, fil
     if content_only:
         return list(lists)
     named: list[Entity] = []
+    # the name signal reads each named fact's id, content and time: uncopied when the store allows
+    by_name = getattr(ctx.storage, "peek_by_name", None)
     for name in query_names(query):
-        named.extend(ctx.storage.find_by_name(name, filters=filters))
+        named.extend(ctx.storage.find_by_name(name, filters=filters) if by_name is None else by_name(name, filters))
     lists.append(name_signal(named, lists, k))
     lists.extend(time_signal(ctx.storage, query, qvec, filters, k, ctx.now_ms(), lists))
     return [*lists, *tell_signal(ctx.storage, query, lists, k)]

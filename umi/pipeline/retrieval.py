@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from ..storage.base import SearchFilters, StorageBackend
     from ..types import Entity
 
-__all__ = ["RULE_REWRITE_WEIGHT", "rrf_fuse", "is_question", "needs_deep_search", "rule_rewrite", "query_names",
+__all__ = ["RULE_REWRITE_WEIGHT", "rrf_fuse", "read_once", "is_question", "needs_deep_search", "rule_rewrite", "query_names",
            "name_signal", "tell_signal", "time_signal"]
 
 _QWORDS = frozenset(
@@ -100,6 +100,15 @@ def rrf_fuse(ranked: Iterable[Ranking], k: int = 60,
     return fused
 
 
+def read_once(storage: "StorageBackend", ids: list[str]) -> "Sequence[Entity]":
+    """The entities of ``ids``, for a signal that reads their id, content and times at once and
+    keeps none: the stored objects when the store can show them uncopied (``peek_many``: the same
+    read for the Sim faults as ``get_many``), else ``get_many``'s copies. Only what recall returns
+    is hydrated (copied, with its embedding)."""
+    peek = getattr(storage, "peek_many", None)
+    return storage.get_many(ids) if peek is None else peek(ids, read="get_many")
+
+
 def best_ranks(ranked: Sequence[Sequence[str]]) -> dict[str, int]:
     """Each id's best (0-based) rank over the ranked lists."""
     best: dict[str, int] = {}
@@ -140,7 +149,7 @@ def tell_signal(storage: "StorageBackend", query: str, ranked: Sequence[Sequence
     if not is_question(query):
         return []
     best = best_ranks(ranked)
-    telling = {e.id: best[e.id] + 1 for e in storage.get_many(list(best)) if not asks(e.content)}
+    telling = {e.id: best[e.id] + 1 for e in read_once(storage, list(best)) if not asks(e.content)}
     return [telling] if telling else []
 
 
@@ -210,13 +219,13 @@ def time_signal(storage: "StorageBackend", query: str, qvec: "np.ndarray | None"
     if rng is None:
         if _CURRENT.search(query):
             best = best_ranks(ranked)
-            pool = list(storage.get_many([i for i, r in best.items() if r < RECENCY_POOL]))
+            pool = list(read_once(storage, [i for i, r in best.items() if r < RECENCY_POOL]))
             pool.sort(key=lambda e: (-e.created_at, e.id))
             return [[e.id for e in pool]] if pool else []
         if not is_temporal_query(query, matches):
             return []
         best = best_ranks(ranked)
-        dated = {e.id for e in storage.get_many(list(best)) if e.event_time is not None}
+        dated = {e.id for e in read_once(storage, list(best)) if e.event_time is not None}
         timed = sorted((i for i in best if i in dated), key=lambda i: (best[i], i))
         return [timed[:k]] if timed else []
     if filters.time_range is not None:
@@ -229,6 +238,6 @@ def time_signal(storage: "StorageBackend", query: str, qvec: "np.ndarray | None"
     if qvec is not None:
         told = dataclasses.replace(filters, time_range=rng, time_field="created_at")
         hits = [i for i, _ in storage.search_vector(qvec, k, told)]
-        undated = {e.id for e in storage.get_many(hits) if e.event_time is None}
+        undated = {e.id for e in read_once(storage, hits) if e.event_time is None}
         lists.append([i for i in hits if i in undated])
     return [lst for lst in lists if lst]

@@ -627,13 +627,18 @@ class EntityCache:
         self._load_vectors(picked)
         return [self._entity_at(r) for r in picked]
 
-    def find_by_name(self, norm_name: str, etype: EntityType | None, nf: NormFilters) -> builtins.list[Entity]:
+    def find_by_name(self, norm_name: str, etype: EntityType | None, nf: NormFilters,
+                     peek: bool = False) -> builtins.list[Entity]:
+        """The entities filed under ``norm_name``, oldest first: copies, or (``peek``) the stored
+        objects themselves, without embedding (see :meth:`peek`)."""
         got = self._by_name.get(norm_name)
         if got is None:
             return []
         rows = got if isinstance(got, set) else (got,)
         code = None if etype is None else TYPE_CODES[etype]
         hits = self._ordered_rows(r for r in rows if (code is None or self._type[r] == code) and self._matches(r, nf))
+        if peek:
+            return [self._ent(r) for r in hits]
         self._load_vectors(hits)
         return [self._entity_at(r) for r in hits]
 

@@ -760,15 +760,28 @@ class CachedStore(TransactionMixin, StorageBackend):
         with self._reading("get_many"):
             return self._cache.get_many(ids)
 
-    def peek_many(self, entity_ids: Sequence[str]) -> builtins.list[Entity]:
+    def peek_many(self, entity_ids: Sequence[str], read: str | None = None) -> builtins.list[Entity]:
         """:meth:`get_many` for a caller that only reads the entities, at once, and keeps none: the
         stored objects themselves (no copy, no ``embedding``), which it must not change. Recall
         reads a ranking's candidates this way and hydrates only the statements it returns. Not a
-        read of its own for the Sim faults: it stands for part of the get_many its caller makes next."""
+        read of its own for the Sim faults (it stands for part of the get_many its caller makes
+        next) unless ``read`` names the read it replaces (recall's signals: ``"get_many"``)."""
         ids = check_ids(entity_ids)
         with self._lock:
             self._check_open()
+            if read is not None:
+                self._fault_read(read)
             return self._cache.peek_many(ids)
+
+    def peek_by_name(self, name: str, filters: SearchFilters | None = None) -> builtins.list[Entity]:
+        """:meth:`find_by_name` (any entity type) for a caller that only reads the entities at once
+        and keeps none: the stored objects themselves, as :meth:`peek_many` hands them out (recall's
+        name signal reads their id, content and time; copying every fact filed under a common name
+        cost more than the rest of the signal). The same read for the Sim faults."""
+        norm = check_name_query(name)
+        nf = F.normalise(filters)
+        with self._reading("find_by_name"):
+            return self._cache.find_by_name(norm, None, nf, peek=True)
 
     def list(self, filters: SearchFilters | None = None, limit: int = 100, offset: int = 0) -> builtins.list[Entity]:
         limit, offset = check_limit_offset(limit, offset)
