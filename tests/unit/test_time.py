@@ -162,3 +162,20 @@ def test_spans_are_whole_utc_days_and_ordered(now, text):
         assert s.start_ms % DAY_MS == 0
         assert (s.end_ms + 1) % DAY_MS == 0
         assert s.start_ms <= s.end_ms
+
+
+_WORDS = ("in on last this next the of since by until early mid yesterday today tonight tomorrow "
+          "week weekend month year fortnight day days ago two 3 12th 2023 2023-03-14 March Mar. "
+          "monday Friday night morning back during from Alice moved to Berlin , . ?").split()
+
+
+@given(st.lists(st.sampled_from(_WORDS), max_size=8))
+def test_the_one_scan_prefilter_drops_no_match(words):
+    """``time_matches`` skips the patterns when their one-alternation scan finds nothing: it must
+    find something whenever any pattern does (else a time word would be lost)."""
+    from umi.pipeline import time as T
+
+    text = " ".join(words)
+    every = [(kind, m.span()) for pattern, kind in T._PATTERNS for m in pattern.finditer(text)]
+    assert [(kind, m.span()) for kind, m in T.time_matches(text)] == every
+    assert (T._ANY_TIME.search(text) is None) == (not every)
