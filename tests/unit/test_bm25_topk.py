@@ -277,8 +277,8 @@ def test_postings_written_in_session_folded_or_not_rank_as_the_exhaustive_scorer
         docs: list[list[str]], edits: list[tuple[int, list[str]]], query: list[str], k: int, scrambled: bool,
         fold_often: bool, data: st.DataObject) -> None:
     # documents written one at a time (rows out of order when scrambled), rewritten (a row taken out
-    # and put back: its dict entry moves to the end), forgotten; a query between edits folds the
-    # changed postings back into the CSR block (fold_often) or reads them as dicts; and a bulk
+    # and put back: its dict entry moves to the end), forgotten; between edits a fold as after a
+    # commit puts the changed postings back into the CSR block (fold_often) or they stay dicts; and a bulk
     # load of rows that do not ascend (the term-at-a-time path). Every answer: the exhaustive one.
     from umi.storage import _bm25
 
@@ -301,6 +301,7 @@ def _in_session(docs: list[list[str]], edits: list[tuple[int, list[str]]], query
     for r in order:
         held[r] = term_frequencies(" ".join(docs[r]))
         idx.add_doc(r, held[r])
+    idx.fold_if_due()
     keys = np.array([data.draw(st.integers(0, 3)) for _ in range(n)], np.uint64)
     terms = list(dict.fromkeys(query))
 
@@ -337,6 +338,8 @@ def _in_session(docs: list[list[str]], edits: list[tuple[int, list[str]]], query
             held[row] = term_frequencies(" ".join(words))
             idx.add_doc(row, held[row])
         if data.draw(st.booleans()):
+            idx.fold_if_due()  # as a commit does (always due when fold_often)
+        if data.draw(st.booleans()):
             check()
     check()
     # the same postings loaded in bulk with each term's rows scrambled: term at a time, same answer
@@ -345,3 +348,20 @@ def _in_session(docs: list[list[str]], edits: list[tuple[int, list[str]]], query
                            for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())] or [np.zeros(0, np.int64)])
     idx.load(terms_all, offsets, rows[perm], tfs[perm])
     check()
+
+
+def test_a_commit_folds_postings_written_in_session_and_search_answers_the_same(monkeypatch) -> None:
+    from umi.storage import _bm25
+
+    monkeypatch.setattr(_bm25, "FOLD_MIN", 0)
+    monkeypatch.setattr(_bm25, "FOLD_SHARE", 0.0)
+    store = SimStorageBackend(seed=0)
+    for i in range(40):  # one commit each
+        store.upsert([Entity("note", f"n{i}", " ".join(WORDS[j] for j in range((i * 7) % 10 + 1)),
+                             id=f"id{(i * 37) % 101:03d}")])
+    store.upsert([Entity("note", "n3", "rare unique corp", id=f"id{(3 * 37) % 101:03d}")])  # a rewrite
+    store.delete(f"id{(5 * 37) % 101:03d}")
+    postings = store._cache._postings
+    assert not postings._post  # every term back in the CSR block
+    for query in ("acme corp works", "rare unique", "violin engineer paris chess"):
+        assert store.search_text(query, 5) == exhaustive(store, query, 5, None)

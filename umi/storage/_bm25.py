@@ -2,7 +2,8 @@
 
 :class:`PostingsIndex` maps each term to its postings (row -> tf). Postings read in
 bulk stay in one CSR block until a term is first changed; a changed term keeps a dict
-and rebuilds its arrays lazily for the next query. The kernel takes each query term's
+and rebuilds its arrays (rows ascending) lazily for the next query, until a commit folds the
+changed terms back into the block (:meth:`PostingsIndex.fold_if_due`, once they are many). The kernel takes each query term's
 postings as a range ``lo[t]:hi[t]`` of ``rows``/``tfs`` — of the bulk-loaded CSR block itself
 (no copy) while every query term is untouched since the load, else of the terms' arrays
 concatenated (a row appears at most once per term) —, accumulates scores per row and returns
@@ -80,7 +81,7 @@ def _compiled_pruned() -> Any:
     return _pruned_kernel
 
 
-#: a query folds the postings changed since the load back into the CSR block (PostingsIndex.fold)
+#: a commit folds the postings changed since the load back into the CSR block (PostingsIndex.fold)
 #: once they number at least FOLD_MIN and FOLD_SHARE of the block
 FOLD_MIN = 1 << 16
 FOLD_SHARE = 0.25
@@ -640,8 +641,20 @@ class PostingsIndex:
     def fold(self) -> None:
         """Every term's postings back into one CSR block (as :meth:`load` takes them): a query then
         reads the block in place, with no per-query copy, and the dicts (~100 B a posting) are
-        freed (16 B a posting in the block)."""
+        freed (16 B a posting in the block). Everything is built before anything is replaced."""
         self.load(*self.export())
+
+    def fold_if_due(self) -> bool:
+        """:meth:`fold` once the postings changed since the last load are at least ``FOLD_MIN`` and
+        ``FOLD_SHARE`` of the block (a fold reads every posting: at most once per that share of
+        the block written). Called after a commit, not by a query: a query never waits for it."""
+        if self._held < max(FOLD_MIN, FOLD_SHARE * self._base_rows.shape[0]):
+            return False
+        try:
+            self.fold()
+        except MemoryError:  # nothing was replaced: the postings stay as they were
+            return False
+        return True
 
     def df(self, term: str) -> int:
         p = self._post.get(term)
@@ -665,11 +678,7 @@ class PostingsIndex:
         kernel (``nogil``: it may run on another thread while the caller keeps the index, ``mask``
         and ``doc_len`` unchanged, one call at a time per index — it uses the index's scratch)."""
         # the postings of each term: a range of the bulk-loaded CSR arrays (no copy) while every
-        # query term is untouched since the load, else the terms' arrays concatenated. Postings
-        # changed since the load are folded back into the CSR arrays first once they are many
-        # (the fold reads every posting: at most once per FOLD_SHARE of the block written)
-        if self._held >= max(FOLD_MIN, FOLD_SHARE * self._base_rows.shape[0]) and any(t in self._post for t in terms):
-            self.fold()
+        # query term is untouched since the load, else the terms' arrays concatenated
         base = [self._base_terms.get(t) for t in terms if t not in self._post]
         if len(base) == len(terms):
             at = np.array([i for i in base if i is not None], np.int64)
