@@ -4,8 +4,8 @@ The texts and the queries are bench_search's store section's (bench_memory's cor
 same seed; each query is words 2..4 of a stored fact plus its name less the last character),
 tokenised as every backend does (``document_terms`` of name + content). The postings are
 filled two ways: in bulk (``PostingsIndex.load`` of CSR, as a reopen does) and one document
-at a time (``add_doc``, as upserts do), in batches of ``--batch`` rows followed by
-``PostingsIndex.fold_if_due()`` when the index has it (as the hot cache's commit calls it). Per
+at a time (``add_doc``, as upserts do; a later query may fold them, see
+``PostingsIndex.fold_if_due``). Per
 query: ``score(terms, k=30)`` (k as a recall of 10) and the top-k select of the hot cache's
 ``_text_hits``, with every row live (the mask a recall without filters uses). Reported: p50 /
 p95 ms per query and the memory the postings hold (RSS growth while filling, and
@@ -70,7 +70,6 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--mode", choices=["bulk", "insession"], default="insession")
-    ap.add_argument("--batch", type=int, default=10_000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args(argv)
@@ -93,12 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         idx.load(*csr)
         del csr
     else:
-        commit = getattr(idx, "fold_if_due", None)
-        for a in range(0, n, args.batch):
-            for r in range(a, min(n, a + args.batch)):
-                idx.add_doc(r, docs[r])
-            if commit is not None:
-                commit()
+        for r in range(n):
+            idx.add_doc(r, docs[r])
     fill_s = time.perf_counter() - t0
     del docs
     gc.collect()

@@ -2,8 +2,8 @@
 
 :class:`PostingsIndex` maps each term to its postings (row -> tf). Postings read in
 bulk stay in one CSR block until a term is first changed; a changed term keeps a dict
-and rebuilds its arrays (rows ascending) lazily for the next query, until a commit folds the
-changed terms back into the block (:meth:`PostingsIndex.fold_if_due`, once they are many). The kernel takes each query term's
+and rebuilds its arrays (rows ascending) lazily for the next query, until a query folds the
+changed terms back into the block (:meth:`PostingsIndex.fold_if_due`, once many were written). The kernel takes each query term's
 postings as a range ``lo[t]:hi[t]`` of ``rows``/``tfs`` — of the bulk-loaded CSR block itself
 (no copy) while every query term is untouched since the load, else of the terms' arrays
 concatenated (a row appears at most once per term) —, accumulates scores per row and returns
@@ -81,8 +81,8 @@ def _compiled_pruned() -> Any:
     return _pruned_kernel
 
 
-#: a commit folds the postings changed since the load back into the CSR block (PostingsIndex.fold)
-#: once they number at least FOLD_MIN and FOLD_SHARE of the block
+#: a query folds the postings changed since the load back into the CSR block (PostingsIndex.fold)
+#: once the postings written since number at least FOLD_MIN and FOLD_SHARE of the block
 FOLD_MIN = 1 << 16
 FOLD_SHARE = 0.25
 
@@ -552,13 +552,13 @@ class PostingsIndex:
         self._base_seen = np.full((0, 3), -1.0)
         # row -> candidate position while a top-k query runs; -1 between queries
         self._slot = np.full(0, -1, np.int64)
-        # postings held in dict form (changed since the load), counted for :meth:`fold`
-        self._held = 0
+        # postings written (added or removed) since the load, counted for :meth:`fold_if_due`
+        self._written = 0
 
     def load(self, terms: list[str], offsets: np.ndarray, rows: np.ndarray, tfs: np.ndarray) -> None:
         """Replace everything with CSR postings: term i owns ``rows[offsets[i]:offsets[i + 1]]``."""
         self._post = {}
-        self._held = 0
+        self._written = 0
         self._base_terms = dict(zip(terms, range(len(terms))))
         self._base_off, self._base_rows, self._base_tfs = offsets, rows, tfs
         self._base_seen = np.full((len(terms), 3), -1.0)
@@ -614,27 +614,20 @@ class PostingsIndex:
 
     def add_doc(self, row: int, tfs: dict[str, int]) -> None:
         post = self._post
-        held = 0
         for t, tf in tfs.items():
             p = post.get(t)
             if p is None:
                 p = self._term(t, True)
-            was_dict = p.d is not None  # type: ignore[union-attr]
-            d = p.writable()  # type: ignore[union-attr]
-            n0 = len(d) if was_dict else 0
-            d[row] = tf
-            held += len(d) - n0
-        self._held += held
+            p.writable()[row] = tf  # type: ignore[union-attr]
+        self._written += len(tfs)
 
     def remove_doc(self, row: int, terms: Iterable[str]) -> None:
         for t in terms:
             p = self._term(t, False)
             if p is not None:
-                was_dict = p.d is not None
                 d = p.writable()
-                n0 = len(d) if was_dict else 0
                 d.pop(row, None)
-                self._held += len(d) - n0
+                self._written += 1
                 if not d:
                     del self._post[t]
 
@@ -645,10 +638,10 @@ class PostingsIndex:
         self.load(*self.export())
 
     def fold_if_due(self) -> bool:
-        """:meth:`fold` once the postings changed since the last load are at least ``FOLD_MIN`` and
-        ``FOLD_SHARE`` of the block (a fold reads every posting: at most once per that share of
-        the block written). Called after a commit, not by a query: a query never waits for it."""
-        if self._held < max(FOLD_MIN, FOLD_SHARE * self._base_rows.shape[0]):
+        """:meth:`fold` once the postings written since the last load number at least ``FOLD_MIN``
+        and ``FOLD_SHARE`` of the block (a fold reads every posting: at most once per that share of
+        the block written, so a store written and read in turn rarely folds)."""
+        if self._written < max(FOLD_MIN, FOLD_SHARE * self._base_rows.shape[0]):
             return False
         try:
             self.fold()
@@ -678,7 +671,10 @@ class PostingsIndex:
         kernel (``nogil``: it may run on another thread while the caller keeps the index, ``mask``
         and ``doc_len`` unchanged, one call at a time per index — it uses the index's scratch)."""
         # the postings of each term: a range of the bulk-loaded CSR arrays (no copy) while every
-        # query term is untouched since the load, else the terms' arrays concatenated
+        # query term is untouched since the load, else the terms' arrays concatenated — unless
+        # many postings were written since: then every term is folded back into the block first
+        if any(t in self._post for t in terms):
+            self.fold_if_due()
         base = [self._base_terms.get(t) for t in terms if t not in self._post]
         if len(base) == len(terms):
             at = np.array([i for i in base if i is not None], np.int64)

@@ -390,9 +390,6 @@ class EntityCache:
 
     def commit(self) -> None:
         self._journal = None
-        # postings written in session back into one CSR block once they are many (queries then
-        # read it in place; see PostingsIndex.fold_if_due)
-        self._postings.fold_if_due()
 
     def rollback(self) -> None:
         """Put every entity touched since :meth:`begin` back as it was."""
