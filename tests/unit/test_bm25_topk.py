@@ -11,6 +11,7 @@ prefixes (equal keys).
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -210,3 +211,155 @@ def test_a_query_too_long_for_the_early_exit_is_scored_exhaustively_with_the_sam
     pruned = store.search_text(query, 5)
     monkeypatch.setattr(_bm25, "PRUNED_CELLS_MAX", 1)
     assert store.search_text(query, 5) == pruned == exhaustive(store, query, 5, None)
+
+
+def _random_postings(data: st.DataObject, ascending: bool = True):  # type: ignore[no-untyped-def]
+    n_rows = data.draw(st.integers(1, 80))
+    n_terms = data.draw(st.integers(1, 5))
+    rows_l, tfs_l, ptr = [], [], [0]
+    for _ in range(n_terms):
+        rows = sorted(data.draw(st.sets(st.integers(0, n_rows - 1), max_size=n_rows)))
+        if not ascending:
+            rows = data.draw(st.permutations(rows))
+        rows_l += rows
+        tfs_l += [float(data.draw(st.integers(1, 4))) for _ in rows]
+        ptr.append(len(rows_l))
+    idfs = np.array([data.draw(st.floats(0.0, 5.0)) for _ in range(n_terms)], np.float64)
+    # few lengths and tfs: many rows tie, at the k-th too
+    doc_len = np.array([float(data.draw(st.integers(1, 9))) for _ in range(n_rows)], np.float64)
+    mask = np.array([data.draw(st.booleans()) or i % 3 == 0 for i in range(n_rows)], np.bool_)
+    return (np.array(rows_l, np.int64), np.array(tfs_l, np.float64), np.array(ptr, np.int64), idfs, doc_len,
+            float(doc_len.mean()), mask)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_maxscore_kernel_keeps_every_row_that_can_rank_and_its_exact_score(data: st.DataObject) -> None:
+    from umi.storage._bm25 import bm25_maxscore
+
+    rows, tfs, term_ptr, idfs, doc_len, avgdl, mask = _random_postings(data)
+    k = data.draw(st.integers(1, 10))
+    all_rows, all_scores = bm25_candidates(rows, tfs, term_ptr, idfs, doc_len, avgdl, mask)
+    got = bm25_maxscore(rows, tfs, term_ptr, idfs, doc_len, avgdl, mask, k)
+    assert got is not None
+    full = dict(zip(all_rows.tolist(), all_scores.tolist()))
+    kept = dict(zip(got[0].tolist(), got[1].tolist()))
+    assert len(kept) == got[0].shape[0]  # no row twice
+    assert all(full[r] == s for r, s in kept.items())  # the same bits, and only rows the full scorer has
+    if all_scores.shape[0]:
+        kth = np.sort(all_scores)[::-1][min(k, all_scores.shape[0]) - 1]
+        assert {r for r, s in full.items() if s >= kth} <= set(kept)  # everything that ranks or ties
+    # with the tie-break keys: exactly what the selection by (score, key) keeps of the full answer
+    keys = np.array([data.draw(st.integers(0, 5)) for _ in range(mask.shape[0])], np.uint64)
+    got_rows, got_scores = bm25_maxscore(rows, tfs, term_ptr, idfs, doc_len, avgdl, mask, k, keys)
+    sel = top_by_score_then_key(all_scores, keys[all_rows], k)
+    want = sorted(zip(all_rows[sel].tolist(), all_scores[sel].tolist()))
+    assert sorted(zip(got_rows.tolist(), got_scores.tolist())) == want
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_maxscore_declines_a_term_whose_rows_do_not_ascend(data: st.DataObject) -> None:
+    from umi.storage._bm25 import bm25_maxscore
+
+    rows, tfs, term_ptr, idfs, doc_len, avgdl, mask = _random_postings(data, ascending=False)
+    got = bm25_maxscore(rows, tfs, term_ptr, idfs, doc_len, avgdl, mask, 3)
+    ascending = all(bool((np.diff(rows[a:b]) > 0).all()) for a, b in zip(term_ptr[:-1], term_ptr[1:]))
+    assert (got is not None) == ascending
+
+
+@settings(max_examples=60, deadline=None)
+@given(docs=docs, edits=st.lists(st.tuples(st.integers(0, 59), st.lists(st.sampled_from(WORDS), max_size=6)),
+                                 max_size=25),
+       query=st.lists(st.sampled_from(WORDS), min_size=1, max_size=4), k=st.integers(1, 12),
+       scrambled=st.booleans(), fold_often=st.booleans(), data=st.data())
+def test_postings_written_in_session_folded_or_not_rank_as_the_exhaustive_scorer(
+        docs: list[list[str]], edits: list[tuple[int, list[str]]], query: list[str], k: int, scrambled: bool,
+        fold_often: bool, data: st.DataObject) -> None:
+    # documents written one at a time (rows out of order when scrambled), rewritten (a row taken out
+    # and put back: its dict entry moves to the end), forgotten; a query between edits folds the
+    # changed postings back into the CSR block (fold_often) or reads them as dicts; and a bulk
+    # load of rows that do not ascend (the term-at-a-time path). Every answer: the exhaustive one.
+    from umi.storage import _bm25
+
+    with pytest.MonkeyPatch.context() as mp:
+        if fold_often:
+            mp.setattr(_bm25, "FOLD_MIN", 0)
+            mp.setattr(_bm25, "FOLD_SHARE", 0.0)
+        _in_session(docs, edits, query, k, scrambled, data)
+
+
+def _in_session(docs: list[list[str]], edits: list[tuple[int, list[str]]], query: list[str], k: int,
+                scrambled: bool, data: st.DataObject) -> None:
+    from umi.storage._bm25 import PostingsIndex
+    from umi.storage.text import bm25_idf, bm25_term_score, term_frequencies
+
+    n = len(docs)
+    held: dict[int, dict[str, int]] = {}
+    idx = PostingsIndex()
+    order = data.draw(st.permutations(range(n))) if scrambled else list(range(n))
+    for r in order:
+        held[r] = term_frequencies(" ".join(docs[r]))
+        idx.add_doc(r, held[r])
+    keys = np.array([data.draw(st.integers(0, 3)) for _ in range(n)], np.uint64)
+    terms = list(dict.fromkeys(query))
+
+    def check() -> None:
+        doc_len = np.array([float(sum(held.get(r, {}).values())) for r in range(n)])
+        mask = np.array([r in held and r % 5 != 1 for r in range(n)], np.bool_)
+        live = max(len(held), 1)
+        avgdl = float(doc_len.sum()) / live
+        all_rows, all_scores = idx.score(terms, live, avgdl, doc_len, mask)
+        want_sel = top_by_score_then_key(all_scores, keys[all_rows], k)
+        want = sorted(zip(all_rows[want_sel].tolist(), all_scores[want_sel].tolist()))
+        got_rows, got_scores = idx.score(terms, live, avgdl, doc_len, mask, k, keys)
+        sel = top_by_score_then_key(got_scores, keys[got_rows], k)
+        assert sorted(zip(got_rows[sel].tolist(), got_scores[sel].tolist())) == want
+        # and the exhaustive kernel against the reference formula, from the documents themselves
+        df = {t: sum(1 for d in held.values() if t in d) for t in terms}
+        expect = {}
+        for r, d in held.items():
+            if mask[r] and any(t in d for t in terms):
+                acc = 0.0
+                for t in terms:
+                    if t in d:
+                        acc += bm25_term_score(d[t], int(doc_len[r]), avgdl, bm25_idf(live, df[t]))
+                expect[r] = acc
+        assert dict(zip(all_rows.tolist(), all_scores.tolist())) == expect
+
+    check()
+    for row, words in edits:
+        if row >= n:
+            continue
+        if row in held:
+            idx.remove_doc(row, list(held.pop(row)))
+        if words:
+            held[row] = term_frequencies(" ".join(words))
+            idx.add_doc(row, held[row])
+        if data.draw(st.booleans()):
+            check()
+    check()
+    # the same postings loaded in bulk with each term's rows scrambled: term at a time, same answer
+    terms_all, offsets, rows, tfs = idx.export()
+    perm = np.concatenate([a + np.array(data.draw(st.permutations(range(b - a))), np.int64)
+                           for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())] or [np.zeros(0, np.int64)])
+    idx.load(terms_all, offsets, rows[perm], tfs[perm])
+    check()
+
+
+def test_a_query_folds_postings_written_in_session_and_search_answers_the_same(monkeypatch) -> None:
+    from umi.storage import _bm25
+
+    monkeypatch.setattr(_bm25, "FOLD_MIN", 0)
+    monkeypatch.setattr(_bm25, "FOLD_SHARE", 0.0)
+    store = SimStorageBackend(seed=0)
+    for i in range(40):  # one commit each
+        store.upsert([Entity("note", f"n{i}", " ".join(WORDS[j] for j in range((i * 7) % 10 + 1)),
+                             id=f"id{(i * 37) % 101:03d}")])
+    store.upsert([Entity("note", "n3", "rare unique corp", id=f"id{(3 * 37) % 101:03d}")])  # a rewrite
+    store.delete(f"id{(5 * 37) % 101:03d}")
+    postings = store._cache._postings
+    assert postings._post  # written in session: dict form
+    for query in ("acme corp works", "rare unique", "violin engineer paris chess"):
+        assert store.search_text(query, 5) == exhaustive(store, query, 5, None)
+        assert not postings._post  # the first query folded every term back into the CSR block

@@ -711,7 +711,7 @@ class EntityCache:
         if not terms or nf.empty or self._n_alive == 0:
             return None
         return self._postings.scorer(terms, self._n_alive, self._total_len / self._n_alive,
-                                     self._doc_len[: self._n], self.row_mask(nf), k)
+                                     self._doc_len[: self._n], self.row_mask(nf), k, self._id_key)
 
     def _text_hits(self, scored: tuple[np.ndarray, np.ndarray], k: int) -> builtins.list[tuple[str, float]]:
         cand, scores = scored
