@@ -44,41 +44,56 @@ from .text import BM25_B, BM25_K1, bm25_idf
 
 __all__ = ["PostingsIndex", "bm25_candidates", "bm25_top_candidates", "csr_add_docs", "top_by_score_then_key"]
 
-_kernel: Any = None
-_pruned_kernel: Any = None
+
+#: the compiled kernels, by the Python function's name (a kernel calls its compiled callees as the
+#: module globals ``<callee>_jit``, so those are set before it compiles)
+_select_jit: Any = None
+_term_bound_jit: Any = None
 
 
-def _compiled() -> Any:
-    """numba is imported (and the kernel compiled, or loaded from its on-disk cache) on first use,
-    so ``import umi`` does not pay for it."""
-    global _kernel
-    if _kernel is None:
+def _njit(fn: Callable[..., Any], *callees: Callable[..., Any]) -> Any:
+    """``fn`` compiled ``nogil`` (or loaded from numba's on-disk cache) on first use, its compiled
+    callees first — numba is imported then, so ``import umi`` does not pay for it."""
+    name = fn.__name__ + "_jit"
+    got = globals().get(name)
+    if got is None:
         from numba import njit
 
-        _kernel = njit(cache=True, nogil=True)(_bm25)
-    return _kernel
+        for c in callees:
+            _njit(c)
+        got = globals()[name] = njit(cache=True, nogil=True)(fn)
+    return got
 
 
-_maxscore_kernel: Any = None
-
-
-def _compiled_maxscore() -> Any:
-    global _maxscore_kernel
-    if _maxscore_kernel is None:
-        from numba import njit
-
-        _compiled_select()  # the kernel calls it (a global read when the kernel compiles)
-        _maxscore_kernel = njit(cache=True, nogil=True)(_bm25_maxscore)
-    return _maxscore_kernel
-
-
-def _compiled_pruned() -> Any:
-    global _pruned_kernel
-    if _pruned_kernel is None:
-        from numba import njit
-
-        _pruned_kernel = njit(cache=True, nogil=True)(_bm25_pruned)
-    return _pruned_kernel
+def _term_bound(rows, tfs, lo, hi, doc_len, seen, at, idf, avgdl, k1, b):  # pragma: no cover - compiled
+    """A term's upper bound — its score at its largest tf and its shortest document — and whether
+    its rows ascend; read from ``seen[at]`` when found before (``at >= 0``), else found and kept there."""
+    if at >= 0 and seen[at, 0] >= 0.0 and seen[at, 2] >= 0.0:
+        tf_max = seen[at, 0]
+        dl_min = seen[at, 1]
+        asc = seen[at, 2] > 0.0
+    else:
+        tf_max = 0.0
+        dl_min = np.inf
+        asc = True
+        prev = -1
+        for p in range(lo, hi):
+            v = float(tfs[p])
+            if v > tf_max:
+                tf_max = v
+            r = rows[p]
+            d = float(doc_len[r])
+            if d < dl_min:
+                dl_min = d
+            if r <= prev:
+                asc = False
+            prev = r
+        if at >= 0:
+            seen[at, 0] = tf_max
+            seen[at, 1] = dl_min
+            seen[at, 2] = 1.0 if asc else 0.0
+    norm = k1 * (1.0 - b + b * dl_min / avgdl) if avgdl > 0.0 else k1
+    return idf * tf_max * (k1 + 1.0) / (tf_max + norm), asc
 
 
 #: a query folds the postings changed since the load back into the CSR block (PostingsIndex.fold)
@@ -100,27 +115,8 @@ def _bm25_pruned(rows, tfs, lo, hi, idfs, doc_len, avgdl, mask, slot, k, k1, b, 
     # read from ``seen[seen_at[t]]`` when a bulk-loaded term's were found before, else found and kept)
     ubs = np.zeros(n_terms, np.float64)
     for t in range(n_terms):
-        if hi[t] == lo[t]:
-            continue
-        at = seen_at[t]
-        if at >= 0 and seen[at, 0] >= 0.0:
-            tf_max = seen[at, 0]
-            dl_min = seen[at, 1]
-        else:
-            tf_max = 0.0
-            dl_min = np.inf
-            for p in range(lo[t], hi[t]):
-                v = float(tfs[p])
-                if v > tf_max:
-                    tf_max = v
-                d = float(doc_len[rows[p]])
-                if d < dl_min:
-                    dl_min = d
-            if at >= 0:
-                seen[at, 0] = tf_max
-                seen[at, 1] = dl_min
-        norm = k1 * (1.0 - b + b * dl_min / avgdl) if avgdl > 0.0 else k1
-        ubs[t] = idfs[t] * tf_max * (k1 + 1.0) / (tf_max + norm)
+        if hi[t] > lo[t]:
+            ubs[t] = _term_bound_jit(rows, tfs, lo[t], hi[t], doc_len, seen, seen_at[t], idfs[t], avgdl, k1, b)[0]
     order = np.argsort(-ubs, kind="mergesort")
     rest = np.zeros(n_terms + 1, np.float64)  # rest[j]: bound of the terms order[j:] together
     for j in range(n_terms - 1, -1, -1):
@@ -179,35 +175,10 @@ def _bm25_maxscore(rows, tfs, lo, hi, idfs, doc_len, avgdl, mask, k, k1, b, seen
     for t in range(n_terms):
         if hi[t] == lo[t]:
             continue
-        at = seen_at[t]
-        if at >= 0 and seen[at, 0] >= 0.0 and seen[at, 2] >= 0.0:
-            tf_max = seen[at, 0]
-            dl_min = seen[at, 1]
-            asc = seen[at, 2] > 0.0
-        else:
-            tf_max = 0.0
-            dl_min = np.inf
-            asc = True
-            prev = -1
-            for p in range(lo[t], hi[t]):
-                v = float(tfs[p])
-                if v > tf_max:
-                    tf_max = v
-                r = rows[p]
-                d = float(doc_len[r])
-                if d < dl_min:
-                    dl_min = d
-                if r <= prev:
-                    asc = False
-                prev = r
-            if at >= 0:
-                seen[at, 0] = tf_max
-                seen[at, 1] = dl_min
-                seen[at, 2] = 1.0 if asc else 0.0
+        ub, asc = _term_bound_jit(rows, tfs, lo[t], hi[t], doc_len, seen, seen_at[t], idfs[t], avgdl, k1, b)
         if not asc:  # the caller scores term at a time instead
             return False, np.zeros(0, np.int64), np.zeros(0, np.float64)
-        norm = k1 * (1.0 - b + b * dl_min / avgdl) if avgdl > 0.0 else k1
-        ubs[t] = idfs[t] * tf_max * (k1 + 1.0) / (tf_max + norm)
+        ubs[t] = ub
     order = np.argsort(ubs, kind="mergesort")  # lowest bound first: the non-essential terms are order[:ne]
     below = np.zeros(n_terms + 1, np.float64)  # below[j]: bound of the terms order[:j] together
     for j in range(n_terms):
@@ -332,7 +303,7 @@ def bm25_maxscore(rows: np.ndarray, tfs: np.ndarray, term_ptr: np.ndarray, idfs:
     """:func:`bm25_top_candidates` by :func:`_bm25_maxscore` (None when a term's rows do not ascend).
     With ``keys`` (row -> tie-break key, as :func:`top_by_score_then_key` takes): only the k best
     by (score, key) and the rows equal to the k-th in both."""
-    ok, got_rows, got_scores = _compiled_maxscore()(
+    ok, got_rows, got_scores = _njit(_bm25_maxscore, _select, _term_bound)(
         rows, tfs, term_ptr[:-1], term_ptr[1:], idfs, doc_len, float(avgdl), mask, max(int(k), 1), BM25_K1, BM25_B,
         _NO_SEEN, np.full(idfs.shape[0], -1, np.int64), _NO_KEYS if keys is None else keys)
     return (got_rows, got_scores) if ok else None
@@ -345,7 +316,7 @@ def bm25_top_candidates(rows: np.ndarray, tfs: np.ndarray, term_ptr: np.ndarray,
     reaches the k-th best (ties included); rows that provably score below it may be left out.
     Scores are those of :func:`bm25_candidates`. ``slot``: int64 scratch, ``-1`` for every row
     (left so)."""
-    return _compiled_pruned()(rows, tfs, term_ptr[:-1], term_ptr[1:], idfs, doc_len, float(avgdl), mask, slot,
+    return _njit(_bm25_pruned, _term_bound)(rows, tfs, term_ptr[:-1], term_ptr[1:], idfs, doc_len, float(avgdl), mask, slot,
                               int(k), BM25_K1, BM25_B, _NO_SEEN, np.full(idfs.shape[0], -1, np.int64))
 
 
@@ -384,20 +355,8 @@ def _bm25(rows, tfs, lo, hi, idfs, doc_len, avgdl, mask, n_rows, k1, b):  # prag
 def bm25_candidates(rows: np.ndarray, tfs: np.ndarray, term_ptr: np.ndarray, idfs: np.ndarray,
                     doc_len: np.ndarray, avgdl: float, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(rows, scores) of every row in ``mask`` holding at least one query term."""
-    return _compiled()(rows, tfs, term_ptr[:-1], term_ptr[1:], idfs, doc_len, float(avgdl), mask, mask.shape[0],
+    return _njit(_bm25)(rows, tfs, term_ptr[:-1], term_ptr[1:], idfs, doc_len, float(avgdl), mask, mask.shape[0],
                        BM25_K1, BM25_B)
-
-
-_select_jit: Any = None
-
-
-def _compiled_select() -> Any:
-    global _select_jit
-    if _select_jit is None:
-        from numba import njit
-
-        _select_jit = njit(cache=True, nogil=True)(_select)
-    return _select_jit
 
 
 def _select(scores, keys, k):  # pragma: no cover - compiled
@@ -454,7 +413,7 @@ def top_by_score_then_key(scores: np.ndarray, keys: np.ndarray, k: int) -> np.nd
     position whose score and key equal the k-th's. With ``keys`` from
     :func:`umi.storage._hotcache.id_order_keys` the k best by (score, id) are among them: a
     smaller key means a smaller id, and equal keys are all kept for the caller to compare."""
-    return _compiled_select()(scores, keys, int(k))
+    return _njit(_select)(scores, keys, int(k))
 
 
 def csr_add_docs(terms: list[str], offsets: np.ndarray, rows: np.ndarray, tfs: np.ndarray,
@@ -710,11 +669,11 @@ class PostingsIndex:
             seen_at = np.arange(len(owners), dtype=np.int64)
         dfs = (hi - lo).tolist()
         idfs = np.array([bm25_idf(n_docs, df) for df in dfs], np.float64)
-        kernel = _compiled()
+        kernel = _njit(_bm25)
         if k is None:
             return _Scorer(lambda: kernel(rows, tfs, lo, hi, idfs, doc_len, float(avg_doc_len), mask, mask.shape[0],
                                           BM25_K1, BM25_B), sum(dfs))
-        top, maxscore = max(int(k), 1), _compiled_maxscore()
+        top, maxscore = max(int(k), 1), _njit(_bm25_maxscore, _select, _term_bound)
         tie_keys = _NO_KEYS if keys is None else keys
 
         base_seen = self._base_seen  # (a fold before the kernel runs replaces it)
@@ -739,7 +698,7 @@ class PostingsIndex:
                               BM25_B)
             if self._slot.shape[0] < mask.shape[0]:
                 self._slot = np.full(max(mask.shape[0], int(self._slot.shape[0] * 1.5)), -1, np.int64)
-            got = _compiled_pruned()(rows, tfs, lo, hi, idfs, doc_len, float(avg_doc_len), mask, self._slot, top,
+            got = _njit(_bm25_pruned, _term_bound)(rows, tfs, lo, hi, idfs, doc_len, float(avg_doc_len), mask, self._slot, top,
                                      BM25_K1, BM25_B, seen, seen_at)
             keep_seen()
             return got
