@@ -201,7 +201,7 @@ def test_selection_by_score_then_key_holds_the_k_best_and_every_boundary_twin(pa
     assert got == sorted(i for i in range(len(pairs)) if (-pairs[i][0], pairs[i][1]) <= (-kth[0], kth[1]))
 
 
-def test_a_query_too_long_for_the_early_exit_is_scored_exhaustively_with_the_same_answer(monkeypatch) -> None:
+def test_the_pruned_kernels_cell_limit_changes_no_answer(monkeypatch) -> None:
     from umi.storage import _bm25
 
     store = SimStorageBackend(seed=0)

@@ -44,7 +44,7 @@ from .context import PipelineContext, provider_failure
 from .passages import rerank_text
 from .remember import statement_key
 from .retrieval import (RULE_REWRITE_WEIGHT, Ranking, name_signal, needs_deep_search, query_names,
-                        rrf_fuse, rule_rewrite, tell_signal, time_signal)
+                        read_named, rrf_fuse, rule_rewrite, tell_signal, time_signal)
 
 __all__ = ["validate_query", "recall", "filters_for", "RecallResult", "current_at", "reranker_for", "below_replacements"]
 
@@ -104,12 +104,7 @@ def _ranked_lists(ctx: PipelineContext, query: str, qvec: np.ndarray | None, fil
     lists.append([i for i, _ in text_hits])
     if content_only:
         return list(lists)
-    named: list[Entity] = []
-    # the name signal reads each named fact's id, content and time: uncopied when the store allows
-    by_name = getattr(ctx.storage, "peek_by_name", None)
-    for name in query_names(query):
-        named.extend(ctx.storage.find_by_name(name, filters=filters) if by_name is None else by_name(name, filters))
-    lists.append(name_signal(named, lists, k))
+    lists.append(name_signal(read_named(ctx.storage, query_names(query), filters), lists, k))
     lists.extend(time_signal(ctx.storage, query, qvec, filters, k, ctx.now_ms(), lists))
     return [*lists, *tell_signal(ctx.storage, query, lists, k)]
 

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from ..storage.base import SearchFilters, StorageBackend
     from ..types import Entity
 
-__all__ = ["RULE_REWRITE_WEIGHT", "rrf_fuse", "read_once", "is_question", "needs_deep_search", "rule_rewrite", "query_names",
+__all__ = ["RULE_REWRITE_WEIGHT", "rrf_fuse", "read_once", "read_named", "is_question", "needs_deep_search", "rule_rewrite", "query_names",
            "name_signal", "tell_signal", "time_signal"]
 
 _QWORDS = frozenset(
@@ -107,6 +107,16 @@ def read_once(storage: "StorageBackend", ids: list[str]) -> "Sequence[Entity]":
     is hydrated (copied, with its embedding)."""
     peek = getattr(storage, "peek_many", None)
     return storage.get_many(ids) if peek is None else peek(ids, read="get_many")
+
+
+def read_named(storage: "StorageBackend", names: Sequence[str], filters: "SearchFilters") -> "list[Entity]":
+    """The facts filed under each of ``names`` (``find_by_name``, any type), for the name signal,
+    which reads their id, content and time at once and keeps none: uncopied as :func:`read_once`."""
+    by_name = getattr(storage, "peek_by_name", None)
+    named: list[Entity] = []
+    for name in names:
+        named.extend(storage.find_by_name(name, filters=filters) if by_name is None else by_name(name, filters))
+    return named
 
 
 def best_ranks(ranked: Sequence[Sequence[str]]) -> dict[str, int]:

@@ -698,8 +698,9 @@ class PostingsIndex:
                               BM25_B)
             if self._slot.shape[0] < mask.shape[0]:
                 self._slot = np.full(max(mask.shape[0], int(self._slot.shape[0] * 1.5)), -1, np.int64)
-            got = _njit(_bm25_pruned, _term_bound)(rows, tfs, lo, hi, idfs, doc_len, float(avg_doc_len), mask, self._slot, top,
-                                     BM25_K1, BM25_B, seen, seen_at)
+            pruned = _njit(_bm25_pruned, _term_bound)
+            got = pruned(rows, tfs, lo, hi, idfs, doc_len, float(avg_doc_len), mask, self._slot, top,
+                         BM25_K1, BM25_B, seen, seen_at)
             keep_seen()
             return got
 

@@ -886,7 +886,8 @@ class EntityCache:
             if key.startswith("meta:"):
                 order = sorted(vals.items(), key=lambda kv: kv[1])
                 if [c for _, c in order] != builtins.list(range(1, len(order) + 1)):
-                    continue  # (codes are handed out 1, 2, ...: never here)
+                    continue  # codes not 1, 2, ... (the file keeps values by position): left out, and
+                    # the next open, whose key counts then disagree, reads the codes from the database
                 out[key] = (self._meta_codes[key][:n], [v for v, _ in order])
         return out
 
