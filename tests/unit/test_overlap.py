@@ -49,14 +49,15 @@ def test_side_not_started_when_main_is_done_runs_here() -> None:
 def test_an_error_on_either_side_reaches_the_caller_after_the_side_is_done() -> None:
     with pytest.raises(KeyError, match="side"):
         beside(lambda: {}["side"], lambda: 1)
-    done = threading.Event()
+    started, done = threading.Event(), threading.Event()
 
     def slow_side() -> None:
+        started.set()
         time.sleep(0.05)
         done.set()
 
     def failing_main() -> None:
-        time.sleep(0.01)  # let the helper start the side
+        assert started.wait(10)  # the helper has started the side (no race with a sleep)
         raise ValueError("main")
 
     with pytest.raises(ValueError, match="main"):
