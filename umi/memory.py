@@ -573,9 +573,9 @@ class Memory:
         """Finish pending work, save the index cache, release providers. Idempotent."""
         if self._closed:
             return
-        self._closed = True
         if self._owner:
-            self._engine.close()
+            self._engine.close()  # refused on umi's own loop (RuntimeError): then this Memory stays open
+        self._closed = True
 
     async def aclose(self) -> None:
         import asyncio

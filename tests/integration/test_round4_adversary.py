@@ -1,0 +1,105 @@
+"""Round 4, adversarial: user stories through the public API that tried to break a lifecycle
+promise, a boundary check or the close/reopen rules. Each test pins a bug found this round
+(on the embedded DuckDB file in a tmp dir, or on Memory.sim()).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+import umi
+from umi import RememberOptions
+
+RAW = RememberOptions().without_extraction()
+
+
+def open_memory(db: Path, **kw: Any) -> umi.Memory:
+    return umi.Memory(db, embedder=umi.SimEmbeddingProvider(seed=1), **kw)
+
+
+def in_thread(fn: Callable[[], Any], timeout: float = 60.0) -> Any:
+    """``fn()`` on a thread, with a deadline: a hang fails the test instead of the run."""
+    out: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            out.append((True, fn()))
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            out.append((False, exc))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"{fn} did not return within {timeout} s"
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return value
+
+
+# --- close() called from umi's own loop (a progress callback) ----------------------------------
+def test_close_from_a_progress_callback_is_refused_and_leaves_the_memory_usable_and_closable(
+        tmp_path: Path) -> None:
+    """A user closes the Memory from remember_many's progress callback (it runs on umi's loop).
+    That close is refused; the Memory must stay as it was: the chunk already committed is there,
+    later calls work, a later close() really closes, and the file can be opened again. Before the
+    fix the refused close had already marked the Memory closed and left its store open, so the file
+    stayed locked for the rest of the process (StorageLockedError on every reopen)."""
+    db = tmp_path / "cb.duckdb"
+    m = open_memory(db)
+
+    def close_now(done: int, total: int) -> None:
+        m.close()
+
+    with pytest.raises(RuntimeError, match="own loop"):
+        in_thread(lambda: m.remember_many_sync(["Gus met Hal at the harbour.", "Ida met Jo at the mill."],
+                                               RAW, chunk_size=1, progress=close_now))
+    assert in_thread(m.count_sync) == 1  # the first chunk committed before the callback ran
+    m.remember_sync("Kim met Lou at the station.", RAW)
+    in_thread(m.close)
+    with pytest.raises(umi.MemoryClosedError):
+        m.count_sync()
+    with open_memory(db) as again:  # the store was released
+        assert in_thread(again.count_sync) == 2
+
+
+# --- a user clock that gives no usable time --------------------------------------------------------
+@pytest.mark.parametrize("reading", [math.nan, math.inf, -math.inf, 1e300, 2**2000],
+                         ids=["nan", "inf", "-inf", "1e300", "huge-int"])
+def test_a_clock_reading_that_is_no_time_is_a_typed_error_and_stores_nothing(tmp_path: Path,
+                                                                            reading: Any) -> None:
+    """Memory(clock=...) takes a zero-argument callable returning seconds (as WorkingMemory does).
+    A reading that is no time (NaN, inf, beyond the ms range) must fail remember, core writes and
+    forget with a umi error naming clock() - not a bare ValueError/OverflowError from int() deep in
+    the engine - and leave the store as it was."""
+    db = tmp_path / "clock.duckdb"
+    now = [1_700_000_000.0]
+    with open_memory(db, clock=lambda: now[0]) as m:
+        kept = m.remember_sync("Ann keeps bees in Ghent.", RAW).entities[0]
+        m.core.set_block("human", "likes honey")
+        now[0] = reading
+        with pytest.raises(umi.InvalidConfigError, match=r"clock\(\)"):
+            m.remember_sync("Bo keeps goats in Lyon.", RAW)
+        with pytest.raises(umi.InvalidConfigError, match=r"clock\(\)"):
+            m.core.set_block("human", "likes jam")
+        with pytest.raises(umi.InvalidConfigError, match=r"clock\(\)"):
+            m.forget_sync(kept.id)
+        now[0] = 1_700_000_100.0
+        assert m.count_sync() == 1 and m.get_sync(kept.id) is not None
+        assert m.core.get_block("human") == "likes honey"
+        assert [h.content for h in m.recall_sync("Who keeps goats?")] == [kept.content]
+    with open_memory(db) as m:
+        assert m.count_sync() == 1 and m.core.get_block("human") == "likes honey"
+
+
+def test_a_clock_returning_no_number_is_a_type_error(tmp_path: Path) -> None:
+    with open_memory(tmp_path / "clock.duckdb", clock=lambda: "noon") as m:
+        with pytest.raises(TypeError, match=r"clock\(\)"):
+            m.remember_sync("Cy keeps cats in Oslo.", RAW)
+        with pytest.raises(TypeError, match=r"clock\(\)"):
+            m.working.set("k", b"v")  # the same rule WorkingMemory already had
