@@ -103,3 +103,50 @@ def test_a_clock_returning_no_number_is_a_type_error(tmp_path: Path) -> None:
             m.remember_sync("Cy keeps cats in Oslo.", RAW)
         with pytest.raises(TypeError, match=r"clock\(\)"):
             m.working.set("k", b"v")  # the same rule WorkingMemory already had
+
+
+# --- LangGraph store: text that cannot be stored as UTF-8 ----------------------------------------
+@pytest.mark.parametrize("where", ["value", "nested value", "key", "namespace label"])
+def test_a_langgraph_put_holding_a_lone_surrogate_is_a_validation_error_and_writes_nothing(
+        tmp_path: Path, where: str) -> None:
+    """An agent's tool output can carry a lone surrogate (a broken emoji cut in half). A put of it
+    must be refused with umi's ValidationError (as remember and recall refuse it), before anything
+    is written - not a UnicodeEncodeError from deep inside the commit or the id hash - and the
+    batch's other puts must not land either."""
+    pytest.importorskip("langgraph", reason="the langgraph extra is not installed")
+    from langgraph.store.base import PutOp
+
+    from umi.integrations.langgraph import UmiStore
+
+    bad = "broken \ud83d emoji"
+    ns, key, value = ("memories", "alice"), "note", {"text": "Alice likes tea"}
+    if where == "value":
+        value = {"text": bad}
+    elif where == "nested value":
+        value = {"text": "fine", "more": {"deep": [bad]}}
+    elif where == "key":
+        key = bad
+    else:
+        ns = ("memories", "alice", bad)
+    with open_memory(tmp_path / "lg.duckdb") as m:
+        store = UmiStore(m, user_level=1)
+        store.put(("memories", "alice"), "kept", {"text": "Alice keeps bees"})
+        with pytest.raises(umi.ValidationError, match="surrogate"):
+            store.batch([PutOp(("memories", "alice"), "other", {"text": "Alice likes jam"}),
+                         PutOp(ns, key, value)])
+        assert [i.key for i in store.search(("memories", "alice"))] == ["kept"]
+        assert m.count_sync() == 1
+
+
+def test_a_langgraph_get_or_delete_of_a_key_holding_a_lone_surrogate_is_a_validation_error(tmp_path: Path) -> None:
+    pytest.importorskip("langgraph", reason="the langgraph extra is not installed")
+    from umi.integrations.langgraph import UmiStore
+
+    with open_memory(tmp_path / "lg.duckdb") as m:
+        store = UmiStore(m, user_level=1)
+        store.put(("memories", "alice"), "kept", {"text": "Alice keeps bees"})
+        for call in (lambda: store.get(("memories", "alice"), "k\udc00"),
+                     lambda: store.delete(("memories", "alice"), "k\udc00")):
+            with pytest.raises(umi.ValidationError, match="store key .* surrogate"):
+                call()
+        assert store.get(("memories", "alice"), "kept") is not None
