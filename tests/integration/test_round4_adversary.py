@@ -150,3 +150,26 @@ def test_a_langgraph_get_or_delete_of_a_key_holding_a_lone_surrogate_is_a_valida
             with pytest.raises(umi.ValidationError, match="store key .* surrogate"):
                 call()
         assert store.get(("memories", "alice"), "kept") is not None
+
+
+# --- export / import: the wrong kind of destination or source -------------------------------------
+@pytest.mark.parametrize("out", [None, 5, ["a list"]], ids=["None", "int", "list"])
+def test_export_to_something_that_is_no_path_or_text_file_is_a_type_error(tmp_path: Path, out: Any) -> None:
+    """export(out) takes a path or a text file; anything else is a wrong type (TypeError naming
+    what it takes), as every other verb's wrong types are - not an AttributeError from writelines."""
+    with open_memory(tmp_path / "x.duckdb") as m:
+        m.remember_sync("Pia keeps owls in Bergen.", RAW)
+        with pytest.raises(TypeError, match="path or a text file"):
+            m.export_sync(out)
+
+
+@pytest.mark.parametrize("src", [b'{"text": "Rui keeps hens in Braga."}\n',
+                                 bytearray(b'{"text": "Rui keeps hens in Braga."}\n'), 5],
+                         ids=["bytes", "bytearray", "int"])
+def test_import_of_bytes_or_a_non_iterable_is_a_type_error_and_stores_nothing(tmp_path: Path, src: Any) -> None:
+    """import_(src) takes a path or an iterable of JSONL lines (str). Bytes iterate as ints: that
+    was an AttributeError ('int' object has no attribute 'strip') from the line parser."""
+    with open_memory(tmp_path / "x.duckdb") as m:
+        with pytest.raises(TypeError, match="path or .*lines"):
+            m.import_sync(src)
+        assert m.count_sync() == 0
