@@ -173,3 +173,25 @@ def test_import_of_bytes_or_a_non_iterable_is_a_type_error_and_stores_nothing(tm
         with pytest.raises(TypeError, match="path or .*lines"):
             m.import_sync(src)
         assert m.count_sync() == 0
+
+
+# --- RememberOptions' switches ----------------------------------------------------------------
+@pytest.mark.parametrize("field", ["extract_entities", "generate_embeddings", "detect_evolutions"])
+@pytest.mark.parametrize("value", ["no", 0, None], ids=["str-no", "int-0", "None"])
+def test_remember_options_switches_take_only_bools(field: str, value: Any) -> None:
+    """RememberOptions(detect_evolutions="no") was accepted, and "no" is truthy: the user who asked
+    for no evolution detection silently got it (their old facts superseded). The switches are bools,
+    as RecallOptions' switches (use_vector_search, deep_search, ...) already are: TypeError."""
+    with pytest.raises(TypeError, match=f"{field} must be a bool"):
+        RememberOptions(**{field: value})
+
+
+def test_a_truthy_string_never_turns_evolution_detection_on() -> None:
+    """The story behind the check: with detect_evolutions given as "false" (a config file's string)
+    the new fact would have superseded the old one."""
+    with umi.Memory.sim(seed=1) as m:
+        m.remember_sync("Ola works at Acme Corp.")
+        with pytest.raises(TypeError):
+            m.remember_sync("Ola left Acme Corp and now works at Initech.",
+                            RememberOptions(detect_evolutions="false"))  # type: ignore[arg-type]
+        assert m.count_sync(include_superseded=False) == m.count_sync()  # nothing was superseded
