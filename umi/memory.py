@@ -168,6 +168,9 @@ class Memory:
         if storage is None:
             if not isinstance(path, (str, os.PathLike)):
                 raise TypeError(f"path must be str or PathLike, not {type(path).__name__}")
+            if os.fspath(path) in ("", b""):  # DuckDB would open an in-memory database: lost at close
+                raise ValidationError("the database path is empty; give a file path, or ':memory:' "
+                                      "for an in-memory store (nothing kept after close)")
             from .storage.duckdb import DuckDBStorageBackend
 
             storage = DuckDBStorageBackend.connect(

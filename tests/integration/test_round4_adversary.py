@@ -195,3 +195,19 @@ def test_a_truthy_string_never_turns_evolution_detection_on() -> None:
             m.remember_sync("Ola left Acme Corp and now works at Initech.",
                             RememberOptions(detect_evolutions="false"))  # type: ignore[arg-type]
         assert m.count_sync(include_superseded=False) == m.count_sync()  # nothing was superseded
+
+
+# --- an empty database path ----------------------------------------------------------------------
+def test_memory_with_an_empty_path_is_refused_not_silently_in_memory(tmp_path: Path, monkeypatch: Any) -> None:
+    """Memory(os.environ.get("UMI_DB", "")) opened an in-memory DuckDB: every remember was
+    acknowledged, and everything was gone at close - the durability promise broken without a word.
+    An empty path is refused; an in-memory store is asked for by name (":memory:")."""
+    monkeypatch.chdir(tmp_path)
+    path = ""
+    with pytest.raises(umi.ValidationError, match=":memory:"):
+        open_memory(path)  # type: ignore[arg-type]
+    with pytest.raises(umi.ValidationError, match=":memory:"):
+        umi.MemoryBuilder().with_embedder(umi.SimEmbeddingProvider(seed=1)).with_path(path).build()
+    with open_memory(":memory:") as m:  # asked for by name: still an in-memory store
+        m.remember_sync("Tess met Uma at the market.", RAW)
+        assert m.count_sync() == 1
