@@ -211,3 +211,53 @@ def test_memory_with_an_empty_path_is_refused_not_silently_in_memory(tmp_path: P
     with open_memory(":memory:") as m:  # asked for by name: still an in-memory store
         m.remember_sync("Tess met Uma at the market.", RAW)
         assert m.count_sync() == 1
+
+
+# --- names with letters beyond ASCII (rule extraction, the embedded default) ------------------------
+def _names(result: umi.RememberResult) -> set[str]:
+    return {e.name for e in result.entities}
+
+
+def test_names_with_accents_are_whole_names_and_two_people_are_not_merged(tmp_path: Path) -> None:
+    """The rule extractor read a name as its ASCII prefix: "René" and "Renée" were both "Ren" (one
+    person, their facts linked as the same person's), "Müller" was "M", "Jürgen met Ana in Zürich"
+    named "J" and "Z", and "Émile"/"Łukasz" were no name at all. Names are whole, in any script
+    that has capitals; a person is found by their real name."""
+    with open_memory(tmp_path / "names.duckdb") as m:
+        rene = m.remember_sync("René lives in Paris.")
+        renee = m.remember_sync("Renée lives in Lyon.")
+        assert "René" in _names(rene) and "Renée" in _names(renee)
+        assert not renee.evolutions  # two people: nothing of René's is touched by Renée's news
+        assert _names(m.remember_sync("Müller works at Initech.")) >= {"Müller", "Initech"}
+        assert _names(m.remember_sync("Jürgen met Ana in Zürich.")) >= {"Jürgen", "Ana", "Zürich"}
+        assert "Émile" in _names(m.remember_sync("Émile works at Acme Corp."))
+        assert "Łukasz" in _names(m.remember_sync("Łukasz works at Globex."))
+        assert "Søren" in _names(m.remember_sync("Søren lives in Oslo. Ólafur moved to Reykjavík."))
+        hits = m.recall_sync("Where does René live?", umi.RecallOptions(limit=1))
+        assert [h.content for h in hits] == ["René lives in Paris."]
+
+
+def test_a_sentence_opening_with_an_accented_capital_is_its_own_sentence() -> None:
+    """"Bob lives in Rome. Émile works at Acme." is two sentences (the split looked for A-Z only),
+    so Émile's fact is not filed under Bob."""
+    with umi.Memory.sim(seed=1) as m:
+        r = m.remember_sync("Bob lives in Rome. Émile works at Acme Corp.", RememberOptions())
+        by_name = {e.name: e.content for e in r.entities}
+        assert by_name.get("Bob") == "Bob lives in Rome."
+        assert by_name.get("Émile") == "Émile works at Acme Corp."
+
+
+def test_a_decomposed_accent_stays_part_of_the_name() -> None:
+    """The same name typed with a combining accent (NFD, as macOS file names and some keyboards
+    give it) is the whole name, not the letters before the accent."""
+    import unicodedata
+
+    with umi.Memory.sim(seed=1) as m:
+        nfd = unicodedata.normalize("NFD", "José works at Acme Corp.")
+        assert unicodedata.normalize("NFD", "José") in _names(m.remember_sync(nfd))
+
+
+def test_a_speaker_label_with_an_accent_names_the_speaker() -> None:
+    with umi.Memory.sim(seed=1) as m:
+        r = m.remember_sync("Zoë: I moved to Berlin last month.")
+        assert "Zoë" in _names(r)
