@@ -280,3 +280,29 @@ def test_forgotten_text_is_not_left_in_the_database_file(tmp_path: Path) -> None
         assert all("xylophonic7731" not in h.content for h in m.recall_sync("xylophonic7731"))
     for f in tmp_path.iterdir():
         assert secret not in f.read_bytes(), f"{f.name} still holds the forgotten text"
+
+
+# --- importing an older export over a store that moved on -----------------------------------------
+def test_importing_an_older_export_over_newer_facts_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    """A user exports (a backup), corrects a fact (update), then imports the backup again. The
+    import overwrote the corrected fact's row with its old, current state while its history still
+    ended in 'supersede' and the 'update' relation still retired it: two current answers to one
+    question and a store that contradicts itself. An import that would overwrite a stored fact with
+    another state is refused (all-or-nothing: nothing written); an unchanged one stays idempotent."""
+    import io
+
+    with open_memory(tmp_path / "m.duckdb") as m:
+        old = m.remember_sync("Alice works at Acme Corp.").entities[0]
+        backup = io.StringIO()
+        m.export_sync(backup)
+        assert m.import_sync(io.StringIO(backup.getvalue()))["entities"] >= 1  # same state: idempotent
+        new = m.update_sync(old.id, "Alice works at Initech.").entities[0]
+        before = io.StringIO()
+        m.export_sync(before)
+        with pytest.raises(umi.ValidationError, match="is stored in another state"):
+            m.import_sync(io.StringIO(backup.getvalue()))
+        after = io.StringIO()
+        m.export_sync(after)
+        assert after.getvalue() == before.getvalue()
+        assert [h.content for h in m.recall_sync("Where does Alice work?")] == [new.content]
+        assert m.get_sync(old.id).valid_to is not None
