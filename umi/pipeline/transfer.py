@@ -188,10 +188,10 @@ def check_consistent(plan: ImportPlan, ctx: PipelineContext) -> None:
     # with its older state: its history and relations would contradict its row.
     stored = {e.id: e for e in ctx.storage.get_many(sorted(ids))} if ids else {}
     for e in plan.entities:
-        have = stored.get(e.id)
-        if have is not None and _state(have) != _state(e):
+        current = stored.get(e.id)
+        if current is not None and _state(current) != _state(e):
             raise ValidationError(f"entity {e.id} is stored in another state than the file's (changed since "
-                                  f"the export: updated_at {have.updated_at}, the file's {e.updated_at}); "
+                                  f"the export: updated_at {current.updated_at}, the file's {e.updated_at}); "
                                   "importing would overwrite it with the older state: forget it first, or "
                                   "import into another store")
     # Vectors made by another embedder (or of another size) would be wrong neighbours: embed again.
