@@ -306,3 +306,25 @@ def test_importing_an_older_export_over_newer_facts_is_refused_and_changes_nothi
         assert after.getvalue() == before.getvalue()
         assert [h.content for h in m.recall_sync("Where does Alice work?")] == [new.content]
         assert m.get_sync(old.id).valid_to is not None
+
+
+# --- the MCP server: a JSON boolean is no time -----------------------------------------------------
+@pytest.mark.parametrize("field,tool,args", [
+    ("event_time", "remember", {"text": "Wes keeps bees in Turku."}),
+    ("as_of", "recall", {"query": "Who keeps bees?"}),
+    ("time_start", "recall", {"query": "Who keeps bees?"}),
+])
+async def test_an_mcp_time_given_as_true_is_refused_not_read_as_one_millisecond(field: str, tool: str,
+                                                                               args: dict[str, Any]) -> None:
+    """A client that sends {"event_time": true} got a fact dated 1970-01-01T00:00:00.001 (the JSON
+    boolean coerced to the int 1). A time is an ISO-8601 string or integer milliseconds."""
+    pytest.importorskip("mcp", reason="the mcp extra is not installed")
+    from mcp import Client
+
+    from umi.integrations.mcp_server import build_server
+
+    with umi.Memory.sim(seed=1) as m:
+        async with Client(build_server(m)) as client:
+            result = await client.call_tool(tool, {**args, field: True})
+            assert result.is_error
+            assert m.count_sync() == 0
