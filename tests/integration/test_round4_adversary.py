@@ -328,3 +328,22 @@ async def test_an_mcp_time_given_as_true_is_refused_not_read_as_one_millisecond(
             result = await client.call_tool(tool, {**args, field: True})
             assert result.is_error
             assert m.count_sync() == 0
+
+
+def test_every_langgraph_store_call_after_its_memory_closed_is_memory_closed(tmp_path: Path) -> None:
+    """After the Memory closes, put said MemoryClosedError but get/search/list_namespaces reached
+    the closed store and said StorageError("this DuckDB store is closed"): one error for one cause."""
+    pytest.importorskip("langgraph", reason="the langgraph extra is not installed")
+    from umi.integrations.langgraph import UmiStore
+
+    m = open_memory(tmp_path / "lg.duckdb")
+    store = UmiStore(m, user_level=1)
+    store.put(("memories", "alice"), "kept", {"text": "Alice keeps bees"})
+    m.close()
+    for call in (lambda: store.get(("memories", "alice"), "kept"),
+                 lambda: store.search(("memories", "alice")),
+                 lambda: store.search(("memories", "alice"), query="bees"),
+                 lambda: store.list_namespaces(),
+                 lambda: store.put(("memories", "alice"), "new", {"text": "x"})):
+        with pytest.raises(umi.MemoryClosedError):
+            call()

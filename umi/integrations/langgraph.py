@@ -123,6 +123,7 @@ class UmiStore(BaseStore):
 
     # --- BaseStore --------------------------------------------------------------
     def batch(self, ops: Iterable[Op]) -> list[Result]:
+        self.memory._check_open()  # reads go to the store directly: the Memory's error, not the store's
         ops = list(ops)
         for op in ops:
             validate_op_namespace(op)
