@@ -11,6 +11,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, TypeVar
 
+from ._validate import TIME_MS_MAX, TIME_MS_MIN, check_real
 from .errors import CoreMemoryFullError, InvalidConfigError, MemoryClosedError
 from .options import MemoryConfig
 from .pipeline.context import WriteLock
@@ -52,6 +53,18 @@ def check_embedder(storage: StorageBackend, embedder: EmbeddingProvider) -> None
         )
 
 
+def user_clock_ms(clock: Callable[[], float]) -> Callable[[], int]:
+    """A user's ``clock()`` (seconds) read as integer ms, each reading checked: a number (else
+    TypeError), finite and inside the times umi stores (else InvalidConfigError), so a NaN or
+    an overflowing reading fails the call with a umi error before it writes anything."""
+    lo, hi = TIME_MS_MIN / 1000.0, TIME_MS_MAX / 1000.0
+
+    def read() -> int:
+        return round(check_real(clock(), "clock()", lo, hi) * 1000.0)
+
+    return read
+
+
 class Clock:
     """Milliseconds that never repeat: max(clock, last + 1), so every event has its own instant."""
 
@@ -80,9 +93,13 @@ class Engine:
         self.embedder = embedder
         self.storage = storage
         self.clock = clock
-        seconds = clock if clock is not None else time.time
         exact_ms = getattr(clock, "now_ms", None)  # a SimClock keeps integer ms: no float round trip
-        self.now_ms = Clock(exact_ms if callable(exact_ms) else (lambda: round(seconds() * 1000.0)))
+        if callable(exact_ms):
+            self.now_ms = Clock(exact_ms)
+        elif clock is None:
+            self.now_ms = Clock(lambda: round(time.time() * 1000.0))
+        else:
+            self.now_ms = Clock(user_clock_ms(clock))
         self.runner: LoopThread = LoopThread()
         self.write_lock = WriteLock()  # one per store: every view's pipelines share it
         self._parts_lock = threading.Lock()
@@ -177,6 +194,7 @@ class Engine:
         from the child would close or checkpoint it under the parent)."""
         if self.closed:
             return
+        self.runner.check_off_loop("close()")  # refused before it marks anything closed
         self.closed = True
         if self.runner.forked:
             self.runner.close()  # marks it closed; nothing of the loop exists in this process

@@ -143,10 +143,18 @@ class LoopThread:
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the loop and block until it finishes (or the runner closes)."""
-        if threading.current_thread() is self._thread:
+        try:
+            self.check_off_loop("a _sync method", "; await the async method")
+        except RuntimeError:
             coro.close()
-            raise RuntimeError("a _sync method was called from inside umi's own loop; await the async method")
+            raise
         return self._submit(coro).result()
+
+    def check_off_loop(self, what: str, hint: str = "") -> None:
+        """RuntimeError when called on the loop's own thread (a progress callback, say), where
+        blocking on the loop would wait for itself. Callers check before they change any state."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError(f"{what} was called from inside umi's own loop{hint}")
 
     async def arun(self, coro: Coroutine[Any, Any, T]) -> T:
         """Await ``coro`` on the loop from any other loop (or directly when already on it)."""
@@ -166,6 +174,7 @@ class LoopThread:
     def close(self) -> None:
         """Refuse new calls, let calls in flight finish for ``grace_secs``, fail the rest
         with :class:`MemoryClosedError`, stop the loop. Idempotent; from any thread."""
+        self.check_off_loop("close()")  # refused before it marks anything closed
         with self._lock:
             if self._closed:
                 return
@@ -173,8 +182,6 @@ class LoopThread:
             pending = list(self._pending)
         if self._forked:  # nothing of the loop exists in this process
             return
-        if threading.current_thread() is self._thread:
-            raise RuntimeError("close() was called from inside umi's own loop")
         if pending:
             concurrent.futures.wait(pending, timeout=self.grace_secs)
         for fut in pending:

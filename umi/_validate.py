@@ -46,6 +46,7 @@ __all__ = [
     "WORKING_MEMORY_TTL_SECS_MAX",
     "TIME_MS_MIN",
     "TIME_MS_MAX",
+    "check_bool",
     "check_int",
     "check_real",
     "check_text",
@@ -93,6 +94,12 @@ WORKING_MEMORY_TTL_SECS_MAX = 7 * 24 * 3600.0
 
 def _type_name(value: object) -> str:
     return type(value).__name__
+
+
+def check_bool(value: object, what: str, *, optional: bool = False) -> None:
+    """A switch: a ``bool`` (or None when ``optional``); a truthy ``"no"`` is a TypeError, never on."""
+    if not isinstance(value, bool) and not (optional and value is None):
+        raise TypeError(f"{what} must be a bool{' or None' if optional else ''}, not {_type_name(value)}")
 
 
 def check_int(value: object, what: str, lo: int, hi: int,

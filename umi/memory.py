@@ -168,6 +168,9 @@ class Memory:
         if storage is None:
             if not isinstance(path, (str, os.PathLike)):
                 raise TypeError(f"path must be str or PathLike, not {type(path).__name__}")
+            if os.fspath(path) in ("", b""):  # DuckDB would open an in-memory database: lost at close
+                raise ValidationError("the database path is empty; give a file path, or ':memory:' "
+                                      "for an in-memory store (nothing kept after close)")
             from .storage.duckdb import DuckDBStorageBackend
 
             storage = DuckDBStorageBackend.connect(
@@ -520,6 +523,8 @@ class Memory:
     async def export(self, out: Any, *, embeddings: bool = False) -> int:
         """Write everything this view sees — sources, facts (superseded too), relations, history —
         as JSONL to a path or a text file; vectors only with ``embeddings=True``. Returns lines written."""
+        if not isinstance(out, (str, os.PathLike)) and not callable(getattr(out, "writelines", None)):
+            raise TypeError(f"out must be a path or a text file, not {type(out).__name__}")
         ctx = self._ctx
         records = await self._engine.locked_io(lambda: _transfer.export_records(ctx, embeddings=embeddings))
         if isinstance(out, (str, os.PathLike)):
@@ -539,6 +544,9 @@ class Memory:
         every line is checked first, facts without vectors are embedded (``progress(done, total)``),
         then one transaction writes them. Text lines are then remembered with :meth:`remember_many`
         (``progress`` again), chunk by chunk: a rerun skips the texts already there."""
+        if isinstance(src, (bytes, bytearray, memoryview)) or not (
+                isinstance(src, (str, os.PathLike)) or hasattr(src, "__iter__")):
+            raise TypeError(f"src must be a path or an iterable of JSONL lines (str), not {type(src).__name__}")
         ctx = self._ctx
         if isinstance(src, (str, os.PathLike)):
             def read() -> _transfer.ImportPlan:
@@ -573,9 +581,9 @@ class Memory:
         """Finish pending work, save the index cache, release providers. Idempotent."""
         if self._closed:
             return
-        self._closed = True
         if self._owner:
-            self._engine.close()
+            self._engine.close()  # refused on umi's own loop (RuntimeError): then this Memory stays open
+        self._closed = True
 
     async def aclose(self) -> None:
         import asyncio

@@ -163,6 +163,8 @@ class RememberOptions:
     event_time: int | None = None
 
     def __post_init__(self) -> None:
+        for switch in ("extract_entities", "generate_embeddings", "detect_evolutions"):
+            V.check_bool(getattr(self, switch), switch)
         object.__setattr__(self, "importance", _check_importance(self.importance))
         if self.metadata is not None:
             object.__setattr__(self, "metadata", validate_metadata(self.metadata))
@@ -247,14 +249,10 @@ class RecallOptions:
             filters = dataclasses.replace(filters, **changes)  # SearchFilters validates: one rule
         if sort_by not in ("relevance", "event_time", "created_at"):
             raise InvalidConfigError(f"sort_by must be 'relevance', 'event_time' or 'created_at', got {sort_by!r}")
-        if not isinstance(sort_ascending, bool):
-            raise TypeError(f"sort_ascending must be a bool, not {type(sort_ascending).__name__}")
-        if not isinstance(use_vector_search, bool):
-            raise TypeError(f"use_vector_search must be a bool, not {type(use_vector_search).__name__}")
-        if deep_search is not None and not isinstance(deep_search, bool):
-            raise TypeError(f"deep_search must be a bool or None, not {type(deep_search).__name__}")
-        if rerank is not None and not isinstance(rerank, bool):
-            raise TypeError(f"rerank must be a bool or None, not {type(rerank).__name__}")
+        V.check_bool(sort_ascending, "sort_ascending")
+        V.check_bool(use_vector_search, "use_vector_search")
+        V.check_bool(deep_search, "deep_search", optional=True)
+        V.check_bool(rerank, "rerank", optional=True)
         if limit is not None:
             check_limit(limit)
         for name, value in (("limit", limit), ("use_vector_search", use_vector_search),

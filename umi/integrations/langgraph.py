@@ -62,6 +62,7 @@ from langgraph.store.base import (
     validate_op_namespace,
 )
 
+from .._validate import utf8_len
 from ..errors import InvalidConfigError, InvalidLimitError
 from ..options import RECALL_LIMIT_MAX, RecallOptions
 from ..storage.base import SearchFilters
@@ -122,6 +123,7 @@ class UmiStore(BaseStore):
 
     # --- BaseStore --------------------------------------------------------------
     def batch(self, ops: Iterable[Op]) -> list[Result]:
+        self.memory._check_open()  # reads go to the store directly: the Memory's error, not the store's
         ops = list(ops)
         for op in ops:
             validate_op_namespace(op)
@@ -173,6 +175,8 @@ class UmiStore(BaseStore):
         return Scope(**parts)
 
     def _item_id(self, scope: Mapping[str, str], namespace: tuple[str, ...], key: str) -> str:
+        for what, text in [("a store key", key), *(("a namespace label", label) for label in namespace)]:
+            utf8_len(text, what)  # a lone surrogate: ValidationError (get, put and delete alike)
         ident = json.dumps([[scope.get(p) for p in _SCOPE_PARTS], list(namespace), key],
                            ensure_ascii=False, separators=(",", ":"))
         return str(uuid.uuid5(_ID_NAMESPACE, ident))
@@ -326,7 +330,8 @@ class UmiStore(BaseStore):
                 continue
             if not isinstance(op.value, Mapping):
                 raise TypeError(f"a store value must be a dict, not {type(op.value).__name__}")
-            json.dumps(op.value)  # not JSON: TypeError now, before anything is written
+            # not JSON: TypeError; a lone surrogate: ValidationError - now, before anything is written
+            utf8_len(json.dumps(op.value, ensure_ascii=False), "a store value")
             text = None if op.index is False else self._index_text(op.value, op.index or None)
             upserts.append((op, scope, entity_id, text))
         texts = [t for (_, _, _, t) in upserts if t is not None]

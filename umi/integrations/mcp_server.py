@@ -32,7 +32,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
-from pydantic import Field
+from pydantic import Field, StrictInt
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
@@ -60,7 +60,7 @@ UserId = Annotated[str | None, Field(
     description="Whose memory: fills in the server's user when it has none; must match it otherwise.")]
 AgentId = Annotated[str | None, Field(
     description="Which agent's memory: fills in the server's agent when it has none; must match it otherwise.")]
-TimeBound = Annotated[int | str | None, Field(
+TimeBound = Annotated[StrictInt | str | None, Field(  # StrictInt: a JSON true is no time
     description="ISO-8601 time (e.g. 2026-01-31 or 2026-01-31T09:00:00Z; no zone = UTC) "
                 "or integer milliseconds since the Unix epoch.")]
 

@@ -44,8 +44,13 @@ class ExtractedEntity:
     confidence: float = 0.8
 
 
-_SENT_SPLIT = re.compile(r"(?<=[.!?;])\s+(?=[A-Z0-9\"'(])|\n+")
-_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9&'.\-]*")
+#: combining marks: part of the letter before them ("José" typed decomposed, NFD)
+MARKS = "\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f"
+#: a word: letters of any script and digits ("Müller", "Łukasz", "2024"), then those, marks and &'.-
+_WORD = re.compile(rf"[^\W_](?:[^\W_]|[{MARKS}&'.\-])*")
+#: a sentence break candidate: white space after . ! ? ; (a break when the next character opens a
+#: sentence: see split_sentences), or a line break
+_SENT_BREAK = re.compile(r"(?<=[.!?;])\s+(?=(\S))|\n+")
 
 STOP_CAPS = frozenset(
     """
@@ -92,7 +97,14 @@ TASK_CUE = re.compile(r"\b(?:todo|to-do|remind me|need to|needs to|must|deadline
 
 #: a speaker label at the start of a line: one to three capitalised words and a colon ("Bob:",
 #: "Mary Ann:"), then the turn
-_SPEAKER = re.compile(r"^\s*([A-Z][A-Za-z'\-]*(?: [A-Z][A-Za-z'\-]*){0,2})\s*:\s+(?=\S)")
+_LABEL_WORD = rf"[^\W\d_](?:[^\W\d_]|[{MARKS}'\-])*"
+_SPEAKER = re.compile(rf"^\s*({_LABEL_WORD}(?: {_LABEL_WORD}){{0,2}})\s*:\s+(?=\S)")
+
+
+def _label(line: str) -> "re.Match[str] | None":
+    """A speaker label opening ``line`` ("Zoë: ...", "Mary Ann: ..."): 1-3 words, each capitalised."""
+    m = _SPEAKER.match(line)
+    return m if m is not None and all(w[:1].isupper() for w in m.group(1).split()) else None
 
 
 def speaker_of(line: str, mid_caps: frozenset[str] = frozenset()) -> str | None:
@@ -101,7 +113,7 @@ def speaker_of(line: str, mid_caps: frozenset[str] = frozenset()) -> str | None:
     A label word must not be a pronoun/function word, and a label of common English words
     ("Note:", "Update:") is a label only when the text also writes it capitalised mid-sentence
     (the same evidence :func:`_name_spans` asks of a sentence's first word)."""
-    m = _SPEAKER.match(line)
+    m = _label(line)
     if m is None:
         return None
     words = m.group(1).split()
@@ -137,7 +149,19 @@ def about_speaker(body: str, mid_caps: frozenset[str] = frozenset()) -> bool:
 
 
 def split_sentences(text: str) -> list[str]:
-    return [s.strip() for s in _SENT_SPLIT.split(text.strip()) if s and s.strip()]
+    """Sentences: split after . ! ? ; where the next one opens with a capital (any script), a digit,
+    a quote or a parenthesis ("e.g. this" stays whole), and at every line break."""
+    text = text.strip()
+    out: list[str] = []
+    start = 0
+    for m in _SENT_BREAK.finditer(text):
+        nxt = m.group(1)
+        if nxt is not None and not (nxt.isupper() or nxt.isdigit() or nxt in "\"'(") and "\n" not in m.group(0):
+            continue
+        out.append(text[start:m.start()])
+        start = m.end()
+    out.append(text[start:])
+    return [s.strip() for s in out if s and s.strip()]
 
 
 def _is_cap(tok: str) -> bool:
@@ -218,7 +242,7 @@ def _bare(word: str) -> str:
 def _starts(sentence: str, toks: list[tuple[int, int, str]]) -> set[int]:
     """Indexes of the tokens that start a sentence: the first, and after a speaker label
     ("Amara: First week at…") the first of the turn."""
-    label = _SPEAKER.match(sentence)
+    label = _label(sentence)
     if label is None:
         return {0}
     return {0, next((k for k, t in enumerate(toks) if t[0] >= label.end()), 0)}
@@ -270,7 +294,7 @@ def rule_extract(text: str) -> list[ExtractedEntity]:
             for sentence in split_sentences(line)]
     for sentence, speaker in said:
         spans = _name_spans(sentence, mid_caps)
-        label = _SPEAKER.match(sentence) if speaker else None
+        label = _label(sentence) if speaker else None
         body = sentence
         if label is not None:  # the label says who speaks, not whom the line is about
             spans = [sp for sp in spans if sp[0] >= label.end()]

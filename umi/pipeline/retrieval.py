@@ -19,7 +19,7 @@ import dataclasses
 from operator import itemgetter
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence, Union
 
-from .extraction import _name_spans, asks
+from .extraction import MARKS, _name_spans, asks
 from .time import is_temporal_query, query_time_range, time_matches
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ _STOP = frozenset(
     "who whom whose what which when where why how can could should would will has have had me my i you "
     "your it its this that there their they them he she his her we our us any some tell know".split()
 )
-_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'\-]*")
+_WORD = re.compile(rf"[^\W_](?:[^\W_]|[{MARKS}'\-])*")  # any script's letters, as names are read
 SYNONYMS = {
     "job": ["works", "work"],
     "work": ["works", "job"],

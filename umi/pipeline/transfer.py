@@ -184,6 +184,16 @@ def check_consistent(plan: ImportPlan, ctx: PipelineContext) -> None:
                 if end not in ids and end not in have:
                     raise ValidationError(f"relation {r.id} refers to entity {end}, which is neither stored "
                                           "nor in the file")
+    # A stored fact that changed since the export (superseded, revived, updated) is not overwritten
+    # with its older state: its history and relations would contradict its row.
+    stored = {e.id: e for e in ctx.storage.get_many(sorted(ids))} if ids else {}
+    for e in plan.entities:
+        current = stored.get(e.id)
+        if current is not None and _state(current) != _state(e):
+            raise ValidationError(f"entity {e.id} is stored in another state than the file's (changed since "
+                                  f"the export: updated_at {current.updated_at}, the file's {e.updated_at}); "
+                                  "importing would overwrite it with the older state: forget it first, or "
+                                  "import into another store")
     # Vectors made by another embedder (or of another size) would be wrong neighbours: embed again.
     theirs = (plan.header or {}).get("embedder")
     ours = getattr(ctx.embedder, "name", None)
@@ -197,6 +207,11 @@ def check_consistent(plan: ImportPlan, ctx: PipelineContext) -> None:
             if not ctx.sees(what.scope):
                 raise ValidationError(f"record {what.id} belongs to scope {what.scope.to_dict()}, outside this "
                                       f"view's scope {ctx.scope.to_dict()}")
+
+
+def _state(e: Entity) -> tuple[Any, ...]:
+    """What an import may not silently change about a stored fact."""
+    return (e.content, e.valid_from, e.valid_to, e.updated_at)
 
 
 async def embed_missing(ctx: PipelineContext, plan: ImportPlan, progress: Progress | None) -> int:
