@@ -209,6 +209,15 @@ def cmd_export(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def cmd_compact(args: argparse.Namespace, out: TextIO) -> int:
+    """Rewrite the database file so that forgotten text is gone from disk (:meth:`Memory.compact`)."""
+    before = os.path.getsize(args.db) if os.path.exists(args.db) else 0
+    with _memory(args.db, args) as memory:
+        memory.compact_sync()
+    out.write(f"compacted {args.db}: {before} -> {os.path.getsize(args.db)} bytes\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -254,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="file to write (default: stdout)")
     e.add_argument("--embeddings", action="store_true", help="include embedding vectors")
     e.set_defaults(fn=cmd_export)
+
+    c = with_db(sub.add_parser("compact", help="rewrite the database file so that forgotten text is gone from disk"))
+    c.set_defaults(fn=cmd_compact)
 
     from .integrations import _mcp_cli  # the `mcp` subcommand; the MCP SDK loads only when it runs
 

@@ -518,6 +518,18 @@ class Memory:
 
     forget_scope_sync = _sync(forget_scope)
 
+    @_on_loop
+    async def compact(self) -> bool:
+        """Rewrite the store's files so that the text of forgotten facts is gone from disk, not
+        only from every read: DuckDB keeps a deleted row's bytes in the database file, LanceDB
+        in older table versions and Postgres in dead tuples until they are rewritten. Run it after
+        a forget that must leave no trace (time grows with the store's size; other calls wait).
+        Store-wide, whatever this view's scope. False when the store keeps nothing on disk."""
+        storage = self._ctx.storage
+        return await self._engine.locked_io(storage.compact)
+
+    compact_sync = _sync(compact)
+
     # --- export / import -----------------------------------------------------
     @_on_loop
     async def export(self, out: Any, *, embeddings: bool = False) -> int:

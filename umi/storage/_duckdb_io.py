@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
@@ -492,6 +493,43 @@ def _postings(con: Any) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
     return tbl.column("term").to_pylist(), offsets, flat_rows, flat_tfs
 
 
+def copy_database(con: Any, path: str) -> None:
+    """Every table of ``con``'s database, checkpointed first, copied into a new DuckDB file at
+    ``path`` (schema, indexes and rows; deleted rows and freed blocks left behind), checkpointed
+    and synced to disk."""
+    remove_database_files(path)
+    name = con.execute("SELECT current_database()").fetchall()[0][0]
+    con.execute("CHECKPOINT")
+    con.execute(f"ATTACH {_sql_text(path)} AS umi_compact")
+    try:
+        con.execute(f"COPY FROM DATABASE {_sql_ident(name)} TO umi_compact")
+        con.execute("CHECKPOINT umi_compact")
+    finally:
+        con.execute("DETACH umi_compact")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_database_files(path: str) -> None:
+    """``path`` and its write-ahead log, if they exist."""
+    for p in (path, path + ".wal"):
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+
+
+def _sql_text(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _sql_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
 # --- the durable store --------------------------------------------------------------------
 
 
@@ -822,6 +860,13 @@ class DuckDBDurable(DurableStore):
                 w = _Writer(cur, self.con)
             self._writers[key] = w
         return w
+
+    def reconnect(self, con: Any) -> None:
+        """Go on with ``con`` (the same file, opened again by a compact) after :meth:`close`."""
+        self._writers = {}
+        self.con = con
+        if self._pool > 1:
+            con.execute("SET threads = 1")
 
     def close(self) -> None:
         plain = self._writers.pop("plain", None)

@@ -48,8 +48,9 @@ UPSERT_ENTITIES = (
     "agent_id = EXCLUDED.agent_id, session_id = EXCLUDED.session_id"
 )
 
-_TABLES = ("entities", "sources", "relations", "history", "state", "migrations", "terms", "core_blocks",
-           "core_history", "meta", "passages")
+#: every table of a store (``TableNames.table(key)`` names it)
+TABLE_KEYS = ("entities", "sources", "relations", "history", "state", "migrations", "terms", "core_blocks",
+              "core_history", "meta", "passages")
 
 
 class TableNames:
@@ -59,7 +60,7 @@ class TableNames:
         self.sql = sql
         self.schema = schema
         self.prefix = prefix
-        self._tables = {n: self.table(n) for n in _TABLES}
+        self._tables = {n: self.table(n) for n in TABLE_KEYS}
 
     def table(self, name: str) -> Any:
         full = self.prefix + name

@@ -386,6 +386,13 @@ class StorageBackend(abc.ABC):
     def generation(self) -> int:
         """A counter bumped by every committed write."""
 
+    def compact(self) -> bool:
+        """Rewrite what the store keeps on disk so that the bytes of deleted and forgotten rows are
+        gone from its files, not only from every read (a database keeps them until it rewrites
+        the pages that held them). Time grows with the store's size. False when the store keeps
+        nothing on disk to rewrite (in memory)."""
+        return False
+
     @abc.abstractmethod
     def close(self) -> None: ...
 

@@ -42,6 +42,7 @@ import logging
 import os
 import threading
 import weakref
+from pathlib import Path
 from typing import Any, Callable
 
 import duckdb
@@ -53,7 +54,9 @@ from ..errors import (
     UmiError,
 )
 from ._common import check_int
-from ._duckdb_io import DuckDBDurable, load_metadata, load_postings, metadata_counts
+from .._index_file import fsync_dir
+from ._duckdb_io import (DuckDBDurable, copy_database, load_metadata, load_postings, metadata_counts,
+                          remove_database_files)
 from ._overlap import Background
 from ._duckdb_schema import check_path, open_connection, prepare, stored_generation
 from .cached import CachedStore, FaultyDurable
@@ -64,6 +67,8 @@ log = logging.getLogger("umi.storage.duckdb")
 
 #: the vector index cache lives at ``<database path> + INDEX_SUFFIX``
 INDEX_SUFFIX = ".umiidx"
+#: :meth:`DuckDBStorageBackend.compact` writes the new file at ``<database path> + COMPACT_SUFFIX``
+COMPACT_SUFFIX = ".compact.tmp"
 #: the keyword index cache (BM25 postings) at ``<database path> + TERMS_SUFFIX``
 TERMS_SUFFIX = ".umiterms"
 
@@ -262,6 +267,7 @@ class DuckDBStorageBackend(CachedStore):
         """Temp files of index saves cut short by a crash (we hold the write lock: no save is running)."""
         if self.index_path is None or self.terms_path is None or self.read_only:
             return
+        remove_database_files(self.path + COMPACT_SUFFIX)  # a compact cut short before its rename
         directory, name = os.path.split(os.path.abspath(self.index_path))
         names = (f".{name}.", f".{os.path.basename(self.terms_path)}.")
         try:
@@ -417,6 +423,58 @@ class DuckDBStorageBackend(CachedStore):
             except duckdb.Error as exc:
                 raise StorageError(f"checkpoint failed: {exc}") from exc
             self._save_index_quietly()
+
+    def compact(self) -> bool:
+        """Rewrite the database file so that it holds only what is stored now. DuckDB keeps a
+        deleted row's bytes in its row group (under a delete mask) and in freed blocks, so the
+        text of a forgotten fact stays readable in the file until this runs: every table is copied
+        into a new file (``COPY FROM DATABASE``), which is synced and put in the old one's place.
+        The index caches beside it are saved again. Time and disk space grow with the file's size;
+        the store answers nothing meanwhile. A
+        failure before the new file is in place leaves the store as it was. False for a store in
+        memory (nothing on disk)."""
+        with self._lock:
+            self._check_writable()
+            if self._depth:
+                raise StorageError("compact() inside a transaction: it rewrites the committed state")
+            if self.in_memory:
+                return False
+            raw: DuckDBDurable = getattr(self._durable, "inner", self._durable)  # type: ignore[arg-type]
+            tmp = self.path + COMPACT_SUFFIX
+            try:
+                with raw.bulk():
+                    copy_database(raw.con, tmp)
+            except (duckdb.Error, OSError) as exc:
+                remove_database_files(tmp)
+                raise StorageError(f"compact of {self.path!r} failed, the store is unchanged: "
+                                   f"{type(exc).__name__}: {exc}") from exc
+            raw.close()
+            failed: StorageError | None = None
+            try:
+                if os.path.exists(self.path + ".wal"):  # DuckDB leaves none after a CHECKPOINT and a close
+                    failed = StorageError(f"compact of {self.path!r} found a write-ahead log after closing "
+                                          "the file; the store is unchanged")
+                else:
+                    os.replace(tmp, self.path)
+                    fsync_dir(Path(self.path).absolute().parent)
+            except OSError as exc:
+                failed = StorageError(f"compact of {self.path!r} could not put the new file in place, the "
+                                      f"store is unchanged: {exc}")
+            remove_database_files(tmp)
+            try:
+                raw.reconnect(open_connection(self.path, False))
+            except BaseException:
+                self._closed = True  # the file is whole (old or new); this handle cannot reach it
+                self._release()
+                raise
+            if failed is not None:
+                raise failed
+            try:
+                self._save_caches()  # a cache saved before the forget still holds its words
+            except (IndexCacheError, OSError) as exc:
+                raise StorageError(f"compact of {self.path!r} rewrote the database but could not save the index "
+                                   f"caches beside it (they may still hold forgotten words): {exc}") from exc
+            return True
 
     def build_vector_index(self) -> bool:
         """Build the HNSW graph now, waiting for it (searches build it on a thread when first

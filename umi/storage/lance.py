@@ -266,11 +266,17 @@ class LanceDurable(DurableStore):
             self.t[table].merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(
                 pa.Table.from_pylist(put, schema=self.schema(table)))
 
-    def optimize(self) -> None:
+    def optimize(self, *, keep_old_versions: bool = True) -> None:
+        """Compact small fragments; drop versions older than ten minutes, or (``keep_old_versions``
+        False) every version but the current one and files no version uses."""
         import datetime
+        import warnings
 
+        older = datetime.timedelta(minutes=10) if keep_old_versions else datetime.timedelta(0)
         for t in self.t.values():
-            t.optimize(cleanup_older_than=datetime.timedelta(minutes=10))
+            with warnings.catch_warnings():  # "cleanup_older_than=0 ...": this process holds the store's lock
+                warnings.simplefilter("ignore", UserWarning)
+                t.optimize(cleanup_older_than=older, delete_unverified=not keep_old_versions)
 
 
 class LanceStorageBackend(CachedStore):
@@ -381,6 +387,19 @@ class LanceStorageBackend(CachedStore):
             if self._depth:
                 raise StorageError("optimize() cannot run inside a transaction")
             self._durable.optimize()  # type: ignore[attr-defined]
+
+    def compact(self) -> bool:
+        """Rewrite the tables and drop every older version of them (:meth:`optimize` keeps ten
+        minutes of versions, which still hold forgotten rows). Never inside a transaction."""
+        with self._lock:
+            self._check_writable()
+            if self._depth:
+                raise StorageError("compact() cannot run inside a transaction")
+            try:
+                self._durable.optimize(keep_old_versions=False)  # type: ignore[attr-defined]
+            except Exception as exc:  # noqa: BLE001 - lance raises its own (OSError, RuntimeError...)
+                raise StorageError(f"compact of {self.path} failed: {type(exc).__name__}: {exc}") from exc
+            return True
 
     def _before_close(self) -> None:
         pass

@@ -422,6 +422,24 @@ class PostgresStorageBackend(StorageBackend):
             raise StorageError(f"building the HNSW index failed: {exc}") from exc
         return self._index_valid
 
+    def compact(self) -> bool:
+        """``VACUUM FULL`` of umi's tables: each is rewritten into new files and its old files
+        (TOAST included) removed, so the bytes of deleted and forgotten rows leave the table
+        files. The server's write-ahead log and its backups keep them until the server recycles
+        them. Each table is locked exclusively while it is rewritten: other sessions wait."""
+        self._check_open()
+        if self._tx() is not None:
+            raise StorageError("compact() inside a transaction: VACUUM cannot run in one")
+        import psycopg
+
+        try:
+            with self._pool.connection() as conn:  # autocommit
+                for name in S.TABLE_KEYS:
+                    conn.execute(self._sql.SQL("VACUUM FULL {t}").format(t=self._names.table(name)))
+        except psycopg.Error as exc:
+            raise StorageError(f"compact (VACUUM FULL) failed: {exc}") from exc
+        return True
+
     def _retry_or_raise(self, exc: BaseException, attempt: int) -> int:
         """Back off and return the next attempt number; re-raise what is not worth retrying."""
         import psycopg
