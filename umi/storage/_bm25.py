@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from array import array
 from typing import Any, Callable, Iterable, Sequence
 
@@ -469,24 +470,14 @@ def _fold_csr(off, rows, tfs, nb, log_t, log_r, log_f, n_terms):  # pragma: no c
             span = log_r[i] + 1
     key = np.empty(m, np.int64)
     for i in range(m):
-        key[i] = log_t[i] * span + log_r[i]
+        key[i] = np.int64(log_t[i]) * span + log_r[i]
     order = np.argsort(key, kind="mergesort")  # stable: a later write after an earlier one
-    lt = np.empty(m, np.int64)
-    lr = np.empty(m, np.int64)
-    lf = np.empty(m, np.float64)
-    u = 0
-    for j in range(m):
-        i = order[j]
-        if j + 1 < m and key[order[j + 1]] == key[i]:
-            continue  # written again later
-        lt[u] = log_t[i]
-        lr[u] = log_r[i]
-        lf[u] = float(log_f[i])
-        u += 1
-    out_rows = np.empty(off[nb] + u, np.int64)
-    out_tfs = np.empty(off[nb] + u, np.float64)
+    out_rows = np.empty(off[nb] + m, np.int64)
+    out_tfs = np.empty(off[nb] + m, np.float64)
     new_off = np.zeros(n_terms + 1, np.int64)
-    q = 0
+    q = 0  # the log, by (term, row); of a (term, row) written more than once only the last counts
+    while q + 1 < m and key[order[q + 1]] == key[order[q]]:
+        q += 1
     o = 0
     for t in range(n_terms):
         new_off[t] = o
@@ -508,15 +499,20 @@ def _fold_csr(off, rows, tfs, nb, log_t, log_r, log_f, n_terms):  # pragma: no c
             at = 0
         nbr = b - a
         i = 0
-        while i < nbr or (q < u and lt[q] == t):
-            if q < u and lt[q] == t and (i >= nbr or lr[q] <= src_r[at + i]):
-                if i < nbr and lr[q] == src_r[at + i]:
+        while True:
+            lq = order[q] if q < m and log_t[order[q]] == t else -1
+            if lq < 0 and i >= nbr:
+                break
+            if lq >= 0 and (i >= nbr or log_r[lq] <= src_r[at + i]):
+                if i < nbr and log_r[lq] == src_r[at + i]:
                     i += 1  # rewritten or removed
-                if lf[q] > 0.0:
-                    out_rows[o] = lr[q]
-                    out_tfs[o] = lf[q]
+                if log_f[lq] > 0:
+                    out_rows[o] = log_r[lq]
+                    out_tfs[o] = float(log_f[lq])
                     o += 1
                 q += 1
+                while q + 1 < m and key[order[q + 1]] == key[order[q]]:
+                    q += 1
             else:
                 out_rows[o] = src_r[at + i]
                 out_tfs[o] = src_t[at + i]
@@ -528,6 +524,7 @@ def _fold_csr(off, rows, tfs, nb, log_t, log_r, log_f, n_terms):  # pragma: no c
 
 _EMPTY_ROWS = np.zeros(0, np.int64)
 _EMPTY_TFS = np.zeros(0, np.float64)
+_EMPTY_LOG = np.zeros(0, np.int32)
 
 
 def _ascends(rows: np.ndarray) -> bool:
@@ -573,28 +570,26 @@ class _Postings:
     O(1) —, merged into arrays (rows ascending) lazily for the next query: O(changes) in Python,
     O(df) in numpy."""
 
-    __slots__ = ("below", "own", "d", "rows", "tfs", "seen")
+    __slots__ = ("tid", "below", "own", "d", "rows", "tfs", "seen")
 
-    def __init__(self, below: "_Postings | tuple[np.ndarray, np.ndarray] | None") -> None:
+    def __init__(self, tid: int, below: "_Postings | tuple[np.ndarray, np.ndarray] | None") -> None:
+        self.tid = tid  # the term's id (its position in the block)
         self.below = below
         self.own = False  # below: arrays merged here (else the block's range or the overlay below)
         self.d: dict[int, int] = {}
-        self.rows: np.ndarray | None = None
+        self.rows: np.ndarray | None = None  # set to None by a write (see PostingsIndex.add_doc)
         self.tfs: np.ndarray | None = None
         # (largest tf, shortest row, rows ascending 1.0 / 0.0 / -1.0 not known) once a top-k query
         # found them; dropped with the arrays on a change (a row's length changes only with its
         # terms' postings)
         self.seen: tuple[float, ...] | None = None
 
-    def set(self, row: int, tf: int) -> None:
-        self.d[row] = tf
-        self.rows = self.tfs = self.seen = None
-
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         if self.rows is None:
             b = self.below
             below = (_EMPTY_ROWS, _EMPTY_TFS) if b is None else b.arrays() if isinstance(b, _Postings) else b
             self.rows, self.tfs = _merged(*below, self.d)
+            self.seen = None
             if self.d:  # the next merge starts from here
                 self.below, self.own, self.d = (self.rows, self.tfs), True, {}
         return self.rows, self.tfs  # type: ignore[return-value]
@@ -604,17 +599,19 @@ class _Fold:
     """A fold's inputs (the block and the log of the writes since, frozen), run by :meth:`run` —
     on a thread of its own, or by a test's hook — and its outcome, read once ``done`` is set."""
 
-    __slots__ = ("args", "out", "error", "done")
+    __slots__ = ("args", "out", "seen", "error", "done")
 
     def __init__(self, *args: Any) -> None:
         self.args = args
         self.out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.seen: np.ndarray | None = None  # the new block's PostingsIndex._base_seen
         self.error: BaseException | None = None
         self.done = threading.Event()
 
     def run(self) -> None:
         try:
             self.out = _fold_arrays(*self.args)
+            self.seen = np.full((self.out[0].shape[0] - 1, 3), -1.0)
         except BaseException as exc:  # noqa: BLE001 - read by the adopting thread: the fold is dropped
             self.error = exc
         finally:
@@ -636,16 +633,16 @@ class _Log:
     __slots__ = ("t", "r", "f")
 
     def __init__(self) -> None:
-        self.t, self.r, self.f = array("q"), array("q"), array("q")
+        self.t, self.r, self.f = array("i"), array("i"), array("i")  # 12 B a posting
 
     def __len__(self) -> int:
         return len(self.t)
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if not len(self.t):
-            return _EMPTY_ROWS, _EMPTY_ROWS, _EMPTY_ROWS
-        return (np.frombuffer(self.t, np.int64), np.frombuffer(self.r, np.int64),
-                np.frombuffer(self.f, np.int64))
+            return _EMPTY_LOG, _EMPTY_LOG, _EMPTY_LOG
+        return (np.frombuffer(self.t, np.int32), np.frombuffer(self.r, np.int32),
+                np.frombuffer(self.f, np.int32))
 
     def joined(self, later: "_Log") -> "_Log":
         out = _Log()
@@ -663,7 +660,9 @@ def _drop_on_thread(overlay: dict[str, _Postings]) -> None:
 
     def drain() -> None:
         while overlay:
-            overlay.popitem()
+            for _ in range(min(len(overlay), 512)):
+                overlay.popitem()
+            time.sleep(0.0002)  # let a query take the interpreter (else it may wait a switch interval)
 
     threading.Thread(target=drain, name="umi-bm25-free", daemon=True).start()
 
@@ -724,11 +723,11 @@ class PostingsIndex:
         off, rows, tfs = job.out
         self._nb = off.shape[0] - 1
         self._base_off, self._base_rows, self._base_tfs = off, rows, tfs
-        self._base_seen = np.full((self._nb, 3), -1.0)
-        tid, nb = self._tid, self._nb
-        for t, p in self._post.items():
+        self._base_seen = job.seen
+        nb = self._nb
+        for p in self._post.values():
             if not p.own:  # the old block's range or the folded overlay's: the new block holds it
-                i = tid[t]
+                i = p.tid
                 p.below = (rows[off[i]:off[i + 1]], tfs[off[i]:off[i + 1]]) if i < nb else None
         _drop_on_thread(frozen)
 
@@ -775,27 +774,31 @@ class PostingsIndex:
             p = self._frozen.get(term)
         return p
 
-    def _writable(self, term: str, i: int) -> _Postings:
-        p = self._post.get(term)
-        if p is None:
-            below: Any = self._frozen.get(term) if self._frozen is not None else None
-            if below is None and i < self._nb:
-                a, b = int(self._base_off[i]), int(self._base_off[i + 1])
-                below = (self._base_rows[a:b], self._base_tfs[a:b])
-            p = self._post[term] = _Postings(below)
+    def _writable(self, term: str, create: bool) -> _Postings | None:
+        """The term's postings in the overlay, put there (over the block's range, or the overlay
+        being folded) when not yet; a term never seen: made when ``create``, else None."""
+        i = self._tid.get(term)
+        if i is None:
+            if not create:
+                return None
+            i = self._tid[term] = len(self._names)
+            self._names.append(term)
+        below: Any = self._frozen.get(term) if self._frozen is not None else None
+        if below is None and i < self._nb:
+            a, b = int(self._base_off[i]), int(self._base_off[i + 1])
+            below = (self._base_rows[a:b], self._base_tfs[a:b])
+        p = self._post[term] = _Postings(i, below)
         return p
 
     def add_doc(self, row: int, tfs: dict[str, int]) -> None:
         if self._fold is not None:
             self._settle()
-        tid, names, ids = self._tid, self._names, []
+        post, ids = self._post, []
         for t, tf in tfs.items():
-            i = tid.get(t)
-            if i is None:
-                i = tid[t] = len(names)
-                names.append(t)
-            self._writable(t, i).set(row, tf)
-            ids.append(i)
+            p = post.get(t) or self._writable(t, True)
+            p.d[row] = tf  # type: ignore[union-attr]
+            p.rows = None  # type: ignore[union-attr]
+            ids.append(p.tid)  # type: ignore[union-attr]
         log = self._log
         log.t.extend(ids)
         log.r.extend(itertools.repeat(row, len(ids)))
@@ -804,12 +807,13 @@ class PostingsIndex:
     def remove_doc(self, row: int, terms: Iterable[str]) -> None:
         if self._fold is not None:
             self._settle()
-        tid, ids = self._tid, []
+        post, ids = self._post, []
         for t in terms:
-            i = tid.get(t)
-            if i is not None:
-                self._writable(t, i).set(row, 0)
-                ids.append(i)
+            p = post.get(t) or self._writable(t, False)
+            if p is not None:
+                p.d[row] = 0
+                p.rows = None
+                ids.append(p.tid)
         log = self._log
         log.t.extend(ids)
         log.r.extend(itertools.repeat(row, len(ids)))
@@ -818,8 +822,8 @@ class PostingsIndex:
     # --- reads --------------------------------------------------------------------------
     def export(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
         """Every term holding a posting, as CSR (the form :meth:`load` takes): (terms, offsets, rows,
-        tfs), each term's rows ascending unless none was written since the load. A fold in progress is waited for (at most ``FOLD_WAIT_S``;
-        past that its work is done again here)."""
+        tfs), each term's rows ascending unless none was written since the load. A fold in progress
+        is waited for (at most ``FOLD_WAIT_S``; past that its work is done again here)."""
         self.wait_fold(FOLD_WAIT_S)
         # a copy of the log: the one appended to must not be viewed (an array exporting its buffer
         # cannot grow)
