@@ -542,7 +542,8 @@ def test_a_store_closed_while_a_fold_runs_saves_and_reopens_every_posting(tmp_pa
     queries = ("acme corp works", "rare unique", "violin engineer paris chess")
     with DuckDBStorageBackend.connect(path) as store:
         for i in range(30):
-            store.upsert([Entity("note", f"n{i}", " ".join(WORDS[j] for j in range((i * 7) % 10 + 1)), id=f"id{i:03d}")])
+            text = " ".join(WORDS[j] for j in range((i * 7) % 10 + 1))
+            store.upsert([Entity("note", f"n{i}", text, id=f"id{i:03d}")])
         store.search_text("acme", 5)  # starts a fold, paused
         assert paused
         store.upsert([Entity("note", "n3", "rare unique corp", id="id003")])  # written while it runs

@@ -588,7 +588,7 @@ class _Postings:
         if self.rows is None:
             b = self.below
             below = (_EMPTY_ROWS, _EMPTY_TFS) if b is None else b.arrays() if isinstance(b, _Postings) else b
-            self.rows, self.tfs = _merged(*below, self.d)
+            self.rows, self.tfs = _merged(below[0], below[1], self.d)
             self.seen = None
             if self.d:  # the next merge starts from here
                 self.below, self.own, self.d = (self.rows, self.tfs), True, {}
@@ -721,6 +721,7 @@ class PostingsIndex:
             return
         self._frozen_log = None
         off, rows, tfs = job.out
+        assert job.seen is not None
         self._nb = off.shape[0] - 1
         self._base_off, self._base_rows, self._base_tfs = off, rows, tfs
         self._base_seen = job.seen
