@@ -10,6 +10,8 @@ prefixes (equal keys).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -363,3 +365,194 @@ def test_a_query_folds_postings_written_in_session_and_search_answers_the_same(m
     for query in ("acme corp works", "rare unique", "violin engineer paris chess"):
         assert store.search_text(query, 5) == exhaustive(store, query, 5, None)
         assert not postings._post  # the first query folded every term back into the CSR block
+
+
+def _reference(held: dict[int, dict[str, int]]) -> dict[str, list[tuple[int, float]]]:
+    out: dict[str, list[tuple[int, float]]] = {}
+    for r in sorted(held):
+        for t, f in held[r].items():
+            out.setdefault(t, []).append((r, float(f)))
+    return out
+
+
+@settings(max_examples=80, deadline=None)
+@given(docs=docs, edits=st.lists(st.tuples(st.integers(0, 59), st.lists(st.sampled_from(WORDS), max_size=6),
+                                           st.integers(0, 3)), max_size=30),
+       query=st.lists(st.sampled_from(WORDS), min_size=1, max_size=4), k=st.integers(1, 12),
+       bulk=st.booleans(), data=st.data())
+def test_postings_rank_as_the_exhaustive_scorer_while_a_fold_runs(
+        docs: list[list[str]], edits: list[tuple[int, list[str], int]], query: list[str], k: int, bulk: bool,
+        data: st.DataObject) -> None:
+    # a fold's step is paused by a hook: writes, forgets and queries run with a fold started and not
+    # done, done and not yet swapped in, swapped in; a save (export) meanwhile does not wait past its
+    # bound and holds exactly the documents written. Every answer: the exhaustive one, and the
+    # reference formula's.
+    from umi.storage import _bm25
+    from umi.storage._bm25 import PostingsIndex
+    from umi.storage.text import bm25_idf, bm25_term_score, term_frequencies
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_bm25, "FOLD_MIN", 0)
+        mp.setattr(_bm25, "FOLD_SHARE", 0.0)
+        mp.setattr(_bm25, "FOLD_WAIT_S", 0.0)
+        n = len(docs)
+        held = {r: term_frequencies(" ".join(d)) for r, d in enumerate(docs)}
+        idx = PostingsIndex()
+        paused: list[Any] = []
+        idx.run_fold = paused.append
+        if bulk:  # the block loaded, its rows scrambled when data says so
+            ref = _reference(held)
+            terms = list(ref)
+            offsets = np.zeros(len(terms) + 1, np.int64)
+            np.cumsum([len(ref[t]) for t in terms], out=offsets[1:])
+            pairs = [p for t in terms for p in (ref[t][::-1] if data.draw(st.booleans()) else ref[t])]
+            idx.load(terms, offsets, np.array([r for r, _ in pairs], np.int64), np.array([f for _, f in pairs]))
+        else:
+            for r in range(n):
+                idx.add_doc(r, held[r])
+        keys = np.array([data.draw(st.integers(0, 3)) for _ in range(n)], np.uint64)
+        terms_q = list(dict.fromkeys(query))
+        folds = 0
+
+        def check() -> None:
+            doc_len = np.array([float(sum(held.get(r, {}).values())) for r in range(n)])
+            mask = np.array([r in held and r % 5 != 1 for r in range(n)], np.bool_)
+            live = max(len(held), 1)
+            avgdl = float(doc_len.sum()) / live
+            all_rows, all_scores = idx.score(terms_q, live, avgdl, doc_len, mask)
+            want_sel = top_by_score_then_key(all_scores, keys[all_rows], k)
+            want = sorted(zip(all_rows[want_sel].tolist(), all_scores[want_sel].tolist()))
+            got_rows, got_scores = idx.score(terms_q, live, avgdl, doc_len, mask, k, keys)
+            sel = top_by_score_then_key(got_scores, keys[got_rows], k)
+            assert sorted(zip(got_rows[sel].tolist(), got_scores[sel].tolist())) == want
+            df = {t: sum(1 for d in held.values() if t in d) for t in terms_q}
+            expect = {}
+            for r, d in held.items():
+                if mask[r] and any(t in d for t in terms_q):
+                    acc = 0.0
+                    for t in terms_q:
+                        if t in d:
+                            acc += bm25_term_score(d[t], int(doc_len[r]), avgdl, bm25_idf(live, df[t]))
+                    expect[r] = acc
+            assert dict(zip(all_rows.tolist(), all_scores.tolist())) == expect
+            for t in set(WORDS):
+                assert idx.df(t) == sum(1 for d in held.values() if t in d)
+
+        def check_export() -> None:
+            terms_e, offsets, rows, tfs = idx.export()
+            got = {t: sorted(zip(rows[a:b].tolist(), tfs[a:b].tolist()))
+                   for t, a, b in zip(terms_e, offsets[:-1].tolist(), offsets[1:].tolist())}
+            assert got == _reference(held)
+
+        check()
+        for row, words, step in edits:
+            if row < n:
+                if row in held:
+                    idx.remove_doc(row, list(held.pop(row)))
+                if words:
+                    held[row] = term_frequencies(" ".join(words))
+                    idx.add_doc(row, held[row])
+            if step == 1 and paused:  # the fold's step runs: swapped in by the next call
+                paused.pop().run()
+                folds += 1
+            elif step == 2:
+                check_export()
+            if data.draw(st.booleans()):
+                check()  # (starts a fold when none is in progress and a query term changed)
+        check()
+        check_export()
+        if paused:
+            paused.pop().run()
+        check()
+        while paused:
+            paused.pop().run()
+        idx.fold()  # synchronous: every posting in the block
+        assert not idx._post and idx._fold is None
+        check()
+        check_export()
+
+
+def test_a_fold_in_progress_is_swapped_in_by_the_next_call_and_keeps_the_writes_made_meanwhile(monkeypatch) -> None:
+    from umi.storage import _bm25
+    from umi.storage._bm25 import PostingsIndex
+
+    monkeypatch.setattr(_bm25, "FOLD_MIN", 0)
+    monkeypatch.setattr(_bm25, "FOLD_SHARE", 0.0)
+    idx = PostingsIndex()
+    paused: list[Any] = []
+    idx.run_fold = paused.append
+    idx.add_doc(0, {"a": 1, "b": 2})
+    idx.add_doc(1, {"a": 3})
+    doc_len, mask = np.array([3.0, 3.0, 1.0]), np.ones(3, np.bool_)
+    before = idx.score(["a"], 2, 3.0, doc_len[:2], mask[:2])
+    assert len(paused) == 1 and idx._fold is not None  # the query started a fold and did not wait
+    idx.add_doc(2, {"a": 1})  # written while the fold runs
+    idx.remove_doc(0, ["b"])
+    paused.pop().run()
+    assert idx._fold is not None  # done, not yet swapped in
+    idx._settle()  # what every call does first
+    assert idx._fold is None and idx._base_rows.tolist() == [0, 1, 0]  # a: rows 0 1, b: row 0
+    assert set(idx._post) == {"a", "b"}  # the writes made meanwhile, over the new block
+    for p in idx._post.values():  # (not over the old block nor the folded overlay: those are freed)
+        assert not p.own and np.shares_memory(p.below[0], idx._base_rows)
+    assert idx.df("a") == 3 and idx.df("b") == 0
+    rows, scores = idx.score(["a"], 3, 5 / 3, doc_len, mask)
+    assert sorted(rows.tolist()) == [0, 1, 2] and before[0].shape[0] == 2
+
+
+def test_a_failed_fold_leaves_the_postings_as_they_were(monkeypatch) -> None:
+    from umi.storage import _bm25
+    from umi.storage._bm25 import PostingsIndex
+
+    monkeypatch.setattr(_bm25, "FOLD_MIN", 0)
+    monkeypatch.setattr(_bm25, "FOLD_SHARE", 0.0)
+    idx = PostingsIndex()
+    paused: list[Any] = []
+    idx.run_fold = paused.append
+    idx.add_doc(0, {"a": 1, "b": 2})
+    idx.score(["a"], 1, 3.0, np.array([3.0]), np.ones(1, np.bool_))
+    idx.add_doc(1, {"a": 3})
+    job = paused.pop()
+
+    def fail(*_: Any) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(_bm25, "_fold_arrays", fail)
+    job.run()
+    assert idx.df("a") == 2 and idx.df("b") == 1 and idx._fold is None
+    monkeypatch.undo()
+    terms, offsets, rows, tfs = idx.export()
+    assert dict(zip(terms, np.diff(offsets).tolist())) == {"a": 2, "b": 1} and rows.tolist() == [0, 1, 0]
+
+
+@pytest.mark.parametrize("finish", ["never", "before_close"])
+def test_a_store_closed_while_a_fold_runs_saves_and_reopens_every_posting(tmp_path, monkeypatch, finish: str) -> None:
+    # the fold's step paused by a hook; the close saves the keyword cache without waiting past
+    # FOLD_WAIT_S (or with the fold done and not yet swapped in); the reopened store reads that
+    # cache and answers as the exhaustive scorer and as before the close
+    from umi.storage import _bm25
+    from umi.storage.duckdb import DuckDBStorageBackend
+
+    monkeypatch.setattr(_bm25, "FOLD_MIN", 0)
+    monkeypatch.setattr(_bm25, "FOLD_SHARE", 0.0)
+    monkeypatch.setattr(_bm25, "FOLD_WAIT_S", 0.0)
+    paused: list[Any] = []
+    monkeypatch.setattr(_bm25, "_fold_on_thread", paused.append)
+    path = tmp_path / "umi.duckdb"
+    queries = ("acme corp works", "rare unique", "violin engineer paris chess")
+    with DuckDBStorageBackend.connect(path) as store:
+        for i in range(30):
+            text = " ".join(WORDS[j] for j in range((i * 7) % 10 + 1))
+            store.upsert([Entity("note", f"n{i}", text, id=f"id{i:03d}")])
+        store.search_text("acme", 5)  # starts a fold, paused
+        assert paused
+        store.upsert([Entity("note", "n3", "rare unique corp", id="id003")])  # written while it runs
+        store.delete("id005")
+        if finish == "before_close":
+            paused.pop().run()
+        before = [store.search_text(q, 5) for q in queries]
+        assert before == [exhaustive(store, q, 5, None) for q in queries]
+        assert store._cache._postings._fold is not None or finish == "before_close"
+    with DuckDBStorageBackend.connect(path) as store:
+        assert [store.search_text(q, 5) for q in queries] == before
+        assert before == [exhaustive(store, q, 5, None) for q in queries]

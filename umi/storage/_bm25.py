@@ -1,9 +1,11 @@
 """In-memory BM25: the postings of every term and the numba scoring kernel.
 
-:class:`PostingsIndex` maps each term to its postings (row -> tf). Postings read in
-bulk stay in one CSR block until a term is first changed; a changed term keeps a dict
-and rebuilds its arrays (rows ascending) lazily for the next query, until a query folds the
-changed terms back into the block (:meth:`PostingsIndex.fold_if_due`, once many were written). The kernel takes each query term's
+:class:`PostingsIndex` maps each term to its postings (row -> tf): a CSR block, and an overlay of
+the terms written since it was built (each the block's range below and a dict of the changes, so a
+write is O(1); merged into arrays, rows ascending, lazily for the next query). Once many were
+written, a query starts a fold (:meth:`PostingsIndex.fold_if_due`): a thread builds the next block
+from the current one and the log of those writes while queries go on reading the old block and the
+overlay; the next call swaps it in. No query waits for a fold. The kernel takes each query term's
 postings as a range ``lo[t]:hi[t]`` of ``rows``/``tfs`` — of the bulk-loaded CSR block itself
 (no copy) while every query term is untouched since the load, else of the terms' arrays
 concatenated (a row appears at most once per term) —, accumulates scores per row and returns
@@ -36,6 +38,9 @@ the query's term order: the same bits as the exhaustive kernel's (held by a prop
 from __future__ import annotations
 
 import itertools
+import threading
+import time
+from array import array
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -100,6 +105,9 @@ def _term_bound(rows, tfs, lo, hi, doc_len, seen, at, idf, avgdl, k1, b):  # pra
 #: once the postings written since number at least FOLD_MIN and FOLD_SHARE of the block
 FOLD_MIN = 1 << 16
 FOLD_SHARE = 0.25
+#: the longest a save (PostingsIndex.export) or a synchronous fold waits for a fold in progress,
+#: in seconds; past it, the save merges the postings itself
+FOLD_WAIT_S = 60.0
 
 #: relative slack on the early-exit test, far above float64 rounding of a few-term sum
 _BOUND_SLACK = 1e-9
@@ -451,169 +459,397 @@ def csr_add_docs(terms: list[str], offsets: np.ndarray, rows: np.ndarray, tfs: n
     return terms + extra, new_offsets, new_rows, new_tfs
 
 
+def _fold_csr(off, rows, tfs, nb, log_t, log_r, log_f, n_terms):  # pragma: no cover - compiled
+    """CSR postings of terms ``0..n_terms`` (the first ``nb`` with postings ``off``/``rows``/``tfs``)
+    with the log of writes applied in order ((term, row, tf); tf 0: removed; the last per (term,
+    row) wins): each term's rows ascending."""
+    m = log_t.shape[0]
+    span = 1
+    for i in range(m):
+        if log_r[i] + 1 > span:
+            span = log_r[i] + 1
+    key = np.empty(m, np.int64)
+    for i in range(m):
+        key[i] = np.int64(log_t[i]) * span + log_r[i]
+    order = np.argsort(key, kind="mergesort")  # stable: a later write after an earlier one
+    out_rows = np.empty(off[nb] + m, np.int64)
+    out_tfs = np.empty(off[nb] + m, np.float64)
+    new_off = np.zeros(n_terms + 1, np.int64)
+    q = 0  # the log, by (term, row); of a (term, row) written more than once only the last counts
+    while q + 1 < m and key[order[q + 1]] == key[order[q]]:
+        q += 1
+    o = 0
+    for t in range(n_terms):
+        new_off[t] = o
+        a = off[t] if t < nb else 0
+        b = off[t + 1] if t < nb else 0
+        asc = True
+        for p in range(a + 1, b):
+            if rows[p] <= rows[p - 1]:
+                asc = False
+                break
+        if asc:
+            src_r = rows
+            src_t = tfs
+            at = a
+        else:  # a bulk-loaded term whose rows do not ascend: sorted first
+            srt = np.argsort(rows[a:b], kind="mergesort") + a
+            src_r = rows[srt]
+            src_t = tfs[srt]
+            at = 0
+        nbr = b - a
+        i = 0
+        while True:
+            lq = order[q] if q < m and log_t[order[q]] == t else -1
+            if lq < 0 and i >= nbr:
+                break
+            if lq >= 0 and (i >= nbr or log_r[lq] <= src_r[at + i]):
+                if i < nbr and log_r[lq] == src_r[at + i]:
+                    i += 1  # rewritten or removed
+                if log_f[lq] > 0:
+                    out_rows[o] = log_r[lq]
+                    out_tfs[o] = float(log_f[lq])
+                    o += 1
+                q += 1
+                while q + 1 < m and key[order[q + 1]] == key[order[q]]:
+                    q += 1
+            else:
+                out_rows[o] = src_r[at + i]
+                out_tfs[o] = src_t[at + i]
+                o += 1
+                i += 1
+    new_off[n_terms] = o
+    return new_off, out_rows[:o].copy(), out_tfs[:o].copy()
+
+
+_EMPTY_ROWS = np.zeros(0, np.int64)
+_EMPTY_TFS = np.zeros(0, np.float64)
+_EMPTY_LOG = np.zeros(0, np.int32)
+
+
+def _ascends(rows: np.ndarray) -> bool:
+    return rows.shape[0] < 2 or bool((rows[1:] > rows[:-1]).all())
+
+
+def _merged(rows: np.ndarray, tfs: np.ndarray, d: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Postings ``rows``/``tfs`` with the changes ``d`` (row -> tf; 0: removed), rows ascending —
+    what :func:`_fold_csr` makes of them (vectorised: O(df) in numpy, no per-posting Python)."""
+    rows = rows.astype(np.int64, copy=False)
+    tfs = tfs.astype(np.float64, copy=False)
+    if not _ascends(rows):
+        order = np.argsort(rows, kind="stable")
+        rows, tfs = rows[order], tfs[order]
+    if not d:
+        return rows, tfs
+    dr = np.fromiter(d.keys(), np.int64, len(d))
+    dt = np.fromiter(d.values(), np.float64, len(d))
+    if not _ascends(dr):
+        order = np.argsort(dr, kind="stable")
+        dr, dt = dr[order], dt[order]
+    if rows.shape[0]:
+        pos = np.searchsorted(rows, dr)
+        hit = pos < rows.shape[0]
+        hit[hit] = rows[pos[hit]] == dr[hit]
+        if hit.any():  # rewritten or removed: out of the postings below
+            keep = np.ones(rows.shape[0], np.bool_)
+            keep[pos[hit]] = False
+            rows, tfs = rows[keep], tfs[keep]
+    add = dt > 0.0
+    if not add.all():
+        dr, dt = dr[add], dt[add]
+    if rows.shape[0] == 0:
+        return dr, dt
+    at = np.searchsorted(rows, dr)
+    return np.insert(rows, at, dr), np.insert(tfs, at, dt)
+
+
 class _Postings:
-    """One term's postings: row -> tf, kept as arrays until first changed, then as a dict
-    whose arrays are rebuilt lazily for the next query."""
+    """One term's postings changed since the CSR block was built: the postings below (the term's
+    range of the block, or its :class:`_Postings` in the overlay being folded, or none; once a query
+    merged changes, its own arrays) and the changes since (row -> tf; 0: removed) — a write is
+    O(1) —, merged into arrays (rows ascending) lazily for the next query: O(changes) in Python,
+    O(df) in numpy."""
 
-    __slots__ = ("rows", "tfs", "d", "seen")
+    __slots__ = ("tid", "below", "own", "d", "rows", "tfs", "seen")
 
-    def __init__(self, rows: np.ndarray | None = None, tfs: np.ndarray | None = None) -> None:
-        self.rows = rows
-        self.tfs = tfs
-        self.d: dict[int, int] | None = None if rows is not None else {}
+    def __init__(self, tid: int, below: "_Postings | tuple[np.ndarray, np.ndarray] | None") -> None:
+        self.tid = tid  # the term's id (its position in the block)
+        self.below = below
+        self.own = False  # below: arrays merged here (else the block's range or the overlay below)
+        self.d: dict[int, int] = {}
+        self.rows: np.ndarray | None = None  # set to None by a write (see PostingsIndex.add_doc)
+        self.tfs: np.ndarray | None = None
         # (largest tf, shortest row, rows ascending 1.0 / 0.0 / -1.0 not known) once a top-k query
         # found them; dropped with the arrays on a change (a row's length changes only with its
         # terms' postings)
         self.seen: tuple[float, ...] | None = None
 
-    def writable(self) -> dict[int, int]:
-        """The dict form (the arrays are dropped: they would go stale)."""
-        if self.d is None:
-            assert self.rows is not None and self.tfs is not None
-            self.d = dict(zip(self.rows.tolist(), self.tfs.astype(np.int64).tolist()))
-        self.rows = self.tfs = self.seen = None
-        return self.d
-
-    def df(self) -> int:
-        return len(self.d) if self.d is not None else len(self.rows)  # type: ignore[arg-type]
-
-    def row_iter(self) -> Iterable[int]:
-        return self.d.keys() if self.d is not None else self.rows.tolist()  # type: ignore[union-attr]
-
-    def tf_iter(self) -> Iterable[int]:
-        return self.d.values() if self.d is not None else self.tfs.tolist()  # type: ignore[union-attr]
-
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         if self.rows is None:
-            d = self.d or {}
-            rows = np.fromiter(d.keys(), dtype=np.int64, count=len(d))
-            tfs = np.fromiter(d.values(), dtype=np.float64, count=len(d))
-            if rows.shape[0] > 1 and not bool((rows[1:] > rows[:-1]).all()):  # ascending, for MaxScore
-                order = np.argsort(rows, kind="stable")
-                rows, tfs = rows[order], tfs[order]
-            self.rows, self.tfs = rows, tfs
+            b = self.below
+            below = (_EMPTY_ROWS, _EMPTY_TFS) if b is None else b.arrays() if isinstance(b, _Postings) else b
+            self.rows, self.tfs = _merged(below[0], below[1], self.d)
+            self.seen = None
+            if self.d:  # the next merge starts from here
+                self.below, self.own, self.d = (self.rows, self.tfs), True, {}
         return self.rows, self.tfs  # type: ignore[return-value]
 
 
-class PostingsIndex:
-    """term -> postings (row -> tf) for every stored document, and BM25 over them."""
+class _Fold:
+    """A fold's inputs (the block and the log of the writes since, frozen), run by :meth:`run` —
+    on a thread of its own, or by a test's hook — and its outcome, read once ``done`` is set."""
+
+    __slots__ = ("args", "out", "seen", "error", "done")
+
+    def __init__(self, *args: Any) -> None:
+        self.args = args
+        self.out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.seen: np.ndarray | None = None  # the new block's PostingsIndex._base_seen
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self.out = _fold_arrays(*self.args)
+            self.seen = np.full((self.out[0].shape[0] - 1, 3), -1.0)
+        except BaseException as exc:  # noqa: BLE001 - read by the adopting thread: the fold is dropped
+            self.error = exc
+        finally:
+            self.args = ()
+            self.done.set()
+
+
+def _fold_arrays(off: np.ndarray, rows: np.ndarray, tfs: np.ndarray, nb: int, log: "_Log",
+                 n_terms: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    t, r, f = log.arrays()
+    return _njit(_fold_csr)(off.astype(np.int64, copy=False), rows.astype(np.int64, copy=False),
+                            tfs.astype(np.float64, copy=False), nb, t, r, f, n_terms)
+
+
+class _Log:
+    """The postings written since the block was built, in order: (term id, row, tf; 0: removed),
+    appended in C (``array``) and read by a fold without a copy once no longer appended to."""
+
+    __slots__ = ("t", "r", "f")
 
     def __init__(self) -> None:
-        self._post: dict[str, _Postings] = {}
-        # postings loaded in bulk (CSR) and not touched since: term -> position in _base_off
-        self._base_terms: dict[str, int] = {}
-        self._base_off = np.zeros(1, np.int64)
-        self._base_rows = np.zeros(0, np.int64)
-        self._base_tfs = np.zeros(0, np.float64)
-        # per bulk-loaded term, its largest tf and shortest document once a top-k query found them
-        # (-1: not yet): a term in the bulk arrays has not changed since the load, nor has the length
-        # of any row it holds (changing a row takes each of its terms out of the bulk arrays)
-        self._base_seen = np.full((0, 3), -1.0)
+        self.t, self.r, self.f = array("i"), array("i"), array("i")  # 12 B a posting
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not len(self.t):
+            return _EMPTY_LOG, _EMPTY_LOG, _EMPTY_LOG
+        return (np.frombuffer(self.t, np.int32), np.frombuffer(self.r, np.int32),
+                np.frombuffer(self.f, np.int32))
+
+    def joined(self, later: "_Log") -> "_Log":
+        out = _Log()
+        out.t, out.r, out.f = self.t + later.t, self.r + later.r, self.f + later.f
+        return out
+
+
+def _fold_on_thread(job: _Fold) -> None:
+    threading.Thread(target=job.run, name="umi-bm25-fold", daemon=True).start()
+
+
+def _drop_on_thread(overlay: dict[str, _Postings]) -> None:
+    """Free a folded overlay (a dict per term, ~100 B a posting) a term at a time on a thread: freed
+    at once, its millions of objects would hold the interpreter for up to a second."""
+
+    def drain() -> None:
+        while overlay:
+            for _ in range(min(len(overlay), 512)):
+                overlay.popitem()
+            time.sleep(0.0002)  # let a query take the interpreter (else it may wait a switch interval)
+
+    threading.Thread(target=drain, name="umi-bm25-free", daemon=True).start()
+
+
+class PostingsIndex:
+    """term -> postings (row -> tf) for every stored document, and BM25 over them.
+
+    The postings are a CSR block (term id -> range of ``rows``/``tfs``) and an overlay of the terms
+    changed since (:class:`_Postings`), with the log of those writes. Once many were written, a
+    query starts a fold (:meth:`fold_if_due`): the overlay and log so far are frozen and a fresh
+    overlay takes the writes; a thread merges the block and the frozen log into a new block
+    (:func:`_fold_csr`, ``nogil``) while queries read the old block under both overlays; the next
+    call after it is done swaps the new block in and drops the frozen overlay (the fresh one —
+    the writes since the fold started — stays, rebased on the new block). Every call runs on the
+    caller's thread under its lock (the store's); the fold thread reads only arrays no call
+    changes, and hands its result over through :class:`_Fold` (an event)."""
+
+    def __init__(self) -> None:
+        self._fold: _Fold | None = None
+        #: runs a fold's step (:meth:`_Fold.run`): on a thread of its own; a test's hook may run it
+        #: when it likes
+        self.run_fold: Callable[[_Fold], None] = _fold_on_thread
+        self.load([], np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64))
         # row -> candidate position while a top-k query runs; -1 between queries
         self._slot = np.full(0, -1, np.int64)
-        # postings written (added or removed) since the load, counted for :meth:`fold_if_due`
-        self._written = 0
 
     def load(self, terms: list[str], offsets: np.ndarray, rows: np.ndarray, tfs: np.ndarray) -> None:
-        """Replace everything with CSR postings: term i owns ``rows[offsets[i]:offsets[i + 1]]``."""
-        self._post = {}
-        self._written = 0
-        self._base_terms = dict(zip(terms, range(len(terms))))
+        """Replace everything with CSR postings: term i owns ``rows[offsets[i]:offsets[i + 1]]``
+        (a fold in progress is dropped)."""
+        self._fold = None
+        self._names = list(terms)  # term id -> term
+        self._tid = dict(zip(self._names, range(len(self._names))))
+        self._nb = len(self._names)  # the terms in the block: ids below
         self._base_off, self._base_rows, self._base_tfs = offsets, rows, tfs
-        self._base_seen = np.full((len(terms), 3), -1.0)
+        # per block term, its largest tf and shortest document once a top-k query found them
+        # (-1: not yet): a term not in an overlay has not changed since the block was built, nor has
+        # the length of any row it holds (changing a row writes each of its terms)
+        self._base_seen = np.full((self._nb, 3), -1.0)
+        self._post: dict[str, _Postings] = {}  # the terms written since the block (or the fold) began
+        self._frozen: dict[str, _Postings] | None = None  # those written before, while a fold runs
+        self._log = _Log()  # the writes in _post, for the next fold
+        self._frozen_log: _Log | None = None
 
-    def export(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-        """Every term's postings as CSR (the form :meth:`load` takes): (terms, offsets, rows, tfs)."""
-        off = self._base_off
-        base_terms = list(self._base_terms)
-        pos = np.fromiter(self._base_terms.values(), np.int64, len(base_terms))  # ascending
-        starts = off[pos]
-        counts = off[pos + 1] - starts
-        if len(base_terms) == off.shape[0] - 1:  # every bulk-loaded term is untouched
-            rows0, tfs0 = self._base_rows, self._base_tfs
-        else:  # the untouched terms' ranges, concatenated
-            new_starts = np.zeros(len(base_terms), np.int64)
-            np.cumsum(counts[:-1], out=new_starts[1:])
-            take = np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(starts - new_starts, counts)
-            rows0, tfs0 = self._base_rows[take], self._base_tfs[take]
-        # the changed terms' postings in one pass over their dicts (not one array pair per term: a
-        # store written in session has a term per name), each term's rows ascending
-        parts = list(self._post.values())
-        counts_p = np.fromiter(map(_Postings.df, parts), np.int64, len(parts))
-        n_p = int(counts_p.sum())
-        rows_p = np.fromiter(itertools.chain.from_iterable(map(_Postings.row_iter, parts)), np.int64, n_p)
-        tfs_p = np.fromiter(itertools.chain.from_iterable(map(_Postings.tf_iter, parts)), np.float64, n_p)
-        if n_p > 1:
-            term_of = np.repeat(np.arange(len(parts)), counts_p)
-            if bool(((rows_p[1:] <= rows_p[:-1]) & (term_of[1:] == term_of[:-1])).any()):
-                order = np.lexsort((rows_p, term_of))
-                rows_p, tfs_p = rows_p[order], tfs_p[order]
-        offsets = np.zeros(len(base_terms) + len(parts) + 1, np.int64)
-        np.cumsum(np.concatenate([counts, counts_p]), out=offsets[1:])
-        rows = np.concatenate([rows0.astype(np.int64, copy=False), rows_p])
-        tfs = np.concatenate([tfs0.astype(np.float64, copy=False), tfs_p])
-        return base_terms + list(self._post), offsets, rows, tfs
+    # --- the fold ---------------------------------------------------------------------
+    def _adopt(self) -> None:
+        """Swap in the block of a fold that is done (or drop a failed one: the overlays and logs
+        join again). The writes since the fold started stay in the overlay and the log."""
+        job = self._fold
+        assert job is not None and job.done.is_set() and self._frozen is not None and self._frozen_log is not None
+        frozen, self._frozen, self._fold = self._frozen, None, None
+        if job.out is None:  # (MemoryError): the postings stay as they were
+            self._log = self._frozen_log.joined(self._log)
+            self._frozen_log = None
+            for t, p in frozen.items():
+                self._post.setdefault(t, p)
+            return
+        self._frozen_log = None
+        off, rows, tfs = job.out
+        assert job.seen is not None
+        self._nb = off.shape[0] - 1
+        self._base_off, self._base_rows, self._base_tfs = off, rows, tfs
+        self._base_seen = job.seen
+        nb = self._nb
+        for p in self._post.values():
+            if not p.own:  # the old block's range or the folded overlay's: the new block holds it
+                i = p.tid
+                p.below = (rows[off[i]:off[i + 1]], tfs[off[i]:off[i + 1]]) if i < nb else None
+        _drop_on_thread(frozen)
 
-    def _base(self, term: str, pop: bool) -> tuple[np.ndarray, np.ndarray] | None:
-        i = self._base_terms.pop(term, None) if pop else self._base_terms.get(term)
-        if i is None:
-            return None
-        a, b = int(self._base_off[i]), int(self._base_off[i + 1])
-        return self._base_rows[a:b], self._base_tfs[a:b]
+    def _settle(self) -> None:
+        job = self._fold
+        if job is not None and job.done.is_set():
+            self._adopt()
 
-    def _term(self, term: str, create: bool) -> _Postings | None:
+    def _start_fold(self, run: Callable[[_Fold], None]) -> None:
+        self._frozen, self._post = self._post, {}
+        self._frozen_log, self._log = self._log, _Log()
+        job = self._fold = _Fold(self._base_off, self._base_rows, self._base_tfs, self._nb, self._frozen_log,
+                                 len(self._names))
+        run(job)
+
+    def wait_fold(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` s for a fold in progress and swap it in. True when none runs now."""
+        job = self._fold
+        if job is not None and job.done.wait(timeout):
+            self._adopt()
+        return self._fold is None
+
+    def fold(self) -> None:
+        """Every term's postings into one CSR block now, on this thread (a fold in progress first)."""
+        if self.wait_fold(FOLD_WAIT_S) and len(self._log):
+            self._start_fold(_Fold.run)
+            self._adopt()
+
+    def fold_if_due(self) -> bool:
+        """Start a fold once the postings written since the block was built number at least
+        ``FOLD_MIN`` and ``FOLD_SHARE`` of the block (a fold reads every posting: at most once per
+        that share of the block written, so a store written and read in turn rarely folds); swap in
+        one that is done. True when a fold started."""
+        self._settle()
+        if self._fold is not None or len(self._log) < max(FOLD_MIN, FOLD_SHARE * self._base_rows.shape[0]):
+            return False
+        self._start_fold(self.run_fold)
+        return True
+
+    # --- writes -------------------------------------------------------------------------
+    def _changed(self, term: str) -> _Postings | None:
         p = self._post.get(term)
-        if p is None:
-            base = self._base(term, pop=True)
-            if base is not None:
-                p = self._post[term] = _Postings(*base)
-            elif create:
-                p = self._post[term] = _Postings()
+        if p is None and self._frozen is not None:
+            p = self._frozen.get(term)
+        return p
+
+    def _writable(self, term: str, create: bool) -> _Postings | None:
+        """The term's postings in the overlay, put there (over the block's range, or the overlay
+        being folded) when not yet; a term never seen: made when ``create``, else None."""
+        i = self._tid.get(term)
+        if i is None:
+            if not create:
+                return None
+            i = self._tid[term] = len(self._names)
+            self._names.append(term)
+        below: Any = self._frozen.get(term) if self._frozen is not None else None
+        if below is None and i < self._nb:
+            a, b = int(self._base_off[i]), int(self._base_off[i + 1])
+            below = (self._base_rows[a:b], self._base_tfs[a:b])
+        p = self._post[term] = _Postings(i, below)
         return p
 
     def add_doc(self, row: int, tfs: dict[str, int]) -> None:
-        post = self._post
+        if self._fold is not None:
+            self._settle()
+        post, ids = self._post, []
         for t, tf in tfs.items():
-            p = post.get(t)
-            if p is None:
-                p = self._term(t, True)
-            p.writable()[row] = tf  # type: ignore[union-attr]
-        self._written += len(tfs)
+            p = post.get(t) or self._writable(t, True)
+            p.d[row] = tf  # type: ignore[union-attr]
+            p.rows = None  # type: ignore[union-attr]
+            ids.append(p.tid)  # type: ignore[union-attr]
+        log = self._log
+        log.t.extend(ids)
+        log.r.extend(itertools.repeat(row, len(ids)))
+        log.f.extend(tfs.values())
 
     def remove_doc(self, row: int, terms: Iterable[str]) -> None:
+        if self._fold is not None:
+            self._settle()
+        post, ids = self._post, []
         for t in terms:
-            p = self._term(t, False)
+            p = post.get(t) or self._writable(t, False)
             if p is not None:
-                d = p.writable()
-                d.pop(row, None)
-                self._written += 1
-                if not d:
-                    del self._post[t]
+                p.d[row] = 0
+                p.rows = None
+                ids.append(p.tid)
+        log = self._log
+        log.t.extend(ids)
+        log.r.extend(itertools.repeat(row, len(ids)))
+        log.f.extend(itertools.repeat(0, len(ids)))
 
-    def fold(self) -> None:
-        """Every term's postings back into one CSR block (as :meth:`load` takes them): a query then
-        reads the block in place, with no per-query copy, and the dicts (~100 B a posting) are
-        freed (16 B a posting in the block). Everything is built before anything is replaced."""
-        self.load(*self.export())
-
-    def fold_if_due(self) -> bool:
-        """:meth:`fold` once the postings written since the last load number at least ``FOLD_MIN``
-        and ``FOLD_SHARE`` of the block (a fold reads every posting: at most once per that share of
-        the block written, so a store written and read in turn rarely folds)."""
-        if self._written < max(FOLD_MIN, FOLD_SHARE * self._base_rows.shape[0]):
-            return False
-        try:
-            self.fold()
-        except MemoryError:  # nothing was replaced: the postings stay as they were
-            return False
-        return True
+    # --- reads --------------------------------------------------------------------------
+    def export(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        """Every term holding a posting, as CSR (the form :meth:`load` takes): (terms, offsets, rows,
+        tfs), each term's rows ascending unless none was written since the load. A fold in progress
+        is waited for (at most ``FOLD_WAIT_S``; past that its work is done again here)."""
+        self.wait_fold(FOLD_WAIT_S)
+        # a copy of the log: the one appended to must not be viewed (an array exporting its buffer
+        # cannot grow)
+        log = (self._frozen_log or _Log()).joined(self._log)
+        if len(log):
+            off, rows, tfs = _fold_arrays(self._base_off, self._base_rows, self._base_tfs, self._nb, log,
+                                          len(self._names))
+        else:
+            off, rows, tfs = self._base_off, self._base_rows, self._base_tfs
+        counts = np.diff(off)
+        kept = np.flatnonzero(counts)
+        if kept.shape[0] == counts.shape[0]:
+            return list(self._names[: counts.shape[0]]), off, rows, tfs
+        offsets = np.zeros(kept.shape[0] + 1, np.int64)
+        np.cumsum(counts[kept], out=offsets[1:])
+        names = self._names
+        return [names[i] for i in kept.tolist()], offsets, rows, tfs
 
     def df(self, term: str) -> int:
-        p = self._post.get(term)
+        self._settle()
+        p = self._changed(term)
         if p is not None:
-            return p.df()
-        base = self._base(term, pop=False)
-        return 0 if base is None else int(base[0].shape[0])
+            return int(p.arrays()[0].shape[0])
+        i = self._tid.get(term)
+        return 0 if i is None or i >= self._nb else int(self._base_off[i + 1] - self._base_off[i])
 
     def score(self, terms: Sequence[str], n_docs: int, avg_doc_len: float, doc_len: np.ndarray,
               mask: np.ndarray, k: int | None = None, keys: np.ndarray | None = None
@@ -629,14 +865,15 @@ class PostingsIndex:
         """:meth:`score` in two steps: the postings are gathered now; the call returned runs the
         kernel (``nogil``: it may run on another thread while the caller keeps the index, ``mask``
         and ``doc_len`` unchanged, one call at a time per index — it uses the index's scratch)."""
-        # the postings of each term: a range of the bulk-loaded CSR arrays (no copy) while every
-        # query term is untouched since the load, else the terms' arrays concatenated — unless
-        # many postings were written since: then every term is folded back into the block first
-        if any(t in self._post for t in terms):
-            self.fold_if_due()
-        base = [self._base_terms.get(t) for t in terms if t not in self._post]
-        if len(base) == len(terms):
-            at = np.array([i for i in base if i is not None], np.int64)
+        # the postings of each term: a range of the CSR block (no copy) while no query term changed
+        # since it was built, else the terms' arrays concatenated; a fold may start (or be swapped in)
+        self._settle()
+        changed = [self._changed(t) for t in terms]
+        if any(p is not None for p in changed):
+            self.fold_if_due()  # (the overlay being frozen: the same postings, under _frozen)
+        tid, nb = self._tid, self._nb
+        if all(p is None for p in changed):
+            at = np.array([i for i in map(tid.get, terms) if i is not None and i < nb], np.int64)
             if at.shape[0] == 0:
                 return _nothing
             off = self._base_off
@@ -646,15 +883,16 @@ class PostingsIndex:
             owners: list[Any] | None = None
         else:
             arrays = []
-            owners = []  # each term's _Postings, or its position in the bulk arrays
-            for t in terms:
-                p = self._post.get(t)
+            owners = []  # each term's _Postings, or its position in the block
+            for t, p in zip(terms, changed):
                 if p is not None:
-                    arrays.append(p.arrays())
-                    owners.append(p)
+                    got = p.arrays()
+                    if got[0].shape[0]:
+                        arrays.append(got)
+                        owners.append(p)
                 else:
-                    i = self._base_terms.get(t)
-                    if i is not None:
+                    i = tid.get(t)
+                    if i is not None and i < nb:
                         a, b = int(self._base_off[i]), int(self._base_off[i + 1])
                         arrays.append((self._base_rows[a:b], self._base_tfs[a:b]))
                         owners.append(i)
@@ -676,7 +914,7 @@ class PostingsIndex:
         top, maxscore = max(int(k), 1), _njit(_bm25_maxscore, _select, _term_bound)
         tie_keys = _NO_KEYS if keys is None else keys
 
-        base_seen = self._base_seen  # (a fold before the kernel runs replaces it)
+        base_seen = self._base_seen  # (a fold swapped in before the kernel runs replaces it)
 
         def keep_seen() -> None:
             if owners is not None:  # keep what the kernel found for the next query
