@@ -16,6 +16,10 @@ Schema versions (``umi_schema.version``, one row per applied migration):
    ``umi_meta`` (string key/value).
 4. ``passages``: the passage vectors of long facts (``entity_id``, ``seq`` from 0,
    ``embedding FLOAT[]``); facts stored before have none.
+5. ``journal``: commits that only insert rows (a remember of new facts), one row each
+   (``generation``, the rows as JSON text, the vectors as float32 bytes), written in place of
+   a statement per table and moved into the tables later in one transaction (see
+   :class:`~umi.storage._duckdb_io.DuckDBDurable`); empty whenever the store is closed cleanly.
 
 A file written by a newer umi (higher version) is refused with
 :class:`~umi.errors.SchemaVersionError`; an older one is migrated forward in one
@@ -35,7 +39,7 @@ from ..types import now_ms
 __all__ = ["SCHEMA_VERSION", "check_path", "open_connection", "prepare", "read_version", "stored_generation", "migrate",
            "add_embedding_column", "ENTITY_COLUMNS", "SCOPE_COLUMNS"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 SCOPE_COLUMNS = ("user_id", "agent_id", "session_id")
 
 #: entity columns in table order (``embedding`` comes last, once the dimension is known)
@@ -161,7 +165,12 @@ def _v4(con: Any) -> None:
         )""")  # no key: DuckDB checks one eagerly, so a fact rewritten in one transaction (delete, insert) would clash
 
 
-MIGRATIONS: dict[int, Callable[[Any], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4}
+def _v5(con: Any) -> None:
+    # no key, no index: one plain insert per commit; read whole, in generation order, and emptied
+    con.execute("CREATE TABLE journal (generation BIGINT NOT NULL, rows VARCHAR NOT NULL, vectors BLOB)")
+
+
+MIGRATIONS: dict[int, Callable[[Any], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5}
 
 
 def check_path(path: str) -> str:

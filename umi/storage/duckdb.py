@@ -53,7 +53,7 @@ from ..errors import (
     UmiError,
 )
 from ._common import check_int
-from ._duckdb_io import DuckDBDurable, load_metadata, load_postings, metadata_counts
+from ._duckdb_io import DuckDBDurable, load_metadata, load_postings, metadata_counts, open_journaled
 from ._overlap import Background
 from ._duckdb_schema import check_path, open_connection, prepare, stored_generation
 from .cached import CachedStore, FaultyDurable
@@ -197,6 +197,8 @@ class DuckDBStorageBackend(CachedStore):
         try:
             con = open_connection(None if self.in_memory else spath, read_only)
             try:
+                # commits a crash left in the journal go into the tables before anything reads them
+                con = open_journaled(con, None if self.in_memory else spath, read_only)
                 generation, dim_stored, self.db_uuid = prepare(con, spath, read_only, dim)
                 raw = DuckDBDurable(con, dim_stored)
                 # with an index cache to load, search needs none of the stored vectors at open;
