@@ -1,12 +1,13 @@
 """The DuckDB journal (schema 5) under SIGKILL, and every read path over journaled commits.
 
-A commit that only inserts rows writes its history and ONE journal row; the journal is moved
-into the tables later, in one transaction (see ``umi.storage._duckdb_io``). A child process
-writes acknowledged transactions (a fact with a vector and metadata, its source, a relation to
-the previous fact) and is killed with SIGKILL either with every commit still in the journal, or
-half way through moving the journal into the tables. Every acknowledged write must then be
-there, once: through a read_only open (which leaves the file as it is) and a writable one
-(which empties the journal).
+A commit that only inserts rows writes its history rows alone, the first carrying the other
+tables' rows (the journal); they are moved into the tables later, in one transaction (see
+``umi.storage._duckdb_io``). A child process writes acknowledged transactions (a fact with a
+vector and metadata, its source; the first also a relation) and is killed with SIGKILL either
+with every commit still in the journal, or half way through moving the journal into the tables
+(inserting, or clearing the journal). Every acknowledged write must then be there, once:
+through a read_only open (which leaves the file as it is) and a writable one (which empties the
+journal).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from umi.types import Entity, EvolutionRelation
 
 T0 = 1_700_000_000_000
 N = 12
+#: the journaled commits (a history row carrying the commit's other rows)
+JOURNAL = "SELECT count(*) FROM history WHERE journal IS NOT NULL"
 
 CHILD = r"""
 import os, signal, sys
@@ -56,6 +59,22 @@ if mode == "during":
 
     io.insert_rows = dying
     b.delete(ids[0])  # a write by key moves the journal into the tables first
+    print("NOT KILLED", flush=True)
+if mode == "clearing":
+    class Dying:  # the connection, killing the process as the journal is being cleared
+        def __init__(self, con):
+            self._con = con
+
+        def execute(self, sql, *args):
+            if isinstance(sql, str) and sql.startswith("UPDATE history SET journal"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return self._con.execute(sql, *args)
+
+        def __getattr__(self, name):
+            return getattr(self._con, name)
+
+    b._durable.con = Dying(b._durable._con)
+    b.delete(ids[0])
     print("NOT KILLED", flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
 """
@@ -116,7 +135,7 @@ def check_every_write(b: DuckDBStorageBackend, ids: list[str]) -> None:
     assert len(list(b.iter_sources())) == len(ids) and len(list(b.iter_relations())) == 1
 
 
-@pytest.mark.parametrize("mode", ["after", "during"])
+@pytest.mark.parametrize("mode", ["after", "during", "clearing"])
 def test_a_kill_before_or_during_materialisation_loses_no_acknowledged_write(tmp_path: Path, mode: str) -> None:
     path = tmp_path / "journal.duckdb"
     here = os.path.abspath(__file__)
@@ -127,17 +146,17 @@ def test_a_kill_before_or_during_materialisation_loses_no_acknowledged_write(tmp
     ids = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("ACK ")]
     assert len(ids) == N
     # the kill left every commit in the journal (the one during materialisation rolled back)
-    assert raw(path, "SELECT count(*) FROM journal") == [(N,)]
+    assert raw(path, JOURNAL) == [(N,)]
     assert raw(path, "SELECT count(*) FROM entities") == [(1,)]
     with DuckDBStorageBackend.connect(path, read_only=True) as b:
         check_every_write(b, ids)
         assert b.generation == N + 1
-    assert raw(path, "SELECT count(*) FROM journal") == [(N,)]  # a read_only open writes nothing
+    assert raw(path, JOURNAL) == [(N,)]  # a read_only open writes nothing
     with DuckDBStorageBackend.connect(path) as b:
         check_every_write(b, ids)
         assert b.generation == N + 1
         ids.append(write_one(b, N))
-    assert raw(path, "SELECT count(*) FROM journal") == [(0,)]
+    assert raw(path, JOURNAL) == [(0,)]
     assert raw(path, "SELECT count(*), count(DISTINCT id) FROM entities") == [(N + 3, N + 3)]
     assert raw(path, "SELECT count(*) FROM postings p WHERE NOT EXISTS "
                      "(SELECT 1 FROM entities e WHERE e.id = p.entity_id)") == [(0,)]
@@ -181,16 +200,16 @@ def test_every_database_read_sees_journaled_commits(tmp_path: Path) -> None:
         b, ids = journaled(tmp_path / f"reads{n}.duckdb")
         with b:
             durable = b._durable  # type: ignore[attr-defined]
-            assert raw_count(b, "entities") == 1 and raw_count(b, "journal") == 4
+            assert raw_count(b, "entities") == 1 and raw_count(b, JOURNAL) == 4
             assert read(b, durable, ids), what
-            assert durable._journal_n == 0 and raw_count(b, "journal") == 0, what
+            assert durable._journal_n == 0 and raw_count(b, JOURNAL) == 0, what
 
 
 def test_a_write_by_key_applies_after_the_journaled_commits(tmp_path: Path) -> None:
     b, ids = journaled(tmp_path / "bykey.duckdb")
     with b:
         assert b.supersede(ids[1], T0 + 100) and b.delete(ids[2], at=T0 + 101)
-        assert raw_count(b, "journal") == 0
+        assert raw_count(b, JOURNAL) == 0
     with DuckDBStorageBackend.connect(tmp_path / "bykey.duckdb", read_only=True) as b:
         assert b.get(ids[1]).valid_to == T0 + 100 and b.get(ids[2]) is None  # type: ignore[union-attr]
         assert [h.op for h in b.history(ids[1])] == ["create", "supersede"]
@@ -215,4 +234,5 @@ def test_an_older_file_is_migrated_to_the_journal_schema(tmp_path: Path) -> None
 
 
 def raw_count(b: DuckDBStorageBackend, table: str) -> int:
-    return int(b._durable._con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0])  # type: ignore[attr-defined]
+    sql = table if table.startswith("SELECT") else f"SELECT count(*) FROM {table}"
+    return int(b._durable._con.execute(sql).fetchall()[0][0])  # type: ignore[attr-defined]

@@ -59,7 +59,8 @@ SMALL_BATCH_ROWS = 32
 #: up to this many rows (and with a vector column) that statement is a VALUES list, else unnest
 VALUES_ROWS_MAX = 4
 
-_ARROW_TYPES = {"VARCHAR": pa.string(), "INTEGER": pa.int32(), "BIGINT": pa.int64(), "DOUBLE": pa.float64()}
+_ARROW_TYPES = {"VARCHAR": pa.string(), "INTEGER": pa.int32(), "BIGINT": pa.int64(), "DOUBLE": pa.float64(),
+                "BLOB": pa.binary()}
 
 
 class Rows:
@@ -494,12 +495,16 @@ def _postings(con: Any) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
 
 # --- the journal ---------------------------------------------------------------------------
 #
-# A commit that only inserts rows (a remember of new facts) writes ONE row into ``journal``
-# (its generation, its rows as JSON text, its vectors as float32 bytes) instead of a statement
-# per table: DuckDB's cost is per statement (~0.4 ms each plus its columns) and per commit, not
-# per row. :func:`materialise_journal` moves every pending entry into the real tables in one
-# transaction (one INSERT per table for all of them) and empties the journal; the durable store
-# runs it before anything reads the tables (see :attr:`DuckDBDurable.con`).
+# A commit that only inserts rows (a remember of new facts) is ONE statement: the INSERT of its
+# history rows, the first of which carries the commit's other rows in its ``journal`` column
+# (JSON text) and ``journal_vectors`` (float32 bytes), run in autocommit (no BEGIN, no separate
+# COMMIT: a statement is a transaction) — in place of a statement per table inside BEGIN ...
+# COMMIT. DuckDB's cost is per statement (~0.4 ms each plus its columns) and per transaction,
+# not per row. The history goes to its table at once: the generation rides on it
+# (``stored_generation`` reads the file as it is) and every fact has its history there.
+# :func:`materialise_journal` moves every pending entry into the real tables in one transaction
+# (one INSERT per table for all of them) and clears the journal columns; the durable store runs
+# it before anything reads the tables (see :attr:`DuckDBDurable.con`).
 
 #: a commit of at most this many rows (entities, history, sources, relations) may be journaled;
 #: a larger one gains nothing (its statements are few per row) and goes to the tables directly
@@ -568,16 +573,17 @@ def _concat_rows(parts: list[Rows]) -> Rows:
 
 def journal_pending(con: Any) -> tuple[int, int]:
     """(entries, bytes) in the journal."""
-    n, size = con.execute("SELECT count(*), coalesce(sum(strlen(rows) + coalesce(octet_length(vectors), 0)), 0) "
-                          "FROM journal").fetchall()[0]
+    n, size = con.execute("SELECT count(*), coalesce(sum(strlen(journal) + coalesce(octet_length(journal_vectors), 0)), 0) "
+                          "FROM history WHERE journal IS NOT NULL").fetchall()[0]
     return int(n), int(size)
 
 
 def materialise_journal(con: Any) -> int:
-    """Move every journal entry into the tables and empty the journal, in one transaction: the
+    """Move every journal entry into the tables and clear the journal, in one transaction: the
     rows of all entries go in with one INSERT per table (and column set), in generation order.
     Returns how many entries were moved. A crash before the COMMIT leaves the journal as it was."""
-    entries = con.execute("SELECT generation, rows, vectors FROM journal ORDER BY generation").fetchall()
+    entries = con.execute("SELECT generation, journal, journal_vectors FROM history WHERE journal IS NOT NULL "
+                          "ORDER BY generation").fetchall()
     if not entries:
         return 0
     groups: dict[tuple[str, tuple[tuple[str, str], ...]], list[Rows]] = {}
@@ -589,7 +595,7 @@ def materialise_journal(con: Any) -> int:
     try:
         for (table, _), parts in groups.items():
             insert_rows(con, table, _concat_rows(parts))
-        con.execute("DELETE FROM journal WHERE generation <= ?", [max(g for g, _, _ in entries)])
+        con.execute("UPDATE history SET journal = NULL, journal_vectors = NULL WHERE journal IS NOT NULL")
         con.execute("COMMIT")
     except BaseException:
         try:
@@ -904,14 +910,18 @@ class DuckDBDurable(DurableStore):
         return Orphans(frozenset(r[0] for r in hist), frozenset(r[0] for r in srcs))
 
     def commit(self, ch: ChangeSet, generation: int) -> None:
-        """One DuckDB transaction, one statement per table touched (a raw note: entities, postings,
-        history, sources). The generation rides on the rows that carry one (history, entities);
-        ``umi_state`` is written only by a commit with neither (see ``stored_generation``).
+        """One DuckDB transaction. A small commit that only inserts rows (a remember of new facts)
+        is one statement, its history rows carrying the rest (:meth:`_commit_journal`: the
+        journal section above; a raw note's remember: ~1.4-1.8x a one-row insert transaction,
+        was ~2.8x with a statement per table); any other commit first moves the journal into the
+        tables, then writes one statement per table touched. The generation rides on the rows
+        that carry one (history, entities); ``umi_state`` is written only by a commit with
+        neither (see ``stored_generation``).
 
-        A commit that only inserts rows (a remember of new facts) runs on a second connection to
-        the same database with DuckDB's optimizer off: an INSERT of a few rows has nothing to
-        optimise, and the passes cost ~0.15 ms a statement here. A commit that deletes or updates
-        rows by key keeps the optimizer, which turns those into index lookups and small joins."""
+        A commit that only inserts rows runs on a second connection to the same database with
+        DuckDB's optimizer off: an INSERT of a few rows has nothing to optimise, and the passes
+        cost ~0.15 ms a statement here. A commit that deletes or updates rows by key keeps the
+        optimizer, which turns those into index lookups and small joins."""
         ents = _EntityWrites(ch)
         drops = {table: [i for i in changes if existed.get(i, True)]
                  for table, changes, existed in (("sources", ch.sources, ch.source_existed),
@@ -929,12 +939,10 @@ class DuckDBDurable(DurableStore):
             self._commit(ch, generation, ents, drops, by_key)
 
     def _commit_journal(self, ch: ChangeSet, generation: int, ents: _EntityWrites, rows: int) -> bool:
-        """Write an insert-only commit as its history rows and one journal row (every other
-        table's rows), in one transaction; False (nothing written) for a commit the journal does
-        not take: one that is large, fixes the dimension, has passage vectors, core blocks,
-        metadata or restored history, or writes no history. The history goes to its table at
-        once: the generation rides on it (``stored_generation`` reads the file as it is, journal
-        or not), and every entity in the tables has its history there."""
+        """Write an insert-only commit as one INSERT of its history rows, the first carrying
+        every other table's rows (see the journal section above), in autocommit; False (nothing
+        written) for a commit the journal does not take: one that is large, fixes the dimension,
+        has passage vectors, core blocks, metadata or restored history, or writes no history."""
         if (rows > JOURNAL_COMMIT_ROWS_MAX or ch.history_replace or ch.core or ch.core_forgotten
                 or ch.core_history or ch.meta or (ch.dim is not None and self.dim is None)
                 or not ch.history or any(e.passage_embeddings is not None for e in ents.full)):
@@ -948,19 +956,10 @@ class DuckDBDurable(DurableStore):
             text, vectors = journal_entry(tables)
         except UnicodeEncodeError:
             return False
-        con = self._writer(optimise=False)
-        con.execute("BEGIN TRANSACTION")
-        try:
-            insert_rows(con, "history", history_rows(list({(r.entity_id, r.seq): r for r in ch.history}.values()),
-                                                     generation))
-            con.execute("INSERT INTO journal VALUES (?, ?, ?)", [generation, text, vectors])
-            con.execute("COMMIT")
-        except BaseException:
-            try:
-                con.execute("ROLLBACK")
-            except duckdb_error():
-                pass  # a failed COMMIT has already ended the transaction
-            raise
+        hist = history_rows(list({(r.entity_id, r.seq): r for r in ch.history}.values()), generation)
+        hist.columns["journal"] = ("VARCHAR", [text] + [None] * (hist.n - 1))
+        hist.columns["journal_vectors"] = ("BLOB", [vectors] + [None] * (hist.n - 1))
+        insert_rows(self._writer(optimise=False), "history", hist)  # one statement: its own transaction
         self._journal_n += 1
         self._journal_bytes += len(text) + (len(vectors) if vectors else 0)
         return True

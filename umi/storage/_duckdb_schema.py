@@ -16,10 +16,11 @@ Schema versions (``umi_schema.version``, one row per applied migration):
    ``umi_meta`` (string key/value).
 4. ``passages``: the passage vectors of long facts (``entity_id``, ``seq`` from 0,
    ``embedding FLOAT[]``); facts stored before have none.
-5. ``journal``: commits that only insert rows (a remember of new facts), one row each
-   (``generation``, the rows as JSON text, the vectors as float32 bytes), written in place of
-   a statement per table and moved into the tables later in one transaction (see
-   :class:`~umi.storage._duckdb_io.DuckDBDurable`); empty whenever the store is closed cleanly.
+5. ``history.journal`` (VARCHAR) and ``history.journal_vectors`` (BLOB): a commit that only
+   inserts rows (a remember of new facts) writes its history rows alone, the first carrying the
+   commit's other rows (as JSON text, vectors as float32 bytes), in one statement; they are moved
+   into their tables later in one transaction and the columns set back to NULL (see
+   :mod:`umi.storage._duckdb_io`). NULL everywhere whenever the store is closed cleanly.
 
 A file written by a newer umi (higher version) is refused with
 :class:`~umi.errors.SchemaVersionError`; an older one is migrated forward in one
@@ -166,8 +167,9 @@ def _v4(con: Any) -> None:
 
 
 def _v5(con: Any) -> None:
-    # no key, no index: one plain insert per commit; read whole, in generation order, and emptied
-    con.execute("CREATE TABLE journal (generation BIGINT NOT NULL, rows VARCHAR NOT NULL, vectors BLOB)")
+    # not indexed: an insert pays nothing for them; read (IS NOT NULL) only at open and when moved
+    con.execute("ALTER TABLE history ADD COLUMN journal VARCHAR")
+    con.execute("ALTER TABLE history ADD COLUMN journal_vectors BLOB")
 
 
 MIGRATIONS: dict[int, Callable[[Any], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5}

@@ -2,8 +2,10 @@
 
 A :class:`~umi.storage.cached.CachedStore` over DuckDB: every read is served from the
 in-process cache, which is loaded from DuckDB on open; each commit writes its change set to
-DuckDB in one transaction (a handful of bulk statements), and a failed commit rolls the
-cache back. DuckDB is the source of truth.
+DuckDB in one transaction (a handful of bulk statements; a small insert-only one, such as a
+remember, as one statement whose history rows carry the rest, moved into the tables before any
+read of them: see :mod:`umi.storage._duckdb_io`), and a failed commit rolls the cache back.
+DuckDB is the source of truth.
 
 Opening: the path is checked first — a NUL byte (DuckDB would cut the path there) raises
 :class:`~umi.ValidationError`, a directory :class:`~umi.StorageError`, and a path DuckDB opens
