@@ -778,6 +778,8 @@ class DuckDBDurable(DurableStore):
         self.dim = dim
         #: entries (and bytes) in the journal, not yet in the tables
         self._journal_n, self._journal_bytes = journal_pending(con)
+        #: table -> the keys of its journaled rows (see :meth:`reading`)
+        self._journal_keys: dict[str, set[str]] = {}
         #: read the vectors at open (False: on demand, when a vector index cache holds a copy)
         self.vectors_at_open = True
         #: read the postings and the metadata codes at open (False: the keyword index cache holds them)
@@ -789,13 +791,16 @@ class DuckDBDurable(DurableStore):
         self._pool = 1
         #: the worker threads are lent now (a bulk read that materialises the journal first)
         self._lent = False
+        if self._journal_n:  # (an open moves it first: see open_journaled) its keys are not known
+            self.materialise()
 
     @property
     def con(self) -> Any:
-        """The connection, for anything that reads the tables: the one gate every read passes
-        (the loads, history, sources, relations, orphans, vectors, the generation checks, a
-        checkpoint, raw SQL). Journaled commits are materialised first, so a read sees every
-        commit in the tables. Only a journaled commit writes past it (:meth:`_commit_journal`)."""
+        """The connection, for anything that reads the tables: the gate every read passes (the
+        loads, orphans, the generation checks, a checkpoint, raw SQL), which moves journaled
+        commits into the tables first, so a read sees every commit there. A read of some keys of
+        one table passes :meth:`reading` instead, which moves them only when the read could miss
+        one. Only a journaled commit writes past both (:meth:`_commit_journal`)."""
         if self._journal_n:
             self.materialise()
         return self._con
@@ -804,11 +809,23 @@ class DuckDBDurable(DurableStore):
     def con(self, con: Any) -> None:
         self._con = con
 
+    def reading(self, table: str, keys: Sequence[str] | None) -> Any:
+        """The gate for a read of ``table``'s rows keyed by one of ``keys`` (entities: id;
+        sources: id or text hash; relations: an end; None: every row): the journal is moved into
+        the tables first when it holds a row of ``table`` with one of those keys (history is
+        never journaled). A remember that relates its fact to an earlier one reads that fact's
+        relations: it moves the journal only when the earlier fact's relations are in it."""
+        pending = self._journal_keys.get(table)
+        if pending and (keys is None or not pending.isdisjoint(keys)):
+            self.materialise()
+        return self._con
+
     def materialise(self) -> None:
         """Move the journaled commits into the tables (:func:`materialise_journal`)."""
         with self.bulk(self._journal_n * 8):
             materialise_journal(self._con)
         self._journal_n = self._journal_bytes = 0
+        self._journal_keys.clear()
 
     def serial(self) -> None:
         """From now on, run small statements on the calling thread alone and lend DuckDB's worker
@@ -840,7 +857,7 @@ class DuckDBDurable(DurableStore):
 
     def _fetch_vectors(self, dim: int, ids: list[str]) -> tuple[list[str], np.ndarray]:
         with self.bulk(len(ids)):
-            return fetch_vectors(self.con, dim, ids)
+            return fetch_vectors(self.reading("entities", ids), dim, ids)
 
     def load(self, dim: int | None) -> Loaded:
         with self.bulk():
@@ -868,17 +885,18 @@ class DuckDBDurable(DurableStore):
     def load_history(self, entity_ids: Sequence[str] | None) -> list[tuple[str, int, str, int, Any, Scope]]:
         select = "SELECT h.entity_id, h.seq, h.op, h.at_ms, h.snapshot, h.user_id, h.agent_id, h.session_id FROM history h"
         with _read_errors("history"), self.bulk(None if entity_ids is None else len(entity_ids)):
-            rows = _tuples_for_ids(self.con, select, "h.entity_id", entity_ids)
+            rows = _tuples_for_ids(self.reading("history", entity_ids), select, "h.entity_id", entity_ids)
         return [(e, s, op, at, snap, _scope((u, a, sess))) for e, s, op, at, snap, u, a, sess in rows]
 
     def load_sources(self, ids: Sequence[str] | None = None, hashes: Sequence[str] | None = None) -> list[Source]:
         select = "SELECT s.id, s.text_hash, s.text, s.created_at, s.metadata, s.user_id, s.agent_id, s.session_id FROM sources s"
         with _read_errors("sources"), self.bulk(None if ids is None and hashes is None
                                                  else len(ids or ()) + len(hashes or ())):
+            con = self.reading("sources", None if ids is None and hashes is None else [*(ids or ()), *(hashes or ())])
             if ids is None and hashes is None:
-                parts = [_tuples_for_ids(self.con, select, "s.id", None)]
+                parts = [_tuples_for_ids(con, select, "s.id", None)]
             else:
-                parts = [_tuples_for_ids(self.con, select, col, want)
+                parts = [_tuples_for_ids(con, select, col, want)
                          for col, want in (("s.id", ids), ("s.text_hash", hashes)) if want]
         out: dict[str, Source] = {}
         for rows in parts:
@@ -890,10 +908,11 @@ class DuckDBDurable(DurableStore):
         select = ("SELECT r.id, r.source_id, r.target_id, r.evolution_type, r.reason, r.confidence, r.created_at, "
                   "r.user_id, r.agent_id, r.session_id FROM relations r")
         with _read_errors("relations"), self.bulk(None if entity_ids is None else len(entity_ids)):
+            con = self.reading("relations", entity_ids)
             if entity_ids is None:
-                parts = [_tuples_for_ids(self.con, select, "r.id", None)]
+                parts = [_tuples_for_ids(con, select, "r.id", None)]
             else:
-                parts = [_tuples_for_ids(self.con, select, col, entity_ids) for col in ("r.source_id", "r.target_id")]
+                parts = [_tuples_for_ids(con, select, col, entity_ids) for col in ("r.source_id", "r.target_id")]
         out: dict[str, EvolutionRelation] = {}
         for rows in parts:
             for i, s_, t, et, r, c, ca, u, a, sess in rows:
@@ -962,6 +981,15 @@ class DuckDBDurable(DurableStore):
         insert_rows(self._writer(optimise=False), "history", hist)  # one statement: its own transaction
         self._journal_n += 1
         self._journal_bytes += len(text) + (len(vectors) if vectors else 0)
+        keys = self._journal_keys
+        if ents.full:
+            keys.setdefault("entities", set()).update(e.id for e in ents.full)
+        srcs = [v for v in ch.sources.values() if v is not None]
+        if srcs:
+            keys.setdefault("sources", set()).update(k for s in srcs for k in (s.id, s.text_hash))
+        rels = [v for v in ch.relations.values() if v is not None]
+        if rels:
+            keys.setdefault("relations", set()).update(k for r in rels for k in (r.source_id, r.target_id))
         return True
 
     def _commit(self, ch: ChangeSet, generation: int, ents: _EntityWrites, drops: dict[str, list[str]],
