@@ -60,7 +60,8 @@ SMALL_BATCH_ROWS = 32
 #: up to this many rows (and with a vector column) that statement is a VALUES list, else unnest
 VALUES_ROWS_MAX = 4
 
-_ARROW_TYPES = {"VARCHAR": pa.string(), "INTEGER": pa.int32(), "BIGINT": pa.int64(), "DOUBLE": pa.float64()}
+_ARROW_TYPES = {"VARCHAR": pa.string(), "INTEGER": pa.int32(), "BIGINT": pa.int64(), "DOUBLE": pa.float64(),
+                "BLOB": pa.binary()}
 
 
 class Rows:
@@ -522,6 +523,146 @@ def remove_database_files(path: str) -> None:
             pass
 
 
+# --- the journal ---------------------------------------------------------------------------
+#
+# A commit that only inserts rows (a remember of new facts) is ONE statement: the INSERT of its
+# history rows, the first of which carries the commit's other rows in its ``journal`` column
+# (JSON text) and ``journal_vectors`` (float32 bytes), run in autocommit (no BEGIN, no separate
+# COMMIT: a statement is a transaction) — in place of a statement per table inside BEGIN ...
+# COMMIT. DuckDB's cost is per statement (~0.4 ms each plus its columns) and per transaction,
+# not per row. The history goes to its table at once: the generation rides on it
+# (``stored_generation`` reads the file as it is) and every fact has its history there.
+# :func:`materialise_journal` moves every pending entry into the real tables in one transaction
+# (one INSERT per table for all of them) and clears the journal columns; the durable store runs
+# it before anything reads the tables (see :attr:`DuckDBDurable.con`).
+
+#: a commit of at most this many rows (entities, history, sources, relations) may be journaled;
+#: a larger one gains nothing (its statements are few per row) and goes to the tables directly
+JOURNAL_COMMIT_ROWS_MAX = 32
+#: pending entries (or bytes) that make the next commit materialise the journal first
+JOURNAL_ENTRIES_MAX = 256
+JOURNAL_BYTES_MAX = 8 << 20
+
+
+def journal_entry(tables: list[tuple[str, Rows]]) -> tuple[str, bytes | None]:
+    """The journal row of an insert-only commit: (JSON text of every table's columns, float32
+    bytes of its vector columns or None). Raises UnicodeEncodeError for text that is not valid
+    UTF-8 (a lone surrogate), which the caller writes directly instead (DuckDB refuses it at once)."""
+    out = []
+    blobs: list[bytes] = []
+    for table, rows in tables:
+        if rows.n == 0:
+            continue
+        cols = []
+        for name, (sql, values) in rows.columns.items():
+            if sql in _ARROW_TYPES:
+                cols.append([name, sql, values])
+            else:
+                mat, has = values
+                cols.append([name, sql, has.tolist()])
+                blobs.append(np.ascontiguousarray(mat, np.float32).tobytes())
+        out.append([table, rows.n, cols])
+    text = json.dumps(out, separators=(",", ":"), ensure_ascii=False)
+    text.encode("utf-8")  # DuckDB's VARCHAR holds UTF-8 only
+    return text, b"".join(blobs) if blobs else None
+
+
+def _journal_tables(text: str, vectors: bytes | None) -> list[tuple[str, Rows]]:
+    """The (table, rows) of one journal row (:func:`journal_entry` read back)."""
+    out = []
+    at = 0
+    for table, n, cols in json.loads(text):
+        columns: dict[str, tuple[str, Any]] = {}
+        for name, sql, values in cols:
+            if sql in _ARROW_TYPES:
+                columns[name] = (sql, values)
+            else:
+                dim = int(sql[sql.index("[") + 1:-1])
+                size = n * dim * 4
+                assert vectors is not None
+                mat = np.frombuffer(vectors, np.float32, n * dim, at).reshape(n, dim)
+                at += size
+                columns[name] = (sql, (mat, np.array(values, bool)))
+        out.append((table, Rows(n, columns)))
+    return out
+
+
+def _concat_rows(parts: list[Rows]) -> Rows:
+    """One table's rows of several journal entries (same columns), in order."""
+    if len(parts) == 1:
+        return parts[0]
+    columns: dict[str, tuple[str, Any]] = {}
+    for name, (sql, _) in parts[0].columns.items():
+        if sql in _ARROW_TYPES:
+            columns[name] = (sql, [v for p in parts for v in p.columns[name][1]])
+        else:
+            columns[name] = (sql, (np.concatenate([p.columns[name][1][0] for p in parts]),
+                                   np.concatenate([p.columns[name][1][1] for p in parts])))
+    return Rows(sum(p.n for p in parts), columns)
+
+
+def journal_pending(con: Any) -> tuple[int, int]:
+    """(entries, bytes) in the journal."""
+    n, size = con.execute("SELECT count(*), coalesce(sum(strlen(journal) + coalesce(octet_length(journal_vectors), 0)), 0) "
+                          "FROM history WHERE journal IS NOT NULL").fetchall()[0]
+    return int(n), int(size)
+
+
+def materialise_journal(con: Any) -> int:
+    """Move every journal entry into the tables and clear the journal, in one transaction: the
+    rows of all entries go in with one INSERT per table (and column set), in generation order.
+    Returns how many entries were moved. A crash before the COMMIT leaves the journal as it was."""
+    entries = con.execute("SELECT generation, journal, journal_vectors FROM history WHERE journal IS NOT NULL "
+                          "ORDER BY generation").fetchall()
+    if not entries:
+        return 0
+    groups: dict[tuple[str, tuple[tuple[str, str], ...]], list[Rows]] = {}
+    for _, text, vectors in entries:
+        for table, rows in _journal_tables(text, vectors):
+            key = (table, tuple((name, sql) for name, (sql, _) in rows.columns.items()))
+            groups.setdefault(key, []).append(rows)
+    con.execute("BEGIN TRANSACTION")
+    try:
+        for (table, _), parts in groups.items():
+            insert_rows(con, table, _concat_rows(parts))
+        con.execute("UPDATE history SET journal = NULL, journal_vectors = NULL WHERE journal IS NOT NULL")
+        con.execute("COMMIT")
+    except BaseException:
+        try:
+            con.execute("ROLLBACK")
+        except duckdb_error():
+            pass  # a failed COMMIT has already ended the transaction
+        raise
+    return len(entries)
+
+
+def open_journaled(con: Any, path: str | None, read_only: bool) -> Any:
+    """The connection an opening store reads, with every journaled commit in its tables: ``con``
+    after materialising its journal; for a ``read_only`` file with a non-empty journal (a writer
+    crashed), an in-memory copy of the database, materialised there (the file stays as it is)."""
+    from ._duckdb_schema import SCHEMA_VERSION, read_version
+
+    if read_version(con) != SCHEMA_VERSION or journal_pending(con)[0] == 0:
+        return con
+    if not read_only:
+        materialise_journal(con)
+        return con
+    import duckdb
+
+    assert path is not None  # an in-memory database is never read_only
+    con.close()
+    mem = duckdb.connect(":memory:")
+    try:
+        mem.execute(f"ATTACH {_sql_text(path)} AS umi_file (READ_ONLY)")
+        mem.execute("COPY FROM DATABASE umi_file TO memory")
+        mem.execute("DETACH umi_file")
+        materialise_journal(mem)
+    except BaseException:
+        mem.close()
+        raise
+    return mem
+
+
 def _sql_text(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
@@ -667,8 +808,12 @@ class DuckDBDurable(DurableStore):
     lazy = True
 
     def __init__(self, con: Any, dim: int | None) -> None:
-        self.con = con
+        self._con = con
         self.dim = dim
+        #: entries (and bytes) in the journal, not yet in the tables
+        self._journal_n, self._journal_bytes = journal_pending(con)
+        #: table -> the keys of its journaled rows (see :meth:`reading`)
+        self._journal_keys: dict[str, set[str]] = {}
         #: read the vectors at open (False: on demand, when a vector index cache holds a copy)
         self.vectors_at_open = True
         #: read the postings and the metadata codes at open (False: the keyword index cache holds them)
@@ -678,6 +823,43 @@ class DuckDBDurable(DurableStore):
         self._writers: dict[str, _Writer] = {}
         #: DuckDB's worker threads (``threads``) lent to bulk work once :meth:`serial` was called; 1: never
         self._pool = 1
+        #: the worker threads are lent now (a bulk read that materialises the journal first)
+        self._lent = False
+        if self._journal_n:  # (an open moves it first: see open_journaled) its keys are not known
+            self.materialise()
+
+    @property
+    def con(self) -> Any:
+        """The connection, for anything that reads the tables: the gate every read passes (the
+        loads, orphans, the generation checks, a checkpoint, raw SQL), which moves journaled
+        commits into the tables first, so a read sees every commit there. A read of some keys of
+        one table passes :meth:`reading` instead, which moves them only when the read could miss
+        one. Only a journaled commit writes past both (:meth:`_commit_journal`)."""
+        if self._journal_n:
+            self.materialise()
+        return self._con
+
+    @con.setter
+    def con(self, con: Any) -> None:
+        self._con = con
+
+    def reading(self, table: str, keys: Sequence[str] | None) -> Any:
+        """The gate for a read of ``table``'s rows keyed by one of ``keys`` (entities: id;
+        sources: id or text hash; relations: an end; None: every row): the journal is moved into
+        the tables first when it holds a row of ``table`` with one of those keys (history is
+        never journaled). A remember that relates its fact to an earlier one reads that fact's
+        relations: it moves the journal only when the earlier fact's relations are in it."""
+        pending = self._journal_keys.get(table)
+        if pending and (keys is None or not pending.isdisjoint(keys)):
+            self.materialise()
+        return self._con
+
+    def materialise(self) -> None:
+        """Move the journaled commits into the tables (:func:`materialise_journal`)."""
+        with self.bulk(self._journal_n * 8):
+            materialise_journal(self._con)
+        self._journal_n = self._journal_bytes = 0
+        self._journal_keys.clear()
 
     def serial(self) -> None:
         """From now on, run small statements on the calling thread alone and lend DuckDB's worker
@@ -688,26 +870,28 @@ class DuckDBDurable(DurableStore):
         scheduled — on a busy machine, often a millisecond. A raw-note remember runs six such
         statements (bench_memory, interleaved A/B: ~12 % faster with one thread). ``SET threads``
         costs ~1-2.5 ms each way, nothing beside bulk work."""
-        pool = int(self.con.execute("SELECT current_setting('threads')").fetchall()[0][0])
+        pool = int(self._con.execute("SELECT current_setting('threads')").fetchall()[0][0])
         if pool > 1:
-            self.con.execute("SET threads = 1")
+            self._con.execute("SET threads = 1")
             self._pool = pool
 
     @contextmanager
     def bulk(self, rows: int | None = None) -> Iterator[None]:
         """DuckDB's worker threads for work over ``rows`` rows (None: a load or a scan)."""
-        if self._pool <= 1 or (rows is not None and rows < PARALLEL_ROWS_MIN):
+        if self._pool <= 1 or self._lent or (rows is not None and rows < PARALLEL_ROWS_MIN):
             yield
             return
-        self.con.execute(f"SET threads = {self._pool}")
+        self._con.execute(f"SET threads = {self._pool}")
+        self._lent = True
         try:
             yield
         finally:
-            self.con.execute("SET threads = 1")
+            self._lent = False
+            self._con.execute("SET threads = 1")
 
     def _fetch_vectors(self, dim: int, ids: list[str]) -> tuple[list[str], np.ndarray]:
         with self.bulk(len(ids)):
-            return fetch_vectors(self.con, dim, ids)
+            return fetch_vectors(self.reading("entities", ids), dim, ids)
 
     def load(self, dim: int | None) -> Loaded:
         with self.bulk():
@@ -735,17 +919,18 @@ class DuckDBDurable(DurableStore):
     def load_history(self, entity_ids: Sequence[str] | None) -> list[tuple[str, int, str, int, Any, Scope]]:
         select = "SELECT h.entity_id, h.seq, h.op, h.at_ms, h.snapshot, h.user_id, h.agent_id, h.session_id FROM history h"
         with _read_errors("history"), self.bulk(None if entity_ids is None else len(entity_ids)):
-            rows = _tuples_for_ids(self.con, select, "h.entity_id", entity_ids)
+            rows = _tuples_for_ids(self.reading("history", entity_ids), select, "h.entity_id", entity_ids)
         return [(e, s, op, at, snap, _scope((u, a, sess))) for e, s, op, at, snap, u, a, sess in rows]
 
     def load_sources(self, ids: Sequence[str] | None = None, hashes: Sequence[str] | None = None) -> list[Source]:
         select = "SELECT s.id, s.text_hash, s.text, s.created_at, s.metadata, s.user_id, s.agent_id, s.session_id FROM sources s"
         with _read_errors("sources"), self.bulk(None if ids is None and hashes is None
                                                  else len(ids or ()) + len(hashes or ())):
+            con = self.reading("sources", None if ids is None and hashes is None else [*(ids or ()), *(hashes or ())])
             if ids is None and hashes is None:
-                parts = [_tuples_for_ids(self.con, select, "s.id", None)]
+                parts = [_tuples_for_ids(con, select, "s.id", None)]
             else:
-                parts = [_tuples_for_ids(self.con, select, col, want)
+                parts = [_tuples_for_ids(con, select, col, want)
                          for col, want in (("s.id", ids), ("s.text_hash", hashes)) if want]
         out: dict[str, Source] = {}
         for rows in parts:
@@ -757,10 +942,11 @@ class DuckDBDurable(DurableStore):
         select = ("SELECT r.id, r.source_id, r.target_id, r.evolution_type, r.reason, r.confidence, r.created_at, "
                   "r.user_id, r.agent_id, r.session_id FROM relations r")
         with _read_errors("relations"), self.bulk(None if entity_ids is None else len(entity_ids)):
+            con = self.reading("relations", entity_ids)
             if entity_ids is None:
-                parts = [_tuples_for_ids(self.con, select, "r.id", None)]
+                parts = [_tuples_for_ids(con, select, "r.id", None)]
             else:
-                parts = [_tuples_for_ids(self.con, select, col, entity_ids) for col in ("r.source_id", "r.target_id")]
+                parts = [_tuples_for_ids(con, select, col, entity_ids) for col in ("r.source_id", "r.target_id")]
         out: dict[str, EvolutionRelation] = {}
         for rows in parts:
             for i, s_, t, et, r, c, ca, u, a, sess in rows:
@@ -777,14 +963,18 @@ class DuckDBDurable(DurableStore):
         return Orphans(frozenset(r[0] for r in hist), frozenset(r[0] for r in srcs))
 
     def commit(self, ch: ChangeSet, generation: int) -> None:
-        """One DuckDB transaction, one statement per table touched (a raw note: entities, postings,
-        history, sources). The generation rides on the rows that carry one (history, entities);
-        ``umi_state`` is written only by a commit with neither (see ``stored_generation``).
+        """One DuckDB transaction. A small commit that only inserts rows (a remember of new facts)
+        is one statement, its history rows carrying the rest (:meth:`_commit_journal`: the
+        journal section above; a raw note's remember: ~1.4-1.8x a one-row insert transaction,
+        was ~2.8x with a statement per table); any other commit first moves the journal into the
+        tables, then writes one statement per table touched. The generation rides on the rows
+        that carry one (history, entities); ``umi_state`` is written only by a commit with
+        neither (see ``stored_generation``).
 
-        A commit that only inserts rows (a remember of new facts) runs on a second connection to
-        the same database with DuckDB's optimizer off: an INSERT of a few rows has nothing to
-        optimise, and the passes cost ~0.15 ms a statement here. A commit that deletes or updates
-        rows by key keeps the optimizer, which turns those into index lookups and small joins."""
+        A commit that only inserts rows runs on a second connection to the same database with
+        DuckDB's optimizer off: an INSERT of a few rows has nothing to optimise, and the passes
+        cost ~0.15 ms a statement here. A commit that deletes or updates rows by key keeps the
+        optimizer, which turns those into index lookups and small joins."""
         ents = _EntityWrites(ch)
         drops = {table: [i for i in changes if existed.get(i, True)]
                  for table, changes, existed in (("sources", ch.sources, ch.source_existed),
@@ -792,8 +982,49 @@ class DuckDBDurable(DurableStore):
         by_key = bool(ents.rewritten or ents.validity or ch.tombstoned or any(drops.values()))
         rows = (len(ch.entities) + len(ch.history) + len(ch.tombstoned) + len(ch.sources) + len(ch.relations)
                 + len(ch.core_history) + sum(len(b) for b in ch.core.values()))
+        if self._journal_n >= JOURNAL_ENTRIES_MAX or self._journal_bytes >= JOURNAL_BYTES_MAX:
+            self.materialise()
+        if not by_key and self._commit_journal(ch, generation, ents, rows):
+            return
+        if self._journal_n:
+            self.materialise()  # a write by key (or any other) applies to every earlier commit's rows
         with self.bulk(rows):
             self._commit(ch, generation, ents, drops, by_key)
+
+    def _commit_journal(self, ch: ChangeSet, generation: int, ents: _EntityWrites, rows: int) -> bool:
+        """Write an insert-only commit as one INSERT of its history rows, the first carrying
+        every other table's rows (see the journal section above), in autocommit; False (nothing
+        written) for a commit the journal does not take: one that is large, fixes the dimension,
+        has passage vectors, core blocks, metadata or restored history, or writes no history."""
+        if (rows > JOURNAL_COMMIT_ROWS_MAX or ch.history_replace or ch.core or ch.core_forgotten
+                or ch.core_history or ch.meta or (ch.dim is not None and self.dim is None)
+                or not ch.history or any(e.passage_embeddings is not None for e in ents.full)):
+            return False
+        tables = [("entities", entities_rows(ents.full, ents.terms, generation, self.dim)),
+                  ("postings", postings_rows(ents.full, [t[0] for t in ents.terms])),
+                  ("entity_metadata", metadata_rows(ents.full)),
+                  ("sources", sources_rows([v for v in ch.sources.values() if v is not None]))]
+        tables.append(("relations", relations_rows([v for v in ch.relations.values() if v is not None])))
+        try:
+            text, vectors = journal_entry(tables)
+        except UnicodeEncodeError:
+            return False
+        hist = history_rows(list({(r.entity_id, r.seq): r for r in ch.history}.values()), generation)
+        hist.columns["journal"] = ("VARCHAR", [text] + [None] * (hist.n - 1))
+        hist.columns["journal_vectors"] = ("BLOB", [vectors] + [None] * (hist.n - 1))
+        insert_rows(self._writer(optimise=False), "history", hist)  # one statement: its own transaction
+        self._journal_n += 1
+        self._journal_bytes += len(text) + (len(vectors) if vectors else 0)
+        keys = self._journal_keys
+        if ents.full:
+            keys.setdefault("entities", set()).update(e.id for e in ents.full)
+        srcs = [v for v in ch.sources.values() if v is not None]
+        if srcs:
+            keys.setdefault("sources", set()).update(k for s in srcs for k in (s.id, s.text_hash))
+        rels = [v for v in ch.relations.values() if v is not None]
+        if rels:
+            keys.setdefault("relations", set()).update(k for r in rels for k in (r.source_id, r.target_id))
+        return True
 
     def _commit(self, ch: ChangeSet, generation: int, ents: _EntityWrites, drops: dict[str, list[str]],
                 by_key: bool) -> None:
@@ -849,15 +1080,15 @@ class DuckDBDurable(DurableStore):
         """The connection a commit writes through (see :meth:`commit`), made on first use."""
         key = "optimised" if optimise else "plain"
         w = self._writers.get(key)
-        if w is None or w.base is not self.con:  # (a test may swap the connection)
+        if w is None or w.base is not self._con:  # (a test may swap the connection)
             if w is not None and not optimise:
                 w.con.close()
             if optimise:
-                w = _Writer(self.con, self.con)
+                w = _Writer(self._con, self._con)
             else:
-                cur = self.con.cursor()
+                cur = self._con.cursor()
                 cur.execute("PRAGMA disable_optimizer")
-                w = _Writer(cur, self.con)
+                w = _Writer(cur, self._con)
             self._writers[key] = w
         return w
 
@@ -869,10 +1100,21 @@ class DuckDBDurable(DurableStore):
             con.execute("SET threads = 1")
 
     def close(self) -> None:
-        plain = self._writers.pop("plain", None)
-        if plain is not None:
-            plain.con.close()
-        self.con.close()
+        """Materialise the journal (a later read_only open then reads the file as it is; should
+        this fail, the next open does it) and close the connection."""
+        try:
+            if self._journal_n:
+                self.materialise()
+        except Exception as exc:  # noqa: BLE001 - nothing is lost: the journal stays for the next open
+            import logging
+
+            logging.getLogger("umi.storage.duckdb").warning(
+                "could not move the journal into the tables at close (the next open will): %s", exc)
+        finally:
+            plain = self._writers.pop("plain", None)
+            if plain is not None:
+                plain.con.close()
+            self._con.close()
 
 
 def duckdb_error() -> type[BaseException]:

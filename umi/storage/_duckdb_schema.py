@@ -16,6 +16,11 @@ Schema versions (``umi_schema.version``, one row per applied migration):
    ``umi_meta`` (string key/value).
 4. ``passages``: the passage vectors of long facts (``entity_id``, ``seq`` from 0,
    ``embedding FLOAT[]``); facts stored before have none.
+5. ``history.journal`` (VARCHAR) and ``history.journal_vectors`` (BLOB): a commit that only
+   inserts rows (a remember of new facts) writes its history rows alone, the first carrying the
+   commit's other rows (as JSON text, vectors as float32 bytes), in one statement; they are moved
+   into their tables later in one transaction and the columns set back to NULL (see
+   :mod:`umi.storage._duckdb_io`). NULL everywhere whenever the store is closed cleanly.
 
 A file written by a newer umi (higher version) is refused with
 :class:`~umi.errors.SchemaVersionError`; an older one is migrated forward in one
@@ -35,7 +40,7 @@ from ..types import now_ms
 __all__ = ["SCHEMA_VERSION", "check_path", "open_connection", "prepare", "read_version", "stored_generation", "migrate",
            "add_embedding_column", "ENTITY_COLUMNS", "SCOPE_COLUMNS"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 SCOPE_COLUMNS = ("user_id", "agent_id", "session_id")
 
 #: entity columns in table order (``embedding`` comes last, once the dimension is known)
@@ -161,7 +166,13 @@ def _v4(con: Any) -> None:
         )""")  # no key: DuckDB checks one eagerly, so a fact rewritten in one transaction (delete, insert) would clash
 
 
-MIGRATIONS: dict[int, Callable[[Any], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4}
+def _v5(con: Any) -> None:
+    # not indexed: an insert pays nothing for them; read (IS NOT NULL) only at open and when moved
+    con.execute("ALTER TABLE history ADD COLUMN journal VARCHAR")
+    con.execute("ALTER TABLE history ADD COLUMN journal_vectors BLOB")
+
+
+MIGRATIONS: dict[int, Callable[[Any], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5}
 
 
 def check_path(path: str) -> str:

@@ -2,8 +2,10 @@
 
 A :class:`~umi.storage.cached.CachedStore` over DuckDB: every read is served from the
 in-process cache, which is loaded from DuckDB on open; each commit writes its change set to
-DuckDB in one transaction (a handful of bulk statements), and a failed commit rolls the
-cache back. DuckDB is the source of truth.
+DuckDB in one transaction (a handful of bulk statements; a small insert-only one, such as a
+remember, as one statement whose history rows carry the rest, moved into the tables before any
+read of them: see :mod:`umi.storage._duckdb_io`), and a failed commit rolls the cache back.
+DuckDB is the source of truth.
 
 Opening: the path is checked first — a NUL byte (DuckDB would cut the path there) raises
 :class:`~umi.ValidationError`, a directory :class:`~umi.StorageError`, and a path DuckDB opens
@@ -56,7 +58,7 @@ from ..errors import (
 from ._common import check_int
 from .._index_file import fsync_dir
 from ._duckdb_io import (DuckDBDurable, copy_database, load_metadata, load_postings, metadata_counts,
-                          remove_database_files)
+                          open_journaled, remove_database_files)
 from ._overlap import Background
 from ._duckdb_schema import check_path, open_connection, prepare, stored_generation
 from .cached import CachedStore, FaultyDurable
@@ -202,6 +204,8 @@ class DuckDBStorageBackend(CachedStore):
         try:
             con = open_connection(None if self.in_memory else spath, read_only)
             try:
+                # commits a crash left in the journal go into the tables before anything reads them
+                con = open_journaled(con, None if self.in_memory else spath, read_only)
                 generation, dim_stored, self.db_uuid = prepare(con, spath, read_only, dim)
                 raw = DuckDBDurable(con, dim_stored)
                 # with an index cache to load, search needs none of the stored vectors at open;
