@@ -262,6 +262,28 @@ def test_hnsw_recall_at_10_on_clustered_vectors(clustered_pair):
             assert s == pytest.approx(float(np.dot(hnsw.get_vector(i), q)), abs=2e-6)
 
 
+@pytest.mark.parametrize("rows", [2, 3, 7])
+def test_batched_walk_split_over_two_threads_answers_as_one_query_at_a_time(clustered_pair, monkeypatch, rows):
+    """With a core idle, search_many walks the later half of its rows on the search helper thread:
+    each row's answer is still its own search's, in the order of the rows."""
+    from umi.storage import _overlap
+
+    hnsw, _, queries, _ = clustered_pair
+    hnsw.build_graph()  # a batch walks together only on a built graph
+    splits = []
+
+    def counting_beside(side, main):
+        splits.append(1)
+        return real_beside(side, main)
+
+    real_beside = _overlap.beside
+    monkeypatch.setattr(_overlap, "_core_idle", lambda: True)  # the machine running the tests may be busy
+    monkeypatch.setattr(_overlap, "beside", counting_beside)
+    qs = queries[10 : 10 + rows]
+    assert hnsw.search_many(qs, 10) == [hnsw.search(q, 10) for q in qs]
+    assert splits == [1]  # one batched walk, split once
+
+
 def test_hnsw_results_respect_mask_and_selective_masks_go_exact(clustered_pair):
     hnsw, exact, queries, ids = clustered_pair
     rng = np.random.default_rng(11)
