@@ -699,24 +699,11 @@ class VectorIndex:
         want = min(k, eligible)
         graph.set_ef(max(self.ef_search, want))
         try:
-            labels = self._walk_many(graph, qs, want)
+            labels, _ = graph.knn_query(qs, k=want, num_threads=1)
         except RuntimeError:  # a row could not find `want` neighbours: each its own way
             return [self._hnsw(q, k, mask, eligible) for q in qs]
         dot_rows, vectors = _kernels().dot_rows_unchecked, self._vectors
         return [self._rank(row, dot_rows(vectors, q, row), k) for q, row in zip(qs, labels.astype(np.int64))]
-
-    @staticmethod
-    def _walk_many(graph: Any, qs: np.ndarray, want: int) -> np.ndarray:
-        """``knn_query`` labels of every row of ``qs``: the later half of the rows walked on the
-        search helper thread while this one walks the first half, when a core is idle
-        (:func:`umi.storage._overlap.beside`; each row's walk is the same alone: the same labels).
-        The index lock is held throughout: no write changes the graph under either walk."""
-        from .storage._overlap import beside  # the storage package imports this module
-
-        half = (qs.shape[0] + 1) // 2
-        (late, _), (early, _) = beside(lambda: graph.knn_query(qs[half:], k=want, num_threads=1),
-                                       lambda: graph.knn_query(qs[:half], k=want, num_threads=1))
-        return np.concatenate([early, late])
 
     def _knn(self, graph: Any, q: np.ndarray, fetch: int, filter: Any = None) -> np.ndarray | None:
         graph.set_ef(max(self.ef_search, fetch))
