@@ -152,8 +152,9 @@ def check_ids(values: object, what: str = "entity_ids") -> list[str]:
     ids = list(values)
     # the usual case checked in C-level passes (a recall checks ~30 ids); anything else, or a
     # failure, goes id by id so that the error names the first bad one
-    if ids and set(map(type, ids)) == {str} and min(map(len, ids)) > 0 and max(map(len, ids)) <= ID_CHARS_MAX \
-            and "\x00" not in "".join(ids):
+    plain = (ids and set(map(type, ids)) == {str} and min(map(len, ids)) > 0
+             and max(map(len, ids)) <= ID_CHARS_MAX and "\x00" not in "".join(ids))
+    if plain:
         return ids
     return [check_id(v, what[:-1] if what.endswith("s") else what) for v in ids]
 
