@@ -53,6 +53,7 @@ import math
 import os
 import threading
 from collections.abc import Sequence
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -127,6 +128,14 @@ def _normalise_rows(vectors: np.ndarray, what: str) -> np.ndarray:
         scale = np.where(np.abs(norms - 1.0) <= _UNIT_TOLERANCE, 1.0, norms)
         out[a : a + chunk.shape[0]] = v64 / scale[:, None]
     return out
+
+
+def by_score_then_id(pairs: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """``pairs`` (id, score) sorted in place by score descending, then id: the order of every
+    search answer. By id, then (stable) by score: two C-level sorts, no key tuple per pair."""
+    pairs.sort(key=itemgetter(0))
+    pairs.sort(key=itemgetter(1), reverse=True)
+    return pairs
 
 
 #: From this many vectors on, a missing graph is built on a background thread while searches
@@ -397,8 +406,15 @@ class VectorIndex:
         self, query: np.ndarray, k: int, mask: np.ndarray | None = None
     ) -> list[tuple[str, float]]:
         """Top-``k`` ``(id, cosine)`` for one query; see the module docstring for the path rule."""
-        q = self._check_query(query)
-        k = self._check_k(k)
+        return self.search_unit(self._check_query(query), self._check_k(k), mask)
+
+    def search_unit(
+        self, q: np.ndarray, k: int, mask: np.ndarray | None = None
+    ) -> list[tuple[str, float]]:
+        """:meth:`search` for a caller that checked its query at its own boundary (a store's read
+        path): ``q`` a float32 ``(dim,)`` array of unit length to float32 precision (what
+        :meth:`search` would make of it: the same bits), ``1 <= k <= SEARCH_K_MAX``. Only the mask
+        is checked here (a store's cached mask may predate the index's growth)."""
         mask = self._check_mask(mask)
         with self._lock:
             eligible = self._eligible(mask)
@@ -414,10 +430,16 @@ class VectorIndex:
         """:meth:`search` for each row of ``queries`` ``(m, dim)``, sharing one pass over the vectors."""
         qs = self._check_matrix(queries, "queries")
         k = self._check_k(k)
-        mask = self._check_mask(mask)
         if qs.shape[0] == 0:
             return []
-        qs = _normalise_rows(qs, "queries")
+        return self.search_many_unit(_normalise_rows(qs, "queries"), k, mask)
+
+    def search_many_unit(
+        self, qs: np.ndarray, k: int, mask: np.ndarray | None = None
+    ) -> list[list[tuple[str, float]]]:
+        """:meth:`search_many` for a caller that checked its queries (as :meth:`search_unit`):
+        ``qs`` a C-contiguous float32 ``(m, dim)`` array of unit rows, ``m >= 1``."""
+        mask = self._check_mask(mask)
         with self._lock:
             eligible = self._eligible(mask)
             if eligible == 0:
@@ -459,8 +481,7 @@ class VectorIndex:
         pairs: list[tuple[str, float]] = [
             (ids[s], v) for s, v in zip(slots.tolist(), scores.tolist())
         ]
-        pairs.sort(key=lambda p: (-p[1], p[0]))
-        return pairs[:k]
+        return by_score_then_id(pairs)[:k]
 
     def _exact(self, q: np.ndarray, k: int, mask: np.ndarray | None) -> list[tuple[str, float]]:
         vecs, live, m = self._scan_args(mask)

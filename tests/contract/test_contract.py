@@ -730,6 +730,11 @@ def test_ids_and_types_are_validated(backend: StorageBackend) -> None:
         backend.get(5)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         backend.get_many("abc")  # type: ignore[arg-type]
+    for bad in ("", "x" * 257, "a\x00b"):  # one bad id among good ones is found too
+        with pytest.raises(ValidationError):
+            backend.get_many(["fine", bad, "also-fine"])
+    with pytest.raises(TypeError):
+        backend.get_many(["fine", 5])  # type: ignore[list-item]
     with pytest.raises(TypeError):
         backend.count(filters={"metadata": {}})  # type: ignore[arg-type]
     with pytest.raises(TypeError):

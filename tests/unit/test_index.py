@@ -262,6 +262,24 @@ def test_hnsw_recall_at_10_on_clustered_vectors(clustered_pair):
             assert s == pytest.approx(float(np.dot(hnsw.get_vector(i), q)), abs=2e-6)
 
 
+@pytest.mark.parametrize("threshold", [10**9, 1000])  # the exact and the HNSW path
+def test_a_store_checked_query_searches_unchecked_with_the_same_answer(threshold):
+    """A store checks and normalises the query at its boundary (check_query_vector) and hands it to
+    search_unit / search_many_unit, which check nothing more: the answer is search's, bit for bit."""
+    from umi.storage._common import check_query_vector
+
+    rng = np.random.default_rng(7)
+    idx = VectorIndex(32, hnsw_threshold=threshold, seed=1)
+    idx.add([f"i{n:04d}" for n in range(3000)], rng.standard_normal((3000, 32)).astype(np.float32))
+    for scale in (1e-3, 1.0, 7.5, 1e4):
+        for raw in rng.standard_normal((20, 32)) * scale:
+            q = check_query_vector(raw, 32)
+            assert idx.search_unit(q, 10) == idx.search(q, 10)
+    qs = np.stack([check_query_vector(raw, 32) for raw in rng.standard_normal((5, 32)) * 3.0])
+    assert idx.search_many_unit(qs, 10) == idx.search_many(qs, 10)
+    assert idx.search_many_unit(qs, 10) == [idx.search(q, 10) for q in qs]
+
+
 def test_hnsw_results_respect_mask_and_selective_masks_go_exact(clustered_pair):
     hnsw, exact, queries, ids = clustered_pair
     rng = np.random.default_rng(11)

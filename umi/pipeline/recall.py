@@ -191,10 +191,12 @@ def _fast_path(ctx: PipelineContext, query: str, qvec: np.ndarray | None, filter
     """Search, fuse, decide on the deep path, and hydrate when it is not needed — in one I/O hop
     (``pool`` statements: the ``limit``, or more for the reranker)."""
     lists = _ranked_lists(ctx, query, qvec, filters, k)
+    if deep:  # asked for: the deep path fuses these lists with the variants' (none fused here)
+        return lists, True, None
     fused = rrf_fuse(lists, ctx.config.rrf_k)
-    if deep is None:  # the automatic rule needs a model to rewrite with (see retrieval's docstring)
-        deep = ctx.llm is not None and needs_deep_search(query, fused, limit, ctx.config.deep_search_threshold)
-    if deep:
+    # the automatic rule needs a model to rewrite with (see retrieval's docstring)
+    if deep is None and ctx.llm is not None and needs_deep_search(query, fused, limit,
+                                                                  ctx.config.deep_search_threshold):
         return lists, True, None
     return lists, False, _statements(ctx, fused, pool, as_of)
 

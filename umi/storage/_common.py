@@ -34,6 +34,7 @@ from ..types import (
     validate_metadata,
 )
 from .._validate import QUERY_BYTES_MAX, check_input_text
+from ..index import SEARCH_K_MAX  # the largest k a search accepts: the index's own limit, one number
 from .base import Source, text_hash
 from .filters import meta_key
 
@@ -63,8 +64,6 @@ __all__ = [
     "dumps",
 ]
 
-#: largest k a search accepts
-SEARCH_K_MAX = 10_000
 #: largest page list() returns
 LIST_LIMIT_MAX = 100_000
 #: most ids one get_many() call takes
@@ -150,7 +149,14 @@ def check_ids(values: object, what: str = "entity_ids") -> list[str]:
     if len(values) > GET_MANY_IDS_MAX:
         raise InvalidLimitError(f"{what} holds {len(values)} ids; the limit is {GET_MANY_IDS_MAX}",
                                 limit=GET_MANY_IDS_MAX, actual=len(values))
-    return [check_id(v, what[:-1] if what.endswith("s") else what) for v in values]
+    ids = list(values)
+    # the usual case checked in C-level passes (a recall checks ~30 ids); anything else, or a
+    # failure, goes id by id so that the error names the first bad one
+    plain = (ids and set(map(type, ids)) == {str} and min(map(len, ids)) > 0
+             and max(map(len, ids)) <= ID_CHARS_MAX and "\x00" not in "".join(ids))
+    if plain:
+        return ids
+    return [check_id(v, what[:-1] if what.endswith("s") else what) for v in ids]
 
 
 def check_time(value: object, what: str, *, optional: bool = False) -> int | None:

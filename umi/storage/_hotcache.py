@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from ..errors import StorageError
+from ..index import by_score_then_id
 from ..types import Entity, EntityType, normalize_name
 from . import filters as F
 from ._bm25 import PostingsIndex, csr_add_docs, top_by_score_then_key
@@ -648,7 +649,7 @@ class EntityCache:
         any_eligible, mask = self._slot_mask(nf)
         if not any_eligible:
             return []
-        return self._with_passages(q, self.index.search(q, k, mask=mask), k, nf)
+        return self._with_passages(q, self.index.search_unit(q, k, mask), k, nf)
 
     def search_vector_many(self, qs: np.ndarray, k: int, nf: NormFilters) -> builtins.list[builtins.list[tuple[str, float]]]:
         """:meth:`search_vector` for each row of ``qs`` (unit float32), in one index call."""
@@ -658,7 +659,7 @@ class EntityCache:
         if not any_eligible:
             return [[] for _ in range(qs.shape[0])]
         return [self._with_passages(q, res, k, nf)
-                for q, res in zip(qs, self.index.search_many(qs, k, mask=mask))]
+                for q, res in zip(qs, self.index.search_many_unit(qs, k, mask))]
 
     def _with_passages(self, q: np.ndarray, res: Iterable[tuple[Any, Any]], k: int,
                        nf: NormFilters) -> builtins.list[tuple[str, float]]:
@@ -722,8 +723,7 @@ class EntityCache:
         sel = top_by_score_then_key(scores, self._id_key[cand], k)
         ids = self._row_ids
         out = [(ids[r], s) for r, s in zip(cand[sel].tolist(), scores[sel].tolist())]
-        out.sort(key=lambda t: (-t[1], t[0]))
-        return out[:k]
+        return by_score_then_id(out)[:k]
 
     def search_content(self, qs: Sequence[np.ndarray | None], terms: Sequence[Sequence[str]], k: int,
                        nf: NormFilters) -> builtins.list[tuple[builtins.list[tuple[str, float]] | None,
@@ -1075,9 +1075,7 @@ OVERLAP_POSTINGS_MIN = 5_000
 
 def _ranked(res: Iterable[tuple[Any, Any]], k: int) -> builtins.list[tuple[str, float]]:
     """An index's hits as (id, score), score descending then id, at most ``k``."""
-    out = [(str(i), float(s)) for i, s in res]
-    out.sort(key=lambda t: (-t[1], t[0]))
-    return out[:k]
+    return by_score_then_id([(str(i), float(s)) for i, s in res])[:k]
 
 
 def id_order_keys(ids: Sequence[str]) -> np.ndarray:
