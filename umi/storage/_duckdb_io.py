@@ -608,21 +608,50 @@ def journal_pending(con: Any) -> tuple[int, int]:
     return int(n), int(size)
 
 
+#: the tables a journal entry may carry that have a primary key (``id``), and the tables whose
+#: rows hang off that key (``entity_id``)
+_KEYED_TABLES = {"entities": ("postings", "entity_metadata", "passages"), "sources": (), "relations": ()}
+
+
 def materialise_journal(con: Any) -> int:
     """Move every journal entry into the tables and clear the journal, in one transaction: the
     rows of all entries go in with one INSERT per table (and column set), in generation order.
-    Returns how many entries were moved. A crash before the COMMIT leaves the journal as it was."""
-    entries = con.execute("SELECT generation, journal, journal_vectors FROM history WHERE journal IS NOT NULL "
-                          "ORDER BY generation").fetchall()
-    if not entries:
+    Returns how many entries were moved. A crash before the COMMIT leaves the journal as it was.
+
+    A journaled commit was acknowledged before its rows met the tables' keys: should one hold a
+    key a stored row has (a relation id a caller gave again between other ends, which the cache
+    had not read), the journal's row replaces the stored one (the commit's state, which the cache
+    already holds) instead of failing — a failure here would fail every read, write and open of
+    the file from then on. That path runs only after the plain INSERTs hit a key."""
+    import duckdb
+
+    rows = con.execute("SELECT generation, journal, journal_vectors FROM history WHERE journal IS NOT NULL "
+                       "ORDER BY generation").fetchall()
+    if not rows:
         return 0
+    entries = [_journal_tables(text, vectors) for _, text, vectors in rows]
+    try:
+        _apply_journal(con, entries, replace=False)
+    except duckdb.ConstraintException:
+        _apply_journal(con, _last_of_each_key(entries), replace=True)
+    return len(entries)
+
+
+def _apply_journal(con: Any, entries: list[list[tuple[str, Rows]]], *, replace: bool) -> None:
     groups: dict[tuple[str, tuple[tuple[str, str], ...]], list[Rows]] = {}
-    for _, text, vectors in entries:
-        for table, rows in _journal_tables(text, vectors):
-            key = (table, tuple((name, sql) for name, (sql, _) in rows.columns.items()))
-            groups.setdefault(key, []).append(rows)
+    for entry in entries:
+        for table, rows in entry:
+            if rows.n:
+                key = (table, tuple((name, sql) for name, (sql, _) in rows.columns.items()))
+                groups.setdefault(key, []).append(rows)
     con.execute("BEGIN TRANSACTION")
     try:
+        if replace:  # the stored rows the journal's keys replace, and the rows hanging off them
+            for table, dependents in _KEYED_TABLES.items():
+                keys = [k for entry in entries for t, r in entry if t == table for k in r.columns["id"][1]]
+                if keys:
+                    delete_rows_of(con, dependents, keys)
+                    delete_rows_of(con, (table,), keys, key="id")
         for (table, _), parts in groups.items():
             insert_rows(con, table, _concat_rows(parts))
         con.execute("UPDATE history SET journal = NULL, journal_vectors = NULL WHERE journal IS NOT NULL")
@@ -633,7 +662,41 @@ def materialise_journal(con: Any) -> int:
         except duckdb_error():
             pass  # a failed COMMIT has already ended the transaction
         raise
-    return len(entries)
+
+
+def _last_of_each_key(entries: list[list[tuple[str, Rows]]]) -> list[list[tuple[str, Rows]]]:
+    """``entries`` with each keyed row (and, for an entity, its postings and metadata) kept only
+    in the last entry that holds its key."""
+    last: dict[tuple[str, str], int] = {}
+    for n, entry in enumerate(entries):
+        for table, rows in entry:
+            if table in _KEYED_TABLES:
+                for k in rows.columns["id"][1]:
+                    last[(table, k)] = n
+    out = []
+    for n, entry in enumerate(entries):
+        kept = []
+        for table, rows in entry:
+            if table in _KEYED_TABLES:
+                keep = [last[(table, k)] == n for k in rows.columns["id"][1]]
+            elif table in _KEYED_TABLES["entities"]:
+                keep = [last.get(("entities", k), n) == n for k in rows.columns["entity_id"][1]]
+            else:
+                keep = [True] * rows.n
+            kept.append((table, rows if all(keep) else _take_rows(rows, keep)))
+        out.append(kept)
+    return out
+
+
+def _take_rows(rows: Rows, keep: list[bool]) -> Rows:
+    mask = np.array(keep, bool)
+    columns: dict[str, tuple[str, Any]] = {}
+    for name, (sql, values) in rows.columns.items():
+        if sql in _ARROW_TYPES:
+            columns[name] = (sql, [v for v, k in zip(values, keep) if k])
+        else:
+            columns[name] = (sql, (values[0][mask], values[1][mask]))
+    return Rows(int(mask.sum()), columns)
 
 
 def open_journaled(con: Any, path: str | None, read_only: bool) -> Any:
