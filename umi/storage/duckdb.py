@@ -432,11 +432,16 @@ class DuckDBStorageBackend(CachedStore):
         """Rewrite the database file so that it holds only what is stored now. DuckDB keeps a
         deleted row's bytes in its row group (under a delete mask) and in freed blocks, so the
         text of a forgotten fact stays readable in the file until this runs: every table is copied
-        into a new file (``COPY FROM DATABASE``), which is synced and put in the old one's place.
-        The index caches beside it are saved again. Time and disk space grow with the file's size;
-        the store answers nothing meanwhile. A
-        failure before the new file is in place leaves the store as it was. False for a store in
-        memory (nothing on disk)."""
+        into a new file (``COPY FROM DATABASE``), which is synced and renamed over the old one, and
+        the index caches beside it are saved again. Time and disk space grow with the file's size;
+        the store answers nothing meanwhile. A failure before the rename leaves the store as it
+        was. False for a store in memory (nothing on disk).
+
+        No other process can open the file in between: the new file is opened (and so locked)
+        before the rename, while the old one is still open; a process that opens the file once
+        both are closed, before this store opens it again, gets the new file with every commit in
+        it; should it write there, this store raises :class:`~umi.StorageLockedError` and is closed
+        (its cache no longer matches the file)."""
         with self._lock:
             self._check_writable()
             if self._depth:
@@ -445,34 +450,36 @@ class DuckDBStorageBackend(CachedStore):
                 return False
             raw: DuckDBDurable = getattr(self._durable, "inner", self._durable)  # type: ignore[arg-type]
             tmp = self.path + COMPACT_SUFFIX
+            held = None
             try:
                 with raw.bulk():
                     copy_database(raw.con, tmp)
+                held = duckdb.connect(tmp)  # the new file's lock, held across the rename
+                os.replace(tmp, self.path)
             except (duckdb.Error, OSError) as exc:
+                if held is not None:
+                    held.close()
                 remove_database_files(tmp)
                 raise StorageError(f"compact of {self.path!r} failed, the store is unchanged: "
                                    f"{type(exc).__name__}: {exc}") from exc
-            raw.close()
-            failed: StorageError | None = None
-            try:
-                if os.path.exists(self.path + ".wal"):  # DuckDB leaves none after a CHECKPOINT and a close
-                    failed = StorageError(f"compact of {self.path!r} found a write-ahead log after closing "
-                                          "the file; the store is unchanged")
-                else:
-                    os.replace(tmp, self.path)
-                    fsync_dir(Path(self.path).absolute().parent)
+            try:  # the new file is in place and holds every commit, whatever fails from here
+                fsync_dir(Path(self.path).absolute().parent)
             except OSError as exc:
-                failed = StorageError(f"compact of {self.path!r} could not put the new file in place, the "
-                                      f"store is unchanged: {exc}")
-            remove_database_files(tmp)
+                log.warning("compact of %r: could not sync the directory after the rename: %s", self.path, exc)
+            raw.close()  # the replaced file (no write-ahead log after the copy's CHECKPOINT)
+            held.close()
+            remove_database_files(tmp)  # (its name is gone; a write-ahead log of that name, if any)
             try:
                 raw.reconnect(open_connection(self.path, False))
+                if stored_generation(raw.con) != self._generation:
+                    raw.close()
+                    raise StorageLockedError(
+                        f"another process opened {self.path!r} and wrote to it while it was compacted (every "
+                        "commit is in the file); this store is closed: open it again", path=self.path)
             except BaseException:
-                self._closed = True  # the file is whole (old or new); this handle cannot reach it
+                self._closed = True  # the file is whole; this handle can no longer reach it
                 self._release()
                 raise
-            if failed is not None:
-                raise failed
             try:
                 self._save_caches()  # a cache saved before the forget still holds its words
             except (IndexCacheError, OSError) as exc:
