@@ -10,6 +10,7 @@ prefixes (equal keys).
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -498,6 +499,51 @@ def test_a_fold_in_progress_is_swapped_in_by_the_next_call_and_keeps_the_writes_
     assert idx.df("a") == 3 and idx.df("b") == 0
     rows, scores = idx.score(["a"], 3, 5 / 3, doc_len, mask)
     assert sorted(rows.tolist()) == [0, 1, 2] and before[0].shape[0] == 2
+
+
+def test_terms_first_written_in_session_keep_their_postings_across_folds(monkeypatch) -> None:
+    # more new terms than the interpreter's cached small ints: once a fold is swapped in, their ids
+    # get new int objects (_bm25._drop_on_thread); each term still reads its own postings, including
+    # the terms first written while the fold ran and those folded by a second fold
+    from umi.storage import _bm25
+    from umi.storage._bm25 import PostingsIndex
+
+    monkeypatch.setattr(_bm25, "FOLD_MIN", 0)
+    monkeypatch.setattr(_bm25, "FOLD_SHARE", 0.0)
+    idx = PostingsIndex()
+    paused: list[Any] = []
+    idx.run_fold = paused.append
+    n = 900
+    want: dict[str, list[int]] = {}
+    for row in range(n):  # term w<i> in rows i, i + 1, i + 2 (a new term every row)
+        idx.add_doc(row, {f"w{j}": 1 + j % 3 for j in range(max(0, row - 2), row + 1)})
+        for j in range(max(0, row - 2), row + 1):
+            want.setdefault(f"w{j}", []).append(row)
+        if row == 599:
+            idx.score(["w0"], row + 1, 3.0, np.full(row + 1, 3.0), np.ones(row + 1, np.bool_))
+            assert len(paused) == 1  # a fold of rows 0..599 started; rows 600.. are written meanwhile
+    paused.pop().run()
+    doc_len, mask = np.full(n, 3.0), np.ones(n, np.bool_)
+
+    def check() -> None:
+        for t, rows in want.items():
+            assert idx.df(t) == len(rows), t
+            got, _ = idx.score([t], n, 3.0, doc_len, mask)
+            assert sorted(got.tolist()) == rows, t
+
+    idx._settle()  # what every call does first: the fold swapped in
+    assert idx._fold is None and idx._nb == 600
+    for th in threading.enumerate():  # the thread freeing the folded overlay renews the ids first
+        if th.name == "umi-bm25-free":
+            th.join(60.0)
+    check()  # (a query starts the next fold: run it, then fold the rest synchronously)
+    while paused:
+        paused.pop().run()
+    idx.fold()
+    assert idx._nb == len(want) and not idx._post
+    check()
+    terms, offsets, rows, _ = idx.export()
+    assert {t: rows[a:b].tolist() for t, a, b in zip(terms, offsets[:-1].tolist(), offsets[1:].tolist())} == want
 
 
 def test_a_failed_fold_leaves_the_postings_as_they_were(monkeypatch) -> None:

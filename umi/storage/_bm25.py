@@ -654,15 +654,49 @@ def _fold_on_thread(job: _Fold) -> None:
     threading.Thread(target=job.run, name="umi-bm25-fold", daemon=True).start()
 
 
-def _drop_on_thread(overlay: dict[str, _Postings]) -> None:
+def _libc_trim() -> Callable[[], Any]:
+    """glibc's ``malloc_trim(0)`` (a no-op elsewhere): hands the pages of freed blocks back to the
+    system. glibc keeps what a folded overlay's larger dicts and a fold's scratch freed in its
+    heap (~70 B a posting folded) — memory the process holds, yet reuses only for its own mallocs."""
+    try:
+        import ctypes
+
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return lambda: trim(0)
+
+
+_trim = _libc_trim()
+
+
+def _drop_on_thread(overlay: dict[str, _Postings], tid: dict[str, int], names: list[str], lo: int, hi: int) -> None:
     """Free a folded overlay (a dict per term, ~100 B a posting) a term at a time on a thread: freed
-    at once, its millions of objects would hold the interpreter for up to a second."""
+    at once, its millions of objects would hold the interpreter for up to a second. First the ids
+    ``lo:hi`` in ``tid`` (term -> id; ``names``: id -> term), those of the terms the overlay first
+    wrote, get new int objects, all made before any old one is freed: an id made while its term was
+    first written sits among the overlay's objects (row ints, dicts) and, once they are freed,
+    would alone keep its allocator arena (1 MiB) from going back to the system (bench_bm25's
+    corpus, a new term every ~5 postings: ~80 B a posting folded). The values stay equal, so a
+    call reading ``tid`` meanwhile (on its own thread, under the GIL) sees no change; after a
+    ``load`` these are the old dict and list, no longer read. Last, glibc's heap is trimmed."""
 
     def drain() -> None:
+        fresh: list[int] = []
+        for a in range(lo, hi, 4096):
+            fresh.extend(range(a, min(a + 4096, hi)))
+            time.sleep(0.0002)  # let a query take the interpreter (else it may wait a switch interval)
+        for a in range(0, len(fresh), 4096):
+            for i in fresh[a:a + 4096]:
+                tid[names[i]] = i
+            time.sleep(0.0002)
+        del fresh
         while overlay:
             for _ in range(min(len(overlay), 512)):
                 overlay.popitem()
-            time.sleep(0.0002)  # let a query take the interpreter (else it may wait a switch interval)
+            time.sleep(0.0002)
+        _trim()
 
     threading.Thread(target=drain, name="umi-bm25-free", daemon=True).start()
 
@@ -722,7 +756,7 @@ class PostingsIndex:
         self._frozen_log = None
         off, rows, tfs = job.out
         assert job.seen is not None
-        self._nb = off.shape[0] - 1
+        old_nb, self._nb = self._nb, off.shape[0] - 1
         self._base_off, self._base_rows, self._base_tfs = off, rows, tfs
         self._base_seen = job.seen
         nb = self._nb
@@ -730,7 +764,7 @@ class PostingsIndex:
             if not p.own:  # the old block's range or the folded overlay's: the new block holds it
                 i = p.tid
                 p.below = (rows[off[i]:off[i + 1]], tfs[off[i]:off[i + 1]]) if i < nb else None
-        _drop_on_thread(frozen)
+        _drop_on_thread(frozen, self._tid, self._names, old_nb, nb)
 
     def _settle(self) -> None:
         job = self._fold
