@@ -271,6 +271,34 @@ def test_maxscore_declines_a_term_whose_rows_do_not_ascend(data: st.DataObject) 
     assert (got is not None) == ascending
 
 
+def _check_top_k_and_reference(idx: PostingsIndex, held: dict[int, dict[str, int]], n: int, terms: list[str],
+                               keys: np.ndarray, k: int) -> None:
+    """The top-k kernel's answer equals the exhaustive kernel's best k (score, then key), and the
+    exhaustive kernel equals the reference formula over the documents themselves."""
+    from umi.storage.text import bm25_idf, bm25_term_score
+    doc_len = np.array([float(sum(held.get(r, {}).values())) for r in range(n)])
+    mask = np.array([r in held and r % 5 != 1 for r in range(n)], np.bool_)
+    live = max(len(held), 1)
+    avgdl = float(doc_len.sum()) / live
+    all_rows, all_scores = idx.score(terms, live, avgdl, doc_len, mask)
+    want_sel = top_by_score_then_key(all_scores, keys[all_rows], k)
+    want = sorted(zip(all_rows[want_sel].tolist(), all_scores[want_sel].tolist()))
+    got_rows, got_scores = idx.score(terms, live, avgdl, doc_len, mask, k, keys)
+    sel = top_by_score_then_key(got_scores, keys[got_rows], k)
+    assert sorted(zip(got_rows[sel].tolist(), got_scores[sel].tolist())) == want
+    df = {t: sum(1 for d in held.values() if t in d) for t in terms}
+    expect = {}
+    for r, d in held.items():
+        if mask[r] and any(t in d for t in terms):
+            acc = 0.0
+            for t in terms:
+                if t in d:
+                    acc += bm25_term_score(d[t], int(doc_len[r]), avgdl, bm25_idf(live, df[t]))
+            expect[r] = acc
+    assert dict(zip(all_rows.tolist(), all_scores.tolist())) == expect
+
+
+
 @settings(max_examples=60, deadline=None)
 @given(docs=docs, edits=st.lists(st.tuples(st.integers(0, 59), st.lists(st.sampled_from(WORDS), max_size=6)),
                                  max_size=25),
@@ -295,7 +323,7 @@ def test_postings_written_in_session_folded_or_not_rank_as_the_exhaustive_scorer
 def _in_session(docs: list[list[str]], edits: list[tuple[int, list[str]]], query: list[str], k: int,
                 scrambled: bool, data: st.DataObject) -> None:
     from umi.storage._bm25 import PostingsIndex
-    from umi.storage.text import bm25_idf, bm25_term_score, term_frequencies
+    from umi.storage.text import term_frequencies
 
     n = len(docs)
     held: dict[int, dict[str, int]] = {}
@@ -308,27 +336,7 @@ def _in_session(docs: list[list[str]], edits: list[tuple[int, list[str]]], query
     terms = list(dict.fromkeys(query))
 
     def check() -> None:
-        doc_len = np.array([float(sum(held.get(r, {}).values())) for r in range(n)])
-        mask = np.array([r in held and r % 5 != 1 for r in range(n)], np.bool_)
-        live = max(len(held), 1)
-        avgdl = float(doc_len.sum()) / live
-        all_rows, all_scores = idx.score(terms, live, avgdl, doc_len, mask)
-        want_sel = top_by_score_then_key(all_scores, keys[all_rows], k)
-        want = sorted(zip(all_rows[want_sel].tolist(), all_scores[want_sel].tolist()))
-        got_rows, got_scores = idx.score(terms, live, avgdl, doc_len, mask, k, keys)
-        sel = top_by_score_then_key(got_scores, keys[got_rows], k)
-        assert sorted(zip(got_rows[sel].tolist(), got_scores[sel].tolist())) == want
-        # and the exhaustive kernel against the reference formula, from the documents themselves
-        df = {t: sum(1 for d in held.values() if t in d) for t in terms}
-        expect = {}
-        for r, d in held.items():
-            if mask[r] and any(t in d for t in terms):
-                acc = 0.0
-                for t in terms:
-                    if t in d:
-                        acc += bm25_term_score(d[t], int(doc_len[r]), avgdl, bm25_idf(live, df[t]))
-                expect[r] = acc
-        assert dict(zip(all_rows.tolist(), all_scores.tolist())) == expect
+        _check_top_k_and_reference(idx, held, n, terms, keys, k)
 
     check()
     for row, words in edits:
@@ -390,7 +398,7 @@ def test_postings_rank_as_the_exhaustive_scorer_while_a_fold_runs(
     # reference formula's.
     from umi.storage import _bm25
     from umi.storage._bm25 import PostingsIndex
-    from umi.storage.text import bm25_idf, bm25_term_score, term_frequencies
+    from umi.storage.text import term_frequencies
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(_bm25, "FOLD_MIN", 0)
@@ -416,26 +424,7 @@ def test_postings_rank_as_the_exhaustive_scorer_while_a_fold_runs(
         folds = 0
 
         def check() -> None:
-            doc_len = np.array([float(sum(held.get(r, {}).values())) for r in range(n)])
-            mask = np.array([r in held and r % 5 != 1 for r in range(n)], np.bool_)
-            live = max(len(held), 1)
-            avgdl = float(doc_len.sum()) / live
-            all_rows, all_scores = idx.score(terms_q, live, avgdl, doc_len, mask)
-            want_sel = top_by_score_then_key(all_scores, keys[all_rows], k)
-            want = sorted(zip(all_rows[want_sel].tolist(), all_scores[want_sel].tolist()))
-            got_rows, got_scores = idx.score(terms_q, live, avgdl, doc_len, mask, k, keys)
-            sel = top_by_score_then_key(got_scores, keys[got_rows], k)
-            assert sorted(zip(got_rows[sel].tolist(), got_scores[sel].tolist())) == want
-            df = {t: sum(1 for d in held.values() if t in d) for t in terms_q}
-            expect = {}
-            for r, d in held.items():
-                if mask[r] and any(t in d for t in terms_q):
-                    acc = 0.0
-                    for t in terms_q:
-                        if t in d:
-                            acc += bm25_term_score(d[t], int(doc_len[r]), avgdl, bm25_idf(live, df[t]))
-                    expect[r] = acc
-            assert dict(zip(all_rows.tolist(), all_scores.tolist())) == expect
+            _check_top_k_and_reference(idx, held, n, terms_q, keys, k)
             for t in set(WORDS):
                 assert idx.df(t) == sum(1 for d in held.values() if t in d)
 

@@ -13,12 +13,14 @@ import functools
 import json
 import os
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.compute as pc  # type: ignore[import-untyped]
 
+from .._index_file import fsync_file
 from ..errors import StorageError
 from ..types import UNSET_SCOPE, CoreBlockRecord, CoreHistoryRecord, Entity, EntityType, EvolutionRelation, Scope, normalize_name
 from ._common import dumps, make_entity, meta_key
@@ -507,11 +509,7 @@ def copy_database(con: Any, path: str) -> None:
         con.execute("CHECKPOINT umi_compact")
     finally:
         con.execute("DETACH umi_compact")
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_file(Path(path))
 
 
 def remove_database_files(path: str) -> None:
@@ -644,8 +642,7 @@ def _apply_journal(con: Any, entries: list[list[tuple[str, Rows]]], *, replace: 
             if rows.n:
                 key = (table, tuple((name, sql) for name, (sql, _) in rows.columns.items()))
                 groups.setdefault(key, []).append(rows)
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         if replace:  # the stored rows the journal's keys replace, and the rows hanging off them
             for table, dependents in _KEYED_TABLES.items():
                 keys = [k for entry in entries for t, r in entry if t == table for k in r.columns["id"][1]]
@@ -655,6 +652,15 @@ def _apply_journal(con: Any, entries: list[list[tuple[str, Rows]]], *, replace: 
         for (table, _), parts in groups.items():
             insert_rows(con, table, _concat_rows(parts))
         con.execute("UPDATE history SET journal = NULL, journal_vectors = NULL WHERE journal IS NOT NULL")
+
+
+@contextmanager
+def transaction(con: Any) -> Iterator[None]:
+    """One DuckDB transaction around the block: COMMIT when it ends, ROLLBACK when it (or the
+    COMMIT) raises."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield
         con.execute("COMMIT")
     except BaseException:
         try:
@@ -1094,8 +1100,7 @@ class DuckDBDurable(DurableStore):
         from ._duckdb_schema import add_embedding_column
 
         con = self._writer(optimise=by_key)
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             if ch.dim is not None and self.dim is None:
                 add_embedding_column(con, ch.dim)
             dim = self.dim if self.dim is not None else ch.dim
@@ -1129,13 +1134,6 @@ class DuckDBDurable(DurableStore):
                 con.executemany("INSERT OR REPLACE INTO umi_meta VALUES (?, ?)", sorted(ch.meta.items()))
             if not ch.history and all(e is None for e in ch.entities.values()):
                 con.execute("UPDATE umi_state SET generation = ? WHERE id = 1", [generation])
-            con.execute("COMMIT")
-        except BaseException:
-            try:
-                con.execute("ROLLBACK")
-            except duckdb_error():
-                pass  # a failed COMMIT has already ended the transaction
-            raise
         if ch.dim is not None and self.dim is None:
             self.dim = ch.dim
 
