@@ -61,6 +61,27 @@ def test_a_journaled_relation_whose_id_is_stored_with_other_ends_does_not_brick_
             assert b.count() == 4
 
 
+def test_a_relation_id_stored_with_other_ends_is_replaced_by_a_direct_commit_too(tmp_path: Path) -> None:
+    """The same relation id told again, in a commit that is not journaled (it also supersedes a
+    fact: a write by key): it was refused with the key error while the journaled path and the Sim
+    store replace the stored relation. One rule for all three: the commit's relation replaces it."""
+    db = tmp_path / "rel.duckdb"
+    es = _facts(4)
+    with DuckDBStorageBackend.connect(db, dim=4) as b:
+        b.upsert(es)
+        b.add_relations([_rel(es[0].id, es[1].id, "R1", "first", 10)])
+    with DuckDBStorageBackend.connect(db, dim=4) as b:
+        with b.transaction():
+            assert b.supersede(es[2].id, 50)
+            b.add_relations([_rel(es[2].id, es[3].id, "R1", "second", 20)])
+        assert b._durable._con.execute(JOURNAL).fetchall()[0][0] == 0  # (the case under test: direct)
+        assert [(r.source_id, r.reason) for r in b.iter_relations()] == [(es[2].id, "second")]
+        assert b.get(es[2].id).valid_to == 50  # type: ignore[union-attr]
+    with DuckDBStorageBackend.connect(db, read_only=True) as b:
+        assert [(r.id, r.source_id, r.target_id) for r in b.iter_relations()] == [("R1", es[2].id, es[3].id)]
+        assert b.relations_for(es[0].id) == [] and b.get(es[2].id).valid_to == 50  # type: ignore[union-attr]
+
+
 def test_a_journal_that_conflicts_at_open_is_still_readable(tmp_path: Path) -> None:
     """The same conflict left in the file by a writer that died before moving the journal in (the
     journal is as a crash leaves it): a read_only open and a writable one both open the file."""

@@ -1057,8 +1057,17 @@ class DuckDBDurable(DurableStore):
             return
         if self._journal_n:
             self.materialise()  # a write by key (or any other) applies to every earlier commit's rows
+        import duckdb
+
         with self.bulk(rows):
-            self._commit(ch, generation, ents, drops, by_key)
+            try:
+                self._commit(ch, generation, ents, drops, by_key)
+            except duckdb.ConstraintException:
+                # a key the cache did not know the file held (a relation id given again between other
+                # ends: relations are read lazily, per entity): the commit's rows replace the stored
+                # ones, as when the journal is moved in (materialise_journal) and as in the Sim store
+                every = {table: list(getattr(ch, table)) for table in drops}
+                self._commit(ch, generation, ents, every, True)
 
     def _commit_journal(self, ch: ChangeSet, generation: int, ents: _EntityWrites, rows: int) -> bool:
         """Write an insert-only commit as one INSERT of its history rows, the first carrying
