@@ -29,7 +29,7 @@ import threading
 import weakref
 from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 
-from .errors import ForkedProcessError, MemoryClosedError, UmiError
+from .errors import ForkedProcessError, LoopReentryError, MemoryClosedError, UmiError
 
 T = TypeVar("T")
 
@@ -145,16 +145,16 @@ class LoopThread:
         """Run ``coro`` on the loop and block until it finishes (or the runner closes)."""
         try:
             self.check_off_loop("a _sync method", "; await the async method")
-        except RuntimeError:
+        except LoopReentryError:
             coro.close()
             raise
         return self._submit(coro).result()
 
     def check_off_loop(self, what: str, hint: str = "") -> None:
-        """RuntimeError when called on the loop's own thread (a progress callback, say), where
+        """:class:`~umi.LoopReentryError` when called on the loop's own thread (a progress callback, say), where
         blocking on the loop would wait for itself. Callers check before they change any state."""
         if threading.current_thread() is self._thread:
-            raise RuntimeError(f"{what} was called from inside umi's own loop{hint}")
+            raise LoopReentryError(f"{what} was called from inside umi's own loop{hint}")
 
     async def arun(self, coro: Coroutine[Any, Any, T]) -> T:
         """Await ``coro`` on the loop from any other loop (or directly when already on it)."""

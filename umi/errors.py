@@ -40,7 +40,8 @@ the builtin :class:`TypeError`, as Python does.
     │   ├── InvalidResponseError
     │   └── ProviderNotInstalledError  .extra
     ├── MemoryClosedError
-    └── ForkedProcessError
+    ├── ForkedProcessError
+    └── LoopReentryError           (also a RuntimeError)
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ __all__ = [
     "ProviderNotInstalledError",
     "MemoryClosedError",
     "ForkedProcessError",
+    "LoopReentryError",
 ]
 
 
@@ -304,3 +306,10 @@ class ForkedProcessError(UmiError):
     """This Memory was opened in another process: after ``os.fork()`` its loop thread does
     not exist in the child. Open a new Memory in the child process (or use ``multiprocessing``
     with the ``spawn`` start method)."""
+
+
+class LoopReentryError(UmiError, RuntimeError):
+    """A blocking call (a ``_sync`` method, ``close()``) was made on umi's own loop thread — from
+    a ``progress`` callback, say — where it would wait for itself. Nothing was changed: await the
+    async method instead, or make the call after the one in flight returns. (Also a
+    ``RuntimeError``, which it was before it had a type of its own.)"""

@@ -56,9 +56,10 @@ def test_close_from_a_progress_callback_is_refused_and_leaves_the_memory_usable_
     def close_now(done: int, total: int) -> None:
         m.close()
 
-    with pytest.raises(RuntimeError, match="own loop"):
+    with pytest.raises(umi.LoopReentryError, match="own loop") as caught:
         in_thread(lambda: m.remember_many_sync(["Gus met Hal at the harbour.", "Ida met Jo at the mill."],
                                                RAW, chunk_size=1, progress=close_now))
+    assert isinstance(caught.value, umi.UmiError) and isinstance(caught.value, RuntimeError)
     assert in_thread(m.count_sync) == 1  # the first chunk committed before the callback ran
     m.remember_sync("Kim met Lou at the station.", RAW)
     in_thread(m.close)
@@ -66,6 +67,20 @@ def test_close_from_a_progress_callback_is_refused_and_leaves_the_memory_usable_
         m.count_sync()
     with open_memory(db) as again:  # the store was released
         assert in_thread(again.count_sync) == 2
+
+
+def test_a_sync_call_from_a_progress_callback_is_a_typed_error_and_loses_nothing(tmp_path: Path) -> None:
+    """A user reads the count from remember_many's progress callback with the blocking twin: on
+    umi's own loop it would wait for itself. It is refused with LoopReentryError (a UmiError, and a
+    RuntimeError as before) naming the async method; the chunk committed before it stays."""
+    with open_memory(tmp_path / "cb.duckdb") as m:
+        def count_now(done: int, total: int) -> None:
+            m.count_sync()
+
+        with pytest.raises(umi.LoopReentryError, match="await the async method"):
+            in_thread(lambda: m.remember_many_sync(["Gus met Hal at the harbour.", "Ida met Jo at the mill."],
+                                                   RAW, chunk_size=1, progress=count_now))
+        assert in_thread(m.count_sync) == 1
 
 
 # --- a user clock that gives no usable time --------------------------------------------------------
