@@ -317,7 +317,7 @@ def _failure(exc: BaseException, args: argparse.Namespace) -> tuple[str | None, 
         return None, 0
     if isinstance(exc, _Invalid):
         return _one_line(str(exc)), 2
-    if isinstance(exc, UmiError):
+    if isinstance(exc, UmiError) and not isinstance(exc, OSError):  # (a TransferFileError: by its errno below)
         return _one_line(f"{type(exc).__name__}: {exc}"), 1
     if isinstance(exc, UnicodeDecodeError):
         where = getattr(args, "file", None) or "input"

@@ -41,7 +41,8 @@ the builtin :class:`TypeError`, as Python does.
     │   └── ProviderNotInstalledError  .extra
     ├── MemoryClosedError
     ├── ForkedProcessError
-    └── LoopReentryError           (also a RuntimeError)
+    ├── LoopReentryError           (also a RuntimeError)
+    └── TransferFileError          (also an OSError)
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ __all__ = [
     "MemoryClosedError",
     "ForkedProcessError",
     "LoopReentryError",
+    "TransferFileError",
 ]
 
 
@@ -313,3 +315,10 @@ class LoopReentryError(UmiError, RuntimeError):
     a ``progress`` callback, say — where it would wait for itself. Nothing was changed: await the
     async method instead, or make the call after the one in flight returns. (Also a
     ``RuntimeError``, which it was before it had a type of its own.)"""
+
+
+class TransferFileError(UmiError, OSError):
+    """``export`` could not write its file, or ``import_`` could not read one (missing, a
+    directory, no permission, disk full). Nothing was imported; an export's file may be partly
+    written. (Also an ``OSError`` with the failure's ``errno`` and the path as ``filename``, which
+    it was before it had a type of its own.)"""

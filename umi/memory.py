@@ -29,7 +29,8 @@ import os
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Concatenate, Coroutine, Iterable, ParamSpec, TypeVar
 
 from ._engine import Engine, check_embedder
-from .errors import InvalidConfigError, InvalidScopeError, MemoryClosedError, UmiError, ValidationError
+from .errors import (InvalidConfigError, InvalidScopeError, MemoryClosedError, TransferFileError, UmiError,
+                     ValidationError)
 from .options import MemoryConfig, RecallOptions, RememberOptions
 from .pipeline import forget as _forget
 from .pipeline import recall as _recall
@@ -541,8 +542,12 @@ class Memory:
         records = await self._engine.locked_io(lambda: _transfer.export_records(ctx, embeddings=embeddings))
         if isinstance(out, (str, os.PathLike)):
             def write() -> None:
-                with open(out, "w", encoding="utf-8") as f:
-                    f.writelines(_transfer.dumps(r) + "\n" for r in records)
+                try:
+                    with open(out, "w", encoding="utf-8") as f:
+                        f.writelines(_transfer.dumps(r) + "\n" for r in records)
+                except OSError as exc:
+                    raise TransferFileError(exc.errno, f"cannot write the export: {exc.strerror or exc}",
+                                            os.fspath(out)) from exc
             await self._io(write)
         else:
             out.writelines(_transfer.dumps(r) + "\n" for r in records)
@@ -562,8 +567,15 @@ class Memory:
         ctx = self._ctx
         if isinstance(src, (str, os.PathLike)):
             def read() -> _transfer.ImportPlan:
-                with open(src, encoding="utf-8") as f:
-                    return _transfer.parse_lines(f, os.fspath(src))
+                try:
+                    with open(src, encoding="utf-8") as f:
+                        return _transfer.parse_lines(f, os.fspath(src))
+                except OSError as exc:
+                    raise TransferFileError(exc.errno, f"cannot read the import file: {exc.strerror or exc}",
+                                            os.fspath(src)) from exc
+                except UnicodeDecodeError as exc:
+                    raise ValidationError(f"the import file {os.fspath(src)!r} is not UTF-8 text (byte "
+                                          f"{exc.start}: {exc.reason}); nothing was imported") from exc
             plan = await self._io(read)
         else:
             plan = _transfer.parse_lines(src, getattr(src, "name", "<input>"))

@@ -5,6 +5,7 @@ promise, a boundary check or the close/reopen rules. Each test pins a bug found 
 
 from __future__ import annotations
 
+import errno
 import math
 import threading
 from pathlib import Path
@@ -81,6 +82,27 @@ def test_a_sync_call_from_a_progress_callback_is_a_typed_error_and_loses_nothing
             in_thread(lambda: m.remember_many_sync(["Gus met Hal at the harbour.", "Ida met Jo at the mill."],
                                                    RAW, chunk_size=1, progress=count_now))
         assert in_thread(m.count_sync) == 1
+
+
+def test_export_and_import_file_failures_are_typed_errors_and_import_nothing(tmp_path: Path) -> None:
+    """A user exports to a directory by mistake, imports a file that is not there, and one saved
+    as Latin-1: each is a umi error (TransferFileError is still an OSError), naming the path;
+    nothing is imported."""
+    with open_memory(tmp_path / "m.duckdb") as m:
+        m.remember_sync("Ana sails in Lisbon.", RAW)
+        n = m.count_sync()
+        with pytest.raises(umi.TransferFileError, match="cannot write the export") as caught:
+            m.export_sync(tmp_path)  # a directory
+        assert isinstance(caught.value, OSError) and isinstance(caught.value, umi.UmiError)
+        assert caught.value.errno == errno.EISDIR and caught.value.filename == str(tmp_path)
+        with pytest.raises(umi.TransferFileError, match="cannot read the import file.*missing.jsonl") as caught:
+            m.import_sync(tmp_path / "missing.jsonl")
+        assert caught.value.errno == errno.ENOENT
+        latin = tmp_path / "latin.jsonl"
+        latin.write_bytes('{"text": "Zoë sails."}\n'.encode("latin-1"))
+        with pytest.raises(umi.ValidationError, match="not UTF-8"):
+            m.import_sync(latin)
+        assert m.count_sync() == n
 
 
 # --- a user clock that gives no usable time --------------------------------------------------------
