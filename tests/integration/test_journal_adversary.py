@@ -170,12 +170,13 @@ print("ACK", flush=True)
 
 def _race(db: Path) -> str:
     """Another process opens ``db`` now and, if it may, writes a fact and closes: its output."""
-    import os
     import subprocess
     import sys
 
+    from child_process import child_env
+
     done = subprocess.run([sys.executable, "-c", RACING_OPEN, str(db)], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                          env=child_env(), cwd=db.parent)
     assert done.returncode == 0, done.stderr
     return done.stdout
 

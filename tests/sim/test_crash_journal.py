@@ -138,9 +138,11 @@ def check_every_write(b: DuckDBStorageBackend, ids: list[str]) -> None:
 @pytest.mark.parametrize("mode", ["after", "during", "clearing"])
 def test_a_kill_before_or_during_materialisation_loses_no_acknowledged_write(tmp_path: Path, mode: str) -> None:
     path = tmp_path / "journal.duckdb"
+    from child_process import child_env  # (here, not at the top: the child imports this module)
+
     here = os.path.abspath(__file__)
     proc = subprocess.run([sys.executable, "-c", CHILD, str(path), mode, str(N), here], capture_output=True,
-                          text=True, timeout=300, env=os.environ.copy())
+                          text=True, timeout=300, env=child_env(), cwd=tmp_path)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert "NOT KILLED" not in proc.stdout
     ids = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("ACK ")]
