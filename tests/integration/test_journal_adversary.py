@@ -30,6 +30,15 @@ def _rel(src: str, dst: str, rid: str, reason: str, at: int) -> EvolutionRelatio
                              created_at=at)
 
 
+def _store_with_r1(db: Path, n: int) -> list[Entity]:
+    """A closed store at ``db`` holding ``n`` facts and relation R1 between the first two."""
+    es = _facts(n)
+    with DuckDBStorageBackend.connect(db, dim=4) as b:
+        b.upsert(es)
+        b.add_relations([_rel(es[0].id, es[1].id, "R1", "first", 10)])
+    return es
+
+
 def test_a_journaled_relation_whose_id_is_stored_with_other_ends_does_not_brick_the_store(tmp_path: Path) -> None:
     """A relation id given by the caller, stored (after a reopen the cache has not read it: the
     relations are read per entity), then told again between two other facts together with a new
@@ -39,10 +48,7 @@ def test_a_journaled_relation_whose_id_is_stored_with_other_ends_does_not_brick_
     be opened. The commit was acknowledged, so the relation it wrote replaces the stored one (as
     the cache already said, and as the Sim store does)."""
     db = tmp_path / "rel.duckdb"
-    es = _facts(4)
-    with DuckDBStorageBackend.connect(db, dim=4) as b:
-        b.upsert(es)
-        b.add_relations([_rel(es[0].id, es[1].id, "R1", "first", 10)])
+    es = _store_with_r1(db, 4)
     new = Entity("note", "new", "a new fact", embedding=np.full(4, 9, np.float32) + np.arange(4), created_at=30)
     with DuckDBStorageBackend.connect(db, dim=4) as b:
         with b.transaction():
@@ -66,10 +72,7 @@ def test_a_relation_id_stored_with_other_ends_is_replaced_by_a_direct_commit_too
     fact: a write by key): it was refused with the key error while the journaled path and the Sim
     store replace the stored relation. One rule for all three: the commit's relation replaces it."""
     db = tmp_path / "rel.duckdb"
-    es = _facts(4)
-    with DuckDBStorageBackend.connect(db, dim=4) as b:
-        b.upsert(es)
-        b.add_relations([_rel(es[0].id, es[1].id, "R1", "first", 10)])
+    es = _store_with_r1(db, 4)
     with DuckDBStorageBackend.connect(db, dim=4) as b:
         with b.transaction():
             assert b.supersede(es[2].id, 50)
@@ -86,10 +89,7 @@ def test_a_journal_that_conflicts_at_open_is_still_readable(tmp_path: Path) -> N
     """The same conflict left in the file by a writer that died before moving the journal in (the
     journal is as a crash leaves it): a read_only open and a writable one both open the file."""
     db = tmp_path / "crashed.duckdb"
-    es = _facts(3)
-    with DuckDBStorageBackend.connect(db, dim=4) as b:
-        b.upsert(es)
-        b.add_relations([_rel(es[0].id, es[1].id, "R1", "first", 10)])
+    es = _store_with_r1(db, 3)
     new = Entity("note", "new", "a new fact", embedding=np.full(4, 9, np.float32) + np.arange(4), created_at=30)
     b = DuckDBStorageBackend.connect(db, dim=4)
     raw = b._durable

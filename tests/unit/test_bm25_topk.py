@@ -463,14 +463,7 @@ def test_postings_rank_as_the_exhaustive_scorer_while_a_fold_runs(
 
 
 def test_a_fold_in_progress_is_swapped_in_by_the_next_call_and_keeps_the_writes_made_meanwhile(monkeypatch) -> None:
-    from umi.storage import _bm25
-    from umi.storage._bm25 import PostingsIndex
-
-    monkeypatch.setattr(_bm25, "FOLD_MIN", 0)
-    monkeypatch.setattr(_bm25, "FOLD_SHARE", 0.0)
-    idx = PostingsIndex()
-    paused: list[Any] = []
-    idx.run_fold = paused.append
+    idx, paused = _paused_index(monkeypatch)
     idx.add_doc(0, {"a": 1, "b": 2})
     idx.add_doc(1, {"a": 3})
     doc_len, mask = np.array([3.0, 3.0, 1.0]), np.ones(3, np.bool_)
@@ -490,10 +483,9 @@ def test_a_fold_in_progress_is_swapped_in_by_the_next_call_and_keeps_the_writes_
     assert sorted(rows.tolist()) == [0, 1, 2] and before[0].shape[0] == 2
 
 
-def test_terms_first_written_in_session_keep_their_postings_across_folds(monkeypatch) -> None:
-    # more new terms than the interpreter's cached small ints: once a fold is swapped in, their ids
-    # get new int objects (_bm25._drop_on_thread); each term still reads its own postings, including
-    # the terms first written while the fold ran and those folded by a second fold
+def _paused_index(monkeypatch) -> tuple[Any, list[Any]]:
+    """A keyword index that folds at every query, whose folds wait in the returned list until the
+    test runs them (``paused.pop().run()``)."""
     from umi.storage import _bm25
     from umi.storage._bm25 import PostingsIndex
 
@@ -502,6 +494,14 @@ def test_terms_first_written_in_session_keep_their_postings_across_folds(monkeyp
     idx = PostingsIndex()
     paused: list[Any] = []
     idx.run_fold = paused.append
+    return idx, paused
+
+
+def test_terms_first_written_in_session_keep_their_postings_across_folds(monkeypatch) -> None:
+    # more new terms than the interpreter's cached small ints: once a fold is swapped in, their ids
+    # get new int objects (_bm25._drop_on_thread); each term still reads its own postings, including
+    # the terms first written while the fold ran and those folded by a second fold
+    idx, paused = _paused_index(monkeypatch)
     n = 900
     want: dict[str, list[int]] = {}
     for row in range(n):  # term w<i> in rows i, i + 1, i + 2 (a new term every row)
@@ -537,13 +537,8 @@ def test_terms_first_written_in_session_keep_their_postings_across_folds(monkeyp
 
 def test_a_failed_fold_leaves_the_postings_as_they_were(monkeypatch) -> None:
     from umi.storage import _bm25
-    from umi.storage._bm25 import PostingsIndex
 
-    monkeypatch.setattr(_bm25, "FOLD_MIN", 0)
-    monkeypatch.setattr(_bm25, "FOLD_SHARE", 0.0)
-    idx = PostingsIndex()
-    paused: list[Any] = []
-    idx.run_fold = paused.append
+    idx, paused = _paused_index(monkeypatch)
     idx.add_doc(0, {"a": 1, "b": 2})
     idx.score(["a"], 1, 3.0, np.array([3.0]), np.ones(1, np.bool_))
     idx.add_doc(1, {"a": 3})
