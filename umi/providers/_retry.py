@@ -152,6 +152,11 @@ def classify_failure(exc: BaseException, sdk: ModuleType) -> Failure | None:
         return Failure("response", False, status=getattr(exc, "status_code", None), detail=str(exc))
     if isinstance(exc, json.JSONDecodeError):  # a 2xx whose body is not JSON: the SDKs let this through
         return Failure("response", False, detail=f"the response body is not JSON ({exc})")
+    # ... nor do they catch the body's other decoding failures (json.loads on the raw bytes)
+    if isinstance(exc, UnicodeDecodeError):
+        return Failure("response", False, detail=f"the response body is not UTF-8 JSON (byte {exc.start}: {exc.reason})")
+    if isinstance(exc, RecursionError):
+        return Failure("response", False, detail="the response body is JSON nested too deeply to read")
     return None
 
 
