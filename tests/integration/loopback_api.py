@@ -41,13 +41,16 @@ _TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 class Reply:
     """One scripted answer. ``body``: dict (sent as JSON), str or bytes (sent as is).
 
-    ``delay_secs`` holds the answer back (a server that hangs past the client's timeout).
+    ``delay_secs`` holds the answer back (a server that hangs past the client's timeout);
+    ``trickle_secs`` sends the body 16 bytes at a time with that pause between (each read is
+    quick, the whole answer is slow).
     """
 
     status: int = 200
     body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
     delay_secs: float = 0.0
+    trickle_secs: float = 0.0
 
 
 @dataclass
@@ -194,7 +197,14 @@ class LoopbackAPI:
                 h.send_header(k, v)
             h.send_header("content-length", str(len(payload)))
             h.end_headers()
-            h.wfile.write(payload)
+            if reply.trickle_secs > 0:
+                for at in range(0, len(payload), 16):
+                    h.wfile.write(payload[at:at + 16])
+                    h.wfile.flush()
+                    if self._stop.wait(reply.trickle_secs):
+                        return  # shutting down
+            else:
+                h.wfile.write(payload)
             h.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
             pass

@@ -6,12 +6,18 @@ Each test here failed before its fix; what it pins down is said in its docstring
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 from loopback_api import (
     ANTHROPIC_MESSAGES,
     OPENAI_CHAT,
     OPENAI_EMBEDDINGS,
     Reply,
+    anthropic_tool_message,
+    embeddings_responder,
+    openai_chat,
 )
 from provider_harness import API_KEY, record_sleeps, run_embed, run_llm
 
@@ -57,3 +63,63 @@ def test_a_2xx_body_that_cannot_be_decoded_is_an_invalid_response_not_retried(ap
     with pytest.raises(umi.InvalidResponseError, match=match):
         _run(kind, p, mode)
     assert len(api.requests_to(PATHS[kind])) == 1 and rec.waits == []
+
+
+# --- providers: an answer that trickles in ----------------------------------------------------------
+GOOD = {"entities": [{"name": "Alice", "entity_type": "person", "content": "Alice is here.", "confidence": None}]}
+
+
+def _good_reply(kind):
+    if kind == "anthropic":
+        return lambda rec: Reply(200, anthropic_tool_message(TASK, {"entities": [dict(GOOD["entities"][0], confidence=0.9)]}))
+    if kind == "openai":
+        return lambda rec: Reply(200, openai_chat(json.dumps(GOOD)))
+    return embeddings_responder(8)
+
+
+@pytest.mark.parametrize("kind", sorted(PATHS))
+def test_an_answer_that_trickles_in_past_the_timeout_is_a_provider_timeout(api, closing, mode, kind):
+    """The SDKs' timeout bounds each read: a body sent 16 bytes every 0.1 s (a few seconds in all)
+    was read to the end and the call succeeded, however long it took (a 500-byte answer at 0.2 s a
+    byte: 100 s with timeout=1). The timeout now bounds the whole answer."""
+    good = _good_reply(kind)
+    api.script(PATHS[kind], lambda rec: dataclasses.replace(good(rec), trickle_secs=0.1))
+    p = _provider(kind, api, closing, timeout=0.5, max_retries=0)
+    with pytest.raises(umi.ProviderTimeoutError, match="0.5 s timeout, after 1 attempt"):
+        _run(kind, p, mode)
+    assert len(api.requests_to(PATHS[kind])) == 1
+    # the same answer sent at once is fine (the deadline is per request, not per client)
+    api.script(PATHS[kind], good)
+    assert _run(kind, p, mode) is not None
+
+
+# --- the MCP server: a JSON boolean is no number, a string no int or bool ---------------------------
+@pytest.mark.parametrize("tool, args", [
+    ("recall", {"query": "Who keeps bees?", "limit": True}),
+    ("recall", {"query": "Who keeps bees?", "limit": "2"}),
+    ("recall", {"query": "Who keeps bees?", "limit": 2.0}),
+    ("recall", {"query": "Who keeps bees?", "include_superseded": "yes"}),
+    ("remember", {"text": "Wes keeps bees in Turku.", "importance": True}),
+    ("remember", {"text": "Wes keeps bees in Turku.", "importance": "0.5"}),
+    ("remember", {"text": "Wes keeps bees in Turku.", "extract": "no"}),
+    ("core_set_block", {"name": "human", "content": "Likes bees.", "importance": True}),
+])
+async def test_mcp_arguments_are_as_strict_as_the_python_api(tool, args):
+    """The SDK validates tool arguments in pydantic's lax mode: {"limit": true} recalled one fact,
+    {"importance": true} stored importance 1.0, {"extract": "no"} skipped extraction, where umi's
+    own API refuses a bool for a number and a str for an int or a bool (TypeError)."""
+    pytest.importorskip("mcp", reason="the mcp extra is not installed")
+    from mcp import Client
+
+    from umi.integrations.mcp_server import build_server
+
+    with umi.Memory.sim(seed=1) as m:
+        async with Client(build_server(m)) as client:
+            result = await client.call_tool(tool, args)
+            text = " ".join(getattr(c, "text", "") for c in result.content)
+            assert result.is_error, f"{tool}({args}) was accepted: {text[:200]}"
+            assert m.count_sync() == 0 and m.core.labels() == []
+            # a JSON int is still a number
+            if "importance" in args:
+                ok = await client.call_tool(tool, {**args, "importance": 1})
+                assert not ok.is_error

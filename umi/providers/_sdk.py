@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 from ..errors import InvalidResponseError, ProviderNotInstalledError
 from ._checks import check_base_url, check_max_retries, check_model, check_timeout, check_wait, resolve_api_key
+from ._deadline import http_clients
 from ._retry import RetryPolicy, acall_with_retries, call_with_retries
 from .base import LLMProvider, LLMResult, Task
 
@@ -148,14 +149,17 @@ class SDKClients:
         self.timeout_secs = timeout_secs
         self.policy = policy
         self._options = {"api_key": key, "base_url": base_url, "timeout": timeout_secs, "max_retries": 0}
+        # the SDKs' timeout bounds each read, not the answer: a whole-request deadline under them
+        self._http_client, self._async_http_client = http_clients(self.sdk, timeout_secs)
         self._client: Any = None
         self._lock = threading.Lock()
-        self._aclients = LoopClients(lambda: getattr(self.sdk, vendor.async_client)(**self._options))
+        self._aclients = LoopClients(lambda: getattr(self.sdk, vendor.async_client)(
+            **self._options, http_client=self._async_http_client()))
 
     def sync(self) -> Any:
         with self._lock:
             if self._client is None:
-                self._client = getattr(self.sdk, self.vendor.client)(**self._options)
+                self._client = getattr(self.sdk, self.vendor.client)(**self._options, http_client=self._http_client())
             return self._client
 
     def call(self, request: Callable[[Any], T]) -> T:
