@@ -32,7 +32,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
-from pydantic import Field, StrictInt
+from pydantic import Field, Strict, StrictBool, StrictInt
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
@@ -60,6 +60,9 @@ UserId = Annotated[str | None, Field(
     description="Whose memory: fills in the server's user when it has none; must match it otherwise.")]
 AgentId = Annotated[str | None, Field(
     description="Which agent's memory: fills in the server's agent when it has none; must match it otherwise.")]
+# Strict: the SDK validates in pydantic's lax mode, which reads a JSON true as 1 (and "2" as 2, "no" as
+# false); umi's own API takes no bool for a number and no str for an int or a bool.
+Number = Annotated[float, Strict()]  # a JSON int or float, never a bool or a string
 TimeBound = Annotated[StrictInt | str | None, Field(  # StrictInt: a JSON true is no time
     description="ISO-8601 time (e.g. 2026-01-31 or 2026-01-31T09:00:00Z; no zone = UTC) "
                 "or integer milliseconds since the Unix epoch.")]
@@ -187,8 +190,8 @@ def build_server(memory: Memory, *, user_id: str | None = None, agent_id: str | 
     @_tool
     async def remember(
         text: Annotated[str, Field(description="What to remember, in plain language.")],
-        importance: Annotated[float, Field(description="0..1, how much it matters.")] = 0.5,
-        extract: Annotated[bool, Field(
+        importance: Annotated[Number, Field(description="0..1, how much it matters.")] = 0.5,
+        extract: Annotated[StrictBool, Field(
             description="false stores the text as one note, without extracting facts.")] = True,
         event_time: Annotated[TimeBound, Field(description="When it happened, if not now.")] = None,
         metadata: Annotated[dict[str, str | int | float | bool] | None, Field(
@@ -213,13 +216,13 @@ def build_server(memory: Memory, *, user_id: str | None = None, agent_id: str | 
     @_tool
     async def recall(
         query: Annotated[str, Field(description="A question or keywords.")],
-        limit: Annotated[int, Field(description="How many facts at most.")] = 10,
+        limit: Annotated[StrictInt, Field(description="How many facts at most.")] = 10,
         entity_types: Annotated[list[str] | None, Field(
             description="Only these kinds: self, person, organization, project, topic, "
                         "location, event, note, task.")] = None,
         time_start: Annotated[TimeBound, Field(description="Only facts stored at or after this time.")] = None,
         time_end: Annotated[TimeBound, Field(description="Only facts stored at or before this time.")] = None,
-        include_superseded: Annotated[bool, Field(
+        include_superseded: Annotated[StrictBool, Field(
             description="Also return facts that later facts replaced.")] = False,
         as_of: Annotated[TimeBound, Field(
             description="Answer as of this past time (the facts that were current then).")] = None,
@@ -291,7 +294,7 @@ def build_server(memory: Memory, *, user_id: str | None = None, agent_id: str | 
         name: Annotated[str, Field(description="Block name: system, persona, human, facts, goals, "
                                                "scratch, or your own ([A-Za-z0-9_.-], 1-64 bytes).")],
         content: Annotated[str, Field(description="The block's whole new text.")],
-        importance: Annotated[float, Field(description="0..1.")] = 0.5,
+        importance: Annotated[Number, Field(description="0..1.")] = 0.5,
         user_id: UserId = None,
         agent_id: AgentId = None,
     ) -> dict[str, Any]:
