@@ -123,3 +123,41 @@ async def test_mcp_arguments_are_as_strict_as_the_python_api(tool, args):
             if "importance" in args:
                 ok = await client.call_tool(tool, {**args, "importance": 1})
                 assert not ok.is_error
+
+
+# --- the LangGraph store ------------------------------------------------------------------------------
+@pytest.fixture
+def lg_store():
+    pytest.importorskip("langgraph", reason="the langgraph extra is not installed")
+    from umi.integrations.langgraph import UmiStore
+
+    with umi.Memory.sim(seed=5) as m:
+        store = UmiStore(m)
+        store.put(("notes",), "a", {"text": "Alice keeps bees in Turku.", "n": 3})
+        store.put(("notes",), "b", {"text": "Bob grows tomatoes.", "n": "many"})
+        store.put(("notes",), "c", {"text": "Carol sails.", "n": 10 ** 400})
+        store.put(("notes",), "d", {"text": "Dan has no count."})
+        yield store
+
+
+def test_a_blank_langgraph_query_lists_like_no_query(lg_store):
+    """BaseStore.search takes any str as a query (InMemoryStore answers a blank one); umi passed
+    "   " to recall, which refused it (EmptyQueryError), so an agent's blank search failed."""
+    listed = lg_store.search(("notes",), limit=10)
+    assert [i.key for i in lg_store.search(("notes",), query="   ", limit=10)] == [i.key for i in listed]
+    assert len(listed) == 4
+
+
+def test_langgraph_comparison_filters_are_checked_up_front_and_skip_non_numbers(lg_store):
+    """{"n": {"$gt": 1}} over an item whose n is "many" (or an int past float's range) raised a bare
+    ValueError (OverflowError) from float(); an operand that is no number, or an unknown operator,
+    was refused only when an item with the field was met (an empty namespace answered [])."""
+    assert [i.key for i in lg_store.search(("notes",), filter={"n": {"$gt": 1}}, limit=10)] == ["a"]
+    assert [i.key for i in lg_store.search(("notes",), filter={"n": {"$lte": 3}}, limit=10)] == ["a"]
+    for bad, match in [({"n": {"$gt": "x"}}, r"\$gt compares numbers"), ({"n": {"$gt": None}}, "numbers"),
+                       ({"n": {"$regex": "m.*"}}, "unsupported"), ({"n": [{"$foo": 1}]}, "unsupported")]:
+        for where in (("notes",), ("empty",)):
+            with pytest.raises(umi.InvalidFilterError, match=match):
+                lg_store.search(where, filter=bad)
+            with pytest.raises(umi.InvalidFilterError, match=match):
+                lg_store.search(where, query="bees", filter=bad)

@@ -235,7 +235,7 @@ class UmiStore(BaseStore):
         filters = self._filters(prefix, scope, pushed)
         if op.limit == 0:
             return []
-        if op.query:
+        if op.query and op.query.strip():  # a blank query ranks nothing: a listing (recall refuses it)
             return self._recall(op.query, filters, exact, op.offset, op.limit)
         return self._list(filters, exact, op.offset, op.limit)
 
@@ -395,8 +395,41 @@ def _split_filter(flt: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[s
     """(metadata equalities umi can apply inside its search, the whole filter to check after)."""
     if not flt:
         return {}, None
+    for condition in flt.values():
+        _check_condition(condition)
     pushed = {f"{FIELD}{k}": v for k, v in flt.items() if _pushable(k, v)}
     return pushed, dict(flt)
+
+
+_OPERATORS = ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte")
+_ORDER_OPERATORS = ("$gt", "$gte", "$lt", "$lte")
+
+
+def _is_operator_dict(condition: Mapping[Any, Any]) -> bool:
+    return any(isinstance(k, str) and k.startswith("$") for k in condition)
+
+
+def _check_condition(condition: Any) -> None:
+    """Refuse a bad operator or a comparison with no number, once, before any item is read (the
+    rule below would meet it only on an item that has the field, and then as a bare ValueError)."""
+    from ..errors import InvalidFilterError
+
+    if isinstance(condition, dict):
+        if not _is_operator_dict(condition):
+            for sub in condition.values():
+                _check_condition(sub)
+            return
+        for operator, operand in condition.items():
+            if operator not in _OPERATORS:
+                raise InvalidFilterError(f"unsupported filter operator {operator!r}; use {' '.join(_OPERATORS)}")
+            if operator in _ORDER_OPERATORS:
+                try:
+                    float(operand)
+                except (TypeError, ValueError, OverflowError):
+                    raise InvalidFilterError(f"filter operator {operator} compares numbers, got {operand!r}") from None
+    elif isinstance(condition, (list, tuple)):
+        for sub in condition:
+            _check_condition(sub)
 
 
 def _matches(value: Mapping[str, Any], flt: Mapping[str, Any]) -> bool:
@@ -405,7 +438,7 @@ def _matches(value: Mapping[str, Any], flt: Mapping[str, Any]) -> bool:
 
 def _compare(item_value: Any, filter_value: Any) -> bool:
     if isinstance(filter_value, dict):
-        if any(k.startswith("$") for k in filter_value):
+        if _is_operator_dict(filter_value):
             return all(_apply(item_value, k, v) for k, v in filter_value.items())
         if not isinstance(item_value, dict):
             return False
@@ -421,14 +454,12 @@ def _apply(value: Any, operator: str, operand: Any) -> bool:
         return bool(value == operand)
     if operator == "$ne":
         return bool(value != operand)
-    if operator in ("$gt", "$gte", "$lt", "$lte"):
-        if value is None:
-            return False
-        a, b = float(value), float(operand)
-        return {"$gt": a > b, "$gte": a >= b, "$lt": a < b, "$lte": a <= b}[operator]
-    from ..errors import InvalidFilterError
-
-    raise InvalidFilterError(f"unsupported filter operator {operator!r}; use $eq $ne $gt $gte $lt $lte")
+    b = float(operand)  # operators and operands were checked by _check_condition
+    try:
+        a = float(value)
+    except (TypeError, ValueError, OverflowError):  # a missing or non-numeric field never matches
+        return False
+    return {"$gt": a > b, "$gte": a >= b, "$lt": a < b, "$lte": a <= b}[operator]
 
 
 def _ns_matches(condition: MatchCondition, ns: tuple[str, ...]) -> bool:
