@@ -31,6 +31,12 @@ from .errors import UmiError, ValidationError
 __all__ = ["main"]
 
 
+def _require_file(db: str, why: str) -> None:
+    """A command that never creates its database refuses a path with no file (a typo, say)."""
+    if not os.path.isfile(db):
+        raise FileNotFoundError(errno.ENOENT, f"no such database file ({why})", db)
+
+
 def _memory(db: str, args: argparse.Namespace | None = None) -> Any:
     """The Memory a command works on: the whole store, or the scope of ``--user`` / ``--agent``;
     with ``--read-only``, the file opened for reading only (it must exist)."""
@@ -42,8 +48,7 @@ def _memory(db: str, args: argparse.Namespace | None = None) -> Any:
     from .providers.local import LocalEmbeddingProvider
     from .storage.duckdb import DuckDBStorageBackend
 
-    if not os.path.isfile(db):
-        raise FileNotFoundError(errno.ENOENT, "no such database file (--read-only never creates one)", db)
+    _require_file(db, "--read-only never creates one")
     embedder = LocalEmbeddingProvider()
     return Memory(db, embedder=embedder, storage=DuckDBStorageBackend.connect(db, read_only=True), **scope)
 
@@ -211,7 +216,8 @@ def cmd_export(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_compact(args: argparse.Namespace, out: TextIO) -> int:
     """Rewrite the database file so that forgotten text is gone from disk (:meth:`Memory.compact`)."""
-    before = os.path.getsize(args.db) if os.path.exists(args.db) else 0
+    _require_file(args.db, "compact rewrites an existing file, it never creates one")
+    before = os.path.getsize(args.db)
     with _memory(args.db, args) as memory:
         memory.compact_sync()
     out.write(f"compacted {args.db}: {before} -> {os.path.getsize(args.db)} bytes\n")

@@ -232,3 +232,13 @@ def test_export_refuses_to_overwrite_its_own_database(db, capsys):
     assert code in (1, 2)
     one_error_line(capsys)
     assert _digest(Path(db)) == before
+
+
+def test_compact_of_a_missing_file_is_refused_and_creates_nothing(tmp_path, capsys):
+    """`umi compact --db typo.duckdb` made a new, empty 1 MB database and said
+    "compacted typo.duckdb: 0 -> 1060864 bytes" (exit 0): compact rewrites a file that is there."""
+    missing = tmp_path / "typo.duckdb"
+    capsys.readouterr()
+    assert run("compact", "--db", str(missing))[0] == 1
+    assert "no such database file" in one_error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
