@@ -93,6 +93,30 @@ def test_an_answer_that_trickles_in_past_the_timeout_is_a_provider_timeout(api, 
     assert _run(kind, p, mode) is not None
 
 
+
+@pytest.mark.parametrize("kind", sorted(PATHS))
+def test_an_answer_past_the_body_limit_is_an_invalid_response_not_retried(api, closing, mode, kind, monkeypatch):
+    """The SDKs read a whole body into memory, however large (a 200 MB answer was read and parsed;
+    an endless one grew until the timeout). A body past MAX_RESPONSE_BYTES (here lowered to 2000)
+    is read no further: an InvalidResponseError naming the limit, not retried."""
+    from umi.providers import _deadline
+
+    monkeypatch.setattr(_deadline, "MAX_RESPONSE_BYTES", 2000)
+    good = _good_reply(kind)
+
+    def padded(rec):
+        r = good(rec)
+        return dataclasses.replace(r, body=json.dumps(r.body).encode() + b" " * 5000)  # valid JSON, 5 kB
+
+    api.script(PATHS[kind], padded)
+    p = _provider(kind, api, closing, max_retries=2)
+    rec = record_sleeps(p)
+    with pytest.raises(umi.InvalidResponseError, match="larger than 2000 bytes"):
+        _run(kind, p, mode)
+    assert len(api.requests_to(PATHS[kind])) == 1 and rec.waits == []
+    api.script(PATHS[kind], good)  # an answer within the limit is read as before
+    assert _run(kind, p, mode) is not None
+
 # --- the MCP server: a JSON boolean is no number, a string no int or bool ---------------------------
 @pytest.mark.parametrize("tool, args", [
     ("recall", {"query": "Who keeps bees?", "limit": True}),

@@ -7,6 +7,11 @@ transports here wrap the HTTP library's own and stop reading the body once ``tim
 passed since the request was handed to them, with the library's ``ReadTimeout``: the SDK reports
 it as its timeout error, and the retry loop as :class:`umi.ProviderTimeoutError`.
 
+They also stop reading a body past :data:`MAX_RESPONSE_BYTES` with :class:`ResponseTooLargeError`
+(Anthropic's SDK wraps it as a connection error, OpenAI's lets it through; the retry loop reports
+either as an unusable response, not retried): the SDKs read a whole body into memory, however
+large, before parsing it.
+
 The SDK's HTTP library (``httpx``, or ``httpx2`` in newer SDKs) is found from the SDK's own client
 class, so the wrappers always match what the SDK uses.
 """
@@ -19,7 +24,15 @@ import time
 from types import ModuleType
 from typing import Any
 
-__all__ = ["http_clients"]
+__all__ = ["MAX_RESPONSE_BYTES", "ResponseTooLargeError", "http_clients"]
+
+#: Largest answer body read (bytes). The largest real one is an embeddings batch: 2048 inputs of
+#: 3072 dimensions is ≈ 34 MB as base64 and ≈ 140 MB as JSON floats.
+MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+
+
+class ResponseTooLargeError(Exception):
+    """A response body longer than :data:`MAX_RESPONSE_BYTES` (read no further)."""
 
 
 def http_clients(sdk: ModuleType, timeout_secs: float) -> tuple[Any, Any]:
@@ -27,13 +40,15 @@ def http_clients(sdk: ModuleType, timeout_secs: float) -> tuple[Any, Any]:
     http = _http_library(sdk)
     sync_transport, async_transport = _transports(http)
     limits = sdk.DEFAULT_CONNECTION_LIMITS
+    max_bytes = MAX_RESPONSE_BYTES
 
     def sync() -> Any:
-        return sdk.DefaultHttpxClient(transport=sync_transport(http.HTTPTransport(limits=limits), timeout_secs))
+        return sdk.DefaultHttpxClient(
+            transport=sync_transport(http.HTTPTransport(limits=limits), timeout_secs, max_bytes))
 
     def async_() -> Any:
         return sdk.DefaultAsyncHttpxClient(
-            transport=async_transport(http.AsyncHTTPTransport(limits=limits), timeout_secs))
+            transport=async_transport(http.AsyncHTTPTransport(limits=limits), timeout_secs, max_bytes))
 
     return sync, async_
 
@@ -47,56 +62,69 @@ def _http_library(sdk: ModuleType) -> ModuleType:
 def _transports(http: ModuleType) -> tuple[type, type]:
     """The deadline transports over one HTTP library (its stream and transport base classes)."""
 
-    def check(deadline: float, timeout_secs: float, request: Any) -> None:
-        if time.monotonic() > deadline:
-            raise http.ReadTimeout(f"the answer took longer than the {timeout_secs:g} s timeout", request=request)
+    class Limits:
+        """One request's deadline and byte budget, checked after every chunk of its body."""
+
+        def __init__(self, timeout_secs: float, max_bytes: int, request: Any) -> None:
+            self.deadline = time.monotonic() + timeout_secs
+            self.timeout_secs, self.max_bytes, self.request = timeout_secs, max_bytes, request
+            self.seen = 0
+
+        def check(self, chunk: bytes) -> None:
+            self.seen += len(chunk)
+            if self.seen > self.max_bytes:
+                raise ResponseTooLargeError(f"the response body is larger than {self.max_bytes} bytes "
+                                            "(read no further)")
+            if time.monotonic() > self.deadline:
+                raise http.ReadTimeout(f"the answer took longer than the {self.timeout_secs:g} s timeout",
+                                       request=self.request)
 
     class Body(http.SyncByteStream):  # type: ignore[misc,name-defined]
-        def __init__(self, inner: Any, deadline: float, timeout_secs: float, request: Any) -> None:
-            self._inner, self._deadline, self._timeout, self._request = inner, deadline, timeout_secs, request
+        def __init__(self, inner: Any, limits: Limits) -> None:
+            self._inner, self._limits = inner, limits
 
         def __iter__(self) -> Any:
             for chunk in self._inner:
-                check(self._deadline, self._timeout, self._request)
+                self._limits.check(chunk)
                 yield chunk
 
         def close(self) -> None:
             self._inner.close()
 
     class AsyncBody(http.AsyncByteStream):  # type: ignore[misc,name-defined]
-        def __init__(self, inner: Any, deadline: float, timeout_secs: float, request: Any) -> None:
-            self._inner, self._deadline, self._timeout, self._request = inner, deadline, timeout_secs, request
+        def __init__(self, inner: Any, limits: Limits) -> None:
+            self._inner, self._limits = inner, limits
 
         async def __aiter__(self) -> Any:
             async for chunk in self._inner:
-                check(self._deadline, self._timeout, self._request)
+                self._limits.check(chunk)
                 yield chunk
 
         async def aclose(self) -> None:
             await self._inner.aclose()
 
     class Transport(http.BaseTransport):  # type: ignore[misc,name-defined]
-        def __init__(self, inner: Any, timeout_secs: float) -> None:
-            self._inner, self._timeout = inner, timeout_secs
+        def __init__(self, inner: Any, timeout_secs: float, max_bytes: int) -> None:
+            self._inner, self._timeout, self._max_bytes = inner, timeout_secs, max_bytes
 
         def handle_request(self, request: Any) -> Any:
-            deadline = time.monotonic() + self._timeout
+            limits = Limits(self._timeout, self._max_bytes, request)
             r = self._inner.handle_request(request)
             return http.Response(r.status_code, headers=r.headers, extensions=r.extensions,
-                                 stream=Body(r.stream, deadline, self._timeout, request))
+                                 stream=Body(r.stream, limits))
 
         def close(self) -> None:
             self._inner.close()
 
     class AsyncTransport(http.AsyncBaseTransport):  # type: ignore[misc,name-defined]
-        def __init__(self, inner: Any, timeout_secs: float) -> None:
-            self._inner, self._timeout = inner, timeout_secs
+        def __init__(self, inner: Any, timeout_secs: float, max_bytes: int) -> None:
+            self._inner, self._timeout, self._max_bytes = inner, timeout_secs, max_bytes
 
         async def handle_async_request(self, request: Any) -> Any:
-            deadline = time.monotonic() + self._timeout
+            limits = Limits(self._timeout, self._max_bytes, request)
             r = await self._inner.handle_async_request(request)
             return http.Response(r.status_code, headers=r.headers, extensions=r.extensions,
-                                 stream=AsyncBody(r.stream, deadline, self._timeout, request))
+                                 stream=AsyncBody(r.stream, limits))
 
         async def aclose(self) -> None:
             await self._inner.aclose()

@@ -26,6 +26,7 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 from ..errors import InvalidResponseError, ProviderError, ProviderTimeoutError, RateLimitError
+from ._deadline import ResponseTooLargeError
 
 T = TypeVar("T")
 
@@ -120,6 +121,8 @@ def classify_failure(exc: BaseException, sdk: ModuleType) -> Failure | None:
     """What an exception from an SDK call means, or None when it is not a transport/API failure."""
     if isinstance(exc, sdk.APITimeoutError):
         return Failure("timeout", True, detail="request timed out")
+    if isinstance(exc, ResponseTooLargeError):  # from under the SDK: OpenAI's lets it through as it is
+        return Failure("response", False, detail=str(exc))
     if isinstance(exc, sdk.APIStatusError):
         response = getattr(exc, "response", None)
         headers = getattr(response, "headers", None)
@@ -147,6 +150,8 @@ def classify_failure(exc: BaseException, sdk: ModuleType) -> Failure | None:
         )
     if isinstance(exc, sdk.APIConnectionError):
         cause = exc.__cause__
+        if isinstance(cause, ResponseTooLargeError):  # Anthropic's SDK calls it a connection error
+            return Failure("response", False, detail=str(cause))
         return Failure("connection", True, detail=f"connection failed: {cause or exc}")
     if isinstance(exc, sdk.APIResponseValidationError):
         return Failure("response", False, status=getattr(exc, "status_code", None), detail=str(exc))
