@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 from loopback_api import (
@@ -64,6 +65,22 @@ def test_a_2xx_body_that_cannot_be_decoded_is_an_invalid_response_not_retried(ap
         _run(kind, p, mode)
     assert len(api.requests_to(PATHS[kind])) == 1 and rec.waits == []
 
+
+
+@pytest.mark.parametrize("kind", sorted(PATHS))
+@pytest.mark.parametrize("body, shown", [('"<html>Bad Gateway</html>"', "str '<html>Bad Gateway</html>'"),
+                                         ([1, 2, 3], "list [1, 2, 3]"), ("null", "NoneType None")])
+def test_a_2xx_json_body_that_is_no_object_is_named_as_it_is(api, closing, mode, kind, body, shown):
+    """The SDKs hand back a JSON string, array or null as it is; umi then said "no extract_entities tool
+    call and no text in the answer (got nothing...)", "the response has no choices" or "asked for 1
+    vectors, got NoneType": the answer was not an API object at all, and the message now says so."""
+    api.script(PATHS[kind], Reply(200, body))
+    p = _provider(kind, api, closing, max_retries=2)
+    rec = record_sleeps(p)
+    error = umi.EmbeddingError if kind == "embeddings" else umi.InvalidResponseError
+    with pytest.raises(error, match=f"not an API object: got {re.escape(shown)}"):
+        _run(kind, p, mode)
+    assert len(api.requests_to(PATHS[kind])) == 1 and rec.waits == []
 
 # --- providers: an answer that trickles in ----------------------------------------------------------
 GOOD = {"entities": [{"name": "Alice", "entity_type": "person", "content": "Alice is here.", "confidence": None}]}

@@ -79,7 +79,7 @@ def _transports(http: ModuleType) -> tuple[type, type]:
                 raise http.ReadTimeout(f"the answer took longer than the {self.timeout_secs:g} s timeout",
                                        request=self.request)
 
-    class Body(http.SyncByteStream):  # type: ignore[misc,name-defined]
+    class Body(http.SyncByteStream):  # type: ignore[name-defined]
         def __init__(self, inner: Any, limits: Limits) -> None:
             self._inner, self._limits = inner, limits
 
@@ -91,7 +91,7 @@ def _transports(http: ModuleType) -> tuple[type, type]:
         def close(self) -> None:
             self._inner.close()
 
-    class AsyncBody(http.AsyncByteStream):  # type: ignore[misc,name-defined]
+    class AsyncBody(http.AsyncByteStream):  # type: ignore[name-defined]
         def __init__(self, inner: Any, limits: Limits) -> None:
             self._inner, self._limits = inner, limits
 
@@ -103,7 +103,7 @@ def _transports(http: ModuleType) -> tuple[type, type]:
         async def aclose(self) -> None:
             await self._inner.aclose()
 
-    class Transport(http.BaseTransport):  # type: ignore[misc,name-defined]
+    class Transport(http.BaseTransport):  # type: ignore[name-defined]
         def __init__(self, inner: Any, timeout_secs: float, max_bytes: int) -> None:
             self._inner, self._timeout, self._max_bytes = inner, timeout_secs, max_bytes
 
@@ -116,7 +116,7 @@ def _transports(http: ModuleType) -> tuple[type, type]:
         def close(self) -> None:
             self._inner.close()
 
-    class AsyncTransport(http.AsyncBaseTransport):  # type: ignore[misc,name-defined]
+    class AsyncTransport(http.AsyncBaseTransport):  # type: ignore[name-defined]
         def __init__(self, inner: Any, timeout_secs: float, max_bytes: int) -> None:
             self._inner, self._timeout, self._max_bytes = inner, timeout_secs, max_bytes
 

@@ -41,6 +41,7 @@ __all__ = [
     "SDKProvider",
     "Vendor",
     "import_sdk",
+    "not_an_api_object",
     "request_note",
     "token_count",
 ]
@@ -269,16 +270,31 @@ class SDKLLMProvider(SDKProvider, LLMProvider):
     def complete_json(self, system: str, prompt: str, schema: Mapping[str, Any], *, task: Task) -> LLMResult:
         request = self._request(system, prompt, schema, task)
         resp = self._clients.call(lambda client: self._send(client, request))
-        return self._result(resp, schema, task)
+        return self._answer(resp, schema, task)
 
     async def acomplete_json(self, system: str, prompt: str, schema: Mapping[str, Any], *, task: Task) -> LLMResult:
         request = self._request(system, prompt, schema, task)
         resp = await self._clients.acall(lambda client: self._send(client, request))
+        return self._answer(resp, schema, task)
+
+    def _answer(self, resp: Any, schema: Mapping[str, Any], task: str) -> LLMResult:
+        what = not_an_api_object(resp)
+        if what is not None:
+            raise self._invalid_answer(resp, cut_at=None)(what)
         return self._result(resp, schema, task)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(model={self.model!r}{self._base_url_note()}, timeout={self.timeout:g}, "
                 f"max_retries={self.max_retries})")
+
+
+def not_an_api_object(resp: Any) -> str | None:
+    """What a 2xx answer was when its body was no JSON object (the SDKs hand back a JSON string,
+    array or null, or the text of a non-JSON content type, as it is), else None."""
+    if resp is None or isinstance(resp, (str, bytes, list, int, float)):
+        shown = repr(resp)
+        return f"the answer is not an API object: got {type(resp).__name__} {shown[:80]}{'...' if len(shown) > 80 else ''}"
+    return None
 
 
 def request_note(resp: Any) -> tuple[str | None, str]:

@@ -37,7 +37,7 @@ from ._checks import check_call_args, check_positive_int
 from ._json_reply import parse_json_reply
 from ._retry import DEFAULT_MAX_RETRY_WAIT_SECS
 from ._schema import SchemaViolation
-from ._sdk import SDKLLMProvider, SDKProvider, Vendor, request_note, token_count
+from ._sdk import SDKLLMProvider, SDKProvider, Vendor, not_an_api_object, request_note, token_count
 from .base import EmbeddingProvider, EmbedKind, LLMResult, normalize_rows
 
 __all__ = [
@@ -324,6 +324,9 @@ class OpenAIEmbeddingProvider(SDKProvider, EmbeddingProvider):
         def bad(msg: str) -> EmbeddingError:
             return EmbeddingError(f"openai embeddings ({self.model}): {msg}{where}")
 
+        what = not_an_api_object(resp)
+        if what is not None:
+            raise bad(what)
         data = getattr(resp, "data", None)
         if not isinstance(data, list) or len(data) != n:
             got = len(data) if isinstance(data, list) else type(data).__name__
