@@ -543,8 +543,7 @@ class Memory:
         if isinstance(out, (str, os.PathLike)):
             def write() -> None:
                 try:
-                    with open(out, "w", encoding="utf-8") as f:
-                        f.writelines(_transfer.dumps(r) + "\n" for r in records)
+                    _transfer.write_file(os.fspath(out), records)  # a failure leaves what was there
                 except OSError as exc:
                     raise TransferFileError(exc.errno, f"cannot write the export: {exc.strerror or exc}",
                                             os.fspath(out)) from exc

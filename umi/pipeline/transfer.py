@@ -19,7 +19,11 @@ after the records: each is its own transaction, and a failed run can simply be r
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import stat
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -82,6 +86,46 @@ def export_records(ctx: PipelineContext, *, embeddings: bool) -> list[dict[str, 
 
 def dumps(record: Mapping[str, Any]) -> str:
     return json.dumps(record, sort_keys=True, ensure_ascii=False)
+
+
+def write_file(path: str, records: Iterable[Mapping[str, Any]]) -> None:
+    """Write an export to ``path`` so that a failure leaves what was there: an existing file is
+    replaced (keeping its mode) only once the new export is written whole and synced; a new file
+    is removed again. A path that is no regular file (a FIFO, ``/dev/stdout``) is written as it
+    is, and so is a file in a directory that takes no new file (there is no other way)."""
+    lines = (dumps(r) + "\n" for r in records)
+    target = os.path.realpath(path)
+    if os.path.exists(target) and not os.path.isfile(target):
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+        return
+    if not os.path.exists(target):
+        try:
+            with open(path, "w", encoding="utf-8") as f:
+                f.writelines(lines)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(target)
+            raise
+        return
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.",
+                                   suffix=".tmp")
+    except OSError:
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+        return
+    try:
+        os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
+        with open(fd, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 @dataclass
