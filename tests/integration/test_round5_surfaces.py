@@ -202,3 +202,50 @@ def test_langgraph_comparison_filters_are_checked_up_front_and_skip_non_numbers(
                 lg_store.search(where, filter=bad)
             with pytest.raises(umi.InvalidFilterError, match=match):
                 lg_store.search(where, query="bees", filter=bad)
+
+
+
+
+def test_a_langgraph_listing_takes_any_limit_like_the_reference(lg_store):
+    """BaseStore.search takes any limit >= 0 (InMemoryStore: search(ns, limit=10**6) lists
+    everything); without a query umi handed the limit to the storage listing, whose limit is
+    100000: InvalidLimitError for a listing that asks for 'all'. The listing now pages."""
+    listed = [i.key for i in lg_store.search(("notes",), limit=4)]
+    assert [i.key for i in lg_store.search(("notes",), limit=10**6)] == listed
+    assert [i.key for i in lg_store.search(("notes",), limit=10**6, offset=1)] == listed[1:]
+    assert [i.key for i in lg_store.search(("notes",), filter={"n": 3}, limit=10**6)] == ["a"]
+
+# --- export to a file: a failure leaves what was there ------------------------------------------------
+def test_a_failed_export_leaves_the_previous_file_whole_and_no_new_file(tmp_path, monkeypatch):
+    """`umi export --out backup.jsonl` opened the file with "w": a failure half-way (a full disk)
+    left last night's good backup truncated to what had been written. An existing file is now
+    replaced only once the new export is written whole; a new file is removed again."""
+    import errno
+
+    from umi.pipeline import transfer
+
+    backup, fresh = tmp_path / "backup.jsonl", tmp_path / "fresh.jsonl"
+    with umi.Memory.sim(seed=1) as m:
+        m.remember_sync("Ana sails in Lisbon.")
+        m.remember_sync("Bob keeps bees in Turku.")
+        m.export_sync(str(backup))
+        backup.chmod(0o640)
+        good = backup.read_bytes()
+        dumps = transfer.dumps
+
+        def full_disk_after_two(record, calls=[0]):
+            calls[0] += 1
+            if calls[0] > 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return dumps(record)
+
+        monkeypatch.setattr(transfer, "dumps", full_disk_after_two)
+        for out in (backup, fresh):
+            with pytest.raises(umi.TransferFileError, match="cannot write the export"):
+                m.export_sync(str(out))
+        assert backup.read_bytes() == good and (backup.stat().st_mode & 0o777) == 0o640
+        assert sorted(p.name for p in tmp_path.iterdir() if "jsonl" in p.name) == ["backup.jsonl"]
+        monkeypatch.setattr(transfer, "dumps", dumps)
+        m.remember_sync("Carol rows on the Douro.")
+        m.export_sync(str(backup))  # a good export replaces it, keeping its mode
+        assert backup.read_bytes() != good and (backup.stat().st_mode & 0o777) == 0o640

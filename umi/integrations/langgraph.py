@@ -65,6 +65,7 @@ from langgraph.store.base import (
 from .._validate import utf8_len
 from ..errors import InvalidConfigError, InvalidLimitError
 from ..options import RECALL_LIMIT_MAX, RecallOptions
+from ..storage._common import LIST_LIMIT_MAX
 from ..storage.base import SearchFilters
 from ..types import Entity, EntityType
 
@@ -242,8 +243,15 @@ class UmiStore(BaseStore):
     def _list(self, filters: SearchFilters, exact: Mapping[str, Any] | None,
               offset: int, limit: int) -> list[SearchItem]:
         storage = self.memory.storage
-        if not exact:
-            return [self._to_search_item(e) for e in storage.list(filters, limit=limit, offset=offset)]
+        if not exact:  # page: BaseStore takes any limit, the storage listing at most LIST_LIMIT_MAX
+            items: list[SearchItem] = []
+            while len(items) < limit:
+                want = min(limit - len(items), LIST_LIMIT_MAX)  # one call up to the limit, as before
+                page = storage.list(filters, limit=want, offset=offset + len(items))
+                items.extend(self._to_search_item(e) for e in page)
+                if len(page) < want:
+                    break
+            return items
         out: list[SearchItem] = []
         skipped = 0
         page_at = 0
