@@ -3,11 +3,11 @@
 The SDKs' ``timeout`` bounds each socket operation (the connect, each read), not the request: a
 server that sends its answer a few bytes at a time, each read within the timeout, holds a call for
 as long as it likes (a 500-byte answer at 0.2 s a byte took 100 s with ``timeout=1``). The
-transports here wrap the HTTP library's own and stop reading the body once ``timeout_secs`` have
-passed since the request was handed to them, with the library's ``ReadTimeout``: the SDK reports
-it as its timeout error, and the retry loop as :class:`umi.ProviderTimeoutError`.
+client's event hooks here wrap each response's body stream, which stops reading once
+``timeout_secs`` have passed since the request was sent, with the library's ``ReadTimeout``: the
+SDK reports it as its timeout error, and the retry loop as :class:`umi.ProviderTimeoutError`.
 
-They also stop reading a body past :data:`MAX_RESPONSE_BYTES` with :class:`ResponseTooLargeError`
+The stream also stops reading a body past :data:`MAX_RESPONSE_BYTES` with :class:`ResponseTooLargeError`
 (Anthropic's SDK wraps it as a connection error, OpenAI's lets it through; the retry loop reports
 either as an unusable response, not retried): the SDKs read a whole body into memory, however
 large, before parsing it.
@@ -36,21 +36,58 @@ class ResponseTooLargeError(Exception):
 
 
 def http_clients(sdk: ModuleType, timeout_secs: float) -> tuple[Any, Any]:
-    """(sync, async) factories of the SDK's default HTTP client over deadline-bound transports."""
+    """(sync, async) factories of the SDK's default HTTP client with the deadline and the byte limit.
+
+    They are event hooks (public HTTP-library API), so the SDK's own transports stay: its socket
+    keep-alive options, its connection limits and the proxies taken from the environment."""
     http = _http_library(sdk)
-    sync_transport, async_transport = _transports(http)
-    limits = sdk.DEFAULT_CONNECTION_LIMITS
+    body, async_body = _streams(http)
     max_bytes = MAX_RESPONSE_BYTES
 
+    def start(request: Any) -> None:
+        request.extensions[_DEADLINE] = time.monotonic() + timeout_secs
+
+    def limits(response: Any) -> _Limits:
+        deadline = response.request.extensions.get(_DEADLINE, time.monotonic() + timeout_secs)
+        return _Limits(http, deadline, timeout_secs, max_bytes, response.request)
+
+    def on_response(response: Any) -> None:
+        response.stream = body(response.stream, limits(response))
+
+    async def astart(request: Any) -> None:
+        start(request)
+
+    async def aon_response(response: Any) -> None:
+        response.stream = async_body(response.stream, limits(response))
+
     def sync() -> Any:
-        return sdk.DefaultHttpxClient(
-            transport=sync_transport(http.HTTPTransport(limits=limits), timeout_secs, max_bytes))
+        return sdk.DefaultHttpxClient(event_hooks={"request": [start], "response": [on_response]})
 
     def async_() -> Any:
-        return sdk.DefaultAsyncHttpxClient(
-            transport=async_transport(http.AsyncHTTPTransport(limits=limits), timeout_secs, max_bytes))
+        return sdk.DefaultAsyncHttpxClient(event_hooks={"request": [astart], "response": [aon_response]})
 
     return sync, async_
+
+
+_DEADLINE = "umi.deadline"  # request extension: time.monotonic() by which the answer must be read
+
+
+class _Limits:
+    """One request's deadline and byte budget, checked after every chunk of its body."""
+
+    def __init__(self, http: ModuleType, deadline: float, timeout_secs: float, max_bytes: int,
+                 request: Any) -> None:
+        self.http, self.deadline, self.timeout_secs, self.max_bytes = http, deadline, timeout_secs, max_bytes
+        self.request = request
+        self.seen = 0
+
+    def check(self, chunk: bytes) -> None:
+        self.seen += len(chunk)
+        if self.seen > self.max_bytes:
+            raise ResponseTooLargeError(f"the response body is larger than {self.max_bytes} bytes (read no further)")
+        if time.monotonic() > self.deadline:
+            raise self.http.ReadTimeout(f"the answer took longer than the {self.timeout_secs:g} s timeout",
+                                        request=self.request)
 
 
 def _http_library(sdk: ModuleType) -> ModuleType:
@@ -59,28 +96,11 @@ def _http_library(sdk: ModuleType) -> ModuleType:
 
 
 @functools.cache
-def _transports(http: ModuleType) -> tuple[type, type]:
-    """The deadline transports over one HTTP library (its stream and transport base classes)."""
-
-    class Limits:
-        """One request's deadline and byte budget, checked after every chunk of its body."""
-
-        def __init__(self, timeout_secs: float, max_bytes: int, request: Any) -> None:
-            self.deadline = time.monotonic() + timeout_secs
-            self.timeout_secs, self.max_bytes, self.request = timeout_secs, max_bytes, request
-            self.seen = 0
-
-        def check(self, chunk: bytes) -> None:
-            self.seen += len(chunk)
-            if self.seen > self.max_bytes:
-                raise ResponseTooLargeError(f"the response body is larger than {self.max_bytes} bytes "
-                                            "(read no further)")
-            if time.monotonic() > self.deadline:
-                raise http.ReadTimeout(f"the answer took longer than the {self.timeout_secs:g} s timeout",
-                                       request=self.request)
+def _streams(http: ModuleType) -> tuple[type, type]:
+    """Body streams over one HTTP library's (its base classes) that check :class:`_Limits`."""
 
     class Body(http.SyncByteStream):  # type: ignore[name-defined]
-        def __init__(self, inner: Any, limits: Limits) -> None:
+        def __init__(self, inner: Any, limits: _Limits) -> None:
             self._inner, self._limits = inner, limits
 
         def __iter__(self) -> Any:
@@ -92,7 +112,7 @@ def _transports(http: ModuleType) -> tuple[type, type]:
             self._inner.close()
 
     class AsyncBody(http.AsyncByteStream):  # type: ignore[name-defined]
-        def __init__(self, inner: Any, limits: Limits) -> None:
+        def __init__(self, inner: Any, limits: _Limits) -> None:
             self._inner, self._limits = inner, limits
 
         async def __aiter__(self) -> Any:
@@ -103,30 +123,4 @@ def _transports(http: ModuleType) -> tuple[type, type]:
         async def aclose(self) -> None:
             await self._inner.aclose()
 
-    class Transport(http.BaseTransport):  # type: ignore[name-defined]
-        def __init__(self, inner: Any, timeout_secs: float, max_bytes: int) -> None:
-            self._inner, self._timeout, self._max_bytes = inner, timeout_secs, max_bytes
-
-        def handle_request(self, request: Any) -> Any:
-            limits = Limits(self._timeout, self._max_bytes, request)
-            r = self._inner.handle_request(request)
-            return http.Response(r.status_code, headers=r.headers, extensions=r.extensions,
-                                 stream=Body(r.stream, limits))
-
-        def close(self) -> None:
-            self._inner.close()
-
-    class AsyncTransport(http.AsyncBaseTransport):  # type: ignore[name-defined]
-        def __init__(self, inner: Any, timeout_secs: float, max_bytes: int) -> None:
-            self._inner, self._timeout, self._max_bytes = inner, timeout_secs, max_bytes
-
-        async def handle_async_request(self, request: Any) -> Any:
-            limits = Limits(self._timeout, self._max_bytes, request)
-            r = await self._inner.handle_async_request(request)
-            return http.Response(r.status_code, headers=r.headers, extensions=r.extensions,
-                                 stream=AsyncBody(r.stream, limits))
-
-        async def aclose(self) -> None:
-            await self._inner.aclose()
-
-    return Transport, AsyncTransport
+    return Body, AsyncBody
