@@ -150,6 +150,8 @@ class LoopbackAPI:
         except ValueError:
             body = raw.decode("utf-8", "replace")
         path = h.path.split("?", 1)[0]
+        if path.startswith("http://"):  # absolute form: the client sent it through us as its proxy
+            path = "/" + path.split("/", 3)[3]
         rec = Recorded("POST", path, {k.lower(): v for k, v in h.headers.items()}, body, time.monotonic())
         auth_error, shape_error = _check_request(self, rec)
         rec.error = auth_error or shape_error

@@ -249,3 +249,22 @@ def test_a_failed_export_leaves_the_previous_file_whole_and_no_new_file(tmp_path
         m.remember_sync("Carol rows on the Douro.")
         m.export_sync(str(backup))  # a good export replaces it, keeping its mode
         assert backup.read_bytes() != good and (backup.stat().st_mode & 0o777) == 0o640
+
+
+@pytest.mark.parametrize("kind", ["anthropic", "openai"])
+def test_the_environment_proxy_is_still_used(api, closing, mode, kind, monkeypatch):
+    """The deadline must not cost the SDK's own client setup: a replacement transport dropped the
+    proxies the SDK takes from the environment. Here the loopback API plays the proxy for an API
+    at 127.0.0.2:1, where nothing listens: the answer comes only through the proxy."""
+    for name in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{api.port}")
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    base = "http://127.0.0.2:1"
+    path = PATHS[kind]
+    api.script(path, _good_reply(kind)(None))
+    url = base if kind == "anthropic" else base + "/v1"
+    p = closing((umi.AnthropicProvider if kind == "anthropic" else umi.OpenAIProvider)(
+        api_key=API_KEY, base_url=url, timeout=5.0, max_retries=0))
+    assert _run(kind, p, mode).data["entities"][0]["name"] == "Alice"
+    assert [r.path for r in api.requests] == [path]
