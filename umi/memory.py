@@ -577,7 +577,8 @@ class Memory:
                                           f"{exc.start}: {exc.reason}); nothing was imported") from exc
             plan = await self._io(read)
         else:
-            plan = _transfer.parse_lines(src, getattr(src, "name", "<input>"))
+            name = getattr(src, "name", None)  # a file opened by its descriptor (stdin) is named by an int
+            plan = _transfer.parse_lines(src, name if isinstance(name, str) else "<input>")
         await self._io(_transfer.check_consistent, plan, ctx)
         embedded = await _transfer.embed_missing(ctx, plan, progress)
         if plan.records:

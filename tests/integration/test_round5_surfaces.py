@@ -268,3 +268,18 @@ def test_the_environment_proxy_is_still_used(api, closing, mode, kind, monkeypat
         api_key=API_KEY, base_url=url, timeout=5.0, max_retries=0))
     assert _run(kind, p, mode).data["entities"][0]["name"] == "Alice"
     assert [r.path for r in api.requests] == [path]
+
+
+def test_an_import_error_names_a_file_opened_by_descriptor_as_input_and_a_bad_header_plainly(tmp_path):
+    """`umi import -` reads stdin opened by its descriptor, whose name is the int 0: an error said
+    "0:1: ..." (a line of a file named 0). A header whose version is no int said "'>' not supported
+    between instances of 'str' and 'int'"."""
+    import os
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"kind": "header", "version": "2"}\n', encoding="utf-8")
+    with umi.Memory.sim(seed=1) as m:
+        with open(os.open(bad, os.O_RDONLY), encoding="utf-8") as f:  # name: the descriptor, an int
+            with pytest.raises(umi.ValidationError, match=r"^<input>:1: the header's version must be an integer"):
+                m.import_sync(f)
+        assert m.count_sync() == 0

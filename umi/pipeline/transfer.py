@@ -160,7 +160,10 @@ def _parse(rec: Mapping[str, Any], plan: ImportPlan, n: int) -> None:
     if kind not in KINDS:
         raise ValidationError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
     if kind == "header":
-        if rec.get("format", FORMAT) != FORMAT or rec.get("version", FORMAT_VERSION) > FORMAT_VERSION:
+        version = rec.get("version", FORMAT_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ValidationError(f"the header's version must be an integer, got {version!r}")
+        if rec.get("format", FORMAT) != FORMAT or version > FORMAT_VERSION:
             raise ValidationError(f"not a {FORMAT} file of version {FORMAT_VERSION} or older: "
                                   f"format {rec.get('format')!r} version {rec.get('version')!r}")
         plan.header = dict(rec)
