@@ -26,7 +26,9 @@ store, whose scattered writes cost far more than the reads on a large store (1M 
 its own when a term's rows lie far apart, are started ``_AHEAD`` postings before the cursor gets
 there (a prefetch hint): walked one by one they wait on memory in turn (1M rows, bench_bm25: about
 half the kernel's time). With the callers' tie-break keys it also selects the k best by
-(score, key) itself (:func:`top_by_score_then_key`).
+(score, key) itself (:func:`top_by_score_then_key`): its heap of the k best so far orders by
+(score, key) too, so a row tying the k-th score with a larger key is dropped as it is walked
+(bench_bm25's corpus: ~33k rows tie at every query's 30th score), not kept for the selection.
 
 Otherwise (a bulk-loaded term whose rows do not ascend): a term-at-a-time MaxScore-style
 early exit. Each term's upper bound is its score at its largest tf and shortest
@@ -235,7 +237,8 @@ def _bm25_maxscore(rows, tfs, lo, hi, idfs, doc_len, avgdl, mask, k, k1, b, seen
     out_rows = np.empty(cap, np.int64)
     out_scores = np.empty(cap, np.float64)
     n_out = 0
-    best = np.empty(max(k, 1), np.float64)  # min-heap of the k best scores so far
+    best = np.empty(max(k, 1), np.float64)  # heap of the k best (score, key) so far; best[0] the worst
+    best_key = np.zeros(max(k, 1), np.uint64)
     n_best = 0
     theta = -np.inf  # the k-th best score so far (a row scoring below it cannot rank)
     ne = 0
@@ -308,29 +311,39 @@ def _bm25_maxscore(rows, tfs, lo, hi, idfs, doc_len, avgdl, mask, k, k1, b, seen
             acc = 0.0
             for t in range(n_terms):  # the query's term order, as the exhaustive kernel adds (x + 0.0 == x)
                 acc += contrib[t]
-            if acc >= theta:
+            # kept unless k rows seen so far are better by (score, key): a row strictly below the
+            # k-th so far is neither among the k best nor a twin of the k-th (no keys: all 0)
+            kr = keys[r] if keys.shape[0] else np.uint64(0)
+            if acc > theta or (acc == theta and (n_best < k or kr <= best_key[0])):
                 out_rows[n_out] = r
                 out_scores[n_out] = acc
                 n_out += 1
-                if n_best < k:  # sift up
+                if n_best < k:  # sift up: a better child above a worse parent goes down
                     c = n_best
                     best[c] = acc
+                    best_key[c] = kr
                     n_best += 1
-                    while c > 0 and best[(c - 1) // 2] > best[c]:
-                        best[c], best[(c - 1) // 2] = best[(c - 1) // 2], best[c]
-                        c = (c - 1) // 2
-                elif acc > best[0]:  # replace the worst kept, sift down
+                    while c > 0:
+                        u = (c - 1) // 2
+                        if best[c] < best[u] or (best[c] == best[u] and best_key[c] > best_key[u]):
+                            best[c], best[u] = best[u], best[c]
+                            best_key[c], best_key[u] = best_key[u], best_key[c]
+                            c = u
+                        else:
+                            break
+                elif acc > best[0] or (acc == best[0] and kr < best_key[0]):  # replace the worst kept
                     best[0] = acc
+                    best_key[0] = kr
                     c = 0
-                    while True:
+                    while True:  # sift down: the worse child up
                         m = c
-                        if 2 * c + 1 < k and best[2 * c + 1] < best[m]:
-                            m = 2 * c + 1
-                        if 2 * c + 2 < k and best[2 * c + 2] < best[m]:
-                            m = 2 * c + 2
+                        for u in range(2 * c + 1, min(2 * c + 3, k)):
+                            if best[u] < best[m] or (best[u] == best[m] and best_key[u] > best_key[m]):
+                                m = u
                         if m == c:
                             break
                         best[c], best[m] = best[m], best[c]
+                        best_key[c], best_key[m] = best_key[m], best_key[c]
                         c = m
                 if n_best == k and best[0] > theta:
                     theta = best[0]
