@@ -286,11 +286,13 @@ def test_maxscore_on_long_postings_of_tied_rows_keeps_the_k_best_by_score_then_k
     for at in ([0, 1, 2], [2, 0], [0], [1, 2]):
         sub_rows = np.concatenate([rows[term_ptr[t]:term_ptr[t + 1]] for t in at])
         sub_tfs = np.concatenate([tfs[term_ptr[t]:term_ptr[t + 1]] for t in at])
-        sub_ptr = np.concatenate([[0], np.cumsum([term_ptr[t + 1] - term_ptr[t] for t in at])]).astype(np.int64)
+        sub_ptr = np.zeros(len(at) + 1, np.int64)
+        np.cumsum([term_ptr[t + 1] - term_ptr[t] for t in at], out=sub_ptr[1:])
         a_rows, a_scores = bm25_candidates(sub_rows, sub_tfs, sub_ptr, idfs[at], doc_len, avgdl, mask)
         sel = top_by_score_then_key(a_scores, keys[a_rows], k)
         want = sorted(zip(a_rows[sel].tolist(), a_scores[sel].tolist()))
-        got_rows, got_scores = bm25_maxscore(sub_rows, sub_tfs, sub_ptr, idfs[at], doc_len, avgdl, mask, k, keys)
+        got_rows, got_scores = bm25_maxscore(sub_rows, sub_tfs, sub_ptr, idfs[at], doc_len, avgdl, mask, k,
+                                             keys)
         assert sorted(zip(got_rows.tolist(), got_scores.tolist())) == want
         assert len(want) >= min(k, a_rows.shape[0])
 

@@ -82,21 +82,24 @@ def _njit(fn: Callable[..., Any], *callees: Callable[..., Any]) -> Any:
 def _prefetch_intrinsic() -> Any:
     """``prefetch(a, i)``, for compiled code: asks the CPU to load ``a[i]``'s cache line, to be read
     soon (LLVM's ``llvm.prefetch``: a hint, no effect on results)."""
-    from llvmlite import ir
+    from llvmlite import ir  # type: ignore[import-untyped]
     from numba import types
     from numba.core import cgutils
     from numba.extending import intrinsic
 
     @intrinsic
-    def prefetch(typingctx, arr, i):  # type: ignore[no-untyped-def]
-        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+    def prefetch(typingctx, arr, i):
+        def codegen(context, builder, signature, args):
             aryty = signature.args[0]
             ary = context.make_array(aryty)(context, builder, args[0])
             ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
             i32, i8p = ir.IntType(32), ir.IntType(8).as_pointer()
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                                                "llvm.prefetch.p0")
-            builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])  # a read, kept in every cache level, of data
+            # named for the pointer type as llvmlite writes it (LLVM renames it for opaque pointers,
+            # as it does numba's llvm.memset)
+            fn = builder.module.declare_intrinsic("llvm.prefetch", [i8p],
+                                                  ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]))
+            # a read, kept in every cache level, of data
+            builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
             return context.get_dummy_value()
 
         return types.void(arr, i), codegen
@@ -237,7 +240,7 @@ def _bm25_maxscore(rows, tfs, lo, hi, idfs, doc_len, avgdl, mask, k, k1, b, seen
     out_rows = np.empty(cap, np.int64)
     out_scores = np.empty(cap, np.float64)
     n_out = 0
-    best = np.empty(max(k, 1), np.float64)  # heap of the k best (score, key) so far; best[0] the worst
+    best = np.empty(max(k, 1), np.float64)  # heap of the k best (score, key) so far; [0] the worst
     best_key = np.zeros(max(k, 1), np.uint64)
     n_best = 0
     theta = -np.inf  # the k-th best score so far (a row scoring below it cannot rank)
@@ -262,7 +265,7 @@ def _bm25_maxscore(rows, tfs, lo, hi, idfs, doc_len, avgdl, mask, k, k1, b, seen
             p = pos[t]
             if p < hi[t] and rows[p] == r:
                 pos[t] = p + 1
-                if p + _AHEAD < hi[t]:  # the row this cursor reaches _AHEAD rows on: its reads started now
+                if p + _AHEAD < hi[t]:  # the row this cursor reaches _AHEAD on: its reads start now
                     q = rows[p + _AHEAD]
                     _prefetch_jit(doc_len, q)
                     _prefetch_jit(mask, q)
