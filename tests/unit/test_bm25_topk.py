@@ -260,6 +260,43 @@ def test_maxscore_kernel_keeps_every_row_that_can_rank_and_its_exact_score(data:
     assert sorted(zip(got_rows.tolist(), got_scores.tolist())) == want
 
 
+@pytest.mark.parametrize("k", [1, 30, 5000])
+def test_maxscore_on_long_postings_of_tied_rows_keeps_the_k_best_by_score_then_key(k: int) -> None:
+    # bench_bm25's shape at a small scale: long postings (far past the kernel's prefetch distance,
+    # up to the last row), two lengths and tf 1 or 2, so thousands of rows tie at the k-th score and
+    # the keys decide; keys in no order of the rows, some equal; a mask leaving rows out; k above
+    # the rows that hold a term too
+    from umi.storage._bm25 import bm25_maxscore
+
+    rng = np.random.default_rng(7)
+    n = 6000
+    doc_len = rng.choice([5.0, 6.0], n)
+    mask = rng.random(n) > 0.2
+    keys = rng.integers(0, 60, n).astype(np.uint64)  # many equal: twins of the k-th kept too
+    rows_l, tfs_l, ptr = [], [], [0]
+    for share in (0.5, 0.1, 0.02):
+        rows = np.flatnonzero(rng.random(n) < share)
+        rows = np.append(rows[rows != n - 1], n - 1)
+        rows_l.append(rows)
+        tfs_l.append(rng.choice([1.0, 1.0, 1.0, 2.0], rows.shape[0]))
+        ptr.append(ptr[-1] + rows.shape[0])
+    rows, tfs, term_ptr = np.concatenate(rows_l), np.concatenate(tfs_l), np.array(ptr, np.int64)
+    idfs = np.array([0.7, 2.3, 3.9])
+    avgdl = float(doc_len.mean())
+    for at in ([0, 1, 2], [2, 0], [0], [1, 2]):
+        sub_rows = np.concatenate([rows[term_ptr[t]:term_ptr[t + 1]] for t in at])
+        sub_tfs = np.concatenate([tfs[term_ptr[t]:term_ptr[t + 1]] for t in at])
+        sub_ptr = np.zeros(len(at) + 1, np.int64)
+        np.cumsum([term_ptr[t + 1] - term_ptr[t] for t in at], out=sub_ptr[1:])
+        a_rows, a_scores = bm25_candidates(sub_rows, sub_tfs, sub_ptr, idfs[at], doc_len, avgdl, mask)
+        sel = top_by_score_then_key(a_scores, keys[a_rows], k)
+        want = sorted(zip(a_rows[sel].tolist(), a_scores[sel].tolist()))
+        got_rows, got_scores = bm25_maxscore(sub_rows, sub_tfs, sub_ptr, idfs[at], doc_len, avgdl, mask, k,
+                                             keys)
+        assert sorted(zip(got_rows.tolist(), got_scores.tolist())) == want
+        assert len(want) >= min(k, a_rows.shape[0])
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.data())
 def test_maxscore_declines_a_term_whose_rows_do_not_ascend(data: st.DataObject) -> None:

@@ -22,8 +22,13 @@ are not walked, only looked up (galloping) for a row that may still reach ``thet
 score is summed in the query's term order, as the exhaustive kernel adds (the same bits). The
 kernel writes only to its own small buffers — no per-row scratch or accumulator over the whole
 store, whose scattered writes cost far more than the reads on a large store (1M rows: ~6 ms for
-33k postings against ~0.2 ms). With the callers' tie-break keys it also selects the k best by
-(score, key) itself (:func:`top_by_score_then_key`).
+33k postings against ~0.2 ms). Its reads of a row's length, mask and key, each a cache line of
+its own when a term's rows lie far apart, are started ``_AHEAD`` postings before the cursor gets
+there (a prefetch hint): walked one by one they wait on memory in turn (1M rows, bench_bm25: about
+half the kernel's time). With the callers' tie-break keys it also selects the k best by
+(score, key) itself (:func:`top_by_score_then_key`): its heap of the k best so far orders by
+(score, key) too, so a row tying the k-th score with a larger key is dropped as it is walked
+(bench_bm25's corpus: ~33k rows tie at every query's 30th score), not kept for the selection.
 
 Otherwise (a bulk-loaded term whose rows do not ascend): a term-at-a-time MaxScore-style
 early exit. Each term's upper bound is its score at its largest tf and shortest
@@ -54,6 +59,7 @@ __all__ = ["PostingsIndex", "bm25_candidates", "bm25_top_candidates", "csr_add_d
 #: module globals ``<callee>_jit``, so those are set before it compiles)
 _select_jit: Any = None
 _term_bound_jit: Any = None
+_prefetch_jit: Any = None
 
 
 def _njit(fn: Callable[..., Any], *callees: Callable[..., Any]) -> Any:
@@ -64,10 +70,41 @@ def _njit(fn: Callable[..., Any], *callees: Callable[..., Any]) -> Any:
     if got is None:
         from numba import njit
 
+        global _prefetch_jit
+        if _prefetch_jit is None:
+            _prefetch_jit = _prefetch_intrinsic()
         for c in callees:
             _njit(c)
         got = globals()[name] = njit(cache=True, nogil=True)(fn)
     return got
+
+
+def _prefetch_intrinsic() -> Any:
+    """``prefetch(a, i)``, for compiled code: asks the CPU to load ``a[i]``'s cache line, to be read
+    soon (LLVM's ``llvm.prefetch``: a hint, no effect on results)."""
+    from llvmlite import ir  # type: ignore[import-untyped]
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def prefetch(typingctx, arr, i):
+        def codegen(context, builder, signature, args):
+            aryty = signature.args[0]
+            ary = context.make_array(aryty)(context, builder, args[0])
+            ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
+            i32, i8p = ir.IntType(32), ir.IntType(8).as_pointer()
+            # named for the pointer type as llvmlite writes it (LLVM renames it for opaque pointers,
+            # as it does numba's llvm.memset)
+            fn = builder.module.declare_intrinsic("llvm.prefetch", [i8p],
+                                                  ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]))
+            # a read, kept in every cache level, of data
+            builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+            return context.get_dummy_value()
+
+        return types.void(arr, i), codegen
+
+    return prefetch
 
 
 def _term_bound(rows, tfs, lo, hi, doc_len, seen, at, idf, avgdl, k1, b):  # pragma: no cover - compiled
@@ -111,6 +148,11 @@ FOLD_WAIT_S = 60.0
 
 #: relative slack on the early-exit test, far above float64 rounding of a few-term sum
 _BOUND_SLACK = 1e-9
+
+#: how many postings ahead of an essential term's cursor :func:`_bm25_maxscore` starts the reads of
+#: a row's length, mask and key (rows ~30 apart: each its own cache line, read at the latency of
+#: memory unless started early)
+_AHEAD = 16
 
 #: the early exit keeps one contribution per (posting, term) slot: beyond this many cells (a long
 #: query over long postings) the exhaustive kernel scores instead, with the same result
@@ -198,7 +240,8 @@ def _bm25_maxscore(rows, tfs, lo, hi, idfs, doc_len, avgdl, mask, k, k1, b, seen
     out_rows = np.empty(cap, np.int64)
     out_scores = np.empty(cap, np.float64)
     n_out = 0
-    best = np.empty(max(k, 1), np.float64)  # min-heap of the k best scores so far
+    best = np.empty(max(k, 1), np.float64)  # heap of the k best (score, key) so far; [0] the worst
+    best_key = np.zeros(max(k, 1), np.uint64)
     n_best = 0
     theta = -np.inf  # the k-th best score so far (a row scoring below it cannot rank)
     ne = 0
@@ -222,6 +265,12 @@ def _bm25_maxscore(rows, tfs, lo, hi, idfs, doc_len, avgdl, mask, k, k1, b, seen
             p = pos[t]
             if p < hi[t] and rows[p] == r:
                 pos[t] = p + 1
+                if p + _AHEAD < hi[t]:  # the row this cursor reaches _AHEAD on: its reads start now
+                    q = rows[p + _AHEAD]
+                    _prefetch_jit(doc_len, q)
+                    _prefetch_jit(mask, q)
+                    if keys.shape[0]:
+                        _prefetch_jit(keys, q)
                 if keep:
                     tf = tfs[p]
                     s = idfs[t] * tf * (k1 + 1.0) / (tf + norm)
@@ -265,29 +314,39 @@ def _bm25_maxscore(rows, tfs, lo, hi, idfs, doc_len, avgdl, mask, k, k1, b, seen
             acc = 0.0
             for t in range(n_terms):  # the query's term order, as the exhaustive kernel adds (x + 0.0 == x)
                 acc += contrib[t]
-            if acc >= theta:
+            # kept unless k rows seen so far are better by (score, key): a row strictly below the
+            # k-th so far is neither among the k best nor a twin of the k-th (no keys: all 0)
+            kr = keys[r] if keys.shape[0] else np.uint64(0)
+            if acc > theta or (acc == theta and (n_best < k or kr <= best_key[0])):
                 out_rows[n_out] = r
                 out_scores[n_out] = acc
                 n_out += 1
-                if n_best < k:  # sift up
+                if n_best < k:  # sift up: a better child above a worse parent goes down
                     c = n_best
                     best[c] = acc
+                    best_key[c] = kr
                     n_best += 1
-                    while c > 0 and best[(c - 1) // 2] > best[c]:
-                        best[c], best[(c - 1) // 2] = best[(c - 1) // 2], best[c]
-                        c = (c - 1) // 2
-                elif acc > best[0]:  # replace the worst kept, sift down
+                    while c > 0:
+                        u = (c - 1) // 2
+                        if best[c] < best[u] or (best[c] == best[u] and best_key[c] > best_key[u]):
+                            best[c], best[u] = best[u], best[c]
+                            best_key[c], best_key[u] = best_key[u], best_key[c]
+                            c = u
+                        else:
+                            break
+                elif acc > best[0] or (acc == best[0] and kr < best_key[0]):  # replace the worst kept
                     best[0] = acc
+                    best_key[0] = kr
                     c = 0
-                    while True:
+                    while True:  # sift down: the worse child up
                         m = c
-                        if 2 * c + 1 < k and best[2 * c + 1] < best[m]:
-                            m = 2 * c + 1
-                        if 2 * c + 2 < k and best[2 * c + 2] < best[m]:
-                            m = 2 * c + 2
+                        for u in range(2 * c + 1, min(2 * c + 3, k)):
+                            if best[u] < best[m] or (best[u] == best[m] and best_key[u] > best_key[m]):
+                                m = u
                         if m == c:
                             break
                         best[c], best[m] = best[m], best[c]
+                        best_key[c], best_key[m] = best_key[m], best_key[c]
                         c = m
                 if n_best == k and best[0] > theta:
                     theta = best[0]
