@@ -7,6 +7,7 @@ Sim embedder (deterministic, fast) and rule-based extraction unless a test says 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 import umi
+from umi.providers.base import LLMProvider, LLMResult
 from umi import RecallOptions
 
 ACME = "Alice works at Acme Corp."
@@ -80,3 +82,58 @@ def test_a_write_after_a_cancelled_remember_waits_for_the_cancelled_write_and_se
     with open_memory(db) as m:
         assert current(m) == [INITECH]
         assert m.remember_sync("Bob likes tea.").entity_count == 1  # the next call works
+
+
+# --- a model's malformed answer degrades to a note; the user's text is never lost ----------------------
+class AnsweringLLM(LLMProvider):
+    """Answers extraction with ``entities`` (or one fact of the text about Alice), evolution with
+    an update of every candidate for ``reason``."""
+
+    name = "answering"
+
+    def __init__(self, entities: list[dict[str, Any]] | None = None, reason: str = "moved on") -> None:
+        self.entities = entities
+        self.reason = reason
+
+    def complete_json(self, system: str, prompt: str, schema: Any, *, task: Any) -> Any:
+        if task == "extract_entities":
+            text = prompt.split("<text>")[-1].split("</text>")[0].strip()
+            return LLMResult({"entities": self.entities if self.entities is not None else
+                              [{"name": "Alice", "entity_type": "person", "content": text}]})
+        if task == "classify_evolution":
+            olds = json.loads(prompt.split("<older_facts>")[-1].split("</older_facts>")[0])
+            return LLMResult({"relations": [{"candidate_id": c["id"], "evolution_type": "update",
+                                             "reason": self.reason, "confidence": 0.9} for c in olds]})
+        return LLMResult({"queries": []})
+
+
+@pytest.mark.parametrize("entity", [
+    {"name": "Al\ud800ice", "entity_type": "person", "content": "Alice works at Acme."},  # was UnicodeEncodeError
+    {"name": "Alice", "entity_type": "person", "content": "Alice \udfff works at Acme."},  # was ValidationError
+    {"name": "Alice", "entity_type": "person", "content": "Acme " * 30_000},  # over the content limit: same
+], ids=["surrogate-name", "surrogate-content", "content-too-long"])
+def test_an_extraction_answer_that_cannot_be_stored_keeps_the_text_as_a_note(tmp_path: Path,
+                                                                             entity: dict[str, Any]) -> None:
+    db = tmp_path / "llm.duckdb"
+    with open_memory(db, llm=AnsweringLLM([entity])) as m:
+        r = m.remember_sync(ACME)
+        assert [e.content for e in r.entities] == [ACME]
+        assert r.entities[0].entity_type is umi.EntityType.NOTE
+        assert any("extraction failed" in w and "InvalidResponseError" in w for w in r.warnings)
+    with open_memory(db) as m:
+        assert current(m, "Acme") == [ACME]
+
+
+def test_an_evolution_answer_whose_reason_cannot_be_stored_keeps_both_facts_without_a_relation(
+        tmp_path: Path) -> None:
+    db = tmp_path / "reason.duckdb"
+    with open_memory(db, llm=AnsweringLLM()) as m:
+        m.remember_sync(ACME)
+        assert m.remember_sync(INITECH).evolutions[0].reason == "moved on"  # the stub works
+    with open_memory(tmp_path / "bad.duckdb", llm=AnsweringLLM(reason="moved \ud800 on")) as m:
+        m.remember_sync(ACME)
+        r = m.remember_sync(INITECH)  # was ValidationError (EvolutionRelation.reason) and INITECH was lost
+        assert [e.content for e in r.entities] == [INITECH] and r.evolutions == []
+        assert any("evolution detection failed" in w and "InvalidResponseError" in w for w in r.warnings)
+    with open_memory(tmp_path / "bad.duckdb") as m:
+        assert sorted(current(m)) == sorted([ACME, INITECH])
