@@ -137,3 +137,18 @@ def test_an_evolution_answer_whose_reason_cannot_be_stored_keeps_both_facts_with
         assert any("evolution detection failed" in w and "InvalidResponseError" in w for w in r.warnings)
     with open_memory(tmp_path / "bad.duckdb") as m:
         assert sorted(current(m)) == sorted([ACME, INITECH])
+
+
+# --- an id that no record can have is refused by every verb alike ---------------------------------------
+@pytest.mark.parametrize("verb", ["get_sync", "forget_sync", "history_sync", "relations_sync",
+                                  "forget_source_sync"])
+@pytest.mark.parametrize("bad_id", ["a\x00b", "fact-\ud800"], ids=["nul", "lone-surrogate"])
+def test_an_id_holding_nul_or_a_lone_surrogate_is_a_validation_error_on_a_reopened_store(
+        tmp_path: Path, verb: str, bad_id: str) -> None:
+    db = tmp_path / "ids.duckdb"
+    with open_memory(db) as m:
+        m.remember_sync(ACME)
+    with open_memory(db) as m:  # reopened: relations are read from the file on demand
+        with pytest.raises(umi.ValidationError, match="entity_id|source_id"):  # was a StorageError from DuckDB
+            getattr(m, verb)(bad_id)
+        assert current(m) == [ACME]
