@@ -511,11 +511,8 @@ class Memory:
                                     "(this Memory is unscoped, and this call never forgets every scope)")
         filters = SearchFilters(scope=target, include_superseded=True)
         as_target = dataclasses.replace(self._ctx, scope=target)  # a view of exactly that scope forgets
-        n = await self._engine.locked_io(
-            lambda: _forget.forget_ids(as_target, _forget.filter_ids(as_target, filters), self._engine.now_ms()))
-        if target.session_id is None:  # every core scope inside the target: blocks and their history
-            await self._engine.locked_io(self._engine.forget_core, target)
-        return n
+        return await self._engine.locked_io(self._engine.forget_scope, target, lambda: _forget.forget_ids(
+            as_target, _forget.filter_ids(as_target, filters), self._engine.now_ms()))
 
     forget_scope_sync = _sync(forget_scope)
 

@@ -152,3 +152,34 @@ def test_an_id_holding_nul_or_a_lone_surrogate_is_a_validation_error_on_a_reopen
         with pytest.raises(umi.ValidationError, match="entity_id|source_id"):  # was a StorageError from DuckDB
             getattr(m, verb)(bad_id)
         assert current(m) == [ACME]
+
+
+# --- scopes: forget_scope is all or nothing ------------------------------------------------------------
+def test_a_forget_scope_whose_core_step_fails_forgets_nothing(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    db = tmp_path / "scope.duckdb"
+    with open_memory(db) as m:
+        for user in ("alice", "bob"):  # two users with the same fact
+            view = m.scoped(user_id=user, agent_id="helper")
+            view.remember_sync(ACME)
+            view.core.set_block("human", f"{user} prefers short answers")
+    with open_memory(db) as m:
+        def disk_full(*_: Any) -> int:
+            raise umi.StorageError("disk full (injected)")
+
+        monkeypatch.setattr(type(m.storage), "forget_core", disk_full)
+        with pytest.raises(umi.StorageError, match="disk full"):
+            m.forget_scope_sync(user_id="alice")
+        monkeypatch.undo()
+        alice = m.scoped(user_id="alice", agent_id="helper")
+        assert current(alice) == [ACME] and alice.count_sync() == 2  # was: her facts gone, her core kept
+        assert alice.core.get_block("human") == "alice prefers short answers"
+    with open_memory(db) as m:
+        alice, bob = m.scoped(user_id="alice", agent_id="helper"), m.scoped(user_id="bob", agent_id="helper")
+        assert current(alice) == [ACME] and alice.core.get_block("human") == "alice prefers short answers"
+        assert m.forget_scope_sync(user_id="alice") == 2
+        assert current(alice) == [] and alice.core.labels() == [] and alice.core_history_sync() == []
+        assert current(bob) == [ACME] and bob.core.get_block("human") == "bob prefers short answers"
+    with open_memory(db) as m:
+        assert m.scoped(user_id="alice", agent_id="helper").core.labels() == []
+        assert current(m.scoped(user_id="bob")) == [ACME] and m.count_sync() == 2
