@@ -110,8 +110,11 @@ class Engine:
 
     async def locked(self, coro: Coroutine[Any, Any, T]) -> T:
         """Await ``coro`` holding the store's write lock (on the loop)."""
-        async with self.write_lock:
-            return await coro
+        try:
+            async with self.write_lock:
+                return await coro
+        finally:
+            coro.close()  # cancelled while waiting for the lock, it never started: no "never awaited" warning
 
     def record_embedder_in_tx(self) -> None:
         """Inside the caller's write transaction: record the embedder's identity if the store has

@@ -7,8 +7,10 @@ Sim embedder (deterministic, fast) and rule-based extraction unless a test says 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -183,3 +185,32 @@ def test_a_forget_scope_whose_core_step_fails_forgets_nothing(tmp_path: Path,
     with open_memory(db) as m:
         assert m.scoped(user_id="alice", agent_id="helper").core.labels() == []
         assert current(m.scoped(user_id="bob")) == [ACME] and m.count_sync() == 2
+
+
+def test_a_call_cancelled_while_it_waits_for_the_write_lock_leaves_no_unawaited_coroutine(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = tmp_path / "wait.duckdb"
+    with open_memory(db) as m:
+        gate = Gate()
+        store_cls = type(m.storage)
+        monkeypatch.setattr(store_cls, "find_by_name", gate.wrap(store_cls.find_by_name))
+
+        async def story() -> None:
+            holder = asyncio.ensure_future(m.remember(ACME))  # holds the write lock, stopped in its I/O
+            assert await asyncio.to_thread(gate.entered.wait, 30)
+            waiters = [asyncio.ensure_future(c) for c in (m.compact(), m.forget(where=umi.SearchFilters()),
+                                                          m.export(str(tmp_path / "out.jsonl")))]
+            await asyncio.sleep(0.2)  # let them reach the lock
+            for w in waiters:
+                w.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+            gate.release.set()
+            await holder
+
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            asyncio.run(story())
+            gc.collect()
+        assert [str(w.message) for w in seen if "never awaited" in str(w.message)] == []
+        monkeypatch.undo()
+        assert current(m) == [ACME] and m.count_sync() == 2
