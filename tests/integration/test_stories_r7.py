@@ -214,3 +214,17 @@ def test_a_call_cancelled_while_it_waits_for_the_write_lock_leaves_no_unawaited_
         assert [str(w.message) for w in seen if "never awaited" in str(w.message)] == []
         monkeypatch.undo()
         assert current(m) == [ACME] and m.count_sync() == 2
+
+
+# --- as_of at the end of time ----------------------------------------------------------------------------
+@pytest.mark.parametrize("as_of", [2**63 - 1, 2**63, 10**20], ids=["int64-max", "past-int64", "far"])
+def test_a_filter_as_of_the_end_of_time_counts_the_current_facts(tmp_path: Path, as_of: int) -> None:
+    db = tmp_path / "end.duckdb"
+    with open_memory(db) as m:
+        m.remember_sync(ACME)
+        m.remember_sync(INITECH)
+        assert m.count_sync(include_superseded=False) == 2
+        # the cache's mask read an unset valid_to (kept as int64 max) as ending at that instant: 0
+        assert m.count_sync(umi.SearchFilters(as_of=as_of)) == 2
+        assert m.forget_sync(where=umi.SearchFilters(as_of=as_of)) == 2
+        assert current(m) == [ACME] and m.count_sync() == 2  # what only Initech superseded is current again
