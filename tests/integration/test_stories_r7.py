@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import io
+import random
 import json
 import threading
 import warnings
@@ -23,6 +25,7 @@ from umi import RecallOptions
 ACME = "Alice works at Acme Corp."
 INITECH = "Alice now works at Initech."  # "now": the rules read it as an update of Acme
 WHERE = "Where does Alice work?"
+RAW = umi.RememberOptions().without_extraction()
 
 
 def open_memory(db: Path, **kw: Any) -> umi.Memory:
@@ -228,3 +231,189 @@ def test_a_filter_as_of_the_end_of_time_counts_the_current_facts(tmp_path: Path,
         assert m.count_sync(umi.SearchFilters(as_of=as_of)) == 2
         assert m.forget_sync(where=umi.SearchFilters(as_of=as_of)) == 2
         assert current(m) == [ACME] and m.count_sync() == 2  # what only Initech superseded is current again
+
+
+# --- stories that hold (regression guards for the promises above) ----------------------------------------
+def test_story_remember_supersede_restate_forget_remember_again_compact_reopen(tmp_path: Path) -> None:
+    db = tmp_path / "life.duckdb"
+    with open_memory(db) as m:
+        acme = m.remember_sync(ACME).entities
+    with open_memory(db) as m:
+        initech = m.remember_sync(INITECH).entities
+        assert current(m) == [INITECH] and m.count_sync() == 4 and m.count_sync(include_superseded=False) == 2
+    with open_memory(db) as m:  # restating revives Acme and retires Initech
+        assert sorted(e.id for e in m.remember_sync(ACME).entities) == sorted(e.id for e in acme)
+        assert current(m) == [ACME]
+        assert [h.op for h in m.history_sync(acme[0].id)] == ["create", "supersede", "revive"]
+    with open_memory(db) as m:
+        assert m.forget_sync(acme[0].id) is True  # the statement: both facets
+        assert all(m.get_sync(e.id) is None for e in acme)
+        assert current(m) == [INITECH]  # what only Acme had retired is current again
+        assert all(h.snapshot == {"id": acme[0].id, "forgotten": True} for h in m.history_sync(acme[0].id))
+        out = io.StringIO()
+        m.export_sync(out)
+        assert "Acme" not in out.getvalue()
+    with open_memory(db) as m:  # told again after forget: a new fact, with a new history
+        again = m.remember_sync(ACME)
+        assert not again.duplicate and again.entity_count == 2
+        assert [h.op for h in m.history_sync(acme[0].id)][-1] == "create"
+        assert m.forget_source_sync(again.source_id) == 2 and m.forget_sync(initech[0].id) is True
+        assert m.compact_sync() is True
+    with open_memory(db) as m:
+        assert m.count_sync() == 0 and current(m) == []
+    for f in tmp_path.iterdir():
+        data = f.read_bytes()
+        assert b"Acme" not in data and b"Initech" not in data, f.name
+
+
+def test_story_two_users_same_fact_forget_one_scope_export_import_the_other(tmp_path: Path) -> None:
+    db = tmp_path / "users.duckdb"
+    with open_memory(db) as m:
+        for user in ("alice", "bob"):
+            view = m.scoped(user_id=user)
+            view.remember_sync(ACME)
+            view.remember_sync(INITECH)
+            view.core.set_block("human", f"{user}'s notes")
+    backup = tmp_path / "bob.jsonl"
+    with open_memory(db) as m:
+        assert m.forget_scope_sync(user_id="alice") == 4
+        alice, bob = m.scoped(user_id="alice"), m.scoped(user_id="bob")
+        assert current(alice) == [] and alice.count_sync() == 0 and alice.core.labels() == []
+        assert current(bob) == [INITECH] and bob.count_sync() == 4 and bob.core.get_block("human") == "bob's notes"
+        assert bob.export_sync(backup) > 0
+        with pytest.raises(umi.InvalidScopeError):
+            alice.forget_scope_sync(user_id="bob")  # a view never reaches out of its scope
+    with open_memory(db) as m:
+        assert m.forget_scope_sync(user_id="bob") == 4 and m.count_sync() == 0
+        with pytest.raises(umi.ValidationError, match="outside this view's scope"):
+            m.scoped(user_id="carol").import_sync(backup)  # bob's records do not go into carol's scope
+        assert m.count_sync() == 0
+        counts = m.scoped(user_id="bob").import_sync(backup)
+        assert counts["entities"] == 4 and counts["relations"] == 2
+    with open_memory(db) as m:
+        bob = m.scoped(user_id="bob")
+        assert current(bob) == [INITECH] and bob.count_sync() == 4
+        assert current(m.scoped(user_id="alice")) == []
+
+
+def test_story_core_blocks_edited_by_two_memories_in_turn_keep_budget_and_order_across_restarts(
+        tmp_path: Path) -> None:
+    db = tmp_path / "core.duckdb"
+    config = umi.MemoryConfig(core_memory_bytes=1024)
+    with open_memory(db, agent_id="bot", config=config) as m:
+        m.core.set_block("notes", "first")
+        m.core.set_block("persona", "A careful assistant.")
+    with open_memory(db, agent_id="bot", config=config) as m:
+        assert m.core.labels() == ["persona", "notes"]
+        m.core.set_block("notes", "second", importance=0.9)  # replaced: keeps its place
+        m.core.set_block("extra", "x")
+        with pytest.raises(umi.CoreMemoryFullError) as info:
+            m.core.set_block("notes", "y" * 1024)
+        assert info.value.over_by > 0 and "max_bytes=1024" in str(info.value)
+        assert m.core.get_block("notes") == "second"  # as it was
+        rendered = m.core.render()
+    with open_memory(db, agent_id="bot", config=config) as m:
+        assert m.core.render() == rendered and m.core.labels() == ["persona", "notes", "extra"]
+        assert m.core.get_importance("notes") == pytest.approx(0.9)
+        assert m.scoped(user_id="u1").core.labels() == []  # another core scope
+        assert [r.content for r in m.core_history_sync("notes")] == ["first", "second"]
+    with open_memory(db, agent_id="other", config=config) as m:
+        assert m.core.labels() == []
+
+
+def test_story_working_memory_entries_expire_by_ttl_on_a_seeded_clock_under_the_byte_budget() -> None:
+    config = umi.MemoryConfig(working_memory_bytes=1024, working_memory_ttl=60)
+    m = umi.Memory.sim(seed=7, config=config)
+    try:
+        wm, clock = m.working, m.clock
+        wm.set("session", b"abc")
+        wm.set("draft", b"x" * 900, ttl_secs=5)
+        with pytest.raises(umi.WorkingMemoryFullError) as info:
+            wm.set("more", b"y" * 200)
+        assert info.value.limit == 1024 and wm.get("session") == b"abc"
+        clock.advance(5_000)  # the draft expires: its space is reclaimed before the write
+        assert wm.get("draft") is None
+        wm.set("more", b"y" * 200)
+        assert sorted(wm.keys()) == ["more", "session"] and wm.used_bytes == len("more") + 200 + len("session") + 3
+        clock.advance(55_000)  # the default TTL (60 s) of the first entry ends
+        assert wm.get("session") is None and wm.get("more") == b"y" * 200
+        clock.advance(5_000)
+        assert wm.get("more") is None and len(wm) == 0 and wm.used_bytes == 0
+        assert m.scoped(user_id="u").working is not wm  # one per view scope
+    finally:
+        m.close()
+
+
+def test_story_interleaved_async_calls_on_one_subject_match_a_plain_model(tmp_path: Path) -> None:
+    db = tmp_path / "gather.duckdb"
+    texts = [f"Zebra note {i} for the Kestrel project." for i in range(12)]
+    rng = random.Random(11)
+    with open_memory(db) as m:
+        async def story() -> set[str]:
+            model: set[str] = set()
+            for _ in range(6):
+                batch = [(rng.choice(["remember", "forget", "recall"]), rng.choice(texts)) for _ in range(10)]
+                known = {t: e for t, e in ((h.content, h.id) for h in await m.recall("Zebra", RecallOptions(limit=50)))}
+
+                async def one(op: str, text: str) -> None:
+                    if op == "remember":
+                        await m.remember(text, RAW)
+                    elif op == "forget" and text in known:
+                        await m.forget(known[text])
+                    else:
+                        await m.recall(text)
+
+                await asyncio.gather(*(one(op, t) for op, t in batch))
+                # the model: a text is stored when a remember of it ran, unless only forgets of it ran
+                for op, t in batch:
+                    if op == "remember":
+                        model.add(t)
+                for op, t in batch:
+                    if op == "forget" and t in known and not any(o == "remember" and x == t for o, x in batch):
+                        model.discard(t)
+                stored = {h.content for h in await m.recall("Zebra", RecallOptions(limit=50))}
+                racing = {t for op, t in batch if op == "remember"} & {t for op, t in batch if op == "forget"}
+                assert stored - racing == model - racing
+                model = (model - racing) | (stored & racing)  # a remember and a forget of one text: either order
+            return model
+
+        model = asyncio.run(story())
+        assert m.count_sync() == len(model)
+    with open_memory(db) as m:
+        assert {h.content for h in m.recall_sync("Zebra", RecallOptions(limit=50))} == model
+
+
+def test_story_close_while_other_threads_call_ends_every_call_and_loses_no_acknowledged_fact(
+        tmp_path: Path) -> None:
+    db = tmp_path / "close.duckdb"
+    m = open_memory(db)
+    acked: list[str] = []
+    outcomes: list[str] = []
+    started = threading.Barrier(5)
+
+    def worker(w: int) -> None:
+        started.wait(30)
+        for i in range(10_000):
+            try:
+                if w == 0:
+                    m.recall_sync("Kestrel")
+                else:
+                    r = m.remember_sync(f"Worker {w} note {i} about Kestrel.", RAW)
+                    acked.extend(e.id for e in r.entities)
+            except umi.MemoryClosedError:
+                outcomes.append("closed")
+                return
+        outcomes.append("finished")
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    started.wait(30)
+    while len(acked) < 8 and all(t.is_alive() for t in threads):
+        threading.Event().wait(0.01)
+    m.close()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads) and outcomes.count("closed") + outcomes.count("finished") == 4
+    with open_memory(db) as m2:
+        assert all(m2.get_sync(i) is not None for i in acked) and m2.count_sync() >= len(acked) >= 8
