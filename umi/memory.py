@@ -566,7 +566,7 @@ class Memory:
             def read() -> _transfer.ImportPlan:
                 try:
                     with open(src, encoding="utf-8") as f:
-                        return _transfer.parse_lines(f, os.fspath(src))
+                        return _transfer.parse_lines(f, os.fspath(src), self.config.text_bytes_max)
                 except OSError as exc:
                     raise TransferFileError(exc.errno, f"cannot read the import file: {exc.strerror or exc}",
                                             os.fspath(src)) from exc
@@ -575,7 +575,7 @@ class Memory:
                                           f"{exc.start}: {exc.reason}); nothing was imported") from exc
             plan = await self._io(read)
         else:
-            plan = _transfer.parse_lines(src, getattr(src, "name", "<input>"))
+            plan = _transfer.parse_lines(src, getattr(src, "name", "<input>"), self.config.text_bytes_max)
         await self._io(_transfer.check_consistent, plan, ctx)
         embedded = await _transfer.embed_missing(ctx, plan, progress)
         if plan.records:

@@ -417,3 +417,22 @@ def test_story_close_while_other_threads_call_ends_every_call_and_loses_no_ackno
     assert not any(t.is_alive() for t in threads) and outcomes.count("closed") + outcomes.count("finished") == 4
     with open_memory(db) as m2:
         assert all(m2.get_sync(i) is not None for i in acked) and m2.count_sync() >= len(acked) >= 8
+
+
+# --- import checks every line before it writes anything ------------------------------------------------
+@pytest.mark.parametrize("text_line", [{"text": "   "}, {"text": "Acme " * 30_000}, {"text": "Bob \ud800 likes tea."},
+                                       {"text": "Bob likes tea and cake."}],
+                         ids=["empty", "too-long", "lone-surrogate", "over-the-config-limit"])
+def test_an_import_whose_text_line_cannot_be_remembered_imports_nothing(tmp_path: Path,
+                                                                        text_line: dict[str, str]) -> None:
+    with open_memory(tmp_path / "from.duckdb") as m:
+        m.remember_sync(ACME)
+        backup = io.StringIO()
+        m.export_sync(backup)
+    lines = [*backup.getvalue().splitlines(), json.dumps(text_line)]
+    config = umi.MemoryConfig(text_bytes_max=20) if "cake" in text_line["text"] else None
+    with open_memory(tmp_path / "to.duckdb", config=config) as m:
+        with pytest.raises(umi.ValidationError, match=f"<input>:{len(lines)}: text to remember"):
+            m.import_sync(lines)  # was: the records imported, then the text refused
+        assert m.count_sync() == 0 and current(m) == []
+        assert m.import_sync(lines[:-1])["entities"] == 2  # the same records alone go in
