@@ -110,8 +110,11 @@ class Engine:
 
     async def locked(self, coro: Coroutine[Any, Any, T]) -> T:
         """Await ``coro`` holding the store's write lock (on the loop)."""
-        async with self.write_lock:
-            return await coro
+        try:
+            async with self.write_lock:
+                return await coro
+        finally:
+            coro.close()  # cancelled while waiting for the lock, it never started: no "never awaited" warning
 
     def record_embedder_in_tx(self) -> None:
         """Inside the caller's write transaction: record the embedder's identity if the store has
@@ -145,21 +148,26 @@ class Engine:
                 self._cores[scope] = core
             return core
 
-    def forget_core(self, scope: Scope) -> int:
-        """Delete the stored core blocks and core history of every core scope ``scope`` sees
-        (:meth:`~umi.storage.base.StorageBackend.forget_core`), and empty the in-process arenas of
-        those scopes' core memories, so nothing of them stays here either. Returns the number of
-        blocks removed. Call it holding the write lock."""
+    def forget_scope(self, scope: Scope, forget_facts: Callable[[], int]) -> int:
+        """``forget_facts()`` and, when ``scope`` names no session, the stored core blocks and core
+        history of every core scope it sees (:meth:`~umi.storage.base.StorageBackend.forget_core`),
+        in one transaction: a failure forgets nothing. Then the in-process arenas of those scopes'
+        core memories are emptied, so nothing of them stays here either. Returns what
+        ``forget_facts`` returned. Call it holding the write lock."""
         self.check_open()
         view = scope.core
         with self._parts_lock:  # no core of a matching scope is loaded meanwhile
-            hit = sorted(((sc, c) for sc, c in self._cores.items() if view.contains(sc)),
-                         key=lambda p: (p[0].user_id or "", p[0].agent_id or ""))
+            hit = [] if scope.session_id is not None else sorted(
+                ((sc, c) for sc, c in self._cores.items() if view.contains(sc)),
+                key=lambda p: (p[0].user_id or "", p[0].agent_id or ""))
             with contextlib.ExitStack() as held:  # no block write of theirs runs meanwhile
                 for _, core in hit:
                     held.enter_context(core._write_lock)
-                n = self.storage.forget_core(view)
-                for _, core in hit:
+                with self.storage.transaction():
+                    n = forget_facts()
+                    if scope.session_id is None:
+                        self.storage.forget_core(view)
+                for _, core in hit:  # only once the store has committed
                     core._forgotten()
         return n
 

@@ -168,8 +168,13 @@ class LoopThread:
         return await asyncio.wrap_future(self._submit(coro))
 
     def io(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
-        """Run blocking ``fn(*args)`` (storage, embedding) in the I/O pool, from the loop."""
-        return self.loop.run_in_executor(self._io, fn, *args)
+        """Run blocking ``fn(*args)`` (storage, embedding) in the I/O pool, from the loop.
+
+        A thread cannot be stopped, so a coroutine cancelled while awaiting a job that has started
+        unwinds only once the job has ended: a write lock it holds stays held until its commit is
+        done, and the next writer sees that commit (it used to release the lock at once and let the
+        next writer read and commit beside the cancelled one). A job not started yet is dropped."""
+        return _to_end(self._io.submit(fn, *args))
 
     def close(self) -> None:
         """Refuse new calls, let calls in flight finish for ``grace_secs``, fail the rest
@@ -206,6 +211,22 @@ class LoopThread:
         self._io.shutdown(wait=True)
         if not self._thread.is_alive():
             self.loop.close()
+
+
+async def _to_end(job: concurrent.futures.Future[T]) -> T:
+    """Await ``job``; when cancelled, cancel it if it has not started, else wait for it to end
+    (cancelled again meanwhile: still wait), then re-raise the cancellation."""
+    fut = asyncio.wrap_future(job)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        if not job.cancel():  # running or done: nothing stops it, so its caller waits for it
+            while not fut.done():
+                try:
+                    await asyncio.wait([fut])
+                except asyncio.CancelledError:
+                    continue
+        raise
 
 
 def _settle(fut: concurrent.futures.Future[Any], *, result: Any = None, exc: BaseException | None = None) -> None:

@@ -511,11 +511,8 @@ class Memory:
                                     "(this Memory is unscoped, and this call never forgets every scope)")
         filters = SearchFilters(scope=target, include_superseded=True)
         as_target = dataclasses.replace(self._ctx, scope=target)  # a view of exactly that scope forgets
-        n = await self._engine.locked_io(
-            lambda: _forget.forget_ids(as_target, _forget.filter_ids(as_target, filters), self._engine.now_ms()))
-        if target.session_id is None:  # every core scope inside the target: blocks and their history
-            await self._engine.locked_io(self._engine.forget_core, target)
-        return n
+        return await self._engine.locked_io(self._engine.forget_scope, target, lambda: _forget.forget_ids(
+            as_target, _forget.filter_ids(as_target, filters), self._engine.now_ms()))
 
     forget_scope_sync = _sync(forget_scope)
 
@@ -568,7 +565,7 @@ class Memory:
             def read() -> _transfer.ImportPlan:
                 try:
                     with open(src, encoding="utf-8") as f:
-                        return _transfer.parse_lines(f, os.fspath(src))
+                        return _transfer.parse_lines(f, os.fspath(src), self.config.text_bytes_max)
                 except OSError as exc:
                     raise TransferFileError(exc.errno, f"cannot read the import file: {exc.strerror or exc}",
                                             os.fspath(src)) from exc
@@ -578,7 +575,8 @@ class Memory:
             plan = await self._io(read)
         else:
             name = getattr(src, "name", None)  # a file opened by its descriptor (stdin) is named by an int
-            plan = _transfer.parse_lines(src, name if isinstance(name, str) else "<input>")
+            plan = _transfer.parse_lines(src, name if isinstance(name, str) else "<input>",
+                                         self.config.text_bytes_max)
         await self._io(_transfer.check_consistent, plan, ctx)
         embedded = await _transfer.embed_missing(ctx, plan, progress)
         if plan.records:

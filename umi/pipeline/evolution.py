@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Mapping, Sequence
 
+from .._validate import TEXT_BYTES_MAX
 from ..errors import InvalidResponseError
 from ..types import EvolutionType, normalize_name
-from .extraction import asks
+from .extraction import answer_text, asks
 
 __all__ = ["EvolutionDecision", "rule_classify", "parse_evolution", "Candidate", "related"]
 
@@ -297,7 +298,7 @@ def parse_evolution(data: Mapping[str, Any], candidate_ids: Sequence[str]) -> li
         conf = item.get("confidence", 0.5)
         if isinstance(conf, bool) or not isinstance(conf, (int, float)) or not 0 <= conf <= 1:
             raise InvalidResponseError(f"evolution relation #{i} confidence must be in [0, 1]")
-        reason = item.get("reason", "")
+        reason = answer_text(str(item.get("reason", ""))[:500], f"evolution relation #{i} reason", TEXT_BYTES_MAX)
         seen.add(cid)
-        out.append(EvolutionDecision(cid, et, str(reason)[:500], float(conf)))
+        out.append(EvolutionDecision(cid, et, reason, float(conf)))
     return out

@@ -24,11 +24,12 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from ..errors import InvalidResponseError
-from ..types import ENTITY_NAME_BYTES_MAX, EntityType
+from .._validate import check_text
+from ..errors import InvalidResponseError, ValidationError
+from ..types import ENTITY_CONTENT_BYTES_MAX, ENTITY_NAME_BYTES_MAX, EntityType
 from ._lexicon import COMMON_WORDS
 
-__all__ = ["ExtractedEntity", "about_speaker", "asks", "rule_extract", "speaker_of", "parse_extraction",
+__all__ = ["ExtractedEntity", "about_speaker", "answer_text", "asks", "rule_extract", "speaker_of", "parse_extraction",
            "note_for", "split_sentences",
            "with_leftovers", "uncovered_sentences"]
 
@@ -396,6 +397,16 @@ def note_for(text: str) -> ExtractedEntity:
     return ExtractedEntity(name=name or "note", entity_type=EntityType.NOTE, content=text.strip(), confidence=1.0)
 
 
+def answer_text(value: str, what: str, max_bytes: int) -> str:
+    """Text of a model's answer that umi will store: what a record refuses (a lone surrogate, more
+    than ``max_bytes`` UTF-8 bytes) is the model's mistake, an :class:`InvalidResponseError`, so
+    the pipeline degrades as for any bad answer instead of failing the user's call."""
+    try:
+        return check_text(value, what, max_bytes)
+    except ValidationError as exc:
+        raise InvalidResponseError(str(exc)) from exc
+
+
 def parse_extraction(data: Mapping[str, Any]) -> list[ExtractedEntity]:
     """Turn an ``extract_entities`` answer into entities; malformed items raise InvalidResponseError."""
     items = data.get("entities") if isinstance(data, Mapping) else None
@@ -409,8 +420,8 @@ def parse_extraction(data: Mapping[str, Any]) -> list[ExtractedEntity]:
         name, content = item.get("name"), item.get("content")
         if not isinstance(name, str) or not name.strip() or not isinstance(content, str) or not content.strip():
             raise InvalidResponseError(f"extraction entity #{i} needs a non-empty name and content")
-        if len(name.encode()) > ENTITY_NAME_BYTES_MAX:
-            raise InvalidResponseError(f"extraction entity #{i} name is over {ENTITY_NAME_BYTES_MAX} bytes")
+        answer_text(name.strip(), f"extraction entity #{i} name", ENTITY_NAME_BYTES_MAX)
+        answer_text(content.strip(), f"extraction entity #{i} content", ENTITY_CONTENT_BYTES_MAX)
         try:
             et = EntityType.parse(item.get("entity_type", "note"))
         except (ValueError, TypeError) as exc:

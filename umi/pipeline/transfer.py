@@ -28,11 +28,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 from ..errors import UmiError, ValidationError
-from ..options import RememberOptions
+from ..options import TEXT_BYTES_MAX, RememberOptions
 from ..storage.base import HistoryRecord, Source
 from ..types import Entity, EvolutionRelation, Scope
 from .context import PipelineContext
 from .passages import embed_entities, needs_passages
+from .remember import validate_text
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "export_records", "ImportPlan", "parse_lines", "restore"]
 
@@ -155,7 +156,7 @@ def _scope(rec: Mapping[str, Any]) -> Scope:
     return Scope.from_dict(rec.get("scope"))
 
 
-def _parse(rec: Mapping[str, Any], plan: ImportPlan, n: int) -> None:
+def _parse(rec: Mapping[str, Any], plan: ImportPlan, n: int, text_bytes_max: int) -> None:
     kind = rec.get("kind", "text")
     if kind not in KINDS:
         raise ValidationError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
@@ -171,6 +172,7 @@ def _parse(rec: Mapping[str, Any], plan: ImportPlan, n: int) -> None:
         text = rec.get("text")
         if not isinstance(text, str):
             raise ValidationError("a text line needs a 'text' string")
+        validate_text(text, text_bytes_max)  # what remember would refuse after the records went in
         RememberOptions(metadata=rec.get("metadata"), event_time=rec.get("event_time"))  # checked now, not half-way
         plan.texts.append((n, dict(rec)))
     elif kind == "source":
@@ -195,8 +197,9 @@ def _parse(rec: Mapping[str, Any], plan: ImportPlan, n: int) -> None:
                                           dict(snap), _scope(rec)))
 
 
-def parse_lines(lines: Iterable[str], where: str) -> ImportPlan:
-    """Read and check every line; the first bad one raises ``ValidationError('<where>:<n>: ...')``."""
+def parse_lines(lines: Iterable[str], where: str, text_bytes_max: int = TEXT_BYTES_MAX) -> ImportPlan:
+    """Read and check every line; the first bad one raises ``ValidationError('<where>:<n>: ...')``.
+    ``text_bytes_max``: the Memory's ``MemoryConfig.text_bytes_max``, which text lines must fit."""
     plan = ImportPlan()
     for n, line in enumerate(lines, start=1):
         line = line.strip()
@@ -213,7 +216,7 @@ def parse_lines(lines: Iterable[str], where: str) -> ImportPlan:
         if not isinstance(rec, dict):
             raise ValidationError(f"{where}:{n}: each line must be a JSON object or string")
         try:
-            _parse(rec, plan, n)
+            _parse(rec, plan, n, text_bytes_max)
         except (KeyError, TypeError, ValueError, UmiError) as exc:
             what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
             raise ValidationError(f"{where}:{n}: {what}") from exc

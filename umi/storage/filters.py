@@ -138,7 +138,8 @@ def build(f: "SearchFilters") -> NormFilters:
     if f.scope is not None:
         scope = tuple((name, v) for name, v in zip(("user_id", "agent_id", "session_id"), f.scope.as_tuple())
                       if v is not None)
-    as_of = None if f.as_of is None else _clamp(f.as_of)
+    # below int64 max: the cache keeps an unset valid_to as int64 max, which must stay later than t
+    as_of = None if f.as_of is None else min(_clamp(f.as_of), I64_MAX - 1)
     return NormFilters(types, f.time_field, f.time_range is not None, lo, hi, meta, as_of,
                        f.as_of is None and not f.include_superseded, scope, f.source_id, empty)
 
