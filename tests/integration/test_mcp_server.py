@@ -11,7 +11,6 @@ test runs the embedded default (a DuckDB file, the local embedder) across server
 from __future__ import annotations
 
 import json
-import os
 import queue
 import subprocess
 import tempfile
@@ -31,8 +30,8 @@ from mcp.client.stdio import StdioServerParameters  # noqa: E402
 from mcp.shared.exceptions import MCPError  # noqa: E402
 
 import umi  # noqa: E402
+from child_process import child_env  # noqa: E402
 
-UMI_ROOT = str(Path(umi.__file__).resolve().parent.parent)
 # `python -m` puts the working directory first on sys.path: run the server outside the repo so a
 # checkout's uncompiled umi/ never shadows the package under test
 SERVER_CWD = tempfile.gettempdir()
@@ -41,8 +40,7 @@ TOOLS = {"remember", "recall", "get", "forget", "history",
 
 
 def server_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (UMI_ROOT, env.get("PYTHONPATH")) if p)
+    env = child_env()
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("NUMBA_NUM_THREADS", "1")
     return env

@@ -498,14 +498,14 @@ def test_another_process_holding_the_file_gets_storage_locked(tmp_path: Path) ->
     db = tmp_path / "lock.duckdb"
     with open_memory(db) as m:
         m.remember_sync("Bob likes tea.", RAW)
-    root = str(Path(umi.__file__).resolve().parent.parent)
     child = ("import sys, umi\n"
              f"m = umi.Memory({str(db)!r}, embedder=umi.SimEmbeddingProvider(seed=1))\n"
              "print(m.count_sync(), flush=True)\n"
              "sys.stdin.readline()\n"
              "m.close()\n")
-    env = {**os.environ, "PYTHONPATH": root}
-    p = subprocess.Popen([sys.executable, "-c", child], cwd=tmp_path, env=env,
+    from child_process import child_env
+
+    p = subprocess.Popen([sys.executable, "-c", child], cwd=tmp_path, env=child_env(),
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout is not None and p.stdout.readline().strip() == "1"

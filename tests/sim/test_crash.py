@@ -22,7 +22,6 @@ After every kill the store is opened read-only and checked:
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -35,14 +34,13 @@ import duckdb
 import numpy as np
 import pytest
 
-import umi
 from umi.errors import StorageError
 from umi.storage.base import SearchFilters, source_id_for
 from umi.storage.duckdb import DuckDBStorageBackend
+from child_process import child_env
 
 HERE = Path(__file__).resolve().parent
 CHILD = HERE / "crash_child.py"
-ROOT = Path(umi.__file__).resolve().parent.parent
 SEED = 20261123
 CHAINS = 3
 KILLS_PER_CHAIN = 10
@@ -77,7 +75,7 @@ class Chain:
             self.errors.append(f"chain crashed: {type(exc).__name__}: {exc}")
 
     def _run(self) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        env = child_env()
         for restart in range(KILLS_PER_CHAIN):
             start = (restart + 1) * 100_000 + self.index * 10_000_000
             mode = self.mode

@@ -33,14 +33,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import umi
 from umi.errors import StorageError
 from umi.storage.base import SearchFilters, source_id_for
 from umi.storage.duckdb import DuckDBStorageBackend
 
 HERE = Path(__file__).resolve().parent
 CHILD = HERE / "crash_memory_child.py"
-ROOT = Path(umi.__file__).resolve().parent.parent
 SEED = 20261130
 MEMORY_KILLS = 50
 IMPORT_KILLS = 20
@@ -51,12 +49,12 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="SIGKILL and for
 
 sys.path.insert(0, str(HERE))
 from crash_memory_child import import_file_lines, text_for  # noqa: E402
+from child_process import child_env  # noqa: E402
 
 
 class Server:
     def __init__(self, **extra_env: str) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               **extra_env}
+        env = {**child_env(), **extra_env}
         self.proc = subprocess.Popen([sys.executable, str(CHILD)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env, bufsize=1)
         assert self._line() == "SERVING"

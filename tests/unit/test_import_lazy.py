@@ -6,19 +6,16 @@ Each check runs in a fresh interpreter (this process has imported everything alr
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import tempfile
 import sys
-from pathlib import Path
 
 import pytest
 
 import umi
+from child_process import child_env
 
 HEAVY = ("duckdb", "pyarrow", "numba", "hnswlib", "anthropic", "openai", "psycopg", "lancedb")
-# the directory that holds the umi package under test (source tree or site-packages)
-UMI_ROOT = str(Path(umi.__file__).resolve().parent.parent)
 
 
 def loaded_after(code: str) -> set[str]:
@@ -27,8 +24,7 @@ def loaded_after(code: str) -> set[str]:
         f"{code}\nimport json, sys\n"
         f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & {set(HEAVY)!r})))"
     )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([UMI_ROOT, os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", probe], env=child_env(), capture_output=True, text=True,
                          timeout=120, check=True, cwd=tempfile.gettempdir())  # `-c` puts the cwd first
     return set(json.loads(out.stdout.strip().splitlines()[-1]))
 

@@ -256,3 +256,43 @@ def test_a_question_is_answered_by_what_was_told_not_by_a_question_with_its_word
 def test_rrf_takes_a_ranking_with_ties():
     fused = dict(rrf_fuse([["a", "b"], {"a": 1, "b": 1}], k=60))
     assert fused["a"] == pytest.approx(1 / 61 + 1 / 61) and fused["b"] == pytest.approx(1 / 62 + 1 / 61)
+
+
+HOP_CHAT = ["Priya: My beagle Rex chewed my headphones again.",
+            "Sam: My weekend thing is sailing, it keeps me sane.",
+            "Priya: I've been really into climbing lately.",
+            "Ana: I've been really into painting lately.",
+            "Tom: My weekend thing is chess, it keeps me sane.",
+            "Sam: Ana, what do you do for fun these days?"]
+
+
+@pytest.mark.parametrize("question", ["What does Rex's owner do for fun?", "What hobby does the owner of Rex have?"])
+def test_a_second_hop_finds_the_fact_of_someone_the_question_names_only_through_another(rules, monkeypatch,
+                                                                                          question):
+    # the answer is Priya's, whom the question does not name: Rex's fact names her, and her facts
+    # are one more ranking (hop_signal); without it the words and the vector rank other hobbies first
+    for line in HOP_CHAT:
+        rules.remember_sync(line)
+    answer = "Priya: I've been really into climbing lately."
+
+    def top(n):
+        return [e.content for e in rules.recall_sync(question, RecallOptions(limit=n).fast_only())]
+
+    assert answer in top(3)
+    monkeypatch.setattr(recall_mod, "hop_signal", lambda *a, **k: [])
+    assert answer not in top(3)
+
+
+def test_a_second_hop_follows_only_a_question_that_names_something(rules, monkeypatch):
+    from umi.pipeline import retrieval
+
+    for line in HOP_CHAT:
+        rules.remember_sync(line)
+    read: list[str] = []
+    real = retrieval.read_named
+    monkeypatch.setattr(retrieval, "read_named", lambda st, names, f: read.extend(names) or real(st, names, f))
+    for query in ("what does the owner of the beagle do for fun?", "Rex's owner likes fun things"):
+        rules.recall_sync(query, RecallOptions(limit=3).fast_only())
+    assert read == []  # no name in the first, not a question in the second: no hop read
+    rules.recall_sync("What does Rex's owner do for fun?", RecallOptions(limit=3).fast_only())
+    assert "Priya" in read and "Rex" not in read and len(read) <= retrieval.HOP_NAMES_MAX

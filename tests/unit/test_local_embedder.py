@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 import umi
 from umi.providers import local as local_mod
 from umi.providers.local import LOCAL_MODELS, LocalEmbeddingProvider, _Engine
+from child_process import UMI_ROOT
 
 ROOT = Path(__file__).resolve().parents[2]
 DIM = 384
@@ -437,14 +438,11 @@ def test_aembed_validates():
 # --- lazy, shared loading (fresh interpreters) --------------------------------------------------
 
 
-UMI_HOME = Path(umi.__file__).resolve().parent.parent
-
-
 def run_python(code: str) -> str:
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120, check=False,
         # the directory umi was imported from: the source tree (editable) or site-packages (CI)
-        cwd=UMI_HOME, env={"PYTHONPATH": str(UMI_HOME), "PATH": "/usr/bin:/bin"},
+        cwd=UMI_ROOT, env={"PYTHONPATH": UMI_ROOT, "PATH": "/usr/bin:/bin"},
     )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip()

@@ -12,15 +12,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 import umi
 from umi import CoreMemoryFullError, Scope
 from umi.sim import FaultInjector, FaultType
-
-ROOT = Path(umi.__file__).resolve().parent.parent
+from child_process import child_env
 
 
 def open_memory(path, **kw):
@@ -144,8 +142,7 @@ CHILD = textwrap.dedent("""
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
 def test_a_block_acknowledged_before_sigkill_is_there_after_reopen(tmp_path):
     path = tmp_path / "kill.duckdb"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
+    env = {**child_env(), "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(path)], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
                              cwd=tmp_path)  # `-c` puts the cwd first: never the repo's uncompiled umi/

@@ -518,8 +518,9 @@ def test_a_nul_byte_in_the_path_is_refused_not_truncated(tmp_path: Path) -> None
 def test_a_data_file_that_duckdb_would_open_in_memory_is_refused(tmp_path: Path, suffix: str, body: str) -> None:
     p = tmp_path / f"notes{suffix}"
     p.write_text(body)
-    with pytest.raises(StorageError, match="not a DuckDB database"):
-        DuckDBStorageBackend.connect(p)
+    for read_only in (False, True):  # read_only: DuckDB's own words were "Cannot launch in-memory database..."
+        with pytest.raises(StorageError, match="not a DuckDB database"):
+            DuckDBStorageBackend.connect(p, read_only=read_only)
     assert p.read_text() == body  # untouched
     with DuckDBStorageBackend.connect(p.with_suffix(".duckdb")) as b:  # the next open is not blocked
         b.upsert([ent(1)])

@@ -43,7 +43,7 @@ from . import schemas
 from .context import PipelineContext, provider_failure
 from .passages import rerank_text
 from .remember import statement_key
-from .retrieval import (RULE_REWRITE_WEIGHT, Ranking, name_signal, needs_deep_search, query_names,
+from .retrieval import (RULE_REWRITE_WEIGHT, Ranking, hop_signal, name_signal, needs_deep_search, query_names,
                         read_named, rrf_fuse, rule_rewrite, tell_signal, time_signal)
 
 __all__ = ["validate_query", "recall", "filters_for", "RecallResult", "current_at", "reranker_for", "below_replacements"]
@@ -104,7 +104,10 @@ def _ranked_lists(ctx: PipelineContext, query: str, qvec: np.ndarray | None, fil
     lists.append([i for i, _ in text_hits])
     if content_only:
         return list(lists)
-    lists.append(name_signal(read_named(ctx.storage, query_names(query), filters), lists, k))
+    found = list(lists)
+    names = query_names(query)
+    lists.append(name_signal(read_named(ctx.storage, names, filters), found, k))
+    lists.extend(hop_signal(ctx.storage, query, names, found, filters, k))
     lists.extend(time_signal(ctx.storage, query, qvec, filters, k, ctx.now_ms(), lists))
     return [*lists, *tell_signal(ctx.storage, query, lists, k)]
 

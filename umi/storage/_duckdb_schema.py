@@ -206,6 +206,8 @@ def open_connection(path: str | None, read_only: bool) -> Any:
             ) from exc
         raise StorageError(f"cannot open database {path!r}: {msg}") from exc
     except duckdb.Error as exc:
+        if "in-memory database in read-only mode" in str(exc):  # what DuckDB says of such a file, read_only
+            raise _not_a_database(path) from exc
         raise StorageError(f"cannot open database {path!r}: {exc}") from exc
     try:
         opened = con.execute(
@@ -215,11 +217,15 @@ def open_connection(path: str | None, read_only: bool) -> Any:
         raise StorageError(f"cannot open database {path!r}: {exc}") from exc
     if not opened or opened[0][0] is None:
         con.close()
-        raise StorageError(
-            f"{path!r} is not a DuckDB database: DuckDB opens it as an in-memory database (it reads "
-            "files such as .json, .jsonl, .csv, .tsv or .parquet as data), so nothing would be kept. "
-            "Give the path of a new or existing umi database file (e.g. ending in .duckdb)")
+        raise _not_a_database(path)
     return con
+
+
+def _not_a_database(path: str) -> StorageError:
+    return StorageError(
+        f"{path!r} is not a DuckDB database: DuckDB opens it as an in-memory database (it reads "
+        "files such as .json, .jsonl, .csv, .tsv or .parquet as data), so nothing would be kept. "
+        "Give the path of a new or existing umi database file (e.g. ending in .duckdb)")
 
 
 def prepare(con: Any, path: str, read_only: bool, dim: int | None) -> tuple[int, int | None, str]:
