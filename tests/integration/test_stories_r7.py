@@ -14,7 +14,7 @@ import json
 import threading
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -57,34 +57,54 @@ class Gate:
 
         return gated
 
+    def on_reads_of(self, m: umi.Memory, monkeypatch: pytest.MonkeyPatch) -> "Gate":
+        """Gate ``m``'s store's ``find_by_name`` (remember's read plan calls it)."""
+        store_cls = type(m.storage)
+        monkeypatch.setattr(store_cls, "find_by_name", self.wrap(store_cls.find_by_name))
+        return self
+
+    async def remember_held(self, m: umi.Memory, text: str) -> "asyncio.Future[Any]":
+        """``m.remember(text)`` started and stopped inside its read plan, in an I/O thread,
+        holding the write lock."""
+        call = asyncio.ensure_future(m.remember(text))
+        assert await asyncio.to_thread(self.entered.wait, 30)
+        return call
+
+
+@pytest.fixture
+def held(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[umi.Memory, Gate]]:
+    """A Memory on a DuckDB file (``tmp_path / "held.duckdb"``) whose first store read of a name
+    stops in its I/O thread until released (:class:`Gate`)."""
+    m = open_memory(tmp_path / "held.duckdb")
+    try:
+        yield m, Gate().on_reads_of(m, monkeypatch)
+    finally:
+        m.close()
+
 
 # --- a cancelled write keeps the write lock until its I/O thread has finished -----------------------
 def test_a_write_after_a_cancelled_remember_waits_for_the_cancelled_write_and_sees_it(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    db = tmp_path / "cancel.duckdb"
-    with open_memory(db) as m:
-        gate = Gate()
-        store_cls = type(m.storage)
-        monkeypatch.setattr(store_cls, "find_by_name", gate.wrap(store_cls.find_by_name))
+        held: tuple[umi.Memory, Gate], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    m, gate = held
 
-        async def story() -> None:
-            first = asyncio.ensure_future(m.remember(ACME))  # stops inside its read plan, in a thread
-            assert await asyncio.to_thread(gate.entered.wait, 30)
-            first.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await first
-            second = asyncio.ensure_future(m.remember(INITECH))
-            await asyncio.wait([second], timeout=1.0)  # the chance to overtake the cancelled write
-            gate.release.set()
-            await second
+    async def story() -> None:
+        first = await gate.remember_held(m, ACME)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        second = asyncio.ensure_future(m.remember(INITECH))
+        await asyncio.wait([second], timeout=1.0)  # the chance to overtake the cancelled write
+        gate.release.set()
+        await second
 
-        asyncio.run(story())
-        monkeypatch.undo()
-        # the cancelled write's thread ran on and committed; the next write came after it, as if in
-        # order: Initech updates Acme (was: both current, Acme written after Initech without a look)
-        assert current(m) == [INITECH]
-        assert m.count_sync(include_superseded=False) == 2 and m.count_sync() == 4
-    with open_memory(db) as m:
+    asyncio.run(story())
+    monkeypatch.undo()
+    # the cancelled write's thread ran on and committed; the next write came after it, as if in
+    # order: Initech updates Acme (was: both current, Acme written after Initech without a look)
+    assert current(m) == [INITECH]
+    assert m.count_sync(include_superseded=False) == 2 and m.count_sync() == 4
+    m.close()
+    with open_memory(tmp_path / "held.duckdb") as m:
         assert current(m) == [INITECH]
         assert m.remember_sync("Bob likes tea.").entity_count == 1  # the next call works
 
@@ -191,32 +211,27 @@ def test_a_forget_scope_whose_core_step_fails_forgets_nothing(tmp_path: Path,
 
 
 def test_a_call_cancelled_while_it_waits_for_the_write_lock_leaves_no_unawaited_coroutine(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    db = tmp_path / "wait.duckdb"
-    with open_memory(db) as m:
-        gate = Gate()
-        store_cls = type(m.storage)
-        monkeypatch.setattr(store_cls, "find_by_name", gate.wrap(store_cls.find_by_name))
+        held: tuple[umi.Memory, Gate], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    m, gate = held
 
-        async def story() -> None:
-            holder = asyncio.ensure_future(m.remember(ACME))  # holds the write lock, stopped in its I/O
-            assert await asyncio.to_thread(gate.entered.wait, 30)
-            waiters = [asyncio.ensure_future(c) for c in (m.compact(), m.forget(where=umi.SearchFilters()),
-                                                          m.export(str(tmp_path / "out.jsonl")))]
-            await asyncio.sleep(0.2)  # let them reach the lock
-            for w in waiters:
-                w.cancel()
-            await asyncio.gather(*waiters, return_exceptions=True)
-            gate.release.set()
-            await holder
+    async def story() -> None:
+        holder = await gate.remember_held(m, ACME)
+        waiters = [asyncio.ensure_future(c) for c in (m.compact(), m.forget(where=umi.SearchFilters()),
+                                                      m.export(str(tmp_path / "out.jsonl")))]
+        await asyncio.sleep(0.2)  # let them reach the lock
+        for w in waiters:
+            w.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+        gate.release.set()
+        await holder
 
-        with warnings.catch_warnings(record=True) as seen:
-            warnings.simplefilter("always")
-            asyncio.run(story())
-            gc.collect()
-        assert [str(w.message) for w in seen if "never awaited" in str(w.message)] == []
-        monkeypatch.undo()
-        assert current(m) == [ACME] and m.count_sync() == 2
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        asyncio.run(story())
+        gc.collect()
+    assert [str(w.message) for w in seen if "never awaited" in str(w.message)] == []
+    monkeypatch.undo()
+    assert current(m) == [ACME] and m.count_sync() == 2
 
 
 # --- as_of at the end of time ----------------------------------------------------------------------------
