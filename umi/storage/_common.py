@@ -33,7 +33,7 @@ from ..types import (
     normalize_name,
     validate_metadata,
 )
-from .._validate import QUERY_BYTES_MAX, check_input_text
+from .._validate import QUERY_BYTES_MAX, check_input_text, utf8_len
 from ..index import SEARCH_K_MAX  # the largest k a search accepts: the index's own limit, one number
 from .base import Source, text_hash
 from .filters import meta_key
@@ -128,21 +128,14 @@ def check_limit_offset(limit: object, offset: object) -> tuple[int, int]:
 def check_id(value: object, what: str = "entity_id") -> str:
     if not isinstance(value, str):
         raise TypeError(f"{what} must be str, not {type(value).__name__}")
-    if not value or len(value) > ID_CHARS_MAX or "\x00" in value or not (value.isascii() or _utf8(value)):
+    if not value or len(value) > ID_CHARS_MAX or "\x00" in value:
         raise ValidationError(
-            f"{what} must be a non-empty str of at most {ID_CHARS_MAX} characters without NUL or a lone "
-            f"surrogate, got {value[:40]!r}{'...' if len(value) > 40 else ''} ({len(value)} characters)"
+            f"{what} must be a non-empty str of at most {ID_CHARS_MAX} characters without NUL, "
+            f"got {value[:40]!r}{'...' if len(value) > 40 else ''} ({len(value)} characters)"
         )
+    if not value.isascii():
+        utf8_len(value, what)  # a lone surrogate: ValidationError
     return value
-
-
-def _utf8(value: str) -> bool:
-    """Whether ``value`` can be stored as UTF-8 (it holds no lone surrogate)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def check_vectors_per_query(queries: Sequence[object], vectors: Sequence[object]) -> None:

@@ -15,13 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ValidationError
+from .._validate import utf8_len
 from ..types import Entity, MetadataValue
 from ._common import meta_key
 
 __all__ = [
     "check_metadata_text",
-    "check_utf8",
     "cosine_scores",
     "decode_text",
     "dumps",
@@ -73,19 +72,12 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=True, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
-def check_utf8(text: str, what: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValidationError(f"{what} is not valid Unicode text (a lone surrogate at {exc.start})") from None
-
-
 def check_metadata_text(entities: Sequence[Entity]) -> None:
     """Metadata strings must be encodable (a lone surrogate cannot be stored as UTF-8)."""
     for e in entities:
         for k, v in e.metadata.items():
             if isinstance(v, str):
-                check_utf8(v, f"entity {e.id} metadata[{k!r}]")
+                utf8_len(v, f"entity {e.id} metadata[{k!r}]")  # a lone surrogate: ValidationError
 
 
 def cosine_scores(matrix: np.ndarray, query: np.ndarray) -> np.ndarray:

@@ -84,6 +84,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._validate import utf8_len
 from ..errors import InvalidConfigError, StorageError, UmiError, ValidationError
 from ..types import (UNSET_SCOPE, CoreBlockRecord, CoreHistoryRecord, Entity, EntityType,
                      EvolutionRelation, Scope, check_scope, normalize_name, now_ms)
@@ -740,7 +741,7 @@ class PostgresStorageBackend(StorageBackend):
     def find_by_name(self, name: str, entity_type: EntityType | str | None = None,
                      filters: SearchFilters | None = None) -> builtins.list[Entity]:
         norm = C.check_name_query(name)
-        R.check_utf8(norm, "name")
+        utf8_len(norm, "name")
         etype = None if entity_type is None else EntityType.parse(entity_type)
         where, params = self._where(filters)
         clause = self._sql.SQL("name_norm = %s AND ") + where
@@ -917,7 +918,7 @@ class PostgresStorageBackend(StorageBackend):
     # --- sources ------------------------------------------------------------------
     def add_source(self, source: Source) -> None:
         s = C.check_source(source)
-        R.check_utf8(s.text, "source.text")
+        utf8_len(s.text, "source.text")
 
         def op(conn: Any) -> None:
             hit = conn.execute(self._q(
@@ -938,7 +939,7 @@ class PostgresStorageBackend(StorageBackend):
             raise TypeError(f"text_hash must be str, not {type(text_hash).__name__}")
         if "\x00" in text_hash:
             return None
-        R.check_utf8(text_hash, "text_hash")
+        utf8_len(text_hash, "text_hash")
         return self._source_where("text_hash = %s", text_hash)
 
     def _source_where(self, where: str, value: str) -> Source | None:
@@ -975,7 +976,7 @@ class PostgresStorageBackend(StorageBackend):
         if not rels:
             return
         for r in rels:
-            R.check_utf8(r.reason, f"relation {r.id} reason")
+            utf8_len(r.reason, f"relation {r.id} reason")
         ends = sorted({e for r in rels for e in (r.source_id, r.target_id)})
         with self._reading() as conn:
             have = {row[0] for row in conn.execute(self._q("SELECT id FROM {entities} WHERE id = ANY(%s)"),
@@ -1068,10 +1069,10 @@ class PostgresStorageBackend(StorageBackend):
         R.check_metadata_text(ents)
         srcs = [C.check_source(x) for x in _seq(sources, "sources")]
         for x in srcs:
-            R.check_utf8(x.text, "source.text")
+            utf8_len(x.text, "source.text")
         rels = list({r.id: r for r in C.check_relations(relations)}.values())
         for r in rels:
-            R.check_utf8(r.reason, f"relation {r.id} reason")
+            utf8_len(r.reason, f"relation {r.id} reason")
         hist = [_check_history(h, pos) for pos, h in enumerate(_seq(history, "history"))]
         new_ids = {e.id for e in ents}
 
