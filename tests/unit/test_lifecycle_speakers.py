@@ -296,3 +296,18 @@ def test_a_second_hop_follows_only_a_question_that_names_something(rules, monkey
     assert read == []  # no name in the first, not a question in the second: no hop read
     rules.recall_sync("What does Rex's owner do for fun?", RecallOptions(limit=3).fast_only())
     assert "Priya" in read and "Rex" not in read and len(read) <= retrieval.HOP_NAMES_MAX
+
+
+def test_a_second_hop_never_goes_through_the_user_under_whom_every_first_person_fact_is_filed(
+        rules, monkeypatch):
+    from umi.pipeline import retrieval
+
+    for line in ("I met Alice in Oslo last week.", "I like green tea.", "I work at Initech.",
+                 "Alice: I teach chemistry at a school."):
+        rules.remember_sync(line)
+    read: list[str] = []
+    real = retrieval.read_named
+    monkeypatch.setattr(retrieval, "read_named", lambda st, names, f: read.extend(names) or real(st, names, f))
+    top = rules.recall_sync("Does Alice like green tea?", RecallOptions(limit=3).fast_only())
+    assert "I like green tea." in [e.content for e in top]  # filed under the user, found by its words
+    assert read == ["Oslo"]  # the other facts' other name; not "User" (a hop there reads every "I ..." fact)

@@ -153,6 +153,7 @@ def name_signal(named: Sequence["Entity"], ranked: Sequence[Sequence[str]], k: i
 #: at most (see :func:`hop_signal`)
 HOP_FROM = 3
 HOP_NAMES_MAX = 4
+_NO_HOP = (EntityType.NOTE, EntityType.SELF)
 
 
 def hop_signal(storage: "StorageBackend", query: str, names: Sequence[str], content: Sequence[Sequence[str]],
@@ -179,8 +180,9 @@ def hop_signal(storage: "StorageBackend", query: str, names: Sequence[str], cont
     for e in read_once(storage, first):
         if asks(e.content):
             continue
-        # the name it is filed under (a note's is its own text) and the names in its text
-        for n in [*([e.name] if e.entity_type is not EntityType.NOTE else []), *query_names(e.content)]:
+        # the name it is filed under — not a note's (its own text) nor the user's, under which every
+        # first-person fact is filed (a hop there would read them all) — and the names in its text
+        for n in [*([e.name] if e.entity_type not in _NO_HOP else []), *query_names(e.content)]:
             if n.casefold() not in asked and n not in hops:
                 hops.append(n)
     if not hops:
