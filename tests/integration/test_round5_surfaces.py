@@ -166,6 +166,30 @@ async def test_mcp_arguments_are_as_strict_as_the_python_api(tool, args):
                 assert not ok.is_error
 
 
+async def test_mcp_scoped_views_are_bounded_and_each_user_still_sees_only_their_facts(monkeypatch):
+    """A client naming many user ids kept one view per id for the server's life; now at most
+    VIEWS_MAX, the least recently used made again when asked (views are cheap: the same store)."""
+    pytest.importorskip("mcp", reason="the mcp extra is not installed")
+    from mcp import Client
+
+    from umi.integrations import mcp_server
+
+    monkeypatch.setattr(mcp_server, "VIEWS_MAX", 3)
+    with umi.Memory.sim(seed=1) as m:
+        server = mcp_server.build_server(m)
+        async with Client(server) as client:
+            for i in range(8):
+                ok = await client.call_tool("remember", {"text": f"user{i} keeps {i} bees.", "extract": False,
+                                                         "user_id": f"u{i}"})
+                assert not ok.is_error
+            assert len(server._umi_views._views) <= 3
+            for i in (0, 7, 3):  # evicted ones come back scoped as before
+                got = await client.call_tool("recall", {"query": "bees", "user_id": f"u{i}"})
+                texts = [f["content"] for f in got.structured_content["facts"]]
+                assert texts == [f"user{i} keeps {i} bees."]
+            assert len(server._umi_views._views) <= 3
+
+
 # --- the LangGraph store ------------------------------------------------------------------------------
 @pytest.fixture
 def lg_store():

@@ -29,6 +29,7 @@ import ipaddress
 import socket
 import sys
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
@@ -115,6 +116,10 @@ def _entity(e: Any) -> dict[str, Any]:
     return d
 
 
+#: how many scoped views (one per user id / agent id pair a call names) the server keeps
+VIEWS_MAX = 256
+
+
 class _Views:
     """The memory a call works on: the server's bound scope, narrowed by the call's."""
 
@@ -122,7 +127,9 @@ class _Views:
         self.memory = memory
         self.user_id = user_id
         self.agent_id = agent_id
-        self._views: dict[tuple[str | None, str | None], Memory] = {}
+        #: the scoped views made for calls, most recently used last (at most VIEWS_MAX: a view is
+        #: cheap to make again, and a client sending many user ids must not grow the server)
+        self._views: OrderedDict[tuple[str | None, str | None], Memory] = OrderedDict()
         # The bound scope is the server's own view (validated here: a bad --user fails at start).
         self.view(None, None)
 
@@ -137,6 +144,10 @@ class _Views:
             else:
                 view = self.memory.scoped(user_id=user, agent_id=agent)
             self._views[key] = view
+            if len(self._views) > VIEWS_MAX:
+                self._views.popitem(last=False)
+        else:
+            self._views.move_to_end(key)
         return view
 
     @staticmethod
