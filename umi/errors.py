@@ -319,6 +319,6 @@ class LoopReentryError(UmiError, RuntimeError):
 
 class TransferFileError(UmiError, OSError):
     """``export`` could not write its file, or ``import_`` could not read one (missing, a
-    directory, no permission, disk full). Nothing was imported; an export's file may be partly
-    written. (Also an ``OSError`` with the failure's ``errno`` and the path as ``filename``, which
+    directory, no permission, disk full). Nothing was imported; an export that fails leaves the
+    file that was at its path as it was (a new one is removed). (Also an ``OSError`` with the failure's ``errno`` and the path as ``filename``, which
     it was before it had a type of its own.)"""

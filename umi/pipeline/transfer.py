@@ -24,6 +24,7 @@ import json
 import os
 import stat
 import tempfile
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -127,6 +128,9 @@ def write_file(path: str, records: Iterable[Mapping[str, Any]]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    from .._index_file import fsync_dir  # (numpy comes with it: not at import)
+
+    fsync_dir(Path(target).parent)  # the rename itself survives a crash, as every replace in umi does
 
 
 @dataclass
