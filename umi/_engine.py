@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, TypeVar
 
 from ._validate import TIME_MS_MAX, TIME_MS_MIN, check_real
@@ -103,7 +104,10 @@ class Engine:
         self.runner: LoopThread = LoopThread()
         self.write_lock = WriteLock()  # one per store: every view's pipelines share it
         self._parts_lock = threading.Lock()
-        self._cores: dict[Scope, PersistentCoreMemory] = {}
+        # A scope's core memory is one object while anything holds it (a view, a caller), and is
+        # dropped after: its blocks are in the store, so a later view loads them again. A server
+        # naming many scopes does not keep one arena per scope it ever saw.
+        self._cores: weakref.WeakValueDictionary[Scope, PersistentCoreMemory] = weakref.WeakValueDictionary()
         self._workings: dict[Scope, WorkingMemory] = {}
         self._embedder_recorded = embedder is None
         self.closed = False
@@ -132,7 +136,8 @@ class Engine:
             raise MemoryClosedError("this Memory is closed")
 
     def core_for(self, scope: Scope) -> "PersistentCoreMemory":
-        """The core memory of ``Scope(user_id, agent_id)``: one per engine, loaded on first use."""
+        """The core memory of ``Scope(user_id, agent_id)``: one object per scope while anything
+        holds it, loaded from the store on first use (and again once nothing held it)."""
         from .core_memory import PersistentCoreMemory
 
         with self._parts_lock:
@@ -158,7 +163,7 @@ class Engine:
         view = scope.core
         with self._parts_lock:  # no core of a matching scope is loaded meanwhile
             hit = [] if scope.session_id is not None else sorted(
-                ((sc, c) for sc, c in self._cores.items() if view.contains(sc)),
+                ((sc, c) for sc, c in list(self._cores.items()) if view.contains(sc)),
                 key=lambda p: (p[0].user_id or "", p[0].agent_id or ""))
             with contextlib.ExitStack() as held:  # no block write of theirs runs meanwhile
                 for _, core in hit:

@@ -238,3 +238,28 @@ def test_forget_scope_forgets_the_users_core_memory_in_every_agent_scope(tmp_pat
         assert admin.scoped(user_id="v").core.blocks() == v_before[0][0]
         assert admin.scoped(user_id="v", agent_id="a1").core.blocks() == v_before[1][0]
         assert admin.scoped(user_id="v", agent_id="a1").core_history_sync() == v_before[1][1]
+
+
+def test_a_dropped_view_lets_its_core_go_and_a_new_view_loads_it_again(tmp_path):
+    """A server naming many users keeps no arena per user it ever saw: a core memory lives while
+    a view (or a caller) holds it; the next view of that scope loads the same blocks back."""
+    import gc
+    import weakref
+
+    with open_memory(tmp_path / "many.duckdb") as admin:
+        held = admin.scoped(user_id="kept").core
+        held.set_block("human", "kept in hand")
+        gone = []
+        for i in range(50):
+            view = admin.scoped(user_id=f"u{i}")
+            view.core.set_block("human", f"user number {i}")
+            gone.append(weakref.ref(view.core))
+            del view
+        gc.collect()
+        assert [r() for r in gone] == [None] * 50  # nothing keeps the dropped scopes' arenas
+        assert admin.scoped(user_id="kept").core is held  # one object per scope while held
+        again = admin.scoped(user_id="u7").core
+        assert again.get_block("human") == "user number 7" and again.blocks() == [("human", "user number 7", 0.5)]
+        # forget_scope still empties a core held in hand, and a reloaded one sees nothing
+        admin.forget_scope_sync(user_id="kept")
+        assert len(held) == 0 and len(admin.scoped(user_id="kept").core) == 0
