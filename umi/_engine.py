@@ -10,7 +10,7 @@ import contextlib
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Collection, Coroutine, Iterator, TypeVar
 
 from ._validate import TIME_MS_MAX, TIME_MS_MIN, check_real
 from .errors import CoreMemoryFullError, InvalidConfigError, MemoryClosedError
@@ -161,20 +161,38 @@ class Engine:
         ``forget_facts`` returned. Call it holding the write lock."""
         self.check_open()
         view = scope.core
-        with self._parts_lock:  # no core of a matching scope is loaded meanwhile
-            hit = [] if scope.session_id is not None else sorted(
-                ((sc, c) for sc, c in list(self._cores.items()) if view.contains(sc)),
-                key=lambda p: (p[0].user_id or "", p[0].agent_id or ""))
+        with self._cores_held(lambda sc: scope.session_id is None and view.contains(sc)) as hit:
+            with self.storage.transaction():
+                n = forget_facts()
+                if scope.session_id is None:
+                    self.storage.forget_core(view)
+            for core in hit:  # only once the store has committed
+                core._forgotten()
+        return n
+
+    def restore_cores(self, scopes: Collection[Scope], write: Callable[[], T]) -> T:
+        """``write()`` (an import: one transaction, which writes the stored core blocks of the core
+        scopes ``scopes``) with no block write of those scopes' loaded core memories running
+        meanwhile; once it returned (committed), they read their blocks again. Call it holding
+        the write lock."""
+        self.check_open()
+        with self._cores_held(lambda sc: sc in scopes) as hit:
+            out = write()
+            for core in hit:
+                core._restored()
+        return out
+
+    @contextlib.contextmanager
+    def _cores_held(self, match: Callable[[Scope], bool]) -> Iterator[list["PersistentCoreMemory"]]:
+        """The loaded core memories of the core scopes ``match`` accepts, each holding its write
+        lock (in scope order), and no core of a matching scope loaded meanwhile."""
+        with self._parts_lock:
+            hit = sorted(((sc, c) for sc, c in list(self._cores.items()) if match(sc)),
+                         key=lambda p: (p[0].user_id or "", p[0].agent_id or ""))
             with contextlib.ExitStack() as held:  # no block write of theirs runs meanwhile
                 for _, core in hit:
                     held.enter_context(core._write_lock)
-                with self.storage.transaction():
-                    n = forget_facts()
-                    if scope.session_id is None:
-                        self.storage.forget_core(view)
-                for _, core in hit:  # only once the store has committed
-                    core._forgotten()
-        return n
+                yield [core for _, core in hit]
 
     def working_for(self, scope: Scope) -> "WorkingMemory":
         """The working memory of a view scope: in this process only, one per scope."""

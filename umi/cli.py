@@ -191,9 +191,10 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def cmd_import(args: argparse.Namespace, out: TextIO) -> int:
-    """What ``umi export`` wrote goes back in all-or-nothing (every line checked first, facts
-    without vectors embedded again, one transaction); ``{"text": ...}`` lines are remembered one
-    by one after it (a rerun skips what is already there)."""
+    """What ``umi export`` wrote goes back in all-or-nothing (every line checked first — a key the
+    format does not define is refused, core blocks must fit the core budget —, facts without
+    vectors embedded again, one transaction with the core blocks); ``{"text": ...}`` lines are
+    remembered one by one after it (a rerun skips what is already there)."""
     err = sys.stderr
     progress = None if args.quiet else (lambda done, total: _progress(done, total, err))
     with _memory(args.db, args) as memory:
@@ -265,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--quiet", action="store_true", help="no progress bar")
     i.set_defaults(fn=cmd_import)
 
-    e = with_db(sub.add_parser("export", help="export sources, facts, relations and history as JSONL"), reads=True)
+    e = with_db(sub.add_parser("export", help="export sources, facts, relations, history and core blocks as JSONL"), reads=True)
     e.add_argument("--out", default=None, help="file to write (default: stdout)")
     e.add_argument("--embeddings", action="store_true", help="include embedding vectors")
     e.set_defaults(fn=cmd_export)

@@ -121,6 +121,11 @@ class PersistentCoreMemory(CoreMemory):
         with self._write_lock:
             self._fill(self._store.load())
 
+    def _restored(self) -> None:
+        """An import wrote this scope's stored blocks (the caller holds ``_write_lock``, and
+        checked that they fit): read them again."""
+        self._fill(self._store.load())
+
     def _forgotten(self) -> None:
         """The store forgot this scope's blocks (the caller holds ``_write_lock``): empty the
         arena to match, touching no store."""

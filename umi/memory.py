@@ -531,8 +531,10 @@ class Memory:
     # --- export / import -----------------------------------------------------
     @_on_loop
     async def export(self, out: Any, *, embeddings: bool = False) -> int:
-        """Write everything this view sees — sources, facts (superseded too), relations, history —
-        as JSONL to a path or a text file; vectors only with ``embeddings=True``. Returns lines written."""
+        """Write everything this view sees — sources, facts (superseded too), relations, history, and
+        the core blocks of every core scope it sees (a scoped view: those of its ``Scope(user_id,
+        agent_id)`` and inside it) — as JSONL to a path or a text file; vectors only with
+        ``embeddings=True``. Returns lines written."""
         if not isinstance(out, (str, os.PathLike)) and not callable(getattr(out, "writelines", None)):
             raise TypeError(f"out must be a path or a text file, not {type(out).__name__}")
         ctx = self._ctx
@@ -554,8 +556,11 @@ class Memory:
     @_on_loop
     async def import_(self, src: Any, *, progress: Callable[[int, int], None] | None = None) -> dict[str, int]:
         """Import what :meth:`export` wrote (or JSONL texts to remember). Records go in all-or-nothing:
-        every line is checked first, facts without vectors are embedded (``progress(done, total)``),
-        then one transaction writes them. Text lines are then remembered with :meth:`remember_many`
+        every line is checked first (a key the format does not define is a ValidationError; core
+        blocks that would not fit ``core_memory_bytes`` a CoreMemoryFullError), facts without vectors
+        are embedded (``progress(done, total)``), then one transaction writes them, core blocks
+        included (each ``set`` over a stored block of its label; this process's core memories
+        show them at once). Text lines are then remembered with :meth:`remember_many`
         (``progress`` again), chunk by chunk: a rerun skips the texts already there."""
         if isinstance(src, (bytes, bytearray, memoryview)) or not (
                 isinstance(src, (str, os.PathLike)) or hasattr(src, "__iter__")):
@@ -580,9 +585,12 @@ class Memory:
         await self._io(_transfer.check_consistent, plan, ctx)
         embedded = await _transfer.embed_missing(ctx, plan, progress)
         if plan.records:
-            await self._engine.locked_io(_transfer.restore, ctx, plan)
+            engine = self._engine
+            await engine.locked_io(engine.restore_cores, {c.scope for c in plan.core},
+                                   functools.partial(_transfer.restore, ctx, plan))
         counts = {"sources": len(plan.sources), "entities": len(plan.entities), "relations": len(plan.relations),
-                  "history": len(plan.history), "embedded": embedded, "remembered": 0, "duplicates": 0}
+                  "history": len(plan.history), "core": len(plan.core), "embedded": embedded, "remembered": 0,
+                  "duplicates": 0}
         texts = [rec for _, rec in plan.texts]
         done = 0
         for (metadata, event_time), group in itertools.groupby(texts, key=_text_options):  # runs of one options

@@ -319,6 +319,21 @@ def test_core_blocks_order_replace_remove_clear_and_history(backend: StorageBack
     assert backend.core_blocks(sc) == [CoreBlockRecord("persona", "back", 0.5, 0)]
 
 
+def test_core_scopes_lists_the_scopes_with_blocks_a_view_sees_for_export(backend: StorageBackend) -> None:
+    assert backend.core_scopes() == []
+    backend.set_core_block(Scope("bob", "bot"), "persona", "b", 0.5, T0)
+    backend.set_core_block(ALICE_BOT, "persona", "a", 0.5, T0)
+    backend.set_core_block(Scope(), "persona", "c", 0.5, T0)
+    backend.set_core_block(ALICE, "human", "d", 0.5, T0)
+    backend.set_core_block(Scope("carol"), "human", "e", 0.5, T0)
+    backend.clear_core_blocks(Scope("carol"), T0 + 1)  # history but no block: not listed
+    assert backend.core_scopes() == backend.core_scopes(Scope()) == [Scope(), ALICE, ALICE_BOT, Scope("bob", "bot")]
+    assert backend.core_scopes(ALICE) == [ALICE, ALICE_BOT]
+    assert backend.core_scopes(ALICE_BOT_S1) == [ALICE_BOT]  # session ignored
+    assert backend.core_scopes(Scope(agent_id="bot")) == [ALICE_BOT, Scope("bob", "bot")]
+    assert backend.core_scopes(Scope("carol")) == []
+
+
 def test_core_blocks_of_two_agents_never_mix(backend: StorageBackend) -> None:
     backend.set_core_block(ALICE_BOT, "persona", "a", 0.5, T0)
     backend.set_core_block(Scope("alice", "other"), "persona", "b", 0.5, T0)

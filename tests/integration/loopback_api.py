@@ -43,7 +43,8 @@ class Reply:
 
     ``delay_secs`` holds the answer back (a server that hangs past the client's timeout);
     ``trickle_secs`` sends the body 16 bytes at a time with that pause between (each read is
-    quick, the whole answer is slow).
+    quick, the whole answer is slow); ``header_trickle_secs`` sends the status line and headers
+    one byte at a time with that pause between (the answer never gets past its headers in time).
     """
 
     status: int = 200
@@ -51,6 +52,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     delay_secs: float = 0.0
     trickle_secs: float = 0.0
+    header_trickle_secs: float = 0.0
 
 
 @dataclass
@@ -78,6 +80,8 @@ class LoopbackAPI:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ids = 0
+        #: set when a client hung up while its headers were trickling in (``header_trickle_secs``)
+        self.hung_up_in_headers = threading.Event()
         api = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -194,11 +198,24 @@ class LoopbackAPI:
         else:
             headers.setdefault("x-request-id", self.next_id("req_"))
         try:
-            h.send_response(reply.status)
-            for k, v in headers.items():
-                h.send_header(k, v)
-            h.send_header("content-length", str(len(payload)))
-            h.end_headers()
+            if reply.header_trickle_secs > 0:
+                head = f"HTTP/1.1 {reply.status} {h.responses.get(reply.status, ('',))[0]}\r\n" + "".join(
+                    f"{k}: {v}\r\n" for k, v in {**headers, "content-length": str(len(payload))}.items()) + "\r\n"
+                try:
+                    for byte in head.encode("latin-1"):
+                        h.wfile.write(bytes([byte]))
+                        h.wfile.flush()
+                        if self._stop.wait(reply.header_trickle_secs):
+                            return  # shutting down
+                except (BrokenPipeError, ConnectionResetError):
+                    self.hung_up_in_headers.set()
+                    raise
+            else:
+                h.send_response(reply.status)
+                for k, v in headers.items():
+                    h.send_header(k, v)
+                h.send_header("content-length", str(len(payload)))
+                h.end_headers()
             if reply.trickle_secs > 0:
                 for at in range(0, len(payload), 16):
                     h.wfile.write(payload[at:at + 16])

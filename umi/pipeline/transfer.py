@@ -2,15 +2,24 @@
 
 An export is one JSON object per line, in this order: a ``header`` line, then every
 ``source``, ``entity`` (superseded ones too; vectors only when asked), ``relation`` and
-``history`` record, each with its scope. It is read in one I/O hop under the write lock,
-so it is one consistent state, and since forgetting scrubs content from every table, an
-export after forgets holds nothing that was forgotten.
+``history`` record, each with its scope, then a ``core`` record for every core-memory block
+(``scope``, ``label``, ``content``, ``importance``; each scope's blocks in their order) of every
+core scope the view sees (a scoped view: the core scopes inside its ``Scope(user_id, agent_id)``).
+It is read in one I/O hop under the write lock, so it is one consistent state, and since
+forgetting scrubs content from every table, an export after forgets holds nothing that was
+forgotten. Every record holds only the keys of :data:`KEYS`; version 3 added ``core``
+records (a version-2 file, without them, imports as before).
 
 Import is **all-or-nothing**: every line is read and checked first (an error names the
-file and line, and nothing is written); records that come without a vector are embedded
+file and line, and nothing is written): a key the format does not define is refused, and so
+is a core scope whose blocks (those stored merged with the file's, a file's block replacing a
+stored one of its label) would not fit ``MemoryConfig.core_memory_bytes``
+(:class:`~umi.errors.CoreMemoryFullError`); records that come without a vector are embedded
 again (with a progress callback) when the Memory has an embedder; then every record is
-written in one transaction through ``StorageBackend.restore``. Importing an export gives
-back the same entities, relations, validity and history.
+written in one transaction through ``StorageBackend.restore`` and ``set_core_block`` (each
+core block as a ``"set"``: the core history is not exported, its import appends a record per
+block). Importing an export gives back the same entities, relations, validity, history and
+core blocks.
 
 Lines holding only a text (``{"text": ...}`` or a JSON string) are remembered, one by one,
 after the records: each is its own transaction, and a failed run can simply be run again
@@ -28,7 +37,8 @@ from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
-from ..errors import UmiError, ValidationError
+from ..core_memory import CORE_MEMORY_MAX_BYTES_MAX, CoreMemory
+from ..errors import CoreMemoryFullError, UmiError, ValidationError
 from ..options import TEXT_BYTES_MAX, RememberOptions
 from ..storage.base import HistoryRecord, Source
 from ..types import Entity, EvolutionRelation, Scope
@@ -36,11 +46,27 @@ from .context import PipelineContext
 from .passages import embed_entities, needs_passages
 from .remember import validate_text
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "export_records", "ImportPlan", "parse_lines", "restore"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "KEYS", "export_records", "ImportPlan", "parse_lines", "restore"]
 
 FORMAT = "umi-export"
-FORMAT_VERSION = 2
-KINDS = ("header", "source", "entity", "relation", "history", "text")
+FORMAT_VERSION = 3  # 3: core records
+KINDS = ("header", "source", "entity", "relation", "history", "core", "text")
+
+_SCOPED = frozenset({"kind", "scope"})
+#: The keys a record of each kind may have (what export writes, and the text lines' options);
+#: import refuses any other. ``score`` and ``mentions`` are ``Entity.to_dict``'s (export drops
+#: them, import ignores them).
+KEYS: dict[str, frozenset[str]] = {
+    "header": frozenset({"kind", "format", "version", "embedder", "dim", "scope"}),
+    "source": _SCOPED | {"id", "text_hash", "text", "created_at", "metadata"},
+    "entity": _SCOPED | {"id", "entity_type", "name", "content", "metadata", "importance", "confidence",
+                         "created_at", "updated_at", "event_time", "valid_from", "valid_to", "source_id",
+                         "embedding", "passage_embeddings", "score", "mentions"},
+    "relation": _SCOPED | {"id", "source_id", "target_id", "evolution_type", "reason", "confidence", "created_at"},
+    "history": _SCOPED | {"entity_id", "seq", "op", "at", "snapshot"},
+    "core": _SCOPED | {"label", "content", "importance"},
+    "text": frozenset({"kind", "text", "metadata", "event_time"}),
+}
 
 Progress = Callable[[int, int], None]
 
@@ -83,6 +109,10 @@ def export_records(ctx: PipelineContext, *, embeddings: bool) -> list[dict[str, 
     for h in st.iter_history(view):
         out.append({"kind": "history", "entity_id": h.entity_id, "seq": h.seq, "op": h.op, "at": h.at,
                     "snapshot": dict(h.snapshot), "scope": _scope_dict(h.scope)})
+    for sc in st.core_scopes(view):
+        for b in sorted(st.core_blocks(sc), key=lambda b: b.position):
+            out.append({"kind": "core", "scope": _scope_dict(sc), "label": b.name, "content": b.content,
+                        "importance": b.importance})
     return out
 
 
@@ -133,6 +163,17 @@ def write_file(path: str, records: Iterable[Mapping[str, Any]]) -> None:
     fsync_dir(Path(target).parent)  # the rename itself survives a crash, as every replace in umi does
 
 
+@dataclass(frozen=True)
+class CoreRecord:
+    """One core block of a file (``line``: its line number, for errors)."""
+
+    scope: Scope  # a core scope: Scope(user_id, agent_id)
+    label: str
+    content: str
+    importance: float
+    line: int
+
+
 @dataclass
 class ImportPlan:
     """What a file holds, checked, before anything is written."""
@@ -141,12 +182,13 @@ class ImportPlan:
     entities: list[Entity] = field(default_factory=list)
     relations: list[EvolutionRelation] = field(default_factory=list)
     history: list[HistoryRecord] = field(default_factory=list)
+    core: list[CoreRecord] = field(default_factory=list)
     texts: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     header: dict[str, Any] | None = None
 
     @property
     def records(self) -> int:
-        return len(self.sources) + len(self.entities) + len(self.relations) + len(self.history)
+        return len(self.sources) + len(self.entities) + len(self.relations) + len(self.history) + len(self.core)
 
 
 def _int(rec: Mapping[str, Any], key: str) -> int:
@@ -164,6 +206,10 @@ def _parse(rec: Mapping[str, Any], plan: ImportPlan, n: int, text_bytes_max: int
     kind = rec.get("kind", "text")
     if kind not in KINDS:
         raise ValidationError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    unknown = sorted(set(rec) - KEYS[kind])
+    if unknown:
+        raise ValidationError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} in a "
+                              f"{kind} record; allowed: {', '.join(map(repr, sorted(KEYS[kind])))}")
     if kind == "header":
         version = rec.get("version", FORMAT_VERSION)
         if isinstance(version, bool) or not isinstance(version, int):
@@ -190,6 +236,16 @@ def _parse(rec: Mapping[str, Any], plan: ImportPlan, n: int, text_bytes_max: int
             source_id=rec["source_id"], target_id=rec["target_id"], evolution_type=rec["evolution_type"],
             reason=rec.get("reason", ""), confidence=rec.get("confidence", 1.0), id=rec.get("id", ""),
             created_at=_int(rec, "created_at"), scope=_scope(rec)))
+    elif kind == "core":
+        scope = _scope(rec)
+        if scope.session_id is not None:
+            raise ValidationError(f"a core block belongs to Scope(user_id, agent_id), not to a session: "
+                                  f"session_id {scope.session_id!r}")
+        label, content, importance = rec["label"], rec["content"], rec.get("importance", 0.5)
+        if not isinstance(label, str) or not isinstance(content, str):
+            raise ValidationError("a core record's 'label' and 'content' must be strings")
+        CoreMemory(CORE_MEMORY_MAX_BYTES_MAX).set_block(label, "", importance)  # the label and importance rules
+        plan.core.append(CoreRecord(scope, label, content, float(importance), n))
     else:  # history
         snap = rec.get("snapshot")
         if not isinstance(snap, Mapping):
@@ -261,6 +317,32 @@ def check_consistent(plan: ImportPlan, ctx: PipelineContext) -> None:
             if not ctx.sees(what.scope):
                 raise ValidationError(f"record {what.id} belongs to scope {what.scope.to_dict()}, outside this "
                                       f"view's scope {ctx.scope.to_dict()}")
+        for c in plan.core:  # core blocks are kept per Scope(user_id, agent_id): the view's, session aside
+            if not ctx.scope.core.contains(c.scope):
+                raise ValidationError(f"line {c.line}: core block {c.label!r} belongs to scope {c.scope.to_dict()}, "
+                                      f"outside this view's scope {ctx.scope.to_dict()}")
+    check_core_fits(ctx, plan)
+
+
+def check_core_fits(ctx: PipelineContext, plan: ImportPlan) -> None:
+    """Every core scope of the file, its stored blocks with the file's set over them in order,
+    fits ``MemoryConfig.core_memory_bytes``, else :class:`~umi.errors.CoreMemoryFullError`."""
+    budget = ctx.config.core_memory_bytes
+    by_scope: dict[Scope, list[CoreRecord]] = {}
+    for c in plan.core:
+        by_scope.setdefault(c.scope, []).append(c)
+    for sc, recs in by_scope.items():
+        trial = CoreMemory(budget)
+        for b in sorted(ctx.storage.core_blocks(sc), key=lambda b: b.position):
+            trial.set_block(b.name, b.content, b.importance)
+        for c in recs:
+            try:
+                trial.set_block(c.label, c.content, c.importance)
+            except CoreMemoryFullError as exc:
+                raise CoreMemoryFullError(
+                    f"line {c.line}: core block {c.label!r} of scope {sc.to_dict()} does not fit "
+                    f"core_memory_bytes={budget} with the scope's other blocks ({exc}); nothing was imported",
+                    over_by=exc.over_by, limit=exc.limit) from exc
 
 
 def _state(e: Entity) -> tuple[Any, ...]:
@@ -284,8 +366,15 @@ async def embed_missing(ctx: PipelineContext, plan: ImportPlan, progress: Progre
 
 
 def restore(ctx: PipelineContext, plan: ImportPlan) -> None:
-    """Write every record in one transaction (the caller holds the write lock)."""
+    """Write every record in one transaction (the caller holds the write lock, and the core
+    write locks of the loaded core memories of ``plan.core``'s scopes, which read their blocks
+    again once it returned): the core budgets are checked again first (a block set since
+    :func:`check_consistent` counts), so an import over one writes nothing."""
+    check_core_fits(ctx, plan)
     with ctx.storage.transaction():
         ctx.begin_write()
         ctx.storage.restore(plan.entities, plan.sources, plan.relations, plan.history)
+        at = ctx.now_ms()
+        for c in plan.core:
+            ctx.storage.set_core_block(c.scope, c.label, c.content, c.importance, at)
 

@@ -2,10 +2,22 @@
 
 The SDKs' ``timeout`` bounds each socket operation (the connect, each read), not the request: a
 server that sends its answer a few bytes at a time, each read within the timeout, holds a call for
-as long as it likes (a 500-byte answer at 0.2 s a byte took 100 s with ``timeout=1``). The
-client's event hooks here wrap each response's body stream, which stops reading once
-``timeout_secs`` have passed since the request was sent, with the library's ``ReadTimeout``: the
-SDK reports it as its timeout error, and the retry loop as :class:`umi.ProviderTimeoutError`.
+as long as it likes (a 500-byte answer at 0.2 s a byte took 100 s with ``timeout=1``; headers at
+one byte at a time, 8.5 s). So ``timeout`` bounds the whole exchange, headers included:
+
+* async calls: each attempt is awaited under :func:`within`, which cancels it past the timeout
+  (the connect, the wait for a pooled connection, the request, the headers and the body alike)
+  and raises the SDK's ``APITimeoutError`` for the request it sent (:class:`DeadlineExceeded`
+  if it had sent none);
+* sync calls cannot be cancelled, so the request hook sets the request's deadline for the calling
+  thread (a context variable) and a ``trace`` extension (public httpcore API) bounds each
+  connection's network stream as it is opened: every read and write of a request waits at most
+  until its deadline, then raises the library's ``ReadTimeout`` / ``WriteTimeout``;
+* and the event hooks wrap each response's body stream, which stops reading once the deadline
+  has passed (with ``ReadTimeout``).
+
+The SDK reports ``ReadTimeout`` as its timeout error; the retry loop reports that (and
+:class:`DeadlineExceeded`) as :class:`umi.ProviderTimeoutError`.
 
 The stream also stops reading a body past :data:`MAX_RESPONSE_BYTES` with :class:`ResponseTooLargeError`
 (Anthropic's SDK wraps it as a connection error, OpenAI's lets it through; the retry loop reports
@@ -18,13 +30,17 @@ class, so the wrappers always match what the SDK uses.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import functools
 import importlib
 import time
 from types import ModuleType
-from typing import Any
+from typing import Any, Awaitable, Callable, TypeVar
 
-__all__ = ["MAX_RESPONSE_BYTES", "ResponseTooLargeError", "http_clients"]
+T = TypeVar("T")
+
+__all__ = ["MAX_RESPONSE_BYTES", "DeadlineExceeded", "ResponseTooLargeError", "http_clients", "within"]
 
 #: Largest answer body read (bytes). The largest real one is an embeddings batch: 2048 inputs of
 #: 3072 dimensions is ≈ 34 MB as base64 and ≈ 140 MB as JSON floats.
@@ -33,6 +49,30 @@ MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 
 class ResponseTooLargeError(Exception):
     """A response body longer than :data:`MAX_RESPONSE_BYTES` (read no further)."""
+
+
+class DeadlineExceeded(Exception):
+    """An async attempt that had sent no request when its timeout passed (it was cancelled)."""
+
+
+#: the requests the async attempt awaited under :func:`within` sent so far (its request hook adds them)
+_sent: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar("umi_sent", default=None)
+
+
+async def within(sdk: ModuleType, timeout_secs: float, call: Callable[[], Awaitable[T]]) -> T:
+    """``await call()`` (one attempt through an async client of :func:`http_clients`), cancelled
+    once ``timeout_secs`` have passed: then the SDK's ``APITimeoutError`` for the last request it
+    sent, as the SDK raises for its own timeouts (:class:`DeadlineExceeded` if it sent none)."""
+    sent: list[Any] = []
+    token = _sent.set(sent)  # the context wait_for's task copies: the hook appends to this list
+    try:
+        return await asyncio.wait_for(call(), timeout_secs)
+    except asyncio.TimeoutError as exc:  # (TimeoutError itself from 3.11 on)
+        if not sent:
+            raise DeadlineExceeded(f"no request sent within the {timeout_secs:g} s timeout") from exc
+        raise sdk.APITimeoutError(request=sent[-1]) from exc
+    finally:
+        _sent.reset(token)
 
 
 def http_clients(sdk: ModuleType, timeout_secs: float) -> tuple[Any, Any]:
@@ -47,6 +87,11 @@ def http_clients(sdk: ModuleType, timeout_secs: float) -> tuple[Any, Any]:
     def start(request: Any) -> None:
         request.extensions[_DEADLINE] = time.monotonic() + timeout_secs
 
+    def sync_start(request: Any) -> None:
+        start(request)
+        _current_deadline.set((request.extensions[_DEADLINE], timeout_secs))
+        request.extensions["trace"] = _bounding_tracer(request.extensions.get("trace"))
+
     def limits(response: Any) -> _Limits:
         deadline = response.request.extensions.get(_DEADLINE, time.monotonic() + timeout_secs)
         return _Limits(http, deadline, timeout_secs, max_bytes, response.request)
@@ -56,12 +101,15 @@ def http_clients(sdk: ModuleType, timeout_secs: float) -> tuple[Any, Any]:
 
     async def astart(request: Any) -> None:
         start(request)
+        sent = _sent.get()
+        if sent is not None:
+            sent.append(request)
 
     async def aon_response(response: Any) -> None:
         response.stream = async_body(response.stream, limits(response))
 
     def sync() -> Any:
-        return sdk.DefaultHttpxClient(event_hooks={"request": [start], "response": [on_response]})
+        return sdk.DefaultHttpxClient(event_hooks={"request": [sync_start], "response": [on_response]})
 
     def async_() -> Any:
         return sdk.DefaultAsyncHttpxClient(event_hooks={"request": [astart], "response": [aon_response]})
@@ -70,6 +118,57 @@ def http_clients(sdk: ModuleType, timeout_secs: float) -> tuple[Any, Any]:
 
 
 _DEADLINE = "umi.deadline"  # request extension: time.monotonic() by which the answer must be read
+
+#: (deadline, timeout_secs) of the sync request this thread sends now, for its bounded streams
+_current_deadline: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar(
+    "umi_deadline", default=None)
+
+#: httpcore trace events whose ``return_value`` is a new network stream (a TCP connection, the TLS
+#: over it, a proxy tunnel's TLS), named ``<module>.<name>.complete``
+_NEW_STREAM_EVENTS = (".connect_tcp.complete", ".connect_unix_socket.complete", ".start_tls.complete")
+
+
+def _bounding_tracer(inner: Callable[[str, dict[str, Any]], None] | None) -> Callable[[str, dict[str, Any]], None]:
+    """A sync ``trace`` extension that bounds every network stream opened for the request (then
+    passes the event on to ``inner``, a trace extension that was there already)."""
+
+    def trace(event: str, info: dict[str, Any]) -> None:
+        if event.endswith(_NEW_STREAM_EVENTS):
+            stream = info.get("return_value")
+            if stream is not None:
+                _bound(stream)
+        if inner is not None:
+            inner(event, info)
+
+    return trace
+
+
+def _bound(stream: Any) -> None:
+    """Make a sync network stream wait in each read and write at most until the deadline of the
+    request the thread sends (the connection is reused by later requests: each has its own)."""
+    if getattr(stream, "_umi_bounded", False):
+        return
+    core = importlib.import_module(type(stream).__module__.partition(".")[0])  # httpcore or httpcore2
+    read, write = stream.read, stream.write
+
+    def left(timeout: float | None, error: type[Exception]) -> float | None:
+        current = _current_deadline.get()
+        if current is None:
+            return timeout
+        deadline, timeout_secs = current
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise error(f"the answer took longer than the {timeout_secs:g} s timeout")
+        return remaining if timeout is None else min(timeout, remaining)
+
+    def bounded_read(max_bytes: int, timeout: float | None = None) -> bytes:
+        return read(max_bytes, left(timeout, core.ReadTimeout))
+
+    def bounded_write(buffer: bytes, timeout: float | None = None) -> None:
+        write(buffer, left(timeout, core.WriteTimeout))
+
+    stream.read, stream.write = bounded_read, bounded_write
+    stream._umi_bounded = True
 
 
 class _Limits:

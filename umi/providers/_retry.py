@@ -26,7 +26,7 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 from ..errors import InvalidResponseError, ProviderError, ProviderTimeoutError, RateLimitError
-from ._deadline import ResponseTooLargeError
+from ._deadline import DeadlineExceeded, ResponseTooLargeError
 
 T = TypeVar("T")
 
@@ -119,7 +119,7 @@ _RETRY_STATUSES = frozenset({408, 409, 429})
 
 def classify_failure(exc: BaseException, sdk: ModuleType) -> Failure | None:
     """What an exception from an SDK call means, or None when it is not a transport/API failure."""
-    if isinstance(exc, sdk.APITimeoutError):
+    if isinstance(exc, (sdk.APITimeoutError, DeadlineExceeded)):
         return Failure("timeout", True, detail="request timed out")
     if isinstance(exc, ResponseTooLargeError):  # from under the SDK: OpenAI's lets it through as it is
         return Failure("response", False, detail=str(exc))

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 from ..errors import InvalidResponseError, ProviderNotInstalledError
 from ._checks import check_base_url, check_max_retries, check_model, check_timeout, check_wait, resolve_api_key
-from ._deadline import http_clients
+from ._deadline import http_clients, within
 from ._retry import RetryPolicy, acall_with_retries, call_with_retries
 from .base import LLMProvider, LLMResult, Task
 
@@ -171,8 +171,9 @@ class SDKClients:
 
     async def acall(self, request: Callable[[Any], Awaitable[T]]) -> T:
         client = self._aclients.get()
-        return await acall_with_retries(lambda: request(client), policy=self.policy, sdk=self.sdk,
-                                        provider=self.vendor.name, timeout_secs=self.timeout_secs,
+        timeout = self.timeout_secs  # bounds each attempt's whole exchange (see umi.providers._deadline)
+        return await acall_with_retries(lambda: within(self.sdk, timeout, lambda: request(client)), policy=self.policy,
+                                        sdk=self.sdk, provider=self.vendor.name, timeout_secs=timeout,
                                         key_env=self.vendor.key_env)
 
     def close(self) -> None:

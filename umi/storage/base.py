@@ -363,6 +363,12 @@ class StorageBackend(abc.ABC):
         and no history record is appended. Returns how many blocks were removed."""
 
     @abc.abstractmethod
+    def core_scopes(self, scope: Scope | None = None) -> builtins.list[Scope]:
+        """Every core scope (``Scope(user_id, agent_id)``) holding at least one block that ``scope``
+        sees under the view rule of :meth:`forget_core` (``None``: every one), sorted by
+        ``(user_id or "", agent_id or "")``. For export."""
+
+    @abc.abstractmethod
     def core_history(self, scope: Scope, name: str | None = None) -> builtins.list[CoreHistoryRecord]:
         """Core history of ``scope.core`` (only block ``name``'s records, plus clears, when given),
         oldest first (by seq)."""

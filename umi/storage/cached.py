@@ -1170,6 +1170,13 @@ class CachedStore(TransactionMixin, StorageBackend):
                     self._drop_core(sc)
             return n
 
+    def core_scopes(self, scope: Scope | None = None) -> builtins.list[Scope]:
+        sc = check_scope(scope, optional=True)
+        view = None if sc is None else sc.core
+        with self._reading("core_scopes"):
+            got = [s for s, blocks in self._core.items() if blocks and (view is None or view.contains(s))]
+        return sorted(got, key=lambda s: (s.user_id or "", s.agent_id or ""))
+
     def _drop_core(self, sc: Scope) -> None:
         """Forget core scope ``sc``: its blocks and its whole core history, in the cache and (at
         commit) in the durable store; what this transaction had queued for it is dropped too."""

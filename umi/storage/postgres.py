@@ -1194,15 +1194,15 @@ class PostgresStorageBackend(StorageBackend):
 
         return int(self._core_write(scope, body))
 
+    def core_scopes(self, scope: Scope | None = None) -> builtins.list[Scope]:
+        cond, params = _core_view(Scope() if scope is None else scope)
+        with self._reading() as conn:
+            rows = conn.execute(self._q(
+                "SELECT DISTINCT user_id, agent_id FROM {core_blocks} WHERE " + cond), params).fetchall()
+        return [_scope(u or None, a or None, None) for u, a in sorted(rows)]  # Python's order, not a collation's
+
     def forget_core(self, scope: Scope) -> int:
-        sc = check_scope(scope, "scope")
-        assert sc is not None
-        where, params = ["TRUE"], []
-        for col, v in (("user_id", sc.user_id), ("agent_id", sc.agent_id)):  # the view rule; '' = unset
-            if v is not None:
-                where.append(f"{col} = %s")
-                params.append(v)
-        cond = " AND ".join(where)
+        cond, params = _core_view(scope)
 
         def op(conn: Any) -> int:
             keys = conn.execute(self._q(
@@ -1400,6 +1400,19 @@ def _scope(user_id: str | None, agent_id: str | None, session_id: str | None) ->
     if user_id is None and agent_id is None and session_id is None:
         return UNSET_SCOPE
     return Scope(user_id, agent_id, session_id)
+
+
+def _core_view(scope: object) -> tuple[str, list[str]]:
+    """The SQL condition (and its parameters) of the core scopes ``scope`` sees under the view
+    rule: each of ``user_id`` / ``agent_id`` it sets must be equal ('' is unset in those tables)."""
+    sc = check_scope(scope, "scope")
+    assert sc is not None
+    where, params = ["TRUE"], []
+    for col, v in (("user_id", sc.user_id), ("agent_id", sc.agent_id)):
+        if v is not None:
+            where.append(f"{col} = %s")
+            params.append(v)
+    return " AND ".join(where), params
 
 
 def _core_key(scope: object) -> tuple[str, str]:
