@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from umi.storage import _overlap
@@ -115,3 +116,51 @@ def test_a_store_searching_both_at_once_answers_as_the_two_searches(monkeypatch:
         got = store.search_content([qs[i] for i in at], [vs[i] for i in at], 7)
         assert got == [(store.search_vector(vs[i], 7), store.search_text(qs[i], 7)) for i in at]
     assert ran_on and all(name.startswith("umi-search") or name == threading.current_thread().name for name in ran_on)
+
+
+def test_recalls_from_several_threads_at_once_answer_as_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two stores share the one helper thread: recalls racing for it (each store's from two
+    threads, both stores at once) get each their own answers — the same ids, scores and order as
+    the same recalls made one at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import umi
+    from umi import RecallOptions
+    from umi.storage import _hotcache
+    from umi.storage.sim import SimStorageBackend
+    from umi.types import Entity
+
+    monkeypatch.setattr(_hotcache, "OVERLAP_POSTINGS_MIN", 0)  # overlap even these small stores
+    emb = umi.SimEmbeddingProvider(5, 16)
+    words = "apple pear plum fig kiwi lime date melon berry grape".split()
+    mems = []
+    for seed in (1, 2):
+        rng = np.random.default_rng(seed)
+        texts = [" ".join(rng.choice(words, 4)) + f" item{i}" for i in range(300)]
+        store = SimStorageBackend(seed=seed)
+        store.upsert([Entity("note", f"n{i}", t, embedding=v) for i, (t, v) in enumerate(zip(texts, emb.embed(texts)))])
+        mems.append(umi.Memory(storage=store, embedder=emb))
+    queries = [f"{a} {b}" for a in words[:6] for b in words[4:]]
+    opts = RecallOptions(limit=8, deep_search=False)
+
+    def answers(m: umi.Memory, qs: list[str]) -> list[list[tuple[str, float | None]]]:
+        return [[(e.id, e.score) for e in m.recall_sync(q, opts)] for q in qs]
+
+    try:
+        alone = [answers(m, queries) for m in mems]
+        assert all(any(a) for a in alone)
+        jobs = [(w, m) for m in (0, 1) for w in (0, 1)]  # each store from two threads
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            got = list(pool.map(lambda j: answers(mems[j[1]], queries[::1 - 2 * j[0]]), jobs))
+        for (w, m), ans in zip(jobs, got):
+            assert ans == (alone[m] if w == 0 else alone[m][::-1])
+        # and the storage reads themselves, racing with no loop between them
+        store_qs = [(q, emb.embed([q], kind="query")[0]) for q in queries]
+        want = [[m.storage.search_content([q], [v], 9) for q, v in store_qs] for m in mems]
+        with ThreadPoolExecutor(4) as pool:
+            raced = list(pool.map(lambda j: [mems[j % 2].storage.search_content([q], [v], 9) for q, v in store_qs],
+                                  range(4)))
+        assert all(r == want[j % 2] for j, r in enumerate(raced))
+    finally:
+        for m in mems:
+            m.close()
