@@ -463,7 +463,7 @@ class Memory:
 
     # --- forget --------------------------------------------------------------
     async def _forget_ids(self, find: Callable[[PipelineContext], list[str]], source_id: str | None = None) -> int:
-        """Find ids and forget them (reviving what only they had superseded), under the write lock."""
+        """Find ids and forget them (the chain rule of :mod:`umi.pipeline.forget`), under the write lock."""
         ctx = self._ctx
         return await self._engine.locked_io(
             lambda: _forget.forget_ids(ctx, find(ctx), self._engine.now_ms(), source_id=source_id))
@@ -471,10 +471,17 @@ class Memory:
     @_on_loop
     async def forget(self, entity_id: str | None = None, *, where: SearchFilters | None = None) -> int:
         """``forget(entity_id)``: forget a fact of this view's scope — with the other facets of its
-        statement — everywhere it is stored, and revive what only it had superseded: True, or False
-        when the view sees nothing with that id. ``forget(where=filters)``: forget every fact of
-        this view the filters match (superseded ones only with ``include_superseded=True``), in
-        one transaction; returns how many."""
+        statement — everywhere it is stored: True, or False when the view sees nothing with that
+        id. ``forget(where=filters)``: forget every fact of this view the filters match
+        (superseded ones only with ``include_superseded=True``), in one transaction; returns how
+        many.
+
+        What a forgotten fact had superseded: if the forgotten fact was current (or everything that
+        replaced it is forgotten too), it is revived, unless another stored fact supersedes it. If
+        a fact that stays had replaced the forgotten one, it stays superseded, linked to that fact
+        by a new superseding relation (Acme → Initech, Acme restated, Acme corrected to Globex:
+        forgetting Acme leaves Globex the one current fact, and forgetting Globex then revives
+        Initech). ``forget_source`` and ``forget_scope`` follow the same rule."""
         if (entity_id is None) == (where is None):
             raise TypeError("forget() takes an entity id or where=SearchFilters(...), not both or neither")
         if where is not None:

@@ -53,7 +53,7 @@ from .extraction import ExtractedEntity, note_for, parse_extraction, rule_extrac
 from .passages import embed_entities
 from .time import resolve_event_time
 
-__all__ = ["validate_text", "remember", "remember_many", "statement_key", "OPTIMISTIC_ATTEMPTS"]
+__all__ = ["validate_text", "remember", "remember_many", "statement_key", "replacements", "OPTIMISTIC_ATTEMPTS"]
 
 #: read-plan rounds without the lock before a writer holds it from plan to commit
 OPTIMISTIC_ATTEMPTS = 3
@@ -205,9 +205,12 @@ def _candidates_for(ctx: PipelineContext, e: Entity, exclude: set[str]) -> list[
     return list(picked.values())
 
 
-def _replacements(ctx: PipelineContext, old_id: str, ours: set[str]) -> list[Entity]:
+def replacements(ctx: PipelineContext, old_id: str, ours: set[str] | frozenset[str] = frozenset(), *,
+                 gone: set[str] | frozenset[str] = frozenset()) -> list[Entity]:
     """The current facts that replaced ``old_id``, following replacements of replacements
-    (Acme → Initech → Globex: restating Acme retires Globex)."""
+    (Acme → Initech → Globex: restating Acme retires Globex). ``ours``: neither returned nor
+    walked through (the facts being told). ``gone``: facts being forgotten, walked through when
+    superseded (what replaced them counts), never returned (forget's chain rule)."""
     seen = {old_id}
     frontier = [old_id]
     current: dict[str, Entity] = {}
@@ -218,10 +221,10 @@ def _replacements(ctx: PipelineContext, old_id: str, ours: set[str]) -> list[Ent
         seen.update(nxt)
         frontier = []
         for t in ctx.storage.get_many(nxt):
-            if t.valid_to is None:
-                current[t.id] = t
-            else:
+            if t.valid_to is not None:
                 frontier.append(t.id)
+            elif t.id not in gone:
+                current[t.id] = t
     return sorted(current.values(), key=lambda e: e.id)
 
 
@@ -236,7 +239,7 @@ def read_plan(ctx: PipelineContext, source: Source, entities: list[Entity], opts
     for old in plan.known.values():
         if old.valid_to is None:
             continue
-        plan.replaced_by[old.id] = _replacements(ctx, old.id, ours)
+        plan.replaced_by[old.id] = replacements(ctx, old.id, ours)
     if opts.detect_evolutions and opts.extract_entities:
         for e in entities:
             if e.id not in plan.known:

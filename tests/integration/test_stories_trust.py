@@ -1,0 +1,89 @@
+"""User stories, stop 21 (trust): the Memory tells the truth after forget, after close, and when
+an option is wrong.
+
+* Forgetting a fact that was itself replaced keeps the chain: what it had superseded stays
+  superseded (was: revived beside the fact that replaced it — two current facts).
+* close() returns though a storage job hangs, and a call whose job was running is told that its
+  outcome is unknown (was: close() waited for the job forever, and the call was told
+  MemoryClosedError as if nothing happened).
+* A NaN metadata value is named as such (was: the error spoke of filters).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import umi
+from umi import RecallOptions
+from umi.storage.sim import SimStorageBackend
+from test_stories_r7 import ACME, INITECH, WHERE, Gate, open_memory
+
+GLOBEX = "Alice works at Globex."
+
+
+def current(m: umi.Memory) -> list[str]:
+    return sorted(h.content for h in m.recall_sync(WHERE, RecallOptions(limit=10)))
+
+
+def sim_memory() -> umi.Memory:
+    return umi.Memory._from_parts(storage=SimStorageBackend(seed=1), llm=None, embedder=umi.SimEmbeddingProvider(seed=1))
+
+
+# --- 1. forget keeps one current fact ----------------------------------------------------------------
+@pytest.mark.parametrize("store", ["duckdb", "sim"])
+@pytest.mark.parametrize("how", ["update", "remember"])
+def test_forgetting_a_restated_fact_that_was_corrected_since_leaves_one_current_fact(
+        tmp_path: Path, store: str, how: str) -> None:
+    m = open_memory(tmp_path / "f.duckdb") if store == "duckdb" else sim_memory()
+    with m:
+        acme = m.remember_sync(ACME).entities
+        initech = m.remember_sync(INITECH).entities
+        m.remember_sync(ACME)  # restated: Acme current again, Initech retired
+        assert current(m) == [ACME]
+        if how == "update":
+            globex = m.update_sync(acme[0].id, GLOBEX).entities
+        else:
+            globex = m.remember_sync("Alice now works at Globex.").entities
+        assert len(current(m)) == 1
+        g = current(m)[0]
+        assert m.forget_sync(acme[0].id) is True
+        # was: Initech revived (only Acme had retired it) beside Globex, two current facts
+        assert current(m) == [g]
+        assert m.count_sync(include_superseded=False) == len(globex)
+        # the chain is kept: Initech -> Globex, a superseding relation
+        rels = m.relations_sync(initech[0].id)
+        assert any(r.source_id == initech[0].id and r.target_id in {e.id for e in globex}
+                   and r.evolution_type.supersedes for r in rels), rels
+        assert [h.op for h in m.history_sync(initech[0].id)] == ["create", "supersede"]  # never revived
+        # forgetting Globex now: Initech is current again
+        assert m.forget_sync(globex[0].id) is True
+        assert current(m) == [INITECH]
+        # and telling Acme again is an ordinary new fact: as in a memory that only ever heard Initech
+        again = m.remember_sync(ACME)
+        with sim_memory() as fresh:
+            fresh.remember_sync(INITECH)
+            fresh.remember_sync(ACME)
+            assert again.entity_count == 2 and not again.duplicate and current(m) == current(fresh)
+            assert m.count_sync(include_superseded=False) == fresh.count_sync(include_superseded=False)
+
+
+@pytest.mark.parametrize("how", ["forget_source", "forget_where"])
+def test_forget_source_and_forget_where_follow_the_same_chain_rule(tmp_path: Path, how: str) -> None:
+    with open_memory(tmp_path / "s.duckdb") as m:
+        acme = m.remember_sync(ACME)
+        initech = m.remember_sync(INITECH).entities
+        m.remember_sync(ACME)
+        m.remember_sync("Alice now works at Globex.")
+        assert acme.source_id is not None
+        if how == "forget_source":
+            assert m.forget_source_sync(acme.source_id) == 2
+        else:
+            where = umi.SearchFilters(source_id=acme.source_id, include_superseded=True)
+            assert m.forget_sync(where=where) == 2
+        assert current(m) == ["Alice now works at Globex."]
+        assert m.get_sync(initech[0].id).valid_to is not None
