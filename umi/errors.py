@@ -40,6 +40,7 @@ the builtin :class:`TypeError`, as Python does.
     │   ├── InvalidResponseError
     │   └── ProviderNotInstalledError  .extra
     ├── MemoryClosedError
+    ├── OutcomeUnknownError            .grace_secs
     ├── ForkedProcessError
     ├── LoopReentryError           (also a RuntimeError)
     └── TransferFileError          (also an OSError)
@@ -81,6 +82,7 @@ __all__ = [
     "InvalidResponseError",
     "ProviderNotInstalledError",
     "MemoryClosedError",
+    "OutcomeUnknownError",
     "ForkedProcessError",
     "LoopReentryError",
     "TransferFileError",
@@ -301,7 +303,24 @@ class ProviderNotInstalledError(ProviderError):
 
 
 class MemoryClosedError(UmiError):
-    """The Memory was closed before (or while) this call ran; nothing more will run on it."""
+    """The Memory was closed before (or while) this call ran; nothing more will run on it. A call
+    failed with it while running had no storage job running then (it was waiting for the write
+    lock, a provider, or between two jobs), so a single write (``remember``, ``update``,
+    ``forget``) did not commit; a call of many writes (``remember_many``, ``import_``) keeps what
+    it had committed before, as when it fails. Compare :class:`OutcomeUnknownError`."""
+
+
+class OutcomeUnknownError(UmiError):
+    """``close()`` ended this call while one of its storage jobs was still running, after the
+    calls in flight had the close grace (``.grace_secs``) to finish. A thread cannot be stopped:
+    the job runs on and **may have committed** (the store is closed once it ends). Not a
+    :class:`MemoryClosedError`, which promises no job of the call was running: look at the store
+    (``get`` / ``recall`` after reopening) before retrying a write that is not idempotent
+    (``remember`` of the same text is: a text told again is not stored twice)."""
+
+    def __init__(self, message: str, *, grace_secs: float | None = None) -> None:
+        super().__init__(message)
+        self.grace_secs = grace_secs
 
 
 class ForkedProcessError(UmiError):

@@ -21,7 +21,7 @@ import pytest
 import umi
 from umi import RecallOptions
 from umi.storage.sim import SimStorageBackend
-from test_stories_r7 import ACME, INITECH, WHERE, Gate, open_memory
+from test_stories_r7 import ACME, INITECH, WHERE, Gate, held, open_memory  # noqa: F401 - held: a fixture
 
 GLOBEX = "Alice works at Globex."
 
@@ -87,3 +87,45 @@ def test_forget_source_and_forget_where_follow_the_same_chain_rule(tmp_path: Pat
             assert m.forget_sync(where=where) == 2
         assert current(m) == ["Alice now works at Globex."]
         assert m.get_sync(initech[0].id).valid_to is not None
+
+
+# --- 2. close() is bounded, and a call whose storage job runs on is told so ---------------------------
+def test_close_returns_though_a_storage_job_hangs_and_tells_its_call_the_outcome_is_unknown(
+        held: tuple[umi.Memory, Gate], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    m, gate = held
+    m._runner.grace_secs = 0.05
+    store_cls = type(m.storage)
+    store_closed = threading.Event()
+    close_store = store_cls.close
+
+    def closing(store: Any) -> None:
+        close_store(store)
+        store_closed.set()
+
+    monkeypatch.setattr(store_cls, "close", closing)
+    outcome: list[object] = []
+
+    def caller() -> None:
+        try:
+            outcome.append(m.remember_sync(ACME))
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            outcome.append(exc)
+
+    t = threading.Thread(target=caller)
+    t.start()
+    assert gate.entered.wait(30)  # the remember's plan-and-commit job is running, held
+    m.close()  # was: waited for the job without end (here: until the gate's 30 s safety ran out)
+    assert not gate.left.is_set() and not store_closed.is_set()  # returned; the store stays open under the job
+    t.join(30)
+    [err] = outcome
+    # was: MemoryClosedError, as if nothing had happened, though the job ran on and committed
+    assert isinstance(err, umi.OutcomeUnknownError) and not isinstance(err, umi.MemoryClosedError), err
+    assert isinstance(err, umi.UmiError) and err.grace_secs == 0.05
+    assert "may have committed" in str(err) and "0.05 s" in str(err)
+    with pytest.raises(umi.MemoryClosedError):
+        m.remember_sync(INITECH)
+    gate.release.set()  # the job ends, commits, and the store is closed after it
+    assert store_closed.wait(30)
+    monkeypatch.undo()
+    with open_memory(tmp_path / "held.duckdb") as again:
+        assert current(again) == [ACME]  # the outcome the call could not be told: committed
