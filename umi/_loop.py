@@ -289,7 +289,9 @@ class LoopThread:
             for t in tasks:
                 t.cancel()
             if tasks:  # a task waiting for a running storage job ends with it: not waited for beyond this
-                await asyncio.wait(tasks, timeout=self.grace_secs)
+                _, stuck = await asyncio.wait(tasks, timeout=self.grace_secs)
+                for t in stuck:  # its call was told OutcomeUnknownError; the loop closes under it on purpose
+                    t._log_destroy_pending = False  # type: ignore[attr-defined]
             # asyncio.to_thread's workers (the default executor) would outlive the loop
             await asyncio.wait_for(self.loop.shutdown_default_executor(), timeout=self.grace_secs + 1)
 

@@ -607,7 +607,13 @@ class Memory:
 
     # --- lifecycle -----------------------------------------------------------
     def close(self) -> None:
-        """Finish pending work, save the index cache, release providers. Idempotent."""
+        """Finish pending work, save the index cache, release providers. Idempotent.
+
+        Bounded: the calls in flight (from other threads or tasks) get a grace (5 s) to finish.
+        Then a call is failed with :class:`~umi.MemoryClosedError` when none of its storage jobs
+        was running (a single write did not commit), or with :class:`~umi.OutcomeUnknownError`
+        when one was: a storage job cannot be stopped, so it may commit after close() returns,
+        and the store is closed once it ends."""
         if self._closed:
             return
         if self._owner:
