@@ -22,6 +22,7 @@ the builtin :class:`TypeError`, as Python does.
     │   ├── InvalidEntityTypeError     .actual
     │   ├── InvalidEvolutionTypeError  .actual
     │   ├── InvalidFilterError
+    │   │   └── InvalidMetadataError
     │   ├── InvalidScopeError          .component, .value
     │   ├── InvalidConfigError
     │   └── NotAnIntegerError          .key
@@ -64,6 +65,7 @@ __all__ = [
     "InvalidEntityTypeError",
     "InvalidEvolutionTypeError",
     "InvalidFilterError",
+    "InvalidMetadataError",
     "InvalidScopeError",
     "InvalidConfigError",
     "NotAnIntegerError",
@@ -174,6 +176,15 @@ class InvalidEvolutionTypeError(ValidationError):
 
 class InvalidFilterError(ValidationError):
     """A search filter was malformed (e.g. a non-scalar metadata value)."""
+
+
+class InvalidMetadataError(InvalidFilterError):
+    """A metadata mapping to store — ``RememberOptions(metadata=...)``, an entity's or a source's —
+    was malformed: a key that is empty, too long or holds forbidden characters, a value that is
+    not a scalar or not finite (NaN, inf), or too many keys or bytes. The message names the
+    mapping and the key. The same rule as a metadata *filter*'s (which raises
+    :class:`InvalidFilterError`); also an ``InvalidFilterError``, which it was before it had a type
+    of its own."""
 
 
 class InvalidScopeError(ValidationError):

@@ -129,3 +129,24 @@ def test_close_returns_though_a_storage_job_hangs_and_tells_its_call_the_outcome
     monkeypatch.undo()
     with open_memory(tmp_path / "held.duckdb") as again:
         assert current(again) == [ACME]  # the outcome the call could not be told: committed
+
+
+# --- 3. a wrong metadata value is named as such ------------------------------------------------------
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_a_non_finite_metadata_value_is_named_as_metadata_and_its_key(bad: float) -> None:
+    with pytest.raises(umi.InvalidMetadataError) as caught:
+        umi.RememberOptions(metadata={"ok": 1.5, "score": bad})
+    msg = str(caught.value)
+    assert "RememberOptions.metadata['score']" in msg and "finite" in msg and "filter" not in msg  # was: a filter error
+    assert type(caught.value).__name__ == "InvalidMetadataError"
+    # the same rule, other callers: the builder, an entity, and a filter (which says filter)
+    with pytest.raises(umi.InvalidMetadataError, match=r"RememberOptions\.metadata\['score'\]"):
+        umi.RememberOptions().with_metadata({"score": bad})
+    with pytest.raises(umi.InvalidMetadataError, match=r"metadata\['score'\] must be finite"):
+        umi.Entity(entity_type="person", name="Alice", content="Alice works at Acme", metadata={"score": bad})
+    with pytest.raises(umi.InvalidFilterError, match=r"metadata filter\['score'\] must be finite") as f:
+        umi.SearchFilters(metadata={"score": bad})
+    assert not isinstance(f.value, umi.InvalidMetadataError)
+    # still what it was before it had a type of its own
+    assert issubclass(umi.InvalidMetadataError, umi.InvalidFilterError)
+    assert issubclass(umi.InvalidMetadataError, umi.ValidationError) and umi.errors.InvalidMetadataError is umi.InvalidMetadataError
