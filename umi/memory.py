@@ -476,12 +476,13 @@ class Memory:
         (superseded ones only with ``include_superseded=True``), in one transaction; returns how
         many.
 
-        What a forgotten fact had superseded: if the forgotten fact was current (or everything that
-        replaced it is forgotten too), it is revived, unless another stored fact supersedes it. If
-        a fact that stays had replaced the forgotten one, it stays superseded, linked to that fact
-        by a new superseding relation (Acme → Initech, Acme restated, Acme corrected to Globex:
-        forgetting Acme leaves Globex the one current fact, and forgetting Globex then revives
-        Initech). ``forget_source`` and ``forget_scope`` follow the same rule."""
+        What a forgotten fact had superseded stays superseded while a current fact that stays
+        still replaces it (linked to the next such fact by a new superseding relation when its
+        chain ran through the forgotten one); else it is revived if it was the current one just
+        before the forgotten one (Acme → Initech, Acme restated, Acme corrected to Globex:
+        forgetting Acme leaves Globex the one current fact; forgetting Globex then revives
+        Initech). ``forget_source`` and ``forget_scope`` follow the same rule
+        (:mod:`umi.pipeline.forget`)."""
         if (entity_id is None) == (where is None):
             raise TypeError("forget() takes an entity id or where=SearchFilters(...), not both or neither")
         if where is not None:

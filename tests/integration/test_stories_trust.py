@@ -89,6 +89,37 @@ def test_forget_source_and_forget_where_follow_the_same_chain_rule(tmp_path: Pat
         assert m.get_sync(initech[0].id).valid_to is not None
 
 
+def _current_id(m: umi.Memory, text: str) -> str:
+    return next(h.id for h in m.recall_sync(WHERE, RecallOptions(limit=10)) if h.content == text)
+
+
+def test_forgetting_the_current_fact_brings_back_the_one_current_just_before_it_and_only_it() -> None:
+    """Found by the state machine (tests/unit/test_forget_chain_model.py). Was: both the
+    correction of Acme (retired when Initech was told) and the correction of Initech (retired when
+    Initech was told again) came back."""
+    with sim_memory() as m:
+        m.remember_sync("Alice now works at Acme.")
+        m.update_sync(_current_id(m, "Alice now works at Acme."), "Alice works at Acme now, corrected.")
+        m.remember_sync(INITECH)
+        m.update_sync(_current_id(m, INITECH), "Alice works at Initech now, corrected.")
+        m.remember_sync(INITECH)  # told again: the correction is retired
+        assert current(m) == [INITECH]
+        assert m.forget_sync(_current_id(m, INITECH)) is True
+        assert current(m) == ["Alice works at Initech now, corrected."]
+
+
+def test_a_relation_left_from_an_earlier_turn_does_not_keep_the_fact_before_superseded() -> None:
+    """Found by the state machine. Was: no current fact at all (Globex kept superseded by its old
+    relation to its first correction, itself superseded)."""
+    with sim_memory() as m:
+        m.remember_sync(GLOBEX)
+        m.update_sync(_current_id(m, GLOBEX), "Alice works at Acme now, corrected.")
+        m.remember_sync(GLOBEX)  # told again: the correction is retired
+        m.update_sync(_current_id(m, GLOBEX), "Alice works at Initech now, corrected.")
+        assert m.forget_sync(_current_id(m, "Alice works at Initech now, corrected.")) is True
+        assert current(m) == [GLOBEX]
+
+
 # --- 2. close() is bounded, and a call whose storage job runs on is told so ---------------------------
 def test_close_returns_though_a_storage_job_hangs_and_tells_its_call_the_outcome_is_unknown(
         held: tuple[umi.Memory, Gate], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
