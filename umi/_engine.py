@@ -6,6 +6,7 @@ identity a store records. :mod:`umi.memory` puts the public faces on it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import threading
 import time
@@ -222,7 +223,12 @@ class Engine:
         """Release the providers on the loop, stop the loop, close the store. In a child made by
         ``os.fork()`` only marks the engine closed: the loop does not exist there, and the providers'
         connections and the store belong to the parent (closing an inherited connection or file
-        from the child would close or checkpoint it under the parent)."""
+        from the child would close or checkpoint it under the parent).
+
+        Bounded: each provider's ``aclose`` gets the runner's ``grace_secs``, the calls in flight
+        get it too (:meth:`~umi._loop.LoopThread.close`). A storage job that does not end in time
+        cannot be stopped: its call is failed with :class:`~umi.OutcomeUnknownError`, and the store
+        is closed when that job ends (never under it)."""
         if self.closed:
             return
         self.runner.check_off_loop("close()")  # refused before it marks anything closed
@@ -234,10 +240,13 @@ class Engine:
             # Async SDK clients' connections belong to our loop: release them on it, before it stops.
             for p in (self.llm, self.embedder):
                 if p is not None:
-                    self.runner.run(p.aclose())
+                    try:
+                        self.runner.run(p.aclose(), timeout=self.runner.grace_secs)
+                    except concurrent.futures.TimeoutError:
+                        pass  # still pending: the runner's close cancels it
         finally:
             self.runner.close()
-            self.storage.close()
+            self.runner.after_io(self.storage.close)
 
 
 class StoredBlocks:

@@ -7,13 +7,22 @@ SDK clients stay bound to one loop, one ``asyncio.Lock`` serialises writes from
 every caller, and the ``_sync`` twins work from any thread — including a thread
 of another running event loop.
 
-No caller is ever left blocked:
+No caller is ever left blocked, and none is told less than the truth:
 
-* **close.** :meth:`LoopThread.close` refuses new calls at once, lets the calls in
-  flight finish for ``grace_secs``, then fails every one still pending with
-  :class:`MemoryClosedError` (and cancels its task on the loop) before stopping the
-  loop. A thread that was inside ``remember_sync`` when another thread closed the
-  Memory gets that error, never a hang.
+* **close.** :meth:`LoopThread.close` refuses new calls at once and lets the calls in
+  flight finish for ``grace_secs``. Then each call still pending is failed — and its task
+  cancelled — with
+
+  - :class:`OutcomeUnknownError` when one of its storage jobs (``io``) had started and not
+    yet handed its result back: a thread cannot be stopped, so that job runs on and may
+    commit. The job's caller is not told "closed" as if nothing happened.
+  - :class:`MemoryClosedError` otherwise (waiting for the write lock, a provider, or between
+    jobs): no job of it is running, and none starts after this point (an I/O job not started
+    by then never runs).
+
+  Every wait of close() has an end (``grace_secs`` and a few seconds more). A storage job
+  still running when close() returns is left to end on its thread; :meth:`LoopThread.after_io`
+  runs what must wait for it (closing the store) when it does.
 * **fork.** The loop thread does not exist in a child made by ``os.fork()``. Every
   call on a runner inherited across a fork — ``close()`` excepted, which only marks it
   closed — raises :class:`ForkedProcessError` at once; open a new ``Memory`` in the
@@ -24,20 +33,37 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import os
 import threading
 import weakref
 from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 
-from .errors import ForkedProcessError, LoopReentryError, MemoryClosedError, UmiError
+from .errors import ForkedProcessError, LoopReentryError, MemoryClosedError, OutcomeUnknownError, UmiError
 
 T = TypeVar("T")
 
 # MemoryClosedError / ForkedProcessError live in umi.errors (exported as umi.*); re-exported here
-__all__ = ["LoopThread", "MemoryClosedError", "ForkedProcessError", "CLOSE_GRACE_SECS"]
+__all__ = ["LoopThread", "MemoryClosedError", "OutcomeUnknownError", "ForkedProcessError", "CLOSE_GRACE_SECS"]
 
 #: how long close() lets calls in flight finish before failing them
 CLOSE_GRACE_SECS = 5.0
+
+#: how long close() waits for the loop itself (its own callbacks, the thread's end), beyond the grace
+LOOP_WAIT_SECS = 10.0
+
+
+class _Call:
+    """One call submitted to the loop: how many of its storage jobs have started and not yet
+    handed their result back to it."""
+
+    __slots__ = ("running",)
+
+    def __init__(self) -> None:
+        self.running = 0
+
+
+_CALL: "contextvars.ContextVar[_Call | None]" = contextvars.ContextVar("umi_call", default=None)
 
 
 _RUNNERS: "weakref.WeakSet[LoopThread]" = weakref.WeakSet()
@@ -60,8 +86,11 @@ class LoopThread:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._lock = threading.Lock()
-        self._pending: set[concurrent.futures.Future[Any]] = set()
+        self._pending: dict[concurrent.futures.Future[Any], _Call] = {}
         self._closed = False
+        self._stopping = False  # close() has failed the pending calls: no I/O job starts any more
+        self._jobs = 0  # I/O jobs running on their threads
+        self._idle: list[Callable[[], object]] = []  # after_io callbacks waiting for them
         self._forked = False
         self._pid = os.getpid()
         self.grace_secs = grace_secs
@@ -91,19 +120,21 @@ class LoopThread:
     def _submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Schedule ``coro`` on the loop; its future is failed by close() if still pending."""
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        call = _Call()
         with self._lock:
             try:
                 self._check_open()
             except UmiError:
                 coro.close()
                 raise
-            self._pending.add(fut)
+            self._pending[fut] = call
         fut.add_done_callback(self._forget)
 
         ended = False  # the coroutine has ended: nothing is left to cancel
 
         async def runner() -> None:
             nonlocal ended
+            _CALL.set(call)  # this task's context (and its child tasks'): io() counts its jobs here
             try:
                 result = await coro
             except asyncio.CancelledError as exc:
@@ -139,16 +170,17 @@ class LoopThread:
 
     def _forget(self, fut: concurrent.futures.Future[Any]) -> None:
         with self._lock:
-            self._pending.discard(fut)
+            self._pending.pop(fut, None)
 
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the loop and block until it finishes (or the runner closes)."""
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the loop and block until it finishes (or the runner closes; or
+        ``timeout`` seconds pass: ``concurrent.futures.TimeoutError``, the call runs on)."""
         try:
             self.check_off_loop("a _sync method", "; await the async method")
         except LoopReentryError:
             coro.close()
             raise
-        return self._submit(coro).result()
+        return self._submit(coro).result(timeout)
 
     def check_off_loop(self, what: str, hint: str = "") -> None:
         """:class:`~umi.LoopReentryError` when called on the loop's own thread (a progress callback, say), where
@@ -173,12 +205,61 @@ class LoopThread:
         A thread cannot be stopped, so a coroutine cancelled while awaiting a job that has started
         unwinds only once the job has ended: a write lock it holds stays held until its commit is
         done, and the next writer sees that commit (it used to release the lock at once and let the
-        next writer read and commit beside the cancelled one). A job not started yet is dropped."""
-        return _to_end(self._io.submit(fn, *args))
+        next writer read and commit beside the cancelled one). A job not started yet is dropped.
+
+        While the job runs, and until its result is back in the calling coroutine, the call counts
+        it (:class:`_Call`): close() tells such a call :class:`OutcomeUnknownError`. Once close()
+        has failed the pending calls, a job not started yet never starts."""
+        call = _CALL.get()
+        started = False
+
+        def job() -> T:
+            nonlocal started
+            with self._lock:
+                if self._stopping:
+                    raise MemoryClosedError("this Memory is closed")
+                started = True
+                self._jobs += 1
+                if call is not None:
+                    call.running += 1
+            try:
+                return fn(*args)
+            finally:
+                with self._lock:
+                    self._jobs -= 1
+                    idle = self._idle if self._jobs == 0 else []
+                    if idle:
+                        self._idle = []
+                for cb in idle:
+                    _quietly(cb)
+
+        async def handed_back() -> T:
+            try:
+                return await _to_end(self._io.submit(job))
+            finally:
+                if started and call is not None:
+                    with self._lock:
+                        call.running -= 1
+
+        return handed_back()
+
+    def after_io(self, fn: Callable[[], object]) -> None:
+        """Run ``fn()`` now if no I/O job is running, else on the thread of the last one to end
+        (close() may return while a storage job it could not stop still runs; the store is closed
+        after it). Errors of ``fn`` are swallowed: nobody is left to hear them."""
+        with self._lock:
+            if self._jobs:
+                self._idle.append(fn)
+                return
+        fn()
 
     def close(self) -> None:
-        """Refuse new calls, let calls in flight finish for ``grace_secs``, fail the rest
-        with :class:`MemoryClosedError`, stop the loop. Idempotent; from any thread."""
+        """Refuse new calls, let calls in flight finish for ``grace_secs``, then fail the rest:
+        :class:`OutcomeUnknownError` for a call whose storage job is running (it may commit),
+        :class:`MemoryClosedError` for any other; stop the loop. Every wait is bounded (the
+        grace, then at most ``grace_secs + 1`` and :data:`LOOP_WAIT_SECS` for the loop); a
+        storage job still running is left to end on its own thread (:meth:`after_io`).
+        Idempotent; from any thread."""
         self.check_off_loop("close()")  # refused before it marks anything closed
         with self._lock:
             if self._closed:
@@ -189,16 +270,28 @@ class LoopThread:
             return
         if pending:
             concurrent.futures.wait(pending, timeout=self.grace_secs)
-        for fut in pending:
-            _settle(fut, exc=MemoryClosedError(
-                f"this Memory was closed while the call was running (it had {self.grace_secs:g} s to finish)"))
+        # Decided on the loop, between two steps of the calls' coroutines: a job's result is
+        # either still out (unknown) or already returned into a coroutine that then ran on.
+        decided: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def decide() -> None:
+            self._fail_pending()
+            decided.set_result(None)
+
+        try:
+            self.loop.call_soon_threadsafe(decide)
+            decided.result(timeout=LOOP_WAIT_SECS)
+        except (concurrent.futures.TimeoutError, RuntimeError):  # pragma: no cover - a loop stuck in a callback
+            self._fail_pending()
 
         async def cancel_rest() -> None:
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for t in tasks:
                 t.cancel()
-            if tasks:
-                await asyncio.wait(tasks, timeout=self.grace_secs)
+            if tasks:  # a task waiting for a running storage job ends with it: not waited for beyond this
+                _, stuck = await asyncio.wait(tasks, timeout=self.grace_secs)
+                for t in stuck:  # its call was told OutcomeUnknownError; the loop closes under it on purpose
+                    t._log_destroy_pending = False  # type: ignore[attr-defined]
             # asyncio.to_thread's workers (the default executor) would outlive the loop
             await asyncio.wait_for(self.loop.shutdown_default_executor(), timeout=self.grace_secs + 1)
 
@@ -207,10 +300,28 @@ class LoopThread:
         except (concurrent.futures.TimeoutError, asyncio.TimeoutError, RuntimeError):  # pragma: no cover
             pass
         self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=10)
-        self._io.shutdown(wait=True)
+        self._thread.join(timeout=LOOP_WAIT_SECS)
+        # jobs not started are dropped; a running one cannot be stopped and is not waited for
+        self._io.shutdown(wait=False, cancel_futures=True)
         if not self._thread.is_alive():
             self.loop.close()
+
+    def _fail_pending(self) -> None:
+        """Fail every call still pending (see :meth:`close`); from here on no I/O job starts."""
+        with self._lock:
+            self._stopping = True
+            failed = [(fut, call.running > 0) for fut, call in self._pending.items() if not fut.done()]
+        for fut, running in failed:
+            if running:
+                _settle(fut, exc=OutcomeUnknownError(
+                    f"this Memory was closed while the call's storage job was running; it did not end within "
+                    f"the close grace of {self.grace_secs:g} s and cannot be stopped, so the call's outcome is "
+                    "unknown: it may have committed (look with get/recall, or remember again: a text told "
+                    "again is not stored twice)", grace_secs=self.grace_secs))
+            else:
+                _settle(fut, exc=MemoryClosedError(
+                    f"this Memory was closed while the call was running (it had {self.grace_secs:g} s to finish; "
+                    "no storage job of it was running, and none runs after this)"))
 
 
 async def _to_end(job: concurrent.futures.Future[T]) -> T:
@@ -237,4 +348,11 @@ def _settle(fut: concurrent.futures.Future[Any], *, result: Any = None, exc: Bas
         else:
             fut.set_exception(exc)
     except concurrent.futures.InvalidStateError:
+        pass
+
+
+def _quietly(fn: Callable[[], object]) -> None:
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - an after_io callback on a job's thread: nobody to tell
         pass

@@ -180,17 +180,19 @@ def check_input_text(value: object, what: str, max_bytes: int, empty: type[Valid
     return value
 
 
-def check_metadata_limits(metadata: Mapping[str, Any], what: str = "metadata") -> None:
-    """Count, key, value and total size limits of one (already scalar-checked) mapping."""
+def check_metadata_limits(metadata: Mapping[str, Any], what: str = "metadata",
+                          error: type[ValidationError] = InvalidFilterError) -> None:
+    """Count, key, value and total size limits of one (already scalar-checked) mapping; ``error``
+    names what was wrong (see :func:`umi.types.validate_metadata`)."""
     if len(metadata) > METADATA_KEYS_MAX:
-        raise InvalidFilterError(f"{what} has {len(metadata)} keys; the limit is {METADATA_KEYS_MAX}")
+        raise error(f"{what} has {len(metadata)} keys; the limit is {METADATA_KEYS_MAX}")
     total = 0
     for k, v in metadata.items():
-        total += utf8_len(k, f"{what} key {k!r}", InvalidFilterError)
+        total += utf8_len(k, f"{what} key {k!r}", error)
         if isinstance(v, str):
-            n = utf8_len(v, f"{what}[{k!r}]", InvalidFilterError)
+            n = utf8_len(v, f"{what}[{k!r}]", error)
             if n > METADATA_VALUE_BYTES_MAX:
-                raise InvalidFilterError(f"{what}[{k!r}] is {n} UTF-8 bytes; the limit is "
+                raise error(f"{what}[{k!r}] is {n} UTF-8 bytes; the limit is "
                                          f"{METADATA_VALUE_BYTES_MAX} bytes per value")
             total += n
         elif isinstance(v, int) and not isinstance(v, bool):
@@ -199,4 +201,4 @@ def check_metadata_limits(metadata: Mapping[str, Any], what: str = "metadata") -
         elif v is not None:
             total += len(repr(v))
     if total > METADATA_BYTES_MAX:
-        raise InvalidFilterError(f"{what} is {total} bytes in all; the limit is {METADATA_BYTES_MAX} bytes")
+        raise error(f"{what} is {total} bytes in all; the limit is {METADATA_BYTES_MAX} bytes")

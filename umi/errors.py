@@ -22,6 +22,7 @@ the builtin :class:`TypeError`, as Python does.
     │   ├── InvalidEntityTypeError     .actual
     │   ├── InvalidEvolutionTypeError  .actual
     │   ├── InvalidFilterError
+    │   │   └── InvalidMetadataError
     │   ├── InvalidScopeError          .component, .value
     │   ├── InvalidConfigError
     │   └── NotAnIntegerError          .key
@@ -40,6 +41,7 @@ the builtin :class:`TypeError`, as Python does.
     │   ├── InvalidResponseError
     │   └── ProviderNotInstalledError  .extra
     ├── MemoryClosedError
+    ├── OutcomeUnknownError            .grace_secs
     ├── ForkedProcessError
     ├── LoopReentryError           (also a RuntimeError)
     └── TransferFileError          (also an OSError)
@@ -63,6 +65,7 @@ __all__ = [
     "InvalidEntityTypeError",
     "InvalidEvolutionTypeError",
     "InvalidFilterError",
+    "InvalidMetadataError",
     "InvalidScopeError",
     "InvalidConfigError",
     "NotAnIntegerError",
@@ -81,6 +84,7 @@ __all__ = [
     "InvalidResponseError",
     "ProviderNotInstalledError",
     "MemoryClosedError",
+    "OutcomeUnknownError",
     "ForkedProcessError",
     "LoopReentryError",
     "TransferFileError",
@@ -172,6 +176,15 @@ class InvalidEvolutionTypeError(ValidationError):
 
 class InvalidFilterError(ValidationError):
     """A search filter was malformed (e.g. a non-scalar metadata value)."""
+
+
+class InvalidMetadataError(InvalidFilterError):
+    """A metadata mapping to store — ``RememberOptions(metadata=...)``, an entity's or a source's —
+    was malformed: a key that is empty, too long or holds forbidden characters, a value that is
+    not a scalar or not finite (NaN, inf), or too many keys or bytes. The message names the
+    mapping and the key. The same rule as a metadata *filter*'s (which raises
+    :class:`InvalidFilterError`); also an ``InvalidFilterError``, which it was before it had a type
+    of its own."""
 
 
 class InvalidScopeError(ValidationError):
@@ -301,7 +314,24 @@ class ProviderNotInstalledError(ProviderError):
 
 
 class MemoryClosedError(UmiError):
-    """The Memory was closed before (or while) this call ran; nothing more will run on it."""
+    """The Memory was closed before (or while) this call ran; nothing more will run on it. A call
+    failed with it while running had no storage job running then (it was waiting for the write
+    lock, a provider, or between two jobs), so a single write (``remember``, ``update``,
+    ``forget``) did not commit; a call of many writes (``remember_many``, ``import_``) keeps what
+    it had committed before, as when it fails. Compare :class:`OutcomeUnknownError`."""
+
+
+class OutcomeUnknownError(UmiError):
+    """``close()`` ended this call while one of its storage jobs was still running, after the
+    calls in flight had the close grace (``.grace_secs``) to finish. A thread cannot be stopped:
+    the job runs on and **may have committed** (the store is closed once it ends). Not a
+    :class:`MemoryClosedError`, which promises no job of the call was running: look at the store
+    (``get`` / ``recall`` after reopening) before retrying a write that is not idempotent
+    (``remember`` of the same text is: a text told again is not stored twice)."""
+
+    def __init__(self, message: str, *, grace_secs: float | None = None) -> None:
+        super().__init__(message)
+        self.grace_secs = grace_secs
 
 
 class ForkedProcessError(UmiError):

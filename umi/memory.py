@@ -463,7 +463,7 @@ class Memory:
 
     # --- forget --------------------------------------------------------------
     async def _forget_ids(self, find: Callable[[PipelineContext], list[str]], source_id: str | None = None) -> int:
-        """Find ids and forget them (reviving what only they had superseded), under the write lock."""
+        """Find ids and forget them (the chain rule of :mod:`umi.pipeline.forget`), under the write lock."""
         ctx = self._ctx
         return await self._engine.locked_io(
             lambda: _forget.forget_ids(ctx, find(ctx), self._engine.now_ms(), source_id=source_id))
@@ -471,10 +471,18 @@ class Memory:
     @_on_loop
     async def forget(self, entity_id: str | None = None, *, where: SearchFilters | None = None) -> int:
         """``forget(entity_id)``: forget a fact of this view's scope — with the other facets of its
-        statement — everywhere it is stored, and revive what only it had superseded: True, or False
-        when the view sees nothing with that id. ``forget(where=filters)``: forget every fact of
-        this view the filters match (superseded ones only with ``include_superseded=True``), in
-        one transaction; returns how many."""
+        statement — everywhere it is stored: True, or False when the view sees nothing with that
+        id. ``forget(where=filters)``: forget every fact of this view the filters match
+        (superseded ones only with ``include_superseded=True``), in one transaction; returns how
+        many.
+
+        What a forgotten fact had superseded stays superseded while a current fact that stays
+        still replaces it (linked to the next such fact by a new superseding relation when its
+        chain ran through the forgotten one); else it is revived if it was the current one just
+        before the forgotten one (Acme → Initech, Acme restated, Acme corrected to Globex:
+        forgetting Acme leaves Globex the one current fact; forgetting Globex then revives
+        Initech). ``forget_source`` and ``forget_scope`` follow the same rule
+        (:mod:`umi.pipeline.forget`)."""
         if (entity_id is None) == (where is None):
             raise TypeError("forget() takes an entity id or where=SearchFilters(...), not both or neither")
         if where is not None:
@@ -608,7 +616,13 @@ class Memory:
 
     # --- lifecycle -----------------------------------------------------------
     def close(self) -> None:
-        """Finish pending work, save the index cache, release providers. Idempotent."""
+        """Finish pending work, save the index cache, release providers. Idempotent.
+
+        Bounded: the calls in flight (from other threads or tasks) get a grace (5 s) to finish.
+        Then a call is failed with :class:`~umi.MemoryClosedError` when none of its storage jobs
+        was running (a single write did not commit), or with :class:`~umi.OutcomeUnknownError`
+        when one was: a storage job cannot be stopped, so it may commit after close() returns,
+        and the store is closed once it ends."""
         if self._closed:
             return
         if self._owner:

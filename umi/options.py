@@ -167,7 +167,7 @@ class RememberOptions:
             V.check_bool(getattr(self, switch), switch)
         object.__setattr__(self, "importance", _check_importance(self.importance))
         if self.metadata is not None:
-            object.__setattr__(self, "metadata", validate_metadata(self.metadata))
+            object.__setattr__(self, "metadata", validate_metadata(self.metadata, what="RememberOptions.metadata"))
         _check_time(self.event_time, "event_time (int milliseconds since the epoch)")
 
     def without_extraction(self) -> "RememberOptions":

@@ -29,8 +29,8 @@ from .errors import (
     InvalidConfidenceError,
     InvalidEntityTypeError,
     InvalidEvolutionTypeError,
-    InvalidFilterError,
     InvalidImportanceError,
+    InvalidMetadataError,
     InvalidScopeError,
     ValidationError,
 )
@@ -321,7 +321,8 @@ def _check_unit(value: float, what: str, exc: type[ValidationError]) -> float:
     return V.check_real(value, what, 0.0, 1.0, exc)
 
 
-def validate_metadata(metadata: Mapping[str, Any] | None, *, what: str = "metadata") -> dict[str, MetadataValue]:
+def validate_metadata(metadata: Mapping[str, Any] | None, *, what: str = "metadata",
+                      error: type[ValidationError] = InvalidMetadataError) -> dict[str, MetadataValue]:
     """Return a copy of ``metadata`` after checking it is a flat str -> scalar mapping.
 
     Dicts, lists and operator-looking keys (``$gt``) are rejected: metadata is for
@@ -329,6 +330,10 @@ def validate_metadata(metadata: Mapping[str, Any] | None, *, what: str = "metada
     Sizes are bounded (:data:`umi._validate.METADATA_KEYS_MAX` keys,
     ``METADATA_VALUE_BYTES_MAX`` per string value, ``METADATA_BYTES_MAX`` in all), and a
     key or value holding a lone surrogate (not storable as UTF-8) is refused.
+
+    One rule for metadata to store and metadata to filter on; the caller names the thing:
+    ``what`` (in the message, with the key) and ``error`` — :class:`~umi.InvalidMetadataError`
+    for metadata to store, :class:`~umi.InvalidFilterError` for a filter's.
     """
     if metadata is None:
         return {}
@@ -336,19 +341,19 @@ def validate_metadata(metadata: Mapping[str, Any] | None, *, what: str = "metada
         raise TypeError(f"{what} must be a dict of str -> scalar, not {type(metadata).__name__}")
     out: dict[str, MetadataValue] = {}
     for k, v in metadata.items():
-        if not isinstance(k, str) or not k or V.utf8_len(k, f"{what} key", InvalidFilterError) > 128:
-            raise InvalidFilterError(f"{what} keys must be non-empty str of at most 128 bytes, got {k!r}")
+        if not isinstance(k, str) or not k or V.utf8_len(k, f"{what} key", error) > 128:
+            raise error(f"{what} keys must be non-empty str of at most 128 bytes, got {k!r}")
         if k.startswith("$") or any(c in k for c in "\"'`;\\\x00"):
-            raise InvalidFilterError(f"{what} key {k!r} contains characters that are not allowed")
+            raise error(f"{what} key {k!r} contains characters that are not allowed")
         if v is not None and not isinstance(v, (str, int, float, bool)):
-            raise InvalidFilterError(
+            raise error(
                 f"{what}[{k!r}] must be a scalar (str, int, float, bool or None), "
                 f"not {type(v).__name__}"
             )
         if isinstance(v, float) and not math.isfinite(v):
-            raise InvalidFilterError(f"{what}[{k!r}] must be finite, got {v!r}")
+            raise error(f"{what}[{k!r}] must be finite, got {v!r}")
         out[k] = v
-    V.check_metadata_limits(out, what)
+    V.check_metadata_limits(out, what, error)
     return out
 
 

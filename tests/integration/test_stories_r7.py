@@ -42,6 +42,7 @@ class Gate:
     def __init__(self) -> None:
         self.entered = threading.Event()
         self.release = threading.Event()
+        self.left = threading.Event()  # the held call has returned from the store method
         self.calls = 0
 
     def wrap(self, method: Any) -> Any:
@@ -53,6 +54,7 @@ class Gate:
             if gate.calls == 1:
                 gate.entered.set()
                 gate.release.wait(30)
+                gate.left.set()
             return out
 
         return gated
@@ -418,6 +420,9 @@ def test_story_close_while_other_threads_call_ends_every_call_and_loses_no_ackno
             except umi.MemoryClosedError:
                 outcomes.append("closed")
                 return
+            except umi.OutcomeUnknownError:  # its storage job outlived close()'s grace (5 s): rare
+                outcomes.append("unknown")
+                return
         outcomes.append("finished")
 
     threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
@@ -429,7 +434,7 @@ def test_story_close_while_other_threads_call_ends_every_call_and_loses_no_ackno
     m.close()
     for t in threads:
         t.join(60)
-    assert not any(t.is_alive() for t in threads) and outcomes.count("closed") + outcomes.count("finished") == 4
+    assert not any(t.is_alive() for t in threads) and len(outcomes) == 4
     with open_memory(db) as m2:
         assert all(m2.get_sync(i) is not None for i in acked) and m2.count_sync() >= len(acked) >= 8
 

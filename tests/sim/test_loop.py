@@ -217,3 +217,76 @@ def test_a_sync_call_wakes_the_loop_once() -> None:
         assert len(calls) == 11
     finally:
         runner.close()
+
+
+# --- close() is bounded; a call whose storage job runs on is told its outcome is unknown --------------
+def test_close_does_not_wait_for_a_hung_io_job_and_runs_after_io_when_it_ends() -> None:
+    runner = LoopThread(io_workers=1, grace_secs=0.05)
+    entered, release, ended = threading.Event(), threading.Event(), threading.Event()
+    queued_ran: list[bool] = []
+
+    def hung() -> str:
+        entered.set()
+        release.wait(30)
+        ended.set()
+        return "committed"
+
+    async def write() -> str:
+        return await runner.io(hung)
+
+    async def queued() -> None:  # its job waits for the one I/O worker
+        await runner.io(lambda: queued_ran.append(True))
+
+    out: list[object] = []
+
+    def call(coro) -> None:  # type: ignore[no-untyped-def]
+        try:
+            out.append(runner.run(coro))
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            out.append(exc)
+
+    threads = [threading.Thread(target=call, args=(write(),))]
+    threads[0].start()
+    assert entered.wait(30)
+    threads.append(threading.Thread(target=call, args=(queued(),)))
+    threads[1].start()
+    while len(runner._pending) < 2:  # both calls submitted
+        threading.Event().wait(0.001)
+    runner.close()  # was: waited for the hung job (here: until its 30 s safety)
+    assert not ended.is_set()
+    closed_after: list[bool] = []
+    runner.after_io(lambda: closed_after.append(ended.is_set()))
+    assert closed_after == []  # the job still runs: after_io waits for it
+    for t in threads:
+        t.join(30)
+    unknown = [e for e in out if isinstance(e, umi.OutcomeUnknownError)]
+    closed = [e for e in out if type(e) is MemoryClosedError]
+    assert len(unknown) == 1 and len(closed) == 1, out  # the queued job never started: closed
+    release.set()
+    assert ended.wait(30)
+    while not closed_after:  # the last job's thread runs the callback as it ends
+        threading.Event().wait(0.001)
+    assert closed_after == [True] and queued_ran == []  # a job not started by then never runs
+    ran: list[int] = []
+    runner.after_io(lambda: ran.append(1))  # no job running: at once
+    assert ran == [1]
+
+
+def test_close_bounds_a_provider_aclose_that_hangs() -> None:
+    release, ended = threading.Event(), threading.Event()
+
+    def hang() -> None:
+        release.wait(30)
+        ended.set()
+
+    class Hanging(SimEmbeddingProvider):
+        async def aclose(self) -> None:
+            await asyncio.to_thread(hang)
+
+    m = _memory(Hanging(7, 32))
+    m.remember_sync("Alice works at Acme")
+    m.close()  # was: waited for aclose without end (here: until its 30 s safety)
+    assert not ended.is_set()
+    release.set()
+    with pytest.raises(MemoryClosedError):
+        m.remember_sync("Bob lives in Berlin")

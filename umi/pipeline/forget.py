@@ -1,10 +1,29 @@
 """The forget pipeline: a statement, a source, or every fact a filter matches.
 
 Forgetting is storage's ``delete`` (row, vector, postings, history snapshots → tombstones,
-relations, and the source text once no fact comes from it) plus one rule that lives here:
-a fact that the forgotten facts had superseded is **revived**, unless another fact that
-is still stored supersedes it too (a relation of a superseding kind at
-``confidence >= MemoryConfig.supersede_confidence``).
+relations, and the source text once no fact comes from it) plus one rule that lives here,
+about each fact the forgotten facts had superseded (a relation of a superseding kind at
+``confidence >= MemoryConfig.supersede_confidence`` from it to a forgotten fact; a relation's
+source is the older fact, its target the newer):
+
+* **It stays superseded** when a current fact that stays still replaces it: following
+  replacements of replacements (:func:`~umi.pipeline.remember.replacements`), walking on
+  through forgotten facts that were superseded themselves. Where its chain ran through a
+  forgotten fact, a new superseding relation (the kind and confidence of the one that retired
+  it) links it to the next fact that stays, so the chain is kept for ``history``,
+  ``relations`` and a later forget.
+* **Else its chain ended with what is forgotten now** (the forgotten fact was current, or all
+  after it is forgotten in the same call), and it is **revived** if it was the current one
+  just before: of the facts whose chains end at one forgotten current fact, those retired
+  last come back (the facets of one statement, or facts it replaced at once, retire together);
+  the others stay superseded, linked to them.
+
+Acme → Initech, Acme told again (Initech retired), Acme corrected to Globex, Acme forgotten:
+Globex stays the one current fact, Initech → Globex; forgetting Globex then revives Initech.
+A relation left from an earlier turn of a chain (Acme → Initech, still there after Acme was
+told again) keeps nothing superseded by itself: only a current fact it leads to does. (The old
+rule, "revived unless another stored fact supersedes it", could leave two current facts, or
+none.)
 
 ``forget(entity_id)`` forgets the *statement* the fact states: recall shows the facets of
 one sentence (same source, same content) as one result, so forgetting that result removes
@@ -15,12 +34,13 @@ Each call is one read (in the caller's I/O hop) and one transaction, under the w
 
 from __future__ import annotations
 
+import uuid
 from typing import Iterable
 
 from ..storage.base import SearchFilters
-from ..types import Entity
+from ..types import UMI_NAMESPACE, Entity, EvolutionRelation
 from .context import PipelineContext
-from .remember import statement_key
+from .remember import follow, replacements, statement_key, supersedes
 
 __all__ = ["statement_ids", "source_ids", "filter_ids", "forget_ids"]
 
@@ -60,27 +80,98 @@ def filter_ids(ctx: PipelineContext, filters: SearchFilters) -> list[str]:
         offset += len(page)
 
 
-def _supersedes(ctx: PipelineContext, rel: object) -> bool:
-    return bool(rel.evolution_type.supersedes  # type: ignore[attr-defined]
-                and rel.confidence >= ctx.config.supersede_confidence)  # type: ignore[attr-defined]
+def _after(ctx: PipelineContext, start: str, gone: set[str]) -> list[Entity]:
+    """What ``start`` leads to, walking on only through forgotten facts that were superseded."""
+    return follow(ctx, start, lambda t: t.id in gone and t.valid_to is not None)
+
+
+def _next_staying(ctx: PipelineContext, e: Entity, gone: set[str]) -> list[Entity]:
+    """The first facts that stay after the forgotten ``e`` in its chain: what replaced it, or,
+    for a replacement forgotten too and superseded itself, what replaced that. [] for a current
+    ``e`` (its own chain ends with it)."""
+    if e.valid_to is None:
+        return []
+    return sorted((t for t in _after(ctx, e.id, gone) if t.id not in gone), key=lambda t: t.id)
+
+
+def _latest(ctx: PipelineContext, ids: list[str], gone: set[str]) -> tuple[list[str], dict[str, list[Entity]]]:
+    """Of facts whose chain ends in a forgotten current fact, the ones to revive: per such end,
+    those retired last (current just before it; facets of one statement, or facts it replaced
+    at once, retire together); and for each of the others, the ones revived after it in the
+    same chain (Acme corrected, Initech, Initech corrected, Initech told again, Initech forgotten:
+    the correction of Initech is current again, not the correction of Acme too)."""
+    facts = {e.id: e for e in ctx.storage.get_many(ids)}
+
+    def ends(start: str) -> set[str]:
+        """The forgotten current facts ``start`` leads to through forgotten facts."""
+        return {t.id for t in _after(ctx, start, gone) if t.id in gone and t.valid_to is None}
+
+    def retired(i: str) -> int:
+        return facts[i].valid_to or 0
+
+    by_end: dict[str, list[str]] = {}
+    for i in sorted(facts):
+        for end in ends(i):
+            by_end.setdefault(end, []).append(i)
+    later: dict[str, set[str]] = {}
+    for group in by_end.values():
+        last = max(retired(i) for i in group)
+        for i in group:
+            if retired(i) < last:
+                later.setdefault(i, set()).update(j for j in group if retired(j) == last)
+    keep = [i for i in ids if i in facts and i not in later]
+    return keep, {i: [facts[j] for j in sorted(later[i]) if j in keep] for i in sorted(later)}
+
+
+def _relink(rel: EvolutionRelation, gone: Entity, to: Entity, at: int) -> EvolutionRelation:
+    """``rel.source_id`` stays superseded by ``to``: its chain to it ran through ``gone`` (one of
+    the facts forgotten now; ``rel`` retired it into one). Its id carries the instant, like a
+    restatement's."""
+    rid = str(uuid.uuid5(UMI_NAMESPACE, f"relink\x1f{rel.source_id}\x1f{to.id}\x1f{at}"))
+    return EvolutionRelation(rel.source_id, to.id, rel.evolution_type,
+                             f"kept superseded: {gone.id}, which had replaced it, was forgotten",
+                             rel.confidence, id=rid, created_at=at,
+                             scope=to.scope)  # a relation lives in its newer fact's scope
 
 
 def forget_ids(ctx: PipelineContext, ids: Iterable[str], at: int, *, source_id: str | None = None) -> int:
-    """Forget these facts in one transaction and revive what only they had superseded.
+    """Forget these facts in one transaction; revive what they had superseded when its chain ended
+    with them, else keep it superseded, re-linked past them (the module's rule).
     ``source_id``: also drop that source row (``forget_source`` of a text with no facts left).
     Returns how many facts were forgotten. The caller holds the write lock."""
     gone = ctx.storage.get_many(sorted(set(ids)))
     gone_ids = {e.id for e in gone}
-    # Facts these had superseded, and whether anything that stays supersedes them too.
+    # Facts these had superseded: by which relations, to which forgotten fact.
+    older: dict[str, list[tuple[EvolutionRelation, Entity]]] = {}
+    for e in gone:
+        for r in ctx.storage.relations_for(e.id):
+            if r.target_id == e.id and r.source_id not in gone_ids and supersedes(ctx, r):
+                older.setdefault(r.source_id, []).append((r, e))
     revive: list[str] = []
-    for cid in sorted({r.source_id for e in gone for r in ctx.storage.relations_for(e.id)
-                       if r.target_id == e.id and r.source_id not in gone_ids and _supersedes(ctx, r)}):
+    relink: dict[str, EvolutionRelation] = {}
+    for cid in sorted(older):
         c = ctx.storage.get(cid)
         if c is None or c.valid_to is None:
             continue
-        if not any(r.source_id == cid and r.target_id not in gone_ids and _supersedes(ctx, r)
-                   for r in ctx.storage.relations_for(cid)):
-            revive.append(cid)
+        # the current facts that still replace it, through the forgotten ones
+        now = [s for s in replacements(ctx, cid, gone=gone_ids) if s.id != cid]
+        if not now:
+            revive.append(cid)  # its chain ended with what is forgotten now (but see below)
+            continue
+        for r, e in older[cid]:
+            for nxt in _next_staying(ctx, e, gone_ids):
+                if nxt.id == cid or not (nxt.valid_to is None or replacements(ctx, nxt.id, gone=gone_ids)):
+                    continue  # a dead end: a relation left from an earlier turn of the chain
+                if not any(x.source_id == cid and x.target_id == nxt.id and supersedes(ctx, x)
+                           for x in ctx.storage.relations_for(cid)):
+                    rel = _relink(r, e, nxt, at)
+                    relink[rel.id] = rel
+    revive, later = _latest(ctx, revive, gone_ids)
+    for cid, successors in later.items():  # stays superseded: its chain now goes on to those revived
+        r, e = older[cid][0]
+        for nxt in successors:
+            rel = _relink(r, e, nxt, at)
+            relink[rel.id] = rel
     drop_source = source_id is not None and ctx.storage.get_source(source_id) is not None
     if not gone and not drop_source:
         return 0
@@ -89,6 +180,8 @@ def forget_ids(ctx: PipelineContext, ids: Iterable[str], at: int, *, source_id: 
             ctx.storage.delete(e.id, at)
         for cid in revive:
             ctx.storage.revive(cid, at)
+        if relink:
+            ctx.storage.add_relations([relink[k] for k in sorted(relink)])
         if drop_source and source_id is not None and not ctx.storage.entity_ids_for_source(source_id):
             ctx.storage.delete_source(source_id)
     return len(gone)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .._validate import check_input_text
 from ..errors import EmbeddingError, EmptyTextError, ProviderError
@@ -53,7 +53,8 @@ from .extraction import ExtractedEntity, note_for, parse_extraction, rule_extrac
 from .passages import embed_entities
 from .time import resolve_event_time
 
-__all__ = ["validate_text", "remember", "remember_many", "statement_key", "OPTIMISTIC_ATTEMPTS"]
+__all__ = ["validate_text", "remember", "remember_many", "statement_key", "replacements", "follow", "supersedes",
+           "OPTIMISTIC_ATTEMPTS"]
 
 #: read-plan rounds without the lock before a writer holds it from plan to commit
 OPTIMISTIC_ATTEMPTS = 3
@@ -205,24 +206,39 @@ def _candidates_for(ctx: PipelineContext, e: Entity, exclude: set[str]) -> list[
     return list(picked.values())
 
 
-def _replacements(ctx: PipelineContext, old_id: str, ours: set[str]) -> list[Entity]:
-    """The current facts that replaced ``old_id``, following replacements of replacements
-    (Acme → Initech → Globex: restating Acme retires Globex)."""
-    seen = {old_id}
-    frontier = [old_id]
-    current: dict[str, Entity] = {}
+def supersedes(ctx: PipelineContext, rel: EvolutionRelation) -> bool:
+    """``rel`` retires its older fact: a superseding kind at ``supersede_confidence`` or above."""
+    return rel.evolution_type.supersedes and rel.confidence >= ctx.config.supersede_confidence
+
+
+def follow(ctx: PipelineContext, start: str, through: Callable[[Entity], bool],
+           skip: set[str] | frozenset[str] = frozenset()) -> list[Entity]:
+    """The facts reached from ``start`` by superseding relations (older → newer), breadth first,
+    each once, walking on from a fact only when ``through(fact)``; ``skip``: never reached."""
+    seen = {start}
+    frontier = [start]
+    out: list[Entity] = []
     while frontier:
         nxt = sorted({r.target_id for fid in frontier for r in ctx.storage.relations_for(fid)
-                      if r.source_id == fid and r.evolution_type.supersedes and r.target_id not in seen
-                      and r.confidence >= ctx.config.supersede_confidence and r.target_id not in ours})
+                      if r.source_id == fid and r.target_id not in seen and r.target_id not in skip
+                      and supersedes(ctx, r)})
         seen.update(nxt)
         frontier = []
         for t in ctx.storage.get_many(nxt):
-            if t.valid_to is None:
-                current[t.id] = t
-            else:
+            out.append(t)
+            if through(t):
                 frontier.append(t.id)
-    return sorted(current.values(), key=lambda e: e.id)
+    return out
+
+
+def replacements(ctx: PipelineContext, old_id: str, ours: set[str] | frozenset[str] = frozenset(), *,
+                 gone: set[str] | frozenset[str] = frozenset()) -> list[Entity]:
+    """The current facts that replaced ``old_id``, following replacements of replacements
+    (Acme → Initech → Globex: restating Acme retires Globex). ``ours``: neither returned nor
+    walked through (the facts being told). ``gone``: facts being forgotten, walked through when
+    superseded (what replaced them counts), never returned (forget's chain rule)."""
+    reached = follow(ctx, old_id, lambda t: t.valid_to is not None, ours)
+    return sorted((t for t in reached if t.valid_to is None and t.id not in gone), key=lambda e: e.id)
 
 
 def read_plan(ctx: PipelineContext, source: Source, entities: list[Entity], opts: RememberOptions) -> Plan:
@@ -236,7 +252,7 @@ def read_plan(ctx: PipelineContext, source: Source, entities: list[Entity], opts
     for old in plan.known.values():
         if old.valid_to is None:
             continue
-        plan.replaced_by[old.id] = _replacements(ctx, old.id, ours)
+        plan.replaced_by[old.id] = replacements(ctx, old.id, ours)
     if opts.detect_evolutions and opts.extract_entities:
         for e in entities:
             if e.id not in plan.known:

@@ -147,7 +147,8 @@ class SearchFilters:
                 raise InvalidFilterError(f"time_range start {tr[0]} is after its end {tr[1]}")
             object.__setattr__(self, "time_range", tr)
         if self.metadata is not None:
-            object.__setattr__(self, "metadata", validate_metadata(self.metadata, what="metadata filter"))
+            object.__setattr__(self, "metadata", validate_metadata(self.metadata, what="metadata filter",
+                                                                      error=InvalidFilterError))
         if not isinstance(self.include_superseded, bool):
             raise TypeError(f"include_superseded must be a bool, not {type(self.include_superseded).__name__}")
         if self.as_of is not None and (isinstance(self.as_of, bool) or not isinstance(self.as_of, int)):

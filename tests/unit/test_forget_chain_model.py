@@ -1,0 +1,98 @@
+"""A hypothesis state machine over one person's employer: tell (a new one, or an old one again),
+correct (``update``), forget a statement (current or superseded), forget a source. The model is
+the chain rule of :mod:`umi.pipeline.forget` (and remember's revive rule), seen from outside:
+
+* while any statement about where Alice works is stored, exactly one is current;
+* forgetting a superseded statement never changes which one is current;
+* forgetting the current one makes current the newest stored statement it had replaced, if
+  any — the one it took over from, the chain kept across the facts forgotten meanwhile.
+
+Sim memory, rule extraction and classification ("now works at": an update of where she works).
+"""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+import umi
+from umi import SearchFilters
+
+COMPANIES = ["Acme", "Initech", "Globex", "Umbrella"]
+
+
+def told(k: int) -> str:
+    return f"Alice now works at {COMPANIES[k]}."
+
+
+class ChainMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.m = umi.Memory.sim(seed=3)
+        # the model: the stack of statements as they became current (content), newest last; a
+        # restated or corrected one moves to the top, a forgotten one leaves it
+        self.stack: list[str] = []
+
+    def teardown(self) -> None:
+        self.m.close()
+
+    def alice(self) -> dict[str, list[umi.Entity]]:
+        """Stored statements about Alice (content -> facets named Alice)."""
+        out: dict[str, list[umi.Entity]] = {}
+        for e in self.m.storage.list(SearchFilters(include_superseded=True), limit=10_000):
+            if e.name == "Alice":
+                out.setdefault(e.content, []).append(e)
+        return out
+
+    def current(self) -> list[str]:
+        return sorted(c for c, es in self.alice().items() if any(e.valid_to is None for e in es))
+
+    def _top(self, content: str) -> None:
+        if content in self.stack:
+            self.stack.remove(content)
+        self.stack.append(content)
+
+    @rule(k=st.integers(0, len(COMPANIES) - 1))
+    def tell(self, k: int) -> None:
+        self.m.remember_sync(told(k))
+        self._top(told(k))
+
+    @precondition(lambda self: bool(self.stack))
+    @rule(k=st.integers(0, len(COMPANIES) - 1))
+    def correct(self, k: int) -> None:
+        now = self.stack[-1]
+        text = f"Alice works at {COMPANIES[k]} now, corrected."
+        if text == now:
+            return
+        [cur] = [e for e in self.alice()[now] if e.valid_to is None]
+        try:
+            r = self.m.update_sync(cur.id, text)
+        except umi.ValidationError as exc:  # stored and superseded: update refuses, nothing changes
+            assert "remember it again" in str(exc)
+            return
+        assert r.entities or any("already stored" in w for w in r.warnings), r
+        self._top(text)
+
+    @precondition(lambda self: bool(self.stack))
+    @rule(pick=st.integers(0, 100), by_source=st.booleans())
+    def forget(self, pick: int, by_source: bool) -> None:
+        content = self.stack[pick % len(self.stack)]
+        e = self.alice()[content][0]
+        if by_source and e.source_id is not None:
+            gone = {f.content for f in self.m.storage.get_many(self.m.storage.entity_ids_for_source(e.source_id))}
+            self.m.forget_source_sync(e.source_id)
+        else:
+            gone = {content}
+            assert self.m.forget_sync(e.id) is True
+        self.stack = [c for c in self.stack if c not in gone]
+
+    @invariant()
+    def one_current_fact_the_models(self) -> None:
+        assert self.current() == self.stack[-1:], (self.current(), self.stack)
+        assert sorted(self.alice()) == sorted(self.stack)
+
+
+ChainMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=14, deadline=None,
+                                          suppress_health_check=[HealthCheck.too_slow])
+TestForgetChain = ChainMachine.TestCase
