@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from .._index_file import fsync_dir
+from .._index_file import atomic_write, fsync_dir
 from ..errors import (
     InvalidConfigError,
     SchemaVersionError,
@@ -462,13 +462,7 @@ def _row_to_entity(r: dict[str, Any]) -> Entity:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    atomic_write(path, lambda f: json.dump(obj, f, sort_keys=True), text=True, tmp=path.with_name(path.name + ".tmp"))
 
 
 def _read_state(root: Path) -> dict[str, Any]:
