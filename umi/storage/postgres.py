@@ -567,7 +567,7 @@ class PostgresStorageBackend(StorageBackend):
             tf, length = document_terms(e.name, e.content)
             for c, v in zip(names, (
                     e.id, e.entity_type.value, R.encode_text(e.name), R.encode_text(normalize_name(e.name)),
-                    R.encode_text(e.content), _metadata_filter_json(R.tagged_metadata(e.metadata)), R.dumps(e.metadata),
+                    R.encode_text(e.content), R.tagged_metadata(e.metadata), R.dumps(e.metadata),
                     None if e.embedding is None else _Vec(e.embedding), float(e.importance), float(e.confidence),
                     e.created_at, e.updated_at, e.event_time, e.valid_from, e.valid_to, e.source_id,
                     " ".join(tf), R.dumps(tf), length, *_scope_values(e))):
@@ -1336,11 +1336,6 @@ def _vector_from_binary(b: Any) -> np.ndarray:
     raw = bytes(b)
     dim = int.from_bytes(raw[:2], "big")
     return np.frombuffer(raw, dtype=">f4", count=dim, offset=4).astype(np.float32)
-
-
-def _metadata_filter_json(tagged: dict[str, str]) -> str:
-    """The JSONB that ``@>`` compares: typed strings, NUL escaped (JSONB strings cannot hold it)."""
-    return R.dumps({R.encode_text(k): R.encode_text(v) for k, v in tagged.items()})
 
 
 def _tsquery_lexeme(term: str) -> str:
