@@ -71,6 +71,7 @@ __all__ = [
     "check_query_text",
     "meta_key",
     "clone_entity",
+    "copy_relation",
     "make_entity",
     "snapshot_of",
     "dumps",
@@ -323,11 +324,15 @@ def check_relations(relations: object) -> list[EvolutionRelation]:
         check_time(r.created_at, f"relations[{pos}].created_at")
         if not isinstance(r.scope, Scope):
             raise TypeError(f"relations[{pos}].scope must be a umi.Scope, not {type(r.scope).__name__}")
-        out.append(EvolutionRelation(
-            source_id=r.source_id, target_id=r.target_id, evolution_type=r.evolution_type,
-            reason=r.reason, confidence=r.confidence, id=r.id, created_at=r.created_at, scope=r.scope,
-        ))
+        out.append(copy_relation(r))
     return out
+
+
+def copy_relation(r: EvolutionRelation) -> EvolutionRelation:
+    """A relation of the same fields (a stored one for a caller, or a caller's to store)."""
+    return EvolutionRelation(source_id=r.source_id, target_id=r.target_id, evolution_type=r.evolution_type,
+                             reason=r.reason, confidence=r.confidence, id=r.id, created_at=r.created_at,
+                             scope=r.scope)
 
 
 def check_source(source: object) -> Source:

@@ -73,6 +73,7 @@ from ._common import (  # (the core-block and meta limits are re-exported from h
     check_source,
     check_time,
     check_vectors_per_query,
+    copy_relation,
     snapshot_of,
 )
 from ._hotcache import EntityCache
@@ -980,7 +981,7 @@ class CachedStore(TransactionMixin, StorageBackend):
         with self._reading("relations_for"):
             rels = self._rels_for(eid)
         rels.sort(key=lambda r: (r.created_at, r.id))
-        return [_copy_relation(r) for r in rels]
+        return [copy_relation(r) for r in rels]
 
     def iter_relations(self, scope: Scope | None = None) -> Iterator[EvolutionRelation]:
         sc = check_scope(scope, optional=True)
@@ -988,7 +989,7 @@ class CachedStore(TransactionMixin, StorageBackend):
             self._fetch_relations_all()
             got = [r for r in self._relations.values() if r is not None and (sc is None or sc.contains(r.scope))]
         got.sort(key=lambda r: (r.created_at, r.id))
-        return iter([_copy_relation(r) for r in got])
+        return iter([copy_relation(r) for r in got])
 
     # --- history ------------------------------------------------------------------------------
     def history(self, entity_id: str) -> builtins.list[HistoryRecord]:
@@ -1200,9 +1201,3 @@ def _copy_source(s: Source | None) -> Source | None:
     if s is None:
         return None
     return Source(s.id, s.text_hash, s.text, s.created_at, dict(s.metadata), s.scope)
-
-
-def _copy_relation(r: EvolutionRelation) -> EvolutionRelation:
-    return EvolutionRelation(source_id=r.source_id, target_id=r.target_id, evolution_type=r.evolution_type,
-                             reason=r.reason, confidence=r.confidence, id=r.id, created_at=r.created_at,
-                             scope=r.scope)

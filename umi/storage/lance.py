@@ -41,11 +41,11 @@ from ..errors import (
     SchemaVersionError,
     StorageError,
     StorageLockedError,
-    UmiError,
 )
 from ..types import CoreBlockRecord, CoreHistoryRecord, Entity, EntityType, EvolutionRelation, Scope
 from ._common import check_int, dumps, make_entity, stored_scope
 from .base import HistoryRecord, Source, tombstone
+from ._txn import raise_wrapped
 from .cached import CachedStore, ChangeSet, DurableStore, Loaded
 
 __all__ = ["LanceStorageBackend"]
@@ -367,9 +367,7 @@ class LanceStorageBackend(CachedStore):
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
             self._closed = True
-            if isinstance(exc, UmiError) or not isinstance(exc, Exception):
-                raise
-            raise StorageError(f"cannot open the Lance store at {root}: {type(exc).__name__}: {exc}") from exc
+            raise_wrapped(exc, f"cannot open the Lance store at {root}")
         return self
 
     @property

@@ -84,13 +84,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._validate import utf8_len
-from ..errors import InvalidConfigError, StorageError, UmiError, ValidationError
+from ..errors import InvalidConfigError, StorageError, ValidationError
 from ..types import (CoreBlockRecord, CoreHistoryRecord, Entity, EntityType,
                      EvolutionRelation, Scope, check_scope, normalize_name, now_ms)
 from . import _pg_schema as S
 from . import _rows as R
 from . import _common as C  # the boundary checks every backend shares
 from . import filters as F
+from ._txn import raise_wrapped
 from .base import HistoryRecord, SearchFilters, Source, StorageBackend, tombstone
 from .text import BM25_B, BM25_K1, document_terms, query_terms
 
@@ -317,9 +318,7 @@ class PostgresStorageBackend(StorageBackend):
                         yield
                     except BaseException as exc:
                         _rollback(conn)
-                        if isinstance(exc, UmiError) or not isinstance(exc, Exception):
-                            raise
-                        raise StorageError(f"transaction rolled back: {type(exc).__name__}: {exc}") from exc
+                        raise_wrapped(exc, "transaction rolled back")
                     if tx.rollback_only:
                         _rollback(conn)
                         raise StorageError("transaction rolled back: a write inside it failed (and the error "
@@ -1156,12 +1155,7 @@ class PostgresStorageBackend(StorageBackend):
     def forget_core(self, scope: Scope) -> int:
         sc = check_scope(scope, "scope")
         assert sc is not None
-        where, params = ["TRUE"], []
-        for col, v in (("user_id", sc.user_id), ("agent_id", sc.agent_id)):  # the view rule; '' = unset
-            if v is not None:
-                where.append(f"{col} = %s")
-                params.append(v)
-        cond = " AND ".join(where)
+        cond, params = self._scope_where(sc.core)  # the view rule over (user_id, agent_id); '' = unset
 
         def op(conn: Any) -> int:
             keys = conn.execute(self._q(
