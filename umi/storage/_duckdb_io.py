@@ -24,6 +24,7 @@ from .._index_file import fsync_file
 from ..errors import StorageError
 from ..types import CoreBlockRecord, CoreHistoryRecord, Entity, EntityType, EvolutionRelation, Scope, normalize_name
 from ._common import dumps, make_entity, meta_key, stored_scope
+from ._duckdb_schema import transaction
 from ._overlap import Background
 from ._hotcache import TYPE_CODES, LoadedRows, id_order_keys_arrow
 from .text import document_terms
@@ -642,22 +643,6 @@ def _apply_journal(con: Any, entries: list[list[tuple[str, Rows]]], *, replace: 
         con.execute("UPDATE history SET journal = NULL, journal_vectors = NULL WHERE journal IS NOT NULL")
 
 
-@contextmanager
-def transaction(con: Any) -> Iterator[None]:
-    """One DuckDB transaction around the block: COMMIT when it ends, ROLLBACK when it (or the
-    COMMIT) raises."""
-    con.execute("BEGIN TRANSACTION")
-    try:
-        yield
-        con.execute("COMMIT")
-    except BaseException:
-        try:
-            con.execute("ROLLBACK")
-        except duckdb_error():
-            pass  # a failed COMMIT has already ended the transaction
-        raise
-
-
 def _last_of_each_key(entries: list[list[tuple[str, Rows]]]) -> list[list[tuple[str, Rows]]]:
     """``entries`` with each keyed row (and, for an entity, its postings and metadata) kept only
     in the last entry that holds its key."""
@@ -1172,9 +1157,3 @@ class DuckDBDurable(DurableStore):
             if plain is not None:
                 plain.con.close()
             self._con.close()
-
-
-def duckdb_error() -> type[BaseException]:
-    import duckdb
-
-    return duckdb.Error

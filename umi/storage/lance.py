@@ -370,10 +370,6 @@ class LanceStorageBackend(CachedStore):
             raise_wrapped(exc, f"cannot open the Lance store at {root}")
         return self
 
-    @property
-    def _t(self) -> dict[str, Any]:
-        return self._durable.t  # type: ignore[attr-defined]
-
     def optimize(self) -> None:
         """Compact small fragments and drop old versions. Runs by itself every few dozen commits.
         Never inside a transaction."""
