@@ -67,6 +67,8 @@ __all__ = [
     "check_meta_key",
     "check_meta_entry",
     "stored_scope",
+    "source_from_row",
+    "relation_from_row",
     "check_query_vector",
     "check_query_text",
     "meta_key",
@@ -420,6 +422,19 @@ def check_meta_entry(key: object, value: object) -> tuple[str, str]:
     if not k:
         raise ValidationError("meta key must not be empty")
     return k, check_text(value, "meta value", META_VALUE_BYTES_MAX)
+
+
+def source_from_row(r: Sequence[Any], text: Callable[[str], str] = str) -> Source:
+    """A stored source from its columns ``(id, text_hash, text, created_at, metadata JSON, user_id,
+    agent_id, session_id)``, ``text`` decoding what the database holds (Postgres escapes NUL)."""
+    return Source(r[0], r[1], text(r[2]), int(r[3]), dict(json.loads(r[4])), stored_scope(r[5], r[6], r[7]))
+
+
+def relation_from_row(r: Sequence[Any], text: Callable[[str], str] = str) -> EvolutionRelation:
+    """A stored relation from its columns ``(id, source_id, target_id, evolution_type, reason,
+    confidence, created_at, user_id, agent_id, session_id)`` (``text``: as :func:`source_from_row`)."""
+    return EvolutionRelation(source_id=r[1], target_id=r[2], evolution_type=r[3], reason=text(r[4]),
+                             confidence=r[5], id=r[0], created_at=int(r[6]), scope=stored_scope(r[7], r[8], r[9]))
 
 
 @functools.lru_cache(maxsize=100_000)

@@ -14,7 +14,7 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa  # type: ignore[import-untyped]
@@ -23,7 +23,7 @@ import pyarrow.compute as pc  # type: ignore[import-untyped]
 from .._index_file import fsync_file
 from ..errors import StorageError
 from ..types import CoreBlockRecord, CoreHistoryRecord, Entity, EntityType, EvolutionRelation, Scope, normalize_name
-from ._common import dumps, make_entity, meta_key, stored_scope
+from ._common import dumps, make_entity, meta_key, relation_from_row, source_from_row, stored_scope
 from ._duckdb_schema import transaction
 from ._overlap import Background
 from ._hotcache import TYPE_CODES, LoadedRows, id_order_keys_arrow
@@ -974,11 +974,7 @@ class DuckDBDurable(DurableStore):
             else:
                 parts = [_tuples_for_ids(con, select, col, want)
                          for col, want in (("s.id", ids), ("s.text_hash", hashes)) if want]
-        out: dict[str, Source] = {}
-        for rows in parts:
-            for i, h, t, c, m, u, a, sess in rows:
-                out[i] = Source(i, h, t, c, json.loads(m), stored_scope(u, a, sess))
-        return list(out.values())
+        return list({r[0]: source_from_row(r) for rows in parts for r in rows}.values())
 
     def load_relations(self, entity_ids: Sequence[str] | None) -> list[EvolutionRelation]:
         select = ("SELECT r.id, r.source_id, r.target_id, r.evolution_type, r.reason, r.confidence, r.created_at, "
@@ -989,12 +985,7 @@ class DuckDBDurable(DurableStore):
                 parts = [_tuples_for_ids(con, select, "r.id", None)]
             else:
                 parts = [_tuples_for_ids(con, select, col, entity_ids) for col in ("r.source_id", "r.target_id")]
-        out: dict[str, EvolutionRelation] = {}
-        for rows in parts:
-            for i, s_, t, et, r, c, ca, u, a, sess in rows:
-                out[i] = EvolutionRelation(source_id=s_, target_id=t, evolution_type=et, reason=r, confidence=c,
-                                           id=i, created_at=ca, scope=stored_scope(u, a, sess))
-        return list(out.values())
+        return list({r[0]: relation_from_row(r) for rows in parts for r in rows}.values())
 
     def load_orphans(self) -> Orphans:
         with _read_errors("orphan keys"), self.bulk():

@@ -44,7 +44,7 @@ from ..errors import (
 )
 from ..types import CoreBlockRecord, CoreHistoryRecord, Entity, EntityType, EvolutionRelation, Scope
 from ._common import check_int, dumps, make_entity, stored_scope
-from .base import HistoryRecord, Source, tombstone
+from .base import Source, tombstone
 from ._txn import raise_wrapped
 from .cached import CachedStore, ChangeSet, DurableStore, Loaded
 

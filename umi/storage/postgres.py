@@ -926,7 +926,7 @@ class PostgresStorageBackend(StorageBackend):
             row = conn.execute(self._sql.SQL(
                 "SELECT " + S.SOURCE_COLUMNS + " FROM {t} WHERE " + where +
                 " ORDER BY created_at, id LIMIT 1").format(t=self._names.table("sources")), (value,)).fetchone()
-        return None if row is None else _row_to_source(row)
+        return None if row is None else C.source_from_row(row, R.decode_text)
 
     def entity_ids_for_source(self, source_id: str) -> builtins.list[str]:
         sid = C.check_id(source_id, "source_id")
@@ -987,7 +987,7 @@ class PostgresStorageBackend(StorageBackend):
             rows = conn.execute(self._q(
                 "SELECT " + S.RELATION_COLUMNS + " FROM {relations} "
                 "WHERE source_id = %s OR target_id = %s ORDER BY created_at, id"), (eid, eid)).fetchall()
-        return [_row_to_relation(r) for r in rows]
+        return [C.relation_from_row(r, R.decode_text) for r in rows]
 
     def history(self, entity_id: str) -> builtins.list[HistoryRecord]:
         eid = C.check_id(entity_id)
@@ -1024,11 +1024,11 @@ class PostgresStorageBackend(StorageBackend):
 
     def iter_sources(self, scope: Scope | None = None) -> Iterator[Source]:
         for r in self._iter_rows("sources", S.SOURCE_COLUMNS, ("created_at", "id"), scope):
-            yield _row_to_source(r)
+            yield C.source_from_row(r, R.decode_text)
 
     def iter_relations(self, scope: Scope | None = None) -> Iterator[EvolutionRelation]:
         for r in self._iter_rows("relations", S.RELATION_COLUMNS, ("created_at", "id"), scope):
-            yield _row_to_relation(r)
+            yield C.relation_from_row(r, R.decode_text)
 
     def iter_history(self, scope: Scope | None = None) -> Iterator[HistoryRecord]:
         for r in self._iter_rows("history", S.HISTORY_COLUMNS, ("entity_id", "seq"), scope):
@@ -1352,15 +1352,6 @@ def _core_key(scope: object) -> tuple[str, str]:
 
 def _source_row(s: Source) -> tuple[Any, ...]:
     return (s.id, s.text_hash, R.encode_text(s.text), s.created_at, R.dumps(dict(s.metadata)), *_scope_values(s))
-
-
-def _row_to_source(r: Sequence[Any]) -> Source:
-    return Source(r[0], r[1], R.decode_text(r[2]), int(r[3]), dict(json.loads(r[4])), C.stored_scope(r[5], r[6], r[7]))
-
-
-def _row_to_relation(r: Sequence[Any]) -> EvolutionRelation:
-    return EvolutionRelation(source_id=r[1], target_id=r[2], evolution_type=r[3], reason=R.decode_text(r[4]),
-                             confidence=r[5], id=r[0], created_at=int(r[6]), scope=C.stored_scope(r[7], r[8], r[9]))
 
 
 def _row_to_history(r: Sequence[Any]) -> HistoryRecord:
