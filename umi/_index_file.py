@@ -19,7 +19,7 @@ import secrets
 import struct
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 
@@ -28,7 +28,7 @@ from .errors import IndexCacheError, InvalidConfigError, ValidationError
 if TYPE_CHECKING:
     from .index import VectorIndex
 
-__all__ = ["write", "read", "fsync_file", "fsync_dir", "file_crc"]
+__all__ = ["write", "read", "atomic_write", "write_checksummed", "fsync_file", "fsync_dir", "file_crc"]
 
 _MAGIC = b"UMIVIDX\x01"
 _END = b"UMIVEND\x01"
@@ -83,31 +83,19 @@ def write(self: VectorIndex, path: str | os.PathLike[str], generation: int) -> N
                 "graph": graph_meta,
             }
             head_blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-            main_tmp = directory / f".{path.name}.{token}.tmp"
-            with open(main_tmp, "wb") as f:
-                crc = 0
-                for chunk in (_MAGIC, struct.pack("<Q", len(head_blob)), head_blob, ids_blob):
-                    f.write(chunk)
-                    crc = zlib.crc32(chunk, crc)
-                vec = np.ascontiguousarray(self._vectors[:hw]).reshape(-1).view(np.uint8).data
-                f.write(vec)
-                crc = zlib.crc32(vec, crc)
-                f.write(struct.pack("<I", crc) + _END)
-                f.flush()
-                os.fsync(f.fileno())
-            if graph_tmp is not None:
+            vec = np.ascontiguousarray(self._vectors[:hw]).reshape(-1).view(np.uint8).data
+            if graph_tmp is not None:  # the graph first: the main file that names it is replaced last
                 fsync_file(graph_tmp)
                 os.replace(graph_tmp, directory / graph_name)
-                graph_tmp = None
-            os.replace(main_tmp, path)
-            fsync_dir(directory)
+                graph_tmp = directory / graph_name  # unreferenced until the main file is replaced
+            atomic_write(path, lambda f: write_checksummed(
+                f, (_MAGIC, struct.pack("<Q", len(head_blob)), head_blob, ids_blob, vec), _END))
         except OSError as exc:
-            for p in (graph_tmp, directory / f".{path.name}.{token}.tmp"):
-                if p is not None:
-                    try:
-                        os.unlink(p)
-                    except OSError:
-                        pass
+            if graph_tmp is not None:
+                try:
+                    os.unlink(graph_tmp)
+                except OSError:
+                    pass
             raise IndexCacheError(
                 f"cannot save index to {str(path)!r}: {exc}", path=str(path)
             ) from exc
@@ -327,6 +315,39 @@ def _crc_of(f: Any, crc: int, limit: int | None) -> tuple[int, int]:
         size += got
         crc = zlib.crc32(view[:got], crc)
     return size, crc
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], object], *, text: bool = False,
+                 tmp: str | os.PathLike[str] | None = None) -> None:
+    """Replace ``path`` whole or not at all: ``write(f)`` fills a temp file beside it (``tmp``, or
+    ``.<name>.<token>.tmp``; text mode is UTF-8), which is flushed, fsynced and ``os.replace``-d
+    over ``path``; then the directory is fsynced, so the rename survives a crash too. On any
+    failure the temp file is removed and the exception propagates (the caller names it)."""
+    target = Path(os.fspath(path))
+    temp = Path(os.fspath(tmp)) if tmp is not None else target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+    try:
+        with open(temp, "w", encoding="utf-8") if text else open(temp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(target.parent)
+
+
+def write_checksummed(f: IO[bytes], chunks: Iterable[Any], end: bytes) -> None:
+    """Write ``chunks`` (bytes-like), then the CRC-32 of them all (u32 little-endian) and ``end``:
+    the body and trailer of umi's cache files."""
+    crc = 0
+    for chunk in chunks:
+        f.write(chunk)
+        crc = zlib.crc32(chunk, crc)
+    f.write(struct.pack("<I", crc) + end)
 
 
 def fsync_file(path: Path) -> None:

@@ -265,6 +265,13 @@ def test_restore_is_all_or_nothing(make_backend) -> None:  # type: ignore[no-unt
     dangling = EvolutionRelation(a.id, "not-stored", "update", created_at=T0)
     with pytest.raises(ValidationError, match="not stored"):
         dst.restore([a], [], [dangling], [])
+    # one endpoint rule for every relation given, as add_relations: a later record of the same id
+    # does not excuse an earlier dangling one
+    b = ent("B", "b fact", emb=vec(0, 1))
+    twice = [EvolutionRelation(a.id, "not-stored", "update", id="rel-1", created_at=T0),
+             EvolutionRelation(a.id, b.id, "update", id="rel-1", created_at=T0)]
+    with pytest.raises(ValidationError, match="not-stored"):
+        dst.restore([a, b], [], twice, [])
     assert dst.count(EVERY) == 0 and dst.generation == 0
     with pytest.raises(StorageError):
         with dst.transaction():

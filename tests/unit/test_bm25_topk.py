@@ -19,12 +19,45 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from umi.storage import filters as F
-from umi.storage._bm25 import bm25_candidates, bm25_top_candidates, top_by_score_then_key
+from umi.storage import _bm25 as K
+from umi.storage._bm25 import top_by_score_then_key
 from umi.storage._hotcache import id_order_keys
 from umi.storage.base import SearchFilters
 from umi.storage.sim import SimStorageBackend
-from umi.storage.text import query_terms
+from umi.storage.text import BM25_B, BM25_K1, query_terms
 from umi.types import Entity
+
+
+# The kernels called directly, as PostingsIndex.scorer calls them (term ranges of one CSR block)
+_NO_SEEN = np.zeros((0, 3), np.float64)
+
+
+def bm25_candidates(rows: np.ndarray, tfs: np.ndarray, term_ptr: np.ndarray, idfs: np.ndarray,
+                    doc_len: np.ndarray, avgdl: float, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, scores) of every row in ``mask`` holding at least one query term: the exhaustive kernel."""
+    return K._njit(K._bm25)(rows, tfs, term_ptr[:-1], term_ptr[1:], idfs, doc_len, float(avgdl), mask,
+                            mask.shape[0], BM25_K1, BM25_B)
+
+
+def bm25_top_candidates(rows: np.ndarray, tfs: np.ndarray, term_ptr: np.ndarray, idfs: np.ndarray,
+                        doc_len: np.ndarray, avgdl: float, mask: np.ndarray, slot: np.ndarray,
+                        k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The term-at-a-time kernel: rows in ``mask`` holding a query term, including every row whose
+    score reaches the k-th best (ties included). ``slot``: int64 scratch, ``-1`` for every row."""
+    return K._njit(K._bm25_pruned, K._term_bound)(rows, tfs, term_ptr[:-1], term_ptr[1:], idfs, doc_len,
+                                                  float(avgdl), mask, slot, int(k), BM25_K1, BM25_B, _NO_SEEN,
+                                                  np.full(idfs.shape[0], -1, np.int64))
+
+
+def bm25_maxscore(rows: np.ndarray, tfs: np.ndarray, term_ptr: np.ndarray, idfs: np.ndarray,
+                  doc_len: np.ndarray, avgdl: float, mask: np.ndarray, k: int,
+                  keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The MaxScore kernel (None when a term's rows do not ascend). With ``keys`` (row -> tie-break
+    key): only the k best by (score, key) and the rows equal to the k-th in both."""
+    ok, got_rows, got_scores = K._njit(K._bm25_maxscore, K._select, K._term_bound)(
+        rows, tfs, term_ptr[:-1], term_ptr[1:], idfs, doc_len, float(avgdl), mask, max(int(k), 1), BM25_K1, BM25_B,
+        _NO_SEEN, np.full(idfs.shape[0], -1, np.int64), K._NO_KEYS if keys is None else keys)
+    return (got_rows, got_scores) if ok else None
 
 WORDS = ["acme", "corp", "works", "berlin", "chess", "violin", "engineer", "paris", "rare", "unique"]
 
@@ -238,7 +271,6 @@ def _random_postings(data: st.DataObject, ascending: bool = True):  # type: igno
 @settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_maxscore_kernel_keeps_every_row_that_can_rank_and_its_exact_score(data: st.DataObject) -> None:
-    from umi.storage._bm25 import bm25_maxscore
 
     rows, tfs, term_ptr, idfs, doc_len, avgdl, mask = _random_postings(data)
     k = data.draw(st.integers(1, 10))
@@ -266,7 +298,6 @@ def test_maxscore_on_long_postings_of_tied_rows_keeps_the_k_best_by_score_then_k
     # up to the last row), two lengths and tf 1 or 2, so thousands of rows tie at the k-th score and
     # the keys decide; keys in no order of the rows, some equal; a mask leaving rows out; k above
     # the rows that hold a term too
-    from umi.storage._bm25 import bm25_maxscore
 
     rng = np.random.default_rng(7)
     n = 6000
@@ -300,7 +331,6 @@ def test_maxscore_on_long_postings_of_tied_rows_keeps_the_k_best_by_score_then_k
 @settings(max_examples=100, deadline=None)
 @given(st.data())
 def test_maxscore_declines_a_term_whose_rows_do_not_ascend(data: st.DataObject) -> None:
-    from umi.storage._bm25 import bm25_maxscore
 
     rows, tfs, term_ptr, idfs, doc_len, avgdl, mask = _random_postings(data, ascending=False)
     got = bm25_maxscore(rows, tfs, term_ptr, idfs, doc_len, avgdl, mask, 3)

@@ -7,6 +7,8 @@ ones, where every HNSW library looks broken).
 """
 
 import os
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -716,3 +718,24 @@ def test_bulk_add_normalises_in_chunks_same_bits_bounded_memory():
     bad[_NORMALISE_CHUNK_ROWS + 7, 3] = np.nan
     with pytest.raises(ValidationError, match=f"row {_NORMALISE_CHUNK_ROWS + 7} "):
         VectorIndex(64).add(ids, bad)
+
+
+def test_atomic_write_replaces_the_file_whole_or_leaves_the_old_one(tmp_path: Path) -> None:
+    """The one write-temp / fsync / replace sequence (index file, keyword cache, Lance state,
+    export): a writer failing half-way leaves the old file and no temp file beside it."""
+    from umi._index_file import atomic_write
+
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"old")
+
+    def half(f: Any) -> None:
+        f.write(b"new, half of it")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        atomic_write(target, half)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+    atomic_write(target, lambda f: f.write("né\n"), text=True)
+    assert target.read_bytes() == "né\n".encode("utf-8")
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]

@@ -122,7 +122,7 @@ def _crash_inside_transaction(path: str) -> None:
     import os
 
     b = LanceStorageBackend.connect(path)
-    history = b._t["history"]
+    history = b._durable.t["history"]
 
     class Dies:  # the process dies inside the commit: entities written, history and sources not
         def __getattr__(self, name: str) -> object:
@@ -130,11 +130,11 @@ def _crash_inside_transaction(path: str) -> None:
                 os._exit(3)
             return getattr(history, name)
 
-    b._t["history"] = Dies()
+    b._durable.t["history"] = Dies()
     with b.transaction():
         b.upsert([_ent(100), _ent(101)])
         b.add_source(Source.for_text("never committed", 1))
-    b._t["history"] = history
+    b._durable.t["history"] = history
     os._exit(4)
 
 
@@ -162,7 +162,7 @@ def test_a_crash_mid_transaction_is_rolled_back_on_open(tmp_path: Path) -> None:
 def test_a_journal_left_after_the_commit_point_is_not_rolled_back(tmp_path: Path) -> None:
     b = LanceStorageBackend.connect(tmp_path / "s")
     b.upsert([_ent(1)])
-    versions = {n: t.version for n, t in b._t.items()}
+    versions = {n: t.version for n, t in b._durable.t.items()}
     gen = b.generation
     b.upsert([_ent(2)])  # committed: generation gen + 1
     b.close()
@@ -244,8 +244,8 @@ def test_a_failed_commit_restores_every_table_and_the_cache(tmp_path: Path) -> N
     b = LanceStorageBackend.connect(tmp_path / "s")
     keep = _ent(1)
     b.upsert([keep])
-    versions = {n: t.version for n, t in b._t.items()}
-    history = b._t["history"]
+    versions = {n: t.version for n, t in b._durable.t.items()}
+    history = b._durable.t["history"]
 
     class Fails:  # the history write fails after the entities table was written
         def __getattr__(self, name: str) -> object:
@@ -253,16 +253,16 @@ def test_a_failed_commit_restores_every_table_and_the_cache(tmp_path: Path) -> N
                 raise OSError("disk full")
             return getattr(history, name)
 
-    b._t["history"] = Fails()
+    b._durable.t["history"] = Fails()
     with pytest.raises(umi.StorageError, match="commit failed and was rolled back") as info:
         with b.transaction():
             b.upsert([_ent(2)])
             b.supersede(keep.id, 5_000)
     assert isinstance(info.value.__cause__, OSError)
-    b._t["history"] = history
-    assert {n: t.version for n, t in b._t.items() if n != "entities"} == {
+    b._durable.t["history"] = history
+    assert {n: t.version for n, t in b._durable.t.items() if n != "entities"} == {
         n: v for n, v in versions.items() if n != "entities"}
-    assert b._t["entities"].count_rows() == 1  # restored to the journaled version
+    assert b._durable.t["entities"].count_rows() == 1  # restored to the journaled version
     assert not (tmp_path / "s" / "journal.json").exists()
     assert (b.count(), b.generation, b.get(keep.id)) == (1, 1, keep)
     assert b.get(_ent(2).id) is None and [i for i, _ in b.search_vector(_ent(2).embedding, 5)] == [keep.id]

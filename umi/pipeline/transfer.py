@@ -33,7 +33,6 @@ import json
 import os
 import stat
 import tempfile
-from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -147,20 +146,15 @@ def write_file(path: str, records: Iterable[Mapping[str, Any]]) -> None:
         with open(path, "w", encoding="utf-8") as f:
             f.writelines(lines)
         return
-    try:
-        os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
-        with open(fd, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    from .._index_file import fsync_dir  # (numpy comes with it: not at import)
+    os.close(fd)
 
-    fsync_dir(Path(target).parent)  # the rename itself survives a crash, as every replace in umi does
+    def fill(f: Any) -> None:
+        os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
+        f.writelines(lines)
+
+    from .._index_file import atomic_write  # (numpy comes with it: not at import)
+
+    atomic_write(target, fill, text=True, tmp=tmp)
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ import numpy as np
 
 from .text import BM25_B, BM25_K1, bm25_idf
 
-__all__ = ["PostingsIndex", "bm25_candidates", "bm25_top_candidates", "csr_add_docs", "top_by_score_then_key"]
+__all__ = ["PostingsIndex", "csr_add_docs", "top_by_score_then_key"]
 
 
 #: the compiled kernels, by the Python function's name (a kernel calls its compiled callees as the
@@ -364,30 +364,6 @@ def _bm25_maxscore(rows, tfs, lo, hi, idfs, doc_len, avgdl, mask, k, k1, b, seen
     return True, out_rows[sel], out_scores[sel]
 
 
-def bm25_maxscore(rows: np.ndarray, tfs: np.ndarray, term_ptr: np.ndarray, idfs: np.ndarray,
-                  doc_len: np.ndarray, avgdl: float, mask: np.ndarray, k: int,
-                  keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
-    """:func:`bm25_top_candidates` by :func:`_bm25_maxscore` (None when a term's rows do not ascend).
-    With ``keys`` (row -> tie-break key, as :func:`top_by_score_then_key` takes): only the k best
-    by (score, key) and the rows equal to the k-th in both."""
-    ok, got_rows, got_scores = _njit(_bm25_maxscore, _select, _term_bound)(
-        rows, tfs, term_ptr[:-1], term_ptr[1:], idfs, doc_len, float(avgdl), mask, max(int(k), 1), BM25_K1, BM25_B,
-        _NO_SEEN, np.full(idfs.shape[0], -1, np.int64), _NO_KEYS if keys is None else keys)
-    return (got_rows, got_scores) if ok else None
-
-
-def bm25_top_candidates(rows: np.ndarray, tfs: np.ndarray, term_ptr: np.ndarray, idfs: np.ndarray,
-                        doc_len: np.ndarray, avgdl: float, mask: np.ndarray, slot: np.ndarray,
-                        k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, scores) of rows in ``mask`` holding a query term, including every row whose score
-    reaches the k-th best (ties included); rows that provably score below it may be left out.
-    Scores are those of :func:`bm25_candidates`. ``slot``: int64 scratch, ``-1`` for every row
-    (left so)."""
-    return _njit(_bm25_pruned, _term_bound)(rows, tfs, term_ptr[:-1], term_ptr[1:], idfs, doc_len, float(avgdl), mask, slot,
-                              int(k), BM25_K1, BM25_B, _NO_SEEN, np.full(idfs.shape[0], -1, np.int64))
-
-
-_NO_SEEN = np.zeros((0, 3), np.float64)
 _NO_KEYS = np.zeros(0, np.uint64)
 
 
@@ -417,13 +393,6 @@ def _bm25(rows, tfs, lo, hi, idfs, doc_len, avgdl, mask, n_rows, k1, b):  # prag
     for i in range(n_out):
         out_scores[i] = acc[out_rows[i]]
     return out_rows, out_scores
-
-
-def bm25_candidates(rows: np.ndarray, tfs: np.ndarray, term_ptr: np.ndarray, idfs: np.ndarray,
-                    doc_len: np.ndarray, avgdl: float, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, scores) of every row in ``mask`` holding at least one query term."""
-    return _njit(_bm25)(rows, tfs, term_ptr[:-1], term_ptr[1:], idfs, doc_len, float(avgdl), mask, mask.shape[0],
-                       BM25_K1, BM25_B)
 
 
 def _select(scores, keys, k):  # pragma: no cover - compiled
@@ -949,8 +918,8 @@ class PostingsIndex:
               ) -> tuple[np.ndarray, np.ndarray]:
         """(rows, BM25 scores) of the rows in ``mask`` holding at least one of ``terms`` (distinct).
         With ``k``: only the rows that may rank in the top ``k`` or tie with the k-th are sure to
-        be there (:func:`bm25_top_candidates`); ``keys`` (row -> tie-break key) may narrow them to
-        the k best by (score, key) and the k-th's twins (:func:`bm25_maxscore`)."""
+        be there (:func:`_bm25_pruned`); ``keys`` (row -> tie-break key) may narrow them to
+        the k best by (score, key) and the k-th's twins (:func:`_bm25_maxscore`)."""
         return self.scorer(terms, n_docs, avg_doc_len, doc_len, mask, k, keys)()
 
     def scorer(self, terms: Sequence[str], n_docs: int, avg_doc_len: float, doc_len: np.ndarray,

@@ -6,9 +6,11 @@ same inputs with the same errors.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,18 +26,20 @@ from ..errors import (
 from ..types import (
     ENTITY_CONTENT_BYTES_MAX,
     ENTITY_NAME_BYTES_MAX,
+    UNSET_SCOPE,
     Entity,
     EntityType,
     EvolutionRelation,
     MetadataValue,
     Scope,
     check_passage_embeddings,
+    check_scope,
     normalize_name,
     validate_metadata,
 )
-from .._validate import QUERY_BYTES_MAX, check_input_text, utf8_len
+from .._validate import QUERY_BYTES_MAX, check_input_text, check_text, utf8_len
 from ..index import SEARCH_K_MAX  # the largest k a search accepts: the index's own limit, one number
-from .base import Source, text_hash
+from .base import HistoryRecord, Source, text_hash
 from .filters import meta_key
 
 __all__ = [
@@ -55,10 +59,21 @@ __all__ = [
     "check_entities",
     "check_relations",
     "check_source",
+    "check_seq",
+    "check_history",
+    "check_endpoints",
+    "check_core_name",
+    "check_core_block",
+    "check_meta_key",
+    "check_meta_entry",
+    "stored_scope",
+    "source_from_row",
+    "relation_from_row",
     "check_query_vector",
     "check_query_text",
     "meta_key",
     "clone_entity",
+    "copy_relation",
     "make_entity",
     "snapshot_of",
     "dumps",
@@ -73,6 +88,13 @@ ID_CHARS_MAX = 256
 #: stored times (ms since the epoch) must lie in [TIME_MS_MIN, TIME_MS_MAX] (about ±146 million years)
 TIME_MS_MIN = -(2**62)
 TIME_MS_MAX = 2**62
+
+#: core block names: 1..64 bytes of [A-Za-z0-9_.-] (as CoreMemory); contents up to 16 MiB
+CORE_NAME_BYTES_MAX = 64
+CORE_CONTENT_BYTES_MAX = 16 * 1024 * 1024
+#: store metadata keys and values
+META_KEY_BYTES_MAX = 256
+META_VALUE_BYTES_MAX = 1024 * 1024
 
 _I64_MIN = -(2**63)
 _I64_MAX = 2**63 - 1
@@ -304,11 +326,15 @@ def check_relations(relations: object) -> list[EvolutionRelation]:
         check_time(r.created_at, f"relations[{pos}].created_at")
         if not isinstance(r.scope, Scope):
             raise TypeError(f"relations[{pos}].scope must be a umi.Scope, not {type(r.scope).__name__}")
-        out.append(EvolutionRelation(
-            source_id=r.source_id, target_id=r.target_id, evolution_type=r.evolution_type,
-            reason=r.reason, confidence=r.confidence, id=r.id, created_at=r.created_at, scope=r.scope,
-        ))
+        out.append(copy_relation(r))
     return out
+
+
+def copy_relation(r: EvolutionRelation) -> EvolutionRelation:
+    """A relation of the same fields (a stored one for a caller, or a caller's to store)."""
+    return EvolutionRelation(source_id=r.source_id, target_id=r.target_id, evolution_type=r.evolution_type,
+                             reason=r.reason, confidence=r.confidence, id=r.id, created_at=r.created_at,
+                             scope=r.scope)
 
 
 def check_source(source: object) -> Source:
@@ -327,6 +353,97 @@ def check_source(source: object) -> Source:
     if not isinstance(source.scope, Scope):
         raise TypeError(f"source.scope must be a umi.Scope, not {type(source.scope).__name__}")
     return Source(source.id, source.text_hash, source.text, source.created_at, meta, source.scope)
+
+
+def check_seq(values: object, what: str) -> list[Any]:
+    """A sequence (not a str or bytes) of ``what``, as a list."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"{what} must be a sequence, not {type(values).__name__}")
+    return list(values)
+
+
+_OPS = ("create", "update", "supersede", "revive", "delete")
+
+
+def check_history(h: object, pos: int) -> HistoryRecord:
+    """Record ``pos`` of the history ``restore`` is given."""
+    if not isinstance(h, HistoryRecord):
+        raise TypeError(f"history[{pos}] must be a HistoryRecord, not {type(h).__name__}")
+    check_id(h.entity_id, f"history[{pos}].entity_id")
+    if isinstance(h.seq, bool) or not isinstance(h.seq, int) or not 1 <= h.seq <= 2**31 - 1:
+        raise ValidationError(f"history[{pos}].seq must be an int in [1, {2**31 - 1}], got {h.seq!r}")
+    if h.op not in _OPS:
+        raise ValidationError(f"history[{pos}].op must be one of {', '.join(_OPS)}, got {h.op!r}")
+    check_time(h.at, f"history[{pos}].at")
+    check_scope(h.scope, f"history[{pos}].scope")
+    if not isinstance(h.snapshot, dict):
+        raise TypeError(f"history[{pos}].snapshot must be a dict, not {type(h.snapshot).__name__}")
+    try:
+        json.dumps(h.snapshot, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValidationError(f"history[{pos}].snapshot is not plain JSON: {exc}") from None
+    return h
+
+
+def check_endpoints(relations: Sequence[EvolutionRelation], stored: Callable[[str], bool]) -> None:
+    """The one relation-endpoint rule: both ends of every relation are stored entities
+    (``stored(id)``, which the backend answers)."""
+    for r in relations:
+        for end in (r.source_id, r.target_id):
+            if not stored(end):
+                raise ValidationError(f"relation {r.id} refers to entity {end}, which is not stored")
+
+
+_CORE_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,%d}" % CORE_NAME_BYTES_MAX)
+
+
+def check_core_name(name: object) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"block name must be str, not {type(name).__name__}")
+    if _CORE_NAME.fullmatch(name) is None:
+        raise ValidationError(f"block name must be 1 to {CORE_NAME_BYTES_MAX} characters of [A-Za-z0-9_.-], "
+                              f"got {name[:80]!r}")
+    return name
+
+
+def check_core_block(name: object, content: object, importance: object, at: object) -> tuple[str, str, float, int]:
+    """``set_core_block``'s name, content, importance and time."""
+    return (check_core_name(name), check_text(content, "block content", CORE_CONTENT_BYTES_MAX),
+            _unit(importance, "importance", InvalidImportanceError), check_time(at, "at"))  # type: ignore[return-value]
+
+
+def check_meta_key(key: object) -> str:
+    return check_text(key, "meta key", META_KEY_BYTES_MAX)
+
+
+def check_meta_entry(key: object, value: object) -> tuple[str, str]:
+    """``set_meta``'s key (not empty) and value."""
+    k = check_meta_key(key)
+    if not k:
+        raise ValidationError("meta key must not be empty")
+    return k, check_text(value, "meta value", META_VALUE_BYTES_MAX)
+
+
+def source_from_row(r: Sequence[Any], text: Callable[[str], str] = str) -> Source:
+    """A stored source from its columns ``(id, text_hash, text, created_at, metadata JSON, user_id,
+    agent_id, session_id)``, ``text`` decoding what the database holds (Postgres escapes NUL)."""
+    return Source(r[0], r[1], text(r[2]), int(r[3]), dict(json.loads(r[4])), stored_scope(r[5], r[6], r[7]))
+
+
+def relation_from_row(r: Sequence[Any], text: Callable[[str], str] = str) -> EvolutionRelation:
+    """A stored relation from its columns ``(id, source_id, target_id, evolution_type, reason,
+    confidence, created_at, user_id, agent_id, session_id)`` (``text``: as :func:`source_from_row`)."""
+    return EvolutionRelation(source_id=r[1], target_id=r[2], evolution_type=r[3], reason=text(r[4]),
+                             confidence=r[5], id=r[0], created_at=int(r[6]), scope=stored_scope(r[7], r[8], r[9]))
+
+
+@functools.lru_cache(maxsize=100_000)
+def stored_scope(user_id: str | None, agent_id: str | None, session_id: str | None) -> Scope:
+    """The Scope of a stored row's scope columns (None: the unset component), validated once per
+    distinct value."""
+    if user_id is None and agent_id is None and session_id is None:
+        return UNSET_SCOPE
+    return Scope(user_id, agent_id, session_id)
 
 
 _ENTITY_NEW = object.__new__

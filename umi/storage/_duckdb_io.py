@@ -14,7 +14,7 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa  # type: ignore[import-untyped]
@@ -22,12 +22,13 @@ import pyarrow.compute as pc  # type: ignore[import-untyped]
 
 from .._index_file import fsync_file
 from ..errors import StorageError
-from ..types import UNSET_SCOPE, CoreBlockRecord, CoreHistoryRecord, Entity, EntityType, EvolutionRelation, Scope, normalize_name
-from ._common import dumps, make_entity, meta_key
+from ..types import CoreBlockRecord, CoreHistoryRecord, Entity, EntityType, EvolutionRelation, Scope, normalize_name
+from ._common import dumps, make_entity, meta_key, relation_from_row, source_from_row, stored_scope
+from ._duckdb_schema import transaction
 from ._overlap import Background
 from ._hotcache import TYPE_CODES, LoadedRows, id_order_keys_arrow
 from .text import document_terms
-from .base import HistoryRecord, Source
+from .base import HistoryRecord, Source, tombstone
 from .cached import ChangeSet, DurableStore, Loaded, Orphans
 
 __all__ = [
@@ -347,7 +348,7 @@ def _load_rows(con: Any, dim: int | None, with_vectors: bool, with_postings: boo
             "entity_type": types[tidx_np[i]], "name": name, "content": content,
             "metadata": json.loads(metadata), "embedding": None, "importance": imp, "confidence": conf,
             "created_at": ca, "updated_at": ua, "event_time": ev, "valid_from": vf, "valid_to": vt,
-            "source_id": sid, "id": ids[i], "score": None, "scope": _scope((u, a, sess)), "mentions": (),
+            "source_id": sid, "id": ids[i], "score": None, "scope": stored_scope(u, a, sess), "mentions": (),
         })
 
     ev = tbl.column("event_time")
@@ -404,18 +405,6 @@ def _coded_column(col: Any, n: int) -> tuple[np.ndarray, dict[Any, int]] | None:
         return None
     idx = pc.fill_null(enc.indices, -1).to_numpy(zero_copy_only=False).astype(np.int32) + 1
     return idx, {v: c + 1 for c, v in enumerate(enc.dictionary.to_pylist())}
-
-
-_SCOPES: dict[tuple[Any, Any, Any], Scope] = {}
-
-
-def _scope(key: tuple[Any, Any, Any]) -> Scope:
-    s = _SCOPES.get(key)
-    if s is None:
-        s = UNSET_SCOPE if key == (None, None, None) else Scope(*key)
-        if len(_SCOPES) < 100_000:
-            _SCOPES[key] = s
-    return s
 
 
 #: one metadata key's values: (rowids of the entities that have it, their value codes from 1,
@@ -652,22 +641,6 @@ def _apply_journal(con: Any, entries: list[list[tuple[str, Rows]]], *, replace: 
         for (table, _), parts in groups.items():
             insert_rows(con, table, _concat_rows(parts))
         con.execute("UPDATE history SET journal = NULL, journal_vectors = NULL WHERE journal IS NOT NULL")
-
-
-@contextmanager
-def transaction(con: Any) -> Iterator[None]:
-    """One DuckDB transaction around the block: COMMIT when it ends, ROLLBACK when it (or the
-    COMMIT) raises."""
-    con.execute("BEGIN TRANSACTION")
-    try:
-        yield
-        con.execute("COMMIT")
-    except BaseException:
-        try:
-            con.execute("ROLLBACK")
-        except duckdb_error():
-            pass  # a failed COMMIT has already ended the transaction
-        raise
 
 
 def _last_of_each_key(entries: list[list[tuple[str, Rows]]]) -> list[list[tuple[str, Rows]]]:
@@ -975,10 +948,10 @@ class DuckDBDurable(DurableStore):
             rows.fetch_vectors = functools.partial(self._fetch_vectors, dim)
         cb = con.execute("SELECT user_id, agent_id, name, content, importance, position FROM core_blocks "
                          "ORDER BY user_id NULLS FIRST, agent_id NULLS FIRST, position").fetchall()
-        core_blocks = [(_scope((u, a, None)), CoreBlockRecord(n, c, float(imp), int(pos))) for u, a, n, c, imp, pos in cb]
+        core_blocks = [(stored_scope(u, a, None), CoreBlockRecord(n, c, float(imp), int(pos))) for u, a, n, c, imp, pos in cb]
         ch = con.execute("SELECT user_id, agent_id, seq, name, op, at_ms, content, importance FROM core_history "
                          "ORDER BY user_id NULLS FIRST, agent_id NULLS FIRST, seq").fetchall()
-        core_history = [CoreHistoryRecord(_scope((u, a, None)), n, int(sq), op, int(at), c,
+        core_history = [CoreHistoryRecord(stored_scope(u, a, None), n, int(sq), op, int(at), c,
                                           None if imp is None else float(imp)) for u, a, sq, n, op, at, c, imp in ch]
         meta = dict(con.execute("SELECT key, value FROM umi_meta").fetchall())
         return Loaded(dim=dim, rows=rows,
@@ -989,7 +962,7 @@ class DuckDBDurable(DurableStore):
         select = "SELECT h.entity_id, h.seq, h.op, h.at_ms, h.snapshot, h.user_id, h.agent_id, h.session_id FROM history h"
         with _read_errors("history"), self.bulk(None if entity_ids is None else len(entity_ids)):
             rows = _tuples_for_ids(self.reading("history", entity_ids), select, "h.entity_id", entity_ids)
-        return [(e, s, op, at, snap, _scope((u, a, sess))) for e, s, op, at, snap, u, a, sess in rows]
+        return [(e, s, op, at, snap, stored_scope(u, a, sess)) for e, s, op, at, snap, u, a, sess in rows]
 
     def load_sources(self, ids: Sequence[str] | None = None, hashes: Sequence[str] | None = None) -> list[Source]:
         select = "SELECT s.id, s.text_hash, s.text, s.created_at, s.metadata, s.user_id, s.agent_id, s.session_id FROM sources s"
@@ -1001,11 +974,7 @@ class DuckDBDurable(DurableStore):
             else:
                 parts = [_tuples_for_ids(con, select, col, want)
                          for col, want in (("s.id", ids), ("s.text_hash", hashes)) if want]
-        out: dict[str, Source] = {}
-        for rows in parts:
-            for i, h, t, c, m, u, a, sess in rows:
-                out[i] = Source(i, h, t, c, json.loads(m), _scope((u, a, sess)))
-        return list(out.values())
+        return list({r[0]: source_from_row(r) for rows in parts for r in rows}.values())
 
     def load_relations(self, entity_ids: Sequence[str] | None) -> list[EvolutionRelation]:
         select = ("SELECT r.id, r.source_id, r.target_id, r.evolution_type, r.reason, r.confidence, r.created_at, "
@@ -1016,12 +985,7 @@ class DuckDBDurable(DurableStore):
                 parts = [_tuples_for_ids(con, select, "r.id", None)]
             else:
                 parts = [_tuples_for_ids(con, select, col, entity_ids) for col in ("r.source_id", "r.target_id")]
-        out: dict[str, EvolutionRelation] = {}
-        for rows in parts:
-            for i, s_, t, et, r, c, ca, u, a, sess in rows:
-                out[i] = EvolutionRelation(source_id=s_, target_id=t, evolution_type=et, reason=r, confidence=c,
-                                           id=i, created_at=ca, scope=_scope((u, a, sess)))
-        return list(out.values())
+        return list({r[0]: relation_from_row(r) for rows in parts for r in rows}.values())
 
     def load_orphans(self) -> Orphans:
         with _read_errors("orphan keys"), self.bulk():
@@ -1087,7 +1051,7 @@ class DuckDBDurable(DurableStore):
             text, vectors = journal_entry(tables)
         except UnicodeEncodeError:
             return False
-        hist = history_rows(list({(r.entity_id, r.seq): r for r in ch.history}.values()), generation)
+        hist = history_rows(ch.unique_history(), generation)
         hist.columns["journal"] = ("VARCHAR", [text] + [None] * (hist.n - 1))
         hist.columns["journal_vectors"] = ("BLOB", [vectors] + [None] * (hist.n - 1))
         insert_rows(self._writer(optimise=False), "history", hist)  # one statement: its own transaction
@@ -1118,10 +1082,9 @@ class DuckDBDurable(DurableStore):
                 stones = sorted(ch.tombstoned)
                 con.execute("UPDATE history SET snapshot = t.snapshot FROM (SELECT unnest(?::VARCHAR[]) AS id, "
                             "unnest(?::VARCHAR[]) AS snapshot) t WHERE history.entity_id = t.id",
-                            [stones, [dumps({"forgotten": True, "id": i}) for i in stones]])
+                            [stones, [dumps(tombstone(i)) for i in stones]])
             if ch.history:
-                recs = list({(r.entity_id, r.seq): r for r in ch.history}.values())
-                insert_rows(con, "history", history_rows(recs, generation), replace=ch.history_replace)
+                insert_rows(con, "history", history_rows(ch.unique_history(), generation), replace=ch.history_replace)
             _write_keyed(con, "sources", drops["sources"], ch.sources, sources_rows)
             _write_keyed(con, "relations", drops["relations"], ch.relations, relations_rows)
             for sc in sorted(ch.core_forgotten, key=lambda sc: (sc.user_id or "", sc.agent_id or "")):
@@ -1185,9 +1148,3 @@ class DuckDBDurable(DurableStore):
             if plain is not None:
                 plain.con.close()
             self._con.close()
-
-
-def duckdb_error() -> type[BaseException]:
-    import duckdb
-
-    return duckdb.Error

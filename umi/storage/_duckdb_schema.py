@@ -31,14 +31,15 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import duckdb
 
 from ..errors import InvalidConfigError, SchemaVersionError, StorageError, StorageLockedError, UmiError, ValidationError
 from ..types import now_ms
 __all__ = ["SCHEMA_VERSION", "check_path", "open_connection", "prepare", "read_version", "stored_generation", "migrate",
-           "add_embedding_column", "ENTITY_COLUMNS", "SCOPE_COLUMNS"]
+           "add_embedding_column", "transaction", "ENTITY_COLUMNS", "SCOPE_COLUMNS"]
 
 SCHEMA_VERSION = 5
 SCOPE_COLUMNS = ("user_id", "agent_id", "session_id")
@@ -258,13 +259,8 @@ def prepare(con: Any, path: str, read_only: bool, dim: int | None) -> tuple[int,
     if stored_dim is None and dim is not None:
         if read_only:
             raise StorageError(f"{path!r} has no vector dimension yet and is open read_only; cannot fix dim={dim}")
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             add_embedding_column(con, dim)
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
         stored_dim = dim
     return int(gen), None if stored_dim is None else int(stored_dim), str(db_uuid)
 
@@ -300,17 +296,28 @@ def migrate(con: Any, found: int, now_ms: int, *, upto: int = SCHEMA_VERSION) ->
             found=found, supported=SCHEMA_VERSION,
         )
     for v in range(found + 1, upto + 1):
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             if v == 1:
                 con.execute("CREATE TABLE umi_schema (version INTEGER NOT NULL, applied_at BIGINT NOT NULL)")
             MIGRATIONS[v](con)
             con.execute("INSERT INTO umi_schema VALUES (?, ?)", [v, now_ms])
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
     return max(found, upto)
+
+
+@contextmanager
+def transaction(con: Any) -> Iterator[None]:
+    """One DuckDB transaction around the block: COMMIT when it ends, ROLLBACK when it (or the
+    COMMIT) raises."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield
+        con.execute("COMMIT")
+    except BaseException:
+        try:
+            con.execute("ROLLBACK")
+        except duckdb.Error:
+            pass  # a failed COMMIT has already ended the transaction
+        raise
 
 
 def add_embedding_column(con: Any, dim: int) -> None:

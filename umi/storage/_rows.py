@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,20 +25,23 @@ __all__ = [
     "decode_text",
     "dumps",
     "encode_text",
+    "tagged_json",
     "tagged_metadata",
     "top_k",
 ]
 
 
 
-def tag_value(v: MetadataValue) -> str:
-    """A metadata value as one string: equal strings <=> ``SearchFilters.matches`` calls them equal."""
-    tag, text = meta_key(v)
-    return f"{tag}:{text}"
+def tagged_json(pairs: Iterable[tuple[str, tuple[str, str]]]) -> str:
+    """Metadata as the JSONB text Postgres's ``@>`` compares, stored and in a filter alike: each
+    key -> ``"<type tag>:<canonical text>"`` (:func:`~umi.storage.filters.meta_key`: equal strings
+    <=> ``SearchFilters.matches`` calls the values equal), NUL escaped (JSONB strings cannot hold it)."""
+    return dumps({encode_text(k): encode_text(f"{tag}:{text}") for k, (tag, text) in pairs})
 
 
-def tagged_metadata(md: Mapping[str, MetadataValue]) -> dict[str, str]:
-    return {k: tag_value(v) for k, v in sorted(md.items())}
+def tagged_metadata(md: Mapping[str, MetadataValue]) -> str:
+    """:func:`tagged_json` of an entity's metadata."""
+    return tagged_json((k, meta_key(v)) for k, v in md.items())
 
 
 def encode_text(s: str) -> str:

@@ -27,8 +27,6 @@ over the old one.
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import struct
 import zlib
 from pathlib import Path
@@ -36,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .._index_file import fsync_dir
+from .._index_file import atomic_write, write_checksummed
 from ..errors import IndexCacheError
 
 __all__ = ["TermCache", "save_terms", "load_terms"]
@@ -116,8 +114,6 @@ class TermCache:
 
 def save_terms(path: str, cache: TermCache) -> None:
     """Write ``cache`` to ``path`` atomically; :class:`~umi.IndexCacheError` on an I/O failure."""
-    target = Path(path)
-    tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
     ids_blob = _join([i or "" for i in cache.ids], path, "an id")
     terms_blob = _join(cache.terms, path, "a term")
     offsets = np.ascontiguousarray(cache.offsets, dtype="<i8")
@@ -139,21 +135,8 @@ def save_terms(path: str, cache: TermCache) -> None:
     chunks: list[Any] = [_MAGIC, struct.pack("<Q", len(header)), header, ids_blob, terms_blob,
                          offsets.data, rows.data, tfs.data, vals_blob, *(c.data for c in codes)]
     try:
-        with open(tmp, "wb") as f:
-            crc = 0
-            for chunk in chunks:
-                f.write(chunk)
-                crc = zlib.crc32(chunk, crc)
-            f.write(struct.pack("<I", crc) + _END)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
+        atomic_write(path, lambda f: write_checksummed(f, chunks, _END))
     except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         raise IndexCacheError(f"cannot save the keyword index cache to {path!r}: {exc}", path=path) from exc
 
 

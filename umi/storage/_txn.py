@@ -17,11 +17,20 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, NoReturn
 
 from ..errors import StorageError, UmiError
 
-__all__ = ["TransactionMixin"]
+__all__ = ["TransactionMixin", "raise_wrapped"]
+
+
+def raise_wrapped(exc: BaseException, what: str) -> NoReturn:
+    """The one error rule of a failed storage step (every backend's): a :class:`~umi.UmiError`, or
+    a BaseException that is no Exception (KeyboardInterrupt), propagates as it is; any other error
+    becomes a :class:`~umi.StorageError` ``"<what>: <type>: <message>"``, chained to it."""
+    if isinstance(exc, UmiError) or not isinstance(exc, Exception):
+        raise exc
+    raise StorageError(f"{what}: {type(exc).__name__}: {exc}") from exc
 
 
 class TransactionMixin:
@@ -60,18 +69,7 @@ class TransactionMixin:
             self._commit_tx(wrote)
         except BaseException as exc:
             self._rollback_tx()
-            wrapped = self._wrap(exc, "commit failed and was rolled back")
-            if wrapped is exc:
-                raise
-            raise wrapped from exc
-
-    @staticmethod
-    def _wrap(exc: BaseException, what: str) -> BaseException:
-        if isinstance(exc, UmiError) or not isinstance(exc, Exception):
-            return exc
-        err = StorageError(f"{what}: {type(exc).__name__}: {exc}")
-        err.__cause__ = exc
-        return err
+            raise_wrapped(exc, "commit failed and was rolled back")
 
     @contextmanager
     def _writing(self, op: str) -> Iterator[None]:
@@ -83,10 +81,7 @@ class TransactionMixin:
                     yield
                 except BaseException as exc:
                     self._rollback_only = True
-                    wrapped = self._wrap(exc, f"{op}() failed; the transaction will roll back")
-                    if wrapped is exc:
-                        raise
-                    raise wrapped from exc
+                    raise_wrapped(exc, f"{op}() failed; the transaction will roll back")
                 self._wrote = True
                 return
             self._start()
@@ -94,10 +89,7 @@ class TransactionMixin:
                 yield
             except BaseException as exc:
                 self._finish(commit=False)
-                wrapped = self._wrap(exc, f"{op}() failed and was rolled back")
-                if wrapped is exc:
-                    raise
-                raise wrapped from exc
+                raise_wrapped(exc, f"{op}() failed and was rolled back")
             self._wrote = True
             self._finish(commit=True)
 
@@ -124,10 +116,7 @@ class TransactionMixin:
             except BaseException as exc:
                 if self._depth:  # not already ended (e.g. by close() inside the block)
                     self._finish(commit=False)
-                wrapped = self._wrap(exc, "transaction rolled back")
-                if wrapped is exc:
-                    raise
-                raise wrapped from exc
+                raise_wrapped(exc, "transaction rolled back")
             if not self._depth:
                 raise StorageError("the store was closed inside the transaction; it was rolled back")
             if self._rollback_only:

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from ..errors import StorageError, ValidationError
+from ..errors import StorageError
 from ..types import (
     CoreBlockRecord,
     CoreHistoryRecord,
@@ -49,19 +49,31 @@ from ..types import (
     now_ms,
 )
 from . import filters as F
-from ._common import (
+from ._common import (  # (the core-block and meta limits are re-exported from here)
+    CORE_CONTENT_BYTES_MAX,
+    CORE_NAME_BYTES_MAX,
+    META_KEY_BYTES_MAX,
+    META_VALUE_BYTES_MAX,
+    check_core_block,
+    check_core_name,
+    check_endpoints,
     check_entities,
+    check_history,
     check_id,
     check_ids,
     check_k,
     check_limit_offset,
+    check_meta_entry,
+    check_meta_key,
     check_name_query,
     check_query_text,
     check_query_vector,
     check_relations,
+    check_seq,
     check_source,
     check_time,
     check_vectors_per_query,
+    copy_relation,
     snapshot_of,
 )
 from ._hotcache import EntityCache
@@ -72,12 +84,6 @@ from .text import document_terms, query_terms
 __all__ = ["CachedStore", "ChangeSet", "DurableStore", "FaultyDurable", "Loaded", "MemoryDurable", "CORE_NAME_BYTES_MAX",
            "CORE_CONTENT_BYTES_MAX", "META_KEY_BYTES_MAX", "META_VALUE_BYTES_MAX"]
 
-#: core block names: 1..64 bytes of [A-Za-z0-9_.-] (as CoreMemory); contents up to 16 MiB
-CORE_NAME_BYTES_MAX = 64
-CORE_CONTENT_BYTES_MAX = 16 * 1024 * 1024
-#: store metadata keys and values
-META_KEY_BYTES_MAX = 256
-META_VALUE_BYTES_MAX = 1024 * 1024
 #: a lazy durable store is asked for one entity's history, one source or one entity's relations
 #: at most this many times per session; then the rest of that kind is read in one go (a bulk
 #: forget of 10k entities must not cost 10k database round trips each)
@@ -131,6 +137,11 @@ class ChangeSet:
     core_history: list[CoreHistoryRecord] = field(default_factory=list)
     meta: dict[str, str] = field(default_factory=dict)
     dim: int | None = None
+
+    def unique_history(self) -> list[HistoryRecord]:
+        """``history`` as written: one record per ``(entity_id, seq)``, the last put (a restore may
+        put one twice)."""
+        return list({(r.entity_id, r.seq): r for r in self.history}.values())
 
     def __bool__(self) -> bool:
         return bool(self.entities or self.history or self.tombstoned or self.sources or self.relations
@@ -275,40 +286,6 @@ class _Hist:
     def record(self, eid: str) -> HistoryRecord:
         snap = json.loads(self.snap) if isinstance(self.snap, str) else copy.deepcopy(self.snap)
         return HistoryRecord(eid, self.seq, self.op, self.at, snap, self.scope)  # type: ignore[arg-type]
-
-
-def _check_text(value: object, what: str, limit: int) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{what} must be str, not {type(value).__name__}")
-    try:
-        n = len(value.encode("utf-8"))
-    except UnicodeEncodeError as exc:
-        raise ValidationError(f"{what} is not valid Unicode text (a lone surrogate at {exc.start})") from None
-    if n > limit:
-        raise ValidationError(f"{what} is {n} bytes; the limit is {limit}")
-    return value
-
-
-def _check_core_name(name: object) -> str:
-    import re
-
-    if not isinstance(name, str):
-        raise TypeError(f"block name must be str, not {type(name).__name__}")
-    if re.fullmatch(r"[A-Za-z0-9_.\-]{1,%d}" % CORE_NAME_BYTES_MAX, name) is None:
-        raise ValidationError(f"block name must be 1 to {CORE_NAME_BYTES_MAX} characters of [A-Za-z0-9_.-], "
-                              f"got {name[:80]!r}")
-    return name
-
-
-def _check_importance(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"importance must be a float in [0, 1], not {type(value).__name__}")
-    v = float(value)
-    if not 0.0 <= v <= 1.0:
-        from ..errors import InvalidImportanceError
-
-        raise InvalidImportanceError(f"importance must be in [0, 1], got {value!r}", actual=value)
-    return v
 
 
 # --- the store ----------------------------------------------------------------------------------
@@ -585,6 +562,15 @@ class CachedStore(TransactionMixin, StorageBackend):
         raise StorageError(f"injected storage write failure in {op}()")
 
     @contextmanager
+    def _writing_one(self, op: str) -> Iterator[None]:
+        """:meth:`_writing` for a write of one item, which an injected fault (Sim) fails before it
+        changes anything."""
+        with self._writing(op):
+            if self._write_fault_at(1) is not None:
+                self._fail(op)
+            yield
+
+    @contextmanager
     def _reading(self, op: str) -> Iterator[None]:
         with self._lock:
             self._check_open()
@@ -689,9 +675,7 @@ class CachedStore(TransactionMixin, StorageBackend):
             self._check_writable()
             if eid not in self._cache:
                 return False
-            with self._writing("delete"):
-                if self._write_fault_at(1) is not None:
-                    self._fail("delete")
+            with self._writing_one("delete"):
                 self._forget(eid, self._now() if at is None else at)
             return True
 
@@ -740,9 +724,7 @@ class CachedStore(TransactionMixin, StorageBackend):
             cur = self._cache.peek(eid)
             if cur is None or (cur.valid_to is None) == (valid_to is None):
                 return False
-            with self._writing(op):
-                if self._write_fault_at(1) is not None:
-                    self._fail(op)
+            with self._writing_one(op):
                 new = self._cache.set_valid_to(eid, valid_to, at)
                 assert new is not None
                 self._record_entity(eid, new, True)
@@ -865,9 +847,7 @@ class CachedStore(TransactionMixin, StorageBackend):
             self._check_writable()
             if self._source(src.id) is not None:
                 return  # the first record of a text is kept
-            with self._writing("add_source"):
-                if self._write_fault_at(1) is not None:
-                    self._fail("add_source")
+            with self._writing_one("add_source"):
                 self._put_source(src)
 
     def _put_source(self, src: Source) -> None:
@@ -907,9 +887,7 @@ class CachedStore(TransactionMixin, StorageBackend):
             self._check_writable()
             if self._source(sid) is None:
                 return False
-            with self._writing("delete_source"):
-                if self._write_fault_at(1) is not None:
-                    self._fail("delete_source")
+            with self._writing_one("delete_source"):
                 self._drop_source(sid)
             return True
 
@@ -943,20 +921,13 @@ class CachedStore(TransactionMixin, StorageBackend):
         return iter([_copy_source(s) for s in got])  # type: ignore[misc]
 
     # --- relations ----------------------------------------------------------------------------
-    def _check_endpoints(self, rels: Sequence[EvolutionRelation], also: set[str] = frozenset()) -> None:  # type: ignore[assignment]
-        """The one relation-endpoint rule: both ends are stored entities."""
-        for r in rels:
-            for end in (r.source_id, r.target_id):
-                if end not in self._cache and end not in also:
-                    raise ValidationError(f"relation {r.id} refers to entity {end}, which is not stored")
-
     def add_relations(self, relations: Sequence[EvolutionRelation]) -> None:
         rels = check_relations(relations)
         if not rels:
             return
         with self._lock:
             self._check_writable()
-            self._check_endpoints(rels)
+            check_endpoints(rels, self._cache.__contains__)
             with self._writing("add_relations"):
                 fail_at = self._write_fault_at(len(rels))
                 for i, r in enumerate(rels):
@@ -1010,7 +981,7 @@ class CachedStore(TransactionMixin, StorageBackend):
         with self._reading("relations_for"):
             rels = self._rels_for(eid)
         rels.sort(key=lambda r: (r.created_at, r.id))
-        return [_copy_relation(r) for r in rels]
+        return [copy_relation(r) for r in rels]
 
     def iter_relations(self, scope: Scope | None = None) -> Iterator[EvolutionRelation]:
         sc = check_scope(scope, optional=True)
@@ -1018,7 +989,7 @@ class CachedStore(TransactionMixin, StorageBackend):
             self._fetch_relations_all()
             got = [r for r in self._relations.values() if r is not None and (sc is None or sc.contains(r.scope))]
         got.sort(key=lambda r: (r.created_at, r.id))
-        return iter([_copy_relation(r) for r in got])
+        return iter([copy_relation(r) for r in got])
 
     # --- history ------------------------------------------------------------------------------
     def history(self, entity_id: str) -> builtins.list[HistoryRecord]:
@@ -1040,13 +1011,12 @@ class CachedStore(TransactionMixin, StorageBackend):
         with self._lock:
             self._check_writable()
             ents, dim = check_entities(entities, self._cache.dim)
-            srcs = [check_source(s) for s in _seq(sources, "sources")]
+            srcs = [check_source(s) for s in check_seq(sources, "sources")]
             rels = check_relations(relations)
-            hist = [_check_history(h, i) for i, h in enumerate(_seq(history, "history"))]
-            self._check_endpoints(rels, {e.id for e in ents})
-            with self._writing("restore"):
-                if self._write_fault_at(1) is not None:
-                    self._fail("restore")
+            hist = [check_history(h, i) for i, h in enumerate(check_seq(history, "history"))]
+            new_ids = {e.id for e in ents}
+            check_endpoints(rels, lambda end: end in self._cache or end in new_ids)
+            with self._writing_one("restore"):
                 self._put_entities(ents, [document_terms(e.name, e.content) for e in ents], dim, history=False)
                 for s in srcs:
                     self._put_source(s)
@@ -1108,13 +1078,8 @@ class CachedStore(TransactionMixin, StorageBackend):
 
     def set_core_block(self, scope: Scope, name: str, content: str, importance: float, at: int) -> None:
         sc = check_scope(scope).core  # type: ignore[union-attr]
-        name = _check_core_name(name)
-        content = _check_text(content, "block content", CORE_CONTENT_BYTES_MAX)
-        imp = _check_importance(importance)
-        when: int = check_time(at, "at")  # type: ignore[assignment]
-        with self._writing("set_core_block"):
-            if self._write_fault_at(1) is not None:
-                self._fail("set_core_block")
+        name, content, imp, when = check_core_block(name, content, importance, at)
+        with self._writing_one("set_core_block"):
             blocks = list(self._core.get(sc, ()))
             pos = next((i for i, b in enumerate(blocks) if b.name == name), None)
             if pos is None:
@@ -1125,16 +1090,14 @@ class CachedStore(TransactionMixin, StorageBackend):
 
     def remove_core_block(self, scope: Scope, name: str, at: int) -> bool:
         sc = check_scope(scope).core  # type: ignore[union-attr]
-        name = _check_core_name(name)
+        name = check_core_name(name)
         when: int = check_time(at, "at")  # type: ignore[assignment]
         with self._lock:
             self._check_writable()
             blocks = list(self._core.get(sc, ()))
             if not any(b.name == name for b in blocks):
                 return False
-            with self._writing("remove_core_block"):
-                if self._write_fault_at(1) is not None:
-                    self._fail("remove_core_block")
+            with self._writing_one("remove_core_block"):
                 kept = [CoreBlockRecord(b.name, b.content, b.importance, i)
                         for i, b in enumerate(b for b in blocks if b.name != name)]
                 self._set_blocks(sc, kept, CoreHistoryRecord(sc, name, self._next_core_seq(sc), "remove", when))
@@ -1148,9 +1111,7 @@ class CachedStore(TransactionMixin, StorageBackend):
             n = len(self._core.get(sc, ()))
             if not n:
                 return 0
-            with self._writing("clear_core_blocks"):
-                if self._write_fault_at(1) is not None:
-                    self._fail("clear_core_blocks")
+            with self._writing_one("clear_core_blocks"):
                 self._set_blocks(sc, [], CoreHistoryRecord(sc, "", self._next_core_seq(sc), "clear", when))
             return n
 
@@ -1163,9 +1124,7 @@ class CachedStore(TransactionMixin, StorageBackend):
             if not gone:
                 return 0
             n = sum(len(self._core.get(sc, ())) for sc in gone)
-            with self._writing("forget_core"):
-                if self._write_fault_at(1) is not None:
-                    self._fail("forget_core")
+            with self._writing_one("forget_core"):
                 for sc in gone:
                     self._drop_core(sc)
             return n
@@ -1198,24 +1157,19 @@ class CachedStore(TransactionMixin, StorageBackend):
     def core_history(self, scope: Scope, name: str | None = None) -> builtins.list[CoreHistoryRecord]:
         sc = check_scope(scope).core  # type: ignore[union-attr]
         if name is not None:
-            name = _check_core_name(name)
+            name = check_core_name(name)
         with self._reading("core_history"):
             return [r for r in self._core_hist.get(sc, ()) if name is None or r.name == name or r.op == "clear"]
 
     # --- store metadata -------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
-        _check_text(key, "meta key", META_KEY_BYTES_MAX)
+        check_meta_key(key)
         with self._reading("get_meta"):
             return self._meta.get(key)
 
     def set_meta(self, key: str, value: str) -> None:
-        _check_text(key, "meta key", META_KEY_BYTES_MAX)
-        if not key:
-            raise ValidationError("meta key must not be empty")
-        _check_text(value, "meta value", META_VALUE_BYTES_MAX)
-        with self._writing("set_meta"):
-            if self._write_fault_at(1) is not None:
-                self._fail("set_meta")
+        check_meta_entry(key, value)
+        with self._writing_one("set_meta"):
             had = key in self._meta
             old = self._meta.get(key)
             self._meta[key] = value
@@ -1254,40 +1208,3 @@ def _copy_source(s: Source | None) -> Source | None:
     if s is None:
         return None
     return Source(s.id, s.text_hash, s.text, s.created_at, dict(s.metadata), s.scope)
-
-
-def _copy_relation(r: EvolutionRelation) -> EvolutionRelation:
-    return EvolutionRelation(source_id=r.source_id, target_id=r.target_id, evolution_type=r.evolution_type,
-                             reason=r.reason, confidence=r.confidence, id=r.id, created_at=r.created_at,
-                             scope=r.scope)
-
-
-def _seq(values: object, what: str) -> builtins.list[Any]:
-    from collections.abc import Sequence as Seq
-
-    if isinstance(values, (str, bytes)) or not isinstance(values, Seq):
-        raise TypeError(f"{what} must be a sequence, not {type(values).__name__}")
-    return builtins.list(values)
-
-
-_OPS = ("create", "update", "supersede", "revive", "delete")
-
-
-def _check_history(h: object, pos: int) -> HistoryRecord:
-    if not isinstance(h, HistoryRecord):
-        raise TypeError(f"history[{pos}] must be a HistoryRecord, not {type(h).__name__}")
-    check_id(h.entity_id, f"history[{pos}].entity_id")
-    if isinstance(h.seq, bool) or not isinstance(h.seq, int) or not 1 <= h.seq <= 2**31 - 1:
-        raise ValidationError(f"history[{pos}].seq must be an int in [1, {2**31 - 1}], got {h.seq!r}")
-    if h.op not in _OPS:
-        raise ValidationError(f"history[{pos}].op must be one of {', '.join(_OPS)}, got {h.op!r}")
-    check_time(h.at, f"history[{pos}].at")
-    check_scope(h.scope, f"history[{pos}].scope")
-    if not isinstance(h.snapshot, dict):
-        raise TypeError(f"history[{pos}].snapshot must be a dict, not {type(h.snapshot).__name__}")
-    try:
-        json.dumps(h.snapshot, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise ValidationError(f"history[{pos}].snapshot is not plain JSON: {exc}") from None
-    return h
-

@@ -53,7 +53,6 @@ from ..errors import (
     IndexCacheError,
     StorageError,
     StorageLockedError,
-    UmiError,
 )
 from ._common import check_int
 from .._index_file import fsync_dir
@@ -61,6 +60,7 @@ from ._duckdb_io import (DuckDBDurable, copy_database, load_metadata, load_posti
                           open_journaled, remove_database_files)
 from ._overlap import Background
 from ._duckdb_schema import check_path, open_connection, prepare, stored_generation
+from ._txn import raise_wrapped
 from .cached import CachedStore, FaultyDurable
 
 __all__ = ["DuckDBStorageBackend", "INDEX_SUFFIX", "TERMS_SUFFIX"]
@@ -228,9 +228,7 @@ class DuckDBStorageBackend(CachedStore):
         except BaseException as exc:
             self._cache_files.finish()
             self._release()
-            if isinstance(exc, UmiError) or not isinstance(exc, Exception):
-                raise
-            raise StorageError(f"cannot open the DuckDB store {spath!r}: {type(exc).__name__}: {exc}") from exc
+            raise_wrapped(exc, f"cannot open the DuckDB store {spath!r}")
         self._cache_files.finish()
         self._closed = False
 

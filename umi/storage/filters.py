@@ -270,12 +270,6 @@ def mask(nf: NormFilters, cols: MaskColumns) -> np.ndarray:
 # --- SQL ------------------------------------------------------------------------------------
 
 
-def _encode_pg_text(s: str) -> str:
-    from ._rows import encode_text
-
-    return encode_text(s)
-
-
 def to_sql(filters: object, dialect: Dialect = "postgres", alias: str | None = None,
            *, metadata_table: str = "entity_metadata") -> tuple[str, list[Any]]:
     """A WHERE condition (without the keyword) and its parameters.
@@ -314,11 +308,10 @@ def to_sql(filters: object, dialect: Dialect = "postgres", alias: str | None = N
             params.append(nf.time_hi)
     if nf.metadata:
         if dialect == "postgres":
-            import json
+            from ._rows import tagged_json
 
-            tagged = {_encode_pg_text(k): _encode_pg_text(f"{vt}:{vx}") for k, vt, vx in nf.metadata}
             clauses.append(f"{a}metadata @> {ph}::jsonb")
-            params.append(json.dumps(tagged, ensure_ascii=True, sort_keys=True, separators=(",", ":")))
+            params.append(tagged_json((k, (vt, vx)) for k, vt, vx in nf.metadata))
         else:
             for key, vtype, vtext in nf.metadata:
                 clauses.append(

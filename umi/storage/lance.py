@@ -35,17 +35,17 @@ from typing import Any
 
 import numpy as np
 
-from .._index_file import fsync_dir
+from .._index_file import atomic_write, fsync_dir
 from ..errors import (
     InvalidConfigError,
     SchemaVersionError,
     StorageError,
     StorageLockedError,
-    UmiError,
 )
-from ..types import UNSET_SCOPE, CoreBlockRecord, CoreHistoryRecord, Entity, EntityType, EvolutionRelation, Scope
-from ._common import check_int, dumps, make_entity
-from .base import HistoryRecord, Source
+from ..types import CoreBlockRecord, CoreHistoryRecord, Entity, EntityType, EvolutionRelation, Scope
+from ._common import check_int, dumps, make_entity, stored_scope
+from .base import Source, tombstone
+from ._txn import raise_wrapped
 from .cached import CachedStore, ChangeSet, DurableStore, Loaded
 
 __all__ = ["LanceStorageBackend"]
@@ -215,9 +215,9 @@ class LanceDurable(DurableStore):
             t["entities"].merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(
                 pa.Table.from_pylist(rows, schema=schema), on_bad_vectors="null")  # a null vector is "bad" to Lance
         for eid in sorted(ch.tombstoned):
-            t["history"].update(where=f"entity_id = {_lit(eid)}", values={"snapshot": dumps({"forgotten": True, "id": eid})})
+            t["history"].update(where=f"entity_id = {_lit(eid)}", values={"snapshot": dumps(tombstone(eid))})
         if ch.history:
-            recs = list({(r.entity_id, r.seq): r for r in ch.history}.values())
+            recs = ch.unique_history()
             data = pa.Table.from_pylist([{"entity_id": r.entity_id, "seq": r.seq, "op": r.op, "at": r.at,
                                           "snapshot": dumps(dict(r.snapshot)), **_scope_row(r.scope)} for r in recs],
                                         schema=self.schema("history"))
@@ -367,17 +367,8 @@ class LanceStorageBackend(CachedStore):
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
             self._closed = True
-            if isinstance(exc, UmiError) or not isinstance(exc, Exception):
-                raise
-            raise StorageError(f"cannot open the Lance store at {root}: {type(exc).__name__}: {exc}") from exc
+            raise_wrapped(exc, f"cannot open the Lance store at {root}")
         return self
-
-    @property
-    def _t(self) -> dict[str, Any]:
-        return self._durable.t  # type: ignore[attr-defined]
-
-    def _describe(self) -> str:
-        return "LanceStorageBackend"
 
     def optimize(self) -> None:
         """Compact small fragments and drop old versions. Runs by itself every few dozen commits.
@@ -400,9 +391,6 @@ class LanceStorageBackend(CachedStore):
             except Exception as exc:  # noqa: BLE001 - lance raises its own (OSError, RuntimeError...)
                 raise StorageError(f"compact of {self.path} failed: {type(exc).__name__}: {exc}") from exc
             return True
-
-    def _before_close(self) -> None:
-        pass
 
     def close(self) -> None:
         """Release the store (and its lock). Safe to call twice."""
@@ -430,8 +418,7 @@ def _scope_row(s: Scope) -> dict[str, str | None]:
 
 
 def _scope_of(r: dict[str, Any]) -> Scope:
-    key = (r.get("user_id"), r.get("agent_id"), r.get("session_id"))
-    return UNSET_SCOPE if key == (None, None, None) else Scope(*key)
+    return stored_scope(r.get("user_id"), r.get("agent_id"), r.get("session_id"))
 
 
 def _entity_row(e: Entity) -> dict[str, Any]:
@@ -462,13 +449,7 @@ def _row_to_entity(r: dict[str, Any]) -> Entity:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    atomic_write(path, lambda f: json.dump(obj, f, sort_keys=True), text=True, tmp=path.with_name(path.name + ".tmp"))
 
 
 def _read_state(root: Path) -> dict[str, Any]:

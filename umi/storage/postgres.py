@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import functools
 import hashlib
 import json
 import logging
@@ -85,22 +84,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._validate import utf8_len
-from ..errors import InvalidConfigError, StorageError, UmiError, ValidationError
-from ..types import (UNSET_SCOPE, CoreBlockRecord, CoreHistoryRecord, Entity, EntityType,
+from ..errors import InvalidConfigError, StorageError, ValidationError
+from ..types import (CoreBlockRecord, CoreHistoryRecord, Entity, EntityType,
                      EvolutionRelation, Scope, check_scope, normalize_name, now_ms)
 from . import _pg_schema as S
 from . import _rows as R
 from . import _common as C  # the boundary checks every backend shares
 from . import filters as F
-from .cached import (  # the core-block, meta and history-record rules, written once for every backend
-    CORE_CONTENT_BYTES_MAX,
-    META_KEY_BYTES_MAX,
-    META_VALUE_BYTES_MAX,
-    _check_core_name,
-    _check_history,
-    _check_importance,
-    _check_text,
-)
+from ._txn import raise_wrapped
 from .base import HistoryRecord, SearchFilters, Source, StorageBackend, tombstone
 from .text import BM25_B, BM25_K1, document_terms, query_terms
 
@@ -207,10 +198,7 @@ class PostgresStorageBackend(StorageBackend):
         for what, v, lo, hi in (("pool_size", pool_size, 1, POOL_SIZE_MAX),
                                 ("exact_search_rows", exact_search_rows, 0, 2**62),
                                 ("ef_search", ef_search, 1, EF_SEARCH_MAX), ("max_retries", max_retries, 0, 100)):
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise TypeError(f"{what} must be an int, not {type(v).__name__}")
-            if not lo <= v <= hi:
-                raise InvalidConfigError(f"{what} must be between {lo} and {hi}, got {v}")
+            C.check_int(v, what, lo, hi)
         if dim is not None:
             if isinstance(dim, bool) or not isinstance(dim, int):
                 raise TypeError(f"dim must be an int or None, not {type(dim).__name__}")
@@ -297,6 +285,12 @@ class PostgresStorageBackend(StorageBackend):
     def _tx(self) -> _Tx | None:
         return getattr(self._local, "tx", None)
 
+    def _mark_changed(self) -> None:
+        """A write changed a row: the open block's commit bumps the generation."""
+        tx = self._tx()
+        assert tx is not None
+        tx.changed = True
+
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """One Postgres transaction. Nested blocks join the outer one; see the module docstring."""
@@ -324,9 +318,7 @@ class PostgresStorageBackend(StorageBackend):
                         yield
                     except BaseException as exc:
                         _rollback(conn)
-                        if isinstance(exc, UmiError) or not isinstance(exc, Exception):
-                            raise
-                        raise StorageError(f"transaction rolled back: {type(exc).__name__}: {exc}") from exc
+                        raise_wrapped(exc, "transaction rolled back")
                     if tx.rollback_only:
                         _rollback(conn)
                         raise StorageError("transaction rolled back: a write inside it failed (and the error "
@@ -574,7 +566,7 @@ class PostgresStorageBackend(StorageBackend):
             tf, length = document_terms(e.name, e.content)
             for c, v in zip(names, (
                     e.id, e.entity_type.value, R.encode_text(e.name), R.encode_text(normalize_name(e.name)),
-                    R.encode_text(e.content), _metadata_filter_json(R.tagged_metadata(e.metadata)), R.dumps(e.metadata),
+                    R.encode_text(e.content), R.tagged_metadata(e.metadata), R.dumps(e.metadata),
                     None if e.embedding is None else _Vec(e.embedding), float(e.importance), float(e.confidence),
                     e.created_at, e.updated_at, e.event_time, e.valid_from, e.valid_to, e.source_id,
                     " ".join(tf), R.dumps(tf), length, *_scope_values(e))):
@@ -684,37 +676,27 @@ class PostgresStorageBackend(StorageBackend):
     def revive(self, entity_id: str, at: int) -> bool:
         eid = C.check_id(entity_id)
         when: int = C.check_time(at, "at")  # type: ignore[assignment]  # never None here
-
-        def op(conn: Any) -> bool:
-            tx = self._tx()
-            assert tx is not None
-            self._lock_ids(conn, [eid])
-            hit = conn.execute(self._q("UPDATE {entities} SET valid_to = NULL, updated_at = greatest(updated_at, %s) "
-                                       "WHERE id = %s AND valid_to IS NOT NULL RETURNING id"), (when, eid)).fetchone()
-            if hit is None:
-                return False
-            e = self._select(conn, "id = %s", [eid])[0]
-            self._append_history(conn, [eid], ["revive"], [when], [R.dumps(C.snapshot_of(e))], [_scope_values(e)])
-            tx.changed = True
-            return True
-
-        return bool(self._write(op))
+        return self._set_validity(eid, None, when, "revive")
 
     def supersede(self, entity_id: str, valid_to: int) -> bool:
         eid = C.check_id(entity_id)
         vt: int = C.check_time(valid_to, "valid_to")  # type: ignore[assignment]  # never None here
+        return self._set_validity(eid, vt, vt, "supersede")
+
+    def _set_validity(self, eid: str, valid_to: int | None, at: int, op_name: str) -> bool:
+        """Supersede (``valid_to`` set) a current entity or revive (None) a superseded one, at ``at``."""
+        current = "IS NULL" if valid_to is not None else "IS NOT NULL"
 
         def op(conn: Any) -> bool:
-            tx = self._tx()
-            assert tx is not None
             self._lock_ids(conn, [eid])
             hit = conn.execute(self._q("UPDATE {entities} SET valid_to = %s, updated_at = greatest(updated_at, %s) "
-                                       "WHERE id = %s AND valid_to IS NULL RETURNING id"), (vt, vt, eid)).fetchone()
+                                       "WHERE id = %s AND valid_to " + current + " RETURNING id"),
+                               (valid_to, at, eid)).fetchone()
             if hit is None:
                 return False
             e = self._select(conn, "id = %s", [eid])[0]
-            self._append_history(conn, [eid], ["supersede"], [vt], [R.dumps(C.snapshot_of(e))], [_scope_values(e)])
-            tx.changed = True
+            self._append_history(conn, [eid], [op_name], [at], [R.dumps(C.snapshot_of(e))], [_scope_values(e)])
+            self._mark_changed()
             return True
 
         return bool(self._write(op))
@@ -917,17 +899,14 @@ class PostgresStorageBackend(StorageBackend):
 
     # --- sources ------------------------------------------------------------------
     def add_source(self, source: Source) -> None:
-        s = C.check_source(source)
-        utf8_len(s.text, "source.text")
+        s = _check_source(source)
 
         def op(conn: Any) -> None:
             hit = conn.execute(self._q(
                 "INSERT INTO {sources} (" + S.SOURCE_COLUMNS + ") VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
                 "ON CONFLICT (id) DO NOTHING RETURNING id"), _source_row(s)).fetchone()
             if hit is not None:
-                tx = self._tx()
-                assert tx is not None
-                tx.changed = True
+                self._mark_changed()
 
         self._write(op)
 
@@ -947,7 +926,7 @@ class PostgresStorageBackend(StorageBackend):
             row = conn.execute(self._sql.SQL(
                 "SELECT " + S.SOURCE_COLUMNS + " FROM {t} WHERE " + where +
                 " ORDER BY created_at, id LIMIT 1").format(t=self._names.table("sources")), (value,)).fetchone()
-        return None if row is None else _row_to_source(row)
+        return None if row is None else C.source_from_row(row, R.decode_text)
 
     def entity_ids_for_source(self, source_id: str) -> builtins.list[str]:
         sid = C.check_id(source_id, "source_id")
@@ -963,37 +942,32 @@ class PostgresStorageBackend(StorageBackend):
             hit = conn.execute(self._q("DELETE FROM {sources} WHERE id = %s RETURNING id"), (sid,)).fetchone()
             if hit is None:
                 return False
-            tx = self._tx()
-            assert tx is not None
-            tx.changed = True
+            self._mark_changed()
             return True
 
         return bool(self._write(op))
 
     # --- evolution ----------------------------------------------------------------
     def add_relations(self, relations: Sequence[EvolutionRelation]) -> None:
-        rels = C.check_relations(relations)
+        rels = _check_relations(relations)
         if not rels:
             return
-        for r in rels:
-            utf8_len(r.reason, f"relation {r.id} reason")
-        ends = sorted({e for r in rels for e in (r.source_id, r.target_id)})
         with self._reading() as conn:
-            have = {row[0] for row in conn.execute(self._q("SELECT id FROM {entities} WHERE id = ANY(%s)"),
-                                                   (ends,)).fetchall()}
-        for r in rels:
-            for end in (r.source_id, r.target_id):
-                if end not in have:
-                    raise ValidationError(f"relation {r.id} refers to entity {end}, which is not stored")
-
-        rels = list({r.id: r for r in rels}.values())  # a later duplicate of an id replaces an earlier one
+            have = self._stored_ids(conn, {e for r in rels for e in (r.source_id, r.target_id)})
+        C.check_endpoints(rels, have.__contains__)
 
         def op(conn: Any) -> None:
             self._insert_relations(conn, rels)
 
         self._write(op)
 
+    def _stored_ids(self, conn: Any, ids: set[str]) -> set[str]:
+        """Those of ``ids`` that are stored entities."""
+        return {row[0] for row in conn.execute(self._q("SELECT id FROM {entities} WHERE id = ANY(%s)"),
+                                               (sorted(ids),)).fetchall()}
+
     def _insert_relations(self, conn: Any, rels: Sequence[EvolutionRelation]) -> None:
+        rels = list({r.id: r for r in rels}.values())  # a later duplicate of an id replaces an earlier one
         conn.execute(self._q(
             "INSERT INTO {relations} (" + S.RELATION_COLUMNS + ") "
             "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::float8[], "
@@ -1005,9 +979,7 @@ class PostgresStorageBackend(StorageBackend):
             ([r.id for r in rels], [r.source_id for r in rels], [r.target_id for r in rels],
              [r.evolution_type.value for r in rels], [R.encode_text(r.reason) for r in rels],
              [r.confidence for r in rels], [r.created_at for r in rels], *_columns([_scope_values(r) for r in rels])))
-        tx = self._tx()
-        assert tx is not None
-        tx.changed = True
+        self._mark_changed()
 
     def relations_for(self, entity_id: str) -> builtins.list[EvolutionRelation]:
         eid = C.check_id(entity_id)
@@ -1015,7 +987,7 @@ class PostgresStorageBackend(StorageBackend):
             rows = conn.execute(self._q(
                 "SELECT " + S.RELATION_COLUMNS + " FROM {relations} "
                 "WHERE source_id = %s OR target_id = %s ORDER BY created_at, id"), (eid, eid)).fetchall()
-        return [_row_to_relation(r) for r in rows]
+        return [C.relation_from_row(r, R.decode_text) for r in rows]
 
     def history(self, entity_id: str) -> builtins.list[HistoryRecord]:
         eid = C.check_id(entity_id)
@@ -1052,11 +1024,11 @@ class PostgresStorageBackend(StorageBackend):
 
     def iter_sources(self, scope: Scope | None = None) -> Iterator[Source]:
         for r in self._iter_rows("sources", S.SOURCE_COLUMNS, ("created_at", "id"), scope):
-            yield _row_to_source(r)
+            yield C.source_from_row(r, R.decode_text)
 
     def iter_relations(self, scope: Scope | None = None) -> Iterator[EvolutionRelation]:
         for r in self._iter_rows("relations", S.RELATION_COLUMNS, ("created_at", "id"), scope):
-            yield _row_to_relation(r)
+            yield C.relation_from_row(r, R.decode_text)
 
     def iter_history(self, scope: Scope | None = None) -> Iterator[HistoryRecord]:
         for r in self._iter_rows("history", S.HISTORY_COLUMNS, ("entity_id", "seq"), scope):
@@ -1067,13 +1039,9 @@ class PostgresStorageBackend(StorageBackend):
         """Write exactly these records (for import), generating no history; see the protocol."""
         ents, dim = C.check_entities(entities, self._current_dim())
         R.check_metadata_text(ents)
-        srcs = [C.check_source(x) for x in _seq(sources, "sources")]
-        for x in srcs:
-            utf8_len(x.text, "source.text")
-        rels = list({r.id: r for r in C.check_relations(relations)}.values())
-        for r in rels:
-            utf8_len(r.reason, f"relation {r.id} reason")
-        hist = [_check_history(h, pos) for pos, h in enumerate(_seq(history, "history"))]
+        srcs = [_check_source(x) for x in C.check_seq(sources, "sources")]
+        rels = _check_relations(relations)
+        hist = [C.check_history(h, pos) for pos, h in enumerate(C.check_seq(history, "history"))]
         new_ids = {e.id for e in ents}
 
         def op(conn: Any) -> None:
@@ -1092,13 +1060,8 @@ class PostgresStorageBackend(StorageBackend):
                     "agent_id = EXCLUDED.agent_id, session_id = EXCLUDED.session_id"), [list(c) for c in zip(*rows)])
                 tx.changed = True
             if rels:
-                ends = sorted({e for r in rels for e in (r.source_id, r.target_id)} - new_ids)
-                have = {row[0] for row in conn.execute(self._q("SELECT id FROM {entities} WHERE id = ANY(%s)"),
-                                                       (ends,)).fetchall()}
-                for r in rels:
-                    for end in (r.source_id, r.target_id):
-                        if end not in new_ids and end not in have:
-                            raise ValidationError(f"relation {r.id} refers to entity {end}, which is not stored")
+                have = self._stored_ids(conn, {e for r in rels for e in (r.source_id, r.target_id)} - new_ids)
+                C.check_endpoints(rels, lambda end: end in new_ids or end in have)
                 self._insert_relations(conn, rels)
             if hist:
                 rows = list({(h.entity_id, h.seq): (h.entity_id, h.seq, h.op, h.at, R.dumps(dict(h.snapshot)),
@@ -1142,15 +1105,10 @@ class PostgresStorageBackend(StorageBackend):
             "SELECT %s, %s, coalesce(max(seq), 0) + 1, %s, %s, %s, %s, %s FROM {core_history} "
             "WHERE user_id = %s AND agent_id = %s"),
             (u, a, name, op, at, None if content is None else R.encode_text(content), importance, u, a))
-        tx = self._tx()
-        assert tx is not None
-        tx.changed = True
+        self._mark_changed()
 
     def set_core_block(self, scope: Scope, name: str, content: str, importance: float, at: int) -> None:
-        name = _check_core_name(name)
-        content = _check_text(content, "block content", CORE_CONTENT_BYTES_MAX)
-        importance = _check_importance(importance)
-        when: int = C.check_time(at, "at")  # type: ignore[assignment]  # never None here
+        name, content, importance, when = C.check_core_block(name, content, importance, at)
         text = R.encode_text(content)
 
         def body(conn: Any, u: str, a: str) -> None:
@@ -1167,7 +1125,7 @@ class PostgresStorageBackend(StorageBackend):
         self._core_write(scope, body)
 
     def remove_core_block(self, scope: Scope, name: str, at: int) -> bool:
-        name = _check_core_name(name)
+        name = C.check_core_name(name)
         when: int = C.check_time(at, "at")  # type: ignore[assignment]  # never None here
 
         def body(conn: Any, u: str, a: str) -> bool:
@@ -1195,14 +1153,18 @@ class PostgresStorageBackend(StorageBackend):
         return int(self._core_write(scope, body))
 
     def core_scopes(self, scope: Scope | None = None) -> builtins.list[Scope]:
-        cond, params = _core_view(Scope() if scope is None else scope)
+        sc = check_scope(Scope() if scope is None else scope, "scope")
+        assert sc is not None
+        cond, params = self._scope_where(sc.core)  # the view rule over (user_id, agent_id); '' = unset
         with self._reading() as conn:
             rows = conn.execute(self._q(
                 "SELECT DISTINCT user_id, agent_id FROM {core_blocks} WHERE " + cond), params).fetchall()
-        return [_scope(u or None, a or None, None) for u, a in sorted(rows)]  # Python's order, not a collation's
+        return [C.stored_scope(u or None, a or None, None) for u, a in sorted(rows)]  # Python's order, not a collation's
 
     def forget_core(self, scope: Scope) -> int:
-        cond, params = _core_view(scope)
+        sc = check_scope(scope, "scope")
+        assert sc is not None
+        cond, params = self._scope_where(sc.core)  # the view rule over (user_id, agent_id); '' = unset
 
         def op(conn: Any) -> int:
             keys = conn.execute(self._q(
@@ -1213,18 +1175,16 @@ class PostgresStorageBackend(StorageBackend):
             self._lock_ids(conn, [_CORE_LOCK + u + "\x1f" + a for u, a in keys])
             n = conn.execute(self._q("DELETE FROM {core_blocks} WHERE " + cond), params).rowcount
             conn.execute(self._q("DELETE FROM {core_history} WHERE " + cond), params)
-            tx = self._tx()
-            assert tx is not None
-            tx.changed = True
+            self._mark_changed()
             return int(n)
 
         return int(self._write(op))
 
     def core_history(self, scope: Scope, name: str | None = None) -> builtins.list[CoreHistoryRecord]:
         u, a = _core_key(scope)
-        sc = _scope(u or None, a or None, None)
+        sc = C.stored_scope(u or None, a or None, None)
         only = "" if name is None else " AND (name = %s OR op = 'clear')"
-        params: builtins.list[Any] = [u, a] if name is None else [u, a, _check_core_name(name)]
+        params: builtins.list[Any] = [u, a] if name is None else [u, a, C.check_core_name(name)]
         with self._reading() as conn:
             rows = conn.execute(self._q(
                 "SELECT name, seq, op, at, content, importance FROM {core_history} WHERE user_id = %s AND agent_id = %s"
@@ -1234,17 +1194,13 @@ class PostgresStorageBackend(StorageBackend):
 
     # --- store metadata -------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
-        k = _check_text(key, "meta key", META_KEY_BYTES_MAX)
+        k = C.check_meta_key(key)
         with self._reading() as conn:
             row = conn.execute(self._q("SELECT value FROM {meta} WHERE key = %s"), (R.encode_text(k),)).fetchone()
         return None if row is None else R.decode_text(row[0])
 
     def set_meta(self, key: str, value: str) -> None:
-        k = _check_text(key, "meta key", META_KEY_BYTES_MAX)
-        if not k:
-            raise ValidationError("meta key must not be empty")
-        k = R.encode_text(k)
-        v = R.encode_text(_check_text(value, "meta value", META_VALUE_BYTES_MAX))
+        k, v = (R.encode_text(x) for x in C.check_meta_entry(key, value))
 
         def op(conn: Any) -> None:
             hit = conn.execute(self._q(
@@ -1252,9 +1208,7 @@ class PostgresStorageBackend(StorageBackend):
                 "SET value = EXCLUDED.value WHERE m.value IS DISTINCT FROM EXCLUDED.value RETURNING key"),
                 (k, v)).fetchone()
             if hit is not None:
-                tx = self._tx()
-                assert tx is not None
-                tx.changed = True
+                self._mark_changed()
 
         self._write(op)
 
@@ -1309,10 +1263,19 @@ def _chunks(ents: builtins.list[Entity]) -> builtins.list[builtins.list[Entity]]
     return [c for c in chunks if c]
 
 
-def _seq(values: object, what: str) -> Sequence[Any]:
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise TypeError(f"{what} must be a sequence, not {type(values).__name__}")
-    return values
+def _check_source(source: object) -> Source:
+    """The shared source check, and text Postgres can store (no lone surrogate)."""
+    s = C.check_source(source)
+    utf8_len(s.text, "source.text")
+    return s
+
+
+def _check_relations(relations: object) -> builtins.list[EvolutionRelation]:
+    """The shared relation checks, and reasons Postgres can store."""
+    rels = C.check_relations(relations)
+    for r in rels:
+        utf8_len(r.reason, f"relation {r.id} reason")
+    return rels
 
 
 def _scope_values(obj: Any) -> ScopeRow:
@@ -1378,11 +1341,6 @@ def _vector_from_binary(b: Any) -> np.ndarray:
     return np.frombuffer(raw, dtype=">f4", count=dim, offset=4).astype(np.float32)
 
 
-def _metadata_filter_json(tagged: dict[str, str]) -> str:
-    """The JSONB that ``@>`` compares: typed strings, NUL escaped (JSONB strings cannot hold it)."""
-    return R.dumps({R.encode_text(k): R.encode_text(v) for k, v in tagged.items()})
-
-
 def _tsquery_lexeme(term: str) -> str:
     # tokens are \w+ runs; quoting still makes any character literal
     return "'" + term.replace("\\", "\\\\").replace("'", "''") + "'"
@@ -1392,27 +1350,6 @@ def _copy_entity(e: Entity) -> Entity:
     from ._common import clone_entity
 
     return clone_entity(e, e.embedding)
-
-
-@functools.lru_cache(maxsize=4096)
-def _scope(user_id: str | None, agent_id: str | None, session_id: str | None) -> Scope:
-    """The Scope of a stored row (validated once per distinct value)."""
-    if user_id is None and agent_id is None and session_id is None:
-        return UNSET_SCOPE
-    return Scope(user_id, agent_id, session_id)
-
-
-def _core_view(scope: object) -> tuple[str, list[str]]:
-    """The SQL condition (and its parameters) of the core scopes ``scope`` sees under the view
-    rule: each of ``user_id`` / ``agent_id`` it sets must be equal ('' is unset in those tables)."""
-    sc = check_scope(scope, "scope")
-    assert sc is not None
-    where, params = ["TRUE"], []
-    for col, v in (("user_id", sc.user_id), ("agent_id", sc.agent_id)):
-        if v is not None:
-            where.append(f"{col} = %s")
-            params.append(v)
-    return " AND ".join(where), params
 
 
 def _core_key(scope: object) -> tuple[str, str]:
@@ -1426,17 +1363,8 @@ def _source_row(s: Source) -> tuple[Any, ...]:
     return (s.id, s.text_hash, R.encode_text(s.text), s.created_at, R.dumps(dict(s.metadata)), *_scope_values(s))
 
 
-def _row_to_source(r: Sequence[Any]) -> Source:
-    return Source(r[0], r[1], R.decode_text(r[2]), int(r[3]), dict(json.loads(r[4])), _scope(r[5], r[6], r[7]))
-
-
-def _row_to_relation(r: Sequence[Any]) -> EvolutionRelation:
-    return EvolutionRelation(source_id=r[1], target_id=r[2], evolution_type=r[3], reason=R.decode_text(r[4]),
-                             confidence=r[5], id=r[0], created_at=int(r[6]), scope=_scope(r[7], r[8], r[9]))
-
-
 def _row_to_history(r: Sequence[Any]) -> HistoryRecord:
-    return HistoryRecord(r[0], int(r[1]), r[2], int(r[3]), json.loads(r[4]), _scope(r[5], r[6], r[7]))
+    return HistoryRecord(r[0], int(r[1]), r[2], int(r[3]), json.loads(r[4]), C.stored_scope(r[5], r[6], r[7]))
 
 
 def _row_to_entity(r: Sequence[Any]) -> Entity:
@@ -1451,5 +1379,5 @@ def _row_to_entity(r: Sequence[Any]) -> Entity:
         "importance": float(imp), "confidence": float(conf), "created_at": int(created), "updated_at": int(updated),
         "event_time": None if event is None else int(event), "valid_from": None if vfrom is None else int(vfrom),
         "valid_to": None if vto is None else int(vto), "source_id": src, "id": eid, "score": None,
-        "scope": _scope(u, a, sess), "mentions": (),
+        "scope": C.stored_scope(u, a, sess), "mentions": (),
         "passage_embeddings": np.stack([_vector_from_binary(b) for b in passages]) if passages else None})

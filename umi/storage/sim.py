@@ -84,9 +84,6 @@ class SimStorageBackend(CachedStore):
             return None
         return self._rng.randint(0, max(n_items - 1, 0))
 
-    def _describe(self) -> str:
-        return "SimStorageBackend"
-
     def __repr__(self) -> str:
         return (f"SimStorageBackend(seed={self.seed}, entities={len(self._cache)}, dim={self.dim}, "
                 f"generation={self._generation})")
