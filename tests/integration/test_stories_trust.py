@@ -181,3 +181,27 @@ def test_a_non_finite_metadata_value_is_named_as_metadata_and_its_key(bad: float
     # still what it was before it had a type of its own
     assert issubclass(umi.InvalidMetadataError, umi.InvalidFilterError)
     assert issubclass(umi.InvalidMetadataError, umi.ValidationError) and umi.errors.InvalidMetadataError is umi.InvalidMetadataError
+
+
+# --- adversary (stop 21): forgetting several facts of one chain at once --------------------------------
+@pytest.mark.parametrize("store", ["duckdb", "sim"])
+def test_forgetting_every_other_fact_of_a_chain_at_once_leaves_one_current_fact(tmp_path: Path, store: str) -> None:
+    """Acme, Initech, Globex, Umbrella told in turn (each replacing the last); forget(where=...)
+    of Initech and Umbrella in one call: Globex, current just before Umbrella, is the one current
+    fact (Acme stays superseded, re-linked to Globex). Was: Acme revived too (its chain ran
+    through Globex, superseded until this call revives it): two current facts; with 200 facts,
+    every other one forgotten, 100 current facts."""
+    m = open_memory(tmp_path / "c.duckdb") if store == "duckdb" else sim_memory()
+    with m:
+        told = [m.remember_sync(f"Alice now works at {c}.", umi.RememberOptions(metadata={"odd": i % 2 == 1}))
+                for i, c in enumerate(["Acme", "Initech", "Globex", "Umbrella"])]
+        assert m.forget_sync(where=umi.SearchFilters(metadata={"odd": True}, include_superseded=True)) == 4
+        assert current(m) == ["Alice now works at Globex."]
+        acme = told[0].entities[0].id
+        assert m.get_sync(acme).valid_to is not None
+        globex = {e.id for e in told[2].entities}
+        assert any(r.source_id == acme and r.target_id in globex and r.evolution_type.supersedes
+                   for r in m.relations_sync(acme))
+        # and the chain is whole: forgetting Globex now brings back Acme
+        assert m.forget_sync(told[2].entities[0].id) is True
+        assert current(m) == ["Alice now works at Acme."]

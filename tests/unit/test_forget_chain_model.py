@@ -53,9 +53,9 @@ class ChainMachine(RuleBasedStateMachine):
             self.stack.remove(content)
         self.stack.append(content)
 
-    @rule(k=st.integers(0, len(COMPANIES) - 1))
-    def tell(self, k: int) -> None:
-        self.m.remember_sync(told(k))
+    @rule(k=st.integers(0, len(COMPANIES) - 1), tag=st.integers(0, 1))
+    def tell(self, k: int, tag: int) -> None:
+        self.m.remember_sync(told(k), umi.RememberOptions(metadata={"tag": tag}))
         self._top(told(k))
 
     @precondition(lambda self: bool(self.stack))
@@ -87,6 +87,23 @@ class ChainMachine(RuleBasedStateMachine):
             assert self.m.forget_sync(e.id) is True
         self.stack = [c for c in self.stack if c not in gone]
 
+    @precondition(lambda self: len(self.stack) > 1)
+    @rule(tag=st.integers(0, 1), span=st.booleans(), lo=st.integers(0, 100), width=st.integers(0, 100))
+    def forget_many(self, tag: int, span: bool, lo: int, width: int) -> None:
+        """forget(where=...) of several statements in one call: those told with one metadata tag,
+        or every fact first told in a span of time (neither need be neighbours in the chain)."""
+        if span:
+            firsts = sorted({min(e.created_at for e in es) for es in self.alice().values()})
+            lo %= len(firsts)
+            where = SearchFilters(time_range=(firsts[lo], firsts[min(len(firsts) - 1, lo + width % len(firsts))]),
+                                  include_superseded=True)
+        else:
+            where = SearchFilters(metadata={"tag": tag}, include_superseded=True)
+        hit = self.m.storage.list(where, limit=10_000)
+        assert self.m.forget_sync(where=where) == len(hit)
+        gone = {e.content for e in hit if e.name == "Alice"}
+        self.stack = [c for c in self.stack if c not in gone]
+
     @invariant()
     def one_current_fact_the_models(self) -> None:
         assert self.current() == self.stack[-1:], (self.current(), self.stack)
@@ -96,3 +113,22 @@ class ChainMachine(RuleBasedStateMachine):
 ChainMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=14, deadline=None,
                                           suppress_health_check=[HealthCheck.too_slow])
 TestForgetChain = ChainMachine.TestCase
+
+
+def test_the_case_the_machine_found_for_forget_many() -> None:
+    """Found by ``forget_many`` (adversary pass): Acme, corrected twice (Acme, then Initech), Acme
+    told again, Initech told; the facts first told in a span forgotten at once (Initech and its
+    correction). Was: Acme and its correction both current (the correction's chain ran to Initech
+    through Acme, revived by the same call)."""
+    s = ChainMachine()
+    try:
+        s.tell(k=0, tag=0)
+        s.correct(k=0)
+        s.correct(k=1)
+        s.tell(k=0, tag=0)
+        s.tell(k=1, tag=0)
+        s.forget_many(lo=2, span=True, tag=0, width=1)
+        s.one_current_fact_the_models()
+        assert s.current() == [told(0)]
+    finally:
+        s.teardown()

@@ -103,8 +103,11 @@ def _latest(ctx: PipelineContext, ids: list[str], gone: set[str]) -> tuple[list[
     facts = {e.id: e for e in ctx.storage.get_many(ids)}
 
     def ends(start: str) -> set[str]:
-        """The forgotten current facts ``start`` leads to through forgotten facts."""
-        return {t.id for t in _after(ctx, start, gone) if t.id in gone and t.valid_to is None}
+        """The forgotten current facts ``start`` leads to through superseded facts (forgotten or
+        not: Acme, Initech, Globex, Umbrella, Initech and Umbrella forgotten at once: Acme's chain
+        ends with Umbrella too, through Globex, revived now; so Acme stays superseded)."""
+        return {t.id for t in follow(ctx, start, lambda t: t.valid_to is not None)
+                if t.id in gone and t.valid_to is None}
 
     def retired(i: str) -> int:
         return facts[i].valid_to or 0
