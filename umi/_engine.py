@@ -14,7 +14,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Collection, Coroutine, Iterator, TypeVar
 
 from ._validate import TIME_MS_MAX, TIME_MS_MIN, check_real
-from .errors import CoreMemoryFullError, InvalidConfigError, MemoryClosedError
+from .errors import CoreMemoryFullError, InvalidConfigError, LoopReentryError, MemoryClosedError
 from .options import MemoryConfig
 from .pipeline.context import WriteLock
 from .providers.base import EmbeddingProvider, LLMProvider
@@ -112,6 +112,8 @@ class Engine:
         self._workings: dict[Scope, WorkingMemory] = {}
         self._embedder_recorded = embedder is None
         self.closed = False
+        self._close_lock = threading.Lock()
+        self._close_done = threading.Event()  # set once the first close() has returned
 
     async def locked(self, coro: Coroutine[Any, Any, T]) -> T:
         """Await ``coro`` holding the store's write lock (on the loop)."""
@@ -228,11 +230,18 @@ class Engine:
         Bounded: each provider's ``aclose`` gets the runner's ``grace_secs``, the calls in flight
         get it too (:meth:`~umi._loop.LoopThread.close`). A storage job that does not end in time
         cannot be stopped: its call is failed with :class:`~umi.OutcomeUnknownError`, and the store
-        is closed when that job ends (never under it)."""
-        if self.closed:
+        is closed when that job ends (never under it). A close() from another thread meanwhile
+        returns once this one has (the store closed, a hung job's aside)."""
+        if not self.closed:
+            self.runner.check_off_loop("close()")  # refused before it marks anything closed
+        with self._close_lock:
+            first, self.closed = not self.closed, True
+        if not first:  # another thread's close() runs: return once it is done (it is bounded)
+            if not self.runner.forked:
+                with contextlib.suppress(LoopReentryError):  # on the loop it would wait for itself
+                    self.runner.check_off_loop("close()")
+                    self._close_done.wait()
             return
-        self.runner.check_off_loop("close()")  # refused before it marks anything closed
-        self.closed = True
         if self.runner.forked:
             self.runner.close()  # marks it closed; nothing of the loop exists in this process
             return
@@ -245,8 +254,11 @@ class Engine:
                     except concurrent.futures.TimeoutError:
                         pass  # still pending: the runner's close cancels it
         finally:
-            self.runner.close()
-            self.runner.after_io(self.storage.close)
+            try:
+                self.runner.close()
+                self.runner.after_io(self.storage.close)
+            finally:
+                self._close_done.set()
 
 
 class StoredBlocks:

@@ -290,3 +290,39 @@ def test_close_bounds_a_provider_aclose_that_hangs() -> None:
     release.set()
     with pytest.raises(MemoryClosedError):
         m.remember_sync("Bob lives in Berlin")
+
+
+def test_close_from_a_second_thread_returns_once_the_store_is_closed(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Adversary pass (stop 21). Thread 1 closes the Memory (here: releasing its provider);
+    thread 2 closes it too, then opens the same DuckDB file again. Was: the second close()
+    returned at once, the store still open under the first, and the open failed with
+    StorageLockedError ("already open in this process")."""
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowClose(SimEmbeddingProvider):
+        async def aclose(self) -> None:
+            entered.set()
+            await asyncio.to_thread(release.wait, 30)
+
+    db = tmp_path / "two.duckdb"
+    m = umi.Memory(db, embedder=SlowClose(7, 32))
+    m._runner.grace_secs = 30  # aclose's bound: the test releases it
+    m.remember_sync("Alice works at Acme")
+    first = threading.Thread(target=m.close)
+    first.start()
+    assert entered.wait(30)  # the first close() is releasing the provider
+    second = threading.Event()
+
+    def releaser() -> None:
+        assert second.wait(30)
+        release.set()
+
+    r = threading.Thread(target=releaser)
+    r.start()
+    second.set()
+    m.close()  # the second close
+    with umi.Memory(db, embedder=SimEmbeddingProvider(7, 32)) as again:  # was: StorageLockedError
+        assert again.count_sync() >= 1
+    first.join(30)
+    r.join(30)
+    assert not first.is_alive()
