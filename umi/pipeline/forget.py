@@ -34,10 +34,11 @@ Each call is one read (in the caller's I/O hop) and one transaction, under the w
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
-from typing import Iterable
+from typing import Any, Iterable
 
-from ..storage.base import SearchFilters
+from ..storage.base import SearchFilters, StorageBackend
 from ..types import UMI_NAMESPACE, Entity, EvolutionRelation
 from .context import PipelineContext
 from .remember import follow, replacements, statement_key, supersedes
@@ -137,11 +138,44 @@ def _relink(rel: EvolutionRelation, gone: Entity, to: Entity, at: int) -> Evolut
                              scope=to.scope)  # a relation lives in its newer fact's scope
 
 
+class _Reads:
+    """The store's reads of one forget's plan, each fact's and relation list read once: the chain
+    walks start from every fact the forgotten ones had superseded, and each walks the chain on
+    (a chain of n facts with every other one forgotten: n²/2 reads; 400 facts took 40 s). Valid
+    for one call: the caller holds the write lock. The plan only reads what it is given."""
+
+    def __init__(self, storage: StorageBackend) -> None:
+        self._storage = storage
+        self._rels: dict[str, list[EvolutionRelation]] = {}
+        self._facts: dict[str, Entity | None] = {}
+
+    def relations_for(self, entity_id: str) -> list[EvolutionRelation]:
+        if entity_id not in self._rels:
+            self._rels[entity_id] = self._storage.relations_for(entity_id)
+        return self._rels[entity_id]
+
+    def get_many(self, entity_ids: Iterable[str]) -> list[Entity]:
+        ids = list(entity_ids)
+        missing = sorted({i for i in ids if i not in self._facts})
+        if missing:
+            got = {e.id: e for e in self._storage.get_many(missing)}
+            self._facts.update((i, got.get(i)) for i in missing)
+        return [e for e in map(self._facts.__getitem__, ids) if e is not None]
+
+    def get(self, entity_id: str) -> Entity | None:
+        return next(iter(self.get_many([entity_id])), None)
+
+    def __getattr__(self, name: str) -> Any:  # any other read, as it is
+        return getattr(self._storage, name)
+
+
 def forget_ids(ctx: PipelineContext, ids: Iterable[str], at: int, *, source_id: str | None = None) -> int:
     """Forget these facts in one transaction; revive what they had superseded when its chain ended
     with them, else keep it superseded, re-linked past them (the module's rule).
     ``source_id``: also drop that source row (``forget_source`` of a text with no facts left).
     Returns how many facts were forgotten. The caller holds the write lock."""
+    store = ctx.storage
+    ctx = dataclasses.replace(ctx, storage=_Reads(store))  # type: ignore[arg-type] # the plan reads through it
     gone = ctx.storage.get_many(sorted(set(ids)))
     gone_ids = {e.id for e in gone}
     # Facts these had superseded: by which relations, to which forgotten fact.
@@ -178,13 +212,13 @@ def forget_ids(ctx: PipelineContext, ids: Iterable[str], at: int, *, source_id: 
     drop_source = source_id is not None and ctx.storage.get_source(source_id) is not None
     if not gone and not drop_source:
         return 0
-    with ctx.storage.transaction():
+    with store.transaction():
         for e in gone:
-            ctx.storage.delete(e.id, at)
+            store.delete(e.id, at)
         for cid in revive:
-            ctx.storage.revive(cid, at)
+            store.revive(cid, at)
         if relink:
-            ctx.storage.add_relations([relink[k] for k in sorted(relink)])
-        if drop_source and source_id is not None and not ctx.storage.entity_ids_for_source(source_id):
-            ctx.storage.delete_source(source_id)
+            store.add_relations([relink[k] for k in sorted(relink)])
+        if drop_source and source_id is not None and not store.entity_ids_for_source(source_id):
+            store.delete_source(source_id)
     return len(gone)
