@@ -129,6 +129,9 @@ def test_a_core_block_over_the_budget_is_refused_before_anything_is_written(tmp_
 @pytest.mark.parametrize("record, match", [
     ({"kind": "core", "scope": None, "label": "bad label!", "content": "x", "importance": 0.5}, "label"),
     ({"kind": "core", "scope": None, "label": "notes", "content": 3, "importance": 0.5}, "content"),
+    # adversary pass: was refused later, naming no file or line ("content is not encodable as UTF-8")
+    ({"kind": "core", "scope": None, "label": "notes", "content": "a\ud800b", "importance": 0.5},
+     r"'content'.*lone surrogate"),
     ({"kind": "core", "scope": {"user_id": "a", "agent_id": None, "session_id": "s"}, "label": "notes",
       "content": "x", "importance": 0.5}, "session"),
 ])

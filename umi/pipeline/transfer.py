@@ -36,6 +36,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
+from .._validate import utf8_len
 from ..core_memory import CORE_MEMORY_MAX_BYTES_MAX, CoreMemory
 from ..errors import CoreMemoryFullError, UmiError, ValidationError
 from ..options import TEXT_BYTES_MAX, RememberOptions
@@ -239,6 +240,7 @@ def _parse(rec: Mapping[str, Any], plan: ImportPlan, n: int, text_bytes_max: int
         if not isinstance(label, str) or not isinstance(content, str):
             raise ValidationError("a core record's 'label' and 'content' must be strings")
         CoreMemory(CORE_MEMORY_MAX_BYTES_MAX).set_block(label, "", importance)  # the label and importance rules
+        utf8_len(content, "a core record's 'content'", ValidationError)  # no lone surrogate (the size: below)
         plan.core.append(CoreRecord(scope, label, content, float(importance), n))
     else:  # history
         snap = rec.get("snapshot")
