@@ -63,7 +63,7 @@ def test_reopen_leaves_history_sources_relations_and_vectors_unread_until_asked(
     with DuckDBStorageBackend.connect(path) as b:
         assert b.index_load_status == "loaded"
         # nothing of the lazy parts is in memory after open
-        assert b._history == {} and b._sources == {} and b._relations == {}
+        assert b._history == {} and b._sources.recs == {} and b._relations.recs == {}
         # vectors and entity objects: only the few that the caches' consistency checks sampled
         assert int(b._cache._vec_pending.sum()) == w["n"] and len(b._cache._vec_read) <= 32
         assert sum(e is not None for e in b._cache._ents) <= 4
@@ -71,14 +71,14 @@ def test_reopen_leaves_history_sources_relations_and_vectors_unread_until_asked(
         # recall's reads work without them
         assert b.search_vector(vec(2), 1)[0][0] == bob.id
         assert b.search_text("tea", 1)[0][0] == bob.id
-        assert b._history == {} and b._sources == {} and b._relations == {}
+        assert b._history == {} and b._sources.recs == {} and b._relations.recs == {}
 
         # each call reads what it needs, and only that
         assert ops(b, alice.id) == [(1, "create"), (2, "update"), (3, "supersede")]
         assert set(b._history) == {alice.id}
         assert b.find_source_by_hash(s1.text_hash) == s1
         assert b.get_source(w["s2"].id) == w["s2"]
-        assert [s.id for s in b._sources.values() if s is not None] == [s1.id, w["s2"].id]
+        assert [s.id for s in b._sources.recs.values() if s is not None] == [s1.id, w["s2"].id]
         assert [r.id for r in b.relations_for(bob.id)] == [rel.id]
         assert b.relations_for(bob.id)[0].reason == "same team"
         got = b.get(bob.id)

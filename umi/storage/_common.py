@@ -437,6 +437,12 @@ def relation_from_row(r: Sequence[Any], text: Callable[[str], str] = str) -> Evo
                              confidence=r[5], id=r[0], created_at=int(r[6]), scope=stored_scope(r[7], r[8], r[9]))
 
 
+def core_key(sc: Scope) -> tuple[str, str]:
+    """A core scope's ``(user_id, agent_id)``, ``''`` for an unset component: the order of core
+    scopes (``core_scopes``, ``forget_core``, commits) and Postgres's key of its core tables."""
+    return (sc.user_id or "", sc.agent_id or "")
+
+
 @functools.lru_cache(maxsize=100_000)
 def stored_scope(user_id: str | None, agent_id: str | None, session_id: str | None) -> Scope:
     """The Scope of a stored row's scope columns (None: the unset component), validated once per

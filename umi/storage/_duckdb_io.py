@@ -23,7 +23,7 @@ import pyarrow.compute as pc  # type: ignore[import-untyped]
 from .._index_file import fsync_file
 from ..errors import StorageError
 from ..types import CoreBlockRecord, CoreHistoryRecord, Entity, EntityType, EvolutionRelation, Scope, normalize_name
-from ._common import dumps, make_entity, meta_key, relation_from_row, source_from_row, stored_scope
+from ._common import core_key, dumps, make_entity, meta_key, relation_from_row, source_from_row, stored_scope
 from ._duckdb_schema import transaction
 from ._overlap import Background
 from ._hotcache import TYPE_CODES, LoadedRows, id_order_keys_arrow
@@ -427,9 +427,7 @@ def _metadata_groups(con: Any) -> dict[str, _MetaGroup]:
     bounds = np.searchsorted(kidx[order], np.arange(len(keys.dictionary) + 1))
     pair = tbl.column("pair").combine_chunks()
     rid = tbl.column("rid").to_numpy()
-    for k, (a, b) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
-        if a == b:
-            continue
+    for k, (a, b) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):  # (every key has rows)
         take = order[a:b]
         enc = pair.take(pa.array(take)).dictionary_encode()
         vals = {tuple(v.split("\x1f", 1)): c + 1 for c, v in enumerate(enc.dictionary.to_pylist())}
@@ -658,10 +656,8 @@ def _last_of_each_key(entries: list[list[tuple[str, Rows]]]) -> list[list[tuple[
         for table, rows in entry:
             if table in _KEYED_TABLES:
                 keep = [last[(table, k)] == n for k in rows.columns["id"][1]]
-            elif table in _KEYED_TABLES["entities"]:
+            else:  # postings, entity_metadata: a journal entry carries no other table
                 keep = [last.get(("entities", k), n) == n for k in rows.columns["entity_id"][1]]
-            else:
-                keep = [True] * rows.n
             kept.append((table, rows if all(keep) else _take_rows(rows, keep)))
         out.append(kept)
     return out
@@ -1042,11 +1038,12 @@ class DuckDBDurable(DurableStore):
                 or ch.core_history or ch.meta or (ch.dim is not None and self.dim is None)
                 or not ch.history or any(e.passage_embeddings is not None for e in ents.full)):
             return False
+        srcs = [v for v in ch.sources.values() if v is not None]
+        rels = [v for v in ch.relations.values() if v is not None]
         tables = [("entities", entities_rows(ents.full, ents.terms, generation, self.dim)),
                   ("postings", postings_rows(ents.full, [t[0] for t in ents.terms])),
                   ("entity_metadata", metadata_rows(ents.full)),
-                  ("sources", sources_rows([v for v in ch.sources.values() if v is not None]))]
-        tables.append(("relations", relations_rows([v for v in ch.relations.values() if v is not None])))
+                  ("sources", sources_rows(srcs)), ("relations", relations_rows(rels))]
         try:
             text, vectors = journal_entry(tables)
         except UnicodeEncodeError:
@@ -1060,10 +1057,8 @@ class DuckDBDurable(DurableStore):
         keys = self._journal_keys
         if ents.full:
             keys.setdefault("entities", set()).update(e.id for e in ents.full)
-        srcs = [v for v in ch.sources.values() if v is not None]
         if srcs:
             keys.setdefault("sources", set()).update(k for s in srcs for k in (s.id, s.text_hash))
-        rels = [v for v in ch.relations.values() if v is not None]
         if rels:
             keys.setdefault("relations", set()).update(k for r in rels for k in (r.source_id, r.target_id))
         return True
@@ -1087,7 +1082,7 @@ class DuckDBDurable(DurableStore):
                 insert_rows(con, "history", history_rows(ch.unique_history(), generation), replace=ch.history_replace)
             _write_keyed(con, "sources", drops["sources"], ch.sources, sources_rows)
             _write_keyed(con, "relations", drops["relations"], ch.relations, relations_rows)
-            for sc in sorted(ch.core_forgotten, key=lambda sc: (sc.user_id or "", sc.agent_id or "")):
+            for sc in sorted(ch.core_forgotten, key=core_key):
                 for table in ("core_blocks", "core_history"):
                     con.execute(f"DELETE FROM {table} WHERE user_id IS NOT DISTINCT FROM ? "
                                 "AND agent_id IS NOT DISTINCT FROM ?", [sc.user_id, sc.agent_id])

@@ -138,11 +138,7 @@ class EntityCache:
             if len(by_name) < n:  # rows whose name a later row shares
                 last = np.fromiter(map(by_name.__getitem__, names), np.int64, n)
                 for i in np.flatnonzero(last != np.arange(n)).tolist():
-                    cur = by_name[names[i]]
-                    if isinstance(cur, set):
-                        cur.add(i)
-                    else:
-                        by_name[names[i]] = {cur, i}
+                    _name_add(by_name, names[i], i)
             self._by_name_map = by_name
             self._names_loaded = None
         return by_name
@@ -205,11 +201,16 @@ class EntityCache:
             grown[:m] = v
         self._vecs = grown
 
-    def _map_slot(self, row: int, slot: int) -> None:
-        if slot >= self._slot_row.shape[0]:
-            grown = np.full(max(slot + 1, int(self._slot_row.shape[0] * 1.5), 16), -1, np.int64)
-            grown[: self._slot_row.shape[0]] = self._slot_row
+    def _grow_slots(self, need: int) -> None:
+        """``_slot_row`` holds at least ``need`` slots (new ones map to no row)."""
+        have = self._slot_row.shape[0]
+        if need > have:
+            grown = np.full(max(need, int(have * 1.5), 16), -1, np.int64)
+            grown[:have] = self._slot_row
             self._slot_row = grown
+
+    def _map_slot(self, row: int, slot: int) -> None:
+        self._grow_slots(slot + 1)
         self._slot_row[slot] = row
         self._row_slot[row] = slot
 
@@ -291,14 +292,7 @@ class EntityCache:
         self._has_event[row] = e.event_time is not None
         self._event[row] = 0 if e.event_time is None else e.event_time
         self._valid_to[row] = I64_MAX if e.valid_to is None else e.valid_to
-        name = normalize_name(e.name)
-        cur = self._by_name.get(name)
-        if cur is None:
-            self._by_name[name] = row
-        elif isinstance(cur, set):
-            cur.add(row)
-        elif cur != row:
-            self._by_name[name] = {cur, row}
+        _name_add(self._by_name, normalize_name(e.name), row)
         for k, v in coded_values(e):
             vals = self._meta_vals.setdefault(k, {})
             code = vals.setdefault(v, len(vals) + 1)
@@ -545,7 +539,7 @@ class EntityCache:
         if hit is not None and hit[0] == self.version:
             self._masks.move_to_end(key)
             return hit[1]
-        m = self._compute_mask(nf)
+        m = F.mask(nf, self)
         self._masks[key] = (self.version, m, None)
         self._masks.move_to_end(key)
         while len(self._masks) > _MASK_CACHE_SIZE:
@@ -572,9 +566,6 @@ class EntityCache:
         first seen later gets a greater code."""
         return len(self._meta_vals.get(name, ()))
 
-    def _compute_mask(self, nf: NormFilters) -> np.ndarray:
-        return F.mask(nf, self)
-
     def _matches(self, row: int, nf: NormFilters) -> bool:
         """One row against the filters (the reference predicate)."""
         return bool(self._alive[row]) and F.matches(nf, self._ent(row))
@@ -594,10 +585,7 @@ class EntityCache:
             out = (True, None)
         else:
             cap = max(int(self.index.capacity), 1)
-            if self._slot_row.shape[0] < cap:
-                grown = np.full(cap, -1, np.int64)
-                grown[: self._slot_row.shape[0]] = self._slot_row
-                self._slot_row = grown
+            self._grow_slots(cap)
             ext = np.zeros(n + 1, bool)  # slot_row == -1 reads ext[-1], which is False
             ext[:n] = rm
             out = (True, ext[self._slot_row[:cap]])
@@ -1071,6 +1059,17 @@ class LoadedRows:
 #: the keyword kernels go to the helper thread (:mod:`._overlap`) only when they read this many
 #: postings in all: below, the hand-off costs about what it would save (~25 us of kernel)
 OVERLAP_POSTINGS_MIN = 5_000
+
+
+def _name_add(by_name: dict[str, int | set[int]], name: str, row: int) -> None:
+    """File ``row`` under ``name`` in a name map (a name's one row, or the set of its rows)."""
+    cur = by_name.get(name)
+    if cur is None:
+        by_name[name] = row
+    elif isinstance(cur, set):
+        cur.add(row)
+    elif cur != row:
+        by_name[name] = {cur, row}
 
 
 def _ranked(res: Iterable[tuple[Any, Any]], k: int) -> builtins.list[tuple[str, float]]:

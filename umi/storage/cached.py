@@ -74,6 +74,7 @@ from ._common import (  # (the core-block and meta limits are re-exported from h
     check_time,
     check_vectors_per_query,
     copy_relation,
+    core_key,
     snapshot_of,
 )
 from ._hotcache import EntityCache
@@ -288,6 +289,51 @@ class _Hist:
         return HistoryRecord(eid, self.seq, self.op, self.at, snap, self.scope)  # type: ignore[arg-type]
 
 
+class _Keyed:
+    """Sources or relations: id -> record (``None``: known to be absent), and the ids each index
+    key has (a source's text hash; a relation's two ends), kept exact. A change returns its undo."""
+
+    __slots__ = ("recs", "by", "keys")
+
+    def __init__(self, keys: Callable[[Any], tuple[str, ...]]) -> None:
+        self.recs: dict[str, Any] = {}
+        self.by: dict[str, set[str]] = {}
+        self.keys = keys
+
+    def add_loaded(self, records: Iterable[Any]) -> None:
+        """Committed records (an id held already keeps its record)."""
+        for rec in records:
+            if rec.id not in self.recs:
+                self._set(rec.id, rec)
+
+    def _set(self, rid: str, rec: Any) -> None:
+        old = self.recs.get(rid)
+        if old is not None:
+            for k in self.keys(old):
+                self.by[k].discard(rid)
+        self.recs[rid] = rec
+        if rec is not None:
+            for k in self.keys(rec):
+                self.by.setdefault(k, set()).add(rid)
+
+    def put(self, rid: str, rec: Any) -> Callable[[], None]:
+        """Hold ``rec`` (``None``: drop the record) under ``rid``; returns the undo."""
+        had, old = rid in self.recs, self.recs.get(rid)
+        self._set(rid, rec)
+
+        def undo() -> None:
+            self._set(rid, old)
+            if not had:
+                del self.recs[rid]
+
+        return undo
+
+    def in_scope(self, sc: Scope | None) -> list[Any]:
+        """The records held in scope view ``sc`` (None: all), by (created_at, id)."""
+        got = [r for r in self.recs.values() if r is not None and (sc is None or sc.contains(r.scope))]
+        return sorted(got, key=lambda r: (r.created_at, r.id))
+
+
 # --- the store ----------------------------------------------------------------------------------
 
 
@@ -306,16 +352,15 @@ class CachedStore(TransactionMixin, StorageBackend):
         self._index_factory = index_factory
         self._closed = True
         self._cache = EntityCache(dim=dim, index_factory=index_factory)
-        # Sources and relations: id -> record, or None when known to be absent (deleted in this
-        # session, or asked of a lazy durable store and not there). With a lazy durable store an id
-        # missing here is asked of it; _by_hash / _rels_of index the records held here, complete
-        # for the hashes in _hashes_known / the entities in _rels_known (or all, once *_all).
-        self._sources: dict[str, Source | None] = {}
-        self._by_hash: dict[str, set[str]] = {}
+        # Sources and relations (_Keyed): id -> record, or None when known to be absent (deleted in
+        # this session, or asked of a lazy durable store and not there). With a lazy durable store an
+        # id missing here is asked of it; their index (by text hash / by end) covers the records
+        # held here, complete for the hashes in _hashes_known / the entities in _rels_known (or
+        # all, once *_all).
+        self._sources = _Keyed(lambda s: (s.text_hash,))
         self._hashes_known: set[str] = set()
         self._src_all = True
-        self._relations: dict[str, EvolutionRelation | None] = {}
-        self._rels_of: dict[str, set[str]] = {}
+        self._relations = _Keyed(lambda r: (r.source_id, r.target_id))
         self._rels_known: set[str] = set()
         self._rel_all = True
         self._history: dict[str, list[_Hist]] = {}
@@ -349,8 +394,8 @@ class CachedStore(TransactionMixin, StorageBackend):
         if loaded.passages:
             self._cache.load_passages(loaded.passages)
         lazy = bool(self._durable.lazy)
-        self._add_loaded_sources(loaded.sources)
-        self._add_loaded_relations(loaded.relations)
+        self._sources.add_loaded(loaded.sources)
+        self._relations.add_loaded(loaded.relations)
         self._hist_all = self._src_all = self._rel_all = not lazy
         self._add_loaded_history(loaded.history)
         for scope, block in loaded.core_blocks:
@@ -424,18 +469,19 @@ class CachedStore(TransactionMixin, StorageBackend):
         code = self._cache.code_of("source_id", sid)
         return code is None or code > self._source_codes_at_orphans
 
-    def _one_more_key_read(self, kind: str) -> bool:
-        """Count a single-key read of ``kind``; True when the whole kind should be read instead."""
+    def _read_key(self, kind: str, one: Callable[[], None], every: Callable[[], None]) -> None:
+        """The one lazy-read rule: read the committed records of one key of ``kind`` (``one()``),
+        or, once that kind had ``LAZY_KEY_READS_MAX`` single-key reads, all of them (``every()``)."""
         self._key_reads[kind] += 1
-        return self._key_reads[kind] > LAZY_KEY_READS_MAX
+        if self._key_reads[kind] > LAZY_KEY_READS_MAX:
+            every()
+        else:
+            one()
 
     def _hist(self, eid: str) -> builtins.list[_Hist] | None:
         """``eid``'s history records (read from the durable store on first use)."""
         if not self._hist_all and eid not in self._hist_known:
-            if self._one_more_key_read("history"):
-                self._fetch_all_history()
-            else:
-                self._fetch_history([eid])
+            self._read_key("history", lambda: self._fetch_history([eid]), self._fetch_all_history)
         return self._history.get(eid)
 
     def _forget_history(self, entity_ids: Iterable[str]) -> None:
@@ -447,69 +493,44 @@ class CachedStore(TransactionMixin, StorageBackend):
             known.discard(eid)
 
     def _fetch_all_history(self) -> None:
-        if self._hist_all:
-            return
-        known = self._hist_known
-        self._add_loaded_history(self._durable.load_history(None), skip=known)
-        self._hist_all = True
-        known.clear()
-
-    def _add_loaded_sources(self, sources: Sequence[Source]) -> None:
-        """Committed sources into the cache (an id the cache holds already keeps its record)."""
-        for src in sources:
-            if src.id not in self._sources:
-                self._sources[src.id] = src
-                self._by_hash.setdefault(src.text_hash, set()).add(src.id)
+        if not self._hist_all:
+            self._add_loaded_history(self._durable.load_history(None), skip=self._hist_known)
+            self._hist_all = True
+            self._hist_known.clear()
 
     def _source(self, sid: str) -> Source | None:
         """The stored source ``sid`` (read from the durable store on first use), or None."""
-        if sid not in self._sources:
+        recs = self._sources.recs
+        if sid not in recs:
             if self._src_all:
                 return None
             if self._source_is_new(sid):
-                self._sources[sid] = None
+                recs[sid] = None
                 return None
             self._point_reads += 1
-            if self._one_more_key_read("sources"):
-                self._fetch_sources_all()
-            else:
-                self._add_loaded_sources(self._durable.load_sources(ids=[sid]))
-            self._sources.setdefault(sid, None)
-        return self._sources[sid]
+            self._read_key("sources", lambda: self._sources.add_loaded(self._durable.load_sources(ids=[sid])),
+                           self._fetch_sources_all)
+            recs.setdefault(sid, None)
+        return recs[sid]
 
     def _fetch_sources_all(self) -> None:
         if not self._src_all:
-            self._add_loaded_sources(self._durable.load_sources())
+            self._sources.add_loaded(self._durable.load_sources())
             self._src_all = True
             self._hashes_known.clear()
-
-    def _add_loaded_relations(self, relations: Sequence[EvolutionRelation]) -> None:
-        """Committed relations into the cache (an id the cache holds already keeps its record)."""
-        rels, of = self._relations, self._rels_of
-        for r in relations:
-            if r.id not in rels:
-                rels[r.id] = r
-                for end in (r.source_id, r.target_id):
-                    of.setdefault(end, set()).add(r.id)
 
     def _rels_for(self, eid: str) -> builtins.list[EvolutionRelation]:
         """The stored relations with an end at ``eid`` (read from the durable store on first use)."""
         if not self._rel_all and eid not in self._rels_known:
-            if self._one_more_key_read("relations"):
-                self._fetch_relations_all()
-            else:
-                self._add_loaded_relations(self._durable.load_relations([eid]))
-                self._rels_known.add(eid)
-        out = []
-        for rid in self._rels_of.get(eid, ()):
-            r = self._relations.get(rid)
-            if r is not None and eid in (r.source_id, r.target_id):
-                out.append(r)
-        return out
+            self._read_key("relations", lambda: self._relations.add_loaded(self._durable.load_relations([eid])),
+                           self._fetch_relations_all)
+            self._rels_known.add(eid)  # (harmless once every relation was read)
+        recs = self._relations.recs
+        return [recs[rid] for rid in self._relations.by.get(eid, ())]
 
     def _fetch_relations_all(self) -> None:
         if not self._rel_all:
-            self._add_loaded_relations(self._durable.load_relations(None))
+            self._relations.add_loaded(self._durable.load_relations(None))
             self._rel_all = True
             self._rels_known.clear()
 
@@ -538,7 +559,7 @@ class CachedStore(TransactionMixin, StorageBackend):
     def _source_in_memory(self, sid: str) -> bool:
         """:meth:`_source` answers for ``sid`` without a durable read (and without reading the
         orphan keys: until they are read, a new source id is asked of the durable store)."""
-        return self._src_all or sid in self._sources or (self._orphans is not None and self._source_is_new(sid))
+        return self._src_all or sid in self._sources.recs or (self._orphans is not None and self._source_is_new(sid))
 
     def _check_open(self) -> None:
         if self._closed:
@@ -703,10 +724,10 @@ class CachedStore(TransactionMixin, StorageBackend):
                                  for r in self._changes.history]
         self._append_history(eid, "delete", at, dict(stone), old.scope)
         for rid in sorted(r.id for r in self._rels_for(eid)):
-            self._drop_relation(rid)
+            self._put_relation(rid, None)
         sid = old.source_id
         if sid is not None and self._source(sid) is not None and not self._cache.ids_with("source_id", sid):
-            self._drop_source(sid)
+            self._put_source(sid, None)
 
     def supersede(self, entity_id: str, valid_to: int) -> bool:
         eid = check_id(entity_id)
@@ -848,38 +869,14 @@ class CachedStore(TransactionMixin, StorageBackend):
             if self._source(src.id) is not None:
                 return  # the first record of a text is kept
             with self._writing_one("add_source"):
-                self._put_source(src)
+                self._put_source(src.id, src)
 
-    def _put_source(self, src: Source) -> None:
-        old = self._source(src.id)
-        if old is not None:
-            self._by_hash[old.text_hash].discard(old.id)
-        self._sources[src.id] = src
-        self._by_hash.setdefault(src.text_hash, set()).add(src.id)
-
-        def undo() -> None:
-            self._by_hash[src.text_hash].discard(src.id)
-            self._sources[src.id] = old
-            if old is not None:
-                self._by_hash.setdefault(old.text_hash, set()).add(old.id)
-
-        self._on_undo(undo)
-        self._changes.source_existed.setdefault(src.id, old is not None)
-        self._changes.sources[src.id] = src
-
-    def _drop_source(self, sid: str) -> None:
-        old = self._sources[sid]
-        assert old is not None
-        self._sources[sid] = None
-        self._by_hash[old.text_hash].discard(sid)
-
-        def undo() -> None:
-            self._sources[sid] = old
-            self._by_hash.setdefault(old.text_hash, set()).add(sid)
-
-        self._on_undo(undo)
-        self._changes.source_existed.setdefault(sid, True)
-        self._changes.sources[sid] = None
+    def _put_source(self, sid: str, src: Source | None) -> None:
+        """Hold ``src`` (None: drop the stored one) and record the change."""
+        existed = self._source(sid) is not None
+        self._on_undo(self._sources.put(sid, src))
+        self._changes.source_existed.setdefault(sid, existed)
+        self._changes.sources[sid] = src
 
     def delete_source(self, source_id: str) -> bool:
         sid = check_id(source_id, "source_id")
@@ -888,7 +885,7 @@ class CachedStore(TransactionMixin, StorageBackend):
             if self._source(sid) is None:
                 return False
             with self._writing_one("delete_source"):
-                self._drop_source(sid)
+                self._put_source(sid, None)
             return True
 
     def get_source(self, source_id: str) -> Source | None:
@@ -901,23 +898,19 @@ class CachedStore(TransactionMixin, StorageBackend):
             raise TypeError(f"text_hash must be str, not {type(text_hash).__name__}")
         with self._reading("find_source_by_hash"):
             if not self._src_all and text_hash not in self._hashes_known:
-                if self._one_more_key_read("sources"):
-                    self._fetch_sources_all()
-                else:
-                    self._add_loaded_sources(self._durable.load_sources(hashes=[text_hash]))
-                    self._hashes_known.add(text_hash)
-            ids = self._by_hash.get(text_hash)
+                self._read_key("sources", lambda: self._sources.add_loaded(self._durable.load_sources(hashes=[text_hash])),
+                               self._fetch_sources_all)
+                self._hashes_known.add(text_hash)  # (harmless once every source was read)
+            ids = self._sources.by.get(text_hash)
             if not ids:
                 return None
-            best = min((self._sources[i] for i in ids), key=lambda s: (s.created_at, s.id))  # type: ignore[union-attr]
-            return _copy_source(best)
+            return _copy_source(min((self._sources.recs[i] for i in ids), key=lambda s: (s.created_at, s.id)))
 
     def iter_sources(self, scope: Scope | None = None) -> Iterator[Source]:
         sc = check_scope(scope, optional=True)
         with self._reading("iter_sources"):
             self._fetch_sources_all()
-            got = [s for s in self._sources.values() if s is not None and (sc is None or sc.contains(s.scope))]
-        got.sort(key=lambda s: (s.created_at, s.id))
+            got = self._sources.in_scope(sc)
         return iter([_copy_source(s) for s in got])  # type: ignore[misc]
 
     # --- relations ----------------------------------------------------------------------------
@@ -933,48 +926,16 @@ class CachedStore(TransactionMixin, StorageBackend):
                 for i, r in enumerate(rels):
                     if i == fail_at:
                         self._fail("add_relations")
-                    self._put_relation(r)
+                    self._put_relation(r.id, r)
 
-    def _put_relation(self, r: EvolutionRelation) -> None:
-        self._rels_for(r.source_id)  # a stored relation of this id is read first (lazy relations)
-        had = r.id in self._relations
-        old = self._relations.get(r.id)
-        self._relations[r.id] = r
-        added = []
-        for end in (r.source_id, r.target_id):
-            s = self._rels_of.setdefault(end, set())
-            if r.id not in s:
-                s.add(r.id)
-                added.append(end)
-
-        def undo() -> None:
-            for end in added:
-                self._rels_of[end].discard(r.id)
-            if had:
-                self._relations[r.id] = old
-            else:
-                del self._relations[r.id]
-
-        self._on_undo(undo)
-        self._changes.relation_existed.setdefault(r.id, old is not None)
-        self._changes.relations[r.id] = r
-
-    def _drop_relation(self, rid: str) -> None:
-        r = self._relations[rid]
-        assert r is not None
-        self._relations[rid] = None
-        ends = [e for e in {r.source_id, r.target_id} if rid in self._rels_of.get(e, ())]
-        for e in ends:
-            self._rels_of[e].discard(rid)
-
-        def undo() -> None:
-            self._relations[rid] = r
-            for e in ends:
-                self._rels_of.setdefault(e, set()).add(rid)
-
-        self._on_undo(undo)
-        self._changes.relation_existed.setdefault(rid, True)
-        self._changes.relations[rid] = None
+    def _put_relation(self, rid: str, r: EvolutionRelation | None) -> None:
+        """Hold ``r`` (None: drop the stored one) and record the change."""
+        if r is not None:
+            self._rels_for(r.source_id)  # a stored relation of this id is read first (lazy relations)
+        existed = self._relations.recs.get(rid) is not None
+        self._on_undo(self._relations.put(rid, r))
+        self._changes.relation_existed.setdefault(rid, existed)
+        self._changes.relations[rid] = r
 
     def relations_for(self, entity_id: str) -> builtins.list[EvolutionRelation]:
         eid = check_id(entity_id)
@@ -987,8 +948,7 @@ class CachedStore(TransactionMixin, StorageBackend):
         sc = check_scope(scope, optional=True)
         with self._reading("iter_relations"):
             self._fetch_relations_all()
-            got = [r for r in self._relations.values() if r is not None and (sc is None or sc.contains(r.scope))]
-        got.sort(key=lambda r: (r.created_at, r.id))
+            got = self._relations.in_scope(sc)
         return iter([copy_relation(r) for r in got])
 
     # --- history ------------------------------------------------------------------------------
@@ -1019,9 +979,9 @@ class CachedStore(TransactionMixin, StorageBackend):
             with self._writing_one("restore"):
                 self._put_entities(ents, [document_terms(e.name, e.content) for e in ents], dim, history=False)
                 for s in srcs:
-                    self._put_source(s)
+                    self._put_source(s.id, s)
                 for r in rels:
-                    self._put_relation(r)
+                    self._put_relation(r.id, r)
                 for h in hist:
                     self._put_history(h)
 
@@ -1119,8 +1079,7 @@ class CachedStore(TransactionMixin, StorageBackend):
         view = check_scope(scope).core  # type: ignore[union-attr]
         with self._lock:
             self._check_writable()
-            gone = sorted({sc for sc in (*self._core, *self._core_hist) if view.contains(sc)},
-                          key=lambda sc: (sc.user_id or "", sc.agent_id or ""))
+            gone = sorted({sc for sc in (*self._core, *self._core_hist) if view.contains(sc)}, key=core_key)
             if not gone:
                 return 0
             n = sum(len(self._core.get(sc, ())) for sc in gone)
@@ -1134,7 +1093,7 @@ class CachedStore(TransactionMixin, StorageBackend):
         view = None if sc is None else sc.core
         with self._reading("core_scopes"):
             got = [s for s, blocks in self._core.items() if blocks and (view is None or view.contains(s))]
-        return sorted(got, key=lambda s: (s.user_id or "", s.agent_id or ""))
+        return sorted(got, key=core_key)
 
     def _drop_core(self, sc: Scope) -> None:
         """Forget core scope ``sc``: its blocks and its whole core history, in the cache and (at

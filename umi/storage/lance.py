@@ -43,7 +43,7 @@ from ..errors import (
     StorageLockedError,
 )
 from ..types import CoreBlockRecord, CoreHistoryRecord, Entity, EntityType, EvolutionRelation, Scope
-from ._common import check_int, dumps, make_entity, stored_scope
+from ._common import check_int, core_key, dumps, make_entity, stored_scope
 from .base import Source, tombstone
 from ._txn import raise_wrapped
 from .cached import CachedStore, ChangeSet, DurableStore, Loaded
@@ -233,7 +233,7 @@ class LanceDurable(DurableStore):
             "id": r.id, "source_id": r.source_id, "target_id": r.target_id,
             "evolution_type": r.evolution_type.value, "reason": r.reason, "confidence": r.confidence,
             "created_at": r.created_at, **_scope_row(r.scope)})
-        for sc in sorted(ch.core_forgotten, key=lambda sc: (sc.user_id or "", sc.agent_id or "")):
+        for sc in sorted(ch.core_forgotten, key=core_key):
             for table in ("core_blocks", "core_history"):
                 t[table].delete(f"{_is('user_id', sc.user_id)} AND {_is('agent_id', sc.agent_id)}")
         for sc, blocks in ch.core.items():

@@ -1356,7 +1356,7 @@ def _core_key(scope: object) -> tuple[str, str]:
     """The (user_id, agent_id) key of core blocks; '' is the unset component in those tables."""
     sc = check_scope(scope, "scope")
     assert sc is not None
-    return (sc.user_id or "", sc.agent_id or "")
+    return C.core_key(sc)
 
 
 def _source_row(s: Source) -> tuple[Any, ...]:
