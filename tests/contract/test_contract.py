@@ -302,6 +302,31 @@ def test_find_by_name_normalises(backend: StorageBackend) -> None:
         backend.find_by_name(None)  # type: ignore[arg-type]
 
 
+def test_find_by_names_is_each_name_read_once_merged(backend: StorageBackend) -> None:
+    """The recall name signals' read (one statement on Postgres): the facts filed under any of
+    the names, each once, oldest first, as find_by_name of each name would find them."""
+    a = ent("Alice  Smith", "one", t=1)
+    b = ent("alice smith", "two", t=2, etype="organization")
+    bob = ent("Bob", "bob's", t=3)
+    old = ent("Bob", "bob's old one", t=0)
+    other = ent("Alice", "not the same name", t=4)
+    backend.upsert([a, b, bob, old, other])
+    backend.supersede(old.id, T0 + 10)
+    got = backend.find_by_names(["ALICE SMITH", "bob", "alice  smith", "nobody"])
+    assert [e.id for e in got] == [a.id, b.id, bob.id]  # each once, oldest first, current only
+    every = SearchFilters(include_superseded=True)
+    assert [e.id for e in backend.find_by_names(("bob",), filters=every)] == [old.id, bob.id]
+    merged = {e.id for n in ("Alice Smith", "Bob") for e in backend.find_by_name(n, filters=every)}
+    assert {e.id for e in backend.find_by_names(["Alice Smith", "Bob"], filters=every)} == merged
+    assert backend.find_by_names([]) == [] and backend.find_by_names(["nobody"]) == []
+    with pytest.raises(ValidationError):
+        backend.find_by_names(["bob", "   "])
+    with pytest.raises(TypeError):
+        backend.find_by_names("bob")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        backend.find_by_names(["bob", None])  # type: ignore[list-item]
+
+
 # --- vector search --------------------------------------------------------------------------
 
 

@@ -285,6 +285,13 @@ class StoreMachine(RuleBasedStateMachine):
                       key=lambda e: (e.created_at, e.id))
         assert [e.id for e in self.store.find_by_name(name, etype, f)] == [e.id for e in want]
 
+    @rule(f=filters_st, names=st.lists(st.sampled_from(NAMES), max_size=3))
+    def find_by_names(self, f: SearchFilters, names: list[str]) -> None:
+        keys = {normalize_name(n) for n in names}
+        want = sorted((e for e in self.model.values() if normalize_name(e.name) in keys and f.matches(e)),
+                      key=lambda e: (e.created_at, e.id))
+        assert [e.id for e in self.store.find_by_names(names, f)] == [e.id for e in want]
+
     @rule(f=filters_st, q=vector_st.filter(lambda v: v is not None), k=st.integers(1, 5))
     def search_vector(self, f: SearchFilters, q: np.ndarray, k: int) -> None:
         if self.store.dim is None:

@@ -883,3 +883,32 @@ def test_every_read_applies_the_one_filter_semantics(filter_world, f: SearchFilt
     assert sorted(i for i, _ in b.search_text("shared", 1000, f)) == want
     assert sorted(i for i, _ in b.search_vector(np.ones(8, np.float32), 1000, f)) == want
     assert [e.id for e in b.find_by_name("n7", filters=f)] == [i for i in want if i == ents[7].id]
+
+
+def test_reads_before_the_first_vectors_still_work_after(postgres_url: str, pg_schema: str) -> None:
+    """The store's first vectors type the embedding column ``vector(dim)``. A read a connection
+    ran before (planned with the untyped column) must not fail after with "cached plan must not
+    change result type" (it did, on every later read of that connection, once a first write had
+    rolled back and another committed: found by the state machine)."""
+    store = PostgresStorageBackend.connect(postgres_url, schema=pg_schema, pool_size=1)
+    views = [SearchFilters(scope=v, include_superseded=True)
+             for v in (Scope("u1"), Scope("u2"), Scope(), Scope("u1", "a"), Scope(agent_id="a"))]
+
+    def read() -> list[list[str]]:
+        return [[e.id for e in store.list(f, limit=1000)] for f in views]
+
+    try:
+        first = _ent(1, dim=3)
+        assert read() == [[]] * 5
+        with pytest.raises(umi.StorageError, match="roll back"):
+            with store.transaction():
+                store.upsert([first])
+                raise RuntimeError("roll back")
+        assert read() == [[]] * 5
+        store.add_source(Source.for_text("text one", 1_000, scope=Scope("u1")))
+        assert read() == [[]] * 5
+        store.upsert([first])
+        assert read() == [[], [], [first.id], [], []]
+        assert store.get(first.id).embedding.tolist() == first.embedding.tolist()
+    finally:
+        store.close()

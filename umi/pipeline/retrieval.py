@@ -111,12 +111,15 @@ def read_once(storage: "StorageBackend", ids: list[str]) -> "Sequence[Entity]":
 
 
 def read_named(storage: "StorageBackend", names: Sequence[str], filters: "SearchFilters") -> "list[Entity]":
-    """The facts filed under each of ``names`` (``find_by_name``, any type), for the name signal,
-    which reads their id, content and time at once and keeps none: uncopied as :func:`read_once`."""
+    """The facts filed under each of ``names`` (any type), for the name signal, which reads their
+    id, content and time at once and keeps none: uncopied as :func:`read_once` where the store can
+    (``peek_by_name``), else one ``find_by_names`` read for them all (Postgres: one round trip)."""
     by_name = getattr(storage, "peek_by_name", None)
+    if by_name is None:
+        return storage.find_by_names(list(names), filters=filters) if names else []
     named: list[Entity] = []
     for name in names:
-        named.extend(storage.find_by_name(name, filters=filters) if by_name is None else by_name(name, filters))
+        named.extend(by_name(name, filters))
     return named
 
 

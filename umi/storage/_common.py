@@ -71,6 +71,8 @@ __all__ = [
     "relation_from_row",
     "check_query_vector",
     "check_query_text",
+    "check_name_query",
+    "check_name_queries",
     "meta_key",
     "clone_entity",
     "copy_relation",
@@ -225,6 +227,17 @@ def check_name_query(name: object) -> str:
     if not norm:
         raise ValidationError("name must not be empty or only whitespace")
     return norm
+
+
+def check_name_queries(names: object) -> list[str]:
+    """The names ``find_by_names`` looks up: a sequence of at most ``GET_MANY_IDS_MAX`` names,
+    each as :func:`check_name_query`; normalised, each once (sorted)."""
+    if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
+        raise TypeError(f"names must be a sequence of str, not {type(names).__name__}")
+    if len(names) > GET_MANY_IDS_MAX:
+        raise InvalidLimitError(f"names holds {len(names)} names; the limit is {GET_MANY_IDS_MAX}",
+                                limit=GET_MANY_IDS_MAX, actual=len(names))
+    return sorted({check_name_query(n) for n in names})
 
 
 def _unit(value: object, what: str, exc: type[ValidationError]) -> float:

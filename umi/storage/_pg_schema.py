@@ -20,8 +20,11 @@ SCHEMA_VERSION = 3
 VECTOR_DIM_MAX = 16_000  # pgvector's limit for the `vector` type
 HNSW_DIM_MAX = 2_000  # pgvector's limit for an HNSW index on `vector`; above it searches are exact scans
 
-ENTITY_COLUMNS = ("id, entity_type, name, content, metadata_json, embedding, importance, confidence, created_at, "
-                  "updated_at, event_time, valid_from, valid_to, source_id, user_id, agent_id, session_id")
+# ``embedding::vector``: the result type stays ``vector`` once the store's first vectors type the column
+# ``vector(dim)`` (fix_dim); a statement a pooled connection prepared before that would otherwise fail
+# with "cached plan must not change result type" on every later read
+ENTITY_COLUMNS = ("id, entity_type, name, content, metadata_json, embedding::vector, importance, confidence, "
+                  "created_at, updated_at, event_time, valid_from, valid_to, source_id, user_id, agent_id, session_id")
 SOURCE_COLUMNS = "id, text_hash, text, created_at, metadata_json, user_id, agent_id, session_id"
 RELATION_COLUMNS = ("id, source_id, target_id, evolution_type, reason, confidence, created_at, "
                     "user_id, agent_id, session_id")

@@ -236,6 +236,16 @@ class StorageBackend(abc.ABC):
                      filters: SearchFilters | None = None) -> builtins.list[Entity]:
         """Entities whose normalised name equals ``normalize_name(name)``; current only by default."""
 
+    def find_by_names(self, names: Sequence[str], filters: SearchFilters | None = None) -> builtins.list[Entity]:
+        """Entities of any type filed under any of ``names`` (each normalised as :meth:`find_by_name`
+        does; a list or tuple), each once, oldest first (``created_at``, then id): the recall name
+        signals' read. This default asks :meth:`find_by_name` once per distinct name; a backend that
+        pays a round trip per read answers in one (Postgres: one statement)."""
+        from ._common import check_name_queries
+
+        found = {e.id: e for n in check_name_queries(names) for e in self.find_by_name(n, filters=filters)}
+        return sorted(found.values(), key=lambda e: (e.created_at, e.id))
+
     # --- search ------------------------------------------------------------
     @abc.abstractmethod
     def search_vector(self, vector: np.ndarray, k: int, filters: SearchFilters | None = None) -> builtins.list[tuple[str, float]]:
