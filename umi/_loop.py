@@ -20,7 +20,9 @@ No caller is ever left blocked, and none is told less than the truth:
     jobs): no job of it is running, and none starts after this point (an I/O job not started
     by then never runs).
 
-  Every wait of close() has an end (``grace_secs`` and a few seconds more). A storage job
+  Every wait of close() has an end: with a storage job that never ends it returns after
+  about ``2 * grace_secs + 1`` seconds (the calls' grace, then their tasks' grace to unwind),
+  more only if the loop itself is stuck (:data:`LOOP_WAIT_SECS` per wait on it). A storage job
   still running when close() returns is left to end on its thread; :meth:`LoopThread.after_io`
   runs what must wait for it (closing the store) when it does.
 * **fork.** The loop thread does not exist in a child made by ``os.fork()``. Every

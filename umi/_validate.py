@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from .errors import InvalidConfigError, InvalidFilterError, TextTooLongError, ValidationError
+from .errors import InvalidConfigError, TextTooLongError, ValidationError
 
 __all__ = [
     "TEXT_BYTES_MAX",
@@ -180,8 +180,8 @@ def check_input_text(value: object, what: str, max_bytes: int, empty: type[Valid
     return value
 
 
-def check_metadata_limits(metadata: Mapping[str, Any], what: str = "metadata",
-                          error: type[ValidationError] = InvalidFilterError) -> None:
+def check_metadata_limits(metadata: Mapping[str, Any], what: str,
+                          error: type[ValidationError]) -> None:
     """Count, key, value and total size limits of one (already scalar-checked) mapping; ``error``
     names what was wrong (see :func:`umi.types.validate_metadata`)."""
     if len(metadata) > METADATA_KEYS_MAX:

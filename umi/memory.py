@@ -622,7 +622,9 @@ class Memory:
         Then a call is failed with :class:`~umi.MemoryClosedError` when none of its storage jobs
         was running (a single write did not commit), or with :class:`~umi.OutcomeUnknownError`
         when one was: a storage job cannot be stopped, so it may commit after close() returns,
-        and the store is closed once it ends."""
+        and the store is closed once it ends. With a storage job that never ends, close() returns
+        after about twice the grace and a second (the calls' grace, then the grace their tasks get
+        to unwind), plus up to a grace for each provider's release."""
         if self._closed:
             return
         if self._owner:

@@ -221,3 +221,22 @@ def test_every_key_an_export_writes_is_one_the_format_defines_and_it_round_trips
                 other.import_sync(path)
                 assert facts(other) == facts(m) and other.core.blocks() == m.core.blocks()
 
+
+
+def test_import_into_a_scope_whose_stored_blocks_outgrew_the_budget_is_refused_whole(tmp_path: Path) -> None:
+    """A store written under a larger core budget, opened with a smaller one: importing a block of
+    a scope no view has opened names that scope and the budget (as opening it would), and writes
+    nothing — it was a bare CoreMemoryFullError with no scope and no line."""
+    db, backup = tmp_path / "m.duckdb", tmp_path / "backup.jsonl"
+    with open_memory(db, config=umi.MemoryConfig(core_memory_bytes=8192)) as m:
+        m.scoped(user_id="bea").core.set_block("human", "x" * 3000)
+        m.scoped(user_id="bea").core.set_block("persona", "kind")
+        m.remember_sync("A fact to export.", umi.RememberOptions(extract_entities=False))
+        m.export_sync(backup)
+    with open_memory(db, config=umi.MemoryConfig(core_memory_bytes=2048)) as m:
+        before = facts(m)
+        with pytest.raises(umi.InvalidConfigError, match="core_memory_bytes=2048.*nothing was imported"):
+            m.import_sync(backup)
+        assert facts(m) == before
+    with open_memory(db, config=umi.MemoryConfig(core_memory_bytes=8192)) as m:
+        assert [b[0] for b in core_state(m, user_id="bea")] == ["persona", "human"]

@@ -160,3 +160,37 @@ def test_forgetting_every_other_fact_of_a_long_chain_reads_each_fact_once(monkey
         assert alice == [f"Alice now works at Company{n - 2}."]
     finally:
         m.close()
+
+
+def test_a_fact_retired_by_two_forgotten_facts_leaves_no_fact_unlinked() -> None:
+    """Found in review: j -> E1, i -> E1 and E2, k -> E2; E1 and E2 forgotten in one call. k is
+    the newest before E2 (revived); i is the newest before E1 but not before E2, so it stays
+    superseded, linked to k; j (older than i before E1) must be linked on to k too. It was left
+    superseded with no relation at all, so no later forget could ever bring it back."""
+    m = umi.Memory.sim(seed=5)
+    try:
+        t = 1_000_000
+
+        def fact(content: str, retired: int | None, tag: int) -> umi.Entity:
+            return umi.Entity("person", "Alice", content, metadata={"tag": tag}, created_at=t,
+                              valid_to=None if retired is None else t + retired)
+
+        j, i, k = fact("Alice works at J.", 10, 0), fact("Alice works at I.", 20, 0), fact("Alice works at K.", 30, 0)
+        e1, e2 = fact("Alice works at E1.", None, 1), fact("Alice works at E2.", None, 1)
+        m.storage.upsert([j, i, k, e1, e2])
+        m.storage.add_relations([umi.EvolutionRelation(a.id, b.id, "update", "told", 1.0, created_at=t)
+                                 for a, b in ((j, e1), (i, e1), (i, e2), (k, e2))])
+        assert m.forget_sync(where=SearchFilters(metadata={"tag": 1})) == 2
+
+        def successors(x: umi.Entity) -> set[str]:
+            return {r.target_id for r in m.storage.relations_for(x.id) if r.source_id == x.id}
+
+        current = [e.content for e in m.storage.list(SearchFilters(), limit=100)]
+        assert current == ["Alice works at K."]
+        assert successors(i) == {k.id} and successors(j) == {k.id}
+        # and the chain still works: forgetting K brings back I, the newest before it; J stays linked
+        assert m.forget_sync(k.id) is True
+        assert [e.content for e in m.storage.list(SearchFilters(), limit=100)] == ["Alice works at I."]
+        assert successors(j) == {i.id}
+    finally:
+        m.close()

@@ -124,7 +124,26 @@ def _latest(ctx: PipelineContext, ids: list[str], gone: set[str]) -> tuple[list[
             if retired(i) < last:
                 later.setdefault(i, set()).update(j for j in group if retired(j) == last)
     keep = [i for i in ids if i in facts and i not in later]
-    return keep, {i: [facts[j] for j in sorted(later[i]) if j in keep] for i in sorted(later)}
+    kept = set(keep)
+
+    def revived_after(i: str) -> set[str]:
+        """The revived facts after ``i``: a newer one that stays superseded itself (the newest of
+        one end's facts but not of another's) passes on to those after it, so ``i`` is never left
+        linked to nothing (each step goes to a later retirement: no cycle)."""
+        out: set[str] = set()
+        todo, seen = sorted(later[i]), set(later[i])
+        while todo:
+            j = todo.pop()
+            if j in kept:
+                out.add(j)
+                continue
+            for n in later.get(j, ()):
+                if n not in seen:
+                    seen.add(n)
+                    todo.append(n)
+        return out
+
+    return keep, {i: [facts[j] for j in sorted(revived_after(i))] for i in sorted(later)}
 
 
 def _relink(rel: EvolutionRelation, gone: Entity, to: Entity, at: int) -> EvolutionRelation:

@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from .._validate import utf8_len
 from ..core_memory import CORE_MEMORY_MAX_BYTES_MAX, CoreMemory
-from ..errors import CoreMemoryFullError, UmiError, ValidationError
+from ..errors import CoreMemoryFullError, InvalidConfigError, UmiError, ValidationError
 from ..options import TEXT_BYTES_MAX, RememberOptions
 from ..storage.base import HistoryRecord, Source
 from ..types import Entity, EvolutionRelation, Scope
@@ -329,8 +329,13 @@ def check_core_fits(ctx: PipelineContext, plan: ImportPlan) -> None:
         by_scope.setdefault(c.scope, []).append(c)
     for sc, recs in by_scope.items():
         trial = CoreMemory(budget)
-        for b in sorted(ctx.storage.core_blocks(sc), key=lambda b: b.position):
-            trial.set_block(b.name, b.content, b.importance)
+        try:
+            for b in sorted(ctx.storage.core_blocks(sc), key=lambda b: b.position):
+                trial.set_block(b.name, b.content, b.importance)
+        except CoreMemoryFullError as exc:  # written under a larger budget: as opening that scope says
+            raise InvalidConfigError(
+                f"the stored core blocks of {sc.to_dict()} do not fit core_memory_bytes={budget} ({exc}); "
+                "nothing was imported") from exc
         for c in recs:
             try:
                 trial.set_block(c.label, c.content, c.importance)
