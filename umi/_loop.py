@@ -103,7 +103,10 @@ class LoopThread:
     def _main(self) -> None:
         asyncio.set_event_loop(self.loop)
         self.loop.call_soon(self._ready.set)
-        self.loop.run_forever()
+        try:
+            self.loop.run_forever()
+        finally:  # stopped (by close): the thread closes its own loop, whatever close() got to
+            self.loop.close()
 
     @property
     def forked(self) -> bool:
