@@ -33,7 +33,7 @@ import json
 import os
 import stat
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterable, Mapping
 
 from .._validate import utf8_len
@@ -52,19 +52,21 @@ FORMAT = "umi-export"
 FORMAT_VERSION = 3  # 3: core records
 KINDS = ("header", "source", "entity", "relation", "history", "core", "text")
 
-_SCOPED = frozenset({"kind", "scope"})
+def _fields(cls: type) -> frozenset[str]:
+    """A record kind's keys: its dataclass's fields (what ``to_dict`` writes) and ``kind``."""
+    return frozenset({"kind", *(f.name for f in fields(cls))})
+
+
 #: The keys a record of each kind may have (what export writes, and the text lines' options);
-#: import refuses any other. ``score`` and ``mentions`` are ``Entity.to_dict``'s (export drops
-#: them, import ignores them).
+#: import refuses any other. An entity's ``score`` and ``mentions`` are ``Entity.to_dict``'s
+#: (export drops them, import ignores them).
 KEYS: dict[str, frozenset[str]] = {
     "header": frozenset({"kind", "format", "version", "embedder", "dim", "scope"}),
-    "source": _SCOPED | {"id", "text_hash", "text", "created_at", "metadata"},
-    "entity": _SCOPED | {"id", "entity_type", "name", "content", "metadata", "importance", "confidence",
-                         "created_at", "updated_at", "event_time", "valid_from", "valid_to", "source_id",
-                         "embedding", "passage_embeddings", "score", "mentions"},
-    "relation": _SCOPED | {"id", "source_id", "target_id", "evolution_type", "reason", "confidence", "created_at"},
-    "history": _SCOPED | {"entity_id", "seq", "op", "at", "snapshot"},
-    "core": _SCOPED | {"label", "content", "importance"},
+    "source": _fields(Source),
+    "entity": _fields(Entity),
+    "relation": _fields(EvolutionRelation),
+    "history": _fields(HistoryRecord),
+    "core": frozenset({"kind", "scope", "label", "content", "importance"}),
     "text": frozenset({"kind", "text", "metadata", "event_time"}),
 }
 
@@ -127,26 +129,25 @@ def write_file(path: str, records: Iterable[Mapping[str, Any]]) -> None:
     is, and so is a file in a directory that takes no new file (there is no other way)."""
     lines = (dumps(r) + "\n" for r in records)
     target = os.path.realpath(path)
-    if os.path.exists(target) and not os.path.isfile(target):
+
+    def in_place() -> None:
         with open(path, "w", encoding="utf-8") as f:
             f.writelines(lines)
-        return
+
+    if os.path.exists(target) and not os.path.isfile(target):
+        return in_place()
     if not os.path.exists(target):
         try:
-            with open(path, "w", encoding="utf-8") as f:
-                f.writelines(lines)
+            return in_place()
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(target)
             raise
-        return
     try:
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.",
                                    suffix=".tmp")
     except OSError:
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-        return
+        return in_place()
     os.close(fd)
 
     def fill(f: Any) -> None:
