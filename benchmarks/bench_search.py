@@ -46,7 +46,7 @@ from the same distribution. Latencies are per call, ``time.perf_counter``, after
 warm-up; the machine is shared, so p50 is the figure to read.
 
 Run: ``python benchmarks/bench_search.py [--full] [--sizes 10000,100000] [--skip-duckdb]
-[--only-store] [--out FILE]``. Prints each section's table as it completes and merges it into
+[--only-store] [--keep-store DIR] [--out FILE]``. Prints each section's table as it completes and merges it into
 ``benchmarks/results/bench_search.json`` (or ``--out``) at once, so a run killed late keeps
 everything measured before.
 """
@@ -453,7 +453,9 @@ def store_texts(n: int, seed: int) -> list[str]:
     return corpus(n, seed=seed)
 
 
-def bench_duckdb(n: int, seed: int, report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def bench_duckdb(
+    n: int, seed: int, report: Callable[[dict[str, Any]], None] | None = None, keep: Path | None = None
+) -> dict[str, Any]:
     """Store-level figures and a Memory's recall over the same store.
 
     ``report(partial)`` is called after each phase, so a kill late in a long run loses
@@ -588,6 +590,10 @@ def bench_duckdb(n: int, seed: int, report: Callable[[dict[str, Any]], None] | N
         store.close()
         del m, store
         gc.collect()
+        if keep is not None:  # the built store and its valid index cache, for profiling later
+            keep.mkdir(parents=True, exist_ok=True)
+            for p in tmp.iterdir():
+                shutil.copy2(p, keep / p.name)
 
         for p in tmp.iterdir():
             if p.name.startswith(path.name + INDEX_SUFFIX):
@@ -734,6 +740,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run only the DuckDB store + Memory.recall section, at the largest size",
     )
+    ap.add_argument(
+        "--keep-store",
+        default="",
+        help="copy the store section's DuckDB file and index cache here before it is deleted",
+    )
     ap.add_argument("--seed", type=int, default=20261101)
     ap.add_argument("--out", default=str(RESULTS / "bench_search.json"))
     args = ap.parse_args(argv)
@@ -774,7 +785,9 @@ def main(argv: list[str] | None = None) -> int:
             result["duckdb"] = dict(db, complete=False)
             save(result, out)
 
-        result["duckdb"] = bench_duckdb(max(sizes), args.seed, report=partial)
+        result["duckdb"] = bench_duckdb(
+            max(sizes), args.seed, report=partial, keep=Path(args.keep_store) if args.keep_store else None
+        )
         result["duckdb"]["complete"] = True
         print_store(result["duckdb"])
     result["machine"]["load_avg_1m_at_end"] = os.getloadavg()[0]
