@@ -32,7 +32,8 @@ What it measures, side by side in one run, on 384-d float32 unit vectors at 10k 
   10 hits) p50, **hybrid recall** p50/p95 of a ``umi.Memory`` over that store
   (``recall_sync``, fast path: vector + BM25 + name, fused, hydrated; the query vectors
   are precomputed, so embedding is excluded, as in bench_memory), reopen time with a valid
-  index cache (and recall after it) and with the cache deleted. Memory: the process RSS
+  index cache (and recall right after it, while the store reads its vectors in the background,
+  then once they are all in memory) and with the cache deleted. Memory: the process RSS
   and its peak per phase (VmHWM restarted at each phase's start), the store's share (RSS
   minus the bench's own vectors and texts) and that per million facts. Targets: search +
   hydrate p50 <= 1 ms at 100k, reopen with a valid cache <= 2 s at 100k, hybrid recall p50
@@ -573,15 +574,23 @@ def bench_duckdb(
 
         t = time.perf_counter()
         store = DuckDBStorageBackend.connect(path)
-        out["reopen_valid_cache_s"] = time.perf_counter() - t
+        opened = time.perf_counter()
+        out["reopen_valid_cache_s"] = opened - t
         out["reopen_valid_cache_status"] = store.index_load_status
         t = time.perf_counter()
         store.search_vector(queries[1], K)
         out["first_search_after_valid_reopen_s"] = time.perf_counter() - t
         m = umi.Memory(storage=store, embedder=PrecomputedEmbedder(table, DIM))
-        ts = recall_ms(m)
+        ts = recall_ms(m)  # while the store reads its vectors in the background (if it does)
         out["hybrid_recall_after_reopen_p50_ms"] = pct(ts, 50)
         out["hybrid_recall_after_reopen_p95_ms"] = pct(ts, 95)
+        if hasattr(store, "wait_for_vectors"):
+            out["vectors_in_memory"] = store.wait_for_vectors(3600)
+            # an upper bound: the reads ended by then (the recalls above ran meanwhile)
+            out["vectors_read_in_background_within_s"] = time.perf_counter() - opened
+            ts = recall_ms(m)
+            out["hybrid_recall_vectors_in_memory_p50_ms"] = pct(ts, 50)
+            out["hybrid_recall_vectors_in_memory_p95_ms"] = pct(ts, 95)
         mem("reopen_and_recall")
         out["rss_per_million_facts_GB (reopened, after recalls)"] = (
             (rss_bytes() - bench_own[0]) / n * 1e6 / gb

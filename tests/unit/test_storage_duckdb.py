@@ -720,10 +720,17 @@ def test_inline_reads_only_while_every_read_is_in_memory(tmp_path) -> None:
     st.upsert([Entity("note", f"n{i}", f"text {i}", embedding=np.full(4, i + 1, np.float32)) for i in range(5)])
     assert st.inline_read_lock() is st._lock
     st.close()
-    st = DuckDBStorageBackend.connect(path, dim=4)
+    st = DuckDBStorageBackend.connect(path, dim=4, vectors="on_demand")
     try:
         assert st.inline_read_lock() is None
         assert len(st.get_many([e.id for e in st.list()])) == 5  # reads work, on a thread
+        assert st.inline_read_lock() is None  # (those five are held, the store does not know it is all)
+    finally:
+        st.close()
+    st = DuckDBStorageBackend.connect(path, dim=4)  # vectors="background": all read on a thread of its own
+    try:
+        assert st.wait_for_vectors(30)
+        assert st.inline_read_lock() is st._lock
     finally:
         st.close()
     assert StorageBackend.inline_read_lock(st) is None  # the protocol's default: always hop

@@ -60,7 +60,8 @@ def ops(b: DuckDBStorageBackend, eid: str) -> list[tuple[int, str]]:
 def test_reopen_leaves_history_sources_relations_and_vectors_unread_until_asked(store) -> None:
     path, w = store
     alice, bob, s1, rel = w["alice"], w["bob"], w["s1"], w["rel"]
-    with DuckDBStorageBackend.connect(path) as b:
+    # on_demand: no thread reads the vectors in the background (see test_storage_vectors_background)
+    with DuckDBStorageBackend.connect(path, vectors="on_demand") as b:
         assert b.index_load_status == "loaded"
         # nothing of the lazy parts is in memory after open
         assert b._history == {} and b._sources.recs == {} and b._relations.recs == {}

@@ -935,6 +935,25 @@ class DuckDBDurable(DurableStore):
         with self.bulk():
             return self._load(dim)
 
+    def stream_vectors(self, batch: int) -> Iterator[tuple[list[str], np.ndarray]]:
+        """Every stored vector, ``batch`` rows at a time: (ids, float32 (n, dim)), read on a cursor
+        of its own, so a thread can read them beside the store's reads and writes (one snapshot:
+        the caller keeps a row only while nothing has written it since the open). Only the rows a
+        lazy open left unread are asked for: those are in the tables (an open moves the journal
+        there first), so the journal is not consulted."""
+        dim = self.dim
+        assert dim is not None
+        cur = self._con.cursor()
+        try:
+            with _read_errors("vectors"):
+                reader = cur.sql("SELECT id, embedding FROM entities WHERE embedding IS NOT NULL"
+                                 ).to_arrow_reader(batch)
+            for rb in reader:
+                _, mat = _vector_matrix(pa.chunked_array([rb.column(1)]), dim)
+                yield rb.column(0).to_pylist(), mat
+        finally:
+            cur.close()
+
     def _load(self, dim: int | None) -> Loaded:
         con = self.con
         rows = load_rows(con, dim, with_vectors=self.vectors_at_open, with_postings=self.postings_at_open,

@@ -254,6 +254,30 @@ class EntityCache:
         row_of = self._row_of
         return np.fromiter(map(row_of.__getitem__, got_ids), np.int64, len(got_ids)), mat
 
+    def install_vectors(self, ids: builtins.list[str], mat: np.ndarray) -> None:
+        """The stored vectors of ``ids`` (read after a lazy open) put in for the rows still waiting
+        for theirs; a row written since the open keeps what it was given."""
+        row_of = self._row_of
+        rows = np.fromiter((row_of.get(i, -1) for i in ids), np.int64, len(ids))
+        keep = rows >= 0
+        keep[keep] = self._vec_pending[rows[keep]]
+        rows = rows[keep]
+        if rows.shape[0] == 0:
+            return
+        self._own_vectors(self._cap)
+        self._vecs[rows] = mat[keep]  # type: ignore[index]
+        self._vec_pending[rows] = False
+        held = self._vec_read
+        if held:
+            for r in rows.tolist():
+                held.pop(r, None)
+        if not self._vec_pending[: self._n].any():
+            self._fetch_vectors, self._vec_read = None, {}  # every read is from memory now
+
+    def vectors_pending(self) -> int:
+        """How many rows' vectors are still to be read from the durable store."""
+        return int(np.count_nonzero(self._vec_pending[: self._n])) if self._fetch_vectors is not None else 0
+
     def _unpend_vectors(self) -> None:
         """Every pending vector into ``_vecs`` (to rebuild the index from them)."""
         rows = np.flatnonzero(self._vec_pending[: self._n])
