@@ -41,6 +41,7 @@ from ..errors import StorageError
 from ..types import (
     CoreBlockRecord,
     CoreHistoryRecord,
+    CoreOp,
     Entity,
     EntityType,
     EvolutionRelation,
@@ -54,7 +55,6 @@ from ._common import (  # (the core-block and meta limits are re-exported from h
     CORE_NAME_BYTES_MAX,
     META_KEY_BYTES_MAX,
     META_VALUE_BYTES_MAX,
-    check_core_block,
     check_core_name,
     check_endpoints,
     check_entities,
@@ -78,6 +78,7 @@ from ._common import (  # (the core-block and meta limits are re-exported from h
     snapshot_of,
 )
 from ._hotcache import EntityCache
+from ._rules import CORE_METHODS, SharedWrites, core_change, validity_change
 from ._txn import TransactionMixin
 from .base import HistoryRecord, SearchFilters, Source, StorageBackend, tombstone
 from .text import document_terms, query_terms
@@ -337,7 +338,7 @@ class _Keyed:
 # --- the store ----------------------------------------------------------------------------------
 
 
-class CachedStore(TransactionMixin, StorageBackend):
+class CachedStore(SharedWrites, TransactionMixin, StorageBackend):
     """Every rule of the storage contract, over a :class:`DurableStore`. Subclasses set up the
     durable store and call :meth:`_open_cache`; they may override the hooks ``_fault_read(op)``,
     ``_write_fault_at(n)`` (Sim), ``_after_commit()`` (index saves) and ``_check_writable()``."""
@@ -729,25 +730,15 @@ class CachedStore(TransactionMixin, StorageBackend):
         if sid is not None and self._source(sid) is not None and not self._cache.ids_with("source_id", sid):
             self._put_source(sid, None)
 
-    def supersede(self, entity_id: str, valid_to: int) -> bool:
-        eid = check_id(entity_id)
-        vt: int = check_time(valid_to, "valid_to")  # type: ignore[assignment]
-        return self._set_validity(eid, vt, vt, "supersede")
-
-    def revive(self, entity_id: str, at: int) -> bool:
-        eid = check_id(entity_id)
-        when: int = check_time(at, "at")  # type: ignore[assignment]
-        return self._set_validity(eid, None, when, "revive")
-
     def _set_validity(self, eid: str, valid_to: int | None, at: int, op: str) -> bool:
         with self._lock:
             self._check_writable()
             cur = self._cache.peek(eid)
-            if cur is None or (cur.valid_to is None) == (valid_to is None):
+            changed = None if cur is None else validity_change(cur, valid_to, at)
+            if changed is None:
                 return False
             with self._writing_one(op):
-                new = self._cache.set_valid_to(eid, valid_to, at)
-                assert new is not None
+                new = self._cache.set_validity(eid, changed)
                 self._record_entity(eid, new, True)
                 self._append_history(eid, op, at, snapshot_of(new), new.scope)
             return True
@@ -1032,48 +1023,18 @@ class CachedStore(TransactionMixin, StorageBackend):
         self._changes.core[sc] = list(blocks)
         self._changes.core_history.append(rec)
 
-    def _next_core_seq(self, sc: Scope) -> int:
-        h = self._core_hist.get(sc)
-        return (h[-1].seq if h else 0) + 1
-
-    def set_core_block(self, scope: Scope, name: str, content: str, importance: float, at: int) -> None:
-        sc = check_scope(scope).core  # type: ignore[union-attr]
-        name, content, imp, when = check_core_block(name, content, importance, at)
-        with self._writing_one("set_core_block"):
-            blocks = list(self._core.get(sc, ()))
-            pos = next((i for i, b in enumerate(blocks) if b.name == name), None)
-            if pos is None:
-                blocks.append(CoreBlockRecord(name, content, imp, len(blocks)))
-            else:
-                blocks[pos] = CoreBlockRecord(name, content, imp, pos)
-            self._set_blocks(sc, blocks, CoreHistoryRecord(sc, name, self._next_core_seq(sc), "set", when, content, imp))
-
-    def remove_core_block(self, scope: Scope, name: str, at: int) -> bool:
-        sc = check_scope(scope).core  # type: ignore[union-attr]
-        name = check_core_name(name)
-        when: int = check_time(at, "at")  # type: ignore[assignment]
+    def _edit_core(self, sc: Scope, op: CoreOp, at: int, name: str = "", content: str | None = None,
+                   importance: float | None = None) -> int:
         with self._lock:
             self._check_writable()
-            blocks = list(self._core.get(sc, ()))
-            if not any(b.name == name for b in blocks):
-                return False
-            with self._writing_one("remove_core_block"):
-                kept = [CoreBlockRecord(b.name, b.content, b.importance, i)
-                        for i, b in enumerate(b for b in blocks if b.name != name)]
-                self._set_blocks(sc, kept, CoreHistoryRecord(sc, name, self._next_core_seq(sc), "remove", when))
-            return True
-
-    def clear_core_blocks(self, scope: Scope, at: int) -> int:
-        sc = check_scope(scope).core  # type: ignore[union-attr]
-        when: int = check_time(at, "at")  # type: ignore[assignment]
-        with self._lock:
-            self._check_writable()
-            n = len(self._core.get(sc, ()))
-            if not n:
+            blocks = self._core.get(sc, [])
+            hist = self._core_hist.get(sc)
+            change = core_change(sc, blocks, hist[-1].seq if hist else 0, op, at, name, content, importance)
+            if change is None:
                 return 0
-            with self._writing_one("clear_core_blocks"):
-                self._set_blocks(sc, [], CoreHistoryRecord(sc, "", self._next_core_seq(sc), "clear", when))
-            return n
+            with self._writing_one(CORE_METHODS[op]):
+                self._set_blocks(sc, *change)
+            return len(blocks)
 
     def forget_core(self, scope: Scope) -> int:
         view = check_scope(scope).core  # type: ignore[union-attr]

@@ -85,12 +85,13 @@ import numpy as np
 
 from .._validate import utf8_len
 from ..errors import InvalidConfigError, StorageError, ValidationError
-from ..types import (CoreBlockRecord, CoreHistoryRecord, Entity, EntityType,
+from ..types import (CoreBlockRecord, CoreHistoryRecord, CoreOp, Entity, EntityType,
                      EvolutionRelation, Scope, check_scope, normalize_name, now_ms)
 from . import _pg_schema as S
 from . import _rows as R
 from . import _common as C  # the boundary checks every backend shares
 from . import filters as F
+from ._rules import SharedWrites, core_change, validity_change
 from ._txn import raise_wrapped
 from .base import HistoryRecord, SearchFilters, Source, StorageBackend, tombstone
 from .text import BM25_B, BM25_K1, document_terms, query_terms
@@ -139,7 +140,7 @@ class _Tx:
             self.df_delta[t] = self.df_delta.get(t, 0) + step
 
 
-class PostgresStorageBackend(StorageBackend):
+class PostgresStorageBackend(SharedWrites, StorageBackend):
     """Archival memory in PostgreSQL with pgvector. Create it with :meth:`connect`."""
 
     #: every write inside ``transaction()`` commits together or not at all, across processes
@@ -673,29 +674,16 @@ class PostgresStorageBackend(StorageBackend):
         conn.execute(self._q("DELETE FROM {sources} s WHERE s.id = %s AND NOT EXISTS "
                              "(SELECT 1 FROM {entities} e WHERE e.source_id = %s)"), (source_id, source_id))
 
-    def revive(self, entity_id: str, at: int) -> bool:
-        eid = C.check_id(entity_id)
-        when: int = C.check_time(at, "at")  # type: ignore[assignment]  # never None here
-        return self._set_validity(eid, None, when, "revive")
-
-    def supersede(self, entity_id: str, valid_to: int) -> bool:
-        eid = C.check_id(entity_id)
-        vt: int = C.check_time(valid_to, "valid_to")  # type: ignore[assignment]  # never None here
-        return self._set_validity(eid, vt, vt, "supersede")
-
     def _set_validity(self, eid: str, valid_to: int | None, at: int, op_name: str) -> bool:
-        """Supersede (``valid_to`` set) a current entity or revive (None) a superseded one, at ``at``."""
-        current = "IS NULL" if valid_to is not None else "IS NOT NULL"
-
         def op(conn: Any) -> bool:
             self._lock_ids(conn, [eid])
-            hit = conn.execute(self._q("UPDATE {entities} SET valid_to = %s, updated_at = greatest(updated_at, %s) "
-                                       "WHERE id = %s AND valid_to " + current + " RETURNING id"),
-                               (valid_to, at, eid)).fetchone()
-            if hit is None:
+            got = self._select(conn, "id = %s", [eid])
+            new = validity_change(got[0], valid_to, at) if got else None
+            if new is None:
                 return False
-            e = self._select(conn, "id = %s", [eid])[0]
-            self._append_history(conn, [eid], [op_name], [at], [R.dumps(C.snapshot_of(e))], [_scope_values(e)])
+            conn.execute(self._q("UPDATE {entities} SET valid_to = %s, updated_at = %s WHERE id = %s"),
+                         (new.valid_to, new.updated_at, eid))
+            self._append_history(conn, [eid], [op_name], [at], [R.dumps(C.snapshot_of(new))], [_scope_values(new)])
             self._mark_changed()
             return True
 
@@ -1096,73 +1084,43 @@ class PostgresStorageBackend(StorageBackend):
     def core_blocks(self, scope: Scope) -> builtins.list[CoreBlockRecord]:
         u, a = _core_key(scope)
         with self._reading() as conn:
-            rows = conn.execute(self._q(
-                "SELECT name, content, importance, position FROM {core_blocks} WHERE user_id = %s AND agent_id = %s "
-                "ORDER BY position"), (u, a)).fetchall()
+            return self._core_rows(conn, u, a)
+
+    def _core_rows(self, conn: Any, u: str, a: str) -> builtins.list[CoreBlockRecord]:
+        rows = conn.execute(self._q(
+            "SELECT name, content, importance, position FROM {core_blocks} WHERE user_id = %s AND agent_id = %s "
+            "ORDER BY position"), (u, a)).fetchall()
         return [CoreBlockRecord(r[0], R.decode_text(r[1]), float(r[2]), int(r[3])) for r in rows]
 
-    def _core_write(self, scope: object, body: Callable[[Any, str, str], Any]) -> Any:
-        u, a = _core_key(scope)
+    def _edit_core(self, sc: Scope, op_name: CoreOp, at: int, name: str = "", content: str | None = None,
+                   importance: float | None = None) -> int:
+        u, a = C.core_key(sc)
 
-        def op(conn: Any) -> Any:
+        def op(conn: Any) -> int:
             self._lock_ids(conn, [_CORE_LOCK + u + "\x1f" + a])
-            return body(conn, u, a)
-
-        return self._write(op)
-
-    def _core_log(self, conn: Any, u: str, a: str, name: str, op: str, at: int, content: str | None,
-                  importance: float | None) -> None:
-        conn.execute(self._q(
-            "INSERT INTO {core_history} (user_id, agent_id, seq, name, op, at, content, importance) "
-            "SELECT %s, %s, coalesce(max(seq), 0) + 1, %s, %s, %s, %s, %s FROM {core_history} "
-            "WHERE user_id = %s AND agent_id = %s"),
-            (u, a, name, op, at, None if content is None else R.encode_text(content), importance, u, a))
-        self._mark_changed()
-
-    def set_core_block(self, scope: Scope, name: str, content: str, importance: float, at: int) -> None:
-        name, content, importance, when = C.check_core_block(name, content, importance, at)
-        text = R.encode_text(content)
-
-        def body(conn: Any, u: str, a: str) -> None:
-            hit = conn.execute(self._q(
-                "UPDATE {core_blocks} SET content = %s, importance = %s WHERE user_id = %s AND agent_id = %s "
-                "AND name = %s RETURNING position"), (text, importance, u, a, name)).fetchone()
-            if hit is None:
+            blocks = self._core_rows(conn, u, a)
+            last = _one(conn, self._q("SELECT coalesce(max(seq), 0) FROM {core_history} WHERE user_id = %s "
+                                      "AND agent_id = %s"), (u, a))
+            change = core_change(sc, blocks, int(last), op_name, at, name, content, importance)
+            if change is None:
+                return 0
+            new, rec = change
+            conn.execute(self._q("DELETE FROM {core_blocks} WHERE user_id = %s AND agent_id = %s"), (u, a))
+            if new:
                 conn.execute(self._q(
-                    "INSERT INTO {core_blocks} (user_id, agent_id, name, content, importance, position) "
-                    "SELECT %s, %s, %s, %s, %s, count(*) FROM {core_blocks} WHERE user_id = %s AND agent_id = %s"),
-                    (u, a, name, text, importance, u, a))
-            self._core_log(conn, u, a, name, "set", when, content, importance)
+                    "INSERT INTO {core_blocks} (user_id, agent_id, name, content, importance, position) SELECT %s, "
+                    "%s, * FROM unnest(%s::text[], %s::text[], %s::float8[], %s::bigint[])"),
+                    (u, a, [b.name for b in new], [R.encode_text(b.content) for b in new],
+                     [b.importance for b in new], [b.position for b in new]))
+            conn.execute(self._q(
+                "INSERT INTO {core_history} (user_id, agent_id, seq, name, op, at, content, importance) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"),
+                (u, a, rec.seq, rec.name, rec.op, rec.at, None if rec.content is None else R.encode_text(rec.content),
+                 rec.importance))
+            self._mark_changed()
+            return len(blocks)
 
-        self._core_write(scope, body)
-
-    def remove_core_block(self, scope: Scope, name: str, at: int) -> bool:
-        name = C.check_core_name(name)
-        when: int = C.check_time(at, "at")  # type: ignore[assignment]  # never None here
-
-        def body(conn: Any, u: str, a: str) -> bool:
-            hit = conn.execute(self._q(
-                "DELETE FROM {core_blocks} WHERE user_id = %s AND agent_id = %s AND name = %s RETURNING position"),
-                (u, a, name)).fetchone()
-            if hit is None:
-                return False
-            conn.execute(self._q("UPDATE {core_blocks} SET position = position - 1 WHERE user_id = %s "
-                                 "AND agent_id = %s AND position > %s"), (u, a, hit[0]))
-            self._core_log(conn, u, a, name, "remove", when, None, None)
-            return True
-
-        return bool(self._core_write(scope, body))
-
-    def clear_core_blocks(self, scope: Scope, at: int) -> int:
-        when: int = C.check_time(at, "at")  # type: ignore[assignment]  # never None here
-
-        def body(conn: Any, u: str, a: str) -> int:
-            n = conn.execute(self._q("DELETE FROM {core_blocks} WHERE user_id = %s AND agent_id = %s"), (u, a)).rowcount
-            if n:
-                self._core_log(conn, u, a, "", "clear", when, None, None)
-            return int(n)
-
-        return int(self._core_write(scope, body))
+        return int(self._write(op))
 
     def core_scopes(self, scope: Scope | None = None) -> builtins.list[Scope]:
         sc = check_scope(Scope() if scope is None else scope, "scope")
