@@ -10,14 +10,31 @@ holds the public write methods that are the same over both, each backend supplyi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from ..types import CoreBlockRecord, CoreHistoryRecord, CoreOp, Entity, Scope, check_scope
-from ._common import check_core_block, check_core_name, check_id, check_time, clone_entity
+from ._common import check_core_block, check_core_name, check_id, check_time, clone_entity, snapshot_of
+from .base import HistoryOp, HistoryRecord
 
-__all__ = ["SharedWrites", "core_change", "validity_change"]
+__all__ = ["SharedWrites", "core_change", "history_record", "upsert_entry", "validity_change"]
 
 #: the public method of each core-block edit (the name its errors and injected faults carry)
 CORE_METHODS: dict[CoreOp, str] = {"set": "set_core_block", "remove": "remove_core_block", "clear": "clear_core_blocks"}
+
+
+def history_record(last_seq: int, eid: str, op: HistoryOp, at: int, snapshot: dict[str, Any],
+                   scope: Scope) -> HistoryRecord:
+    """The record a write appends to the history of ``eid``, whose last record is ``last_seq`` (0:
+    none): numbered ``last_seq + 1``. A forget's ``snapshot`` is the entity's
+    :func:`~umi.storage.base.tombstone` (as every earlier record of it becomes); any other write's is
+    :func:`snapshot_of` the entity after it, in its scope."""
+    return HistoryRecord(eid, last_seq + 1, op, at, snapshot, scope)
+
+
+def upsert_entry(e: Entity, existed: bool) -> tuple[str, HistoryOp, int, dict[str, Any], Scope]:
+    """What an upsert of ``e`` records (:func:`history_record`'s arguments but the seq): ``"update"``
+    of a stored id, else ``"create"``, at its ``updated_at``."""
+    return e.id, "update" if existed else "create", e.updated_at, snapshot_of(e), e.scope
 
 
 def validity_change(old: Entity, valid_to: int | None, at: int) -> Entity | None:
@@ -55,7 +72,7 @@ def core_change(sc: Scope, blocks: Sequence[CoreBlockRecord], last_seq: int, op:
 class SharedWrites:
     """The public writes whose checks and rules are the same over every backend."""
 
-    def _set_validity(self, eid: str, valid_to: int | None, at: int, op: str) -> bool:  # pragma: no cover
+    def _set_validity(self, eid: str, valid_to: int | None, at: int, op: HistoryOp) -> bool:  # pragma: no cover
         """Apply :func:`validity_change` to stored entity ``eid`` with a history record ``op``; False
         when it is absent or unchanged."""
         raise NotImplementedError

@@ -78,9 +78,9 @@ from ._common import (  # (the core-block and meta limits are re-exported from h
     snapshot_of,
 )
 from ._hotcache import EntityCache
-from ._rules import CORE_METHODS, SharedWrites, core_change, validity_change
+from ._rules import CORE_METHODS, SharedWrites, core_change, history_record, upsert_entry, validity_change
 from ._txn import TransactionMixin
-from .base import HistoryRecord, SearchFilters, Source, StorageBackend, tombstone
+from .base import HistoryOp, HistoryRecord, SearchFilters, Source, StorageBackend, tombstone
 from .text import document_terms, query_terms
 
 __all__ = ["CachedStore", "ChangeSet", "DurableStore", "FaultyDurable", "Loaded", "MemoryDurable", "CORE_NAME_BYTES_MAX",
@@ -644,11 +644,11 @@ class CachedStore(SharedWrites, TransactionMixin, StorageBackend):
             ch.terms.pop(eid, None)
         # else a validity change: an earlier whole write in this transaction (terms kept) stays whole
 
-    def _append_history(self, eid: str, op: str, at: int, snap: dict[str, Any], scope: Scope) -> None:
-        self._hist(eid)
+    def _append_history(self, eid: str, op: HistoryOp, at: int, snap: dict[str, Any], scope: Scope) -> None:
+        held = self._hist(eid)
+        rec = history_record(held[-1].seq if held else 0, eid, op, at, snap, scope)
         recs = self._history.setdefault(eid, [])
-        seq = (recs[-1].seq if recs else 0) + 1
-        recs.append(_Hist(seq, op, at, snap, scope))
+        recs.append(_Hist(rec.seq, op, at, snap, scope))
 
         def undo() -> None:
             recs.pop()
@@ -656,7 +656,7 @@ class CachedStore(SharedWrites, TransactionMixin, StorageBackend):
                 self._history.pop(eid, None)
 
         self._on_undo(undo)
-        self._changes.history.append(HistoryRecord(eid, seq, op, at, snap, scope))  # type: ignore[arg-type]
+        self._changes.history.append(rec)
 
     # --- entities ---------------------------------------------------------------------------
     def upsert(self, entities: Sequence[Entity]) -> None:
@@ -688,7 +688,7 @@ class CachedStore(SharedWrites, TransactionMixin, StorageBackend):
             self._record_entity(e.id, e, existed[e.id], t)
         if history:
             for e, new in zip(ents, fresh):
-                self._append_history(e.id, "create" if new else "update", e.updated_at, snapshot_of(e), e.scope)
+                self._append_history(*upsert_entry(e, not new))
 
     def delete(self, entity_id: str, at: int | None = None) -> bool:
         eid = check_id(entity_id)
@@ -730,7 +730,7 @@ class CachedStore(SharedWrites, TransactionMixin, StorageBackend):
         if sid is not None and self._source(sid) is not None and not self._cache.ids_with("source_id", sid):
             self._put_source(sid, None)
 
-    def _set_validity(self, eid: str, valid_to: int | None, at: int, op: str) -> bool:
+    def _set_validity(self, eid: str, valid_to: int | None, at: int, op: HistoryOp) -> bool:
         with self._lock:
             self._check_writable()
             cur = self._cache.peek(eid)

@@ -91,9 +91,9 @@ from . import _pg_schema as S
 from . import _rows as R
 from . import _common as C  # the boundary checks every backend shares
 from . import filters as F
-from ._rules import SharedWrites, core_change, validity_change
+from ._rules import SharedWrites, core_change, history_record, upsert_entry, validity_change
 from ._txn import raise_wrapped
-from .base import HistoryRecord, SearchFilters, Source, StorageBackend, tombstone
+from .base import HistoryOp, HistoryRecord, SearchFilters, Source, StorageBackend, tombstone
 from .text import BM25_B, BM25_K1, document_terms, query_terms
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -553,16 +553,19 @@ class PostgresStorageBackend(SharedWrites, StorageBackend):
         ids = [e.id for e in chunk]
         # the sources too: a block forgetting a source's last entity then sees this new one
         self._lock_ids(conn, ids + [_SOURCE_LOCK + e.source_id for e in chunk if e.source_id is not None])
-        old: dict[str, int] = {}
-        for eid, length, old_terms in conn.execute(self._q(
-                "SELECT id, doc_len, ARRAY(SELECT jsonb_object_keys(term_freqs)) FROM {entities} "
-                "WHERE id = ANY(%s)"), (ids,)).fetchall():
-            old[eid] = length
-            tx.count_terms(old_terms, -1)
+        old: dict[str, int] = {}  # id -> doc_len of the stored ones
+        last: dict[str, int] = {}  # id -> its last history seq (0: none)
+        for eid, length, old_terms, seq in conn.execute(self._q(
+                "SELECT v.id, e.doc_len, ARRAY(SELECT jsonb_object_keys(e.term_freqs)), (SELECT coalesce(max(h.seq), 0) "
+                "FROM {history} h WHERE h.entity_id = v.id) FROM unnest(%s::text[]) v(id) "
+                "LEFT JOIN {entities} e ON e.id = v.id"), (ids,)).fetchall():
+            last[eid] = seq
+            if length is not None:
+                old[eid] = length
+                tx.count_terms(old_terms, -1)
         names = ("id", "typ", "nam", "norm", "con", "meta", "mj", "emb", "imp", "conf", "cr", "up", "ev", "vf",
                  "vt", "src", "terms", "tf", "len", "u", "a", "s")
         cols: dict[str, list[Any]] = {c: [] for c in names}
-        ops, snaps = [], []
         for e in chunk:
             tf, length = document_terms(e.name, e.content)
             for c, v in zip(names, (
@@ -572,8 +575,6 @@ class PostgresStorageBackend(SharedWrites, StorageBackend):
                     e.created_at, e.updated_at, e.event_time, e.valid_from, e.valid_to, e.source_id,
                     " ".join(tf), R.dumps(tf), length, *_scope_values(e))):
                 cols[c].append(v)
-            ops.append("update" if e.id in old else "create")
-            snaps.append(R.dumps(C.snapshot_of(e)))
             tx.len_delta += length - old.get(e.id, 0)
             tx.count_terms(tf, 1)
             tx.n_delta += 0 if e.id in old else 1
@@ -581,7 +582,7 @@ class PostgresStorageBackend(SharedWrites, StorageBackend):
         conn.execute(self._q(S.UPSERT_ENTITIES), [cols[c] for c in names])
         self._put_passages(conn, chunk, [i for i in ids if i in old])
         if with_history:
-            self._append_history(conn, ids, ops, cols["up"], snaps, [_scope_values(e) for e in chunk])
+            self._put_history(conn, [history_record(last[e.id], *upsert_entry(e, e.id in old)) for e in chunk])
         tx.changed = True
 
     def _put_passages(self, conn: Any, chunk: builtins.list[Entity], rewritten: builtins.list[str]) -> None:
@@ -595,15 +596,17 @@ class PostgresStorageBackend(SharedWrites, StorageBackend):
                                  "SELECT * FROM unnest(%b::text[], %b::integer[], %b::vector[])"),
                          [list(c) for c in zip(*rows)])
 
-    def _append_history(self, conn: Any, ids: builtins.list[str], ops: builtins.list[str], ats: builtins.list[int],
-                        snaps: builtins.list[str], scopes: builtins.list[ScopeRow]) -> None:
-        """One record per id, numbered after the entity's last one (its writers hold its lock)."""
+    def _put_history(self, conn: Any, recs: Sequence[HistoryRecord], *, replace: bool = False) -> None:
+        """History records, appended (numbered after the entity's last one: its writers hold its lock),
+        or (``replace``: restore) replacing a stored record of the same ``(entity_id, seq)``."""
+        rows = list({(h.entity_id, h.seq): (h.entity_id, h.seq, h.op, h.at, R.dumps(dict(h.snapshot)),
+                                            *h.scope.as_tuple()) for h in recs}.values())
         conn.execute(self._q(
-            "INSERT INTO {history} (entity_id, seq, op, at, snapshot, user_id, agent_id, session_id) "
-            "SELECT v.id, coalesce((SELECT max(h.seq) FROM {history} h WHERE h.entity_id = v.id), 0) + 1, "
-            "v.op, v.at, v.snap, v.u, v.a, v.s FROM unnest(%b::text[], %b::text[], %b::bigint[], %b::text[], "
-            "%b::text[], %b::text[], %b::text[]) AS v(id, op, at, snap, u, a, s)"),
-            (ids, ops, ats, snaps, *_columns(scopes)))
+            "INSERT INTO {history} (" + S.HISTORY_COLUMNS + ") SELECT * FROM unnest(%s::text[], %s::integer[], "
+            "%s::text[], %s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[])" + (
+                " ON CONFLICT (entity_id, seq) DO UPDATE SET op = EXCLUDED.op, at = EXCLUDED.at, "
+                "snapshot = EXCLUDED.snapshot, user_id = EXCLUDED.user_id, agent_id = EXCLUDED.agent_id, "
+                "session_id = EXCLUDED.session_id" if replace else "")), [list(c) for c in zip(*rows)])
 
     def get(self, entity_id: str) -> Entity | None:
         eid = C.check_id(entity_id)
@@ -649,16 +652,17 @@ class PostgresStorageBackend(SharedWrites, StorageBackend):
             self._lock_ids(conn, [eid])
             row = conn.execute(self._q(
                 "DELETE FROM {entities} WHERE id = %s RETURNING doc_len, ARRAY(SELECT jsonb_object_keys(term_freqs)), "
-                "source_id, user_id, agent_id, session_id"), (eid,)).fetchone()
+                "source_id, user_id, agent_id, session_id, (SELECT coalesce(max(seq), 0) FROM {history} "
+                "WHERE entity_id = %s)"), (eid, eid)).fetchone()
             if row is None:
                 return False
-            length, old_terms, source_id, *scope = row
+            length, old_terms, source_id, u, a, sess, last = row
             tx.n_delta -= 1
             tx.len_delta -= int(length)
             tx.count_terms(old_terms, -1)
-            tomb = R.dumps(tombstone(eid))
-            conn.execute(self._q("UPDATE {history} SET snapshot = %s WHERE entity_id = %s"), (tomb, eid))
-            self._append_history(conn, [eid], ["delete"], [when], [tomb], [tuple(scope)])
+            conn.execute(self._q("UPDATE {history} SET snapshot = %s WHERE entity_id = %s"),
+                         (R.dumps(tombstone(eid)), eid))
+            self._put_history(conn, [history_record(last, eid, "delete", when, tombstone(eid), C.stored_scope(u, a, sess))])
             conn.execute(self._q("DELETE FROM {relations} WHERE source_id = %s OR target_id = %s"), (eid, eid))
             if source_id is not None:
                 self._drop_source_if_unused(conn, source_id)
@@ -674,16 +678,17 @@ class PostgresStorageBackend(SharedWrites, StorageBackend):
         conn.execute(self._q("DELETE FROM {sources} s WHERE s.id = %s AND NOT EXISTS "
                              "(SELECT 1 FROM {entities} e WHERE e.source_id = %s)"), (source_id, source_id))
 
-    def _set_validity(self, eid: str, valid_to: int | None, at: int, op_name: str) -> bool:
+    def _set_validity(self, eid: str, valid_to: int | None, at: int, op_name: HistoryOp) -> bool:
         def op(conn: Any) -> bool:
             self._lock_ids(conn, [eid])
             got = self._select(conn, "id = %s", [eid])
             new = validity_change(got[0], valid_to, at) if got else None
             if new is None:
                 return False
-            conn.execute(self._q("UPDATE {entities} SET valid_to = %s, updated_at = %s WHERE id = %s"),
-                         (new.valid_to, new.updated_at, eid))
-            self._append_history(conn, [eid], [op_name], [at], [R.dumps(C.snapshot_of(new))], [_scope_values(new)])
+            last = _one(conn, self._q("UPDATE {entities} SET valid_to = %s, updated_at = %s WHERE id = %s RETURNING "
+                                      "(SELECT coalesce(max(seq), 0) FROM {history} WHERE entity_id = %s)"),
+                        (new.valid_to, new.updated_at, eid, eid))
+            self._put_history(conn, [history_record(last, eid, op_name, at, C.snapshot_of(new), new.scope)])
             self._mark_changed()
             return True
 
@@ -1064,14 +1069,7 @@ class PostgresStorageBackend(SharedWrites, StorageBackend):
                 C.check_endpoints(rels, lambda end: end in new_ids or end in have)
                 self._insert_relations(conn, rels)
             if hist:
-                rows = list({(h.entity_id, h.seq): (h.entity_id, h.seq, h.op, h.at, R.dumps(dict(h.snapshot)),
-                                                    *h.scope.as_tuple()) for h in hist}.values())
-                conn.execute(self._q(
-                    "INSERT INTO {history} (" + S.HISTORY_COLUMNS + ") SELECT * FROM unnest(%s::text[], "
-                    "%s::integer[], %s::text[], %s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[]) "
-                    "ON CONFLICT (entity_id, seq) DO UPDATE SET op = EXCLUDED.op, at = EXCLUDED.at, "
-                    "snapshot = EXCLUDED.snapshot, user_id = EXCLUDED.user_id, agent_id = EXCLUDED.agent_id, "
-                    "session_id = EXCLUDED.session_id"), [list(c) for c in zip(*rows)])
+                self._put_history(conn, hist, replace=True)
                 tx.changed = True
 
         if ents or srcs or rels or hist:
