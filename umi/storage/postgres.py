@@ -602,8 +602,8 @@ class PostgresStorageBackend(SharedWrites, StorageBackend):
         rows = list({(h.entity_id, h.seq): (h.entity_id, h.seq, h.op, h.at, R.dumps(dict(h.snapshot)),
                                             *h.scope.as_tuple()) for h in recs}.values())
         conn.execute(self._q(
-            "INSERT INTO {history} (" + S.HISTORY_COLUMNS + ") SELECT * FROM unnest(%s::text[], %s::integer[], "
-            "%s::text[], %s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[])" + (
+            "INSERT INTO {history} (" + S.HISTORY_COLUMNS + ") SELECT * FROM unnest(%b::text[], %b::integer[], "
+            "%b::text[], %b::bigint[], %b::text[], %b::text[], %b::text[], %b::text[])" + (
                 " ON CONFLICT (entity_id, seq) DO UPDATE SET op = EXCLUDED.op, at = EXCLUDED.at, "
                 "snapshot = EXCLUDED.snapshot, user_id = EXCLUDED.user_id, agent_id = EXCLUDED.agent_id, "
                 "session_id = EXCLUDED.session_id" if replace else "")), [list(c) for c in zip(*rows)])
@@ -1103,18 +1103,18 @@ class PostgresStorageBackend(SharedWrites, StorageBackend):
             if change is None:
                 return 0
             new, rec = change
-            conn.execute(self._q("DELETE FROM {core_blocks} WHERE user_id = %s AND agent_id = %s"), (u, a))
-            if new:
-                conn.execute(self._q(
-                    "INSERT INTO {core_blocks} (user_id, agent_id, name, content, importance, position) SELECT %s, "
-                    "%s, * FROM unnest(%s::text[], %s::text[], %s::float8[], %s::bigint[])"),
-                    (u, a, [b.name for b in new], [R.encode_text(b.content) for b in new],
-                     [b.importance for b in new], [b.position for b in new]))
+            # one statement: the blocks no longer there go, the others are written (disjoint rows), the record
             conn.execute(self._q(
+                "WITH gone AS (DELETE FROM {core_blocks} WHERE user_id = %s AND agent_id = %s AND name <> ALL(%s::text[])), "
+                "put AS (INSERT INTO {core_blocks} (user_id, agent_id, name, content, importance, position) "
+                "SELECT %s, %s, * FROM unnest(%s::text[], %s::text[], %s::float8[], %s::bigint[]) "
+                "ON CONFLICT (user_id, agent_id, name) DO UPDATE SET content = EXCLUDED.content, "
+                "importance = EXCLUDED.importance, position = EXCLUDED.position) "
                 "INSERT INTO {core_history} (user_id, agent_id, seq, name, op, at, content, importance) "
                 "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"),
-                (u, a, rec.seq, rec.name, rec.op, rec.at, None if rec.content is None else R.encode_text(rec.content),
-                 rec.importance))
+                (u, a, [b.name for b in new], u, a, [b.name for b in new], [R.encode_text(b.content) for b in new],
+                 [b.importance for b in new], [b.position for b in new], u, a, rec.seq, rec.name, rec.op, rec.at,
+                 None if rec.content is None else R.encode_text(rec.content), rec.importance))
             self._mark_changed()
             return len(blocks)
 
