@@ -9,8 +9,9 @@ history, a source (by id or text hash) or an entity's relations the first time a
 them (and for all of them in ``iter_*``), under the store's lock, and always before changing
 them, so what the cache holds for a known key is the committed rows plus this transaction's
 changes. It owns the lock, the transaction rules
-(:class:`~umi.storage._txn.TransactionMixin`), input checks, relation-endpoint checks, history
-sequence numbers, forgetting and the scope rules.
+(:class:`~umi.storage._txn.TransactionMixin`), input checks, relation-endpoint checks, forgetting
+and the scope rules; the write rules it shares with Postgres (history records and their numbers,
+supersede/revive, core-block edits) are :mod:`umi.storage._rules`.
 
 Under it, a :class:`DurableStore` does only durable I/O: :meth:`DurableStore.load` at open
 (everything, or what a lazy store reads up front), the on-demand reads of a lazy store, and :meth:`DurableStore.commit` one :class:`ChangeSet` (the net effect of one transaction)

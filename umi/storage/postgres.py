@@ -30,10 +30,12 @@ Concurrency is Postgres's. A write method called outside :meth:`transaction` is 
 transaction; a ``transaction()`` block is one transaction on one pooled connection (nested
 blocks join it, and an exception inside any of them rolls the whole block back). Writers of
 one entity are serialised by a transaction-scoped advisory lock on its id, so history sequence
-numbers and the corpus statistics stay exact. When Postgres aborts a transaction for a deadlock
-or a serialization failure, the backend rolls back, waits a little and *replays* the writes
-the block has made (it records them), up to ``max_retries`` times; then it raises
-:class:`StorageError`. Reads inside a block see the block's own writes.
+numbers and the corpus statistics stay exact; what a write changes (history records and their
+numbers, supersede/revive, core-block positions and core history) is computed from the rows it
+read under those locks by the rules the cached backends apply (:mod:`umi.storage._rules`).
+When Postgres aborts a transaction for a deadlock or a serialization failure, the backend rolls
+back, waits a little and *replays* the writes the block has made (it records them), up to
+``max_retries`` times; then it raises :class:`StorageError`. Reads inside a block see the block's own writes.
 
 Vector search ranks by pgvector's cosine distance (``<=>``): an exact scan below
 ``exact_search_rows`` rows, above it the HNSW index (``vector_cosine_ops``) with
