@@ -484,26 +484,15 @@ class EntityCache:
         self._apply(eid, None, None)
         return old
 
-    def set_valid_to(self, eid: str, valid_to: int | None, at: int | None = None) -> Entity | None:
-        """Supersede a current entity (``valid_to`` set) or revive a superseded one (``valid_to``
-        None; ``updated_at`` becomes ``max(updated_at, at)``). Returns its new state, or None if
-        absent or already in that state."""
-        row = self._row_of.get(eid)
-        if row is None:
-            return None
-        old = self._ent(row)
-        if (old.valid_to is None) == (valid_to is None):
-            return None
-        new = clone_entity(old, None)
-        new.embedding = None
-        new.valid_to = valid_to
-        stamp = valid_to if valid_to is not None else at
-        new.updated_at = old.updated_at if stamp is None else max(old.updated_at, stamp)
+    def set_validity(self, eid: str, new: Entity) -> Entity:
+        """Hold ``new``, the state :func:`~umi.storage._rules.validity_change` gave stored entity
+        ``eid`` (only ``valid_to`` and ``updated_at`` differ); returns a copy of it for the caller."""
+        row = self._row_of[eid]
         self._touch(eid)
         # only the row's columns change: name, metadata, text and vector are the same
         self.version += 1
         self._ents[row] = new
-        self._valid_to[row] = I64_MAX if valid_to is None else valid_to
+        self._valid_to[row] = I64_MAX if new.valid_to is None else new.valid_to
         return self._entity_at(row)
 
     def ids_with(self, column: str, value: Any) -> builtins.list[str]:

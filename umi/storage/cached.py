@@ -9,8 +9,9 @@ history, a source (by id or text hash) or an entity's relations the first time a
 them (and for all of them in ``iter_*``), under the store's lock, and always before changing
 them, so what the cache holds for a known key is the committed rows plus this transaction's
 changes. It owns the lock, the transaction rules
-(:class:`~umi.storage._txn.TransactionMixin`), input checks, relation-endpoint checks, history
-sequence numbers, forgetting and the scope rules.
+(:class:`~umi.storage._txn.TransactionMixin`), input checks, relation-endpoint checks, forgetting
+and the scope rules; the write rules it shares with Postgres (history records and their numbers,
+supersede/revive, core-block edits) are :mod:`umi.storage._rules`.
 
 Under it, a :class:`DurableStore` does only durable I/O: :meth:`DurableStore.load` at open
 (everything, or what a lazy store reads up front), the on-demand reads of a lazy store, and :meth:`DurableStore.commit` one :class:`ChangeSet` (the net effect of one transaction)
@@ -41,6 +42,7 @@ from ..errors import StorageError
 from ..types import (
     CoreBlockRecord,
     CoreHistoryRecord,
+    CoreOp,
     Entity,
     EntityType,
     EvolutionRelation,
@@ -54,7 +56,6 @@ from ._common import (  # (the core-block and meta limits are re-exported from h
     CORE_NAME_BYTES_MAX,
     META_KEY_BYTES_MAX,
     META_VALUE_BYTES_MAX,
-    check_core_block,
     check_core_name,
     check_endpoints,
     check_entities,
@@ -78,8 +79,9 @@ from ._common import (  # (the core-block and meta limits are re-exported from h
     snapshot_of,
 )
 from ._hotcache import EntityCache
+from ._rules import CORE_METHODS, SharedWrites, core_change, history_record, upsert_entry, validity_change
 from ._txn import TransactionMixin
-from .base import HistoryRecord, SearchFilters, Source, StorageBackend, tombstone
+from .base import HistoryOp, HistoryRecord, SearchFilters, Source, StorageBackend, tombstone
 from .text import document_terms, query_terms
 
 __all__ = ["CachedStore", "ChangeSet", "DurableStore", "FaultyDurable", "Loaded", "MemoryDurable", "CORE_NAME_BYTES_MAX",
@@ -337,7 +339,7 @@ class _Keyed:
 # --- the store ----------------------------------------------------------------------------------
 
 
-class CachedStore(TransactionMixin, StorageBackend):
+class CachedStore(SharedWrites, TransactionMixin, StorageBackend):
     """Every rule of the storage contract, over a :class:`DurableStore`. Subclasses set up the
     durable store and call :meth:`_open_cache`; they may override the hooks ``_fault_read(op)``,
     ``_write_fault_at(n)`` (Sim), ``_after_commit()`` (index saves) and ``_check_writable()``."""
@@ -643,11 +645,11 @@ class CachedStore(TransactionMixin, StorageBackend):
             ch.terms.pop(eid, None)
         # else a validity change: an earlier whole write in this transaction (terms kept) stays whole
 
-    def _append_history(self, eid: str, op: str, at: int, snap: dict[str, Any], scope: Scope) -> None:
-        self._hist(eid)
+    def _append_history(self, eid: str, op: HistoryOp, at: int, snap: dict[str, Any], scope: Scope) -> None:
+        held = self._hist(eid)
+        rec = history_record(held[-1].seq if held else 0, eid, op, at, snap, scope)
         recs = self._history.setdefault(eid, [])
-        seq = (recs[-1].seq if recs else 0) + 1
-        recs.append(_Hist(seq, op, at, snap, scope))
+        recs.append(_Hist(rec.seq, op, at, snap, scope))
 
         def undo() -> None:
             recs.pop()
@@ -655,7 +657,7 @@ class CachedStore(TransactionMixin, StorageBackend):
                 self._history.pop(eid, None)
 
         self._on_undo(undo)
-        self._changes.history.append(HistoryRecord(eid, seq, op, at, snap, scope))  # type: ignore[arg-type]
+        self._changes.history.append(rec)
 
     # --- entities ---------------------------------------------------------------------------
     def upsert(self, entities: Sequence[Entity]) -> None:
@@ -687,7 +689,7 @@ class CachedStore(TransactionMixin, StorageBackend):
             self._record_entity(e.id, e, existed[e.id], t)
         if history:
             for e, new in zip(ents, fresh):
-                self._append_history(e.id, "create" if new else "update", e.updated_at, snapshot_of(e), e.scope)
+                self._append_history(*upsert_entry(e, not new))
 
     def delete(self, entity_id: str, at: int | None = None) -> bool:
         eid = check_id(entity_id)
@@ -729,25 +731,15 @@ class CachedStore(TransactionMixin, StorageBackend):
         if sid is not None and self._source(sid) is not None and not self._cache.ids_with("source_id", sid):
             self._put_source(sid, None)
 
-    def supersede(self, entity_id: str, valid_to: int) -> bool:
-        eid = check_id(entity_id)
-        vt: int = check_time(valid_to, "valid_to")  # type: ignore[assignment]
-        return self._set_validity(eid, vt, vt, "supersede")
-
-    def revive(self, entity_id: str, at: int) -> bool:
-        eid = check_id(entity_id)
-        when: int = check_time(at, "at")  # type: ignore[assignment]
-        return self._set_validity(eid, None, when, "revive")
-
-    def _set_validity(self, eid: str, valid_to: int | None, at: int, op: str) -> bool:
+    def _set_validity(self, eid: str, valid_to: int | None, at: int, op: HistoryOp) -> bool:
         with self._lock:
             self._check_writable()
             cur = self._cache.peek(eid)
-            if cur is None or (cur.valid_to is None) == (valid_to is None):
+            changed = None if cur is None else validity_change(cur, valid_to, at)
+            if changed is None:
                 return False
             with self._writing_one(op):
-                new = self._cache.set_valid_to(eid, valid_to, at)
-                assert new is not None
+                new = self._cache.set_validity(eid, changed)
                 self._record_entity(eid, new, True)
                 self._append_history(eid, op, at, snapshot_of(new), new.scope)
             return True
@@ -1032,48 +1024,18 @@ class CachedStore(TransactionMixin, StorageBackend):
         self._changes.core[sc] = list(blocks)
         self._changes.core_history.append(rec)
 
-    def _next_core_seq(self, sc: Scope) -> int:
-        h = self._core_hist.get(sc)
-        return (h[-1].seq if h else 0) + 1
-
-    def set_core_block(self, scope: Scope, name: str, content: str, importance: float, at: int) -> None:
-        sc = check_scope(scope).core  # type: ignore[union-attr]
-        name, content, imp, when = check_core_block(name, content, importance, at)
-        with self._writing_one("set_core_block"):
-            blocks = list(self._core.get(sc, ()))
-            pos = next((i for i, b in enumerate(blocks) if b.name == name), None)
-            if pos is None:
-                blocks.append(CoreBlockRecord(name, content, imp, len(blocks)))
-            else:
-                blocks[pos] = CoreBlockRecord(name, content, imp, pos)
-            self._set_blocks(sc, blocks, CoreHistoryRecord(sc, name, self._next_core_seq(sc), "set", when, content, imp))
-
-    def remove_core_block(self, scope: Scope, name: str, at: int) -> bool:
-        sc = check_scope(scope).core  # type: ignore[union-attr]
-        name = check_core_name(name)
-        when: int = check_time(at, "at")  # type: ignore[assignment]
+    def _edit_core(self, sc: Scope, op: CoreOp, at: int, name: str = "", content: str | None = None,
+                   importance: float | None = None) -> int:
         with self._lock:
             self._check_writable()
-            blocks = list(self._core.get(sc, ()))
-            if not any(b.name == name for b in blocks):
-                return False
-            with self._writing_one("remove_core_block"):
-                kept = [CoreBlockRecord(b.name, b.content, b.importance, i)
-                        for i, b in enumerate(b for b in blocks if b.name != name)]
-                self._set_blocks(sc, kept, CoreHistoryRecord(sc, name, self._next_core_seq(sc), "remove", when))
-            return True
-
-    def clear_core_blocks(self, scope: Scope, at: int) -> int:
-        sc = check_scope(scope).core  # type: ignore[union-attr]
-        when: int = check_time(at, "at")  # type: ignore[assignment]
-        with self._lock:
-            self._check_writable()
-            n = len(self._core.get(sc, ()))
-            if not n:
+            blocks = self._core.get(sc, [])
+            hist = self._core_hist.get(sc)
+            change = core_change(sc, blocks, hist[-1].seq if hist else 0, op, at, name, content, importance)
+            if change is None:
                 return 0
-            with self._writing_one("clear_core_blocks"):
-                self._set_blocks(sc, [], CoreHistoryRecord(sc, "", self._next_core_seq(sc), "clear", when))
-            return n
+            with self._writing_one(CORE_METHODS[op]):
+                self._set_blocks(sc, *change)
+            return len(blocks)
 
     def forget_core(self, scope: Scope) -> int:
         view = check_scope(scope).core  # type: ignore[union-attr]

@@ -30,10 +30,12 @@ Concurrency is Postgres's. A write method called outside :meth:`transaction` is 
 transaction; a ``transaction()`` block is one transaction on one pooled connection (nested
 blocks join it, and an exception inside any of them rolls the whole block back). Writers of
 one entity are serialised by a transaction-scoped advisory lock on its id, so history sequence
-numbers and the corpus statistics stay exact. When Postgres aborts a transaction for a deadlock
-or a serialization failure, the backend rolls back, waits a little and *replays* the writes
-the block has made (it records them), up to ``max_retries`` times; then it raises
-:class:`StorageError`. Reads inside a block see the block's own writes.
+numbers and the corpus statistics stay exact; what a write changes (history records and their
+numbers, supersede/revive, core-block positions and core history) is computed from the rows it
+read under those locks by the rules the cached backends apply (:mod:`umi.storage._rules`).
+When Postgres aborts a transaction for a deadlock or a serialization failure, the backend rolls
+back, waits a little and *replays* the writes the block has made (it records them), up to
+``max_retries`` times; then it raises :class:`StorageError`. Reads inside a block see the block's own writes.
 
 Vector search ranks by pgvector's cosine distance (``<=>``): an exact scan below
 ``exact_search_rows`` rows, above it the HNSW index (``vector_cosine_ops``) with
@@ -85,14 +87,15 @@ import numpy as np
 
 from .._validate import utf8_len
 from ..errors import InvalidConfigError, StorageError, ValidationError
-from ..types import (CoreBlockRecord, CoreHistoryRecord, Entity, EntityType,
+from ..types import (CoreBlockRecord, CoreHistoryRecord, CoreOp, Entity, EntityType,
                      EvolutionRelation, Scope, check_scope, normalize_name, now_ms)
 from . import _pg_schema as S
 from . import _rows as R
 from . import _common as C  # the boundary checks every backend shares
 from . import filters as F
+from ._rules import SharedWrites, core_change, history_record, upsert_entry, validity_change
 from ._txn import raise_wrapped
-from .base import HistoryRecord, SearchFilters, Source, StorageBackend, tombstone
+from .base import HistoryOp, HistoryRecord, SearchFilters, Source, StorageBackend, tombstone
 from .text import BM25_B, BM25_K1, document_terms, query_terms
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -139,7 +142,7 @@ class _Tx:
             self.df_delta[t] = self.df_delta.get(t, 0) + step
 
 
-class PostgresStorageBackend(StorageBackend):
+class PostgresStorageBackend(SharedWrites, StorageBackend):
     """Archival memory in PostgreSQL with pgvector. Create it with :meth:`connect`."""
 
     #: every write inside ``transaction()`` commits together or not at all, across processes
@@ -552,16 +555,19 @@ class PostgresStorageBackend(StorageBackend):
         ids = [e.id for e in chunk]
         # the sources too: a block forgetting a source's last entity then sees this new one
         self._lock_ids(conn, ids + [_SOURCE_LOCK + e.source_id for e in chunk if e.source_id is not None])
-        old: dict[str, int] = {}
-        for eid, length, old_terms in conn.execute(self._q(
-                "SELECT id, doc_len, ARRAY(SELECT jsonb_object_keys(term_freqs)) FROM {entities} "
-                "WHERE id = ANY(%s)"), (ids,)).fetchall():
-            old[eid] = length
-            tx.count_terms(old_terms, -1)
+        old: dict[str, int] = {}  # id -> doc_len of the stored ones
+        last: dict[str, int] = {}  # id -> its last history seq (0: none)
+        for eid, length, old_terms, seq in conn.execute(self._q(
+                "SELECT v.id, e.doc_len, ARRAY(SELECT jsonb_object_keys(e.term_freqs)), (SELECT coalesce(max(h.seq), 0) "
+                "FROM {history} h WHERE h.entity_id = v.id) FROM unnest(%s::text[]) v(id) "
+                "LEFT JOIN {entities} e ON e.id = v.id"), (ids,)).fetchall():
+            last[eid] = seq
+            if length is not None:
+                old[eid] = length
+                tx.count_terms(old_terms, -1)
         names = ("id", "typ", "nam", "norm", "con", "meta", "mj", "emb", "imp", "conf", "cr", "up", "ev", "vf",
                  "vt", "src", "terms", "tf", "len", "u", "a", "s")
         cols: dict[str, list[Any]] = {c: [] for c in names}
-        ops, snaps = [], []
         for e in chunk:
             tf, length = document_terms(e.name, e.content)
             for c, v in zip(names, (
@@ -571,8 +577,6 @@ class PostgresStorageBackend(StorageBackend):
                     e.created_at, e.updated_at, e.event_time, e.valid_from, e.valid_to, e.source_id,
                     " ".join(tf), R.dumps(tf), length, *_scope_values(e))):
                 cols[c].append(v)
-            ops.append("update" if e.id in old else "create")
-            snaps.append(R.dumps(C.snapshot_of(e)))
             tx.len_delta += length - old.get(e.id, 0)
             tx.count_terms(tf, 1)
             tx.n_delta += 0 if e.id in old else 1
@@ -580,7 +584,7 @@ class PostgresStorageBackend(StorageBackend):
         conn.execute(self._q(S.UPSERT_ENTITIES), [cols[c] for c in names])
         self._put_passages(conn, chunk, [i for i in ids if i in old])
         if with_history:
-            self._append_history(conn, ids, ops, cols["up"], snaps, [_scope_values(e) for e in chunk])
+            self._put_history(conn, [history_record(last[e.id], *upsert_entry(e, e.id in old)) for e in chunk])
         tx.changed = True
 
     def _put_passages(self, conn: Any, chunk: builtins.list[Entity], rewritten: builtins.list[str]) -> None:
@@ -594,15 +598,17 @@ class PostgresStorageBackend(StorageBackend):
                                  "SELECT * FROM unnest(%b::text[], %b::integer[], %b::vector[])"),
                          [list(c) for c in zip(*rows)])
 
-    def _append_history(self, conn: Any, ids: builtins.list[str], ops: builtins.list[str], ats: builtins.list[int],
-                        snaps: builtins.list[str], scopes: builtins.list[ScopeRow]) -> None:
-        """One record per id, numbered after the entity's last one (its writers hold its lock)."""
+    def _put_history(self, conn: Any, recs: Sequence[HistoryRecord], *, replace: bool = False) -> None:
+        """History records, appended (numbered after the entity's last one: its writers hold its lock),
+        or (``replace``: restore) replacing a stored record of the same ``(entity_id, seq)``."""
+        rows = list({(h.entity_id, h.seq): (h.entity_id, h.seq, h.op, h.at, R.dumps(dict(h.snapshot)),
+                                            *h.scope.as_tuple()) for h in recs}.values())
         conn.execute(self._q(
-            "INSERT INTO {history} (entity_id, seq, op, at, snapshot, user_id, agent_id, session_id) "
-            "SELECT v.id, coalesce((SELECT max(h.seq) FROM {history} h WHERE h.entity_id = v.id), 0) + 1, "
-            "v.op, v.at, v.snap, v.u, v.a, v.s FROM unnest(%b::text[], %b::text[], %b::bigint[], %b::text[], "
-            "%b::text[], %b::text[], %b::text[]) AS v(id, op, at, snap, u, a, s)"),
-            (ids, ops, ats, snaps, *_columns(scopes)))
+            "INSERT INTO {history} (" + S.HISTORY_COLUMNS + ") SELECT * FROM unnest(%b::text[], %b::integer[], "
+            "%b::text[], %b::bigint[], %b::text[], %b::text[], %b::text[], %b::text[])" + (
+                " ON CONFLICT (entity_id, seq) DO UPDATE SET op = EXCLUDED.op, at = EXCLUDED.at, "
+                "snapshot = EXCLUDED.snapshot, user_id = EXCLUDED.user_id, agent_id = EXCLUDED.agent_id, "
+                "session_id = EXCLUDED.session_id" if replace else "")), [list(c) for c in zip(*rows)])
 
     def get(self, entity_id: str) -> Entity | None:
         eid = C.check_id(entity_id)
@@ -648,16 +654,17 @@ class PostgresStorageBackend(StorageBackend):
             self._lock_ids(conn, [eid])
             row = conn.execute(self._q(
                 "DELETE FROM {entities} WHERE id = %s RETURNING doc_len, ARRAY(SELECT jsonb_object_keys(term_freqs)), "
-                "source_id, user_id, agent_id, session_id"), (eid,)).fetchone()
+                "source_id, user_id, agent_id, session_id, (SELECT coalesce(max(seq), 0) FROM {history} "
+                "WHERE entity_id = %s)"), (eid, eid)).fetchone()
             if row is None:
                 return False
-            length, old_terms, source_id, *scope = row
+            length, old_terms, source_id, u, a, sess, last = row
             tx.n_delta -= 1
             tx.len_delta -= int(length)
             tx.count_terms(old_terms, -1)
-            tomb = R.dumps(tombstone(eid))
-            conn.execute(self._q("UPDATE {history} SET snapshot = %s WHERE entity_id = %s"), (tomb, eid))
-            self._append_history(conn, [eid], ["delete"], [when], [tomb], [tuple(scope)])
+            conn.execute(self._q("UPDATE {history} SET snapshot = %s WHERE entity_id = %s"),
+                         (R.dumps(tombstone(eid)), eid))
+            self._put_history(conn, [history_record(last, eid, "delete", when, tombstone(eid), C.stored_scope(u, a, sess))])
             conn.execute(self._q("DELETE FROM {relations} WHERE source_id = %s OR target_id = %s"), (eid, eid))
             if source_id is not None:
                 self._drop_source_if_unused(conn, source_id)
@@ -673,29 +680,17 @@ class PostgresStorageBackend(StorageBackend):
         conn.execute(self._q("DELETE FROM {sources} s WHERE s.id = %s AND NOT EXISTS "
                              "(SELECT 1 FROM {entities} e WHERE e.source_id = %s)"), (source_id, source_id))
 
-    def revive(self, entity_id: str, at: int) -> bool:
-        eid = C.check_id(entity_id)
-        when: int = C.check_time(at, "at")  # type: ignore[assignment]  # never None here
-        return self._set_validity(eid, None, when, "revive")
-
-    def supersede(self, entity_id: str, valid_to: int) -> bool:
-        eid = C.check_id(entity_id)
-        vt: int = C.check_time(valid_to, "valid_to")  # type: ignore[assignment]  # never None here
-        return self._set_validity(eid, vt, vt, "supersede")
-
-    def _set_validity(self, eid: str, valid_to: int | None, at: int, op_name: str) -> bool:
-        """Supersede (``valid_to`` set) a current entity or revive (None) a superseded one, at ``at``."""
-        current = "IS NULL" if valid_to is not None else "IS NOT NULL"
-
+    def _set_validity(self, eid: str, valid_to: int | None, at: int, op_name: HistoryOp) -> bool:
         def op(conn: Any) -> bool:
             self._lock_ids(conn, [eid])
-            hit = conn.execute(self._q("UPDATE {entities} SET valid_to = %s, updated_at = greatest(updated_at, %s) "
-                                       "WHERE id = %s AND valid_to " + current + " RETURNING id"),
-                               (valid_to, at, eid)).fetchone()
-            if hit is None:
+            got = self._select(conn, "id = %s", [eid])
+            new = validity_change(got[0], valid_to, at) if got else None
+            if new is None:
                 return False
-            e = self._select(conn, "id = %s", [eid])[0]
-            self._append_history(conn, [eid], [op_name], [at], [R.dumps(C.snapshot_of(e))], [_scope_values(e)])
+            last = _one(conn, self._q("UPDATE {entities} SET valid_to = %s, updated_at = %s WHERE id = %s RETURNING "
+                                      "(SELECT coalesce(max(seq), 0) FROM {history} WHERE entity_id = %s)"),
+                        (new.valid_to, new.updated_at, eid, eid))
+            self._put_history(conn, [history_record(last, eid, op_name, at, C.snapshot_of(new), new.scope)])
             self._mark_changed()
             return True
 
@@ -1076,14 +1071,7 @@ class PostgresStorageBackend(StorageBackend):
                 C.check_endpoints(rels, lambda end: end in new_ids or end in have)
                 self._insert_relations(conn, rels)
             if hist:
-                rows = list({(h.entity_id, h.seq): (h.entity_id, h.seq, h.op, h.at, R.dumps(dict(h.snapshot)),
-                                                    *h.scope.as_tuple()) for h in hist}.values())
-                conn.execute(self._q(
-                    "INSERT INTO {history} (" + S.HISTORY_COLUMNS + ") SELECT * FROM unnest(%s::text[], "
-                    "%s::integer[], %s::text[], %s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[]) "
-                    "ON CONFLICT (entity_id, seq) DO UPDATE SET op = EXCLUDED.op, at = EXCLUDED.at, "
-                    "snapshot = EXCLUDED.snapshot, user_id = EXCLUDED.user_id, agent_id = EXCLUDED.agent_id, "
-                    "session_id = EXCLUDED.session_id"), [list(c) for c in zip(*rows)])
+                self._put_history(conn, hist, replace=True)
                 tx.changed = True
 
         if ents or srcs or rels or hist:
@@ -1096,73 +1084,43 @@ class PostgresStorageBackend(StorageBackend):
     def core_blocks(self, scope: Scope) -> builtins.list[CoreBlockRecord]:
         u, a = _core_key(scope)
         with self._reading() as conn:
-            rows = conn.execute(self._q(
-                "SELECT name, content, importance, position FROM {core_blocks} WHERE user_id = %s AND agent_id = %s "
-                "ORDER BY position"), (u, a)).fetchall()
+            return self._core_rows(conn, u, a)
+
+    def _core_rows(self, conn: Any, u: str, a: str) -> builtins.list[CoreBlockRecord]:
+        rows = conn.execute(self._q(
+            "SELECT name, content, importance, position FROM {core_blocks} WHERE user_id = %s AND agent_id = %s "
+            "ORDER BY position"), (u, a)).fetchall()
         return [CoreBlockRecord(r[0], R.decode_text(r[1]), float(r[2]), int(r[3])) for r in rows]
 
-    def _core_write(self, scope: object, body: Callable[[Any, str, str], Any]) -> Any:
-        u, a = _core_key(scope)
+    def _edit_core(self, sc: Scope, op_name: CoreOp, at: int, name: str = "", content: str | None = None,
+                   importance: float | None = None) -> int:
+        u, a = C.core_key(sc)
 
-        def op(conn: Any) -> Any:
+        def op(conn: Any) -> int:
             self._lock_ids(conn, [_CORE_LOCK + u + "\x1f" + a])
-            return body(conn, u, a)
+            blocks = self._core_rows(conn, u, a)
+            last = _one(conn, self._q("SELECT coalesce(max(seq), 0) FROM {core_history} WHERE user_id = %s "
+                                      "AND agent_id = %s"), (u, a))
+            change = core_change(sc, blocks, int(last), op_name, at, name, content, importance)
+            if change is None:
+                return 0
+            new, rec = change
+            # one statement: the blocks no longer there go, the others are written (disjoint rows), the record
+            conn.execute(self._q(
+                "WITH gone AS (DELETE FROM {core_blocks} WHERE user_id = %s AND agent_id = %s AND name <> ALL(%s::text[])), "
+                "put AS (INSERT INTO {core_blocks} (user_id, agent_id, name, content, importance, position) "
+                "SELECT %s, %s, * FROM unnest(%s::text[], %s::text[], %s::float8[], %s::bigint[]) "
+                "ON CONFLICT (user_id, agent_id, name) DO UPDATE SET content = EXCLUDED.content, "
+                "importance = EXCLUDED.importance, position = EXCLUDED.position) "
+                "INSERT INTO {core_history} (user_id, agent_id, seq, name, op, at, content, importance) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"),
+                (u, a, [b.name for b in new], u, a, [b.name for b in new], [R.encode_text(b.content) for b in new],
+                 [b.importance for b in new], [b.position for b in new], u, a, rec.seq, rec.name, rec.op, rec.at,
+                 None if rec.content is None else R.encode_text(rec.content), rec.importance))
+            self._mark_changed()
+            return len(blocks)
 
-        return self._write(op)
-
-    def _core_log(self, conn: Any, u: str, a: str, name: str, op: str, at: int, content: str | None,
-                  importance: float | None) -> None:
-        conn.execute(self._q(
-            "INSERT INTO {core_history} (user_id, agent_id, seq, name, op, at, content, importance) "
-            "SELECT %s, %s, coalesce(max(seq), 0) + 1, %s, %s, %s, %s, %s FROM {core_history} "
-            "WHERE user_id = %s AND agent_id = %s"),
-            (u, a, name, op, at, None if content is None else R.encode_text(content), importance, u, a))
-        self._mark_changed()
-
-    def set_core_block(self, scope: Scope, name: str, content: str, importance: float, at: int) -> None:
-        name, content, importance, when = C.check_core_block(name, content, importance, at)
-        text = R.encode_text(content)
-
-        def body(conn: Any, u: str, a: str) -> None:
-            hit = conn.execute(self._q(
-                "UPDATE {core_blocks} SET content = %s, importance = %s WHERE user_id = %s AND agent_id = %s "
-                "AND name = %s RETURNING position"), (text, importance, u, a, name)).fetchone()
-            if hit is None:
-                conn.execute(self._q(
-                    "INSERT INTO {core_blocks} (user_id, agent_id, name, content, importance, position) "
-                    "SELECT %s, %s, %s, %s, %s, count(*) FROM {core_blocks} WHERE user_id = %s AND agent_id = %s"),
-                    (u, a, name, text, importance, u, a))
-            self._core_log(conn, u, a, name, "set", when, content, importance)
-
-        self._core_write(scope, body)
-
-    def remove_core_block(self, scope: Scope, name: str, at: int) -> bool:
-        name = C.check_core_name(name)
-        when: int = C.check_time(at, "at")  # type: ignore[assignment]  # never None here
-
-        def body(conn: Any, u: str, a: str) -> bool:
-            hit = conn.execute(self._q(
-                "DELETE FROM {core_blocks} WHERE user_id = %s AND agent_id = %s AND name = %s RETURNING position"),
-                (u, a, name)).fetchone()
-            if hit is None:
-                return False
-            conn.execute(self._q("UPDATE {core_blocks} SET position = position - 1 WHERE user_id = %s "
-                                 "AND agent_id = %s AND position > %s"), (u, a, hit[0]))
-            self._core_log(conn, u, a, name, "remove", when, None, None)
-            return True
-
-        return bool(self._core_write(scope, body))
-
-    def clear_core_blocks(self, scope: Scope, at: int) -> int:
-        when: int = C.check_time(at, "at")  # type: ignore[assignment]  # never None here
-
-        def body(conn: Any, u: str, a: str) -> int:
-            n = conn.execute(self._q("DELETE FROM {core_blocks} WHERE user_id = %s AND agent_id = %s"), (u, a)).rowcount
-            if n:
-                self._core_log(conn, u, a, "", "clear", when, None, None)
-            return int(n)
-
-        return int(self._core_write(scope, body))
+        return int(self._write(op))
 
     def core_scopes(self, scope: Scope | None = None) -> builtins.list[Scope]:
         sc = check_scope(Scope() if scope is None else scope, "scope")
