@@ -24,7 +24,9 @@ No caller is ever left blocked, and none is told less than the truth:
   about ``2 * grace_secs + 1`` seconds (the calls' grace, then their tasks' grace to unwind),
   more only if the loop itself is stuck (:data:`LOOP_WAIT_SECS` per wait on it). A storage job
   still running when close() returns is left to end on its thread; :meth:`LoopThread.after_io`
-  runs what must wait for it (closing the store) when it does.
+  runs what must wait for it (closing the store) when it does. A core-memory write runs on its
+  caller's thread as a job too (:meth:`LoopThread.job`): begun before close(), it ends and the
+  store is closed after it; else it is refused with :class:`MemoryClosedError`.
 * **fork.** The loop thread does not exist in a child made by ``os.fork()``. Every
   call on a runner inherited across a fork — ``close()`` excepted, which only marks it
   closed — raises :class:`ForkedProcessError` at once; open a new ``Memory`` in the
@@ -200,7 +202,8 @@ class LoopThread:
         except RuntimeError:  # pragma: no cover - arun is always awaited
             running = None
         if running is self.loop:
-            self._check_open()
+            if not self.in_call():
+                self._check_open()
             return await coro
         return await asyncio.wrap_future(self._submit(coro))
 
@@ -230,13 +233,7 @@ class LoopThread:
             try:
                 return fn(*args)
             finally:
-                with self._lock:
-                    self._jobs -= 1
-                    idle = self._idle if self._jobs == 0 else []
-                    if idle:
-                        self._idle = []
-                for cb in idle:
-                    _quietly(cb)
+                self._job_ended()
 
         async def handed_back() -> T:
             try:
@@ -247,6 +244,32 @@ class LoopThread:
                         call.running -= 1
 
         return handed_back()
+
+    def job(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking ``fn(*args)`` (a core-memory write) on the calling thread as a storage job:
+        :class:`MemoryClosedError` once close() has begun, and nothing runs; else it runs to its end
+        and the store, closed by :meth:`after_io`, is closed after it (never under it)."""
+        with self._lock:
+            self._check_open()
+            self._jobs += 1
+        try:
+            return fn(*args)
+        finally:
+            self._job_ended()
+
+    def _job_ended(self) -> None:
+        with self._lock:
+            self._jobs -= 1
+            idle = self._idle if self._jobs == 0 else []
+            if idle:
+                self._idle = []
+        for cb in idle:
+            _quietly(cb)
+
+    def in_call(self) -> bool:
+        """On the loop, inside a call submitted to it: what it calls (an import remembering its
+        texts) is part of that call, with its grace, refused by close() only as the call is."""
+        return _CALL.get() is not None and threading.current_thread() is self._thread
 
     def after_io(self, fn: Callable[[], object]) -> None:
         """Run ``fn()`` now if no I/O job is running, else on the thread of the last one to end

@@ -107,8 +107,10 @@ def _on_loop(fn: Callable[Concatenate["Memory", P], Coroutine[Any, Any, T]]
 
     @functools.wraps(fn)
     async def verb(self: "Memory", *args: P.args, **kwargs: P.kwargs) -> T:
-        self._check_open()
-        return await self._engine.runner.arun(fn(self, *args, **kwargs))
+        runner = self._engine.runner
+        if not runner.in_call():  # a call a call in flight makes is part of it (LoopThread.in_call)
+            self._check_open()
+        return await runner.arun(fn(self, *args, **kwargs))
 
     return verb
 

@@ -1,0 +1,141 @@
+"""User stories, stop 22 (trust): the last review's leftovers.
+
+* A core-memory write racing close() ends typed and truthful: it commits (the store is closed
+  after it) or is refused with MemoryClosedError (was: a bare StorageError from the store closed
+  under it).
+* An import racing close() is told its outcome: the import it committed is reported as such
+  (was: MemoryClosedError after the commit, as if nothing had happened).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+import umi
+from test_stories_r7 import open_memory
+
+
+def _hold(monkeypatch: pytest.MonkeyPatch, m: umi.Memory, name: str) -> tuple[threading.Event, threading.Event]:
+    """Stop the first call of the store method ``name`` at its entry (nothing written yet) until
+    released: ``(entered, release)``."""
+    entered, release = threading.Event(), threading.Event()
+    cls = type(m.storage)
+    real = getattr(cls, name)
+
+    def held(store: Any, *args: Any, **kwargs: Any) -> Any:
+        if not entered.is_set():
+            entered.set()
+            assert release.wait(30)
+        return real(store, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, held)
+    return entered, release
+
+
+def _in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(fn())
+        except BaseException as exc:  # noqa: BLE001 - inspected by the test
+            outcome.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, outcome
+
+
+# --- 1. a core write racing close() ------------------------------------------------------------------
+CORE_OPS: dict[str, tuple[str, Callable[[umi.Memory], object], dict[str, str]]] = {
+    # op: (the store method it writes with, the call, the blocks stored after it committed)
+    "set": ("set_core_block", lambda m: m.core.set_block("human", "Alice moved to Berlin."),
+            {"human": "Alice moved to Berlin.", "persona": "Terse."}),
+    "remove": ("remove_core_block", lambda m: m.core.remove_block("human"), {"persona": "Terse."}),
+    "clear": ("clear_core_blocks", lambda m: m.core.clear(), {}),
+}
+
+
+@pytest.mark.parametrize("op", sorted(CORE_OPS))
+def test_a_core_write_racing_close_commits_or_is_refused_never_a_bare_storage_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, op: str) -> None:
+    """An agent updates its core memory on one thread while the app shuts down on another; the
+    write has passed the Memory's open check when close() runs. Was: close() closed the store
+    under it and the write raised a bare StorageError ("this DuckDB store is closed"): neither
+    umi's "closed" (nothing happened) nor "outcome unknown". Now the write is a storage job like
+    any other: it commits, and the store is closed after it."""
+    db = tmp_path / "core.duckdb"
+    with open_memory(db) as first:
+        first.core.set_block("human", "Alice lives in Paris.")
+        first.core.set_block("persona", "Terse.")
+    m = open_memory(db)
+    method, call, after = CORE_OPS[op]
+    entered, release = _hold(monkeypatch, m, method)
+    t, outcome = _in_thread(lambda: call(m))
+    assert entered.wait(30)  # the write is past every open check, about to write
+    m.close()  # returns: it has no call of the loop to wait for
+    release.set()
+    t.join(30)
+    [got] = outcome
+    monkeypatch.undo()
+    with open_memory(db) as again:  # the store was closed (after the write): it opens again
+        stored = dict((label, content) for label, content, _ in again.core.blocks())
+    if isinstance(got, BaseException):  # refused: then nothing was written
+        assert isinstance(got, umi.MemoryClosedError), repr(got)  # was: StorageError
+        assert stored == {"human": "Alice lives in Paris.", "persona": "Terse."}
+    else:  # it returned: then it committed
+        assert stored == after
+    assert not isinstance(got, BaseException), repr(got)  # this interleaving: the write had begun, it commits
+    with pytest.raises(umi.MemoryClosedError):  # and after close() a core write is refused at once
+        m.core.set_block("goals", "Ship it.")
+
+
+# --- 1b. an import racing close() --------------------------------------------------------------------
+def test_an_import_racing_close_reports_what_it_committed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backup is restored (facts, a core block, a text to remember) while the app shuts down:
+    close() begins while the import's transaction is writing. The calls in flight get the grace
+    to finish, and this one does. Was: MemoryClosedError once it had committed — the core memory
+    re-read after the commit checked "closed" (and so did the texts' remember) — as if nothing
+    had been imported."""
+    backup = tmp_path / "backup.jsonl"
+    with open_memory(tmp_path / "old.duckdb") as old:
+        old.remember_sync("Alice works at Acme.")
+        old.core.set_block("human", "Alice, an engineer.")
+        old.export_sync(backup)
+    with backup.open("a", encoding="utf-8") as f:
+        f.write('{"text": "Alice lives in Berlin."}\n')
+    db = tmp_path / "new.duckdb"
+    m = open_memory(db)
+    m._runner.grace_secs = 30  # the import finishes within it
+    assert m.core.blocks() == []  # this process holds the scope's core memory: the import reloads it
+    entered, release = _hold(monkeypatch, m, "restore")
+    t, outcome = _in_thread(lambda: m.import_sync(backup))
+    assert entered.wait(30)  # the import's transaction is about to write
+    closer = threading.Thread(target=m.close)
+    closer.start()
+    _wait_closing(m)
+    release.set()
+    t.join(60)
+    closer.join(60)
+    [got] = outcome
+    assert not isinstance(got, BaseException), repr(got)  # was: MemoryClosedError after the commit
+    assert isinstance(got, dict) and got["entities"] >= 1 and got["core"] == 1 and got["remembered"] == 1
+    monkeypatch.undo()
+    with open_memory(db) as again:
+        assert [c for _, c, _ in again.core.blocks()] == ["Alice, an engineer."]
+        texts = {e.content for e in again.storage.list(umi.SearchFilters(), limit=10)}
+        assert texts == {"Alice lives in Berlin.", "Alice works at Acme."}
+
+
+def _wait_closing(m: umi.Memory) -> None:
+    """Until close() has begun (the Memory refuses new calls): no sleep decides the order."""
+    pause = threading.Event()
+    for _ in range(30_000):
+        if m._engine.closed:
+            return
+        pause.wait(0.001)
+    raise AssertionError("close() did not begin")
