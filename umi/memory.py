@@ -519,10 +519,9 @@ class Memory:
         if target is None:
             raise InvalidScopeError("forget_scope() needs a scope: pass user_id, agent_id or session_id "
                                     "(this Memory is unscoped, and this call never forgets every scope)")
-        filters = SearchFilters(scope=target, include_superseded=True)
         as_target = dataclasses.replace(self._ctx, scope=target)  # a view of exactly that scope forgets
-        return await self._engine.locked_io(self._engine.forget_scope, target, lambda: _forget.forget_ids(
-            as_target, _forget.filter_ids(as_target, filters), self._engine.now_ms()))
+        return await self._engine.locked_io(self._engine.forget_scope, target,
+                                            lambda: _forget.forget_scope(as_target, self._engine.now_ms()))
 
     forget_scope_sync = _sync(forget_scope)
 

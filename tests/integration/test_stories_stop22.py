@@ -16,6 +16,7 @@ from typing import Any, Callable
 import pytest
 
 import umi
+from umi.storage.base import SearchFilters, Source
 from test_stories_r7 import open_memory
 
 
@@ -139,3 +140,67 @@ def _wait_closing(m: umi.Memory) -> None:
             return
         pause.wait(0.001)
     raise AssertionError("close() did not begin")
+
+
+# --- 2. forget_scope leaves no row naming the scope ----------------------------------------------------
+ALICE_ID = "alice-7f3e"
+
+
+def _store(kind: str, path: Path) -> Any:
+    if kind == "lance":
+        pytest.importorskip("lancedb", reason="the lance extra (lancedb) is not installed")
+        from umi.storage.lance import LanceStorageBackend
+
+        return LanceStorageBackend.connect(path / "lance")
+    from umi.storage.duckdb import DuckDBStorageBackend
+
+    return DuckDBStorageBackend.connect(path / "s.duckdb")
+
+
+def _names_alice(value: object) -> bool:
+    return ALICE_ID in str(value)
+
+
+@pytest.mark.parametrize("kind", ["duckdb", "lance"])
+def test_forget_scope_leaves_no_row_naming_the_user(tmp_path: Path, kind: str) -> None:
+    """A user asks to be forgotten: her facts (a correction among them, a fact forgotten before),
+    her core blocks, all of it. After ``forget_scope(user_id=...)`` the store, read again from its
+    files, holds no record naming her id. Was: every history record of her facts stayed, turned
+    into a tombstone but still filed under her user_id and agent_id (14 rows in the DuckDB file)."""
+    m = umi.Memory._from_parts(storage=_store(kind, tmp_path), llm=None, embedder=umi.SimEmbeddingProvider(seed=1))
+    with m:
+        alice = m.scoped(user_id=ALICE_ID, agent_id="helper")
+        alice.remember_sync("Alice works at Acme.")
+        alice.remember_sync("Alice now works at Initech.")
+        tea = alice.remember_sync("Alice likes tea.")
+        assert alice.forget_sync(tea.entities[0].id) is True  # forgotten before: its tombstones too
+        alice.remember_sync("Alice lives in Paris.", umi.RememberOptions(metadata={"city": "Paris"}))
+        alice.core.set_block("human", "Alice, an engineer.")
+        # a text of hers no fact comes from (an import brings such): it is hers too
+        m.storage.add_source(Source.for_text("Alice's diary, page 1.", 1_700_000_000_000, scope=alice.scope))
+        bob = m.scoped(user_id="bob")
+        bob.remember_sync("Bob works at Globex.")
+        assert m.forget_scope_sync(user_id=ALICE_ID) >= 3
+        # what the Memory shows agrees
+        assert alice.count_sync() == 0 and alice.core.blocks() == []
+    store = _store(kind, tmp_path)  # read again from the files
+    try:
+        every = SearchFilters(include_superseded=True)
+        left = [*store.list(every, limit=1000), *store.iter_sources(), *store.iter_relations(),
+                *store.iter_history(), *store.core_scopes(None)]
+        assert [r for r in left if _names_alice(r)] == []  # was: 14 history records, as tombstones
+        assert any("bob" in str(r) for r in left)  # bob's records are there, and named his
+        assert all(dict(h.snapshot) == {"id": h.entity_id, "forgotten": True} and h.scope.is_unset
+                   for h in store.iter_history() if h.snapshot.get("forgotten"))
+    finally:
+        store.close()
+    if kind == "duckdb":  # and no row of any table of the file names her
+        import duckdb
+
+        con = duckdb.connect(str(tmp_path / "s.duckdb"), read_only=True)
+        try:
+            for (table,) in con.execute("SELECT table_name FROM information_schema.tables").fetchall():
+                rows = con.execute(f'SELECT * FROM "{table}"').fetchall()
+                assert [r for r in rows if any(_names_alice(v) for v in r)] == [], table
+        finally:
+            con.close()

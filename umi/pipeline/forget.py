@@ -43,7 +43,7 @@ from ..types import UMI_NAMESPACE, Entity, EvolutionRelation
 from .context import PipelineContext
 from .remember import follow, replacements, statement_key, supersedes
 
-__all__ = ["statement_ids", "source_ids", "filter_ids", "forget_ids"]
+__all__ = ["statement_ids", "source_ids", "filter_ids", "forget_ids", "forget_scope"]
 
 PAGE = 1000
 
@@ -241,3 +241,17 @@ def forget_ids(ctx: PipelineContext, ids: Iterable[str], at: int, *, source_id: 
         if drop_source and source_id is not None and not store.entity_ids_for_source(source_id):
             store.delete_source(source_id)
     return len(gone)
+
+
+def forget_scope(ctx: PipelineContext, at: int) -> int:
+    """Forget every fact of ``ctx.scope`` (superseded too; the chain rule as :func:`forget_ids`)
+    and the stored texts of that scope no fact comes from (an import can bring such a text; a
+    fact's text goes with its last fact): nothing of the scope's is left but tombstones, which
+    name no scope. One transaction. Returns how many facts were forgotten."""
+    store = ctx.storage
+    with store.transaction():
+        n = forget_ids(ctx, filter_ids(ctx, SearchFilters(scope=ctx.scope, include_superseded=True)), at)
+        for s in list(store.iter_sources(ctx.scope)):
+            if not store.entity_ids_for_source(s.id):
+                store.delete_source(s.id)
+    return n
