@@ -17,6 +17,7 @@ import pytest
 
 import umi
 from umi.storage.base import SearchFilters, Source
+from umi.storage.sim import SimStorageBackend
 from test_stories_r7 import open_memory
 
 
@@ -204,3 +205,33 @@ def test_forget_scope_leaves_no_row_naming_the_user(tmp_path: Path, kind: str) -
                 assert [r for r in rows if any(_names_alice(v) for v in r)] == [], table
         finally:
             con.close()
+
+
+# --- 3. the relink's reason names the forgotten fact the chain ran through ----------------------------
+def test_a_relinked_fact_names_the_forgotten_fact_its_chain_ran_through() -> None:
+    """Alice works at Acme, then Initech, then Acme again (Initech retired), then Globex, then
+    Hooli, then Globex again (Hooli retired). Initech and Globex are forgotten in one call: Hooli,
+    current just before Globex, is current again; Acme stays superseded, re-linked to Hooli — its
+    chain ran Acme → Globex → Hooli, so the relation says Globex was forgotten. Was: it named
+    Initech (the first of Acme's relations to a forgotten fact, a turn of the chain long over)."""
+    m = umi.Memory._from_parts(storage=SimStorageBackend(seed=1), llm=None, embedder=umi.SimEmbeddingProvider(seed=1))
+    with m:
+        told: dict[str, umi.RememberResult] = {}
+        for company in ["Acme", "Initech", "Acme", "Globex", "Hooli", "Globex"]:
+            told[company] = m.remember_sync(f"Alice now works at {company}.",
+                                            umi.RememberOptions(metadata={"drop": company in ("Initech", "Globex")}))
+        acme = told["Acme"].entities[0].id
+        facets = {c: {e.id for e in r.entities} for c, r in told.items()}
+        into = {c: [r.target_id for r in m.relations_sync(acme) if r.source_id == acme and r.target_id in facets[c]]
+                for c in ("Initech", "Globex")}
+        [initech], [globex] = into["Initech"], into["Globex"]  # Acme's two relations to facts forgotten below
+        assert m.forget_sync(where=umi.SearchFilters(metadata={"drop": True}, include_superseded=True)) == 4
+        assert current_at_work(m) == ["Alice now works at Hooli."]
+        relinked = [r for r in m.relations_sync(acme) if r.source_id == acme]
+        assert {r.target_id for r in relinked} == facets["Hooli"]
+        assert [r.reason for r in relinked] == [f"kept superseded: {globex}, which had replaced it, was forgotten"] * 2
+        assert initech not in "".join(r.reason for r in relinked)  # was: named in both
+
+
+def current_at_work(m: umi.Memory) -> list[str]:
+    return sorted(h.content for h in m.recall_sync("Where does Alice work?", umi.RecallOptions(limit=10)))

@@ -95,55 +95,57 @@ def _next_staying(ctx: PipelineContext, e: Entity, gone: set[str]) -> list[Entit
     return sorted((t for t in _after(ctx, e.id, gone) if t.id not in gone), key=lambda t: t.id)
 
 
-def _latest(ctx: PipelineContext, ids: list[str], gone: set[str]) -> tuple[list[str], dict[str, list[Entity]]]:
+def _ends(ctx: PipelineContext, start: str, gone: set[str]) -> set[str]:
+    """The forgotten current facts ``start`` leads to through superseded facts (forgotten or not:
+    Acme, Initech, Globex, Umbrella, Initech and Umbrella forgotten at once: Acme's chain ends with
+    Umbrella too, through Globex, revived now; so Acme stays superseded)."""
+    return {t.id for t in follow(ctx, start, lambda t: t.valid_to is not None) if t.id in gone and t.valid_to is None}
+
+
+def _latest(ctx: PipelineContext, ids: list[str], gone: set[str]
+            ) -> tuple[list[str], dict[str, dict[str, list[Entity]]]]:
     """Of facts whose chain ends in a forgotten current fact, the ones to revive: per such end,
     those retired last (current just before it; facets of one statement, or facts it replaced
-    at once, retire together); and for each of the others, the ones revived after it in the
-    same chain (Acme corrected, Initech, Initech corrected, Initech told again, Initech forgotten:
+    at once, retire together); and for each of the others, per end, the ones revived after it in
+    that chain (Acme corrected, Initech, Initech corrected, Initech told again, Initech forgotten:
     the correction of Initech is current again, not the correction of Acme too)."""
     facts = {e.id: e for e in ctx.storage.get_many(ids)}
-
-    def ends(start: str) -> set[str]:
-        """The forgotten current facts ``start`` leads to through superseded facts (forgotten or
-        not: Acme, Initech, Globex, Umbrella, Initech and Umbrella forgotten at once: Acme's chain
-        ends with Umbrella too, through Globex, revived now; so Acme stays superseded)."""
-        return {t.id for t in follow(ctx, start, lambda t: t.valid_to is not None)
-                if t.id in gone and t.valid_to is None}
 
     def retired(i: str) -> int:
         return facts[i].valid_to or 0
 
     by_end: dict[str, list[str]] = {}
     for i in sorted(facts):
-        for end in ends(i):
+        for end in _ends(ctx, i, gone):
             by_end.setdefault(end, []).append(i)
-    later: dict[str, set[str]] = {}
-    for group in by_end.values():
+    later: dict[str, dict[str, set[str]]] = {}  # i -> end -> the last retired of that end's facts
+    for end, group in by_end.items():
         last = max(retired(i) for i in group)
         for i in group:
             if retired(i) < last:
-                later.setdefault(i, set()).update(j for j in group if retired(j) == last)
+                later.setdefault(i, {})[end] = {j for j in group if retired(j) == last}
     keep = [i for i in ids if i in facts and i not in later]
     kept = set(keep)
 
-    def revived_after(i: str) -> set[str]:
-        """The revived facts after ``i``: a newer one that stays superseded itself (the newest of
-        one end's facts but not of another's) passes on to those after it, so ``i`` is never left
+    def revived_after(first: set[str]) -> set[str]:
+        """The revived facts from ``first`` on: a newer one that stays superseded itself (the newest
+        of one end's facts but not of another's) passes on to those after it, so nothing is left
         linked to nothing (each step goes to a later retirement: no cycle)."""
         out: set[str] = set()
-        todo, seen = sorted(later[i]), set(later[i])
+        todo, seen = sorted(first), set(first)
         while todo:
             j = todo.pop()
             if j in kept:
                 out.add(j)
                 continue
-            for n in later.get(j, ()):
+            for n in sorted(set().union(*later.get(j, {}).values())):
                 if n not in seen:
                     seen.add(n)
                     todo.append(n)
         return out
 
-    return keep, {i: [facts[j] for j in sorted(revived_after(i))] for i in sorted(later)}
+    return keep, {i: {end: [facts[j] for j in sorted(revived_after(first))] for end, first in sorted(later[i].items())}
+                  for i in sorted(later)}
 
 
 def _relink(rel: EvolutionRelation, gone: Entity, to: Entity, at: int) -> EvolutionRelation:
@@ -223,11 +225,16 @@ def forget_ids(ctx: PipelineContext, ids: Iterable[str], at: int, *, source_id: 
                     rel = _relink(r, e, nxt, at)
                     relink[rel.id] = rel
     revive, later = _latest(ctx, revive, gone_ids)
-    for cid, successors in later.items():  # stays superseded: its chain now goes on to those revived
-        r, e = older[cid][0]
-        for nxt in successors:
-            rel = _relink(r, e, nxt, at)
-            relink[rel.id] = rel
+    for cid, by_end in later.items():  # stays superseded: its chain now goes on to those revived
+        for end, successors in by_end.items():
+            # named by its last relation to a forgotten fact that leads to that end: Acme → Initech,
+            # Acme told again, Acme → Globex, both forgotten: Globex (Initech leads there too, back
+            # through Acme told again: a turn of the chain that is over)
+            r, e = max(((r, e) for r, e in older[cid] if e.id == end or end in _ends(ctx, e.id, gone_ids)),
+                       key=lambda p: (p[0].created_at, p[0].id))
+            for nxt in successors:
+                rel = _relink(r, e, nxt, at)
+                relink[rel.id] = rel
     drop_source = source_id is not None and ctx.storage.get_source(source_id) is not None
     if not gone and not drop_source:
         return 0
