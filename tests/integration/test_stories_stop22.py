@@ -235,3 +235,31 @@ def test_a_relinked_fact_names_the_forgotten_fact_its_chain_ran_through() -> Non
 
 def current_at_work(m: umi.Memory) -> list[str]:
     return sorted(h.content for h in m.recall_sync("Where does Alice work?", umi.RecallOptions(limit=10)))
+
+
+# --- 4. forget walks a long chain once -------------------------------------------------------------
+def test_forgetting_every_other_fact_of_a_long_chain_walks_it_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Alice changed jobs 200 times; every other job is forgotten in one call. The plan looks at
+    each relation a bounded number of times, however long the chain (steps counted, not time):
+    was about n²/2 steps, each fact the forgotten ones had superseded walking the rest of the
+    chain on its own (40,200 relation checks for 200 facts; 0.26-0.64 s, now 996 and 0.07-0.11 s)."""
+    from umi.pipeline import forget, remember
+
+    n = 200
+    m = umi.Memory._from_parts(storage=SimStorageBackend(seed=1), llm=None, embedder=umi.SimEmbeddingProvider(seed=1))
+    with m:
+        for i in range(n):
+            m.remember_sync(f"Alice now works at Company{i}.", umi.RememberOptions(metadata={"odd": i % 2 == 1}))
+        steps = [0]
+        real = remember.supersedes
+
+        def counted(ctx: Any, rel: Any) -> bool:
+            steps[0] += 1
+            return real(ctx, rel)
+
+        for module in (remember, forget):
+            monkeypatch.setattr(module, "supersedes", counted)
+        assert m.forget_sync(where=SearchFilters(metadata={"odd": True}, include_superseded=True)) == n
+        assert current_at_work(m) == [f"Alice now works at Company{n - 2}."]
+        relations = 6 * n  # each fact: two facets, each with at most three relations to its neighbours
+        assert steps[0] <= 2 * relations, steps[0]  # 996; was: 40,200
