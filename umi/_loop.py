@@ -18,7 +18,8 @@ No caller is ever left blocked, and none is told less than the truth:
     commit. The job's caller is not told "closed" as if nothing happened.
   - :class:`MemoryClosedError` otherwise (waiting for the write lock, a provider, or between
     jobs): no job of it is running, and none starts after this point (an I/O job not started
-    by then never runs).
+    by then never runs). When a job of it had ended, the message says that what it committed
+    stays (a call that writes in steps: remember_many's chunks, an import).
 
   Every wait of close() has an end: with a storage job that never ends it returns after
   about ``2 * grace_secs + 1`` seconds (the calls' grace, then their tasks' grace to unwind),
@@ -59,12 +60,13 @@ LOOP_WAIT_SECS = 10.0
 
 class _Call:
     """One call submitted to the loop: how many of its storage jobs have started and not yet
-    handed their result back to it."""
+    handed their result back to it, and how many have."""
 
-    __slots__ = ("running",)
+    __slots__ = ("running", "ended")
 
     def __init__(self) -> None:
         self.running = 0
+        self.ended = 0
 
 
 _CALL: "contextvars.ContextVar[_Call | None]" = contextvars.ContextVar("umi_call", default=None)
@@ -242,6 +244,7 @@ class LoopThread:
                 if started and call is not None:
                     with self._lock:
                         call.running -= 1
+                        call.ended += 1
 
         return handed_back()
 
@@ -338,8 +341,8 @@ class LoopThread:
         """Fail every call still pending (see :meth:`close`); from here on no I/O job starts."""
         with self._lock:
             self._stopping = True
-            failed = [(fut, call.running > 0) for fut, call in self._pending.items() if not fut.done()]
-        for fut, running in failed:
+            failed = [(fut, call.running > 0, call.ended > 0) for fut, call in self._pending.items() if not fut.done()]
+        for fut, running, ended in failed:
             if running:
                 _settle(fut, exc=OutcomeUnknownError(
                     f"this Memory was closed while the call's storage job was running; it did not end within "
@@ -347,9 +350,11 @@ class LoopThread:
                     "unknown: it may have committed (look with get/recall, or remember again: a text told "
                     "again is not stored twice)", grace_secs=self.grace_secs))
             else:
+                stays = ("; what it committed before stays (a call that writes in steps, as remember_many's "
+                         "chunks or an import, may have written some of them)") if ended else ""
                 _settle(fut, exc=MemoryClosedError(
                     f"this Memory was closed while the call was running (it had {self.grace_secs:g} s to finish; "
-                    "no storage job of it was running, and none runs after this)"))
+                    f"no storage job of it was running, and none runs after this{stays})"))
 
 
 async def _to_end(job: concurrent.futures.Future[T]) -> T:

@@ -263,3 +263,39 @@ def test_forgetting_every_other_fact_of_a_long_chain_walks_it_once(monkeypatch: 
         assert current_at_work(m) == [f"Alice now works at Company{n - 2}."]
         relations = 6 * n  # each fact: two facets, each with at most three relations to its neighbours
         assert steps[0] <= 2 * relations, steps[0]  # 996; was: 40,200
+
+
+# --- 1c. a call that commits in steps, closed between two ----------------------------------------------
+def test_remember_many_closed_between_chunks_is_told_its_committed_chunks_stay(tmp_path: Path) -> None:
+    """remember_many commits chunk by chunk; close() comes while the second chunk waits for its
+    embeddings, and the grace runs out. The call gets MemoryClosedError — and its message says
+    the chunks it committed stay (was: only "no storage job of it was running, and none runs after
+    this", read as "nothing happened" though the first chunk was stored)."""
+    import asyncio
+
+    entered = threading.Event()
+
+    class SecondChunkHangs(umi.SimEmbeddingProvider):
+        calls = 0
+
+        async def aembed(self, texts: Any, *, kind: str = "passage") -> Any:
+            if kind == "passage":
+                SecondChunkHangs.calls += 1
+                if SecondChunkHangs.calls == 2:
+                    entered.set()
+                    await asyncio.sleep(3600)  # only close() ends it
+            return self.embed(texts, kind=kind)
+
+    db = tmp_path / "many.duckdb"
+    m = umi.Memory(db, embedder=SecondChunkHangs(seed=1))
+    m._runner.grace_secs = 0.05
+    t, outcome = _in_thread(lambda: m.remember_many_sync(["Alice works at Acme.", "Bob lives in Berlin."],
+                                                         chunk_size=1))
+    assert entered.wait(30)  # the first chunk is committed; the second waits for its vectors
+    m.close()
+    t.join(30)
+    [err] = outcome
+    assert isinstance(err, umi.MemoryClosedError), repr(err)
+    assert "what it committed before stays" in str(err)
+    with open_memory(db) as again:
+        assert {e.content for e in again.storage.list(SearchFilters(), limit=10)} == {"Alice works at Acme."}
