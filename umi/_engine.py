@@ -161,8 +161,8 @@ class Engine:
         history of every core scope it sees (:meth:`~umi.storage.base.StorageBackend.forget_core`),
         in one transaction: a failure forgets nothing. Then the in-process arenas of those scopes'
         core memories are emptied, so nothing of them stays here either. Returns what
-        ``forget_facts`` returned. Call it holding the write lock."""
-        self.check_open()
+        ``forget_facts`` returned. Call it in a storage job (``io``) holding the write lock: a call in
+        flight when close() begins has the grace to end, and the job is not started after it."""
         view = scope.core
         with self._cores_held(lambda sc: scope.session_id is None and view.contains(sc)) as hit:
             with self.storage.transaction():
@@ -177,8 +177,7 @@ class Engine:
         """``write()`` (an import: one transaction, which writes the stored core blocks of the core
         scopes ``scopes``) with no block write of those scopes' loaded core memories running
         meanwhile; once it returned (committed), they read their blocks again. Call it holding
-        the write lock."""
-        self.check_open()
+        the write lock, in a storage job (as :meth:`forget_scope`)."""
         with self._cores_held(lambda sc: sc in scopes) as hit:
             out = write()
             for core in hit:

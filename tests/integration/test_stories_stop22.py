@@ -299,3 +299,53 @@ def test_remember_many_closed_between_chunks_is_told_its_committed_chunks_stay(t
     assert "what it committed before stays" in str(err)
     with open_memory(db) as again:
         assert {e.content for e in again.storage.list(SearchFilters(), limit=10)} == {"Alice works at Acme."}
+
+
+# --- 1d. a call waiting for the write lock when close() begins gets the grace too -----------------------
+@pytest.mark.parametrize("call", ["forget_scope", "import"])
+def test_a_call_waiting_for_the_write_lock_when_close_begins_finishes_within_the_grace(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: str) -> None:
+    """A remember holds the write lock; a forget_scope (or an import) waits for it; close() begins;
+    the remember ends. The waiting call had the grace like every call in flight, and it ends in
+    it. Was: it started, saw the Memory closing and raised MemoryClosedError at once."""
+    backup = tmp_path / "backup.jsonl"
+    with open_memory(tmp_path / "old.duckdb") as old:
+        old.remember_sync("Dan works at Initech.")
+        old.export_sync(backup)
+    with backup.open("a", encoding="utf-8") as f:
+        f.write('{"text": "Carol lives in Rome."}\n')
+    from umi.pipeline.context import WriteLock
+
+    lock_waited = threading.Event()
+    real_enter = WriteLock.__aenter__
+
+    async def noting(lock: WriteLock) -> None:
+        if lock.lock.locked():
+            lock_waited.set()
+        await real_enter(lock)
+
+    monkeypatch.setattr(WriteLock, "__aenter__", noting)
+    m = open_memory(tmp_path / "m.duckdb")
+    m._runner.grace_secs = 30
+    alice = m.scoped(user_id="alice")
+    alice.remember_sync("Alice works at Acme.")
+    hers = alice.count_sync(SearchFilters(include_superseded=True))
+    entered, release = _hold(monkeypatch, m, "find_by_name")  # remember's read plan, under the lock
+    holder, held = _in_thread(lambda: m.remember_sync("Bob works at Globex."))
+    assert entered.wait(30)
+    waiting, outcome = _in_thread(lambda: m.forget_scope_sync(user_id="alice") if call == "forget_scope"
+                                  else m.import_sync(backup))
+    assert lock_waited.wait(30)  # it waits for the write lock
+    closer = threading.Thread(target=m.close)
+    closer.start()
+    _wait_closing(m)
+    release.set()
+    for t in (holder, waiting, closer):
+        t.join(60)
+    [got] = outcome
+    assert not isinstance(got, BaseException), repr(got)  # was: MemoryClosedError
+    if call == "forget_scope":
+        assert got == hers >= 1
+    else:
+        assert isinstance(got, dict) and got["entities"] >= 1 and got["remembered"] == 1
+
