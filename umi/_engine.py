@@ -161,8 +161,8 @@ class Engine:
         history of every core scope it sees (:meth:`~umi.storage.base.StorageBackend.forget_core`),
         in one transaction: a failure forgets nothing. Then the in-process arenas of those scopes'
         core memories are emptied, so nothing of them stays here either. Returns what
-        ``forget_facts`` returned. Call it holding the write lock."""
-        self.check_open()
+        ``forget_facts`` returned. Call it in a storage job (``io``) holding the write lock: a call in
+        flight when close() begins has the grace to end, and the job is not started after it."""
         view = scope.core
         with self._cores_held(lambda sc: scope.session_id is None and view.contains(sc)) as hit:
             with self.storage.transaction():
@@ -177,8 +177,7 @@ class Engine:
         """``write()`` (an import: one transaction, which writes the stored core blocks of the core
         scopes ``scopes``) with no block write of those scopes' loaded core memories running
         meanwhile; once it returned (committed), they read their blocks again. Call it holding
-        the write lock."""
-        self.check_open()
+        the write lock, in a storage job (as :meth:`forget_scope`)."""
         with self._cores_held(lambda sc: sc in scopes) as hit:
             out = write()
             for core in hit:
@@ -271,18 +270,27 @@ class StoredBlocks:
         self._scope = scope
 
     def load(self) -> list[tuple[str, str, float]]:
-        self._engine.check_open()
+        return self._job(self.stored)
+
+    def stored(self) -> list[tuple[str, str, float]]:
+        """The stored blocks, read with no check: inside a storage job already running (an import's)."""
         blocks = sorted(self._engine.storage.core_blocks(self._scope), key=lambda b: b.position)
         return [(b.name, b.content, b.importance) for b in blocks]
 
     def set(self, label: str, content: str, importance: float) -> None:
-        self._engine.check_open()
-        self._engine.storage.set_core_block(self._scope, label, content, importance, self._engine.now_ms())
+        storage = self._engine.storage
+        self._job(lambda: storage.set_core_block(self._scope, label, content, importance, self._engine.now_ms()))
 
     def remove(self, label: str) -> bool:
-        self._engine.check_open()
-        return self._engine.storage.remove_core_block(self._scope, label, self._engine.now_ms())
+        storage = self._engine.storage
+        return self._job(lambda: storage.remove_core_block(self._scope, label, self._engine.now_ms()))
 
     def clear(self) -> int:
+        storage = self._engine.storage
+        return self._job(lambda: storage.clear_core_blocks(self._scope, self._engine.now_ms()))
+
+    def _job(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on the caller's thread as a storage job of the loop (:meth:`LoopThread.job`):
+        refused once close() has begun, else the store is closed after it, never under it."""
         self._engine.check_open()
-        return self._engine.storage.clear_core_blocks(self._scope, self._engine.now_ms())
+        return self._engine.runner.job(fn)

@@ -18,13 +18,16 @@ No caller is ever left blocked, and none is told less than the truth:
     commit. The job's caller is not told "closed" as if nothing happened.
   - :class:`MemoryClosedError` otherwise (waiting for the write lock, a provider, or between
     jobs): no job of it is running, and none starts after this point (an I/O job not started
-    by then never runs).
+    by then never runs). When a job of it had ended, the message says that what it committed
+    stays (a call that writes in steps: remember_many's chunks, an import).
 
   Every wait of close() has an end: with a storage job that never ends it returns after
   about ``2 * grace_secs + 1`` seconds (the calls' grace, then their tasks' grace to unwind),
   more only if the loop itself is stuck (:data:`LOOP_WAIT_SECS` per wait on it). A storage job
   still running when close() returns is left to end on its thread; :meth:`LoopThread.after_io`
-  runs what must wait for it (closing the store) when it does.
+  runs what must wait for it (closing the store) when it does. A core-memory write runs on its
+  caller's thread as a job too (:meth:`LoopThread.job`): begun before close(), it ends and the
+  store is closed after it; else it is refused with :class:`MemoryClosedError`.
 * **fork.** The loop thread does not exist in a child made by ``os.fork()``. Every
   call on a runner inherited across a fork — ``close()`` excepted, which only marks it
   closed — raises :class:`ForkedProcessError` at once; open a new ``Memory`` in the
@@ -57,12 +60,13 @@ LOOP_WAIT_SECS = 10.0
 
 class _Call:
     """One call submitted to the loop: how many of its storage jobs have started and not yet
-    handed their result back to it."""
+    handed their result back to it, and how many have."""
 
-    __slots__ = ("running",)
+    __slots__ = ("running", "ended")
 
     def __init__(self) -> None:
         self.running = 0
+        self.ended = 0
 
 
 _CALL: "contextvars.ContextVar[_Call | None]" = contextvars.ContextVar("umi_call", default=None)
@@ -200,7 +204,8 @@ class LoopThread:
         except RuntimeError:  # pragma: no cover - arun is always awaited
             running = None
         if running is self.loop:
-            self._check_open()
+            if not self.in_call():
+                self._check_open()
             return await coro
         return await asyncio.wrap_future(self._submit(coro))
 
@@ -230,13 +235,7 @@ class LoopThread:
             try:
                 return fn(*args)
             finally:
-                with self._lock:
-                    self._jobs -= 1
-                    idle = self._idle if self._jobs == 0 else []
-                    if idle:
-                        self._idle = []
-                for cb in idle:
-                    _quietly(cb)
+                self._job_ended()
 
         async def handed_back() -> T:
             try:
@@ -245,8 +244,35 @@ class LoopThread:
                 if started and call is not None:
                     with self._lock:
                         call.running -= 1
+                        call.ended += 1
 
         return handed_back()
+
+    def job(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking ``fn(*args)`` (a core-memory write) on the calling thread as a storage job:
+        :class:`MemoryClosedError` once close() has begun, and nothing runs; else it runs to its end
+        and the store, closed by :meth:`after_io`, is closed after it (never under it)."""
+        with self._lock:
+            self._check_open()
+            self._jobs += 1
+        try:
+            return fn(*args)
+        finally:
+            self._job_ended()
+
+    def _job_ended(self) -> None:
+        with self._lock:
+            self._jobs -= 1
+            idle = self._idle if self._jobs == 0 else []
+            if idle:
+                self._idle = []
+        for cb in idle:
+            _quietly(cb)
+
+    def in_call(self) -> bool:
+        """On the loop, inside a call submitted to it: what it calls (an import remembering its
+        texts) is part of that call, with its grace, refused by close() only as the call is."""
+        return _CALL.get() is not None and threading.current_thread() is self._thread
 
     def after_io(self, fn: Callable[[], object]) -> None:
         """Run ``fn()`` now if no I/O job is running, else on the thread of the last one to end
@@ -315,8 +341,8 @@ class LoopThread:
         """Fail every call still pending (see :meth:`close`); from here on no I/O job starts."""
         with self._lock:
             self._stopping = True
-            failed = [(fut, call.running > 0) for fut, call in self._pending.items() if not fut.done()]
-        for fut, running in failed:
+            failed = [(fut, call.running > 0, call.ended > 0) for fut, call in self._pending.items() if not fut.done()]
+        for fut, running, ended in failed:
             if running:
                 _settle(fut, exc=OutcomeUnknownError(
                     f"this Memory was closed while the call's storage job was running; it did not end within "
@@ -324,9 +350,11 @@ class LoopThread:
                     "unknown: it may have committed (look with get/recall, or remember again: a text told "
                     "again is not stored twice)", grace_secs=self.grace_secs))
             else:
+                stays = ("; what it committed before stays (a call that writes in steps, as remember_many's "
+                         "chunks or an import, may have written some of them)") if ended else ""
                 _settle(fut, exc=MemoryClosedError(
                     f"this Memory was closed while the call was running (it had {self.grace_secs:g} s to finish; "
-                    "no storage job of it was running, and none runs after this)"))
+                    f"no storage job of it was running, and none runs after this{stays})"))
 
 
 async def _to_end(job: concurrent.futures.Future[T]) -> T:

@@ -91,6 +91,9 @@ class BlockStore(Protocol):
 
     def clear(self) -> int: ...
 
+    def stored(self) -> Sequence[tuple[str, str, float]]:
+        """What :meth:`load` reads, inside a storage job already running (no check of its own)."""
+
 
 class PersistentCoreMemory(CoreMemory):
     """A :class:`CoreMemory` whose writes go through to a store, each in its own transaction.
@@ -123,8 +126,8 @@ class PersistentCoreMemory(CoreMemory):
 
     def _restored(self) -> None:
         """An import wrote this scope's stored blocks (the caller holds ``_write_lock``, and
-        checked that they fit): read them again."""
-        self._fill(self._store.load())
+        checked that they fit): read them again, inside the import's storage job."""
+        self._fill(self._store.stored())
 
     def _forgotten(self) -> None:
         """The store forgot this scope's blocks (the caller holds ``_write_lock``): empty the

@@ -107,8 +107,10 @@ def _on_loop(fn: Callable[Concatenate["Memory", P], Coroutine[Any, Any, T]]
 
     @functools.wraps(fn)
     async def verb(self: "Memory", *args: P.args, **kwargs: P.kwargs) -> T:
-        self._check_open()
-        return await self._engine.runner.arun(fn(self, *args, **kwargs))
+        runner = self._engine.runner
+        if not runner.in_call():  # a call a call in flight makes is part of it (LoopThread.in_call)
+            self._check_open()
+        return await runner.arun(fn(self, *args, **kwargs))
 
     return verb
 
@@ -517,10 +519,9 @@ class Memory:
         if target is None:
             raise InvalidScopeError("forget_scope() needs a scope: pass user_id, agent_id or session_id "
                                     "(this Memory is unscoped, and this call never forgets every scope)")
-        filters = SearchFilters(scope=target, include_superseded=True)
         as_target = dataclasses.replace(self._ctx, scope=target)  # a view of exactly that scope forgets
-        return await self._engine.locked_io(self._engine.forget_scope, target, lambda: _forget.forget_ids(
-            as_target, _forget.filter_ids(as_target, filters), self._engine.now_ms()))
+        return await self._engine.locked_io(self._engine.forget_scope, target,
+                                            lambda: _forget.forget_scope(as_target, self._engine.now_ms()))
 
     forget_scope_sync = _sync(forget_scope)
 

@@ -7,7 +7,7 @@ import pytest
 from contract_helpers import T0, ent, vec
 
 from umi.errors import InvalidImportanceError, StorageError, UmiError, ValidationError
-from umi.storage.base import HistoryRecord, SearchFilters, Source, StorageBackend
+from umi.storage.base import TOMBSTONE_SCOPE, HistoryRecord, SearchFilters, Source, StorageBackend
 from umi.types import CoreBlockRecord, CoreHistoryRecord, EvolutionRelation, Scope
 
 ALICE = Scope("alice")
@@ -140,7 +140,10 @@ def test_forget_removes_the_fact_everywhere(backend: StorageBackend) -> None:
     hist = backend.history(new.id)
     assert [(h.seq, h.op) for h in hist] == [(1, "create"), (2, "delete")]
     assert all(dict(h.snapshot) == {"id": new.id, "forgotten": True} for h in hist)
-    assert hist[-1].at == T0 + 20 and hist[-1].scope == ALICE
+    assert hist[-1].at == T0 + 20
+    # filed under no scope: whose it was is forgotten too (was: ALICE, on every record)
+    assert all(h.scope == TOMBSTONE_SCOPE for h in hist)
+    assert new.id not in {h.entity_id for h in backend.iter_history(ALICE)}
     # delete revives nothing: old stays superseded
     assert backend.get(old.id).valid_to == T0 + 5  # type: ignore[union-attr]
     # the source stays while `old` comes from it, and goes with the last fact

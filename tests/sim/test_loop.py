@@ -296,7 +296,8 @@ def test_close_from_a_second_thread_returns_once_the_store_is_closed(tmp_path) -
     """Adversary pass (stop 21). Thread 1 closes the Memory (here: releasing its provider);
     thread 2 closes it too, then opens the same DuckDB file again. Was: the second close()
     returned at once, the store still open under the first, and the open failed with
-    StorageLockedError ("already open in this process")."""
+    StorageLockedError ("already open in this process"). The order is forced: the first close
+    is let go only once the second is waiting for it."""
     entered, release = threading.Event(), threading.Event()
 
     class SlowClose(SimEmbeddingProvider):
@@ -304,25 +305,37 @@ def test_close_from_a_second_thread_returns_once_the_store_is_closed(tmp_path) -
             entered.set()
             await asyncio.to_thread(release.wait, 30)
 
+    class Waited(threading.Event):
+        """The engine's "first close() is done" event: says when a close() starts waiting on it."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.waiting = threading.Event()
+
+        def wait(self, timeout: float | None = None) -> bool:
+            self.waiting.set()
+            return super().wait(timeout)
+
     db = tmp_path / "two.duckdb"
     m = umi.Memory(db, embedder=SlowClose(7, 32))
     m._runner.grace_secs = 30  # aclose's bound: the test releases it
+    done = m._engine._close_done = Waited()
     m.remember_sync("Alice works at Acme")
     first = threading.Thread(target=m.close)
     first.start()
     assert entered.wait(30)  # the first close() is releasing the provider
-    second = threading.Event()
 
     def releaser() -> None:
-        assert second.wait(30)
-        release.set()
+        if done.waiting.wait(30):  # the second close() waits for the first: now let the first go on
+            release.set()
 
     r = threading.Thread(target=releaser)
     r.start()
-    second.set()
-    m.close()  # the second close
+    m.close()  # the second close (was: returned at once, without waiting)
+    assert done.waiting.is_set() and release.is_set()
     with umi.Memory(db, embedder=SimEmbeddingProvider(7, 32)) as again:  # was: StorageLockedError
         assert again.count_sync() >= 1
+    release.set()
     first.join(30)
     r.join(30)
     assert not first.is_alive()

@@ -118,10 +118,81 @@ def test_a_store_searching_both_at_once_answers_as_the_two_searches(monkeypatch:
     assert ran_on and all(name.startswith("umi-search") or name == threading.current_thread().name for name in ran_on)
 
 
+class _ForcedOverlap:
+    """Forces, once per :meth:`arm`, the interleaving the shared helper thread makes possible
+    (no chance involved): the first search of store 0 runs its keyword side on the helper and
+    holds it there; meanwhile the first search of store 1 starts, queues its side behind it,
+    finishes its vector side and takes its keyword side back to run it itself; only then is the
+    helper let go. Every other search runs as it comes. ``which.store``: the store the current
+    thread searches (set by :meth:`mark`)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from umi.storage import _hotcache
+
+        self.which = threading.local()
+        self._lock = threading.Lock()
+        self._real = _overlap.beside
+        self.arm()
+        monkeypatch.setattr(_hotcache, "beside", self._beside)
+
+    def arm(self) -> None:
+        self.helper_busy, self.taken_back = threading.Event(), threading.Event()
+        self.roles: dict[str, str] = {}  # role -> the thread its keyword side ran on
+        self._claimed: set[int] = set()
+
+    def mark(self, monkeypatch: pytest.MonkeyPatch, store: object, index: int) -> None:
+        real = store.search_content  # type: ignore[attr-defined]
+
+        def marked(*args, **kwargs):  # type: ignore[no-untyped-def]
+            self.which.store = index
+            try:
+                return real(*args, **kwargs)
+            finally:
+                self.which.store = None
+
+        monkeypatch.setattr(store, "search_content", marked)
+
+    def _beside(self, side, main):  # type: ignore[no-untyped-def]
+        store = getattr(self.which, "store", None)
+        with self._lock:
+            role = None if store is None or store in self._claimed else ("held", "taker")[store]
+            if role is not None:
+                self._claimed.add(store)
+        if role is None:
+            return self._real(side, main)
+
+        def seen_side():  # type: ignore[no-untyped-def]
+            self.roles[role] = threading.current_thread().name
+            if role == "held":
+                self.helper_busy.set()
+                assert self.taken_back.wait(30)  # the other store's search runs meanwhile
+            return side()
+
+        if role == "held":
+            def held_main():  # type: ignore[no-untyped-def]
+                assert self.helper_busy.wait(30)  # the helper has started this side: it is busy
+                return main()
+
+            return self._real(seen_side, held_main)
+        assert self.helper_busy.wait(30)
+        try:
+            return self._real(seen_side, main)
+        finally:
+            self.taken_back.set()
+
+    def check(self) -> None:
+        """The forced interleaving happened."""
+        here = threading.current_thread().name
+        assert self.roles["held"].startswith("umi-search"), self.roles  # on the helper
+        assert not self.roles["taker"].startswith("umi-search") and self.roles["taker"] != here, self.roles
+
+
 def test_recalls_from_several_threads_at_once_answer_as_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two stores share the one helper thread: recalls racing for it (each store's from two
     threads, both stores at once) get each their own answers — the same ids, scores and order as
-    the same recalls made one at a time."""
+    the same recalls made one at a time. The race is forced (:class:`_ForcedOverlap`): one store's
+    keyword side holds the helper while the other store's search queues its side, takes it back
+    and runs it on its own thread."""
     from concurrent.futures import ThreadPoolExecutor
 
     import umi
@@ -149,17 +220,23 @@ def test_recalls_from_several_threads_at_once_answer_as_one_at_a_time(monkeypatc
     try:
         alone = [answers(m, queries) for m in mems]
         assert all(any(a) for a in alone)
+        forced = _ForcedOverlap(monkeypatch)
+        for i, m in enumerate(mems):
+            forced.mark(monkeypatch, m.storage, i)
         jobs = [(w, m) for m in (0, 1) for w in (0, 1)]  # each store from two threads
         with ThreadPoolExecutor(len(jobs)) as pool:
             got = list(pool.map(lambda j: answers(mems[j[1]], queries[::1 - 2 * j[0]]), jobs))
+        forced.check()
         for (w, m), ans in zip(jobs, got):
             assert ans == (alone[m] if w == 0 else alone[m][::-1])
-        # and the storage reads themselves, racing with no loop between them
+        # and the storage reads themselves, racing with no loop between them (forced again)
         store_qs = [(q, emb.embed([q], kind="query")[0]) for q in queries]
         want = [[m.storage.search_content([q], [v], 9) for q, v in store_qs] for m in mems]
+        forced.arm()
         with ThreadPoolExecutor(4) as pool:
             raced = list(pool.map(lambda j: [mems[j % 2].storage.search_content([q], [v], 9) for q, v in store_qs],
                                   range(4)))
+        forced.check()
         assert all(r == want[j % 2] for j, r in enumerate(raced))
     finally:
         for m in mems:

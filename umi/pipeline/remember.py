@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 from .._validate import check_input_text
 from ..errors import EmbeddingError, EmptyTextError, ProviderError
@@ -211,20 +211,34 @@ def supersedes(ctx: PipelineContext, rel: EvolutionRelation) -> bool:
     return rel.evolution_type.supersedes and rel.confidence >= ctx.config.supersede_confidence
 
 
+class ChainReads(Protocol):
+    """What a chain walk reads: the store, or a plan's reads of it (forget's, each read once)."""
+
+    def relations_for(self, entity_id: str) -> list[EvolutionRelation]: ...
+
+    def get_many(self, entity_ids: list[str]) -> list[Entity]: ...
+
+
+def newer_ids(ctx: PipelineContext, reads: ChainReads, fid: str) -> list[str]:
+    """The ids of the facts that superseded ``fid``: targets of its superseding relations (older →
+    newer), sorted. Every chain walk takes its steps here."""
+    return sorted({r.target_id for r in reads.relations_for(fid) if r.source_id == fid and supersedes(ctx, r)})
+
+
 def follow(ctx: PipelineContext, start: str, through: Callable[[Entity], bool],
-           skip: set[str] | frozenset[str] = frozenset()) -> list[Entity]:
+           skip: set[str] | frozenset[str] = frozenset(), *, reads: ChainReads | None = None) -> list[Entity]:
     """The facts reached from ``start`` by superseding relations (older → newer), breadth first,
-    each once, walking on from a fact only when ``through(fact)``; ``skip``: never reached."""
+    each once, walking on from a fact only when ``through(fact)``; ``skip``: never reached.
+    ``reads``: what it reads (default the store)."""
+    store: ChainReads = ctx.storage if reads is None else reads
     seen = {start}
     frontier = [start]
     out: list[Entity] = []
     while frontier:
-        nxt = sorted({r.target_id for fid in frontier for r in ctx.storage.relations_for(fid)
-                      if r.source_id == fid and r.target_id not in seen and r.target_id not in skip
-                      and supersedes(ctx, r)})
+        nxt = sorted({t for fid in frontier for t in newer_ids(ctx, store, fid) if t not in seen and t not in skip})
         seen.update(nxt)
         frontier = []
-        for t in ctx.storage.get_many(nxt):
+        for t in store.get_many(nxt):
             out.append(t)
             if through(t):
                 frontier.append(t.id)

@@ -28,7 +28,7 @@ from ._duckdb_schema import transaction
 from ._overlap import Background
 from ._hotcache import TYPE_CODES, LoadedRows, id_order_keys_arrow
 from .text import document_terms
-from .base import HistoryRecord, Source, tombstone
+from .base import TOMBSTONE_SCOPE, HistoryRecord, Source, tombstone
 from .cached import ChangeSet, DurableStore, Loaded, Orphans
 
 __all__ = [
@@ -1094,9 +1094,10 @@ class DuckDBDurable(DurableStore):
             ents.write(con, generation, dim)
             if ch.tombstoned:
                 stones = sorted(ch.tombstoned)
-                con.execute("UPDATE history SET snapshot = t.snapshot FROM (SELECT unnest(?::VARCHAR[]) AS id, "
-                            "unnest(?::VARCHAR[]) AS snapshot) t WHERE history.entity_id = t.id",
-                            [stones, [dumps(tombstone(i)) for i in stones]])
+                filed = TOMBSTONE_SCOPE.to_dict()
+                con.execute("UPDATE history SET snapshot = t.snapshot, " + ", ".join(f"{c} = ?" for c in filed)
+                            + " FROM (SELECT unnest(?::VARCHAR[]) AS id, unnest(?::VARCHAR[]) AS snapshot) t "
+                            "WHERE history.entity_id = t.id", [*filed.values(), stones, [dumps(tombstone(i)) for i in stones]])
             if ch.history:
                 insert_rows(con, "history", history_rows(ch.unique_history(), generation), replace=ch.history_replace)
             _write_keyed(con, "sources", drops["sources"], ch.sources, sources_rows)

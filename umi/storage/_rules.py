@@ -26,7 +26,8 @@ def history_record(last_seq: int, eid: str, op: HistoryOp, at: int, snapshot: di
                    scope: Scope) -> HistoryRecord:
     """The record a write appends to the history of ``eid``, whose last record is ``last_seq`` (0:
     none): numbered ``last_seq + 1``. A forget's ``snapshot`` is the entity's
-    :func:`~umi.storage.base.tombstone` (as every earlier record of it becomes); any other write's is
+    :func:`~umi.storage.base.tombstone` (as every earlier record of it becomes), its ``scope``
+    :data:`~umi.storage.base.TOMBSTONE_SCOPE`; any other write's is
     :func:`snapshot_of` the entity after it, in its scope."""
     return HistoryRecord(eid, last_seq + 1, op, at, snapshot, scope)
 

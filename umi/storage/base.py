@@ -8,7 +8,8 @@ Rules every backend keeps:
 * Entities are never deleted by supersession: :meth:`supersede` sets ``valid_to``.
 * Every change to an entity appends a :class:`HistoryRecord` (create, update,
   supersede, revive, delete). History is append-only, except that :meth:`delete` (forget)
-  replaces every earlier snapshot of the forgotten entity by a tombstone.
+  replaces every earlier record of the forgotten entity by a tombstone (:func:`tombstone`, filed
+  under :data:`TOMBSTONE_SCOPE`: no scope).
 * :meth:`transaction` makes everything inside it commit together or not at all;
   a failure inside raises :class:`umi.StorageError` and leaves nothing behind.
 * ``generation`` goes up by at least one with every committed write.
@@ -48,7 +49,7 @@ from ..types import (
 from . import filters as _filters
 
 __all__ = ["StorageBackend", "SearchFilters", "Source", "HistoryRecord", "source_id_for", "text_hash",
-           "tombstone", "CoreBlockRecord", "CoreHistoryRecord", "META_EMBEDDER"]
+           "tombstone", "TOMBSTONE_SCOPE", "CoreBlockRecord", "CoreHistoryRecord", "META_EMBEDDER"]
 
 #: store metadata key of the embedder identity, ``"name|model|dim"``
 META_EMBEDDER = "embedder"
@@ -91,6 +92,14 @@ HistoryOp = Literal["create", "update", "supersede", "revive", "delete"]
 def tombstone(entity_id: str) -> dict[str, Any]:
     """The snapshot that replaces every snapshot of a forgotten entity: no name, content or metadata."""
     return {"id": entity_id, "forgotten": True}
+
+
+#: The scope every history record of a forgotten entity is filed under (its earlier records and
+#: its ``delete`` record): none. A tombstone keeps that an id was forgotten, and when — the id's
+#: history goes on from its last ``seq`` if the fact is told again, so a record ``(id, seq)``
+#: never names two changes — but not whose it was: after ``forget_scope(user_id="alice")`` no
+#: row names alice. Only an unscoped view sees tombstones.
+TOMBSTONE_SCOPE: Scope = UNSET_SCOPE
 
 
 @dataclass(frozen=True)
@@ -219,7 +228,7 @@ class StorageBackend(abc.ABC):
 
         Removes its row, vector and keyword postings; replaces every earlier history snapshot of
         it by a :func:`tombstone` and appends a ``"delete"`` record whose snapshot is the same
-        tombstone; removes every relation with the entity as source or target; removes the
+        tombstone, every record of it filed under :data:`TOMBSTONE_SCOPE`; removes every relation with the entity as source or target; removes the
         entity's source once no remaining entity has that ``source_id``. Revives nothing (that
         rule lives in the forget pipeline). One transaction (or the caller's)."""
 

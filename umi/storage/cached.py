@@ -81,7 +81,7 @@ from ._common import (  # (the core-block and meta limits are re-exported from h
 from ._hotcache import EntityCache
 from ._rules import CORE_METHODS, SharedWrites, core_change, history_record, upsert_entry, validity_change
 from ._txn import TransactionMixin
-from .base import HistoryOp, HistoryRecord, SearchFilters, Source, StorageBackend, tombstone
+from .base import TOMBSTONE_SCOPE, HistoryOp, HistoryRecord, SearchFilters, Source, StorageBackend, tombstone
 from .text import document_terms, query_terms
 
 __all__ = ["CachedStore", "ChangeSet", "DurableStore", "FaultyDurable", "Loaded", "MemoryDurable", "CORE_NAME_BYTES_MAX",
@@ -709,22 +709,23 @@ class CachedStore(SharedWrites, TransactionMixin, StorageBackend):
         old = self._cache.remove(eid)
         assert old is not None
         self._record_entity(eid, None, True)
-        # every snapshot of it becomes a tombstone, then the delete record (a tombstone too)
+        # every record of it becomes a tombstone, then the delete record (a tombstone too)
         recs = self._hist(eid) or []
-        before = [h.snap for h in recs]
+        before = [(h.snap, h.scope) for h in recs]
         stone = tombstone(eid)
         for h in recs:
-            h.snap = dict(stone)
+            h.snap, h.scope = dict(stone), TOMBSTONE_SCOPE
 
         def undo_stones() -> None:
-            for h, snap in zip(recs, before):
-                h.snap = snap
+            for h, (snap, scope) in zip(recs, before):
+                h.snap, h.scope = snap, scope
 
         self._on_undo(undo_stones)
         self._changes.tombstoned.add(eid)
-        self._changes.history = [r if r.entity_id != eid else HistoryRecord(eid, r.seq, r.op, r.at, dict(stone), r.scope)
+        self._changes.history = [r if r.entity_id != eid else
+                                 HistoryRecord(eid, r.seq, r.op, r.at, dict(stone), TOMBSTONE_SCOPE)
                                  for r in self._changes.history]
-        self._append_history(eid, "delete", at, dict(stone), old.scope)
+        self._append_history(eid, "delete", at, dict(stone), TOMBSTONE_SCOPE)
         for rid in sorted(r.id for r in self._rels_for(eid)):
             self._put_relation(rid, None)
         sid = old.source_id

@@ -44,7 +44,7 @@ from ..errors import (
 )
 from ..types import CoreBlockRecord, CoreHistoryRecord, Entity, EntityType, EvolutionRelation, Scope
 from ._common import check_int, core_key, dumps, make_entity, stored_scope
-from .base import Source, tombstone
+from .base import TOMBSTONE_SCOPE, Source, tombstone
 from ._txn import raise_wrapped
 from .cached import CachedStore, ChangeSet, DurableStore, Loaded
 
@@ -215,7 +215,8 @@ class LanceDurable(DurableStore):
             t["entities"].merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(
                 pa.Table.from_pylist(rows, schema=schema), on_bad_vectors="null")  # a null vector is "bad" to Lance
         for eid in sorted(ch.tombstoned):
-            t["history"].update(where=f"entity_id = {_lit(eid)}", values={"snapshot": dumps(tombstone(eid))})
+            t["history"].update(where=f"entity_id = {_lit(eid)}",
+                                values={"snapshot": dumps(tombstone(eid)), **_scope_row(TOMBSTONE_SCOPE)})
         if ch.history:
             recs = ch.unique_history()
             data = pa.Table.from_pylist([{"entity_id": r.entity_id, "seq": r.seq, "op": r.op, "at": r.at,

@@ -95,7 +95,7 @@ from . import _common as C  # the boundary checks every backend shares
 from . import filters as F
 from ._rules import SharedWrites, core_change, history_record, upsert_entry, validity_change
 from ._txn import raise_wrapped
-from .base import HistoryOp, HistoryRecord, SearchFilters, Source, StorageBackend, tombstone
+from .base import TOMBSTONE_SCOPE, HistoryOp, HistoryRecord, SearchFilters, Source, StorageBackend, tombstone
 from .text import BM25_B, BM25_K1, document_terms, query_terms
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -654,17 +654,17 @@ class PostgresStorageBackend(SharedWrites, StorageBackend):
             self._lock_ids(conn, [eid])
             row = conn.execute(self._q(
                 "DELETE FROM {entities} WHERE id = %s RETURNING doc_len, ARRAY(SELECT jsonb_object_keys(term_freqs)), "
-                "source_id, user_id, agent_id, session_id, (SELECT coalesce(max(seq), 0) FROM {history} "
-                "WHERE entity_id = %s)"), (eid, eid)).fetchone()
+                "source_id, (SELECT coalesce(max(seq), 0) FROM {history} WHERE entity_id = %s)"),
+                (eid, eid)).fetchone()
             if row is None:
                 return False
-            length, old_terms, source_id, u, a, sess, last = row
+            length, old_terms, source_id, last = row
             tx.n_delta -= 1
             tx.len_delta -= int(length)
             tx.count_terms(old_terms, -1)
-            conn.execute(self._q("UPDATE {history} SET snapshot = %s WHERE entity_id = %s"),
-                         (R.dumps(tombstone(eid)), eid))
-            self._put_history(conn, [history_record(last, eid, "delete", when, tombstone(eid), C.stored_scope(u, a, sess))])
+            conn.execute(self._q("UPDATE {history} SET snapshot = %s, user_id = %s, agent_id = %s, session_id = %s "
+                                 "WHERE entity_id = %s"), (R.dumps(tombstone(eid)), *TOMBSTONE_SCOPE.as_tuple(), eid))
+            self._put_history(conn, [history_record(last, eid, "delete", when, tombstone(eid), TOMBSTONE_SCOPE)])
             conn.execute(self._q("DELETE FROM {relations} WHERE source_id = %s OR target_id = %s"), (eid, eid))
             if source_id is not None:
                 self._drop_source_if_unused(conn, source_id)
