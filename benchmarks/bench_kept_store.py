@@ -10,7 +10,8 @@ same 200 questions (and precomputed question vectors) as bench_search's store se
   hydrated; embedding excluded) right after the reopen — while a store with
   ``vectors="background"`` reads its vectors —, then, when the store has ``wait_for_vectors``,
   once they are all in memory, with the RSS then;
-* the parts: ``search_vector`` (k = 30), ``search_text`` (k = 30), ``search_content`` (both).
+* the parts: ``search_vector`` (k = 30), ``search_text`` (k = 30), ``search_content`` (both);
+  the RSS at the end.
 
 Run: ``python benchmarks/bench_kept_store.py DIR N [--out FILE]`` where ``N`` is the row count
 the store was built with (the questions are drawn from the same seeded corpus). The store is
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     out["search_vector_k30_ms"] = p50_p95(lambda q: store.search_vector(table[q], 30), qtexts)
     out["search_text_k30_ms"] = p50_p95(lambda q: store.search_text(q, 30), qtexts)
     out["search_content_k30_ms"] = p50_p95(lambda q: store.search_content([q], [table[q]], 30), qtexts)
+    out["rss_at_end_GB"] = rss_gb()  # the graph (read by the first search) and what the calls read
     m.close()
     store.close()
     for k, v in out.items():
