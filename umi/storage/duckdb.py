@@ -168,7 +168,9 @@ class _VectorLoader:
                         return
                 try:
                     store = ref()
-                    if self._stop.is_set() or store is None or store._closed or store._cache is not cache:
+                    gone = store is None or store._closed or store._cache is not cache
+                    del store  # held only here: a store dropped unclosed is not kept alive by its thread
+                    if gone or self._stop.is_set():
                         return
                     cache.install_vectors(ids, mat)
                     if not cache.vectors_pending():
