@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import umi
 from umi.errors import StorageError
@@ -22,51 +24,41 @@ from umi.storage._duckdb_io import DuckDBDurable
 from umi.storage.duckdb import DuckDBStorageBackend
 from umi.types import Entity
 
-T0 = 1_700_000_000_000
-DIM = 8
-N = 40
+# the existing tests' store and loader gate (``gated`` parks the loader after reading a batch,
+# before it puts that batch in)
+from test_storage_vectors_background import DIM, N, T0, fact, gated, path, small_batches, vec  # noqa: F401
 
 
-def vec(i: int) -> np.ndarray:
-    return np.random.default_rng(i).standard_normal(DIM).astype(np.float32)
+
+def stored() -> dict[str, np.ndarray | None]:
+    """What the ``path`` fixture stored: id -> vector."""
+    return {f"e{i}": vec(i) for i in range(N)}
 
 
-def fact(i: int, content: str | None = None, v: np.ndarray | None = None) -> Entity:
-    return Entity("person", f"person {i}", content or f"person {i} likes topic {i}",
-                  embedding=vec(i) if v is None else v, created_at=T0 + i, id=f"e{i}")
+def finish(b: DuckDBStorageBackend, go: threading.Event, model: dict[str, np.ndarray | None]) -> None:
+    """Let the parked loader go, wait for every vector, check them."""
+    go.set()
+    assert b.wait_for_vectors(30)
+    exact(b, model)
 
 
-@pytest.fixture
-def path(tmp_path: Path) -> Path:
-    p = tmp_path / "v.duckdb"
-    with DuckDBStorageBackend.connect(p, dim=DIM) as b:
-        b.upsert([fact(i) for i in range(N)])
-    return p
+def reopened_exact(path: Path, model: dict[str, np.ndarray | None]) -> None:
+    with DuckDBStorageBackend.connect(path) as b:
+        assert b.wait_for_vectors(30)
+        exact(b, model)
 
 
-@pytest.fixture
-def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(duck, "VECTOR_BATCH", 8)
+def started(fn: Callable[[], object]) -> threading.Thread:
+    t = threading.Thread(target=fn)
+    t.start()
+    return t
 
 
-def gated(monkeypatch: pytest.MonkeyPatch, after_batches: int) -> tuple[threading.Event, threading.Event]:
-    """The loader reads ``after_batches + 1`` batches, says so (``at``) and waits for ``go`` before
-    it puts the last one in."""
-    at, go = threading.Event(), threading.Event()
-    real = DuckDBDurable.stream_vectors
-
-    def stream(self: DuckDBDurable, batch: int) -> Iterator[tuple[list[str], np.ndarray]]:
-        for i, b in enumerate(real(self, batch)):
-            if i == after_batches:
-                at.set()
-                assert go.wait(30)
-            yield b
-
-    monkeypatch.setattr(DuckDBDurable, "stream_vectors", stream)
-    return at, go
+def loader_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "umi-vectors" and t.is_alive()]
 
 
-def exact(b: DuckDBStorageBackend, model: dict[str, np.ndarray]) -> None:
+def exact(b: DuckDBStorageBackend, model: dict[str, np.ndarray | None]) -> None:
     """Every row of ``model`` holds its vector, bit for bit, in memory and through the calls."""
     c = b._cache
     for eid, v in model.items():
@@ -82,7 +74,7 @@ def exact(b: DuckDBStorageBackend, model: dict[str, np.ndarray]) -> None:
 def test_rollback_of_a_write_to_a_row_read_but_not_put_in(path: Path, small_batches: None,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     at, go = gated(monkeypatch, after_batches=2)  # rows e16..e23 read, not in
-    model = {f"e{i}": vec(i) for i in range(N)}
+    model = stored()
     with DuckDBStorageBackend.connect(path) as b:
         assert at.wait(30)
         with pytest.raises(StorageError, match="undo"):
@@ -92,19 +84,15 @@ def test_rollback_of_a_write_to_a_row_read_but_not_put_in(path: Path, small_batc
                 b.upsert([fact(19, "changed too", v=np.full(DIM, 3.0, np.float32))])
                 b.delete("e19")
                 raise RuntimeError("undo")
-        go.set()
-        assert b.wait_for_vectors(30)
-        exact(b, model)
-    with DuckDBStorageBackend.connect(path) as b:
-        assert b.wait_for_vectors(30)
-        exact(b, model)
+        finish(b, go, model)
+    reopened_exact(path, model)
 
 
 def test_a_failed_commit_while_loading_leaves_every_vector(path: Path, small_batches: None,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     at, go = gated(monkeypatch, after_batches=1)
     faults = FaultInjector(seed=1)
-    model = {f"e{i}": vec(i) for i in range(N)}
+    model = stored()
     with DuckDBStorageBackend.connect(path, faults=faults) as b:
         assert b._vector_loader is not None
         assert at.wait(30)
@@ -116,18 +104,14 @@ def test_a_failed_commit_while_loading_leaves_every_vector(path: Path, small_bat
             b.delete("e12")
         b.upsert([fact(13, "kept", v=np.full(DIM, 4.0, np.float32))])
         model["e13"] = np.full(DIM, 4.0, np.float32)
-        go.set()
-        assert b.wait_for_vectors(30)
-        exact(b, model)
-    with DuckDBStorageBackend.connect(path) as b:
-        assert b.wait_for_vectors(30)
-        exact(b, model)
+        finish(b, go, model)
+    reopened_exact(path, model)
 
 
 def test_the_cache_reload_after_a_failed_rollback_ends_the_loader(path: Path, small_batches: None,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     at, go = gated(monkeypatch, after_batches=1)
-    model = {f"e{i}": vec(i) for i in range(N)}
+    model = stored()
     with DuckDBStorageBackend.connect(path) as b:
         assert at.wait(30)
         first = b._cache
@@ -143,36 +127,30 @@ def test_the_cache_reload_after_a_failed_rollback_ends_the_loader(path: Path, sm
                 monkeypatch.setattr(b._cache, "rollback", broken)
                 raise RuntimeError("undo")
         assert b._cache is not first  # reloaded
-        go.set()
-        assert b.wait_for_vectors(30)
-        exact(b, model)
+        finish(b, go, model)
 
 
 def test_checkpoint_while_loading(path: Path, small_batches: None, monkeypatch: pytest.MonkeyPatch) -> None:
     at, go = gated(monkeypatch, after_batches=1)
-    model = {f"e{i}": vec(i) for i in range(N)}
+    model = stored()
     with DuckDBStorageBackend.connect(path) as b:
         assert at.wait(30)
         b.upsert([fact(3, "new", v=np.full(DIM, 6.0, np.float32))])
         model["e3"] = np.full(DIM, 6.0, np.float32)
         b.checkpoint()
         b.save_index()
-        go.set()
-        assert b.wait_for_vectors(30)
-        exact(b, model)
+        finish(b, go, model)
 
 
 def test_save_index_and_build_vector_index_while_loading(path: Path, small_batches: None,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     at, go = gated(monkeypatch, after_batches=1)
-    model = {f"e{i}": vec(i) for i in range(N)}
+    model = stored()
     with DuckDBStorageBackend.connect(path, hnsw_threshold=10) as b:
         assert at.wait(30)
         assert b.build_vector_index()
         assert b.save_index()
-        go.set()
-        assert b.wait_for_vectors(30)
-        exact(b, model)
+        finish(b, go, model)
 
 
 def test_a_dropped_unclosed_store_frees_its_file_for_a_reopen(path: Path, small_batches: None,
@@ -187,13 +165,13 @@ def test_a_dropped_unclosed_store_frees_its_file_for_a_reopen(path: Path, small_
     del b
     gc.collect()
     with DuckDBStorageBackend.connect(path, vectors="on_demand") as again:
-        exact(again, {f"e{i}": vec(i) for i in range(N)})
+        exact(again, stored())
     go.set()
     assert loader.done.wait(30)
 
 
 def test_reopen_right_after_close_many_times(path: Path) -> None:
-    model = {f"e{i}": vec(i) for i in range(N)}
+    model = stored()
     for k in range(15):
         b = DuckDBStorageBackend.connect(path)
         if k % 3 == 0:
@@ -204,7 +182,7 @@ def test_reopen_right_after_close_many_times(path: Path) -> None:
     with DuckDBStorageBackend.connect(path) as b:
         assert b.wait_for_vectors(30)
         exact(b, model)
-    assert not [t for t in threading.enumerate() if t.name == "umi-vectors"]
+    assert not loader_threads()
 
 
 def test_close_while_a_batch_is_being_put_in(path: Path, small_batches: None, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -221,22 +199,19 @@ def test_close_while_a_batch_is_being_put_in(path: Path, small_batches: None, mo
     monkeypatch.setattr(EntityCache, "install_vectors", slow)
     b = DuckDBStorageBackend.connect(path)
     assert inside.wait(30)
-    closing = threading.Thread(target=b.close)
-    closing.start()
+    closing = started(b.close)
     release.set()
     closing.join(30)
     assert not closing.is_alive() and b._closed
-    loader_threads = [t for t in threading.enumerate() if t.name == "umi-vectors"]
-    for t in loader_threads:
-        t.join(30)
+    assert not loader_threads()  # close ended it
     with DuckDBStorageBackend.connect(path, vectors="on_demand") as b2:
-        exact(b2, {f"e{i}": vec(i) for i in range(N)})
+        exact(b2, stored())
 
 
 def test_read_only_open_loads_in_the_background(path: Path, small_batches: None) -> None:
     with DuckDBStorageBackend.connect(path, read_only=True) as b:
         assert b.wait_for_vectors(30)
-        exact(b, {f"e{i}": vec(i) for i in range(N)})
+        exact(b, stored())
 
 
 @pytest.mark.parametrize("damage", ["missing", "corrupt"])
@@ -249,7 +224,7 @@ def test_no_usable_index_cache_reads_vectors_at_open_and_starts_no_thread(path: 
         idx.write_bytes(b"\0garbage" * 50)
     with DuckDBStorageBackend.connect(path) as b:
         assert b._vector_loader is None and b.wait_for_vectors(0)
-        exact(b, {f"e{i}": vec(i) for i in range(N)})
+        exact(b, stored())
 
 
 def test_rows_without_a_vector_and_long_passages(tmp_path: Path, small_batches: None,
@@ -330,3 +305,170 @@ def test_memory_verbs_while_loading_keep_every_vector(tmp_path: Path, small_batc
     assert set(disk) == set(held)
     for eid, (content, v) in disk.items():
         assert held[eid][0] == content and np.array_equal(held[eid][1], v), eid
+
+
+
+def test_close_racing_a_compact_stops_the_thread_the_compact_starts(path: Path, small_batches: None,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """compact() restarts the loader when it ends; a close() on another thread must not slip in
+    between its own stop of the loader and the closing of the connection (the new thread would
+    read on a closed connection, or make DuckDB refuse the close: "connection is busy")."""
+    first_at, first_go = gated(monkeypatch, after_batches=0)
+    real_stream = DuckDBDurable.stream_vectors  # (the gated one)
+    streams = []
+    release = threading.Event()
+
+    def stream(self: DuckDBDurable, batch: int) -> Iterator[tuple[list[str], np.ndarray]]:
+        streams.append(1)
+        if len(streams) > 1:  # the loader compact starts: parked until it is stopped
+            assert release.wait(30)
+        yield from real_stream(self, batch)
+
+    monkeypatch.setattr(DuckDBDurable, "stream_vectors", stream)
+    real_stop = duck._VectorLoader.stop
+
+    def stop(self: duck._VectorLoader, timeout: float = 10.0) -> None:
+        if len(streams) > 1:
+            release.set()
+        real_stop(self, timeout)
+
+    monkeypatch.setattr(duck._VectorLoader, "stop", stop)
+    compacted, proceed = threading.Event(), threading.Event()
+    real_compact = DuckDBStorageBackend._compact
+
+    def compact(self: DuckDBStorageBackend) -> bool:
+        done = real_compact(self)
+        compacted.set()
+        proceed.wait(3)  # (never set when close waits for the whole compact)
+        return done
+
+    monkeypatch.setattr(DuckDBStorageBackend, "_compact", compact)
+    b = DuckDBStorageBackend.connect(path)
+    assert first_at.wait(30)
+    compacting = started(b.compact)
+    first_go.set()
+    assert compacted.wait(30)
+    real_stop_loader = DuckDBStorageBackend._stop_vector_loader
+
+    def stop_loader(self: DuckDBStorageBackend) -> None:
+        real_stop_loader(self)
+        if threading.current_thread() is not compacting:  # close's: let the compact finish now
+            proceed.set()
+            compacting.join(0.5)
+
+    monkeypatch.setattr(DuckDBStorageBackend, "_stop_vector_loader", stop_loader)
+    try:
+        b.close()
+        compacting.join(30)
+        assert not compacting.is_alive() and b._closed
+        assert not loader_threads()
+    finally:
+        release.set()
+        proceed.set()
+        for t in threading.enumerate():
+            if t.name == "umi-vectors":
+                t.join(30)
+
+
+# --- a property: random writes, rollbacks and failed commits interleaved with stale batches ------
+
+
+HN = 24
+_ids = st.integers(0, HN + 4).map(lambda i: f"e{i}")
+_write = st.one_of(
+    st.tuples(st.just("upsert"), _ids, st.integers(0, 10_000)),
+    st.tuples(st.just("novec"), _ids, st.just(0)),
+    st.tuples(st.just("delete"), _ids, st.just(0)),
+    st.tuples(st.just("supersede"), _ids, st.just(0)),
+)
+_op = st.one_of(
+    _write,
+    st.tuples(st.just("install"), st.just(""), st.just(0)),
+    st.tuples(st.just("read"), _ids, st.just(0)),
+    st.tuples(st.sampled_from(["rollback", "commit", "fail"]), st.lists(_write, min_size=1, max_size=4), st.just(0)),
+)
+
+
+def _apply_write(b: DuckDBStorageBackend, model: dict[str, np.ndarray | None], op: tuple) -> None:
+    kind, eid, seed = op
+    i = int(eid[1:])
+    if kind == "upsert":
+        v = np.random.default_rng(seed + 7_000).standard_normal(DIM).astype(np.float32)
+        b.upsert([fact(i, f"fact {eid} v{seed}", v=v)])
+        model[eid] = v
+    elif kind == "novec":
+        b.upsert([Entity("person", f"person {i}", f"fact {eid} without a vector", created_at=T0 + i, id=eid)])
+        model[eid] = None
+    elif kind == "delete":
+        assert b.delete(eid) == (eid in model)
+        model.pop(eid, None)
+    else:
+        b.supersede(eid, T0 + 10_000_000)  # the vector stays
+
+
+def _check(b: DuckDBStorageBackend, model: dict[str, np.ndarray | None]) -> None:
+    assert sorted(e.id for e in b.list(umi.SearchFilters(include_superseded=True), limit=1000)) == sorted(model)
+    got = {e.id: e.embedding for e in b.get_many(sorted(model))}
+    for eid, v in model.items():
+        assert (got[eid] is None) == (v is None), eid
+        if v is not None:
+            assert np.array_equal(got[eid], v), eid
+            c = b._cache
+            row = c._row_of[eid]
+            if not c._vec_pending[row]:
+                assert np.array_equal(c._vecs[row], v), eid  # type: ignore[index]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                   HealthCheck.too_slow])
+@given(ops=st.lists(_op, max_size=25), batch=st.integers(1, 9))
+def test_random_writes_interleaved_with_stale_batches_match_a_dict_model(tmp_path: Path, ops: list, batch: int) -> None:
+    import shutil
+    import tempfile
+
+    base = tmp_path / "base.duckdb"
+    if not base.exists():
+        with DuckDBStorageBackend.connect(base, dim=DIM) as b:
+            b.upsert([fact(i) for i in range(HN)])
+    work = Path(tempfile.mkdtemp(dir=tmp_path))
+    for suffix in ("", ".umiidx", ".umiterms"):
+        shutil.copy(str(base) + suffix, str(work / "s.duckdb") + suffix)
+    model: dict[str, np.ndarray | None] = {f"e{i}": vec(i) for i in range(HN)}
+    faults = FaultInjector(seed=0)
+    with DuckDBStorageBackend.connect(work / "s.duckdb", vectors="on_demand", faults=faults) as b:
+        assert b._cache.vectors_pending() == HN
+        stale = list(b._durable.stream_vectors(batch))  # what a loader read at the open
+        for kind, arg, seed in ops:
+            if kind == "install":
+                if stale:
+                    with b._lock:
+                        b._cache.install_vectors(*stale.pop(0))
+            elif kind == "read":
+                got = b.get(arg)
+                assert (got is None) == (arg not in model)
+            elif kind in ("rollback", "commit", "fail"):
+                trial = dict(model)
+                try:
+                    with b.transaction():
+                        for w in arg:
+                            _apply_write(b, trial, w)
+                        if kind == "rollback":
+                            raise RuntimeError("undo")
+                        if kind == "fail":
+                            faults.force(FaultType.STORAGE_WRITE_FAIL)
+                except StorageError:
+                    assert kind != "commit"
+                else:
+                    assert kind == "commit"
+                    model = trial
+            else:
+                _apply_write(b, model, (kind, arg, seed))
+            _check(b, model)
+        with b._lock:
+            for ids, mat in stale:
+                b._cache.install_vectors(ids, mat)
+        assert b._cache.vectors_pending() == 0
+        _check(b, model)
+    with DuckDBStorageBackend.connect(work / "s.duckdb", vectors="on_demand") as b:
+        _check(b, model)
+    shutil.rmtree(work)

@@ -147,9 +147,10 @@ class _VectorLoader:
     without the store's lock; each batch is put in under the lock, for the rows still waiting
     for theirs (a row written meanwhile keeps what it was given). Calls go on meanwhile: a
     vector one of them needs first is read for it, as on demand. :meth:`stop` is called by
-    every call that replaces the connection (close, compact) before it takes the lock; the
-    thread also ends when the store closes or reloads its cache under it. A failure leaves the
-    rest read on demand (logged)."""
+    every call that replaces the connection (close, compact) under the lock, which the thread
+    only polls for (never waits on), so it stops within one batch read; the thread also ends
+    when the store closes or reloads its cache under it. A failure leaves the rest read on
+    demand (logged)."""
 
     def __init__(self, store: "DuckDBStorageBackend") -> None:
         self._stop = threading.Event()
@@ -526,12 +527,13 @@ class DuckDBStorageBackend(CachedStore):
         both are closed, before this store opens it again, gets the new file with every commit in
         it; should it write there, this store raises :class:`~umi.StorageLockedError` and is closed
         (its cache no longer matches the file)."""
-        self._stop_vector_loader()  # its cursor reads the file compact replaces
-        try:
-            return self._compact()
-        finally:
-            if not self._closed:
-                self._load_vectors_in_background()
+        with self._lock:  # (as close: no other call starts or stops the thread meanwhile)
+            self._stop_vector_loader()  # its cursor reads the file compact replaces
+            try:
+                return self._compact()
+            finally:
+                if not self._closed:
+                    self._load_vectors_in_background()
 
     def _compact(self) -> bool:
         with self._lock:
@@ -596,8 +598,11 @@ class DuckDBStorageBackend(CachedStore):
     def close(self) -> None:
         """Roll back an open transaction, save the index cache, close the file. Idempotent."""
         try:
-            self._stop_vector_loader()
-            super().close()
+            # under the lock: a compact on another thread cannot start a thread between the stop
+            # and the close (it would read on the closed connection, or DuckDB refuse the close)
+            with self._lock:
+                self._stop_vector_loader()
+                super().close()
         finally:
             self._release()
 
