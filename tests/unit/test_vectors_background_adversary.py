@@ -472,3 +472,38 @@ def test_random_writes_interleaved_with_stale_batches_match_a_dict_model(tmp_pat
     with DuckDBStorageBackend.connect(work / "s.duckdb", vectors="on_demand") as b:
         _check(b, model)
     shutil.rmtree(work)
+
+
+_EXIT_PROBE = """
+import atexit, sys, threading, time
+# registered first, so it runs after umi's own exit handlers (last in, first out)
+atexit.register(lambda: print("loaders at exit:", sum(t.name == "umi-vectors" and t.is_alive()
+                                                      for t in threading.enumerate()), flush=True))
+from umi.storage import duckdb as duck
+from umi.storage._duckdb_io import DuckDBDurable
+duck.VECTOR_BATCH = 4
+real = DuckDBDurable.stream_vectors
+def slow(self, batch):
+    for b in real(self, batch):
+        time.sleep(0.2)  # still reading when the script ends
+        yield b
+DuckDBDurable.stream_vectors = slow
+store = duck.DuckDBStorageBackend.connect(sys.argv[1])
+assert store._vector_loader is not None
+print("opened", flush=True)
+"""
+
+
+def test_a_script_that_ends_without_close_while_loading_stops_the_thread_first(path: Path) -> None:
+    # a daemon thread still inside DuckDB while the interpreter finalises can abort the process
+    # ("terminate called ... FATAL: exception not rethrown", exit 134): it is stopped at exit
+    import subprocess
+    import sys
+
+    from child_process import child_env
+
+    out = subprocess.run([sys.executable, "-c", _EXIT_PROBE, str(path)], env=child_env(), cwd=path.parent,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "opened" in out.stdout and "loaders at exit: 0" in out.stdout, out.stdout + out.stderr
+    assert "background failed" not in out.stderr

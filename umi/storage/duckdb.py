@@ -43,6 +43,7 @@ commit or rollback and never see uncommitted state.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import os
@@ -140,6 +141,17 @@ def _read_index(path: str) -> Any:
 VECTOR_BATCH = 4096
 
 
+#: the loaders of this process: stopped at interpreter exit (a store never closed), as a daemon
+#: thread still inside DuckDB while Python finalises aborts the process ("terminate called")
+_LOADERS: "weakref.WeakSet[_VectorLoader]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_loaders() -> None:
+    for loader in list(_LOADERS):
+        loader.stop()
+
+
 class _VectorLoader:
     """Reads the vectors a lazy open left in the database into the cache, on a thread of its own.
 
@@ -158,6 +170,7 @@ class _VectorLoader:
         self._thread = threading.Thread(
             target=self._run, args=(weakref.ref(store), store._durable, store._lock, store._cache),
             name="umi-vectors", daemon=True)
+        _LOADERS.add(self)
         self._thread.start()
 
     def _run(self, ref: Any, durable: Any, lock: Any, cache: Any) -> None:
