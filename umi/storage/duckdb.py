@@ -43,6 +43,7 @@ commit or rollback and never see uncommitted state.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import os
@@ -140,6 +141,17 @@ def _read_index(path: str) -> Any:
 VECTOR_BATCH = 4096
 
 
+#: the loaders of this process: stopped at interpreter exit (a store never closed), as a daemon
+#: thread still inside DuckDB while Python finalises aborts the process ("terminate called")
+_LOADERS: "weakref.WeakSet[_VectorLoader]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_loaders() -> None:
+    for loader in list(_LOADERS):
+        loader.stop()
+
+
 class _VectorLoader:
     """Reads the vectors a lazy open left in the database into the cache, on a thread of its own.
 
@@ -147,9 +159,10 @@ class _VectorLoader:
     without the store's lock; each batch is put in under the lock, for the rows still waiting
     for theirs (a row written meanwhile keeps what it was given). Calls go on meanwhile: a
     vector one of them needs first is read for it, as on demand. :meth:`stop` is called by
-    every call that replaces the connection (close, compact) before it takes the lock; the
-    thread also ends when the store closes or reloads its cache under it. A failure leaves the
-    rest read on demand (logged)."""
+    every call that replaces the connection (close, compact) under the lock, which the thread
+    only polls for (never waits on), so it stops within one batch read; the thread also ends
+    when the store closes or reloads its cache under it. A failure leaves the rest read on
+    demand (logged)."""
 
     def __init__(self, store: "DuckDBStorageBackend") -> None:
         self._stop = threading.Event()
@@ -157,6 +170,7 @@ class _VectorLoader:
         self._thread = threading.Thread(
             target=self._run, args=(weakref.ref(store), store._durable, store._lock, store._cache),
             name="umi-vectors", daemon=True)
+        _LOADERS.add(self)
         self._thread.start()
 
     def _run(self, ref: Any, durable: Any, lock: Any, cache: Any) -> None:
@@ -168,7 +182,9 @@ class _VectorLoader:
                         return
                 try:
                     store = ref()
-                    if self._stop.is_set() or store is None or store._closed or store._cache is not cache:
+                    gone = store is None or store._closed or store._cache is not cache
+                    del store  # held only here: a store dropped unclosed is not kept alive by its thread
+                    if gone or self._stop.is_set():
                         return
                     cache.install_vectors(ids, mat)
                     if not cache.vectors_pending():
@@ -524,12 +540,13 @@ class DuckDBStorageBackend(CachedStore):
         both are closed, before this store opens it again, gets the new file with every commit in
         it; should it write there, this store raises :class:`~umi.StorageLockedError` and is closed
         (its cache no longer matches the file)."""
-        self._stop_vector_loader()  # its cursor reads the file compact replaces
-        try:
-            return self._compact()
-        finally:
-            if not self._closed:
-                self._load_vectors_in_background()
+        with self._lock:  # (as close: no other call starts or stops the thread meanwhile)
+            self._stop_vector_loader()  # its cursor reads the file compact replaces
+            try:
+                return self._compact()
+            finally:
+                if not self._closed:
+                    self._load_vectors_in_background()
 
     def _compact(self) -> bool:
         with self._lock:
@@ -594,8 +611,11 @@ class DuckDBStorageBackend(CachedStore):
     def close(self) -> None:
         """Roll back an open transaction, save the index cache, close the file. Idempotent."""
         try:
-            self._stop_vector_loader()
-            super().close()
+            # under the lock: a compact on another thread cannot start a thread between the stop
+            # and the close (it would read on the closed connection, or DuckDB refuse the close)
+            with self._lock:
+                self._stop_vector_loader()
+                super().close()
         finally:
             self._release()
 
