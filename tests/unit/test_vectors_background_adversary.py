@@ -141,7 +141,24 @@ def test_checkpoint_while_loading(path: Path, small_batches: None, monkeypatch: 
         assert at.wait(30)
         b.upsert([fact(30, "new", v=np.full(DIM, 6.0, np.float32))])  # a batch still to come
         model["e30"] = np.full(DIM, 6.0, np.float32)
-        b.checkpoint()
+        # a new id: with an insert in the log, DuckDB refuses a checkpoint beside the thread's open
+        # read ("other write transactions active"); checkpoint stops the thread and starts it again
+        b.upsert([fact(77, "inserted", v=vec(777))])
+        model["e77"] = vec(777)
+        first = b._vector_loader
+        failed: list[BaseException] = []
+
+        def checkpoint() -> None:
+            try:
+                b.checkpoint()
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                failed.append(exc)
+
+        t = started(checkpoint)
+        go.set()  # the parked batch comes back to a stopping thread
+        t.join(30)
+        assert not t.is_alive() and failed == []
+        assert first is not None and first.done.is_set() and b._vector_loader is not first
         b.save_index()
         finish(b, go, model)
 

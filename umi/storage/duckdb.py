@@ -48,6 +48,7 @@ import functools
 import logging
 import os
 import threading
+import time
 import weakref
 from pathlib import Path
 from typing import Any, Callable
@@ -325,12 +326,19 @@ class DuckDBStorageBackend(CachedStore):
     def wait_for_vectors(self, timeout: float) -> bool:
         """Wait at most ``timeout`` seconds for every stored vector to be in memory (see
         ``vectors`` in :meth:`connect`); True when they are."""
-        timeout = check_real(timeout, "timeout", 0.0, 86_400.0)
-        loader = self._vector_loader
-        if loader is not None:
-            loader.done.wait(timeout)
-        with self._lock:
+        end = time.monotonic() + check_real(timeout, "timeout", 0.0, 86_400.0)
+        while True:  # a compact or checkpoint meanwhile starts a new thread: wait for that one
+            loader = self._vector_loader
+            if loader is None or not loader.done.wait(max(0.0, end - time.monotonic())):
+                break
+            if loader is self._vector_loader:
+                break
+        if not self._lock.acquire(timeout=max(0.0, end - time.monotonic())):
+            return False  # a transaction on another thread holds the store past the timeout
+        try:
             return self._closed or not self._cache.vectors_pending()
+        finally:
+            self._lock.release()
 
     # --- one open store per file per process ---------------------------------------------------
     def _claim(self, real: str) -> None:
@@ -514,16 +522,21 @@ class DuckDBStorageBackend(CachedStore):
             log.warning("could not save the index caches (they will be rebuilt on open): %s", exc)
 
     def checkpoint(self) -> None:
-        """Write DuckDB's WAL into the database file and save the index cache."""
+        """Write DuckDB's WAL into the database file and save the index cache. A thread reading
+        the vectors in the background is stopped for it (DuckDB refuses a checkpoint beside its
+        open read once anything was written) and started again after it."""
         with self._lock:
             self._check_writable()
             if self._depth:
                 raise StorageError("checkpoint() inside a transaction")
+            self._stop_vector_loader()
             try:
                 with self._durable.bulk():  # type: ignore[attr-defined]
                     self._con.execute("CHECKPOINT")
             except duckdb.Error as exc:
                 raise StorageError(f"checkpoint failed: {exc}") from exc
+            finally:
+                self._load_vectors_in_background()
             self._save_index_quietly()
 
     def compact(self) -> bool:
