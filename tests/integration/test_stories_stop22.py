@@ -233,6 +233,36 @@ def test_a_relinked_fact_names_the_forgotten_fact_its_chain_ran_through() -> Non
         assert initech not in "".join(r.reason for r in relinked)  # was: named in both
 
 
+def test_a_fact_superseded_by_two_at_once_survives_a_forget_of_both_ends() -> None:
+    """A ("Alice works at Acme") was superseded by B (Initech) and D (lives in Berlin) at once
+    (facets, or an imported relation set); C (Globex) later replaced B. Forgetting C and D in one
+    call revives B, and A stays superseded by B through the relation it already has. Was: a
+    ValueError (max() of an empty sequence: A's only relation to a forgotten fact, A → D, does not
+    lead to C), so nothing was forgotten (review of stop 22)."""
+    from umi.types import Entity, EvolutionRelation
+
+    t = 1_700_000_000_000
+    st = SimStorageBackend(seed=1)
+
+    def ent(i: str, content: str, at: int, valid_to: int | None = None) -> Entity:
+        return Entity("person", "Alice", content, id=i, created_at=at, updated_at=at, valid_to=valid_to,
+                      metadata={"drop": i in ("C", "D")})
+
+    m = umi.Memory._from_parts(storage=st, llm=None, embedder=umi.SimEmbeddingProvider(seed=1))
+    with m:
+        st.upsert([ent("A", "Alice works at Acme", t, t + 10), ent("B", "Alice works at Initech", t + 10, t + 20),
+                   ent("D", "Alice lives in Berlin", t + 10), ent("C", "Alice works at Globex", t + 20)])
+        st.add_relations([EvolutionRelation("A", "B", "update", "r", 1.0, id="r1", created_at=t + 10),
+                          EvolutionRelation("A", "D", "update", "r", 1.0, id="r2", created_at=t + 10),
+                          EvolutionRelation("B", "C", "update", "r", 1.0, id="r3", created_at=t + 20)])
+        assert m.forget_sync(where=umi.SearchFilters(metadata={"drop": True}, include_superseded=True)) == 2
+        a, b = st.get("A"), st.get("B")
+        assert st.get("C") is None and st.get("D") is None
+        assert b is not None and b.valid_to is None  # current again
+        assert a is not None and a.valid_to == t + 10  # still superseded ...
+        assert [(r.source_id, r.target_id, r.id) for r in st.relations_for("A")] == [("A", "B", "r1")]  # ... by B, once
+
+
 def current_at_work(m: umi.Memory) -> list[str]:
     return sorted(h.content for h in m.recall_sync("Where does Alice work?", umi.RecallOptions(limit=10)))
 

@@ -255,6 +255,12 @@ def _latest(chains: _Chains, ids: list[str], gone: set[str]
                   for i in sorted(later)}
 
 
+def _links(ctx: PipelineContext, chains: "_Chains", older: str, newer: str) -> bool:
+    """A stored relation already has ``newer`` superseding ``older``."""
+    return any(x.source_id == older and x.target_id == newer and supersedes(ctx, x)
+               for x in chains.relations_for(older))
+
+
 def _relink(rel: EvolutionRelation, gone: Entity, to: Entity, at: int) -> EvolutionRelation:
     """``rel.source_id`` stays superseded by ``to``: its chain to it ran through ``gone`` (one of
     the facts forgotten now; ``rel`` retired it into one). Its id carries the instant, like a
@@ -295,8 +301,7 @@ def forget_ids(ctx: PipelineContext, ids: Iterable[str], at: int, *, source_id: 
             for nxt in _next_staying(chains, e, gone_ids):
                 if nxt.id == cid or not (nxt.valid_to is None or _replacements(chains, nxt.id, gone_ids)):
                     continue  # a dead end: a relation left from an earlier turn of the chain
-                if not any(x.source_id == cid and x.target_id == nxt.id and supersedes(ctx, x)
-                           for x in chains.relations_for(cid)):
+                if not _links(ctx, chains, cid, nxt.id):
                     rel = _relink(r, e, nxt, at)
                     relink[rel.id] = rel
     revive, later = _latest(chains, revive, gone_ids)
@@ -305,9 +310,13 @@ def forget_ids(ctx: PipelineContext, ids: Iterable[str], at: int, *, source_id: 
             # named by its last relation to a forgotten fact that leads to that end: Acme → Initech,
             # Acme told again, Acme → Globex, both forgotten: Globex (Initech leads there too, back
             # through Acme told again: a turn of the chain that is over)
-            r, e = max(((r, e) for r, e in older[cid] if e.id == end or end in chains.reach(e.id)),
+            # (none leads there when it reached that end by a relation that stays: a fact superseded
+            # by two at once, one of them forgotten; then any of them names it)
+            r, e = max([(r, e) for r, e in older[cid] if e.id == end or end in chains.reach(e.id)] or older[cid],
                        key=lambda p: (p[0].created_at, p[0].id))
             for nxt in successors:
+                if _links(ctx, chains, cid, nxt.id):
+                    continue  # a relation that stays links them already
                 rel = _relink(r, e, nxt, at)
                 relink[rel.id] = rel
     drop_source = source_id is not None and store.get_source(source_id) is not None
