@@ -41,6 +41,7 @@ import concurrent.futures
 import contextvars
 import os
 import threading
+import time
 import weakref
 from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 
@@ -96,6 +97,7 @@ class LoopThread:
         self._closed = False
         self._stopping = False  # close() has failed the pending calls: no I/O job starts any more
         self._jobs = 0  # I/O jobs running on their threads
+        self._no_jobs = threading.Condition(self._lock)  # notified when _jobs drops to 0
         self._idle: list[Callable[[], object]] = []  # after_io callbacks waiting for them
         self._forked = False
         self._pid = os.getpid()
@@ -266,6 +268,8 @@ class LoopThread:
             idle = self._idle if self._jobs == 0 else []
             if idle:
                 self._idle = []
+            if self._jobs == 0:
+                self._no_jobs.notify_all()
         for cb in idle:
             _quietly(cb)
 
@@ -299,8 +303,11 @@ class LoopThread:
             pending = list(self._pending)
         if self._forked:  # nothing of the loop exists in this process
             return
+        deadline = time.monotonic() + self.grace_secs
         if pending:
             concurrent.futures.wait(pending, timeout=self.grace_secs)
+        with self._lock:  # and the storage jobs not on the loop (core writes on their callers' threads)
+            self._no_jobs.wait_for(lambda: self._jobs == 0, timeout=max(0.0, deadline - time.monotonic()))
         # Decided on the loop, between two steps of the calls' coroutines: a job's result is
         # either still out (unknown) or already returned into a coroutine that then ran on.
         decided: concurrent.futures.Future[None] = concurrent.futures.Future()

@@ -79,12 +79,21 @@ def test_a_core_write_racing_close_commits_or_is_refused_never_a_bare_storage_er
     entered, release = _hold(monkeypatch, m, method)
     t, outcome = _in_thread(lambda: call(m))
     assert entered.wait(30)  # the write is past every open check, about to write
-    m.close()  # returns: it has no call of the loop to wait for
+    closer, closed = _in_thread(m.close)
+    runner = m._engine.runner
+    for _ in range(3000):  # until close() has begun (then it waits for the write, within its grace)
+        if runner._closed:
+            break
+        threading.Event().wait(0.01)
+    assert runner._closed
     release.set()
+    closer.join(30)
+    assert not closer.is_alive() and closed == [None]
+    assert m.storage._closed  # close() returned after the write and the store's close (was: before both)
     t.join(30)
     [got] = outcome
     monkeypatch.undo()
-    with open_memory(db) as again:  # the store was closed (after the write): it opens again
+    with open_memory(db) as again:  # the store was closed (after the write): it opens again at once
         stored = dict((label, content) for label, content, _ in again.core.blocks())
     if isinstance(got, BaseException):  # refused: then nothing was written
         assert isinstance(got, umi.MemoryClosedError), repr(got)  # was: StorageError
