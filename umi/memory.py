@@ -440,7 +440,10 @@ class Memory:
 
     @_on_loop
     async def history(self, entity_id: str) -> list[HistoryRecord]:
-        """Every change to an entity of this view's scope, oldest first ([] for another scope's)."""
+        """Every change to an entity of this view's scope, oldest first ([] for another scope's).
+        A forgotten fact's records are tombstones filed under no scope (they keep the id's
+        numbering): only an unscoped view sees them, so a scoped view gets [] for its own
+        forgotten fact too."""
         records = await self._io(self.storage.history, _check_id(entity_id))
         return [h for h in records if self._sees(h.scope)]
 
@@ -512,9 +515,10 @@ class Memory:
         """Forget every fact (superseded too) of one scope inside this view — e.g.
         ``memory.forget_scope(user_id="alice")`` — and, when the scope names no session, every core
         block and core history record of the core scopes it contains (``user_id="alice"``: each of
-        alice's agents too), in the store and in this process's core memories. Returns how many
-        facts were forgotten. Another scope's records are never touched; an unscoped Memory must
-        name a scope."""
+        alice's agents too), in the store and in this process's core memories, and the scope's
+        stored texts that no fact comes from. What stays is the forgotten facts' tombstones, filed
+        under no scope. Returns how many facts were forgotten. Another scope's records are never
+        touched; an unscoped Memory must name a scope."""
         target = narrow_scope(self._scope, Scope(user_id, agent_id, session_id))
         if target is None:
             raise InvalidScopeError("forget_scope() needs a scope: pass user_id, agent_id or session_id "
