@@ -202,6 +202,9 @@ class _VectorLoader:
         """End the thread (its batch in flight is dropped), waiting at most ``timeout`` s."""
         self._stop.set()
         self._thread.join(timeout)
+        if self._thread.is_alive():  # one batch read outlasting the wait: the store closes beside it
+            log.warning("the background vector reader did not stop within %g s (a batch read still "
+                        "running); going on without it", timeout)
 
 
 class DuckDBStorageBackend(CachedStore):
