@@ -254,50 +254,51 @@ class EntityCache:
         row_of = self._row_of
         return np.fromiter(map(row_of.__getitem__, got_ids), np.int64, len(got_ids)), mat
 
-    def install_vectors(self, ids: builtins.list[str], mat: np.ndarray) -> None:
+    def install_vectors(self, ids: builtins.list[str], mat: np.ndarray) -> bool:
         """The stored vectors of ``ids`` (read after a lazy open) put in for the rows still waiting
-        for theirs; a row written since the open keeps what it was given."""
+        for theirs; a row written since the open keeps what it was given. True once no vector is
+        left to read from the durable store."""
         row_of = self._row_of
         rows = np.fromiter((row_of.get(i, -1) for i in ids), np.int64, len(ids))
         keep = rows >= 0
         keep[keep] = self._vec_pending[rows[keep]]
-        rows = rows[keep]
-        if rows.shape[0] == 0:
-            return
-        self._own_vectors(self._cap)
-        self._vecs[rows] = mat[keep]  # type: ignore[index]
-        self._vec_pending[rows] = False
-        held = self._vec_read
-        if held:
-            for r in rows.tolist():
-                held.pop(r, None)
-        if not self._vec_pending[: self._n].any():
-            self._fetch_vectors, self._vec_read = None, {}  # every read is from memory now
+        if not keep.any():
+            return self._fetch_vectors is None
+        return self._put_vectors(rows[keep], mat[keep])
 
     def vectors_pending(self) -> int:
         """How many rows' vectors are still to be read from the durable store."""
         return int(np.count_nonzero(self._vec_pending[: self._n])) if self._fetch_vectors is not None else 0
 
-    def _unpend_vectors(self) -> None:
-        """Every pending vector into ``_vecs`` (to rebuild the index from them)."""
-        rows = np.flatnonzero(self._vec_pending[: self._n])
-        if rows.shape[0] == 0:
-            return
+    def _put_vectors(self, rows: np.ndarray, mat: np.ndarray) -> bool:
+        """The stored vectors ``mat`` of pending ``rows`` into ``_vecs`` (no longer pending); True
+        once none is left pending (every read is then from memory)."""
         self._own_vectors(self._cap)
-        vecs, held = self._vecs, self._vec_read
-        assert vecs is not None
-        unread = []
-        for r in rows.tolist():
-            v = held.get(r)
-            if v is None:
-                unread.append(r)
-            else:
-                vecs[r] = v
-        if unread:
-            at, mat = self._read_vectors(unread)
-            vecs[at] = mat
+        self._vecs[rows] = mat  # type: ignore[index]
         self._vec_pending[rows] = False
-        self._vec_read = {}
+        held = self._vec_read
+        if held:
+            for r in rows.tolist():
+                held.pop(r, None)
+        if self._vec_pending[: self._n].any():
+            return False
+        self._fetch_vectors, self._vec_read = None, {}
+        return True
+
+    def _unpend_vectors(self) -> None:
+        """Every pending vector into ``_vecs`` (to rebuild the index from them): those read for a
+        call already, and the rest in one durable read."""
+        rows = np.flatnonzero(self._vec_pending[: self._n]).tolist()
+        if not rows:
+            return
+        held = self._vec_read
+        kept = [r for r in rows if r in held]
+        unread = [r for r in rows if r not in held]
+        parts = [self._read_vectors(unread)] if unread else []
+        if kept:
+            parts.append((np.array(kept, np.int64), np.stack([held[r] for r in kept])))
+        for at, mat in parts:
+            self._put_vectors(at, mat)
 
     def _ent(self, row: int) -> Entity:
         """The stored entity of a live row (built from the bulk-loaded columns on first use)."""

@@ -187,9 +187,8 @@ class _VectorLoader:
                     del store  # held only here: a store dropped unclosed is not kept alive by its thread
                     if gone or self._stop.is_set():
                         return
-                    cache.install_vectors(ids, mat)
-                    if not cache.vectors_pending():
-                        return
+                    if cache.install_vectors(ids, mat):
+                        return  # every vector is in memory
                 finally:
                     lock.release()
         except Exception as exc:  # noqa: BLE001 - a thread of the store's own: the rest is read on demand
