@@ -245,14 +245,13 @@ def follow(ctx: PipelineContext, start: str, through: Callable[[Entity], bool],
     return out
 
 
-def replacements(ctx: PipelineContext, old_id: str, ours: set[str] | frozenset[str] = frozenset(), *,
-                 gone: set[str] | frozenset[str] = frozenset()) -> list[Entity]:
+def replacements(ctx: PipelineContext, old_id: str, ours: set[str] | frozenset[str] = frozenset()) -> list[Entity]:
     """The current facts that replaced ``old_id``, following replacements of replacements
     (Acme → Initech → Globex: restating Acme retires Globex). ``ours``: neither returned nor
-    walked through (the facts being told). ``gone``: facts being forgotten, walked through when
-    superseded (what replaced them counts), never returned (forget's chain rule)."""
+    walked through (the facts being told). Forget's walk of the same chains, memoised for a
+    whole plan, is ``pipeline.forget._Chains.reach``."""
     reached = follow(ctx, old_id, lambda t: t.valid_to is not None, ours)
-    return sorted((t for t in reached if t.valid_to is None and t.id not in gone), key=lambda e: e.id)
+    return sorted((t for t in reached if t.valid_to is None), key=lambda e: e.id)
 
 
 def read_plan(ctx: PipelineContext, source: Source, entities: list[Entity], opts: RememberOptions) -> Plan:
