@@ -54,7 +54,7 @@ def test_a_journaled_relation_whose_id_is_stored_with_other_ends_does_not_brick_
         with b.transaction():
             b.upsert([new])
             b.add_relations([_rel(es[2].id, new.id, "R1", "second", 20)])
-        assert b._durable._con.execute(JOURNAL).fetchall()[0][0] == 1  # (the case under test: journaled)
+        assert b._durable._journal_n == 1  # (the case under test: journaled)
         assert [r.reason for r in b.iter_relations()] == ["second"]  # a read of every relation moves the journal
         assert b.relations_for(es[0].id) == []
         assert b.delete(es[3].id, at=100)  # a write by key moves it too
@@ -77,7 +77,7 @@ def test_a_relation_id_stored_with_other_ends_is_replaced_by_a_direct_commit_too
         with b.transaction():
             assert b.supersede(es[2].id, 50)
             b.add_relations([_rel(es[2].id, es[3].id, "R1", "second", 20)])
-        assert b._durable._con.execute(JOURNAL).fetchall()[0][0] == 0  # (the case under test: direct)
+        assert b._durable._journal_n == 0  # (the case under test: direct)
         assert [(r.source_id, r.reason) for r in b.iter_relations()] == [(es[2].id, "second")]
         assert b.get(es[2].id).valid_to == 50  # type: ignore[union-attr]
     with DuckDBStorageBackend.connect(db, read_only=True) as b:
@@ -97,23 +97,26 @@ def test_a_journal_that_conflicts_at_open_is_still_readable(tmp_path: Path) -> N
     with b.transaction():
         b.upsert([new])
         b.add_relations([_rel(es[2].id, new.id, "R1", "second", 20)])
-    raw._journal_n = 0  # close as a crash would: the journal left in the file
+    raw._log.close()  # close as a crash would: the commit left in the log
+    raw._log = None
+    raw._journal_n = 0
     b.close()
-    import duckdb
+    from umi.storage._commit_log import LOG_SUFFIX, read_log
 
-    with duckdb.connect(str(db), read_only=True) as con:
-        assert con.execute(JOURNAL).fetchall()[0][0] == 1
+    assert len(read_log(str(db) + LOG_SUFFIX, b.db_uuid)[0]) == 1
     for read_only in (True, False):
         with DuckDBStorageBackend.connect(db, read_only=read_only) as b:
             assert [(r.id, r.source_id, r.reason) for r in b.iter_relations()] == [("R1", es[2].id, "second")]
             assert b.get(new.id) is not None
 
 
-def test_a_journal_whose_keys_are_stored_or_repeated_replaces_those_rows_whole(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["log", "schema 5"])
+def test_a_journal_whose_keys_are_stored_or_repeated_replaces_those_rows_whole(tmp_path: Path, where: str) -> None:
     """The replacing path of moving the journal in, for every keyed table: a journaled fact whose
     id is stored (its old postings and metadata go with it), a source and a relation journaled
-    twice (the later entry wins). Written as journal rows directly (a cache that knew every key
-    would not write them), then moved in through the gate."""
+    twice (the later entry wins). Written as journal entries directly (a cache that knew every
+    key would not write them), then moved in: pending entries of the commit log through the gate;
+    the journal a schema-5 file kept in its history table (umi before the log) at the next open."""
     from umi.storage import _duckdb_io as io
     from umi.storage.base import Source
 
@@ -134,11 +137,15 @@ def test_a_journal_whose_keys_are_stored_or_repeated_replaces_those_rows_whole(t
                       ("postings", io.postings_rows(ents, [t[0] for t in terms[:len(ents)]])),
                       ("entity_metadata", io.metadata_rows(ents)), ("sources", io.sources_rows([src])),
                       ("relations", io.relations_rows([_rel(old.id, other.id, "R", reason, gen)]))]
-            text, vectors = io.journal_entry(tables)
-            con.execute("INSERT INTO history (entity_id, seq, op, at_ms, snapshot, generation, journal, journal_vectors) "
-                        "VALUES (?, 99, 'create', 0, '{}', ?, ?, ?)", [f"h{gen}", gen, text, vectors])
-        raw._journal_n = 2
-        con = raw.con  # the gate moves the journal in
+            if where == "log":
+                raw._pending.append(tables)
+                raw._journal_n += 1
+            else:
+                text, vectors = io.journal_entry(tables)
+                con.execute("INSERT INTO history (entity_id, seq, op, at_ms, snapshot, generation, journal, "
+                            "journal_vectors) VALUES (?, 99, 'create', 0, '{}', ?, ?, ?)", [f"h{gen}", gen, text, vectors])
+    with DuckDBStorageBackend.connect(db, dim=4) as b:  # the open moves in a schema-5 journal
+        con = b._durable.con
         assert con.execute(JOURNAL).fetchall()[0][0] == 0
         assert con.execute("SELECT content, embedding FROM entities WHERE id = ?", [old.id]).fetchall() == [
             ("new text", (4.0, 3.0, 2.0, 1.0))]

@@ -1,13 +1,13 @@
-"""The DuckDB journal (schema 5) under SIGKILL, and every read path over journaled commits.
+"""The DuckDB journal under SIGKILL, and every read path over journaled commits.
 
-A commit that only inserts rows writes its history rows alone, the first carrying the other
-tables' rows (the journal); they are moved into the tables later, in one transaction (see
-``umi.storage._duckdb_io``). A child process writes acknowledged transactions (a fact with a
-vector and metadata, its source; the first also a relation) and is killed with SIGKILL either
-with every commit still in the journal, or half way through moving the journal into the tables
-(inserting, or clearing the journal). Every acknowledged write must then be there, once:
-through a read_only open (which leaves the file as it is) and a writable one (which empties the
-journal).
+A commit that only inserts rows is appended to the commit log beside the database file and
+synced (the journal); its rows are moved into the tables later, in one transaction (see
+``umi.storage._duckdb_io`` and ``umi.storage._commit_log``). A child process writes
+acknowledged transactions (a fact with a vector and metadata, its source; the first also a
+relation) and is killed with SIGKILL either with every commit still in the log, half way
+through moving them into the tables, or after moving them in but before the log is emptied.
+Every acknowledged write must then be there, once: through a read_only open (which leaves the
+files as they are) and a writable one (which removes the log).
 """
 
 from __future__ import annotations
@@ -29,8 +29,18 @@ from umi.types import Entity, EvolutionRelation
 
 T0 = 1_700_000_000_000
 N = 12
-#: the journaled commits (a history row carrying the commit's other rows)
-JOURNAL = "SELECT count(*) FROM history WHERE journal IS NOT NULL"
+
+
+def logged(path: Path) -> int:
+    """How many commits the log beside ``path`` holds (0: no log)."""
+    from umi.storage._commit_log import LOG_SUFFIX, MAGIC, read_log
+
+    log = str(path) + LOG_SUFFIX
+    if not os.path.exists(log):
+        return 0
+    with open(log, "rb") as f:
+        db_uuid = f.read(len(MAGIC) + 36)[len(MAGIC):].decode("ascii")  # (the header's: read while the store is open)
+    return len(read_log(log, db_uuid)[0])
 
 CHILD = r"""
 import os, signal, sys
@@ -60,20 +70,13 @@ if mode == "during":
     io.insert_rows = dying
     b.delete(ids[0])  # a write by key moves the journal into the tables first
     print("NOT KILLED", flush=True)
-if mode == "clearing":
-    class Dying:  # the connection, killing the process as the journal is being cleared
-        def __init__(self, con):
-            self._con = con
+if mode == "moved":
+    import umi.storage._commit_log as cl
 
-        def execute(self, sql, *args):
-            if isinstance(sql, str) and sql.startswith("UPDATE history SET journal"):
-                os.kill(os.getpid(), signal.SIGKILL)
-            return self._con.execute(sql, *args)
+    def dying(self):  # the journal is in the tables (committed); the log not emptied yet
+        os.kill(os.getpid(), signal.SIGKILL)
 
-        def __getattr__(self, name):
-            return getattr(self._con, name)
-
-    b._durable.con = Dying(b._durable._con)
+    cl.CommitLog.empty = dying
     b.delete(ids[0])
     print("NOT KILLED", flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
@@ -135,7 +138,7 @@ def check_every_write(b: DuckDBStorageBackend, ids: list[str]) -> None:
     assert len(list(b.iter_sources())) == len(ids) and len(list(b.iter_relations())) == 1
 
 
-@pytest.mark.parametrize("mode", ["after", "during", "clearing"])
+@pytest.mark.parametrize("mode", ["after", "during", "moved"])
 def test_a_kill_before_or_during_materialisation_loses_no_acknowledged_write(tmp_path: Path, mode: str) -> None:
     path = tmp_path / "journal.duckdb"
     from child_process import child_env  # (here, not at the top: the child imports this module)
@@ -147,18 +150,21 @@ def test_a_kill_before_or_during_materialisation_loses_no_acknowledged_write(tmp
     assert "NOT KILLED" not in proc.stdout
     ids = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("ACK ")]
     assert len(ids) == N
-    # the kill left every commit in the journal (the one during materialisation rolled back)
-    assert raw(path, JOURNAL) == [(N + 1,)]
-    assert raw(path, "SELECT count(*) FROM entities") == [(0,)]
+    # the kill left every commit in the log (the one during materialisation rolled back); "moved":
+    # in the tables too, and the log not emptied
+    assert logged(path) == N + 1
+    assert raw(path, "SELECT count(*) FROM entities") == [(N + 2 if mode == "moved" else 0,)]
     with DuckDBStorageBackend.connect(path, read_only=True) as b:
         check_every_write(b, ids)
         assert b.generation == N + 1
-    assert raw(path, JOURNAL) == [(N + 1,)]  # a read_only open writes nothing
+    assert logged(path) == N + 1  # a read_only open writes nothing
     with DuckDBStorageBackend.connect(path) as b:
         check_every_write(b, ids)
         assert b.generation == N + 1
+        assert logged(path) == 0  # moved in (or found there) at open, and the log removed
         ids.append(write_one(b, N))
-    assert raw(path, JOURNAL) == [(0,)]
+        assert logged(path) == 1
+    assert logged(path) == 0 and not os.path.exists(str(path) + ".umilog")
     assert raw(path, "SELECT count(*), count(DISTINCT id) FROM entities") == [(N + 3, N + 3)]
     assert raw(path, "SELECT count(*) FROM postings p WHERE NOT EXISTS "
                      "(SELECT 1 FROM entities e WHERE e.id = p.entity_id)") == [(0,)]
@@ -202,20 +208,20 @@ def test_every_database_read_sees_journaled_commits(tmp_path: Path) -> None:
         b, ids = journaled(tmp_path / f"reads{n}.duckdb")
         with b:
             durable = b._durable  # type: ignore[attr-defined]
-            assert raw_count(b, "entities") == 1 and raw_count(b, JOURNAL) == 4
+            assert raw_count(b, "entities") == 1 and durable._journal_n == 4 and logged(b.path) == 4
             assert read(b, durable, ids), what
 
 
 def test_a_read_keyed_away_from_the_journal_leaves_it_pending(tmp_path: Path) -> None:
-    """A keyed read moves the journal only when it holds a row of that table with one of the keys
-    (history is never journaled): the relations of a fact none of whose relations are journaled,
-    its history, a source by another id, vectors of a fact written before."""
+    """A keyed read moves the journal only when it holds a row of that table with one of the keys:
+    the relations of a fact none of whose relations are journaled, the history of a fact written
+    before, a source by another id, vectors of a fact written before."""
     b, ids = journaled(tmp_path / "keyed.duckdb")
     with b:
         durable = b._durable  # type: ignore[attr-defined]
         first = [e.id for e in b.list() if e.name == "first"]
         assert durable.load_relations(first) == [] and durable.load_relations([ids[3]]) == []
-        assert [r[0] for r in durable.load_history(ids[:2])] == ids[:2]
+        assert [r[0] for r in durable.load_history(first)] == first
         assert durable.load_sources(ids=["no such source"]) == []
         assert durable._fetch_vectors(8, first)[0] == []  # (it has no vector)
         assert durable._journal_n == 4
@@ -227,7 +233,7 @@ def test_a_write_by_key_applies_after_the_journaled_commits(tmp_path: Path) -> N
     b, ids = journaled(tmp_path / "bykey.duckdb")
     with b:
         assert b.supersede(ids[1], T0 + 100) and b.delete(ids[2], at=T0 + 101)
-        assert raw_count(b, JOURNAL) == 0
+        assert b._durable._journal_n == 0 and logged(b.path) == 0  # type: ignore[attr-defined]
     with DuckDBStorageBackend.connect(tmp_path / "bykey.duckdb", read_only=True) as b:
         assert b.get(ids[1]).valid_to == T0 + 100 and b.get(ids[2]) is None  # type: ignore[union-attr]
         assert [h.op for h in b.history(ids[1])] == ["create", "supersede"]

@@ -651,14 +651,17 @@ def test_injected_commit_failures_hit_duckdb_too(db: Path) -> None:
 # --- statements per commit ------------------------------------------------------------------------
 
 
-def test_a_raw_note_is_one_insert_of_its_history_carrying_the_rest(tmp_path: Path) -> None:
-    """remember() of a raw note writes its history record (the generation rides on it), which
-    carries its fact, postings and source in its journal columns: one plain INSERT, a transaction
-    of its own — no BEGIN/COMMIT round trips, no executemany (a statement per row), no ON
-    CONFLICT (~5x a plain insert), no generation UPDATE, no read. The journal reaches the tables
-    later (here: at close)."""
+def test_a_raw_note_is_one_synced_append_to_the_commit_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """remember() of a raw note writes no DuckDB statement: its history record, fact, postings
+    and source are one entry appended to the commit log and synced (one sync per remember, and
+    one for the log's header), a commit that survives a crash when remember returns. The entries
+    reach the tables later (here: at close), and the log is removed then."""
     import umi
+    import umi.storage._commit_log as cl
 
+    syncs: list[int] = []
+    real_sync = cl._sync
+    monkeypatch.setattr(cl, "_sync", lambda fd: (syncs.append(fd), real_sync(fd)))
     path = tmp_path / "notes.duckdb"
     opts = umi.RememberOptions().without_extraction()
     with umi.Memory(str(path), embedder=umi.SimEmbeddingProvider(0, 16)) as m:
@@ -669,11 +672,14 @@ def test_a_raw_note_is_one_insert_of_its_history_carrying_the_rest(tmp_path: Pat
         try:
             for i in range(3):
                 m.remember_sync(f"note {i}: Alice moved to Lisbon", opts)
+                assert len(syncs) == i + 2 and durable._journal_n == i + 1
         finally:
             durable.con = spy._con
         generation = m.storage.generation
+        assert os.path.getsize(str(path) + cl.LOG_SUFFIX) > 3 * 16 * 4  # the three entries, vectors too
+    assert not os.path.exists(str(path) + cl.LOG_SUFFIX)
     assert spy.executemany_calls == 0
-    assert [" ".join(sql.split()[:3]) for sql in spy.statements] == ["INSERT INTO history"] * 3, spy.statements
+    assert spy.statements == []
     with umi.Memory(str(path), embedder=umi.SimEmbeddingProvider(0, 16)) as m:  # all of it is there
         assert m.storage.generation == generation == 4
         assert m.count_sync() == 4
@@ -682,22 +688,27 @@ def test_a_raw_note_is_one_insert_of_its_history_carrying_the_rest(tmp_path: Pat
 
 
 def test_inserts_alone_commit_without_the_optimizer_and_writes_by_key_with_it(db: Path) -> None:
-    """A commit that only inserts rows (a remember of new facts) runs where DuckDB's optimizer is
-    off: a few rows have nothing to optimise. One that updates or deletes rows by key runs where it
-    is on (those become index lookups and small joins). Each sees what the other committed."""
+    """A commit that only inserts rows, too many for the journal (a remember of new facts is
+    journaled), runs where DuckDB's optimizer is off: inserts have nothing to optimise. One that
+    updates or deletes rows by key runs where it is on (those become index lookups and small
+    joins). Each sees what the other committed."""
+    from umi.storage._duckdb_io import JOURNAL_COMMIT_ROWS_MAX
+
+    filler = [ent(10 + i) for i in range(JOURNAL_COMMIT_ROWS_MAX)]
     with DuckDBStorageBackend.connect(db, dim=4) as b:
         b.upsert([ent(0)])  # the first write also reads the store's orphan keys
+        b.checkpoint()  # (the journal moved in)
         spy = _CountingConnection(b._con)
         b._durable.con = spy
         keep, gone = ent(1, emb=np.ones(4, np.float32)), ent(2, emb=np.full(4, 2.0, np.float32))
-        b.upsert([keep, gone])
+        b.upsert([keep, gone, *filler[:JOURNAL_COMMIT_ROWS_MAX // 2]])
         inserts, spy.runs[:] = list(spy.runs), []
         assert b.supersede(keep.id, T0 + 10) and b.delete(gone.id, at=T0 + 11)
         by_key, spy.runs[:] = list(spy.runs), []
-        b.upsert([ent(3)])
+        b.upsert([ent(3), *filler[JOURNAL_COMMIT_ROWS_MAX // 2:]])
         again = list(spy.runs)
         b._durable.con = spy._con
-    assert [s for s, _ in inserts] == ["INSERT INTO history"]
+    assert "INSERT INTO entities" in [s for s, _ in inserts] and "INSERT INTO history" in [s for s, _ in inserts]
     assert {on for _, on in inserts} == {on for _, on in again} == {False}
     assert "UPDATE entities SET" in [s for s, _ in by_key] and "DELETE FROM entities" in [s for s, _ in by_key]
     assert {on for _, on in by_key} == {True}
@@ -705,7 +716,7 @@ def test_inserts_alone_commit_without_the_optimizer_and_writes_by_key_with_it(db
         assert b.get(keep.id).valid_to == T0 + 10 and b.get(gone.id) is None  # type: ignore[union-attr]
         assert [h.op for h in b.history(keep.id)] == ["create", "supersede"]
         assert sorted(e.id for e in b.list(SearchFilters(include_superseded=True))) == sorted(
-            [ent(0).id, keep.id, ent(3).id])
+            [ent(0).id, keep.id, ent(3).id, *(e.id for e in filler)])
 
 
 def test_inline_reads_only_while_every_read_is_in_memory(tmp_path) -> None:

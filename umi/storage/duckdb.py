@@ -65,7 +65,8 @@ from ..errors import (
 from ._common import check_int
 from .._index_file import fsync_dir
 from ._duckdb_io import (DuckDBDurable, copy_database, load_metadata, load_postings, metadata_counts,
-                          open_journaled, remove_database_files)
+                          open_journaled, remove_database_files, replay_log)
+from ._commit_log import LOG_SUFFIX, CommitLog
 from ._overlap import Background
 from ._duckdb_schema import check_path, open_connection, prepare, stored_generation
 from ._txn import raise_wrapped
@@ -290,7 +291,13 @@ class DuckDBStorageBackend(CachedStore):
                 # commits a crash left in the journal go into the tables before anything reads them
                 con = open_journaled(con, None if self.in_memory else spath, read_only)
                 generation, dim_stored, self.db_uuid = prepare(con, spath, read_only, dim)
-                raw = DuckDBDurable(con, dim_stored)
+                log = None
+                if not self.in_memory:  # the commits a crash left in the commit log, too
+                    con, replayed = replay_log(con, spath, read_only, self.db_uuid)
+                    if replayed:
+                        generation = stored_generation(con)
+                    log = None if read_only else CommitLog(spath + LOG_SUFFIX, self.db_uuid)
+                raw = DuckDBDurable(con, dim_stored, log)
                 # with an index cache to load, search needs none of the stored vectors at open;
                 # with a keyword index cache, none of the postings
                 raw.vectors_at_open = not self._cache_files.has("index")

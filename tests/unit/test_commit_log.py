@@ -1,0 +1,139 @@
+"""The DuckDB store's commit log (``umi.storage._commit_log``): what a crash leaves in it is read
+back exactly up to the last whole record; a log of another database is refused; a failed append
+leaves nothing behind and the store as it was; a read_only open leaves the files as they are."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import umi.storage._commit_log as cl
+from umi.errors import StorageError
+from umi.storage.duckdb import DuckDBStorageBackend
+from umi.types import Entity
+
+T0 = 1_700_000_000_000
+
+
+def fact(i: int) -> Entity:
+    return Entity("note", f"n{i}", f"logged fact {i} walrus{i}", embedding=np.full(4, i + 1, np.float32) + np.arange(4),
+                  created_at=T0 + i)
+
+
+def crashed_store(path: Path, n: int) -> list[str]:
+    """A store at ``path`` whose last ``n`` commits are only in the log, closed as a crash leaves it."""
+    b = DuckDBStorageBackend.connect(path, dim=4)
+    b.upsert([fact(100)])
+    b.checkpoint()  # (in the tables)
+    ids = []
+    for i in range(n):
+        b.upsert([fact(i)])
+        ids.append(fact(i).id)
+    raw = b._durable  # type: ignore[attr-defined]
+    assert raw._journal_n == n
+    raw._log.close()  # the crash: the log stays, nothing is moved in
+    raw._log, raw._pending, raw._journal_n = None, [], 0
+    b.close()
+    return ids
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 2**40), st.text(max_size=40), st.binary(max_size=24)), max_size=6),
+       st.data())
+def test_a_log_cut_anywhere_reads_back_the_whole_records_before_the_cut(tmp_path_factory, entries, data) -> None:
+    """The model: a list of the entries appended; a crash cuts the file at any byte; reading gives
+    exactly the entries whose record ends before the cut, in order (a record cut short is the
+    tail of an append that never returned)."""
+    path = str(tmp_path_factory.mktemp("log") / "db.umilog")
+    db = str(uuid.uuid4())
+    log = cl.CommitLog(path, db)
+    ends = []
+    for gen, text, vec in entries:
+        log.append(gen, text, vec or None)
+        ends.append(os.path.getsize(path))
+    log.close()
+    size = os.path.getsize(path) if entries else 0
+    cut = data.draw(st.integers(0, size))
+    if entries:
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+    got, good = cl.read_log(path, db)
+    want = [(g, t, v or None) for (g, t, v), end in zip(entries, ends) if end <= cut]
+    assert got == want
+    assert good == (max([e for e in ends if e <= cut], default=len(cl.MAGIC) + 36) if cut >= len(cl.MAGIC) + 36 else 0)
+
+
+def test_a_record_failing_its_checksum_ends_the_log(tmp_path: Path) -> None:
+    path, db = str(tmp_path / "x.umilog"), str(uuid.uuid4())
+    log = cl.CommitLog(path, db)
+    for g in (1, 2, 3):
+        log.append(g, f"entry {g}", b"v" * g)
+    log.close()
+    with open(path, "r+b") as f:
+        f.seek(-2, os.SEEK_END)
+        f.write(b"\x00\x00")  # a byte of the last record's payload changed
+    assert [g for g, _, _ in cl.read_log(path, db)[0]] == [1, 2]
+
+
+def test_commits_left_in_the_log_are_moved_in_at_open_and_a_torn_tail_is_dropped(tmp_path: Path) -> None:
+    path = tmp_path / "crash.duckdb"
+    ids = crashed_store(path, 3)
+    log = str(path) + cl.LOG_SUFFIX
+    with open(log, "ab") as f:
+        f.write(b"\x40\x00\x00\x00garbage")  # an append cut short by the crash (never acknowledged)
+    with DuckDBStorageBackend.connect(path, read_only=True) as b:  # read_only: seen, files untouched
+        before = Path(log).read_bytes()
+        assert [b.get(i).content for i in ids] == [fact(i).content for i in range(3)]  # type: ignore[union-attr]
+        assert b.search_text("walrus2", 1)[0][0] == ids[2]
+        assert b.count() == 4 and b.generation == 4
+    assert Path(log).read_bytes() == before
+    with DuckDBStorageBackend.connect(path) as b:
+        assert not os.path.exists(log)  # moved in, and removed
+        assert b.count() == 4 and b.generation == 4
+        assert [h.op for h in b.history(ids[0])] == ["create"]
+        b.upsert([fact(3)])
+        assert b.count() == 5
+    with DuckDBStorageBackend.connect(path, read_only=True) as b:
+        assert b.count() == 5 and b.search_vector(fact(1).embedding, 1)[0][0] == ids[1]  # type: ignore[arg-type]
+
+
+def test_a_log_of_another_database_is_refused_and_left_as_it_is(tmp_path: Path) -> None:
+    path = tmp_path / "mine.duckdb"
+    crashed_store(path, 2)
+    log = str(path) + cl.LOG_SUFFIX
+    kept = Path(log).read_bytes()
+    os.unlink(path)  # the database file replaced by a new one, its log left behind
+    with pytest.raises(StorageError, match="belongs to another database"):
+        DuckDBStorageBackend.connect(path)
+    assert Path(log).read_bytes() == kept
+    os.rename(log, log + ".old")
+    with DuckDBStorageBackend.connect(path) as b:
+        assert b.count() == 0
+
+
+def test_a_failed_append_writes_nothing_and_the_store_stays_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "full.duckdb"
+    with DuckDBStorageBackend.connect(path, dim=4) as b:
+        b.upsert([fact(0)])
+        size = os.path.getsize(str(path) + cl.LOG_SUFFIX)
+        real = cl._sync
+
+        def disk_full(fd: int) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(cl, "_sync", disk_full)
+        with pytest.raises(StorageError, match="cannot write the commit log.*No space left"):
+            b.upsert([fact(1)])
+        assert os.path.getsize(str(path) + cl.LOG_SUFFIX) == size  # cut back: no half entry
+        assert b.get(fact(1).id) is None and b.count() == 1 and b.search_text("walrus1", 5) == []
+        monkeypatch.setattr(cl, "_sync", real)
+        b.upsert([fact(2)])
+        gen = b.generation
+    with DuckDBStorageBackend.connect(path) as b:
+        assert sorted(e.name for e in b.list()) == ["n0", "n2"] and b.generation == gen
