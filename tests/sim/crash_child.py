@@ -36,7 +36,8 @@ def plan(batch: int, acked: list[list[str]]) -> dict:
 
 def _kill_at_fsync(n: int) -> None:
     """Index saves fsync their temp file, rename it, then fsync the directory (DuckDB syncs in
-    C++, not through os.fsync): the n-th call dies."""
+    C++, not through os.fsync): the n-th call of an index save dies (the commit log's directory
+    sync, when it starts its file, is not counted)."""
     import os
     import signal
 
@@ -44,6 +45,9 @@ def _kill_at_fsync(n: int) -> None:
     calls = [0]
 
     def fsync(fd: int) -> None:
+        if sys._getframe(2).f_globals.get("__name__") == "umi.storage._commit_log":
+            real(fd)
+            return
         calls[0] += 1
         if calls[0] == n:
             os.kill(os.getpid(), signal.SIGKILL)

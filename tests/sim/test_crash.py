@@ -232,8 +232,13 @@ class Chain:
                 n = con.execute(sql).fetchall()[0][0]
                 if n:
                     self.errors.append(f"{n} {what}")
-            # every commit here writes history, so the store opens at the last generation history mentions
+            # every commit here writes history, so the store opens at the last generation history
+            # mentions: in the file, or in an entry of the commit log a read_only open leaves there
+            from umi.storage._commit_log import LOG_SUFFIX, read_log
+
             last = con.execute("SELECT coalesce(max(generation), 0) FROM history").fetchall()[0][0]
+            uuid = con.execute("SELECT db_uuid FROM umi_state").fetchall()[0][0]
+            last = max([last, *(g for g, _, _ in read_log(str(self.path) + LOG_SUFFIX, uuid)[0])])
             if generation != last:
                 self.errors.append(f"the store opened at generation {generation}, history's last is {last}")
         finally:
