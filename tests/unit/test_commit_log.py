@@ -137,3 +137,32 @@ def test_a_failed_append_writes_nothing_and_the_store_stays_as_it_was(tmp_path: 
         gen = b.generation
     with DuckDBStorageBackend.connect(path) as b:
         assert sorted(e.name for e in b.list()) == ["n0", "n2"] and b.generation == gen
+
+
+def test_relating_a_new_fact_to_one_written_in_the_session_leaves_the_journal_pending(tmp_path: Path) -> None:
+    """A remember that relates its fact to an earlier fact of the same session (evolution) read
+    the earlier fact's stored relations, which moved the whole journal into the tables (with
+    extraction: 30 moves in 300 remembers). A fact new to the store has no stored relation (a
+    forgotten fact's relations go with it), so none is read; the relation is there after a reopen,
+    and one to a fact forgotten and told again is not doubled or lost."""
+    from umi.types import EvolutionRelation
+
+    path = tmp_path / "rels.duckdb"
+    with DuckDBStorageBackend.connect(path, dim=4) as b:
+        b.upsert([fact(0)])
+        b.checkpoint()
+        for i in (1, 2):
+            with b.transaction():
+                b.upsert([fact(i)])
+                b.add_relations([EvolutionRelation(fact(i - 1).id, fact(i).id, "extend", id=f"r{i}", created_at=T0 + i)])
+        raw = b._durable  # type: ignore[attr-defined]
+        assert raw._journal_n == 2  # neither relation read the tables
+        assert [r.id for r in b.relations_for(fact(1).id)] == ["r1", "r2"]
+        assert b.delete(fact(1).id)  # forgets r1 and r2 with it
+        b.upsert([fact(1)])  # told again: new to the store, with no relation
+        assert b.relations_for(fact(1).id) == []
+        b.add_relations([EvolutionRelation(fact(1).id, fact(2).id, "extend", id="r3", created_at=T0 + 9)])
+    with DuckDBStorageBackend.connect(path) as b:
+        assert [r.id for r in b.relations_for(fact(1).id)] == ["r3"]
+        assert [r.id for r in b.relations_for(fact(0).id)] == []
+        assert sorted(r.id for r in b.iter_relations()) == ["r3"]

@@ -681,6 +681,8 @@ class CachedStore(SharedWrites, TransactionMixin, StorageBackend):
         if history:  # before the cache holds the new ids: see _fetch_history
             self._fetch_history([e.id for e in ents])
         existed = {e.id: e.id in self._cache for e in ents}
+        if not self._rel_all:  # a new id has no stored relation (a deleted entity's went with it)
+            self._rels_known.update(i for i, was in existed.items() if not was)
         fresh = self._cache.put_many(ents, terms)
         if dim is not None and self._dim_stored is None:
             self._dim_stored = dim
