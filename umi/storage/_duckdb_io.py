@@ -522,6 +522,8 @@ def remove_database_files(path: str) -> None:
 # store moves in what a crash left in the log (:func:`replay_log`). umi before the log kept the
 # journal in the ``history`` table of the file (schema 5, :func:`materialise_journal`).
 
+#: the schema version that added the journal columns of ``history`` (:func:`materialise_journal`)
+JOURNAL_SCHEMA = 5
 #: a commit of at most this many rows (entities, history, sources, relations) may be journaled;
 #: a larger one gains nothing (its statements are few per row) and goes to the tables directly
 JOURNAL_COMMIT_ROWS_MAX = 32
@@ -691,7 +693,8 @@ def open_journaled(con: Any, path: str | None, read_only: bool) -> Any:
     there (the file stays as it is)."""
     from ._duckdb_schema import SCHEMA_VERSION, read_version
 
-    if read_version(con) != SCHEMA_VERSION or journal_pending(con)[0] == 0:
+    # (before a migration: the journal columns came with version 5; a newer file is refused later)
+    if not JOURNAL_SCHEMA <= read_version(con) <= SCHEMA_VERSION or journal_pending(con)[0] == 0:
         return con
     if read_only:
         assert path is not None  # an in-memory database is never read_only
