@@ -40,7 +40,7 @@ from ..types import (
 from .._validate import QUERY_BYTES_MAX, check_input_text, check_text, utf8_len
 from ..index import SEARCH_K_MAX  # the largest k a search accepts: the index's own limit, one number
 from .base import HistoryRecord, Source, text_hash
-from .filters import meta_key
+from .filters import I64_MAX, meta_key
 
 __all__ = [
     "SEARCH_K_MAX",
@@ -98,9 +98,6 @@ CORE_CONTENT_BYTES_MAX = 16 * 1024 * 1024
 META_KEY_BYTES_MAX = 256
 META_VALUE_BYTES_MAX = 1024 * 1024
 
-_I64_MIN = -(2**63)
-_I64_MAX = 2**63 - 1
-
 
 def dumps(obj: Any) -> str:
     """Compact, key-sorted JSON (stable text for the same value)."""
@@ -146,7 +143,7 @@ def check_k(k: object, what: str = "k") -> int:
 def check_limit_offset(limit: object, offset: object) -> tuple[int, int]:
     lim = check_int(limit, "limit", 1, LIST_LIMIT_MAX, exc=InvalidLimitError)
     off = check_int(offset, "offset", 0, exc=InvalidLimitError)
-    return lim, min(off, _I64_MAX)  # type: ignore[return-value, type-var]
+    return lim, min(off, I64_MAX)  # type: ignore[return-value, type-var]
 
 
 def check_id(value: object, what: str = "entity_id") -> str:

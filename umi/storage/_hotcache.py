@@ -36,15 +36,10 @@ from . import filters as F
 from ._bm25 import PostingsIndex, csr_add_docs, top_by_score_then_key
 from ._common import clone_entity
 from ._overlap import beside
-from .filters import TYPE_CODES, NormFilters, meta_key
+from .filters import I64_MAX, TYPE_CODES, NormFilters, meta_key
 from .text import document_terms
 
 __all__ = ["EntityCache", "LoadedRows", "TYPE_CODES", "coded_values"]
-
-I64_MAX = np.iinfo(np.int64).max
-#: coded columns besides metadata (``meta:<key>``): the scope components and the source
-SCOPE_COLUMNS = ("user_id", "agent_id", "session_id")
-CODED_COLUMNS = (*SCOPE_COLUMNS, "source_id")
 
 
 def coded_values(e: Entity) -> list[tuple[str, Any]]:
@@ -63,6 +58,8 @@ def coded_values(e: Entity) -> list[tuple[str, Any]]:
     for k, v in e.metadata.items():
         out.append(("meta:" + k, meta_key(v)))
     return out
+
+
 _MASK_CACHE_SIZE = 32
 
 

@@ -286,9 +286,7 @@ class LanceStorageBackend(CachedStore):
     path: Path
     _lock_fd: int
 
-    supports_concurrent_writers = False
-    supports_multiple_processes = False
-    durable = True
+    durable = True  # (one process, one writer: the base class's defaults)
 
     @classmethod
     def connect(cls, path: str | os.PathLike[str], *, dim: int | None = None,

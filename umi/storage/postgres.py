@@ -145,8 +145,6 @@ class _Tx:
 class PostgresStorageBackend(SharedWrites, StorageBackend):
     """Archival memory in PostgreSQL with pgvector. Create it with :meth:`connect`."""
 
-    #: every write inside ``transaction()`` commits together or not at all, across processes
-    supports_transactions = True
     #: several processes (and hosts) may read and write one store at once
     supports_concurrent_writers = True
     supports_multiple_processes = True
