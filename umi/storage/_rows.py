@@ -27,7 +27,6 @@ __all__ = [
     "encode_text",
     "tagged_json",
     "tagged_metadata",
-    "top_k",
 ]
 
 
@@ -93,8 +92,3 @@ def cosine_scores(matrix: np.ndarray, query: np.ndarray) -> np.ndarray:
     ok = norms > 0
     out[ok] = (m[ok] @ q) / norms[ok]
     return np.clip(out, -1.0, 1.0, out=out)  # rounding can step just past ±1
-
-
-def top_k(scored: Sequence[tuple[str, float]], k: int) -> list[tuple[str, float]]:
-    """Score descending, then id ascending; the first ``k``."""
-    return sorted(scored, key=lambda p: (-p[1], p[0]))[:k]

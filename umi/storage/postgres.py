@@ -87,6 +87,7 @@ import numpy as np
 
 from .._validate import utf8_len
 from ..errors import InvalidConfigError, StorageError, ValidationError
+from ..index import by_score_then_id
 from ..types import (CoreBlockRecord, CoreHistoryRecord, CoreOp, Entity, EntityType,
                      EvolutionRelation, Scope, check_scope, normalize_name, now_ms)
 from . import _pg_schema as S
@@ -563,23 +564,19 @@ class PostgresStorageBackend(SharedWrites, StorageBackend):
             if length is not None:
                 old[eid] = length
                 tx.count_terms(old_terms, -1)
-        names = ("id", "typ", "nam", "norm", "con", "meta", "mj", "emb", "imp", "conf", "cr", "up", "ev", "vf",
-                 "vt", "src", "terms", "tf", "len", "u", "a", "s")
-        cols: dict[str, list[Any]] = {c: [] for c in names}
+        rows = []  # in the order of S.UPSERT_ENTITIES's unnest columns
         for e in chunk:
             tf, length = document_terms(e.name, e.content)
-            for c, v in zip(names, (
-                    e.id, e.entity_type.value, R.encode_text(e.name), R.encode_text(normalize_name(e.name)),
-                    R.encode_text(e.content), R.tagged_metadata(e.metadata), R.dumps(e.metadata),
-                    None if e.embedding is None else _Vec(e.embedding), float(e.importance), float(e.confidence),
-                    e.created_at, e.updated_at, e.event_time, e.valid_from, e.valid_to, e.source_id,
-                    " ".join(tf), R.dumps(tf), length, *_scope_values(e))):
-                cols[c].append(v)
+            rows.append((e.id, e.entity_type.value, R.encode_text(e.name), R.encode_text(normalize_name(e.name)),
+                         R.encode_text(e.content), R.tagged_metadata(e.metadata), R.dumps(e.metadata),
+                         None if e.embedding is None else _Vec(e.embedding), float(e.importance),
+                         float(e.confidence), e.created_at, e.updated_at, e.event_time, e.valid_from, e.valid_to,
+                         e.source_id, " ".join(tf), R.dumps(tf), length, *_scope_values(e)))
             tx.len_delta += length - old.get(e.id, 0)
             tx.count_terms(tf, 1)
             tx.n_delta += 0 if e.id in old else 1
         self._adapt(conn)
-        conn.execute(self._q(S.UPSERT_ENTITIES), [cols[c] for c in names])
+        conn.execute(self._q(S.UPSERT_ENTITIES), [list(c) for c in zip(*rows)])
         self._put_passages(conn, chunk, [i for i in ids if i in old])
         if with_history:
             self._put_history(conn, [history_record(last[e.id], *upsert_entry(e, e.id in old)) for e in chunk])
@@ -627,7 +624,7 @@ class PostgresStorageBackend(SharedWrites, StorageBackend):
         for i in ids:  # a repeated id gets its own copy
             e = found.get(i)
             if e is not None:
-                out.append(e if not any(o is e for o in out) else _copy_entity(e))
+                out.append(e if not any(o is e for o in out) else C.clone_entity(e, e.embedding))
         return out
 
     def _select(self, conn: Any, where: str | Any, params: Sequence[Any], tail: str = "") -> builtins.list[Entity]:
@@ -797,7 +794,7 @@ class PostgresStorageBackend(SharedWrites, StorageBackend):
         best: dict[str, float] = {}
         for h, s in zip(hits, scores):
             best[h[0]] = max(float(s), best.get(h[0], -2.0))
-        return R.top_k(list(best.items()), k)
+        return by_score_then_id(list(best.items()))[:k]
 
     def _narrow(self, conn: Any, filters: object, where: Any, params: Sequence[Any]) -> bool:
         """Do the filters name a scope or a source holding fewer than ``exact_search_rows`` vectors?
@@ -981,9 +978,8 @@ class PostgresStorageBackend(SharedWrites, StorageBackend):
             "evolution_type = EXCLUDED.evolution_type, reason = EXCLUDED.reason, confidence = EXCLUDED.confidence, "
             "created_at = EXCLUDED.created_at, user_id = EXCLUDED.user_id, agent_id = EXCLUDED.agent_id, "
             "session_id = EXCLUDED.session_id"),
-            ([r.id for r in rels], [r.source_id for r in rels], [r.target_id for r in rels],
-             [r.evolution_type.value for r in rels], [R.encode_text(r.reason) for r in rels],
-             [r.confidence for r in rels], [r.created_at for r in rels], *_columns([_scope_values(r) for r in rels])))
+            [list(c) for c in zip(*[(r.id, r.source_id, r.target_id, r.evolution_type.value, R.encode_text(r.reason),
+                                     r.confidence, r.created_at, *_scope_values(r)) for r in rels])])
         self._mark_changed()
 
     def relations_for(self, entity_id: str) -> builtins.list[EvolutionRelation]:
@@ -1211,7 +1207,6 @@ class PostgresStorageBackend(SharedWrites, StorageBackend):
 # --- helpers -----------------------------------------------------------------------
 
 
-ScopeRow = tuple[str | None, str | None, str | None]
 # advisory-lock keys of sources and of core-block scopes, apart from entity ids
 _SOURCE_LOCK = "src\x1f"
 _CORE_LOCK = "core\x1f"
@@ -1246,15 +1241,11 @@ def _check_relations(relations: object) -> builtins.list[EvolutionRelation]:
     return rels
 
 
-def _scope_values(obj: Any) -> ScopeRow:
+def _scope_values(obj: Any) -> tuple[str | None, str | None, str | None]:
     """(user_id, agent_id, session_id) of a record's scope; None (NULL) is the unset component."""
     sc = check_scope(obj.scope, f"{type(obj).__name__}.scope")
     assert sc is not None
     return sc.as_tuple()
-
-
-def _columns(rows: Sequence[ScopeRow]) -> tuple[list[str | None], list[str | None], list[str | None]]:
-    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
 
 
 def _one(conn: Any, query: Any, params: Sequence[Any] = ()) -> Any:
@@ -1314,12 +1305,6 @@ def _tsquery_lexeme(term: str) -> str:
     return "'" + term.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
-def _copy_entity(e: Entity) -> Entity:
-    from ._common import clone_entity
-
-    return clone_entity(e, e.embedding)
-
-
 def _core_key(scope: object) -> tuple[str, str]:
     """The (user_id, agent_id) key of core blocks; '' is the unset component in those tables."""
     sc = check_scope(scope, "scope")
@@ -1336,11 +1321,9 @@ def _row_to_history(r: Sequence[Any]) -> HistoryRecord:
 
 
 def _row_to_entity(r: Sequence[Any]) -> Entity:
-    from ._common import make_entity
-
     (eid, etype, name, content, meta_json, emb, imp, conf, created, updated, event, vfrom, vto, src, u, a, sess,
      passages) = r
-    return make_entity({
+    return C.make_entity({
         "entity_type": EntityType(etype), "name": R.decode_text(name), "content": R.decode_text(content),
         "metadata": dict(json.loads(meta_json)),
         "embedding": None if emb is None else _vector_from_binary(emb),
