@@ -920,7 +920,7 @@ class PostingsIndex:
         With ``k``: only the rows that may rank in the top ``k`` or tie with the k-th are sure to
         be there (:func:`_bm25_pruned`); ``keys`` (row -> tie-break key) may narrow them to
         the k best by (score, key) and the k-th's twins (:func:`_bm25_maxscore`)."""
-        return self.scorer(terms, n_docs, avg_doc_len, doc_len, mask, k, keys)()
+        return self.scorer(terms, n_docs, avg_doc_len, doc_len, mask, k, keys).run()
 
     def scorer(self, terms: Sequence[str], n_docs: int, avg_doc_len: float, doc_len: np.ndarray,
                mask: np.ndarray, k: int | None = None, keys: np.ndarray | None = None) -> "_Scorer":
@@ -1013,15 +1013,12 @@ class PostingsIndex:
 
 
 class _Scorer:
-    """A keyword search's kernel call, ready to run, and how many postings it reads (its work)."""
+    """A keyword search's kernel call, ready to :attr:`run`, and how many postings it reads (its work)."""
 
     __slots__ = ("run", "postings")
 
     def __init__(self, run: Callable[[], tuple[np.ndarray, np.ndarray]], postings: int) -> None:
         self.run, self.postings = run, postings
-
-    def __call__(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.run()
 
 
 def _none() -> tuple[np.ndarray, np.ndarray]:

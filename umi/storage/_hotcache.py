@@ -704,7 +704,7 @@ class EntityCache:
 
     def search_text(self, terms: Sequence[str], k: int, nf: NormFilters) -> builtins.list[tuple[str, float]]:
         scorer = self._text_scorer(terms, k, nf)
-        return [] if scorer is None else self._text_hits(scorer(), k)
+        return [] if scorer is None else self._text_hits(scorer.run(), k)
 
     def _text_scorer(self, terms: Sequence[str], k: int, nf: NormFilters) -> Any:
         """The BM25 kernel call of a keyword search, ready to run (None: nothing can match)."""
@@ -740,7 +740,7 @@ class EntityCache:
             return self.search_vector_many(np.stack(with_vec), k, nf) if with_vec else []
 
         def keywords() -> builtins.list[tuple[np.ndarray, np.ndarray] | None]:
-            return [None if s is None else s() for s in scorers]
+            return [None if s is None else s.run() for s in scorers]
 
         work = sum(s.postings for s in scorers if s is not None)
         if with_vec and work >= OVERLAP_POSTINGS_MIN:

@@ -281,11 +281,7 @@ class StorageBackend(abc.ABC):
         from ._common import check_vectors_per_query  # (_common imports this module)
 
         check_vectors_per_query(queries, vectors)
-        with_vec = [v for v in vectors if v is not None]
-        if len(with_vec) == 1:
-            found = iter([self.search_vector(with_vec[0], k, filters)])
-        else:
-            found = iter(self.search_vector_many(with_vec, k, filters) if with_vec else [])
+        found = iter(self.search_vector_many([v for v in vectors if v is not None], k, filters))
         return [(None if v is None else next(found), self.search_text(q, k, filters)) for q, v in zip(queries, vectors)]
 
     # --- sources -----------------------------------------------------------

@@ -128,11 +128,8 @@ def term_frequencies(text: str) -> dict[str, int]:
 
 def document_terms(name: str, content: str) -> tuple[dict[str, int], int]:
     """The indexed document of an entity: (term -> tf over name + content, length in terms)."""
-    toks = tokenize(name + "\n" + content)  # a newline never joins two words
-    tf: dict[str, int] = {}
-    for t in toks:
-        tf[t] = tf.get(t, 0) + 1
-    return tf, len(toks)
+    tf = term_frequencies(name + "\n" + content)  # a newline never joins two words
+    return tf, sum(tf.values())
 
 
 def bm25_idf(n_docs: int, df: int) -> float:
