@@ -166,13 +166,17 @@ def check_vectors_per_query(queries: Sequence[object], vectors: Sequence[object]
                               f"{len(vectors)} vectors")
 
 
+def _check_many(values: object, what: str, noun: str) -> list[Any]:
+    """A sequence of str (as a list) of at most ``GET_MANY_IDS_MAX`` ``noun``."""
+    out = check_seq(values, what, " of str")
+    if len(out) > GET_MANY_IDS_MAX:
+        raise InvalidLimitError(f"{what} holds {len(out)} {noun}; the limit is {GET_MANY_IDS_MAX}",
+                                limit=GET_MANY_IDS_MAX, actual=len(out))
+    return out
+
+
 def check_ids(values: object, what: str = "entity_ids") -> list[str]:
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise TypeError(f"{what} must be a sequence of str, not {type(values).__name__}")
-    if len(values) > GET_MANY_IDS_MAX:
-        raise InvalidLimitError(f"{what} holds {len(values)} ids; the limit is {GET_MANY_IDS_MAX}",
-                                limit=GET_MANY_IDS_MAX, actual=len(values))
-    ids = list(values)
+    ids = _check_many(values, what, "ids")
     # the usual case checked in C-level passes (a recall checks ~30 ids); anything else, or a
     # failure, goes id by id so that the error names the first bad one
     plain = (ids and set(map(type, ids)) == {str} and min(map(len, ids)) > 0
@@ -229,12 +233,7 @@ def check_name_query(name: object) -> str:
 def check_name_queries(names: object) -> list[str]:
     """The names ``find_by_names`` looks up: a sequence of at most ``GET_MANY_IDS_MAX`` names,
     each as :func:`check_name_query`; normalised, each once (sorted)."""
-    if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
-        raise TypeError(f"names must be a sequence of str, not {type(names).__name__}")
-    if len(names) > GET_MANY_IDS_MAX:
-        raise InvalidLimitError(f"names holds {len(names)} names; the limit is {GET_MANY_IDS_MAX}",
-                                limit=GET_MANY_IDS_MAX, actual=len(names))
-    return sorted({check_name_query(n) for n in names})
+    return sorted({check_name_query(n) for n in _check_many(names, "names", "names")})
 
 
 def _unit(value: object, what: str, exc: type[ValidationError]) -> float:
@@ -314,20 +313,16 @@ def _check_entity(e: object, dim: int | None, pos: int) -> tuple[Entity, int | N
 def check_entities(entities: object, dim: int | None) -> tuple[list[Entity], int | None]:
     """Private, validated copies of ``entities`` (embeddings float32, read-only) and the
     dimension they fix (the store's, or the first vector's when the store has none)."""
-    if isinstance(entities, (str, bytes, Entity)) or not isinstance(entities, Sequence):
-        raise TypeError(f"entities must be a sequence of Entity, not {type(entities).__name__}")
     out = []
-    for pos, e in enumerate(entities):
+    for pos, e in enumerate(check_seq(entities, "entities", " of Entity")):
         c, dim = _check_entity(e, dim, pos)
         out.append(c)
     return out, dim
 
 
 def check_relations(relations: object) -> list[EvolutionRelation]:
-    if isinstance(relations, (str, bytes, EvolutionRelation)) or not isinstance(relations, Sequence):
-        raise TypeError(f"relations must be a sequence of EvolutionRelation, not {type(relations).__name__}")
     out = []
-    for pos, r in enumerate(relations):
+    for pos, r in enumerate(check_seq(relations, "relations", " of EvolutionRelation")):
         if not isinstance(r, EvolutionRelation):
             raise TypeError(f"relations[{pos}] must be an EvolutionRelation, not {type(r).__name__}")
         check_id(r.id, f"relations[{pos}].id")
@@ -365,10 +360,10 @@ def check_source(source: object) -> Source:
     return Source(source.id, source.text_hash, source.text, source.created_at, meta, source.scope)
 
 
-def check_seq(values: object, what: str) -> list[Any]:
-    """A sequence (not a str or bytes) of ``what``, as a list."""
+def check_seq(values: object, what: str, of: str = "") -> list[Any]:
+    """``what``: a sequence (not a str or bytes; ``of`` names its items in the error), as a list."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise TypeError(f"{what} must be a sequence, not {type(values).__name__}")
+        raise TypeError(f"{what} must be a sequence{of}, not {type(values).__name__}")
     return list(values)
 
 
