@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol
 import numpy as np
 
 from ..errors import InvalidFilterError
-from ..types import EntityType, MetadataValue
+from ..types import SCOPE_FIELDS, EntityType, MetadataValue
 
 if TYPE_CHECKING:
     from ..types import Entity
@@ -103,10 +103,6 @@ class NormFilters:
     empty: bool
 
     @property
-    def include_superseded(self) -> bool:
-        return not self.current_only
-
-    @property
     def cache_key(self) -> tuple[Any, ...]:
         """Hashable, equal for filters that select the same entities by the same rule."""
         return (self.entity_types, self.time_field, self.has_time, self.time_lo, self.time_hi, self.metadata,
@@ -136,8 +132,7 @@ def build(f: "SearchFilters") -> NormFilters:
         meta = tuple(sorted((k, *meta_key(v)) for k, v in f.metadata.items()))
     scope: tuple[tuple[str, str], ...] = ()
     if f.scope is not None:
-        scope = tuple((name, v) for name, v in zip(("user_id", "agent_id", "session_id"), f.scope.as_tuple())
-                      if v is not None)
+        scope = tuple((name, v) for name, v in zip(SCOPE_FIELDS, f.scope.as_tuple()) if v is not None)
     # below int64 max: the cache keeps an unset valid_to as int64 max, which must stay later than t
     as_of = None if f.as_of is None else min(_clamp(f.as_of), I64_MAX - 1)
     return NormFilters(types, f.time_field, f.time_range is not None, lo, hi, meta, as_of,
