@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import StorageError
 from ..index import by_score_then_id
-from ..types import Entity, EntityType, normalize_name
+from ..types import SCOPE_FIELDS, Entity, EntityType, normalize_name
 from . import filters as F
 from ._bm25 import PostingsIndex, csr_add_docs, top_by_score_then_key
 from ._common import clone_entity
@@ -45,14 +45,7 @@ __all__ = ["EntityCache", "LoadedRows", "TYPE_CODES", "coded_values"]
 def coded_values(e: Entity) -> list[tuple[str, Any]]:
     """(coded column, value) of every set coded field of ``e``: scope components, source id and
     metadata (as ``meta:<key>`` -> (type tag, canonical text))."""
-    out: list[tuple[str, Any]] = []
-    s = e.scope
-    if s.user_id is not None:
-        out.append(("user_id", s.user_id))
-    if s.agent_id is not None:
-        out.append(("agent_id", s.agent_id))
-    if s.session_id is not None:
-        out.append(("session_id", s.session_id))
+    out: list[tuple[str, Any]] = [(name, v) for name, v in zip(SCOPE_FIELDS, e.scope.as_tuple()) if v is not None]
     if e.source_id is not None:
         out.append(("source_id", e.source_id))
     for k, v in e.metadata.items():
@@ -582,7 +575,9 @@ class EntityCache:
         return bool(self._alive[row]) and F.matches(nf, self._ent(row))
 
     def _slot_mask(self, nf: NormFilters) -> tuple[bool, np.ndarray | None]:
-        """(any eligible, mask in slot space or None for 'every live vector')."""
+        """(any eligible vector, mask in slot space or None for 'every live vector')."""
+        if self.index is None or self._n_vecs == 0 or nf.empty:
+            return False, None
         rm = self.row_mask(nf)
         key = nf.cache_key
         ver, _, cached = self._masks[key]
@@ -643,8 +638,6 @@ class EntityCache:
         return [self._entity_at(r) for r in hits]
 
     def search_vector(self, q: np.ndarray, k: int, nf: NormFilters) -> builtins.list[tuple[str, float]]:
-        if self.index is None or self._n_vecs == 0 or nf.empty:
-            return []
         any_eligible, mask = self._slot_mask(nf)
         if not any_eligible:
             return []
@@ -652,8 +645,6 @@ class EntityCache:
 
     def search_vector_many(self, qs: np.ndarray, k: int, nf: NormFilters) -> builtins.list[builtins.list[tuple[str, float]]]:
         """:meth:`search_vector` for each row of ``qs`` (unit float32), in one index call."""
-        if self.index is None or self._n_vecs == 0 or nf.empty:
-            return [[] for _ in range(qs.shape[0])]
         any_eligible, mask = self._slot_mask(nf)
         if not any_eligible:
             return [[] for _ in range(qs.shape[0])]
@@ -1091,23 +1082,15 @@ def _ranked(res: Iterable[tuple[Any, Any]], k: int) -> builtins.list[tuple[str, 
 def id_order_keys(ids: Sequence[str]) -> np.ndarray:
     """uint64 keys in id order: the first 8 bytes of each id's UTF-8, big-endian, zero-padded.
     UTF-8 byte order is code point order (Python's ``str`` order), so ``key(a) < key(b)`` implies
-    ``a < b``; equal keys say nothing (the ids are compared themselves)."""
-    if len(ids) >= 64:  # through Arrow: its UTF-8 buffer, no per-id encode in Python
-        import pyarrow as pa  # type: ignore[import-untyped]
-
-        try:
-            arr = pa.array(ids, pa.string())
-        except (pa.ArrowException, UnicodeError):  # a lone surrogate: per id below
-            arr = None
-        if arr is not None:
-            return id_order_keys_arrow(arr)
+    ``a < b``; equal keys say nothing (the ids are compared themselves). (A bulk load has its ids
+    in Arrow: :func:`id_order_keys_arrow`.)"""
     raw = np.array([i.encode("utf-8", "surrogatepass")[:8] for i in ids], dtype="S8")
     return raw.view(">u8").astype(np.uint64) if raw.shape[0] else np.zeros(0, np.uint64)
 
 
 def id_order_keys_arrow(arr: Any) -> np.ndarray:
     """:func:`id_order_keys` of an Arrow string array (or chunked array) without nulls, vectorised."""
-    import pyarrow as pa
+    import pyarrow as pa  # type: ignore[import-untyped]
 
     n = len(arr)
     if isinstance(arr, pa.ChunkedArray):
