@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -53,20 +54,13 @@ def encode_text(s: str) -> str:
     return "\x01" + s.replace("\x01", "\x01\x01").replace("\x00", "\x010")
 
 
+_ESCAPE = re.compile("\x01(.)", re.DOTALL)
+
+
 def decode_text(s: str) -> str:
     if not s.startswith("\x01"):
         return s
-    out: list[str] = []
-    i, n = 1, len(s)
-    while i < n:
-        c = s[i]
-        if c == "\x01" and i + 1 < n:
-            out.append("\x00" if s[i + 1] == "0" else "\x01")
-            i += 2
-        else:
-            out.append(c)
-            i += 1
-    return "".join(out)
+    return _ESCAPE.sub(lambda m: "\x00" if m.group(1) == "0" else "\x01", s[1:])
 
 
 def dumps(obj: Any) -> str:

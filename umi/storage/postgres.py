@@ -761,32 +761,27 @@ class PostgresStorageBackend(SharedWrites, StorageBackend):
                               # "+ 0" keeps the planner off the (approximate) index
                               "ORDER BY (embedding <=> %b::vector) + 0, id LIMIT %s)").format(t=table, w=where) + passages
         hits: builtins.list[Any] | None = None
-        if not self._maybe_indexed(dim):
-            with self._reading() as conn:  # one statement: no transaction needed for a consistent answer
-                self._adapt(conn)
+        indexed = self._maybe_indexed(dim)
+        # without an index the exact scan is one statement: no transaction needed for a consistent answer
+        with self._reading(snapshot=indexed) as conn:
+            self._adapt(conn)
+            if indexed and self._big_enough(conn) and not self._narrow(conn, filters, where, params):
+                ef = min(EF_SEARCH_MAX, max(self._ef_search, k + margin))
+                conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef),))
+                if self._iterative:
+                    conn.execute("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)")
+                cur = conn.cursor(binary=True)
+                cur.execute(self._sql.SQL("(SELECT id, embedding, false FROM {t} WHERE embedding IS NOT NULL "
+                                          "AND {w} ORDER BY embedding <=> %b::vector LIMIT %s)").format(
+                                              t=table, w=where) + passages,
+                            [*params, qvec, k + margin, *tail])
+                hits = cur.fetchall()
+                if sum(not h[2] for h in hits) < k:
+                    hits = None  # the graph walk ran dry under the filter: answer exactly instead
+            if hits is None:
                 cur = conn.cursor(binary=True)
                 cur.execute(exact, [*params, qvec, k + margin, *tail])
                 hits = cur.fetchall()
-        else:
-            with self._reading(snapshot=True) as conn:
-                self._adapt(conn)
-                if self._big_enough(conn) and not self._narrow(conn, filters, where, params):
-                    ef = min(EF_SEARCH_MAX, max(self._ef_search, k + margin))
-                    conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef),))
-                    if self._iterative:
-                        conn.execute("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)")
-                    cur = conn.cursor(binary=True)
-                    cur.execute(self._sql.SQL("(SELECT id, embedding, false FROM {t} WHERE embedding IS NOT NULL "
-                                              "AND {w} ORDER BY embedding <=> %b::vector LIMIT %s)").format(
-                                                  t=table, w=where) + passages,
-                                [*params, qvec, k + margin, *tail])
-                    hits = cur.fetchall()
-                    if sum(not h[2] for h in hits) < k:
-                        hits = None  # the graph walk ran dry under the filter: answer exactly instead
-                if hits is None:
-                    cur = conn.cursor(binary=True)
-                    cur.execute(exact, [*params, qvec, k + margin, *tail])
-                    hits = cur.fetchall()
         if not hits:
             return []
         scores = R.cosine_scores(np.stack([_vector_from_binary(h[1]) for h in hits]),
