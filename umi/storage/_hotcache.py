@@ -860,9 +860,7 @@ class EntityCache:
     def _saved_rows(self, ids: Sequence[str | None]) -> np.ndarray | None:
         """Row of a saved cache (its row ``i`` held ``ids[i]``, None: dead) -> row here (-1: none);
         None when they are this cache's rows in this order (the usual reopen)."""
-        n = self._n
-        same = ids.same_as(self._row_ids) if hasattr(ids, "same_as") else (len(ids) == n and ids == self._row_ids)
-        if same:
+        if len(ids) == self._n and ids == self._row_ids:  # (a SavedIds compares its text: SavedIds.same_as)
             return None
         return np.fromiter(map(self._row_of.get, ids, itertools.repeat(-1)), np.int64, len(ids))  # type: ignore[arg-type]
 
