@@ -39,7 +39,7 @@ from ..types import (
 )
 from .._validate import QUERY_BYTES_MAX, check_input_text, check_text, utf8_len
 from ..index import SEARCH_K_MAX  # the largest k a search accepts: the index's own limit, one number
-from .base import HistoryRecord, Source, text_hash
+from .base import ID_CHARS_MAX, HistoryRecord, Source, text_hash
 from .filters import I64_MAX, meta_key
 
 __all__ = [
@@ -85,8 +85,6 @@ __all__ = [
 LIST_LIMIT_MAX = 100_000
 #: most ids one get_many() call takes
 GET_MANY_IDS_MAX = 100_000
-#: longest id (entity, source or relation), in characters
-ID_CHARS_MAX = 256
 #: stored times (ms since the epoch) must lie in [TIME_MS_MIN, TIME_MS_MAX] (about ±146 million years)
 TIME_MS_MIN = -(2**62)
 TIME_MS_MAX = 2**62
