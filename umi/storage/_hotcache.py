@@ -610,14 +610,11 @@ class EntityCache:
         rows = np.flatnonzero(self.row_mask(nf))
         if offset >= rows.shape[0]:
             return []
-        created = self._created[rows]
-        order = np.argsort(created, kind="stable")
-        # exact order needs created_at then id; sort the prefix we need, ties included
+        # exact order needs created_at then id: sort only the rows up to the need-th's time, ties included
         need = offset + limit
         if need < rows.shape[0]:
-            cutoff = created[order[need - 1]]
-            keep = created <= cutoff
-            rows = rows[keep]
+            created = self._created[rows]
+            rows = rows[created <= np.partition(created, need - 1)[need - 1]]
         picked = self._ordered_rows(rows.tolist())[offset:offset + limit]
         self._load_vectors(picked)
         return [self._entity_at(r) for r in picked]
