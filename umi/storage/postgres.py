@@ -571,7 +571,7 @@ class PostgresStorageBackend(SharedWrites, StorageBackend):
                          R.encode_text(e.content), R.tagged_metadata(e.metadata), R.dumps(e.metadata),
                          None if e.embedding is None else _Vec(e.embedding), float(e.importance),
                          float(e.confidence), e.created_at, e.updated_at, e.event_time, e.valid_from, e.valid_to,
-                         e.source_id, " ".join(tf), R.dumps(tf), length, *_scope_values(e)))
+                         e.source_id, " ".join(tf), R.dumps(tf), length, *e.scope.as_tuple()))
             tx.len_delta += length - old.get(e.id, 0)
             tx.count_terms(tf, 1)
             tx.n_delta += 0 if e.id in old else 1
@@ -974,7 +974,7 @@ class PostgresStorageBackend(SharedWrites, StorageBackend):
             "created_at = EXCLUDED.created_at, user_id = EXCLUDED.user_id, agent_id = EXCLUDED.agent_id, "
             "session_id = EXCLUDED.session_id"),
             [list(c) for c in zip(*[(r.id, r.source_id, r.target_id, r.evolution_type.value, R.encode_text(r.reason),
-                                     r.confidence, r.created_at, *_scope_values(r)) for r in rels])])
+                                     r.confidence, r.created_at, *r.scope.as_tuple()) for r in rels])])
         self._mark_changed()
 
     def relations_for(self, entity_id: str) -> builtins.list[EvolutionRelation]:
@@ -1236,13 +1236,6 @@ def _check_relations(relations: object) -> builtins.list[EvolutionRelation]:
     return rels
 
 
-def _scope_values(obj: Any) -> tuple[str | None, str | None, str | None]:
-    """(user_id, agent_id, session_id) of a record's scope; None (NULL) is the unset component."""
-    sc = check_scope(obj.scope, f"{type(obj).__name__}.scope")
-    assert sc is not None
-    return sc.as_tuple()
-
-
 def _one(conn: Any, query: Any, params: Sequence[Any] = ()) -> Any:
     """The first column of the one row ``query`` returns."""
     row = conn.execute(query, params).fetchone()
@@ -1308,7 +1301,7 @@ def _core_key(scope: object) -> tuple[str, str]:
 
 
 def _source_row(s: Source) -> tuple[Any, ...]:
-    return (s.id, s.text_hash, R.encode_text(s.text), s.created_at, R.dumps(dict(s.metadata)), *_scope_values(s))
+    return (s.id, s.text_hash, R.encode_text(s.text), s.created_at, R.dumps(dict(s.metadata)), *s.scope.as_tuple())
 
 
 def _row_to_history(r: Sequence[Any]) -> HistoryRecord:
