@@ -265,13 +265,12 @@ def mask(nf: NormFilters, cols: MaskColumns) -> np.ndarray:
 # --- SQL ------------------------------------------------------------------------------------
 
 
-def to_sql(filters: object, dialect: Dialect = "postgres", alias: str | None = None,
-           *, metadata_table: str = "entity_metadata") -> tuple[str, list[Any]]:
+def to_sql(filters: object, dialect: Dialect = "postgres", alias: str | None = None) -> tuple[str, list[Any]]:
     """A WHERE condition (without the keyword) and its parameters.
 
     Column names are the entity table's: ``entity_type``, ``created_at``, ``event_time``,
     ``valid_to``, ``source_id``, ``user_id``, ``agent_id``, ``session_id``, prefixed with
-    ``alias.`` when given. Metadata: ``"duckdb"`` tests a row of ``metadata_table``
+    ``alias.`` when given. Metadata: ``"duckdb"`` tests a row of ``entity_metadata``
     (``entity_id, key, vtype, vtext``); ``"postgres"`` tests ``metadata @> %s::jsonb`` over
     the tagged JSONB column (keys and ``"<vtype>:<vtext>"`` values, NUL-escaped). Placeholders
     are ``?`` (duckdb) or ``%s`` (postgres). Every value is a parameter, never SQL text.
@@ -310,7 +309,7 @@ def to_sql(filters: object, dialect: Dialect = "postgres", alias: str | None = N
         else:
             for key, vtype, vtext in nf.metadata:
                 clauses.append(
-                    f"EXISTS (SELECT 1 FROM {metadata_table} m WHERE m.entity_id = {a}id "
+                    f"EXISTS (SELECT 1 FROM entity_metadata m WHERE m.entity_id = {a}id "
                     f"AND m.key = {ph} AND m.vtype = {ph} AND m.vtext = {ph})")
                 params.extend((key, vtype, vtext))
     for name, v in nf.scope:
