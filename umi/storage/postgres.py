@@ -621,10 +621,10 @@ class PostgresStorageBackend(SharedWrites, StorageBackend):
             for start in range(0, len(unique), BATCH_ROWS * 4):
                 found.update((e.id, e) for e in self._select(conn, "id = ANY(%s)", [unique[start:start + BATCH_ROWS * 4]]))
         out: builtins.list[Entity] = []
-        for i in ids:  # a repeated id gets its own copy
-            e = found.get(i)
-            if e is not None:
-                out.append(e if not any(o is e for o in out) else C.clone_entity(e, e.embedding))
+        seen: set[str] = set()
+        for i in filter(found.__contains__, ids):  # a repeated id gets its own copy
+            out.append(C.clone_entity(found[i], found[i].embedding) if i in seen else found[i])
+            seen.add(i)
         return out
 
     def _select(self, conn: Any, where: str | Any, params: Sequence[Any], tail: str = "") -> builtins.list[Entity]:
