@@ -173,9 +173,7 @@ def _bm25_pruned(rows, tfs, lo, hi, idfs, doc_len, avgdl, mask, slot, k, k1, b, 
         rest[j] = rest[j + 1] + ubs[order[j]]
     # room for every posting (never re-bound: arrays re-bound in a loop cost numba refcounting);
     # np.empty touches no memory, each row is cleared when admitted
-    total = 0
-    for t in range(n_terms):
-        total += hi[t] - lo[t]
+    total = (hi - lo).sum()
     cand = np.empty(total, np.int64)
     contrib = np.empty((total, n_terms), np.float64)
     partial = np.empty(total, np.float64)
@@ -233,9 +231,7 @@ def _bm25_maxscore(rows, tfs, lo, hi, idfs, doc_len, avgdl, mask, k, k1, b, seen
     below = np.zeros(n_terms + 1, np.float64)  # below[j]: bound of the terms order[:j] together
     for j in range(n_terms):
         below[j + 1] = below[j] + ubs[order[j]]
-    total = 0
-    for t in range(n_terms):
-        total += hi[t] - lo[t]
+    total = (hi - lo).sum()
     cap = min(total, mask.shape[0])  # a row is kept at most once
     out_rows = np.empty(cap, np.int64)
     out_scores = np.empty(cap, np.float64)
@@ -370,9 +366,7 @@ _NO_KEYS = np.zeros(0, np.uint64)
 def _bm25(rows, tfs, lo, hi, idfs, doc_len, avgdl, mask, n_rows, k1, b):  # pragma: no cover - compiled
     acc = np.zeros(n_rows, np.float64)
     seen = np.zeros(n_rows, np.bool_)
-    total = 0
-    for t in range(idfs.shape[0]):
-        total += hi[t] - lo[t]
+    total = (hi - lo).sum()
     out_rows = np.empty(total, np.int64)
     n_out = 0
     for t in range(idfs.shape[0]):
@@ -419,17 +413,12 @@ def _select(scores, keys, k):  # pragma: no cover - compiled
             continue  # not better than the worst kept (an equal key is taken in the second pass)
         heap[0] = i
         c = 0
-        while True:  # sift down
-            lo, hi = 2 * c + 1, 2 * c + 2
+        while True:  # sift down: the worse child up
             m = c
-            if lo < k:
-                a, b = heap[lo], heap[m]
+            for u in range(2 * c + 1, min(2 * c + 3, k)):
+                a, b = heap[u], heap[m]
                 if scores[a] < scores[b] or (scores[a] == scores[b] and keys[a] > keys[b]):
-                    m = lo
-            if hi < k:
-                a, b = heap[hi], heap[m]
-                if scores[a] < scores[b] or (scores[a] == scores[b] and keys[a] > keys[b]):
-                    m = hi
+                    m = u
             if m == c:
                 break
             heap[c], heap[m] = heap[m], heap[c]
@@ -920,7 +909,7 @@ class PostingsIndex:
         With ``k``: only the rows that may rank in the top ``k`` or tie with the k-th are sure to
         be there (:func:`_bm25_pruned`); ``keys`` (row -> tie-break key) may narrow them to
         the k best by (score, key) and the k-th's twins (:func:`_bm25_maxscore`)."""
-        return self.scorer(terms, n_docs, avg_doc_len, doc_len, mask, k, keys)()
+        return self.scorer(terms, n_docs, avg_doc_len, doc_len, mask, k, keys).run()
 
     def scorer(self, terms: Sequence[str], n_docs: int, avg_doc_len: float, doc_len: np.ndarray,
                mask: np.ndarray, k: int | None = None, keys: np.ndarray | None = None) -> "_Scorer":
@@ -1013,15 +1002,12 @@ class PostingsIndex:
 
 
 class _Scorer:
-    """A keyword search's kernel call, ready to run, and how many postings it reads (its work)."""
+    """A keyword search's kernel call, ready to :attr:`run`, and how many postings it reads (its work)."""
 
     __slots__ = ("run", "postings")
 
     def __init__(self, run: Callable[[], tuple[np.ndarray, np.ndarray]], postings: int) -> None:
         self.run, self.postings = run, postings
-
-    def __call__(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.run()
 
 
 def _none() -> tuple[np.ndarray, np.ndarray]:

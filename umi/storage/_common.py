@@ -39,8 +39,8 @@ from ..types import (
 )
 from .._validate import QUERY_BYTES_MAX, check_input_text, check_text, utf8_len
 from ..index import SEARCH_K_MAX  # the largest k a search accepts: the index's own limit, one number
-from .base import HistoryRecord, Source, text_hash
-from .filters import meta_key
+from .base import ID_CHARS_MAX, HistoryRecord, Source, text_hash
+from .filters import I64_MAX, meta_key
 
 __all__ = [
     "SEARCH_K_MAX",
@@ -85,8 +85,6 @@ __all__ = [
 LIST_LIMIT_MAX = 100_000
 #: most ids one get_many() call takes
 GET_MANY_IDS_MAX = 100_000
-#: longest id (entity, source or relation), in characters
-ID_CHARS_MAX = 256
 #: stored times (ms since the epoch) must lie in [TIME_MS_MIN, TIME_MS_MAX] (about ±146 million years)
 TIME_MS_MIN = -(2**62)
 TIME_MS_MAX = 2**62
@@ -97,9 +95,6 @@ CORE_CONTENT_BYTES_MAX = 16 * 1024 * 1024
 #: store metadata keys and values
 META_KEY_BYTES_MAX = 256
 META_VALUE_BYTES_MAX = 1024 * 1024
-
-_I64_MIN = -(2**63)
-_I64_MAX = 2**63 - 1
 
 
 def dumps(obj: Any) -> str:
@@ -146,7 +141,7 @@ def check_k(k: object, what: str = "k") -> int:
 def check_limit_offset(limit: object, offset: object) -> tuple[int, int]:
     lim = check_int(limit, "limit", 1, LIST_LIMIT_MAX, exc=InvalidLimitError)
     off = check_int(offset, "offset", 0, exc=InvalidLimitError)
-    return lim, min(off, _I64_MAX)  # type: ignore[return-value, type-var]
+    return lim, min(off, I64_MAX)  # type: ignore[return-value, type-var]
 
 
 def check_id(value: object, what: str = "entity_id") -> str:
@@ -169,13 +164,17 @@ def check_vectors_per_query(queries: Sequence[object], vectors: Sequence[object]
                               f"{len(vectors)} vectors")
 
 
+def _check_many(values: object, what: str, noun: str) -> list[Any]:
+    """A sequence of str (as a list) of at most ``GET_MANY_IDS_MAX`` ``noun``."""
+    out = check_seq(values, what, " of str")
+    if len(out) > GET_MANY_IDS_MAX:
+        raise InvalidLimitError(f"{what} holds {len(out)} {noun}; the limit is {GET_MANY_IDS_MAX}",
+                                limit=GET_MANY_IDS_MAX, actual=len(out))
+    return out
+
+
 def check_ids(values: object, what: str = "entity_ids") -> list[str]:
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise TypeError(f"{what} must be a sequence of str, not {type(values).__name__}")
-    if len(values) > GET_MANY_IDS_MAX:
-        raise InvalidLimitError(f"{what} holds {len(values)} ids; the limit is {GET_MANY_IDS_MAX}",
-                                limit=GET_MANY_IDS_MAX, actual=len(values))
-    ids = list(values)
+    ids = _check_many(values, what, "ids")
     # the usual case checked in C-level passes (a recall checks ~30 ids); anything else, or a
     # failure, goes id by id so that the error names the first bad one
     plain = (ids and set(map(type, ids)) == {str} and min(map(len, ids)) > 0
@@ -232,12 +231,7 @@ def check_name_query(name: object) -> str:
 def check_name_queries(names: object) -> list[str]:
     """The names ``find_by_names`` looks up: a sequence of at most ``GET_MANY_IDS_MAX`` names,
     each as :func:`check_name_query`; normalised, each once (sorted)."""
-    if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
-        raise TypeError(f"names must be a sequence of str, not {type(names).__name__}")
-    if len(names) > GET_MANY_IDS_MAX:
-        raise InvalidLimitError(f"names holds {len(names)} names; the limit is {GET_MANY_IDS_MAX}",
-                                limit=GET_MANY_IDS_MAX, actual=len(names))
-    return sorted({check_name_query(n) for n in names})
+    return sorted({check_name_query(n) for n in _check_many(names, "names", "names")})
 
 
 def _unit(value: object, what: str, exc: type[ValidationError]) -> float:
@@ -317,20 +311,16 @@ def _check_entity(e: object, dim: int | None, pos: int) -> tuple[Entity, int | N
 def check_entities(entities: object, dim: int | None) -> tuple[list[Entity], int | None]:
     """Private, validated copies of ``entities`` (embeddings float32, read-only) and the
     dimension they fix (the store's, or the first vector's when the store has none)."""
-    if isinstance(entities, (str, bytes, Entity)) or not isinstance(entities, Sequence):
-        raise TypeError(f"entities must be a sequence of Entity, not {type(entities).__name__}")
     out = []
-    for pos, e in enumerate(entities):
+    for pos, e in enumerate(check_seq(entities, "entities", " of Entity")):
         c, dim = _check_entity(e, dim, pos)
         out.append(c)
     return out, dim
 
 
 def check_relations(relations: object) -> list[EvolutionRelation]:
-    if isinstance(relations, (str, bytes, EvolutionRelation)) or not isinstance(relations, Sequence):
-        raise TypeError(f"relations must be a sequence of EvolutionRelation, not {type(relations).__name__}")
     out = []
-    for pos, r in enumerate(relations):
+    for pos, r in enumerate(check_seq(relations, "relations", " of EvolutionRelation")):
         if not isinstance(r, EvolutionRelation):
             raise TypeError(f"relations[{pos}] must be an EvolutionRelation, not {type(r).__name__}")
         check_id(r.id, f"relations[{pos}].id")
@@ -368,10 +358,10 @@ def check_source(source: object) -> Source:
     return Source(source.id, source.text_hash, source.text, source.created_at, meta, source.scope)
 
 
-def check_seq(values: object, what: str) -> list[Any]:
-    """A sequence (not a str or bytes) of ``what``, as a list."""
+def check_seq(values: object, what: str, of: str = "") -> list[Any]:
+    """``what``: a sequence (not a str or bytes; ``of`` names its items in the error), as a list."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise TypeError(f"{what} must be a sequence, not {type(values).__name__}")
+        raise TypeError(f"{what} must be a sequence{of}, not {type(values).__name__}")
     return list(values)
 
 

@@ -31,38 +31,28 @@ import numpy as np
 
 from ..errors import StorageError
 from ..index import by_score_then_id
-from ..types import Entity, EntityType, normalize_name
+from ..types import SCOPE_FIELDS, Entity, EntityType, normalize_name
 from . import filters as F
 from ._bm25 import PostingsIndex, csr_add_docs, top_by_score_then_key
 from ._common import clone_entity
 from ._overlap import beside
-from .filters import TYPE_CODES, NormFilters, meta_key
+from .filters import I64_MAX, TYPE_CODES, NormFilters, meta_key
 from .text import document_terms
 
 __all__ = ["EntityCache", "LoadedRows", "TYPE_CODES", "coded_values"]
-
-I64_MAX = np.iinfo(np.int64).max
-#: coded columns besides metadata (``meta:<key>``): the scope components and the source
-SCOPE_COLUMNS = ("user_id", "agent_id", "session_id")
-CODED_COLUMNS = (*SCOPE_COLUMNS, "source_id")
 
 
 def coded_values(e: Entity) -> list[tuple[str, Any]]:
     """(coded column, value) of every set coded field of ``e``: scope components, source id and
     metadata (as ``meta:<key>`` -> (type tag, canonical text))."""
-    out: list[tuple[str, Any]] = []
-    s = e.scope
-    if s.user_id is not None:
-        out.append(("user_id", s.user_id))
-    if s.agent_id is not None:
-        out.append(("agent_id", s.agent_id))
-    if s.session_id is not None:
-        out.append(("session_id", s.session_id))
+    out: list[tuple[str, Any]] = [(name, v) for name, v in zip(SCOPE_FIELDS, e.scope.as_tuple()) if v is not None]
     if e.source_id is not None:
         out.append(("source_id", e.source_id))
     for k, v in e.metadata.items():
         out.append(("meta:" + k, meta_key(v)))
     return out
+
+
 _MASK_CACHE_SIZE = 32
 
 
@@ -585,7 +575,9 @@ class EntityCache:
         return bool(self._alive[row]) and F.matches(nf, self._ent(row))
 
     def _slot_mask(self, nf: NormFilters) -> tuple[bool, np.ndarray | None]:
-        """(any eligible, mask in slot space or None for 'every live vector')."""
+        """(any eligible vector, mask in slot space or None for 'every live vector')."""
+        if self.index is None or self._n_vecs == 0 or nf.empty:
+            return False, None
         rm = self.row_mask(nf)
         key = nf.cache_key
         ver, _, cached = self._masks[key]
@@ -618,14 +610,11 @@ class EntityCache:
         rows = np.flatnonzero(self.row_mask(nf))
         if offset >= rows.shape[0]:
             return []
-        created = self._created[rows]
-        order = np.argsort(created, kind="stable")
-        # exact order needs created_at then id; sort the prefix we need, ties included
+        # exact order needs created_at then id: sort only the rows up to the need-th's time, ties included
         need = offset + limit
         if need < rows.shape[0]:
-            cutoff = created[order[need - 1]]
-            keep = created <= cutoff
-            rows = rows[keep]
+            created = self._created[rows]
+            rows = rows[created <= np.partition(created, need - 1)[need - 1]]
         picked = self._ordered_rows(rows.tolist())[offset:offset + limit]
         self._load_vectors(picked)
         return [self._entity_at(r) for r in picked]
@@ -646,8 +635,6 @@ class EntityCache:
         return [self._entity_at(r) for r in hits]
 
     def search_vector(self, q: np.ndarray, k: int, nf: NormFilters) -> builtins.list[tuple[str, float]]:
-        if self.index is None or self._n_vecs == 0 or nf.empty:
-            return []
         any_eligible, mask = self._slot_mask(nf)
         if not any_eligible:
             return []
@@ -655,8 +642,6 @@ class EntityCache:
 
     def search_vector_many(self, qs: np.ndarray, k: int, nf: NormFilters) -> builtins.list[builtins.list[tuple[str, float]]]:
         """:meth:`search_vector` for each row of ``qs`` (unit float32), in one index call."""
-        if self.index is None or self._n_vecs == 0 or nf.empty:
-            return [[] for _ in range(qs.shape[0])]
         any_eligible, mask = self._slot_mask(nf)
         if not any_eligible:
             return [[] for _ in range(qs.shape[0])]
@@ -707,7 +692,7 @@ class EntityCache:
 
     def search_text(self, terms: Sequence[str], k: int, nf: NormFilters) -> builtins.list[tuple[str, float]]:
         scorer = self._text_scorer(terms, k, nf)
-        return [] if scorer is None else self._text_hits(scorer(), k)
+        return [] if scorer is None else self._text_hits(scorer.run(), k)
 
     def _text_scorer(self, terms: Sequence[str], k: int, nf: NormFilters) -> Any:
         """The BM25 kernel call of a keyword search, ready to run (None: nothing can match)."""
@@ -743,7 +728,7 @@ class EntityCache:
             return self.search_vector_many(np.stack(with_vec), k, nf) if with_vec else []
 
         def keywords() -> builtins.list[tuple[np.ndarray, np.ndarray] | None]:
-            return [None if s is None else s() for s in scorers]
+            return [None if s is None else s.run() for s in scorers]
 
         work = sum(s.postings for s in scorers if s is not None)
         if with_vec and work >= OVERLAP_POSTINGS_MIN:
@@ -872,9 +857,7 @@ class EntityCache:
     def _saved_rows(self, ids: Sequence[str | None]) -> np.ndarray | None:
         """Row of a saved cache (its row ``i`` held ``ids[i]``, None: dead) -> row here (-1: none);
         None when they are this cache's rows in this order (the usual reopen)."""
-        n = self._n
-        same = ids.same_as(self._row_ids) if hasattr(ids, "same_as") else (len(ids) == n and ids == self._row_ids)
-        if same:
+        if len(ids) == self._n and ids == self._row_ids:  # (a SavedIds compares its text: SavedIds.same_as)
             return None
         return np.fromiter(map(self._row_of.get, ids, itertools.repeat(-1)), np.int64, len(ids))  # type: ignore[arg-type]
 
@@ -1094,23 +1077,15 @@ def _ranked(res: Iterable[tuple[Any, Any]], k: int) -> builtins.list[tuple[str, 
 def id_order_keys(ids: Sequence[str]) -> np.ndarray:
     """uint64 keys in id order: the first 8 bytes of each id's UTF-8, big-endian, zero-padded.
     UTF-8 byte order is code point order (Python's ``str`` order), so ``key(a) < key(b)`` implies
-    ``a < b``; equal keys say nothing (the ids are compared themselves)."""
-    if len(ids) >= 64:  # through Arrow: its UTF-8 buffer, no per-id encode in Python
-        import pyarrow as pa  # type: ignore[import-untyped]
-
-        try:
-            arr = pa.array(ids, pa.string())
-        except (pa.ArrowException, UnicodeError):  # a lone surrogate: per id below
-            arr = None
-        if arr is not None:
-            return id_order_keys_arrow(arr)
+    ``a < b``; equal keys say nothing (the ids are compared themselves). (A bulk load has its ids
+    in Arrow: :func:`id_order_keys_arrow`.)"""
     raw = np.array([i.encode("utf-8", "surrogatepass")[:8] for i in ids], dtype="S8")
     return raw.view(">u8").astype(np.uint64) if raw.shape[0] else np.zeros(0, np.uint64)
 
 
 def id_order_keys_arrow(arr: Any) -> np.ndarray:
     """:func:`id_order_keys` of an Arrow string array (or chunked array) without nulls, vectorised."""
-    import pyarrow as pa
+    import pyarrow as pa  # type: ignore[import-untyped]
 
     n = len(arr)
     if isinstance(arr, pa.ChunkedArray):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -27,7 +28,6 @@ __all__ = [
     "encode_text",
     "tagged_json",
     "tagged_metadata",
-    "top_k",
 ]
 
 
@@ -54,20 +54,13 @@ def encode_text(s: str) -> str:
     return "\x01" + s.replace("\x01", "\x01\x01").replace("\x00", "\x010")
 
 
+_ESCAPE = re.compile("\x01(.)", re.DOTALL)
+
+
 def decode_text(s: str) -> str:
     if not s.startswith("\x01"):
         return s
-    out: list[str] = []
-    i, n = 1, len(s)
-    while i < n:
-        c = s[i]
-        if c == "\x01" and i + 1 < n:
-            out.append("\x00" if s[i + 1] == "0" else "\x01")
-            i += 2
-        else:
-            out.append(c)
-            i += 1
-    return "".join(out)
+    return _ESCAPE.sub(lambda m: "\x00" if m.group(1) == "0" else "\x01", s[1:])
 
 
 def dumps(obj: Any) -> str:
@@ -93,8 +86,3 @@ def cosine_scores(matrix: np.ndarray, query: np.ndarray) -> np.ndarray:
     ok = norms > 0
     out[ok] = (m[ok] @ q) / norms[ok]
     return np.clip(out, -1.0, 1.0, out=out)  # rounding can step just past ±1
-
-
-def top_k(scored: Sequence[tuple[str, float]], k: int) -> list[tuple[str, float]]:
-    """Score descending, then id ascending; the first ``k``."""
-    return sorted(scored, key=lambda p: (-p[1], p[0]))[:k]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Iterator, NoReturn
+from typing import Callable, Iterator, NoReturn
 
 from ..errors import StorageError, UmiError
 
@@ -38,18 +38,11 @@ class TransactionMixin:
     _depth: int = 0  # 0: no transaction; n: n nested `transaction()` blocks (or 1 for a lone write)
     _wrote: bool = False  # something was written in the open transaction
     _rollback_only: bool = False  # a write failed inside the open transaction
-
-    def _check_writable(self) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def _begin_tx(self) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def _commit_tx(self, wrote: bool) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def _rollback_tx(self) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    # the backend's hooks (see the module docstring)
+    _check_writable: Callable[[], None]
+    _begin_tx: Callable[[], None]
+    _commit_tx: Callable[[bool], None]
+    _rollback_tx: Callable[[], None]
 
     def _start(self) -> None:
         self._begin_tx()

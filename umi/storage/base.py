@@ -53,6 +53,8 @@ __all__ = ["StorageBackend", "SearchFilters", "Source", "HistoryRecord", "source
 
 #: store metadata key of the embedder identity, ``"name|model|dim"``
 META_EMBEDDER = "embedder"
+#: longest id (entity, source or relation), in characters
+ID_CHARS_MAX = 256
 
 
 def text_hash(text: str) -> str:
@@ -167,8 +169,9 @@ class SearchFilters:
         if self.source_id is not None:
             if not isinstance(self.source_id, str):
                 raise TypeError(f"source_id must be str or None, not {type(self.source_id).__name__}")
-            if not self.source_id or len(self.source_id) > 256 or "\x00" in self.source_id:
-                raise InvalidFilterError("source_id must be a non-empty str of at most 256 characters without NUL")
+            if not self.source_id or len(self.source_id) > ID_CHARS_MAX or "\x00" in self.source_id:
+                raise InvalidFilterError(f"source_id must be a non-empty str of at most {ID_CHARS_MAX} characters "
+                                         "without NUL")
         object.__setattr__(self, "norm", _filters.build(self))
 
     #: the normal form (set by __post_init__)
@@ -281,11 +284,7 @@ class StorageBackend(abc.ABC):
         from ._common import check_vectors_per_query  # (_common imports this module)
 
         check_vectors_per_query(queries, vectors)
-        with_vec = [v for v in vectors if v is not None]
-        if len(with_vec) == 1:
-            found = iter([self.search_vector(with_vec[0], k, filters)])
-        else:
-            found = iter(self.search_vector_many(with_vec, k, filters) if with_vec else [])
+        found = iter(self.search_vector_many([v for v in vectors if v is not None], k, filters))
         return [(None if v is None else next(found), self.search_text(q, k, filters)) for q, v in zip(queries, vectors)]
 
     # --- sources -----------------------------------------------------------

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol
 import numpy as np
 
 from ..errors import InvalidFilterError
-from ..types import EntityType, MetadataValue
+from ..types import SCOPE_FIELDS, EntityType, MetadataValue
 
 if TYPE_CHECKING:
     from ..types import Entity
@@ -103,10 +103,6 @@ class NormFilters:
     empty: bool
 
     @property
-    def include_superseded(self) -> bool:
-        return not self.current_only
-
-    @property
     def cache_key(self) -> tuple[Any, ...]:
         """Hashable, equal for filters that select the same entities by the same rule."""
         return (self.entity_types, self.time_field, self.has_time, self.time_lo, self.time_hi, self.metadata,
@@ -136,8 +132,7 @@ def build(f: "SearchFilters") -> NormFilters:
         meta = tuple(sorted((k, *meta_key(v)) for k, v in f.metadata.items()))
     scope: tuple[tuple[str, str], ...] = ()
     if f.scope is not None:
-        scope = tuple((name, v) for name, v in zip(("user_id", "agent_id", "session_id"), f.scope.as_tuple())
-                      if v is not None)
+        scope = tuple((name, v) for name, v in zip(SCOPE_FIELDS, f.scope.as_tuple()) if v is not None)
     # below int64 max: the cache keeps an unset valid_to as int64 max, which must stay later than t
     as_of = None if f.as_of is None else min(_clamp(f.as_of), I64_MAX - 1)
     return NormFilters(types, f.time_field, f.time_range is not None, lo, hi, meta, as_of,
@@ -270,13 +265,12 @@ def mask(nf: NormFilters, cols: MaskColumns) -> np.ndarray:
 # --- SQL ------------------------------------------------------------------------------------
 
 
-def to_sql(filters: object, dialect: Dialect = "postgres", alias: str | None = None,
-           *, metadata_table: str = "entity_metadata") -> tuple[str, list[Any]]:
+def to_sql(filters: object, dialect: Dialect = "postgres", alias: str | None = None) -> tuple[str, list[Any]]:
     """A WHERE condition (without the keyword) and its parameters.
 
     Column names are the entity table's: ``entity_type``, ``created_at``, ``event_time``,
     ``valid_to``, ``source_id``, ``user_id``, ``agent_id``, ``session_id``, prefixed with
-    ``alias.`` when given. Metadata: ``"duckdb"`` tests a row of ``metadata_table``
+    ``alias.`` when given. Metadata: ``"duckdb"`` tests a row of ``entity_metadata``
     (``entity_id, key, vtype, vtext``); ``"postgres"`` tests ``metadata @> %s::jsonb`` over
     the tagged JSONB column (keys and ``"<vtype>:<vtext>"`` values, NUL-escaped). Placeholders
     are ``?`` (duckdb) or ``%s`` (postgres). Every value is a parameter, never SQL text.
@@ -315,7 +309,7 @@ def to_sql(filters: object, dialect: Dialect = "postgres", alias: str | None = N
         else:
             for key, vtype, vtext in nf.metadata:
                 clauses.append(
-                    f"EXISTS (SELECT 1 FROM {metadata_table} m WHERE m.entity_id = {a}id "
+                    f"EXISTS (SELECT 1 FROM entity_metadata m WHERE m.entity_id = {a}id "
                     f"AND m.key = {ph} AND m.vtype = {ph} AND m.vtext = {ph})")
                 params.extend((key, vtype, vtext))
     for name, v in nf.scope:

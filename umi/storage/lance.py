@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +43,9 @@ from ..errors import (
     StorageError,
     StorageLockedError,
 )
-from ..types import CoreBlockRecord, CoreHistoryRecord, Entity, EntityType, EvolutionRelation, Scope
-from ._common import check_int, core_key, dumps, make_entity, stored_scope
-from .base import TOMBSTONE_SCOPE, Source, tombstone
+from ..types import SCOPE_FIELDS, CoreBlockRecord, CoreHistoryRecord, Entity, EntityType, Scope
+from ._common import check_int, core_key, dumps, make_entity, relation_from_row, source_from_row, stored_scope
+from .base import TOMBSTONE_SCOPE, tombstone
 from ._txn import raise_wrapped
 from .cached import CachedStore, ChangeSet, DurableStore, Loaded
 
@@ -56,7 +57,11 @@ SCHEMA_VERSION = 3
 TABLES = ("entities", "sources", "relations", "history", "core_blocks", "core_history", "meta")
 OPTIMIZE_EVERY_COMMITS = 64
 VECTOR_DIM_MAX = 65_536
-_SCOPE = ("user_id", "agent_id", "session_id")
+
+
+_SOURCE_ROW = itemgetter("id", "text_hash", "text", "created_at", "metadata_json", *SCOPE_FIELDS)
+_RELATION_ROW = itemgetter("id", "source_id", "target_id", "evolution_type", "reason", "confidence", "created_at",
+                           *SCOPE_FIELDS)
 
 
 def _lit(s: str) -> str:
@@ -91,7 +96,7 @@ class LanceDurable(DurableStore):
         import pyarrow as pa  # type: ignore[import-untyped]
 
         s, i, f = pa.string(), pa.int64(), pa.float64()
-        scope = [(c, s, True) for c in _SCOPE]
+        scope = [(c, s, True) for c in SCOPE_FIELDS]
         fields = {
             "entities": [("id", s, False), ("entity_type", s, False), ("name", s, False), ("content", s, False),
                          ("metadata_json", s, False), ("importance", f, False), ("confidence", f, False),
@@ -155,12 +160,9 @@ class LanceDurable(DurableStore):
     # --- load -----------------------------------------------------------------------------------
     def load(self, dim: int | None) -> Loaded:
         ents = [_row_to_entity(r) for r in self._rows("entities")]
-        sources = [Source(r["id"], r["text_hash"], r["text"], int(r["created_at"]), json.loads(r["metadata_json"]),
-                          _scope_of(r)) for r in self._rows("sources")]
-        relations = [EvolutionRelation(source_id=r["source_id"], target_id=r["target_id"],
-                                       evolution_type=r["evolution_type"], reason=r["reason"],
-                                       confidence=r["confidence"], id=r["id"], created_at=int(r["created_at"]),
-                                       scope=_scope_of(r)) for r in self._rows("relations")]
+        # the tables' columns in the order of the shared row readers
+        sources = [source_from_row(_SOURCE_ROW(r)) for r in self._rows("sources")]
+        relations = [relation_from_row(_RELATION_ROW(r)) for r in self._rows("relations")]
         history = [(r["entity_id"], int(r["seq"]), r["op"], int(r["at"]), r["snapshot"], _scope_of(r))
                    for r in self._rows("history")]
         core_blocks = [(_scope_of(r), CoreBlockRecord(r["name"], r["content"], float(r["importance"]),
@@ -286,9 +288,7 @@ class LanceStorageBackend(CachedStore):
     path: Path
     _lock_fd: int
 
-    supports_concurrent_writers = False
-    supports_multiple_processes = False
-    durable = True
+    durable = True  # (one process, one writer: the base class's defaults)
 
     @classmethod
     def connect(cls, path: str | os.PathLike[str], *, dim: int | None = None,
@@ -415,7 +415,7 @@ def _chunks(ids: list[str], n: int = 500) -> list[list[str]]:
 
 
 def _scope_row(s: Scope) -> dict[str, str | None]:
-    return {"user_id": s.user_id, "agent_id": s.agent_id, "session_id": s.session_id}
+    return dict(zip(SCOPE_FIELDS, s.as_tuple()))
 
 
 def _scope_of(r: dict[str, Any]) -> Scope:

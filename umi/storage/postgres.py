@@ -87,6 +87,7 @@ import numpy as np
 
 from .._validate import utf8_len
 from ..errors import InvalidConfigError, StorageError, ValidationError
+from ..index import by_score_then_id
 from ..types import (CoreBlockRecord, CoreHistoryRecord, CoreOp, Entity, EntityType,
                      EvolutionRelation, Scope, check_scope, normalize_name, now_ms)
 from . import _pg_schema as S
@@ -145,8 +146,6 @@ class _Tx:
 class PostgresStorageBackend(SharedWrites, StorageBackend):
     """Archival memory in PostgreSQL with pgvector. Create it with :meth:`connect`."""
 
-    #: every write inside ``transaction()`` commits together or not at all, across processes
-    supports_transactions = True
     #: several processes (and hosts) may read and write one store at once
     supports_concurrent_writers = True
     supports_multiple_processes = True
@@ -565,23 +564,19 @@ class PostgresStorageBackend(SharedWrites, StorageBackend):
             if length is not None:
                 old[eid] = length
                 tx.count_terms(old_terms, -1)
-        names = ("id", "typ", "nam", "norm", "con", "meta", "mj", "emb", "imp", "conf", "cr", "up", "ev", "vf",
-                 "vt", "src", "terms", "tf", "len", "u", "a", "s")
-        cols: dict[str, list[Any]] = {c: [] for c in names}
+        rows = []  # in the order of S.UPSERT_ENTITIES's unnest columns
         for e in chunk:
             tf, length = document_terms(e.name, e.content)
-            for c, v in zip(names, (
-                    e.id, e.entity_type.value, R.encode_text(e.name), R.encode_text(normalize_name(e.name)),
-                    R.encode_text(e.content), R.tagged_metadata(e.metadata), R.dumps(e.metadata),
-                    None if e.embedding is None else _Vec(e.embedding), float(e.importance), float(e.confidence),
-                    e.created_at, e.updated_at, e.event_time, e.valid_from, e.valid_to, e.source_id,
-                    " ".join(tf), R.dumps(tf), length, *_scope_values(e))):
-                cols[c].append(v)
+            rows.append((e.id, e.entity_type.value, R.encode_text(e.name), R.encode_text(normalize_name(e.name)),
+                         R.encode_text(e.content), R.tagged_metadata(e.metadata), R.dumps(e.metadata),
+                         None if e.embedding is None else _Vec(e.embedding), float(e.importance),
+                         float(e.confidence), e.created_at, e.updated_at, e.event_time, e.valid_from, e.valid_to,
+                         e.source_id, " ".join(tf), R.dumps(tf), length, *e.scope.as_tuple()))
             tx.len_delta += length - old.get(e.id, 0)
             tx.count_terms(tf, 1)
             tx.n_delta += 0 if e.id in old else 1
         self._adapt(conn)
-        conn.execute(self._q(S.UPSERT_ENTITIES), [cols[c] for c in names])
+        conn.execute(self._q(S.UPSERT_ENTITIES), [list(c) for c in zip(*rows)])
         self._put_passages(conn, chunk, [i for i in ids if i in old])
         if with_history:
             self._put_history(conn, [history_record(last[e.id], *upsert_entry(e, e.id in old)) for e in chunk])
@@ -626,10 +621,10 @@ class PostgresStorageBackend(SharedWrites, StorageBackend):
             for start in range(0, len(unique), BATCH_ROWS * 4):
                 found.update((e.id, e) for e in self._select(conn, "id = ANY(%s)", [unique[start:start + BATCH_ROWS * 4]]))
         out: builtins.list[Entity] = []
-        for i in ids:  # a repeated id gets its own copy
-            e = found.get(i)
-            if e is not None:
-                out.append(e if not any(o is e for o in out) else _copy_entity(e))
+        seen: set[str] = set()
+        for i in filter(found.__contains__, ids):  # a repeated id gets its own copy
+            out.append(C.clone_entity(found[i], found[i].embedding) if i in seen else found[i])
+            seen.add(i)
         return out
 
     def _select(self, conn: Any, where: str | Any, params: Sequence[Any], tail: str = "") -> builtins.list[Entity]:
@@ -766,32 +761,27 @@ class PostgresStorageBackend(SharedWrites, StorageBackend):
                               # "+ 0" keeps the planner off the (approximate) index
                               "ORDER BY (embedding <=> %b::vector) + 0, id LIMIT %s)").format(t=table, w=where) + passages
         hits: builtins.list[Any] | None = None
-        if not self._maybe_indexed(dim):
-            with self._reading() as conn:  # one statement: no transaction needed for a consistent answer
-                self._adapt(conn)
+        indexed = self._maybe_indexed(dim)
+        # without an index the exact scan is one statement: no transaction needed for a consistent answer
+        with self._reading(snapshot=indexed) as conn:
+            self._adapt(conn)
+            if indexed and self._big_enough(conn) and not self._narrow(conn, filters, where, params):
+                ef = min(EF_SEARCH_MAX, max(self._ef_search, k + margin))
+                conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef),))
+                if self._iterative:
+                    conn.execute("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)")
+                cur = conn.cursor(binary=True)
+                cur.execute(self._sql.SQL("(SELECT id, embedding, false FROM {t} WHERE embedding IS NOT NULL "
+                                          "AND {w} ORDER BY embedding <=> %b::vector LIMIT %s)").format(
+                                              t=table, w=where) + passages,
+                            [*params, qvec, k + margin, *tail])
+                hits = cur.fetchall()
+                if sum(not h[2] for h in hits) < k:
+                    hits = None  # the graph walk ran dry under the filter: answer exactly instead
+            if hits is None:
                 cur = conn.cursor(binary=True)
                 cur.execute(exact, [*params, qvec, k + margin, *tail])
                 hits = cur.fetchall()
-        else:
-            with self._reading(snapshot=True) as conn:
-                self._adapt(conn)
-                if self._big_enough(conn) and not self._narrow(conn, filters, where, params):
-                    ef = min(EF_SEARCH_MAX, max(self._ef_search, k + margin))
-                    conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef),))
-                    if self._iterative:
-                        conn.execute("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)")
-                    cur = conn.cursor(binary=True)
-                    cur.execute(self._sql.SQL("(SELECT id, embedding, false FROM {t} WHERE embedding IS NOT NULL "
-                                              "AND {w} ORDER BY embedding <=> %b::vector LIMIT %s)").format(
-                                                  t=table, w=where) + passages,
-                                [*params, qvec, k + margin, *tail])
-                    hits = cur.fetchall()
-                    if sum(not h[2] for h in hits) < k:
-                        hits = None  # the graph walk ran dry under the filter: answer exactly instead
-                if hits is None:
-                    cur = conn.cursor(binary=True)
-                    cur.execute(exact, [*params, qvec, k + margin, *tail])
-                    hits = cur.fetchall()
         if not hits:
             return []
         scores = R.cosine_scores(np.stack([_vector_from_binary(h[1]) for h in hits]),
@@ -799,7 +789,7 @@ class PostgresStorageBackend(SharedWrites, StorageBackend):
         best: dict[str, float] = {}
         for h, s in zip(hits, scores):
             best[h[0]] = max(float(s), best.get(h[0], -2.0))
-        return R.top_k(list(best.items()), k)
+        return by_score_then_id(list(best.items()))[:k]
 
     def _narrow(self, conn: Any, filters: object, where: Any, params: Sequence[Any]) -> bool:
         """Do the filters name a scope or a source holding fewer than ``exact_search_rows`` vectors?
@@ -983,9 +973,8 @@ class PostgresStorageBackend(SharedWrites, StorageBackend):
             "evolution_type = EXCLUDED.evolution_type, reason = EXCLUDED.reason, confidence = EXCLUDED.confidence, "
             "created_at = EXCLUDED.created_at, user_id = EXCLUDED.user_id, agent_id = EXCLUDED.agent_id, "
             "session_id = EXCLUDED.session_id"),
-            ([r.id for r in rels], [r.source_id for r in rels], [r.target_id for r in rels],
-             [r.evolution_type.value for r in rels], [R.encode_text(r.reason) for r in rels],
-             [r.confidence for r in rels], [r.created_at for r in rels], *_columns([_scope_values(r) for r in rels])))
+            [list(c) for c in zip(*[(r.id, r.source_id, r.target_id, r.evolution_type.value, R.encode_text(r.reason),
+                                     r.confidence, r.created_at, *r.scope.as_tuple()) for r in rels])])
         self._mark_changed()
 
     def relations_for(self, entity_id: str) -> builtins.list[EvolutionRelation]:
@@ -1213,7 +1202,6 @@ class PostgresStorageBackend(SharedWrites, StorageBackend):
 # --- helpers -----------------------------------------------------------------------
 
 
-ScopeRow = tuple[str | None, str | None, str | None]
 # advisory-lock keys of sources and of core-block scopes, apart from entity ids
 _SOURCE_LOCK = "src\x1f"
 _CORE_LOCK = "core\x1f"
@@ -1246,17 +1234,6 @@ def _check_relations(relations: object) -> builtins.list[EvolutionRelation]:
     for r in rels:
         utf8_len(r.reason, f"relation {r.id} reason")
     return rels
-
-
-def _scope_values(obj: Any) -> ScopeRow:
-    """(user_id, agent_id, session_id) of a record's scope; None (NULL) is the unset component."""
-    sc = check_scope(obj.scope, f"{type(obj).__name__}.scope")
-    assert sc is not None
-    return sc.as_tuple()
-
-
-def _columns(rows: Sequence[ScopeRow]) -> tuple[list[str | None], list[str | None], list[str | None]]:
-    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
 
 
 def _one(conn: Any, query: Any, params: Sequence[Any] = ()) -> Any:
@@ -1316,12 +1293,6 @@ def _tsquery_lexeme(term: str) -> str:
     return "'" + term.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
-def _copy_entity(e: Entity) -> Entity:
-    from ._common import clone_entity
-
-    return clone_entity(e, e.embedding)
-
-
 def _core_key(scope: object) -> tuple[str, str]:
     """The (user_id, agent_id) key of core blocks; '' is the unset component in those tables."""
     sc = check_scope(scope, "scope")
@@ -1330,7 +1301,7 @@ def _core_key(scope: object) -> tuple[str, str]:
 
 
 def _source_row(s: Source) -> tuple[Any, ...]:
-    return (s.id, s.text_hash, R.encode_text(s.text), s.created_at, R.dumps(dict(s.metadata)), *_scope_values(s))
+    return (s.id, s.text_hash, R.encode_text(s.text), s.created_at, R.dumps(dict(s.metadata)), *s.scope.as_tuple())
 
 
 def _row_to_history(r: Sequence[Any]) -> HistoryRecord:
@@ -1338,11 +1309,9 @@ def _row_to_history(r: Sequence[Any]) -> HistoryRecord:
 
 
 def _row_to_entity(r: Sequence[Any]) -> Entity:
-    from ._common import make_entity
-
     (eid, etype, name, content, meta_json, emb, imp, conf, created, updated, event, vfrom, vto, src, u, a, sess,
      passages) = r
-    return make_entity({
+    return C.make_entity({
         "entity_type": EntityType(etype), "name": R.decode_text(name), "content": R.decode_text(content),
         "metadata": dict(json.loads(meta_json)),
         "embedding": None if emb is None else _vector_from_binary(emb),

@@ -128,11 +128,8 @@ def term_frequencies(text: str) -> dict[str, int]:
 
 def document_terms(name: str, content: str) -> tuple[dict[str, int], int]:
     """The indexed document of an entity: (term -> tf over name + content, length in terms)."""
-    toks = tokenize(name + "\n" + content)  # a newline never joins two words
-    tf: dict[str, int] = {}
-    for t in toks:
-        tf[t] = tf.get(t, 0) + 1
-    return tf, len(toks)
+    tf = term_frequencies(name + "\n" + content)  # a newline never joins two words
+    return tf, sum(tf.values())
 
 
 def bm25_idf(n_docs: int, df: int) -> float:
@@ -140,9 +137,9 @@ def bm25_idf(n_docs: int, df: int) -> float:
     return math.log(1.0 + (n_docs - df + 0.5) / (df + 0.5))
 
 
-def bm25_term_score(tf: int, doc_len: int, avg_doc_len: float, idf: float,
-                    k1: float = BM25_K1, b: float = BM25_B) -> float:
+def bm25_term_score(tf: int, doc_len: int, avg_doc_len: float, idf: float) -> float:
     """One term's contribution to one document's BM25 score (the reference formula)."""
+    k1, b = BM25_K1, BM25_B
     norm = k1 * (1.0 - b + b * doc_len / avg_doc_len) if avg_doc_len > 0 else k1
     return idf * tf * (k1 + 1.0) / (tf + norm)
 
