@@ -344,6 +344,13 @@ class StorageBackend(abc.ABC):
         """Every source in ``scope`` (``None``: all; a Scope: the view rule), ordered by
         ``(created_at, id)``."""
 
+    def lone_source_ids(self, scope: Scope | None = None) -> builtins.list[str]:
+        """Ids of the sources in ``scope`` (the view rule; ``None``: all) that no stored entity
+        comes from (an import or ``add_source`` brings such a text), sorted. This scan of
+        :meth:`iter_sources` is the rule; a store that reads sources on demand answers it without
+        reading every source."""
+        return sorted(s.id for s in self.iter_sources(scope) if not self.entity_ids_for_source(s.id))
+
     @abc.abstractmethod
     def iter_relations(self, scope: Scope | None = None) -> Iterator[EvolutionRelation]:
         """Every relation in ``scope``, ordered by ``(created_at, id)``."""
