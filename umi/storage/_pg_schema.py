@@ -15,7 +15,8 @@ from ..errors import InvalidConfigError, SchemaVersionError, StorageError
 from .base import TOMBSTONE_SCOPE, TOMBSTONE_TEXT_PREFIX
 from ..types import now_ms
 
-__all__ = ["SCHEMA_VERSION", "TableNames", "build_hnsw", "fix_dim", "hnsw_state", "migrate", "prepare_extension"]
+__all__ = ["SCHEMA_VERSION", "TableNames", "build_hnsw", "fix_dim", "hnsw_state", "migrate", "one_value",
+           "prepare_extension"]
 
 SCHEMA_VERSION = 4
 VECTOR_DIM_MAX = 16_000  # pgvector's limit for the `vector` type
@@ -193,13 +194,24 @@ def migrate(conn: Any, n: TableNames, lock_key: int, dim: int | None, *,
                     conn.execute(stmt)
                 conn.execute(n.q("INSERT INTO {migrations} (version, name, applied_at) VALUES (%s, %s, %s)"),
                              (version, name, now_ms()))
-        stored = conn.execute(n.q("SELECT dim FROM {state}")).fetchone()[0]
+        stored = one_value(conn, n.q("SELECT dim FROM {state}"))
         if dim is not None and stored is not None and stored != dim:
             raise InvalidConfigError(f"this store holds {stored}-d vectors; it cannot be opened with dim={dim}")
         if stored is None and dim is not None:
             fix_dim(conn, n, dim)
             stored = dim
     return None if stored is None else int(stored)
+
+
+def one_value(conn: Any, query: Any, params: Any = ()) -> Any:
+    """The first column of the one row ``query`` returns; :class:`StorageError` when it returns none
+    (a row umi always keeps, such as the state row, was deleted outside umi)."""
+    row = conn.execute(query, params).fetchone()
+    if row is None:
+        text = query if isinstance(query, str) else query.as_string(conn)
+        raise StorageError(f"PostgreSQL returned no row for {text!r}, which umi always finds one for: "
+                           "the umi tables were changed outside umi")
+    return row[0]
 
 
 def fix_dim(conn: Any, n: TableNames, dim: int) -> None:
