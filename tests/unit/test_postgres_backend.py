@@ -134,7 +134,8 @@ def test_exact_round_trip_of_awkward_values(backend: PostgresStorageBackend) -> 
     e = Entity("note", "nul \x00 name", "content with \x00 and \x01 and 'quotes' \\ ü🙂",
                metadata={"i": 1, "f": 1.0, "b": True, "n": None, "s": "a\x00b", "big": 10**18, "e": 1e300,
                          "tiny": 5e-324, "neg0": -0.0},
-               embedding=np.array([1e-38, -3.4e38, 0.1, 1.0, 1e-45, 3.4e38, -0.0, 7.0], np.float32), event_time=-5, created_at=7)
+               # the largest values a vector may hold: its norm at most umi._validate.VECTOR_NORM_MAX
+               embedding=np.array([1e-38, -7e18, 0.1, 1.0, 1e-45, 7e18, -0.0, 7.0], np.float32), event_time=-5, created_at=7)
     backend.upsert([e])
     got = backend.get(e.id)
     assert got == e
