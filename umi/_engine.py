@@ -42,6 +42,11 @@ class _HeldWorkingMemory(WorkingMemory):
     __slots__ = ("__weakref__",)
 
 
+def _holds_nothing(wm: WorkingMemory) -> bool:
+    wm.expire()  # an entry past its TTL is nothing held
+    return len(wm) == 0
+
+
 def embedder_identity(embedder: EmbeddingProvider) -> str:
     """``name|model|dim``: what a store records of the embedder its vectors came from. ``model``
     is the provider's ``model`` attribute, or ``seed=N`` for a seeded one (the Sim embedder)."""
@@ -235,13 +240,12 @@ class Engine:
         """Drop the working memories that hold nothing and that nothing but this dict holds (under
         ``_parts_lock``). One still held (its weak reference alive once the dict let go) is in use
         and is put back: the same object stays the scope's, whatever is written through it later."""
-        idle = [sc for sc, wm in self._workings.items() if wm.expire() >= 0 and len(wm) == 0]
-        refs = [(sc, weakref.ref(self._workings.pop(sc))) for sc in idle]
+        idle = [sc for sc, wm in self._workings.items() if _holds_nothing(wm)]
+        refs = [(sc, weakref.ref(self._workings.pop(sc))) for sc in idle]  # no other reference of ours left
         for sc, ref in refs:
             held = ref()
             if held is not None:
                 self._workings[sc] = held
-        held = None
 
     def io(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
         return self.runner.io(fn, *args)
