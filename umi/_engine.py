@@ -20,15 +20,31 @@ from .pipeline.context import WriteLock
 from .providers.base import EmbeddingProvider, LLMProvider
 from .storage.base import META_EMBEDDER, StorageBackend
 from .types import Scope
+from .working_memory import WorkingMemory
 
 if TYPE_CHECKING:
     from ._loop import LoopThread
     from .core_memory import PersistentCoreMemory
-    from .working_memory import WorkingMemory
 
 T = TypeVar("T")
 
+#: the engine's working memories are swept once there are this many (then at twice what a sweep kept)
+WORKINGS_SWEEP_MIN = 64
+
+
 __all__ = ["Engine", "embedder_identity", "check_embedder"]
+
+
+class _HeldWorkingMemory(WorkingMemory):
+    """A :class:`~umi.WorkingMemory` the engine can hold weakly (the compiled class takes no weak
+    reference): how it sees whether anything else holds it."""
+
+    __slots__ = ("__weakref__",)
+
+
+def _holds_nothing(wm: WorkingMemory) -> bool:
+    wm.expire()  # an entry past its TTL is nothing held
+    return len(wm) == 0
 
 
 def embedder_identity(embedder: EmbeddingProvider) -> str:
@@ -109,7 +125,10 @@ class Engine:
         # dropped after: its blocks are in the store, so a later view loads them again. A server
         # naming many scopes does not keep one arena per scope it ever saw.
         self._cores: weakref.WeakValueDictionary[Scope, PersistentCoreMemory] = weakref.WeakValueDictionary()
+        # A scope's working memory is dropped once it holds nothing and nothing holds it (see
+        # working_for); the dict is swept when it has doubled since the last sweep.
         self._workings: dict[Scope, WorkingMemory] = {}
+        self._workings_sweep_at = WORKINGS_SWEEP_MIN
         self._embedder_recorded = embedder is None
         self.closed = False
         self._close_lock = threading.Lock()
@@ -197,17 +216,36 @@ class Engine:
                 yield [core for _, core in hit]
 
     def working_for(self, scope: Scope) -> "WorkingMemory":
-        """The working memory of a view scope: in this process only, one per scope."""
-        from .working_memory import WorkingMemory
+        """The working memory of a view scope: in this process only, one per scope.
 
+        It is kept while it holds an entry or while anything holds it (a view, a caller's
+        reference); one that holds nothing (its entries expired, deleted or cleared) and that
+        nothing holds is dropped — a later view of the scope gets a new, empty one, which is all
+        the dropped one was. So a server opening a view per request for many sessions keeps the
+        working memories of the sessions with entries or views, not of every session it saw
+        (the engine's dict holds at most about twice those, or ``WORKINGS_SWEEP_MIN``)."""
         with self._parts_lock:
             wm = self._workings.get(scope)
             if wm is None:
+                if len(self._workings) >= self._workings_sweep_at:
+                    self._drop_idle_workings()
+                    self._workings_sweep_at = max(WORKINGS_SWEEP_MIN, 2 * len(self._workings))
                 cfg = self.config
-                wm = WorkingMemory(max_bytes=cfg.working_memory_bytes, max_entries=cfg.working_memory_entries,
-                                   default_ttl_secs=cfg.working_memory_ttl.total_seconds(), clock=self.clock)
+                wm = _HeldWorkingMemory(max_bytes=cfg.working_memory_bytes, max_entries=cfg.working_memory_entries,
+                                        default_ttl_secs=cfg.working_memory_ttl.total_seconds(), clock=self.clock)
                 self._workings[scope] = wm
             return wm
+
+    def _drop_idle_workings(self) -> None:
+        """Drop the working memories that hold nothing and that nothing but this dict holds (under
+        ``_parts_lock``). One still held (its weak reference alive once the dict let go) is in use
+        and is put back: the same object stays the scope's, whatever is written through it later."""
+        idle = [sc for sc, wm in self._workings.items() if _holds_nothing(wm)]
+        refs = [(sc, weakref.ref(self._workings.pop(sc))) for sc in idle]  # no other reference of ours left
+        for sc, ref in refs:
+            held = ref()
+            if held is not None:
+                self._workings[sc] = held
 
     def io(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
         return self.runner.io(fn, *args)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from .errors import InvalidConfigError, TextTooLongError, ValidationError
+from .errors import InvalidConfigError, TextTooLongError, UmiError, ValidationError
 
 __all__ = [
     "TEXT_BYTES_MAX",
@@ -54,6 +54,8 @@ __all__ = [
     "check_ttl_secs",
     "utf8_len",
     "check_metadata_limits",
+    "VECTOR_NORM_MAX",
+    "check_vector_norm",
 ]
 
 # --- archival memory ----------------------------------------------------------------
@@ -76,6 +78,11 @@ METADATA_BYTES_MAX = 64 * 1024
 #: times are integer milliseconds since the epoch in [TIME_MS_MIN, TIME_MS_MAX]
 TIME_MS_MIN = -(2**62)
 TIME_MS_MAX = 2**62
+#: the largest L2 norm of a vector umi stores or embeds (an entity's, a passage's, a provider's
+#: answer). Cosine similarity ignores length, so no embedder comes near it; under it the float32
+#: dot product of two such vectors (a squared norm among them) stays finite (float32's maximum is
+#: 3.4e38), so no float32 arithmetic over stored vectors overflows.
+VECTOR_NORM_MAX = 1e19
 
 # --- core memory ----------------------------------------------------------------------
 CORE_MEMORY_MAX_BYTES_MIN = 1024
@@ -91,6 +98,26 @@ WORKING_MEMORY_MAX_ENTRIES_MAX = 100_000_000
 WORKING_MEMORY_KEY_BYTES_MAX = 256
 WORKING_MEMORY_VALUE_BYTES_MAX = 64 * 1024
 WORKING_MEMORY_TTL_SECS_MAX = 7 * 24 * 3600.0
+
+def check_vector_norm(vectors: Any, what: str, error: type[UmiError] = ValidationError) -> None:
+    """Raise ``error`` naming the first vector (a 1-d vector, or rows of a 2-d matrix) of finite
+    values whose L2 norm is over :data:`VECTOR_NORM_MAX` (computed in float64: no overflow)."""
+    import numpy as np
+
+    v64 = np.asarray(vectors, np.float64)
+    if v64.ndim == 1:  # one vector (an Entity's, on every write): a dot product, ~4 us at 384-d
+        square = float(v64 @ v64)
+        if not square > VECTOR_NORM_MAX * VECTOR_NORM_MAX:
+            return
+        squares = np.array([square])
+    else:
+        squares = np.einsum("ij,ij->i", v64, v64)
+    over = np.flatnonzero(squares > VECTOR_NORM_MAX * VECTOR_NORM_MAX)
+    if over.size:
+        row = "" if v64.ndim == 1 else f" (row {int(over[0])})"
+        raise error(f"{what} must have an L2 norm of at most {VECTOR_NORM_MAX:g}{row}, got "
+                    f"{float(np.sqrt(squares[over[0]])):.4g}: its float32 square would overflow")
+
 
 def _type_name(value: object) -> str:
     return type(value).__name__

@@ -296,6 +296,7 @@ def _check_embedding(value: object) -> np.ndarray:
     if emb.ndim != 1 or emb.size == 0 or not np.all(np.isfinite(emb)):
         raise ValidationError(f"{_EMBEDDING_RULE}; got shape {emb.shape}" if emb.ndim != 1 or emb.size == 0
                               else f"{_EMBEDDING_RULE}; got NaN or inf")
+    V.check_vector_norm(emb, "Entity.embedding")
     return emb
 
 

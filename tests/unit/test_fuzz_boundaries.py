@@ -150,7 +150,8 @@ def test_entity_embedding_hostile_values_are_typed(embedding: Any, error: type[E
 
 
 def test_entity_embedding_numbers_are_stored_as_float32() -> None:
-    for value in ([1, 2, 3], (1.5, 2), np.array([1.0, 2.0]), np.arange(4, dtype=np.int64), [10**30, 1]):
+    for value in ([1, 2, 3], (1.5, 2), np.array([1.0, 2.0]), np.arange(4, dtype=np.int64),
+                  [-(2**63) - 1, 1]):  # beyond int64 (an object array), its norm under VECTOR_NORM_MAX
         e = umi.Entity("note", "n", "c", embedding=value)
         assert e.embedding is not None and e.embedding.dtype == np.float32 and e.embedding.flags.c_contiguous
         assert np.allclose(e.embedding, np.asarray(value, dtype=np.float64).astype(np.float32))

@@ -89,7 +89,7 @@ def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
     (tmp_path / "s" / "state.json").write_text(json.dumps(dict(state, schema_version=7)))
     with pytest.raises(umi.SchemaVersionError) as info:
         LanceStorageBackend.connect(tmp_path / "s")
-    assert (info.value.found, info.value.supported) == (7, 3)
+    assert (info.value.found, info.value.supported) == (7, 4)
     # the refused open released its lock
     (tmp_path / "s" / "state.json").write_text(json.dumps(state))
     LanceStorageBackend.connect(tmp_path / "s").close()

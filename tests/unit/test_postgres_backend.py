@@ -92,13 +92,13 @@ def test_newer_schema_version_is_refused(postgres_url: str, pg_schema: str) -> N
         conn.execute(f'INSERT INTO "{pg_schema}".umi_migrations VALUES (99, %s, 0)', ("from the future",))
     with pytest.raises(umi.SchemaVersionError) as info:
         PostgresStorageBackend.connect(postgres_url, schema=pg_schema)
-    assert (info.value.found, info.value.supported) == (99, 3)
+    assert (info.value.found, info.value.supported) == (99, 4)
 
 
 def test_dim_is_fixed_once(postgres_url: str, pg_schema: str) -> None:
     b = PostgresStorageBackend.connect(postgres_url, schema=pg_schema, dim=8)
     assert b.dim == 8
-    assert b.schema_version == 3
+    assert b.schema_version == 4
     with pytest.raises(umi.ValidationError, match="4 dimensions but the store holds 8-d"):
         b.upsert([_ent(1, dim=4)])
     b.close()
@@ -134,7 +134,8 @@ def test_exact_round_trip_of_awkward_values(backend: PostgresStorageBackend) -> 
     e = Entity("note", "nul \x00 name", "content with \x00 and \x01 and 'quotes' \\ ü🙂",
                metadata={"i": 1, "f": 1.0, "b": True, "n": None, "s": "a\x00b", "big": 10**18, "e": 1e300,
                          "tiny": 5e-324, "neg0": -0.0},
-               embedding=np.array([1e-38, -3.4e38, 0.1, 1.0, 1e-45, 3.4e38, -0.0, 7.0], np.float32), event_time=-5, created_at=7)
+               # the largest values a vector may hold: its norm at most umi._validate.VECTOR_NORM_MAX
+               embedding=np.array([1e-38, -7e18, 0.1, 1.0, 1e-45, 7e18, -0.0, 7.0], np.float32), event_time=-5, created_at=7)
     backend.upsert([e])
     got = backend.get(e.id)
     assert got == e
@@ -475,7 +476,7 @@ def test_a_version_1_store_opens_and_is_brought_forward(postgres_url: str, pg_sc
     _write_v1_store(postgres_url, pg_schema)
     b = PostgresStorageBackend.connect(postgres_url, schema=pg_schema)
     try:
-        assert (b.schema_version, b.dim, b.generation) == (3, 4, 3)
+        assert (b.schema_version, b.dim, b.generation) == (4, 4, 3)
         everything = SearchFilters(include_superseded=True)
         assert [e.id for e in b.list(everything)] == ["e1", "e2"]
         assert b.get("e2").valid_to == 30
@@ -502,7 +503,7 @@ def test_a_version_1_store_opens_and_is_brought_forward(postgres_url: str, pg_sc
         b.close()
     # opening again is a no-op: nothing is migrated twice
     again = PostgresStorageBackend.connect(postgres_url, schema=pg_schema)
-    assert (again.schema_version, again.count(SearchFilters(include_superseded=True))) == (3, 2)
+    assert (again.schema_version, again.count(SearchFilters(include_superseded=True))) == (4, 2)
     again.close()
 
 

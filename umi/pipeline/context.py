@@ -19,6 +19,7 @@ from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import numpy as np
 
+from .._validate import check_vector_norm
 from ..errors import EmbeddingError, InvalidResponseError, InvalidScopeError, ProviderError
 from ..options import MemoryConfig
 from ..providers.base import EmbeddingProvider, EmbedKind, LLMProvider, LLMResult, Task
@@ -162,6 +163,8 @@ class PipelineContext:
                     f"embedding provider {self.embedder.name!r} returned shape {vecs.shape}, "
                     f"expected ({len(chunk)}, {self.embedder.dim}) finite values"
                 )
+            check_vector_norm(vecs, f"embedding provider {self.embedder.name!r}: a vector",
+                              EmbeddingError)
             parts.append(vecs)
         return np.concatenate(parts, axis=0)
 

@@ -341,8 +341,11 @@ def forget_scope(ctx: PipelineContext, at: int) -> int:
     name no scope. One transaction. Returns how many facts were forgotten."""
     store = ctx.storage
     with store.transaction():
+        # asked first, before this transaction changes anything (one durable query on a store that
+        # reads sources on demand); forgetting facts leaves no other text lone: a fact's text goes
+        # with its last fact, and a text a fact of another scope comes from stays
+        lone = store.lone_source_ids(ctx.scope)
         n = forget_ids(ctx, filter_ids(ctx, SearchFilters(scope=ctx.scope, include_superseded=True)), at)
-        for s in list(store.iter_sources(ctx.scope)):
-            if not store.entity_ids_for_source(s.id):
-                store.delete_source(s.id)
+        for sid in lone:
+            store.delete_source(sid)
     return n

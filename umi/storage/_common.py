@@ -37,7 +37,7 @@ from ..types import (
     normalize_name,
     validate_metadata,
 )
-from .._validate import QUERY_BYTES_MAX, check_input_text, check_text, utf8_len
+from .._validate import QUERY_BYTES_MAX, check_input_text, check_text, check_vector_norm, utf8_len
 from ..index import SEARCH_K_MAX  # the largest k a search accepts: the index's own limit, one number
 from .base import ID_CHARS_MAX, HistoryRecord, Source, text_hash
 from .filters import I64_MAX, meta_key
@@ -283,6 +283,7 @@ def _check_entity(e: object, dim: int | None, pos: int) -> tuple[Entity, int | N
         emb = np.array(emb, dtype=np.float32, copy=True)
         if emb.ndim != 1 or emb.size == 0 or not np.isfinite(emb).all():
             raise ValidationError(f"entities[{pos}].embedding must be a non-empty 1-d finite float vector")
+        check_vector_norm(emb, f"entities[{pos}].embedding")
         if dim is not None and emb.shape[0] != dim:
             raise ValidationError(
                 f"entities[{pos}].embedding has {emb.shape[0]} dimensions but the store holds {dim}-d vectors"

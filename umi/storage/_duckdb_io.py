@@ -1046,6 +1046,14 @@ class DuckDBDurable(DurableStore):
                 parts = [_tuples_for_ids(con, select, col, entity_ids) for col in ("r.source_id", "r.target_id")]
         return list({r[0]: relation_from_row(r) for rows in parts for r in rows}.values())
 
+    def load_lone_sources(self, scope: Scope | None) -> list[Source]:
+        parts = {} if scope is None else {c: v for c, v in scope.to_dict().items() if v is not None}
+        select = ("SELECT s.id, s.text_hash, s.text, s.created_at, s.metadata, s.user_id, s.agent_id, s.session_id "
+                  "FROM sources s WHERE NOT EXISTS (SELECT 1 FROM entities e WHERE e.source_id = s.id)"
+                  + "".join(f" AND s.{c} = ?" for c in parts))
+        with _read_errors("sources"), self.bulk():
+            return [source_from_row(r) for r in self.con.execute(select, list(parts.values())).fetchall()]
+
     def load_orphans(self) -> Orphans:
         with _read_errors("orphan keys"), self.bulk():
             hist = self.con.execute("SELECT DISTINCT h.entity_id FROM history h "

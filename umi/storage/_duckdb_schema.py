@@ -21,6 +21,9 @@ Schema versions (``umi_schema.version``, one row per applied migration):
    commit's other rows (as JSON text, vectors as float32 bytes), in one statement; they are moved
    into their tables later in one transaction and the columns set back to NULL (see
    :mod:`umi.storage._duckdb_io`). NULL everywhere whenever the store is closed cleanly.
+6. No table change: the tombstones an older umi wrote (the history records of a forgotten fact)
+   are re-filed under :data:`~umi.storage.base.TOMBSTONE_SCOPE` (no scope), as ``delete`` files
+   them now, so no history row of a forgotten fact names whose it was.
 
 A file written by a newer umi (higher version) is refused with
 :class:`~umi.errors.SchemaVersionError`; an older one is migrated forward in one
@@ -38,10 +41,11 @@ import duckdb
 
 from ..errors import InvalidConfigError, SchemaVersionError, StorageError, StorageLockedError, UmiError, ValidationError
 from ..types import now_ms
+from .base import TOMBSTONE_SCOPE, TOMBSTONE_TEXT_PREFIX
 __all__ = ["SCHEMA_VERSION", "check_path", "open_connection", "prepare", "read_version", "stored_generation", "migrate",
            "add_embedding_column", "transaction", "ENTITY_COLUMNS", "SCOPE_COLUMNS"]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 SCOPE_COLUMNS = ("user_id", "agent_id", "session_id")
 
 #: entity columns in table order (``embedding`` comes last, once the dimension is known)
@@ -173,7 +177,13 @@ def _v5(con: Any) -> None:
     con.execute("ALTER TABLE history ADD COLUMN journal_vectors BLOB")
 
 
-MIGRATIONS: dict[int, Callable[[Any], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5}
+def _v6(con: Any) -> None:
+    filed = TOMBSTONE_SCOPE.to_dict()
+    con.execute("UPDATE history SET " + ", ".join(f"{c} = ?" for c in filed) + " WHERE starts_with(snapshot, ?)",
+                [*filed.values(), TOMBSTONE_TEXT_PREFIX])
+
+
+MIGRATIONS: dict[int, Callable[[Any], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5, 6: _v6}
 
 
 def check_path(path: str) -> str:

@@ -12,11 +12,13 @@ import re
 from typing import Any
 
 from ..errors import InvalidConfigError, SchemaVersionError, StorageError
+from .base import TOMBSTONE_SCOPE, TOMBSTONE_TEXT_PREFIX
 from ..types import now_ms
 
-__all__ = ["SCHEMA_VERSION", "TableNames", "build_hnsw", "fix_dim", "hnsw_state", "migrate", "prepare_extension"]
+__all__ = ["SCHEMA_VERSION", "TableNames", "build_hnsw", "fix_dim", "hnsw_state", "migrate", "one_value",
+           "prepare_extension"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 VECTOR_DIM_MAX = 16_000  # pgvector's limit for the `vector` type
 HNSW_DIM_MAX = 2_000  # pgvector's limit for an HNSW index on `vector`; above it searches are exact scans
 
@@ -162,8 +164,14 @@ def _migrations(n: TableNames) -> list[tuple[int, str, list[Any]]]:
     # v3: the passage vectors of long facts (umi.pipeline.passages); they go with their fact
     v3 = [q('CREATE TABLE {passages} (entity_id text COLLATE "C" NOT NULL REFERENCES {entities} (id) '
             "ON DELETE CASCADE, seq integer NOT NULL, embedding vector NOT NULL, PRIMARY KEY (entity_id, seq))")]
+    # v4: the tombstones an older umi wrote stayed filed under their fact's scope; delete files them
+    # under TOMBSTONE_SCOPE (no scope) now, so no history row of a forgotten fact names whose it was
+    lit = n.sql.Literal
+    filed = TOMBSTONE_SCOPE.to_dict()
+    v4 = [q("UPDATE {history} SET " + ", ".join(f"{c} = {{{c}}}" for c in filed) + " WHERE starts_with(snapshot, {p})",
+            p=lit(TOMBSTONE_TEXT_PREFIX), **{c: lit(v) for c, v in filed.items()})]
     return [(1, "initial schema", v1), (2, "scopes, core memory, store metadata, term statistics", v2),
-            (3, "passage vectors", v3)]
+            (3, "passage vectors", v3), (4, "tombstones filed under no scope", v4)]
 
 
 def migrate(conn: Any, n: TableNames, lock_key: int, dim: int | None, *,
@@ -186,13 +194,24 @@ def migrate(conn: Any, n: TableNames, lock_key: int, dim: int | None, *,
                     conn.execute(stmt)
                 conn.execute(n.q("INSERT INTO {migrations} (version, name, applied_at) VALUES (%s, %s, %s)"),
                              (version, name, now_ms()))
-        stored = conn.execute(n.q("SELECT dim FROM {state}")).fetchone()[0]
+        stored = one_value(conn, n.q("SELECT dim FROM {state}"))
         if dim is not None and stored is not None and stored != dim:
             raise InvalidConfigError(f"this store holds {stored}-d vectors; it cannot be opened with dim={dim}")
         if stored is None and dim is not None:
             fix_dim(conn, n, dim)
             stored = dim
     return None if stored is None else int(stored)
+
+
+def one_value(conn: Any, query: Any, params: Any = ()) -> Any:
+    """The first column of the one row ``query`` returns; :class:`StorageError` when it returns none
+    (a row umi always keeps, such as the state row, was deleted outside umi)."""
+    row = conn.execute(query, params).fetchone()
+    if row is None:
+        text = query if isinstance(query, str) else query.as_string(conn)
+        raise StorageError(f"PostgreSQL returned no row for {text!r}, which umi always finds one for: "
+                           "the umi tables were changed outside umi")
+    return row[0]
 
 
 def fix_dim(conn: Any, n: TableNames, dim: int) -> None:

@@ -49,7 +49,7 @@ from ..types import (
 from . import filters as _filters
 
 __all__ = ["StorageBackend", "SearchFilters", "Source", "HistoryRecord", "source_id_for", "text_hash",
-           "tombstone", "TOMBSTONE_SCOPE", "CoreBlockRecord", "CoreHistoryRecord", "META_EMBEDDER"]
+           "tombstone", "TOMBSTONE_SCOPE", "TOMBSTONE_TEXT_PREFIX", "CoreBlockRecord", "CoreHistoryRecord", "META_EMBEDDER"]
 
 #: store metadata key of the embedder identity, ``"name|model|dim"``
 META_EMBEDDER = "embedder"
@@ -102,6 +102,12 @@ def tombstone(entity_id: str) -> dict[str, Any]:
 #: never names two changes — but not whose it was: after ``forget_scope(user_id="alice")`` no
 #: row names alice. Only an unscoped view sees tombstones.
 TOMBSTONE_SCOPE: Scope = UNSET_SCOPE
+
+#: How the stored text of every tombstone begins (the key-sorted compact JSON of :func:`tombstone`,
+#: as every backend writes snapshots; an entity's snapshot has no ``forgotten`` key). Opening a
+#: store written by an older umi re-files the tombstones it finds by it under
+#: :data:`TOMBSTONE_SCOPE` (they were filed under their fact's scope then).
+TOMBSTONE_TEXT_PREFIX = '{"forgotten":true,'
 
 
 @dataclass(frozen=True)
@@ -336,6 +342,13 @@ class StorageBackend(abc.ABC):
     def iter_sources(self, scope: Scope | None = None) -> Iterator[Source]:
         """Every source in ``scope`` (``None``: all; a Scope: the view rule), ordered by
         ``(created_at, id)``."""
+
+    def lone_source_ids(self, scope: Scope | None = None) -> builtins.list[str]:
+        """Ids of the sources in ``scope`` (the view rule; ``None``: all) that no stored entity
+        comes from (an import or ``add_source`` brings such a text), sorted. This scan of
+        :meth:`iter_sources` is the rule; a store that reads sources on demand answers it without
+        reading every source."""
+        return sorted(s.id for s in self.iter_sources(scope) if not self.entity_ids_for_source(s.id))
 
     @abc.abstractmethod
     def iter_relations(self, scope: Scope | None = None) -> Iterator[EvolutionRelation]:

@@ -207,6 +207,10 @@ class DurableStore:
         """The relations with an end in ``entity_ids`` (every relation when ``None``)."""
         raise NotImplementedError  # pragma: no cover - only lazy stores are asked
 
+    def load_lone_sources(self, scope: Scope | None) -> list[Source]:
+        """The committed sources in view ``scope`` (None: all) that no entity row refers to."""
+        raise NotImplementedError  # pragma: no cover - only lazy stores are asked
+
     def load_orphans(self) -> Orphans:
         """The committed keys that no entity row accounts for: history of ids without an entity
         row, sources no entity row refers to. With them (and the ids and source ids the cache
@@ -250,6 +254,9 @@ class FaultyDurable(DurableStore):
 
     def load_relations(self, entity_ids: Sequence[str] | None) -> list[EvolutionRelation]:
         return self.inner.load_relations(entity_ids)
+
+    def load_lone_sources(self, scope: Scope | None) -> list[Source]:
+        return self.inner.load_lone_sources(scope)
 
     def load_orphans(self) -> Orphans:
         return self.inner.load_orphans()
@@ -907,6 +914,18 @@ class CachedStore(SharedWrites, TransactionMixin, StorageBackend):
             self._fetch_sources_all()
             got = self._sources.in_scope(sc)
         return iter([_copy_source(s) for s in got])  # type: ignore[misc]
+
+    def lone_source_ids(self, scope: Scope | None = None) -> builtins.list[str]:
+        sc = check_scope(scope, optional=True)
+        with self._reading("lone_source_ids"):
+            if self._src_all or not self._durable.lazy or self._changes:
+                # held in memory, or this transaction changed what the durable store holds: the scan
+                self._fetch_sources_all()
+                got = self._sources.in_scope(sc)
+            else:  # one durable query (committed = current), not a read of every source
+                got = self._durable.load_lone_sources(sc)
+                self._sources.add_loaded(got)  # (the forget_scope that asks drops them next)
+            return sorted(s.id for s in got if not self._cache.ids_with("source_id", s.id))
 
     # --- relations ----------------------------------------------------------------------------
     def add_relations(self, relations: Sequence[EvolutionRelation]) -> None:

@@ -45,15 +45,16 @@ from ..errors import (
 )
 from ..types import SCOPE_FIELDS, CoreBlockRecord, CoreHistoryRecord, Entity, EntityType, Scope
 from ._common import check_int, core_key, dumps, make_entity, relation_from_row, source_from_row, stored_scope
-from .base import TOMBSTONE_SCOPE, tombstone
+from .base import TOMBSTONE_SCOPE, TOMBSTONE_TEXT_PREFIX, tombstone
 from ._txn import raise_wrapped
 from .cached import CachedStore, ChangeSet, DurableStore, Loaded
 
 __all__ = ["LanceStorageBackend"]
 
 #: 1: entities, sources, relations, history. 2: scope columns; core_blocks, core_history, meta.
-#: 3: ``entities.passages`` (passage vectors of long facts; null for the others)
-SCHEMA_VERSION = 3
+#: 3: ``entities.passages`` (passage vectors of long facts; null for the others). 4: no table change:
+#: the tombstones an older umi wrote are re-filed under ``TOMBSTONE_SCOPE`` (:meth:`LanceDurable.refile_tombstones`)
+SCHEMA_VERSION = 4
 TABLES = ("entities", "sources", "relations", "history", "core_blocks", "core_history", "meta")
 OPTIMIZE_EVERY_COMMITS = 64
 VECTOR_DIM_MAX = 65_536
@@ -153,6 +154,13 @@ class LanceDurable(DurableStore):
                     t.restore(version)
         jpath.unlink()
         fsync_dir(self.root)
+
+    def refile_tombstones(self) -> None:
+        """File every tombstone under ``TOMBSTONE_SCOPE``, as ``delete`` does since schema 4: an older
+        umi left a forgotten fact's records filed under its scope. Run at open, before the state
+        records schema 4; a crash in between runs it again (it only sets what it sets)."""
+        self.t["history"].update(where=f"starts_with(snapshot, {_lit(TOMBSTONE_TEXT_PREFIX)})",
+                                 values=_scope_row(TOMBSTONE_SCOPE))
 
     def _rows(self, table: str) -> list[dict[str, Any]]:
         return self.t[table].search().limit(None).to_arrow().to_pylist()
@@ -348,6 +356,8 @@ class LanceStorageBackend(CachedStore):
             durable.open_tables()
             durable.recover()
             if state["schema_version"] < SCHEMA_VERSION:
+                if state["schema_version"] < 4:
+                    durable.refile_tombstones()
                 durable.state = dict(durable.state, schema_version=SCHEMA_VERSION)
                 _write_json_atomic(root / "state.json", durable.state)
 

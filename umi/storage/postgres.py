@@ -250,7 +250,7 @@ class PostgresStorageBackend(SharedWrites, StorageBackend):
             self._conn_kwargs = dict(pool_kwargs)
             with pool.connection() as conn:
                 self.dim = S.migrate(conn, self._names, self._lock_ns, dim)
-                n_docs = _one(conn, self._q("SELECT n_docs FROM {state}"))
+                n_docs = S.one_value(conn, self._q("SELECT n_docs FROM {state}"))
                 self._index_valid = S.hnsw_state(conn, self._names) is True
             self._maybe_build_index(int(n_docs))
         except psycopg.Error as exc:
@@ -557,9 +557,10 @@ class PostgresStorageBackend(SharedWrites, StorageBackend):
         old: dict[str, int] = {}  # id -> doc_len of the stored ones
         last: dict[str, int] = {}  # id -> its last history seq (0: none)
         for eid, length, old_terms, seq in conn.execute(self._q(
-                "SELECT v.id, e.doc_len, ARRAY(SELECT jsonb_object_keys(e.term_freqs)), (SELECT coalesce(max(h.seq), 0) "
-                "FROM {history} h WHERE h.entity_id = v.id) FROM unnest(%s::text[]) v(id) "
-                "LEFT JOIN {entities} e ON e.id = v.id"), (ids,)).fetchall():
+                "SELECT v.id, e.doc_len, ARRAY(SELECT jsonb_object_keys(e.term_freqs)), " + (
+                    "(SELECT coalesce(max(h.seq), 0) FROM {history} h WHERE h.entity_id = v.id)" if with_history
+                    else "0")  # a restore writes no history of its own: no seq to read
+                + " FROM unnest(%s::text[]) v(id) LEFT JOIN {entities} e ON e.id = v.id"), (ids,)).fetchall():
             last[eid] = seq
             if length is not None:
                 old[eid] = length
@@ -682,7 +683,7 @@ class PostgresStorageBackend(SharedWrites, StorageBackend):
             new = validity_change(got[0], valid_to, at) if got else None
             if new is None:
                 return False
-            last = _one(conn, self._q("UPDATE {entities} SET valid_to = %s, updated_at = %s WHERE id = %s RETURNING "
+            last = S.one_value(conn, self._q("UPDATE {entities} SET valid_to = %s, updated_at = %s WHERE id = %s RETURNING "
                                       "(SELECT coalesce(max(seq), 0) FROM {history} WHERE entity_id = %s)"),
                         (new.valid_to, new.updated_at, eid, eid))
             self._put_history(conn, [history_record(last, eid, op_name, at, C.snapshot_of(new), new.scope)])
@@ -1088,7 +1089,7 @@ class PostgresStorageBackend(SharedWrites, StorageBackend):
         def op(conn: Any) -> int:
             self._lock_ids(conn, [_CORE_LOCK + u + "\x1f" + a])
             blocks = self._core_rows(conn, u, a)
-            last = _one(conn, self._q("SELECT coalesce(max(seq), 0) FROM {core_history} WHERE user_id = %s "
+            last = S.one_value(conn, self._q("SELECT coalesce(max(seq), 0) FROM {core_history} WHERE user_id = %s "
                                       "AND agent_id = %s"), (u, a))
             change = core_change(sc, blocks, int(last), op_name, at, name, content, importance)
             if change is None:
@@ -1236,11 +1237,6 @@ def _check_relations(relations: object) -> builtins.list[EvolutionRelation]:
     return rels
 
 
-def _one(conn: Any, query: Any, params: Sequence[Any] = ()) -> Any:
-    """The first column of the one row ``query`` returns."""
-    row = conn.execute(query, params).fetchone()
-    assert row is not None
-    return row[0]
 
 
 def _rollback(conn: Any) -> None:
