@@ -114,15 +114,19 @@ class CommitLog:
     def _open(self) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
         try:
-            os.ftruncate(fd, 0)  # whatever was here is in the tables (or never acknowledged)
-            _write_all(fd, self._header)
-            _sync(fd)
-            fsync_dir(Path(self.path).parent)  # the file's name survives a crash too
+            if self._size:  # closed after a cut that failed: its good part holds acknowledged entries
+                os.ftruncate(fd, self._size)
+                os.lseek(fd, self._size, os.SEEK_SET)
+            else:
+                os.ftruncate(fd, 0)  # whatever was here is in the tables (or never acknowledged)
+                _write_all(fd, self._header)
+                _sync(fd)
+                fsync_dir(Path(self.path).parent)  # the file's name survives a crash too
         except BaseException:
             os.close(fd)
             raise
         self._fd = fd
-        self._size = len(self._header)
+        self._size = self._size or len(self._header)
 
     def _cut_back(self) -> None:
         if self._fd is None:
@@ -130,7 +134,7 @@ class CommitLog:
         try:
             os.ftruncate(self._fd, self._size)
             os.lseek(self._fd, self._size, os.SEEK_SET)
-        except OSError:  # the next append's record would follow garbage: start the file again
+        except OSError:  # the next append's record would follow garbage: it cuts the file first (_open)
             self.close()
 
     def empty(self) -> None:
@@ -143,7 +147,8 @@ class CommitLog:
             os.ftruncate(self._fd, len(self._header))
             os.lseek(self._fd, len(self._header), os.SEEK_SET)
             self._size = len(self._header)
-        except OSError:  # the next append starts the file again
+        except OSError:  # the next append cuts it back to its header
+            self._size = len(self._header)
             self.close()
 
     def close(self, *, remove: bool = False) -> None:
@@ -152,6 +157,7 @@ class CommitLog:
         if fd is not None:
             os.close(fd)
         if remove:
+            self._size = 0  # (an append after this starts a new file)
             remove_log(self.path)
 
 
