@@ -118,3 +118,26 @@ def test_an_append_that_fails_and_cannot_be_cut_back_loses_no_earlier_entry(
     crash(b)
     with DuckDBStorageBackend.connect(path) as b:
         assert sorted(e.name for e in b.list()) == ["n0", "n2"]
+
+
+def test_a_log_left_empty_by_a_crash_does_not_keep_a_new_database_from_opening(tmp_path: Path) -> None:
+    # a crash after the log was moved into the tables leaves it cut back to its header; a user who
+    # then removed the database to start again could not open the path ("belongs to another
+    # database"), though the log holds no commit. One that holds a commit is still refused (see
+    # tests/unit/test_commit_log.py)
+    path = tmp_path / "reset.duckdb"
+    b = DuckDBStorageBackend.connect(path, dim=4)
+    b.upsert([fact(0)])
+    b.checkpoint()  # moved in: the log is its header alone
+    log = Path(str(path) + cl.LOG_SUFFIX)
+    crash(b)
+    assert log.stat().st_size == len(cl.MAGIC) + 36
+    for p in (path, Path(str(path) + ".wal")):
+        if p.exists():
+            p.unlink()
+    with DuckDBStorageBackend.connect(path, read_only=False) as b:
+        assert b.count() == 0
+        b.upsert([fact(1)])
+    assert not log.exists()
+    with DuckDBStorageBackend.connect(path) as b:
+        assert [e.name for e in b.list()] == ["n1"]

@@ -50,7 +50,8 @@ def _header(db_uuid: str) -> bytes:
 def read_log(path: str, db_uuid: str) -> tuple[list[tuple[int, str, bytes | None]], int]:
     """The entries of the log at ``path`` ((generation, text, vector bytes or None), in the order
     written) and the length of its good part (0: no log). :class:`StorageError` when the log was
-    written for another database (its uuid is not ``db_uuid``)."""
+    written for another database (its uuid is not ``db_uuid``) and holds a commit (one cut back
+    to its header, as a crash after a move into the tables leaves it, holds none)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -62,12 +63,18 @@ def read_log(path: str, db_uuid: str) -> tuple[list[tuple[int, str, bytes | None
         return [], 0
     if data[:len(MAGIC)] != MAGIC:
         raise StorageError(f"{path!r} is not a umi commit log; move it away to open the database")
-    if data[len(MAGIC):_HEADER] != db_uuid.encode("ascii"):
+    out, at = _records(data)
+    if out and data[len(MAGIC):_HEADER] != db_uuid.encode("ascii"):  # (one holding no commit is stale: no matter)
         raise StorageError(
             f"the commit log {path!r} belongs to another database than the one beside it (its uuid "
             f"is {data[len(MAGIC):_HEADER].decode('ascii', 'replace')!r}, the database's {db_uuid!r}): "
             "the database file was replaced. Move the log away to open the database; its commits "
             "cannot be applied to this one")
+    return out, at
+
+
+def _records(data: bytes) -> tuple[list[tuple[int, str, bytes | None]], int]:
+    """The whole records after the header of the log ``data`` and the length of its good part."""
     out = []
     at = _HEADER
     while at + _RECORD.size <= len(data):
