@@ -190,3 +190,40 @@ def test_a_kill_at_any_step_of_the_commit_log_loses_nothing_acknowledged(tmp_pat
     run(tmp_path, 1, points)
     for k in range(1, points + 1):
         check(tmp_path / f"k{k}.duckdb", lines_of(tmp_path, k))
+
+
+MEMORY_CHILD = r"""
+import os, signal, sys
+from umi import Memory
+from umi.providers.sim import SimEmbeddingProvider
+
+m = Memory(sys.argv[1], embedder=SimEmbeddingProvider(7, 16))
+first = m.remember_sync("Alice works at Acme in Lisbon")
+m.remember_sync("Bob likes chess and tea")
+print("FORGOT", m.forget_sync(first.entities[0].id), flush=True)  # by key: the log moves in first
+m.remember_sync("Carol lives in Porto")  # in the log only when the process dies
+print("ACK", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_memory_killed_after_remember_forget_remember_keeps_each_and_stores_none_twice(tmp_path: Path) -> None:
+    from child_process import child_env
+    from umi import Memory
+    from umi.providers.sim import SimEmbeddingProvider
+
+    db = tmp_path / "m.duckdb"
+    proc = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(db)], capture_output=True, text=True,
+                          timeout=300, env=child_env(), cwd=tmp_path)
+    assert proc.returncode == -signal.SIGKILL and "ACK" in proc.stdout, proc.stderr
+    m = Memory(db, embedder=SimEmbeddingProvider(7, 16))
+    try:
+        store = m._engine.storage  # type: ignore[attr-defined]
+        before = sorted((e.entity_type.value, e.name, e.content) for e in store.list())
+        assert not any("Alice" in c for _, _, c in before)  # forgotten stays forgotten
+        assert {c for _, _, c in before} == {"Bob likes chess and tea", "Carol lives in Porto"}
+        for text in ("Bob likes chess and tea", "Carol lives in Porto"):  # remembered again: not stored twice
+            m.remember_sync(text)
+        assert sorted((e.entity_type.value, e.name, e.content) for e in store.list()) == before
+    finally:
+        m.close()
