@@ -121,6 +121,8 @@ class CommitLog:
     def _open(self) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
         try:
+            if self._size and os.fstat(fd).st_size < self._size:  # (not the file it was: gone)
+                self._size = 0
             if self._size:  # closed after a cut that failed: its good part holds acknowledged entries
                 os.ftruncate(fd, self._size)
                 os.lseek(fd, self._size, os.SEEK_SET)
