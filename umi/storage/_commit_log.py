@@ -50,7 +50,8 @@ def _header(db_uuid: str) -> bytes:
 def read_log(path: str, db_uuid: str) -> tuple[list[tuple[int, str, bytes | None]], int]:
     """The entries of the log at ``path`` ((generation, text, vector bytes or None), in the order
     written) and the length of its good part (0: no log). :class:`StorageError` when the log was
-    written for another database (its uuid is not ``db_uuid``)."""
+    written for another database (its uuid is not ``db_uuid``) and holds a commit (one cut back
+    to its header, as a crash after a move into the tables leaves it, holds none)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -62,12 +63,18 @@ def read_log(path: str, db_uuid: str) -> tuple[list[tuple[int, str, bytes | None
         return [], 0
     if data[:len(MAGIC)] != MAGIC:
         raise StorageError(f"{path!r} is not a umi commit log; move it away to open the database")
-    if data[len(MAGIC):_HEADER] != db_uuid.encode("ascii"):
+    out, at = _records(data)
+    if out and data[len(MAGIC):_HEADER] != db_uuid.encode("ascii"):  # (one holding no commit is stale: no matter)
         raise StorageError(
             f"the commit log {path!r} belongs to another database than the one beside it (its uuid "
             f"is {data[len(MAGIC):_HEADER].decode('ascii', 'replace')!r}, the database's {db_uuid!r}): "
             "the database file was replaced. Move the log away to open the database; its commits "
             "cannot be applied to this one")
+    return out, at
+
+
+def _records(data: bytes) -> tuple[list[tuple[int, str, bytes | None]], int]:
+    """The whole records after the header of the log ``data`` and the length of its good part."""
     out = []
     at = _HEADER
     while at + _RECORD.size <= len(data):
@@ -114,15 +121,21 @@ class CommitLog:
     def _open(self) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
         try:
-            os.ftruncate(fd, 0)  # whatever was here is in the tables (or never acknowledged)
-            _write_all(fd, self._header)
-            _sync(fd)
-            fsync_dir(Path(self.path).parent)  # the file's name survives a crash too
+            if self._size and os.fstat(fd).st_size < self._size:  # (not the file it was: gone)
+                self._size = 0
+            if self._size:  # closed after a cut that failed: its good part holds acknowledged entries
+                os.ftruncate(fd, self._size)
+                os.lseek(fd, self._size, os.SEEK_SET)
+            else:
+                os.ftruncate(fd, 0)  # whatever was here is in the tables (or never acknowledged)
+                _write_all(fd, self._header)
+                _sync(fd)
+                fsync_dir(Path(self.path).parent)  # the file's name survives a crash too
         except BaseException:
             os.close(fd)
             raise
         self._fd = fd
-        self._size = len(self._header)
+        self._size = self._size or len(self._header)
 
     def _cut_back(self) -> None:
         if self._fd is None:
@@ -130,7 +143,7 @@ class CommitLog:
         try:
             os.ftruncate(self._fd, self._size)
             os.lseek(self._fd, self._size, os.SEEK_SET)
-        except OSError:  # the next append's record would follow garbage: start the file again
+        except OSError:  # the next append's record would follow garbage: it cuts the file first (_open)
             self.close()
 
     def empty(self) -> None:
@@ -143,7 +156,8 @@ class CommitLog:
             os.ftruncate(self._fd, len(self._header))
             os.lseek(self._fd, len(self._header), os.SEEK_SET)
             self._size = len(self._header)
-        except OSError:  # the next append starts the file again
+        except OSError:  # the next append cuts it back to its header
+            self._size = len(self._header)
             self.close()
 
     def close(self, *, remove: bool = False) -> None:
@@ -152,6 +166,7 @@ class CommitLog:
         if fd is not None:
             os.close(fd)
         if remove:
+            self._size = 0  # (an append after this starts a new file)
             remove_log(self.path)
 
 

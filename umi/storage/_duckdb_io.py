@@ -715,12 +715,19 @@ def replay_log(con: Any, path: str, read_only: bool, db_uuid: str) -> tuple[Any,
     stored = stored_generation(con)
     todo = [_journal_tables(text, vectors) for generation, text, vectors in entries if generation > stored]
     if todo:
-        if read_only and con.execute("SELECT current_database()").fetchall()[0][0] != "memory":
+        if read_only and not _in_memory(con):  # (not a copy open_journaled made already)
             con = _memory_copy(con, path)
         move_in(con, todo)
     if size and not read_only:
         remove_log(log_path)
     return con, bool(todo)
+
+
+def _in_memory(con: Any) -> bool:
+    """``con`` is a database in memory (not a file; DuckDB names a file's database after its
+    stem, so a file ``memory.duckdb`` is named as an in-memory one)."""
+    return con.execute("SELECT path IS NULL FROM duckdb_databases() WHERE database_name = current_database()"
+                       ).fetchall()[0][0]
 
 
 def _memory_copy(con: Any, path: str) -> Any:

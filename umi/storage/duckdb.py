@@ -272,8 +272,11 @@ class DuckDBStorageBackend(CachedStore):
         self.read_only = read_only
         self.in_memory = spath == ":memory:" or spath == ""
         self.durable = not self.in_memory
-        self.index_path: str | None = None if self.in_memory else spath + INDEX_SUFFIX
-        self.terms_path: str | None = None if self.in_memory else spath + TERMS_SUFFIX
+        #: the file's absolute path: every file this store writes later (the commit log, a compact's
+        #: copy, the index caches) is named from it, so a chdir of the process meanwhile moves none
+        self._file = spath if self.in_memory else os.path.abspath(spath)
+        self.index_path: str | None = None if self.in_memory else self._file + INDEX_SUFFIX
+        self.terms_path: str | None = None if self.in_memory else self._file + TERMS_SUFFIX
         self._terms_dirty = False
         self.save_index_every = save_index_every
         self.index_load_status = "rebuilt"
@@ -296,7 +299,7 @@ class DuckDBStorageBackend(CachedStore):
                     con, replayed = replay_log(con, spath, read_only, self.db_uuid)
                     if replayed:
                         generation = stored_generation(con)
-                    log = None if read_only else CommitLog(spath + LOG_SUFFIX, self.db_uuid)
+                    log = None if read_only else CommitLog(self._file + LOG_SUFFIX, self.db_uuid)
                 raw = DuckDBDurable(con, dim_stored, log)
                 # with an index cache to load, search needs none of the stored vectors at open;
                 # with a keyword index cache, none of the postings
@@ -386,7 +389,7 @@ class DuckDBStorageBackend(CachedStore):
         """Temp files of index saves cut short by a crash (we hold the write lock: no save is running)."""
         if self.index_path is None or self.terms_path is None or self.read_only:
             return
-        remove_database_files(self.path + COMPACT_SUFFIX)  # a compact cut short before its rename
+        remove_database_files(self._file + COMPACT_SUFFIX)  # a compact cut short before its rename
         directory, name = os.path.split(os.path.abspath(self.index_path))
         names = (f".{name}.", f".{os.path.basename(self.terms_path)}.")
         try:
@@ -578,13 +581,13 @@ class DuckDBStorageBackend(CachedStore):
             if self.in_memory:
                 return False
             raw: DuckDBDurable = getattr(self._durable, "inner", self._durable)  # type: ignore[arg-type]
-            tmp = self.path + COMPACT_SUFFIX
+            tmp = self._file + COMPACT_SUFFIX
             held = None
             try:
                 with raw.bulk():
                     copy_database(raw.con, tmp)
                 held = duckdb.connect(tmp)  # the new file's lock, held across the rename
-                os.replace(tmp, self.path)
+                os.replace(tmp, self._file)
             except (duckdb.Error, OSError) as exc:
                 if held is not None:
                     held.close()
@@ -592,14 +595,14 @@ class DuckDBStorageBackend(CachedStore):
                 raise StorageError(f"compact of {self.path!r} failed, the store is unchanged: "
                                    f"{type(exc).__name__}: {exc}") from exc
             try:  # the new file is in place and holds every commit, whatever fails from here
-                fsync_dir(Path(self.path).absolute().parent)
+                fsync_dir(Path(self._file).parent)
             except OSError as exc:
                 log.warning("compact of %r: could not sync the directory after the rename: %s", self.path, exc)
             raw.close()  # the replaced file (no write-ahead log after the copy's CHECKPOINT)
             held.close()
             remove_database_files(tmp)  # (its name is gone; a write-ahead log of that name, if any)
             try:
-                raw.reconnect(open_connection(self.path, False))
+                raw.reconnect(open_connection(self._file, False))
                 if stored_generation(raw.con) != self._generation:
                     raw.close()
                     raise StorageLockedError(
