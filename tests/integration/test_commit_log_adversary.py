@@ -35,7 +35,7 @@ def crash(b: DuckDBStorageBackend) -> None:
     raw = getattr(raw, "inner", raw)
     if raw._log is not None:
         raw._log.close()
-    raw._log, raw._pending, raw._journal_n = None, [], 0
+    raw._log, raw._pending = None, []
     b.close()
 
 

@@ -99,7 +99,7 @@ def test_a_journal_that_conflicts_at_open_is_still_readable(tmp_path: Path) -> N
         b.add_relations([_rel(es[2].id, new.id, "R1", "second", 20)])
     raw._log.close()  # close as a crash would: the commit left in the log
     raw._log = None
-    raw._journal_n = 0
+    raw._pending = []
     b.close()
     from umi.storage._commit_log import LOG_SUFFIX, read_log
 
@@ -139,7 +139,6 @@ def test_a_journal_whose_keys_are_stored_or_repeated_replaces_those_rows_whole(t
                       ("relations", io.relations_rows([_rel(old.id, other.id, "R", reason, gen)]))]
             if where == "log":
                 raw._pending.append(tables)
-                raw._journal_n += 1
             else:
                 text, vectors = io.journal_entry(tables)
                 con.execute("INSERT INTO history (entity_id, seq, op, at_ms, snapshot, generation, journal, "

@@ -38,7 +38,7 @@ def crashed_store(path: Path, n: int) -> list[str]:
     raw = b._durable  # type: ignore[attr-defined]
     assert raw._journal_n == n
     raw._log.close()  # the crash: the log stays, nothing is moved in
-    raw._log, raw._pending, raw._journal_n = None, [], 0
+    raw._log, raw._pending = None, []
     b.close()
     return ids
 

@@ -703,24 +703,21 @@ def open_journaled(con: Any, path: str | None, read_only: bool) -> Any:
     return con
 
 
-def replay_log(con: Any, path: str, read_only: bool, db_uuid: str) -> tuple[Any, bool]:
-    """(the connection an opening store reads, whether it changed the tables): the commits of
-    the commit log beside ``path`` that the tables do not hold yet (see :mod:`._commit_log`)
-    moved in, and the log removed; for a ``read_only`` file, moved into an in-memory copy of the
-    database (the files stay as they are)."""
-    from ._duckdb_schema import stored_generation
-
+def replay_log(con: Any, path: str, read_only: bool, db_uuid: str, stored: int) -> tuple[Any, int]:
+    """(the connection an opening store reads, its generation): the commits of the commit log
+    beside ``path`` that the tables do not hold yet (a generation above ``stored``, the tables'
+    own; see :mod:`._commit_log`) moved in, and the log removed; for a ``read_only`` file, moved
+    into an in-memory copy of the database (the files stay as they are)."""
     log_path = path + LOG_SUFFIX
     entries, size = read_log(log_path, db_uuid)
-    stored = stored_generation(con)
-    todo = [_journal_tables(text, vectors) for generation, text, vectors in entries if generation > stored]
+    todo = [(generation, text, vectors) for generation, text, vectors in entries if generation > stored]
     if todo:
         if read_only and not _in_memory(con):  # (not a copy open_journaled made already)
             con = _memory_copy(con, path)
-        move_in(con, todo)
+        move_in(con, [_journal_tables(text, vectors) for _, text, vectors in todo])
     if size and not read_only:
         remove_log(log_path)
-    return con, bool(todo)
+    return con, max([stored, *(generation for generation, _, _ in todo)])
 
 
 def _in_memory(con: Any) -> bool:
@@ -897,8 +894,8 @@ class DuckDBDurable(DurableStore):
         self._log = log
         #: the journaled commits not yet in the tables (each its tables' rows), in commit order
         self._pending: list[list[tuple[str, Rows]]] = []
-        #: entries (and bytes) in the journal, not yet in the tables
-        self._journal_n = self._journal_bytes = 0
+        #: bytes of the journal's entries, not yet in the tables
+        self._journal_bytes = 0
         #: table -> the keys of its journaled rows (see :meth:`reading`)
         self._journal_keys: dict[str, set[str]] = {}
         #: read the vectors at open (False: on demand, when a vector index cache holds a copy)
@@ -912,6 +909,11 @@ class DuckDBDurable(DurableStore):
         self._pool = 1
         #: the worker threads are lent now (a bulk read that materialises the journal first)
         self._lent = False
+
+    @property
+    def _journal_n(self) -> int:
+        """Entries in the journal, not yet in the tables."""
+        return len(self._pending)
 
     @property
     def con(self) -> Any:
@@ -945,7 +947,7 @@ class DuckDBDurable(DurableStore):
             with self.bulk(self._journal_n * 8):
                 move_in(self._con, self._pending)
         self._pending = []
-        self._journal_n = self._journal_bytes = 0
+        self._journal_bytes = 0
         self._journal_keys.clear()
         if self._log is not None:
             self._log.empty()
@@ -1130,7 +1132,6 @@ class DuckDBDurable(DurableStore):
         if self._log is not None:
             self._log.append(generation, text, vectors)
         self._pending.append(tables)
-        self._journal_n += 1
         self._journal_bytes += len(text) + (len(vectors) if vectors else 0)
         keys = self._journal_keys
         keys.setdefault("history", set()).update(hist.columns["entity_id"][1])

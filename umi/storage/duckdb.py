@@ -296,9 +296,7 @@ class DuckDBStorageBackend(CachedStore):
                 generation, dim_stored, self.db_uuid = prepare(con, spath, read_only, dim)
                 log = None
                 if not self.in_memory:  # the commits a crash left in the commit log, too
-                    con, replayed = replay_log(con, spath, read_only, self.db_uuid)
-                    if replayed:
-                        generation = stored_generation(con)
+                    con, generation = replay_log(con, spath, read_only, self.db_uuid, generation)
                     log = None if read_only else CommitLog(self._file + LOG_SUFFIX, self.db_uuid)
                 raw = DuckDBDurable(con, dim_stored, log)
                 # with an index cache to load, search needs none of the stored vectors at open;
