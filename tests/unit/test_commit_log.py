@@ -166,3 +166,70 @@ def test_relating_a_new_fact_to_one_written_in_the_session_leaves_the_journal_pe
         assert [r.id for r in b.relations_for(fact(1).id)] == ["r3"]
         assert [r.id for r in b.relations_for(fact(0).id)] == []
         assert sorted(r.id for r in b.iter_relations()) == ["r3"]
+
+
+def test_a_full_journal_is_moved_in_beside_the_caller_not_on_its_path(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commit that fills the journal returns at once; a thread of the store's moves the entries
+    into the tables (the log is cut back to its header) — the caller's next commit does not."""
+    import threading
+
+    import umi.storage._duckdb_io as io
+
+    monkeypatch.setattr(io, "JOURNAL_ENTRIES_MAX", 8)
+    path = tmp_path / "s.duckdb"
+    b = DuckDBStorageBackend.connect(path, dim=4)
+    raw = b._durable  # type: ignore[attr-defined]
+    moved_on: list[str] = []
+    real = raw.materialise
+
+    def materialise() -> None:
+        moved_on.append(threading.current_thread().name)
+        real()
+
+    monkeypatch.setattr(raw, "materialise", materialise)
+    for i in range(8):
+        b.upsert([fact(i)])
+    b._mover.join()  # type: ignore[attr-defined,union-attr]
+    assert moved_on == ["umi-journal-move-in"]
+    assert raw._journal_n == 0 and os.path.getsize(str(path) + cl.LOG_SUFFIX) == cl._HEADER
+    b.upsert([fact(8)])  # journaled again: nothing moved on the caller's thread
+    assert moved_on == ["umi-journal-move-in"] and raw._journal_n == 1
+    rows = raw._con.execute("SELECT count(*) FROM entities").fetchall()[0][0]
+    assert rows == 8  # the eight moved in; the ninth waits in the log
+    b.close()
+    again = DuckDBStorageBackend.connect(path, dim=4)
+    assert sorted(e.id for e in again.list(limit=20)) == sorted(fact(i).id for i in range(9))
+    again.close()
+
+
+def test_a_move_in_failing_beside_the_caller_changes_nothing_and_the_next_commit_moves_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import umi.storage._duckdb_io as io
+
+    monkeypatch.setattr(io, "JOURNAL_ENTRIES_MAX", 4)
+    path = tmp_path / "s.duckdb"
+    b = DuckDBStorageBackend.connect(path, dim=4)
+    raw = b._durable  # type: ignore[attr-defined]
+    real = io.move_in
+    fails = [1]
+
+    def move_in(con, entries, **kw):  # type: ignore[no-untyped-def]
+        if fails:
+            fails.pop()
+            raise OSError("disk full (injected)")
+        return real(con, entries, **kw)
+
+    monkeypatch.setattr(io, "move_in", move_in)
+    for i in range(4):
+        b.upsert([fact(i)])
+    b._mover.join()  # type: ignore[attr-defined,union-attr]
+    assert "could not move the commit log" in caplog.text and "disk full (injected)" in caplog.text
+    assert raw._journal_n == 4 and os.path.getsize(str(path) + cl.LOG_SUFFIX) > cl._HEADER
+    assert b.get(fact(2).id) is not None  # the cache and the log still hold every commit
+    b.upsert([fact(4)])  # finds the journal full: moves it in first, on the caller's path
+    assert raw._con.execute("SELECT count(*) FROM entities").fetchall()[0][0] >= 4
+    b.close()
+    again = DuckDBStorageBackend.connect(path, dim=4)
+    assert sorted(e.id for e in again.list(limit=20)) == sorted(fact(i).id for i in range(5))
+    again.close()

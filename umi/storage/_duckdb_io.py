@@ -916,6 +916,14 @@ class DuckDBDurable(DurableStore):
         return len(self._pending)
 
     @property
+    def journal_full(self) -> bool:
+        """The journal holds ``JOURNAL_ENTRIES_MAX`` entries or ``JOURNAL_BYTES_MAX`` bytes: the
+        store moves it in after the commit that filled it, on a thread of its own (a move-in of
+        256 entries costs ~80-160 ms, which no remember should wait for); a commit that finds it
+        still full moves it in first."""
+        return self._journal_n >= JOURNAL_ENTRIES_MAX or self._journal_bytes >= JOURNAL_BYTES_MAX
+
+    @property
     def con(self) -> Any:
         """The connection, for anything that reads the tables: the gate every read passes (the
         loads, orphans, the generation checks, a checkpoint, raw SQL), which moves journaled
@@ -1091,7 +1099,7 @@ class DuckDBDurable(DurableStore):
         by_key = bool(ents.rewritten or ents.validity or ch.tombstoned or any(drops.values()))
         rows = (len(ch.entities) + len(ch.history) + len(ch.tombstoned) + len(ch.sources) + len(ch.relations)
                 + len(ch.core_history) + sum(len(b) for b in ch.core.values()))
-        if self._journal_n >= JOURNAL_ENTRIES_MAX or self._journal_bytes >= JOURNAL_BYTES_MAX:
+        if self.journal_full:  # the store moves it in beside its caller (see journal_full); not yet done
             self.materialise()
         if not by_key and self._commit_journal(ch, generation, ents, rows):
             return

@@ -99,6 +99,10 @@ class Background:
         except BaseException as exc:  # noqa: BLE001 - raised by result() in the waiting thread
             self._out[1] = exc
 
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
     def join(self) -> None:
         self._thread.join()
 

@@ -245,6 +245,8 @@ class DuckDBStorageBackend(CachedStore):
             raise InvalidConfigError(f"vectors must be 'background' or 'on_demand', not {vectors!r}")
         self._vector_mode = vectors
         self._vector_loader: _VectorLoader | None = None
+        #: the thread moving a full journal into the tables (:meth:`_after_commit`), or None
+        self._mover: Background | None = None
         if faults is not None:
             from ..sim.faults import FaultInjector
 
@@ -482,6 +484,23 @@ class DuckDBStorageBackend(CachedStore):
         self._index_dirty = True
         if self.save_index_every is not None and self._commits_since_save >= self.save_index_every:
             self._save_index_quietly()
+        if getattr(self._durable, "journal_full", False) and (self._mover is None or self._mover.done):
+            # the commit returns now; the thread takes the store's lock when the caller lets it go
+            self._mover = Background(self._move_journal_in, "umi-journal-move-in")
+
+    def _move_journal_in(self) -> None:
+        """Move a full journal into the tables (see ``DuckDBDurable.journal_full``) unless the store
+        closed or another write moved it meanwhile. A failure is logged and changes nothing: the
+        entries stay in the log, and the next commit moves them in first (and raises if it fails)."""
+        with self._lock:
+            durable = self._durable
+            if self._closed or not getattr(durable, "journal_full", False):
+                return
+            try:
+                durable.materialise()  # type: ignore[attr-defined]
+            except Exception as exc:  # noqa: BLE001 - a thread of its own: nobody to raise to
+                log.warning("could not move the commit log of %r into the tables (the next commit "
+                            "tries again): %s: %s", self.path, type(exc).__name__, exc)
 
     def _rollback_tx(self) -> None:
         try:
@@ -640,6 +659,9 @@ class DuckDBStorageBackend(CachedStore):
                 self._stop_vector_loader()
                 super().close()
         finally:
+            mover = self._mover
+            if mover is not None:
+                mover.join()  # it found the store closed (close moved the journal in)
             self._release()
 
     def __repr__(self) -> str:
