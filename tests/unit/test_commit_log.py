@@ -233,3 +233,38 @@ def test_a_move_in_failing_beside_the_caller_changes_nothing_and_the_next_commit
     again = DuckDBStorageBackend.connect(path, dim=4)
     assert sorted(e.id for e in again.list(limit=20)) == sorted(fact(i).id for i in range(5))
     again.close()
+
+
+_EXIT_CHILD = """
+import sys
+import numpy as np
+import umi.storage._duckdb_io as io
+from umi.storage.duckdb import DuckDBStorageBackend
+from umi.types import Entity
+io.JOURNAL_ENTRIES_MAX = 64
+b = DuckDBStorageBackend.connect(sys.argv[1], dim=4)
+for i in range(64):
+    b.upsert([Entity("note", f"n{i}", f"fact {i} walrus{i} " + "word " * 50,
+                     embedding=np.arange(4, dtype=np.float32) + i, created_at=1_700_000_000_000 + i)])
+print("acknowledged", flush=True)
+"""  # and exits without closing the store: its journal mover may be inside DuckDB now
+
+
+def test_a_program_exiting_while_the_journal_moves_in_exits_cleanly_and_loses_nothing(tmp_path: Path) -> None:
+    """A daemon thread inside DuckDB while Python finalises aborts the process ("terminate
+    called", exit 134): exit waits for a mover that is moving, and one that has not started leaves
+    the journal in the log, which the next open moves in."""
+    import subprocess
+    import sys
+
+    from child_process import child_env
+
+    for run in range(4):
+        path = tmp_path / f"exit{run}.duckdb"
+        proc = subprocess.run([sys.executable, "-c", _EXIT_CHILD, str(path)], capture_output=True, text=True,
+                              timeout=120, env=child_env(), cwd=tmp_path)
+        assert proc.returncode == 0 and "acknowledged" in proc.stdout, proc.stderr
+        assert "terminate" not in proc.stderr and "could not move" not in proc.stderr, proc.stderr
+        b = DuckDBStorageBackend.connect(path, dim=4)
+        assert b.count() == 64
+        b.close()

@@ -148,10 +148,24 @@ VECTOR_BATCH = 4096
 _LOADERS: "weakref.WeakSet[_VectorLoader]" = weakref.WeakSet()
 
 
+#: stores whose journal mover may run (:meth:`DuckDBStorageBackend._after_commit`): waited for at
+#: interpreter exit for the same reason, and set at exit so that a mover not yet moving leaves the
+#: journal in the log, for the next open
+_MOVING: "weakref.WeakSet[DuckDBStorageBackend]" = weakref.WeakSet()
+_EXITING = threading.Event()
+#: how long exit waits for a mover that waits for a store's lock (one inside DuckDB ends in one move-in)
+MOVER_EXIT_WAIT_SECS = 10.0
+
+
 @atexit.register
 def _stop_loaders() -> None:
+    _EXITING.set()
     for loader in list(_LOADERS):
         loader.stop()
+    for store in list(_MOVING):
+        mover = store._mover
+        if mover is not None:
+            mover.join(MOVER_EXIT_WAIT_SECS)
 
 
 class _VectorLoader:
@@ -487,14 +501,17 @@ class DuckDBStorageBackend(CachedStore):
         if getattr(self._durable, "journal_full", False) and (self._mover is None or self._mover.done):
             # the commit returns now; the thread takes the store's lock when the caller lets it go
             self._mover = Background(self._move_journal_in, "umi-journal-move-in")
+            _MOVING.add(self)
 
     def _move_journal_in(self) -> None:
         """Move a full journal into the tables (see ``DuckDBDurable.journal_full``) unless the store
-        closed or another write moved it meanwhile. A failure is logged and changes nothing: the
-        entries stay in the log, and the next commit moves them in first (and raises if it fails)."""
+        closed, another write moved it meanwhile, or the interpreter is exiting (a daemon thread
+        inside DuckDB then aborts the process; the log keeps the entries for the next open). A
+        failure is logged and changes nothing: the entries stay in the log, and the next commit
+        moves them in first (and raises if it fails)."""
         with self._lock:
             durable = self._durable
-            if self._closed or not getattr(durable, "journal_full", False):
+            if self._closed or _EXITING.is_set() or not getattr(durable, "journal_full", False):
                 return
             try:
                 durable.materialise()  # type: ignore[attr-defined]
