@@ -13,6 +13,7 @@ from typing import Any, Literal, Mapping
 
 from . import _validate as V
 from .errors import InvalidConfigError, InvalidImportanceError, InvalidLimitError, ValidationError
+from .index import HNSW_THRESHOLD
 from .storage.base import SearchFilters
 from .types import EntityType, MetadataValue, validate_metadata
 
@@ -60,7 +61,7 @@ class MemoryConfig:
     #: vectors nearer than this (cosine) are evolution candidates even with another name
     evolution_similarity: float = 0.80
     #: below this many vectors the exact kernel is used instead of HNSW
-    hnsw_threshold: int = 20_000
+    hnsw_threshold: int = HNSW_THRESHOLD
     #: reciprocal rank fusion constant
     rrf_k: int = 60
     #: auto deep search: a question whose best fused score is under this runs the deep path

@@ -64,6 +64,7 @@ from ..errors import (
 )
 from ._common import check_int
 from .._index_file import fsync_dir
+from ..index import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, HNSW_THRESHOLD
 from ._duckdb_io import (DuckDBDurable, copy_database, load_metadata, load_postings, metadata_counts,
                           open_journaled, remove_database_files, replay_log)
 from ._commit_log import LOG_SUFFIX, CommitLog
@@ -231,8 +232,8 @@ class DuckDBStorageBackend(CachedStore):
 
     @classmethod
     def connect(cls, path: str | os.PathLike[str] = ":memory:", *, read_only: bool = False,
-                dim: int | None = None, hnsw_threshold: int = 20_000, M: int = 16,
-                ef_construction: int = 200, ef_search: int = 128, seed: int = 0,
+                dim: int | None = None, hnsw_threshold: int = HNSW_THRESHOLD, M: int = HNSW_M,
+                ef_construction: int = HNSW_EF_CONSTRUCTION, ef_search: int = HNSW_EF_SEARCH, seed: int = 0,
                 save_index_every: int | None = None, vectors: str = "background",
                 faults: Any = None) -> "DuckDBStorageBackend":
         """Open (creating if needed) the store at ``path``.
@@ -250,8 +251,8 @@ class DuckDBStorageBackend(CachedStore):
                    save_index_every=save_index_every, vectors=vectors, faults=faults)
 
     def __init__(self, path: str | os.PathLike[str] = ":memory:", *, read_only: bool = False,
-                 dim: int | None = None, hnsw_threshold: int = 20_000, M: int = 16,
-                 ef_construction: int = 200, ef_search: int = 128, seed: int = 0,
+                 dim: int | None = None, hnsw_threshold: int = HNSW_THRESHOLD, M: int = HNSW_M,
+                 ef_construction: int = HNSW_EF_CONSTRUCTION, ef_search: int = HNSW_EF_SEARCH, seed: int = 0,
                  save_index_every: int | None = None, vectors: str = "background", faults: Any = None) -> None:
         if not isinstance(vectors, str):
             raise TypeError(f"vectors must be a str, not {type(vectors).__name__}")

@@ -43,6 +43,7 @@ from ..errors import (
     StorageError,
     StorageLockedError,
 )
+from ..index import HNSW_THRESHOLD
 from ..types import SCOPE_FIELDS, CoreBlockRecord, CoreHistoryRecord, Entity, EntityType, Scope
 from ._common import check_int, core_key, dumps, make_entity, relation_from_row, source_from_row, stored_scope
 from .base import TOMBSTONE_SCOPE, TOMBSTONE_TEXT_PREFIX, tombstone
@@ -300,7 +301,7 @@ class LanceStorageBackend(CachedStore):
 
     @classmethod
     def connect(cls, path: str | os.PathLike[str], *, dim: int | None = None,
-                hnsw_threshold: int = 20_000, seed: int = 0) -> "LanceStorageBackend":
+                hnsw_threshold: int = HNSW_THRESHOLD, seed: int = 0) -> "LanceStorageBackend":
         """Open or create the store in folder ``path``; ``dim`` fixes the embedding dimension now.
         ``hnsw_threshold`` and ``seed`` configure the in-process vector index."""
         if not isinstance(path, (str, os.PathLike)):

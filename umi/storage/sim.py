@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import StorageError
+from ..index import HNSW_THRESHOLD
 from ..sim.clock import SimClock
 from ..sim.faults import FaultInjector, FaultType
 from ..sim.rng import SimRng
@@ -40,7 +41,7 @@ class SimStorageBackend(CachedStore):
     durable = False
 
     def __init__(self, seed: int = 0, faults: FaultInjector | None = None, *, clock: SimClock | None = None,
-                 dim: int | None = None, hnsw_threshold: int = 20_000) -> None:
+                 dim: int | None = None, hnsw_threshold: int = HNSW_THRESHOLD) -> None:
         check_int(seed, "seed", -(2**63), 2**63 - 1)
         if faults is not None and not isinstance(faults, FaultInjector):
             raise TypeError(f"faults must be a FaultInjector or None, not {type(faults).__name__}")
