@@ -208,6 +208,25 @@ def time_remember(n: int, extract: bool, sim_emb: umi.SimEmbeddingProvider, tmp:
             "ms_p50": statistics.median(per_call) * 1e3, "embed_ms": emb / n * 1e3}
 
 
+def time_remember_tail(n: int, gap_s: float, sim_emb: umi.SimEmbeddingProvider, tmp: str) -> dict:
+    """``n`` raw-note remember_sync calls ``gap_s`` apart (an agent's turns between them): the
+    per-call latency's percentiles. The journal fills every 256 calls; what that costs the caller
+    shows in the tail."""
+    texts = corpus(n + 20, seed=4)
+    per_call: list[float] = []
+    with umi.Memory(os.path.join(tmp, "tail.duckdb"), embedder=sim_emb) as m:
+        opts = RememberOptions().without_extraction()
+        for t in texts[:20]:
+            m.remember_sync(t, opts)
+        for t in texts[20:]:
+            t0 = time.perf_counter()
+            m.remember_sync(t, opts)
+            per_call.append((time.perf_counter() - t0) * 1e3)
+            time.sleep(gap_s)
+    return {"texts": n, "gap_ms": gap_s * 1e3, "ms_p50": pct(per_call, 50), "ms_p99": pct(per_call, 99),
+            "ms_p999": pct(per_call, 99.9), "ms_max": max(per_call)}
+
+
 def local_embedder_speed(texts: list[str]) -> dict:
     try:
         from umi.providers.local import LocalEmbeddingProvider
@@ -350,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-chroma", action="store_true")
     ap.add_argument("--remember-many", type=int, default=10_000, help="texts for the remember_many case (0: skip)")
     ap.add_argument("--only-remember-many", action="store_true", help="run only the remember_many case")
+    ap.add_argument("--remember-tail", type=int, default=0,
+                    help="raw-note remembers 150 ms apart, for the latency tail (0: skip; 560 crosses two journal move-ins)")
     ap.add_argument("--writers-n", type=int, default=20,
                     help="remembers per writer in the two-writers-with-a-slow-LLM case (0: skip)")
     args = ap.parse_args(argv)
@@ -383,6 +404,12 @@ def main(argv: list[str] | None = None) -> int:
                          f"{floor['ms']:.2f} ms per BEGIN; INSERT (id, text, FLOAT[384]); COMMIT",
                          f"raw note {ratio:.1f}x the floor"))
             rows.append(("remember(), Sim extraction + evolution", f"{ext['per_s']:.0f}/s", f"{ext['per_s_excl_embedding']:.0f}/s excl. Sim embedding", ""))
+            if args.remember_tail:
+                tail = time_remember_tail(args.remember_tail, 0.15, sim, tmp)
+                res["remember"]["raw_note_150ms_apart"] = tail
+                rows.append((f"remember(), raw note, {tail['texts']} calls {tail['gap_ms']:.0f} ms apart",
+                             f"p50 {tail['ms_p50']:.2f} ms",
+                             f"p99 {tail['ms_p99']:.2f} / p99.9 {tail['ms_p999']:.2f} / max {tail['ms_max']:.2f} ms", ""))
             local = local_embedder_speed(corpus(256, seed=9))
             if local:
                 res["local_embedder"] = local
