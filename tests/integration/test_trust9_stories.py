@@ -6,6 +6,10 @@
    anyway, on top of the wrong state. Now the open (read_only too) is refused with a
    :class:`~umi.StorageError` naming the log, both generations and what to do; a legitimate log
    (one following the tables, even after a write that changed nothing) still opens.
+2. One file through two paths (a hard link, a symlink) in one process: the "already open"
+   check knew a file by its real path only, so a hard link opened a second DuckDB database over
+   the same file beside the first (two caches, two writers). Now it knows the file by device and
+   inode too.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numpy as np
 import pytest
 
 import umi.storage._commit_log as cl
-from umi.errors import StorageError
+from umi.errors import StorageError, StorageLockedError
 from umi.storage.duckdb import DuckDBStorageBackend
 from umi.types import Entity
 
@@ -117,3 +121,44 @@ def test_a_log_whose_head_the_tables_already_hold_applies_only_its_tail(tmp_path
     with DuckDBStorageBackend.connect(path) as b:
         assert names(b) == ["n0", "n1", "n2", "n3"] and b.generation == 4
         assert [h.op for h in b.history(fact(1).id)] == ["create"]
+
+
+# --- 2. one file through two paths -----------------------------------------------------------
+
+
+def test_one_file_through_a_hard_link_or_a_symlink_is_refused_while_open(tmp_path: Path) -> None:
+    path = tmp_path / "store.duckdb"
+    with DuckDBStorageBackend.connect(path, dim=4) as b:
+        b.upsert([fact(0)])
+    hard, soft = tmp_path / "hard.duckdb", tmp_path / "soft.duckdb"
+    os.link(path, hard)
+    os.symlink(path, soft)
+    (tmp_path / "sub").mkdir()
+    dotted = tmp_path / "sub" / ".." / "store.duckdb"
+    b = DuckDBStorageBackend.connect(path)
+    for other in (hard, soft, dotted):
+        for read_only in (False, True):
+            with pytest.raises(StorageLockedError, match="already open in this process"):
+                DuckDBStorageBackend.connect(other, read_only=read_only)
+    b.upsert([fact(1)])
+    b.close()
+    with DuckDBStorageBackend.connect(hard) as h:  # closed: the link opens, and holds the file now
+        assert names(h) == ["n0", "n1"]
+        with pytest.raises(StorageLockedError, match="already open in this process"):
+            DuckDBStorageBackend.connect(path)
+
+
+def test_a_link_made_after_the_store_created_its_file_or_compacted_it_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "new.duckdb"
+    b = DuckDBStorageBackend.connect(path, dim=4)  # no file yet when it was claimed
+    b.upsert([fact(0)])
+    os.link(path, tmp_path / "after-create.duckdb")
+    with pytest.raises(StorageLockedError, match="already open in this process"):
+        DuckDBStorageBackend.connect(tmp_path / "after-create.duckdb")
+    assert b.compact()  # a new file (a new inode) renamed over the old one
+    os.link(path, tmp_path / "after-compact.duckdb")
+    with pytest.raises(StorageLockedError, match="already open in this process"):
+        DuckDBStorageBackend.connect(tmp_path / "after-compact.duckdb")
+    b.close()
+    with DuckDBStorageBackend.connect(tmp_path / "after-compact.duckdb", read_only=True) as r:
+        assert names(r) == ["n0"]
