@@ -10,10 +10,15 @@
    check knew a file by its real path only, so a hard link opened a second DuckDB database over
    the same file beside the first (two caches, two writers). Now it knows the file by device and
    inode too.
+3. A long database file name: the files umi keeps beside it (commit log, index caches and
+   their temp files, a compact's copy, DuckDB's write-ahead log) add bytes to its name, so a
+   name near NAME_MAX failed at open (or silently lost its caches). Now a name too long for them
+   is refused up front with :class:`~umi.InvalidConfigError` saying the limit, and creates no file.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -21,9 +26,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import umi
 import umi.storage._commit_log as cl
-from umi.errors import StorageError, StorageLockedError
+from umi.errors import InvalidConfigError, StorageError, StorageLockedError
+from umi.storage._sidecars import NAME_EXTRA_MAX, name_max
 from umi.storage.duckdb import DuckDBStorageBackend
+from umi.providers.sim import SimEmbeddingProvider
 from umi.types import Entity
 
 T0 = 1_700_000_000_000
@@ -162,3 +170,41 @@ def test_a_link_made_after_the_store_created_its_file_or_compacted_it_is_refused
     b.close()
     with DuckDBStorageBackend.connect(tmp_path / "after-compact.duckdb", read_only=True) as r:
         assert names(r) == ["n0"]
+
+
+# --- 3. long file names ----------------------------------------------------------------------
+
+
+def test_the_longest_name_the_files_beside_it_allow_works_and_one_byte_more_is_refused(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    limit = name_max(str(tmp_path)) - NAME_EXTRA_MAX
+    assert limit > 20
+    home = tmp_path / "home"
+    home.mkdir()
+    stem = "é" * 10  # 20 bytes: the limit counts bytes, not characters
+    longest = home / (stem + "a" * (limit - len(stem.encode()) - len(".duckdb")) + ".duckdb")
+    assert len(longest.name.encode()) == limit
+    caplog.set_level(logging.WARNING, logger="umi")
+    b = DuckDBStorageBackend.connect(longest, dim=4, hnsw_threshold=2)
+    b.upsert([fact(0), fact(1), fact(2)])
+    b.checkpoint()
+    assert b.build_vector_index()  # the graph: its file and temp file carry the longest names
+    b.upsert([fact(3)])  # logged
+    assert b.compact()
+    b.upsert([fact(4)])
+    b.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text  # every cache saved
+    with DuckDBStorageBackend.connect(longest, hnsw_threshold=2) as b:
+        assert names(b) == [f"n{i}" for i in range(5)] and b.index_load_status == "loaded"
+        assert b.search_vector(fact(4).embedding, 1)[0][0] == fact(4).id  # type: ignore[arg-type]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    one_more = empty / ("b" + longest.name)
+    for read_only in (False, True):
+        with pytest.raises(InvalidConfigError) as info:
+            DuckDBStorageBackend.connect(one_more, read_only=read_only)
+        msg = str(info.value)
+        assert f"{limit + 1} bytes" in msg and f"at most {limit} bytes" in msg, msg
+    with pytest.raises(InvalidConfigError):
+        umi.Memory(one_more, embedder=SimEmbeddingProvider(1, 4))  # the Memory's own open: the same rule
+    assert os.listdir(empty) == []  # refused before anything was written

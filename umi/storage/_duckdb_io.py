@@ -29,7 +29,8 @@ from ._overlap import Background
 from ._hotcache import TYPE_CODES, LoadedRows, id_order_keys_arrow
 from .text import document_terms
 from .base import TOMBSTONE_SCOPE, HistoryRecord, Source, tombstone
-from ._commit_log import LOG_SUFFIX, CommitLog, read_log, remove_log
+from ._commit_log import CommitLog, read_log, remove_log
+from ._sidecars import DATABASE_FILES, LOG_SUFFIX
 from .cached import ChangeSet, DurableStore, Loaded, Orphans
 
 __all__ = [
@@ -501,8 +502,8 @@ def copy_database(con: Any, path: str) -> None:
 
 
 def remove_database_files(path: str) -> None:
-    """``path``, its write-ahead log and its commit log, if they exist."""
-    for p in (path, path + ".wal", path + LOG_SUFFIX):
+    """``path`` and the files that go with it (its write-ahead log, its commit log), if they exist."""
+    for p in (path, *(path + suffix for suffix in DATABASE_FILES)):
         try:
             os.unlink(p)
         except FileNotFoundError:

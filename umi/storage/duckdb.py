@@ -66,7 +66,8 @@ from ._common import check_int
 from .._index_file import fsync_dir
 from ._duckdb_io import (DuckDBDurable, copy_database, load_metadata, load_postings, metadata_counts,
                           open_journaled, remove_database_files, replay_log)
-from ._commit_log import LOG_SUFFIX, CommitLog
+from ._commit_log import CommitLog
+from ._sidecars import COMPACT_SUFFIX, INDEX_SUFFIX, LOG_SUFFIX, TERMS_SUFFIX
 from ._overlap import Background
 from ._duckdb_schema import check_path, open_connection, prepare, stored_generation
 from ._txn import raise_wrapped
@@ -76,12 +77,9 @@ __all__ = ["DuckDBStorageBackend", "INDEX_SUFFIX", "TERMS_SUFFIX"]
 
 log = logging.getLogger("umi.storage.duckdb")
 
-#: the vector index cache lives at ``<database path> + INDEX_SUFFIX``
-INDEX_SUFFIX = ".umiidx"
-#: :meth:`DuckDBStorageBackend.compact` writes the new file at ``<database path> + COMPACT_SUFFIX``
-COMPACT_SUFFIX = ".compact.tmp"
-#: the keyword index cache (BM25 postings) at ``<database path> + TERMS_SUFFIX``
-TERMS_SUFFIX = ".umiterms"
+# the files beside the database file (one list: umi.storage._sidecars): the vector index cache at
+# ``<database path> + INDEX_SUFFIX``, the keyword index cache (BM25 postings) at ``+ TERMS_SUFFIX``,
+# the commit log at ``+ LOG_SUFFIX``; compact() writes the new file at ``+ COMPACT_SUFFIX``
 
 #: files open in this process: each key of a file (:func:`_file_keys`) -> the store holding it
 _OPEN_FILES: dict[object, "weakref.ref[DuckDBStorageBackend]"] = {}
