@@ -14,6 +14,9 @@
    their temp files, a compact's copy, DuckDB's write-ahead log) add bytes to its name, so a
    name near NAME_MAX failed at open (or silently lost its caches). Now a name too long for them
    is refused up front with :class:`~umi.InvalidConfigError` saying the limit, and creates no file.
+4. ``forget_scope`` and working memory: forgetting a session (or a user, an agent) forgets
+   what this process's working memories of the covered sessions hold too ("forget forgets");
+   another session's stays.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from umi.errors import InvalidConfigError, StorageError, StorageLockedError
 from umi.storage._sidecars import NAME_EXTRA_MAX, name_max
 from umi.storage.duckdb import DuckDBStorageBackend
 from umi.providers.sim import SimEmbeddingProvider
+from umi.storage.sim import SimStorageBackend
 from umi.types import Entity
 
 T0 = 1_700_000_000_000
@@ -208,3 +212,31 @@ def test_the_longest_name_the_files_beside_it_allow_works_and_one_byte_more_is_r
     with pytest.raises(InvalidConfigError):
         umi.Memory(one_more, embedder=SimEmbeddingProvider(1, 4))  # the Memory's own open: the same rule
     assert os.listdir(empty) == []  # refused before anything was written
+
+
+# --- 4. forget_scope and working memory --------------------------------------------------------
+
+
+def _memory() -> umi.Memory:
+    return umi.Memory._from_parts(storage=SimStorageBackend(), llm=None, embedder=None, clock=None)
+
+
+def test_forgetting_a_session_forgets_its_working_memory_and_no_other() -> None:
+    with _memory() as m:
+        s1, s2 = m.scoped(user_id="alice", session_id="s1"), m.scoped(user_id="alice", session_id="s2")
+        s1.working.set("cart", b"tea")
+        s2.working.set("cart", b"coffee")
+        bob = m.scoped(user_id="bob", session_id="s1")
+        bob.working.set("cart", b"milk")
+        alice = m.scoped(user_id="alice")
+        alice.working.set("mood", b"fine")
+        held = s1.working
+        assert m.scoped(user_id="alice").forget_scope_sync(session_id="s1") == 0
+        assert held.get("cart") is None and len(held) == 0  # the session forgotten: its working memory too
+        assert m.scoped(user_id="alice", session_id="s1").working.get("cart") is None
+        assert s2.working.get("cart") == b"coffee"  # another session's stays
+        assert bob.working.get("cart") == b"milk"  # another user's session of the same name stays
+        assert alice.working.get("mood") == b"fine"  # the user's own (wider) scope is not the session
+        assert m.forget_scope_sync(user_id="alice") == 0  # the user: every session of theirs
+        assert s2.working.get("cart") is None and alice.working.get("mood") is None
+        assert bob.working.get("cart") == b"milk"
