@@ -179,9 +179,11 @@ class Engine:
         """``forget_facts()`` and, when ``scope`` names no session, the stored core blocks and core
         history of every core scope it sees (:meth:`~umi.storage.base.StorageBackend.forget_core`),
         in one transaction: a failure forgets nothing. Then the in-process arenas of those scopes'
-        core memories are emptied, so nothing of them stays here either. Returns what
-        ``forget_facts`` returned. Call it in a storage job (``io``) holding the write lock: a call in
-        flight when close() begins has the grace to end, and the job is not started after it."""
+        core memories are emptied, and the working memories of the view scopes ``scope`` contains
+        (its sessions: ``user_id="alice"`` covers each of alice's) are cleared, so nothing of them
+        stays here either. Returns what ``forget_facts`` returned. Call it in a storage job
+        (``io``) holding the write lock: a call in flight when close() begins has the grace to end,
+        and the job is not started after it."""
         view = scope.core
         with self._cores_held(lambda sc: scope.session_id is None and view.contains(sc)) as hit:
             with self.storage.transaction():
@@ -190,6 +192,10 @@ class Engine:
                     self.storage.forget_core(view)
             for core in hit:  # only once the store has committed
                 core._forgotten()
+        with self._parts_lock:
+            workings = [wm for sc, wm in self._workings.items() if scope.contains(sc)]
+        for wm in workings:
+            wm.clear()
         return n
 
     def restore_cores(self, scopes: Collection[Scope], write: Callable[[], T]) -> T:

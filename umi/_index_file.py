@@ -28,7 +28,8 @@ from .errors import IndexCacheError, InvalidConfigError, ValidationError
 if TYPE_CHECKING:
     from .index import VectorIndex
 
-__all__ = ["write", "read", "atomic_write", "write_checksummed", "fsync_file", "fsync_dir", "file_crc"]
+__all__ = ["write", "read", "atomic_write", "write_checksummed", "fsync_file", "fsync_dir", "file_crc",
+           "ATOMIC_NAME_EXTRA", "INDEX_NAME_EXTRA"]
 
 _MAGIC = b"UMIVIDX\x01"
 _END = b"UMIVEND\x01"
@@ -37,6 +38,30 @@ _MAP_VECTORS = os.name == "posix"
 #: bytes per read when checksumming: one buffer, reused, small enough to stay in the CPU cache
 #: (fresh 16 MiB reads cost ~3x as much: each is a new allocation the kernel must fault in)
 _CHUNK = 1 << 18
+#: random bytes (written as hex) in the name of a save's temp and graph files
+_TOKEN_BYTES = 6
+
+
+def _token() -> str:
+    return secrets.token_hex(_TOKEN_BYTES)
+
+
+def _temp_name(name: str, token: str | None = None) -> str:
+    """The name of a temp file that is renamed to ``name`` once written: ``.<name>.<token>.tmp``
+    (``.<name>.tmp`` without a token)."""
+    return f".{name}.{token}.tmp" if token is not None else f".{name}.tmp"
+
+
+def _graph_name(name: str, token: str) -> str:
+    """The name of the HNSW graph file of the index file ``name``: ``<name>.<token>.hnsw``."""
+    return f"{name}.{token}.hnsw"
+
+
+#: bytes :func:`atomic_write` adds to the name of the file it replaces, for its temp file
+ATOMIC_NAME_EXTRA = len(_temp_name("", _token()))
+#: bytes :func:`write` adds to the name of the index file for the files it writes beside it: the most
+#: is the graph's temp file (``.<name>.<token>.hnsw.tmp``)
+INDEX_NAME_EXTRA = max(len(_temp_name(_graph_name("", _token()))), ATOMIC_NAME_EXTRA)
 
 
 def write(self: VectorIndex, path: str | os.PathLike[str], generation: int) -> None:
@@ -53,11 +78,11 @@ def write(self: VectorIndex, path: str | os.PathLike[str], generation: int) -> N
         hw = len(self._ids)
         graph_meta = None
         graph_tmp = None
-        token = secrets.token_hex(6)
+        token = _token()
         try:
             if self._graph is not None:
-                graph_name = f"{path.name}.{token}.hnsw"
-                graph_tmp = directory / f".{graph_name}.tmp"
+                graph_name = _graph_name(path.name, token)
+                graph_tmp = directory / _temp_name(graph_name)
                 self._graph.save_index(str(graph_tmp))
                 size, crc = file_crc(graph_tmp)
                 graph_meta = {"file": graph_name, "size": size, "crc32": crc}
@@ -101,7 +126,7 @@ def write(self: VectorIndex, path: str | os.PathLike[str], generation: int) -> N
             ) from exc
         # graphs of older saves are no longer referenced
         keep = graph_meta["file"] if graph_meta else None
-        for old in directory.glob(f"{path.name}.*.hnsw"):
+        for old in directory.glob(_graph_name(path.name, "*")):
             if old.name != keep:
                 try:
                     old.unlink()
@@ -324,7 +349,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], object
     over ``path``; then the directory is fsynced, so the rename survives a crash too. On any
     failure the temp file is removed and the exception propagates (the caller names it)."""
     target = Path(os.fspath(path))
-    temp = Path(os.fspath(tmp)) if tmp is not None else target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+    temp = Path(os.fspath(tmp)) if tmp is not None else target.parent / _temp_name(target.name, _token())
     try:
         with open(temp, "w", encoding="utf-8") if text else open(temp, "wb") as f:
             write(f)

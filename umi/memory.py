@@ -516,9 +516,11 @@ class Memory:
         ``memory.forget_scope(user_id="alice")`` — and, when the scope names no session, every core
         block and core history record of the core scopes it contains (``user_id="alice"``: each of
         alice's agents too), in the store and in this process's core memories, and the scope's
-        stored texts that no fact comes from. What stays is the forgotten facts' tombstones, filed
-        under no scope. Returns how many facts were forgotten. Another scope's records are never
-        touched; an unscoped Memory must name a scope."""
+        stored texts that no fact comes from. The working memories of this process's views inside
+        the scope (``session_id="s1"``: that session's; ``user_id="alice"``: each of alice's) are
+        cleared too, once the store has committed. What stays is the forgotten facts' tombstones,
+        filed under no scope. Returns how many facts were forgotten. Another scope's records are
+        never touched; an unscoped Memory must name a scope."""
         target = narrow_scope(self._scope, Scope(user_id, agent_id, session_id))
         if target is None:
             raise InvalidScopeError("forget_scope() needs a scope: pass user_id, agent_id or session_id "

@@ -27,10 +27,10 @@ from pathlib import Path
 
 from .._index_file import fsync_dir
 from ..errors import StorageError
+from ._sidecars import LOG_SUFFIX
 
 __all__ = ["LOG_SUFFIX", "CommitLog", "read_log", "remove_log"]
 
-LOG_SUFFIX = ".umilog"
 MAGIC = b"UMILOG1\n"
 _UUID_BYTES = 36
 _HEADER = len(MAGIC) + _UUID_BYTES

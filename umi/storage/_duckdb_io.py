@@ -29,7 +29,8 @@ from ._overlap import Background
 from ._hotcache import TYPE_CODES, LoadedRows, id_order_keys_arrow
 from .text import document_terms
 from .base import TOMBSTONE_SCOPE, HistoryRecord, Source, tombstone
-from ._commit_log import LOG_SUFFIX, CommitLog, read_log, remove_log
+from ._commit_log import CommitLog, read_log, remove_log
+from ._sidecars import DATABASE_FILES, LOG_SUFFIX
 from .cached import ChangeSet, DurableStore, Loaded, Orphans
 
 __all__ = [
@@ -501,8 +502,8 @@ def copy_database(con: Any, path: str) -> None:
 
 
 def remove_database_files(path: str) -> None:
-    """``path``, its write-ahead log and its commit log, if they exist."""
-    for p in (path, path + ".wal", path + LOG_SUFFIX):
+    """``path`` and the files that go with it (its write-ahead log, its commit log), if they exist."""
+    for p in (path, *(path + suffix for suffix in DATABASE_FILES)):
         try:
             os.unlink(p)
         except FileNotFoundError:
@@ -707,10 +708,24 @@ def replay_log(con: Any, path: str, read_only: bool, db_uuid: str, stored: int) 
     """(the connection an opening store reads, its generation): the commits of the commit log
     beside ``path`` that the tables do not hold yet (a generation above ``stored``, the tables'
     own; see :mod:`._commit_log`) moved in, and the log removed; for a ``read_only`` file, moved
-    into an in-memory copy of the database (the files stay as they are)."""
+    into an in-memory copy of the database (the files stay as they are).
+
+    Every commit takes the generation after the last one's, and one that is not logged moves the
+    log into the tables first: the first commit of a log that the tables lack is the one after
+    theirs. One further on was written against a later state of the file than the one here (an
+    older copy of the database put back beside the log of a crash): :class:`~umi.StorageError`,
+    nothing applied or removed."""
     log_path = path + LOG_SUFFIX
     entries, size = read_log(log_path, db_uuid)
     todo = [(generation, text, vectors) for generation, text, vectors in entries if generation > stored]
+    if todo and todo[0][0] != stored + 1:
+        raise StorageError(
+            f"the commit log {log_path!r} does not follow the database beside it: the database's last "
+            f"commit is generation {stored}, but the first commit of the log it lacks is generation "
+            f"{todo[0][0]} ({_missing(stored + 1, todo[0][0] - 1)} in neither), so the log was written "
+            "against a later state of the file: the database file is older than its log (a backup put "
+            "back?). If that backup is meant to win, remove the log or move it away (its commits are "
+            "lost) and open again; else put back the database file the log was written for")
     if todo:
         if read_only and not _in_memory(con):  # (not a copy open_journaled made already)
             con = _memory_copy(con, path)
@@ -718,6 +733,10 @@ def replay_log(con: Any, path: str, read_only: bool, db_uuid: str, stored: int) 
     if size and not read_only:
         remove_log(log_path)
     return con, max([stored, *(generation for generation, _, _ in todo)])
+
+
+def _missing(first: int, last: int) -> str:
+    return f"commit {first} is" if first == last else f"commits {first}..{last} are"
 
 
 def _in_memory(con: Any) -> bool:

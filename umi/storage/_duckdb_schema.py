@@ -41,6 +41,7 @@ import duckdb
 
 from ..errors import InvalidConfigError, SchemaVersionError, StorageError, StorageLockedError, UmiError, ValidationError
 from ..types import now_ms
+from ._sidecars import check_name_length
 from .base import TOMBSTONE_SCOPE, TOMBSTONE_TEXT_PREFIX
 __all__ = ["SCHEMA_VERSION", "check_path", "open_connection", "prepare", "read_version", "stored_generation", "migrate",
            "add_embedding_column", "transaction", "ENTITY_COLUMNS", "SCOPE_COLUMNS"]
@@ -188,11 +189,13 @@ MIGRATIONS: dict[int, Callable[[Any], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4, 
 
 def check_path(path: str) -> str:
     """Refuse what DuckDB would open as something other than a database file: a NUL byte
-    (DuckDB cuts the path there), a directory. Returns the path."""
+    (DuckDB cuts the path there), a directory; and a file name too long for the files umi keeps
+    beside it (:func:`~umi.storage._sidecars.check_name_length`). Returns the path."""
     if "\x00" in path:
         raise ValidationError(f"database path {path!r} contains a NUL byte")
     if os.path.isdir(path):
         raise StorageError(f"database path {path!r} is a directory; give a file path (e.g. {os.path.join(path, 'umi.duckdb')!r})")
+    check_name_length(path)
     return path
 
 

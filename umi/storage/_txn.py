@@ -2,8 +2,8 @@
 
 A backend supplies ``_lock`` (an ``RLock``), ``_check_writable()`` and three hooks:
 ``_begin_tx()`` (start a transaction and the cache journal), ``_commit_tx(wrote)`` (make
-it durable; bump the generation when ``wrote``) and ``_rollback_tx()`` (undo everything,
-restoring the cache; must not raise). A ``_commit_tx`` that raises is rolled back here, and
+it durable; bump the generation when ``wrote`` recorded a change) and ``_rollback_tx()`` (undo
+everything, restoring the cache; must not raise). A ``_commit_tx`` that raises is rolled back here, and
 its error re-raised as a :class:`~umi.StorageError` (chained).
 
 Rules: a write outside :meth:`transaction` is its own transaction; nested use joins the

@@ -632,8 +632,8 @@ class CachedStore(SharedWrites, TransactionMixin, StorageBackend):
         self._cache.commit()
         self._undo = []
         self._changes = ChangeSet()
-        if wrote:
-            self._generation += 1
+        if wrote and changes:  # a write that changed nothing committed nothing: no generation of its own
+            self._generation += 1  # (the durable store holds every generation: its commit log relies on it)
             self._after_commit()
 
     def _on_undo(self, fn: Callable[[], None]) -> None:

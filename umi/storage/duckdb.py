@@ -67,7 +67,8 @@ from .._index_file import fsync_dir
 from ..index import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, HNSW_THRESHOLD
 from ._duckdb_io import (DuckDBDurable, copy_database, load_metadata, load_postings, metadata_counts,
                           open_journaled, remove_database_files, replay_log)
-from ._commit_log import LOG_SUFFIX, CommitLog
+from ._commit_log import CommitLog
+from ._sidecars import COMPACT_SUFFIX, INDEX_SUFFIX, LOG_SUFFIX, TERMS_SUFFIX
 from ._overlap import Background
 from ._duckdb_schema import check_path, open_connection, prepare, stored_generation
 from ._txn import raise_wrapped
@@ -77,16 +78,26 @@ __all__ = ["DuckDBStorageBackend", "INDEX_SUFFIX", "TERMS_SUFFIX"]
 
 log = logging.getLogger("umi.storage.duckdb")
 
-#: the vector index cache lives at ``<database path> + INDEX_SUFFIX``
-INDEX_SUFFIX = ".umiidx"
-#: :meth:`DuckDBStorageBackend.compact` writes the new file at ``<database path> + COMPACT_SUFFIX``
-COMPACT_SUFFIX = ".compact.tmp"
-#: the keyword index cache (BM25 postings) at ``<database path> + TERMS_SUFFIX``
-TERMS_SUFFIX = ".umiterms"
+# the files beside the database file (one list: umi.storage._sidecars): the vector index cache at
+# ``<database path> + INDEX_SUFFIX``, the keyword index cache (BM25 postings) at ``+ TERMS_SUFFIX``,
+# the commit log at ``+ LOG_SUFFIX``; compact() writes the new file at ``+ COMPACT_SUFFIX``
 
-#: files open in this process: real path -> the store holding it
-_OPEN_FILES: dict[str, "weakref.ref[DuckDBStorageBackend]"] = {}
+#: files open in this process: each key of a file (:func:`_file_keys`) -> the store holding it
+_OPEN_FILES: dict[object, "weakref.ref[DuckDBStorageBackend]"] = {}
 _OPEN_FILES_LOCK = threading.Lock()
+
+
+def _file_keys(path: str) -> tuple[object, ...]:
+    """What a database file is known by in this process: its real path, and its device and inode
+    once it exists — the one name of a file that every path to it shares (a hard link or a bind
+    mount is another real path to the same file, which DuckDB would open as a second database:
+    its lock is the process's own, and refuses no second open of it here)."""
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError:  # not created yet: its path is all it has
+        return (real,)
+    return (real, (st.st_dev, st.st_ino))
 
 
 def _make_index(params: dict[str, int], dim: int) -> Any:
@@ -299,15 +310,17 @@ class DuckDBStorageBackend(CachedStore):
         self.index_load_status = "rebuilt"
         self._commits_since_save = 0
         self._index_dirty = False
-        self._real_path: str | None = None
+        self._claimed: tuple[object, ...] = ()
         if not self.in_memory:
             check_path(spath)
-            self._claim(os.path.realpath(spath))
+            self._claim()
         # the cache files are read and checked on a helper thread while DuckDB opens and loads
         self._cache_files = _CacheFiles(self.index_path, self.terms_path)
         try:
             con = open_connection(None if self.in_memory else spath, read_only)
             try:
+                if not self.in_memory:
+                    self._claim()  # the file exists now: its inode too (a link made from now on is refused)
                 # commits a crash left in the journal go into the tables before anything reads them
                 con = open_journaled(con, None if self.in_memory else spath, read_only)
                 generation, dim_stored, self.db_uuid = prepare(con, spath, read_only, dim)
@@ -368,27 +381,39 @@ class DuckDBStorageBackend(CachedStore):
             self._lock.release()
 
     # --- one open store per file per process ---------------------------------------------------
-    def _claim(self, real: str) -> None:
+    def _claim(self) -> None:
+        """Hold the database file for this store: by every key it has now (:func:`_file_keys`; a
+        claim made again once the file exists, or after a compact replaced it, adds its inode and
+        lets go of keys it no longer has). :class:`~umi.StorageLockedError` when another open
+        store of this process holds one of them, by whatever path it was opened."""
+        keys = _file_keys(self._file)
         with _OPEN_FILES_LOCK:
-            ref = _OPEN_FILES.get(real)
-            other = ref() if ref is not None else None
-            if other is not None and not other._closed:
-                raise StorageLockedError(
-                    f"the database {self.path!r} is already open in this process ({other!r}); DuckDB shares "
-                    "one database per process, so umi allows one open store per file: use that one, or "
-                    "close it first", path=self.path)
-            _OPEN_FILES[real] = weakref.ref(self)
-            self._real_path = real
+            for key in keys:
+                ref = _OPEN_FILES.get(key)
+                other = ref() if ref is not None else None
+                if other is not None and other is not self and not other._closed:
+                    raise StorageLockedError(
+                        f"the database {self.path!r} is already open in this process ({other!r}"
+                        + ("" if other.path == self.path else ", by another path to the same file")
+                        + "); DuckDB shares one database per process, so umi allows one open store per "
+                        "file: use that one, or close it first", path=self.path)
+            self._let_go(set(self._claimed) - set(keys))
+            for key in keys:
+                _OPEN_FILES[key] = weakref.ref(self)
+            self._claimed = keys
+
+    def _let_go(self, keys: "set[object] | tuple[object, ...]") -> None:
+        for key in keys:  # (under _OPEN_FILES_LOCK)
+            ref = _OPEN_FILES.get(key)
+            if ref is not None and ref() in (self, None):
+                del _OPEN_FILES[key]
 
     def _release(self) -> None:
-        real = self._real_path
-        if real is None:
+        if not self._claimed:
             return
         with _OPEN_FILES_LOCK:
-            ref = _OPEN_FILES.get(real)
-            if ref is not None and ref() in (self, None):
-                del _OPEN_FILES[real]
-        self._real_path = None
+            self._let_go(self._claimed)
+        self._claimed = ()
 
     # --- opening -----------------------------------------------------------------------
     @property
@@ -637,6 +662,7 @@ class DuckDBStorageBackend(CachedStore):
             held.close()
             remove_database_files(tmp)  # (its name is gone; a write-ahead log of that name, if any)
             try:
+                self._claim()  # the new file: another inode
                 raw.reconnect(open_connection(self._file, False))
                 if stored_generation(raw.con) != self._generation:
                     raw.close()
