@@ -13,30 +13,13 @@ import errno
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import umi.storage._commit_log as cl
 from umi.errors import StorageError
 from umi.storage.duckdb import DuckDBStorageBackend
-from umi.types import Entity
 
-T0 = 1_700_000_000_000
-
-
-def fact(i: int) -> Entity:
-    return Entity("note", f"n{i}", f"logged fact {i} walrus{i}", embedding=np.full(4, i + 1, np.float32) + np.arange(4),
-                  created_at=T0 + i)
-
-
-def crash(b: DuckDBStorageBackend) -> None:
-    """Leave ``b`` as a crash would: the log stays as it is, nothing pending is moved in."""
-    raw = b._durable  # type: ignore[attr-defined]
-    raw = getattr(raw, "inner", raw)
-    if raw._log is not None:
-        raw._log.close()
-    raw._log, raw._pending = None, []
-    b.close()
+from logged_store import crash, fact
 
 
 def test_a_store_opened_by_a_relative_path_keeps_its_log_beside_its_file_after_a_chdir(

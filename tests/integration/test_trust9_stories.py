@@ -26,7 +26,6 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import umi
@@ -38,22 +37,12 @@ from umi.providers.sim import SimEmbeddingProvider
 from umi.storage.sim import SimStorageBackend
 from umi.types import Entity
 
-T0 = 1_700_000_000_000
+from logged_store import crash
+from logged_store import fact as _fact
 
 
 def fact(i: int) -> Entity:
-    return Entity("note", f"n{i}", f"trust9 fact {i} walrus{i}", embedding=np.full(4, i + 1, np.float32) + np.arange(4),
-                  created_at=T0 + i)
-
-
-def crash(b: DuckDBStorageBackend) -> None:
-    """Leave ``b`` as a crash would: the log stays as it is, nothing pending is moved in."""
-    raw = b._durable  # type: ignore[attr-defined]
-    raw = getattr(raw, "inner", raw)
-    if raw._log is not None:
-        raw._log.close()
-    raw._log, raw._pending = None, []
-    b.close()
+    return _fact(i, "trust9")
 
 
 def names(b: DuckDBStorageBackend) -> list[str]:
