@@ -165,8 +165,10 @@ _LOADERS: "weakref.WeakSet[_VectorLoader]" = weakref.WeakSet()
 #: journal in the log, for the next open
 _MOVING: "weakref.WeakSet[DuckDBStorageBackend]" = weakref.WeakSet()
 _EXITING = threading.Event()
-#: how long exit waits for a mover that waits for a store's lock (one inside DuckDB ends in one move-in)
+#: how long exit waits for a mover (one inside DuckDB ends in one move-in; one waiting for a
+#: store's lock looks every ``MOVER_POLL_SECS`` whether the store closed or exit began, and ends)
 MOVER_EXIT_WAIT_SECS = 10.0
+MOVER_POLL_SECS = 0.05
 
 
 @atexit.register
@@ -526,7 +528,10 @@ class DuckDBStorageBackend(CachedStore):
             self._save_index_quietly()
         if getattr(self._durable, "journal_full", False) and (self._mover is None or self._mover.done):
             # the commit returns now; the thread takes the store's lock when the caller lets it go
-            self._mover = Background(self._move_journal_in, "umi-journal-move-in")
+            try:
+                self._mover = Background(self._move_journal_in, "umi-journal-move-in")
+            except RuntimeError:  # no new thread (a thread limit, an interpreter shutting down): the
+                return  # commit is durable all the same; the next commit (or close) moves the journal in
             _MOVING.add(self)
 
     def _move_journal_in(self) -> None:
@@ -534,8 +539,16 @@ class DuckDBStorageBackend(CachedStore):
         closed, another write moved it meanwhile, or the interpreter is exiting (a daemon thread
         inside DuckDB then aborts the process; the log keeps the entries for the next open). A
         failure is logged and changes nothing: the entries stay in the log, and the next commit
-        moves them in first (and raises if it fails)."""
-        with self._lock:
+        moves them in first (and raises if it fails).
+
+        The lock is polled for, never waited on (as the loaders do): close() joins this thread, and
+        a close() inside a transaction holds the lock while it joins; the thread then sees the store
+        closed and ends, instead of waiting for the thread that waits for it."""
+        lock = self._lock
+        while not lock.acquire(timeout=MOVER_POLL_SECS):
+            if self._closed or _EXITING.is_set():
+                return
+        try:
             durable = self._durable
             if self._closed or _EXITING.is_set() or not getattr(durable, "journal_full", False):
                 return
@@ -544,6 +557,8 @@ class DuckDBStorageBackend(CachedStore):
             except Exception as exc:  # noqa: BLE001 - a thread of its own: nobody to raise to
                 log.warning("could not move the commit log of %r into the tables (the next commit "
                             "tries again): %s: %s", self.path, type(exc).__name__, exc)
+        finally:
+            lock.release()
 
     def _rollback_tx(self) -> None:
         try:
