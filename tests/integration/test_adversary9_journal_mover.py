@@ -113,6 +113,38 @@ def test_a_mover_that_cannot_be_started_leaves_the_commit_acknowledged(tmp_path:
     assert stored_ids(path) == sorted(fact(i).id for i in range(5))
 
 
+def test_a_base_exception_inside_the_mover_is_logged_and_changes_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A SystemExit (any BaseException) raised inside the move-in ends only the mover's thread:
+    the move-in's transaction rolls back, the journal and the cache keep every commit, the next
+    commit moves it in — and the failure is logged, not dropped unsaid by the thread."""
+    monkeypatch.setattr(io, "JOURNAL_ENTRIES_MAX", 4)
+    real = io.insert_rows
+    fired: list[str] = []
+
+    def boom(con, table, rows, **kw):  # type: ignore[no-untyped-def]
+        if table == "postings" and not fired:
+            fired.append(threading.current_thread().name)
+            raise SystemExit("stop (injected)")
+        return real(con, table, rows, **kw)
+
+    monkeypatch.setattr(io, "insert_rows", boom)
+    path = tmp_path / "s.duckdb"
+    b = DuckDBStorageBackend.connect(path, dim=4)
+    raw = b._durable  # type: ignore[attr-defined]
+    for i in range(4):
+        b.upsert([fact(i)])
+    b._mover.join()  # type: ignore[attr-defined,union-attr]
+    assert fired == ["umi-journal-move-in"]
+    assert "could not move the commit log" in caplog.text and "SystemExit: stop (injected)" in caplog.text
+    assert raw._journal_n == 4 and raw._con.execute("SELECT count(*) FROM entities").fetchall()[0][0] == 0
+    assert all(b.get(fact(i).id) is not None for i in range(4))
+    b.upsert([fact(4)])  # finds the journal full: moves it in first
+    assert raw._journal_n == 1 and raw._con.execute("SELECT count(*) FROM entities").fetchall()[0][0] == 4
+    b.close()
+    assert stored_ids(path) == sorted(fact(i).id for i in range(5))
+
+
 def test_many_writers_fill_the_journal_many_times_nothing_lost_no_thread_left(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Four threads write 40 facts each through a journal of 3 entries (some 50 move-ins, each on a

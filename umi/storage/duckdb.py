@@ -554,7 +554,8 @@ class DuckDBStorageBackend(CachedStore):
                 return
             try:
                 durable.materialise()  # type: ignore[attr-defined]
-            except Exception as exc:  # noqa: BLE001 - a thread of its own: nobody to raise to
+            except BaseException as exc:  # noqa: BLE001 - a thread of its own: nobody to raise to (a
+                # SystemExit there ends only this thread, which Background would drop unsaid)
                 log.warning("could not move the commit log of %r into the tables (the next commit "
                             "tries again): %s: %s", self.path, type(exc).__name__, exc)
         finally:
