@@ -280,9 +280,6 @@ def test_a_store_checked_query_searches_unchecked_with_the_same_answer(threshold
     qs = np.stack([check_query_vector(raw, 32) for raw in rng.standard_normal((5, 32)) * 3.0])
     assert idx.search_many_unit(qs, 10) == idx.search_many(qs, 10)
     assert idx.search_many_unit(qs, 10) == [idx.search(q, 10) for q in qs]
-    # graph walks on several threads at once (a store passes its idle cores): the same answers
-    for threads in (2, 3, 16):
-        assert idx.search_many_unit(qs, 10, None, threads) == [idx.search(q, 10) for q in qs]
 
 
 def test_hnsw_results_respect_mask_and_selective_masks_go_exact(clustered_pair):

@@ -35,7 +35,7 @@ from ..types import SCOPE_FIELDS, Entity, EntityType, normalize_name
 from . import filters as F
 from ._bm25 import PostingsIndex, csr_add_docs, top_by_score_then_key
 from ._common import clone_entity
-from ._overlap import beside, idle_cores
+from ._overlap import beside
 from .filters import I64_MAX, TYPE_CODES, NormFilters, meta_key
 from .text import document_terms
 
@@ -646,7 +646,7 @@ class EntityCache:
         if not any_eligible:
             return [[] for _ in range(qs.shape[0])]
         return [self._with_passages(q, res, k, nf)
-                for q, res in zip(qs, self.index.search_many_unit(qs, k, mask, 1 + idle_cores()))]
+                for q, res in zip(qs, self.index.search_many_unit(qs, k, mask))]
 
     def _with_passages(self, q: np.ndarray, res: Iterable[tuple[Any, Any]], k: int,
                        nf: NormFilters) -> builtins.list[tuple[str, float]]:

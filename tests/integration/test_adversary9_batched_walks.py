@@ -1,8 +1,8 @@
-"""Deep recall's graph walks on several threads (``VectorIndex.search_many_unit(..., threads)``,
-hnswlib ``knn_query`` with ``num_threads``), attacked: the answers must be one walk per query's,
-under deletions (rows that cannot find k neighbours), masks, a graph built in the background,
-writers adding to the graph meanwhile (hnswlib's add_items beside a knn_query is unsafe: the
-index's lock must cover every walk), and from run to run."""
+"""Deep recall's batched graph walks (``VectorIndex.search_many_unit``: one hnswlib ``knn_query``
+for every rewrite), attacked: the answers must be one walk per query's, under deletions (rows
+that cannot find k neighbours), masks, a graph built in the background, writers adding to the
+graph meanwhile (hnswlib's add_items beside a knn_query is unsafe: the index's lock must cover
+every walk), and from run to run."""
 
 from __future__ import annotations
 
@@ -34,23 +34,21 @@ def one_walk_each(idx: VectorIndex, qs: np.ndarray, k: int, mask: np.ndarray | N
     return [idx.search_unit(q, k, mask) for q in qs]
 
 
-def test_threaded_walks_answer_as_one_walk_per_query_under_deletions_and_masks() -> None:
+def test_batched_walks_answer_as_one_walk_per_query_under_deletions_and_masks() -> None:
     idx = built(1500)
     qs = unit_rows(np.random.default_rng(7), 24)
     for k in (1, 10, 64):
-        for threads in (2, 4, 24):
-            assert idx.search_many_unit(qs, k, None, threads) == one_walk_each(idx, qs, k)
+        assert idx.search_many_unit(qs, k, None) == one_walk_each(idx, qs, k)
     idx.remove([f"v{i}" for i in range(0, 1500, 3)])  # marked deleted in the graph
     mask = np.zeros(idx.capacity, np.bool_)
     mask[::2] = True
     for k in (5, 40):
-        for threads in (2, 4):
-            assert idx.search_many_unit(qs, k, None, threads) == one_walk_each(idx, qs, k)
-            assert idx.search_many_unit(qs, k, mask, threads) == one_walk_each(idx, qs, k, mask)
+        assert idx.search_many_unit(qs, k, None) == one_walk_each(idx, qs, k)
+        assert idx.search_many_unit(qs, k, mask) == one_walk_each(idx, qs, k, mask)
 
-def test_threaded_walks_that_cannot_find_k_neighbours_fall_back_as_one_walk_does() -> None:
+def test_batched_walks_that_cannot_find_k_neighbours_fall_back_as_one_walk_does() -> None:
     """A sparse graph (M=2) with most nodes deleted: hnswlib's walks cannot find k live
-    neighbours and raise inside its threads; each row must then go its own way, as one walk's."""
+    neighbours and raise; each row must then go its own way, as one walk's."""
     idx = VectorIndex(DIM, hnsw_threshold=10, M=2, ef_construction=4, ef_search=16)
     idx.add([f"v{i}" for i in range(1500)], unit_rows(np.random.default_rng(0), 1500))
     idx.build_graph()
@@ -59,22 +57,19 @@ def test_threaded_walks_that_cannot_find_k_neighbours_fall_back_as_one_walk_does
     assert len(idx) == 75 and idx.path_for(None, 75) == "hnsw"
     idx._graph.set_ef(75)
     with pytest.raises(RuntimeError):
-        idx._graph.knn_query(qs, k=75, num_threads=4)  # the path under test
-    for threads in (1, 4):
-        got = idx.search_many_unit(qs, 75, None, threads)
-        assert got == one_walk_each(idx, qs, 75) and [len(r) for r in got] == [75] * 24
+        idx._graph.knn_query(qs, k=75, num_threads=1)  # the path under test
+    got = idx.search_many_unit(qs, 75, None)
+    assert got == one_walk_each(idx, qs, 75) and [len(r) for r in got] == [75] * 24
 
 
-def test_threaded_walks_are_the_same_from_run_to_run_and_index_to_index() -> None:
+def test_batched_walks_are_the_same_from_run_to_run_and_index_to_index() -> None:
     qs = unit_rows(np.random.default_rng(3), 16)
-    first = built(1200).search_many_unit(qs, 12, None, 4)
+    first = built(1200).search_many_unit(qs, 12, None)
     for _ in range(3):
-        assert built(1200).search_many_unit(qs, 12, None, 4) == first
-    again = built(1200)
-    assert [again.search_many_unit(qs, 12, None, t) for t in (1, 2, 4, 8)] == [first] * 4
+        assert built(1200).search_many_unit(qs, 12, None) == first
 
 
-def test_threaded_walks_during_a_background_build_answer_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_batched_walks_during_a_background_build_answer_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(index_mod, "BACKGROUND_BUILD_MIN", 200)
     idx = VectorIndex(DIM, hnsw_threshold=10, M=8, ef_construction=40, ef_search=16)
     rows = unit_rows(np.random.default_rng(1), 1500)
@@ -82,11 +77,11 @@ def test_threaded_walks_during_a_background_build_answer_exactly(monkeypatch: py
     qs = unit_rows(np.random.default_rng(2), 8)
     exact = VectorIndex(DIM, hnsw_threshold=10**9)
     exact.add([f"v{i}" for i in range(1500)], rows)
-    got = idx.search_many_unit(qs, 10, None, 4)  # starts the build; exact meanwhile
+    got = idx.search_many_unit(qs, 10, None)  # starts the build; exact meanwhile
     assert got == [exact.search_unit(q, 10) for q in qs]
     idx.wait_for_graph()
     assert idx.graph_built
-    assert idx.search_many_unit(qs, 10, None, 4) == one_walk_each(idx, qs, 10)
+    assert idx.search_many_unit(qs, 10, None) == one_walk_each(idx, qs, 10)
 
 
 class _Watched:
@@ -127,7 +122,7 @@ class _Watched:
         return getattr(self._g, name)
 
 
-def test_writers_adding_to_the_graph_never_run_beside_a_threaded_walk() -> None:
+def test_writers_adding_to_the_graph_never_run_beside_a_batched_walk() -> None:
     idx = built(1000)
     watched = _Watched(idx._graph, idx)
     idx._graph = watched
@@ -152,7 +147,7 @@ def test_writers_adding_to_the_graph_never_run_beside_a_threaded_walk() -> None:
         t.start()
     try:
         for _ in range(60):
-            res = idx.search_many_unit(qs, 10, None, 4)
+            res = idx.search_many_unit(qs, 10, None)
             assert [len(r) for r in res] == [10] * len(qs)
     finally:
         stop.set()
@@ -161,39 +156,5 @@ def test_writers_adding_to_the_graph_never_run_beside_a_threaded_walk() -> None:
     assert errors == []
     assert idx._graph is watched  # no change failed (a failed one drops the graph)
     assert watched.walks > 0 and watched.unlocked == 0 and watched.overlaps == 0
-    # once quiet, the threaded answers are one walk's
-    assert idx.search_many_unit(qs, 10, None, 4) == one_walk_each(idx, qs, 10)
-
-
-def test_a_stores_deep_recall_answers_the_same_with_idle_cores_or_none(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Through a store (EntityCache.search_vector_many passes 1 + idle_cores()): with three idle
-    cores or none, the same answers, filtered or not, and after writes and a forget."""
-    import umi.storage._hotcache as hot
-    from umi.storage.base import SearchFilters
-    from umi.storage.duckdb import DuckDBStorageBackend
-    from umi.types import Entity, Scope
-
-    rows = unit_rows(np.random.default_rng(11), 900)
-    b = DuckDBStorageBackend.connect(tmp_path / "s.duckdb", dim=DIM, hnsw_threshold=10, M=8, ef_construction=40,
-                                     ef_search=16)
-    try:
-        b.upsert([Entity("note", f"n{i}", f"walk fact {i}", embedding=rows[i], created_at=1_700_000_000_000 + i,
-                         scope=Scope(user_id=("a" if i % 3 else "b"))) for i in range(900)])
-        assert b.build_vector_index()
-        qs = list(unit_rows(np.random.default_rng(12), 6))
-
-        def both(filters: SearchFilters | None) -> None:
-            monkeypatch.setattr(hot, "idle_cores", lambda: 3)
-            many = b.search_vector_many(qs, 15, filters)
-            monkeypatch.setattr(hot, "idle_cores", lambda: 0)
-            assert b.search_vector_many(qs, 15, filters) == many
-            assert many == [b.search_vector(q, 15, filters) for q in qs]
-
-        both(None)
-        both(SearchFilters(scope=Scope(user_id="b")))
-        both(SearchFilters(entity_types=("note",)))
-        b.delete(b.search_vector(qs[0], 1)[0][0])
-        b.upsert([Entity("note", "late", "a late fact", embedding=qs[1], created_at=1_800_000_000_000)])
-        both(None)
-    finally:
-        b.close()
+    # once quiet, the batched answers are one walk's
+    assert idx.search_many_unit(qs, 10, None) == one_walk_each(idx, qs, 10)
