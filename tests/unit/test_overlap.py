@@ -15,7 +15,7 @@ from umi.storage._overlap import beside
 
 @pytest.fixture(autouse=True)
 def idle_core(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_overlap, "idle_cores", lambda: 1)  # the machine running the tests may be busy
+    monkeypatch.setattr(_overlap, "_core_idle", lambda: True)  # the machine running the tests may be busy
 
 
 def test_side_runs_on_the_helper_thread_while_main_runs_here() -> None:
@@ -67,7 +67,7 @@ def test_an_error_on_either_side_reaches_the_caller_after_the_side_is_done() -> 
 
 
 def test_with_no_idle_core_both_run_here_in_turn(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_overlap, "idle_cores", lambda: 0)
+    monkeypatch.setattr(_overlap, "_core_idle", lambda: False)
     order: list[str] = []
     here = threading.current_thread().name
     got = beside(lambda: order.append("side") or threading.current_thread().name,
@@ -75,15 +75,16 @@ def test_with_no_idle_core_both_run_here_in_turn(monkeypatch: pytest.MonkeyPatch
     assert got == (here, here) and order == ["side", "main"]
 
 
-def test_the_load_average_decides_how_many_cores_are_idle(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.undo()  # the real idle_cores
-    for cores, load, idle in ((2, 0.4, 1), (2, 1.4, 1), (2, 1.6, 0), (2, 6.0, 0),
-                              (8, 0.0, 7), (8, 1.0, 7), (8, 3.6, 4), (8, 7.4, 1), (8, 7.6, 0),
-                              (1, 0.0, 0)):  # one core: nothing to overlap with
-        monkeypatch.setattr(_overlap, "_cores", cores)
-        monkeypatch.setattr(_overlap, "_idle", (-2.0, 0))  # read again
+def test_the_load_average_decides_whether_a_core_is_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.undo()  # the real _core_idle
+    monkeypatch.setattr(_overlap, "_cores", 2)
+    for load, idle in ((0.4, True), (1.4, True), (1.6, False), (6.0, False)):
+        monkeypatch.setattr(_overlap, "_idle_core", (-2.0, True))  # read again
         monkeypatch.setattr(_overlap.os, "getloadavg", lambda load=load: (load, load, load))
-        assert _overlap.idle_cores() == idle, (cores, load)
+        assert _overlap._core_idle() is idle
+    monkeypatch.setattr(_overlap, "_cores", 1)
+    monkeypatch.setattr(_overlap, "_idle_core", (-2.0, True))
+    assert _overlap._core_idle() is False  # one core: nothing to overlap with
 
 
 def test_a_store_searching_both_at_once_answers_as_the_two_searches(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,21 +9,20 @@ returns only once the helper is done with them — also when the caller's side r
 It is never slower than doing both in turn by more than a hand-off: when the helper has not
 started the side work by the time the caller's is done (a busy machine, a forked child, an
 interpreter shutting down), the caller takes it back and runs it itself. On a machine with no
-idle core (:func:`idle_cores`: 1-minute load average within half a core of the cores this process
-may use, read at most once a second) both run here in turn: a thread woken there waits for a core, and the caller
+idle core (1-minute load average within half a core of the cores this process may use, read at
+most once a second) both run here in turn: a thread woken there waits for a core, and the caller
 with it (measured on a 2-core box at load 6: 0.87 ms in turn, 1.17 ms overlapped, at 100k).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, TypeVar
 
-__all__ = ["Background", "beside", "idle_cores"]
+__all__ = ["Background", "beside"]
 
 S = TypeVar("S")
 M = TypeVar("M")
@@ -34,22 +33,20 @@ _pool_lock = threading.Lock()
 
 
 _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-_idle = (-2.0, _cores - 1)  # (when read, cores idle beside the caller's then)
+_idle_core = (-2.0, True)  # (when read, a core was idle then)
 
 
-def idle_cores() -> int:
-    """Cores idle beside the calling thread's, 0 to ``cores - 1``: a first one while the 1-minute
-    load average is under the cores less half a core, one more for each further whole core of
-    headroom; read at most once a second (no load average on this platform: all of them)."""
-    global _idle
+def _core_idle() -> bool:
+    """Is a core idle for the helper? (no load average on this platform: assume so)"""
+    global _idle_core
     now = time.monotonic()
-    if now - _idle[0] >= 1.0:
+    if now - _idle_core[0] >= 1.0:
         try:
             load = os.getloadavg()[0]
         except (AttributeError, OSError):
             load = 0.0
-        _idle = (now, max(0, min(_cores - 1, math.floor(_cores - 0.5 - load) + 1)))
-    return _idle[1]
+        _idle_core = (now, _cores > 1 and load < _cores - 0.5)
+    return _idle_core[1]
 
 
 def _submit(fn: Callable[[], S]) -> Future[S] | None:
@@ -66,7 +63,7 @@ def _submit(fn: Callable[[], S]) -> Future[S] | None:
 
 def beside(side: Callable[[], S], main: Callable[[], M]) -> tuple[S, M]:
     """``(side(), main())``, with ``side`` run on the helper thread while ``main`` runs here."""
-    fut = _submit(side) if idle_cores() else None
+    fut = _submit(side) if _core_idle() else None
     if fut is None:
         return side(), main()
     try:
