@@ -732,7 +732,7 @@ def replay_log(con: Any, path: str, read_only: bool, db_uuid: str, stored: int) 
         move_in(con, [_journal_tables(text, vectors) for _, text, vectors in todo])
     if size and not read_only:
         remove_log(log_path)
-    return con, max([stored, *(generation for generation, _, _ in todo)])
+    return con, todo[-1][0] if todo else stored  # (consecutive from stored + 1)
 
 
 def _missing(first: int, last: int) -> str:

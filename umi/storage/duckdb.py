@@ -166,13 +166,25 @@ _LOADERS: "weakref.WeakSet[_VectorLoader]" = weakref.WeakSet()
 _MOVING: "weakref.WeakSet[DuckDBStorageBackend]" = weakref.WeakSet()
 _EXITING = threading.Event()
 #: how long exit waits for a mover (one inside DuckDB ends in one move-in; one waiting for a
-#: store's lock looks every ``MOVER_POLL_SECS`` whether the store closed or exit began, and ends)
+#: store's lock looks every ``LOCK_POLL_SECS`` whether the store closed or exit began, and ends)
 MOVER_EXIT_WAIT_SECS = 10.0
-MOVER_POLL_SECS = 0.05
+#: how often a thread of the store's (a loader, a mover) looks whether it should stop while it
+#: waits for the store's lock
+LOCK_POLL_SECS = 0.05
+
+
+def _lock_unless(lock: Any, stop: Callable[[], bool]) -> bool:
+    """Take ``lock`` for a thread of the store's, or give up (False) once ``stop()`` says so. The
+    lock is polled for, never waited on: a caller holding it may be waiting for this thread (close
+    joins it), and a waiter is woken as soon as the lock is released."""
+    while not lock.acquire(timeout=LOCK_POLL_SECS):
+        if stop():
+            return False
+    return True
 
 
 @atexit.register
-def _stop_loaders() -> None:
+def _stop_background_threads() -> None:
     _EXITING.set()
     for loader in list(_LOADERS):
         loader.stop()
@@ -207,9 +219,8 @@ class _VectorLoader:
         batches = durable.stream_vectors(VECTOR_BATCH)
         try:
             for ids, mat in batches:
-                while not lock.acquire(timeout=0.05):
-                    if self._stop.is_set():
-                        return
+                if not _lock_unless(lock, self._stop.is_set):
+                    return
                 try:
                     store = ref()
                     gone = store is None or store._closed or store._cache is not cache
@@ -541,13 +552,12 @@ class DuckDBStorageBackend(CachedStore):
         failure is logged and changes nothing: the entries stay in the log, and the next commit
         moves them in first (and raises if it fails).
 
-        The lock is polled for, never waited on (as the loaders do): close() joins this thread, and
-        a close() inside a transaction holds the lock while it joins; the thread then sees the store
-        closed and ends, instead of waiting for the thread that waits for it."""
+        The lock is polled for (:func:`_lock_unless`): close() joins this thread, and a close()
+        inside a transaction holds the lock while it joins; the thread then sees the store closed
+        and ends, instead of waiting for the thread that waits for it."""
         lock = self._lock
-        while not lock.acquire(timeout=MOVER_POLL_SECS):
-            if self._closed or _EXITING.is_set():
-                return
+        if not _lock_unless(lock, lambda: self._closed or _EXITING.is_set()):
+            return
         try:
             durable = self._durable
             if self._closed or _EXITING.is_set() or not getattr(durable, "journal_full", False):
