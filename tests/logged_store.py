@@ -24,3 +24,16 @@ def crash(b: DuckDBStorageBackend) -> None:
         raw._log.close()
     raw._log, raw._pending = None, []
     b.close()
+
+
+def logged(path: object, n: int, label: str = "logged") -> DuckDBStorageBackend:
+    """An open store at ``path`` (4-d) holding ``fact(100)`` in its tables (written, then
+    checkpointed) and ``fact(0)`` .. ``fact(n - 1)`` in its commit log only."""
+    b = DuckDBStorageBackend.connect(path, dim=4)  # type: ignore[arg-type]
+    b.upsert([fact(100, label)])
+    b.checkpoint()
+    for i in range(n):
+        b.upsert([fact(i, label)])
+    raw = b._durable  # type: ignore[attr-defined]
+    assert getattr(raw, "inner", raw)._journal_n == n
+    return b

@@ -19,7 +19,7 @@ import umi.storage._commit_log as cl
 from umi.errors import StorageError
 from umi.storage.duckdb import DuckDBStorageBackend
 
-from logged_store import crash, fact
+from logged_store import crash, fact, logged
 
 
 def test_a_store_opened_by_a_relative_path_keeps_its_log_beside_its_file_after_a_chdir(
@@ -63,18 +63,14 @@ def test_a_read_only_open_of_a_file_named_memory_moves_a_left_log_into_a_copy(tm
     # DuckDB names a file's database after its stem: the check "already an in-memory copy?" was
     # current_database() == 'memory', so memory.duckdb was written to read_only, which DuckDB refused
     path = tmp_path / "memory.duckdb"
-    b = DuckDBStorageBackend.connect(path, dim=4)
-    b.upsert([fact(0)])
-    b.checkpoint()
-    b.upsert([fact(1)])
-    crash(b)
+    crash(logged(path, 1))  # n100 in the tables, n0 in the log
     log = Path(str(path) + cl.LOG_SUFFIX)
     kept = log.read_bytes()
     with DuckDBStorageBackend.connect(path, read_only=True) as b:
-        assert sorted(e.name for e in b.list()) == ["n0", "n1"]
+        assert sorted(e.name for e in b.list()) == ["n0", "n100"]
     assert log.read_bytes() == kept  # a read_only open leaves the files as they are
     with DuckDBStorageBackend.connect(path) as b:
-        assert sorted(e.name for e in b.list()) == ["n0", "n1"]
+        assert sorted(e.name for e in b.list()) == ["n0", "n100"]
 
 
 def test_an_append_that_fails_and_cannot_be_cut_back_loses_no_earlier_entry(

@@ -8,7 +8,6 @@ import os
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,31 +15,14 @@ from hypothesis import strategies as st
 import umi.storage._commit_log as cl
 from umi.errors import StorageError
 from umi.storage.duckdb import DuckDBStorageBackend
-from umi.types import Entity
 
-T0 = 1_700_000_000_000
-
-
-def fact(i: int) -> Entity:
-    return Entity("note", f"n{i}", f"logged fact {i} walrus{i}", embedding=np.full(4, i + 1, np.float32) + np.arange(4),
-                  created_at=T0 + i)
+from logged_store import T0, crash, fact, logged
 
 
 def crashed_store(path: Path, n: int) -> list[str]:
     """A store at ``path`` whose last ``n`` commits are only in the log, closed as a crash leaves it."""
-    b = DuckDBStorageBackend.connect(path, dim=4)
-    b.upsert([fact(100)])
-    b.checkpoint()  # (in the tables)
-    ids = []
-    for i in range(n):
-        b.upsert([fact(i)])
-        ids.append(fact(i).id)
-    raw = b._durable  # type: ignore[attr-defined]
-    assert raw._journal_n == n
-    raw._log.close()  # the crash: the log stays, nothing is moved in
-    raw._log, raw._pending = None, []
-    b.close()
-    return ids
+    crash(logged(path, n))
+    return [fact(i).id for i in range(n)]
 
 
 @settings(max_examples=60, deadline=None)
