@@ -32,7 +32,12 @@ Measures, in one run:
   writer alone: the wall time of both and the ratio (1.0: the writers overlap fully; 2.0: they
   take turns).
 
-Vectors come from the Sim embedder (token-hashed, 384-d), computed once per text.
+Vectors come from the Sim embedder (token-hashed, 384-d), computed once per text; with
+``--vectors local``, the recall sizes use the local e5 embedder's vectors instead (real sentence
+vectors, as a new user's store holds: an HNSW walk over them is cheaper than over Sim vectors).
+Embedding 100k texts with it takes 15-50 minutes on this box, so those vectors are kept in
+``--vector-cache`` (default ``~/.cache/umi/bench_memory``), one ``.npy`` file per list of texts,
+named by a hash of the embedder's name, the kind and the texts, and read from there next time.
 ``--full`` adds nothing yet beyond 100k; ``--sizes 10000`` runs a subset.
 Results: a table on stdout and JSON in benchmarks/results/bench_memory.json.
 """
@@ -40,6 +45,7 @@ Results: a table on stdout and JSON in benchmarks/results/bench_memory.json.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -309,6 +315,24 @@ class SlowLLM(umi.SimLLMProvider):
         return self.complete_json(system, prompt, schema, task=task)
 
 
+def embed_cached(emb: EmbeddingProvider, texts: list[str], kind: str, cache: Path | None) -> np.ndarray:
+    """``emb.embed(texts, kind=kind)``, kept in ``cache`` (None: not kept) as an ``.npy`` file
+    named by a hash of the embedder's name and model, the kind and the texts."""
+    if cache is None:
+        return emb.embed(texts, kind=kind)
+    key = hashlib.sha256("\0".join([emb.name, str(getattr(emb, "model", "")), kind, *texts]).encode()).hexdigest()
+    path = cache / f"{emb.name}-{kind}-{len(texts)}-{key[:16]}.npy"
+    if path.exists():
+        return np.load(path)
+    print(f"embedding {len(texts):,} texts with {emb.name} (kept in {path})", file=sys.stderr, flush=True)
+    out = np.concatenate([emb.embed(texts[i : i + 1000], kind=kind) for i in range(0, len(texts), 1000)])
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, out)
+    os.replace(tmp, path)
+    return out
+
+
 def time_raw_hnsw(st, vecs: np.ndarray, qv: np.ndarray) -> list[float]:
     """Per-query ms of a bare hnswlib knn_query (k=10) on the store's vectors: umi's own graph when
     built, else one built here with the index's parameters."""
@@ -373,10 +397,22 @@ def main(argv: list[str] | None = None) -> int:
                     help="raw-note remembers 150 ms apart, for the latency tail (0: skip; 560 crosses two journal move-ins)")
     ap.add_argument("--writers-n", type=int, default=20,
                     help="remembers per writer in the two-writers-with-a-slow-LLM case (0: skip)")
+    ap.add_argument("--vectors", choices=("sim", "local"), default="sim",
+                    help="the recall sizes' vectors: the Sim embedder's, or the local e5 embedder's (cached)")
+    ap.add_argument("--vector-cache", default=os.path.join(os.path.expanduser("~"), ".cache", "umi", "bench_memory"),
+                    help="where --vectors local keeps the vectors it computed")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     sim = umi.SimEmbeddingProvider(0, 384)
-    res: dict = {"machine": {"python": sys.version.split()[0], "cpus": os.cpu_count(), "platform": platform.platform()}}
+    if args.vectors == "local":
+        from umi.providers.local import LocalEmbeddingProvider
+
+        vec_emb: EmbeddingProvider = LocalEmbeddingProvider(cache_size=0)
+        vec_cache: Path | None = Path(args.vector_cache)
+    else:
+        vec_emb, vec_cache = sim, None
+    res: dict = {"machine": {"python": sys.version.split()[0], "cpus": os.cpu_count(), "platform": platform.platform()},
+                 "vectors": vec_emb.name}
     rows = []
     with tempfile.TemporaryDirectory(prefix="umi-bench-") as tmp:
         if args.remember_many:
@@ -418,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in sizes:
             texts = corpus(n, seed=3)
             t0 = time.perf_counter()
-            vecs = sim.embed(texts)
+            vecs = embed_cached(vec_emb, texts, "passage", vec_cache)
             emb_rate = n / (time.perf_counter() - t0)
             rng = random.Random(5)
             queries = []
@@ -426,11 +462,11 @@ def main(argv: list[str] | None = None) -> int:
                 t = texts[rng.randrange(n)].split()
                 queries.append(" ".join(t[2:5]) + " " + t[0][:-1])
             qt0 = time.perf_counter()
-            qv = sim.embed(queries, kind="query")
+            qv = vec_emb.embed(queries, kind="query")
             q_embed_ms = (time.perf_counter() - qt0) / len(queries) * 1e3
             table = {q: qv[i] for i, q in enumerate(queries)}
             variant_texts = sorted({v for q in queries for v in variants_of(q)} - set(table))
-            table.update(zip(variant_texts, sim.embed(variant_texts, kind="query")))
+            table.update(zip(variant_texts, embed_cached(vec_emb, variant_texts, "query", vec_cache)))
             # the stub LLM only rewrites for the deep path: the fast path (deep_search=False) never asks it
             m, umi_ingest = build_umi(n, texts, vecs, tmp, table, llm=VariantsLLM(1))
             opts = RecallOptions(limit=10, deep_search=False)
@@ -458,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
                 m.recall_sync(q, deep_opts)
             dlat = _times_ms(lambda q: m.recall_sync(q, deep_opts), queries)
             m.close()
-            r = {"n": n, "umi_ingest_rows_s": umi_ingest, "sim_embed_texts_s": emb_rate,
+            r = {"n": n, "umi_ingest_rows_s": umi_ingest, "vectors": vec_emb.name,
                  "query_embed_ms": q_embed_ms,
                  "umi_recall_p50_ms": pct(lat, 50), "umi_recall_p95_ms": pct(lat, 95),
                  "umi_vector_hydrate_p50_ms": pct(vlat, 50), "umi_vector_hydrate_p95_ms": pct(vlat, 95),
@@ -467,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
                  "recall_over_raw_hnswlib_p50": pct(lat, 50) / pct(hlat, 50),
                  "deep3_recall_p50_ms": pct(dlat, 50), "deep3_recall_p95_ms": pct(dlat, 95),
                  "deep3_over_fast_p50": pct(dlat, 50) / pct(lat, 50)}
+            if vec_cache is None:  # (cached vectors are read, not made)
+                r["sim_embed_texts_s"] = emb_rate
             if not args.no_chroma:
                 col, chroma_ingest = build_chroma(n, texts, vecs, tmp)
                 for i in range(10):
@@ -488,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{r['umi_recall_p50_ms']:.2f} / {r['umi_recall_p95_ms']:.2f} ms", cq, ""))
             rows.append((f"  of which vector search + hydrate, {n:,}",
                          f"{r['umi_vector_hydrate_p50_ms']:.3f} / {r['umi_vector_hydrate_p95_ms']:.3f} ms",
-                         f"query embedding (Sim) {q_embed_ms:.3f} ms", ""))
+                         f"query embedding ({vec_emb.name}) {q_embed_ms:.3f} ms", ""))
             rows.append((f"  of which the sync call's hop to the loop thread, {n:,}",
                          f"{r['sync_loop_hop_p50_ms']:.3f} / {r['sync_loop_hop_p95_ms']:.3f} ms", "a no-op coroutine", ""))
             rows.append((f"recall p50 vs raw hnswlib (k=10, same vectors), {n:,}",
