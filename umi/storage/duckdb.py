@@ -404,10 +404,12 @@ class DuckDBStorageBackend(CachedStore):
             for key in keys:
                 ref = _OPEN_FILES.get(key)
                 other = ref() if ref is not None else None
-                if other is not None and other is not self and not other._closed:
+                # a store holds its keys from its first claim (before its open's work) until its
+                # release (after its close's): one still opening, or closing, holds the file too
+                if other is not None and other is not self:
                     raise StorageLockedError(
-                        f"the database {self.path!r} is already open in this process ({other!r}"
-                        + ("" if other.path == self.path else ", by another path to the same file")
+                        f"the database {self.path!r} is already open in this process (a store opened as "
+                        f"{other.path!r}" + ("" if other.path == self.path else ", another path to the same file")
                         + "); DuckDB shares one database per process, so umi allows one open store per "
                         "file: use that one, or close it first", path=self.path)
             self._let_go(set(self._claimed) - set(keys))
