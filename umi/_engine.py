@@ -298,10 +298,12 @@ class Engine:
                         pass  # still pending: the runner's close cancels it
         finally:
             try:
-                self.runner.close()
-                self.runner.after_io(self.storage.close)
+                self.runner.close()  # (re-raises a Ctrl-C that cut its grace short, once it is done)
             finally:
-                self._close_done.set()
+                try:
+                    self.runner.after_io(self.storage.close)
+                finally:
+                    self._close_done.set()
 
 
 class StoredBlocks:

@@ -293,8 +293,9 @@ class LoopThread:
         :class:`OutcomeUnknownError` for a call whose storage job is running (it may commit),
         :class:`MemoryClosedError` for any other; stop the loop. Every wait is bounded (the
         grace, then at most ``grace_secs + 1`` and :data:`LOOP_WAIT_SECS` for the loop); a
-        storage job still running is left to end on its own thread (:meth:`after_io`).
-        Idempotent; from any thread."""
+        storage job still running is left to end on its own thread (:meth:`after_io`). A Ctrl-C
+        (any exception) while it waits out the grace ends the grace there: the rest runs as after
+        it, then the exception is raised. Idempotent; from any thread."""
         self.check_off_loop("close()")  # refused before it marks anything closed
         with self._lock:
             if self._closed:
@@ -304,10 +305,16 @@ class LoopThread:
         if self._forked:  # nothing of the loop exists in this process
             return
         deadline = time.monotonic() + self.grace_secs
-        if pending:
-            concurrent.futures.wait(pending, timeout=self.grace_secs)
-        with self._lock:  # and the storage jobs not on the loop (core writes on their callers' threads)
-            self._no_jobs.wait_for(lambda: self._jobs == 0, timeout=max(0.0, deadline - time.monotonic()))
+        interrupted: BaseException | None = None
+        try:
+            if pending:
+                concurrent.futures.wait(pending, timeout=self.grace_secs)
+            with self._lock:  # and the storage jobs not on the loop (core writes on their callers' threads)
+                self._no_jobs.wait_for(lambda: self._jobs == 0, timeout=max(0.0, deadline - time.monotonic()))
+        except BaseException as exc:  # noqa: BLE001 - Ctrl-C: the grace ends here, the shutdown still runs
+            # (else the calls in flight were never failed, the loop never stopped, and a second
+            # close() returned at once: this runner is marked closed already)
+            interrupted = exc
         # Decided on the loop, between two steps of the calls' coroutines: a job's result is
         # either still out (unknown) or already returned into a coroutine that then ran on.
         decided: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -343,6 +350,8 @@ class LoopThread:
         self._io.shutdown(wait=False, cancel_futures=True)
         if not self._thread.is_alive():
             self.loop.close()
+        if interrupted is not None:
+            raise interrupted
 
     def _fail_pending(self) -> None:
         """Fail every call still pending (see :meth:`close`); from here on no I/O job starts."""

@@ -545,6 +545,26 @@ class VectorIndex:
             if self._graph is None:
                 self._build_graph()
 
+    def drop_removed(self) -> bool:
+        """Drop the HNSW graph when it still holds the vector of a removed id, so that no save
+        writes that vector to disk again: hnswlib keeps a node marked deleted (with its vector)
+        until its slot is reused. The next search that needs a graph builds one from the live
+        vectors (exact results meanwhile, as before any build). A background build whose
+        snapshot may hold a removed vector is discarded the same way. True when a graph (or a
+        build) was dropped. A store's compact calls this before it saves its index cache: after a
+        forget and a compact, nothing of a forgotten fact stays on disk."""
+        with self._lock:
+            dropped = False
+            if self._building is not None and self._free:  # (a slot removed, not reused since)
+                self._building, self._build_log = None, None  # the thread discards what it built
+                dropped = True
+            self._load_deferred_graph()
+            if self._graph is not None and bool((self._in_graph & ~self._live).any()):
+                self._graph = None
+                self._in_graph = np.zeros(self.capacity, np.bool_)
+                dropped = True
+            return dropped
+
     def _defer_graph(self, gpath: str, spath: str, meta: dict[str, Any]) -> None:
         """Leave the graph file ``gpath`` of the index file ``spath`` (``meta``: what that says of
         it) to be checked and read when first needed (see :meth:`load`)."""

@@ -103,7 +103,9 @@ class CommitLog:
 
     def append(self, generation: int, text: str, vectors: bytes | None) -> None:
         """Write one entry and sync it: when this returns, the entry survives a crash. On failure
-        nothing of it stays (the file is cut back) and :class:`StorageError` is raised."""
+        nothing of it stays (the file is cut back) and :class:`StorageError` is raised; an
+        interrupt (Ctrl-C) there cuts it back too and is raised as it is (the commit it carried
+        is rolled back: a record left behind would bring it back at the next open after a crash)."""
         raw = text.encode("utf-8")
         body = _PAYLOAD.pack(generation, len(raw)) + raw + (vectors or b"")
         record = _RECORD.pack(len(body), zlib.crc32(body)) + body
@@ -113,9 +115,11 @@ class CommitLog:
             assert self._fd is not None
             _write_all(self._fd, record)
             _sync(self._fd)
-        except OSError as exc:
+        except BaseException as exc:
             self._cut_back()
-            raise StorageError(f"cannot write the commit log {self.path!r}: {exc}") from exc
+            if isinstance(exc, OSError):
+                raise StorageError(f"cannot write the commit log {self.path!r}: {exc}") from exc
+            raise
         self._size += len(record)
 
     def _open(self) -> None:

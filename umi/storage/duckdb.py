@@ -313,9 +313,13 @@ class DuckDBStorageBackend(CachedStore):
         self.read_only = read_only
         self.in_memory = spath == ":memory:" or spath == ""
         self.durable = not self.in_memory
-        #: the file's absolute path: every file this store writes later (the commit log, a compact's
-        #: copy, the index caches) is named from it, so a chdir of the process meanwhile moves none
-        self._file = spath if self.in_memory else os.path.abspath(spath)
+        #: the file's real path (absolute, symlinks resolved; checked first: no path with a NUL byte
+        #: is resolved): every file this store writes beside it (the commit log, a compact's copy,
+        #: the index caches) is named from it, as DuckDB names its write-ahead log, so a chdir of the
+        #: process meanwhile moves none, and an open through a symlink finds the same files as one
+        #: by the file's own name (a commit log left by a crash beside a symlink's name was missed
+        #: by the next open through the file's name, and a compact replaced the symlink)
+        self._file = spath if self.in_memory else check_path(os.path.realpath(check_path(spath)))
         self.index_path: str | None = None if self.in_memory else self._file + INDEX_SUFFIX
         self.terms_path: str | None = None if self.in_memory else self._file + TERMS_SUFFIX
         self._terms_dirty = False
@@ -325,7 +329,6 @@ class DuckDBStorageBackend(CachedStore):
         self._index_dirty = False
         self._claimed: tuple[object, ...] = ()
         if not self.in_memory:
-            check_path(spath)
             self._claim()
         # the cache files are read and checked on a helper thread while DuckDB opens and loads
         self._cache_files = _CacheFiles(self.index_path, self.terms_path)
@@ -339,7 +342,7 @@ class DuckDBStorageBackend(CachedStore):
                 generation, dim_stored, self.db_uuid = prepare(con, spath, read_only, dim)
                 log = None
                 if not self.in_memory:  # the commits a crash left in the commit log, too
-                    con, generation = replay_log(con, spath, read_only, self.db_uuid, generation)
+                    con, generation = replay_log(con, self._file, read_only, self.db_uuid, generation)
                     log = None if read_only else CommitLog(self._file + LOG_SUFFIX, self.db_uuid)
                 raw = DuckDBDurable(con, dim_stored, log)
                 # with an index cache to load, search needs none of the stored vectors at open;
@@ -404,10 +407,12 @@ class DuckDBStorageBackend(CachedStore):
             for key in keys:
                 ref = _OPEN_FILES.get(key)
                 other = ref() if ref is not None else None
-                if other is not None and other is not self and not other._closed:
+                # a store holds its keys from its first claim (before its open's work) until its
+                # release (after its close's): one still opening, or closing, holds the file too
+                if other is not None and other is not self:
                     raise StorageLockedError(
-                        f"the database {self.path!r} is already open in this process ({other!r}"
-                        + ("" if other.path == self.path else ", by another path to the same file")
+                        f"the database {self.path!r} is already open in this process (a store opened as "
+                        f"{other.path!r}" + ("" if other.path == self.path else ", another path to the same file")
                         + "); DuckDB shares one database per process, so umi allows one open store per "
                         "file: use that one, or close it first", path=self.path)
             self._let_go(set(self._claimed) - set(keys))
@@ -699,6 +704,8 @@ class DuckDBStorageBackend(CachedStore):
                 self._closed = True  # the file is whole; this handle can no longer reach it
                 self._release()
                 raise
+            if self._cache.index is not None:  # a graph saved again would hold a forgotten fact's vector
+                self._cache.index.drop_removed()
             try:
                 self._save_caches()  # a cache saved before the forget still holds its words
             except (IndexCacheError, OSError) as exc:
