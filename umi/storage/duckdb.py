@@ -705,7 +705,7 @@ class DuckDBStorageBackend(CachedStore):
                 self._release()
                 raise
             if self._cache.index is not None:  # a graph saved again would hold a forgotten fact's vector
-                self._cache.index.drop_removed()
+                self._cache.index.erase_removed()
             try:
                 self._save_caches()  # a cache saved before the forget still holds its words
             except (IndexCacheError, OSError) as exc:
