@@ -578,8 +578,7 @@ class VectorIndex:
             if self._graph is None or dead.size == 0:
                 return done
             if dead.size * ERASE_IN_PLACE_SHARE > len(self._slot):  # cheaper built anew, on a thread
-                self._graph = None
-                self._in_graph[:] = False
+                self._drop_graph()
                 return True
             try:  # add_items of a deleted label un-deletes it and replaces its vector
                 self._graph.add_items(np.zeros((dead.size, self.dim), np.float32), dead, num_threads=1)
@@ -587,8 +586,7 @@ class VectorIndex:
                     self._graph.mark_deleted(slot)
                 self._in_graph[dead] = False  # (erased: a later call passes them by)
             except (RuntimeError, MemoryError):  # half done: a zero vector may be live; build anew
-                self._graph = None
-                self._in_graph[:] = False
+                self._drop_graph()
             return True
 
     def _defer_graph(self, gpath: str, spath: str, meta: dict[str, Any]) -> None:
@@ -710,10 +708,15 @@ class VectorIndex:
         except (RuntimeError, MemoryError):
             # The vectors are stored and are what searches score from; a graph that
             # missed an update is dropped and rebuilt by the next search needing it.
-            self._graph = None
-            self._in_graph[:] = False
+            self._drop_graph()
             return
         self._in_graph[slots] = True
+
+    def _drop_graph(self) -> None:
+        """Forget the graph (caller holds the lock): the next search that needs one builds it from
+        the live vectors (on a thread from ``BACKGROUND_BUILD_MIN`` on, exact results meanwhile)."""
+        self._graph = None
+        self._in_graph[:] = False
 
     def _hnsw(
         self, q: np.ndarray, k: int, mask: np.ndarray | None, eligible: int
